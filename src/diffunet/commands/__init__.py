@@ -1,0 +1,1 @@
+"""One module per `diffunet` command (see `diffunet.cli`)."""

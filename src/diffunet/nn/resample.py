@@ -1,0 +1,54 @@
+"""Down- and upsampling between U-Net levels, per axis (anisotropic 3D included)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ops import avg_pool_nd, conv_nd, conv_transpose_nd
+
+
+class Downsample(nn.Module):
+    """Halve the axes whose factor is 2: a strided 3×3 conv, or average pooling."""
+
+    def __init__(self, dims: int, channels: int, factors: tuple[int, ...], use_conv: bool) -> None:
+        super().__init__()
+        self.factors = factors
+        if use_conv:
+            self.op = conv_nd(dims, channels, channels, 3, stride=factors, padding=1)
+        else:
+            self.op = avg_pool_nd(dims, kernel_size=factors, stride=factors)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Downsample `x`."""
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Double the axes whose factor is 2.
+
+    `mode` is "nearest_conv" (nearest neighbour then a 3×3 conv), "nearest" (no parameters)
+    or "transposed" (a transposed conv with kernel 4, stride 2 on resampled axes).
+    """
+
+    def __init__(self, dims: int, channels: int, factors: tuple[int, ...], mode: str) -> None:
+        super().__init__()
+        self.factors = factors
+        self.mode = mode
+        if mode == "nearest_conv":
+            self.conv = conv_nd(dims, channels, channels, 3, padding=1)
+        elif mode == "transposed":
+            kernel = tuple(4 if f == 2 else 3 for f in factors)
+            self.conv = conv_transpose_nd(dims, channels, channels, kernel, stride=factors, padding=1)
+        elif mode != "nearest":
+            raise ValueError(f"unknown upsample mode {mode!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Upsample `x`."""
+        if self.mode == "transposed":
+            return self.conv(x)
+        x = F.interpolate(x, scale_factor=self.factors, mode="nearest")
+        if self.mode == "nearest_conv":
+            x = self.conv(x)
+        return x
