@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from .config import UNetConfig
 from .presets import list_presets, preset_info
@@ -48,10 +48,36 @@ def example_inputs(
     return x, kwargs
 
 
+def flop_counter() -> FlopCounterMode:
+    """A `FlopCounterMode` that also counts the CPU flash-attention kernels.
+
+    PyTorch registers FLOP formulas for the CUDA attention kernels only, so on the CPU
+    `scaled_dot_product_attention` would count as zero; the CPU kernels take the same
+    arguments, so they get the same formulas.
+    """
+    aten = torch.ops.aten
+
+    def same_formula_as(op):
+        formula = flop_registry[op]  # already takes tensors (shape-wrapped)
+
+        def count(*args, **kwargs):
+            return formula(*args, **kwargs)
+
+        count._get_raw = True  # tell FlopCounterMode not to wrap it a second time
+        return count
+
+    return FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu:
+            same_formula_as(aten._scaled_dot_product_flash_attention),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            same_formula_as(aten._scaled_dot_product_flash_attention_backward),
+    })
+
+
 def count_flops(model: UNet, batch: int = 1, size: tuple[int, ...] | None = None) -> int:
     """FLOPs of one forward pass, counted by `torch.utils.flop_counter` (not estimated)."""
     x, kwargs = example_inputs(model.config, batch, size, device=next(model.parameters()).device)
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     with torch.no_grad(), counter:
         model(x, **kwargs)
     return counter.get_total_flops()
@@ -176,6 +202,7 @@ __all__ = [
     "count_flops",
     "describe",
     "example_inputs",
+    "flop_counter",
     "level_summary",
     "self_check",
     "small_config",

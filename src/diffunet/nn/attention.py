@@ -84,11 +84,12 @@ class LinearAttention(nn.Module):
         qkv = self.qkv(_tokens(self.norm(x)))
         q, k, v = qkv.view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         scale = (c // self.num_heads) ** -0.5
-        q = q.float().softmax(dim=-1) * scale
-        k = k.float().softmax(dim=-2)
-        context = k.transpose(-1, -2) @ v.float()  # (B, heads, d, d)
-        h = (q @ context).to(x.dtype)
-        return x + _untokens(self.proj_out(_merge_heads(h)).to(x.dtype), x)
+        compute = torch.promote_types(qkv.dtype, torch.float32)  # never below float32
+        q = q.to(compute).softmax(dim=-1) * scale
+        k = k.to(compute).softmax(dim=-2)
+        context = k.transpose(-1, -2) @ v.to(compute)  # (B, heads, d, d)
+        h = (q @ context).to(qkv.dtype)
+        return x + _untokens(self.proj_out(_merge_heads(h)), x).to(x.dtype)
 
 
 class CrossAttention(nn.Module):
