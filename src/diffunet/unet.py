@@ -14,9 +14,12 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import UNetConfig, nearest_valid_sizes
 from .nn.attention import AttentionBlock
+from .nn.fused import norm_act
 from .nn.ops import TimestepEmbedding, conv_nd, conv_transpose_nd, normalization, zero_module
 from .nn.resample import Downsample, Upsample
 from .nn.resblock import ResBlock
+
+_CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
 
 
 class EmbedSequential(nn.Sequential):
@@ -203,11 +206,14 @@ class UNet(nn.Module):
             context: `(B, N, context_dim)` tokens for cross-attention.
             labels: `(B,)` integer class indices; `model.null_label` means unconditional.
         """
+        c = self.config
         t = self._check_inputs(x, t, cond, context, labels)
         spatial = tuple(x.shape[2:])
         pads = self._padding(spatial)
         if cond is not None:
             x = torch.cat([x, cond.to(x.dtype)], dim=1)
+        if x.is_cuda and c.dims > 1:  # cuDNN's fastest convolutions are channels-last
+            x = x.contiguous(memory_format=_CHANNELS_LAST[c.dims])
         if pads is not None:
             x = F.pad(x, pads, mode="replicate")
 
@@ -230,12 +236,17 @@ class UNet(nn.Module):
         for block in self.output_blocks:
             h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context)
 
-        out = self.out(h)
+        out = self._run_head(self.out, h)
         if self.out_logvar is not None:
-            out = torch.cat([out, self.out_logvar(h)], dim=1)
+            out = torch.cat([out, self._run_head(self.out_logvar, h)], dim=1)
         if pads is not None:
             out = out[(..., *(slice(0, s) for s in spatial))]
         return out
+
+    @staticmethod
+    def _run_head(head: nn.Sequential, h: torch.Tensor) -> torch.Tensor:
+        norm, _, conv = head  # GroupNorm, SiLU, conv: the norm and SiLU run fused
+        return conv(norm_act(norm, h))
 
     def _run(self, block: EmbedSequential, h: torch.Tensor, emb, context) -> torch.Tensor:
         if self.config.use_checkpoint and self.training and torch.is_grad_enabled():

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused import norm_act
 from .ops import normalization, zero_module
 
 
@@ -55,7 +56,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Attend over all positions of `x` (shape `(B, C, *spatial)`)."""
         b, c, n = x.shape[0], x.shape[1], math.prod(x.shape[2:])
-        qkv = self.qkv(_tokens(self.norm(x)))
+        qkv = self.qkv(_tokens(norm_act(self.norm, x, act=False)))
         q, k, v = qkv.view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         h = F.scaled_dot_product_attention(q, k, v)
         return x + _untokens(self.proj_out(_merge_heads(h)), x)
@@ -81,7 +82,7 @@ class LinearAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Attend over all positions of `x` in O(N)."""
         b, c, n = x.shape[0], x.shape[1], math.prod(x.shape[2:])
-        qkv = self.qkv(_tokens(self.norm(x)))
+        qkv = self.qkv(_tokens(norm_act(self.norm, x, act=False)))
         q, k, v = qkv.view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         scale = (c // self.num_heads) ** -0.5
         compute = torch.promote_types(qkv.dtype, torch.float32)  # never below float32
@@ -108,7 +109,7 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Attend from `x` (B, C, *spatial) to `context` (B, M, context_dim)."""
-        q = _split_heads(self.q(_tokens(self.norm(x))), self.num_heads)
+        q = _split_heads(self.q(_tokens(norm_act(self.norm, x, act=False))), self.num_heads)
         k, v = (_split_heads(t, self.num_heads) for t in self.kv(context).chunk(2, dim=-1))
         h = F.scaled_dot_product_attention(q, k, v)
         return x + _untokens(self.proj_out(_merge_heads(h)), x)

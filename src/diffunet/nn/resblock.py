@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .fused import norm_act
 from .ops import conv_nd, normalization, zero_module
 from .resample import Downsample, Upsample
 
@@ -61,18 +61,16 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         """Apply the block to `x` given the activated embedding `emb` of shape `(B, emb_dim)`."""
-        h = F.silu(self.in_norm(x))
+        h = norm_act(self.in_norm, x)
         if self.resample is not None:
             h, x = self.resample(h), self.resample(x)
         h = self.in_conv(h)
-        if self.emb_proj is not None:
-            e = self.emb_proj(emb).view(emb.shape[0], -1, *([1] * self.dims))
-            if self.use_scale_shift_norm:
-                scale, shift = e.chunk(2, dim=1)
-                h = self.out_norm(h) * (1 + scale) + shift
-            else:
-                h = self.out_norm(h + e)
+        if self.emb_proj is None:
+            h = norm_act(self.out_norm, h)
+        elif self.use_scale_shift_norm:
+            scale, shift = self.emb_proj(emb).chunk(2, dim=1)
+            h = norm_act(self.out_norm, h, scale=scale, shift=shift)
         else:
-            h = self.out_norm(h)
-        h = self.out_conv(self.dropout(F.silu(h)))
+            h = norm_act(self.out_norm, h + self.emb_proj(emb).view(*emb.shape[:1], -1, *[1] * self.dims))
+        h = self.out_conv(self.dropout(h))
         return self.skip(x) + h

@@ -1,0 +1,404 @@
+"""GroupNorm → (scale-shift) → SiLU as one fused GPU operation, with an exact eager fallback.
+
+Every ResBlock normalizes twice and the second norm carries the time embedding's FiLM, so in
+eager PyTorch one "norm" is four or five memory-bound kernels plus layout conversions (the
+CUDA GroupNorm is not channels_last-native) and float32 intermediates under autocast. The
+Triton path reads the activation in whatever layout it has (NCHW or channels_last, 1D/2D/3D),
+keeps statistics in float32, and writes the result once in the input dtype:
+forward = a statistics pass + a tiny combine + a normalize pass; backward = one reduction
+pass + a tiny combine + one gradient pass (three launches each way).
+
+`group_norm_act` picks the fused path for CUDA tensors when Triton is importable and the
+switch is on (`set_fused_enabled`, or `DIFFUNET_FUSED=0` to turn it off); everything else
+takes the eager path, which is the reference the fused kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs run the eager path.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+_FUSED_ENABLED = os.environ.get("DIFFUNET_FUSED", "1") != "0"
+
+
+def set_fused_enabled(enabled: bool) -> None:
+    """Turn the fused GPU kernels on or off for this process (e.g. to A/B them)."""
+    global _FUSED_ENABLED
+    _FUSED_ENABLED = bool(enabled)
+
+
+# Below this many elements a call is launch-bound and the eager kernels are as fast.
+_MIN_ELEMENTS = 1 << 18
+
+
+def fused_available(x: torch.Tensor) -> bool:
+    """Whether `group_norm_act(x, ...)` would run the fused kernels.
+
+    Only in eager mode: under `torch.compile` / `torch.export` the reference path is traced and
+    Inductor fuses it with its neighbours, which measured faster than an opaque kernel.
+    """
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    return (
+        _FUSED_ENABLED
+        and triton is not None
+        and (x.is_cuda or interpret)
+        and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and (x.numel() >= _MIN_ELEMENTS or interpret)
+        and not torch.compiler.is_compiling()
+    )
+
+
+def group_norm_act_reference(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    act: bool = True,
+) -> torch.Tensor:
+    """Eager GroupNorm, then `* (1 + scale) + shift` (per batch and channel), then SiLU."""
+    h = F.group_norm(x, num_groups, weight, bias, eps)
+    if scale is not None:
+        view = (x.shape[0], x.shape[1]) + (1,) * (x.ndim - 2)
+        h = h * (1 + scale.reshape(view)) + shift.reshape(view)
+    return F.silu(h) if act else h
+
+
+def group_norm_act(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    act: bool = True,
+) -> torch.Tensor:
+    """GroupNorm of `x` (B, C, *spatial), optional FiLM `scale`/`shift` (B, C), optional SiLU."""
+    if fused_available(x):
+        if scale is None:
+            scale = shift = x.new_zeros(0)
+            film = False
+        else:
+            scale = scale.reshape(x.shape[0], x.shape[1])
+            shift = shift.reshape(x.shape[0], x.shape[1])
+            film = True
+        x = x.contiguous(memory_format=_memory_format(x))
+        return _GroupNormAct.apply(x, weight, bias, scale, shift, num_groups, eps, film, act)
+    return group_norm_act_reference(x, num_groups, weight, bias, eps, scale, shift, act)
+
+
+def norm_act(norm: torch.nn.GroupNorm, x: torch.Tensor, *, scale: torch.Tensor | None = None,
+             shift: torch.Tensor | None = None, act: bool = True) -> torch.Tensor:
+    """`group_norm_act` with the groups, affine parameters and eps of the module `norm`."""
+    return group_norm_act(x, norm.num_groups, norm.weight, norm.bias, norm.eps, scale, shift, act)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels. x is viewed as (B, C, N) with arbitrary strides, N = prod(spatial), so one
+# kernel serves NCHW and channels_last in 1D, 2D and 3D. Grid: (B, chunks of N).
+
+_TILE_ELEMENTS = 4096
+
+
+def _launch_shape(x3: torch.Tensor) -> tuple[int, int, int, int]:
+    """(BLOCK_C, BLOCK_N, rows per chunk, number of chunks) for a (B, C, N) view."""
+    b, c, n = x3.shape
+    block_c = triton.next_power_of_2(c)
+    block_n = max(1, min(_TILE_ELEMENTS // block_c, triton.next_power_of_2(n)))
+    target_programs = 4 * 132
+    chunks = max(1, min(triton.cdiv(n, block_n), triton.cdiv(target_programs, b)))
+    rows = triton.cdiv(triton.cdiv(n, chunks), block_n) * block_n
+    return block_c, block_n, rows, triton.cdiv(n, rows)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _stats_kernel(x_ptr, s1_ptr, s2_ptr, shift_ptr, C, N, rows,
+                      sxb, sxc, sxn, num_chunks,
+                      BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+        b = tl.program_id(0)
+        chunk = tl.program_id(1)
+        cs = tl.arange(0, BLOCK_C)
+        cmask = cs < C
+        base = x_ptr + b * sxb
+        # Shift by the first position's value per channel: sums of (x - K) stay well conditioned.
+        k = tl.load(base + cs * sxc, mask=cmask, other=0.0).to(tl.float32)
+        acc1 = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+        start = chunk * rows
+        for offset in range(0, rows, BLOCK_N):
+            ns = start + offset + tl.arange(0, BLOCK_N)
+            mask = (ns[:, None] < N) & cmask[None, :]
+            v = tl.load(base + ns[:, None] * sxn + cs[None, :] * sxc, mask=mask, other=0.0)
+            d = tl.where(mask, v.to(tl.float32) - k[None, :], 0.0)
+            acc1 += d
+            acc2 += d * d
+        out = (b * num_chunks + chunk) * C + cs
+        tl.store(s1_ptr + out, tl.sum(acc1, axis=0), mask=cmask)
+        tl.store(s2_ptr + out, tl.sum(acc2, axis=0), mask=cmask)
+        if chunk == 0:
+            tl.store(shift_ptr + b * C + cs, k, mask=cmask)
+
+    @triton.jit
+    def _stats_combine_kernel(s1_ptr, s2_ptr, shift_ptr, mean_ptr, rstd_ptr, C, N, num_chunks,
+                              per_group, eps, BLOCK_G: tl.constexpr):
+        b = tl.program_id(0)
+        g = tl.program_id(1)
+        cs = g * per_group + tl.arange(0, BLOCK_G)
+        cmask = tl.arange(0, BLOCK_G) < per_group
+        s1 = tl.zeros([BLOCK_G], dtype=tl.float32)
+        s2 = tl.zeros([BLOCK_G], dtype=tl.float32)
+        for chunk in range(0, num_chunks):
+            row = (b * num_chunks + chunk) * C
+            s1 += tl.load(s1_ptr + row + cs, mask=cmask, other=0.0)
+            s2 += tl.load(s2_ptr + row + cs, mask=cmask, other=0.0)
+        k = tl.load(shift_ptr + b * C + cs, mask=cmask, other=0.0)
+        channel_mean = k + s1 / N
+        channel_m2 = tl.maximum(s2 - s1 * s1 / N, 0.0)
+        group_mean = tl.sum(tl.where(cmask, channel_mean, 0.0), axis=0) / per_group
+        spread = tl.where(cmask, channel_mean - group_mean, 0.0)
+        group_m2 = tl.sum(tl.where(cmask, channel_m2, 0.0), axis=0) + N * tl.sum(spread * spread, axis=0)
+        rstd = 1.0 / tl.sqrt(group_m2 / (N * per_group) + eps)
+        tl.store(mean_ptr + b * C + cs, tl.zeros([BLOCK_G], dtype=tl.float32) + group_mean, mask=cmask)
+        tl.store(rstd_ptr + b * C + cs, tl.zeros([BLOCK_G], dtype=tl.float32) + rstd, mask=cmask)
+
+    @triton.jit
+    def _backward_combine_kernel(a_ptr, b_ptr, w_ptr, bias_ptr, scale_ptr, a_full_ptr,
+                                 b_full_ptr, ds_ptr, dsh_ptr, c1_ptr, c2_ptr, C, N, num_chunks,
+                                 per_group, FILM: tl.constexpr, BLOCK_G: tl.constexpr):
+        b = tl.program_id(0)
+        g = tl.program_id(1)
+        cs = g * per_group + tl.arange(0, BLOCK_G)
+        cmask = tl.arange(0, BLOCK_G) < per_group
+        a_sum = tl.zeros([BLOCK_G], dtype=tl.float32)
+        b_sum = tl.zeros([BLOCK_G], dtype=tl.float32)
+        for chunk in range(0, num_chunks):
+            row = (b * num_chunks + chunk) * C
+            a_sum += tl.load(a_ptr + row + cs, mask=cmask, other=0.0)
+            b_sum += tl.load(b_ptr + row + cs, mask=cmask, other=0.0)
+        w = tl.load(w_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
+        a_full = a_sum
+        b_full = b_sum
+        if FILM:
+            s = 1.0 + tl.load(scale_ptr + b * C + cs, mask=cmask, other=0.0).to(tl.float32)
+            a_full = a_sum * s
+            b_full = b_sum * s
+            bb = tl.load(bias_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
+            tl.store(ds_ptr + b * C + cs, w * a_sum + bb * b_sum, mask=cmask)
+            tl.store(dsh_ptr + b * C + cs, b_sum, mask=cmask)
+        tl.store(a_full_ptr + b * C + cs, a_full, mask=cmask)
+        tl.store(b_full_ptr + b * C + cs, b_full, mask=cmask)
+        count = N * per_group
+        c1 = tl.sum(tl.where(cmask, w * b_full, 0.0), axis=0) / count
+        c2 = tl.sum(tl.where(cmask, w * a_full, 0.0), axis=0) / count
+        tl.store(c1_ptr + b * C + cs, tl.zeros([BLOCK_G], dtype=tl.float32) + c1, mask=cmask)
+        tl.store(c2_ptr + b * C + cs, tl.zeros([BLOCK_G], dtype=tl.float32) + c2, mask=cmask)
+
+    @triton.jit
+    def _normalize_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, bias_ptr, scale_ptr, sh_ptr,
+                          C, N, rows, sxb, sxc, sxn, syb, syc, syn,
+                          FILM: tl.constexpr, ACT: tl.constexpr,
+                          BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+        b = tl.program_id(0)
+        chunk = tl.program_id(1)
+        cs = tl.arange(0, BLOCK_C)
+        cmask = cs < C
+        mean = tl.load(mean_ptr + b * C + cs, mask=cmask, other=0.0)
+        rstd = tl.load(rstd_ptr + b * C + cs, mask=cmask, other=0.0)
+        gain = tl.load(w_ptr + cs, mask=cmask, other=0.0).to(tl.float32) * rstd
+        offset_c = tl.load(bias_ptr + cs, mask=cmask, other=0.0).to(tl.float32) - mean * gain
+        if FILM:
+            s = 1.0 + tl.load(scale_ptr + b * C + cs, mask=cmask, other=0.0).to(tl.float32)
+            gain = gain * s
+            offset_c = offset_c * s + tl.load(sh_ptr + b * C + cs, mask=cmask, other=0.0).to(tl.float32)
+        start = chunk * rows
+        for offset in range(0, rows, BLOCK_N):
+            ns = start + offset + tl.arange(0, BLOCK_N)
+            mask = (ns[:, None] < N) & cmask[None, :]
+            v = tl.load(x_ptr + b * sxb + ns[:, None] * sxn + cs[None, :] * sxc, mask=mask, other=0.0)
+            h = v.to(tl.float32) * gain[None, :] + offset_c[None, :]
+            if ACT:
+                h = h * tl.sigmoid(h)
+            tl.store(y_ptr + b * syb + ns[:, None] * syn + cs[None, :] * syc,
+                     h.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _backward_reduce_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, bias_ptr, scale_ptr,
+                                sh_ptr, a_ptr, b_ptr, C, N, rows, num_chunks,
+                                sxb, sxc, sxn, sdb, sdc, sdn,
+                                FILM: tl.constexpr, ACT: tl.constexpr,
+                                BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+        b = tl.program_id(0)
+        chunk = tl.program_id(1)
+        cs = tl.arange(0, BLOCK_C)
+        cmask = cs < C
+        mean = tl.load(mean_ptr + b * C + cs, mask=cmask, other=0.0)
+        rstd = tl.load(rstd_ptr + b * C + cs, mask=cmask, other=0.0)
+        w = tl.load(w_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
+        bb = tl.load(bias_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
+        s = tl.full([BLOCK_C], 1.0, tl.float32)
+        sh = tl.zeros([BLOCK_C], dtype=tl.float32)
+        if FILM:
+            s += tl.load(scale_ptr + b * C + cs, mask=cmask, other=0.0).to(tl.float32)
+            sh = tl.load(sh_ptr + b * C + cs, mask=cmask, other=0.0).to(tl.float32)
+        acc_a = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+        acc_b = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+        start = chunk * rows
+        for offset in range(0, rows, BLOCK_N):
+            ns = start + offset + tl.arange(0, BLOCK_N)
+            mask = (ns[:, None] < N) & cmask[None, :]
+            v = tl.load(x_ptr + b * sxb + ns[:, None] * sxn + cs[None, :] * sxc, mask=mask,
+                        other=0.0).to(tl.float32)
+            g = tl.load(dy_ptr + b * sdb + ns[:, None] * sdn + cs[None, :] * sdc, mask=mask,
+                        other=0.0).to(tl.float32)
+            xhat = (v - mean[None, :]) * rstd[None, :]
+            if ACT:
+                z = (xhat * w[None, :] + bb[None, :]) * s[None, :] + sh[None, :]
+                sig = tl.sigmoid(z)
+                g = g * sig * (1.0 + z * (1.0 - sig))
+            g = tl.where(mask, g, 0.0)
+            acc_a += g * xhat
+            acc_b += g
+        out = (b * num_chunks + chunk) * C + cs
+        tl.store(a_ptr + out, tl.sum(acc_a, axis=0), mask=cmask)
+        tl.store(b_ptr + out, tl.sum(acc_b, axis=0), mask=cmask)
+
+    @triton.jit
+    def _backward_dx_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, bias_ptr,
+                            scale_ptr, sh_ptr, c1_ptr, c2_ptr, C, N, rows,
+                            sxb, sxc, sxn, sdb, sdc, sdn, sob, soc, son,
+                            FILM: tl.constexpr, ACT: tl.constexpr,
+                            BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+        b = tl.program_id(0)
+        chunk = tl.program_id(1)
+        cs = tl.arange(0, BLOCK_C)
+        cmask = cs < C
+        mean = tl.load(mean_ptr + b * C + cs, mask=cmask, other=0.0)
+        rstd = tl.load(rstd_ptr + b * C + cs, mask=cmask, other=0.0)
+        w = tl.load(w_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
+        bb = tl.load(bias_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
+        c1 = tl.load(c1_ptr + b * C + cs, mask=cmask, other=0.0)
+        c2 = tl.load(c2_ptr + b * C + cs, mask=cmask, other=0.0)
+        s = tl.full([BLOCK_C], 1.0, tl.float32)
+        sh = tl.zeros([BLOCK_C], dtype=tl.float32)
+        if FILM:
+            s += tl.load(scale_ptr + b * C + cs, mask=cmask, other=0.0).to(tl.float32)
+            sh = tl.load(sh_ptr + b * C + cs, mask=cmask, other=0.0).to(tl.float32)
+        start = chunk * rows
+        for offset in range(0, rows, BLOCK_N):
+            ns = start + offset + tl.arange(0, BLOCK_N)
+            mask = (ns[:, None] < N) & cmask[None, :]
+            v = tl.load(x_ptr + b * sxb + ns[:, None] * sxn + cs[None, :] * sxc, mask=mask,
+                        other=0.0).to(tl.float32)
+            g = tl.load(dy_ptr + b * sdb + ns[:, None] * sdn + cs[None, :] * sdc, mask=mask,
+                        other=0.0).to(tl.float32)
+            xhat = (v - mean[None, :]) * rstd[None, :]
+            if ACT:
+                z = (xhat * w[None, :] + bb[None, :]) * s[None, :] + sh[None, :]
+                sig = tl.sigmoid(z)
+                g = g * sig * (1.0 + z * (1.0 - sig))
+            dxhat = g * (s * w)[None, :]
+            dx = rstd[None, :] * (dxhat - c1[None, :] - xhat * c2[None, :])
+            tl.store(dx_ptr + b * sob + ns[:, None] * son + cs[None, :] * soc,
+                     dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _group_stats(x3: torch.Tensor, num_groups: int, eps: float):
+    """Per-(batch, channel) mean and rstd of each channel's group, in float32."""
+    b, c, n = x3.shape
+    block_c, block_n, rows, chunks = _launch_shape(x3)
+    s1 = torch.empty(b, chunks, c, device=x3.device, dtype=torch.float32)
+    s2 = torch.empty_like(s1)
+    k = torch.empty(b, c, device=x3.device, dtype=torch.float32)
+    _stats_kernel[(b, chunks)](x3, s1, s2, k, c, n, rows, *x3.stride(), chunks,
+                               BLOCK_C=block_c, BLOCK_N=block_n)
+    mean, rstd = torch.empty_like(k), torch.empty_like(k)
+    per_group = c // num_groups
+    _stats_combine_kernel[(b, num_groups)](s1, s2, k, mean, rstd, c, n, chunks, per_group, eps,
+                                           BLOCK_G=triton.next_power_of_2(per_group))
+    return mean, rstd
+
+
+def _forward(x, weight, bias, scale, shift, num_groups, eps, film, act):
+    x3 = x.flatten(2)
+    mean, rstd = _group_stats(x3, num_groups, eps)
+    y = torch.empty_like(x)
+    y3 = y.flatten(2)
+    b, c, n = x3.shape
+    block_c, block_n, rows, chunks = _launch_shape(x3)
+    _normalize_kernel[(b, chunks)](x3, y3, mean, rstd, weight, bias, scale, shift, c, n, rows,
+                                   *x3.stride(), *y3.stride(), FILM=film, ACT=act,
+                                   BLOCK_C=block_c, BLOCK_N=block_n)
+    return y, mean, rstd
+
+
+def _backward(grad, x, weight, bias, scale, shift, mean, rstd, num_groups, film, act):
+    x3, g3 = x.flatten(2), grad.flatten(2)
+    b, c, n = x3.shape
+    block_c, block_n, rows, chunks = _launch_shape(x3)
+    a_part = torch.empty(b, chunks, c, device=x.device, dtype=torch.float32)
+    b_part = torch.empty_like(a_part)
+    _backward_reduce_kernel[(b, chunks)](
+        x3, g3, mean, rstd, weight, bias, scale, shift, a_part, b_part, c, n, rows, chunks,
+        *x3.stride(), *g3.stride(), FILM=film, ACT=act, BLOCK_C=block_c, BLOCK_N=block_n)
+    # Per (batch, channel): Σ dz·x̂ and Σ dz (a_full, b_full), the FiLM gradients, and the
+    # group means c1 = mean(dx̂), c2 = mean(dx̂·x̂) that the input gradient needs.
+    a_full, b_full, c1, c2 = (torch.empty(b, c, device=x.device, dtype=torch.float32)
+                              for _ in range(4))
+    grad_scale = torch.empty(b, c, device=x.device, dtype=torch.float32) if film else a_full
+    grad_shift = torch.empty_like(grad_scale) if film else a_full
+    per_group = c // num_groups
+    _backward_combine_kernel[(b, num_groups)](
+        a_part, b_part, weight, bias, scale, a_full, b_full, grad_scale, grad_shift, c1, c2,
+        c, n, chunks, per_group, FILM=film, BLOCK_G=triton.next_power_of_2(per_group))
+    dx = torch.empty_like(x)
+    d3 = dx.flatten(2)
+    _backward_dx_kernel[(b, chunks)](
+        x3, g3, d3, mean, rstd, weight, bias, scale, shift, c1, c2, c, n, rows,
+        *x3.stride(), *g3.stride(), *d3.stride(), FILM=film, ACT=act,
+        BLOCK_C=block_c, BLOCK_N=block_n)
+    grad_weight = a_full.sum(0).to(weight.dtype)
+    grad_bias = b_full.sum(0).to(bias.dtype)
+    if not film:
+        return dx, grad_weight, grad_bias, None, None
+    return dx, grad_weight, grad_bias, grad_scale.to(scale.dtype), grad_shift.to(shift.dtype)
+
+
+class _GroupNormAct(torch.autograd.Function):
+    """Autograd wrapper of the fused kernels (eager mode only, so no fake-tensor support)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, shift, num_groups, eps, film, act):
+        y, mean, rstd = _forward(x, weight, bias, scale, shift, num_groups, eps, film, act)
+        ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
+        ctx.num_groups, ctx.film, ctx.act = num_groups, film, act
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
+        grad = grad.contiguous(memory_format=_memory_format(x))
+        dx, dw, db, ds, dsh = _backward(grad, x, weight, bias, scale, shift, mean, rstd,
+                                        ctx.num_groups, ctx.film, ctx.act)
+        return dx, dw, db, ds, dsh, None, None, None, None
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.ndim == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
