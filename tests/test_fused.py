@@ -49,9 +49,9 @@ INTERPRETER_CHECK = textwrap.dedent("""
             assert fused_available(x)
             B, C = shape[:2]
             params = [x, torch.randn(C), torch.randn(C)]
-            if film:
-                params += [torch.randn(B, C), torch.randn(B, C)]
             params = [p.requires_grad_(True) for p in params]
+            if film:  # as in the model: two non-contiguous halves of one projection
+                params += list(torch.randn(B, 2 * C, requires_grad=True).chunk(2, dim=1))
             y = group_norm_act(params[0], groups, *params[1:3], 1e-5, *params[3:], act=act)
             ref_params = [p.detach().double().requires_grad_(True) for p in params]
             y_ref = group_norm_act_reference(ref_params[0], groups, *ref_params[1:3], 1e-5,
@@ -59,6 +59,7 @@ INTERPRETER_CHECK = textwrap.dedent("""
             gy = torch.randn_like(y)
             grads = torch.autograd.grad(y, params, gy)
             ref_grads = torch.autograd.grad(y_ref, ref_params, gy.double())
+            assert len(grads) == (5 if film else 3)
             worst = max(worst, ((y.double() - y_ref).abs().max() / y_ref.abs().max()).item())
             for g, r in zip(grads, ref_grads):
                 worst = max(worst, ((g.double() - r).abs().max() / r.abs().max()).item())
@@ -80,7 +81,17 @@ AWKWARD = [((3, 96, 17, 9), 32), ((2, 448, 15, 15), 32), ((5, 40, 7, 6, 5), 8), 
            ((1, 1536, 4, 4), 32)]
 
 
+@pytest.fixture
+def fused_everywhere():
+    """Use the fused kernels whatever the tensor size, then restore the defaults."""
+    saved = fused._FUSED_ENABLED, fused._MIN_ELEMENTS
+    fused.set_fused_enabled(True, min_elements=0)
+    yield
+    fused.set_fused_enabled(saved[0], min_elements=saved[1])
+
+
 @pytest.mark.gpu
+@pytest.mark.usefixtures("fused_everywhere")
 @pytest.mark.parametrize(("shape", "groups"), AWKWARD)
 @pytest.mark.parametrize(("film", "act"), [(False, True), (True, True), (False, False)])
 def test_fused_matches_eager_on_gpu_bf16(shape, groups, film, act):
@@ -91,11 +102,13 @@ def test_fused_matches_eager_on_gpu_bf16(shape, groups, film, act):
         x = x.contiguous(memory_format=fmt)
     B, C = shape[:2]
     params = [x, torch.randn(C, device=device), torch.randn(C, device=device)]
-    if film:
-        params += [torch.randn(B, C, device=device, dtype=torch.bfloat16) * 0.5 for _ in range(2)]
     params = [p.detach().requires_grad_(True) for p in params]
+    if film:  # non-contiguous halves of one projection, as in the model
+        projection = torch.randn(B, 2 * C, device=device, dtype=torch.bfloat16) * 0.5
+        params += list(projection.requires_grad_(True).chunk(2, dim=1))
+    assert fused.fused_available(x)
     y = fused.group_norm_act(params[0], groups, *params[1:3], 1e-5, *params[3:], act=act)
-    ref = [p.detach().float().requires_grad_(True) for p in params]
+    ref = [p.detach().float().contiguous().requires_grad_(True) for p in params]
     y_ref = fused.group_norm_act_reference(ref[0], groups, *ref[1:3], 1e-5, *ref[3:], act=act)
     gy = torch.randn_like(y_ref)
     grads = torch.autograd.grad(y, params, gy.to(y.dtype))
@@ -107,19 +120,24 @@ def test_fused_matches_eager_on_gpu_bf16(shape, groups, film, act):
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("fused_everywhere")
 @pytest.mark.parametrize("name", ["ddpm-cifar10", "emdiffuse-aleatoric", "efficient-unet"])
 def test_model_with_fused_kernels_matches_eager_model_on_gpu(name):
+    torch.backends.cudnn.allow_tf32 = False  # compare float32 convolutions exactly
+    torch.backends.cuda.matmul.allow_tf32 = False
     config = small_config(name).replace(dropout=0.0)
     model = UNet(config).cuda()
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.1)
     x, kwargs = example_inputs(config, batch=3, device="cuda")
-    outputs = []
+    outputs, grads = [], []
     for enabled in (True, False):
         fused.set_fused_enabled(enabled)
-        try:
-            outputs.append(model(x, **kwargs))
-        finally:
-            fused.set_fused_enabled(True)
+        model.zero_grad()
+        out = model(x, **kwargs)
+        out.square().mean().backward()
+        outputs.append(out.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-5)

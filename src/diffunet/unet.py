@@ -212,7 +212,7 @@ class UNet(nn.Module):
         pads = self._padding(spatial)
         if cond is not None:
             x = torch.cat([x, cond.to(x.dtype)], dim=1)
-        if x.is_cuda and c.dims > 1:  # cuDNN's fastest convolutions are channels-last
+        if x.is_cuda and c.dims in _CHANNELS_LAST:  # cuDNN's fastest convolutions are channels-last
             x = x.contiguous(memory_format=_CHANNELS_LAST[c.dims])
         if pads is not None:
             x = F.pad(x, pads, mode="replicate")
