@@ -1,0 +1,45 @@
+"""The diffusion layer: turns any denoiser (a :class:`diffunet.UNet` or a plain callable) into a
+trainable, sampleable diffusion model.
+
+    from diffunet.diffusion import Diffusion
+    diffusion = Diffusion(schedule="cosine", prediction="v", min_snr_gamma=5.0)
+    loss = diffusion.loss(model, x0)                       # training
+    x = diffusion.sample(model, (16, 3, 32, 32), sampler="dpm++", steps=20)
+"""
+
+from .denoiser import Denoiser, call_model, time_input, uses_noise_level
+from .guidance import drop_conditioning, guide
+from .objective import min_snr_weight, per_sample_gaussian_nll, per_sample_mse
+from .parameterization import PREDICTIONS, convert, from_x0_and_eps, x0_and_eps
+from .process import Diffusion, draw_noise
+from .samplers import SAMPLERS, Step, ddim, ddpm, dpm_solver_pp
+from .schedule import SCHEDULES, TIMESTEP_SPACINGS, NoiseSchedule, rescale_zero_terminal_snr
+from .scheduler_protocol import is_scheduler
+
+__all__ = [
+    "PREDICTIONS",
+    "SAMPLERS",
+    "SCHEDULES",
+    "TIMESTEP_SPACINGS",
+    "Denoiser",
+    "Diffusion",
+    "NoiseSchedule",
+    "Step",
+    "call_model",
+    "convert",
+    "ddim",
+    "ddpm",
+    "dpm_solver_pp",
+    "draw_noise",
+    "drop_conditioning",
+    "from_x0_and_eps",
+    "guide",
+    "is_scheduler",
+    "min_snr_weight",
+    "per_sample_gaussian_nll",
+    "per_sample_mse",
+    "rescale_zero_terminal_snr",
+    "time_input",
+    "uses_noise_level",
+    "x0_and_eps",
+]

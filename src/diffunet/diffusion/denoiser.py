@@ -1,0 +1,171 @@
+"""How the diffusion layer calls a network: time input, conditioning, dtype, guidance, clipping.
+
+A model is anything callable as `model(x, t, cond=..., context=..., labels=...)` (only the
+conditioning that is given is passed). A model whose `config.time_embed_type` is
+``"noise_level"`` receives the continuous noise level ᾱ_t in (0, 1) (EMDiffuse / Palette); any
+other model receives the integer step index t. A model with `config.use_timestep = False` (a
+plain U-Net) receives no time at all. With `config.aleatoric` the output holds the mean then the
+log-variance along channels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..unet import split_aleatoric
+from .guidance import guide, null_label_of, unconditional
+from .parameterization import check_prediction, x0_and_eps
+
+
+def uses_noise_level(model) -> bool:
+    """Whether `model` is conditioned on the noise level ᾱ rather than on the step index."""
+    return getattr(getattr(model, "config", None), "time_embed_type", "timestep") == "noise_level"
+
+
+def is_aleatoric(model) -> bool:
+    """Whether `model` outputs a mean and a log-variance (an aleatoric head)."""
+    return bool(getattr(getattr(model, "config", None), "aleatoric", False))
+
+
+def time_input(model, t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor | None:
+    """The time tensor `model` expects, shape `(B,)`: ᾱ in float32, or the step index, or None.
+
+    `t` holds step indices (integers, or fractional ones from some external schedulers) and
+    `alpha_bar` the matching ᾱ; both `(B,)`.
+    """
+    if not getattr(getattr(model, "config", None), "use_timestep", True):
+        return None
+    if uses_noise_level(model):
+        return alpha_bar.to(torch.float32)
+    if t.is_floating_point() and not torch.equal(t, t.round()):
+        return t.to(torch.float32)
+    return t.long()
+
+
+def parameter_dtype(model) -> torch.dtype | None:
+    """dtype of the model's first floating-point parameter (None for plain callables)."""
+    parameters = getattr(model, "parameters", None)
+    if parameters is None:
+        return None
+    for p in parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+def call_model(
+    model,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    alpha_bar: torch.Tensor,
+    *,
+    cond: torch.Tensor | None = None,
+    context: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run `model` on `x` at steps `t` / noise levels `alpha_bar` (both `(B,)`); float32 output.
+
+    Raises a ValueError when the output does not have `x`'s shape (with doubled channels for an
+    aleatoric model).
+    """
+    dtype = parameter_dtype(model)
+    if dtype is not None and dtype != x.dtype:
+        x = x.to(dtype)
+        context = context.to(dtype) if context is not None and context.is_floating_point() else context
+    kwargs = {}
+    if cond is not None:
+        kwargs["cond"] = cond
+    if context is not None:
+        kwargs["context"] = context
+    if labels is not None:
+        kwargs["labels"] = labels
+    time = time_input(model, t.to(x.device), alpha_bar.to(x.device))
+    output = model(x, time, **kwargs) if time is not None else model(x, **kwargs)
+    channels = x.shape[1] * (2 if is_aleatoric(model) else 1)
+    expected = (x.shape[0], channels, *x.shape[2:])
+    if not isinstance(output, torch.Tensor) or tuple(output.shape) != expected:
+        given = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise ValueError(
+            f"the model returned {given} for an input x of shape {tuple(x.shape)}; expected "
+            f"{expected} (x's shape{', channels doubled: mean then log-variance' if channels != x.shape[1] else ''}). "
+            "Make the model's out_channels equal its in_channels (the data channels)"
+        )
+    return output.float()
+
+
+class Denoiser:
+    """A model bound to fixed conditioning and guidance: its float32 prediction at (x_t, t).
+
+    With `guidance != 1` and labels or context present, the conditional and unconditional passes
+    run as one batch of twice the size; `guidance == 0` runs only the unconditional pass.
+    """
+
+    def __init__(
+        self,
+        model,
+        prediction: str,
+        *,
+        cond: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        guidance: float = 1.0,
+        clip_denoised: bool = True,
+    ) -> None:
+        self.model = model
+        self.prediction = check_prediction(prediction)
+        self.cond, self.context, self.labels = cond, context, labels
+        numeric = isinstance(guidance, (int, float)) and not isinstance(guidance, bool)
+        if not numeric or not math.isfinite(guidance):
+            raise ValueError(
+                f"guidance={guidance!r} is invalid: expected a finite number (1.0: conditional "
+                "model, 0.0: unconditional, 3-7: typical classifier-free guidance)"
+            )
+        self.guidance = float(guidance)
+        self.clip_denoised = clip_denoised
+        self.aleatoric = is_aleatoric(model)
+        guided = self.guidance != 1.0
+        if guided and context is None and labels is None:
+            raise ValueError(
+                f"guidance={guidance} needs a conditional model and its conditioning, but neither "
+                "labels nor context was given (an image cond is never dropped, so it cannot be "
+                "guided). Pass labels=... or context=..., or use guidance=1.0"
+            )
+        self.null_label = null_label_of(model) if guided and labels is not None else None
+
+    def output(self, x: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+        """The guided model output (the mean for an aleatoric model) at `x`; `t`, ᾱ are `(B,)`."""
+        if self.guidance == 1.0:
+            return self._mean(call_model(self.model, x, t, alpha_bar, cond=self.cond,
+                                         context=self.context, labels=self.labels))
+        uncond_context, uncond_labels = unconditional(self.context, self.labels, self.null_label)
+        if self.guidance == 0.0:
+            return self._mean(call_model(self.model, x, t, alpha_bar, cond=self.cond,
+                                         context=uncond_context, labels=uncond_labels))
+
+        def both(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+            return None if a is None else torch.cat([a, b], dim=0)
+
+        out = call_model(
+            self.model, both(x, x), both(t, t), both(alpha_bar, alpha_bar),
+            cond=both(self.cond, self.cond), context=both(self.context, uncond_context),
+            labels=both(self.labels, uncond_labels),
+        )
+        cond_out, uncond_out = self._mean(out).chunk(2, dim=0)
+        return guide(cond_out, uncond_out, self.guidance)
+
+    def x0_and_eps(
+        self, x: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predicted clean data and noise at `x` (x₀ clipped to [−1, 1] when `clip_denoised`).
+
+        After clipping, ε is recomputed from the clipped x₀ so the two stay consistent with x_t.
+        """
+        x0, eps = x0_and_eps(self.prediction, self.output(x, t, alpha_bar), x, alpha_bar)
+        if self.clip_denoised:
+            x0, eps = x0_and_eps("x0", x0.clamp(-1.0, 1.0), x, alpha_bar)
+        return x0, eps
+
+    def _mean(self, output: torch.Tensor) -> torch.Tensor:
+        return split_aleatoric(output)[0] if self.aleatoric else output
