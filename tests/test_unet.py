@@ -279,3 +279,24 @@ def test_counted_flops_equal_the_analytic_count(name):
     x, t = torch.randn(1, 3, *size), torch.tensor([10])
     assert count_flops(model, 1, size) == analytic_flops(model, x, t)
     assert count_flops(model, 2, size) == 2 * count_flops(model, 1, size)
+
+
+@pytest.mark.parametrize(("dims", "factors"), [(2, (2, 2)), (3, (1, 2, 2)), (1, (2,))])
+def test_asymmetric_downsample_pads_at_the_end_only(dims, factors):
+    from diffunet.nn import Downsample
+
+    down = randomize(Downsample(dims, 4, factors, use_conv=True, padding="asymmetric"))
+    x = torch.randn(2, 4, *[6] * dims)
+    pads = []
+    for f in reversed(factors):
+        pads += [0, 1] if f == 2 else [1, 1]
+    conv = getattr(torch.nn.functional, f"conv{dims}d")
+    expected = conv(torch.nn.functional.pad(x, pads), down.op.weight, down.op.bias, stride=factors)
+    torch.testing.assert_close(down(x), expected)
+    assert down(x).shape[2:] == tuple(6 // f for f in factors)
+
+
+def test_ddpm_and_ldm_presets_pad_like_their_originals():
+    assert preset("ddpm-cifar10").downsample_padding == "asymmetric"
+    assert preset("ldm").downsample_padding == "asymmetric"
+    assert preset("emdiffuse").downsample_padding == "symmetric"

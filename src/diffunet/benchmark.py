@@ -210,10 +210,9 @@ def diffusers_kwargs(config: UNetConfig) -> dict[str, Any]:
         "freq_shift": int(c.freq_shift) if float(c.freq_shift).is_integer() else c.freq_shift,
         "attention_head_dim": head_dim,
         "dropout": c.dropout,
-        # 1 (diffusers' default) pads symmetrically like our strided conv; google's
-        # ddpm-cifar10-32 config says 0 (an explicit F.pad, then an unpadded conv): same
-        # parameters and FLOPs, one extra copy per downsampling.
-        "downsample_padding": 1,
+        # 0 pads one row/column at the end, then an unpadded strided conv (LDM, google's
+        # ddpm-cifar10-32); 1 is a symmetric 'same' padding. Same parameters and FLOPs.
+        "downsample_padding": 0 if c.downsample_padding == "asymmetric" else 1,
     }
 
 

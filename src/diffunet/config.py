@@ -23,6 +23,7 @@ ATTENTION_TYPES = ("full", "linear", "none")
 TIME_EMBED_TYPES = ("timestep", "noise_level")
 UPSAMPLE_TYPES = ("nearest_conv", "nearest", "transposed")
 DOWNSAMPLE_TYPES = ("conv", "avgpool")
+DOWNSAMPLE_PADDINGS = ("symmetric", "asymmetric")
 SKIP_TOPOLOGIES = ("per_block", "per_level")
 
 
@@ -82,6 +83,7 @@ class UNetConfig:
     resblock_updown: bool = False
     upsample_type: str = "nearest_conv"
     downsample_type: str = "conv"
+    downsample_padding: str = "symmetric"
     resample_axes: tuple[tuple[int, ...], ...] | None = None
     pool_factor: int = 1
     # output, memory, convenience
@@ -210,6 +212,10 @@ class UNetConfig:
             _fail("upsample_type", self.upsample_type, f"one of {UPSAMPLE_TYPES}")
         if self.downsample_type not in DOWNSAMPLE_TYPES:
             _fail("downsample_type", self.downsample_type, f"one of {DOWNSAMPLE_TYPES}")
+        if self.downsample_padding not in DOWNSAMPLE_PADDINGS:
+            _fail("downsample_padding", self.downsample_padding, f"one of {DOWNSAMPLE_PADDINGS}",
+                  "'asymmetric' pads one row/column at the end before an unpadded strided conv "
+                  "(LDM, diffusers downsample_padding=0).")
         if self.skip_topology not in SKIP_TOPOLOGIES:
             _fail("skip_topology", self.skip_topology, f"one of {SKIP_TOPOLOGIES}")
         if not isinstance(self.pool_factor, int) or self.pool_factor < 1:

@@ -130,22 +130,23 @@ _register(
     "ldm",
     "seed 004: LDM ldm/modules/diffusionmodules/model.py `Model`",
     "ch 128, ch_mult (1,1,2,2,4), 2 res blocks, attention at 16 for a 256 input (factor 16), "
-    "single-head attention as in LDM's AttnBlock. Set attention_type to 'linear' or 'none' for "
+    "single-head attention as in LDM's AttnBlock, LDM's asymmetric downsample padding. Set attention_type to 'linear' or 'none' for "
     "LDM's other attn_types (the middle block follows). LDM's LinAttnBlock has no norm and no "
     "residual; ours has both.",
     in_channels=3, out_channels=3, model_channels=128, channel_mult=(1, 1, 2, 2, 4),
     num_res_blocks=2, attention_resolutions=attention_factors_for_sizes(256, (16,)),
     num_heads=1, dropout=0.0, norm_eps=1e-6, flip_sin_to_cos=False, freq_shift=1.0,
-    image_size=256, zero_init=False,
+    downsample_padding="asymmetric", image_size=256, zero_init=False,
 )
 
 _register(
     "ddpm-cifar10",
     "Ho et al. 2020; diffusers UNet2DModel of google/ddpm-cifar10-32",
     "35,746,307 parameters, the same module structure as diffusers' UNet2DModel for "
-    "google/ddpm-cifar10-32 (attention at 16×16, i.e. factor 2), so its weights import exactly.",
+    "google/ddpm-cifar10-32 (attention at 16×16, i.e. factor 2; downsample_padding=0, i.e. "
+    "asymmetric), so its weights import exactly.",
     in_channels=3, out_channels=3, model_channels=128, channel_mult=(1, 2, 2, 2),
     num_res_blocks=2, attention_resolutions=(2,), num_head_channels=None, num_heads=1,
     dropout=0.1, norm_eps=1e-6, flip_sin_to_cos=False, freq_shift=1.0, image_size=32,
-    zero_init=False,
+    downsample_padding="asymmetric", zero_init=False,
 )

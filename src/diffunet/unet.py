@@ -83,7 +83,8 @@ class UNet(nn.Module):
             factors = c.resample_factors(transition)
             if c.resblock_updown:
                 return res(ch, ch, "down", factors)
-            return Downsample(c.dims, ch, factors, use_conv=c.downsample_type == "conv")
+            return Downsample(c.dims, ch, factors, use_conv=c.downsample_type == "conv",
+                              padding=c.downsample_padding)
 
         def up(ch: int, transition: int) -> nn.Module:
             factors = c.resample_factors(transition)

@@ -10,18 +10,31 @@ from .ops import avg_pool_nd, conv_nd, conv_transpose_nd
 
 
 class Downsample(nn.Module):
-    """Halve the axes whose factor is 2: a strided 3×3 conv, or average pooling."""
+    """Halve the axes whose factor is 2: a strided 3×3 conv, or average pooling.
 
-    def __init__(self, dims: int, channels: int, factors: tuple[int, ...], use_conv: bool) -> None:
+    The conv pads 1 on each side (`padding="symmetric"`, guided-diffusion), or pads only one
+    row/column at the end of each halved axis and none in the conv (`"asymmetric"`, LDM and
+    diffusers' `downsample_padding=0`).
+    """
+
+    def __init__(self, dims: int, channels: int, factors: tuple[int, ...], use_conv: bool,
+                 padding: str = "symmetric") -> None:
         super().__init__()
         self.factors = factors
-        if use_conv:
+        self.pad: tuple[int, ...] | None = None
+        if use_conv and padding == "asymmetric":
+            # F.pad lists the last axis first; unhalved axes keep a plain 'same' padding.
+            self.pad = tuple(p for f in reversed(factors) for p in ((0, 1) if f == 2 else (1, 1)))
+            self.op = conv_nd(dims, channels, channels, 3, stride=factors, padding=0)
+        elif use_conv:
             self.op = conv_nd(dims, channels, channels, 3, stride=factors, padding=1)
         else:
             self.op = avg_pool_nd(dims, kernel_size=factors, stride=factors)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Downsample `x`."""
+        if self.pad is not None:
+            x = F.pad(x, self.pad)
         return self.op(x)
 
 
