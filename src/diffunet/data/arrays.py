@@ -1,0 +1,145 @@
+"""NumPy arrays: 1D signals, 2D images and 3D volumes from `.npy` / `.npz` files.
+
+Layouts (N samples, C channels, `*spatial` with 1, 2 or 3 axes):
+
+- one `.npy` file holding `(N, C, *spatial)`;
+- one `.npz` file with `x` (or `target`) of that shape, optionally `cond` (or `input`) of the
+  same layout for image-to-image training, and `labels` `(N,)` integer classes;
+- a folder of `.npy` files, one sample `(C, *spatial)` each.
+
+Integer arrays are scaled to `[0, 1]` by their bit depth (8 or 16 bit); floating-point arrays
+by the data set's minimum and maximum, which the resolved config records as `value_range`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .dataset import DataError, TensorDataset
+
+X_KEYS = ("x", "target", "data", "images", "arr_0")
+COND_KEYS = ("cond", "input")
+LABEL_KEYS = ("labels", "y")
+
+
+def load_array_file(path: Path) -> np.ndarray:
+    """Read one `.npy` array (pickles refused), naming the file on failure."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise DataError(f"cannot read array file {path}: {reason}") from err
+
+
+def to_unit_range(array: np.ndarray, what: str) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Scale an array to float32 `[0, 1]`; return it and how it was scaled."""
+    if array.dtype == np.bool_:
+        return torch.from_numpy(array.astype(np.float32)), {"value_range": [0, 1]}
+    if np.issubdtype(array.dtype, np.integer):
+        lo, hi = int(array.min()), int(array.max())
+        if lo < 0 or hi > 65535:
+            raise DataError(f"{what}: integer values {lo}..{hi} are outside 0..65535; "
+                            "save them as float32 instead (they are then min-max scaled)")
+        top = 255 if hi <= 255 and array.dtype == np.uint8 else 65535
+        return torch.from_numpy(array.astype(np.float32) / top), {"value_range": [0, top]}
+    if not np.issubdtype(array.dtype, np.floating):
+        raise DataError(f"{what}: unsupported dtype {array.dtype}; use integers or floats")
+    array = array.astype(np.float32)
+    if not np.isfinite(array).all():
+        raise DataError(f"{what}: contains NaN or infinite values")
+    lo, hi = float(array.min()), float(array.max())
+    if hi <= lo:
+        raise DataError(f"{what}: every value is {lo:g}; there is nothing to learn")
+    return torch.from_numpy((array - lo) / (hi - lo)), {"value_range": [lo, hi]}
+
+
+def _with_channels(array: np.ndarray, what: str, dims: int | None, per_sample: bool) -> np.ndarray:
+    """Add the channel axis where `dims` says it is missing; check the rank."""
+    lead = 1 if per_sample else 2
+    if dims is not None and array.ndim == dims + lead - 1:
+        array = array[:, None] if not per_sample else array[None]
+    spatial = array.ndim - lead
+    if spatial not in (1, 2, 3):
+        layout = "(C, *spatial)" if per_sample else "(N, C, *spatial)"
+        raise DataError(f"{what}: shape {array.shape} is not {layout} with 1, 2 or 3 spatial axes; "
+                        "add the channel axis, e.g. a[:, None] for single-channel data")
+    if dims is not None and spatial != dims:
+        raise DataError(f"{what}: shape {array.shape} has {spatial} spatial axes but the model "
+                        f"has dims={dims}")
+    return array
+
+
+def center_crop(x: torch.Tensor, size: int | None, what: str) -> torch.Tensor:
+    """Centre-crop every spatial axis of `(N, C, *spatial)` to `size` (None keeps the size)."""
+    if size is None:
+        return x
+    spatial = x.shape[2:]
+    if any(s < size for s in spatial):
+        raise DataError(f"{what}: --image-size {size} is larger than the data's spatial size "
+                        f"{tuple(spatial)}; arrays are cropped, never enlarged")
+    index = tuple(slice((s - size) // 2, (s - size) // 2 + size) for s in spatial)
+    return x[(slice(None), slice(None), *index)].contiguous()
+
+
+def _pick(archive: Any, keys: tuple[str, ...], path: Path, required: bool) -> np.ndarray | None:
+    for key in keys:
+        if key in archive.files:
+            return archive[key]
+    if len(archive.files) == 1 and required:
+        return archive[archive.files[0]]
+    if required:
+        raise DataError(f"{path}: no array named {'/'.join(keys)} (it holds {archive.files})")
+    return None
+
+
+def load_array_source(path: str | Path, image_size: int | None,
+                      dims: int | None = None) -> TensorDataset:
+    """A `.npy` file, a `.npz` file or a folder of `.npy` samples as a :class:`TensorDataset`."""
+    path = Path(path)
+    labels = cond_array = None
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix == ".npy" and not p.name.startswith("."))
+        if not files:
+            raise DataError(f"{path} has no .npy files")
+        samples = [_with_channels(load_array_file(p), str(p), dims, per_sample=True) for p in files]
+        shapes = {s.shape for s in samples}
+        if len(shapes) > 1:
+            raise DataError(f"{path}: the .npy samples differ in shape ({sorted(shapes)[:3]}); "
+                            "every sample must have the same (C, *spatial)")
+        x_array = np.stack(samples)
+    elif path.suffix == ".npz":
+        try:
+            archive = np.load(path, allow_pickle=False)
+        except Exception as err:
+            raise DataError(f"cannot read array file {path}: {err}") from err
+        with archive:
+            x_array = _pick(archive, X_KEYS, path, required=True)
+            cond_array = _pick(archive, COND_KEYS, path, required=False)
+            labels = _pick(archive, LABEL_KEYS, path, required=False)
+        x_array = _with_channels(x_array, f"{path}[x]", dims, per_sample=False)
+    else:
+        x_array = _with_channels(load_array_file(path), str(path), dims, per_sample=False)
+
+    x, info = to_unit_range(x_array, str(path))
+    extra: dict[str, Any] = {"value_range": info["value_range"]}
+    cond = None
+    if cond_array is not None:
+        cond_array = _with_channels(cond_array, f"{path}[cond]", x.ndim - 2, per_sample=False)
+        if cond_array.shape[0] != x.shape[0] or cond_array.shape[2:] != x.shape[2:]:
+            raise DataError(f"{path}: cond {cond_array.shape} does not match x {tuple(x.shape)} "
+                            "in samples and spatial size")
+        cond, cond_info = to_unit_range(cond_array, f"{path}[cond]")
+        extra["cond_value_range"] = cond_info["value_range"]
+        cond = center_crop(cond, image_size, str(path))
+    label_tensor = None
+    if labels is not None:
+        if labels.shape != (x.shape[0],) or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
+            raise DataError(f"{path}: labels must be ({x.shape[0]},) non-negative integers, got "
+                            f"{labels.dtype} {labels.shape}")
+        label_tensor = torch.from_numpy(labels.astype(np.int64))
+    return TensorDataset(x=center_crop(x, image_size, str(path)), cond=cond, labels=label_tensor,
+                         source=str(path), extra=extra)

@@ -1,0 +1,420 @@
+"""The training loop, readable top to bottom: `Trainer(run, data, run_dir).train()`.
+
+What one step does (every random draw of step `s` is a function of the seed and `s` only, so a
+run killed at any moment and resumed from its last checkpoint replays the same steps, and N
+data-parallel processes see exactly the draws a single process would):
+
+1. take the `s`-th batch of the epoch's permutation (the global batch; each rank its slice);
+2. draw timesteps, noise and the classifier-free-guidance label dropout for the global batch;
+3. loss under autocast (bf16 where supported, float32 master weights), backward (DDP averages
+   the gradients), clip, optimizer and LR-schedule step, EMA update in float32;
+4. every `log_every` steps a log line / CSV row, every `checkpoint_every` steps the EMA
+   checkpoint folder + training-state file, every `sample_every` steps a PNG grid.
+
+At the end: a final checkpoint, a grid, and for the digits the evaluation numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel
+
+from .data import TensorDataset
+from .diffusion import Diffusion, drop_conditioning
+from .distributed import DistInfo, barrier, mean_over_ranks
+from .grids import save_grid, to_image_tiles
+from .io import atomic_write_bytes, clean_state_dict, save_pretrained
+from .run_log import RunLog
+from .training_config import RunConfig, RunConfigError
+from .training_state import (
+    STATE_NAME,
+    capture_rng_state,
+    restore_rng_state,
+    save_training_state,
+)
+from .unet import UNet
+
+CHECKPOINT_DIR = "checkpoint"
+RUN_META = "run.json"
+CONFIG_YAML = "config.yaml"
+SAMPLES_DIR = "samples"
+EVAL_NAME = "eval.json"
+EVAL_SAMPLES = 500
+DEFAULT_COND_DROP = 0.1  # classifier-free guidance dropout for class-conditional models
+
+
+def step_seed(seed: int, step: int, stream: int = 0) -> int:
+    """A 63-bit seed for the random draws of `step` (streams separate independent uses)."""
+    mixed = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + stream * 0x94D049BB133111EB)
+    return mixed % (2**63 - 1)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """`auto` → bf16 where the device has fast bf16 (Ampere+ GPUs, AVX512-BF16/AMX CPUs), else fp32."""
+    if device.type == "cuda":
+        bf16 = torch.cuda.is_bf16_supported()
+    else:
+        bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if name == "auto":
+        return "bf16" if bf16 else "fp32"
+    if name == "bf16" and not bf16:
+        raise RunConfigError(f"--precision bf16 is not supported on this {device.type} device; "
+                             "use --precision fp32")
+    return name
+
+
+def data_fields(data: TensorDataset) -> dict[str, Any]:
+    """The model-config fields that the data decides."""
+    size = data.spatial_size
+    return {
+        "dims": data.dims,
+        "in_channels": data.channels,
+        "out_channels": data.channels,
+        "cond_channels": data.cond_channels,
+        "image_size": size[0] if len(set(size)) == 1 else list(size),
+        "num_classes": data.num_classes,
+    }
+
+
+class DataOrder:
+    """Which samples step `s` trains on: epoch `s // steps_per_epoch` of seeded permutations.
+
+    The global batch of a step is the same whatever the number of processes; rank `r` of `W`
+    takes its `r`-th contiguous slice. The last incomplete batch of each epoch is dropped.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int) -> None:
+        if batch_size > num_samples:
+            raise RunConfigError(f"--batch-size {batch_size} is larger than the {num_samples} "
+                                 "training samples; use a batch size of at most "
+                                 f"{num_samples}")
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.steps_per_epoch = num_samples // batch_size
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, batch index within the epoch) of `step`."""
+        return divmod(step, self.steps_per_epoch)
+
+    def indices(self, step: int) -> torch.Tensor:
+        """Indices of the global batch of `step`."""
+        epoch, index = self.position(step)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(step_seed(self.seed, epoch, stream=7))
+            self._epoch, self._perm = epoch, torch.randperm(self.num_samples, generator=generator)
+        return self._perm[index * self.batch_size:(index + 1) * self.batch_size]
+
+
+def ema_average(decay: float):
+    """An `AveragedModel` update with decay warm-up: min(decay, (1 + n) / (10 + n))."""
+
+    @torch.no_grad()
+    def update(ema_params, model_params, num_averaged) -> None:
+        n = float(num_averaged)
+        current = min(decay, (1.0 + n) / (10.0 + n))
+        torch._foreach_lerp_(ema_params, model_params, 1.0 - current)
+
+    return update
+
+
+def lr_factor(step: int, warmup: int, total: int, decay: bool) -> float:
+    """Linear warm-up over `warmup` steps, then constant or cosine decay to 10%."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if not decay:
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    run_dir: Path
+    steps: int
+    seconds: float
+    checkpoint: Path
+    grid: Path | None
+    scores: dict[str, Any] | None
+
+
+class Trainer:
+    """Trains a :class:`UNet` on a :class:`TensorDataset` as a :class:`RunConfig` describes.
+
+    Only rank 0 writes files and logs; `resume_state` (from :func:`load_training_state`)
+    continues a run exactly.
+    """
+
+    def __init__(self, run: RunConfig, data: TensorDataset, run_dir: Path, dist: DistInfo,
+                 *, resume_state: dict[str, Any] | None = None, stream=None) -> None:
+        self.run, self.data, self.run_dir, self.dist = run, data, Path(run_dir), dist
+        self.stream = stream
+        t, device = run.train, dist.device
+        self.precision = resolve_precision(t.precision, device)
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        if t.batch_size % dist.world_size:
+            raise RunConfigError(f"--batch-size {t.batch_size} is the global batch and must be "
+                                 f"divisible by the {dist.world_size} processes")
+        self.local_batch = t.batch_size // dist.world_size
+        self.order = DataOrder(len(data), t.batch_size, t.seed)
+
+        # Model (float32 master weights), identical on every rank; EMA in float32.
+        self.model_config = run.model_config(data_fields(data))
+        torch.manual_seed(t.seed)
+        self.model = UNet(self.model_config).to(device)
+        self.ema = AveragedModel(self.model, multi_avg_fn=ema_average(t.ema_decay))
+        self.ema.module.eval()
+        self.net = self.model
+        if dist.enabled:
+            ids = [device.index] if device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids)
+            # The diffusion layer reads the model's config (time input, aleatoric head).
+            self.net.config = self.model_config
+
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr,
+                                           weight_decay=t.weight_decay,
+                                           fused=device.type == "cuda")
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, t.warmup, t.steps, t.lr_decay))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
+
+        d = run.diffusion
+        labelled = self.model_config.num_classes is not None and data.labels is not None
+        self.cond_drop_prob = (DEFAULT_COND_DROP if labelled else 0.0) \
+            if d.cond_drop_prob is None else d.cond_drop_prob
+        # Conditioning dropout is drawn here for the global batch (see _batch), not in the loss.
+        self.diffusion = Diffusion(d.schedule, d.timesteps, d.prediction, d.min_snr_gamma,
+                                   d.zero_terminal_snr, cond_drop_prob=0.0)
+        self.step = 0
+        if resume_state is not None:
+            self._load_state(resume_state)
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> TrainResult:
+        """Run from the current step to `train.steps`; return what was produced."""
+        t, dist = self.run.train, self.dist
+        log = RunLog(self.run_dir, start_step=self.step, total_steps=t.steps,
+                     enabled=dist.is_main, stream=self.stream)
+        log.message(self._banner())
+        start = time.perf_counter()
+        loss_sum, loss_count, grad_norm = torch.zeros((), device=dist.device), 0, torch.zeros(())
+        self.model.train()
+        try:
+            while self.step < t.steps:
+                batch = self._batch(self.step)
+                with torch.autocast(dist.device.type, dtype=self.autocast_dtype,
+                                    enabled=self.autocast_dtype is not None):
+                    loss = self.diffusion.loss(self.net, batch["x"], cond=batch.get("cond"),
+                                               labels=batch.get("labels"),
+                                               timesteps=batch["timesteps"], noise=batch["noise"],
+                                               generator=batch["generator"])
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.optimizer)
+                if t.grad_clip > 0:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.ema.update_parameters(self.model)
+                self.step += 1
+                loss_sum += loss.detach()
+                loss_count += 1
+
+                last = self.step == t.steps
+                if self.step % t.log_every == 0 or last:
+                    mean_loss = float(mean_over_ranks(loss_sum / loss_count, dist))
+                    if not math.isfinite(mean_loss):
+                        raise RuntimeError(
+                            f"the loss became {mean_loss} at step {self.step}; lower --lr "
+                            f"(now {t.lr:g}), keep --grad-clip on, or use --precision fp32")
+                    log.step(self.step, {"loss": mean_loss, "lr": self.scheduler.get_last_lr()[0],
+                                         "grad_norm": float(grad_norm)}, log_line=True)
+                    loss_sum.zero_()
+                    loss_count = 0
+                if t.checkpoint_every and self.step % t.checkpoint_every == 0 and not last:
+                    self.save_checkpoint()
+                if t.sample_every and self.step % t.sample_every == 0 and not last:
+                    path = self.save_samples(f"step_{self.step:07d}.png")
+                    if path is not None:
+                        log.message(f"samples: {path}")
+
+            # ---- the end: checkpoint, grid, evaluation
+            self.save_checkpoint()
+            grid, scores = self.finish(log)
+        finally:
+            log.close()
+        seconds = time.perf_counter() - start
+        return TrainResult(self.run_dir, self.step, seconds, self.run_dir / CHECKPOINT_DIR,
+                           grid, scores)
+
+    # ------------------------------------------------------------------ one batch
+    def _batch(self, step: int) -> dict[str, Any]:
+        """This rank's slice of the global batch of `step`, with its random draws."""
+        generator = torch.Generator().manual_seed(step_seed(self.run.train.seed, step))
+        torch.manual_seed(step_seed(self.run.train.seed, step, stream=1 + self.dist.rank))  # dropout
+        indices = self.order.indices(step)
+        batch = self.data.batch(indices)
+        size = len(indices)
+        batch["timesteps"] = torch.randint(0, self.diffusion.num_timesteps, (size,),
+                                           generator=generator)
+        batch["noise"] = torch.randn(batch["x"].shape, generator=generator)
+        if "labels" in batch and self.model_config.num_classes is None:
+            del batch["labels"]  # labelled data, unconditional model
+        if "labels" in batch and self.cond_drop_prob > 0:
+            _, batch["labels"] = drop_conditioning(None, batch["labels"], self.cond_drop_prob,
+                                                   self.model.null_label, generator)
+        shard = slice(self.dist.rank * self.local_batch, (self.dist.rank + 1) * self.local_batch)
+        out = {k: v[shard].to(self.dist.device, non_blocking=True) for k, v in batch.items()}
+        # Only continuous noise-level models draw from this one inside the loss.
+        out["generator"] = torch.Generator().manual_seed(
+            step_seed(self.run.train.seed, step, stream=100 + self.dist.rank))
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The training state (see :mod:`diffunet.training_state`)."""
+        epoch, position = self.order.position(self.step)
+        return {
+            "step": self.step,
+            "model": clean_state_dict(self.model.state_dict()),
+            "ema": {"weights": clean_state_dict(self.ema.module.state_dict()),
+                    "n_averaged": self.ema.n_averaged.detach().cpu()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": capture_rng_state(),
+            "data_order": {"epoch": epoch, "batch_in_epoch": position, "seed": self.order.seed,
+                           "batch_size": self.order.batch_size,
+                           "num_samples": self.order.num_samples},
+            "model_config": self.model_config.to_dict(),
+        }
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        if state.get("model_config") != self.model_config.to_dict():
+            raise RunConfigError("the training state in the run folder was written for a different "
+                                 "model config than config.yaml describes; do not edit config.yaml "
+                                 "of a run, start a new run instead")
+        order = state["data_order"]
+        if (order["batch_size"], order["num_samples"]) != (self.order.batch_size, len(self.data)):
+            raise RunConfigError(
+                f"the run was trained with batch size {order['batch_size']} on "
+                f"{order['num_samples']} samples; now {self.order.batch_size} on {len(self.data)}. "
+                "Resume with the same data and --batch-size")
+        self.model.load_state_dict(state["model"])
+        self.ema.module.load_state_dict(state["ema"]["weights"])
+        self.ema.n_averaged.copy_(state["ema"]["n_averaged"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        restore_rng_state(state["rng"])
+        self.step = int(state["step"])
+
+    def save_checkpoint(self) -> None:
+        """EMA weights as a checkpoint folder, then the training state (the commit point)."""
+        if self.dist.is_main:
+            folder = self.run_dir / CHECKPOINT_DIR
+            save_pretrained(self.ema.module, folder)
+            meta = json.dumps(self.run_meta(), indent=2)
+            atomic_write_bytes(folder / RUN_META, lambda tmp: Path(tmp).write_text(meta + "\n"))
+            save_training_state(self.run_dir / STATE_NAME, self.state_dict())
+        barrier(self.dist)
+
+    def run_meta(self) -> dict[str, Any]:
+        """What `diffunet sample` needs besides the weights: diffusion and sampling settings."""
+        d, s = self.run.diffusion, self.run.sample
+        return {
+            "step": self.step,
+            "diffusion": {"schedule": d.schedule, "timesteps": d.timesteps,
+                          "prediction": d.prediction, "zero_terminal_snr": d.zero_terminal_snr,
+                          "cond_drop_prob": self.cond_drop_prob},
+            "sample": {"sampler": s.sampler, "steps": s.steps, "eta": s.eta,
+                       "guidance": s.guidance},
+            "data": self.data.describe(),
+        }
+
+    # ------------------------------------------------------------------ samples and the end
+    @torch.no_grad()
+    def sample(self, num: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`num` samples of the EMA model in [0, 1] (labels cycle through the classes)."""
+        s = self.run.sample
+        model = self.ema.module
+        labels = cond = None
+        if self.model_config.num_classes is not None:
+            labels = torch.arange(num) % self.model_config.num_classes
+        if self.data.cond is not None:
+            cond = self.data.cond[torch.arange(num) % len(self.data)] * 2 - 1
+        guidance = s.guidance if labels is not None else 1.0
+        generator = torch.Generator().manual_seed(seed)
+        shape = (num, self.model_config.in_channels, *self.data.spatial_size)
+        x = self.diffusion.sample(model, shape, sampler=s.sampler, steps=s.steps, eta=s.eta,
+                                  guidance=guidance, cond=cond, labels=labels,
+                                  generator=generator, progress=False, device=self.dist.device)
+        return ((x.float().cpu() + 1) / 2).clamp(0, 1), labels
+
+    def save_samples(self, name: str, samples: torch.Tensor | None = None) -> Path | None:
+        """Write a PNG grid of samples (rank 0); conditional runs show input | sample | target."""
+        if not self.dist.is_main:
+            return None
+        num = self.grid_size()
+        if samples is None:
+            samples, _ = self.sample(num, seed=self.run.train.seed + 12345)
+        samples = samples[:num]
+        nrow = self.model_config.num_classes or None
+        if self.data.cond is not None:
+            index = torch.arange(num) % len(self.data)
+            triples = [to_image_tiles(self.data.cond[index]), to_image_tiles(samples),
+                       to_image_tiles(self.data.x[index])]
+            channels = max(t.shape[1] for t in triples)
+            samples = torch.stack([t.expand(-1, channels, -1, -1) for t in triples], 1).flatten(0, 1)
+            nrow = 6
+        scale = max(1, 64 // max(samples.shape[-1], 1)) if samples.ndim == 4 else 1
+        return save_grid(samples, self.run_dir / SAMPLES_DIR / name, nrow=nrow, scale=min(scale, 4))
+
+    def grid_size(self) -> int:
+        """Samples per grid: `sample.num`, 8 pairs for conditional runs."""
+        return 8 if self.data.cond is not None else self.run.sample.num
+
+    def finish(self, log: RunLog) -> tuple[Path | None, dict[str, Any] | None]:
+        """The final grid and, for the digits, the evaluation numbers (rank 0)."""
+        grid = scores = None
+        if self.dist.is_main:
+            evaluate = (self.run.train.eval and self.data.source == "digits"
+                        and self.model_config.dims == 2)
+            num = max(EVAL_SAMPLES, self.grid_size()) if evaluate else self.grid_size()
+            started = time.perf_counter()
+            samples, labels = self.sample(num, seed=self.run.train.seed + 12345)
+            grid = self.save_samples("final.png", samples)
+            log.message(f"samples: {grid} ({time.perf_counter() - started:.1f} s)")
+            if evaluate:
+                from .metrics import evaluate_digits
+
+                result = evaluate_digits(samples, labels)
+                scores = {**result.to_dict(), "step": self.step,
+                          "sampler": self.run.sample.sampler, "sampling_steps": self.run.sample.steps,
+                          "guidance": self.run.sample.guidance}
+                text = json.dumps(scores, indent=2)
+                atomic_write_bytes(self.run_dir / EVAL_NAME, lambda tmp: Path(tmp).write_text(text + "\n"))
+                log.scalar("eval/digits_frechet_distance", result.frechet_distance, self.step)
+                if result.accuracy is not None:
+                    log.scalar("eval/recognisability", result.accuracy, self.step)
+                log.message(f"eval: {result.summary()}")
+        barrier(self.dist)
+        return grid, scores
+
+    def _banner(self) -> str:
+        c, t = self.model_config, self.run.train
+        return (f"diffunet train: {self.model.num_parameters():,} parameters ({self.run.preset}, "
+                f"dims {c.dims}, {c.in_channels} ch, size {c.image_size}), {len(self.data)} samples "
+                f"from {self.data.source}, {t.steps} steps × batch {t.batch_size} on "
+                f"{self.dist.world_size}× {self.dist.device.type}, {self.precision}, "
+                f"from step {self.step} → {self.run_dir}")

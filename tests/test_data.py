@@ -1,0 +1,124 @@
+"""Data sources: digits, image folders (8/16-bit, grey/RGB, PNG/JPEG/TIFF), arrays, pairs."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+from diffunet.data import DataError, open_dataset
+
+
+def _png(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+def test_digits_default_size_range_and_labels():
+    data = open_dataset("digits")
+    assert data.x.shape == (1797, 1, 16, 16)
+    assert data.x.min() >= 0 and data.x.max() <= 1
+    assert data.num_classes == 10 and data.labels.shape == (1797,)
+    batch = data.batch(torch.tensor([0, 5]))
+    assert batch["x"].min() >= -1 and batch["x"].max() <= 1 and batch["labels"].tolist() == [0, 5]
+    assert open_dataset("digits", image_size=8).x.shape[-1] == 8
+
+
+def test_digits_too_small_is_rejected():
+    with pytest.raises(DataError, match="too small"):
+        open_dataset("digits", image_size=4)
+
+
+def test_image_folder_bit_depths_modes_and_resizing(tmp_path):
+    rng = np.random.default_rng(0)
+    _png(tmp_path / "a_gray8.png", rng.integers(0, 256, (40, 60), dtype=np.uint8))
+    _png(tmp_path / "b_gray16.png", np.full((30, 30), 65535, dtype=np.uint16))
+    Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "c_rgb.jpg")
+    tifffile.imwrite(tmp_path / "d_rgb16.tif",
+                     np.full((16, 16, 3), 32768, dtype=np.uint16))
+    (tmp_path / "notes.txt").write_text("not an image")
+    data = open_dataset(str(tmp_path), image_size=12)
+    assert data.x.shape == (4, 3, 12, 12)  # grey widened to RGB because one image is RGB
+    assert data.x.min() >= 0 and data.x.max() <= 1
+    assert torch.allclose(data.x[1], torch.ones(3, 12, 12))  # 16-bit white is 1.0
+    assert torch.allclose(data.x[3], torch.full((3, 12, 12), 32768 / 65535), atol=1e-4)
+    assert data.extra["bit_depths"] == [8, 16]
+
+
+def test_grey_folder_stays_single_channel(tmp_path):
+    for i in range(3):
+        _png(tmp_path / f"{i}.png", np.full((8, 8), 40 * i, dtype=np.uint8))
+    data = open_dataset(str(tmp_path), image_size=8)
+    assert data.x.shape == (3, 1, 8, 8)
+    assert torch.allclose(data.x[2], torch.full((1, 8, 8), 80 / 255))
+
+
+def test_corrupt_image_names_the_file(tmp_path):
+    _png(tmp_path / "good.png", np.zeros((8, 8), dtype=np.uint8))
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(DataError, match="broken.png"):
+        open_dataset(str(tmp_path), image_size=8)
+
+
+def test_missing_and_empty_folders(tmp_path):
+    with pytest.raises(DataError, match="neither an embedded set"):
+        open_dataset(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty"):
+        open_dataset(str(tmp_path / "empty"))
+
+
+def test_npy_signals_and_volumes(tmp_path):
+    signals = np.random.default_rng(0).normal(size=(10, 2, 32)).astype(np.float32)
+    np.save(tmp_path / "signals.npy", signals)
+    data = open_dataset(str(tmp_path / "signals.npy"))
+    assert data.dims == 1 and data.x.shape == (10, 2, 32)
+    assert data.x.min() == 0 and data.x.max() == 1
+    assert data.extra["value_range"] == [pytest.approx(float(signals.min())),
+                                         pytest.approx(float(signals.max()))]
+    volumes = np.random.default_rng(1).integers(0, 256, (4, 1, 8, 12, 12), dtype=np.uint8)
+    np.save(tmp_path / "volumes.npy", volumes)
+    data = open_dataset(str(tmp_path / "volumes.npy"), image_size=8)
+    assert data.dims == 3 and data.x.shape == (4, 1, 8, 8, 8)  # centre-cropped
+    # no channel axis: accepted when the model's dims say so
+    np.save(tmp_path / "plain.npy", signals[:, 0])
+    assert open_dataset(str(tmp_path / "plain.npy"), dims=1).x.shape == (10, 1, 32)
+
+
+def test_npz_with_cond_and_labels_and_npy_folder(tmp_path):
+    x = np.random.default_rng(0).random((6, 1, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "pairs.npz", x=x, cond=x * 2, labels=np.arange(6) % 3)
+    data = open_dataset(str(tmp_path / "pairs.npz"))
+    assert data.cond.shape == data.x.shape and data.num_classes == 3
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    for i in range(3):
+        np.save(folder / f"{i}.npy", np.full((1, 16), i, dtype=np.uint8))
+    assert open_dataset(str(folder)).x.shape == (3, 1, 16)
+
+
+def test_bad_arrays(tmp_path):
+    np.save(tmp_path / "nan.npy", np.full((2, 1, 8, 8), np.nan, dtype=np.float32))
+    with pytest.raises(DataError, match="NaN"):
+        open_dataset(str(tmp_path / "nan.npy"))
+    np.save(tmp_path / "flat.npy", np.zeros((5, 7)))
+    with pytest.raises(DataError, match="channel axis"):
+        open_dataset(str(tmp_path / "flat.npy"))
+    (tmp_path / "junk.npy").write_bytes(b"junk")
+    with pytest.raises(DataError, match="junk.npy"):
+        open_dataset(str(tmp_path / "junk.npy"))
+
+
+def test_paired_folders(tmp_path):
+    for name in ("a", "b"):
+        _png(tmp_path / "input" / f"{name}.png", np.full((10, 10), 50, dtype=np.uint8))
+        _png(tmp_path / "target" / f"{name}.png", np.full((10, 10), 200, dtype=np.uint8))
+    data = open_dataset(str(tmp_path), image_size=8)
+    assert data.x.shape == data.cond.shape == (2, 1, 8, 8)
+    assert torch.allclose(data.cond, torch.full_like(data.cond, 50 / 255))
+    _png(tmp_path / "target" / "c.png", np.zeros((10, 10), dtype=np.uint8))
+    with pytest.raises(DataError, match="without an input"):
+        open_dataset(str(tmp_path), image_size=8)

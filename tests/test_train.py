@@ -1,0 +1,119 @@
+"""Pieces of the trainer: data order, schedules, EMA, state file, run config, grids."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffunet.grids import make_grid, save_array, save_grid
+from diffunet.io import CheckpointError
+from diffunet.train import DataOrder, ema_average, lr_factor, resolve_precision, step_seed
+from diffunet.training_config import RunConfigError, from_dict, load_yaml, parse_override
+from diffunet.training_state import (
+    capture_rng_state,
+    load_training_state,
+    restore_rng_state,
+    save_training_state,
+)
+
+
+def test_data_order_is_a_seeded_permutation_per_epoch():
+    order = DataOrder(10, 3, seed=1)
+    assert order.steps_per_epoch == 3
+    epoch0 = torch.cat([order.indices(s) for s in range(3)])
+    assert len(set(epoch0.tolist())) == 9  # no repeats within an epoch; the rest is dropped
+    assert torch.equal(order.indices(4), DataOrder(10, 3, seed=1).indices(4))  # stateless
+    assert not torch.equal(torch.cat([order.indices(s) for s in range(3, 6)]), epoch0)
+    assert order.position(7) == (2, 1)
+    with pytest.raises(RunConfigError, match="larger than"):
+        DataOrder(5, 6, seed=0)
+
+
+def test_step_seeds_differ_by_step_stream_and_seed():
+    seeds = {step_seed(s, t, k) for s in range(3) for t in range(50) for k in range(3)}
+    assert len(seeds) == 3 * 50 * 3
+
+
+def test_lr_warmup_and_cosine_decay():
+    assert lr_factor(0, 10, 100, True) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100, True) == pytest.approx(1.0)
+    assert lr_factor(10, 10, 100, True) == pytest.approx(1.0)
+    assert lr_factor(100, 10, 100, True) == pytest.approx(0.1)
+    assert lr_factor(50, 10, 100, False) == 1.0
+
+
+def test_ema_warmup_then_decay():
+    update = ema_average(0.9)
+    ema, new = [torch.zeros(3)], [torch.ones(3)]
+    update(ema, new, torch.tensor(0))  # warm-up: decay (1+0)/(10+0) = 0.1
+    assert torch.allclose(ema[0], torch.full((3,), 0.9))
+    ema = [torch.zeros(3)]
+    update(ema, new, torch.tensor(1000))  # capped at 0.9
+    assert torch.allclose(ema[0], torch.full((3,), 0.1))
+
+
+def test_training_state_roundtrip_weights_only_and_rng(tmp_path):
+    torch.manual_seed(5)
+    np.random.seed(5)
+    random.seed(5)
+    rng = capture_rng_state()
+    expected = (torch.rand(2), np.random.rand(), random.random())
+    path = tmp_path / "state.pt"
+    save_training_state(path, {"step": 3, "model": {"w": torch.ones(2)}, "rng": rng})
+    assert not [p for p in tmp_path.iterdir() if p.name != "state.pt"]  # no temp file left
+    torch.load(path, weights_only=True)  # loadable without unpickling arbitrary objects
+    state = load_training_state(path)
+    restore_rng_state(state["rng"])
+    assert torch.equal(torch.rand(2), expected[0])
+    assert np.random.rand() == expected[1] and random.random() == expected[2]
+    path.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_training_state(path)
+
+
+def test_run_config_sections_and_errors(tmp_path):
+    run = from_dict({"train": {"steps": 7}, "model": {"model_channels": 64}})
+    assert run.train.steps == 7 and run.model["model_channels"] == 64
+    assert run.model["channel_mult"] == [1, 2, 2]  # the default overrides stay
+    assert from_dict({"preset": "ldm"}).model == {}  # a named preset starts clean
+    with pytest.raises(RunConfigError, match="unknown train setting"):
+        from_dict({"train": {"stepz": 1}})
+    with pytest.raises(RunConfigError, match="unknown top-level"):
+        from_dict({"optimizer": {}})
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  steps: 5\nsample: {sampler: ddim}\n")
+    assert load_yaml(path).sample.sampler == "ddim"
+    assert parse_override("channel_mult=[1, 2]") == ("channel_mult", [1, 2])
+    assert parse_override("num_classes=null") == ("num_classes", None)
+    bad = from_dict({"sample": {"sampler": "euler"}})
+    with pytest.raises(RunConfigError, match="sampler"):
+        bad.validate()
+
+
+def test_model_config_takes_data_fields_and_checks_explicit_ones():
+    run = from_dict({})
+    config = run.model_config({"dims": 2, "in_channels": 1, "out_channels": 1, "cond_channels": 0,
+                               "image_size": 16, "num_classes": 10})
+    assert (config.in_channels, config.image_size, config.num_classes) == (1, 16, 10)
+    run.model["in_channels"] = 3
+    with pytest.raises(RunConfigError, match="does not fit the data"):
+        run.model_config({"in_channels": 1})
+
+
+def test_precision_resolution():
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    assert resolve_precision("auto", torch.device("cpu")) in ("bf16", "fp32")
+
+
+def test_grids_for_images_signals_and_volumes(tmp_path):
+    images = torch.rand(5, 3, 6, 6)
+    assert make_grid(images, nrow=5).shape == (2 + 8 * 1, 2 + 8 * 5, 3)
+    assert make_grid(torch.rand(4, 1, 20)).ndim == 2  # 1D: line plots
+    assert make_grid(torch.rand(2, 1, 4, 6, 6)).shape == (10, 18)  # 3D: middle slices
+    save_grid(images, tmp_path / "g.png", scale=2)
+    assert Image.open(tmp_path / "g.png").size == (3 * 14 + 2, 2 * 14 + 2)
+    save_array(images * 3 - 1, tmp_path / "a.npy")
+    array = np.load(tmp_path / "a.npy")
+    assert array.dtype == np.float32 and array.min() >= 0 and array.max() <= 1
