@@ -8,10 +8,12 @@ latency of every deployment path, for real preset configs.
 Paths: PyTorch eager (float32); torch.compile / Inductor (float32); PT2E int8 (torchao
 X86InductorQuantizer, run through torch.compile with freezing); ONNX Runtime float32; ONNX
 Runtime int8 (static QDQ, per-channel weights). Weights are random (PyTorch's default init;
-zero_init=False, so no layer is zero), calibration is 8 batches of 4 noised inputs over the whole timestep
-range; the error is measured on a separate fixed batch. Latencies are medians over
-`--repeats` calls, the variants measured round-robin so that load from other processes hits
-them alike.
+zero_init=False, so no layer is zero) unless --checkpoint names a trained model. Calibration is
+8 batches of 4 inputs noised over the whole timestep range (Gaussian inputs, or noised
+--calibration-data samples); error and latency are measured on another such batch (--batch).
+Latencies are medians over --repeats calls, the variants measured round-robin so that load
+from other processes hits them alike; idle threads sleep (OMP_WAIT_POLICY=PASSIVE, no ONNX
+Runtime spinning) so the two runtimes do not slow each other down.
 """
 
 from __future__ import annotations
@@ -33,19 +35,18 @@ from pathlib import Path
 # Idle OpenMP threads must sleep, not spin: PyTorch and ONNX Runtime alternate in one process.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
+import torch
 
-from diffunet import UNet, UNetConfig, preset  # noqa: E402
-from diffunet.export import (  # noqa: E402
-    export_inputs,
+from diffunet import UNet, UNetConfig, preset
+from diffunet.export import (
     export_onnx,
     file_size,
     onnx_session,
     run_onnx,
 )
-from diffunet.introspect import small_config  # noqa: E402
-from diffunet.io import load_pretrained, save_pretrained  # noqa: E402
-from diffunet.quantize import (  # noqa: E402
+from diffunet.introspect import small_config
+from diffunet.io import load_pretrained, save_pretrained
+from diffunet.quantize import (
     QuantizationError,
     calibration_inputs,
     quantize_onnx,
@@ -99,13 +100,14 @@ def _pt2_size(model_or_quantized, config: UNetConfig, example, folder: Path, nam
     return os.path.getsize(path)
 
 
-def run_case(name: str, config: UNetConfig, size: tuple[int, ...], *, batch: int, repeats: int,
-             compile_models: bool, folder: Path) -> list[Row]:
-    """Measure every path for one config."""
-    torch.manual_seed(0)
-    model = UNet(config).eval()
-    calibration = calibration_inputs(config, num_batches=8, batch=4, size=size)
-    test = export_inputs(config, batch=batch, size=size, seed=1234)
+def run_case(name: str, model: UNet, size: tuple[int, ...], *, batch: int, repeats: int,
+             compile_models: bool, folder: Path, samples: torch.Tensor | None = None) -> list[Row]:
+    """Measure every path for one model (calibrated on noised `samples` when given)."""
+    config = model.config
+    calibration = calibration_inputs(config, num_batches=8, batch=4, size=size, samples=samples)
+    # The measured batch: like calibration (noised samples, spread timesteps), another seed.
+    test = calibration_inputs(config, num_batches=1, batch=batch, size=size, samples=samples,
+                              seed=99)[0]
     int8_what = "conv2d + linear" if config.dims == 2 else "linear only (conv stays fp32)"
     with torch.no_grad():
         reference = _call(model, test)
@@ -180,11 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", help=f"comma-separated subset of {list(CASES)}")
     parser.add_argument("--quick", action="store_true", help="small configs (smoke test)")
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=4, help="batch of the measured calls")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, help="intra-op threads (default: torch's)")
     parser.add_argument("--no-compile", action="store_true",
                         help="skip the torch.compile paths (and PT2E, which needs them)")
+    parser.add_argument("--checkpoint", help="measure this trained checkpoint folder instead")
+    parser.add_argument("--calibration-data", help=".npy of clean samples (N, C, *spatial) to "
+                                                   "noise for calibration (with --checkpoint)")
     parser.add_argument("--json", help="also write the rows as JSON here")
     args = parser.parse_args(argv)
     if args.threads:
@@ -194,15 +199,32 @@ def main(argv: list[str] | None = None) -> int:
     if args.cases:
         cases = {k: v for k, v in cases.items() if k.split(" ")[0] in args.cases.split(",")}
     warnings.filterwarnings("ignore")
+    jobs = []  # (name, model, size, samples)
+    if args.checkpoint:
+        model = load_pretrained(args.checkpoint).float()
+        samples = None
+        if args.calibration_data:
+            import numpy as np
+
+            samples = torch.from_numpy(np.load(args.calibration_data)).float()
+        size = model.config.spatial_size() or (samples.shape[2:] if samples is not None else None)
+        if size is None:
+            parser.error("the checkpoint has no image_size; pass --calibration-data")
+        jobs.append((Path(args.checkpoint).name, model, tuple(size), samples))
+    else:
+        for name, (make, size) in cases.items():
+            torch.manual_seed(0)
+            jobs.append((name, UNet(make()).eval(), size, None))
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (make, size) in cases.items():
+        for name, model, size, samples in jobs:
             folder = Path(tmp) / name.replace(" ", "_")
             folder.mkdir()
             print(f"# {name} {size}", file=sys.stderr, flush=True)
             with contextlib.redirect_stdout(io.StringIO()):
-                rows += run_case(name, make(), size, batch=args.batch, repeats=args.repeats,
-                                 compile_models=not args.no_compile, folder=folder)
+                rows += run_case(name, model, size, batch=args.batch, repeats=args.repeats,
+                                 compile_models=not args.no_compile, folder=folder,
+                                 samples=samples)
     cpu = platform.processor() or platform.machine()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}, "
           f"batch {args.batch}, median of {args.repeats}")
