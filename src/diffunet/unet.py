@@ -7,6 +7,8 @@ attention, conditioning, resampling and skip topology are all placed by the conf
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -180,6 +182,19 @@ class UNet(nn.Module):
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Number of parameters (all, or only those that require grad)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write `config.json` + `model.safetensors` into `directory` (see `diffunet.io`)."""
+        from .io import save_pretrained
+
+        return save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, **kwargs) -> UNet:
+        """Load a checkpoint folder written by `save_pretrained` (see `diffunet.io.load_pretrained`)."""
+        from .io import load_pretrained
+
+        return load_pretrained(name_or_path, model_class=cls, **kwargs)
 
     @staticmethod
     def split_aleatoric(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
