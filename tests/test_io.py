@@ -94,8 +94,6 @@ def test_pretrained_mixin_gives_save_and_from_pretrained(model, tmp_path):
     assert_bit_identical(loaded, model)
 
 
-@pytest.mark.skipif(not hasattr(UNet, "from_pretrained"),
-                    reason="UNet does not mix in diffunet.io.PretrainedMixin yet")
 def test_unet_methods(model, tmp_path):
     model.save_pretrained(tmp_path / "u")
     assert_bit_identical(UNet.from_pretrained(tmp_path / "u"), model)

@@ -7,6 +7,9 @@
 
 from .config import ConfigError, UNetConfig, attention_factors_for_sizes
 from .diffusion import Diffusion, NoiseSchedule
+from .export import export_model
+from .interop import ConversionError, from_diffusers, from_guided_diffusion
+from .io import CheckpointError, load_pretrained, save_pretrained
 from .presets import list_presets, preset, preset_info
 from .restoration import Restoration, restore
 from .tiling import tiled_map
@@ -15,7 +18,9 @@ from .unet import UNet, split_aleatoric
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
     "ConfigError",
+    "ConversionError",
     "Diffusion",
     "NoiseSchedule",
     "Restoration",
@@ -23,10 +28,15 @@ __all__ = [
     "UNetConfig",
     "__version__",
     "attention_factors_for_sizes",
+    "export_model",
+    "from_diffusers",
+    "from_guided_diffusion",
     "list_presets",
+    "load_pretrained",
     "preset",
     "preset_info",
     "restore",
+    "save_pretrained",
     "split_aleatoric",
     "tiled_map",
 ]

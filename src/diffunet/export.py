@@ -70,7 +70,7 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _dynamic_shapes(config: UNetConfig, inputs: dict[str, torch.Tensor], dynamic_batch: bool,
+def dynamic_shapes(config: UNetConfig, inputs: dict[str, torch.Tensor], dynamic_batch: bool,
                     dynamic_spatial: bool) -> dict[str, Any] | None:
     """Dynamic axes: batch, optionally spatial, and always the number of context tokens."""
     if not dynamic_batch and not dynamic_spatial and "context" not in inputs:
@@ -110,7 +110,7 @@ def export_program(model: nn.Module, *, batch: int = 2, size: tuple[int, ...] | 
         # torch.export specializes a batch of 1; trace with 2 to keep the axis dynamic.
         inputs = {k: torch.cat([v, v]) for k, v in inputs.items()}
     x, kwargs = inputs["x"], {k: v for k, v in inputs.items() if k != "x"}
-    shapes = _dynamic_shapes(unet.config, inputs, dynamic_batch, dynamic_spatial)
+    shapes = dynamic_shapes(unet.config, inputs, dynamic_batch, dynamic_spatial)
     try:
         with torch.no_grad():
             return torch.export.export(unet, (x,), kwargs, dynamic_shapes=shapes, strict=False)
@@ -311,6 +311,7 @@ __all__ = [
     "FORMATS",
     "ExportError",
     "ExportResult",
+    "dynamic_shapes",
     "export_aoti",
     "export_inputs",
     "export_model",

@@ -140,13 +140,13 @@ class QuantizedModel:
 
     def save(self, path: str | Path, example: Batch | None = None) -> Path:
         """Re-export the quantized graph (dynamic batch) and save it as a `.pt2` archive."""
-        from .export import _dynamic_shapes, save_program
+        from .export import dynamic_shapes, save_program
 
         example = example or self.example
         if example["x"].shape[0] < 2:  # a batch of 1 would be specialized
             example = {k: torch.cat([v, v]) for k, v in example.items()}
         x, kwargs = example["x"], {k: v for k, v in example.items() if k != "x"}
-        shapes = _dynamic_shapes(self.config, example, True, False)
+        shapes = dynamic_shapes(self.config, example, True, False)
         program = torch.export.export(self.module, (x,), kwargs, dynamic_shapes=shapes,
                                       strict=False)
         return save_program(program, path, self.config)
