@@ -12,6 +12,7 @@ from .interop import ConversionError, from_diffusers, from_guided_diffusion
 from .io import CheckpointError, load_pretrained, save_pretrained
 from .presets import list_presets, preset, preset_info
 from .restoration import Restoration, restore
+from .surgery import widen_input_channels
 from .tiling import tiled_map
 from .unet import UNet, split_aleatoric
 
@@ -39,4 +40,5 @@ __all__ = [
     "save_pretrained",
     "split_aleatoric",
     "tiled_map",
+    "widen_input_channels",
 ]
