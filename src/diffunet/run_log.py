@@ -84,6 +84,11 @@ class RunLog:
         else:
             print(text, file=self.stream, flush=True)
 
+    def tick(self, step: int) -> None:
+        """Advance the progress bar to `step` (cheap; every step)."""
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+
     def step(self, step: int, values: dict[str, float], *, log_line: bool) -> None:
         """Record the metrics of `step`; advance the bar; write a text line when `log_line`."""
         if not self.enabled:

@@ -229,6 +229,7 @@ class Trainer:
                 self.step += 1
                 loss_sum += loss.detach()
                 loss_count += 1
+                log.tick(self.step)
 
                 last = self.step == t.steps
                 if self.step % t.log_every == 0 or last:

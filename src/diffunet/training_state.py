@@ -83,7 +83,8 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
     except Exception as err:  # truncated zip, wrong file, foreign pickle ...
         reason = " ".join(str(err).split())[:200] or type(err).__name__
         raise CheckpointError(f"training state {path} cannot be read (corrupt or not a diffunet "
-                              f"state file): {reason}") from err
+                              f"state file: {reason}); delete it to restart the run from step 0, "
+                              "or start a new run") from err
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{path} is not a diffunet training-state file")
     if state.get("version") != STATE_VERSION:

@@ -1,0 +1,293 @@
+"""`diffunet restore`: exact round trips through tiles and files, bit depths, both uncertainty
+kinds, one-line errors, and a tiny real model end to end (2D, 3D, aleatoric)."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+from diffunet import UNet
+from diffunet.cli import main
+from diffunet.commands import restore as restore_command
+from diffunet.commands.restore import restore_aleatoric, restore_pixels
+from diffunet.diffusion import Diffusion
+from diffunet.generate import LoadedModel
+from diffunet.introspect import small_config
+from diffunet.io import save_pretrained
+from diffunet.restore_io import GAP, read_input
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread is as fast and immune to contention on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class ReturnsCond(torch.nn.Module):
+    """An x₀-predicting "model" that returns its conditioning image (optionally with a log σ²)."""
+
+    def __init__(self, config, log_variance: float | None = None):
+        super().__init__()
+        self.config = config
+        self.log_variance = log_variance
+        self.calls: list[tuple[int, ...]] = []
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the model a device
+
+    def forward(self, x, t, *, cond):
+        self.calls.append(tuple(x.shape[2:]))
+        if self.log_variance is None:
+            return cond.clone()
+        return torch.cat([cond, torch.full_like(cond, self.log_variance)], dim=1)
+
+
+def identity_model(preset: str, image_size: int, aleatoric_log_variance=None) -> LoadedModel:
+    config = small_config(preset).replace(image_size=image_size)
+    return LoadedModel(ReturnsCond(config, aleatoric_log_variance), Diffusion("cosine", 50, "x0"),
+                       Path("identity"))
+
+
+def write_png(path: Path, array: np.ndarray) -> Path:
+    Image.fromarray(array).save(path)
+    return path
+
+
+@pytest.fixture
+def identity(monkeypatch):
+    """Make `diffunet restore --from ANYTHING` load the given identity model."""
+    holder = {}
+    monkeypatch.setattr(restore_command, "load_model", lambda source, device: holder["model"])
+
+    def use(preset: str, image_size: int, **kwargs) -> LoadedModel:
+        holder["model"] = identity_model(preset, image_size, **kwargs)
+        return holder["model"]
+
+    return use
+
+
+# ---------------------------------------------------------------------- exact round trips
+@pytest.mark.parametrize(("shape", "tile", "overlap"), [
+    ((45, 71), None, None),        # odd sizes, default tile = training size 16: padded, tiled
+    ((45, 71), (16, 24), (5, 3)),  # per-axis tiles and overlaps
+    ((9, 13), None, None),         # smaller than one tile (padded to 16 × 16)
+])
+def test_identity_model_reproduces_an_8bit_png_exactly(tmp_path, identity, shape, tile, overlap):
+    model = identity("emdiffuse", 16)
+    image = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    write_png(tmp_path / "in.png", image)
+    args = ["restore", "--from", "x", "--input", str(tmp_path / "in.png"), "--out",
+            str(tmp_path / "out"), "--samples", "3", "--steps", "2", "--sampler", "ddim"]
+    if tile:
+        args += ["--tile", ",".join(map(str, tile)), "--overlap", ",".join(map(str, overlap))]
+    assert main(args) == 0
+    restored = np.array(Image.open(tmp_path / "out" / "in_restored.png"))
+    assert restored.dtype == np.uint8 and np.array_equal(restored, image)
+    std = tifffile.imread(tmp_path / "out" / "in_uncertainty.tif")
+    assert std.dtype == np.float32 and std.shape == shape and np.all(std == 0)
+    side = np.array(Image.open(tmp_path / "out" / "in_comparison.png"))
+    assert side.shape == (shape[0], 3 * shape[1] + 2 * GAP)
+    expected_tile = tile or (16, 16)
+    padded = tuple(math.ceil(s / 8) * 8 for s in shape)  # the network needs multiples of 8
+    assert set(model.model.calls) == {tuple(min(t, p) for t, p in zip(expected_tile, padded))}
+
+
+def test_identity_model_reproduces_16bit_tiff_and_png_as_16bit_tiff(tmp_path, identity):
+    identity("emdiffuse", 16)
+    rng = np.random.default_rng(1)
+    tiff = rng.integers(0, 65536, (37, 29), dtype=np.uint16)
+    png = rng.integers(0, 65536, (21, 18), dtype=np.uint16)
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    tifffile.imwrite(folder / "a.tif", tiff)
+    Image.fromarray(png).save(folder / "b.png")
+    (folder / "notes.txt").write_text("ignored")
+    assert main(["restore", "--from", "x", "--input", str(folder), "--out", str(tmp_path / "o"),
+                 "--samples", "2", "--steps", "1"]) == 0
+    for name, original in (("a", tiff), ("b", png)):
+        restored = tifffile.imread(tmp_path / "o" / f"{name}_restored.tif")
+        assert restored.dtype == np.uint16 and np.array_equal(restored, original)
+        assert tifffile.imread(tmp_path / "o" / f"{name}_uncertainty.tif").shape == original.shape
+
+
+@pytest.mark.parametrize(("dtype", "tile"), [(np.uint16, None), (np.float32, "8,16,16")])
+def test_identity_model_reproduces_a_volume(tmp_path, identity, dtype, tile):
+    model = identity("emdiffuse-3d", 8)
+    rng = np.random.default_rng(2)
+    shape = (11, 19, 13)
+    volume = (rng.integers(0, 65536, shape).astype(dtype) if dtype == np.uint16
+              else rng.random(shape, dtype=np.float32))
+    np.save(tmp_path / "vol.npy", volume)
+    tifffile.imwrite(tmp_path / "stack.tif", volume)
+    for name in ("vol.npy", "stack.tif"):
+        args = ["restore", "--from", "x", "--input", str(tmp_path / name), "--out",
+                str(tmp_path / "o"), "--samples", "2", "--steps", "1", "--overlap", "3"]
+        assert main([*args, *(["--tile", tile] if tile else [])]) == 0
+    restored = np.load(tmp_path / "o" / "vol_restored.npy")
+    stack = tifffile.imread(tmp_path / "o" / "stack_restored.tif")
+    for result in (restored, stack):
+        assert result.dtype == dtype and result.shape == shape
+        if dtype == np.uint16:
+            assert np.array_equal(result, volume)
+        else:
+            np.testing.assert_allclose(result, volume, rtol=0, atol=1e-6)
+    assert np.load(tmp_path / "o" / "vol_uncertainty.npy").shape == shape
+    assert len(set(model.model.calls)) == 1 and len(model.model.calls) > 2  # several 3D tiles
+
+
+def test_float_input_outside_unit_range_keeps_its_range(tmp_path, identity):
+    identity("emdiffuse", 16)
+    image = np.linspace(-3.0, 250.0, 20 * 24, dtype=np.float32).reshape(20, 24)
+    np.save(tmp_path / "f.npy", image)
+    assert main(["restore", "--from", "x", "--input", str(tmp_path / "f.npy"), "--out",
+                 str(tmp_path / "o"), "--samples", "1", "--steps", "1"]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "o" / "f_restored.npy"), image, atol=1e-4)
+
+
+# ---------------------------------------------------------------------- aleatoric
+@pytest.mark.parametrize("prediction", ["x0", "v"])
+def test_aleatoric_mean_and_std_come_from_the_head(prediction):
+    """A head that predicts x₀ = cond with σ = 0.3 gives exactly that (v: σ_x₀ = sqrt(1−ᾱ) σ_v)."""
+    config = small_config("emdiffuse-aleatoric").replace(image_size=16)
+    diffusion = Diffusion("linear", 100, prediction)
+    alpha_bar = diffusion.schedule.alpha_bar(99)
+    a, s = math.sqrt(alpha_bar), math.sqrt(1 - alpha_bar)
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = config
+            self.p = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x, t, *, cond):
+            assert torch.allclose(t, torch.full_like(t, alpha_bar))  # the highest noise level
+            mean = cond if prediction == "x0" else (a * x - cond) / s  # v with x₀ = cond
+            return torch.cat([mean, torch.full_like(cond, math.log(0.3**2))], dim=1)
+
+    image = torch.rand(1, 1, 20, 28) * 2 - 1
+    result = restore_aleatoric(Head(), diffusion, image, 3, tile_size=16, overlap=4,
+                               generator=torch.Generator().manual_seed(0), progress=False)
+    torch.testing.assert_close(result.mean, image, atol=1e-5, rtol=0)
+    expected = 0.3 if prediction == "x0" else 0.3 * s
+    torch.testing.assert_close(result.std, torch.full_like(image, expected), atol=1e-5, rtol=0)
+
+
+def test_aleatoric_mode_through_the_cli_path():
+    loaded = identity_model("emdiffuse-aleatoric", 16, aleatoric_log_variance=math.log(0.04))
+    pixels = np.random.default_rng(3).random((23, 30), dtype=np.float32)
+    restored, std = restore_pixels(loaded, pixels, kind="aleatoric", samples=2, progress=False)
+    np.testing.assert_allclose(restored, pixels, atol=1e-6)
+    np.testing.assert_allclose(std, np.full_like(pixels, 0.2 / 2), atol=1e-6)  # [−1,1] → [0,1]
+
+
+# ---------------------------------------------------------------------- one-line errors
+def run_error(args, capsys) -> str:
+    assert main(["restore", *args]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("diffunet restore: error:")
+    return err
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, identity, capsys):
+    identity("emdiffuse", 16)
+    out = ["--out", str(tmp_path / "o")]
+    assert "missing.png does not exist" in run_error(
+        ["--from", "x", "--input", str(tmp_path / "missing.png"), *out], capsys)
+    (tmp_path / "junk.png").write_bytes(b"not a png")
+    assert "cannot read image" in run_error(
+        ["--from", "x", "--input", str(tmp_path / "junk.png"), *out], capsys)
+    np.save(tmp_path / "vol.npy", np.zeros((4, 8, 8), dtype=np.float32))
+    err = run_error(["--from", "x", "--input", str(tmp_path / "vol.npy"), *out], capsys)
+    assert "3D volume" in err and "dims=3 model" in err
+    write_png(tmp_path / "rgb.png", np.random.default_rng(0).integers(0, 255, (8, 8, 3), np.uint8))
+    assert "colour image" in run_error(
+        ["--from", "x", "--input", str(tmp_path / "rgb.png"), *out], capsys)
+    write_png(tmp_path / "ok.png", np.zeros((8, 8), np.uint8))
+    assert "multiple of 8" in run_error(
+        ["--from", "x", "--input", str(tmp_path / "ok.png"), "--tile", "12", *out], capsys)
+    assert "needs a model with an aleatoric head" in run_error(
+        ["--from", "x", "--input", str(tmp_path / "ok.png"), "--uncertainty", "aleatoric", *out],
+        capsys)
+    assert not (tmp_path / "o").exists()  # nothing written for a bad input
+
+    identity("emdiffuse-3d", 8)
+    err = run_error(["--from", "x", "--input", str(tmp_path / "ok.png"), *out], capsys)
+    assert "2D image" in err and "dims=2 model" in err
+
+
+def test_bad_checkpoints_are_one_line_errors(tmp_path, capsys):
+    image = write_png(tmp_path / "a.png", np.zeros((8, 8), np.uint8))
+    out = ["--input", str(image), "--out", str(tmp_path / "o")]
+    assert "does not exist" in run_error(["--from", str(tmp_path / "nope"), *out], capsys)
+    save_pretrained(UNet(small_config("ddpm-cifar10")), tmp_path / "uncond")
+    assert "not a restoration model" in run_error(["--from", str(tmp_path / "uncond"), *out],
+                                                  capsys)
+    save_pretrained(UNet(small_config("emdiffuse-aleatoric")), tmp_path / "eps")
+    assert "predict x0 or v" in run_error(
+        ["--from", str(tmp_path / "eps"), "--uncertainty", "aleatoric", *out], capsys)
+
+
+# ---------------------------------------------------------------------- a real tiny model
+def tiny_checkpoint(folder: Path, preset: str, image_size: int, prediction: str) -> Path:
+    torch.manual_seed(0)
+    model = UNet(small_config(preset).replace(image_size=image_size))
+    with torch.no_grad():  # the zero-initialised heads would make every sample identical
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_pretrained(model, folder)
+    meta = {"diffusion": {"schedule": "cosine", "timesteps": 100, "prediction": prediction},
+            "sample": {"sampler": "ddim", "steps": 2, "eta": 0.0}}
+    (folder / "run.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_cli_end_to_end_with_tiny_real_models(tmp_path, capsys):
+    rng = np.random.default_rng(4)
+    write_png(tmp_path / "img.png", rng.integers(0, 256, (20, 27), dtype=np.uint8))
+    np.save(tmp_path / "vol.npy", rng.random((9, 10, 11), dtype=np.float32))
+    cases = [("emdiffuse", 16, "img.png", "img_restored.png", "samples"),
+             ("emdiffuse-aleatoric", 16, "img.png", "img_restored.png", "aleatoric"),
+             ("emdiffuse-3d", 8, "vol.npy", "vol_restored.npy", "samples")]
+    for preset, size, name, restored_name, kind in cases:
+        checkpoint = tiny_checkpoint(tmp_path / preset, preset, size, "x0")
+        out = tmp_path / f"out-{preset}"
+        assert main(["restore", "--from", str(checkpoint), "--input", str(tmp_path / name),
+                     "--out", str(out), "--samples", "2", "--seed", "1"]) == 0
+        captured = capsys.readouterr()
+        assert f"uncertainty: {'aleatoric' if kind == 'aleatoric' else 'spread of 2'}" in captured.err
+        assert f"→ {restored_name}" in captured.out
+        source = read_input(tmp_path / name, 3 if preset.endswith("3d") else 2)
+        restored = read_input(out / restored_name, source.pixels.ndim)
+        assert restored.pixels.shape == source.pixels.shape and restored.dtype == source.dtype
+        std_name = restored_name.replace("restored", "uncertainty").replace(".png", ".tif")
+        std = np.load(out / std_name) if std_name.endswith(".npy") else tifffile.imread(out / std_name)
+        assert std.dtype == np.float32 and std.shape == source.pixels.shape
+        assert np.isfinite(std).all() and std.max() > 0
+
+
+def test_train_on_embedded_pairs_then_restore(tmp_path, capsys):
+    """The user's workflow: write the embedded pairs as a paired folder, `diffunet train` on it
+    for two steps, `diffunet restore --from RUN` a held-out picture."""
+    from diffunet.data.em_pairs import EMPairs
+
+    pairs = EMPairs(crop=16, train=("text",))
+    pairs.write_pair_folder(tmp_path / "pairs", count=8)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "pairs"), "--image-size", "16", "--preset",
+                 "emdiffuse", "model_channels=16", "num_res_blocks=1", "norm_groups=8",
+                 "--steps", "2", "--batch-size", "4", "--sample-steps", "2", "--threads", "1",
+                 "--out", str(run)]) == 0
+    held_out = pairs.evaluation_pairs()[0]
+    crop = np.rint(held_out.noisy[:20, :30] * 255).astype(np.uint8)
+    write_png(tmp_path / "held_out.png", crop)
+    capsys.readouterr()
+    assert main(["restore", "--from", str(run), "--input", str(tmp_path / "held_out.png"),
+                 "--out", str(tmp_path / "o"), "--samples", "2", "--steps", "2"]) == 0
+    restored = np.array(Image.open(tmp_path / "o" / "held_out_restored.png"))
+    assert restored.shape == crop.shape and restored.dtype == np.uint8
