@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.optim.swa_utils import AveragedModel
 
 from diffunet.grids import make_grid, save_array, save_grid
 from diffunet.io import CheckpointError
-from diffunet.train import DataOrder, ema_average, lr_factor, resolve_precision, step_seed
+from diffunet.train import DataOrder, lr_factor, resolve_precision, step_seed, update_ema
 from diffunet.training_config import RunConfigError, from_dict, load_yaml, parse_override
 from diffunet.training_state import (
     capture_rng_state,
@@ -44,14 +45,21 @@ def test_lr_warmup_and_cosine_decay():
     assert lr_factor(50, 10, 100, False) == 1.0
 
 
-def test_ema_warmup_then_decay():
-    update = ema_average(0.9)
-    ema, new = [torch.zeros(3)], [torch.ones(3)]
-    update(ema, new, torch.tensor(0))  # warm-up: decay (1+0)/(10+0) = 0.1
-    assert torch.allclose(ema[0], torch.full((3,), 0.9))
-    ema = [torch.zeros(3)]
-    update(ema, new, torch.tensor(1000))  # capped at 0.9
-    assert torch.allclose(ema[0], torch.full((3,), 0.1))
+def test_ema_copies_then_warms_up_then_decays():
+    model = torch.nn.Linear(3, 1, bias=False)
+    ema = AveragedModel(model)
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+    update_ema(ema, model, 0.9)  # the first update copies
+    assert torch.equal(ema.module.weight, torch.full((1, 3), 2.0)) and int(ema.n_averaged) == 1
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    update_ema(ema, model, 0.9)  # warm-up: decay (1+1)/(10+1) = 2/11
+    assert torch.allclose(ema.module.weight, torch.full((1, 3), 2.0 * 2 / 11))
+    ema.n_averaged.fill_(1000)
+    before = ema.module.weight.clone()
+    update_ema(ema, model, 0.9)  # capped at 0.9
+    assert torch.allclose(ema.module.weight, 0.9 * before)
 
 
 def test_training_state_roundtrip_weights_only_and_rng(tmp_path):

@@ -51,7 +51,7 @@ from torch import nn
 from .config import UNetConfig
 from .introspect import flop_counter
 from .presets import preset
-from .unet import UNet
+from .unet import UNet, memory_format_for
 
 PEAK_BF16_FLOPS = 780e12
 """Default peak for MFU: the H100's measured dense bf16 matmul rate (issue 6 uses ≈ 780 TFLOP/s)."""
@@ -306,13 +306,9 @@ def randomize_zero_weights(model: nn.Module, std: float = 0.02) -> None:
                 p.normal_(0.0, std)
 
 
-def _memory_format(dims: int) -> torch.memory_format:
-    return {2: torch.channels_last, 3: torch.channels_last_3d}.get(dims, torch.contiguous_format)
-
-
 def _prepare(model: Denoiser, dims: int, device: torch.device) -> Denoiser:
     randomize_zero_weights(model)
-    return model.to(device=device, memory_format=_memory_format(dims))
+    return model.to(device=device, memory_format=memory_format_for(dims))
 
 
 # ---------------------------------------------------------------------------------- settings
@@ -425,7 +421,7 @@ def make_batches(case: Case, batch: int, device: torch.device, count: int = 2,
                  seed: int = 0) -> list[Batch]:
     """`count` random batches (rotated during timing so no run re-reads one cached input)."""
     gen = torch.Generator().manual_seed(seed)
-    fmt = _memory_format(case.dims)
+    fmt = memory_format_for(case.dims)
     alphas_bar = linear_alphas_bar()
     config = case.config
     out = []
@@ -794,7 +790,7 @@ def run_sampling(report: Report, settings: Settings, modes: tuple[str, ...],
     entry.update({"description": case.description, "batch": batch, "steps": steps,
                   "size": list(case.size), "sampler": "DDIM eta=0, linear betas 1e-4..0.02, "
                   "1000 train steps, leading spacing; plain Python loop, same for both"})
-    fmt = _memory_format(case.dims)
+    fmt = memory_format_for(case.dims)
     gen = torch.Generator().manual_seed(1)
     x_init = torch.randn((batch, case.config.in_channels, *case.size), generator=gen)
     x_init = x_init.to(device).contiguous(memory_format=fmt)

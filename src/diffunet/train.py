@@ -40,7 +40,7 @@ from .training_state import (
     restore_rng_state,
     save_training_state,
 )
-from .unet import UNet
+from .unet import UNet, memory_format_for
 
 CHECKPOINT_DIR = "checkpoint"
 RUN_META = "run.json"
@@ -113,16 +113,29 @@ class DataOrder:
         return self._perm[index * self.batch_size:(index + 1) * self.batch_size]
 
 
-def ema_average(decay: float):
-    """An `AveragedModel` update with decay warm-up: min(decay, (1 + n) / (10 + n))."""
+def ema_decay_at(decay: float, num_averaged: int) -> float:
+    """The EMA decay after `num_averaged` updates, warmed up: min(decay, (1 + n) / (10 + n))."""
+    return min(decay, (1.0 + num_averaged) / (10.0 + num_averaged))
 
-    @torch.no_grad()
-    def update(ema_params, model_params, num_averaged) -> None:
-        n = float(num_averaged)
-        current = min(decay, (1.0 + n) / (10.0 + n))
-        torch._foreach_lerp_(ema_params, model_params, 1.0 - current)
 
-    return update
+@torch.no_grad()
+def update_ema(ema: AveragedModel, model: torch.nn.Module, decay: float) -> None:
+    """One EMA step of `ema` (float32) towards `model`, with the warmed-up decay.
+
+    `AveragedModel.update_parameters` would read its update count back from the GPU every
+    step; here the count stays on the host, so the training step never waits for the device.
+    The first update copies the weights.
+    """
+    averaged = [p.detach() for p in ema.module.parameters()]
+    current = [p.detach() for p in model.parameters()]
+    count = int(ema.n_averaged)
+    if count == 0:
+        torch._foreach_copy_(averaged, current)
+    else:
+        torch._foreach_lerp_(averaged, current, 1.0 - ema_decay_at(decay, count))
+    for ema_buffer, buffer in zip(ema.module.buffers(), model.buffers()):
+        ema_buffer.copy_(buffer)
+    ema.n_averaged += 1
 
 
 def lr_factor(step: int, warmup: int, total: int, decay: bool) -> float:
@@ -171,14 +184,19 @@ class Trainer:
         self.model_config = run.model_config(data_fields(data))
         torch.manual_seed(t.seed)
         self.model = UNet(self.model_config).to(device)
-        self.ema = AveragedModel(self.model, multi_avg_fn=ema_average(t.ema_decay))
+        if device.type == "cuda":  # weights in the layout of the (channels-last) activations
+            self.model.to(memory_format=memory_format_for(self.model_config.dims))
+        self.ema = AveragedModel(self.model)
         self.ema.module.eval()
         self.net = self.model
         if dist.enabled:
             ids = [device.index] if device.type == "cuda" else None
-            self.net = DistributedDataParallel(self.model, device_ids=ids)
+            self.net = DistributedDataParallel(self.model, device_ids=ids,
+                                               gradient_as_bucket_view=True)
             # The diffusion layer reads the model's config (time input, aleatoric head).
             self.net.config = self.model_config
+        if t.compile:
+            self.net = torch.compile(self.net)
 
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr,
                                            weight_decay=t.weight_decay,
@@ -225,7 +243,7 @@ class Trainer:
                 self.scaler.update()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                self.ema.update_parameters(self.model)
+                update_ema(self.ema, self.model, t.ema_decay)
                 self.step += 1
                 loss_sum += loss.detach()
                 loss_count += 1
@@ -260,25 +278,40 @@ class Trainer:
 
     # ------------------------------------------------------------------ one batch
     def _batch(self, step: int) -> dict[str, Any]:
-        """This rank's slice of the global batch of `step`, with its random draws."""
-        generator = torch.Generator().manual_seed(step_seed(self.run.train.seed, step))
-        torch.manual_seed(step_seed(self.run.train.seed, step, stream=1 + self.dist.rank))  # dropout
+        """This rank's slice of the global batch of `step`, with its random draws.
+
+        The draws are made for the whole global batch, so they do not depend on the number of
+        processes. On a GPU the noise is drawn there (from its own seeded generator), so a step
+        neither fills a large tensor on the host nor copies it over.
+        """
+        seed, device = self.run.train.seed, self.dist.device
+        generator = torch.Generator().manual_seed(step_seed(seed, step))
+        torch.manual_seed(step_seed(seed, step, stream=1 + self.dist.rank))  # dropout
         indices = self.order.indices(step)
-        batch = self.data.batch(indices)
         size = len(indices)
-        batch["timesteps"] = torch.randint(0, self.diffusion.num_timesteps, (size,),
-                                           generator=generator)
-        batch["noise"] = torch.randn(batch["x"].shape, generator=generator)
+        shard = slice(self.dist.rank * self.local_batch, (self.dist.rank + 1) * self.local_batch)
+        shape = (size, *self.data.x.shape[1:])
+        timesteps = torch.randint(0, self.diffusion.num_timesteps, (size,), generator=generator)
+        if device.type == "cuda":
+            noise_generator = torch.Generator(device).manual_seed(step_seed(seed, step, stream=3))
+            noise = torch.randn(shape, generator=noise_generator, device=device)[shard]
+        else:
+            noise = torch.randn(shape, generator=generator)[shard]
+        batch = self.data.batch(indices[shard])
+        batch["timesteps"] = timesteps[shard]
         if "labels" in batch and self.model_config.num_classes is None:
             del batch["labels"]  # labelled data, unconditional model
         if "labels" in batch and self.cond_drop_prob > 0:
-            _, batch["labels"] = drop_conditioning(None, batch["labels"], self.cond_drop_prob,
-                                                   self.model.null_label, generator)
-        shard = slice(self.dist.rank * self.local_batch, (self.dist.rank + 1) * self.local_batch)
-        out = {k: v[shard].to(self.dist.device, non_blocking=True) for k, v in batch.items()}
+            _, labels = drop_conditioning(None, self.data.labels[indices], self.cond_drop_prob,
+                                          self.model.null_label, generator)
+            batch["labels"] = labels[shard]
+        pin = device.type == "cuda"
+        out = {k: (v.pin_memory() if pin else v).to(device, non_blocking=True)
+               for k, v in batch.items()}
+        out["noise"] = noise
         # Only continuous noise-level models draw from this one inside the loss.
         out["generator"] = torch.Generator().manual_seed(
-            step_seed(self.run.train.seed, step, stream=100 + self.dist.rank))
+            step_seed(seed, step, stream=100 + self.dist.rank))
         return out
 
     # ------------------------------------------------------------------ checkpoints
@@ -417,5 +450,5 @@ class Trainer:
         return (f"diffunet train: {self.model.num_parameters():,} parameters ({self.run.preset}, "
                 f"dims {c.dims}, {c.in_channels} ch, size {c.image_size}), {len(self.data)} samples "
                 f"from {self.data.source}, {t.steps} steps × batch {t.batch_size} on "
-                f"{self.dist.world_size}× {self.dist.device.type}, {self.precision}, "
-                f"from step {self.step} → {self.run_dir}")
+                f"{self.dist.world_size}× {self.dist.device.type}, {self.precision}"
+                f"{', compiled' if t.compile else ''}, from step {self.step} → {self.run_dir}")

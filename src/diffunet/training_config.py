@@ -135,6 +135,7 @@ class TrainSection:
     log_every: int = 50
     threads: int | None = None
     eval: bool = True  # report the digits metrics at the end (digits data only)
+    compile: bool = False  # torch.compile the training forward and backward
 
     def validate(self) -> None:
         """Raise :class:`RunConfigError` for an unusable setting."""
@@ -153,7 +154,7 @@ class TrainSection:
         _check_int("train.log_every", self.log_every, 1)
         if self.threads is not None:
             _check_int("train.threads (--threads)", self.threads, 1)
-        for name in ("lr_decay", "eval"):
+        for name in ("lr_decay", "eval", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise _bad(f"train.{name}", getattr(self, name), "true or false")
 

@@ -24,6 +24,15 @@ from .nn.resblock import ResBlock
 _CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
 
 
+def memory_format_for(dims: int) -> torch.memory_format:
+    """The layout cuDNN convolves fastest on a GPU: channels-last in 2D and 3D (1D: contiguous).
+
+    `UNet.forward` puts CUDA activations in this layout; put the weights in it too
+    (`model.to(memory_format=memory_format_for(dims))`) so no convolution converts them.
+    """
+    return _CHANNELS_LAST.get(dims, torch.contiguous_format)
+
+
 class EmbedSequential(nn.Sequential):
     """A sequence of layers; ResBlocks receive the embedding, attention blocks the context."""
 

@@ -106,6 +106,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU threads per process (default: the cores / processes per node)")
     parser.add_argument("--no-eval", action="store_true",
                         help="skip the digits evaluation at the end")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model for training (pays off on GPUs for runs "
+                        "longer than the minute or two it takes to compile)")
 
 
 def cli_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -117,6 +120,8 @@ def cli_settings(args: argparse.Namespace) -> dict[str, Any]:
             settings.setdefault(section, {})[key] = value
     if getattr(args, "no_eval", False):
         settings.setdefault("train", {})["eval"] = False
+    if getattr(args, "compile", False):
+        settings.setdefault("train", {})["compile"] = True
     if args.preset:
         settings["preset"] = args.preset
     if args.overrides:
