@@ -155,21 +155,22 @@ def crops_3d(volume: np.ndarray, count: int, size: int, noise: PoissonGaussianNo
 
 
 # ---------------------------------------------------------------------------- evaluation
-def evaluate(run_dir: Path, pairs, *, kind: str, args) -> tuple[dict, dict[str, np.ndarray]]:
+def evaluate(run_dir: Path, pairs, *, kind: str, args,
+             eta: float = 0.0) -> tuple[dict, dict[str, np.ndarray]]:
     """Restore every held-out pair through the CLI path; metrics per picture and the images."""
     loaded = load_model(run_dir, device="cuda" if args.device == "cuda" else "cpu")
     results, images = {}, {}
     for pair in pairs:
         started = time.perf_counter()
         restored, std = restore_pixels(loaded, pair.noisy, kind=kind, samples=args.samples,
-                                       steps=args.sample_steps, sampler=args.sampler,
+                                       steps=args.sample_steps, sampler=args.sampler, eta=eta,
                                        seed=args.seed, progress=False)
         seconds = time.perf_counter() - started
         results[pair.name] = {**quality(pair.clean, restored),
                               **uncertainty_quality(pair.clean, restored, std),
                               "seconds": round(seconds, 1)}
         images[pair.name] = (restored, std)
-        print(f"  {run_dir.name} [{kind}] {pair.name}: {results[pair.name]}", flush=True)
+        print(f"  {run_dir.name} [{kind}, η={eta:g}] {pair.name}: {results[pair.name]}", flush=True)
     return results, images
 
 
@@ -215,6 +216,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=8, help="K samples per input")
     p.add_argument("--sample-steps", type=int, default=10, help="sampling steps")
     p.add_argument("--sampler", default="ddim", choices=("ddpm", "ddim", "dpm++"))
+    p.add_argument("--etas", default="0",
+                   help="DDIM η values to evaluate the sampled restorations with, e.g. 0,1 "
+                   "(η = 1: fresh noise at every step, like DDPM)")
+    p.add_argument("--width", default="reduced", choices=("reduced", "preset"),
+                   help="reduced: the small models above (CPU); preset: the presets as they are")
     p.add_argument("--steps-3d", type=int, default=150, help="training steps of the 3D check")
     p.add_argument("--skip-3d", action="store_true")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
@@ -249,14 +255,19 @@ def main(argv: list[str] | None = None) -> int:
     train_seconds = {}
     for preset in [m for m in args.models.split(",") if m]:
         t0 = time.perf_counter()
-        run_dir = train(preset, preset, data, MODEL_2D, args, out, steps=args.steps,
+        overrides = MODEL_2D if args.width == "reduced" else {}
+        run_dir = train(preset, preset, data, overrides, args, out, steps=args.steps,
                         batch_size=args.batch_size, prediction=args.prediction)
         train_seconds[preset] = round(time.perf_counter() - t0, 1)
-        kinds = ["samples"] + (["aleatoric"] if preset.endswith("aleatoric") else [])
-        for kind in kinds:
-            label = f"diffunet {preset} ({kind})"
-            methods[label], images = evaluate(run_dir, pairs, kind=kind, args=args)
-            if preset == "emdiffuse" or not shown:
+        etas = [float(e) for e in args.etas.split(",")]
+        kinds = [("samples", eta) for eta in etas]
+        if preset.endswith("aleatoric"):
+            kinds.append(("aleatoric", 0.0))
+        for kind, eta in kinds:
+            label = f"diffunet {preset} ({kind}" + (f", η={eta:g})" if len(etas) > 1
+                                                    and kind == "samples" else ")")
+            methods[label], images = evaluate(run_dir, pairs, kind=kind, eta=eta, args=args)
+            if (preset == "emdiffuse" and eta == etas[0]) or not shown:
                 shown = images
     report["train_seconds"] = train_seconds
 

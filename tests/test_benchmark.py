@@ -116,7 +116,7 @@ def test_quick_ddim_sampling(tmp_path):
     assert data["errors"] == []
     assert {r["model"] for r in data["records"]} == {"ours", "ref"}
     assert all(r["seconds_per_batch"] > 0 for r in data["records"])
-    assert data["ratios"]["sample"]["speedup_eager"] > 0
+    assert data["ratios"]["sample"]["speedup_diffunet_eager_vs_eager"] > 0
 
 
 def test_ddim_timesteps_run_from_noisiest_to_clean():

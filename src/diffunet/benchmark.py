@@ -779,9 +779,29 @@ def ddim_sample(model: Callable[..., torch.Tensor], x: torch.Tensor, steps: int,
     return x
 
 
+def _ours_sampler(model: Denoiser, steps: int, settings: Settings, cuda_graph: bool):
+    """Our side of the sampling case: `Diffusion.sample` (DDIM, η = 0, the same schedule)."""
+    from .diffusion import Diffusion
+
+    diffusion = Diffusion("linear", 1000, "eps", timestep_spacing="leading", clip_denoised=False)
+
+    def sample(x_init: torch.Tensor) -> torch.Tensor:
+        generator = torch.Generator(x_init.device).manual_seed(0)
+        with settings.autocast():
+            return diffusion.sample(model, tuple(x_init.shape), sampler="ddim", steps=steps,
+                                    generator=generator, progress=False, cuda_graph=cuda_graph)
+
+    return sample
+
+
 def run_sampling(report: Report, settings: Settings, modes: tuple[str, ...],
                  models: tuple[str, ...], steps: int, batch: int) -> None:
-    """Wall time of a `steps`-step DDIM of an `ldm` batch: ours vs a loop over diffusers."""
+    """Wall time of a `steps`-step DDIM of an `ldm` batch: ours vs a loop over diffusers.
+
+    Ours runs through the library's own `Diffusion.sample`, once as it is used by default (the
+    UNet replayed as a CUDA graph) and once without the graph; the reference is a plain Python
+    loop over the diffusers model, the way diffusers users sample without a pipeline.
+    """
     device = settings.device
     base = build_case("ldm", settings.quick)
     case = Case("sample", base.config, "diffusers", batch, base.size, "img",
@@ -789,7 +809,8 @@ def run_sampling(report: Report, settings: Settings, modes: tuple[str, ...],
     entry = report.case("sample")
     entry.update({"description": case.description, "batch": batch, "steps": steps,
                   "size": list(case.size), "sampler": "DDIM eta=0, linear betas 1e-4..0.02, "
-                  "1000 train steps, leading spacing; plain Python loop, same for both"})
+                  "1000 train steps, leading spacing; ours: Diffusion.sample, reference: a "
+                  "plain Python loop"})
     fmt = memory_format_for(case.dims)
     gen = torch.Generator().manual_seed(1)
     x_init = torch.randn((batch, case.config.in_channels, *case.size), generator=gen)
@@ -807,39 +828,45 @@ def run_sampling(report: Report, settings: Settings, modes: tuple[str, ...],
                 report.add(record)
             continue
         for mode in modes:
-            record = _record(case, which, model.kind, mode, "sample", batch)
-            record["steps"] = steps
-            if settings.time_left() <= 0:
-                record["skipped"] = "deadline reached"
+            graphs = (False, True) if which == "ours" and device.type == "cuda" else (False,)
+            for cuda_graph in graphs:
+                impl = model.kind + ("+cuda-graph" if cuda_graph else "")
+                record = _record(case, which, impl, mode, "sample", batch)
+                record["steps"] = steps
+                if settings.time_left() <= 0:
+                    record["skipped"] = "deadline reached"
+                    report.add(record)
+                    continue
+                try:
+                    runner = settings.compile(model) if mode == "compile" else model
+                    if which == "ours":
+                        draw = _ours_sampler(runner, steps, settings, cuda_graph)
+                    else:
+                        def draw(x: torch.Tensor, runner: nn.Module = runner) -> torch.Tensor:
+                            return ddim_sample(runner, x, steps, settings)
+
+                    begin = time.perf_counter()
+                    draw(x_init)  # compiles / records (timestep values change, shapes do not)
+                    _sync(device)
+                    warmup_s = time.perf_counter() - begin
+                    _reset_peak(device)
+                    seconds = time_repeats(lambda _, draw=draw: draw(x_init), 1,
+                                           max(settings.repeats, 1), device)
+                    peak = _peak(device)
+                    record.update({
+                        "warmup_s": round(warmup_s, 3),
+                        "seconds_per_batch": statistics.median(seconds),
+                        "seconds_per_batch_repeats": seconds,
+                        "ms_per_step": 1e3 * statistics.median(seconds) / steps,
+                        "throughput": batch / statistics.median(seconds),
+                        "peak_mem_bytes": peak,
+                        "peak_mem_gib": None if peak is None else peak / 2**30,
+                    })
+                    del runner, draw
+                except Exception as err:
+                    record["error"] = report.error(f"sample/{impl}/{mode}", err)["error"]
                 report.add(record)
-                continue
-            try:
-                runner = settings.compile(model) if mode == "compile" else model
-
-                def sample(_: int, runner: nn.Module = runner) -> torch.Tensor:
-                    return ddim_sample(runner, x_init, steps, settings)
-
-                begin = time.perf_counter()
-                sample(0)  # compiles (the timestep values change, the shapes do not)
-                _sync(device)
-                warmup_s = time.perf_counter() - begin
-                _reset_peak(device)
-                seconds = time_repeats(sample, 1, max(settings.repeats, 1), device)
-                peak = _peak(device)
-                record.update({
-                    "warmup_s": round(warmup_s, 3),
-                    "seconds_per_batch": statistics.median(seconds),
-                    "seconds_per_batch_repeats": seconds,
-                    "ms_per_step": 1e3 * statistics.median(seconds) / steps,
-                    "throughput": batch / statistics.median(seconds),
-                    "peak_mem_bytes": peak,
-                    "peak_mem_gib": None if peak is None else peak / 2**30,
-                })
-                del runner
-            except Exception as err:
-                record["error"] = report.error(f"sample/{which}/{mode}", err)["error"]
-            report.add(record)
-            _release(device)
+                _release(device)
         del model
         _release(device)
 
@@ -866,10 +893,15 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         rs = [r for r in records if r["case"] == case]
         entry: dict[str, Any] = {}
         if case == "sample":
+            ref_compiled = _find(rs, model="ref", mode="compile")
             for mode in MODES:
-                ours, ref = _find(rs, model="ours", mode=mode), _find(rs, model="ref", mode=mode)
-                if ours and ref:
-                    entry[f"speedup_{mode}"] = ref["seconds_per_batch"] / ours["seconds_per_batch"]
+                ref = _find(rs, model="ref", mode=mode)
+                for ours in [r for r in rs if r["model"] == "ours" and r["mode"] == mode
+                             and r.get("seconds_per_batch")]:
+                    for name, other in ((mode, ref), ("ref_compile", ref_compiled)):
+                        if other and other.get("seconds_per_batch"):
+                            entry[f"speedup_{ours['impl']}_{mode}_vs_{name}"] = (
+                                other["seconds_per_batch"] / ours["seconds_per_batch"])
             out[case] = entry
             continue
         for kind in KINDS:

@@ -30,6 +30,25 @@ def draw_noise(
     return noise.to(device)
 
 
+def with_cuda_graph(model, cuda_graph: bool | str, device: torch.device):
+    """`model` wrapped in its (cached) :class:`~diffunet.cuda_graph.CUDAGraphModel` when wanted."""
+    from ..cuda_graph import CUDAGraphModel
+    from ..unet import UNet
+
+    if cuda_graph not in (True, False, "auto"):
+        raise ValueError(f"cuda_graph={cuda_graph!r} is invalid: expected True, False or 'auto'")
+    wanted = cuda_graph is True or (cuda_graph == "auto" and isinstance(model, UNet))
+    if not wanted or device.type != "cuda" or isinstance(model, CUDAGraphModel):
+        return model
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError("cuda_graph=True needs an nn.Module model; pass cuda_graph=False")
+    graphed = model.__dict__.get("_cuda_graph_model")
+    if graphed is None:
+        graphed = CUDAGraphModel(model)
+        model.__dict__["_cuda_graph_model"] = graphed  # not a submodule: no state_dict entries
+    return graphed
+
+
 def model_device(model, fallback: torch.device | str = "cpu") -> torch.device:
     """Device of the model's first parameter, else `fallback`."""
     parameters = getattr(model, "parameters", None)
@@ -216,6 +235,7 @@ class Diffusion:
         generator: torch.Generator | None = None,
         progress: bool = True,
         device: torch.device | str | None = None,
+        cuda_graph: bool | str = "auto",
     ) -> torch.Tensor:
         """Draw samples of `shape` = (B, C, *spatial) from `model`, in data space (float32).
 
@@ -232,6 +252,9 @@ class Diffusion:
                 and moved to `device`.
             progress: show a progress bar.
             device: where to sample (default: the model's device, else `cond`'s, else the CPU).
+            cuda_graph: replay the network as a CUDA graph (:mod:`diffunet.cuda_graph`) on a GPU:
+                ``"auto"`` does for a :class:`~diffunet.UNet` (the recording is kept with the
+                model for later calls of the same shape), True for any model, False never.
         """
         shape = self._check_shape(shape)
         scheduler = sampler if is_scheduler(sampler) else None
@@ -245,6 +268,7 @@ class Diffusion:
         )
         self._check_conditioning(shape[0], shape[2:], "shape", cond=cond, context=context,
                                  labels=labels)
+        model = with_cuda_graph(model, cuda_graph, device)
         denoiser = Denoiser(model, self.prediction, cond=cond, context=context, labels=labels,
                             guidance=guidance, clip_denoised=self.clip_denoised)
         x = draw_noise(shape, generator, device)
