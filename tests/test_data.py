@@ -116,8 +116,9 @@ def test_paired_folders(tmp_path):
     for name in ("a", "b"):
         _png(tmp_path / "input" / f"{name}.png", np.full((10, 10), 50, dtype=np.uint8))
         _png(tmp_path / "target" / f"{name}.png", np.full((10, 10), 200, dtype=np.uint8))
-    data = open_dataset(str(tmp_path), image_size=8)
-    assert data.x.shape == data.cond.shape == (2, 1, 8, 8)
+    data = open_dataset(str(tmp_path), image_size=8)  # random aligned 8×8 crops, 2,048 a pair
+    assert data.x.shape == data.cond.shape == (4096, 1, 8, 8)
+    assert data.extra["pairs"] == 2 and data.extra["crops"] == 4096
     assert torch.allclose(data.cond, torch.full_like(data.cond, 50 / 255))
     _png(tmp_path / "target" / "c.png", np.zeros((10, 10), dtype=np.uint8))
     with pytest.raises(DataError, match="without an input"):

@@ -291,3 +291,75 @@ def test_train_on_embedded_pairs_then_restore(tmp_path, capsys):
                  "--out", str(tmp_path / "o"), "--samples", "2", "--steps", "2"]) == 0
     restored = np.array(Image.open(tmp_path / "o" / "held_out_restored.png"))
     assert restored.shape == crop.shape and restored.dtype == np.uint8
+
+
+# ---------------------------------------------------------------------- diffunet train --task
+#: A two-step run of a tiny EMDiffuse-shaped model (seconds on a CPU).
+TINY_RUN = ["--steps", "2", "--batch-size", "2", "--sample-steps", "2", "--threads", "1",
+            "--precision", "fp32"]
+TINY_RESTORE = [*TINY_RUN, "model_channels=8", "channel_mult=[1,2]", "num_res_blocks=1",
+                "norm_groups=8", "num_head_channels=8"]
+
+
+def _run_files(run: Path) -> tuple[dict, dict]:
+    import yaml
+
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    return config, json.loads((run / "checkpoint" / "run.json").read_text())["data"]
+
+
+def _pair_folder(folder: Path, size: tuple[int, int] = (40, 36)) -> Path:
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        target = rng.integers(0, 200, size, dtype=np.uint8)
+        for side, array in (("target", target), ("input", target + 30)):
+            (folder / side).mkdir(parents=True, exist_ok=True)
+            write_png(folder / side / f"{name}.png", array)
+    return folder
+
+
+def test_train_task_restore_on_a_paired_folder(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--task", "restore", "--data", str(_pair_folder(tmp_path / "pairs")),
+                 "--image-size", "16", "--out", str(run), *TINY_RESTORE]) == 0
+    config, data = _run_files(run)
+    assert config["preset"] == "emdiffuse" and config["model"]["cond_channels"] == 1
+    assert config["data"] == {"source": str(tmp_path / "pairs"), "image_size": 16,
+                              "task": "restore"}
+    assert data["pairs"] == 2 and data["crops"] == data["samples"] >= 4096
+    assert data["spatial_size"] == [16, 16]
+
+
+def test_train_task_restore_without_data_uses_the_embedded_em_pairs(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--task", "restore", "--out", str(run), *TINY_RESTORE]) == 0
+    config, data = _run_files(run)
+    assert config["preset"] == "emdiffuse" and config["model"]["cond_channels"] == 1
+    assert config["data"] == {"source": "em-pairs", "image_size": 64, "task": "restore"}
+    assert data["source"] == "em-pairs" and data["held_out_images"] == ["coins", "page"]
+
+
+def test_train_task_restore_on_unpaired_data_is_a_one_line_error(tmp_path, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    write_png(folder / "a.png", np.zeros((16, 16), np.uint8))
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["train", "--task", "restore", "--data", str(folder), "--out", str(run),
+                 *TINY_RESTORE]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err
+    assert "--task restore needs paired data" in err and str(folder) in err
+    assert not run.exists()
+
+
+def test_train_task_generate_on_pairs_learns_the_targets(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--task", "generate", "--data", str(_pair_folder(tmp_path / "pairs")),
+                 "--image-size", "16", "--out", str(run), *TINY_RUN]) == 0
+    config, data = _run_files(run)
+    assert config["preset"] == "ddpm-cifar10" and config["model"]["cond_channels"] == 0
+    assert config["data"]["task"] == "generate" and "targets only" in data["inputs"]
+    capsys.readouterr()  # a resumed run keeps its task
+    assert main(["train", "--resume", "--out", str(run), "--task", "restore"]) != 0
+    assert "data.task='restore' differs" in capsys.readouterr().err

@@ -7,7 +7,7 @@ model config):
 ```yaml
 preset: ddpm-cifar10        # the model preset; `model:` holds overrides of it
 model: {model_channels: 32, channel_mult: [1, 2, 2]}
-data: {source: digits, image_size: 16}
+data: {source: digits, image_size: 16, task: generate}
 diffusion: {schedule: cosine, timesteps: 1000, prediction: v}
 train: {steps: 2000, batch_size: 64, lr: 0.002, ...}
 sample: {sampler: dpm++, steps: 20, guidance: 1.0, num: 100}
@@ -15,6 +15,8 @@ sample: {sampler: dpm++, steps: 20, guidance: 1.0, num: 100}
 
 The model's data-dependent fields (`dims`, `in_channels`, `out_channels`, `cond_channels`,
 `image_size`, `num_classes`) are filled in from the data; set them in `model:` only to check.
+`data: {task: restore}` without a `source` trains on the embedded EM-like pairs (`em-pairs`),
+and without a `preset` uses `emdiffuse`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 import yaml
 
 from .config import UNetConfig
+from .data import TASKS
 from .presets import preset
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -45,6 +48,8 @@ DEFAULT_MODEL_OVERRIDES: dict[str, Any] = {
     "attention_resolutions": [2],
     "dropout": 0.0,
 }
+#: What `--task restore` uses when neither the command line nor `--config` names them.
+RESTORE_DEFAULTS = {"source": "em-pairs", "preset": "emdiffuse"}
 #: Fields of the model config that the data decides.
 DATA_FIELDS = ("dims", "in_channels", "out_channels", "cond_channels", "image_size", "num_classes")
 
@@ -78,10 +83,16 @@ def _check_choice(option: str, value: Any, choices: tuple[str, ...]) -> None:
 
 @dataclass
 class DataSection:
-    """Where the training samples come from and their size."""
+    """Where the training samples come from, their size, and what the model learns from them.
+
+    `task`: `restore` (input → target pairs; the input is the model's `cond`), `generate`
+    (samples from noise; a pair's input is dropped), or None to infer it from the data (pairs →
+    restore). The run's `config.yaml` records the resolved task.
+    """
 
     source: str = "digits"
     image_size: int | None = None
+    task: str | None = None
 
     def validate(self) -> None:
         """Raise :class:`RunConfigError` for an unusable setting."""
@@ -89,6 +100,8 @@ class DataSection:
             raise _bad("data.source (--data)", self.source, "'digits' or a path")
         if self.image_size is not None:
             _check_int("data.image_size (--image-size)", self.image_size, 1)
+        if self.task is not None:
+            _check_choice("data.task (--task)", self.task, TASKS)
 
 
 @dataclass
@@ -244,6 +257,11 @@ def from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
     if unknown:
         raise RunConfigError(f"{source}: unknown top-level key(s) {unknown}; valid: {sorted(known)}")
     run = RunConfig()
+    data_section = data.get("data")
+    if isinstance(data_section, dict) and data_section.get("task") == "restore":
+        # Restoration without named data or model: the embedded EM pairs and EMDiffuse.
+        data = {"preset": RESTORE_DEFAULTS["preset"], **data,
+                "data": {"source": RESTORE_DEFAULTS["source"], **data_section}}
     if "preset" in data:
         if not isinstance(data["preset"], str):
             raise RunConfigError(f"{source}: preset must be a name, got {data['preset']!r}")

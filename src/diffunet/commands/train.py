@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from .. import distributed
-from ..data import open_dataset
+from ..data import TASKS, open_dataset
 from ..io import atomic_write_bytes
 from ..train import CONFIG_YAML, Trainer, resolve_precision
 from ..training_config import (
@@ -40,6 +40,7 @@ HELP = "train a model (default: a small U-Net on the embedded digits, a few minu
 #: (option dest, section, key): the command-line options that map onto config settings.
 OPTION_MAP = (
     ("data", "data", "source"),
+    ("task", "data", "task"),
     ("image_size", "data", "image_size"),
     ("steps", "train", "steps"),
     ("batch_size", "train", "batch_size"),
@@ -59,7 +60,8 @@ OPTION_MAP = (
     ("guidance", "sample", "guidance"),
 )
 #: Settings that define a run; `--resume` refuses to change them.
-IDENTITY = {("data", "source"), ("data", "image_size"), ("train", "batch_size"), ("train", "seed")}
+IDENTITY = {("data", "source"), ("data", "image_size"), ("data", "task"), ("train", "batch_size"),
+            ("train", "seed")}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,11 +72,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "data, diffusion, train, sample); options below override it")
     parser.add_argument("--preset", metavar="NAME", help="model preset (default: a 1.1M-parameter "
                         "ddpm-cifar10-style U-Net for the digits); see `diffunet info`")
-    parser.add_argument("--data", metavar="digits|PATH", help="'digits' (default), an image folder, "
-                        "a paired folder with input/ and target/, or .npy/.npz arrays")
+    parser.add_argument("--data", metavar="digits|em-pairs|PATH",
+                        help="'digits' (default), 'em-pairs' (embedded noisy → clean pairs; the "
+                        "default for --task restore), an image folder, a paired folder with "
+                        "input/ and target/, or .npy/.npz arrays")
+    parser.add_argument("--task", choices=TASKS,
+                        help="restore: learn input → target from paired data (default preset "
+                        "emdiffuse); generate: learn to draw samples (pairs: the targets only); "
+                        "default: restore for paired data, else generate")
     parser.add_argument("--image-size", type=int, metavar="N",
-                        help="training size (images are resized and centre-cropped; default 16 "
-                        "for the digits, 32 for image folders)")
+                        help="training size (image folders are resized and centre-cropped, pairs "
+                        "randomly cropped at native resolution; default 16 for the digits, 32 "
+                        "for image folders, 64 for paired images and em-pairs)")
     parser.add_argument("--steps", type=int, metavar="N", help="optimizer steps (default 1500)")
     parser.add_argument("--batch-size", type=int, metavar="N",
                         help="global batch size, split over processes (default 64)")
@@ -231,7 +240,9 @@ def _train(config: RunConfig, run_dir: Path, info: distributed.DistInfo,
         torch.set_num_threads(config.train.threads or distributed.default_threads(info))
     run_dir = _agree_on_run_dir(run_dir, info)
     explicit_dims = config.model.get("dims")
-    data = open_dataset(config.data.source, config.data.image_size, dims=explicit_dims)
+    data = open_dataset(config.data.source, config.data.image_size, dims=explicit_dims,
+                        task=config.data.task, seed=config.train.seed)
+    config.data.task = config.data.task or ("restore" if data.cond is not None else "generate")
     if config.data.image_size is None and data.dims == 2 and len(set(data.spatial_size)) == 1:
         config.data.image_size = data.spatial_size[0]
 

@@ -9,16 +9,21 @@ Layouts (N samples, C channels, `*spatial` with 1, 2 or 3 axes):
 
 Integer arrays are scaled to `[0, 1]` by their bit depth (8 or 16 bit); floating-point arrays
 by the data set's minimum and maximum, which the resolved config records as `value_range`.
+`--image-size` centre-crops; pairs (`cond`) larger than it are cut into random aligned crops
+instead, as paired folders are (:mod:`diffunet.data.crops`).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from .crops import crop_pairs
 from .dataset import DataError, TensorDataset
 
 X_KEYS = ("x", "target", "data", "images", "arr_0")
@@ -35,26 +40,43 @@ def load_array_file(path: Path) -> np.ndarray:
         raise DataError(f"cannot read array file {path}: {reason}") from err
 
 
-def to_unit_range(array: np.ndarray, what: str) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Scale an array to float32 `[0, 1]`; return it and how it was scaled."""
-    if array.dtype == np.bool_:
-        return torch.from_numpy(array.astype(np.float32)), {"value_range": [0, 1]}
-    if np.issubdtype(array.dtype, np.integer):
-        lo, hi = int(array.min()), int(array.max())
+def unit_range(arrays: Sequence[np.ndarray], what: str) -> list[float]:
+    """The stored values `[lo, hi]` that map to `[0, 1]` for all of `arrays` together.
+
+    Booleans: `[0, 1]`; integers: their bit depth (`[0, 255]` for uint8, else `[0, 65535]`);
+    floats: their joint minimum and maximum.
+    """
+    dtype = np.result_type(*{a.dtype for a in arrays})
+    if dtype == np.bool_:
+        return [0, 1]
+    if np.issubdtype(dtype, np.integer):
+        lo, hi = min(int(a.min()) for a in arrays), max(int(a.max()) for a in arrays)
         if lo < 0 or hi > 65535:
             raise DataError(f"{what}: integer values {lo}..{hi} are outside 0..65535; "
                             "save them as float32 instead (they are then min-max scaled)")
-        top = 255 if hi <= 255 and array.dtype == np.uint8 else 65535
-        return torch.from_numpy(array.astype(np.float32) / top), {"value_range": [0, top]}
-    if not np.issubdtype(array.dtype, np.floating):
-        raise DataError(f"{what}: unsupported dtype {array.dtype}; use integers or floats")
-    array = array.astype(np.float32)
-    if not np.isfinite(array).all():
+        return [0, 255 if hi <= 255 and dtype == np.uint8 else 65535]
+    if not np.issubdtype(dtype, np.floating):
+        raise DataError(f"{what}: unsupported dtype {dtype}; use integers or floats")
+    # The range of the float32 values that training sees (rounding keeps the order).
+    lo = min(float(np.float32(a.min())) for a in arrays)
+    hi = max(float(np.float32(a.max())) for a in arrays)
+    if not (math.isfinite(lo) and math.isfinite(hi) and all(np.isfinite(a).all() for a in arrays)):
         raise DataError(f"{what}: contains NaN or infinite values")
-    lo, hi = float(array.min()), float(array.max())
     if hi <= lo:
         raise DataError(f"{what}: every value is {lo:g}; there is nothing to learn")
-    return torch.from_numpy((array - lo) / (hi - lo)), {"value_range": [lo, hi]}
+    return [lo, hi]
+
+
+def scale_to_unit(array: np.ndarray, value_range: Sequence[float]) -> torch.Tensor:
+    """`array` mapped by `value_range` (from :func:`unit_range`) to float32 `[0, 1]`."""
+    lo, hi = value_range
+    return torch.from_numpy((array.astype(np.float32) - lo) / (hi - lo))
+
+
+def to_unit_range(array: np.ndarray, what: str) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Scale an array to float32 `[0, 1]`; return it and how it was scaled."""
+    value_range = unit_range([array], what)
+    return scale_to_unit(array, value_range), {"value_range": value_range}
 
 
 def _with_channels(array: np.ndarray, what: str, dims: int | None, per_sample: bool) -> np.ndarray:
@@ -73,14 +95,18 @@ def _with_channels(array: np.ndarray, what: str, dims: int | None, per_sample: b
     return array
 
 
+def _check_fits(spatial: tuple[int, ...], size: int, what: str) -> None:
+    if any(s < size for s in spatial):
+        raise DataError(f"{what}: --image-size {size} is larger than the data's spatial size "
+                        f"{tuple(spatial)}; arrays are cropped, never enlarged")
+
+
 def center_crop(x: torch.Tensor, size: int | None, what: str) -> torch.Tensor:
     """Centre-crop every spatial axis of `(N, C, *spatial)` to `size` (None keeps the size)."""
     if size is None:
         return x
     spatial = x.shape[2:]
-    if any(s < size for s in spatial):
-        raise DataError(f"{what}: --image-size {size} is larger than the data's spatial size "
-                        f"{tuple(spatial)}; arrays are cropped, never enlarged")
+    _check_fits(spatial, size, what)
     index = tuple(slice((s - size) // 2, (s - size) // 2 + size) for s in spatial)
     return x[(slice(None), slice(None), *index)].contiguous()
 
@@ -97,8 +123,12 @@ def _pick(archive: Any, keys: tuple[str, ...], path: Path, required: bool) -> np
 
 
 def load_array_source(path: str | Path, image_size: int | None,
-                      dims: int | None = None) -> TensorDataset:
-    """A `.npy` file, a `.npz` file or a folder of `.npy` samples as a :class:`TensorDataset`."""
+                      dims: int | None = None, seed: int = 0) -> TensorDataset:
+    """A `.npy` file, a `.npz` file or a folder of `.npy` samples as a :class:`TensorDataset`.
+
+    Arrays are centre-cropped to `image_size`; pairs (an `.npz` with `cond`) larger than it
+    become random aligned crops instead, drawn from `seed` (see :mod:`diffunet.data.crops`).
+    """
     path = Path(path)
     labels = cond_array = None
     if path.is_dir():
@@ -134,12 +164,21 @@ def load_array_source(path: str | Path, image_size: int | None,
                             "in samples and spatial size")
         cond, cond_info = to_unit_range(cond_array, f"{path}[cond]")
         extra["cond_value_range"] = cond_info["value_range"]
-        cond = center_crop(cond, image_size, str(path))
     label_tensor = None
     if labels is not None:
         if labels.shape != (x.shape[0],) or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
             raise DataError(f"{path}: labels must be ({x.shape[0]},) non-negative integers, got "
                             f"{labels.dtype} {labels.shape}")
         label_tensor = torch.from_numpy(labels.astype(np.int64))
-    return TensorDataset(x=center_crop(x, image_size, str(path)), cond=cond, labels=label_tensor,
-                         source=str(path), extra=extra)
+    if cond is not None and image_size is not None and any(s != image_size for s in x.shape[2:]):
+        # Restoration pairs larger than the training size: random aligned crops.
+        _check_fits(x.shape[2:], image_size, str(path))
+        conds, xs, per_pair = crop_pairs(zip(cond.numpy(), x.numpy()), len(x), image_size,
+                                         x.ndim - 2, seed)
+        x, cond = torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(conds))
+        if label_tensor is not None:
+            label_tensor = label_tensor.repeat_interleave(per_pair)
+        extra.update(pairs=len(xs), crops=len(x), crops_per_pair=per_pair, crop_seed=seed)
+    else:
+        x = center_crop(x, image_size, str(path))
+    return TensorDataset(x=x, cond=cond, labels=label_tensor, source=str(path), extra=extra)

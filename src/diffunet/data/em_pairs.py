@@ -23,6 +23,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .crops import crops_per_source, random_window
 from .dataset import DataError, TensorDataset
 
 #: The pictures used for training (all load from scikit-image without a network).
@@ -153,15 +154,7 @@ class EMPairs:
         choice = rng.choice(len(pictures), size=count, p=self._weights)
         crops = np.empty((count, self.crop, self.crop), dtype=np.float32)
         for i, index in enumerate(choice):
-            picture = pictures[index]
-            top = rng.integers(0, picture.shape[0] - self.crop + 1)
-            left = rng.integers(0, picture.shape[1] - self.crop + 1)
-            crop = picture[top:top + self.crop, left:left + self.crop]
-            if self.augment:
-                crop = np.rot90(crop, k=int(rng.integers(4)))
-                if rng.integers(2):
-                    crop = crop[:, ::-1]
-            crops[i] = crop
+            crops[i] = random_window([pictures[index]], self.crop, rng, 2, self.augment)[0]
         return crops
 
     def sample(self, count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -186,8 +179,9 @@ class EMPairs:
     def write_pair_folder(self, folder: str | Path, count: int = 4096, seed: int = 0) -> Path:
         """Write `count` pairs as 8-bit PNGs `folder/input/NNNNN.png` → `folder/target/NNNNN.png`.
 
-        The folder is what `diffunet train --data FOLDER` reads as paired restoration data (the
-        crops are already at their training size, so nothing is resized).
+        The folder is what `diffunet train --data FOLDER` reads as paired restoration data (with
+        `--image-size` equal to the crop, every training sample is one of these pairs, turned or
+        mirrored at random).
         """
         from PIL import Image
 
@@ -210,10 +204,15 @@ class EMPairs:
         return pairs
 
 
-def em_pairs_dataset(image_size: int | None = None, count: int = 4096,
+def em_pairs_dataset(image_size: int | None = None, count: int | None = None,
                      seed: int = 0) -> TensorDataset:
-    """The default embedded restoration set: `count` pairs of `image_size` (default 64) crops."""
-    return EMPairs(64 if image_size is None else image_size).dataset(count, seed)
+    """The embedded restoration set (`--data em-pairs`): `count` pairs of `image_size` crops.
+
+    Defaults: 64-pixel crops, and as many pairs as paired folders get (4,096 at 64², fewer
+    for crops so large that they would not fit in the crop memory budget).
+    """
+    size = 64 if image_size is None else image_size
+    return EMPairs(size).dataset(crops_per_source(1, size, 2, 2) if count is None else count, seed)
 
 
 def blob_volume(size: int = 48, seed: int = 0, blob_size_fraction: float = 0.25,
