@@ -110,6 +110,7 @@ class Diffusion:
                 f"got {type(schedule).__name__}"
             )
         self.prediction = check_prediction(prediction)
+        self._alpha_bar_by_device: dict[torch.device, torch.Tensor] = {}
         if self.prediction == "eps" and self.schedule.has_zero_terminal_snr:
             raise ValueError(
                 "prediction='eps' cannot be used with a zero-terminal-SNR schedule: at the last "
@@ -161,6 +162,12 @@ class Diffusion:
             return ab.sqrt().to(x0.dtype) * x0 + (1.0 - ab).sqrt().to(x0.dtype) * noise
         return math.sqrt(alpha_bar) * x0 + math.sqrt(1.0 - alpha_bar) * noise
 
+    def _alpha_bar_on(self, device: torch.device) -> torch.Tensor:
+        """ᾱ of every step on `device`, copied there once (a copy per step would sync)."""
+        if device not in self._alpha_bar_by_device:
+            self._alpha_bar_by_device[device] = self.schedule.alphas_cumprod.to(device)
+        return self._alpha_bar_by_device[device]
+
     # ------------------------------------------------------------------ training
     def loss(
         self,
@@ -192,7 +199,7 @@ class Diffusion:
         if uses_noise_level(model):
             alpha_bar = self.schedule.sample_noise_levels(timesteps, generator)
         else:
-            alpha_bar = self.schedule.alphas_cumprod.to(device)[timesteps]
+            alpha_bar = self._alpha_bar_on(device)[timesteps]
         if noise is None:
             noise = (draw_noise(x0.shape, generator, device) if generator is not None
                      else torch.randn_like(x0))
@@ -285,8 +292,9 @@ class Diffusion:
             ).float()
 
         def predict(x_t, step):
-            t = torch.full((batch,), step.t, dtype=torch.long)
-            alpha_bar = torch.full((batch,), step.alpha_bar, dtype=torch.float64)
+            # Made on the device: a copy from the host would wait for the GPU to finish.
+            t = torch.full((batch,), step.t, dtype=torch.long, device=device)
+            alpha_bar = torch.full((batch,), step.alpha_bar, dtype=torch.float64, device=device)
             return denoiser.x0_and_eps(x_t, t, alpha_bar)
 
         def noise():
