@@ -216,8 +216,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=8, help="K samples per input")
     p.add_argument("--sample-steps", type=int, default=10, help="sampling steps")
     p.add_argument("--sampler", default="ddim", choices=("ddpm", "ddim", "dpm++"))
-    p.add_argument("--fresh-noise", action="store_true",
-                   help="draw the input noise of every training batch anew (else one draw per crop)")
     p.add_argument("--etas", default="0",
                    help="DDIM η values to evaluate the sampled restorations with, e.g. 0,1 "
                    "(η = 1: fresh noise at every step, like DDPM)")
@@ -240,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     out, figures = Path(args.out), Path(args.figures)
     source = EMPairs(crop=args.crop)
     pairs = source.evaluation_pairs()
-    data = source.dataset(args.pairs, seed=args.seed, fresh_noise=args.fresh_noise)
+    data = source.dataset(args.pairs, seed=args.seed)
     report: dict[str, Any] = {"command": " ".join(sys.argv), "args": vars(args),
                               "noise": source.noise.describe(),
                               "held_out": list(source.held_out_names),

@@ -298,8 +298,6 @@ class Trainer:
         else:
             noise = torch.randn(shape, generator=generator)[shard]
         batch = self.data.batch(indices[shard])
-        if self.data.degrade is not None:  # fresh input noise, drawn for the global batch
-            batch["cond"] = self.data.degraded_cond(indices, step_seed(seed, step, stream=5))[shard]
         batch["timesteps"] = timesteps[shard]
         if "labels" in batch and self.model_config.num_classes is None:
             del batch["labels"]  # labelled data, unconditional model

@@ -8,16 +8,10 @@ tensor of indices, so the data order is a plain permutation that a checkpoint ca
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
-
-#: Makes the inputs of a batch from its clean targets: `(targets, rng) -> inputs`, both arrays
-#: `(B, C, *spatial)` in [0, 1].
-Degradation = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
 
 class DataError(ValueError):
@@ -35,9 +29,6 @@ class TensorDataset:
         class_names: names of the classes (`labels` index into it), or None.
         source: a short description for logs and the resolved config.
         extra: JSON-ready facts about the data worth recording (e.g. the value range).
-        degrade: for restoration data with a known noise model: draws the inputs of every
-            training batch afresh from its targets (the Trainer seeds it per step), so no
-            input noise is ever seen twice; `cond` then only serves grids and descriptions.
     """
 
     x: torch.Tensor
@@ -46,7 +37,6 @@ class TensorDataset:
     class_names: list[str] | None = None
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
-    degrade: Degradation | None = None
 
     def __post_init__(self) -> None:
         if self.x.ndim < 3:
@@ -100,14 +90,6 @@ class TensorDataset:
         if self.labels is not None:
             out["labels"] = self.labels[indices]
         return out
-
-    def degraded_cond(self, indices: torch.Tensor, seed: int) -> torch.Tensor:
-        """Freshly degraded inputs for the targets at `indices`, in the model's `[-1, 1]`."""
-        if self.degrade is None:
-            raise ValueError(f"{self.source}: no degradation to draw inputs with")
-        clean = self.x[indices].numpy()
-        return torch.from_numpy(np.asarray(self.degrade(clean, np.random.default_rng(seed)),
-                                           dtype=np.float32)) * 2 - 1
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready summary for the resolved config and the checkpoint's metadata."""

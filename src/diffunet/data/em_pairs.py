@@ -166,21 +166,15 @@ class EMPairs:
         noisy = self.noise(clean, rng)
         return noisy[:, None], clean[:, None]
 
-    def dataset(self, count: int = 4096, seed: int = 0, *,
-                fresh_noise: bool = False) -> TensorDataset:
-        """`count` pairs as a :class:`TensorDataset` (`cond` = noisy input, `x` = clean target).
-
-        With `fresh_noise`, training draws the noise of every batch anew from the noise model
-        (the `cond` stored here then only serves grids), instead of reusing one draw per crop.
-        """
+    def dataset(self, count: int = 4096, seed: int = 0) -> TensorDataset:
+        """`count` pairs as a :class:`TensorDataset` (`cond` = noisy input, `x` = clean target)."""
         noisy, clean = self.sample(count, seed)
         extra = {"pairs": count, "crop": self.crop, "noise": self.noise.describe(),
                  "train_images": list(self.train_names),
                  "held_out_images": list(self.held_out_names), "seed": seed,
-                 "fresh_noise": fresh_noise, "value_range": [0, 1], "cond_value_range": [0, 1]}
+                 "value_range": [0, 1], "cond_value_range": [0, 1]}
         return TensorDataset(x=torch.from_numpy(clean), cond=torch.from_numpy(noisy),
-                             source="em-pairs", extra=extra,
-                             degrade=self.noise if fresh_noise else None)
+                             source="em-pairs", extra=extra)
 
     def write_pair_folder(self, folder: str | Path, count: int = 4096, seed: int = 0) -> Path:
         """Write `count` pairs as 8-bit PNGs `folder/input/NNNNN.png` → `folder/target/NNNNN.png`.
