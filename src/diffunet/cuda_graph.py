@@ -14,7 +14,9 @@ say), the wrapper calls the model directly; a failed recording is reported once 
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +31,19 @@ class _Recording:
     graph: torch.cuda.CUDAGraph
     inputs: list[torch.Tensor]
     output: torch.Tensor
+
+
+@contextlib.contextmanager
+def _syncs_are_errors() -> Iterator[None]:
+    """Turn PyTorch's host-synchronising calls (`.item()`, blocking copies, ...) into errors."""
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings():  # "a prototype feature": it is, and it is only a pre-check
+        warnings.filterwarnings("ignore", message="Synchronization debug mode")
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
 
 
 def _describe(value: Any) -> Any:
@@ -94,11 +109,16 @@ class CUDAGraphModel(nn.Module):
         static_kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else v
                          for k, v in kwargs.items()}
         inputs = [a for a in (*static_args, *static_kwargs.values()) if isinstance(a, torch.Tensor)]
+        graph = None
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(self.warmup):
+                    self.model(*static_args, **static_kwargs)
+                # A host sync cannot be recorded, and a capture that fails half-way can leave
+                # CUDA's random generators unusable: find syncs with one more eager call first.
+                with _syncs_are_errors():
                     self.model(*static_args, **static_kwargs)
             torch.cuda.current_stream().wait_stream(side)
             if self._pool is None:
@@ -112,6 +132,8 @@ class CUDAGraphModel(nn.Module):
             warnings.warn(f"CUDAGraphModel: could not record {type(self.model).__name__}'s "
                           f"forward as a CUDA graph ({reason}); running it eagerly",
                           RuntimeWarning, stacklevel=3)
+            if graph is not None:
+                graph.reset()
             torch.cuda.synchronize()
             return None
         if not isinstance(output, torch.Tensor):
