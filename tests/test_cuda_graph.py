@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from diffunet import UNet
-from diffunet.cuda_graph import CUDAGraphModel
+from diffunet.cuda_graph import CACHE_ATTRIBUTE, CUDAGraphModel, release_cuda_graphs
 from diffunet.diffusion import Diffusion
 from diffunet.introspect import small_config
 
@@ -63,12 +63,16 @@ def test_graph_replays_match_eager_for_each_signature():
 @pytest.mark.gpu
 def test_sampling_with_and_without_graph_agree():
     model, diffusion = tiny_unet().cuda(), Diffusion("linear", 100)
+    keys = set(model.state_dict())
     runs = [diffusion.sample(model, (2, 3, 16, 16), steps=5, sampler=sampler, progress=False,
                              cuda_graph=mode, generator=torch.Generator().manual_seed(1))
             for sampler in ("ddim", "dpm++") for mode in (True, False)]
     torch.testing.assert_close(runs[0], runs[1], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(runs[2], runs[3], rtol=1e-4, atol=1e-4)
-    assert model.__dict__["_cuda_graph_model"].recordings == 1
+    assert model.__dict__[CACHE_ATTRIBUTE].recordings == 1
+    assert set(model.state_dict()) == keys  # the kept recording is no part of the weights
+    release_cuda_graphs(model)
+    assert CACHE_ATTRIBUTE not in model.__dict__
 
 
 class HostSync(nn.Module):

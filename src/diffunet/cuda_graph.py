@@ -24,6 +24,9 @@ import torch
 from torch import nn
 
 Signature = tuple[Any, ...]
+#: Where `Diffusion.sample` keeps a model's :class:`CUDAGraphModel` (not a submodule, so it
+#: never shows up in `state_dict()`).
+CACHE_ATTRIBUTE = "_cuda_graph_model"
 
 
 @dataclass
@@ -142,3 +145,12 @@ class CUDAGraphModel(nn.Module):
         recording = _Recording(graph, inputs, output)
         self._recordings[signature] = recording
         return recording
+
+
+def release_cuda_graphs(model: nn.Module) -> None:
+    """Free the recordings that `Diffusion.sample(cuda_graph="auto")` keeps with `model`.
+
+    Each recording holds the memory of one forward pass at its batch size until the model is
+    deleted; call this when a model that stays alive will not sample at those shapes again.
+    """
+    model.__dict__.pop(CACHE_ATTRIBUTE, None)

@@ -392,7 +392,8 @@ class Trainer:
         shape = (num, self.model_config.in_channels, *self.data.spatial_size)
         x = self.diffusion.sample(model, shape, sampler=s.sampler, steps=s.steps, eta=s.eta,
                                   guidance=guidance, cond=cond, labels=labels,
-                                  generator=generator, progress=False, device=self.dist.device)
+                                  generator=generator, progress=False, device=self.dist.device,
+                                  cuda_graph=False)  # a recording would hold memory all run
         return ((x.float().cpu() + 1) / 2).clamp(0, 1), labels
 
     def save_samples(self, name: str, samples: torch.Tensor | None = None) -> Path | None:

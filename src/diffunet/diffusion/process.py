@@ -32,7 +32,7 @@ def draw_noise(
 
 def with_cuda_graph(model, cuda_graph: bool | str, device: torch.device):
     """`model` wrapped in its (cached) :class:`~diffunet.cuda_graph.CUDAGraphModel` when wanted."""
-    from ..cuda_graph import CUDAGraphModel
+    from ..cuda_graph import CACHE_ATTRIBUTE, CUDAGraphModel
     from ..unet import UNet
 
     if cuda_graph not in (True, False, "auto"):
@@ -42,10 +42,10 @@ def with_cuda_graph(model, cuda_graph: bool | str, device: torch.device):
         return model
     if not isinstance(model, torch.nn.Module):
         raise ValueError("cuda_graph=True needs an nn.Module model; pass cuda_graph=False")
-    graphed = model.__dict__.get("_cuda_graph_model")
+    graphed = model.__dict__.get(CACHE_ATTRIBUTE)
     if graphed is None:
         graphed = CUDAGraphModel(model)
-        model.__dict__["_cuda_graph_model"] = graphed  # not a submodule: no state_dict entries
+        model.__dict__[CACHE_ATTRIBUTE] = graphed
     return graphed
 
 
@@ -261,7 +261,9 @@ class Diffusion:
             device: where to sample (default: the model's device, else `cond`'s, else the CPU).
             cuda_graph: replay the network as a CUDA graph (:mod:`diffunet.cuda_graph`) on a GPU:
                 ``"auto"`` does for a :class:`~diffunet.UNet` (the recording is kept with the
-                model for later calls of the same shape), True for any model, False never.
+                model for later calls of the same shape, holding one forward pass's memory:
+                :func:`~diffunet.cuda_graph.release_cuda_graphs` frees it), True for any model,
+                False never.
         """
         shape = self._check_shape(shape)
         scheduler = sampler if is_scheduler(sampler) else None

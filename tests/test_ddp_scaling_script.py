@@ -1,0 +1,35 @@
+"""`benchmarks/ddp_scaling.py` end to end on the CPU: torchrun, 1 and 2 gloo processes, a table."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "ddp_scaling.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("ddp_scaling", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_scaling_script_measures_one_and_two_processes(tmp_path, capsys):
+    script = load_script()
+    code = script.main(["--device", "cpu", "--cases", "tiny", "--gpus", "1,2", "--modes", "eager",
+                        "--steps", "12", "--log-every", "3", "--skip-rows", "1", "--count", "32",
+                        "--out", str(tmp_path)])
+    assert code == 0, capsys.readouterr().out
+    records = json.loads((tmp_path / "scaling.json").read_text())
+    assert [(r["gpus"], r["global_batch"]) for r in records] == [(1, 8), (2, 16)]
+    assert all(r["img_per_s"] > 0 and r["timed_steps"] == 6 for r in records)  # steps 6 → 12
+    assert records[0]["efficiency"] == 1.0 and records[1]["efficiency"] > 0
+    assert "| tiny | eager | 2 | 16 |" in capsys.readouterr().out
+
+
+def test_throughput_reads_the_log_after_the_warm_up(tmp_path):
+    log = tmp_path / "log.csv"
+    log.write_text("step,loss,lr,grad_norm,it_per_s,elapsed_s\n10,1,1,1,1,30.0\n20,1,1,1,1,31.0\n"
+                   "30,1,1,1,1,32.0\n40,1,1,1,1,34.0\n")
+    result = load_script().throughput(log, global_batch=16, skip_rows=1)
+    assert result["img_per_s"] == 20 * 16 / 3.0 and result["warmup_seconds"] == 31.0
