@@ -1,5 +1,7 @@
 """Shared test settings: deterministic, single-threaded-friendly torch on the CPU."""
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -7,6 +9,20 @@ import torch
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Run torch on one thread, then restore the thread count.
+
+    Tiny tensors gain nothing from a second thread, and one thread is immune to OpenMP
+    barrier stalls on a loaded 2-core machine. Apply it to a module with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def pytest_collection_modifyitems(config, items):

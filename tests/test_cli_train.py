@@ -20,11 +20,7 @@ TINY = ["--image-size", "8", "--batch-size", "16", "--threads", "1", "--precisio
         "--sample-steps", "4", "--no-eval", "--log-every", "5", *TINY_MODEL]
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:

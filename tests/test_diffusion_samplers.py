@@ -10,12 +10,7 @@ from test_diffusion_exact import MIX_COVS, MIX_MEANS, MIX_WEIGHTS, ExactDenoiser
 T = 1000
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mixture(diffusion: Diffusion, prediction: str = "eps") -> ExactDenoiser:

@@ -11,14 +11,7 @@ from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr as di
 from diffunet.diffusion import SCHEDULES, Diffusion, NoiseSchedule
 from test_diffusion_exact import cosine_table, linear_table, sigmoid_table
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread is as fast and immune to contention on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
