@@ -256,7 +256,7 @@ class UNet(nn.Module):
         if self.out_logvar is not None:
             out = torch.cat([out, self._run_head(self.out_logvar, h)], dim=1)
         if pads is not None:
-            out = out[(..., *(slice(0, s) for s in spatial))]
+            out = F.pad(out, [-amount for amount in pads])  # crop back; a copy, not a view
         return out
 
     @staticmethod
@@ -271,6 +271,8 @@ class UNet(nn.Module):
 
     def _padding(self, spatial: tuple[int, ...]) -> list[int] | None:
         multiple = self.config.size_multiple()
+        if self.config.pad_to_multiple and torch.compiler.is_compiling():
+            return self._pads(spatial, multiple)  # no branch on divisibility: one graph for all sizes
         if all(s % m == 0 for s, m in zip(spatial, multiple)):
             return None
         if not self.config.pad_to_multiple:
@@ -281,9 +283,14 @@ class UNet(nn.Module):
                 "Resize or crop the input, or set pad_to_multiple=True in the config to pad "
                 "and crop back automatically."
             )
+        return self._pads(spatial, multiple)
+
+    @staticmethod
+    def _pads(spatial: tuple[int, ...], multiple: tuple[int, ...]) -> list[int]:
+        """`F.pad` amounts (last axis first) that round each axis up to its multiple."""
         pads: list[int] = []
         for s, m in zip(reversed(spatial), reversed(multiple)):
-            pads += [0, (-s) % m]
+            pads += [0, (s + m - 1) // m * m - s]  # not (-s) % m: Inductor cannot lower a symbolic %
         return pads
 
     def _check_inputs(self, x, t, cond, context, labels) -> torch.Tensor | None:
