@@ -34,12 +34,17 @@ def tiny_model(name: str, dims: int) -> UNet:
     return model
 
 
-def inputs(model: UNet, batch: int, spatial: tuple[int, ...], tokens: int):
+def run_all_sizes(compiled, model: UNet, tolerance: float = 1e-5) -> None:
+    """Call `compiled` on every size in CALLS; each output must match the eager model's."""
     config = model.config
-    x, kwargs = example_inputs(config, batch=batch, size=spatial[: config.dims])
-    if "context" in kwargs:
-        kwargs["context"] = torch.randn(batch, tokens, config.context_dim)
-    return x, kwargs
+    with torch.no_grad():
+        for batch, spatial, tokens in CALLS:
+            x, kwargs = example_inputs(config, batch=batch, size=spatial[: config.dims])
+            if "context" in kwargs:
+                kwargs["context"] = torch.randn(batch, tokens, config.context_dim)
+            out = compiled(x, **kwargs)
+            assert out.shape[2:] == x.shape[2:]
+            torch.testing.assert_close(out, model(x, **kwargs), rtol=tolerance, atol=tolerance)
 
 
 @pytest.mark.parametrize(("name", "dims"), [("emdiffuse", 1), ("emdiffuse", 2),
@@ -47,13 +52,7 @@ def inputs(model: UNet, batch: int, spatial: tuple[int, ...], tokens: int):
 def test_dynamic_compile_traces_once_for_all_sizes(name, dims):
     model = tiny_model(name, dims)
     counter = CompileCounter()
-    compiled = torch.compile(model, backend=counter, dynamic=True, fullgraph=True)
-    with torch.no_grad():
-        for batch, spatial, tokens in CALLS:
-            x, kwargs = inputs(model, batch, spatial, tokens)
-            out = compiled(x, **kwargs)
-            assert out.shape[2:] == x.shape[2:]
-            torch.testing.assert_close(out, model(x, **kwargs), rtol=1e-5, atol=1e-5)
+    run_all_sizes(torch.compile(model, backend=counter, dynamic=True, fullgraph=True), model)
     assert counter.frame_count == 1, (
         f"{counter.frame_count} compilations for {len(CALLS)} input sizes; run with "
         "TORCH_LOGS=recompiles to see which guard failed"
@@ -65,12 +64,7 @@ def test_default_compile_settles_after_one_recompile():
     # recompiles once with those sizes symbolic.
     model = tiny_model("ddpm-cifar10", 2)
     counter = CompileCounter()
-    compiled = torch.compile(model, backend=counter, fullgraph=True)
-    with torch.no_grad():
-        for batch, spatial, tokens in CALLS:
-            x, kwargs = inputs(model, batch, spatial, tokens)
-            torch.testing.assert_close(compiled(x, **kwargs), model(x, **kwargs),
-                                       rtol=1e-5, atol=1e-5)
+    run_all_sizes(torch.compile(model, backend=counter, fullgraph=True), model)
     assert counter.frame_count == 2
 
 
@@ -82,10 +76,5 @@ def test_dynamic_inductor_matches_eager_for_all_sizes():
     model = tiny_model("emdiffuse", 2)
     torch._dynamo.reset()
     counters.clear()
-    compiled = torch.compile(model, dynamic=True, fullgraph=True)
-    with torch.no_grad():
-        for batch, spatial, tokens in CALLS:
-            x, kwargs = inputs(model, batch, spatial, tokens)
-            torch.testing.assert_close(compiled(x, **kwargs), model(x, **kwargs),
-                                       rtol=1e-4, atol=1e-4)
+    run_all_sizes(torch.compile(model, dynamic=True, fullgraph=True), model, tolerance=1e-4)
     assert counters["stats"]["unique_graphs"] == 1
