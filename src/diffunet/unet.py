@@ -7,8 +7,6 @@ attention, conditioning, resampling and skip topology are all placed by the conf
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,6 +18,7 @@ from .nn.fused import norm_act
 from .nn.ops import TimestepEmbedding, conv_nd, conv_transpose_nd, normalization, zero_module
 from .nn.resample import Downsample, Upsample
 from .nn.resblock import ResBlock
+from .pretrained import PretrainedMixin
 
 _CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
 
@@ -40,11 +39,12 @@ class EmbedSequential(nn.Sequential):
         return x
 
 
-class UNet(nn.Module):
+class UNet(PretrainedMixin, nn.Module):
     """The diffunet U-Net for 1D signals, 2D images and 3D volumes.
 
     `forward(x, t, *, cond=None, context=None, labels=None)` predicts a tensor shaped like `x`
     with `config.output_channels` channels (mean then log-variance for the aleatoric head).
+    `save_pretrained`, `from_pretrained` and `push_to_hub` come from `PretrainedMixin`.
     """
 
     def __init__(self, config: UNetConfig) -> None:
@@ -182,19 +182,6 @@ class UNet(nn.Module):
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Number of parameters (all, or only those that require grad)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
-
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write `config.json` + `model.safetensors` into `directory` (see `diffunet.io`)."""
-        from .io import save_pretrained
-
-        return save_pretrained(self, directory)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, **kwargs) -> UNet:
-        """Load a checkpoint folder written by `save_pretrained` (see `diffunet.io.load_pretrained`)."""
-        from .io import load_pretrained
-
-        return load_pretrained(name_or_path, model_class=cls, **kwargs)
 
     @staticmethod
     def split_aleatoric(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
