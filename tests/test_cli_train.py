@@ -20,9 +20,6 @@ TINY = ["--image-size", "8", "--batch-size", "16", "--threads", "1", "--precisio
         "--sample-steps", "4", "--no-eval", "--log-every", "5", *TINY_MODEL]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     """Run `diffunet ...` in-process; return (exit code, stdout, stderr)."""
     code = main([str(a) for a in argv])

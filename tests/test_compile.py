@@ -14,8 +14,6 @@ from torch._dynamo.utils import counters
 from diffunet import UNet
 from diffunet.introspect import example_inputs, small_config
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 # (batch, spatial, context tokens). The first call's sizes differ from each other and from
 # every channel count: Dynamo would otherwise unify them ("duck sizing") and specialise.
 # Odd and even sizes mix, so pad_to_multiple pads some axes and not others.

@@ -8,9 +8,6 @@ from diffunet import UNet
 from diffunet.diffusion import Diffusion
 from diffunet.introspect import small_config
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 
 def identity(x, t, **kwargs):
     return x

@@ -36,9 +36,6 @@ ALLOWANCE = {("ddpm", 1000, 0.0): 0.02, ("ddim", 50, 0.0): 0.12, ("ddim", 50, 1.
              ("dpm++", 20, 0.0): 0.10}
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 # ---------------------------------------------------------------------- schedules (independent)
 def cosine_table(steps: int = T) -> np.ndarray:
     """Improved-DDPM cosine ᾱ_t, t = 0..T−1 (β capped at 0.999)."""

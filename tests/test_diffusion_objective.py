@@ -19,8 +19,6 @@ from test_diffusion_exact import GAUSS_COV, GAUSS_MEAN, cosine_table, gaussian
 
 PREDICTIONS = ["eps", "x0", "v"]
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 
 # ---------------------------------------------------------------------- parameterisations

@@ -10,9 +10,6 @@ from test_diffusion_exact import MIX_COVS, MIX_MEANS, MIX_WEIGHTS, ExactDenoiser
 T = 1000
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 def mixture(diffusion: Diffusion, prediction: str = "eps") -> ExactDenoiser:
     """The exact (nonlinear) denoiser of a two-Gaussian mixture on this diffusion's schedule."""
     table = diffusion.schedule.alphas_cumprod.numpy()

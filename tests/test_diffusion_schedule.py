@@ -11,9 +11,6 @@ from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr as di
 from diffunet.diffusion import SCHEDULES, Diffusion, NoiseSchedule
 from test_diffusion_exact import cosine_table, linear_table, sigmoid_table
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 
 @pytest.mark.parametrize(("ours", "theirs"), [("linear", "linear"), ("cosine", "squaredcos_cap_v2")])
 def test_tables_match_diffusers(ours, theirs):

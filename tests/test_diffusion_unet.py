@@ -8,9 +8,6 @@ from diffunet import UNet
 from diffunet.diffusion import Diffusion
 from diffunet.introspect import small_config
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 
 def finite_gradients(model: torch.nn.Module) -> bool:
     grads = [p.grad for p in model.parameters() if p.requires_grad]

@@ -12,8 +12,6 @@ from diffunet.introspect import small_config
 from diffunet.restoration import Restoration, restore
 from diffunet.tiling import blend_window, ramp_window, resolve_tiling, tile_starts, tiled_map
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def returns_cond(x, t, *, cond):
     """An x₀-predicting "model" that returns its conditioning image."""

@@ -21,8 +21,6 @@ from diffunet.introspect import small_config
 from diffunet.io import save_pretrained
 from diffunet.restore_io import GAP, read_input
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 class ReturnsCond(torch.nn.Module):
     """An x₀-predicting "model" that returns its conditioning image (optionally with a log σ²)."""
