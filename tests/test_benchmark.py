@@ -29,15 +29,6 @@ from diffunet.benchmark import (
 HAS_MONAI = importlib.util.find_spec("monai") is not None
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny ops on a shared 2-core machine: one thread avoids OpenMP barrier stalls.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_arguments(parser)

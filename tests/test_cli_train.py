@@ -20,13 +20,6 @@ TINY = ["--image-size", "8", "--batch-size", "16", "--threads", "1", "--precisio
         "--sample-steps", "4", "--no-eval", "--log-every", "5", *TINY_MODEL]
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     """Run `diffunet ...` in-process; return (exit code, stdout, stderr)."""
     code = main([str(a) for a in argv])

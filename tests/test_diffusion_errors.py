@@ -9,16 +9,6 @@ from diffunet.diffusion import Diffusion
 from diffunet.introspect import small_config
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread is as fast and immune to contention on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-
 def identity(x, t, **kwargs):
     return x
 

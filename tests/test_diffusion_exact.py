@@ -36,15 +36,6 @@ ALLOWANCE = {("ddpm", 1000, 0.0): 0.02, ("ddim", 50, 0.0): 0.12, ("ddim", 50, 1.
              ("dpm++", 20, 0.0): 0.10}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny; one thread avoids thread contention on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------- schedules (independent)
 def cosine_table(steps: int = T) -> np.ndarray:
     """Improved-DDPM cosine ᾱ_t, t = 0..T−1 (β capped at 0.999)."""

@@ -19,14 +19,6 @@ from test_diffusion_exact import GAUSS_COV, GAUSS_MEAN, cosine_table, gaussian
 
 PREDICTIONS = ["eps", "x0", "v"]
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread is as fast and immune to contention on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 
 # ---------------------------------------------------------------------- parameterisations

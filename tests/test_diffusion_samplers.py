@@ -10,14 +10,6 @@ from test_diffusion_exact import MIX_COVS, MIX_MEANS, MIX_WEIGHTS, ExactDenoiser
 T = 1000
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def mixture(diffusion: Diffusion, prediction: str = "eps") -> ExactDenoiser:
     """The exact (nonlinear) denoiser of a two-Gaussian mixture on this diffusion's schedule."""
     table = diffusion.schedule.alphas_cumprod.numpy()

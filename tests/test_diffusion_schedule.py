@@ -12,16 +12,6 @@ from diffunet.diffusion import SCHEDULES, Diffusion, NoiseSchedule
 from test_diffusion_exact import cosine_table, linear_table, sigmoid_table
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread is as fast and immune to contention on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-
 @pytest.mark.parametrize(("ours", "theirs"), [("linear", "linear"), ("cosine", "squaredcos_cap_v2")])
 def test_tables_match_diffusers(ours, theirs):
     reference = DDPMScheduler(num_train_timesteps=1000, beta_schedule=theirs).alphas_cumprod

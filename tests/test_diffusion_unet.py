@@ -9,16 +9,6 @@ from diffunet.diffusion import Diffusion
 from diffunet.introspect import small_config
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread is as fast and immune to contention on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-
 def finite_gradients(model: torch.nn.Module) -> bool:
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     return all(g is not None and torch.isfinite(g).all() for g in grads) and any(

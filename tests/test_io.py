@@ -82,16 +82,23 @@ def test_wrapped_models_save_their_inner_unet(model, tmp_path):
     assert_bit_identical(load_pretrained(tmp_path / "w"), model)
 
 
-def test_pretrained_mixin_gives_save_and_from_pretrained(model, tmp_path):
-    class MixedUNet(PretrainedMixin, UNet):
+def test_subclasses_load_as_themselves(model, tmp_path):
+    class MyUNet(UNet):
         pass
 
-    mixed = MixedUNet(model.config)
-    mixed.load_state_dict(model.state_dict())
-    mixed.save_pretrained(tmp_path / "m")
-    loaded = MixedUNet.from_pretrained(tmp_path / "m")
-    assert type(loaded) is MixedUNet
-    assert_bit_identical(loaded, model)
+    mine = MyUNet(model.config)
+    mine.load_state_dict(model.state_dict())
+    mine.save_pretrained(tmp_path / "m")
+    for loaded in (MyUNet.from_pretrained(tmp_path / "m"),
+                   load_pretrained(tmp_path / "m", model_class=MyUNet)):
+        assert type(loaded) is MyUNet
+        assert_bit_identical(loaded, model)
+
+
+def test_unet_gets_its_checkpoint_methods_from_the_mixin():
+    assert issubclass(UNet, PretrainedMixin)
+    for name in ("save_pretrained", "from_pretrained", "push_to_hub"):
+        assert name not in vars(UNet), f"UNet redefines {name}; PretrainedMixin has it"
 
 
 def test_unet_methods(model, tmp_path):

@@ -13,15 +13,6 @@ from diffunet.restoration import Restoration, restore
 from diffunet.tiling import blend_window, ramp_window, resolve_tiling, tile_starts, tiled_map
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread is as fast and immune to contention on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def returns_cond(x, t, *, cond):
     """An x₀-predicting "model" that returns its conditioning image."""
     return cond

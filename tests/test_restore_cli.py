@@ -22,15 +22,6 @@ from diffunet.io import save_pretrained
 from diffunet.restore_io import GAP, read_input
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is as fast and immune to contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class ReturnsCond(torch.nn.Module):
     """An x₀-predicting "model" that returns its conditioning image (optionally with a log σ²)."""
 

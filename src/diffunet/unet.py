@@ -7,8 +7,6 @@ attention, conditioning, resampling and skip topology are all placed by the conf
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,6 +18,7 @@ from .nn.fused import norm_act
 from .nn.ops import TimestepEmbedding, conv_nd, conv_transpose_nd, normalization, zero_module
 from .nn.resample import Downsample, Upsample
 from .nn.resblock import ResBlock
+from .pretrained import PretrainedMixin
 
 _CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
 
@@ -49,11 +48,12 @@ class EmbedSequential(nn.Sequential):
         return x
 
 
-class UNet(nn.Module):
+class UNet(PretrainedMixin, nn.Module):
     """The diffunet U-Net for 1D signals, 2D images and 3D volumes.
 
     `forward(x, t, *, cond=None, context=None, labels=None)` predicts a tensor shaped like `x`
     with `config.output_channels` channels (mean then log-variance for the aleatoric head).
+    `save_pretrained`, `from_pretrained` and `push_to_hub` come from `PretrainedMixin`.
     """
 
     def __init__(self, config: UNetConfig) -> None:
@@ -192,19 +192,6 @@ class UNet(nn.Module):
         """Number of parameters (all, or only those that require grad)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write `config.json` + `model.safetensors` into `directory` (see `diffunet.io`)."""
-        from .io import save_pretrained
-
-        return save_pretrained(self, directory)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, **kwargs) -> UNet:
-        """Load a checkpoint folder written by `save_pretrained` (see `diffunet.io.load_pretrained`)."""
-        from .io import load_pretrained
-
-        return load_pretrained(name_or_path, model_class=cls, **kwargs)
-
     @staticmethod
     def split_aleatoric(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Split an aleatoric output into `(mean, log_variance)` along channels."""
@@ -265,7 +252,7 @@ class UNet(nn.Module):
         if self.out_logvar is not None:
             out = torch.cat([out, self._run_head(self.out_logvar, h)], dim=1)
         if pads is not None:
-            out = out[(..., *(slice(0, s) for s in spatial))]
+            out = F.pad(out, [-amount for amount in pads])  # crop back; a copy, not a view
         return out
 
     @staticmethod
@@ -280,6 +267,8 @@ class UNet(nn.Module):
 
     def _padding(self, spatial: tuple[int, ...]) -> list[int] | None:
         multiple = self.config.size_multiple()
+        if self.config.pad_to_multiple and torch.compiler.is_compiling():
+            return self._pads(spatial, multiple)  # no branch on divisibility: one graph for all sizes
         if all(s % m == 0 for s, m in zip(spatial, multiple)):
             return None
         if not self.config.pad_to_multiple:
@@ -290,9 +279,14 @@ class UNet(nn.Module):
                 "Resize or crop the input, or set pad_to_multiple=True in the config to pad "
                 "and crop back automatically."
             )
+        return self._pads(spatial, multiple)
+
+    @staticmethod
+    def _pads(spatial: tuple[int, ...], multiple: tuple[int, ...]) -> list[int]:
+        """`F.pad` amounts (last axis first) that round each axis up to its multiple."""
         pads: list[int] = []
         for s, m in zip(reversed(spatial), reversed(multiple)):
-            pads += [0, (-s) % m]
+            pads += [0, (s + m - 1) // m * m - s]  # not (-s) % m: Inductor cannot lower a symbolic %
         return pads
 
     def _check_inputs(self, x, t, cond, context, labels) -> torch.Tensor | None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..config import UNetConfig
-from ..io import CheckpointError, _build_with_weights, load_state_dict
+from ..pretrained import CheckpointError, _build_with_weights, load_state_dict
 
 _TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
