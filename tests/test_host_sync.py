@@ -65,3 +65,22 @@ def test_sampling_does_not_sync(sampler):
     with no_sync():
         diffusion.sample(model, (4, 3, 16, 16), generator=torch.Generator("cuda").manual_seed(0),
                          **kwargs)
+
+
+def test_noise_level_loss_with_a_cpu_generator_does_not_sync():
+    """EMDiffuse's continuous noise levels, drawn on the host as the Trainer does."""
+    torch.manual_seed(0)
+    model = UNet(small_config("emdiffuse")).cuda()
+    x = torch.randn(4, 1, 16, 16, device="cuda")
+    cond = torch.randn(4, 1, 16, 16, device="cuda")
+    t = torch.randint(0, 1000, (4,), device="cuda")
+    diffusion = Diffusion("linear", 1000, "x0")
+
+    def loss():
+        generator = torch.Generator().manual_seed(0)
+        return diffusion.loss(model, x, cond=cond, timesteps=t, noise=torch.randn_like(x),
+                              generator=generator)
+
+    loss().backward()
+    with no_sync():
+        loss().backward()

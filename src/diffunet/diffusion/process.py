@@ -110,7 +110,6 @@ class Diffusion:
                 f"got {type(schedule).__name__}"
             )
         self.prediction = check_prediction(prediction)
-        self._alpha_bar_by_device: dict[torch.device, torch.Tensor] = {}
         if self.prediction == "eps" and self.schedule.has_zero_terminal_snr:
             raise ValueError(
                 "prediction='eps' cannot be used with a zero-terminal-SNR schedule: at the last "
@@ -162,12 +161,6 @@ class Diffusion:
             return ab.sqrt().to(x0.dtype) * x0 + (1.0 - ab).sqrt().to(x0.dtype) * noise
         return math.sqrt(alpha_bar) * x0 + math.sqrt(1.0 - alpha_bar) * noise
 
-    def _alpha_bar_on(self, device: torch.device) -> torch.Tensor:
-        """ᾱ of every step on `device`, copied there once (a copy per step would sync)."""
-        if device not in self._alpha_bar_by_device:
-            self._alpha_bar_by_device[device] = self.schedule.alphas_cumprod.to(device)
-        return self._alpha_bar_by_device[device]
-
     # ------------------------------------------------------------------ training
     def loss(
         self,
@@ -199,7 +192,7 @@ class Diffusion:
         if uses_noise_level(model):
             alpha_bar = self.schedule.sample_noise_levels(timesteps, generator)
         else:
-            alpha_bar = self._alpha_bar_on(device)[timesteps]
+            alpha_bar = self.schedule.tables_on(device)[0][timesteps]
         if noise is None:
             noise = (draw_noise(x0.shape, generator, device) if generator is not None
                      else torch.randn_like(x0))

@@ -95,6 +95,7 @@ class NoiseSchedule:
             raise ValueError("alphas_cumprod must be non-increasing (later steps are noisier)")
         self.alphas_cumprod = values
         self.name = name
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def create(
@@ -167,6 +168,18 @@ class NoiseSchedule:
         frac = position - low
         return table[low] * (1.0 - frac) + table[(low + 1).clamp(max=len(self))] * frac
 
+    def tables_on(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """`alphas_cumprod` and `[1, *alphas_cumprod]` on `device`, copied there once.
+
+        A host → GPU copy waits for the GPU to finish its queued work; the training loss needs
+        these tables every step, so they are cached per device.
+        """
+        device = torch.device(device)
+        if device not in self._on_device:
+            padded = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod])
+            self._on_device[device] = (self.alphas_cumprod.to(device), padded.to(device))
+        return self._on_device[device]
+
     def sample_noise_levels(
         self, t: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
@@ -176,10 +189,12 @@ class NoiseSchedule:
         uniform draw comes from `generator` (on its device), else from `t`'s device's RNG.
         """
         t = t.long()
-        table = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod]).to(t.device)
+        table = self.tables_on(t.device)[1]
         upper, lower = table[t], table[t + 1]
         source = generator.device if generator is not None else t.device
         u = torch.rand(t.shape, generator=generator, dtype=torch.float64, device=source)
+        if u.device != t.device and t.is_cuda:  # a CPU generator's draws: copy without waiting
+            u = u.pin_memory().to(t.device, non_blocking=True)
         return lower + (upper - lower) * u.to(t.device)
 
     def timesteps_for(self, steps: int, spacing: str = "trailing") -> list[int]:
