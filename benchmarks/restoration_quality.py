@@ -211,7 +211,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pairs", type=int, default=8192, help="training pairs (random crops)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--ema-decay", type=float, default=0.99)
-    p.add_argument("--prediction", default="x0", choices=("eps", "x0", "v"))
+    p.add_argument("--prediction", default="v", choices=("eps", "x0", "v"),
+                   help="v (default): its samples' spread tracks the error; x0 collapses it")
     p.add_argument("--schedule", default="cosine", choices=("linear", "cosine", "sigmoid"))
     p.add_argument("--samples", type=int, default=8, help="K samples per input")
     p.add_argument("--sample-steps", type=int, default=10, help="sampling steps")
