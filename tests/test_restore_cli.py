@@ -330,6 +330,17 @@ def test_train_task_restore_without_data_uses_the_embedded_em_pairs(tmp_path):
     assert data["source"] == "em-pairs" and data["held_out_images"] == ["coins", "page"]
 
 
+def test_task_restore_defaults_to_the_measured_training_settings():
+    from diffunet.training_config import from_dict
+
+    restore = from_dict({"data": {"task": "restore"}})
+    assert (restore.train.steps, restore.train.batch_size, restore.train.lr) == (2500, 32, 1e-3)
+    chosen = from_dict({"data": {"task": "restore"}, "train": {"batch_size": 8}})
+    assert (chosen.train.steps, chosen.train.batch_size) == (2500, 8)  # given values win
+    digits = from_dict({})
+    assert (digits.train.steps, digits.train.batch_size, digits.train.lr) == (1500, 64, 2e-3)
+
+
 def test_train_task_restore_on_unpaired_data_is_a_one_line_error(tmp_path, capsys):
     folder = tmp_path / "images"
     folder.mkdir()
