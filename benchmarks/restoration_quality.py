@@ -98,13 +98,17 @@ def quality(clean: np.ndarray, estimate: np.ndarray) -> dict[str, float]:
 
 def uncertainty_quality(clean: np.ndarray, estimate: np.ndarray,
                         std: np.ndarray) -> dict[str, float]:
-    """Spearman ρ(uncertainty, |error|) and the error share of the 10 % most uncertain pixels."""
+    """Spearman ρ(uncertainty, |error|) and the error shares of the 10, 25 and 50 % most
+    uncertain pixels."""
     error = np.abs(np.clip(estimate, 0, 1).astype(np.float64) - clean).ravel()
     std = std.astype(np.float64).ravel()
     rho = float(spearmanr(std, error).statistic)
-    top = np.argsort(-std, kind="stable")[: max(1, len(std) // 10)]
-    return {"spearman": rho, "top10_error_share": float(error[top].sum() / error.sum()),
-            "mean_std": float(std.mean()), "rmse": float(np.sqrt(np.mean(error**2)))}
+    order = np.argsort(-std, kind="stable")
+    shares = {f"top{percent}_error_share":
+              float(error[order[: max(1, len(std) * percent // 100)]].sum() / error.sum())
+              for percent in (10, 25, 50)}
+    return {"spearman": rho, **shares, "mean_std": float(std.mean()),
+            "rmse": float(np.sqrt(np.mean(error**2)))}
 
 
 # ---------------------------------------------------------------------------- training
