@@ -102,22 +102,19 @@ UNET_3D = UNetConfig(
 )
 
 
+#: The 2D cases: preset → (size, batch) at full scale and in `--quick` mode.
+_PRESET_CASES = {"ddpm-cifar10": ((32, 128), (16, 2)), "ldm": ((256, 16), (32, 2))}
+
+
 def build_case(name: str, quick: bool = False) -> Case:
     """The :class:`Case` called `name` (one of ``MODEL_CASES``), tiny when `quick`."""
-    if name == "ddpm-cifar10":
-        config = preset("ddpm-cifar10")
+    if name in _PRESET_CASES:
+        size, batch = _PRESET_CASES[name][1 if quick else 0]
+        config = preset(name)
         if quick:
-            config = config.replace(model_channels=16, norm_groups=8, image_size=16)
-        size = 16 if quick else 32
-        return Case(name, config, "diffusers", 2 if quick else 128, (size, size), "img",
-                    f"ddpm-cifar10 preset, {size}², vs diffusers UNet2DModel")
-    if name == "ldm":
-        config = preset("ldm")
-        if quick:
-            config = config.replace(model_channels=16, norm_groups=8, image_size=32)
-        size = 32 if quick else 256
-        return Case(name, config, "diffusers", 2 if quick else 16, (size, size), "img",
-                    f"ldm preset, {size}², vs diffusers UNet2DModel")
+            config = config.replace(model_channels=16, norm_groups=8, image_size=size)
+        return Case(name, config, "diffusers", batch, (size, size), "img",
+                    f"{name} preset, {size}², vs diffusers UNet2DModel")
     if name == "3d":
         config = UNET_3D
         if quick:

@@ -192,7 +192,7 @@ class Diffusion:
         if uses_noise_level(model):
             alpha_bar = self.schedule.sample_noise_levels(timesteps, generator)
         else:
-            alpha_bar = self.schedule.tables_on(device)[0][timesteps]
+            alpha_bar = self.schedule.alphas_cumprod_on(device)[timesteps]
         if noise is None:
             noise = (draw_noise(x0.shape, generator, device) if generator is not None
                      else torch.randn_like(x0))

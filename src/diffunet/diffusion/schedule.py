@@ -162,19 +162,25 @@ class NoiseSchedule:
     def alpha_bar_at(self, t: torch.Tensor) -> torch.Tensor:
         """ᾱ at (possibly fractional) step indices `t`, linearly interpolated; float64, t's shape."""
         t = torch.as_tensor(t, dtype=torch.float64).cpu()
-        table = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod])
+        table = self._padded_on(torch.device("cpu"))
         position = (t + 1.0).clamp(0.0, float(len(self)))
         low = position.floor().long().clamp(max=len(self) - 1)
         frac = position - low
         return table[low] * (1.0 - frac) + table[(low + 1).clamp(max=len(self))] * frac
 
-    def tables_on(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-        """`alphas_cumprod` and `[1, *alphas_cumprod]` on `device`, copied there once.
+    def alphas_cumprod_on(self, device: torch.device | str) -> torch.Tensor:
+        """`alphas_cumprod` on `device`, copied there once.
 
         A host → GPU copy waits for the GPU to finish its queued work; the training loss needs
-        these tables every step, so they are cached per device.
+        the table every step, so it is cached per device (with the padded table below).
         """
-        device = torch.device(device)
+        return self._tables_on(torch.device(device))[0]
+
+    def _padded_on(self, device: torch.device) -> torch.Tensor:
+        """`[1, *alphas_cumprod]` (ᾱ before the first step is 1) on `device`, cached."""
+        return self._tables_on(device)[1]
+
+    def _tables_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._on_device:
             padded = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod])
             self._on_device[device] = (self.alphas_cumprod.to(device), padded.to(device))
@@ -189,7 +195,7 @@ class NoiseSchedule:
         uniform draw comes from `generator` (on its device), else from `t`'s device's RNG.
         """
         t = t.long()
-        table = self.tables_on(t.device)[1]
+        table = self._padded_on(t.device)
         upper, lower = table[t], table[t + 1]
         source = generator.device if generator is not None else t.device
         u = torch.rand(t.shape, generator=generator, dtype=torch.float64, device=source)
