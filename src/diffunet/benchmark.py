@@ -1035,6 +1035,19 @@ def classify_kernel(name: str) -> str:
     return "other"
 
 
+def _launch_chain(evt: Any, depth: int = 5) -> str:
+    """The op that launched a kernel with up to `depth - 1` of its callers, outermost first.
+
+    ``aten::copy_`` alone does not say why a copy ran; ``aten::convolution_backward >
+    aten::contiguous > aten::copy_`` does.
+    """
+    names = []
+    while evt is not None and len(names) < depth:
+        names.append(evt.name)
+        evt = evt.cpu_parent
+    return " > ".join(reversed(names))
+
+
 def kernel_breakdown(prof: Any, steps: int, device: torch.device,
                      top: int = 15) -> dict[str, Any]:
     """Group a profile's GPU kernel time (self CPU time of aten ops on the CPU) by class.
@@ -1054,7 +1067,7 @@ def kernel_breakdown(prof: Any, steps: int, device: torch.device,
                 by_name[evt.name][1] += 1
             elif evt.device_type == DeviceType.CPU and getattr(evt, "kernels", None):
                 for k in evt.kernels:
-                    launchers[classify_kernel(k.name)][evt.name] += k.duration
+                    launchers[classify_kernel(k.name)][_launch_chain(evt)] += k.duration
     else:
         for evt in events:
             if evt.device_type == DeviceType.CPU and evt.name.startswith("aten::"):
@@ -1075,7 +1088,7 @@ def kernel_breakdown(prof: Any, steps: int, device: torch.device,
                          "ms_per_step": us / 1e3 / steps,
                          "share": us / total_us if total_us else 0.0}
                         for name, (us, calls) in ranked],
-        "launchers": {cls: [{"op": op[:120], "ms_per_step": us / 1e3 / steps}
+        "launchers": {cls: [{"op": op[:200], "ms_per_step": us / 1e3 / steps}
                             for op, us in sorted(ops.items(), key=lambda kv: -kv[1])[:6]]
                       for cls, ops in launchers.items()},
     }
@@ -1153,10 +1166,9 @@ def format_profile(result: dict[str, Any]) -> str:
         for k in run["top_kernels"][:8]:
             lines.append(f"  {100 * k['share']:5.1f}% {k['ms_per_step']:8.2f} ms "
                          f"{k['class']:<18} {k['name'][:90]}")
-        elem = run.get("launchers", {}).get("elementwise/copies")
-        if elem:
-            ops = ", ".join(f"{e['op']} {e['ms_per_step']:.1f} ms" for e in elem[:4])
-            lines.append(f"  elementwise/copies launched by: {ops}")
+        for cls, ops in run.get("launchers", {}).items():
+            lines.append(f"  {cls} launched by:")
+            lines += [f"    {e['ms_per_step']:7.2f} ms  {e['op'][:150]}" for e in ops[:5]]
     for err in result["errors"]:
         lines.append(f"error {err['where']}: {err['error'][:200]}")
     return "\n".join(lines)

@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import UNetConfig, nearest_valid_sizes
 from .nn.attention import AttentionBlock
+from .nn.conv import convolve
 from .nn.fused import norm_act
 from .nn.ops import TimestepEmbedding, conv_nd, conv_transpose_nd, normalization, zero_module
 from .nn.resample import Downsample, Upsample
@@ -44,7 +45,7 @@ class EmbedSequential(nn.Sequential):
             elif isinstance(layer, AttentionBlock):
                 x = layer(x, context)
             else:
-                x = layer(x)
+                x = convolve(layer, x)  # the stem; any other layer is just called
         return x
 
 
@@ -258,7 +259,7 @@ class UNet(PretrainedMixin, nn.Module):
     @staticmethod
     def _run_head(head: nn.Sequential, h: torch.Tensor) -> torch.Tensor:
         norm, _, conv = head  # GroupNorm, SiLU, conv: the norm and SiLU run fused
-        return conv(norm_act(norm, h))
+        return convolve(conv, norm_act(norm, h))
 
     def _run(self, block: EmbedSequential, h: torch.Tensor, emb, context) -> torch.Tensor:
         if self.config.use_checkpoint and self.training and torch.is_grad_enabled():

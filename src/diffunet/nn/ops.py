@@ -13,7 +13,7 @@ _AVG_POOL = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
 
 
 def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
-    """`nn.Conv1d/2d/3d` chosen by `dims`."""
+    """`nn.Conv1d/2d/3d` chosen by `dims` (call it through `conv.convolve`)."""
     return _CONV[dims](*args, **kwargs)
 
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .conv import convolve
 from .ops import avg_pool_nd, conv_nd, conv_transpose_nd
 
 
@@ -35,7 +36,7 @@ class Downsample(nn.Module):
         """Downsample `x`."""
         if self.pad is not None:
             x = F.pad(x, self.pad)
-        return self.op(x)
+        return convolve(self.op, x)
 
 
 class Upsample(nn.Module):
@@ -63,5 +64,5 @@ class Upsample(nn.Module):
             return self.conv(x)
         x = F.interpolate(x, scale_factor=self.factors, mode="nearest")
         if self.mode == "nearest_conv":
-            x = self.conv(x)
+            x = convolve(self.conv, x)
         return x

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .conv import convolve
 from .fused import norm_act
 from .ops import conv_nd, normalization, zero_module
 from .resample import Downsample, Upsample
@@ -64,7 +65,7 @@ class ResBlock(nn.Module):
         h = norm_act(self.in_norm, x)
         if self.resample is not None:
             h, x = self.resample(h), self.resample(x)
-        h = self.in_conv(h)
+        h = convolve(self.in_conv, h)
         if self.emb_proj is None:
             h = norm_act(self.out_norm, h)
         elif self.use_scale_shift_norm:
@@ -72,5 +73,5 @@ class ResBlock(nn.Module):
             h = norm_act(self.out_norm, h, scale=scale, shift=shift)
         else:
             h = norm_act(self.out_norm, h + self.emb_proj(emb).view(*emb.shape[:1], -1, *[1] * self.dims))
-        h = self.out_conv(self.dropout(h))
-        return self.skip(x) + h
+        h = convolve(self.out_conv, self.dropout(h))
+        return convolve(self.skip, x) + h

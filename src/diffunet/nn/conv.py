@@ -1,0 +1,156 @@
+"""Convolutions whose backward pass never converts layouts under `torch.compile`.
+
+cuDNN wants a convolution's input and output gradient in the weight's memory format
+(channels-last here). In eager PyTorch they are. Under `torch.compile`, Inductor
+recomputes the cheap GroupNorm → SiLU that produces a convolution's input inside the backward
+graph, and in PyTorch 2.11 it writes that tensor NCHW-contiguous, because nothing constrains
+the layout of what it hands to the `aten.convolution_backward` fallback. The backward then
+copies the input to channels-last and the output gradient to the input's layout: measured on an
+H100, 24 ms of a 121 ms `ldm` training step (docs/performance.md).
+
+`convolve(conv, x)` routes a plain `nn.ConvNd` through the custom ops below while Dynamo
+traces: the convolution becomes an extern call that Inductor must feed in fixed strides, and
+`convolve` asks for cuDNN's layout, so the recomputing kernels write channels-last directly
+and the copies vanish. The bias is added outside the op, where Inductor fuses it into the next
+kernel. In eager mode and (non-strict) `torch.export` it is just `conv(x)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+_FIXED_STRIDES = (torch.Tag.needs_fixed_stride_order,)
+
+
+def _aten_convolution(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int],
+                      padding: Sequence[int], dilation: Sequence[int],
+                      groups: int) -> torch.Tensor:
+    return torch.ops.aten.convolution(x, weight, None, stride, padding, dilation, False,
+                                      [0] * len(stride), groups)
+
+
+@torch.library.custom_op("diffunet::convolution", mutates_args=(), tags=_FIXED_STRIDES)
+def convolution(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int],
+                padding: Sequence[int], dilation: Sequence[int], groups: int) -> torch.Tensor:
+    """`aten.convolution` without bias, as an op whose inputs keep their eager strides."""
+    return _aten_convolution(x, weight, stride, padding, dilation, groups)
+
+
+@convolution.register_fake
+def _convolution_fake(x, weight, stride, padding, dilation, groups):
+    return _aten_convolution(x, weight, stride, padding, dilation, groups)
+
+
+def _aten_convolution_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                               stride: Sequence[int], padding: Sequence[int],
+                               dilation: Sequence[int], groups: int, input_grad: bool,
+                               weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad, x, weight, None, stride, padding, dilation, False, [0] * len(stride), groups,
+        [input_grad, weight_grad, False])
+    # A custom op returns tensors, never None: an empty tensor stands for "not asked for".
+    return (grad_x if input_grad else x.new_empty(0),
+            grad_weight if weight_grad else weight.new_empty(0))
+
+
+@torch.library.custom_op("diffunet::convolution_backward", mutates_args=(), tags=_FIXED_STRIDES)
+def convolution_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                         stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                         groups: int, input_grad: bool,
+                         weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of `convolution` with respect to its input and weight (empty if not asked)."""
+    return _aten_convolution_backward(grad, x, weight, stride, padding, dilation, groups,
+                                      input_grad, weight_grad)
+
+
+@convolution_backward.register_fake
+def _convolution_backward_fake(grad, x, weight, stride, padding, dilation, groups, input_grad,
+                               weight_grad):
+    return _aten_convolution_backward(grad, x, weight, stride, padding, dilation, groups,
+                                      input_grad, weight_grad)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.geometry = (stride, padding, dilation, groups)
+    ctx.memory_format = cudnn_memory_format(x, weight)
+
+
+def _backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    want_x, want_weight = ctx.needs_input_grad[:2]
+    grad = grad.contiguous(memory_format=ctx.memory_format)
+    grad_x, grad_weight = convolution_backward(grad, x, weight, *ctx.geometry, want_x,
+                                               want_weight)
+    return (grad_x if want_x else None, grad_weight if want_weight else None,
+            None, None, None, None)
+
+
+convolution.register_autograd(_backward, setup_context=_setup_context)
+
+
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def _prefers(t: torch.Tensor, memory_format: torch.memory_format) -> bool:
+    return t.is_contiguous(memory_format=memory_format) and not t.is_contiguous()
+
+
+def cudnn_memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
+    """The layout cuDNN convolves `x` with `weight` in: channels-last if either one is."""
+    channels_last = _CHANNELS_LAST.get(x.ndim)
+    if channels_last is not None and (_prefers(x, channels_last) or _prefers(weight, channels_last)):
+        return channels_last
+    return torch.contiguous_format
+
+
+def _compiling_for_inductor() -> bool:
+    """While Dynamo traces for `torch.compile`; not in eager mode or non-strict `torch.export`.
+
+    Exported programs keep plain aten convolutions, which ONNX and the pt2e quantizer know.
+    `torch.compiler.is_exporting()` cannot tell the two apart: PyTorch 2.11 reports True inside
+    `torch.compile` too (measured), so the test is for Dynamo itself.
+    """
+    return torch.compiler.is_dynamo_compiling()
+
+
+_PLAIN_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _routable(conv: nn.Module) -> bool:
+    """A plain `nn.ConvNd` with zero padding, no hooks and a plain weight."""
+    return (type(conv) in _PLAIN_CONVS
+            and conv.padding_mode == "zeros"
+            and not isinstance(conv.padding, str)
+            and type(conv.weight) in (nn.Parameter, torch.Tensor)
+            and not (conv._forward_hooks or conv._forward_pre_hooks))
+
+
+def convolve(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`conv(x)`; under `torch.compile`, through the layout-stable custom ops above.
+
+    The model keeps plain `nn.ConvNd` modules (tools that match module types, such as the pt2e
+    quantizers, see exactly those); only this call differs while Dynamo traces. Anything else
+    (a subclass, hooks, other padding modes, a tensor-subclass weight) runs `conv(x)`.
+    """
+    if not (_compiling_for_inductor() and _routable(conv)):
+        return conv(x)
+    weight, bias = conv.weight, conv.bias
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    # Eager CUDA GroupNorm hands back NCHW even for channels-last input, and the custom op pins
+    # the strides Inductor saw while tracing: ask for cuDNN's layout here, and the kernel that
+    # produces `x` writes it that way (no extra copy).
+    x = x.contiguous(memory_format=cudnn_memory_format(x, weight))
+    out = convolution(x, weight, list(conv.stride), list(conv.padding), list(conv.dilation),
+                      conv.groups)
+    if bias is not None:
+        out = out + bias.view(-1, *[1] * (out.ndim - 2))
+    return out

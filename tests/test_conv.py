@@ -1,0 +1,218 @@
+"""Layout-stable convolutions (`diffunet.nn.conv`): exact against `nn.ConvNd`, plain in exports."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffunet.nn.conv import convolve, cudnn_memory_format
+from diffunet.nn.ops import conv_nd
+
+
+class Convolve(nn.Module):
+    """`convolve(conv, x)` as a module, the way the model's blocks call their convolutions."""
+
+    def __init__(self, conv: nn.Module) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return convolve(self.conv, x)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles `nn.Conv*.forward` anew (Dynamo stops recompiling after 8 variants)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _call_targets(gm: torch.fx.GraphModule) -> set[str]:
+    return {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+
+
+def _graphs_counted(module: nn.Module, *args: torch.Tensor) -> list[dict[str, int]]:
+    """Per captured graph, how often each op is called."""
+    seen: list[dict[str, int]] = []
+
+    def backend(gm, inputs):
+        counts: dict[str, int] = {}
+        for n in gm.graph.nodes:
+            if n.op == "call_function":
+                counts[str(n.target)] = counts.get(str(n.target), 0) + 1
+        seen.append(counts)
+        return gm
+
+    torch.compile(module, backend=backend)(*args)
+    return seen
+
+
+def _graphs(module: nn.Module, *args: torch.Tensor) -> list[set[str]]:
+    """The ops of every graph Dynamo captures when `module(*args)` is compiled."""
+    seen: list[set[str]] = []
+
+    def backend(gm, inputs):
+        seen.append(_call_targets(gm))
+        return gm
+
+    torch.compile(module, backend=backend)(*args)
+    return seen
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("options", [dict(padding=1), dict(stride=2, padding=0, bias=False),
+                                     dict(padding=2, dilation=2, groups=2)])
+def test_compiled_forward_and_gradients_equal_eager(dims, options):
+    torch.manual_seed(0)
+    conv = conv_nd(dims, 4, 6, 3, **options)
+    x = torch.randn(2, 4, *[9] * dims, requires_grad=True)
+    expected = conv(x)
+    expected.square().sum().backward()
+    grads = [x.grad.clone()] + [p.grad.clone() for p in conv.parameters()]
+    x.grad = None
+    conv.zero_grad()
+
+    out = torch.compile(Convolve(conv), backend="aot_eager")(x)
+    out.square().sum().backward()
+
+    # float32 tolerances: only the order of the bias-gradient reduction differs
+    torch.testing.assert_close(out, expected)
+    for got, want in zip([x.grad] + [p.grad for p in conv.parameters()], grads, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_compiled_under_autocast_matches_eager_within_bf16_rounding():
+    torch.manual_seed(0)
+    conv = conv_nd(2, 8, 16, 3, padding=1)
+    x = torch.randn(2, 8, 12, 12)
+    compiled = torch.compile(Convolve(conv), backend="aot_eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, out = conv(x), compiled(x)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    # eager adds the bias inside the convolution; the compiled path adds it after rounding
+    torch.testing.assert_close(out.float(), expected.float(), rtol=0.02, atol=0.02)
+
+
+def test_input_without_gradient_gets_none():
+    conv = conv_nd(2, 3, 4, 3, padding=1)
+    x = torch.randn(1, 3, 8, 8)  # data, not a parameter: no input gradient is computed
+    torch.compile(Convolve(conv), backend="aot_eager")(x).sum().backward()
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+
+
+def test_compile_routes_through_the_custom_op_and_eager_does_not():
+    conv = conv_nd(2, 3, 4, 3, padding=1)
+    x = torch.randn(1, 3, 8, 8)
+    (ops,) = _graphs(Convolve(conv), x)
+    assert "diffunet.convolution.default" in ops
+    assert not any("conv2d" in op for op in ops)
+    assert type(conv) is nn.Conv2d  # the model holds plain modules; only the call differs
+    torch.testing.assert_close(Convolve(conv)(x), conv(x), rtol=0, atol=0)
+
+
+def test_hooks_subclasses_and_other_layers_are_just_called():
+    conv = conv_nd(2, 3, 4, 3, padding=1)
+    conv.register_forward_hook(lambda module, args, out: out * 2)
+
+    class Scaled(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x) * 3
+
+    x = torch.randn(1, 3, 8, 8)
+    for layer in (conv, Scaled(3, 4, 3, padding=1), nn.AvgPool2d(2), nn.Identity()):
+        (ops,) = _graphs(Convolve(layer), x)
+        assert not any(op.startswith("diffunet") for op in ops), layer
+        torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(Convolve(conv), backend="eager")(x), conv(x))
+
+
+def test_the_unet_compiles_every_convolution_through_the_custom_op():
+    from diffunet import UNet, UNetConfig
+
+    model = UNet(UNetConfig(dims=2, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                            attention_resolutions=(), norm_groups=8))
+    convs = sum(type(m) is nn.Conv2d for m in model.modules())
+    (ops,) = _graphs_counted(model, torch.randn(2, 3, 16, 16), torch.tensor([1.0, 2.0]))
+    assert ops["diffunet.convolution.default"] == convs
+
+
+def test_export_keeps_plain_aten_convolutions():
+    conv = conv_nd(2, 3, 4, 3, padding=1)
+    program = torch.export.export(conv, (torch.randn(2, 3, 8, 8),), strict=False)
+    ops = _call_targets(program.graph_module)
+    assert "aten.conv2d.default" in ops
+    assert not any(op.startswith("diffunet") for op in ops)
+
+
+def test_nchw_input_to_channels_last_weight_is_made_channels_last_in_the_graph():
+    """Eager CUDA GroupNorm returns NCHW: the traced graph must ask for cuDNN's layout."""
+    conv = nn.Conv2d(8, 8, 3, padding=1).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 8, 6, 6)  # NCHW, as GroupNorm hands it over on the GPU
+    strides = []
+
+    def backend(gm, inputs):
+        for node in gm.graph.nodes:
+            if node.target is torch.ops.diffunet.convolution.default:
+                strides.append(node.args[0].meta["example_value"].stride())
+        return gm
+
+    torch.compile(Convolve(conv), backend=backend)(x)
+    assert strides == [torch.empty(2, 8, 6, 6).to(memory_format=torch.channels_last).stride()]
+
+
+def test_cudnn_memory_format_follows_either_operand():
+    cl = torch.channels_last
+    w = torch.randn(4, 4, 3, 3)
+    x = torch.randn(2, 4, 5, 5)
+    assert cudnn_memory_format(x, w) == torch.contiguous_format
+    assert cudnn_memory_format(x, w.to(memory_format=cl)) == cl
+    assert cudnn_memory_format(x.to(memory_format=cl), w) == cl
+    x3, w3 = torch.randn(1, 2, 3, 3, 3), torch.randn(2, 2, 3, 3, 3)
+    assert cudnn_memory_format(x3, w3.to(memory_format=torch.channels_last_3d)) == \
+        torch.channels_last_3d
+    assert cudnn_memory_format(torch.randn(2, 4, 7), torch.randn(4, 4, 3)) == \
+        torch.contiguous_format
+
+
+@pytest.mark.gpu
+def test_compiled_training_on_gpu_makes_no_layout_copies_in_convolution_backward():
+    """The point of the module: no `contiguous`/`to` copies under the convolution backward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm1, self.conv1 = nn.GroupNorm(8, 64), conv_nd(2, 64, 64, 3, padding=1)
+            self.norm2, self.conv2 = nn.GroupNorm(8, 64), conv_nd(2, 64, 64, 3, padding=1)
+
+        def forward(self, x):
+            h = convolve(self.conv1, F.silu(self.norm1(x)))
+            return x + convolve(self.conv2, F.silu(self.norm2(h)))
+
+    block = Block().cuda().to(memory_format=torch.channels_last)
+    x = torch.randn(4, 64, 32, 32, device="cuda").to(memory_format=torch.channels_last)
+    compiled = torch.compile(block)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = compiled(x)
+        out.float().square().mean().backward()
+
+    for _ in range(2):
+        step()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    copies = []
+    for evt in prof.events():
+        if evt.name in ("aten::copy_",) and evt.kernels:
+            chain, parent = [], evt.cpu_parent
+            while parent is not None:
+                chain.append(parent.name)
+                parent = parent.cpu_parent
+            if any("convolution" in name for name in chain):
+                copies.append(" > ".join(reversed(chain)))
+    assert copies == []
