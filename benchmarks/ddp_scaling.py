@@ -1,15 +1,17 @@
 """Data-parallel scaling of `diffunet train` under torchrun: img/s on 1, 2, 4, 8 GPUs.
 
-Each measurement is a real `torchrun --nproc_per_node=N -m diffunet train` run (DDP, NCCL,
-bf16 autocast, fused AdamW, EMA, optionally `--compile`) on a synthetic array data set, with
-a fixed *per-GPU* batch (the global batch grows with N). Throughput comes from the run's own
+Each measurement is a real `torchrun --nproc_per_node=N -m diffunet train` run (DDP, or FSDP
+with `--parallel fsdp`; NCCL, bf16 autocast, fused AdamW, EMA, optionally `--compile`) on a
+synthetic array data set, with a fixed *per-GPU* batch (the global batch grows with N). Throughput comes from the run's own
 `log.csv`: the steps and elapsed time between two logged rows after the warm-up (compilation,
 cuDNN autotuning), where each logged row waits for the GPU because it reads the loss.
 
     python benchmarks/ddp_scaling.py --gpus 1,2 --cases ldm,ddpm-cifar10 --modes compile
     python benchmarks/ddp_scaling.py --gpus 1,2,4,8 --cases ldm --modes compile --steps 200
+    python benchmarks/ddp_scaling.py --gpus 1,8 --cases ldm --parallel ddp,fsdp
 
-Scaling efficiency = img/s on N GPUs ÷ (N × img/s on 1 GPU). With `--concurrent-single`, the
+Scaling efficiency = img/s on N GPUs ÷ (N × img/s on 1 GPU); the 1-GPU run is one plain
+process, the baseline of both parallel modes. With `--concurrent-single`, the
 1-GPU runs of different cases run at the same time, each on its own GPU (they share only the
 host), to save wall time. Writes `scaling.json` (and prints a table) into `--out`.
 """
@@ -55,7 +57,7 @@ def run_config(folder: Path) -> Path:
 
 
 def command(case: str, gpus: int, mode: str, steps: int, log_every: int, data: Path,
-            config: Path, out: Path, device: str = "cuda") -> list[str]:
+            config: Path, out: Path, device: str = "cuda", parallel: str = "ddp") -> list[str]:
     """The torchrun command line of one measurement."""
     preset, size, per_gpu, overrides = CASES[case]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -68,6 +70,8 @@ def command(case: str, gpus: int, mode: str, steps: int, log_every: int, data: P
            "--warmup", "10", "--no-eval", "--out", str(out), *overrides]
     if mode == "compile":
         cmd.append("--compile")
+    if parallel != "ddp":
+        cmd += ["--parallel", parallel]
     return cmd
 
 
@@ -83,25 +87,27 @@ def throughput(log_csv: Path, global_batch: int, skip_rows: int) -> dict[str, fl
 
 
 def start(case: str, gpus: int, mode: str, args: argparse.Namespace, data: Path, config: Path,
-          visible: str | None) -> tuple[subprocess.Popen, Path, float]:
+          visible: str | None, parallel: str = "ddp") -> tuple[subprocess.Popen, Path, float]:
     """Launch one measurement in the background; returns (process, run folder, start time)."""
-    out = args.out / f"{case}-{mode}-{gpus}gpu"
+    out = args.out / f"{case}-{mode}-{gpus}gpu{'' if parallel == 'ddp' else '-' + parallel}"
     if out.exists():
         shutil.rmtree(out)
     env = dict(os.environ)
     if visible is not None:
         env["CUDA_VISIBLE_DEVICES"] = visible
-    cmd = command(case, gpus, mode, args.steps, args.log_every, data, config, out, args.device)
+    cmd = command(case, gpus, mode, args.steps, args.log_every, data, config, out, args.device,
+                  parallel)
     with open(args.out / f"{out.name}.log", "w") as log:  # the child keeps its own handle
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     return proc, out, time.perf_counter()
 
 
 def finish(job: tuple[subprocess.Popen, Path, float], case: str, gpus: int, mode: str,
-           args: argparse.Namespace) -> dict:
+           args: argparse.Namespace, parallel: str = "ddp") -> dict:
     """Wait for a measurement and read its throughput."""
     proc, out, began = job
-    record = {"case": case, "gpus": gpus, "mode": mode, "per_gpu_batch": CASES[case][2],
+    record = {"case": case, "gpus": gpus, "mode": mode,
+              "parallel": "single" if gpus == 1 else parallel, "per_gpu_batch": CASES[case][2],
               "global_batch": CASES[case][2] * gpus}
     try:
         code = proc.wait(timeout=args.run_timeout)
@@ -128,16 +134,16 @@ def add_efficiency(records: list[dict]) -> None:
 
 def table(records: list[dict]) -> str:
     """A Markdown table of the measurements."""
-    lines = ["| case | mode | GPUs | global batch | img/s | efficiency | warm-up s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| case | mode | parallel | GPUs | global batch | img/s | efficiency | warm-up s |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in records:
+        head = (f"| {r['case']} | {r['mode']} | {r.get('parallel', 'ddp')} | {r['gpus']} | "
+                f"{r['global_batch']} | ")
         if "error" in r:
-            lines.append(f"| {r['case']} | {r['mode']} | {r['gpus']} | {r['global_batch']} | "
-                         f"error: {r['error'][-120:]!r} | | |")
+            lines.append(f"{head}error: {r['error'][-120:]!r} | | |")
             continue
         eff = f"{r['efficiency']:.1%}" if "efficiency" in r else "–"
-        lines.append(f"| {r['case']} | {r['mode']} | {r['gpus']} | {r['global_batch']} | "
-                     f"{r['img_per_s']:.1f} | {eff} | {r['warmup_seconds']:.0f} |")
+        lines.append(f"{head}{r['img_per_s']:.1f} | {eff} | {r['warmup_seconds']:.0f} |")
     return "\n".join(lines)
 
 
@@ -147,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", default="1,2", help="GPU counts, comma-separated (1,2)")
     parser.add_argument("--cases", default="ldm,ddpm-cifar10", help=f"of {', '.join(CASES)}")
     parser.add_argument("--modes", default="compile", help="eager and/or compile")
+    parser.add_argument("--parallel", default="ddp",
+                        help="ddp and/or fsdp for the runs on more than one GPU (ddp)")
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps per run (150)")
     parser.add_argument("--log-every", type=int, default=10, help="log interval (10)")
     parser.add_argument("--skip-rows", type=int, default=3,
@@ -163,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     gpu_counts = [int(n) for n in args.gpus.split(",")]
     cases = args.cases.split(",")
     modes = args.modes.split(",")
+    parallels = args.parallel.split(",")
     config = run_config(args.out)
     data = {c: write_data(args.out, CASES[c][1], max(args.count, CASES[c][2] * max(gpu_counts)))
             for c in cases}
@@ -184,9 +193,11 @@ def main(argv: list[str] | None = None) -> int:
             save()
             plan = [(c, n) for c, n in plan if n != 1]
         for c, n in plan:
-            records.append(finish(start(c, n, mode, args, data[c], config, None), c, n, mode, args))
-            print(json.dumps(records[-1]), flush=True)
-            save()
+            for parallel in parallels if n > 1 else ["ddp"]:
+                job = start(c, n, mode, args, data[c], config, None, parallel)
+                records.append(finish(job, c, n, mode, args, parallel))
+                print(json.dumps(records[-1]), flush=True)
+                save()
     save()
     print(table(records))
     return 1 if any("error" in r for r in records) else 0

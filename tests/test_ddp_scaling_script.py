@@ -17,14 +17,17 @@ def load_script():
 def test_scaling_script_measures_one_and_two_processes(tmp_path, capsys):
     script = load_script()
     code = script.main(["--device", "cpu", "--cases", "tiny", "--gpus", "1,2", "--modes", "eager",
-                        "--steps", "12", "--log-every", "3", "--skip-rows", "1", "--count", "32",
-                        "--out", str(tmp_path)])
+                        "--parallel", "ddp,fsdp", "--steps", "12", "--log-every", "3",
+                        "--skip-rows", "1", "--count", "32", "--out", str(tmp_path)])
     assert code == 0, capsys.readouterr().out
     records = json.loads((tmp_path / "scaling.json").read_text())
-    assert [(r["gpus"], r["global_batch"]) for r in records] == [(1, 8), (2, 16)]
+    assert [(r["gpus"], r["parallel"], r["global_batch"]) for r in records] == [
+        (1, "single", 8), (2, "ddp", 16), (2, "fsdp", 16)]
     assert all(r["img_per_s"] > 0 and r["timed_steps"] == 6 for r in records)  # steps 6 → 12
-    assert records[0]["efficiency"] == 1.0 and records[1]["efficiency"] > 0
-    assert "| tiny | eager | 2 | 16 |" in capsys.readouterr().out
+    assert records[0]["efficiency"] == 1.0 and all(r["efficiency"] > 0 for r in records)
+    assert "sharded (FSDP)" in (tmp_path / "tiny-eager-2gpu-fsdp.log").read_text()
+    table = capsys.readouterr().out
+    assert "| tiny | eager | ddp | 2 | 16 |" in table and "| tiny | eager | fsdp | 2 | 16 |" in table
 
 
 def test_throughput_reads_the_log_after_the_warm_up(tmp_path):

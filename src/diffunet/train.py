@@ -7,7 +7,8 @@ data-parallel processes see exactly the draws a single process would):
 1. take the `s`-th batch of the epoch's permutation (the global batch; each rank its slice);
 2. draw timesteps, noise and the classifier-free-guidance label dropout for the global batch;
 3. loss under autocast (bf16 where supported, float32 master weights), backward (DDP averages
-   the gradients), clip, optimizer and LR-schedule step, EMA update in float32;
+   the gradients; with `--parallel fsdp` they are reduce-scattered to sharded parameters, see
+   :mod:`diffunet.sharding`), clip, optimizer and LR-schedule step, EMA update in float32;
 4. every `log_every` steps a log line / CSV row, every `checkpoint_every` steps the EMA
    checkpoint folder + training-state file, every `sample_every` steps a PNG grid.
 
@@ -186,16 +187,29 @@ class Trainer:
         self.model = UNet(self.model_config).to(device)
         if device.type == "cuda":  # weights in the layout of the (channels-last) activations
             self.model.to(memory_format=memory_format_for(self.model_config.dims))
-        self.ema = AveragedModel(self.model)
-        self.ema.module.eval()
+        self.sharded = t.parallel == "fsdp" and dist.enabled
         self.net = self.model
-        if dist.enabled:
-            ids = [device.index] if device.type == "cuda" else None
-            self.net = DistributedDataParallel(self.model, device_ids=ids,
-                                               gradient_as_bucket_view=True)
-            # The diffusion layer reads the model's config (time input, aleatoric head).
-            self.net.config = self.model_config
+        if self.sharded:
+            from . import sharding
+
+            sharding.shard_unet(self.model)  # in place: the parameters become shards
+            self.ema: AveragedModel | sharding.ShardedEMA = sharding.ShardedEMA(self.model)
+        else:
+            self.ema = AveragedModel(self.model)
+            self.ema.module.eval()
+            if dist.enabled:
+                ids = [device.index] if device.type == "cuda" else None
+                self.net = DistributedDataParallel(self.model, device_ids=ids,
+                                                   gradient_as_bucket_view=True)
+                # The diffusion layer reads the model's config (time input, aleatoric head).
+                self.net.config = self.model_config
         if t.compile:
+            if self.sharded:
+                # Dynamo does not trace FSDP's hooks: each sharded block becomes a frame of its
+                # own, and blocks of every shape share one code object (the block's forward).
+                blocks = len(self.model.input_blocks) + 1 + len(self.model.output_blocks)
+                dynamo = torch._dynamo.config
+                dynamo.recompile_limit = max(dynamo.recompile_limit, blocks)
             self.net = torch.compile(self.net)
 
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr,
@@ -238,12 +252,12 @@ class Trainer:
                 self.scaler.scale(loss).backward()
                 self.scaler.unscale_(self.optimizer)
                 if t.grad_clip > 0:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+                    grad_norm = self._clip_gradients(t.grad_clip)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                update_ema(self.ema, self.model, t.ema_decay)
+                self._update_ema()
                 self.step += 1
                 loss_sum += loss.detach()
                 loss_count += 1
@@ -275,6 +289,31 @@ class Trainer:
         seconds = time.perf_counter() - start
         return TrainResult(self.run_dir, self.step, seconds, self.run_dir / CHECKPOINT_DIR,
                            grid, scores)
+
+    def _clip_gradients(self, max_norm: float) -> torch.Tensor:
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if self.sharded:  # the norm of sharded gradients is a DTensor
+            from .sharding import full_tensor
+
+            norm = full_tensor(norm)
+        return norm
+
+    def _update_ema(self) -> None:
+        if self.sharded:
+            self.ema.update(self.model, ema_decay_at(self.run.train.ema_decay,
+                                                     self.ema.n_averaged))
+        else:
+            update_ema(self.ema, self.model, self.run.train.ema_decay)
+
+    def ema_model(self) -> UNet | None:
+        """The EMA weights as a plain :class:`UNet` on this rank's device.
+
+        With `--parallel fsdp` they are gathered from the shards: a collective that every rank
+        calls, and only rank 0 gets the model (the others None).
+        """
+        if self.sharded:
+            return self.ema.unet(self.model_config, self.dist.device, build=self.dist.is_main)
+        return self.ema.module
 
     # ------------------------------------------------------------------ one batch
     def _batch(self, step: int) -> dict[str, Any]:
@@ -316,14 +355,28 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """The training state (see :mod:`diffunet.training_state`)."""
+        """The training state (see :mod:`diffunet.training_state`); with `--parallel fsdp` a
+        collective that gathers full tensors to rank 0 (the others get no tensors)."""
         epoch, position = self.order.position(self.step)
+        if self.sharded:
+            from . import sharding
+
+            model = sharding.model_state(self.model)
+            weights = self.ema.full_state()  # every rank gathers; rank 0 keeps them
+            ema = {"weights": weights if self.dist.is_main else {},
+                   "n_averaged": torch.tensor(self.ema.n_averaged)}
+            optimizer = sharding.optimizer_state(self.model, self.optimizer)
+        else:
+            model = clean_state_dict(self.model.state_dict())
+            ema = {"weights": clean_state_dict(self.ema.module.state_dict()),
+                   "n_averaged": self.ema.n_averaged.detach().cpu()}
+            optimizer = self.optimizer.state_dict()
         return {
             "step": self.step,
-            "model": clean_state_dict(self.model.state_dict()),
-            "ema": {"weights": clean_state_dict(self.ema.module.state_dict()),
-                    "n_averaged": self.ema.n_averaged.detach().cpu()},
-            "optimizer": self.optimizer.state_dict(),
+            "parallel": "fsdp" if self.sharded else "replicated",
+            "model": model,
+            "ema": ema,
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": capture_rng_state(),
@@ -344,10 +397,23 @@ class Trainer:
                 f"the run was trained with batch size {order['batch_size']} on "
                 f"{order['num_samples']} samples; now {self.order.batch_size} on {len(self.data)}. "
                 "Resume with the same data and --batch-size")
-        self.model.load_state_dict(state["model"])
-        self.ema.module.load_state_dict(state["ema"]["weights"])
-        self.ema.n_averaged.copy_(state["ema"]["n_averaged"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        written = state.get("parallel", "replicated")
+        if written != ("fsdp" if self.sharded else "replicated"):
+            raise RunConfigError(
+                f"the run was trained {'with' if written == 'fsdp' else 'without'} --parallel "
+                f"fsdp across processes; resume it the same way (its optimizer state is "
+                f"{'keyed by parameter name' if written == 'fsdp' else 'per process'})")
+        if self.sharded:
+            from . import sharding
+
+            sharding.load_model_state(self.model, state["model"])
+            self.ema.load_full_state(state["ema"]["weights"], int(state["ema"]["n_averaged"]))
+            sharding.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        else:
+            self.model.load_state_dict(state["model"])
+            self.ema.module.load_state_dict(state["ema"]["weights"])
+            self.ema.n_averaged.copy_(state["ema"]["n_averaged"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         restore_rng_state(state["rng"])
@@ -355,12 +421,19 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """EMA weights as a checkpoint folder, then the training state (the commit point)."""
+        if self.sharded or self.dist.is_main:  # gathering the shards takes every rank
+            state = self.state_dict()
         if self.dist.is_main:
+            if self.sharded:
+                ema = UNet(self.model_config)
+                ema.load_state_dict(state["ema"]["weights"])
+            else:
+                ema = self.ema.module
             folder = self.run_dir / CHECKPOINT_DIR
-            save_pretrained(self.ema.module, folder)
+            save_pretrained(ema, folder)
             meta = json.dumps(self.run_meta(), indent=2)
             atomic_write_bytes(folder / RUN_META, lambda tmp: Path(tmp).write_text(meta + "\n"))
-            save_training_state(self.run_dir / STATE_NAME, self.state_dict())
+            save_training_state(self.run_dir / STATE_NAME, state)
         barrier(self.dist)
 
     def run_meta(self) -> dict[str, Any]:
@@ -378,10 +451,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ samples and the end
     @torch.no_grad()
-    def sample(self, num: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`num` samples of the EMA model in [0, 1] (labels cycle through the classes)."""
+    def sample(self, num: int, seed: int, model: UNet | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`num` samples of `model` (default: the EMA model) in [0, 1] (labels cycle through
+        the classes)."""
         s = self.run.sample
-        model = self.ema.module
+        model = self.ema_model() if model is None else model
         labels = cond = None
         if self.model_config.num_classes is not None:
             labels = torch.arange(num) % self.model_config.num_classes
@@ -398,11 +473,12 @@ class Trainer:
 
     def save_samples(self, name: str, samples: torch.Tensor | None = None) -> Path | None:
         """Write a PNG grid of samples (rank 0); conditional runs show input | sample | target."""
+        ema = self.ema_model() if samples is None and self.sharded else None  # all ranks gather
         if not self.dist.is_main:
             return None
         num = self.grid_size()
         if samples is None:
-            samples, _ = self.sample(num, seed=self.run.train.seed + 12345)
+            samples, _ = self.sample(num, seed=self.run.train.seed + 12345, model=ema)
         samples = samples[:num]
         nrow = self.model_config.num_classes or None
         if self.data.cond is not None:
@@ -422,12 +498,13 @@ class Trainer:
     def finish(self, log: RunLog) -> tuple[Path | None, dict[str, Any] | None]:
         """The final grid and, for the digits, the evaluation numbers (rank 0)."""
         grid = scores = None
+        ema = self.ema_model()  # with --parallel fsdp, every rank takes part in gathering it
         if self.dist.is_main:
             evaluate = (self.run.train.eval and self.data.source == "digits"
                         and self.model_config.dims == 2)
             num = max(EVAL_SAMPLES, self.grid_size()) if evaluate else self.grid_size()
             started = time.perf_counter()
-            samples, labels = self.sample(num, seed=self.run.train.seed + 12345)
+            samples, labels = self.sample(num, seed=self.run.train.seed + 12345, model=ema)
             grid = self.save_samples("final.png", samples)
             log.message(f"samples: {grid} ({time.perf_counter() - started:.1f} s)")
             if evaluate:
@@ -451,5 +528,6 @@ class Trainer:
         return (f"diffunet train: {self.model.num_parameters():,} parameters ({self.run.preset}, "
                 f"dims {c.dims}, {c.in_channels} ch, size {c.image_size}), {len(self.data)} samples "
                 f"from {self.data.source}, {t.steps} steps × batch {t.batch_size} on "
-                f"{self.dist.world_size}× {self.dist.device.type}, {self.precision}"
+                f"{self.dist.world_size}× {self.dist.device.type}"
+                f"{', sharded (FSDP)' if self.sharded else ''}, {self.precision}"
                 f"{', compiled' if t.compile else ''}, from step {self.step} → {self.run_dir}")

@@ -35,6 +35,7 @@ from .presets import preset
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
+PARALLEL_MODES = ("ddp", "fsdp")
 SAMPLERS = ("ddpm", "ddim", "dpm++")
 SCHEDULES = ("linear", "cosine", "sigmoid")
 PREDICTIONS = ("eps", "x0", "v")
@@ -152,6 +153,7 @@ class TrainSection:
     threads: int | None = None
     eval: bool = True  # report the digits metrics at the end (digits data only)
     compile: bool = False  # torch.compile the training forward and backward
+    parallel: str = "ddp"  # across torchrun processes: "ddp" (replicated) or "fsdp" (sharded)
 
     def validate(self) -> None:
         """Raise :class:`RunConfigError` for an unusable setting."""
@@ -170,6 +172,10 @@ class TrainSection:
         _check_int("train.log_every", self.log_every, 1)
         if self.threads is not None:
             _check_int("train.threads (--threads)", self.threads, 1)
+        _check_choice("train.parallel (--parallel)", self.parallel, PARALLEL_MODES)
+        if self.parallel == "fsdp" and self.precision == "fp16":
+            raise RunConfigError("--parallel fsdp trains in bf16 or fp32: fp16's loss scaling is "
+                                 "not wired for sharded gradients; use --precision bf16")
         for name in ("lr_decay", "eval", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise _bad(f"train.{name}", getattr(self, name), "true or false")

@@ -24,6 +24,7 @@ from ..io import atomic_write_bytes
 from ..train import CONFIG_YAML, Trainer, resolve_precision
 from ..training_config import (
     DEVICES,
+    PARALLEL_MODES,
     PRECISIONS,
     SAMPLERS,
     RunConfig,
@@ -55,6 +56,7 @@ OPTION_MAP = (
     ("sample_every", "train", "sample_every"),
     ("log_every", "train", "log_every"),
     ("threads", "train", "threads"),
+    ("parallel", "train", "parallel"),
     ("sampler", "sample", "sampler"),
     ("sample_steps", "sample", "steps"),
     ("guidance", "sample", "guidance"),
@@ -115,6 +117,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU threads per process (default: the cores / processes per node)")
     parser.add_argument("--no-eval", action="store_true",
                         help="skip the digits evaluation at the end")
+    parser.add_argument("--parallel", choices=PARALLEL_MODES,
+                        help="under torchrun: ddp replicates the model on every process (default); "
+                        "fsdp shards parameters, gradients, optimizer state and EMA across them, "
+                        "for models whose training state does not fit one device")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model for training (pays off on GPUs for runs "
                         "longer than the minute or two it takes to compile)")

@@ -1,0 +1,170 @@
+"""Sharded training (`--parallel fsdp`): 2 gloo processes match one, and resume exactly."""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffunet import UNet
+from diffunet.cli import main
+from diffunet.training_state import load_training_state
+
+MODEL = ["model_channels=16", "norm_groups=8", "channel_mult=[1,2]", "attention_resolutions=[2]",
+         "num_res_blocks=1"]
+COMMON = ["--sample-every", "0", "--image-size", "8", "--batch-size", "16", "--threads", "1",
+          "--precision", "fp32", "--sample-steps", "3", "--no-eval", "--device", "cpu", *MODEL]
+
+
+def _torchrun(run: Path, *args: str, **popen) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "diffunet", "train", "--out", str(run), "--parallel", "fsdp", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def _finish(process: subprocess.Popen) -> tuple[str, str]:
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    return out, err
+
+
+def _weights(state: dict, part: str) -> dict[str, torch.Tensor]:
+    return state["model"] if part == "model" else state["ema"]["weights"]
+
+
+def test_two_sharded_processes_match_one_and_write_a_plain_checkpoint(tmp_path):
+    args = ["--steps", "12", "--checkpoint-every", "0", "--log-every", "4", *COMMON,
+            "--sample-every", "6"]
+    threads = torch.get_num_threads()
+    try:
+        assert main(["train", "--out", str(tmp_path / "single"), *args]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out, err = _finish(_torchrun(tmp_path / "fsdp", *args))
+    assert "2× cpu, sharded (FSDP)" in err
+    assert out.count("trained 12 steps") == 1
+    assert (tmp_path / "fsdp" / "samples" / "step_0000006.png").is_file()  # a grid mid-run
+
+    single = load_training_state(tmp_path / "single" / "train_state.pt")
+    sharded = load_training_state(tmp_path / "fsdp" / "train_state.pt")
+    assert sharded["parallel"] == "fsdp" and sharded["step"] == 12
+    assert int(sharded["ema"]["n_averaged"]) == 12
+    for part in ("model", "ema"):
+        a, b = _weights(single, part), _weights(sharded, part)
+        assert a.keys() == b.keys()
+        assert all(a[k].shape == b[k].shape for k in a)  # whole tensors, not shards
+        worst = max((a[k] - b[k]).abs().max().item() for k in a)
+        scale = max(a[k].abs().max().item() for k in a)
+        # identical up to floating-point reduction order (reduce-scatter vs one batch mean)
+        assert worst <= 1e-4 * scale, f"{part}: max difference {worst} (weights up to {scale})"
+    # the optimizer state is whole too, keyed by parameter name
+    moments = sharded["optimizer"]["state"]["time_embed.linear_1.weight"]["exp_avg"]
+    assert moments.shape == single["model"]["time_embed.linear_1.weight"].shape
+
+    checkpoint = UNet.from_pretrained(tmp_path / "fsdp" / "checkpoint")
+    for key, value in checkpoint.state_dict().items():
+        torch.testing.assert_close(value, sharded["ema"]["weights"][key], rtol=0, atol=0)
+
+
+def _logged_step(run: Path) -> int:
+    try:
+        rows = (run / "log.csv").read_text().splitlines()[1:]
+        return max((int(r.split(",")[0]) for r in rows if r.split(",")[0].isdigit()), default=0)
+    except OSError:
+        return 0
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc): torchrun starts its workers in new sessions, so
+    killing its process group would leave them running."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def _sigkill_tree(process: subprocess.Popen) -> None:
+    for pid in [process.pid, *_descendants(process.pid)]:
+        with contextlib.suppress(ProcessLookupError):  # already gone
+            os.kill(pid, signal.SIGKILL)
+    process.communicate()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the workers in /proc")
+def test_sigkill_and_resume_of_a_sharded_run_match_an_uninterrupted_one(tmp_path):
+    args = ["--steps", "40", "--checkpoint-every", "10", "--log-every", "1", "--seed", "5",
+            *COMMON, "dropout=0.1"]
+    _finish(_torchrun(tmp_path / "straight", *args))
+
+    run = tmp_path / "killed"
+    process = _torchrun(run, *args)
+    deadline = time.monotonic() + 240
+    while _logged_step(run) < 15:  # after the step-10 checkpoint, before the step-20 one
+        if process.poll() is not None:
+            pytest.fail(f"training ended (rc {process.returncode}) before step 15: "
+                        f"{process.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            _sigkill_tree(process)
+            pytest.fail("training did not progress")
+        time.sleep(0.01)
+    _sigkill_tree(process)  # torchrun and both of its processes, mid-run
+    killed_at = load_training_state(run / "train_state.pt")["step"]
+    assert killed_at in (10, 20) and _logged_step(run) < 40
+
+    _finish(_torchrun(run, *args, "--resume"))
+    straight = load_training_state(tmp_path / "straight" / "train_state.pt")
+    resumed = load_training_state(run / "train_state.pt")
+    assert resumed["step"] == straight["step"] == 40
+    for part in ("model", "ema"):
+        a, b = _weights(straight, part), _weights(resumed, part)
+        worst = max((a[k] - b[k]).abs().max().item() for k in a)
+        assert worst <= 1e-6, f"{part}: resumed run differs by {worst}"
+
+
+def test_resuming_a_sharded_run_in_one_process_is_refused_in_one_line(tmp_path, capsys):
+    run = tmp_path / "fsdp"
+    _finish(_torchrun(run, "--steps", "2", "--checkpoint-every", "0", "--log-every", "1",
+                      *COMMON))
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "--steps", "2", *COMMON]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--parallel fsdp" in err[0] and "resume it the same way" in err[0]
+
+
+def test_fp16_with_fsdp_is_a_config_error(tmp_path, capsys):
+    code = main(["train", "--out", str(tmp_path / "r"), "--parallel", "fsdp", "--precision",
+                 "fp16", "--steps", "1", "--device", "cpu"])
+    assert code != 0
+    err = capsys.readouterr().err
+    assert "--parallel fsdp" in err and "bf16" in err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("DIFFUNET_SLOW_TESTS"),
+                    reason="Inductor compiles C++ for about a minute; set DIFFUNET_SLOW_TESTS=1")
+def test_compiled_sharded_training_matches_eager_without_hitting_the_recompile_limit(tmp_path):
+    args = ["--steps", "6", "--checkpoint-every", "0", "--log-every", "2", *COMMON]
+    _finish(_torchrun(tmp_path / "eager", *args))
+    _, err = _finish(_torchrun(tmp_path / "compiled", *args, "--compile"))
+    assert "recompile_limit" not in err  # every sharded block stays compiled
+    eager = load_training_state(tmp_path / "eager" / "train_state.pt")["model"]
+    compiled = load_training_state(tmp_path / "compiled" / "train_state.pt")["model"]
+    worst = max((eager[k] - compiled[k]).abs().max().item() for k in eager)
+    assert worst <= 1e-4, worst
