@@ -13,6 +13,7 @@ import torch
 
 from diffunet import UNet
 from diffunet.cli import main
+from diffunet.run_log import last_logged_step
 from diffunet.training_state import load_training_state
 
 MODEL = ["model_channels=16", "norm_groups=8", "channel_mult=[1,2]", "attention_resolutions=[2]",
@@ -72,14 +73,6 @@ def test_two_sharded_processes_match_one_and_write_a_plain_checkpoint(tmp_path):
         torch.testing.assert_close(value, sharded["ema"]["weights"][key], rtol=0, atol=0)
 
 
-def _logged_step(run: Path) -> int:
-    try:
-        rows = (run / "log.csv").read_text().splitlines()[1:]
-        return max((int(r.split(",")[0]) for r in rows if r.split(",")[0].isdigit()), default=0)
-    except OSError:
-        return 0
-
-
 def _descendants(pid: int) -> list[int]:
     """Every process below `pid` (Linux /proc): torchrun starts its workers in new sessions, so
     killing its process group would leave them running."""
@@ -115,7 +108,7 @@ def test_sigkill_and_resume_of_a_sharded_run_match_an_uninterrupted_one(tmp_path
     run = tmp_path / "killed"
     process = _torchrun(run, *args)
     deadline = time.monotonic() + 240
-    while _logged_step(run) < 15:  # after the step-10 checkpoint, before the step-20 one
+    while last_logged_step(run) < 15:  # after the step-10 checkpoint, before the step-20 one
         if process.poll() is not None:
             pytest.fail(f"training ended (rc {process.returncode}) before step 15: "
                         f"{process.stderr.read()[-3000:]}")
@@ -125,7 +118,7 @@ def test_sigkill_and_resume_of_a_sharded_run_match_an_uninterrupted_one(tmp_path
         time.sleep(0.01)
     _sigkill_tree(process)  # torchrun and both of its processes, mid-run
     killed_at = load_training_state(run / "train_state.pt")["step"]
-    assert killed_at in (10, 20) and _logged_step(run) < 40
+    assert killed_at in (10, 20) and last_logged_step(run) < 40
 
     _finish(_torchrun(run, *args, "--resume"))
     straight = load_training_state(tmp_path / "straight" / "train_state.pt")

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffunet.cli import main
+from diffunet.run_log import last_logged_step
 from diffunet.training_state import load_training_state
 
 STEPS = 80
@@ -22,18 +23,10 @@ ARGS = ["--steps", str(STEPS), "--checkpoint-every", "10", "--sample-every", "0"
         "num_res_blocks=1", "dropout=0.1"]
 
 
-def _logged_step(run: Path) -> int:
-    try:
-        rows = (run / "log.csv").read_text().splitlines()[1:]
-        return max((int(r.split(",")[0]) for r in rows if r.split(",")[0].isdigit()), default=0)
-    except OSError:
-        return 0
-
-
 def _kill_when(run: Path, process: subprocess.Popen, step: int, timeout: float = 240) -> None:
     """SIGKILL `process` once its log shows `step` (between two checkpoints)."""
     deadline = time.monotonic() + timeout
-    while _logged_step(run) < step:
+    while last_logged_step(run) < step:
         if process.poll() is not None:
             pytest.fail(f"training ended (rc {process.returncode}) before step {step}: "
                         f"{process.stderr.read()}")

@@ -41,6 +41,17 @@ def truncate_csv(path: Path, after_step: int) -> None:
     atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(buffer.getvalue()))
 
 
+def last_logged_step(run_dir: str | Path) -> int:
+    """The highest step in a run's `log.csv`, 0 before the first row; safe to call while the
+    run is writing it (a half-written last row is skipped)."""
+    try:
+        lines = (Path(run_dir) / CSV_NAME).read_text().splitlines()[1:]
+    except OSError:
+        return 0
+    steps = [line.split(",", 1)[0] for line in lines]
+    return max((int(step) for step in steps if step.isdigit()), default=0)
+
+
 class RunLog:
     """Progress display plus CSV and TensorBoard logs for rank 0 (`enabled=False` elsewhere)."""
 
