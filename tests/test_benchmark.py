@@ -166,3 +166,19 @@ def test_bench_command_is_registered():
     assert args.cases == ("ldm", "sample")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "--cases", "nope"])
+
+
+@pytest.mark.parametrize("from_start", [False, True])
+def test_peak_memory_is_reset_after_the_warm_up_unless_cuda_graphs_are_recorded(monkeypatch,
+                                                                                 from_start):
+    from diffunet import benchmark
+
+    events = []
+    monkeypatch.setattr(benchmark, "_reset_peak", lambda device: events.append("reset"))
+    settings = benchmark.Settings(device=torch.device("cpu"), warmup=2, iters=1, repeats=1,
+                                  compile_mode="reduce-overhead" if from_start else "default")
+    assert settings.records_cuda_graphs == from_start
+    benchmark.measure(lambda i: events.append(f"call {i}"), settings, peak_from_start=from_start)
+    warm_up = ["call 0", "call 1"]
+    expected = ["reset", *warm_up] if from_start else [*warm_up, "reset"]
+    assert events[:3] == expected

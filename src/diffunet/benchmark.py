@@ -335,6 +335,11 @@ class Settings:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
+    @property
+    def records_cuda_graphs(self) -> bool:
+        """Whether `compile` records CUDA graphs (reduce-overhead, max-autotune)."""
+        return self.compile_mode in ("reduce-overhead", "max-autotune")
+
     def time_left(self) -> float:
         """Seconds before `--deadline` (inf without one)."""
         if self.deadline is None:
@@ -587,15 +592,23 @@ def _infer_fn(model: nn.Module, batches: list[Batch],
     return forward
 
 
-def measure(fn: Callable[[int], Any], settings: Settings) -> dict[str, Any]:
-    """Warm up `fn`, reset the peak-memory counter, time it; seconds and peak memory."""
+def measure(fn: Callable[[int], Any], settings: Settings, *,
+            peak_from_start: bool = False) -> dict[str, Any]:
+    """Warm up `fn`, reset the peak-memory counter, time it; seconds and peak memory.
+
+    `peak_from_start` counts the peak from before the warm-up instead: for compile modes that
+    record CUDA graphs, whose memory pool is allocated while warming up.
+    """
     device = settings.device
+    if peak_from_start:
+        _reset_peak(device)
     begin = time.perf_counter()
     for i in range(settings.warmup):
         fn(i)
     _sync(device)
     warmup_s = time.perf_counter() - begin
-    _reset_peak(device)
+    if not peak_from_start:
+        _reset_peak(device)
     seconds = time_repeats(fn, settings.iters, settings.repeats, device)
     peak = _peak(device)
     return {
@@ -652,7 +665,9 @@ def measure_model(report: Report, case: Case, which: str, model: Denoiser,
                 else:
                     model.eval()
                     fn = _infer_fn(runner, batches, settings)
-                _finish(record, measure(fn, settings), flops, settings)
+                graphs = mode == "compile" and settings.records_cuda_graphs
+                _finish(record, measure(fn, settings, peak_from_start=graphs), flops, settings)
+                record["peak_includes_warmup"] = graphs
             except Exception as err:
                 record["error"] = report.error(f"{case.name}/{which}/{mode}/{kind}", err)["error"]
             finally:
