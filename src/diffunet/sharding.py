@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from .config import UNetConfig
 from .unet import UNet
 
 #: Full tensors on the CPU of rank 0 (the others get empty dicts): what a checkpoint holds.
@@ -108,7 +109,8 @@ class ShardedEMA:
                 shard.copy_(full)
         self.n_averaged = int(n_averaged)
 
-    def unet(self, config, device: torch.device, *, build: bool = True) -> UNet | None:
+    def unet(self, config: UNetConfig, device: torch.device, *,
+             build: bool = True) -> UNet | None:
         """A plain (unsharded) :class:`UNet` on `device` holding the averaged weights.
 
         A collective: every rank must call it; ranks that only help gather pass `build=False`
