@@ -25,7 +25,7 @@ def test_scaling_script_measures_one_and_two_processes(tmp_path, capsys):
         (1, "single", 8), (2, "ddp", 16), (2, "fsdp", 16)]
     assert all(r["img_per_s"] > 0 and r["timed_steps"] == 6 for r in records)  # steps 6 → 12
     assert records[0]["efficiency"] == 1.0 and all(r["efficiency"] > 0 for r in records)
-    assert "sharded (FSDP)" in (tmp_path / "tiny-eager-2gpu-fsdp.log").read_text()
+    assert "sharded (FSDP: " in (tmp_path / "tiny-eager-2gpu-fsdp.log").read_text()
     table = capsys.readouterr().out
     assert "| tiny | eager | ddp | 2 | 16 |" in table and "| tiny | eager | fsdp | 2 | 16 |" in table
 

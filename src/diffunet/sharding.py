@@ -41,6 +41,12 @@ def shard_unet(model: UNet) -> UNet:
     return model
 
 
+def local_parameters(model: torch.nn.Module) -> int:
+    """How many parameter elements this process holds (its shards of every parameter)."""
+    return sum((p.to_local() if isinstance(p, DTensor) else p).numel()
+               for p in model.parameters())
+
+
 def full_tensor(value: torch.Tensor) -> torch.Tensor:
     """`value` itself, or the whole of a DTensor (a collective: every rank must call it)."""
     return value.full_tensor() if isinstance(value, DTensor) else value

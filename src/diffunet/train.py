@@ -525,9 +525,14 @@ class Trainer:
 
     def _banner(self) -> str:
         c, t = self.model_config, self.run.train
+        sharded = ""
+        if self.sharded:
+            from .sharding import local_parameters
+
+            sharded = f", sharded (FSDP: {local_parameters(self.model):,} parameters on rank 0)"
         return (f"diffunet train: {self.model.num_parameters():,} parameters ({self.run.preset}, "
                 f"dims {c.dims}, {c.in_channels} ch, size {c.image_size}), {len(self.data)} samples "
                 f"from {self.data.source}, {t.steps} steps × batch {t.batch_size} on "
                 f"{self.dist.world_size}× {self.dist.device.type}"
-                f"{', sharded (FSDP)' if self.sharded else ''}, {self.precision}"
+                f"{sharded}, {self.precision}"
                 f"{', compiled' if t.compile else ''}, from step {self.step} → {self.run_dir}")
