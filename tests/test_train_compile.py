@@ -1,5 +1,9 @@
 """`diffunet train --compile`: the compiled run trains the same weights, saved without prefixes."""
 
+import subprocess
+import sys
+
+import pytest
 import torch
 import torch._dynamo
 from safetensors.torch import load_file
@@ -37,3 +41,45 @@ def test_compiled_training_matches_eager_and_saves_clean_keys(tmp_path, capsys):
     eager_model = load_training_state(tmp_path / "eager" / "train_state.pt")["model"]
     for key, value in eager_model.items():
         torch.testing.assert_close(state["model"][key], value, rtol=1e-3, atol=1e-4, msg=key)
+
+
+def test_reduce_overhead_trains_on_one_process_and_says_so(tmp_path, capsys):
+    """On the CPU Inductor skips the CUDA graphs; the run must still train and report its mode."""
+    threads = torch.get_num_threads()
+    try:
+        torch._dynamo.reset()
+        assert main(["train", "--out", str(tmp_path / "ro"), "--compile-mode", "reduce-overhead",
+                     *TINY]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    captured = capsys.readouterr()
+    assert "compiled (reduce-overhead)" in captured.out + captured.err
+    config = (tmp_path / "ro" / "config.yaml").read_text()
+    assert "compile: true" in config and "compile_mode: reduce-overhead" in config
+
+
+def test_reduce_overhead_under_torchrun_is_refused_in_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "diffunet", "train", "--out", str(tmp_path / "r"), "--device", "cpu",
+         "--compile-mode", "reduce-overhead", *TINY],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("diffunet train:")]
+    assert lines and "reduce-overhead trains in one process" in lines[0]
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.gpu
+def test_reduce_overhead_on_a_gpu_matches_default_compile(tmp_path):
+    """CUDA graphs replay the same kernels: the weights match the default-mode compiled run."""
+    gpu = [arg for arg in TINY if arg != "fp32"]
+    gpu[gpu.index("--precision") + 1:gpu.index("--precision") + 1] = ["bf16"]
+    for name, mode in (("default", "default"), ("graphs", "reduce-overhead")):
+        torch._dynamo.reset()
+        assert main(["train", "--out", str(tmp_path / name), "--device", "cuda",
+                     "--compile-mode", mode, *gpu]) == 0
+    a = load_training_state(tmp_path / "default" / "train_state.pt")["model"]
+    b = load_training_state(tmp_path / "graphs" / "train_state.pt")["model"]
+    for key, value in a.items():
+        torch.testing.assert_close(b[key], value, rtol=1e-2, atol=1e-3, msg=key)

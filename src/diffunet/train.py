@@ -203,6 +203,10 @@ class Trainer:
                                                    gradient_as_bucket_view=True)
                 # The diffusion layer reads the model's config (time input, aleatoric head).
                 self.net.config = self.model_config
+        self.cuda_graphs = t.compile and t.compile_mode == "reduce-overhead"
+        if self.cuda_graphs and dist.enabled:
+            raise RunConfigError("--compile-mode reduce-overhead trains in one process; under "
+                                 "torchrun use --compile (default mode)")
         if t.compile:
             if self.sharded:
                 # Dynamo does not trace FSDP's hooks: each sharded block becomes a frame of its
@@ -210,7 +214,8 @@ class Trainer:
                 blocks = len(self.model.input_blocks) + 1 + len(self.model.output_blocks)
                 dynamo = torch._dynamo.config
                 dynamo.recompile_limit = max(dynamo.recompile_limit, blocks)
-            self.net = torch.compile(self.net)
+            self.net = torch.compile(self.net, mode=None if t.compile_mode == "default"
+                                     else t.compile_mode)
 
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr,
                                            weight_decay=t.weight_decay,
@@ -242,6 +247,8 @@ class Trainer:
         self.model.train()
         try:
             while self.step < t.steps:
+                if self.cuda_graphs:  # this step's graph replays may overwrite the last step's
+                    torch.compiler.cudagraph_mark_step_begin()
                 batch = self._batch(self.step)
                 with torch.autocast(dist.device.type, dtype=self.autocast_dtype,
                                     enabled=self.autocast_dtype is not None):
@@ -535,4 +542,10 @@ class Trainer:
                 f"from {self.data.source}, {t.steps} steps × batch {t.batch_size} on "
                 f"{self.dist.world_size}× {self.dist.device.type}"
                 f"{sharded}, {self.precision}"
-                f"{', compiled' if t.compile else ''}, from step {self.step} → {self.run_dir}")
+                f"{self._compiled()}, from step {self.step} → {self.run_dir}")
+
+    def _compiled(self) -> str:
+        t = self.run.train
+        if not t.compile:
+            return ""
+        return ", compiled" + ("" if t.compile_mode == "default" else f" ({t.compile_mode})")

@@ -36,6 +36,7 @@ from .presets import preset
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 PARALLEL_MODES = ("ddp", "fsdp")
+COMPILE_MODES = ("default", "reduce-overhead")
 SAMPLERS = ("ddpm", "ddim", "dpm++")
 SCHEDULES = ("linear", "cosine", "sigmoid")
 PREDICTIONS = ("eps", "x0", "v")
@@ -153,6 +154,7 @@ class TrainSection:
     threads: int | None = None
     eval: bool = True  # report the digits metrics at the end (digits data only)
     compile: bool = False  # torch.compile the training forward and backward
+    compile_mode: str = "default"  # "reduce-overhead": also replay the step as CUDA graphs
     parallel: str = "ddp"  # across torchrun processes: "ddp" (replicated) or "fsdp" (sharded)
 
     def validate(self) -> None:
@@ -173,6 +175,7 @@ class TrainSection:
         if self.threads is not None:
             _check_int("train.threads (--threads)", self.threads, 1)
         _check_choice("train.parallel (--parallel)", self.parallel, PARALLEL_MODES)
+        _check_choice("train.compile_mode (--compile-mode)", self.compile_mode, COMPILE_MODES)
         if self.parallel == "fsdp" and self.precision == "fp16":
             raise RunConfigError("--parallel fsdp trains in bf16 or fp32: fp16's loss scaling is "
                                  "not wired for sharded gradients; use --precision bf16")

@@ -23,6 +23,7 @@ from ..data import TASKS, open_dataset
 from ..io import atomic_write_bytes
 from ..train import CONFIG_YAML, Trainer, resolve_precision
 from ..training_config import (
+    COMPILE_MODES,
     DEVICES,
     PARALLEL_MODES,
     PRECISIONS,
@@ -57,6 +58,7 @@ OPTION_MAP = (
     ("log_every", "train", "log_every"),
     ("threads", "train", "threads"),
     ("parallel", "train", "parallel"),
+    ("compile_mode", "train", "compile_mode"),
     ("sampler", "sample", "sampler"),
     ("sample_steps", "sample", "steps"),
     ("guidance", "sample", "guidance"),
@@ -124,6 +126,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model for training (pays off on GPUs for runs "
                         "longer than the minute or two it takes to compile)")
+    parser.add_argument("--compile-mode", choices=COMPILE_MODES,
+                        help="implies --compile; reduce-overhead also records the step's forward "
+                        "and backward as CUDA graphs (one process on a GPU: for small images, "
+                        "whose steps are bound by kernel launches)")
 
 
 def cli_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -135,7 +141,7 @@ def cli_settings(args: argparse.Namespace) -> dict[str, Any]:
             settings.setdefault(section, {})[key] = value
     if getattr(args, "no_eval", False):
         settings.setdefault("train", {})["eval"] = False
-    if getattr(args, "compile", False):
+    if getattr(args, "compile", False) or getattr(args, "compile_mode", None):
         settings.setdefault("train", {})["compile"] = True
     if args.preset:
         settings["preset"] = args.preset
