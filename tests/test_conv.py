@@ -216,3 +216,28 @@ def test_compiled_training_on_gpu_makes_no_layout_copies_in_convolution_backward
             if any("convolution" in name for name in chain):
                 copies.append(" > ".join(reversed(chain)))
     assert copies == []
+
+
+def test_preferred_channels_last_without_converting_the_weight():
+    """What FSDP runs get instead of channels-last weights (it shards only contiguous ones)."""
+    from diffunet.nn.conv import prefer_channels_last
+
+    block = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.Conv1d(4, 4, 3))
+    prefer_channels_last(block)
+    conv = block[0]
+    assert conv.weight.is_contiguous() and not hasattr(block[1], "preferred_memory_format")
+    x = torch.randn(2, 4, 6, 6)
+    out = convolve(conv, x)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    torch.testing.assert_close(out, conv(x))
+
+    strides = []
+
+    def backend(gm, inputs):
+        for node in gm.graph.nodes:
+            if node.target is torch.ops.diffunet.convolution.default:
+                strides.append(node.args[0].meta["example_value"].stride())
+        return gm
+
+    torch.compile(Convolve(conv), backend=backend)(x)
+    assert strides == [x.contiguous(memory_format=torch.channels_last).stride()]

@@ -165,3 +165,60 @@ def test_compiled_sharded_training_matches_eager_without_hitting_the_recompile_l
     compiled = load_training_state(tmp_path / "compiled" / "train_state.pt")["model"]
     worst = max((eager[k] - compiled[k]).abs().max().item() for k in eager)
     assert worst <= 1e-4, worst
+
+
+def _one_process_group(tmp_path: Path, backend: str) -> None:
+    torch.distributed.init_process_group(
+        backend, store=torch.distributed.FileStore(str(tmp_path / "store"), 1), rank=0,
+        world_size=1)
+
+
+def test_fsdp_shards_only_contiguous_weights_so_placement_asks_for_the_layout(tmp_path):
+    """`place_model(..., sharded=True)` must not convert weights to channels-last: FSDP2
+    refuses such parameters (this is what a GPU run would hit)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from diffunet import UNetConfig
+    from diffunet.nn.conv import prefer_channels_last
+    from diffunet.sharding import shard_unet
+
+    config = UNetConfig(dims=2, model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                        attention_resolutions=(), norm_groups=4)
+    _one_process_group(tmp_path, "gloo")
+    try:
+        converted = torch.nn.Conv2d(4, 4, 3).to(memory_format=torch.channels_last)
+        with pytest.raises(NotImplementedError, match="non-contiguous"):
+            fully_shard(torch.nn.Sequential(converted))
+        model = UNet(config)
+        prefer_channels_last(model)
+        shard_unet(model)
+        x = torch.randn(2, 3, 8, 8)
+        model(x, torch.tensor([1, 2])).square().mean().backward()
+        assert all(p.grad is not None for p in model.parameters())
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.gpu
+def test_sharded_model_on_a_gpu_trains_with_channels_last_activations(tmp_path):
+    from diffunet import UNetConfig
+    from diffunet.sharding import shard_unet
+    from diffunet.train import place_model
+
+    config = UNetConfig(dims=2, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                        attention_resolutions=(), norm_groups=8)
+    _one_process_group(tmp_path, "nccl")
+    try:
+        device = torch.device("cuda")
+        model = UNet(config).to(device)
+        place_model(model, device, sharded=True)
+        shard_unet(model)
+        seen = []
+        stem = model.input_blocks[0][0]
+        stem.register_forward_hook(lambda module, args, out: seen.append(out))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(torch.randn(4, 3, 32, 32, device=device), torch.tensor([1, 2, 3, 4]))
+        out.float().square().mean().backward()
+        assert seen[0].is_contiguous(memory_format=torch.channels_last)
+    finally:
+        torch.distributed.destroy_process_group()

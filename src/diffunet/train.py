@@ -33,6 +33,7 @@ from .diffusion import Diffusion, drop_conditioning
 from .distributed import DistInfo, barrier, mean_over_ranks
 from .grids import save_grid, to_image_tiles
 from .io import atomic_write_bytes, clean_state_dict, save_pretrained
+from .nn.conv import prefer_channels_last
 from .run_log import RunLog
 from .training_config import RunConfig, RunConfigError
 from .training_state import (
@@ -139,6 +140,18 @@ def update_ema(ema: AveragedModel, model: torch.nn.Module, decay: float) -> None
     ema.n_averaged += 1
 
 
+def place_model(model: UNet, device: torch.device, *, sharded: bool = False) -> None:
+    """On a GPU, give the convolutions channels-last activations: by converting the weights to
+    that layout, or, for a model about to be sharded (FSDP shards only contiguous parameters),
+    by asking each convolution for it (:func:`diffunet.nn.conv.prefer_channels_last`)."""
+    if device.type != "cuda":
+        return
+    if sharded:
+        prefer_channels_last(model)
+    else:
+        model.to(memory_format=memory_format_for(model.config.dims))
+
+
 def lr_factor(step: int, warmup: int, total: int, decay: bool) -> float:
     """Linear warm-up over `warmup` steps, then constant or cosine decay to 10%."""
     if warmup and step < warmup:
@@ -185,9 +198,8 @@ class Trainer:
         self.model_config = run.model_config(data_fields(data))
         torch.manual_seed(t.seed)
         self.model = UNet(self.model_config).to(device)
-        if device.type == "cuda":  # weights in the layout of the (channels-last) activations
-            self.model.to(memory_format=memory_format_for(self.model_config.dims))
         self.sharded = t.parallel == "fsdp" and dist.enabled
+        place_model(self.model, device, sharded=self.sharded)
         self.net = self.model
         if self.sharded:
             from . import sharding

@@ -77,7 +77,7 @@ def _setup_context(ctx, inputs, output) -> None:
     x, weight, stride, padding, dilation, groups = inputs
     ctx.save_for_backward(x, weight)
     ctx.geometry = (stride, padding, dilation, groups)
-    ctx.memory_format = cudnn_memory_format(x, weight)
+    ctx.memory_format = cudnn_memory_format(x, weight)  # x already has the layout asked for
 
 
 def _backward(ctx, grad):
@@ -106,6 +106,20 @@ def cudnn_memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_f
     if channels_last is not None and (_prefers(x, channels_last) or _prefers(weight, channels_last)):
         return channels_last
     return torch.contiguous_format
+
+
+def prefer_channels_last(module: nn.Module) -> None:
+    """Ask every convolution in `module` for channels-last activations without converting its
+    weight: for FSDP, which shards only contiguous parameters, where `module.to(memory_format=
+    torch.channels_last)` would otherwise tell cuDNN the layout."""
+    for conv in module.modules():
+        if type(conv) in (nn.Conv2d, nn.Conv3d):
+            conv.preferred_memory_format = _CHANNELS_LAST[conv.weight.ndim]
+
+
+def _layout_for(conv: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
+    preferred = getattr(conv, "preferred_memory_format", None)
+    return preferred if preferred is not None else cudnn_memory_format(x, weight)
 
 
 def _compiling_for_inductor() -> bool:
@@ -138,6 +152,9 @@ def convolve(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     (a subclass, hooks, other padding modes, a tensor-subclass weight) runs `conv(x)`.
     """
     if not (_compiling_for_inductor() and _routable(conv)):
+        preferred = getattr(conv, "preferred_memory_format", None)
+        if preferred is not None and x.ndim == conv.weight.ndim:
+            x = x.contiguous(memory_format=preferred)  # what cuDNN does for a channels-last weight
         return conv(x)
     weight, bias = conv.weight, conv.bias
     device_type = x.device.type
@@ -148,7 +165,7 @@ def convolve(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     # Eager CUDA GroupNorm hands back NCHW even for channels-last input, and the custom op pins
     # the strides Inductor saw while tracing: ask for cuDNN's layout here, and the kernel that
     # produces `x` writes it that way (no extra copy).
-    x = x.contiguous(memory_format=cudnn_memory_format(x, weight))
+    x = x.contiguous(memory_format=_layout_for(conv, x, weight))
     out = convolution(x, weight, list(conv.stride), list(conv.padding), list(conv.dilation),
                       conv.groups)
     if bias is not None:
