@@ -50,6 +50,20 @@ def _graphs_counted(module: nn.Module, *args: torch.Tensor) -> list[dict[str, in
     return seen
 
 
+def _traced_input_strides(conv: nn.Module, x: torch.Tensor) -> list[tuple[int, ...]]:
+    """The strides of the input the compiled `convolve(conv, x)` hands the custom op."""
+    strides = []
+
+    def backend(gm, inputs):
+        for node in gm.graph.nodes:
+            if node.target is torch.ops.diffunet.convolution.default:
+                strides.append(node.args[0].meta["example_value"].stride())
+        return gm
+
+    torch.compile(Convolve(conv), backend=backend)(x)
+    return strides
+
+
 def _graphs(module: nn.Module, *args: torch.Tensor) -> list[set[str]]:
     """The ops of every graph Dynamo captures when `module(*args)` is compiled."""
     seen: list[set[str]] = []
@@ -151,15 +165,7 @@ def test_nchw_input_to_channels_last_weight_is_made_channels_last_in_the_graph()
     """Eager CUDA GroupNorm returns NCHW: the traced graph must ask for cuDNN's layout."""
     conv = nn.Conv2d(8, 8, 3, padding=1).to(memory_format=torch.channels_last)
     x = torch.randn(2, 8, 6, 6)  # NCHW, as GroupNorm hands it over on the GPU
-    strides = []
-
-    def backend(gm, inputs):
-        for node in gm.graph.nodes:
-            if node.target is torch.ops.diffunet.convolution.default:
-                strides.append(node.args[0].meta["example_value"].stride())
-        return gm
-
-    torch.compile(Convolve(conv), backend=backend)(x)
+    strides = _traced_input_strides(conv, x)
     assert strides == [torch.empty(2, 8, 6, 6).to(memory_format=torch.channels_last).stride()]
 
 
@@ -231,13 +237,5 @@ def test_preferred_channels_last_without_converting_the_weight():
     assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
     torch.testing.assert_close(out, conv(x))
 
-    strides = []
-
-    def backend(gm, inputs):
-        for node in gm.graph.nodes:
-            if node.target is torch.ops.diffunet.convolution.default:
-                strides.append(node.args[0].meta["example_value"].stride())
-        return gm
-
-    torch.compile(Convolve(conv), backend=backend)(x)
+    strides = _traced_input_strides(conv, x)
     assert strides == [x.contiguous(memory_format=torch.channels_last).stride()]
