@@ -1,12 +1,11 @@
 """Convolutions whose backward pass never converts layouts under `torch.compile`.
 
 cuDNN wants a convolution's input and output gradient in the weight's memory format
-(channels-last here). In eager PyTorch they are. Under `torch.compile`, Inductor
-recomputes the cheap GroupNorm → SiLU that produces a convolution's input inside the backward
-graph, and in PyTorch 2.11 it writes that tensor NCHW-contiguous, because nothing constrains
-the layout of what it hands to the `aten.convolution_backward` fallback. The backward then
-copies the input to channels-last and the output gradient to the input's layout: measured on an
-H100, 24 ms of a 121 ms `ldm` training step (docs/performance.md).
+(channels-last here). Under `torch.compile` (PyTorch 2.11) the backward graph hands the
+`aten.convolution_backward` fallback both of them NCHW: eager CUDA GroupNorm returns NCHW, so
+that is what the traced graph says, and nothing constrains the fallback's inputs. The backward
+then copies the input to channels-last and the output gradient to the input's layout: measured
+on an H100, 24 ms of a 121 ms `ldm` training step (docs/performance.md).
 
 `convolve(conv, x)` routes a plain `nn.ConvNd` through the custom ops below while Dynamo
 traces: the convolution becomes an extern call that Inductor must feed in fixed strides, and
