@@ -33,8 +33,8 @@ SCATTER = StateDictOptions(full_state_dict=True)
 
 
 def shard_unet(model: UNet) -> UNet:
-    """Shard `model` in place: one FSDP unit per encoder, middle and decoder block, plus the root
-    (stem, time embedding and head)."""
+    """Shard `model` in place: one FSDP unit per encoder block (the stem is the first), the
+    middle block and each decoder block, plus the root (time embedding and head)."""
     for block in (*model.input_blocks, model.middle_block, *model.output_blocks):
         fully_shard(block)
     fully_shard(model)
