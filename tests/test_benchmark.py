@@ -182,3 +182,17 @@ def test_peak_memory_is_reset_after_the_warm_up_unless_cuda_graphs_are_recorded(
     warm_up = ["call 0", "call 1"]
     expected = ["reset", *warm_up] if from_start else [*warm_up, "reset"]
     assert events[:3] == expected
+
+
+def test_launch_chain_names_the_op_behind_a_kernel_outermost_first():
+    from types import SimpleNamespace
+
+    from diffunet.benchmark import _launch_chain
+
+    names = ["CompiledFunctionBackward", "aten::convolution_backward", "aten::contiguous",
+             "aten::clone", "aten::copy_"]
+    event = None
+    for name in names:
+        event = SimpleNamespace(name=name, cpu_parent=event)
+    assert _launch_chain(event, depth=4) == " > ".join(names[1:])
+    assert _launch_chain(event, depth=10) == " > ".join(names)
