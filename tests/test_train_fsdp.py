@@ -40,8 +40,9 @@ def _weights(state: dict, part: str) -> dict[str, torch.Tensor]:
 
 
 def test_two_sharded_processes_match_one_and_write_a_plain_checkpoint(tmp_path):
+    """Also with gradient checkpointing, whose checkpointed blocks are the FSDP units."""
     args = ["--steps", "12", "--checkpoint-every", "0", "--log-every", "4", *COMMON,
-            "--sample-every", "6"]
+            "use_checkpoint=true", "--sample-every", "6"]
     threads = torch.get_num_threads()
     try:
         assert main(["train", "--out", str(tmp_path / "single"), *args]) == 0
@@ -55,6 +56,7 @@ def test_two_sharded_processes_match_one_and_write_a_plain_checkpoint(tmp_path):
     assert total / 2 <= held < total / 2 + 1000  # half of every tensor, rounded up per tensor
     assert out.count("trained 12 steps") == 1
     assert (tmp_path / "fsdp" / "samples" / "step_0000006.png").is_file()  # a grid mid-run
+    assert "use_checkpoint: true" in (tmp_path / "fsdp" / "config.yaml").read_text()
 
     single = load_training_state(tmp_path / "single" / "train_state.pt")
     sharded = load_training_state(tmp_path / "fsdp" / "train_state.pt")
