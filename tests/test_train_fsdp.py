@@ -49,17 +49,16 @@ def test_two_sharded_processes_match_one_and_write_a_plain_checkpoint(tmp_path):
     finally:
         torch.set_num_threads(threads)
     out, err = _finish(_torchrun(tmp_path / "fsdp", *args))
+    single = load_training_state(tmp_path / "single" / "train_state.pt")
+    sharded = load_training_state(tmp_path / "fsdp" / "train_state.pt")
     assert "2× cpu, sharded (FSDP: " in err
     held = int(err.split("sharded (FSDP: ")[1].split(" parameters")[0].replace(",", ""))
-    total = sum(v.numel() for v in load_training_state(tmp_path / "single" /
-                                                       "train_state.pt")["model"].values())
+    total = sum(v.numel() for v in single["model"].values())
     assert total / 2 <= held < total / 2 + 1000  # half of every tensor, rounded up per tensor
     assert out.count("trained 12 steps") == 1
     assert (tmp_path / "fsdp" / "samples" / "step_0000006.png").is_file()  # a grid mid-run
     assert "use_checkpoint: true" in (tmp_path / "fsdp" / "config.yaml").read_text()
 
-    single = load_training_state(tmp_path / "single" / "train_state.pt")
-    sharded = load_training_state(tmp_path / "fsdp" / "train_state.pt")
     assert sharded["parallel"] == "fsdp" and sharded["step"] == 12
     assert int(sharded["ema"]["n_averaged"]) == 12
     for part in ("model", "ema"):
