@@ -43,8 +43,12 @@ def shard_unet(model: UNet) -> UNet:
 
 def local_parameters(model: torch.nn.Module) -> int:
     """How many parameter elements this process holds (its shards of every parameter)."""
-    return sum((p.to_local() if isinstance(p, DTensor) else p).numel()
-               for p in model.parameters())
+    return sum(_local(p).numel() for p in model.parameters())
+
+
+def _local(value: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (sharing its storage), or `value` itself."""
+    return value.to_local() if isinstance(value, DTensor) else value
 
 
 def full_tensor(value: torch.Tensor) -> torch.Tensor:
@@ -88,13 +92,15 @@ class ShardedEMA:
     def update(self, model: torch.nn.Module, decay: float) -> None:
         """One EMA step towards `model`'s current shards; `decay` is this step's (warmed-up)
         decay, ignored by the first update."""
-        current = [p.detach() for p in model.parameters()]
+        # On the local shards, in one foreach call: per-DTensor ops would each pay DTensor's
+        # dispatch on every training step.
+        averaged = [_local(shard) for shard in self.shards]
+        current = [_local(p.detach()) for p in model.parameters()]
         with torch.no_grad():
-            for averaged, now in zip(self.shards, current, strict=True):
-                if self.n_averaged == 0:
-                    averaged.copy_(now)
-                else:
-                    averaged.lerp_(now, 1.0 - decay)
+            if self.n_averaged == 0:
+                torch._foreach_copy_(averaged, current)
+            else:
+                torch._foreach_lerp_(averaged, current, 1.0 - decay)
         self.n_averaged += 1
 
     def full_state(self) -> dict[str, torch.Tensor]:

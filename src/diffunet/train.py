@@ -492,7 +492,7 @@ class Trainer:
 
     def save_samples(self, name: str, samples: torch.Tensor | None = None) -> Path | None:
         """Write a PNG grid of samples (rank 0); conditional runs show input | sample | target."""
-        ema = self.ema_model() if samples is None and self.sharded else None  # all ranks gather
+        ema = self.ema_model() if samples is None else None  # with fsdp every rank gathers
         if not self.dist.is_main:
             return None
         num = self.grid_size()
