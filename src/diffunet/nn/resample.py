@@ -10,6 +10,27 @@ from .conv import convolve
 from .ops import avg_pool_nd, conv_nd, conv_transpose_nd
 
 
+def upsample_nearest(x: torch.Tensor, factors: tuple[int, ...]) -> torch.Tensor:
+    """Repeat each spatial axis of `x` (batch, channels, *spatial) `factors` times.
+
+    The values of `F.interpolate(x, scale_factor=factors, mode="nearest")`. Under
+    `torch.compile` this is an expand and a reshape: the backward pass is then a sum over the
+    repeated axes, where Inductor lowers interpolate's backward to a scatter of atomic adds into
+    a float32 buffer (1.7 ms of a 74 ms 3D training step on an H100). Eager mode keeps
+    `F.interpolate`, whose output stays channels-last.
+    """
+    if not torch.compiler.is_dynamo_compiling():
+        return F.interpolate(x, scale_factor=factors, mode="nearest")
+    batch, channels, *spatial = x.shape
+    index: list[slice | None] = [slice(None), slice(None)]
+    repeated = [batch, channels]
+    for size, factor in zip(spatial, factors):
+        index += [slice(None), None]
+        repeated += [size, factor]
+    upsampled = [size * factor for size, factor in zip(spatial, factors)]
+    return x[tuple(index)].expand(repeated).reshape(batch, channels, *upsampled)
+
+
 class Downsample(nn.Module):
     """Halve the axes whose factor is 2: a strided 3×3 conv, or average pooling.
 
@@ -62,7 +83,7 @@ class Upsample(nn.Module):
         """Upsample `x`."""
         if self.mode == "transposed":
             return self.conv(x)
-        x = F.interpolate(x, scale_factor=self.factors, mode="nearest")
+        x = upsample_nearest(x, self.factors)
         if self.mode == "nearest_conv":
             x = convolve(self.conv, x)
         return x
