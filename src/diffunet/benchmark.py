@@ -1064,7 +1064,7 @@ def _launch_chain(evt: Any, depth: int = 5) -> str:
 
 
 def kernel_breakdown(prof: Any, steps: int, device: torch.device,
-                     top: int = 15) -> dict[str, Any]:
+                     top: int = 40) -> dict[str, Any]:
     """Group a profile's GPU kernel time (self CPU time of aten ops on the CPU) by class.
 
     Also lists the top kernels, and for each class the ops that launched its kernels (the
