@@ -196,3 +196,30 @@ def test_launch_chain_names_the_op_behind_a_kernel_outermost_first():
         event = SimpleNamespace(name=name, cpu_parent=event)
     assert _launch_chain(event, depth=4) == " > ".join(names[1:])
     assert _launch_chain(event, depth=10) == " > ".join(names)
+
+
+def test_compiling_ahead_runs_the_same_compiled_measurement_for_one_model():
+    from diffunet.benchmark import _fill_cache_argv, settings_from_args
+
+    args = _args("--cases", "ldm,3d", "--kinds", "train", "--compile-mode", "reduce-overhead",
+                 "--precision", "bf16", "--compile-ahead", "4")
+    settings = settings_from_args(args)
+    child = _args(*_fill_cache_argv(args, settings, "3d", "ref"))
+    child_settings = settings_from_args(child)
+    assert (child.cases, child.models, child.modes, child.kinds) == (("3d",), ("ref",),
+                                                                      ("compile",), ("train",))
+    # Whatever decides the compiled graph is the same as in the measuring process.
+    for name in ("device", "precision", "compile_mode", "quick"):
+        assert getattr(child_settings, name) == getattr(settings, name), name
+    assert child.fill_caches_only and child.compile_ahead == 0 and not child.out
+    assert child.checkpoint_modes == ("none",) and child_settings.warmup == 1
+
+
+@pytest.mark.parametrize("argv", [("--compile-ahead", "0"),
+                                  ("--modes", "eager", "--compile-ahead", "2"),
+                                  ("--cases", "sample", "--compile-ahead", "2")])
+def test_nothing_is_compiled_ahead_without_a_compiled_model_case(argv):
+    from diffunet.benchmark import compile_ahead, settings_from_args
+
+    args = _args(*argv)
+    assert compile_ahead(args, settings_from_args(args), args.compile_ahead) == {}
