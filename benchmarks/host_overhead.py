@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""Host (Python) cost of diffunet's layout-stable convolution ops, measured on the CPU.
+
+Compiled training on the H100 is partly host-bound (docs/performance.md, "compiled training is
+host-bound"), so what each op costs the host matters as much as what it costs the GPU. With
+tiny tensors on the CPU the kernels cost next to nothing and the timings are host work:
+
+1. one call of `diffunet::convolution` / `diffunet::convolution_backward` against the aten
+   op it wraps;
+2. a compiled training step of the quick `ddpm-cifar10` case (65 convolutions, batch 1, 16²,
+   fp32): ours through the custom ops, ours with plain aten convolutions, and diffusers'
+   `UNet2DModel` of the same architecture when diffusers is installed.
+
+    python benchmarks/host_overhead.py            # ~3 min on 2 cores (three compilations)
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import diffunet.nn.conv as conv_ops
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    import diffunet.nn.conv as conv_ops
+from diffunet.benchmark import (
+    ReferenceUnavailable,
+    build_case,
+    build_ours,
+    build_reference,
+    make_batches,
+)
+
+
+def microseconds_per_call(fn: Callable[[], object], calls: int = 20_000) -> float:
+    """Median over 5 runs of `calls` calls, after 500 warm-up calls."""
+    for _ in range(500):
+        fn()
+    runs = []
+    for _ in range(5):
+        begin = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        runs.append((time.perf_counter() - begin) / calls * 1e6)
+    return statistics.median(runs)
+
+
+def op_costs() -> dict[str, float]:
+    """Per-call host cost of the custom ops and of the aten ops they wrap (1×1×2×2 input)."""
+    x, weight, grad = torch.randn(1, 1, 2, 2), torch.randn(1, 1, 1, 1), torch.randn(1, 1, 2, 2)
+    geometry = ([1, 1], [0, 0], [1, 1])
+    aten = torch.ops.aten
+    return {
+        "aten.convolution": microseconds_per_call(
+            lambda: aten.convolution.default(x, weight, None, *geometry, False, [0, 0], 1)),
+        "diffunet.convolution": microseconds_per_call(
+            lambda: torch.ops.diffunet.convolution.default(x, weight, *geometry, 1)),
+        "aten.convolution_backward": microseconds_per_call(
+            lambda: aten.convolution_backward.default(grad, x, weight, None, *geometry, False,
+                                                      [0, 0], 1, [True, True, False])),
+        "diffunet.convolution_backward": microseconds_per_call(
+            lambda: torch.ops.diffunet.convolution_backward.default(grad, x, weight, *geometry,
+                                                                    1, True, True)),
+    }
+
+
+def compiled_step_ms(model: torch.nn.Module, steps: int = 30) -> float:
+    """Median ms of a compiled training step (forward, MSE, backward, AdamW, zero_grad)."""
+    case = build_case("ddpm-cifar10", quick=True)
+    batch = make_batches(case, 1, torch.device("cpu"))[0]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+    compiled = torch.compile(model)
+
+    def step() -> None:
+        out = compiled(batch.x, batch.t)
+        F.mse_loss(out.float(), batch.noise.float()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    runs = []
+    for _ in range(5):
+        begin = time.perf_counter()
+        for _ in range(steps):
+            step()
+        runs.append((time.perf_counter() - begin) / steps * 1e3)
+    return statistics.median(runs)
+
+
+def main() -> int:
+    """Print both tables."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    print("per call, µs (host)")
+    for name, us in op_costs().items():
+        print(f"  {name:32s} {us:6.1f}")
+
+    config = build_case("ddpm-cifar10", quick=True).config
+    print("compiled quick ddpm-cifar10 training step, ms (host-dominated)")
+    print(f"  {'ours, custom-op convolutions':32s} {compiled_step_ms(build_ours(config)):6.2f}")
+    torch._dynamo.reset()
+    routed = conv_ops._compiling_for_inductor
+    conv_ops._compiling_for_inductor = lambda: False  # convolve() then calls conv(x) as in eager
+    try:
+        print(f"  {'ours, aten convolutions':32s} {compiled_step_ms(build_ours(config)):6.2f}")
+    finally:
+        conv_ops._compiling_for_inductor = routed
+    torch._dynamo.reset()
+    try:
+        reference = build_reference(config, "diffusers")
+    except ReferenceUnavailable as err:
+        print(f"  diffusers: skipped ({err})")
+    else:
+        print(f"  {'diffusers UNet2DModel':32s} {compiled_step_ms(reference):6.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
