@@ -39,9 +39,10 @@ from diffunet.benchmark import (
 )
 
 
-def microseconds_per_call(fn: Callable[[], object], calls: int = 20_000) -> float:
-    """Median over 5 runs of `calls` calls, after 500 warm-up calls."""
-    for _ in range(500):
+def microseconds_per_call(fn: Callable[[], object], calls: int = 20_000,
+                          warmup: int = 500) -> float:
+    """Median µs per call over 5 runs of `calls` calls, after `warmup` calls."""
+    for _ in range(warmup):
         fn()
     runs = []
     for _ in range(5):
@@ -84,15 +85,7 @@ def compiled_step_ms(model: torch.nn.Module, steps: int = 30) -> float:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(3):
-        step()
-    runs = []
-    for _ in range(5):
-        begin = time.perf_counter()
-        for _ in range(steps):
-            step()
-        runs.append((time.perf_counter() - begin) / steps * 1e3)
-    return statistics.median(runs)
+    return microseconds_per_call(step, calls=steps, warmup=3) / 1e3
 
 
 def main() -> int:
