@@ -83,3 +83,12 @@ def test_reduce_overhead_on_a_gpu_matches_default_compile(tmp_path):
     b = load_training_state(tmp_path / "graphs" / "train_state.pt")["model"]
     for key, value in a.items():
         torch.testing.assert_close(b[key], value, rtol=1e-2, atol=1e-3, msg=key)
+
+
+def test_a_compile_mode_without_compile_in_a_config_file_is_refused(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("train:\n  compile_mode: reduce-overhead\n")
+    assert main(["train", "--out", str(tmp_path / "r"), "--config", str(config), *TINY]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.compile is false" in err[0] and "compile: true" in err[0]
+    assert not (tmp_path / "r").exists()

@@ -182,6 +182,10 @@ class TrainSection:
         for name in ("lr_decay", "eval", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise _bad(f"train.{name}", getattr(self, name), "true or false")
+        if self.compile_mode != "default" and not self.compile:
+            raise RunConfigError(f"train.compile_mode is {self.compile_mode!r} but train.compile "
+                                 "is false, so nothing would be compiled; set train.compile: "
+                                 "true (the option --compile-mode does)")
 
 
 @dataclass
