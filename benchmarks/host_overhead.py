@@ -7,9 +7,10 @@ tiny tensors on the CPU the kernels cost next to nothing and the timings are hos
 
 1. one call of `diffunet::convolution` / `diffunet::convolution_backward` against the aten
    op it wraps;
-2. a compiled training step of the quick `ddpm-cifar10` case (65 convolutions, batch 1, 16²,
-   fp32): ours through the custom ops, ours with plain aten convolutions, and diffusers'
-   `UNet2DModel` of the same architecture when diffusers is installed.
+2. a compiled training step and a compiled `no_grad` forward of the quick `ddpm-cifar10` case
+   (65 convolutions, batch 1, 16², fp32), for ours, for diffusers' `UNet2DModel` of the same
+   architecture when diffusers is installed, and a training step of ours with plain aten
+   convolutions instead of the custom ops (which only a backward pass uses).
 
     python benchmarks/host_overhead.py            # ~3 min on 2 cores (three compilations)
 """
@@ -88,6 +89,16 @@ def compiled_step_ms(model: torch.nn.Module, steps: int = 30) -> float:
     return microseconds_per_call(step, calls=steps, warmup=3) / 1e3
 
 
+def compiled_forward_ms(model: torch.nn.Module, calls: int = 100) -> float:
+    """Median ms of a compiled `no_grad` forward pass (what a sampler runs each step)."""
+    case = build_case("ddpm-cifar10", quick=True)
+    batch = make_batches(case, 1, torch.device("cpu"))[0]
+    compiled = torch.compile(model.eval())
+    with torch.no_grad():
+        return microseconds_per_call(lambda: compiled(batch.x, batch.t), calls=calls,
+                                     warmup=3) / 1e3
+
+
 def main() -> int:
     """Print both tables."""
     torch.set_num_threads(1)
@@ -97,22 +108,25 @@ def main() -> int:
         print(f"  {name:32s} {us:6.1f}")
 
     config = build_case("ddpm-cifar10", quick=True).config
-    print("compiled quick ddpm-cifar10 training step, ms (host-dominated)")
-    print(f"  {'ours, custom-op convolutions':32s} {compiled_step_ms(build_ours(config)):6.2f}")
-    torch._dynamo.reset()
+    models = {"ours": lambda: build_ours(config),
+              "diffusers UNet2DModel": lambda: build_reference(config, "diffusers")}
+    print("compiled quick ddpm-cifar10, ms (host-dominated)")
+    print(f"  {'':46s} {'train step':>10s} {'no_grad forward':>16s}")
+    for name, build in models.items():
+        try:
+            step, forward = compiled_step_ms(build()), compiled_forward_ms(build())
+        except ReferenceUnavailable as err:
+            print(f"  {name}: skipped ({err})")
+            continue
+        print(f"  {name:46s} {step:10.2f} {forward:16.2f}")
+        torch._dynamo.reset()
     routed = conv_ops._compiling_for_inductor
     conv_ops._compiling_for_inductor = lambda: False  # convolve() then calls conv(x) as in eager
     try:
-        print(f"  {'ours, aten convolutions':32s} {compiled_step_ms(build_ours(config)):6.2f}")
+        step = compiled_step_ms(build_ours(config))
+        print(f"  {'ours, aten convolutions in training too':46s} {step:10.2f}")
     finally:
         conv_ops._compiling_for_inductor = routed
-    torch._dynamo.reset()
-    try:
-        reference = build_reference(config, "diffusers")
-    except ReferenceUnavailable as err:
-        print(f"  diffusers: skipped ({err})")
-    else:
-        print(f"  {'diffusers UNet2DModel':32s} {compiled_step_ms(reference):6.2f}")
     return 0
 
 

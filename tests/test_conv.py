@@ -127,6 +127,22 @@ def test_compile_routes_through_the_custom_op_and_eager_does_not():
     torch.testing.assert_close(Convolve(conv)(x), conv(x), rtol=0, atol=0)
 
 
+def test_without_a_backward_inductor_convolves_itself():
+    """No gradient, no layout problem: the custom ops would only cost host time."""
+    conv = conv_nd(2, 3, 4, 3, padding=1)
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        (ops,) = _graphs(Convolve(conv), x)
+    assert not any(op.startswith("diffunet") for op in ops)
+    torch._dynamo.reset()
+    conv.requires_grad_(False)
+    (ops,) = _graphs(Convolve(conv), x)  # grad mode on, but nothing to differentiate
+    assert not any(op.startswith("diffunet") for op in ops)
+    torch._dynamo.reset()
+    (ops,) = _graphs(Convolve(conv), x.requires_grad_())  # the input's gradient needs a backward
+    assert "diffunet.convolution.default" in ops
+
+
 def test_hooks_subclasses_and_other_layers_are_just_called():
     conv = conv_nd(2, 3, 4, 3, padding=1)
     conv.register_forward_hook(lambda module, args, out: out * 2)
