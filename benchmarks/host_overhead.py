@@ -12,7 +12,7 @@ tiny tensors on the CPU the kernels cost next to nothing and the timings are hos
    architecture when diffusers is installed, and a training step of ours with plain aten
    convolutions instead of the custom ops (which only a backward pass uses).
 
-    python benchmarks/host_overhead.py            # ~3 min on 2 cores (three compilations)
+    python benchmarks/host_overhead.py            # ~3 min on 2 cores (five compilations)
 """
 
 from __future__ import annotations

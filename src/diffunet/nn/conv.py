@@ -8,10 +8,11 @@ then copies the input to channels-last and the output gradient to the input's la
 on an H100, 24 ms of a 121 ms `ldm` training step (docs/performance.md).
 
 `convolve(conv, x)` routes a plain `nn.ConvNd` through the custom ops below while Dynamo
-traces: the convolution becomes an extern call that Inductor must feed in fixed strides, and
-`convolve` asks for cuDNN's layout, so the recomputing kernels write channels-last directly
-and the copies vanish. The bias is added outside the op, where Inductor fuses it into the next
-kernel. In eager mode and (non-strict) `torch.export` it is just `conv(x)`.
+traces a convolution that autograd will differentiate: the convolution becomes an extern call
+that Inductor must feed in fixed strides, and `convolve` asks for cuDNN's layout, so the
+recomputing kernels write channels-last directly and the copies vanish. The bias is added
+outside the op, where Inductor fuses it into the next kernel. In eager mode, (non-strict)
+`torch.export` and compiled inference it is just `conv(x)`.
 """
 
 from __future__ import annotations
