@@ -10,7 +10,8 @@ from torch.optim.swa_utils import AveragedModel
 
 from diffunet.grids import make_grid, save_array, save_grid
 from diffunet.io import CheckpointError
-from diffunet.train import DataOrder, lr_factor, resolve_precision, step_seed, update_ema
+from diffunet.parallel import update_ema
+from diffunet.train import DataOrder, lr_factor, resolve_precision, step_seed
 from diffunet.training_config import RunConfigError, from_dict, load_yaml, parse_override
 from diffunet.training_state import (
     capture_rng_state,

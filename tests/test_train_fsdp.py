@@ -203,8 +203,8 @@ def test_fsdp_shards_only_contiguous_weights_so_placement_asks_for_the_layout(tm
 @pytest.mark.gpu
 def test_sharded_model_on_a_gpu_trains_with_channels_last_activations(tmp_path):
     from diffunet import UNetConfig
+    from diffunet.parallel import place_model
     from diffunet.sharding import shard_unet
-    from diffunet.train import place_model
 
     config = UNetConfig(dims=2, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
                         attention_resolutions=(), norm_groups=8)

@@ -80,7 +80,7 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
 class ShardedEMA:
     """The EMA of a sharded model: float32 copies of this rank's parameter shards.
 
-    Same arithmetic as :func:`diffunet.train.update_ema` (the count stays on the host; the
+    Same arithmetic as :func:`diffunet.parallel.update_ema` (the count stays on the host; the
     first update copies), so a sharded run averages exactly like an unsharded one.
     """
 

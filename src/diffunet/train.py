@@ -8,7 +8,7 @@ data-parallel processes see exactly the draws a single process would):
 2. draw timesteps, noise and the classifier-free-guidance label dropout for the global batch;
 3. loss under autocast (bf16 where supported, float32 master weights), backward (DDP averages
    the gradients; with `--parallel fsdp` they are reduce-scattered to sharded parameters, see
-   :mod:`diffunet.sharding`), clip, optimizer and LR-schedule step, EMA update in float32;
+   :mod:`diffunet.parallel`), clip, optimizer and LR-schedule step, EMA update in float32;
 4. every `log_every` steps a log line / CSV row, every `checkpoint_every` steps the EMA
    checkpoint folder + training-state file, every `sample_every` steps a PNG grid.
 
@@ -25,15 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel
 
 from .data import TensorDataset
 from .diffusion import Diffusion, drop_conditioning
 from .distributed import DistInfo, barrier, mean_over_ranks
 from .grids import save_grid, to_image_tiles
-from .io import atomic_write_bytes, clean_state_dict, save_pretrained
-from .nn.conv import prefer_channels_last
+from .io import atomic_write_bytes, save_pretrained
+from .parallel import Replicated, Sharded
 from .run_log import RunLog
 from .training_config import RunConfig, RunConfigError
 from .training_state import (
@@ -42,7 +40,7 @@ from .training_state import (
     restore_rng_state,
     save_training_state,
 )
-from .unet import UNet, memory_format_for
+from .unet import UNet
 
 CHECKPOINT_DIR = "checkpoint"
 RUN_META = "run.json"
@@ -115,43 +113,6 @@ class DataOrder:
         return self._perm[index * self.batch_size:(index + 1) * self.batch_size]
 
 
-def ema_decay_at(decay: float, num_averaged: int) -> float:
-    """The EMA decay after `num_averaged` updates, warmed up: min(decay, (1 + n) / (10 + n))."""
-    return min(decay, (1.0 + num_averaged) / (10.0 + num_averaged))
-
-
-@torch.no_grad()
-def update_ema(ema: AveragedModel, model: torch.nn.Module, decay: float) -> None:
-    """One EMA step of `ema` (float32) towards `model`, with the warmed-up decay.
-
-    `AveragedModel.update_parameters` would read its update count back from the GPU every
-    step; here the count stays on the host, so the training step never waits for the device.
-    The first update copies the weights.
-    """
-    averaged = [p.detach() for p in ema.module.parameters()]
-    current = [p.detach() for p in model.parameters()]
-    count = int(ema.n_averaged)
-    if count == 0:
-        torch._foreach_copy_(averaged, current)
-    else:
-        torch._foreach_lerp_(averaged, current, 1.0 - ema_decay_at(decay, count))
-    for ema_buffer, buffer in zip(ema.module.buffers(), model.buffers()):
-        ema_buffer.copy_(buffer)
-    ema.n_averaged += 1
-
-
-def place_model(model: UNet, device: torch.device, *, sharded: bool = False) -> None:
-    """On a GPU, give the convolutions channels-last activations: by converting the weights to
-    that layout, or, for a model about to be sharded (FSDP shards only contiguous parameters),
-    by asking each convolution for it (:func:`diffunet.nn.conv.prefer_channels_last`)."""
-    if device.type != "cuda":
-        return
-    if sharded:
-        prefer_channels_last(model)
-    else:
-        model.to(memory_format=memory_format_for(model.config.dims))
-
-
 def lr_factor(step: int, warmup: int, total: int, decay: bool) -> float:
     """Linear warm-up over `warmup` steps, then constant or cosine decay to 10%."""
     if warmup and step < warmup:
@@ -198,34 +159,15 @@ class Trainer:
         self.model_config = run.model_config(data_fields(data))
         torch.manual_seed(t.seed)
         self.model = UNet(self.model_config).to(device)
-        self.sharded = t.parallel == "fsdp" and dist.enabled
-        place_model(self.model, device, sharded=self.sharded)
-        self.net = self.model
-        if self.sharded:
-            from . import sharding
-
-            sharding.shard_unet(self.model)  # in place: the parameters become shards
-            self.ema: AveragedModel | sharding.ShardedEMA = sharding.ShardedEMA(self.model)
-        else:
-            self.ema = AveragedModel(self.model)
-            self.ema.module.eval()
-            if dist.enabled:
-                ids = [device.index] if device.type == "cuda" else None
-                self.net = DistributedDataParallel(self.model, device_ids=ids,
-                                                   gradient_as_bucket_view=True)
-                # The diffusion layer reads the model's config (time input, aleatoric head).
-                self.net.config = self.model_config
+        layout = Sharded if t.parallel == "fsdp" and dist.enabled else Replicated
+        self.replicas = layout(self.model, dist)
+        self.net = self.replicas.net
         self.cuda_graphs = t.compile and t.compile_mode == "reduce-overhead"
         if self.cuda_graphs and dist.enabled:
             raise RunConfigError("--compile-mode reduce-overhead trains in one process; under "
                                  "torchrun use --compile (default mode)")
         if t.compile:
-            if self.sharded:
-                # Dynamo does not trace FSDP's hooks: each sharded block becomes a frame of its
-                # own, and blocks of every shape share one code object (the block's forward).
-                blocks = len(self.model.input_blocks) + 1 + len(self.model.output_blocks)
-                dynamo = torch._dynamo.config
-                dynamo.recompile_limit = max(dynamo.recompile_limit, blocks)
+            self.replicas.prepare_compile()
             self.net = torch.compile(self.net, mode=None if t.compile_mode == "default"
                                      else t.compile_mode)
 
@@ -271,12 +213,12 @@ class Trainer:
                 self.scaler.scale(loss).backward()
                 self.scaler.unscale_(self.optimizer)
                 if t.grad_clip > 0:
-                    grad_norm = self._clip_gradients(t.grad_clip)
+                    grad_norm = self.replicas.clip_gradients(t.grad_clip)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                self._update_ema()
+                self.replicas.update_ema(self.run.train.ema_decay)
                 self.step += 1
                 loss_sum += loss.detach()
                 loss_count += 1
@@ -309,30 +251,13 @@ class Trainer:
         return TrainResult(self.run_dir, self.step, seconds, self.run_dir / CHECKPOINT_DIR,
                            grid, scores)
 
-    def _clip_gradients(self, max_norm: float) -> torch.Tensor:
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        if self.sharded:  # the norm of sharded gradients is a DTensor
-            from .sharding import full_tensor
-
-            norm = full_tensor(norm)
-        return norm
-
-    def _update_ema(self) -> None:
-        if self.sharded:
-            self.ema.update(self.model, ema_decay_at(self.run.train.ema_decay,
-                                                     self.ema.n_averaged))
-        else:
-            update_ema(self.ema, self.model, self.run.train.ema_decay)
-
     def ema_model(self) -> UNet | None:
         """The EMA weights as a plain :class:`UNet` on this rank's device.
 
         With `--parallel fsdp` they are gathered from the shards: a collective that every rank
         calls, and only rank 0 gets the model (the others None).
         """
-        if self.sharded:
-            return self.ema.unet(self.model_config, self.dist.device, build=self.dist.is_main)
-        return self.ema.module
+        return self.replicas.ema_model()
 
     # ------------------------------------------------------------------ one batch
     def _batch(self, step: int) -> dict[str, Any]:
@@ -377,25 +302,10 @@ class Trainer:
         """The training state (see :mod:`diffunet.training_state`); with `--parallel fsdp` a
         collective that gathers full tensors to rank 0 (the others get no tensors)."""
         epoch, position = self.order.position(self.step)
-        if self.sharded:
-            from . import sharding
-
-            model = sharding.model_state(self.model)
-            weights = self.ema.full_state()  # every rank gathers; rank 0 keeps them
-            ema = {"weights": weights if self.dist.is_main else {},
-                   "n_averaged": torch.tensor(self.ema.n_averaged)}
-            optimizer = sharding.optimizer_state(self.model, self.optimizer)
-        else:
-            model = clean_state_dict(self.model.state_dict())
-            ema = {"weights": clean_state_dict(self.ema.module.state_dict()),
-                   "n_averaged": self.ema.n_averaged.detach().cpu()}
-            optimizer = self.optimizer.state_dict()
         return {
             "step": self.step,
-            "parallel": "fsdp" if self.sharded else "replicated",
-            "model": model,
-            "ema": ema,
-            "optimizer": optimizer,
+            "parallel": self.replicas.parallel,
+            **self.replicas.states(self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": capture_rng_state(),
@@ -417,22 +327,12 @@ class Trainer:
                 f"{order['num_samples']} samples; now {self.order.batch_size} on {len(self.data)}. "
                 "Resume with the same data and --batch-size")
         written = state.get("parallel", "replicated")
-        if written != ("fsdp" if self.sharded else "replicated"):
+        if written != self.replicas.parallel:
             raise RunConfigError(
                 f"the run was trained {'with' if written == 'fsdp' else 'without'} --parallel "
                 f"fsdp across processes; resume it the same way (its optimizer state is "
                 f"{'keyed by parameter name' if written == 'fsdp' else 'per process'})")
-        if self.sharded:
-            from . import sharding
-
-            sharding.load_model_state(self.model, state["model"])
-            self.ema.load_full_state(state["ema"]["weights"], int(state["ema"]["n_averaged"]))
-            sharding.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
-        else:
-            self.model.load_state_dict(state["model"])
-            self.ema.module.load_state_dict(state["ema"]["weights"])
-            self.ema.n_averaged.copy_(state["ema"]["n_averaged"])
-            self.optimizer.load_state_dict(state["optimizer"])
+        self.replicas.load_states(state, self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         restore_rng_state(state["rng"])
@@ -440,14 +340,10 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """EMA weights as a checkpoint folder, then the training state (the commit point)."""
-        if self.sharded or self.dist.is_main:  # gathering the shards takes every rank
+        if self.replicas.gathers or self.dist.is_main:  # gathering shards takes every rank
             state = self.state_dict()
         if self.dist.is_main:
-            if self.sharded:
-                ema = UNet(self.model_config)
-                ema.load_state_dict(state["ema"]["weights"])
-            else:
-                ema = self.ema.module
+            ema = self.replicas.checkpoint_model(state)
             folder = self.run_dir / CHECKPOINT_DIR
             save_pretrained(ema, folder)
             meta = json.dumps(self.run_meta(), indent=2)
@@ -544,16 +440,11 @@ class Trainer:
 
     def _banner(self) -> str:
         c, t = self.model_config, self.run.train
-        sharded = ""
-        if self.sharded:
-            from .sharding import local_parameters
-
-            sharded = f", sharded (FSDP: {local_parameters(self.model):,} parameters on rank 0)"
         return (f"diffunet train: {self.model.num_parameters():,} parameters ({self.run.preset}, "
                 f"dims {c.dims}, {c.in_channels} ch, size {c.image_size}), {len(self.data)} samples "
                 f"from {self.data.source}, {t.steps} steps × batch {t.batch_size} on "
                 f"{self.dist.world_size}× {self.dist.device.type}"
-                f"{sharded}, {self.precision}"
+                f"{self.replicas.describe()}, {self.precision}"
                 f"{self._compiled()}, from step {self.step} → {self.run_dir}")
 
     def _compiled(self) -> str:
