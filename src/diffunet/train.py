@@ -159,15 +159,15 @@ class Trainer:
         self.model_config = run.model_config(data_fields(data))
         torch.manual_seed(t.seed)
         self.model = UNet(self.model_config).to(device)
-        layout = Sharded if t.parallel == "fsdp" and dist.enabled else Replicated
-        self.replicas = layout(self.model, dist)
-        self.net = self.replicas.net
+        layout_type = Sharded if t.parallel == "fsdp" and dist.enabled else Replicated
+        self.layout: Replicated | Sharded = layout_type(self.model, dist)
+        self.net = self.layout.net
         self.cuda_graphs = t.compile and t.compile_mode == "reduce-overhead"
         if self.cuda_graphs and dist.enabled:
             raise RunConfigError("--compile-mode reduce-overhead trains in one process; under "
                                  "torchrun use --compile (default mode)")
         if t.compile:
-            self.replicas.prepare_compile()
+            self.layout.prepare_compile()
             self.net = torch.compile(self.net, mode=None if t.compile_mode == "default"
                                      else t.compile_mode)
 
@@ -213,12 +213,12 @@ class Trainer:
                 self.scaler.scale(loss).backward()
                 self.scaler.unscale_(self.optimizer)
                 if t.grad_clip > 0:
-                    grad_norm = self.replicas.clip_gradients(t.grad_clip)
+                    grad_norm = self.layout.clip_gradients(t.grad_clip)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                self.replicas.update_ema(self.run.train.ema_decay)
+                self.layout.update_ema(self.run.train.ema_decay)
                 self.step += 1
                 loss_sum += loss.detach()
                 loss_count += 1
@@ -257,7 +257,7 @@ class Trainer:
         With `--parallel fsdp` they are gathered from the shards: a collective that every rank
         calls, and only rank 0 gets the model (the others None).
         """
-        return self.replicas.ema_model()
+        return self.layout.ema_model()
 
     # ------------------------------------------------------------------ one batch
     def _batch(self, step: int) -> dict[str, Any]:
@@ -304,8 +304,8 @@ class Trainer:
         epoch, position = self.order.position(self.step)
         return {
             "step": self.step,
-            "parallel": self.replicas.parallel,
-            **self.replicas.states(self.optimizer),
+            "parallel": self.layout.parallel,
+            **self.layout.states(self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": capture_rng_state(),
@@ -327,12 +327,12 @@ class Trainer:
                 f"{order['num_samples']} samples; now {self.order.batch_size} on {len(self.data)}. "
                 "Resume with the same data and --batch-size")
         written = state.get("parallel", "replicated")
-        if written != self.replicas.parallel:
+        if written != self.layout.parallel:
             raise RunConfigError(
                 f"the run was trained {'with' if written == 'fsdp' else 'without'} --parallel "
                 f"fsdp across processes; resume it the same way (its optimizer state is "
                 f"{'keyed by parameter name' if written == 'fsdp' else 'per process'})")
-        self.replicas.load_states(state, self.optimizer)
+        self.layout.load_states(state, self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         restore_rng_state(state["rng"])
@@ -340,10 +340,10 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """EMA weights as a checkpoint folder, then the training state (the commit point)."""
-        if self.replicas.gathers or self.dist.is_main:  # gathering shards takes every rank
+        if self.layout.gathers or self.dist.is_main:  # gathering shards takes every rank
             state = self.state_dict()
         if self.dist.is_main:
-            ema = self.replicas.checkpoint_model(state)
+            ema = self.layout.checkpoint_model(state)
             folder = self.run_dir / CHECKPOINT_DIR
             save_pretrained(ema, folder)
             meta = json.dumps(self.run_meta(), indent=2)
@@ -444,7 +444,7 @@ class Trainer:
                 f"dims {c.dims}, {c.in_channels} ch, size {c.image_size}), {len(self.data)} samples "
                 f"from {self.data.source}, {t.steps} steps × batch {t.batch_size} on "
                 f"{self.dist.world_size}× {self.dist.device.type}"
-                f"{self.replicas.describe()}, {self.precision}"
+                f"{self.layout.describe()}, {self.precision}"
                 f"{self._compiled()}, from step {self.step} → {self.run_dir}")
 
     def _compiled(self) -> str:
