@@ -2,9 +2,10 @@
 
 Each measurement is a real `torchrun --nproc_per_node=N -m diffunet train` run (DDP, or FSDP
 with `--parallel fsdp`; NCCL, bf16 autocast, fused AdamW, EMA, optionally `--compile`) on a
-synthetic array data set, with a fixed *per-GPU* batch (the global batch grows with N). Throughput comes from the run's own
-`log.csv`: the steps and elapsed time between two logged rows after the warm-up (compilation,
-cuDNN autotuning), where each logged row waits for the GPU because it reads the loss.
+synthetic array data set, with a fixed *per-GPU* batch (the global batch grows with N).
+Throughput comes from the run's own `log.csv`: the steps and elapsed time between two logged
+rows after the warm-up (compilation, cuDNN autotuning), where each logged row waits for the GPU
+because it reads the loss.
 
     python benchmarks/ddp_scaling.py --gpus 1,2 --cases ldm,ddpm-cifar10 --modes compile
     python benchmarks/ddp_scaling.py --gpus 1,2,4,8 --cases ldm --modes compile --steps 200

@@ -222,4 +222,4 @@ def test_nothing_is_compiled_ahead_without_a_compiled_model_case(argv):
     from diffunet.benchmark import compile_ahead, settings_from_args
 
     args = _args(*argv)
-    assert compile_ahead(args, settings_from_args(args), args.compile_ahead) == {}
+    assert compile_ahead(args, settings_from_args(args)) == {}

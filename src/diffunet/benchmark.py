@@ -1303,8 +1303,9 @@ def _fill_cache_argv(args: argparse.Namespace, settings: Settings, case: str,
     return argv + ["--quick"] * args.quick + ["--no-cudnn-benchmark"] * args.no_cudnn_benchmark
 
 
-def compile_ahead(args: argparse.Namespace, settings: Settings, jobs: int) -> dict[str, Any]:
-    """Compile each (case, model) of the run once, `jobs` processes at a time, before measuring.
+def compile_ahead(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    """Compile each (case, model) of the run once, `--compile-ahead` processes at a time,
+    before measuring.
 
     Each process runs this benchmark for one model with one warm-up step, which fills
     Inductor's FX-graph and AOTAutograd caches on disk; the measuring process then loads the
@@ -1313,6 +1314,7 @@ def compile_ahead(args: argparse.Namespace, settings: Settings, jobs: int) -> di
     processes do not store their Triton autotuning choices (they ran beside each other on the
     GPU): the measuring process makes those alone.
     """
+    jobs = args.compile_ahead
     cases = [c for c in args.cases if c in MODEL_CASES]
     if jobs < 1 or "compile" not in args.modes or not cases:
         return {}
@@ -1374,7 +1376,7 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> di
             print(f"wrote {out}")
         return result
 
-    ahead = compile_ahead(args, settings, args.compile_ahead)
+    ahead = compile_ahead(args, settings)
     report = Report(out, environment(settings, argv))
     if ahead:
         report.data["meta"]["compiled_ahead"] = ahead

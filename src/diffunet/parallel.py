@@ -26,20 +26,25 @@ def ema_decay_at(decay: float, num_averaged: int) -> float:
 
 
 @torch.no_grad()
-def update_ema(ema: AveragedModel, model: torch.nn.Module, decay: float) -> None:
-    """One EMA step of `ema` (float32) towards `model`, with the warmed-up decay.
-
-    `AveragedModel.update_parameters` would read its update count back from the GPU every
-    step; here the count stays on the host, so the training step never waits for the device.
-    The first update copies the weights.
-    """
-    averaged = [p.detach() for p in ema.module.parameters()]
-    current = [p.detach() for p in model.parameters()]
-    count = int(ema.n_averaged)
+def ema_step(averaged: list[torch.Tensor], current: list[torch.Tensor], count: int,
+             decay: float) -> None:
+    """Move `averaged` towards `current` in place, after `count` earlier steps: the first step
+    copies, later ones interpolate with the warmed-up decay (:func:`ema_decay_at`)."""
     if count == 0:
         torch._foreach_copy_(averaged, current)
     else:
         torch._foreach_lerp_(averaged, current, 1.0 - ema_decay_at(decay, count))
+
+
+@torch.no_grad()
+def update_ema(ema: AveragedModel, model: torch.nn.Module, decay: float) -> None:
+    """One EMA step of `ema` (float32) towards `model` (:func:`ema_step`); buffers are copied.
+
+    `AveragedModel.update_parameters` would read its update count back from the GPU every
+    step; here the count stays on the host, so the training step never waits for the device.
+    """
+    ema_step([p.detach() for p in ema.module.parameters()],
+             [p.detach() for p in model.parameters()], int(ema.n_averaged), decay)
     for ema_buffer, buffer in zip(ema.module.buffers(), model.buffers()):
         ema_buffer.copy_(buffer)
     ema.n_averaged += 1
@@ -151,7 +156,7 @@ class Sharded:
 
     def update_ema(self, decay: float) -> None:
         """One EMA step of the local shards."""
-        self.ema.update(self.model, ema_decay_at(decay, self.ema.n_averaged))
+        self.ema.update(self.model, decay)
 
     def ema_model(self) -> UNet | None:
         """The EMA weights gathered into a :class:`UNet` on rank 0 (None elsewhere); a

@@ -24,6 +24,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .config import UNetConfig
+from .parallel import ema_step
 from .unet import UNet
 
 #: Full tensors on the CPU of rank 0 (the others get empty dicts): what a checkpoint holds.
@@ -80,8 +81,8 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
 class ShardedEMA:
     """The EMA of a sharded model: float32 copies of this rank's parameter shards.
 
-    Same arithmetic as :func:`diffunet.parallel.update_ema` (the count stays on the host; the
-    first update copies), so a sharded run averages exactly like an unsharded one.
+    The same step as :func:`diffunet.parallel.update_ema` (the count stays on the host), so a
+    sharded run averages exactly like an unsharded one.
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
@@ -90,17 +91,12 @@ class ShardedEMA:
         self.n_averaged = 0
 
     def update(self, model: torch.nn.Module, decay: float) -> None:
-        """One EMA step towards `model`'s current shards; `decay` is this step's (warmed-up)
-        decay, ignored by the first update."""
+        """One EMA step towards `model`'s current shards (:func:`diffunet.parallel.ema_step`,
+        which warms `decay` up)."""
         # On the local shards, in one foreach call: per-DTensor ops would each pay DTensor's
         # dispatch on every training step.
-        averaged = [_local(shard) for shard in self.shards]
-        current = [_local(p.detach()) for p in model.parameters()]
-        with torch.no_grad():
-            if self.n_averaged == 0:
-                torch._foreach_copy_(averaged, current)
-            else:
-                torch._foreach_lerp_(averaged, current, 1.0 - decay)
+        ema_step([_local(shard) for shard in self.shards],
+                 [_local(p.detach()) for p in model.parameters()], self.n_averaged, decay)
         self.n_averaged += 1
 
     def full_state(self) -> dict[str, torch.Tensor]:
