@@ -9,6 +9,9 @@ import torch._dynamo
 from safetensors.torch import load_file
 
 from diffunet.cli import main
+from diffunet.distributed import DistInfo
+from diffunet.train import resolve_compile_mode
+from diffunet.training_config import RunConfigError, TrainSection
 from diffunet.training_state import load_training_state
 
 TINY = ["--image-size", "8", "--batch-size", "8", "--threads", "1", "--precision", "fp32",
@@ -70,15 +73,34 @@ def test_reduce_overhead_under_torchrun_is_refused_in_one_line(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_auto_compile_mode_records_cuda_graphs_only_in_one_process_cuda_runs():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    auto = TrainSection(compile=True)
+    assert auto.compile_mode == "auto"
+    assert resolve_compile_mode(auto, DistInfo(device=cuda)) == "reduce-overhead"
+    assert resolve_compile_mode(auto, DistInfo(device=cpu)) == "default"
+    assert resolve_compile_mode(auto, DistInfo(world_size=2, device=cuda)) == "default"
+    default = TrainSection(compile=True, compile_mode="default")
+    assert resolve_compile_mode(default, DistInfo(device=cuda)) == "default"
+    graphs = TrainSection(compile=True, compile_mode="reduce-overhead")
+    assert resolve_compile_mode(graphs, DistInfo(device=cpu)) == "reduce-overhead"
+    with pytest.raises(RunConfigError, match="reduce-overhead trains in one process"):
+        resolve_compile_mode(graphs, DistInfo(world_size=2, device=cuda))
+
+
 @pytest.mark.gpu
-def test_reduce_overhead_on_a_gpu_matches_default_compile(tmp_path):
-    """CUDA graphs replay the same kernels: the weights match the default-mode compiled run."""
+def test_compile_on_a_gpu_records_cuda_graphs_and_matches_default_compile(tmp_path, capsys):
+    """Plain `--compile` on one GPU is the reduce-overhead mode; CUDA graphs replay the same
+    kernels, so the weights match the default-mode compiled run."""
     gpu = [arg for arg in TINY if arg != "fp32"]
     gpu[gpu.index("--precision") + 1:gpu.index("--precision") + 1] = ["bf16"]
-    for name, mode in (("default", "default"), ("graphs", "reduce-overhead")):
+    for name, mode in (("default", ["--compile-mode", "default"]), ("graphs", ["--compile"])):
         torch._dynamo.reset()
-        assert main(["train", "--out", str(tmp_path / name), "--device", "cuda",
-                     "--compile-mode", mode, *gpu]) == 0
+        assert main(["train", "--out", str(tmp_path / name), "--device", "cuda", *mode,
+                     *gpu]) == 0
+        captured = capsys.readouterr()
+        banner = captured.out + captured.err
+        assert ("compiled (reduce-overhead)" in banner) == (name == "graphs"), banner
     a = load_training_state(tmp_path / "default" / "train_state.pt")["model"]
     b = load_training_state(tmp_path / "graphs" / "train_state.pt")["model"]
     for key, value in a.items():

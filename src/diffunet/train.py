@@ -33,7 +33,7 @@ from .grids import save_grid, to_image_tiles
 from .io import atomic_write_bytes, save_pretrained
 from .parallel import Replicated, Sharded
 from .run_log import RunLog
-from .training_config import RunConfig, RunConfigError
+from .training_config import RunConfig, RunConfigError, TrainSection
 from .training_state import (
     STATE_NAME,
     capture_rng_state,
@@ -69,6 +69,22 @@ def resolve_precision(name: str, device: torch.device) -> str:
         raise RunConfigError(f"--precision bf16 is not supported on this {device.type} device; "
                              "use --precision fp32")
     return name
+
+
+def resolve_compile_mode(train: TrainSection, dist: DistInfo) -> str:
+    """The `torch.compile` mode of a compiled run.
+
+    `auto` records CUDA graphs (`reduce-overhead`) in one-process CUDA runs, whose compiled
+    steps are otherwise bound by kernel launches (docs/performance.md), and compiles in the
+    default mode on the CPU (no graphs there) and under torchrun (the trainer does not record
+    graphs around DDP's or FSDP's communication).
+    """
+    if train.compile_mode == "reduce-overhead" and dist.enabled:
+        raise RunConfigError("--compile-mode reduce-overhead trains in one process; under "
+                             "torchrun use --compile (default mode)")
+    if train.compile_mode != "auto":
+        return train.compile_mode
+    return "reduce-overhead" if dist.device.type == "cuda" and not dist.enabled else "default"
 
 
 def data_fields(data: TensorDataset) -> dict[str, Any]:
@@ -162,14 +178,12 @@ class Trainer:
         layout_type = Sharded if t.parallel == "fsdp" and dist.enabled else Replicated
         self.layout: Replicated | Sharded = layout_type(self.model, dist)
         self.net = self.layout.net
-        self.cuda_graphs = t.compile and t.compile_mode == "reduce-overhead"
-        if self.cuda_graphs and dist.enabled:
-            raise RunConfigError("--compile-mode reduce-overhead trains in one process; under "
-                                 "torchrun use --compile (default mode)")
-        if t.compile:
+        self.compile_mode = resolve_compile_mode(t, dist) if t.compile else None
+        self.cuda_graphs = self.compile_mode == "reduce-overhead"
+        if self.compile_mode is not None:
             self.layout.prepare_compile()
-            self.net = torch.compile(self.net, mode=None if t.compile_mode == "default"
-                                     else t.compile_mode)
+            self.net = torch.compile(self.net, mode=None if self.compile_mode == "default"
+                                     else self.compile_mode)
 
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr,
                                            weight_decay=t.weight_decay,
@@ -448,7 +462,6 @@ class Trainer:
                 f"{self._compiled()}, from step {self.step} → {self.run_dir}")
 
     def _compiled(self) -> str:
-        t = self.run.train
-        if not t.compile:
+        if self.compile_mode is None:
             return ""
-        return ", compiled" + ("" if t.compile_mode == "default" else f" ({t.compile_mode})")
+        return ", compiled" + ("" if self.compile_mode == "default" else f" ({self.compile_mode})")

@@ -36,7 +36,7 @@ from .presets import preset
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 PARALLEL_MODES = ("ddp", "fsdp")
-COMPILE_MODES = ("default", "reduce-overhead")
+COMPILE_MODES = ("auto", "default", "reduce-overhead")
 SAMPLERS = ("ddpm", "ddim", "dpm++")
 SCHEDULES = ("linear", "cosine", "sigmoid")
 PREDICTIONS = ("eps", "x0", "v")
@@ -154,7 +154,9 @@ class TrainSection:
     threads: int | None = None
     eval: bool = True  # report the digits metrics at the end (digits data only)
     compile: bool = False  # torch.compile the training forward and backward
-    compile_mode: str = "default"  # "reduce-overhead": also replay the step as CUDA graphs
+    # "reduce-overhead" also replays the step as CUDA graphs; "auto" does so in one-process
+    # CUDA runs and compiles in the default mode elsewhere (torchrun, the CPU).
+    compile_mode: str = "auto"
     parallel: str = "ddp"  # across torchrun processes: "ddp" (replicated) or "fsdp" (sharded)
 
     def validate(self) -> None:
@@ -182,7 +184,7 @@ class TrainSection:
         for name in ("lr_decay", "eval", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise _bad(f"train.{name}", getattr(self, name), "true or false")
-        if self.compile_mode != "default" and not self.compile:
+        if self.compile_mode != "auto" and not self.compile:
             raise RunConfigError(f"train.compile_mode is {self.compile_mode!r} but train.compile "
                                  "is false, so nothing would be compiled; set train.compile: "
                                  "true (the option --compile-mode does)")

@@ -128,8 +128,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "longer than the minute or two it takes to compile)")
     parser.add_argument("--compile-mode", choices=COMPILE_MODES,
                         help="implies --compile; reduce-overhead also records the step's forward "
-                        "and backward as CUDA graphs (one process on a GPU: for small images, "
-                        "whose steps are bound by kernel launches)")
+                        "and backward as CUDA graphs (one process on a GPU only); default: auto, "
+                        "which records them in one-process GPU runs and compiles in the default "
+                        "mode on the CPU and under torchrun")
 
 
 def cli_settings(args: argparse.Namespace) -> dict[str, Any]:

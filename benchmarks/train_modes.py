@@ -1,0 +1,94 @@
+"""Throughput of `diffunet train` itself (the whole step: loss, backward, clipping, AdamW, EMA)
+in each compile mode, one run after the other on the same device.
+
+    python benchmarks/train_modes.py --modes eager,default,auto --steps 400 \\
+        --run digits: --run "cifar:--preset ddpm-cifar10 --image-size 32 --batch-size 128"
+
+Each `--run NAME:ARGS` is a `diffunet train` configuration (ARGS split as a shell would); each
+mode is `eager` (no compilation) or a `--compile-mode`. Throughput is read from the run's
+`log.csv`: the last logged interval's steps per second times the batch, so compilation and
+warm-up, in the first intervals, are not counted. Prints a table and writes JSON (`--out`, default
+`$OUT/train_modes.json` when `OUT` is set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def parse_run(text: str) -> tuple[str, list[str]]:
+    """`NAME:ARGS` → (name, the arguments split as a shell would)."""
+    name, _, args = text.partition(":")
+    if not name:
+        raise argparse.ArgumentTypeError(f"--run {text!r}: expected NAME:ARGS, e.g. digits:")
+    return name, shlex.split(args)
+
+
+def batch_size(args: list[str]) -> int:
+    """The global batch of a run: its `--batch-size`, else the trainer's default (64)."""
+    return int(args[args.index("--batch-size") + 1]) if "--batch-size" in args else 64
+
+
+def train_once(args: list[str], mode: str, steps: int, log_every: int, out: Path) -> dict:
+    """Run `diffunet train` once in `mode`; its last interval's throughput and wall time."""
+    compile_args = [] if mode == "eager" else ["--compile-mode", mode]
+    command = [sys.executable, "-m", "diffunet", "train", "--out", str(out), "--steps", str(steps),
+               "--log-every", str(log_every), "--checkpoint-every", "0", "--sample-every", "0",
+               "--no-eval", *compile_args, *args]
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if result.returncode != 0:
+        return {"error": (result.stderr.strip().splitlines() or ["no output"])[-1],
+                "wall_s": wall}
+    rows = list(csv.DictReader((out / "log.csv").open()))
+    banner = next((line for line in (result.stdout + result.stderr).splitlines()
+                   if line.startswith("diffunet train:")), "")
+    rate = float(rows[-1]["it_per_s"])
+    return {"it_per_s": rate, "samples_per_s": rate * batch_size(args), "wall_s": wall,
+            "it_per_s_all": [float(row["it_per_s"]) for row in rows], "banner": banner}
+
+
+def main() -> int:
+    """Parse options, train every run in every mode, print the table, write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", dest="runs", type=parse_run, action="append", required=True,
+                        help="NAME:ARGS, the `diffunet train` options of one configuration")
+    parser.add_argument("--modes", default="eager,default,auto",
+                        help="comma-separated: eager and/or --compile-mode values")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--log-every", type=int, default=100)
+    parser.add_argument("--out", help="JSON path (default $OUT/train_modes.json)")
+    options = parser.parse_args()
+    out_path = options.out or (Path(os.environ["OUT"]) / "train_modes.json"
+                               if "OUT" in os.environ else None)
+    modes = [mode for mode in options.modes.split(",") if mode]
+    results: dict[str, dict[str, dict]] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for name, args in options.runs:
+            for mode in modes:
+                record = train_once(args, mode, options.steps, options.log_every,
+                                    Path(scratch) / f"{name}-{mode}")
+                results.setdefault(name, {})[mode] = record
+                shown = (f"{record['samples_per_s']:10.1f} samples/s "
+                         f"({record['it_per_s']:.2f} it/s)" if "error" not in record
+                         else f"failed: {record['error']}")
+                print(f"{name:10s} {mode:16s} {shown}  wall {record['wall_s']:.0f} s", flush=True)
+                if out_path:
+                    Path(out_path).write_text(json.dumps(
+                        {"steps": options.steps, "log_every": options.log_every,
+                         "runs": {n: a for n, a in options.runs}, "results": results}, indent=1))
+    return 0 if all("error" not in r for run in results.values() for r in run.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
