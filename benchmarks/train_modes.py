@@ -58,7 +58,7 @@ def train_once(args: list[str], mode: str, steps: int, log_every: int, out: Path
             "it_per_s_all": [float(row["it_per_s"]) for row in rows], "banner": banner}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     """Parse options, train every run in every mode, print the table, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", dest="runs", type=parse_run, action="append", required=True,
@@ -68,7 +68,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--out", help="JSON path (default $OUT/train_modes.json)")
-    options = parser.parse_args()
+    options = parser.parse_args(argv)
     out_path = options.out or (Path(os.environ["OUT"]) / "train_modes.json"
                                if "OUT" in os.environ else None)
     modes = [mode for mode in options.modes.split(",") if mode]

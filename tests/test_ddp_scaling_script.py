@@ -36,3 +36,12 @@ def test_throughput_reads_the_log_after_the_warm_up(tmp_path):
                    "30,1,1,1,1,32.0\n40,1,1,1,1,34.0\n")
     result = load_script().throughput(log, global_batch=16, skip_rows=1)
     assert result["img_per_s"] == 20 * 16 / 3.0 and result["warmup_seconds"] == 31.0
+
+
+def test_compiled_runs_compile_alike_on_one_and_on_several_gpus(tmp_path):
+    """Plain `--compile` would add CUDA graphs to the one-process baseline only."""
+    script = load_script()
+    for gpus in (1, 2):
+        cmd = script.command("ldm", gpus, "compile", 10, 5, tmp_path / "d.npy",
+                             tmp_path / "c.yaml", tmp_path / "out")
+        assert cmd[cmd.index("--compile-mode") + 1] == "default" and "--compile" not in cmd
