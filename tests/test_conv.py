@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import diffunet.nn.conv as conv_module
 from diffunet.nn.conv import convolve, cudnn_memory_format
 from diffunet.nn.ops import conv_nd
 
@@ -28,6 +29,12 @@ def fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture(autouse=True)
+def routed_on_the_cpu(monkeypatch):
+    """The custom ops serve CUDA runs; these tests check their arithmetic on the CPU too."""
+    monkeypatch.setattr(conv_module, "ROUTED_DEVICES", frozenset({"cuda", "cpu"}))
 
 
 def _call_targets(gm: torch.fx.GraphModule) -> set[str]:
@@ -255,3 +262,36 @@ def test_preferred_channels_last_without_converting_the_weight():
 
     strides = _traced_input_strides(conv, x)
     assert strides == [x.contiguous(memory_format=torch.channels_last).stride()]
+
+
+def test_on_the_cpu_inductor_convolves_itself(monkeypatch):
+    monkeypatch.setattr(conv_module, "ROUTED_DEVICES", frozenset({"cuda"}))
+    conv = conv_nd(2, 3, 4, 3, padding=1)
+    (ops,) = _graphs(Convolve(conv), torch.randn(1, 3, 8, 8, requires_grad=True))
+    assert not any(op.startswith("diffunet") for op in ops)
+
+
+def test_compiled_bf16_3d_unet_trains_on_the_cpu(monkeypatch):
+    """Routed on the CPU, Inductor's C++ code for this network's bias gradients declared one
+    variable twice and did not compile (torch 2.13); the CPU now keeps Inductor's convolution.
+    32³, not 16³: at 2³ oneDNN's bf16 conv3d weight gradient of an NCDHW input is NaN in eager."""
+    from diffunet import UNet
+    from diffunet.benchmark import UNET_3D
+
+    monkeypatch.setattr(conv_module, "ROUTED_DEVICES", frozenset({"cuda"}))
+    torch.manual_seed(0)
+    model = UNet(UNET_3D.replace(model_channels=16, norm_groups=8, num_head_channels=8))
+    model = model.to(memory_format=torch.channels_last_3d)
+    x = torch.randn(1, 1, 32, 32, 32).to(memory_format=torch.channels_last_3d)
+    cond, t = torch.randn_like(x), torch.tensor([3])
+    grads = []
+    for net in (torch.compile(model), model):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net(x, t, cond=cond)
+        out.float().square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        model.zero_grad()
+    compiled, eager = grads
+    assert torch.isfinite(compiled).all() and torch.isfinite(eager).all()
+    cosine = F.cosine_similarity(compiled, eager, dim=0)
+    assert cosine > 0.99, cosine  # bf16 rounding differs, the gradient does not

@@ -134,6 +134,12 @@ def _compiling_for_inductor() -> bool:
 
 _PLAIN_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
+#: Devices whose compiled convolutions go through the custom ops: the layout copies they remove
+#: are cuDNN's. On the CPU, Inductor's C++ code for the bias gradients they leave to it does
+#: not compile for some bf16 3D U-Nets in torch 2.13 (a duplicate variable declaration), so
+#: the CPU keeps Inductor's own convolution. Tests add "cpu" to check the ops' arithmetic.
+ROUTED_DEVICES: frozenset[str] = frozenset({"cuda"})
+
 
 def _routable(conv: nn.Module) -> bool:
     """A plain `nn.ConvNd` with zero padding, no hooks and a plain weight."""
@@ -158,7 +164,8 @@ def convolve(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     quantizers, see exactly those); only this call differs while Dynamo traces. Anything else
     (a subclass, hooks, other padding modes, a tensor-subclass weight) runs `conv(x)`.
     """
-    if not (_compiling_for_inductor() and _routable(conv) and _needs_backward(x, conv.weight)):
+    if not (_compiling_for_inductor() and x.device.type in ROUTED_DEVICES and _routable(conv)
+            and _needs_backward(x, conv.weight)):
         preferred = getattr(conv, "preferred_memory_format", None)
         if preferred is not None and x.ndim == conv.weight.ndim:
             x = x.contiguous(memory_format=preferred)  # what cuDNN does for a channels-last weight
