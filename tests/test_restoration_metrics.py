@@ -1,20 +1,12 @@
 """The metrics of `benchmarks/restoration_quality.py`: PSNR/SSIM and the uncertainty scores."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "restoration_quality.py"
 
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("restoration_quality", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture
+def bench(benchmark_script):
+    return benchmark_script("restoration_quality")
 
 
 def test_uncertainty_that_is_the_error_scores_perfectly(bench):

@@ -1,27 +1,17 @@
 """`benchmarks/train_modes.py` end to end on the CPU: real `diffunet train` runs, read back."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_modes.py"
 TINY = ("tiny:--image-size 8 --batch-size 8 --threads 1 --precision fp32 --sample-steps 2 "
         "model_channels=8 norm_groups=4 channel_mult=[1,2] attention_resolutions=[] "
         "num_res_blocks=1")
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_modes", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_train_modes_reads_the_last_interval_of_each_run(tmp_path, capsys):
+def test_train_modes_reads_the_last_interval_of_each_run(tmp_path, capsys, benchmark_script):
     out = tmp_path / "modes.json"
-    code = load_script().main(["--modes", "eager", "--steps", "6", "--log-every", "3",
-                               "--run", TINY, "--run", "broken:--batch-size 0",
-                               "--out", str(out)])
+    code = benchmark_script("train_modes").main(
+        ["--modes", "eager", "--steps", "6", "--log-every", "3", "--run", TINY,
+         "--run", "broken:--batch-size 0", "--out", str(out)])
     assert code == 1  # the broken run failed, and says why
     results = json.loads(out.read_text())["results"]
     tiny = results["tiny"]["eager"]
