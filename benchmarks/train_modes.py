@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 
 def parse_run(text: str) -> tuple[str, list[str]]:
     """`NAME:ARGS` → (name, the arguments split as a shell would)."""
@@ -33,9 +35,10 @@ def parse_run(text: str) -> tuple[str, list[str]]:
     return name, shlex.split(args)
 
 
-def batch_size(args: list[str]) -> int:
-    """The global batch of a run: its `--batch-size`, else the trainer's default (64)."""
-    return int(args[args.index("--batch-size") + 1]) if "--batch-size" in args else 64
+def batch_size(run_dir: Path) -> int:
+    """The global batch the run trained with, from the config it wrote."""
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    return int(config["train"]["batch_size"])
 
 
 def train_once(args: list[str], mode: str, steps: int, log_every: int, out: Path) -> dict:
@@ -54,7 +57,7 @@ def train_once(args: list[str], mode: str, steps: int, log_every: int, out: Path
     banner = next((line for line in (result.stdout + result.stderr).splitlines()
                    if line.startswith("diffunet train:")), "")
     rate = float(rows[-1]["it_per_s"])
-    return {"it_per_s": rate, "samples_per_s": rate * batch_size(args), "wall_s": wall,
+    return {"it_per_s": rate, "samples_per_s": rate * batch_size(out), "wall_s": wall,
             "it_per_s_all": [float(row["it_per_s"]) for row in rows], "banner": banner}
 
 

@@ -179,7 +179,6 @@ class Trainer:
         self.layout: Replicated | Sharded = layout_type(self.model, dist)
         self.net = self.layout.net
         self.compile_mode = resolve_compile_mode(t, dist) if t.compile else None
-        self.cuda_graphs = self.compile_mode == "reduce-overhead"
         if self.compile_mode is not None:
             self.layout.prepare_compile()
             self.net = torch.compile(self.net, mode=None if self.compile_mode == "default"
@@ -213,9 +212,10 @@ class Trainer:
         start = time.perf_counter()
         loss_sum, loss_count, grad_norm = torch.zeros((), device=dist.device), 0, torch.zeros(())
         self.model.train()
+        cuda_graphs = self.compile_mode == "reduce-overhead"
         try:
             while self.step < t.steps:
-                if self.cuda_graphs:  # this step's graph replays may overwrite the last step's
+                if cuda_graphs:  # this step's graph replays may overwrite the last step's
                     torch.compiler.cudagraph_mark_step_begin()
                 batch = self._batch(self.step)
                 with torch.autocast(dist.device.type, dtype=self.autocast_dtype,
