@@ -303,7 +303,8 @@ def randomize_zero_weights(model: nn.Module, std: float = 0.02) -> None:
                 p.normal_(0.0, std)
 
 
-def _prepare(model: Denoiser, dims: int, device: torch.device) -> Denoiser:
+def prepare_model(model: Denoiser, dims: int, device: torch.device) -> Denoiser:
+    """`model` with no all-zero weights, on `device` in the channels-last layout of `dims`."""
     randomize_zero_weights(model)
     return model.to(device=device, memory_format=memory_format_for(dims))
 
@@ -561,15 +562,18 @@ def environment(settings: Settings, argv: list[str] | None) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------- measuring
-def _make_optimizer(model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """The benchmark's AdamW: fused where the device supports it."""
     try:
         return torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     except (RuntimeError, ValueError):  # fused unsupported on this device / dtype
         return torch.optim.AdamW(model.parameters(), lr=1e-5)
 
 
-def _train_fn(model: nn.Module, batches: list[Batch], optimizer: torch.optim.Optimizer,
-              settings: Settings) -> Callable[[int], None]:
+def train_step_fn(model: nn.Module, batches: list[Batch], optimizer: torch.optim.Optimizer,
+                  settings: Settings) -> Callable[[int], None]:
+    """Step `i` trains on batch `i` (rotating): forward under autocast, float32 MSE on the
+    noise, backward, optimizer step, gradients set to None."""
     def step(i: int) -> None:
         b = batches[i % len(batches)]
         with settings.autocast():
@@ -660,8 +664,8 @@ def measure_model(report: Report, case: Case, which: str, model: Denoiser,
             try:
                 if kind == "train":
                     model.train()
-                    optimizer = _make_optimizer(model, device)
-                    fn = _train_fn(runner, batches, optimizer, settings)
+                    optimizer = make_optimizer(model, device)
+                    fn = train_step_fn(runner, batches, optimizer, settings)
                 else:
                     model.eval()
                     fn = _infer_fn(runner, batches, settings)
@@ -698,12 +702,12 @@ def run_case(report: Report, name: str, settings: Settings, modes: tuple[str, ..
                                  for k, v in ref_kwargs.items()}
     ours_params = ref_params = None
     with torch.device(device):
-        ours = _prepare(build_ours(case.config), case.dims, device)
+        ours = prepare_model(build_ours(case.config), case.dims, device)
     ours_params = num_parameters(ours)
     ref: Denoiser | None = None
     try:
         with torch.device(device):
-            ref = _prepare(build_reference(case.config, case.reference), case.dims, device)
+            ref = prepare_model(build_reference(case.config, case.reference), case.dims, device)
         ref_params = num_parameters(ref)
     except ReferenceUnavailable as err:
         entry["reference_skipped"] = str(err)
@@ -753,7 +757,7 @@ def run_case(report: Report, name: str, settings: Settings, modes: tuple[str, ..
     if "ours" in models and checkpoint_modes and "train" in kinds:
         try:
             with torch.device(device):
-                ckpt = _prepare(build_ours(case.config.replace(use_checkpoint=True)),
+                ckpt = prepare_model(build_ours(case.config.replace(use_checkpoint=True)),
                                 case.dims, device)
             # Checkpointing recomputes the forward; MFU is stated in model FLOPs (no recompute).
             measure_model(report, case, "ours+ckpt", ckpt, batches, checkpoint_modes,
@@ -832,7 +836,7 @@ def run_sampling(report: Report, settings: Settings, modes: tuple[str, ...],
             with torch.device(device):
                 model = build_ours(case.config) if which == "ours" else build_reference(
                     case.config, "diffusers")
-            model = _prepare(model, case.dims, device).eval()
+            model = prepare_model(model, case.dims, device).eval()
         except ReferenceUnavailable as err:
             for mode in modes:
                 record = _record(case, which, "diffusers", mode, "sample", batch)
@@ -1127,7 +1131,7 @@ def run_profile(case_name: str, settings: Settings, modes: tuple[str, ...],
             with torch.device(device):
                 model = (build_ours(case.config) if which == "ours"
                          else build_reference(case.config, case.reference))
-            model = _prepare(model, case.dims, device).train()
+            model = prepare_model(model, case.dims, device).train()
         except Exception as err:
             result["errors"].append({"where": f"{which}/build", "error": f"{type(err).__name__}: {err}"})
             print(f"  {which}: not built: {err}", flush=True)
@@ -1135,8 +1139,8 @@ def run_profile(case_name: str, settings: Settings, modes: tuple[str, ...],
         for mode in modes:
             try:
                 runner = settings.compile(model) if mode == "compile" else model
-                optimizer = _make_optimizer(model, device)
-                step = _train_fn(runner, batches, optimizer, settings)
+                optimizer = make_optimizer(model, device)
+                step = train_step_fn(runner, batches, optimizer, settings)
                 for i in range(max(settings.warmup, 1)):
                     step(i)
                 _sync(device)
