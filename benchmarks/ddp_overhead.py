@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ddp_scaling import CASES
-from diffunet import UNet
+from diffunet import UNet, UNetConfig
 from diffunet.presets import preset
 from diffunet.training_config import parse_override
 
@@ -90,8 +90,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_variant(name: str, config, batch: int, size: int, device: torch.device, steps: int,
-                  warmup: int) -> dict:
+def train_variant(name: str, config: UNetConfig, batch: int, size: int, device: torch.device,
+                  steps: int, warmup: int) -> dict:
     """Time `steps` training steps of the variant `name`; ms per step of every process."""
     ddp_kwargs, hook, no_sync = VARIANTS[name]
     torch.manual_seed(0)  # the same initial weights in every process
