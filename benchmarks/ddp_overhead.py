@@ -24,6 +24,7 @@ communicates. Prints a table; writes JSON to `--out` (default `$OUT/ddp_overhead
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -43,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ddp_scaling import CASES
 from diffunet import UNet, UNetConfig
+from diffunet.distributed import cleanup
 from diffunet.presets import preset
 from diffunet.training_config import parse_override
 
@@ -94,6 +96,7 @@ def train_variant(name: str, config: UNetConfig, batch: int, size: int, device: 
                   steps: int, warmup: int) -> dict:
     """Time `steps` training steps of the variant `name`; ms per step of every process."""
     ddp_kwargs, hook, no_sync = VARIANTS[name]
+    gc.collect()  # the last variant's DDP objects sit in reference cycles
     torch.manual_seed(0)  # the same initial weights in every process
     model = UNet(config).to(device)
     if device.type == "cuda":
@@ -194,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}")
-    dist.destroy_process_group()
+    cleanup()  # collects the DDP objects first: gloo may abort if they outlive the group
     return 0
 
 
