@@ -1,0 +1,102 @@
+"""Estimate a training step's peak memory without a GPU: fake tensors under PyTorch's MemTracker.
+
+    python benchmarks/memory_estimate.py --preset ldm --image-size 256 --batch-size 16
+    python benchmarks/memory_estimate.py --preset ldm --image-size 256 --batch-size 32 \\
+        model_channels=256 'channel_mult=[1,1,2,2,4,4]' --checkpoint --ema
+
+The model, AdamW and a batch are built under `FakeTensorMode` (no memory is allocated, nothing
+is computed); one warm-up step creates the optimizer state, then
+`torch.distributed._tools.mem_tracker.MemTracker` follows the next step's tensors: forward under
+bf16 autocast (the CPU's casting rules), float32 MSE, backward, AdamW step. The peak is the sum
+of live tensor bytes; `--ema` adds a float32 copy of the weights, as `diffunet train` keeps.
+
+It is an estimate: the GPU adds cuDNN workspaces and allocator slack, and on the CPU GroupNorm
+runs its reference path (our fused GPU kernel keeps less for backward). Against GPU peaks
+measured by `bench.py` (ours, eager; docs/performance.md) it was within 25 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed._tools.mem_tracker import MemTracker
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from diffunet import UNet, UNetConfig
+from diffunet.presets import preset
+from diffunet.training_config import parse_override
+
+GiB = 2**30
+
+
+def peak_training_bytes(config: UNetConfig, batch: int, *,
+                        fake: bool = True) -> tuple[dict[str, int], int]:
+    """Peak bytes of one training step of `config` at `batch`, by kind ("Total", "PARAM",
+    "GRAD", "ACT", "OPT", ...), and the number of parameters.
+
+    `fake=False` runs the same step on real CPU tensors (slow; for checking the estimate).
+    """
+    size = (config.image_size,) * config.dims
+    with FakeTensorMode() if fake else torch.device("cpu"):
+        model = UNet(config)
+        params = sum(p.numel() for p in model.parameters())
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+        x = torch.randn(batch, config.in_channels + config.cond_channels, *size)
+        noise = torch.randn(batch, config.out_channels, *size)
+        t = torch.randint(0, 1000, (batch,))
+
+        def step() -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(x[:, :config.in_channels], t,
+                            cond=x[:, config.in_channels:] if config.cond_channels else None)
+            F.mse_loss(out.float(), noise).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        step()  # creates AdamW's state
+        tracker = MemTracker()
+        tracker.track_external(model, optimizer)
+        with tracker:
+            step()
+    parts: dict[str, int] = {}
+    for by_kind in tracker.get_tracker_snapshot("peak").values():
+        for kind, nbytes in by_kind.items():
+            name = str(kind).split(".")[-1]
+            parts[name] = parts.get(name, 0) + nbytes
+    return parts, params
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the estimate for the preset, overrides and batch given."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="ldm")
+    parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=16, help="per device (16)")
+    parser.add_argument("--checkpoint", action="store_true", help="use_checkpoint=True")
+    parser.add_argument("--ema", action="store_true", help="add a float32 EMA of the weights")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="model overrides")
+    args = parser.parse_args(argv)
+    overrides = dict(parse_override(o) for o in args.overrides)
+    if args.image_size is not None:
+        overrides["image_size"] = args.image_size
+    config = preset(args.preset, use_checkpoint=args.checkpoint, **overrides)
+    parts, params = peak_training_bytes(config, args.batch_size)
+    total = parts["Total"] + (4 * params if args.ema else 0)
+    print(f"{args.preset} {' '.join(args.overrides)} ({params / 1e6:.1f}M parameters), "
+          f"{config.image_size}^{config.dims}, batch {args.batch_size}"
+          f"{', checkpointing' if args.checkpoint else ''}{', EMA' if args.ema else ''}: "
+          f"estimated peak {total / GiB:.2f} GiB")
+    shown = {k: v for k, v in parts.items() if k != "Total" and v}
+    print("  at the peak: " + ", ".join(f"{k} {v / GiB:.2f}" for k, v in shown.items())
+          + (f", EMA {4 * params / GiB:.2f}" if args.ema else "") + " GiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
