@@ -50,10 +50,11 @@ def peak_training_bytes(config: UNetConfig, batch: int, *,
         x = torch.randn(batch, config.in_channels + config.cond_channels, *size)
         noise = torch.randn(batch, config.out_channels, *size)
         t = torch.randint(0, 1000, (batch,))
+        labels = torch.randint(0, config.num_classes, (batch,)) if config.num_classes else None
 
         def step() -> None:
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                out = model(x[:, :config.in_channels], t,
+                out = model(x[:, :config.in_channels], t, labels=labels,
                             cond=x[:, config.in_channels:] if config.cond_channels else None)
             F.mse_loss(out.float(), noise).backward()
             optimizer.step()
@@ -85,7 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     overrides = dict(parse_override(o) for o in args.overrides)
     if args.image_size is not None:
         overrides["image_size"] = args.image_size
-    config = preset(args.preset, use_checkpoint=args.checkpoint, **overrides)
+    try:
+        config = preset(args.preset, use_checkpoint=args.checkpoint, **overrides)
+    except (KeyError, TypeError, ValueError) as err:
+        parser.error(str(err).strip("'\""))
+    if config.image_size is None:
+        parser.error(f"preset {args.preset!r} has no image size; pass --image-size")
+    if config.context_dim is not None:
+        parser.error("models with cross-attention (context_dim) are not estimated here")
     parts, params = peak_training_bytes(config, args.batch_size)
     total = parts["Total"] + (4 * params if args.ema else 0)
     print(f"{args.preset} {' '.join(args.overrides)} ({params / 1e6:.1f}M parameters), "

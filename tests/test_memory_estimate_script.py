@@ -39,3 +39,15 @@ def test_the_command_line_prints_the_estimate(estimate, capsys):
     out = capsys.readouterr().out
     assert "(0.6M parameters), 16^2, batch 4, EMA: estimated peak" in out
     assert "ACT" in out and "EMA 0.00 GiB" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "nope"], "unknown preset 'nope'"),
+    (["--preset", "ldm", "bogus_key=3"], "unknown UNetConfig field(s) ['bogus_key']"),
+    (["--preset", "efficient-unet"], "has no image size; pass --image-size"),
+    (["--preset", "text-unet"], "cross-attention (context_dim) are not estimated"),
+])
+def test_what_it_cannot_estimate_is_said_in_one_line(estimate, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        estimate.main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
