@@ -121,11 +121,11 @@ class RunLog:
                                  lr=f"{values.get('lr', 0):.2e}", refresh=False)
             self.bar.update(step - self.bar.n)
         elif log_line:
-            done = step - self.start_step
-            overall = done / max(elapsed, 1e-9)
-            eta = (self.total_steps - step) / overall if overall > 0 else 0.0
+            # The rate since the last line, as in log.csv: since the start it would count the
+            # compilation and cuDNN tuning of the first steps, and the eta would be far off.
+            eta = (self.total_steps - step) / rate if rate > 0 else 0.0
             self.message(f"step {step}/{self.total_steps}  loss {values.get('loss', float('nan')):.4f}  "
-                         f"lr {values.get('lr', 0):.2e}  {overall:.2f} it/s  "
+                         f"lr {values.get('lr', 0):.2e}  {rate:.2f} it/s  "
                          f"elapsed {_format_duration(elapsed)}  eta {_format_duration(eta)}")
 
     def scalar(self, name: str, value: float, step: int) -> None:
