@@ -45,8 +45,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ddp_scaling import CASES
 from diffunet import UNet, UNetConfig
 from diffunet.distributed import cleanup
+from diffunet.parallel import place_model
 from diffunet.presets import preset
 from diffunet.training_config import parse_override
+from diffunet.unet import memory_format_for
 
 #: variant → (DDP keyword arguments or None for no DDP, communication hook, inside no_sync)
 VARIANTS: dict[str, tuple[dict | None, Callable | None, bool]] = {
@@ -65,7 +67,7 @@ def all_reduce_times(sizes_mib: list[float], device: torch.device, repeats: int)
     rows = []
     for mib in sizes_mib:
         for dtype in (torch.float32, torch.bfloat16):
-            numel = max(1, int(mib * 2**20) // torch.tensor([], dtype=dtype).element_size())
+            numel = max(1, int(mib * 2**20) // dtype.itemsize)
             tensor = torch.ones(numel, dtype=dtype, device=device)
             for _ in range(2):
                 dist.all_reduce(tensor)
@@ -99,8 +101,7 @@ def train_variant(name: str, config: UNetConfig, batch: int, size: int, device: 
     gc.collect()  # the last variant's DDP objects sit in reference cycles
     torch.manual_seed(0)  # the same initial weights in every process
     model = UNet(config).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    place_model(model, device)  # channels-last weights on a GPU, as `diffunet train` does
     net = model
     if ddp_kwargs is not None:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.index is not None
@@ -113,7 +114,8 @@ def train_variant(name: str, config: UNetConfig, batch: int, size: int, device: 
     x, noise = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
     x, noise = x.to(device), noise.to(device)
     if device.type == "cuda":
-        x, noise = (t.contiguous(memory_format=torch.channels_last) for t in (x, noise))
+        layout = memory_format_for(config.dims)
+        x, noise = (t.contiguous(memory_format=layout) for t in (x, noise))
     t = torch.randint(0, 1000, (batch,), generator=generator).to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 

@@ -58,7 +58,7 @@ def replay(trace: list[dict[str, Any]]) -> tuple[int, int, dict[int, dict[str, A
     return peak, peak_index, at_peak
 
 
-def _ours(filename: str) -> bool:
+def _worth_naming(filename: str) -> bool:
     """A frame worth naming: Inductor's generated code, or anything outside torch itself."""
     return "torchinductor" in filename or f"{os.sep}torch{os.sep}" not in filename
 
@@ -68,7 +68,7 @@ def describe(frames: list[dict[str, Any]], depth: int = 2) -> tuple[str, ...]:
     out = []
     for frame in frames:
         filename, line = frame["filename"], frame["line"]
-        if not _ours(filename):
+        if not _worth_naming(filename):
             continue
         source = linecache.getline(filename, line).strip()
         after = linecache.getline(filename, line + 1).strip()
