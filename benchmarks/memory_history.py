@@ -59,8 +59,13 @@ def replay(trace: list[dict[str, Any]]) -> tuple[int, int, dict[int, dict[str, A
 
 
 def _worth_naming(filename: str) -> bool:
-    """A frame worth naming: Inductor's generated code, or anything outside torch itself."""
-    return "torchinductor" in filename or f"{os.sep}torch{os.sep}" not in filename
+    """A Python frame worth naming: Inductor's generated code, or anything outside torch itself.
+
+    The allocator's traces also hold C++ frames (`??` or a `.cpp`/`.h` file) above the Python
+    ones; on the H100 those came first and named every block `torch::unwind::unwind()`.
+    """
+    return filename.endswith(".py") and ("torchinductor" in filename
+                                         or f"{os.sep}torch{os.sep}" not in filename)
 
 
 def describe(frames: list[dict[str, Any]], depth: int = 2) -> tuple[str, ...]:

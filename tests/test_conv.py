@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from functorch.compile import make_boxed_func
 from torch import nn
+from torch._functorch.aot_autograd import aot_module_simplified
 
 import diffunet.nn.conv as conv_module
 from diffunet.nn.conv import convolve, cudnn_memory_format
@@ -86,10 +88,15 @@ def _graphs(module: nn.Module, *args: torch.Tensor) -> list[set[str]]:
 @pytest.mark.parametrize("dims", [1, 2, 3])
 @pytest.mark.parametrize("options", [dict(padding=1), dict(stride=2, padding=0, bias=False),
                                      dict(padding=2, dilation=2, groups=2)])
-def test_compiled_forward_and_gradients_equal_eager(dims, options):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_compiled_forward_and_gradients_equal_eager(dims, options, channels_last):
     torch.manual_seed(0)
     conv = conv_nd(dims, 4, 6, 3, **options)
-    x = torch.randn(2, 4, *[9] * dims, requires_grad=True)
+    x = torch.randn(2, 4, *[9] * dims)
+    if channels_last and dims > 1:  # the bias gradient is then a product with ones
+        layout = conv_module._CHANNELS_LAST[dims + 2]
+        conv, x = conv.to(memory_format=layout), x.contiguous(memory_format=layout)
+    x.requires_grad_()
     expected = conv(x)
     expected.square().sum().backward()
     grads = [x.grad.clone()] + [p.grad.clone() for p in conv.parameters()]
@@ -102,7 +109,7 @@ def test_compiled_forward_and_gradients_equal_eager(dims, options):
     # float32 tolerances: only the order of the bias-gradient reduction differs
     torch.testing.assert_close(out, expected)
     for got, want in zip([x.grad] + [p.grad for p in conv.parameters()], grads, strict=True):
-        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_compiled_under_autocast_matches_eager_within_bf16_rounding():
@@ -115,6 +122,38 @@ def test_compiled_under_autocast_matches_eager_within_bf16_rounding():
     assert out.dtype == expected.dtype == torch.bfloat16
     # eager adds the bias inside the convolution; the compiled path adds it after rounding
     torch.testing.assert_close(out.float(), expected.float(), rtol=0.02, atol=0.02)
+
+
+@pytest.mark.parametrize("shape, layout", [((3, 5, 7), None), ((2, 5, 4, 6), None),
+                                           ((2, 5, 4, 6), torch.channels_last),
+                                           ((2, 5, 3, 4, 6), torch.channels_last_3d)])
+def test_bias_gradient_is_the_sum_over_all_but_the_channels(shape, layout):
+    torch.manual_seed(0)
+    grad = torch.randn(shape, dtype=torch.float64)
+    if layout is not None:
+        grad = grad.contiguous(memory_format=layout)
+    expected = grad.sum([0, *range(2, grad.ndim)])
+    torch.testing.assert_close(conv_module.bias_gradient(grad), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_the_bias_gradient_comes_from_the_convolution_backward():
+    """The compiled backward sums no gradient for the bias itself: the custom op returns it."""
+    conv = conv_nd(2, 3, 4, 3, padding=1)
+    x = torch.randn(1, 3, 8, 8, requires_grad=True)
+    backward_ops = []
+
+    def backend(gm, inputs):
+        def backward_compiler(bw, _):
+            backward_ops.extend(_call_targets(bw))
+            return make_boxed_func(bw)
+        return aot_module_simplified(gm, inputs, fw_compiler=lambda fw, _: make_boxed_func(fw),
+                                     bw_compiler=backward_compiler)
+
+    torch.compile(Convolve(conv), backend=backend)(x).sum().backward()
+    assert "diffunet.convolution_backward.default" in backward_ops
+    assert not any(op.startswith("aten.sum") for op in backward_ops), backward_ops
+    assert conv.bias.grad is not None
+    torch.testing.assert_close(conv.bias.grad, torch.full((4,), 64.0))
 
 
 def test_input_without_gradient_gets_none():

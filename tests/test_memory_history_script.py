@@ -39,7 +39,9 @@ def test_blocks_are_grouped_by_the_line_that_allocated_them(tmp_path, benchmark_
                         "    buf7 = empty_strided_cuda((4, 64), (64, 1), torch.float32)\n"
                         "    # Topologically Sorted Source Nodes: [group_norm]\n")
     torch_internal = os.path.join(os.sep, "site-packages", "torch", "x.py")
-    at_buf7 = [{"filename": torch_internal, "line": 3, "name": "inner"},
+    cpp = [{"filename": "??", "line": 0, "name": "torch::unwind::unwind()"},
+           {"filename": "/pytorch/c10/cuda/CUDACachingAllocator.cpp", "line": 9, "name": "malloc"}]
+    at_buf7 = [*cpp, {"filename": torch_internal, "line": 3, "name": "inner"},
                {"filename": str(inductor), "line": 2, "name": "call"}]
     elsewhere = [{"filename": str(tmp_path / "model.py"), "line": 1, "name": "forward"}]
     (tmp_path / "model.py").write_text("h = conv(x)\n")
@@ -47,7 +49,7 @@ def test_blocks_are_grouped_by_the_line_that_allocated_them(tmp_path, benchmark_
     groups = script.group(blocks, top=5)
     assert [(g["mib"], g["count"]) for g in groups] == [(20, 1), (16, 2)]
     assert groups[0]["where"] == ["model.py:1 forward | h = conv(x)"]
-    (where,) = groups[1]["where"]  # torch's own frame is skipped
+    (where,) = groups[1]["where"]  # C++ frames and torch's own Python frame are skipped
     assert where.startswith("cabc.py:2 call | buf7 = empty_strided_cuda((4, 64), (64, 1), "
                             "torch.float32)")
     assert where.endswith("# Topologically Sorted Source Nodes: [group_norm]")
