@@ -10,6 +10,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._inductor.compile_fx import compile_fx
 
 from diffunet import UNet
 from diffunet.introspect import example_inputs, small_config
@@ -34,25 +35,50 @@ def test_cpu_tensors_take_the_fallback():
 
 
 INTERPRETER_CHECK = textwrap.dedent("""
+    # argv[1]: "eager" runs the kernels through autograd, "compiled" through the custom op
+    # in graphs compiled with aot_eager or Inductor (and checks when graphs call it).
+    import sys
     import torch
-    from diffunet.nn.fused import group_norm_act, group_norm_act_reference, fused_available
+    from diffunet.nn import fused
+    from diffunet.nn.fused import group_norm_act, group_norm_act_reference
+    compiled = sys.argv[1] == "compiled"
+    fused.set_compiled_min_elements(0)
     torch.manual_seed(0)
+
+    def routed(fn, *args):
+        ops = []
+        def backend(gm, inputs):
+            ops.extend(str(n.target) for n in gm.graph.nodes)
+            return gm
+        torch._dynamo.reset()
+        torch.compile(fn, backend=backend)(*args)
+        return "diffunet.group_norm_act.default" in ops
+
     worst = 0.0
-    cases = [((2, 8, 5, 7), 4, True), ((3, 12, 4, 4, 3), 3, True), ((2, 6, 33), 2, False),
-             ((2, 20, 3, 5), 5, False)]
-    for shape, groups, channels_last in cases:
+    cases = [((2, 8, 5, 7), 4, True, "aot_eager"), ((3, 12, 4, 4, 3), 3, True, "inductor"),
+             ((2, 6, 33), 2, False, "aot_eager"), ((2, 20, 3, 5), 5, False, "aot_eager")]
+    for shape, groups, channels_last, backend in cases:
         for film, act in [(False, True), (True, True), (False, False)]:
             x = torch.randn(*shape) * 2 + 3
             if channels_last:
                 fmt = torch.channels_last if x.ndim == 4 else torch.channels_last_3d
                 x = x.contiguous(memory_format=fmt)
-            assert fused_available(x)
+            assert fused.fused_available(x)
             B, C = shape[:2]
-            params = [x, torch.randn(C), torch.randn(C)]
-            params = [p.requires_grad_(True) for p in params]
+            params = [p.requires_grad_(True) for p in [x, torch.randn(C), torch.randn(C)]]
             if film:  # as in the model: two non-contiguous halves of one projection
                 params += list(torch.randn(B, 2 * C, requires_grad=True).chunk(2, dim=1))
-            y = group_norm_act(params[0], groups, *params[1:3], 1e-5, *params[3:], act=act)
+
+            def norm(*p):
+                return group_norm_act(p[0], groups, *p[1:3], 1e-5, *p[3:], act=act)
+
+            if compiled:
+                assert routed(norm, *params)
+                with torch.no_grad():  # compiled inference calls it too
+                    assert routed(norm, *params)
+                torch._dynamo.reset()
+                norm = torch.compile(norm, backend=backend)
+            y = norm(*params)
             ref_params = [p.detach().double().requires_grad_(True) for p in params]
             y_ref = group_norm_act_reference(ref_params[0], groups, *ref_params[1:3], 1e-5,
                                              *ref_params[3:], act=act)
@@ -63,6 +89,12 @@ INTERPRETER_CHECK = textwrap.dedent("""
             worst = max(worst, ((y.double() - y_ref).abs().max() / y_ref.abs().max()).item())
             for g, r in zip(grads, ref_grads):
                 worst = max(worst, ((g.double() - r).abs().max() / r.abs().max()).item())
+    if compiled:
+        small = torch.randn(2, 4, 3, 3, requires_grad=True), torch.ones(4), torch.zeros(4)
+        fused.set_compiled_min_elements(2 * 4 * 3 * 3 + 1)
+        assert not routed(lambda x, w, b: group_norm_act(x, 2, w, b, 1e-5), *small)
+        fused.set_compiled_min_elements(None)
+        assert not routed(lambda x, w, b: group_norm_act(x, 2, w, b, 1e-5), *params[:3])
     print(f"worst relative error {worst:.3e}")
     assert worst < 1e-5, worst
 """)
@@ -70,11 +102,41 @@ INTERPRETER_CHECK = textwrap.dedent("""
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (CPU-only torch)")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests below check the real kernels")
-def test_triton_kernels_match_reference_under_the_interpreter():
+@pytest.mark.parametrize("path", ["eager", "compiled"])
+def test_triton_kernels_match_reference_under_the_interpreter(path):
+    """`compiled`: graphs call the kernels as a custom op, forward and all five gradients."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-c", INTERPRETER_CHECK], env=env,
+    result = subprocess.run([sys.executable, "-c", INTERPRETER_CHECK, path], env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(("mode", "expected"), [
+    ("reduce-overhead", fused.CUDA_GRAPHS_MIN_ELEMENTS),
+    ("max-autotune", fused.CUDA_GRAPHS_MIN_ELEMENTS),
+    ("default", None), ("max-autotune-no-cudagraphs", None), (None, None)])
+def test_the_compile_mode_decides_whether_compiled_graphs_call_the_kernels(
+        monkeypatch, mode, expected):
+    monkeypatch.setattr(fused, "_COMPILED_MIN_ELEMENTS", 123)
+    fused.configure_for_compile_mode(mode)
+    assert expected == fused._COMPILED_MIN_ELEMENTS
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="Triton's interpreter runs the kernels on the CPU")
+def test_on_the_cpu_compiled_graphs_trace_the_reference(monkeypatch):
+    monkeypatch.setattr(fused, "_COMPILED_MIN_ELEMENTS", 0)
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    assert not fused.compiled_fused_wanted(x)  # not while Dynamo is not tracing
+    ops = []
+
+    def backend(gm, inputs):
+        ops.extend(str(n.target) for n in gm.graph.nodes)
+        return gm
+
+    torch.compile(lambda t: fused.group_norm_act(t, 2, torch.ones(4), torch.zeros(4), 1e-5),
+                  backend=backend)(x)
+    assert "diffunet.group_norm_act.default" not in ops and ops
 
 
 AWKWARD = [((3, 96, 17, 9), 32), ((2, 448, 15, 15), 32), ((5, 40, 7, 6, 5), 8), ((4, 24, 1000), 8),
@@ -84,10 +146,11 @@ AWKWARD = [((3, 96, 17, 9), 32), ((2, 448, 15, 15), 32), ((5, 40, 7, 6, 5), 8), 
 @pytest.fixture
 def fused_everywhere():
     """Use the fused kernels whatever the tensor size, then restore the defaults."""
-    saved = fused._FUSED_ENABLED, fused._MIN_ELEMENTS
+    saved = fused._FUSED_ENABLED, fused._MIN_ELEMENTS, fused._COMPILED_MIN_ELEMENTS
     fused.set_fused_enabled(True, min_elements=0)
     yield
     fused.set_fused_enabled(saved[0], min_elements=saved[1])
+    fused.set_compiled_min_elements(saved[2])
 
 
 @pytest.mark.gpu
@@ -141,3 +204,38 @@ def test_model_with_fused_kernels_matches_eager_model_on_gpu(name):
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("fused_everywhere")
+@pytest.mark.parametrize("name", ["ddpm-cifar10", "emdiffuse-aleatoric"])
+def test_compiled_training_with_the_custom_op_matches_compiled_without_on_gpu(name):
+    config = small_config(name).replace(dropout=0.0)
+    torch.manual_seed(0)
+    model = UNet(config).cuda().to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    x, kwargs = example_inputs(config, batch=3, device="cuda")
+    x = x.contiguous(memory_format=torch.channels_last)
+    outputs, grads, routed = [], [], []
+    for compiled_min_elements in (0, None):
+        fused.set_compiled_min_elements(compiled_min_elements)
+        torch._dynamo.reset()
+        ops = []
+
+        def backend(gm, inputs, ops=ops):
+            ops.extend(str(n.target) for n in gm.graph.nodes)
+            return compile_fx(gm, inputs)
+
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = torch.compile(model, backend=backend)(x, **kwargs)
+        out.float().square().mean().backward()
+        routed.append("diffunet.group_norm_act.default" in ops)
+        outputs.append(out.detach().float())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert routed == [True, False]
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=3e-2, atol=3e-2)
+    scale = grads[1].abs().max().item()
+    assert (grads[0] - grads[1]).abs().max().item() <= 3e-2 * scale

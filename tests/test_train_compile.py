@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from diffunet.cli import main
 from diffunet.distributed import DistInfo
+from diffunet.nn import fused
 from diffunet.train import resolve_compile_mode
 from diffunet.training_config import RunConfigError, TrainSection
 from diffunet.training_state import load_training_state
@@ -46,8 +47,9 @@ def test_compiled_training_matches_eager_and_saves_clean_keys(tmp_path, capsys):
         torch.testing.assert_close(state["model"][key], value, rtol=1e-3, atol=1e-4, msg=key)
 
 
-def test_reduce_overhead_trains_on_one_process_and_says_so(tmp_path, capsys):
+def test_reduce_overhead_trains_on_one_process_and_says_so(tmp_path, capsys, monkeypatch):
     """On the CPU Inductor skips the CUDA graphs; the run must still train and report its mode."""
+    monkeypatch.setattr(fused, "_COMPILED_MIN_ELEMENTS", None)  # restored after the test
     threads = torch.get_num_threads()
     try:
         torch._dynamo.reset()
@@ -57,6 +59,8 @@ def test_reduce_overhead_trains_on_one_process_and_says_so(tmp_path, capsys):
         torch.set_num_threads(threads)
     captured = capsys.readouterr()
     assert "compiled (reduce-overhead)" in captured.out + captured.err
+    # graphs replayed as CUDA graphs call the fused GroupNorm kernels (on a GPU)
+    assert fused._COMPILED_MIN_ELEMENTS == fused.CUDA_GRAPHS_MIN_ELEMENTS
     config = (tmp_path / "ro" / "config.yaml").read_text()
     assert "compile: true" in config and "compile_mode: reduce-overhead" in config
 

@@ -50,6 +50,7 @@ from torch import nn
 
 from .config import UNetConfig
 from .introspect import flop_counter
+from .nn import fused
 from .presets import preset
 from .unet import UNet, memory_format_for
 
@@ -348,7 +349,9 @@ class Settings:
         return self.deadline - (time.perf_counter() - self.started)
 
     def compile(self, model: nn.Module) -> nn.Module:
-        """`torch.compile(model)` in the configured mode."""
+        """`torch.compile(model)` in the configured mode (with the fused GroupNorm kernels in
+        the graph where the mode records CUDA graphs, as the trainer does)."""
+        fused.configure_for_compile_mode(self.compile_mode)
         mode = None if self.compile_mode == "default" else self.compile_mode
         return torch.compile(model, mode=mode)
 

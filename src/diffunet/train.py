@@ -31,6 +31,7 @@ from .diffusion import Diffusion, drop_conditioning
 from .distributed import DistInfo, barrier, mean_over_ranks
 from .grids import save_grid, to_image_tiles
 from .io import atomic_write_bytes, save_pretrained
+from .nn import fused
 from .parallel import Replicated, Sharded
 from .run_log import RunLog
 from .training_config import RunConfig, RunConfigError, TrainSection
@@ -181,6 +182,7 @@ class Trainer:
         self.compile_mode = resolve_compile_mode(t, dist) if t.compile else None
         if self.compile_mode is not None:
             self.layout.prepare_compile()
+            fused.configure_for_compile_mode(self.compile_mode)
             self.net = torch.compile(self.net, mode=None if self.compile_mode == "default"
                                      else self.compile_mode)
 

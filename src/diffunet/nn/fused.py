@@ -10,7 +10,10 @@ pass + a tiny combine + one gradient pass (three launches each way).
 
 `group_norm_act` picks the fused path for CUDA tensors when Triton is importable and the
 switch is on (`set_fused_enabled`, or `DIFFUNET_FUSED=0` to turn it off); everything else
-takes the eager path, which is the reference the fused kernels are tested against.
+takes the eager path, which is the reference the fused kernels are tested against. Graphs
+compiled to be replayed as CUDA graphs reach the same kernels through the custom ops
+`diffunet::group_norm_act` and `diffunet::group_norm_act_backward`, which Inductor calls as
+they are (`configure_for_compile_mode`; the trainer and the benchmark call it).
 """
 
 from __future__ import annotations
@@ -31,32 +34,64 @@ _FUSED_ENABLED = os.environ.get("DIFFUNET_FUSED", "1") != "0"
 # on an H100, the eager kernels need less than that below about 2**24 elements, so smaller
 # tensors keep the eager path; above it the fused kernels win 4-6x (docs/performance.md).
 _MIN_ELEMENTS = (1 << 24) + 1
+#: From this size on, compiled graphs that are replayed as CUDA graphs call the kernels as one
+#: custom op instead of tracing the reference for Inductor, whose channels-last GroupNorm
+#: reductions are slow at large sizes. Measured on an H100 under `mode="reduce-overhead"`,
+#: training: `ldm` 168.6 → 215.1 img/s, 3D 55.0 → 65.8 vol/s, `ddpm-cifar10` 5,992 → 6,390
+#: img/s; `ldm` inference 524.6 → 632.0 (docs/performance.md). Without CUDA graphs it is not
+#: measured yet, and each call's Python launch cost would add to the host's share of a step, so
+#: it stays off there.
+CUDA_GRAPHS_MIN_ELEMENTS = 1 << 20
+_COMPILED_MIN_ELEMENTS: int | None = None
 
 
 def set_fused_enabled(enabled: bool, *, min_elements: int | None = None) -> None:
     """Turn the fused GPU kernels on or off (e.g. to A/B them) and optionally set the size
-    (elements per call) from which they are used."""
+    (elements per call) from which they are used in eager mode."""
     global _FUSED_ENABLED, _MIN_ELEMENTS
     _FUSED_ENABLED = bool(enabled)
     if min_elements is not None:
         _MIN_ELEMENTS = int(min_elements)
 
 
-def fused_available(x: torch.Tensor) -> bool:
-    """Whether `group_norm_act(x, ...)` would run the fused kernels.
+def set_compiled_min_elements(min_elements: int | None) -> None:
+    """Let graphs traced from now on call the fused kernels (as a custom op) on tensors of at
+    least `min_elements`; None (the default) traces the reference everywhere."""
+    global _COMPILED_MIN_ELEMENTS
+    _COMPILED_MIN_ELEMENTS = None if min_elements is None else int(min_elements)
 
-    Only in eager mode: under `torch.compile` / `torch.export` the reference path is traced and
-    Inductor fuses it with its neighbours, which measured faster than an opaque kernel.
+
+def configure_for_compile_mode(mode: str | None) -> None:
+    """Set the compiled size threshold for `torch.compile(mode=mode)`: the kernels from
+    `CUDA_GRAPHS_MIN_ELEMENTS` on where the mode replays CUDA graphs, none otherwise."""
+    graphs = mode in ("reduce-overhead", "max-autotune")
+    set_compiled_min_elements(CUDA_GRAPHS_MIN_ELEMENTS if graphs else None)
+
+
+def _kernels_take(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels can normalize `x` at all: switched on, on a GPU (or Triton's
+    interpreter) and in a floating dtype they read."""
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    return (_FUSED_ENABLED and triton is not None and (x.is_cuda or interpret)
+            and x.dtype in (torch.float16, torch.bfloat16, torch.float32))
+
+
+def fused_available(x: torch.Tensor) -> bool:
+    """Whether `group_norm_act(x, ...)` would run the fused kernels in eager mode.
+
+    Under `torch.compile` see `compiled_fused_wanted`; `torch.export` always traces the
+    reference path.
     """
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    return (
-        _FUSED_ENABLED
-        and triton is not None
-        and (x.is_cuda or interpret)
-        and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
-        and (x.numel() >= _MIN_ELEMENTS or interpret)
-        and not torch.compiler.is_compiling()
-    )
+    return (_kernels_take(x) and (x.numel() >= _MIN_ELEMENTS or interpret)
+            and not torch.compiler.is_compiling())
+
+
+def compiled_fused_wanted(x: torch.Tensor) -> bool:
+    """Whether the `group_norm_act(x, ...)` that Dynamo traces calls the fused kernels as the
+    custom op `diffunet::group_norm_act` (see `set_compiled_min_elements`)."""
+    return (_COMPILED_MIN_ELEMENTS is not None and torch.compiler.is_dynamo_compiling()
+            and _kernels_take(x) and x.numel() >= _COMPILED_MIN_ELEMENTS)
 
 
 def group_norm_act_reference(
@@ -88,7 +123,8 @@ def group_norm_act(
     act: bool = True,
 ) -> torch.Tensor:
     """GroupNorm of `x` (B, C, *spatial), optional FiLM `scale`/`shift` (B, C), optional SiLU."""
-    if fused_available(x):
+    compiled_op = compiled_fused_wanted(x)
+    if compiled_op or fused_available(x):
         if scale is None:
             scale = shift = x.new_zeros(0)
             film = False
@@ -98,6 +134,8 @@ def group_norm_act(
             shift = shift.reshape(x.shape[0], x.shape[1]).contiguous()
             film = True
         x = x.contiguous(memory_format=_memory_format(x))
+        if compiled_op:
+            return group_norm_act_op(x, weight, bias, scale, shift, num_groups, eps, film, act)[0]
         return _GroupNormAct.apply(x, weight, bias, scale, shift, num_groups, eps, film, act)
     return group_norm_act_reference(x, num_groups, weight, bias, eps, scale, shift, act)
 
@@ -397,6 +435,69 @@ class _GroupNormAct(torch.autograd.Function):
         dx, dw, db, ds, dsh = _backward(grad, x, weight, bias, scale, shift, mean, rstd,
                                         ctx.num_groups, ctx.film, ctx.act)
         return dx, dw, db, ds, dsh, None, None, None, None
+
+
+_FIXED_STRIDES = (torch.Tag.needs_fixed_stride_order,)
+
+
+@torch.library.custom_op("diffunet::group_norm_act", mutates_args=(), tags=_FIXED_STRIDES)
+def group_norm_act_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                      scale: torch.Tensor, shift: torch.Tensor, num_groups: int, eps: float,
+                      film: bool, act: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused kernels as an op `torch.compile` calls as it is: (output, mean, rstd).
+
+    `scale` and `shift` are (B, C) when `film`, else empty; mean and rstd are (B, C) float32.
+    """
+    return _forward(x, weight, bias, scale, shift, num_groups, eps, film, act)
+
+
+@group_norm_act_op.register_fake
+def _group_norm_act_fake(x, weight, bias, scale, shift, num_groups, eps, film, act):
+    stats = x.new_empty(x.shape[:2], dtype=torch.float32)
+    return torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("diffunet::group_norm_act_backward", mutates_args=(),
+                         tags=_FIXED_STRIDES)
+def group_norm_act_backward_op(
+        grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+        scale: torch.Tensor, shift: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+        num_groups: int, film: bool, act: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `group_norm_act_op` for x, weight, bias, scale and shift (the last two
+    empty without FiLM)."""
+    dx, dw, db, ds, dsh = _backward(grad, x, weight, bias, scale, shift, mean, rstd, num_groups,
+                                    film, act)
+    if ds is None:  # a custom op returns tensors, never None
+        ds, dsh = scale.new_empty(0), shift.new_empty(0)
+    return dx, dw, db, ds, dsh
+
+
+@group_norm_act_backward_op.register_fake
+def _group_norm_act_backward_fake(grad, x, weight, bias, scale, shift, mean, rstd, num_groups,
+                                  film, act):
+    return (torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias),
+            torch.empty_like(scale), torch.empty_like(shift))
+
+
+def _setup_op_context(ctx, inputs, output) -> None:
+    x, weight, bias, scale, shift, num_groups, _, film, act = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
+    ctx.num_groups, ctx.film, ctx.act = num_groups, film, act
+
+
+def _op_backward(ctx, grad, _grad_mean, _grad_rstd):
+    x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
+    grad = grad.contiguous(memory_format=_memory_format(x))
+    dx, dw, db, ds, dsh = group_norm_act_backward_op(grad, x, weight, bias, scale, shift, mean,
+                                                     rstd, ctx.num_groups, ctx.film, ctx.act)
+    if not ctx.film:
+        ds = dsh = None
+    return dx, dw, db, ds, dsh, None, None, None, None
+
+
+group_norm_act_op.register_autograd(_op_backward, setup_context=_setup_op_context)
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
