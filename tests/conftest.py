@@ -8,6 +8,8 @@ from types import ModuleType
 import pytest
 import torch
 
+from diffunet.nn import fused
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -41,6 +43,15 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def fused_compiled_threshold() -> Iterator[None]:
+    """Restore the size from which compiled graphs call the fused kernels: the trainer and the
+    benchmark set it for their compile mode, and it would otherwise carry into later tests."""
+    saved = fused._COMPILED_MIN_ELEMENTS
+    yield
+    fused.set_compiled_min_elements(saved)
 
 
 def pytest_collection_modifyitems(config, items):

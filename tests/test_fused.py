@@ -115,17 +115,16 @@ def test_triton_kernels_match_reference_under_the_interpreter(path):
     ("reduce-overhead", fused.CUDA_GRAPHS_MIN_ELEMENTS),
     ("max-autotune", fused.CUDA_GRAPHS_MIN_ELEMENTS),
     ("default", None), ("max-autotune-no-cudagraphs", None), (None, None)])
-def test_the_compile_mode_decides_whether_compiled_graphs_call_the_kernels(
-        monkeypatch, mode, expected):
-    monkeypatch.setattr(fused, "_COMPILED_MIN_ELEMENTS", 123)
+def test_the_compile_mode_decides_whether_compiled_graphs_call_the_kernels(mode, expected):
+    fused.set_compiled_min_elements(123)
     fused.configure_for_compile_mode(mode)
     assert expected == fused._COMPILED_MIN_ELEMENTS
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
                     reason="Triton's interpreter runs the kernels on the CPU")
-def test_on_the_cpu_compiled_graphs_trace_the_reference(monkeypatch):
-    monkeypatch.setattr(fused, "_COMPILED_MIN_ELEMENTS", 0)
+def test_on_the_cpu_compiled_graphs_trace_the_reference():
+    fused.set_compiled_min_elements(0)
     x = torch.randn(2, 4, 8, 8, requires_grad=True)
     assert not fused.compiled_fused_wanted(x)  # not while Dynamo is not tracing
     ops = []
@@ -146,11 +145,10 @@ AWKWARD = [((3, 96, 17, 9), 32), ((2, 448, 15, 15), 32), ((5, 40, 7, 6, 5), 8), 
 @pytest.fixture
 def fused_everywhere():
     """Use the fused kernels whatever the tensor size, then restore the defaults."""
-    saved = fused._FUSED_ENABLED, fused._MIN_ELEMENTS, fused._COMPILED_MIN_ELEMENTS
+    saved = fused._FUSED_ENABLED, fused._MIN_ELEMENTS
     fused.set_fused_enabled(True, min_elements=0)
     yield
     fused.set_fused_enabled(saved[0], min_elements=saved[1])
-    fused.set_compiled_min_elements(saved[2])
 
 
 @pytest.mark.gpu

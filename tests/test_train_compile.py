@@ -47,9 +47,9 @@ def test_compiled_training_matches_eager_and_saves_clean_keys(tmp_path, capsys):
         torch.testing.assert_close(state["model"][key], value, rtol=1e-3, atol=1e-4, msg=key)
 
 
-def test_reduce_overhead_trains_on_one_process_and_says_so(tmp_path, capsys, monkeypatch):
+def test_reduce_overhead_trains_on_one_process_and_says_so(tmp_path, capsys):
     """On the CPU Inductor skips the CUDA graphs; the run must still train and report its mode."""
-    monkeypatch.setattr(fused, "_COMPILED_MIN_ELEMENTS", None)  # restored after the test
+    fused.set_compiled_min_elements(None)
     threads = torch.get_num_threads()
     try:
         torch._dynamo.reset()
