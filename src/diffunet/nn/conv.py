@@ -12,9 +12,9 @@ traces a convolution that autograd will differentiate: the convolution becomes a
 that Inductor must feed in fixed strides, and `convolve` asks for cuDNN's layout, so the
 recomputing kernels write channels-last directly and the copies vanish. The bias is added
 outside the op, where Inductor fuses it into the next kernel; its gradient comes from the op's
-backward, which sums the output gradient it already holds in cuDNN's layout (Inductor's own sum,
-fused into the GroupNorm-backward reductions, cost 4 ms of a 98 ms `ldm` step). In eager mode, (non-strict)
-`torch.export` and compiled inference it is just `conv(x)`.
+backward, which sums the output gradient it already holds in cuDNN's layout (Inductor's own
+sum, fused into the GroupNorm-backward reductions, cost 4 ms of a 98 ms `ldm` step). In eager
+mode, (non-strict) `torch.export` and compiled inference it is just `conv(x)`.
 """
 
 from __future__ import annotations
