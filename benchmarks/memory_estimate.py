@@ -29,6 +29,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from diffunet import UNet, UNetConfig
+from diffunet.introspect import example_inputs
 from diffunet.presets import preset
 from diffunet.training_config import parse_override
 
@@ -42,20 +43,16 @@ def peak_training_bytes(config: UNetConfig, batch: int, *,
 
     `fake=False` runs the same step on real CPU tensors (slow; for checking the estimate).
     """
-    size = (config.image_size,) * config.dims
     with FakeTensorMode() if fake else torch.device("cpu"):
         model = UNet(config)
         params = sum(p.numel() for p in model.parameters())
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-        x = torch.randn(batch, config.in_channels + config.cond_channels, *size)
-        noise = torch.randn(batch, config.out_channels, *size)
-        t = torch.randint(0, 1000, (batch,))
-        labels = torch.randint(0, config.num_classes, (batch,)) if config.num_classes else None
+        x, inputs = example_inputs(config, batch)
+        noise = torch.randn(batch, config.out_channels, *x.shape[2:])
 
         def step() -> None:
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                out = model(x[:, :config.in_channels], t, labels=labels,
-                            cond=x[:, config.in_channels:] if config.cond_channels else None)
+                out = model(x, **inputs)
             F.mse_loss(out.float(), noise).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

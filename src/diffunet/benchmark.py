@@ -340,7 +340,7 @@ class Settings:
     @property
     def records_cuda_graphs(self) -> bool:
         """Whether `compile` records CUDA graphs (reduce-overhead, max-autotune)."""
-        return self.compile_mode in ("reduce-overhead", "max-autotune")
+        return self.compile_mode in fused.CUDA_GRAPH_MODES
 
     def time_left(self) -> float:
         """Seconds before `--deadline` (inf without one)."""

@@ -214,7 +214,7 @@ class Trainer:
         start = time.perf_counter()
         loss_sum, loss_count, grad_norm = torch.zeros((), device=dist.device), 0, torch.zeros(())
         self.model.train()
-        cuda_graphs = self.compile_mode == "reduce-overhead"
+        cuda_graphs = self.compile_mode in fused.CUDA_GRAPH_MODES
         try:
             while self.step < t.steps:
                 if cuda_graphs:  # this step's graph replays may overwrite the last step's

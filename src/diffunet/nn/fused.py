@@ -43,6 +43,8 @@ _MIN_ELEMENTS = (1 << 24) + 1
 #: it stays off there.
 CUDA_GRAPHS_MIN_ELEMENTS = 1 << 20
 _COMPILED_MIN_ELEMENTS: int | None = None
+#: The `torch.compile` modes that replay the compiled graphs as CUDA graphs.
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def set_fused_enabled(enabled: bool, *, min_elements: int | None = None) -> None:
@@ -64,15 +66,18 @@ def set_compiled_min_elements(min_elements: int | None) -> None:
 def configure_for_compile_mode(mode: str | None) -> None:
     """Set the compiled size threshold for `torch.compile(mode=mode)`: the kernels from
     `CUDA_GRAPHS_MIN_ELEMENTS` on where the mode replays CUDA graphs, none otherwise."""
-    graphs = mode in ("reduce-overhead", "max-autotune")
-    set_compiled_min_elements(CUDA_GRAPHS_MIN_ELEMENTS if graphs else None)
+    set_compiled_min_elements(CUDA_GRAPHS_MIN_ELEMENTS if mode in CUDA_GRAPH_MODES else None)
+
+
+def _interpreting() -> bool:
+    """Whether Triton runs its kernels in the CPU interpreter (tests)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _kernels_take(x: torch.Tensor) -> bool:
     """Whether the Triton kernels can normalize `x` at all: switched on, on a GPU (or Triton's
     interpreter) and in a floating dtype they read."""
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    return (_FUSED_ENABLED and triton is not None and (x.is_cuda or interpret)
+    return (_FUSED_ENABLED and triton is not None and (x.is_cuda or _interpreting())
             and x.dtype in (torch.float16, torch.bfloat16, torch.float32))
 
 
@@ -82,8 +87,7 @@ def fused_available(x: torch.Tensor) -> bool:
     Under `torch.compile` see `compiled_fused_wanted`; `torch.export` always traces the
     reference path.
     """
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    return (_kernels_take(x) and (x.numel() >= _MIN_ELEMENTS or interpret)
+    return (_kernels_take(x) and (x.numel() >= _MIN_ELEMENTS or _interpreting())
             and not torch.compiler.is_compiling())
 
 
