@@ -150,13 +150,22 @@ def test_classify_kernel(name, expected):
 
 def test_profile_mode_on_cpu():
     settings = Settings(device=torch.device("cpu"), warmup=1, precision="fp32", quick=True)
-    result = run_profile("ddpm-cifar10", settings, ("eager",), ("ours",), steps=1)
+    result = run_profile("ddpm-cifar10", settings, ("eager",), ("ours",), steps=1,
+                         kinds=("train", "infer"))
     assert result["errors"] == []
-    (run,) = result["runs"]
-    shares = [run["classes"][c]["share"] for c in KERNEL_CLASSES]
-    assert sum(shares) == pytest.approx(1.0)
-    assert run["classes"]["convolution"]["share"] > 0
-    assert "conv" in format_profile(result)
+    train, infer = result["runs"]
+    assert (train["kind"], infer["kind"]) == ("train", "infer")
+    for run in (train, infer):
+        shares = [run["classes"][c]["share"] for c in KERNEL_CLASSES]
+        assert sum(shares) == pytest.approx(1.0)
+        assert run["classes"]["convolution"]["share"] > 0
+    # A forward pass has no optimizer step and no backward convolutions.
+    assert train["classes"]["optimizer"]["ms_per_step"] > 0
+    assert infer["classes"]["optimizer"]["ms_per_step"] == 0
+    assert infer["classes"]["convolution"]["ms_per_step"] < train["classes"]["convolution"][
+        "ms_per_step"]
+    table = format_profile(result)
+    assert "steps of train/infer" in table and " infer " in table
 
 
 def test_bench_command_is_registered():

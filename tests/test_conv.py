@@ -231,6 +231,27 @@ def test_nchw_input_to_channels_last_weight_is_made_channels_last_in_the_graph()
     assert strides == [torch.empty(2, 8, 6, 6).to(memory_format=torch.channels_last).stride()]
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_compiled_inference_asks_for_cudnn_layout_too(dims):
+    """Without a backward, Inductor convolves itself, but it lays out only 2D convolutions for
+    cuDNN: a 3D one would get the NCDHW input the traced GroupNorm returns."""
+    channels_last = {2: torch.channels_last, 3: torch.channels_last_3d}[dims]
+    conv = conv_nd(dims, 8, 8, 3, padding=1).to(memory_format=channels_last)
+    x = torch.randn(2, 8, *[6] * dims)  # contiguous, as eager CUDA GroupNorm returns it
+    strides = []
+
+    def backend(gm, inputs):
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and f"conv{dims}d" in str(node.target):
+                strides.append(node.args[0].meta["example_value"].stride())
+        return gm
+
+    with torch.no_grad():
+        out = torch.compile(Convolve(conv), backend=backend)(x)
+    assert strides == [x.contiguous(memory_format=channels_last).stride()]
+    torch.testing.assert_close(out, conv(x))
+
+
 def test_cudnn_memory_format_follows_either_operand():
     cl = torch.channels_last
     w = torch.randn(4, 4, 3, 3)

@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import gc
 import importlib
+import itertools
 import json
 import math
 import os
@@ -1117,15 +1118,18 @@ def kernel_breakdown(prof: Any, steps: int, device: torch.device,
 
 
 def run_profile(case_name: str, settings: Settings, modes: tuple[str, ...],
-                models: tuple[str, ...], steps: int = 3) -> dict[str, Any]:
-    """torch.profiler over `steps` training steps per (model, mode), grouped by kernel class."""
+                models: tuple[str, ...], steps: int = 3,
+                kinds: tuple[str, ...] = ("train",)) -> dict[str, Any]:
+    """torch.profiler over `steps` training steps or forward passes (`kinds`) per (model,
+    mode), grouped by kernel class."""
     from torch.profiler import ProfilerActivity, profile
 
     device = settings.device
     case = build_case(case_name, settings.quick)
     batches = make_batches(case, case.batch, device)
     result: dict[str, Any] = {"case": case_name, "description": case.description,
-                              "batch": case.batch, "steps": steps, "runs": [], "errors": []}
+                              "batch": case.batch, "steps": steps, "kinds": list(kinds),
+                              "runs": [], "errors": []}
     activities = [ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
@@ -1139,11 +1143,13 @@ def run_profile(case_name: str, settings: Settings, modes: tuple[str, ...],
             result["errors"].append({"where": f"{which}/build", "error": f"{type(err).__name__}: {err}"})
             print(f"  {which}: not built: {err}", flush=True)
             continue
-        for mode in modes:
+        for mode, kind in itertools.product(modes, kinds):
             try:
                 runner = settings.compile(model) if mode == "compile" else model
-                optimizer = make_optimizer(model, device)
-                step = train_step_fn(runner, batches, optimizer, settings)
+                model.train(kind == "train")
+                optimizer = make_optimizer(model, device) if kind == "train" else None
+                step = (train_step_fn(runner, batches, optimizer, settings) if optimizer
+                        else _infer_fn(runner, batches, settings))
                 for i in range(max(settings.warmup, 1)):
                     step(i)
                 _sync(device)
@@ -1153,15 +1159,16 @@ def run_profile(case_name: str, settings: Settings, modes: tuple[str, ...],
                         step(i)
                     _sync(device)
                 wall = (time.perf_counter() - begin) / steps
-                run = {"model": which, "impl": model.kind, "mode": mode,
+                run = {"model": which, "impl": model.kind, "mode": mode, "kind": kind,
                        "wall_ms_per_step_profiled": 1e3 * wall,
                        **kernel_breakdown(prof, steps, device)}
                 result["runs"].append(run)
                 del optimizer, runner, prof
             except Exception as err:
-                result["errors"].append({"where": f"{which}/{mode}",
+                where = f"{which}/{mode}/{kind}"
+                result["errors"].append({"where": where,
                                          "error": f"{type(err).__name__}: {err}"[:2000]})
-                print(f"  {which}/{mode}: ERROR {type(err).__name__}: {err}", flush=True)
+                print(f"  {where}: ERROR {type(err).__name__}: {err}", flush=True)
             model.zero_grad(set_to_none=True)
             _release(device)
         del model
@@ -1175,16 +1182,17 @@ def format_profile(result: dict[str, Any]) -> str:
              "norm/reductions": "norm/red", "attention+GEMM": "attn+GEMM",
              "optimizer": "optim", "other": "other"}
     lines = [f"profile {result['case']} ({result['description']}, batch {result['batch']}, "
-             f"{result['steps']} training steps)"]
-    head = f"{'model':<6} {'impl':<9} {'mode':<7} {'step ms':>8} " + " ".join(
+             f"{result['steps']} steps of {'/'.join(result.get('kinds', ['train']))})"]
+    head = f"{'model':<6} {'impl':<9} {'mode':<7} {'kind':<5} {'step ms':>8} " + " ".join(
         f"{short[c]:>9}" for c in KERNEL_CLASSES)
     lines += [head, "-" * len(head)]
     for run in result["runs"]:
         shares = " ".join(f"{100 * run['classes'][c]['share']:>8.1f}%" for c in KERNEL_CLASSES)
         lines.append(f"{run['model']:<6} {run['impl']:<9} {run['mode']:<7} "
-                     f"{run['ms_per_step']:>8.1f} {shares}")
+                     f"{run.get('kind', 'train'):<5} {run['ms_per_step']:>8.1f} {shares}")
     for run in result["runs"]:
-        lines.append(f"top kernels: {run['model']} {run['mode']} ({run['time_source']})")
+        lines.append(f"top kernels: {run['model']} {run['mode']} {run.get('kind', 'train')} "
+                     f"({run['time_source']})")
         for k in run["top_kernels"][:8]:
             lines.append(f"  {100 * k['share']:5.1f}% {k['ms_per_step']:8.2f} ms "
                          f"{k['class']:<18} {k['name'][:90]}")
@@ -1258,9 +1266,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="leave torch.backends.cudnn.benchmark off")
     parser.add_argument("--profile", metavar="CASE", choices=MODEL_CASES,
                         help=f"instead of the benchmark, profile {'/'.join(MODEL_CASES)}: "
-                             "kernel classes over --profile-steps training steps")
+                             "kernel classes over --profile-steps steps of each --kinds")
     parser.add_argument("--profile-steps", type=int, default=3,
-                        help="training steps under the profiler (default 3)")
+                        help="training steps or forward passes under the profiler (default 3)")
     parser.add_argument("--out", help="JSON path (default: $OUT/bench.json, or "
                         "$OUT/profile-CASE.json with --profile, when OUT is set)")
 
@@ -1374,7 +1382,7 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> di
 
     if args.profile:
         result = run_profile(args.profile, settings, args.modes, args.models,
-                             steps=args.profile_steps)
+                             steps=args.profile_steps, kinds=args.kinds)
         result["meta"] = environment(settings, argv)
         print(format_profile(result), flush=True)
         if out:

@@ -13,8 +13,9 @@ that Inductor must feed in fixed strides, and `convolve` asks for cuDNN's layout
 recomputing kernels write channels-last directly and the copies vanish. The bias is added
 outside the op, where Inductor fuses it into the next kernel; its gradient comes from the op's
 backward, which sums the output gradient it already holds in cuDNN's layout (Inductor's own
-sum, fused into the GroupNorm-backward reductions, cost 4 ms of a 98 ms `ldm` step). In eager
-mode, (non-strict) `torch.export` and compiled inference it is just `conv(x)`.
+sum, fused into the GroupNorm-backward reductions, cost 4 ms of a 98 ms `ldm` step). Compiled
+inference is `conv(x)` on an input asked for cuDNN's layout, which Inductor gives only 2D
+convolutions by itself. In eager mode and (non-strict) `torch.export` it is just `conv(x)`.
 """
 
 from __future__ import annotations
@@ -190,11 +191,18 @@ def convolve(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     quantizers, see exactly those); only this call differs while Dynamo traces. Anything else
     (a subclass, hooks, other padding modes, a tensor-subclass weight) runs `conv(x)`.
     """
-    if not (_compiling_for_inductor() and x.device.type in ROUTED_DEVICES and _routable(conv)
-            and _needs_backward(x, conv.weight)):
-        preferred = getattr(conv, "preferred_memory_format", None)
-        if preferred is not None and x.ndim == conv.weight.ndim:
-            x = x.contiguous(memory_format=preferred)  # what cuDNN does for a channels-last weight
+    compiling = (_compiling_for_inductor() and x.device.type in ROUTED_DEVICES
+                 and _routable(conv))
+    if not (compiling and _needs_backward(x, conv.weight)):
+        layout = getattr(conv, "preferred_memory_format", None)
+        if layout is None and compiling:
+            # Inductor lays out only 2D convolutions for cuDNN; a 3D one follows the traced
+            # input, NCDHW after an eager GroupNorm, and cuDNN then converts input, weight and
+            # output on every call (compiled 3D inference on an H100: 56 conversions, 1.4 ms
+            # of 23.6; docs/performance.md).
+            layout = cudnn_memory_format(x, conv.weight)
+        if layout is not None and x.ndim == conv.weight.ndim:
+            x = x.contiguous(memory_format=layout)  # what cuDNN does for a channels-last weight
         return conv(x)
     weight, bias = conv.weight, conv.bias
     device_type = x.device.type
