@@ -8,7 +8,7 @@ import tifffile
 import torch
 from PIL import Image
 
-from diffunet.data import DataError, open_dataset
+from diffunet.data import DataError, TensorDataset, open_dataset
 
 
 def _png(path: Path, array: np.ndarray) -> Path:
@@ -123,3 +123,55 @@ def test_paired_folders(tmp_path):
     _png(tmp_path / "target" / "c.png", np.zeros((10, 10), dtype=np.uint8))
     with pytest.raises(DataError, match="without an input"):
         open_dataset(str(tmp_path), image_size=8)
+
+
+def _pairs() -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(x=torch.rand(6, 2, 4, 4, generator=g),
+                         cond=torch.rand(6, 1, 4, 4, generator=g),
+                         labels=torch.arange(6) % 3, source="pairs")
+
+
+def test_batch_picks_scales_and_moves():
+    data = _pairs()
+    idx = torch.tensor([4, 0, 4])
+    batch = data.batch(idx)
+    torch.testing.assert_close(batch["x"], data.x[idx] * 2 - 1, rtol=0, atol=0)
+    torch.testing.assert_close(batch["cond"], data.cond[idx] * 2 - 1, rtol=0, atol=0)
+    assert batch["labels"].tolist() == [1, 0, 1]
+    assert data.nbytes == (192 + 96) * 4 + 6 * 8
+    held = data.to("meta")  # a data set held on another device picks there
+    assert held.x.device.type == "meta" and held.labels.device.type == "meta"
+    assert data.to("cpu") is data
+    moved = data.batch(idx, "meta")
+    assert {k: (v.device.type, tuple(v.shape)) for k, v in moved.items()} == {
+        "x": ("meta", (3, 2, 4, 4)), "cond": ("meta", (3, 1, 4, 4)), "labels": ("meta", (3,))}
+
+
+def test_small_data_sets_are_held_on_the_gpu(monkeypatch):
+    from types import SimpleNamespace
+
+    from diffunet import train
+
+    data = _pairs()  # 1200 bytes
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(total_memory=1200 / train.RESIDENT_DATA_SHARE))
+    assert train.resident_on(data, torch.device("cuda"))
+    assert not train.resident_on(data, torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(total_memory=1199 / train.RESIDENT_DATA_SHARE))
+    assert not train.resident_on(data, torch.device("cuda"))
+
+
+@pytest.mark.gpu
+def test_batches_held_on_the_gpu_equal_batches_moved_there():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    data = _pairs()
+    idx = torch.tensor([5, 1, 2])
+    on_gpu = data.to("cuda").batch(idx, "cuda")
+    moved = data.batch(idx, "cuda")
+    for key, expected in data.batch(idx).items():
+        assert on_gpu[key].device.type == moved[key].device.type == "cuda"
+        torch.testing.assert_close(on_gpu[key].cpu(), expected, rtol=0, atol=0)
+        torch.testing.assert_close(moved[key].cpu(), expected, rtol=0, atol=0)

@@ -8,7 +8,7 @@ tensor of indices, so the data order is a plain permutation that a checkpoint ca
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -82,13 +82,36 @@ class TensorDataset:
             return None
         return len(self.class_names) if self.class_names else int(self.labels.max()) + 1
 
-    def batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The samples at `indices`, scaled to the model's `[-1, 1]`: keys `x`, `cond`, `labels`."""
-        out = {"x": self.x[indices] * 2 - 1}
-        if self.cond is not None:
-            out["cond"] = self.cond[indices] * 2 - 1
-        if self.labels is not None:
-            out["labels"] = self.labels[indices]
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by `x`, `cond` and `labels`."""
+        return sum(t.numel() * t.element_size() for t in (self.x, self.cond, self.labels)
+                   if t is not None)
+
+    def to(self, device: torch.device | str) -> TensorDataset:
+        """This data set with its tensors on `device` (itself if they are there already)."""
+        device = torch.device(device)
+        if self.x.device == device:
+            return self
+        return replace(self, x=self.x.to(device),
+                       cond=None if self.cond is None else self.cond.to(device),
+                       labels=None if self.labels is None else self.labels.to(device))
+
+    def batch(self, indices: torch.Tensor,
+              device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """The samples at `indices` on `device` (default: where they are), `x` and `cond` scaled
+        to the model's `[-1, 1]`: keys `x`, `cond`, `labels`.
+
+        The samples are picked where the data lives and then moved (from the host through
+        pinned memory, without waiting for the GPU); the scaling runs on `device`.
+        """
+        device = self.x.device if device is None else torch.device(device)
+        out = {}
+        for key, values in (("x", self.x), ("cond", self.cond), ("labels", self.labels)):
+            if values is None:
+                continue
+            picked = move(values[move(indices, values.device)], device)
+            out[key] = picked if key == "labels" else picked * 2 - 1
         return out
 
     def describe(self) -> dict[str, Any]:
@@ -106,3 +129,13 @@ class TensorDataset:
             info["class_names"] = list(self.class_names)
         info.update(self.extra)
         return info
+
+
+def move(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`; a host tensor goes to a GPU through pinned memory, asynchronously
+    (a copy from pageable memory can make the host wait for the GPU)."""
+    if tensor.device == device:
+        return tensor
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
