@@ -102,6 +102,31 @@ def test_gradient_checkpointing_gives_identical_gradients(name):
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-12)
 
 
+@pytest.mark.parametrize("use_checkpoint", [False, True])
+def test_checkpointed_decoder_keeps_no_concatenation(use_checkpoint):
+    """Each decoder block concatenates its input and skip itself: checkpointed, it keeps the two
+    tensors it was given (alive anyway) and frees their concatenation until the recompute."""
+    import gc
+    import weakref
+
+    config = small_config("ddpm-cifar10").replace(use_checkpoint=use_checkpoint)
+    model = UNet(config).train()
+    concatenated = []
+
+    def remember(module, args):
+        concatenated.append(weakref.ref(args[0]))
+
+    for block in model.output_blocks:
+        block[0].register_forward_pre_hook(remember)  # the first layer gets the concatenation
+    x, kwargs = example_inputs(config, batch=2)
+    out = model(x, **kwargs)
+    gc.collect()
+    alive = [ref() is not None for ref in concatenated]
+    assert len(alive) == len(model.output_blocks)
+    assert alive == [not use_checkpoint] * len(alive)  # without checkpointing, autograd keeps them
+    out.mean().backward()
+
+
 def test_compile_fullgraph_matches_eager():
     # Small but complete: scale-shift, ResBlock up/down, middle attention, cond, noise level.
     config = small_config("emdiffuse").replace(num_res_blocks=1, dropout=0.0,

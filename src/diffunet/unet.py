@@ -37,8 +37,13 @@ class EmbedSequential(nn.Sequential):
     """A sequence of layers; ResBlocks receive the embedding, attention blocks the context."""
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None,
-                context: torch.Tensor | None = None) -> torch.Tensor:
-        """Run every layer in order."""
+                context: torch.Tensor | None = None,
+                skip: torch.Tensor | None = None) -> torch.Tensor:
+        """Run every layer in order on `x`, or on `x` and the decoder's `skip` concatenated
+        (inside the block, so that a checkpointed block keeps the two tensors it is given,
+        which are alive anyway, rather than their concatenation)."""
+        if skip is not None:
+            x = torch.cat([x, skip], dim=1)
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
@@ -247,7 +252,7 @@ class UNet(PretrainedMixin, nn.Module):
                 skips.append(h)
         h = self._run(self.middle_block, h, emb, context)
         for block in self.output_blocks:
-            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = self._run(block, h, emb, context, skips.pop())
 
         out = self._run_head(self.out, h)
         if self.out_logvar is not None:
@@ -261,10 +266,11 @@ class UNet(PretrainedMixin, nn.Module):
         norm, _, conv = head  # GroupNorm, SiLU, conv: the norm and SiLU run fused
         return convolve(conv, norm_act(norm, h))
 
-    def _run(self, block: EmbedSequential, h: torch.Tensor, emb, context) -> torch.Tensor:
+    def _run(self, block: EmbedSequential, h: torch.Tensor, emb, context,
+             skip: torch.Tensor | None = None) -> torch.Tensor:
         if self.config.use_checkpoint and self.training and torch.is_grad_enabled():
-            return checkpoint(block, h, emb, context, use_reentrant=False)
-        return block(h, emb, context)
+            return checkpoint(block, h, emb, context, skip, use_reentrant=False)
+        return block(h, emb, context, skip)
 
     def _padding(self, spatial: tuple[int, ...]) -> list[int] | None:
         multiple = self.config.size_multiple()
