@@ -165,8 +165,6 @@ def test_small_data_sets_are_held_on_the_gpu(monkeypatch):
 
 @pytest.mark.gpu
 def test_batches_held_on_the_gpu_equal_batches_moved_there():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
     data = _pairs()
     idx = torch.tensor([5, 1, 2])
     on_gpu = data.to("cuda").batch(idx, "cuda")
