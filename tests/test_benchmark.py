@@ -20,6 +20,7 @@ from diffunet.benchmark import (
     ddim_timesteps,
     diffusers_kwargs,
     format_profile,
+    kernel_breakdown,
     monai_kwargs,
     num_parameters,
     run_from_args,
@@ -166,6 +167,26 @@ def test_profile_mode_on_cpu():
         "ms_per_step"]
     table = format_profile(result)
     assert "steps of train/infer" in table and " infer " in table
+
+
+def test_kernel_breakdown_counts_kernels_not_gpu_ranges():
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def event(name, us, annotation=False):
+        return SimpleNamespace(name=name, device_type=DeviceType.CUDA, device_time_total=us,
+                               is_user_annotation=annotation)
+
+    events = [event("ncclDevKernel_AllReduce_Sum_f32_RING_LL", 300.0),
+              event("nccl:all_reduce", 300.0, annotation=True),
+              event("DistributedDataParallel.forward", 900.0, annotation=True),
+              event("sm90_xmma_fprop_implicit_gemm_bf16", 100.0)]
+    result = kernel_breakdown(SimpleNamespace(events=lambda: events), 1, torch.device("cuda"))
+    assert result["ms_per_step"] == pytest.approx(0.4)
+    assert result["classes"]["other"]["ms_per_step"] == 0
+    assert [k["name"] for k in result["top_kernels"]] == [
+        "ncclDevKernel_AllReduce_Sum_f32_RING_LL", "sm90_xmma_fprop_implicit_gemm_bf16"]
 
 
 def test_bench_command_is_registered():

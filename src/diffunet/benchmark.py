@@ -1085,7 +1085,10 @@ def kernel_breakdown(prof: Any, steps: int, device: torch.device,
     launchers: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     if device.type == "cuda":
         for evt in events:
-            if evt.device_type == DeviceType.CUDA:
+            # GPU-side ranges of `record_function` (DDP's forward, NCCL calls) span kernels
+            # that are counted themselves.
+            if evt.device_type == DeviceType.CUDA and not getattr(evt, "is_user_annotation",
+                                                                  False):
                 by_name[evt.name][0] += evt.device_time_total
                 by_name[evt.name][1] += 1
             elif evt.device_type == DeviceType.CPU and getattr(evt, "kernels", None):
