@@ -106,11 +106,12 @@ class TensorDataset:
         pinned memory, without waiting for the GPU); the scaling runs on `device`.
         """
         device = self.x.device if device is None else torch.device(device)
+        indices = move(indices, self.x.device)  # `to` keeps all of a data set's tensors together
         out = {}
         for key, values in (("x", self.x), ("cond", self.cond), ("labels", self.labels)):
             if values is None:
                 continue
-            picked = move(values[move(indices, values.device)], device)
+            picked = move(values[indices], device)
             out[key] = picked if key == "labels" else picked * 2 - 1
         return out
 

@@ -194,13 +194,12 @@ def convolve(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     compiling = (_compiling_for_inductor() and x.device.type in ROUTED_DEVICES
                  and _routable(conv))
     if not (compiling and _needs_backward(x, conv.weight)):
-        layout = getattr(conv, "preferred_memory_format", None)
-        if layout is None and compiling:
-            # Inductor lays out only 2D convolutions for cuDNN; a 3D one follows the traced
-            # input, NCDHW after an eager GroupNorm, and cuDNN then converts input, weight and
-            # output on every call (compiled 3D inference on an H100: 56 conversions, 1.4 ms
-            # of 23.6; docs/performance.md).
-            layout = cudnn_memory_format(x, conv.weight)
+        # Compiled: Inductor lays out only 2D convolutions for cuDNN; a 3D one follows the
+        # traced input, NCDHW after an eager GroupNorm, and cuDNN then converts input, weight
+        # and output on every call (compiled 3D inference on an H100: 56 conversions, 1.4 ms
+        # of 23.6; docs/performance.md).
+        layout = (_layout_for(conv, x, conv.weight) if compiling
+                  else getattr(conv, "preferred_memory_format", None))
         if layout is not None and x.ndim == conv.weight.ndim:
             x = x.contiguous(memory_format=layout)  # what cuDNN does for a channels-last weight
         return conv(x)

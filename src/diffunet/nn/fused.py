@@ -38,9 +38,9 @@ _MIN_ELEMENTS = (1 << 24) + 1
 #: custom op instead of tracing the reference for Inductor, whose channels-last GroupNorm
 #: reductions are slow at large sizes. Measured on an H100 under `mode="reduce-overhead"`,
 #: training: `ldm` 168.6 → 215.1 img/s, 3D 55.0 → 65.8 vol/s, `ddpm-cifar10` 5,992 → 6,390
-#: img/s; `ldm` inference 524.6 → 632.0 (docs/performance.md). Without CUDA graphs it is not
-#: measured yet, and each call's Python launch cost would add to the host's share of a step, so
-#: it stays off there.
+#: img/s; `ldm` inference 524.6 → 632.0 (docs/performance.md). Without CUDA graphs each call's
+#: Python launches add to a host-bound step (`ldm` training 145.0 → 91.2 img/s), so it stays
+#: off there.
 CUDA_GRAPHS_MIN_ELEMENTS = 1 << 20
 _COMPILED_MIN_ELEMENTS: int | None = None
 #: The `torch.compile` modes that replay the compiled graphs as CUDA graphs.
