@@ -10,7 +10,7 @@ from torch import nn
 from torch._functorch.aot_autograd import aot_module_simplified
 
 import diffunet.nn.conv as conv_module
-from diffunet.nn.conv import convolve, cudnn_memory_format
+from diffunet.nn.conv import convolve, convolve_split_bias, cudnn_memory_format
 from diffunet.nn.ops import conv_nd
 
 
@@ -203,6 +203,71 @@ def test_hooks_subclasses_and_other_layers_are_just_called():
         assert not any(op.startswith("diffunet") for op in ops), layer
         torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(Convolve(conv), backend="eager")(x), conv(x))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("grad", [False, True])
+def test_split_bias_output_plus_bias_is_the_convolution(compiled, grad):
+    """Eager, compiled through the custom op (with autograd) and compiled inference alike; the
+    bias still gets its gradient once the caller adds it."""
+    torch.manual_seed(0)
+    conv = conv_nd(2, 4, 6, 3, padding=1)
+    x = torch.randn(2, 4, 7, 7, requires_grad=grad)
+
+    def split(x):
+        out, bias = convolve_split_bias(conv, x)
+        return out, out + bias.view(-1, 1, 1)
+
+    if compiled:
+        with torch.set_grad_enabled(grad):
+            assert ("diffunet.convolution.default" in set().union(*_graphs(split, x))) == grad
+        torch._dynamo.reset()
+        split = torch.compile(split, backend="aot_eager")
+    with torch.set_grad_enabled(grad):
+        out, total = split(x)
+        expected = conv(x)
+        torch.testing.assert_close(total, expected)
+        torch.testing.assert_close(out, F.conv2d(x, conv.weight, None, padding=1))
+    if grad:
+        (total.square().sum() + out.sum()).backward()
+        got = [x.grad, conv.weight.grad, conv.bias.grad]
+        x.grad, _ = None, conv.zero_grad()
+        (expected.square().sum() + (expected - conv.bias.view(-1, 1, 1)).sum()).backward()
+        for g, want in zip(got, [x.grad, conv.weight.grad, conv.bias.grad], strict=True):
+            torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-5)
+
+
+def test_split_bias_leaves_the_bias_in_where_the_convolution_is_not_plain():
+    x = torch.randn(1, 3, 8, 8)
+    unbiased = conv_nd(2, 3, 4, 3, padding=1, bias=False)
+    hooked = conv_nd(2, 3, 4, 3, padding=1)
+    hooked.register_forward_hook(lambda module, args, out: out * 2)
+
+    class Scaled(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x) * 3
+
+    for conv in (unbiased, hooked, Scaled(3, 4, 3, padding=1)):
+        out, bias = convolve_split_bias(conv, x)
+        assert bias is None
+        torch.testing.assert_close(out, conv(x), rtol=0, atol=0)
+
+
+def test_split_bias_keeps_the_bias_in_exported_programs():
+    """Exported graphs keep `conv2d(x, w, b)`, the pattern the pt2e quantizers annotate."""
+
+    class Split(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = conv_nd(2, 3, 4, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out, bias = convolve_split_bias(self.conv, x)
+            return out if bias is None else out + bias.view(-1, 1, 1)
+
+    program = torch.export.export(Split(), (torch.randn(1, 3, 8, 8),), strict=False)
+    (conv,) = [n for n in program.graph.nodes if n.target is torch.ops.aten.conv2d.default]
+    assert len(conv.args) > 2 and conv.args[2] is not None
 
 
 def test_the_unet_compiles_every_convolution_through_the_custom_op():

@@ -58,7 +58,8 @@ INTERPRETER_CHECK = textwrap.dedent("""
     cases = [((2, 8, 5, 7), 4, True, "aot_eager"), ((3, 12, 4, 4, 3), 3, True, "inductor"),
              ((2, 6, 33), 2, False, "aot_eager"), ((2, 20, 3, 5), 5, False, "aot_eager")]
     for shape, groups, channels_last, backend in cases:
-        for film, act in [(False, True), (True, True), (False, False)]:
+        for film, act, add in [(False, True, False), (True, True, False),
+                               (False, False, False), (False, True, True)]:
             x = torch.randn(*shape) * 2 + 3
             if channels_last:
                 fmt = torch.channels_last if x.ndim == 4 else torch.channels_last_3d
@@ -68,10 +69,15 @@ INTERPRETER_CHECK = textwrap.dedent("""
             params = [p.requires_grad_(True) for p in [x, torch.randn(C), torch.randn(C)]]
             if film:  # as in the model: two non-contiguous halves of one projection
                 params += list(torch.randn(B, 2 * C, requires_grad=True).chunk(2, dim=1))
+            if add:  # an embedding that moves each channel's mean far off x's
+                params.append((torch.randn(B, C) * 4).requires_grad_(True))
 
-            def norm(*p):
-                return group_norm_act(p[0], groups, *p[1:3], 1e-5, *p[3:], act=act)
+            def norm(x, w, b, *extra):
+                scale, shift = extra[:2] if film else (None, None)
+                offset = extra[-1] if add else None
+                return group_norm_act(x, groups, w, b, 1e-5, scale, shift, act=act, add=offset)
 
+            reference = norm  # float64 below: never fused, never compiled
             if compiled:
                 assert routed(norm, *params)
                 with torch.no_grad():  # compiled inference calls it too
@@ -80,12 +86,11 @@ INTERPRETER_CHECK = textwrap.dedent("""
                 norm = torch.compile(norm, backend=backend)
             y = norm(*params)
             ref_params = [p.detach().double().requires_grad_(True) for p in params]
-            y_ref = group_norm_act_reference(ref_params[0], groups, *ref_params[1:3], 1e-5,
-                                             *ref_params[3:], act=act)
+            y_ref = reference(*ref_params)
             gy = torch.randn_like(y)
             grads = torch.autograd.grad(y, params, gy)
             ref_grads = torch.autograd.grad(y_ref, ref_params, gy.double())
-            assert len(grads) == (5 if film else 3)
+            assert len(grads) == 3 + 2 * film + add
             worst = max(worst, ((y.double() - y_ref).abs().max() / y_ref.abs().max()).item())
             for g, r in zip(grads, ref_grads):
                 worst = max(worst, ((g.double() - r).abs().max() / r.abs().max()).item())
@@ -154,8 +159,9 @@ def fused_everywhere():
 @pytest.mark.gpu
 @pytest.mark.usefixtures("fused_everywhere")
 @pytest.mark.parametrize(("shape", "groups"), AWKWARD)
-@pytest.mark.parametrize(("film", "act"), [(False, True), (True, True), (False, False)])
-def test_fused_matches_eager_on_gpu_bf16(shape, groups, film, act):
+@pytest.mark.parametrize(("film", "act", "add"), [(False, True, False), (True, True, False),
+                                                   (False, False, False), (False, True, True)])
+def test_fused_matches_eager_on_gpu_bf16(shape, groups, film, act, add):
     device = torch.device("cuda")
     x = torch.randn(*shape, device=device, dtype=torch.bfloat16) * 2 + 1
     if x.ndim in (4, 5):
@@ -167,10 +173,17 @@ def test_fused_matches_eager_on_gpu_bf16(shape, groups, film, act):
     if film:  # non-contiguous halves of one projection, as in the model
         projection = torch.randn(B, 2 * C, device=device, dtype=torch.bfloat16) * 0.5
         params += list(projection.requires_grad_(True).chunk(2, dim=1))
+    if add:  # as in the model: an embedding (bf16) plus a convolution's bias (float32)
+        params.append((torch.randn(B, C, device=device) * 3).requires_grad_(True))
+
+    def norm(norm_fn, x, w, b, *extra):
+        scale, shift = extra[:2] if film else (None, None)
+        return norm_fn(x, groups, w, b, 1e-5, scale, shift, act, extra[-1] if add else None)
+
     assert fused.fused_available(x)
-    y = fused.group_norm_act(params[0], groups, *params[1:3], 1e-5, *params[3:], act=act)
+    y = norm(fused.group_norm_act, *params)
     ref = [p.detach().float().contiguous().requires_grad_(True) for p in params]
-    y_ref = fused.group_norm_act_reference(ref[0], groups, *ref[1:3], 1e-5, *ref[3:], act=act)
+    y_ref = norm(fused.group_norm_act_reference, *ref)
     gy = torch.randn_like(y_ref)
     grads = torch.autograd.grad(y, params, gy.to(y.dtype))
     ref_grads = torch.autograd.grad(y_ref, ref, gy)

@@ -16,6 +16,7 @@ backward, which sums the output gradient it already holds in cuDNN's layout (Ind
 sum, fused into the GroupNorm-backward reductions, cost 4 ms of a 98 ms `ldm` step). Compiled
 inference is `conv(x)` on an input asked for cuDNN's layout, which Inductor gives only 2D
 convolutions by itself. In eager mode and (non-strict) `torch.export` it is just `conv(x)`.
+`convolve_split_bias` is the same without the bias, for a caller that adds it elsewhere.
 """
 
 from __future__ import annotations
@@ -191,6 +192,28 @@ def convolve(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     quantizers, see exactly those); only this call differs while Dynamo traces. Anything else
     (a subclass, hooks, other padding modes, a tensor-subclass weight) runs `conv(x)`.
     """
+    return _convolve(conv, x, with_bias=True)
+
+
+def convolve_split_bias(conv: nn.Module, x: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`(out, bias)` with `conv(x) == out + bias` (broadcast over positions): `convolve`
+    without adding the bias, for a caller that adds it together with other per-channel terms.
+
+    `bias` is None where `out` already holds it: for a convolution without one, for any that
+    `convolve` would not run as plain `nn.ConvNd` arithmetic (a subclass, hooks), and in
+    programs that (non-strict) `torch.export` traces, whose biased convolutions followed by an
+    add are the pattern the pt2e quantizers know (without the bias they leave such a
+    convolution in float32).
+    """
+    exporting = torch.compiler.is_exporting() and not _compiling_for_inductor()
+    if (conv.bias is None or exporting or type(conv) not in _PLAIN_CONVS
+            or conv._forward_hooks or conv._forward_pre_hooks):
+        return convolve(conv, x), None
+    return _convolve(conv, x, with_bias=False), conv.bias
+
+
+def _convolve(conv: nn.Module, x: torch.Tensor, *, with_bias: bool) -> torch.Tensor:
     compiling = (_compiling_for_inductor() and x.device.type in ROUTED_DEVICES
                  and _routable(conv))
     if not (compiling and _needs_backward(x, conv.weight)):
@@ -202,8 +225,8 @@ def convolve(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
                   else getattr(conv, "preferred_memory_format", None))
         if layout is not None and x.ndim == conv.weight.ndim:
             x = x.contiguous(memory_format=layout)  # what cuDNN does for a channels-last weight
-        return conv(x)
-    weight, bias = conv.weight, conv.bias
+        return conv(x) if with_bias else conv._conv_forward(x, conv.weight, None)
+    weight, bias = conv.weight, conv.bias if with_bias else None
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)

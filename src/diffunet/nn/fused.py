@@ -107,11 +107,15 @@ def group_norm_act_reference(
     scale: torch.Tensor | None = None,
     shift: torch.Tensor | None = None,
     act: bool = True,
+    add: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Eager GroupNorm, then `* (1 + scale) + shift` (per batch and channel), then SiLU."""
+    """Eager `x + add`, GroupNorm, then `* (1 + scale) + shift` (all three per batch and
+    channel), then SiLU."""
+    view = (x.shape[0], x.shape[1]) + (1,) * (x.ndim - 2)
+    if add is not None:
+        x = x + add.reshape(view).to(x.dtype)
     h = F.group_norm(x, num_groups, weight, bias, eps)
     if scale is not None:
-        view = (x.shape[0], x.shape[1]) + (1,) * (x.ndim - 2)
         h = h * (1 + scale.reshape(view)) + shift.reshape(view)
     return F.silu(h) if act else h
 
@@ -125,29 +129,35 @@ def group_norm_act(
     scale: torch.Tensor | None = None,
     shift: torch.Tensor | None = None,
     act: bool = True,
+    add: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """GroupNorm of `x` (B, C, *spatial), optional FiLM `scale`/`shift` (B, C), optional SiLU."""
+    """GroupNorm of `x + add` (`x`: (B, C, *spatial); `add`: an optional (B, C) offset, such as
+    a time embedding), optional FiLM `scale`/`shift` (B, C), optional SiLU.
+
+    The fused kernels fold `add` into the statistics and the normalization, so `x + add` is
+    never written out.
+    """
     compiled_op = compiled_fused_wanted(x)
     if compiled_op or fused_available(x):
-        if scale is None:
-            scale = shift = x.new_zeros(0)
-            film = False
-        else:
-            # FiLM parameters are usually chunks of one projection: make them dense (B, C).
-            scale = scale.reshape(x.shape[0], x.shape[1]).contiguous()
-            shift = shift.reshape(x.shape[0], x.shape[1]).contiguous()
-            film = True
+        film = scale is not None
+        # Per-(batch, channel) inputs are usually chunks of one projection: make them dense.
+        scale, shift, add = (x.new_zeros(0) if t is None
+                             else t.reshape(x.shape[0], x.shape[1]).contiguous()
+                             for t in (scale, shift, add))
         x = x.contiguous(memory_format=_memory_format(x))
+        args = (x, weight, bias, scale, shift, add, num_groups, eps, film, act)
         if compiled_op:
-            return group_norm_act_op(x, weight, bias, scale, shift, num_groups, eps, film, act)[0]
-        return _GroupNormAct.apply(x, weight, bias, scale, shift, num_groups, eps, film, act)
-    return group_norm_act_reference(x, num_groups, weight, bias, eps, scale, shift, act)
+            return group_norm_act_op(*args)[0]
+        return _GroupNormAct.apply(*args)
+    return group_norm_act_reference(x, num_groups, weight, bias, eps, scale, shift, act, add)
 
 
 def norm_act(norm: torch.nn.GroupNorm, x: torch.Tensor, *, scale: torch.Tensor | None = None,
-             shift: torch.Tensor | None = None, act: bool = True) -> torch.Tensor:
+             shift: torch.Tensor | None = None, act: bool = True,
+             add: torch.Tensor | None = None) -> torch.Tensor:
     """`group_norm_act` with the groups, affine parameters and eps of the module `norm`."""
-    return group_norm_act(x, norm.num_groups, norm.weight, norm.bias, norm.eps, scale, shift, act)
+    return group_norm_act(x, norm.num_groups, norm.weight, norm.bias, norm.eps, scale, shift, act,
+                          add)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,8 +208,9 @@ if triton is not None:
             tl.store(shift_ptr + b * C + cs, k, mask=cmask)
 
     @triton.jit
-    def _stats_combine_kernel(s1_ptr, s2_ptr, shift_ptr, mean_ptr, rstd_ptr, C, N, num_chunks,
-                              per_group, eps, BLOCK_G: tl.constexpr):
+    def _stats_combine_kernel(s1_ptr, s2_ptr, shift_ptr, add_ptr, mean_ptr, rstd_ptr, C, N,
+                              num_chunks, per_group, eps, ADD: tl.constexpr,
+                              BLOCK_G: tl.constexpr):
         b = tl.program_id(0)
         g = tl.program_id(1)
         cs = g * per_group + tl.arange(0, BLOCK_G)
@@ -212,12 +223,19 @@ if triton is not None:
             s2 += tl.load(s2_ptr + row + cs, mask=cmask, other=0.0)
         k = tl.load(shift_ptr + b * C + cs, mask=cmask, other=0.0)
         channel_mean = k + s1 / N
+        if ADD:
+            added = tl.load(add_ptr + b * C + cs, mask=cmask, other=0.0).to(tl.float32)
+            channel_mean += added
         channel_m2 = tl.maximum(s2 - s1 * s1 / N, 0.0)
         group_mean = tl.sum(tl.where(cmask, channel_mean, 0.0), axis=0) / per_group
         spread = tl.where(cmask, channel_mean - group_mean, 0.0)
         group_m2 = tl.sum(tl.where(cmask, channel_m2, 0.0), axis=0) + N * tl.sum(spread * spread, axis=0)
         rstd = 1.0 / tl.sqrt(group_m2 / (N * per_group) + eps)
-        tl.store(mean_ptr + b * C + cs, tl.zeros([BLOCK_G], dtype=tl.float32) + group_mean, mask=cmask)
+        # The stored "mean" is the centre of x itself: x - (mean - add) == (x + add) - mean.
+        centre = tl.zeros([BLOCK_G], dtype=tl.float32) + group_mean
+        if ADD:
+            centre -= added
+        tl.store(mean_ptr + b * C + cs, centre, mask=cmask)
         tl.store(rstd_ptr + b * C + cs, tl.zeros([BLOCK_G], dtype=tl.float32) + rstd, mask=cmask)
 
     @triton.jit
@@ -323,9 +341,9 @@ if triton is not None:
 
     @triton.jit
     def _backward_dx_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, bias_ptr,
-                            scale_ptr, sh_ptr, c1_ptr, c2_ptr, C, N, rows,
+                            scale_ptr, sh_ptr, c1_ptr, c2_ptr, dadd_ptr, C, N, rows, num_chunks,
                             sxb, sxc, sxn, sdb, sdc, sdn, sob, soc, son,
-                            FILM: tl.constexpr, ACT: tl.constexpr,
+                            FILM: tl.constexpr, ACT: tl.constexpr, ADD: tl.constexpr,
                             BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
         b = tl.program_id(0)
         chunk = tl.program_id(1)
@@ -342,6 +360,7 @@ if triton is not None:
         if FILM:
             s += tl.load(scale_ptr + b * C + cs, mask=cmask, other=0.0).to(tl.float32)
             sh = tl.load(sh_ptr + b * C + cs, mask=cmask, other=0.0).to(tl.float32)
+        acc_dx = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
         start = chunk * rows
         for offset in range(0, rows, BLOCK_N):
             ns = start + offset + tl.arange(0, BLOCK_N)
@@ -359,10 +378,16 @@ if triton is not None:
             dx = rstd[None, :] * (dxhat - c1[None, :] - xhat * c2[None, :])
             tl.store(dx_ptr + b * sob + ns[:, None] * son + cs[None, :] * soc,
                      dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            if ADD:  # the gradient of `add` is the input gradient summed over positions
+                acc_dx += tl.where(mask, dx, 0.0)
+        if ADD:
+            tl.store(dadd_ptr + (b * num_chunks + chunk) * C + cs, tl.sum(acc_dx, axis=0),
+                     mask=cmask)
 
 
-def _group_stats(x3: torch.Tensor, num_groups: int, eps: float):
-    """Per-(batch, channel) mean and rstd of each channel's group, in float32."""
+def _group_stats(x3: torch.Tensor, add: torch.Tensor, num_groups: int, eps: float):
+    """Per-(batch, channel) centre and rstd of each channel's group of `x3 + add` (`add` (B, C),
+    or empty for none), in float32; the centre is the group's mean minus `add`."""
     b, c, n = x3.shape
     block_c, block_n, rows, chunks = _launch_shape(x3)
     s1 = torch.empty(b, chunks, c, device=x3.device, dtype=torch.float32)
@@ -372,14 +397,15 @@ def _group_stats(x3: torch.Tensor, num_groups: int, eps: float):
                                BLOCK_C=block_c, BLOCK_N=block_n)
     mean, rstd = torch.empty_like(k), torch.empty_like(k)
     per_group = c // num_groups
-    _stats_combine_kernel[(b, num_groups)](s1, s2, k, mean, rstd, c, n, chunks, per_group, eps,
+    _stats_combine_kernel[(b, num_groups)](s1, s2, k, add, mean, rstd, c, n, chunks, per_group,
+                                           eps, ADD=add.numel() > 0,
                                            BLOCK_G=triton.next_power_of_2(per_group))
     return mean, rstd
 
 
-def _forward(x, weight, bias, scale, shift, num_groups, eps, film, act):
+def _forward(x, weight, bias, scale, shift, add, num_groups, eps, film, act):
     x3 = x.flatten(2)
-    mean, rstd = _group_stats(x3, num_groups, eps)
+    mean, rstd = _group_stats(x3, add, num_groups, eps)
     y = torch.empty_like(x)
     y3 = y.flatten(2)
     b, c, n = x3.shape
@@ -390,7 +416,8 @@ def _forward(x, weight, bias, scale, shift, num_groups, eps, film, act):
     return y, mean, rstd
 
 
-def _backward(grad, x, weight, bias, scale, shift, mean, rstd, num_groups, film, act):
+def _backward(grad, x, weight, bias, scale, shift, add, mean, rstd, num_groups, film, act):
+    """(dx, dweight, dbias, dscale, dshift, dadd); the last three None where not used."""
     x3, g3 = x.flatten(2), grad.flatten(2)
     b, c, n = x3.shape
     block_c, block_n, rows, chunks = _launch_shape(x3)
@@ -411,34 +438,38 @@ def _backward(grad, x, weight, bias, scale, shift, mean, rstd, num_groups, film,
         c, n, chunks, per_group, FILM=film, BLOCK_G=triton.next_power_of_2(per_group))
     dx = torch.empty_like(x)
     d3 = dx.flatten(2)
+    added = add.numel() > 0
+    add_part = torch.empty_like(a_part) if added else a_part
     _backward_dx_kernel[(b, chunks)](
-        x3, g3, d3, mean, rstd, weight, bias, scale, shift, c1, c2, c, n, rows,
-        *x3.stride(), *g3.stride(), *d3.stride(), FILM=film, ACT=act,
+        x3, g3, d3, mean, rstd, weight, bias, scale, shift, c1, c2, add_part, c, n, rows, chunks,
+        *x3.stride(), *g3.stride(), *d3.stride(), FILM=film, ACT=act, ADD=added,
         BLOCK_C=block_c, BLOCK_N=block_n)
     grad_weight = a_full.sum(0).to(weight.dtype)
     grad_bias = b_full.sum(0).to(bias.dtype)
+    grad_add = add_part.sum(1).to(add.dtype) if added else None
     if not film:
-        return dx, grad_weight, grad_bias, None, None
-    return dx, grad_weight, grad_bias, grad_scale.to(scale.dtype), grad_shift.to(shift.dtype)
+        return dx, grad_weight, grad_bias, None, None, grad_add
+    return (dx, grad_weight, grad_bias, grad_scale.to(scale.dtype), grad_shift.to(shift.dtype),
+            grad_add)
 
 
 class _GroupNormAct(torch.autograd.Function):
     """Autograd wrapper of the fused kernels (eager mode only, so no fake-tensor support)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, shift, num_groups, eps, film, act):
-        y, mean, rstd = _forward(x, weight, bias, scale, shift, num_groups, eps, film, act)
-        ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
+    def forward(ctx, x, weight, bias, scale, shift, add, num_groups, eps, film, act):
+        y, mean, rstd = _forward(x, weight, bias, scale, shift, add, num_groups, eps, film, act)
+        ctx.save_for_backward(x, weight, bias, scale, shift, add, mean, rstd)
         ctx.num_groups, ctx.film, ctx.act = num_groups, film, act
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
+        x, weight, bias, scale, shift, add, mean, rstd = ctx.saved_tensors
         grad = grad.contiguous(memory_format=_memory_format(x))
-        dx, dw, db, ds, dsh = _backward(grad, x, weight, bias, scale, shift, mean, rstd,
-                                        ctx.num_groups, ctx.film, ctx.act)
-        return dx, dw, db, ds, dsh, None, None, None, None
+        grads = _backward(grad, x, weight, bias, scale, shift, add, mean, rstd, ctx.num_groups,
+                          ctx.film, ctx.act)
+        return *grads, None, None, None, None
 
 
 _FIXED_STRIDES = (torch.Tag.needs_fixed_stride_order,)
@@ -446,17 +477,19 @@ _FIXED_STRIDES = (torch.Tag.needs_fixed_stride_order,)
 
 @torch.library.custom_op("diffunet::group_norm_act", mutates_args=(), tags=_FIXED_STRIDES)
 def group_norm_act_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                      scale: torch.Tensor, shift: torch.Tensor, num_groups: int, eps: float,
-                      film: bool, act: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The fused kernels as an op `torch.compile` calls as it is: (output, mean, rstd).
+                      scale: torch.Tensor, shift: torch.Tensor, add: torch.Tensor,
+                      num_groups: int, eps: float, film: bool, act: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused kernels as an op `torch.compile` calls as it is: (output, centre, rstd).
 
-    `scale` and `shift` are (B, C) when `film`, else empty; mean and rstd are (B, C) float32.
+    `scale` and `shift` are (B, C) when `film`, else empty; `add` is (B, C) or empty; centre
+    (the group mean minus `add`) and rstd are (B, C) float32.
     """
-    return _forward(x, weight, bias, scale, shift, num_groups, eps, film, act)
+    return _forward(x, weight, bias, scale, shift, add, num_groups, eps, film, act)
 
 
 @group_norm_act_op.register_fake
-def _group_norm_act_fake(x, weight, bias, scale, shift, num_groups, eps, film, act):
+def _group_norm_act_fake(x, weight, bias, scale, shift, add, num_groups, eps, film, act):
     stats = x.new_empty(x.shape[:2], dtype=torch.float32)
     return torch.empty_like(x), stats, torch.empty_like(stats)
 
@@ -465,40 +498,42 @@ def _group_norm_act_fake(x, weight, bias, scale, shift, num_groups, eps, film, a
                          tags=_FIXED_STRIDES)
 def group_norm_act_backward_op(
         grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-        scale: torch.Tensor, shift: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-        num_groups: int, film: bool, act: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of `group_norm_act_op` for x, weight, bias, scale and shift (the last two
-    empty without FiLM)."""
-    dx, dw, db, ds, dsh = _backward(grad, x, weight, bias, scale, shift, mean, rstd, num_groups,
-                                    film, act)
-    if ds is None:  # a custom op returns tensors, never None
-        ds, dsh = scale.new_empty(0), shift.new_empty(0)
-    return dx, dw, db, ds, dsh
+        scale: torch.Tensor, shift: torch.Tensor, add: torch.Tensor, mean: torch.Tensor,
+        rstd: torch.Tensor, num_groups: int, film: bool, act: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `group_norm_act_op` for x, weight, bias, scale, shift and add (each of the
+    last three empty where it is)."""
+    dx, dw, db, ds, dsh, dadd = _backward(grad, x, weight, bias, scale, shift, add, mean, rstd,
+                                          num_groups, film, act)
+    # A custom op returns tensors, never None.
+    ds, dsh, dadd = (t.new_empty(0) if g is None else g
+                     for t, g in ((scale, ds), (shift, dsh), (add, dadd)))
+    return dx, dw, db, ds, dsh, dadd
 
 
 @group_norm_act_backward_op.register_fake
-def _group_norm_act_backward_fake(grad, x, weight, bias, scale, shift, mean, rstd, num_groups,
-                                  film, act):
-    return (torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias),
-            torch.empty_like(scale), torch.empty_like(shift))
+def _group_norm_act_backward_fake(grad, x, weight, bias, scale, shift, add, mean, rstd,
+                                  num_groups, film, act):
+    return tuple(torch.empty_like(t) for t in (x, weight, bias, scale, shift, add))
 
 
 def _setup_op_context(ctx, inputs, output) -> None:
-    x, weight, bias, scale, shift, num_groups, _, film, act = inputs
+    x, weight, bias, scale, shift, add, num_groups, _, film, act = inputs
     _, mean, rstd = output
-    ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
+    ctx.save_for_backward(x, weight, bias, scale, shift, add, mean, rstd)
     ctx.num_groups, ctx.film, ctx.act = num_groups, film, act
 
 
 def _op_backward(ctx, grad, _grad_mean, _grad_rstd):
-    x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
+    x, weight, bias, scale, shift, add, mean, rstd = ctx.saved_tensors
     grad = grad.contiguous(memory_format=_memory_format(x))
-    dx, dw, db, ds, dsh = group_norm_act_backward_op(grad, x, weight, bias, scale, shift, mean,
-                                                     rstd, ctx.num_groups, ctx.film, ctx.act)
+    dx, dw, db, ds, dsh, dadd = group_norm_act_backward_op(
+        grad, x, weight, bias, scale, shift, add, mean, rstd, ctx.num_groups, ctx.film, ctx.act)
     if not ctx.film:
         ds = dsh = None
-    return dx, dw, db, ds, dsh, None, None, None, None
+    if add.numel() == 0:
+        dadd = None
+    return dx, dw, db, ds, dsh, dadd, None, None, None, None
 
 
 group_norm_act_op.register_autograd(_op_backward, setup_context=_setup_op_context)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .conv import convolve
+from .conv import convolve, convolve_split_bias
 from .fused import norm_act
 from .ops import conv_nd, normalization, zero_module
 from .resample import Downsample, Upsample
@@ -65,13 +65,16 @@ class ResBlock(nn.Module):
         h = norm_act(self.in_norm, x)
         if self.resample is not None:
             h, x = self.resample(h), self.resample(x)
-        h = convolve(self.in_conv, h)
         if self.emb_proj is None:
-            h = norm_act(self.out_norm, h)
+            h = norm_act(self.out_norm, convolve(self.in_conv, h))
         elif self.use_scale_shift_norm:
             scale, shift = self.emb_proj(emb).chunk(2, dim=1)
-            h = norm_act(self.out_norm, h, scale=scale, shift=shift)
+            h = norm_act(self.out_norm, convolve(self.in_conv, h), scale=scale, shift=shift)
         else:
-            h = norm_act(self.out_norm, h + self.emb_proj(emb).view(*emb.shape[:1], -1, *[1] * self.dims))
+            # The embedding and the convolution's bias are both constant over positions: the
+            # norm adds them in its own passes, so `h + emb` is never written out.
+            h, bias = convolve_split_bias(self.in_conv, h)
+            add = self.emb_proj(emb)
+            h = norm_act(self.out_norm, h, add=add if bias is None else add + bias)
         h = convolve(self.out_conv, self.dropout(h))
         return convolve(self.skip, x) + h
