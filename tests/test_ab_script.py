@@ -1,0 +1,60 @@
+"""`benchmarks/ab.py`: two source trees measured one after the other, and the summary."""
+
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def _result(**rates: float) -> dict:
+    """A `bench.py` result with one compiled training record per model."""
+    return {"records": [{"model": m, "mode": "compile", "kind": "train", "throughput": v}
+                        for m, v in rates.items()], "errors": []}
+
+
+def test_summary_medians_gain_and_ratios_against_the_reference(benchmark_script):
+    ab = benchmark_script("ab")
+    runs = [{"tree": "base", "case": "ldm", "kind": "train", "result": _result(ours=100.0, ref=80.0)},
+            {"tree": "change", "case": "ldm", "kind": "train", "result": _result(ours=120.0)},
+            {"tree": "change", "case": "ldm", "kind": "train", "result": _result(ours=126.0)},
+            {"tree": "base", "case": "ldm", "kind": "train", "result": _result(ours=110.0, ref=84.0)}]
+    (row,) = ab.summarize(runs, ["eager", "compile"])  # no eager records: no eager row
+    assert (row["base"], row["change"], row["ref"]) == ([100.0, 110.0], [120.0, 126.0], [80.0, 84.0])
+    assert row["gain"] == pytest.approx(statistics.median([120, 126]) / statistics.median([100, 110]) - 1)
+    assert row["change_vs_ref"] == pytest.approx(123 / 82)
+    assert row["base_vs_ref"] == pytest.approx(105 / 82)
+    table = ab.format_summary([row])
+    assert "+17.1%" in table and "1.50×" in table
+
+
+def test_source_trees_must_hold_the_package(tmp_path, benchmark_script):
+    ab = benchmark_script("ab")
+    with pytest.raises(SystemExit):
+        ab.parse_args(["--base-src", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        ab.parse_args(["--base-src", str(SRC), "--kinds", "training"])
+
+
+@pytest.mark.slow
+def test_both_trees_are_measured_from_their_own_source(tmp_path, benchmark_script):
+    base = tmp_path / "base" / "src"
+    shutil.copytree(SRC / "diffunet", base / "diffunet",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    out = tmp_path / "ab.json"
+    ab = benchmark_script("ab")
+    code = ab.main(["--base-src", str(base), "--cases", "ddpm-cifar10", "--kinds", "infer",
+                    "--modes", "eager", "--no-ref", "--quick", "--device", "cpu",
+                    "--out", str(out)])
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert Path(data["meta"]["trees"]["base"]["imports"]).is_relative_to(base)
+    assert Path(data["meta"]["trees"]["change"]["imports"]).is_relative_to(SRC)
+    assert [(r["tree"], r["case"], r["kind"]) for r in data["runs"]] == [
+        ("base", "ddpm-cifar10", "infer"), ("change", "ddpm-cifar10", "infer")]
+    (row,) = data["summary"]
+    assert len(row["base"]) == len(row["change"]) == 1 and row["base"][0] > 0
+    assert row["ref"] == [] and "change_vs_ref" not in row
