@@ -18,7 +18,9 @@ they are (`configure_for_compile_mode`; the trainer and the benchmark call it).
 
 from __future__ import annotations
 
+import functools
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -164,15 +166,38 @@ def norm_act(norm: torch.nn.GroupNorm, x: torch.Tensor, *, scale: torch.Tensor |
 # Triton kernels. x is viewed as (B, C, N) with arbitrary strides, N = prod(spatial), so one
 # kernel serves NCHW and channels_last in 1D, 2D and 3D. Grid: (B, chunks of N).
 
-_TILE_ELEMENTS = 4096
+@dataclass
+class LaunchConfig:
+    """How the four streaming kernels (statistics, normalize, backward reduce, input gradient)
+    split a (B, C, N) activation: each program owns one sample's run of positions (a chunk) and
+    loops over it in tiles of all channels × `tile_elements // BLOCK_C` positions.
+
+    `benchmarks/norm_kernels.py` sweeps these on the GPU; the defaults are what every result in
+    docs/performance.md was measured with.
+    """
+
+    tile_elements: int = 4096
+    programs_per_sm: int = 4
+    num_warps: int = 4
+
+
+#: The launch configuration in use (set its fields to try others).
+LAUNCH = LaunchConfig()
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":  # Triton's interpreter: an H100's count
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _launch_shape(x3: torch.Tensor) -> tuple[int, int, int, int]:
     """(BLOCK_C, BLOCK_N, rows per chunk, number of chunks) for a (B, C, N) view."""
     b, c, n = x3.shape
     block_c = triton.next_power_of_2(c)
-    block_n = max(1, min(_TILE_ELEMENTS // block_c, triton.next_power_of_2(n)))
-    target_programs = 4 * 132
+    block_n = max(1, min(LAUNCH.tile_elements // block_c, triton.next_power_of_2(n)))
+    target_programs = LAUNCH.programs_per_sm * _sm_count(x3.device)
     chunks = max(1, min(triton.cdiv(n, block_n), triton.cdiv(target_programs, b)))
     rows = triton.cdiv(triton.cdiv(n, chunks), block_n) * block_n
     return block_c, block_n, rows, triton.cdiv(n, rows)
@@ -394,7 +419,7 @@ def _group_stats(x3: torch.Tensor, add: torch.Tensor, num_groups: int, eps: floa
     s2 = torch.empty_like(s1)
     k = torch.empty(b, c, device=x3.device, dtype=torch.float32)
     _stats_kernel[(b, chunks)](x3, s1, s2, k, c, n, rows, *x3.stride(), chunks,
-                               BLOCK_C=block_c, BLOCK_N=block_n)
+                               BLOCK_C=block_c, BLOCK_N=block_n, num_warps=LAUNCH.num_warps)
     mean, rstd = torch.empty_like(k), torch.empty_like(k)
     per_group = c // num_groups
     _stats_combine_kernel[(b, num_groups)](s1, s2, k, add, mean, rstd, c, n, chunks, per_group,
@@ -412,7 +437,7 @@ def _forward(x, weight, bias, scale, shift, add, num_groups, eps, film, act):
     block_c, block_n, rows, chunks = _launch_shape(x3)
     _normalize_kernel[(b, chunks)](x3, y3, mean, rstd, weight, bias, scale, shift, c, n, rows,
                                    *x3.stride(), *y3.stride(), FILM=film, ACT=act,
-                                   BLOCK_C=block_c, BLOCK_N=block_n)
+                                   BLOCK_C=block_c, BLOCK_N=block_n, num_warps=LAUNCH.num_warps)
     return y, mean, rstd
 
 
@@ -425,7 +450,8 @@ def _backward(grad, x, weight, bias, scale, shift, add, mean, rstd, num_groups, 
     b_part = torch.empty_like(a_part)
     _backward_reduce_kernel[(b, chunks)](
         x3, g3, mean, rstd, weight, bias, scale, shift, a_part, b_part, c, n, rows, chunks,
-        *x3.stride(), *g3.stride(), FILM=film, ACT=act, BLOCK_C=block_c, BLOCK_N=block_n)
+        *x3.stride(), *g3.stride(), FILM=film, ACT=act, BLOCK_C=block_c, BLOCK_N=block_n,
+        num_warps=LAUNCH.num_warps)
     # Per (batch, channel): Σ dz·x̂ and Σ dz (a_full, b_full), the FiLM gradients, and the
     # group means c1 = mean(dx̂), c2 = mean(dx̂·x̂) that the input gradient needs.
     a_full, b_full, c1, c2 = (torch.empty(b, c, device=x.device, dtype=torch.float32)
@@ -443,7 +469,7 @@ def _backward(grad, x, weight, bias, scale, shift, add, mean, rstd, num_groups, 
     _backward_dx_kernel[(b, chunks)](
         x3, g3, d3, mean, rstd, weight, bias, scale, shift, c1, c2, add_part, c, n, rows, chunks,
         *x3.stride(), *g3.stride(), *d3.stride(), FILM=film, ACT=act, ADD=added,
-        BLOCK_C=block_c, BLOCK_N=block_n)
+        BLOCK_C=block_c, BLOCK_N=block_n, num_warps=LAUNCH.num_warps)
     grad_weight = a_full.sum(0).to(weight.dtype)
     grad_bias = b_full.sum(0).to(bias.dtype)
     grad_add = add_part.sum(1).to(add.dtype) if added else None

@@ -1,0 +1,296 @@
+#!/usr/bin/env python3
+"""Bandwidth of the fused GroupNorm kernels at the shapes a model normalizes, and a sweep of
+their launch configuration (`diffunet.nn.fused.LAUNCH`).
+
+    python benchmarks/norm_kernels.py --cases 3d,ldm --tiles 2048,4096,8192 \\
+        --programs 2,4,8 --warps 4,8 --out $OUT/norm_kernels.json
+
+One forward pass of each case's model at its benchmark size, on the meta device, lists the
+calls of `group_norm_act` (shape, groups, FiLM, added embedding, SiLU) and how often each
+occurs. Every distinct call that the fused kernels would take in a training step is timed in
+bf16 and channels-last, forward alone and forward + backward, under each launch
+configuration: milliseconds, and GB/s over the bytes the kernels must move (forward: x read
+twice, y written once; backward: x and the output gradient read twice, the input gradient
+written once). The summary weights each call by its count: the norm kernels' time in one
+training step, with the default configuration and with the best per call, next to what a
+plain copy of the same bytes would take at the copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+try:
+    from diffunet.benchmark import build_case
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from diffunet.benchmark import build_case
+from diffunet import UNet
+from diffunet.introspect import example_inputs
+from diffunet.nn import fused
+
+#: (shape, groups, film, add, act) of one `group_norm_act` call.
+Call = tuple[tuple[int, ...], int, bool, bool, bool]
+
+
+def norm_calls(case: str, quick: bool = False) -> Counter[Call]:
+    """How often one forward pass of `case`'s model calls `group_norm_act`, per signature."""
+    spec = build_case(case, quick)
+    model = UNet(spec.config).to("meta")
+    x, kwargs = example_inputs(spec.config, spec.batch, spec.size, device="meta")
+    calls: Counter[Call] = Counter()
+    original = fused.group_norm_act
+
+    def record(x, num_groups, weight, bias, eps, scale=None, shift=None, act=True, add=None):
+        calls[(tuple(x.shape), num_groups, scale is not None, add is not None, act)] += 1
+        return fused.group_norm_act_reference(x, num_groups, weight, bias, eps, scale, shift,
+                                              act, add)
+
+    fused.group_norm_act = record
+    try:
+        with torch.no_grad():
+            model(x, **kwargs)
+    finally:
+        fused.group_norm_act = original
+    return calls
+
+
+def _timer(device: torch.device, iters: int) -> Callable[[Callable[[], object]], float]:
+    """Milliseconds per call of a function, after two warm-up calls."""
+    def time_ms(fn: Callable[[], object]) -> float:
+        for _ in range(2):
+            fn()
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iters):
+                fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / iters
+        begin = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return 1000 * (time.perf_counter() - begin) / iters
+
+    return time_ms
+
+
+def call_inputs(call: Call, device: torch.device, dtype: torch.dtype) -> tuple[list, dict]:
+    """Random inputs for one call, laid out as in a channels-last bf16 training step."""
+    shape, groups, film, add, act = call
+    b, c = shape[:2]
+    x = torch.randn(shape, device=device, dtype=dtype)
+    if x.ndim in (4, 5):
+        x = x.contiguous(memory_format=torch.channels_last if x.ndim == 4
+                         else torch.channels_last_3d)
+    tensors = [x.requires_grad_(), torch.randn(c, device=device).requires_grad_(),
+               torch.randn(c, device=device).requires_grad_()]
+    kwargs: dict = {"act": act}
+    if film:
+        projection = torch.randn(b, 2 * c, device=device, dtype=dtype).requires_grad_()
+        kwargs["scale"], kwargs["shift"] = projection.chunk(2, dim=1)
+    if add:
+        kwargs["add"] = torch.randn(b, c, device=device).requires_grad_()
+    return [tensors[0], groups, tensors[1], tensors[2], 1e-5], kwargs
+
+
+def time_call(call: Call, time_ms: Callable, device: torch.device,
+              dtype: torch.dtype) -> dict[str, float]:
+    """Forward and backward milliseconds of one call with the current switches."""
+    args, kwargs = call_inputs(call, device, dtype)
+    grad = torch.randn_like(args[0])
+
+    def forward() -> None:
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype):
+            fused.group_norm_act(*args, **kwargs)
+
+    def forward_backward() -> None:  # autocast as in the model: the reference's norm in fp32
+        with torch.autocast(device.type, dtype=dtype):
+            y = fused.group_norm_act(*args, **kwargs)
+        y.backward(grad.to(y.dtype))
+
+    forward_ms = time_ms(forward)
+    return {"forward_ms": forward_ms, "backward_ms": time_ms(forward_backward) - forward_ms}
+
+
+def moved_bytes(call: Call, dtype: torch.dtype) -> dict[str, int]:
+    """The activation bytes the fused kernels read and write, forward and backward."""
+    size = _numel(call[0]) * torch.empty(0, dtype=dtype).element_size()
+    return {"forward": 3 * size, "backward": 5 * size}
+
+
+def copy_bandwidth(device: torch.device, time_ms: Callable, nbytes: int) -> float:
+    """GB/s of `dst.copy_(src)` (read + write) for `nbytes` bytes."""
+    src = torch.empty(nbytes // 2, device=device, dtype=torch.bfloat16).normal_()
+    dst = torch.empty_like(src)
+    return 2 * nbytes / time_ms(lambda: dst.copy_(src)) / 1e6
+
+
+def sweep(calls: Counter[Call], configs: list[fused.LaunchConfig], device: torch.device,
+          dtype: torch.dtype, iters: int, deadline: float, reference: bool) -> list[dict]:
+    """Time every call under every launch configuration (and the eager reference)."""
+    time_ms = _timer(device, iters)
+    default = fused.LaunchConfig()
+    rows = []
+    for call, count in sorted(calls.items(), key=lambda item: -_numel(item[0][0])):
+        row = {"shape": list(call[0]), "groups": call[1], "film": call[2], "add": call[3],
+               "act": call[4], "count": count, "bytes": moved_bytes(call, dtype), "configs": []}
+        for config in configs:
+            if time.monotonic() > deadline:
+                row["incomplete"] = True
+                break
+            fused.LAUNCH = config
+            try:
+                timing = time_call(call, time_ms, device, dtype)
+            finally:
+                fused.LAUNCH = default
+            row["configs"].append({**asdict(config), **timing})
+        if reference and time.monotonic() < deadline:
+            fused.set_fused_enabled(False)
+            try:
+                row["reference"] = time_call(call, time_ms, device, dtype)
+            finally:
+                fused.set_fused_enabled(True, min_elements=0)
+        rows.append(row)
+    return rows
+
+
+def _step_ms(timing: dict) -> float:
+    return timing["forward_ms"] + timing["backward_ms"]
+
+
+def _timing_of(row: dict, config: dict) -> dict | None:
+    """The timing of `row` under the launch configuration `config` (None if not measured)."""
+    return next((c for c in row["configs"] if all(c[k] == v for k, v in config.items())), None)
+
+
+def summarize(rows: list[dict], copy_gbps: float) -> dict:
+    """Per-step milliseconds (each call times its count): default configuration, best per
+    call, and a copy of the same bytes at `copy_gbps`. Marks each row's best configuration."""
+    total = {"default_ms": 0.0, "best_ms": 0.0, "copy_ms": 0.0}
+    for row in rows:
+        if not row["configs"]:
+            continue
+        mine = _timing_of(row, asdict(fused.LaunchConfig()))
+        best = min(row["configs"], key=_step_ms)
+        row["best"] = {k: best[k] for k in asdict(fused.LaunchConfig())}
+        for direction in ("forward", "backward"):
+            row[f"best_{direction}_gbps"] = row["bytes"][direction] / best[f"{direction}_ms"] / 1e6
+        if mine is not None:
+            total["default_ms"] += row["count"] * _step_ms(mine)
+        total["best_ms"] += row["count"] * _step_ms(best)
+        total["copy_ms"] += row["count"] * sum(row["bytes"].values()) / copy_gbps / 1e6
+    return total
+
+
+def format_rows(rows: list[dict]) -> str:
+    """One line per call: its default and best configuration's times and bandwidth."""
+    head = (f"{'shape':<24}{'flags':<14}{'n':>3}{'fwd ms':>9}{'bwd ms':>9}{'fwd GB/s':>10}"
+            f"{'bwd GB/s':>10}  best (tile, programs/SM, warps): fwd/bwd ms, GB/s")
+    lines = [head, "-" * len(head)]
+    for row in rows:
+        flags = "+".join(f for f, on in (("film", row["film"]), ("add", row["add"]),
+                                         ("silu", row["act"])) if on) or "plain"
+        mine = _timing_of(row, asdict(fused.LaunchConfig()))
+        cells = "" if mine is None else (
+            f"{mine['forward_ms']:>9.3f}{mine['backward_ms']:>9.3f}"
+            f"{row['bytes']['forward'] / mine['forward_ms'] / 1e6:>10.0f}"
+            f"{row['bytes']['backward'] / mine['backward_ms'] / 1e6:>10.0f}")
+        best = _timing_of(row, row["best"]) if "best" in row else None
+        tail = "" if best is None else (
+            f"  ({best['tile_elements']}, {best['programs_per_sm']}, {best['num_warps']}): "
+            f"{best['forward_ms']:.3f}/{best['backward_ms']:.3f}, "
+            f"{row['best_forward_gbps']:.0f}/{row['best_backward_gbps']:.0f}")
+        lines.append(f"{'x'.join(map(str, row['shape'])):<24}{flags:<14}{row['count']:>3}"
+                     f"{cells}{tail}")
+    return "\n".join(lines)
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the sweep; prints a table per case and writes JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--cases", default="3d,ldm", help="benchmark cases, comma-separated")
+    parser.add_argument("--tiles", type=_ints, default=[4096], help="tile_elements values")
+    parser.add_argument("--programs", type=_ints, default=[4], help="programs_per_sm values")
+    parser.add_argument("--warps", type=_ints, default=[4], help="num_warps values")
+    parser.add_argument("--min-elements", type=int, default=fused.CUDA_GRAPHS_MIN_ELEMENTS,
+                        help="time only calls of at least this many elements (the size from "
+                             "which compiled CUDA-graph steps call the kernels)")
+    parser.add_argument("--iters", type=int, default=20, help="timed calls per measurement")
+    parser.add_argument("--no-reference", dest="reference", action="store_false",
+                        help="skip the eager reference (F.group_norm and friends)")
+    parser.add_argument("--deadline", type=float, default=540,
+                        help="seconds after which the remaining configurations are skipped")
+    parser.add_argument("--quick", action="store_true",
+                        help="the tiny benchmark cases (a smoke test, e.g. under Triton's "
+                             "CPU interpreter)")
+    parser.add_argument("--out", help="JSON path (default: $OUT/norm_kernels.json when OUT "
+                                      "is set)")
+    args = parser.parse_args(argv)
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    if fused.triton is None or not (torch.cuda.is_available() or interpreting):
+        parser.error("the fused kernels need Triton and a CUDA device (or TRITON_INTERPRET=1)")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16
+    deadline = time.monotonic() + args.deadline
+    configs = [fused.LaunchConfig(t, p, w)
+               for t, p, w in itertools.product(args.tiles, args.programs, args.warps)]
+    fused.set_fused_enabled(True, min_elements=0)
+    time_ms = _timer(device, args.iters)
+    copy_gbps = copy_bandwidth(device, time_ms, 1 << (20 if args.quick else 30))
+    data: dict = {"meta": {"device": torch.cuda.get_device_name() if device.type == "cuda"
+                           else "cpu (Triton interpreter)", "torch": torch.__version__,
+                           "argv": sys.argv[1:] if argv is None else argv,
+                           "copy_gbps": copy_gbps}, "cases": {}}
+    print(f"copy bandwidth {copy_gbps:.0f} GB/s", flush=True)
+    for case in args.cases.split(","):
+        calls = Counter({call: n for call, n in norm_calls(case, args.quick).items()
+                         if _numel(call[0]) >= args.min_elements})
+        rows = sweep(calls, configs, device, dtype, args.iters, deadline, args.reference)
+        total = summarize(rows, copy_gbps)
+        data["cases"][case] = {"rows": rows, "total": total}
+        print(f"\n{case}: norm kernels per training step {total['default_ms']:.2f} ms with the "
+              f"default launch, {total['best_ms']:.2f} ms with the best per call, "
+              f"{total['copy_ms']:.2f} ms to copy the same bytes")
+        print(format_rows(rows), flush=True)
+    out = args.out or (os.environ.get("OUT") and str(Path(os.environ["OUT"]) / "norm_kernels.json"))
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(data, indent=1) + "\n")
+        print(f"wrote {out}")
+    return 0
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    numel = 1
+    for n in shape:
+        numel *= n
+    return numel
+
+
+if __name__ == "__main__":
+    sys.exit(main())

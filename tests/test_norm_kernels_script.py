@@ -1,0 +1,59 @@
+"""`benchmarks/norm_kernels.py`: the norm calls of a model, the per-step totals, and a sweep
+run end to end under Triton's CPU interpreter."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from torch import nn
+
+from diffunet import UNet
+from diffunet.benchmark import build_case
+from diffunet.nn.resblock import ResBlock
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "norm_kernels.py"
+
+
+@pytest.mark.parametrize("case", ["3d", "ldm"])
+def test_every_group_norm_is_one_call_and_additive_blocks_add(case, benchmark_script):
+    calls = benchmark_script("norm_kernels").norm_calls(case, quick=True)
+    model = UNet(build_case(case, quick=True).config)
+    assert sum(calls.values()) == sum(isinstance(m, nn.GroupNorm) for m in model.modules())
+    additive = sum(isinstance(m, ResBlock) and m.emb_proj is not None
+                   and not m.use_scale_shift_norm for m in model.modules())
+    assert sum(n for (_, _, _, add, _), n in calls.items() if add) == additive > 0
+
+
+def test_totals_weight_each_call_by_its_count(benchmark_script):
+    script = benchmark_script("norm_kernels")
+    timing = {"tile_elements": 4096, "programs_per_sm": 4, "num_warps": 4}
+    rows = [{"count": 3, "bytes": {"forward": 3_000_000, "backward": 5_000_000},
+             "configs": [{**timing, "forward_ms": 0.002, "backward_ms": 0.004},
+                         {**timing, "num_warps": 8, "forward_ms": 0.001, "backward_ms": 0.004}]}]
+    total = script.summarize(rows, copy_gbps=2000.0)
+    assert total["default_ms"] == pytest.approx(3 * 0.006)
+    assert total["best_ms"] == pytest.approx(3 * 0.005)
+    assert total["copy_ms"] == pytest.approx(3 * 8_000_000 / 2000e9 * 1e3)
+    assert rows[0]["best"]["num_warps"] == 8
+    assert rows[0]["best_forward_gbps"] == pytest.approx(3_000_000 / 0.001 / 1e6)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
+def test_a_sweep_runs_under_the_interpreter(tmp_path):
+    out = tmp_path / "norm.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--cases", "3d", "--iters", "1",
+         "--min-elements", "150000", "--tiles", "2048,4096", "--no-reference", "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["cases"]["3d"]["rows"]
+    assert rows and all(r["shape"][0] * r["shape"][1] * r["shape"][2] ** 3 >= 150000 for r in rows)
+    for row in rows:
+        assert [c["tile_elements"] for c in row["configs"]] == [2048, 4096]
+        assert all(c["forward_ms"] > 0 for c in row["configs"])
