@@ -10,11 +10,14 @@ because it reads the loss.
     python benchmarks/ddp_scaling.py --gpus 1,2 --cases ldm,ddpm-cifar10 --modes compile
     python benchmarks/ddp_scaling.py --gpus 1,2,4,8 --cases ldm --modes compile --steps 200
     python benchmarks/ddp_scaling.py --gpus 1,8 --cases ldm --parallel ddp,fsdp
+    python benchmarks/ddp_scaling.py --gpus 1,2 --cases ldm --dynamo-ddp ddp_optimizer,no_optimization
 
 Scaling efficiency = img/s on N GPUs ÷ (N × img/s on 1 GPU); the 1-GPU run is one plain
 process, the baseline of both parallel modes. With `--concurrent-single`, the
 1-GPU runs of different cases run at the same time, each on its own GPU (they share only the
-host), to save wall time. Writes `scaling.json` (and prints a table) into `--out`.
+host), to save wall time. `--dynamo-ddp` runs each compiled DDP measurement once per Dynamo
+strategy for compiled DDP (`dynamo_ddp_train.py`). Writes `scaling.json` (and prints a table)
+into `--out`.
 """
 
 from __future__ import annotations
@@ -57,12 +60,18 @@ def run_config(folder: Path) -> Path:
     return path
 
 
+DYNAMO_DDP_TRAIN = Path(__file__).resolve().parent / "dynamo_ddp_train.py"
+
+
 def command(case: str, gpus: int, mode: str, steps: int, log_every: int, data: Path,
-            config: Path, out: Path, device: str = "cuda", parallel: str = "ddp") -> list[str]:
-    """The torchrun command line of one measurement."""
+            config: Path, out: Path, device: str = "cuda", parallel: str = "ddp",
+            dynamo_ddp: str | None = None) -> list[str]:
+    """The torchrun command line of one measurement (`dynamo_ddp`: the trainer through
+    `dynamo_ddp_train.py` with that strategy)."""
     preset, size, per_gpu, overrides = CASES[case]
+    entry = ["-m", "diffunet"] if dynamo_ddp is None else [str(DYNAMO_DDP_TRAIN), dynamo_ddp]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={gpus}", "-m", "diffunet", "train",
+           f"--nproc_per_node={gpus}", *entry, "train",
            "--config", str(config), "--data", str(data), "--preset", preset,
            "--image-size", str(size), "--batch-size", str(per_gpu * gpus),
            "--steps", str(steps), "--precision", "bf16" if device == "cuda" else "fp32",
@@ -88,28 +97,32 @@ def throughput(log_csv: Path, global_batch: int, skip_rows: int) -> dict[str, fl
 
 
 def start(case: str, gpus: int, mode: str, args: argparse.Namespace, data: Path, config: Path,
-          visible: str | None, parallel: str = "ddp") -> tuple[subprocess.Popen, Path, float]:
+          visible: str | None, parallel: str = "ddp",
+          dynamo_ddp: str | None = None) -> tuple[subprocess.Popen, Path, float]:
     """Launch one measurement in the background; returns (process, run folder, start time)."""
-    out = args.out / f"{case}-{mode}-{gpus}gpu{'' if parallel == 'ddp' else '-' + parallel}"
+    out = args.out / (f"{case}-{mode}-{gpus}gpu{'' if parallel == 'ddp' else '-' + parallel}"
+                      f"{'' if dynamo_ddp is None else '-' + dynamo_ddp}")
     if out.exists():
         shutil.rmtree(out)
     env = dict(os.environ)
     if visible is not None:
         env["CUDA_VISIBLE_DEVICES"] = visible
     cmd = command(case, gpus, mode, args.steps, args.log_every, data, config, out, args.device,
-                  parallel)
+                  parallel, dynamo_ddp)
     with open(args.out / f"{out.name}.log", "w") as log:  # the child keeps its own handle
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     return proc, out, time.perf_counter()
 
 
 def finish(job: tuple[subprocess.Popen, Path, float], case: str, gpus: int, mode: str,
-           args: argparse.Namespace, parallel: str = "ddp") -> dict:
+           args: argparse.Namespace, parallel: str = "ddp", dynamo_ddp: str | None = None) -> dict:
     """Wait for a measurement and read its throughput."""
     proc, out, began = job
     record = {"case": case, "gpus": gpus, "mode": mode,
               "parallel": "single" if gpus == 1 else parallel, "per_gpu_batch": CASES[case][2],
               "global_batch": CASES[case][2] * gpus}
+    if dynamo_ddp is not None:
+        record["dynamo_ddp"] = dynamo_ddp
     try:
         code = proc.wait(timeout=args.run_timeout)
     except subprocess.TimeoutExpired:
@@ -138,7 +151,8 @@ def table(records: list[dict]) -> str:
     lines = ["| case | mode | parallel | GPUs | global batch | img/s | efficiency | warm-up s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in records:
-        head = (f"| {r['case']} | {r['mode']} | {r.get('parallel', 'ddp')} | {r['gpus']} | "
+        parallel = r.get("parallel", "ddp") + (f" ({r['dynamo_ddp']})" if "dynamo_ddp" in r else "")
+        head = (f"| {r['case']} | {r['mode']} | {parallel} | {r['gpus']} | "
                 f"{r['global_batch']} | ")
         if "error" in r:
             lines.append(f"{head}error: {r['error'][-120:]!r} | | |")
@@ -156,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="compile", help="eager and/or compile")
     parser.add_argument("--parallel", default="ddp",
                         help="ddp and/or fsdp for the runs on more than one GPU (ddp)")
+    parser.add_argument("--dynamo-ddp", default=None,
+                        help="compiled DDP runs once per Dynamo strategy, comma-separated, of "
+                             "ddp_optimizer (PyTorch's default) and no_optimization")
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps per run (150)")
     parser.add_argument("--log-every", type=int, default=10, help="log interval (10)")
     parser.add_argument("--skip-rows", type=int, default=3,
@@ -173,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     cases = args.cases.split(",")
     modes = args.modes.split(",")
     parallels = args.parallel.split(",")
+    strategies = args.dynamo_ddp.split(",") if args.dynamo_ddp else [None]
+    unknown = set(strategies) - {None, "ddp_optimizer", "no_optimization"}
+    if unknown:
+        parser.error(f"--dynamo-ddp: unknown {', '.join(sorted(unknown))}; choose from "
+                     "ddp_optimizer, no_optimization")
     config = run_config(args.out)
     data = {c: write_data(args.out, CASES[c][1], max(args.count, CASES[c][2] * max(gpu_counts)))
             for c in cases}
@@ -195,10 +217,12 @@ def main(argv: list[str] | None = None) -> int:
             plan = [(c, n) for c, n in plan if n != 1]
         for c, n in plan:
             for parallel in parallels if n > 1 else ["ddp"]:
-                job = start(c, n, mode, args, data[c], config, None, parallel)
-                records.append(finish(job, c, n, mode, args, parallel))
-                print(json.dumps(records[-1]), flush=True)
-                save()
+                compiled_ddp = n > 1 and parallel == "ddp" and mode == "compile"
+                for strategy in strategies if compiled_ddp else [None]:
+                    job = start(c, n, mode, args, data[c], config, None, parallel, strategy)
+                    records.append(finish(job, c, n, mode, args, parallel, strategy))
+                    print(json.dumps(records[-1]), flush=True)
+                    save()
     save()
     print(table(records))
     return 1 if any("error" in r for r in records) else 0
