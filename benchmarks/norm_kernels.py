@@ -197,14 +197,16 @@ def summarize(rows: list[dict], copy_gbps: float) -> dict:
 
 def format_rows(rows: list[dict]) -> str:
     """One line per call: its default and best configuration's times and bandwidth."""
-    head = (f"{'shape':<24}{'flags':<14}{'n':>3}{'fwd ms':>9}{'bwd ms':>9}{'fwd GB/s':>10}"
-            f"{'bwd GB/s':>10}  best (tile, programs/SM, warps): fwd/bwd ms, GB/s")
+    head = (f"{'shape':<24}{'flags':<14}{'n':>3}{'ref ms':>14}{'fwd ms':>9}{'bwd ms':>9}"
+            f"{'fwd GB/s':>10}{'bwd GB/s':>10}  best (tile, programs/SM, warps): fwd/bwd ms, GB/s")
     lines = [head, "-" * len(head)]
     for row in rows:
         flags = "+".join(f for f, on in (("film", row["film"]), ("add", row["add"]),
                                          ("silu", row["act"])) if on) or "plain"
         mine = _timing_of(row, asdict(fused.LaunchConfig()))
-        cells = "" if mine is None else (
+        ref = row.get("reference")
+        cells = f"{ref['forward_ms']:>7.3f}/{ref['backward_ms']:<6.3f}" if ref else f"{'-':>14}"
+        cells += "" if mine is None else (
             f"{mine['forward_ms']:>9.3f}{mine['backward_ms']:>9.3f}"
             f"{row['bytes']['forward'] / mine['forward_ms'] / 1e6:>10.0f}"
             f"{row['bytes']['backward'] / mine['backward_ms'] / 1e6:>10.0f}")
