@@ -209,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     if "compile" in args.modes.split(",") and args.fill_jobs > 0:
         data["meta"]["fills"] = fill_caches(args, trees)
         print(f"caches filled in {time.perf_counter() - start:.0f} s", flush=True)
+        for fill in data["meta"]["fills"]:
+            if "error" in fill:
+                print(f"  filling {fill['tree']} {fill['case']} {fill['model']} failed: "
+                      f"{fill['error']}", flush=True)
     order = [("base", "ours,ref" if args.ref else "ours"), ("change", "ours")]
     for round_index in range(args.rounds):
         for case in args.cases.split(","):
