@@ -40,7 +40,7 @@ INTERPRETER_CHECK = textwrap.dedent("""
     import sys
     import torch
     from diffunet.nn import fused
-    from diffunet.nn.fused import group_norm_act, group_norm_act_reference
+    from diffunet.nn.fused import group_norm_act
     compiled = sys.argv[1] == "compiled"
     fused.set_compiled_min_elements(0)
     torch.manual_seed(0)
@@ -173,7 +173,7 @@ def test_fused_matches_eager_on_gpu_bf16(shape, groups, film, act, add):
     if film:  # non-contiguous halves of one projection, as in the model
         projection = torch.randn(B, 2 * C, device=device, dtype=torch.bfloat16) * 0.5
         params += list(projection.requires_grad_(True).chunk(2, dim=1))
-    if add:  # as in the model: an embedding (bf16) plus a convolution's bias (float32)
+    if add:  # float32, as the model's bf16 embedding plus a float32 convolution bias is
         params.append((torch.randn(B, C, device=device) * 3).requires_grad_(True))
 
     def norm(norm_fn, x, w, b, *extra):
