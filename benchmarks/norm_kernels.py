@@ -116,10 +116,13 @@ def time_call(call: Call, time_ms: Callable, device: torch.device,
         with torch.no_grad(), torch.autocast(device.type, dtype=dtype):
             fused.group_norm_act(*args, **kwargs)
 
+    inputs = [t for t in [*args, *kwargs.values()]
+              if isinstance(t, torch.Tensor) and t.requires_grad]
+
     def forward_backward() -> None:  # autocast as in the model: the reference's norm in fp32
         with torch.autocast(device.type, dtype=dtype):
             y = fused.group_norm_act(*args, **kwargs)
-        y.backward(grad.to(y.dtype))
+        torch.autograd.grad(y, inputs, grad.to(y.dtype))  # no accumulation into .grad
 
     forward_ms = time_ms(forward)
     return {"forward_ms": forward_ms, "backward_ms": time_ms(forward_backward) - forward_ms}
