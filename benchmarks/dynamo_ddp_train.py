@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch._dynamo
 
-#: Strategy name → `torch._dynamo.config.optimize_ddp` value.
-STRATEGIES = {"ddp_optimizer": "ddp_optimizer", "no_optimization": "no_optimization"}
+#: The values of `torch._dynamo.config.optimize_ddp` this launcher takes.
+STRATEGIES = ("ddp_optimizer", "no_optimization")
 
 
 def configure(strategy: str) -> None:
@@ -24,7 +24,7 @@ def configure(strategy: str) -> None:
     if strategy not in STRATEGIES:
         raise SystemExit(f"dynamo_ddp_train.py: unknown strategy {strategy!r}; choose from "
                          f"{', '.join(STRATEGIES)}")
-    torch._dynamo.config.optimize_ddp = STRATEGIES[strategy]
+    torch._dynamo.config.optimize_ddp = strategy
 
 
 def main(argv: list[str]) -> int:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import sys
 import time
@@ -130,7 +131,7 @@ def time_call(call: Call, time_ms: Callable, device: torch.device,
 
 def moved_bytes(call: Call, dtype: torch.dtype) -> dict[str, int]:
     """The activation bytes the fused kernels read and write, forward and backward."""
-    size = _numel(call[0]) * torch.empty(0, dtype=dtype).element_size()
+    size = math.prod(call[0]) * torch.empty(0, dtype=dtype).element_size()
     return {"forward": 3 * size, "backward": 5 * size}
 
 
@@ -145,9 +146,9 @@ def sweep(calls: Counter[Call], configs: list[fused.LaunchConfig], device: torch
           dtype: torch.dtype, iters: int, deadline: float, reference: bool) -> list[dict]:
     """Time every call under every launch configuration (and the eager reference)."""
     time_ms = _timer(device, iters)
-    default = fused.LaunchConfig()
+    saved = fused.LAUNCH
     rows = []
-    for call, count in sorted(calls.items(), key=lambda item: -_numel(item[0][0])):
+    for call, count in sorted(calls.items(), key=lambda item: -math.prod(item[0][0])):
         row = {"shape": list(call[0]), "groups": call[1], "film": call[2], "add": call[3],
                "act": call[4], "count": count, "bytes": moved_bytes(call, dtype), "configs": []}
         for config in configs:
@@ -158,7 +159,7 @@ def sweep(calls: Counter[Call], configs: list[fused.LaunchConfig], device: torch
             try:
                 timing = time_call(call, time_ms, device, dtype)
             finally:
-                fused.LAUNCH = default
+                fused.LAUNCH = saved
             row["configs"].append({**asdict(config), **timing})
         if reference and time.monotonic() < deadline:
             fused.set_fused_enabled(False)
@@ -274,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"copy bandwidth {copy_gbps:.0f} GB/s", flush=True)
     for case in args.cases.split(","):
         calls = Counter({call: n for call, n in norm_calls(case, args.quick).items()
-                         if _numel(call[0]) >= args.min_elements})
+                         if math.prod(call[0]) >= args.min_elements})
         rows = sweep(calls, configs, device, dtype, args.iters, deadline, args.reference)
         total = summarize(rows, copy_gbps)
         data["cases"][case] = {"rows": rows, "total": total}
@@ -288,13 +289,6 @@ def main(argv: list[str] | None = None) -> int:
         Path(out).write_text(json.dumps(data, indent=1) + "\n")
         print(f"wrote {out}")
     return 0
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    numel = 1
-    for n in shape:
-        numel *= n
-    return numel
 
 
 if __name__ == "__main__":

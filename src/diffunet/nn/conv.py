@@ -169,13 +169,17 @@ _PLAIN_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 ROUTED_DEVICES: frozenset[str] = frozenset({"cuda"})
 
 
+def _plain(conv: nn.Module) -> bool:
+    """An `nn.ConvNd` itself (no subclass) without hooks: its call is `_conv_forward`."""
+    return type(conv) in _PLAIN_CONVS and not (conv._forward_hooks or conv._forward_pre_hooks)
+
+
 def _routable(conv: nn.Module) -> bool:
-    """A plain `nn.ConvNd` with zero padding, no hooks and a plain weight."""
-    return (type(conv) in _PLAIN_CONVS
+    """A plain `nn.ConvNd` with zero padding and a plain weight."""
+    return (_plain(conv)
             and conv.padding_mode == "zeros"
             and not isinstance(conv.padding, str)
-            and type(conv.weight) in (nn.Parameter, torch.Tensor)
-            and not (conv._forward_hooks or conv._forward_pre_hooks))
+            and type(conv.weight) in (nn.Parameter, torch.Tensor))
 
 
 def _needs_backward(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -207,8 +211,7 @@ def convolve_split_bias(conv: nn.Module, x: torch.Tensor
     convolution in float32).
     """
     exporting = torch.compiler.is_exporting() and not _compiling_for_inductor()
-    if (conv.bias is None or exporting or type(conv) not in _PLAIN_CONVS
-            or conv._forward_hooks or conv._forward_pre_hooks):
+    if conv.bias is None or exporting or not _plain(conv):
         return convolve(conv, x), None
     return _convolve(conv, x, with_bias=False), conv.bias
 
