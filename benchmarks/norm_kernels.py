@@ -8,11 +8,12 @@ their launch configuration (`diffunet.nn.fused.LAUNCH`).
 One forward pass of each case's model at its benchmark size, on the meta device, lists the
 calls of `group_norm_act` (shape, groups, FiLM, added embedding, SiLU) and how often each
 occurs. Every distinct call that the fused kernels would take in a training step is timed in
-bf16 and channels-last, forward alone and forward + backward, under each launch
+bf16 and channels-last (as CUDA-graph replays, so the kernels' time and not the host's launch
+overhead; `--no-graphs` for the latter), forward alone and forward + backward, under each launch
 configuration: milliseconds, and GB/s over the bytes the kernels must move (forward: x read
 twice, y written once; backward: x and the output gradient read twice, the input gradient
 written once). The summary weights each call by its count: the norm kernels' time in one
-training step, with the default configuration and with the best per call, next to what a
+training step, with the shipped launch plan and with the best per call, next to what a
 plain copy of the same bytes would take at the copy bandwidth measured in the same run.
 """
 
@@ -67,19 +68,39 @@ def norm_calls(case: str, quick: bool = False) -> Counter[Call]:
     return calls
 
 
-def _timer(device: torch.device, iters: int) -> Callable[[Callable[[], object]], float]:
-    """Milliseconds per call of a function, after two warm-up calls."""
+def _timer(device: torch.device, iters: int,
+           graphs: bool = True) -> Callable[[Callable[[], object]], float]:
+    """Milliseconds per call of a function, after two warm-up calls.
+
+    On CUDA with `graphs`, `iters` calls are captured in one CUDA graph and its replay is
+    timed: the kernels' own time, as in a CUDA-graph training step, without the host's launch
+    and autograd overhead (which otherwise hides every call below about 2^25 elements).
+    """
     def time_ms(fn: Callable[[], object]) -> float:
-        for _ in range(2):
-            fn()
         if device.type == "cuda":
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    fn()
+            torch.cuda.current_stream().wait_stream(stream)
+            replay = fn
+            if graphs:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    for _ in range(iters):
+                        fn()
+                replay = graph.replay
+                replay()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            for _ in range(iters):
-                fn()
+            for _ in range(1 if graphs else iters):
+                replay()
             end.record()
             end.synchronize()
             return start.elapsed_time(end) / iters
+        for _ in range(2):
+            fn()
         begin = time.perf_counter()
         for _ in range(iters):
             fn()
@@ -143,9 +164,8 @@ def copy_bandwidth(device: torch.device, time_ms: Callable, nbytes: int) -> floa
 
 
 def sweep(calls: Counter[Call], configs: list[fused.LaunchConfig], device: torch.device,
-          dtype: torch.dtype, iters: int, deadline: float, reference: bool) -> list[dict]:
+          dtype: torch.dtype, time_ms: Callable, deadline: float, reference: bool) -> list[dict]:
     """Time every call under every launch configuration (and the eager reference)."""
-    time_ms = _timer(device, iters)
     saved = fused.LAUNCH
     rows = []
     for call, count in sorted(calls.items(), key=lambda item: -math.prod(item[0][0])):
@@ -180,34 +200,40 @@ def _timing_of(row: dict, config: dict) -> dict | None:
     return next((c for c in row["configs"] if all(c[k] == v for k, v in config.items())), None)
 
 
+def _shipped(row: dict) -> dict:
+    """The configuration the shipped `fused.LaunchPlan` picks for this row's call."""
+    return asdict(fused.LaunchPlan().for_elements(math.prod(row["shape"])))
+
+
 def summarize(rows: list[dict], copy_gbps: float) -> dict:
-    """Per-step milliseconds (each call times its count): default configuration, best per
-    call, and a copy of the same bytes at `copy_gbps`. Marks each row's best configuration."""
-    total = {"default_ms": 0.0, "best_ms": 0.0, "copy_ms": 0.0}
+    """Per-step milliseconds (each call times its count): the shipped launch plan (where the
+    sweep included its configuration), the best configuration per call, and a copy of the same
+    bytes at `copy_gbps`. Marks each row's best configuration."""
+    total = {"shipped_ms": 0.0, "best_ms": 0.0, "copy_ms": 0.0}
     for row in rows:
         if not row["configs"]:
             continue
-        mine = _timing_of(row, asdict(fused.LaunchConfig()))
+        mine = _timing_of(row, _shipped(row))
         best = min(row["configs"], key=_step_ms)
         row["best"] = {k: best[k] for k in asdict(fused.LaunchConfig())}
         for direction in ("forward", "backward"):
             row[f"best_{direction}_gbps"] = row["bytes"][direction] / best[f"{direction}_ms"] / 1e6
         if mine is not None:
-            total["default_ms"] += row["count"] * _step_ms(mine)
+            total["shipped_ms"] += row["count"] * _step_ms(mine)
         total["best_ms"] += row["count"] * _step_ms(best)
         total["copy_ms"] += row["count"] * sum(row["bytes"].values()) / copy_gbps / 1e6
     return total
 
 
 def format_rows(rows: list[dict]) -> str:
-    """One line per call: its default and best configuration's times and bandwidth."""
+    """One line per call: the shipped plan's and the best configuration's times and bandwidth."""
     head = (f"{'shape':<24}{'flags':<14}{'n':>3}{'ref ms':>14}{'fwd ms':>9}{'bwd ms':>9}"
             f"{'fwd GB/s':>10}{'bwd GB/s':>10}  best (tile, programs/SM, warps): fwd/bwd ms, GB/s")
     lines = [head, "-" * len(head)]
     for row in rows:
         flags = "+".join(f for f, on in (("film", row["film"]), ("add", row["add"]),
                                          ("silu", row["act"])) if on) or "plain"
-        mine = _timing_of(row, asdict(fused.LaunchConfig()))
+        mine = _timing_of(row, _shipped(row))
         ref = row.get("reference")
         cells = f"{ref['forward_ms']:>7.3f}/{ref['backward_ms']:<6.3f}" if ref else f"{'-':>14}"
         cells += "" if mine is None else (
@@ -240,13 +266,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--cases", default="3d,ldm", help="benchmark cases, comma-separated")
-    parser.add_argument("--tiles", type=_ints, default=[4096], help="tile_elements values")
-    parser.add_argument("--programs", type=_ints, default=[4], help="programs_per_sm values")
-    parser.add_argument("--warps", type=_ints, default=[4], help="num_warps values")
+    plan = fused.LaunchPlan()
+    parser.add_argument("--tiles", type=_ints, default=sorted({plan.large.tile_elements,
+                                                               plan.small.tile_elements}),
+                        help="tile_elements values")
+    parser.add_argument("--programs", type=_ints, default=sorted({plan.large.programs_per_sm,
+                                                                  plan.small.programs_per_sm}),
+                        help="programs_per_sm values")
+    parser.add_argument("--warps", type=_ints, default=sorted({plan.large.num_warps,
+                                                               plan.small.num_warps}),
+                        help="num_warps values")
     parser.add_argument("--min-elements", type=int, default=fused.CUDA_GRAPHS_MIN_ELEMENTS,
                         help="time only calls of at least this many elements (the size from "
                              "which compiled CUDA-graph steps call the kernels)")
     parser.add_argument("--iters", type=int, default=20, help="timed calls per measurement")
+    parser.add_argument("--no-graphs", dest="graphs", action="store_false",
+                        help="time calls launched from Python instead of CUDA-graph replays "
+                             "(host overhead included)")
     parser.add_argument("--no-reference", dest="reference", action="store_false",
                         help="skip the eager reference (F.group_norm and friends)")
     parser.add_argument("--deadline", type=float, default=540,
@@ -266,21 +302,22 @@ def main(argv: list[str] | None = None) -> int:
     configs = [fused.LaunchConfig(t, p, w)
                for t, p, w in itertools.product(args.tiles, args.programs, args.warps)]
     fused.set_fused_enabled(True, min_elements=0)
-    time_ms = _timer(device, args.iters)
+    time_ms = _timer(device, args.iters, args.graphs)
     copy_gbps = copy_bandwidth(device, time_ms, 1 << (20 if args.quick else 30))
     data: dict = {"meta": {"device": torch.cuda.get_device_name() if device.type == "cuda"
                            else "cpu (Triton interpreter)", "torch": torch.__version__,
                            "argv": sys.argv[1:] if argv is None else argv,
-                           "copy_gbps": copy_gbps}, "cases": {}}
+                           "copy_gbps": copy_gbps, "cuda_graphs": args.graphs and
+                           device.type == "cuda"}, "cases": {}}
     print(f"copy bandwidth {copy_gbps:.0f} GB/s", flush=True)
     for case in args.cases.split(","):
         calls = Counter({call: n for call, n in norm_calls(case, args.quick).items()
                          if math.prod(call[0]) >= args.min_elements})
-        rows = sweep(calls, configs, device, dtype, args.iters, deadline, args.reference)
+        rows = sweep(calls, configs, device, dtype, time_ms, deadline, args.reference)
         total = summarize(rows, copy_gbps)
         data["cases"][case] = {"rows": rows, "total": total}
-        print(f"\n{case}: norm kernels per training step {total['default_ms']:.2f} ms with the "
-              f"default launch, {total['best_ms']:.2f} ms with the best per call, "
+        print(f"\n{case}: norm kernels per training step {total['shipped_ms']:.2f} ms with the "
+              f"shipped launch plan, {total['best_ms']:.2f} ms with the best per call, "
               f"{total['copy_ms']:.2f} ms to copy the same bytes")
         print(format_rows(rows), flush=True)
     out = args.out or (os.environ.get("OUT") and str(Path(os.environ["OUT"]) / "norm_kernels.json"))

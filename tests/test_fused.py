@@ -156,12 +156,24 @@ def fused_everywhere():
     fused.set_fused_enabled(saved[0], min_elements=saved[1])
 
 
+def test_the_launch_plan_picks_its_configuration_by_size():
+    plan = fused.LaunchPlan()
+    assert plan.for_elements(plan.large_from) is plan.large
+    assert plan.for_elements(plan.large_from - 1) is plan.small
+    assert plan.large.num_warps > plan.small.num_warps  # what the sweep found (see its docstring)
+    one = fused.LaunchConfig(2048, 8, 4)
+    assert one.for_elements(1) is one.for_elements(1 << 30) is one
+
+
 @pytest.mark.gpu
 @pytest.mark.usefixtures("fused_everywhere")
 @pytest.mark.parametrize(("shape", "groups"), AWKWARD)
 @pytest.mark.parametrize(("film", "act", "add"), [(False, True, False), (True, True, False),
                                                    (False, False, False), (False, True, True)])
-def test_fused_matches_eager_on_gpu_bf16(shape, groups, film, act, add):
+@pytest.mark.parametrize("launch", ["large", "small"])
+def test_fused_matches_eager_on_gpu_bf16(shape, groups, film, act, add, launch, monkeypatch):
+    """Under each configuration of the launch plan, whatever the size."""
+    monkeypatch.setattr(fused, "LAUNCH", getattr(fused.LaunchPlan(), launch))
     device = torch.device("cuda")
     x = torch.randn(*shape, device=device, dtype=torch.bfloat16) * 2 + 1
     if x.ndim in (4, 5):

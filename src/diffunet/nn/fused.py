@@ -166,23 +166,50 @@ def norm_act(norm: torch.nn.GroupNorm, x: torch.Tensor, *, scale: torch.Tensor |
 # Triton kernels. x is viewed as (B, C, N) with arbitrary strides, N = prod(spatial), so one
 # kernel serves NCHW and channels_last in 1D, 2D and 3D. Grid: (B, chunks of N).
 
-@dataclass
+@dataclass(frozen=True)
 class LaunchConfig:
     """How the four streaming kernels (statistics, normalize, backward reduce, input gradient)
     split a (B, C, N) activation: each program owns one sample's run of positions (a chunk) and
     loops over it in tiles of all channels × `tile_elements // BLOCK_C` positions.
 
-    `benchmarks/norm_kernels.py` sweeps these on the GPU; the defaults are what every result in
-    docs/performance.md was measured with.
+    `benchmarks/norm_kernels.py` sweeps these on the GPU. The field defaults are the one
+    configuration that every result in docs/performance.md before session 11 was measured with.
     """
 
     tile_elements: int = 4096
     programs_per_sm: int = 4
     num_warps: int = 4
 
+    def for_elements(self, numel: int) -> LaunchConfig:
+        """This configuration, at every size."""
+        return self
 
-#: The launch configuration in use (set its fields to try others).
-LAUNCH = LaunchConfig()
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """One launch configuration for activations of at least `large_from` elements, another
+    below.
+
+    The defaults are the H200 sweep of session 11 (`norm_kernels.py`, every norm call of the 3D
+    and `ldm` training steps, CUDA-graph replays): eight warps stream the large activations
+    faster (backward of a 4×64×64³ `add+silu` call 0.335 → 0.244 ms), while the small ones,
+    where the chunks are short, gain from fewer, longer programs (16×512×16² 0.052 → 0.040 ms
+    forward + backward). Against the single default configuration, the norm kernels of a
+    training step take 8.32 instead of 9.54 ms (3D) and 15.81 instead of 17.46 ms (`ldm`).
+    """
+
+    large: LaunchConfig = LaunchConfig(4096, 4, 8)
+    small: LaunchConfig = LaunchConfig(8192, 2, 4)
+    large_from: int = 1 << 24
+
+    def for_elements(self, numel: int) -> LaunchConfig:
+        """The configuration for an activation of `numel` elements."""
+        return self.large if numel >= self.large_from else self.small
+
+
+#: The launch plan in use: a `LaunchPlan`, or one `LaunchConfig` for every size (as the sweep
+#: sets it).
+LAUNCH: LaunchPlan | LaunchConfig = LaunchPlan()
 
 
 @functools.cache
@@ -192,15 +219,16 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _launch_shape(x3: torch.Tensor) -> tuple[int, int, int, int]:
-    """(BLOCK_C, BLOCK_N, rows per chunk, number of chunks) for a (B, C, N) view."""
+def _launch_shape(x3: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """(BLOCK_C, BLOCK_N, rows per chunk, number of chunks, warps) for a (B, C, N) view."""
     b, c, n = x3.shape
+    launch = LAUNCH.for_elements(b * c * n)
     block_c = triton.next_power_of_2(c)
-    block_n = max(1, min(LAUNCH.tile_elements // block_c, triton.next_power_of_2(n)))
-    target_programs = LAUNCH.programs_per_sm * _sm_count(x3.device)
+    block_n = max(1, min(launch.tile_elements // block_c, triton.next_power_of_2(n)))
+    target_programs = launch.programs_per_sm * _sm_count(x3.device)
     chunks = max(1, min(triton.cdiv(n, block_n), triton.cdiv(target_programs, b)))
     rows = triton.cdiv(triton.cdiv(n, chunks), block_n) * block_n
-    return block_c, block_n, rows, triton.cdiv(n, rows)
+    return block_c, block_n, rows, triton.cdiv(n, rows), launch.num_warps
 
 
 if triton is not None:
@@ -414,12 +442,12 @@ def _group_stats(x3: torch.Tensor, add: torch.Tensor, num_groups: int, eps: floa
     """Per-(batch, channel) centre and rstd of each channel's group of `x3 + add` (`add` (B, C),
     or empty for none), in float32; the centre is the group's mean minus `add`."""
     b, c, n = x3.shape
-    block_c, block_n, rows, chunks = _launch_shape(x3)
+    block_c, block_n, rows, chunks, warps = _launch_shape(x3)
     s1 = torch.empty(b, chunks, c, device=x3.device, dtype=torch.float32)
     s2 = torch.empty_like(s1)
     k = torch.empty(b, c, device=x3.device, dtype=torch.float32)
     _stats_kernel[(b, chunks)](x3, s1, s2, k, c, n, rows, *x3.stride(), chunks,
-                               BLOCK_C=block_c, BLOCK_N=block_n, num_warps=LAUNCH.num_warps)
+                               BLOCK_C=block_c, BLOCK_N=block_n, num_warps=warps)
     mean, rstd = torch.empty_like(k), torch.empty_like(k)
     per_group = c // num_groups
     _stats_combine_kernel[(b, num_groups)](s1, s2, k, add, mean, rstd, c, n, chunks, per_group,
@@ -434,10 +462,10 @@ def _forward(x, weight, bias, scale, shift, add, num_groups, eps, film, act):
     y = torch.empty_like(x)
     y3 = y.flatten(2)
     b, c, n = x3.shape
-    block_c, block_n, rows, chunks = _launch_shape(x3)
+    block_c, block_n, rows, chunks, warps = _launch_shape(x3)
     _normalize_kernel[(b, chunks)](x3, y3, mean, rstd, weight, bias, scale, shift, c, n, rows,
                                    *x3.stride(), *y3.stride(), FILM=film, ACT=act,
-                                   BLOCK_C=block_c, BLOCK_N=block_n, num_warps=LAUNCH.num_warps)
+                                   BLOCK_C=block_c, BLOCK_N=block_n, num_warps=warps)
     return y, mean, rstd
 
 
@@ -445,13 +473,13 @@ def _backward(grad, x, weight, bias, scale, shift, add, mean, rstd, num_groups, 
     """(dx, dweight, dbias, dscale, dshift, dadd); the last three None where not used."""
     x3, g3 = x.flatten(2), grad.flatten(2)
     b, c, n = x3.shape
-    block_c, block_n, rows, chunks = _launch_shape(x3)
+    block_c, block_n, rows, chunks, warps = _launch_shape(x3)
     a_part = torch.empty(b, chunks, c, device=x.device, dtype=torch.float32)
     b_part = torch.empty_like(a_part)
     _backward_reduce_kernel[(b, chunks)](
         x3, g3, mean, rstd, weight, bias, scale, shift, a_part, b_part, c, n, rows, chunks,
         *x3.stride(), *g3.stride(), FILM=film, ACT=act, BLOCK_C=block_c, BLOCK_N=block_n,
-        num_warps=LAUNCH.num_warps)
+        num_warps=warps)
     # Per (batch, channel): Σ dz·x̂ and Σ dz (a_full, b_full), the FiLM gradients, and the
     # group means c1 = mean(dx̂), c2 = mean(dx̂·x̂) that the input gradient needs.
     a_full, b_full, c1, c2 = (torch.empty(b, c, device=x.device, dtype=torch.float32)
@@ -469,7 +497,7 @@ def _backward(grad, x, weight, bias, scale, shift, add, mean, rstd, num_groups, 
     _backward_dx_kernel[(b, chunks)](
         x3, g3, d3, mean, rstd, weight, bias, scale, shift, c1, c2, add_part, c, n, rows, chunks,
         *x3.stride(), *g3.stride(), *d3.stride(), FILM=film, ACT=act, ADD=added,
-        BLOCK_C=block_c, BLOCK_N=block_n, num_warps=LAUNCH.num_warps)
+        BLOCK_C=block_c, BLOCK_N=block_n, num_warps=warps)
     grad_weight = a_full.sum(0).to(weight.dtype)
     grad_bias = b_full.sum(0).to(bias.dtype)
     grad_add = add_part.sum(1).to(add.dtype) if added else None
