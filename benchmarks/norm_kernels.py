@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import os
 import sys
@@ -34,10 +33,10 @@ from pathlib import Path
 import torch
 
 try:
-    from diffunet.benchmark import build_case
+    from diffunet.benchmark import build_case, kernel_time_ms, write_json_result
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from diffunet.benchmark import build_case
+    from diffunet.benchmark import build_case, kernel_time_ms, write_json_result
 from diffunet import UNet
 from diffunet.introspect import example_inputs
 from diffunet.nn import fused
@@ -70,43 +69,8 @@ def norm_calls(case: str, quick: bool = False) -> Counter[Call]:
 
 def _timer(device: torch.device, iters: int,
            graphs: bool = True) -> Callable[[Callable[[], object]], float]:
-    """Milliseconds per call of a function, after two warm-up calls.
-
-    On CUDA with `graphs`, `iters` calls are captured in one CUDA graph and its replay is
-    timed: the kernels' own time, as in a CUDA-graph training step, without the host's launch
-    and autograd overhead (which otherwise hides every call below about 2^25 elements).
-    """
-    def time_ms(fn: Callable[[], object]) -> float:
-        if device.type == "cuda":
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    fn()
-            torch.cuda.current_stream().wait_stream(stream)
-            replay = fn
-            if graphs:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    for _ in range(iters):
-                        fn()
-                replay = graph.replay
-                replay()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(1 if graphs else iters):
-                replay()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / iters
-        for _ in range(2):
-            fn()
-        begin = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        return 1000 * (time.perf_counter() - begin) / iters
-
-    return time_ms
+    """`kernel_time_ms` with the device, iterations and timing method fixed."""
+    return lambda fn: kernel_time_ms(fn, iters, device, graphs)
 
 
 def call_inputs(call: Call, device: torch.device, dtype: torch.dtype) -> tuple[list, dict]:
@@ -320,11 +284,7 @@ def main(argv: list[str] | None = None) -> int:
               f"shipped launch plan, {total['best_ms']:.2f} ms with the best per call, "
               f"{total['copy_ms']:.2f} ms to copy the same bytes")
         print(format_rows(rows), flush=True)
-    out = args.out or (os.environ.get("OUT") and str(Path(os.environ["OUT"]) / "norm_kernels.json"))
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(data, indent=1) + "\n")
-        print(f"wrote {out}")
+    write_json_result(data, args.out, "norm_kernels.json")
     return 0
 
 

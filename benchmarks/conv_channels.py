@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""cuDNN's time for a model's stem and head convolutions, as they are and with their channel
+counts zero-padded to a multiple of 8.
+
+    python benchmarks/conv_channels.py --cases 3d,ldm,ddpm-cifar10 --out $OUT/conv_channels.json
+
+The H200 profile of a 3D training step (docs/performance.md, session 11) runs four convolution
+kernels from cuDNN's Ampere generation (`sm80_xmma_*`) among Hopper ones: 1.67 ms of a 54 ms
+step, one call each, which by their counts are the stem (2 input channels) and the head
+(1 output channel). Channel counts that are not multiples of 8 are the likely reason. Zero
+channels change no result: the padded stem convolves its input with zero channels appended
+against zero weight columns, and the padded head computes zero-weight output channels that
+are sliced off. This script times both variants at each case's benchmark shape, bf16
+channels-last, forward alone and a training step's share (forward, weight and bias gradients,
+and the input gradient where the model needs one: the head's, not the stem's), with the
+padding itself inside the timed region. It also checks that the two variants agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:
+    from diffunet.benchmark import build_case, kernel_time_ms, write_json_result
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from diffunet.benchmark import build_case, kernel_time_ms, write_json_result
+from diffunet import UNet
+
+MULTIPLE = 8
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def padded_convolution(conv: nn.Module, x: torch.Tensor, multiple: int = MULTIPLE) -> torch.Tensor:
+    """`conv(x)` computed with input and output channels zero-padded to `multiple`."""
+    weight, bias = conv.weight, conv.bias
+    dims = weight.ndim - 2
+    layout = _CHANNELS_LAST.get(weight.ndim, torch.contiguous_format)
+    extra_in, extra_out = -weight.shape[1] % multiple, -weight.shape[0] % multiple
+    if extra_in:  # F.pad lists the last axis first; the channels are axis 1 of both
+        x = F.pad(x, [0, 0] * dims + [0, extra_in]).contiguous(memory_format=layout)
+        weight = F.pad(weight, [0, 0] * dims + [0, extra_in])
+    if extra_out:
+        weight = F.pad(weight, [0, 0] * dims + [0, 0, 0, extra_out])
+        bias = None if bias is None else F.pad(bias, [0, extra_out])
+    out = conv._conv_forward(x, weight.contiguous(memory_format=layout), bias)
+    return out[:, :conv.out_channels] if extra_out else out
+
+
+def stem_and_head(case: str, quick: bool) -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
+    """The case's stem and head convolutions (on the meta device) and their input shapes."""
+    spec = build_case(case, quick)
+    model = UNet(spec.config).to("meta")
+    stem, head = model.input_blocks[0][0], model.out[-1]
+    batch, size = spec.batch, tuple(spec.size)
+    return {"stem": (stem, (batch, stem.in_channels, *size)),
+            "head": (head, (batch, head.in_channels, *size))}
+
+
+def _variants(conv: nn.Module) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    return {"as is": conv, f"padded to {MULTIPLE}": lambda x: padded_convolution(conv, x)}
+
+
+def measure(name: str, module: nn.Module, shape: tuple[int, ...], device: torch.device,
+            dtype: torch.dtype, iters: int) -> list[dict]:
+    """Forward and training milliseconds of each variant, and how far each is from `as is`."""
+    torch.manual_seed(0)
+    conv = copy.deepcopy(module).to_empty(device=device).to(dtype)
+    with torch.no_grad():
+        for p in conv.parameters():
+            p.normal_(0, 0.05)
+    layout = _CHANNELS_LAST.get(len(shape), torch.contiguous_format)
+    conv = conv.to(memory_format=layout)
+    x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=layout)
+    x.requires_grad_(name == "head")  # the stem's input is data: no gradient
+    inputs = [x, *conv.parameters()] if x.requires_grad else list(conv.parameters())
+    rows, expected = [], None
+    for variant, run in _variants(conv).items():
+        out = run(x)
+        grad = torch.randn_like(out) if expected is None else expected[1]
+        grads = torch.autograd.grad(out, inputs, grad)
+        if expected is None:
+            expected = out.detach(), grad, [g.detach() for g in grads]
+        difference = max(((got - want).abs().max() / want.abs().max()).item()
+                         for got, want in zip([out, *grads], [expected[0], *expected[2]]))
+
+        def forward(run=run) -> None:
+            with torch.no_grad():
+                run(x)
+
+        def train(run=run, grad=grad) -> None:
+            torch.autograd.grad(run(x), inputs, grad)
+
+        rows.append({"conv": name, "shape": list(shape), "in_channels": conv.in_channels,
+                     "out_channels": conv.out_channels, "variant": variant,
+                     "forward_ms": kernel_time_ms(forward, iters, device),
+                     "train_ms": kernel_time_ms(train, iters, device),
+                     "max_relative_difference": difference})
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    """One line per (case, convolution, variant)."""
+    head = (f"{'case':<14}{'conv':<6}{'input':<22}{'channels':<10}{'variant':<14}"
+            f"{'fwd ms':>9}{'train ms':>10}{'rel diff':>10}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['case']:<14}{r['conv']:<6}{'x'.join(map(str, r['shape'])):<22}"
+                     f"{str(r['in_channels']) + '->' + str(r['out_channels']):<10}"
+                     f"{r['variant']:<14}"
+                     f"{r['forward_ms']:>9.3f}{r['train_ms']:>10.3f}"
+                     f"{r['max_relative_difference']:>10.1e}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Time every case's stem and head, plain and padded; print a table and write JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", default="3d,ldm,ddpm-cifar10",
+                        help="benchmark cases, comma-separated (default: %(default)s)")
+    parser.add_argument("--iters", type=int, default=20,
+                        help="timed calls per measurement (default: %(default)s)")
+    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--quick", action="store_true",
+                        help="the tiny benchmark cases, float32 (a CPU smoke test)")
+    parser.add_argument("--out", help="JSON path (default: $OUT/conv_channels.json when OUT is "
+                                      "set)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    dtype = torch.bfloat16 if device.type == "cuda" and not args.quick else torch.float32
+    torch.backends.cudnn.benchmark = True
+    rows = []
+    for case in args.cases.split(","):
+        for name, (module, shape) in stem_and_head(case, args.quick).items():
+            rows += [{"case": case, **row}
+                     for row in measure(name, module, shape, device, dtype, args.iters)]
+    print(format_rows(rows), flush=True)
+    data = {"meta": {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
+                     else "cpu", "torch": torch.__version__, "dtype": str(dtype),
+                     "argv": sys.argv[1:] if argv is None else argv}, "rows": rows}
+    write_json_result(data, args.out, "conv_channels.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
