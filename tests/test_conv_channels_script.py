@@ -36,8 +36,8 @@ def test_the_script_times_every_stem_and_head_both_ways(tmp_path, benchmark_scri
     assert {(r["case"], r["conv"]) for r in rows} == {
         (case, conv) for case in ("3d", "ldm", "ddpm-cifar10") for conv in ("stem", "head")}
     assert len(rows) == 12
-    odd = [r for r in rows if r["conv"] == "stem"]
-    assert all(r["in_channels"] in (2, 3) for r in odd)  # image or image + condition channels
+    stems = [r for r in rows if r["conv"] == "stem"]
+    assert all(r["in_channels"] in (2, 3) for r in stems)  # image, or image + condition
     for row in rows:
         assert row["forward_ms"] > 0 and row["train_ms"] > 0
         assert row["max_relative_difference"] < 1e-5
