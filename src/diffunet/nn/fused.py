@@ -438,11 +438,13 @@ if triton is not None:
                      mask=cmask)
 
 
-def _group_stats(x3: torch.Tensor, add: torch.Tensor, num_groups: int, eps: float):
+def _group_stats(x3: torch.Tensor, add: torch.Tensor, num_groups: int, eps: float,
+                 launch: tuple[int, int, int, int, int]):
     """Per-(batch, channel) centre and rstd of each channel's group of `x3 + add` (`add` (B, C),
-    or empty for none), in float32; the centre is the group's mean minus `add`."""
+    or empty for none), in float32; the centre is the group's mean minus `add`. `launch` is
+    `_launch_shape(x3)`."""
     b, c, n = x3.shape
-    block_c, block_n, rows, chunks, warps = _launch_shape(x3)
+    block_c, block_n, rows, chunks, warps = launch
     s1 = torch.empty(b, chunks, c, device=x3.device, dtype=torch.float32)
     s2 = torch.empty_like(s1)
     k = torch.empty(b, c, device=x3.device, dtype=torch.float32)
@@ -458,11 +460,12 @@ def _group_stats(x3: torch.Tensor, add: torch.Tensor, num_groups: int, eps: floa
 
 def _forward(x, weight, bias, scale, shift, add, num_groups, eps, film, act):
     x3 = x.flatten(2)
-    mean, rstd = _group_stats(x3, add, num_groups, eps)
+    launch = _launch_shape(x3)
+    mean, rstd = _group_stats(x3, add, num_groups, eps, launch)
     y = torch.empty_like(x)
     y3 = y.flatten(2)
     b, c, n = x3.shape
-    block_c, block_n, rows, chunks, warps = _launch_shape(x3)
+    block_c, block_n, rows, chunks, warps = launch
     _normalize_kernel[(b, chunks)](x3, y3, mean, rstd, weight, bias, scale, shift, c, n, rows,
                                    *x3.stride(), *y3.stride(), FILM=film, ACT=act,
                                    BLOCK_C=block_c, BLOCK_N=block_n, num_warps=warps)
