@@ -491,3 +491,122 @@ def test_compiled_bf16_3d_unet_trains_on_the_cpu(monkeypatch):
     assert torch.isfinite(compiled).all() and torch.isfinite(eager).all()
     cosine = F.cosine_similarity(compiled, eager, dim=0)
     assert cosine > 0.99, cosine  # bf16 rounding differs, the gradient does not
+
+
+@pytest.fixture
+def padded_on_the_cpu(monkeypatch):
+    """Channel padding serves cuDNN; these tests check its arithmetic on the CPU."""
+    monkeypatch.setattr(conv_module, "PADDED_DEVICES", frozenset({"cuda", "cpu"}))
+
+
+class ConvolutionWeights(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the weight shape of every `aten.convolution` that runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution.default:
+            self.shapes.append(tuple(args[1].shape))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("dims", "channels", "padded"), [
+    (2, (3, 16), (16, 8)), (3, (2, 16), (16, 8)), (3, (16, 1), (8, 16)), (2, (5, 3), (8, 8))])
+@pytest.mark.parametrize("mode", ["eager", "compiled", "compiled inference", "split bias"])
+def test_channel_padding_changes_no_result_or_gradient(dims, channels, padded, mode,
+                                                      padded_on_the_cpu):
+    torch.manual_seed(0)
+    layout = conv_module._CHANNELS_LAST[dims + 2]
+    conv = conv_nd(dims, *channels, 3, padding=1).double().to(memory_format=layout)
+    x = torch.randn(2, channels[0], *[5] * dims, dtype=torch.double)
+    x = x.contiguous(memory_format=layout).requires_grad_(mode != "compiled inference")
+    assert conv_module.channel_padding(conv, x) == (padded[1] - channels[0],
+                                                    padded[0] - channels[1])
+    run = {"split bias": lambda x: (lambda out, bias: out + bias.view(-1, *[1] * dims))(
+        *convolve_split_bias(conv, x))}.get(mode, Convolve(conv))
+    if mode.startswith("compiled"):
+        weights = []
+
+        def backend(gm, inputs):
+            weights.extend(tuple(n.args[1].meta["example_value"].shape) for n in gm.graph.nodes
+                           if n.op == "call_function" and ("convolution" in str(n.target)
+                                                           or "conv3d" in str(n.target)
+                                                           or "conv2d" in str(n.target)))
+            return gm
+
+        with torch.set_grad_enabled(mode == "compiled"):
+            torch.compile(run, backend=backend)(x)
+        assert weights == [padded + (3,) * dims]
+        torch._dynamo.reset()
+        run = torch.compile(run, backend="aot_eager")
+    else:
+        with ConvolutionWeights() as recorded:
+            run(x)
+        assert recorded.shapes == [padded + (3,) * dims]
+    with torch.set_grad_enabled(mode != "compiled inference"):
+        out, expected = run(x), conv(x)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    if mode == "compiled inference":
+        return
+    grad = torch.randn_like(expected)
+    inputs = [x, *conv.parameters()]
+    for got, want in zip(torch.autograd.grad(out, inputs, grad),
+                         torch.autograd.grad(expected, inputs, grad), strict=True):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_channel_padding_only_on_cuda_for_channels_last_plain_convolutions(padded_on_the_cpu):
+    x2, x1 = torch.randn(1, 3, 8, 8), torch.randn(1, 3, 8)
+    assert conv_module.channel_padding(conv_nd(2, 3, 4, 3, padding=1), x2) == (5, 4)
+    assert conv_module.channel_padding(conv_nd(2, 8, 16, 3, padding=1), x2) == (0, 0)
+    assert conv_module.channel_padding(conv_nd(1, 3, 4, 3, padding=1), x1) == (0, 0)
+    assert conv_module.channel_padding(conv_nd(2, 6, 4, 3, padding=1, groups=2),
+                                       torch.randn(1, 6, 8, 8)) == (0, 0)
+    circular = conv_nd(2, 3, 4, 3, padding=1, padding_mode="circular")
+    assert conv_module.channel_padding(circular, x2) == (0, 0)
+    conv_module.PADDED_DEVICES = frozenset({"cuda"})  # the default; the fixture restores it
+    assert conv_module.channel_padding(conv_nd(2, 3, 4, 3, padding=1), x2) == (0, 0)
+
+
+def test_exported_programs_keep_the_unpadded_convolution(padded_on_the_cpu):
+    conv = conv_nd(2, 3, 1, 3, padding=1)
+    program = torch.export.export(Convolve(conv), (torch.randn(2, 3, 8, 8),), strict=False)
+    (node,) = [n for n in program.graph.nodes if n.target is torch.ops.aten.conv2d.default]
+    assert tuple(node.args[1].meta["val"].shape) == (1, 3, 3, 3)
+    assert not any(n.target is torch.ops.aten.constant_pad_nd.default
+                   for n in program.graph.nodes)
+
+
+def test_a_padded_unet_computes_what_the_plain_one_does(padded_on_the_cpu, monkeypatch):
+    """The 3D benchmark's shape of stem (image + condition: 2 channels) and head (1 channel),
+    padded in the forward only: parameters and results are the model's own."""
+    from diffunet import UNet
+    from diffunet.benchmark import UNET_3D
+
+    torch.manual_seed(0)
+    model = UNet(UNET_3D.replace(model_channels=16, channel_mult=(1, 2), norm_groups=8,
+                                 num_head_channels=8, attention_resolutions=())).double()
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    x = torch.randn(2, 1, 8, 8, 8, dtype=torch.double)
+    cond, t = torch.randn_like(x), torch.tensor([3, 7])
+    results = []
+    for devices in (frozenset({"cpu"}), frozenset()):
+        monkeypatch.setattr(conv_module, "PADDED_DEVICES", devices)
+        with ConvolutionWeights() as recorded:
+            out = model(x, t, cond=cond)
+        out.square().mean().backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters()],
+                        recorded.shapes))
+        model.zero_grad()
+    (padded, padded_grads, padded_shapes), (plain, plain_grads, plain_shapes) = results
+    assert padded_shapes[0][1] == 8 and plain_shapes[0][1] == 2  # the stem
+    assert padded_shapes[-1][0] == 8 and plain_shapes[-1][0] == 1  # the head
+    assert padded.shape == plain.shape == x.shape
+    torch.testing.assert_close(padded, plain, rtol=1e-12, atol=1e-12)
+    for got, want in zip(padded_grads, plain_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert {k: v.shape for k, v in model.state_dict().items()} == shapes
