@@ -84,13 +84,7 @@ def measure(name: str, module: nn.Module, shape: tuple[int, ...], device: torch.
     inputs = [x, *conv.parameters()] if x.requires_grad else list(conv.parameters())
     rows, expected = [], None
     for variant, run in _variants(conv).items():
-        out = run(x)
-        grad = torch.randn_like(out) if expected is None else expected[1]
-        grads = torch.autograd.grad(out, inputs, grad)
-        if expected is None:
-            expected = out.detach(), grad, [g.detach() for g in grads]
-        difference = max(((got - want).abs().max() / want.abs().max()).item()
-                         for got, want in zip([out, *grads], [expected[0], *expected[2]]))
+        grad, difference, expected = _compare(run, x, inputs, expected)
 
         def forward(run=run) -> None:
             with torch.no_grad():
@@ -99,40 +93,42 @@ def measure(name: str, module: nn.Module, shape: tuple[int, ...], device: torch.
         def train(run=run, grad=grad) -> None:
             torch.autograd.grad(run(x), inputs, grad)
 
-        row = {"conv": name, "shape": list(shape), "in_channels": conv.in_channels,
-               "out_channels": conv.out_channels, "variant": variant}
-        for kind, fn in (("forward", forward), ("train", train)):
-            row[f"{kind}_ms"], row[f"{kind}_timing"] = timed(fn, iters, device)
-        rows.append({**row, "max_relative_difference": difference})
+        rows.append({"conv": name, "shape": list(shape), "in_channels": conv.in_channels,
+                     "out_channels": conv.out_channels, "variant": variant,
+                     "forward_ms": kernel_time_ms(forward, iters, device),
+                     "train_ms": kernel_time_ms(train, iters, device),
+                     "max_relative_difference": difference})
     return rows
 
 
-def timed(fn: Callable[[], None], iters: int, device: torch.device) -> tuple[float, str]:
-    """Milliseconds per call of `fn` from CUDA-graph replays, or, where capturing `fn` fails
-    (on the H200, the 3D stem's training step did), from Python launches; and which it was."""
-    try:
-        return kernel_time_ms(fn, iters, device), "graph" if device.type == "cuda" else "cpu"
-    except RuntimeError as error:
-        if device.type != "cuda":
-            raise
-        torch.cuda.synchronize(device)
-        reason = str(error).splitlines()[0]
-        print(f"CUDA graph capture failed ({reason}); timing Python launches", file=sys.stderr)
-        return kernel_time_ms(fn, iters, device, graphs=False), "launches"
+def _compare(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+             inputs: list[torch.Tensor], expected: tuple | None) -> tuple[torch.Tensor, float,
+                                                                          tuple]:
+    """The output gradient to time with, how far `run`'s output and gradients are from
+    `expected` (the first variant's), and `expected`. Nothing of the autograd graph outlives
+    the call: a parameter's gradient accumulator kept from this default-stream call would
+    belong to another stream than the timed calls and break their CUDA-graph capture."""
+    out = run(x)
+    grad = torch.randn_like(out) if expected is None else expected[1]
+    grads = torch.autograd.grad(out, inputs, grad)
+    if expected is None:
+        expected = out.detach(), grad, [g.detach() for g in grads]
+    difference = max(((got - want).abs().max() / want.abs().max()).item()
+                     for got, want in zip([out, *grads], [expected[0], *expected[2]]))
+    return grad, difference, expected
 
 
 def format_rows(rows: list[dict]) -> str:
     """One line per (case, convolution, variant)."""
     head = (f"{'case':<14}{'conv':<6}{'input':<22}{'channels':<10}{'variant':<14}"
-            f"{'fwd ms':>9}{'train ms':>10}{'rel diff':>10}  timed by (fwd/train)")
+            f"{'fwd ms':>9}{'train ms':>10}{'rel diff':>10}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['case']:<14}{r['conv']:<6}{'x'.join(map(str, r['shape'])):<22}"
                      f"{str(r['in_channels']) + '->' + str(r['out_channels']):<10}"
                      f"{r['variant']:<14}"
                      f"{r['forward_ms']:>9.3f}{r['train_ms']:>10.3f}"
-                     f"{r['max_relative_difference']:>10.1e}"
-                     f"  {r['forward_timing']}/{r['train_timing']}")
+                     f"{r['max_relative_difference']:>10.1e}")
     return "\n".join(lines)
 
 

@@ -513,17 +513,18 @@ class ConvolutionWeights(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 @pytest.mark.parametrize(("dims", "channels", "padded"), [
-    (2, (3, 16), (16, 8)), (3, (2, 16), (16, 8)), (3, (16, 1), (8, 16)), (2, (5, 3), (8, 8))])
+    (3, (16, 1), (8, 16)), (3, (4, 3), (8, 4)), (3, (2, 16), (16, 2)), (2, (16, 3), (3, 16))])
 @pytest.mark.parametrize("mode", ["eager", "compiled", "compiled inference", "split bias"])
-def test_channel_padding_changes_no_result_or_gradient(dims, channels, padded, mode,
+def test_output_padding_changes_no_result_or_gradient(dims, channels, padded, mode,
                                                       padded_on_the_cpu):
+    """3D convolutions convolve with output channels padded to 8 and sliced back: the same
+    numbers, the same gradients; a 3D stem (2 inputs, 16 outputs) and 2D heads are left alone."""
     torch.manual_seed(0)
     layout = conv_module._CHANNELS_LAST[dims + 2]
     conv = conv_nd(dims, *channels, 3, padding=1).double().to(memory_format=layout)
     x = torch.randn(2, channels[0], *[5] * dims, dtype=torch.double)
     x = x.contiguous(memory_format=layout).requires_grad_(mode != "compiled inference")
-    assert conv_module.channel_padding(conv, x) == (padded[1] - channels[0],
-                                                    padded[0] - channels[1])
+    assert conv_module.output_padding(conv, x) == padded[0] - channels[1]
     run = {"split bias": lambda x: (lambda out, bias: out + bias.view(-1, *[1] * dims))(
         *convolve_split_bias(conv, x))}.get(mode, Convolve(conv))
     if mode.startswith("compiled"):
@@ -531,9 +532,8 @@ def test_channel_padding_changes_no_result_or_gradient(dims, channels, padded, m
 
         def backend(gm, inputs):
             weights.extend(tuple(n.args[1].meta["example_value"].shape) for n in gm.graph.nodes
-                           if n.op == "call_function" and ("convolution" in str(n.target)
-                                                           or "conv3d" in str(n.target)
-                                                           or "conv2d" in str(n.target)))
+                           if n.op == "call_function" and any(
+                               op in str(n.target) for op in ("convolution", "conv2d", "conv3d")))
             return gm
 
         with torch.set_grad_enabled(mode == "compiled"):
@@ -559,31 +559,31 @@ def test_channel_padding_changes_no_result_or_gradient(dims, channels, padded, m
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-def test_channel_padding_only_on_cuda_for_channels_last_plain_convolutions(padded_on_the_cpu):
-    x2, x1 = torch.randn(1, 3, 8, 8), torch.randn(1, 3, 8)
-    assert conv_module.channel_padding(conv_nd(2, 3, 4, 3, padding=1), x2) == (5, 4)
-    assert conv_module.channel_padding(conv_nd(2, 8, 16, 3, padding=1), x2) == (0, 0)
-    assert conv_module.channel_padding(conv_nd(1, 3, 4, 3, padding=1), x1) == (0, 0)
-    assert conv_module.channel_padding(conv_nd(2, 6, 4, 3, padding=1, groups=2),
-                                       torch.randn(1, 6, 8, 8)) == (0, 0)
-    circular = conv_nd(2, 3, 4, 3, padding=1, padding_mode="circular")
-    assert conv_module.channel_padding(circular, x2) == (0, 0)
+def test_output_padding_only_for_plain_3d_convolutions_on_cuda(padded_on_the_cpu):
+    x3 = torch.randn(1, 4, 6, 6, 6)
+    assert conv_module.output_padding(conv_nd(3, 4, 1, 3, padding=1), x3) == 7
+    assert conv_module.output_padding(conv_nd(3, 4, 16, 3, padding=1), x3) == 0
+    assert conv_module.output_padding(conv_nd(2, 4, 1, 3, padding=1), torch.randn(1, 4, 6, 6)) == 0
+    assert conv_module.output_padding(conv_nd(1, 4, 1, 3, padding=1), torch.randn(1, 4, 6)) == 0
+    assert conv_module.output_padding(conv_nd(3, 4, 2, 3, padding=1, groups=2), x3) == 0
+    circular = conv_nd(3, 4, 1, 3, padding=1, padding_mode="circular")
+    assert conv_module.output_padding(circular, x3) == 0
     conv_module.PADDED_DEVICES = frozenset({"cuda"})  # the default; the fixture restores it
-    assert conv_module.channel_padding(conv_nd(2, 3, 4, 3, padding=1), x2) == (0, 0)
+    assert conv_module.output_padding(conv_nd(3, 4, 1, 3, padding=1), x3) == 0
 
 
 def test_exported_programs_keep_the_unpadded_convolution(padded_on_the_cpu):
-    conv = conv_nd(2, 3, 1, 3, padding=1)
-    program = torch.export.export(Convolve(conv), (torch.randn(2, 3, 8, 8),), strict=False)
-    (node,) = [n for n in program.graph.nodes if n.target is torch.ops.aten.conv2d.default]
-    assert tuple(node.args[1].meta["val"].shape) == (1, 3, 3, 3)
+    conv = conv_nd(3, 3, 1, 3, padding=1)
+    program = torch.export.export(Convolve(conv), (torch.randn(2, 3, 4, 4, 4),), strict=False)
+    (node,) = [n for n in program.graph.nodes if n.target is torch.ops.aten.conv3d.default]
+    assert tuple(node.args[1].meta["val"].shape) == (1, 3, 3, 3, 3)
     assert not any(n.target is torch.ops.aten.constant_pad_nd.default
                    for n in program.graph.nodes)
 
 
 def test_a_padded_unet_computes_what_the_plain_one_does(padded_on_the_cpu, monkeypatch):
-    """The 3D benchmark's shape of stem (image + condition: 2 channels) and head (1 channel),
-    padded in the forward only: parameters and results are the model's own."""
+    """The 3D benchmark's head (1 output channel) padded in the forward only: parameters and
+    results are the model's own."""
     from diffunet import UNet
     from diffunet.benchmark import UNET_3D
 
@@ -603,8 +603,9 @@ def test_a_padded_unet_computes_what_the_plain_one_does(padded_on_the_cpu, monke
                         recorded.shapes))
         model.zero_grad()
     (padded, padded_grads, padded_shapes), (plain, plain_grads, plain_shapes) = results
-    assert padded_shapes[0][1] == 8 and plain_shapes[0][1] == 2  # the stem
+    assert padded_shapes[0] == plain_shapes[0] == (16, 2, 3, 3, 3)  # the stem
     assert padded_shapes[-1][0] == 8 and plain_shapes[-1][0] == 1  # the head
+    assert len(padded_shapes) == len(plain_shapes)
     assert padded.shape == plain.shape == x.shape
     torch.testing.assert_close(padded, plain, rtol=1e-12, atol=1e-12)
     for got, want in zip(padded_grads, plain_grads, strict=True):

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..diffusion import Diffusion, call_model, draw_noise
+from ..distributed import enable_cudnn_autotuning, resolve_device
 from ..generate import LoadedModel, load_model
 from ..restoration import Restoration, restore
 from ..restore_io import list_inputs, output_paths, read_input, write_outputs
@@ -284,8 +285,9 @@ def run(args: argparse.Namespace) -> int:
     """Check everything, then restore each input and write its three outputs."""
     check_options(args)
     files = list_inputs(args.input)
-    device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
+    device = resolve_device(args.device)
     loaded = load_model(args.source, device=device)
+    enable_cudnn_autotuning(device, loaded.model.config.dims)
     check_model(loaded)
     config, defaults = loaded.model.config, loaded.sample_defaults
     kind = uncertainty_kind(args.uncertainty, loaded)

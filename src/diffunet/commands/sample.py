@@ -19,6 +19,7 @@ import torch
 from ..data import DataError, read_image
 from ..data.arrays import load_array_file, to_unit_range
 from ..data.images import resize_and_crop
+from ..distributed import enable_cudnn_autotuning, resolve_device
 from ..generate import default_labels, generate, load_model
 from ..grids import save_array, save_grid
 from ..training_config import SAMPLERS
@@ -95,11 +96,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--eta must be in [0, 1], got {args.eta}")
     if args.guidance is not None and args.guidance < 0:
         raise ValueError(f"--guidance must be >= 0, got {args.guidance}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was given but no CUDA device is available")
-    device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
+    device = resolve_device(args.device)
 
     loaded = load_model(args.source, device=device)
+    enable_cudnn_autotuning(device, loaded.model.config.dims)
     config = loaded.model.config
     defaults = loaded.sample_defaults
     labels = default_labels(loaded.model, args.num, args.label)

@@ -256,6 +256,7 @@ def _train(config: RunConfig, run_dir: Path, info: distributed.DistInfo,
     data = open_dataset(config.data.source, config.data.image_size, dims=explicit_dims,
                         task=config.data.task, seed=config.train.seed)
     config.data.task = config.data.task or ("restore" if data.cond is not None else "generate")
+    distributed.enable_cudnn_autotuning(info.device, data.dims)
     if config.data.image_size is None and data.dims == 2 and len(set(data.spatial_size)) == 1:
         config.data.image_size = data.spatial_size[0]
 

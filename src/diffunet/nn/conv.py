@@ -249,65 +249,57 @@ def convolve_split_bias(conv: nn.Module, x: torch.Tensor
     return _convolve(conv, x, with_bias=False), conv.bias
 
 
-#: cuDNN runs Hopper kernels only for channel counts that are multiples of this (bf16); a
-#: convolution with others (a 2- or 3-channel stem, a 1- or 3-channel head) runs Ampere ones.
+#: Output channel counts that `convolve` pads 3D convolutions to (see `output_padding`).
 CHANNEL_MULTIPLE = 8
 
-#: Devices on which `convolve` zero-pads such channel counts (see `channel_padding`). Tests add
-#: "cpu" to check the arithmetic.
+#: Devices on which `convolve` pads (cuDNN's). Tests add "cpu" to check the arithmetic.
 PADDED_DEVICES: frozenset[str] = frozenset({"cuda"})
 
 
-def channel_padding(conv: nn.Module, x: torch.Tensor) -> tuple[int, int]:
-    """How many zero input and output channels `convolve` appends to `conv` for cuDNN.
+def output_padding(conv: nn.Module, x: torch.Tensor) -> int:
+    """How many zero output channels `convolve` appends to `conv`: up to a multiple of
+    `CHANNEL_MULTIPLE` for a plain 3D convolution on `PADDED_DEVICES`, else none.
 
-    Zero channels change no result: padded inputs meet zero weight columns, and padded outputs
-    (zero weight rows) are sliced off. The parameters keep their shapes; the forward pads them.
-    Only channels-last (2D and 3D) plain convolutions on `PADDED_DEVICES` are padded, and never
-    in exported programs, which keep the model's own convolutions.
+    The extra outputs come from zero weight rows and are sliced off, so nothing changes but the
+    kernel cuDNN picks: for the 3D head (64 → 1 channel at 4×64³, bf16) an Ampere kernel as is,
+    a Hopper one padded, 0.544 → 0.432 ms forward and 1.754 → 1.583 ms with its gradients
+    (H200, `benchmarks/conv_channels.py`). Padding the 2- or 3-channel inputs of the stems paid
+    nothing, nor did padding 2D heads (an `ldm` head's gradients took 0.1 ms longer), so those
+    stay as they are. The parameters keep their shapes; exported programs keep the model's own
+    convolutions.
     """
-    if (x.device.type not in PADDED_DEVICES or x.ndim not in _CHANNELS_LAST
-            or not _routable(conv) or conv.groups != 1
-            or (torch.compiler.is_exporting() and not _compiling_for_inductor())):
-        return 0, 0
-    return -conv.in_channels % CHANNEL_MULTIPLE, -conv.out_channels % CHANNEL_MULTIPLE
+    if (x.device.type not in PADDED_DEVICES or x.ndim != 5 or not _routable(conv)
+            or conv.groups != 1 or (torch.compiler.is_exporting() and not _compiling_for_inductor())):
+        return 0
+    return -conv.out_channels % CHANNEL_MULTIPLE
 
 
-def _pad_channels(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  extra_in: int, extra_out: int
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    spatial = [0, 0] * (weight.ndim - 2)  # F.pad lists the last axis first
-    if extra_in:
-        x = F.pad(x, [*spatial, 0, extra_in])
-        weight = F.pad(weight, [*spatial, 0, extra_in])
-    if extra_out:
-        weight = F.pad(weight, [*spatial, 0, 0, 0, extra_out])
-        bias = None if bias is None else F.pad(bias, [0, extra_out])
-    return x, weight, bias
+def _padded_weight(weight: torch.Tensor, bias: torch.Tensor | None, extra: int
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    weight = F.pad(weight, [0, 0] * (weight.ndim - 1) + [0, extra])  # F.pad: last axis first
+    return weight, None if bias is None else F.pad(bias, [0, extra])
 
 
-def _convolve_padded(conv: nn.Module, x: torch.Tensor, extra_in: int, extra_out: int, *,
-                     with_bias: bool, compiling: bool) -> torch.Tensor:
-    """`conv(x)` (its bias only if `with_bias`) with zero channels appended, without autograd
-    through the custom ops: eager, or compiled where nothing is differentiated."""
+def _convolve_padded(conv: nn.Module, x: torch.Tensor, extra: int, *, with_bias: bool,
+                     compiling: bool) -> torch.Tensor:
+    """`conv(x)` (its bias only if `with_bias`) with `extra` zero output channels computed and
+    sliced off, without autograd through the custom ops: eager, or compiled where nothing is
+    differentiated."""
     layout = _layout_for(conv, x, conv.weight)
-    if torch.is_autocast_enabled(x.device.type):  # pad the narrower copy; see `_convolve`
+    if compiling and torch.is_autocast_enabled(x.device.type):  # see `_convolve`
         x = x.to(torch.get_autocast_dtype(x.device.type))
-    x, weight, bias = _pad_channels(x, conv.weight, conv.bias if with_bias else None, extra_in,
-                                    extra_out)
     x = pin_layout(x, layout) if compiling else x.contiguous(memory_format=layout)
-    out = conv._conv_forward(x, weight, bias)
-    return out[:, :conv.out_channels] if extra_out else out
+    weight, bias = _padded_weight(conv.weight, conv.bias if with_bias else None, extra)
+    return conv._conv_forward(x, weight, bias)[:, :conv.out_channels]
 
 
 def _convolve(conv: nn.Module, x: torch.Tensor, *, with_bias: bool) -> torch.Tensor:
     compiling = (_compiling_for_inductor() and x.device.type in ROUTED_DEVICES
                  and _routable(conv))
-    extra_in, extra_out = channel_padding(conv, x)
+    extra = output_padding(conv, x)
     if not (compiling and _needs_backward(x, conv.weight)):
-        if extra_in or extra_out:
-            return _convolve_padded(conv, x, extra_in, extra_out, with_bias=with_bias,
-                                    compiling=compiling)
+        if extra:
+            return _convolve_padded(conv, x, extra, with_bias=with_bias, compiling=compiling)
         # Compiled: Inductor lays out only 2D convolutions for cuDNN; a 3D one follows its
         # operands' layouts, and cuDNN converts input, weight and output on every call where
         # those are NCDHW (see `pin_layout`). The input is cast first, so autocast's own cast
@@ -325,14 +317,14 @@ def _convolve(conv: nn.Module, x: torch.Tensor, *, with_bias: bool) -> torch.Ten
         dtype = torch.get_autocast_dtype(device_type)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-    padded_x, padded_weight, padded_bias = _pad_channels(x, weight, bias, extra_in, extra_out)
     # Eager CUDA GroupNorm hands back NCHW even for channels-last input, and the custom op pins
     # the strides Inductor saw while tracing: ask for cuDNN's layout here, and the kernel that
     # produces `x` writes it that way (no extra copy).
-    padded_x = padded_x.contiguous(memory_format=_layout_for(conv, x, weight))
-    out = convolution(padded_x, padded_weight, padded_bias, list(conv.stride),
-                      list(conv.padding), list(conv.dilation), conv.groups)
-    out = out[:, :conv.out_channels] if extra_out else out
+    x = x.contiguous(memory_format=_layout_for(conv, x, weight))
+    padded_weight, padded_bias = _padded_weight(weight, bias, extra) if extra else (weight, bias)
+    out = convolution(x, padded_weight, padded_bias, list(conv.stride), list(conv.padding),
+                      list(conv.dilation), conv.groups)
+    out = out[:, :conv.out_channels] if extra else out
     if bias is not None:
         out = out + bias.detach().view(-1, *[1] * (out.ndim - 2))
     return out
