@@ -10,10 +10,11 @@ step, one call each, which by their counts are the stem (2 input channels) and t
 (1 output channel). Channel counts that are not multiples of 8 are the likely reason. Zero
 channels change no result: the padded stem convolves its input with zero channels appended
 against zero weight columns, and the padded head computes zero-weight output channels that
-are sliced off. This script times both variants at each case's benchmark shape, bf16
+are sliced off. This script times both variants at each case's benchmark shape (and, for the
+3D ones on a GPU with Triton, `diffunet.nn.thin_conv`'s stencil kernels as a third), bf16
 channels-last, forward alone and a training step's share (forward, weight and bias gradients,
 and the input gradient where the model needs one: the head's, not the stem's), with the
-padding itself inside the timed region. It also checks that the two variants agree.
+padding itself inside the timed region. It also checks that the variants agree.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from diffunet.benchmark import build_case, kernel_time_ms, write_json_result
 from diffunet import UNet
+from diffunet.nn import thin_conv
 
 MULTIPLE = 8
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -65,8 +67,12 @@ def stem_and_head(case: str, quick: bool) -> dict[str, tuple[nn.Module, tuple[in
             "head": (head, (batch, head.in_channels, *size))}
 
 
-def _variants(conv: nn.Module) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    return {"as is": conv, f"padded to {MULTIPLE}": lambda x: padded_convolution(conv, x)}
+def _variants(conv: nn.Module, x: torch.Tensor
+              ) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    variants = {"as is": conv, f"padded to {MULTIPLE}": lambda x: padded_convolution(conv, x)}
+    if thin_conv.fits(conv, x):  # a 3D stem or head on a GPU with Triton
+        variants["triton stencil"] = lambda x: thin_conv.thin_conv3d(x, conv.weight, conv.bias)
+    return variants
 
 
 def measure(name: str, module: nn.Module, shape: tuple[int, ...], device: torch.device,
@@ -83,7 +89,7 @@ def measure(name: str, module: nn.Module, shape: tuple[int, ...], device: torch.
     x.requires_grad_(name == "head")  # the stem's input is data: no gradient
     inputs = [x, *conv.parameters()] if x.requires_grad else list(conv.parameters())
     rows, expected = [], None
-    for variant, run in _variants(conv).items():
+    for variant, run in _variants(conv, x).items():
         grad, difference, expected = _compare(run, x, inputs, expected)
 
         def forward(run=run) -> None:

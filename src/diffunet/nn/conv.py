@@ -17,6 +17,8 @@ sum, fused into the GroupNorm-backward reductions, cost 4 ms of a 98 ms `ldm` st
 inference is `conv(x)` on an input pinned to cuDNN's layout (`pin_layout`), which Inductor
 gives only 2D convolutions by itself. In eager mode and (non-strict) `torch.export` it is just
 `conv(x)`. `convolve_split_bias` is the same without the bias, for a caller that adds it elsewhere.
+Thin 3D convolutions (a U-Net's first and last) can instead run `thin_conv`'s Triton kernels,
+which are off by default.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import thin_conv
 
 _FIXED_STRIDES = (torch.Tag.needs_fixed_stride_order,)
 
@@ -294,6 +298,8 @@ def _convolve_padded(conv: nn.Module, x: torch.Tensor, extra: int, *, with_bias:
 
 
 def _convolve(conv: nn.Module, x: torch.Tensor, *, with_bias: bool) -> torch.Tensor:
+    if thin_conv.takes(conv, x):
+        return thin_conv.convolve(conv, x, with_bias=with_bias)
     compiling = (_compiling_for_inductor() and x.device.type in ROUTED_DEVICES
                  and _routable(conv))
     extra = output_padding(conv, x)
