@@ -5,7 +5,9 @@
     python benchmarks/ab.py --base-src .ab/base/src --cases ldm,3d --kinds train,infer \\
         --compile-mode reduce-overhead --limit 560
 
-`--change-src` (default: this checkout's `src/`) is the tree with the change. For each case and
+`--change-src` (default: this checkout's `src/`) is the tree with the change; `--change-env
+NAME=VALUE` sets environment variables for its processes only, so that one tree can be A/B-tested
+against itself with a switch (`--base-src src --change-env DIFFUNET_THIN_CONV=1`). For each case and
 kind, `bench.py` runs in its own process per tree (`PYTHONPATH` put first, which tree each one
 imported is checked and recorded): the base with the reference model, then the change; each
 further `--rounds` repeats the pair in the other order, so that a drift of the machine shows
@@ -45,10 +47,20 @@ def source_tree(text: str) -> Path:
     return path
 
 
-def tree_env(src: Path) -> dict[str, str]:
-    """The environment that makes a Python process import diffunet from `src`."""
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(
+def tree_env(src: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment that makes a Python process import diffunet from `src`, with `extra`
+    variables set."""
+    return dict(os.environ, **(extra or {}), PYTHONPATH=os.pathsep.join(
         filter(None, [str(src), os.environ.get("PYTHONPATH")])))
+
+
+def env_setting(text: str) -> tuple[str, str]:
+    """`NAME=VALUE` (argparse type)."""
+    name, equals, value = text.partition("=")
+    if not (equals and name):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=VALUE, e.g. "
+                                         "DIFFUNET_THIN_CONV=1")
+    return name, value
 
 
 def imported_from(src: Path) -> str:
@@ -70,7 +82,8 @@ def bench_argv(args: argparse.Namespace, case: str, kind: str, models: str) -> l
     return argv + ["--quick"] * args.quick + (["--device", args.device] if args.device else [])
 
 
-def fill_caches(args: argparse.Namespace, trees: dict[str, Path]) -> list[dict]:
+def fill_caches(args: argparse.Namespace, trees: dict[str, Path],
+                envs: dict[str, dict[str, str]]) -> list[dict]:
     """Compile every (tree, case, model) once in parallel processes; their seconds and errors."""
     jobs = [(name, case, model) for case in args.cases.split(",") for name in trees
             for model in (("ours", "ref") if name == "base" and args.ref else ("ours",))]
@@ -81,7 +94,7 @@ def fill_caches(args: argparse.Namespace, trees: dict[str, Path]) -> list[dict]:
         argv += ["--warmup", "1", "--iters", "1", "--repeats", "1", "--fill-caches-only"]
         begin = time.perf_counter()
         done = subprocess.run([sys.executable, str(BENCH), *argv], capture_output=True,
-                              text=True, env=dict(tree_env(trees[name]), OUT=""))
+                              text=True, env=dict(tree_env(trees[name], envs[name]), OUT=""))
         result = {"tree": name, "case": case, "model": model,
                   "seconds": round(time.perf_counter() - begin, 1)}
         if done.returncode != 0:
@@ -93,15 +106,17 @@ def fill_caches(args: argparse.Namespace, trees: dict[str, Path]) -> list[dict]:
 
 
 def measure(args: argparse.Namespace, src: Path, case: str, kind: str, models: str,
-            seconds_left: float) -> dict:
-    """One `bench.py` process on the tree `src`; its JSON (or the error it ended with)."""
+            seconds_left: float, env: dict[str, str] | None = None) -> dict:
+    """One `bench.py` process on the tree `src` (with `env` set); its JSON (or the error it
+    ended with)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.json"
         argv = bench_argv(args, case, kind, models)
         argv += ["--deadline", str(max(1, int(seconds_left))), "--out", str(out)]
         try:
             done = subprocess.run([sys.executable, str(BENCH), *argv], capture_output=True,
-                                  text=True, env=tree_env(src), timeout=seconds_left + 60)
+                                  text=True, env=tree_env(src, env),
+                                  timeout=seconds_left + 60)
             error = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
         except subprocess.TimeoutExpired:
             error = f"bench.py still ran {seconds_left + 60:.0f} s after it started; killed"
@@ -170,6 +185,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="src/ folder of the tree to compare against")
     parser.add_argument("--change-src", type=source_tree, default=CHECKOUT_SRC,
                         help="src/ folder of the tree with the change")
+    parser.add_argument("--change-env", type=env_setting, action="append", default=[],
+                        metavar="NAME=VALUE",
+                        help="an environment variable for the change's processes (repeatable)")
     parser.add_argument("--cases", default="ldm,3d", help="bench.py cases, comma-separated")
     parser.add_argument("--kinds", default="train,infer", help="train, infer or both")
     parser.add_argument("--modes", default="compile", help="eager, compile or both")
@@ -202,12 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     trees = {"base": args.base_src, "change": args.change_src}
+    envs = {"base": {}, "change": dict(args.change_env)}
     data: dict = {"meta": {"argv": sys.argv[1:] if argv is None else argv,
-                           "trees": {name: {"src": str(src), "imports": imported_from(src)}
+                           "trees": {name: {"src": str(src), "imports": imported_from(src),
+                                            "env": envs[name]}
                                      for name, src in trees.items()}},
                   "runs": []}
     if "compile" in args.modes.split(",") and args.fill_jobs > 0:
-        data["meta"]["fills"] = fill_caches(args, trees)
+        data["meta"]["fills"] = fill_caches(args, trees, envs)
         print(f"caches filled in {time.perf_counter() - start:.0f} s", flush=True)
         for fill in data["meta"]["fills"]:
             if "error" in fill:
@@ -222,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
                     if left < 30:
                         print(f"skipped {name} {case} {kind}: {left:.0f} s left", flush=True)
                         continue
-                    result = measure(args, trees[name], case, kind, models, left - 10)
+                    result = measure(args, trees[name], case, kind, models, left - 10,
+                                     envs[name])
                     data["runs"].append({"tree": name, "case": case, "kind": kind,
                                          "round": round_index, "result": result})
                     rates = [f"{r['model']} {r['throughput']:.1f}"

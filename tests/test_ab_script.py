@@ -1,8 +1,10 @@
 """`benchmarks/ab.py`: two source trees measured one after the other, and the summary."""
 
 import json
+import os
 import shutil
 import statistics
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -58,3 +60,27 @@ def test_both_trees_are_measured_from_their_own_source(tmp_path, benchmark_scrip
     (row,) = data["summary"]
     assert len(row["base"]) == len(row["change"]) == 1 and row["base"][0] > 0
     assert row["ref"] == [] and "change_vs_ref" not in row
+
+
+def test_change_env_is_parsed_and_reaches_the_change_processes_only(benchmark_script,
+                                                                    monkeypatch):
+    ab = benchmark_script("ab")
+    args = ab.parse_args(["--base-src", str(SRC), "--change-env", "DIFFUNET_THIN_CONV=1",
+                          "--change-env", "X=a=b"])
+    assert args.change_env == [("DIFFUNET_THIN_CONV", "1"), ("X", "a=b")]
+    with pytest.raises(SystemExit):
+        ab.parse_args(["--base-src", str(SRC), "--change-env", "DIFFUNET_THIN_CONV"])
+    monkeypatch.delenv("DIFFUNET_THIN_CONV", raising=False)
+    environments = []
+
+    def run(command, env=None, **kwargs):
+        environments.append(env)
+        return subprocess.CompletedProcess(command, 1, "", "not measured")
+
+    monkeypatch.setattr(ab.subprocess, "run", run)
+    for env in (dict(args.change_env), {}):
+        result = ab.measure(args, SRC, "3d", "train", "ours", 60, env)
+        assert result["errors"][0]["error"] == "not measured"
+    assert environments[0]["DIFFUNET_THIN_CONV"] == "1" and environments[0]["X"] == "a=b"
+    assert "DIFFUNET_THIN_CONV" not in environments[1]
+    assert all(env["PYTHONPATH"].split(os.pathsep)[0] == str(SRC) for env in environments)
