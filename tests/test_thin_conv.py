@@ -64,7 +64,8 @@ INTERPRETER_CHECK = textwrap.dedent("""
     torch.manual_seed(0)
     worst = {}
     cases = [((2, 16), (2, 3, 5, 4), True, True), ((16, 1), (1, 4, 3, 5), True, True),
-             ((3, 5), (2, 3, 3, 3), False, False), ((8, 33), (1, 2, 3, 2), True, True)]
+             ((3, 5), (2, 3, 3, 3), False, False), ((8, 33), (1, 2, 3, 2), True, True),
+             ((1, 16), (1, 3, 4, 3), False, True)]
     for dtype in (torch.float32, torch.float16):
         for (cin, cout), spatial, channels_last, bias in cases:
             x = torch.randn(spatial[0], cin, *spatial[1:])
@@ -83,7 +84,9 @@ INTERPRETER_CHECK = textwrap.dedent("""
             args.append(None if b is None else b.to(dtype).requires_grad_())
             got = thin_conv.thin_conv3d(*args)
             assert got.dtype == dtype and got.shape == want.shape
-            assert got.is_contiguous(memory_format=torch.channels_last_3d) == channels_last
+            # a one-channel input is channels-last too, and so is the wide output
+            channels_last_out = channels_last or cin == 1
+            assert got.is_contiguous(memory_format=torch.channels_last_3d) == channels_last_out
             gots = torch.autograd.grad(got, [a for a in args if a is not None], g.to(dtype))
             for name, a, e in zip(("out", "x", "weight", "bias"), [got, *gots], [want, *wants]):
                 error = ((a.double() - e).abs().max() / e.abs().max()).item()
@@ -102,6 +105,21 @@ INTERPRETER_CHECK = textwrap.dedent("""
     assert "diffunet.thin_conv3d.default" in routed, routed
     compiled = torch.compile(lambda x: convolve(conv, x), backend="aot_eager")
     torch.testing.assert_close(compiled(x), conv(x), rtol=1e-5, atol=1e-5)
+
+    # Inductor checks the strides of what the ops return against their fake versions;
+    # channels-last weights (as the model keeps them on a GPU) are the case to get right.
+    for conv in (conv_nd(3, 2, 16, 3, padding=1), conv_nd(3, 16, 1, 3, padding=1)):
+        conv = conv.to(memory_format=torch.channels_last_3d)
+        x = torch.randn(2, conv.in_channels, 4, 3, 5).contiguous(
+            memory_format=torch.channels_last_3d).requires_grad_()
+        grads = []
+        for step in (torch.compile(lambda x: convolve(conv, x)), conv):
+            step(x).square().sum().backward()
+            grads.append([t.grad.clone() for t in (x, conv.weight, conv.bias)])
+            x.grad = None
+            conv.zero_grad()
+        for got, want in zip(*grads, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
     model = UNet(UNET_3D.replace(model_channels=16, channel_mult=(1, 2), norm_groups=8,
                                  num_head_channels=8, attention_resolutions=()))

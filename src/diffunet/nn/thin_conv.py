@@ -85,14 +85,19 @@ def _block(channels: int) -> int:
 
 
 def _layout(x: torch.Tensor) -> torch.memory_format:
-    if x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+    """Channels-last where `x` is laid out that way, which a one-channel tensor always is: the
+    wide output of a one-channel stem should be channels-last, as the next layers want it."""
+    if x.is_contiguous(memory_format=torch.channels_last_3d):
         return torch.channels_last_3d
     return torch.contiguous_format
 
 
-def _output_like(x: torch.Tensor, channels: int) -> torch.Tensor:
+def _output_like(x: torch.Tensor, channels: int, layout_of: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """An uninitialized (B, channels, D, H, W) tensor in the layout of `layout_of` (default `x`)."""
     shape = (x.shape[0], channels, *x.shape[2:])
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_layout(x))
+    layout = _layout(x if layout_of is None else layout_of)
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=layout)
 
 
 def _taps(weight: torch.Tensor, mirrored: bool) -> torch.Tensor:
@@ -183,10 +188,11 @@ def _precision(x: torch.Tensor) -> str:
 
 
 def _stencil(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None,
-             out_channels: int) -> torch.Tensor:
-    """The 3×3×3 stencil of `x` (B, C, D, H, W) with packed `taps` (see `_taps`)."""
+             out_channels: int, layout_of: torch.Tensor | None = None) -> torch.Tensor:
+    """The 3×3×3 stencil of `x` (B, C, D, H, W) with packed `taps` (see `_taps`), laid out like
+    `layout_of` (default `x`)."""
     batch, in_channels, *spatial = x.shape
-    y = _output_like(x, out_channels)
+    y = _output_like(x, out_channels, layout_of)
     block_ci, block_co = taps.shape[1:]
     block_n = 64 if block_co > 64 or block_ci > 64 else 128
     positions = spatial[0] * spatial[1] * spatial[2]
@@ -217,7 +223,7 @@ def _weight_grad(x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, tor
         BLOCK_CI=block_ci, BLOCK_CO=block_co, num_warps=4)
     weight_grad = part.sum(0)[:, :out_channels, :in_channels]  # (27, out, in)
     weight_grad = weight_grad.permute(1, 2, 0).reshape(out_channels, in_channels, 3, 3, 3)
-    return weight_grad, bias_part.sum(0)[:out_channels]
+    return weight_grad.contiguous(), bias_part.sum(0)[:out_channels]
 
 
 @torch.library.custom_op("diffunet::thin_conv3d", mutates_args=(), tags=_FIXED_STRIDES)
@@ -239,8 +245,8 @@ def thin_conv3d_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tens
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `thin_conv3d` for x (if `input_grad`), the weight, and the bias (if
     `bias_grad`); empty tensors stand for those not asked for."""
-    grad_x = (_stencil(grad, _taps(weight, mirrored=True), None, x.shape[1]) if input_grad
-              else x.new_empty(0))
+    grad_x = (_stencil(grad, _taps(weight, mirrored=True), None, x.shape[1], layout_of=x)
+              if input_grad else x.new_empty(0))
     grad_weight, grad_bias = _weight_grad(x, grad)
     return (grad_x, grad_weight.to(weight.dtype),
             grad_bias.to(weight.dtype) if bias_grad else weight.new_empty(0))
@@ -248,8 +254,9 @@ def thin_conv3d_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tens
 
 @thin_conv3d_backward.register_fake
 def _thin_conv3d_backward_fake(grad, x, weight, input_grad, bias_grad):
-    grad_x = _output_like(x, x.shape[1]) if input_grad else x.new_empty(0)
-    return grad_x, torch.empty_like(weight), weight.new_empty(weight.shape[0] if bias_grad else 0)
+    grad_x = _output_like(grad, x.shape[1], layout_of=x) if input_grad else x.new_empty(0)
+    grad_weight = weight.new_empty(weight.shape)  # contiguous, as `_weight_grad` makes it
+    return grad_x, grad_weight, weight.new_empty(weight.shape[0] if bias_grad else 0)
 
 
 def _setup_context(ctx, inputs, output) -> None:
