@@ -94,6 +94,18 @@ INTERPRETER_CHECK = textwrap.dedent("""
     print(worst)
     assert all(v < (1e-6 if dtype == torch.float32 else 3e-3) for (dtype, _), v in worst.items())
 
+    # schema, fake kernels (strides included) and autograd registration, as PyTorch checks ops
+    for cin, cout, channels_last in ((2, 16, True), (16, 1, True), (3, 5, False)):
+        x = torch.randn(2, cin, 3, 4, 3, requires_grad=True)
+        w = torch.randn(cout, cin, 3, 3, 3, requires_grad=True)
+        g = torch.randn(2, cout, 3, 4, 3)
+        if channels_last:
+            x, w, g = (t.detach().contiguous(memory_format=torch.channels_last_3d)
+                       for t in (x, w, g))
+        torch.library.opcheck(thin_conv.thin_conv3d, (x, w, torch.randn(cout)))
+        torch.library.opcheck(thin_conv.thin_conv3d_backward,  # no double backward
+                              (g, x.detach(), w.detach(), True, True))
+
     thin_conv.set_thin_conv_enabled(True)
     routed = []
     def backend(gm, inputs):
