@@ -197,6 +197,12 @@ def _compiling_for_inductor() -> bool:
     return torch.compiler.is_dynamo_compiling()
 
 
+def _exporting() -> bool:
+    """While (non-strict) `torch.export` traces: exported programs keep the model's own
+    convolutions."""
+    return torch.compiler.is_exporting() and not _compiling_for_inductor()
+
+
 _PLAIN_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 #: Devices whose compiled convolutions go through the custom ops: the layout copies they remove
@@ -247,8 +253,7 @@ def convolve_split_bias(conv: nn.Module, x: torch.Tensor
     add are the pattern the pt2e quantizers know (without the bias they leave such a
     convolution in float32).
     """
-    exporting = torch.compiler.is_exporting() and not _compiling_for_inductor()
-    if conv.bias is None or exporting or not _plain(conv):
+    if conv.bias is None or _exporting() or not _plain(conv):
         return convolve(conv, x), None
     return _convolve(conv, x, with_bias=False), conv.bias
 
@@ -273,7 +278,7 @@ def output_padding(conv: nn.Module, x: torch.Tensor) -> int:
     convolutions.
     """
     if (x.device.type not in PADDED_DEVICES or x.ndim != 5 or not _routable(conv)
-            or conv.groups != 1 or (torch.compiler.is_exporting() and not _compiling_for_inductor())):
+            or conv.groups != 1 or _exporting()):
         return 0
     return -conv.out_channels % CHANNEL_MULTIPLE
 
@@ -284,38 +289,26 @@ def _padded_weight(weight: torch.Tensor, bias: torch.Tensor | None, extra: int
     return weight, None if bias is None else F.pad(bias, [0, extra])
 
 
-def _convolve_padded(conv: nn.Module, x: torch.Tensor, extra: int, *, with_bias: bool,
-                     compiling: bool) -> torch.Tensor:
-    """`conv(x)` (its bias only if `with_bias`) with `extra` zero output channels computed and
-    sliced off, without autograd through the custom ops: eager, or compiled where nothing is
-    differentiated."""
-    layout = _layout_for(conv, x, conv.weight)
-    if compiling and torch.is_autocast_enabled(x.device.type):  # see `_convolve`
-        x = x.to(torch.get_autocast_dtype(x.device.type))
-    x = pin_layout(x, layout) if compiling else x.contiguous(memory_format=layout)
-    weight, bias = _padded_weight(conv.weight, conv.bias if with_bias else None, extra)
-    return conv._conv_forward(x, weight, bias)[:, :conv.out_channels]
-
-
 def _convolve(conv: nn.Module, x: torch.Tensor, *, with_bias: bool) -> torch.Tensor:
-    if thin_conv.takes(conv, x):
+    if thin_conv.takes(conv, x) and _routable(conv) and not _exporting():
         return thin_conv.convolve(conv, x, with_bias=with_bias)
     compiling = (_compiling_for_inductor() and x.device.type in ROUTED_DEVICES
                  and _routable(conv))
     extra = output_padding(conv, x)
     if not (compiling and _needs_backward(x, conv.weight)):
-        if extra:
-            return _convolve_padded(conv, x, extra, with_bias=with_bias, compiling=compiling)
         # Compiled: Inductor lays out only 2D convolutions for cuDNN; a 3D one follows its
         # operands' layouts, and cuDNN converts input, weight and output on every call where
         # those are NCDHW (see `pin_layout`). The input is cast first, so autocast's own cast
         # (a kernel free to pick its layout again) is a no-op.
-        layout = (_layout_for(conv, x, conv.weight) if compiling
+        layout = (_layout_for(conv, x, conv.weight) if compiling or extra
                   else getattr(conv, "preferred_memory_format", None))
         if layout is not None and x.ndim == conv.weight.ndim:
             if compiling and torch.is_autocast_enabled(x.device.type):
                 x = x.to(torch.get_autocast_dtype(x.device.type))
             x = pin_layout(x, layout) if compiling else x.contiguous(memory_format=layout)
+        if extra:  # zero output channels computed and sliced off (see `output_padding`)
+            weight, bias = _padded_weight(conv.weight, conv.bias if with_bias else None, extra)
+            return conv._conv_forward(x, weight, bias)[:, :conv.out_channels]
         return conv(x) if with_bias else conv._conv_forward(x, conv.weight, None)
     weight, bias = conv.weight, conv.bias if with_bias else None
     device_type = x.device.type

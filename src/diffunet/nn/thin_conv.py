@@ -27,6 +27,8 @@ import os
 import torch
 from torch import nn
 
+from .fused import _FIXED_STRIDES, _interpreting, _memory_format, _sm_count
+
 try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs never call the kernels.
     import triton
     import triton.language as tl
@@ -40,7 +42,6 @@ MAX_CHANNELS = 128
 _TAPS = 27
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _ENABLED = os.environ.get("DIFFUNET_THIN_CONV", "0") == "1"
-_FIXED_STRIDES = (torch.Tag.needs_fixed_stride_order,)
 
 
 def set_thin_conv_enabled(enabled: bool) -> None:
@@ -49,30 +50,23 @@ def set_thin_conv_enabled(enabled: bool) -> None:
     _ENABLED = bool(enabled)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def takes(conv: nn.Module, x: torch.Tensor) -> bool:
     """Whether `conv.convolve(conv, x)` runs these kernels: switched on, and `fits(conv, x)`."""
     return _ENABLED and fits(conv, x)
 
 
 def fits(conv: nn.Module, x: torch.Tensor) -> bool:
-    """Whether the kernels can compute `conv(x)`: Triton on a GPU (or its interpreter), a plain
+    """Whether the kernels can compute `conv(x)`: Triton on a GPU (or its interpreter), a
     3×3×3 `nn.Conv3d` with stride 1, padding 1 and zero padding mode, a thin side of at most
-    `THIN_CHANNELS` and a wide side of at most `MAX_CHANNELS` channels."""
+    `THIN_CHANNELS` and a wide side of at most `MAX_CHANNELS` channels. (Whether the module is
+    plain enough to bypass its own call, and not being exported, `conv.convolve` decides.)"""
     if not (triton is not None and (x.is_cuda or _interpreting())):
         return False
-    if type(conv) is not nn.Conv3d or conv._forward_hooks or conv._forward_pre_hooks:
-        return False
-    if type(conv.weight) not in (nn.Parameter, torch.Tensor) or x.ndim != 5:
+    if type(conv) is not nn.Conv3d or x.ndim != 5:
         return False
     autocast = torch.is_autocast_enabled(x.device.type)
     if not autocast and (x.dtype != conv.weight.dtype or x.dtype not in _DTYPES):
         return False  # leave mismatches to `F.conv3d`'s own error
-    if torch.compiler.is_exporting() and not torch.compiler.is_dynamo_compiling():
-        return False  # exported programs keep plain convolutions
     channels = (conv.in_channels, conv.out_channels)
     return (conv.kernel_size == (3, 3, 3) and conv.stride == (1, 1, 1)
             and conv.padding == (1, 1, 1) and conv.dilation == (1, 1, 1)
@@ -84,19 +78,13 @@ def _block(channels: int) -> int:
     return max(16, triton.next_power_of_2(channels))  # tl.dot needs 16 or more on every side
 
 
-def _layout(x: torch.Tensor) -> torch.memory_format:
-    """Channels-last where `x` is laid out that way, which a one-channel tensor always is: the
-    wide output of a one-channel stem should be channels-last, as the next layers want it."""
-    if x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
-
-
 def _output_like(x: torch.Tensor, channels: int, layout_of: torch.Tensor | None = None
                  ) -> torch.Tensor:
-    """An uninitialized (B, channels, D, H, W) tensor in the layout of `layout_of` (default `x`)."""
+    """An uninitialized (B, channels, D, H, W) tensor in the layout of `layout_of` (default `x`):
+    channels-last where that is, which a one-channel tensor always is, so that the wide output
+    of a one-channel stem is channels-last, as the next layers want it."""
     shape = (x.shape[0], channels, *x.shape[2:])
-    layout = _layout(x if layout_of is None else layout_of)
+    layout = _memory_format(x if layout_of is None else layout_of)
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=layout)
 
 
@@ -210,8 +198,7 @@ def _weight_grad(x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, tor
     out_channels = grad.shape[1]
     block_ci, block_co, block_n = _block(in_channels), _block(out_channels), 64
     positions = spatial[0] * spatial[1] * spatial[2]
-    programs = 2 * (torch.cuda.get_device_properties(x.device).multi_processor_count
-                    if x.is_cuda else 132)
+    programs = 2 * _sm_count(x.device)
     chunks = max(1, min(triton.cdiv(positions, block_n), triton.cdiv(programs, batch)))
     rows = triton.cdiv(triton.cdiv(positions, chunks), block_n) * block_n
     chunks = triton.cdiv(positions, rows)
@@ -269,7 +256,7 @@ def _backward(ctx, grad):
     x, weight = ctx.saved_tensors
     want_x, want_weight, want_bias = ctx.needs_input_grad
     want_bias = want_bias and ctx.has_bias
-    grad = grad.contiguous(memory_format=_layout(x))
+    grad = grad.contiguous(memory_format=_memory_format(x))
     grad_x, grad_weight, grad_bias = thin_conv3d_backward(grad, x, weight, want_x, want_bias)
     return (grad_x if want_x else None, grad_weight if want_weight else None,
             grad_bias if want_bias else None)
