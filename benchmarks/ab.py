@@ -7,7 +7,7 @@
 
 `--change-src` (default: this checkout's `src/`) is the tree with the change; `--change-env
 NAME=VALUE` sets environment variables for its processes only, so that one tree can be A/B-tested
-against itself with a switch (`--base-src src --change-env DIFFUNET_THIN_CONV=1`). For each case and
+against itself with a switch (`--base-src src --change-env DIFFUNET_THIN_CONV=0`). For each case and
 kind, `bench.py` runs in its own process per tree (`PYTHONPATH` put first, which tree each one
 imported is checked and recorded): the base with the reference model, then the change; each
 further `--rounds` repeats the pair in the other order, so that a drift of the machine shows
@@ -59,7 +59,7 @@ def env_setting(text: str) -> tuple[str, str]:
     name, equals, value = text.partition("=")
     if not (equals and name):
         raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=VALUE, e.g. "
-                                         "DIFFUNET_THIN_CONV=1")
+                                         "DIFFUNET_THIN_CONV=0")
     return name, value
 
 

@@ -11,7 +11,7 @@ step, one call each, which by their counts are the stem (2 input channels) and t
 channels change no result: the padded stem convolves its input with zero channels appended
 against zero weight columns, and the padded head computes zero-weight output channels that
 are sliced off. This script times both variants at each case's benchmark shape (and, for the
-3D ones on a GPU with Triton, `diffunet.nn.thin_conv`'s stencil kernels as a third), bf16
+3D ones on a GPU with Triton, `diffunet.nn.thin_conv`'s gather kernels as a third), bf16
 channels-last, forward alone and a training step's share (forward, weight and bias gradients,
 and the input gradient where the model needs one: the head's, not the stem's), with the
 padding itself inside the timed region. It also checks that the variants agree.
@@ -71,7 +71,7 @@ def _variants(conv: nn.Module, x: torch.Tensor
               ) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     variants = {"as is": conv, f"padded to {MULTIPLE}": lambda x: padded_convolution(conv, x)}
     if thin_conv.fits(conv, x):  # a 3D stem or head on a GPU with Triton
-        variants["triton stencil"] = lambda x: thin_conv.thin_conv3d(x, conv.weight, conv.bias)
+        variants["triton gather"] = lambda x: thin_conv.thin_conv3d(x, conv.weight, conv.bias)
     return variants
 
 

@@ -21,17 +21,42 @@ needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installe
 
 @pytest.fixture
 def enabled(monkeypatch):
-    """Kernels on, and CPU tensors taken as if Triton interpreted them."""
+    """Kernels on (whatever `DIFFUNET_THIN_CONV` says), and CPU tensors taken as if Triton
+    interpreted them."""
     monkeypatch.setattr(thin_conv, "_ENABLED", True)
     monkeypatch.setattr(thin_conv, "_interpreting", lambda: True)
 
 
-def test_off_by_default_and_never_for_cpu_tensors_without_the_interpreter():
+def test_on_by_default_and_never_for_cpu_tensors_without_the_interpreter():
     conv, x = conv_nd(3, 2, 16, 3, padding=1), torch.randn(1, 2, 4, 4, 4)
-    if os.environ.get("DIFFUNET_THIN_CONV") != "1":
-        assert not thin_conv._ENABLED
+    if os.environ.get("DIFFUNET_THIN_CONV") != "0":
+        assert thin_conv._ENABLED
     if os.environ.get("TRITON_INTERPRET") != "1":
         assert not thin_conv.takes(conv, x)
+
+
+@pytest.mark.parametrize(("cin", "cout", "channels_last"),
+                         [(2, 16, True), (16, 1, True), (3, 5, False)])
+def test_ops_compute_with_aten_where_the_kernels_cannot_run(cin, cout, channels_last,
+                                                             monkeypatch):
+    """On a GPU without bf16 tensor cores the same ops run ATen: the same numbers (against
+    float64 `F.conv3d`) and the layouts their fake versions promise."""
+    monkeypatch.setattr(thin_conv, "_runs_kernels", lambda device: False)
+    torch.manual_seed(0)
+    x = torch.randn(2, cin, 3, 4, 5)
+    w, b, g = torch.randn(cout, cin, 3, 3, 3), torch.randn(cout), torch.randn(2, cout, 3, 4, 5)
+    if channels_last:
+        x, w, g = (t.contiguous(memory_format=torch.channels_last_3d) for t in (x, w, g))
+    x64, w64, b64 = (t.double().requires_grad_() for t in (x, w, b))
+    want = torch.nn.functional.conv3d(x64, w64, b64, padding=1)
+    wants = torch.autograd.grad(want, [x64, w64, b64], g.double())
+    args = [t.clone().requires_grad_() for t in (x, w, b)]
+    got = thin_conv.thin_conv3d(*args)
+    gots = torch.autograd.grad(got, args, g)
+    for a, e in zip([got, *gots], [want, *wants], strict=True):
+        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-4)
+    torch.library.opcheck(thin_conv.thin_conv3d, (x, w, b))
+    torch.library.opcheck(thin_conv.thin_conv3d_backward, (g, x, w, True, True))
 
 
 @needs_triton
@@ -65,7 +90,7 @@ INTERPRETER_CHECK = textwrap.dedent("""
     worst = {}
     cases = [((2, 16), (2, 3, 5, 4), True, True), ((16, 1), (1, 4, 3, 5), True, True),
              ((3, 5), (2, 3, 3, 3), False, False), ((8, 33), (1, 2, 3, 2), True, True),
-             ((1, 16), (1, 3, 4, 3), False, True)]
+             ((1, 16), (1, 3, 4, 3), False, True), ((12, 3), (1, 3, 2, 4), False, True)]
     for dtype in (torch.float32, torch.float16):
         for (cin, cout), spatial, channels_last, bias in cases:
             x = torch.randn(spatial[0], cin, *spatial[1:])

@@ -17,8 +17,8 @@ sum, fused into the GroupNorm-backward reductions, cost 4 ms of a 98 ms `ldm` st
 inference is `conv(x)` on an input pinned to cuDNN's layout (`pin_layout`), which Inductor
 gives only 2D convolutions by itself. In eager mode and (non-strict) `torch.export` it is just
 `conv(x)`. `convolve_split_bias` is the same without the bias, for a caller that adds it elsewhere.
-Thin 3D convolutions (a U-Net's first and last) can instead run `thin_conv`'s Triton kernels,
-which are off by default.
+Thin 3D convolutions on a GPU (a 3D U-Net's first and last) run `thin_conv`'s Triton kernels
+instead.
 """
 
 from __future__ import annotations

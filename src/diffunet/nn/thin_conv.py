@@ -6,25 +6,37 @@ there) and does little arithmetic, yet cuDNN runs them at about 0.3 TB/s: 0.52 m
 stem's forward and 0.90 ms with its weight gradient, 0.43 and 1.58 ms for the (padded) head,
 about 2.5 ms of a 54.7 ms training step on an H200 (docs/performance.md, session 12).
 
-Here each is a stencil: a program computes `BLOCK_N` output positions from the 27 shifted
-input tiles, one small matrix product per tap (`tl.dot`, float32 accumulation). The input
-gradient is the same stencil over the output gradient with the taps mirrored and the weight
-transposed; the weight gradient sums, per tap, the product of the output gradient and the
-shifted input, one program per (tap, run of positions), the 27 taps of a run launched side
-by side so that they share its tiles in L2.
+Every pass here is an implicit matrix product whose reduction axis is the 27 taps × the thin
+side's channels: the thin tensor is gathered (a few channels at 27 shifts, cheap), the wide
+one is read or written once. The stem's forward gathers its input; its weight gradient gathers
+the input again against the streamed output gradient. The head's input gradient gathers its
+one-channel output gradient (taps mirrored) into the wide input gradient, and its weight
+gradient gathers that output gradient against the streamed input. The head's forward, a
+reduction over the wide side, stays cuDNN's (with its output padded to 8 channels).
 
-The kernels are **off by default** (`set_thin_conv_enabled`) until `benchmarks/conv_channels.py`
-has measured them against cuDNN on a GPU: they were written in a session without device time
-and are checked for exactness under Triton's CPU interpreter only. When on, `conv.convolve`
-calls them for plain 3×3×3 `nn.Conv3d` layers (stride 1, padding 1) on CUDA whose narrower
-side has at most `THIN_CHANNELS` channels, as the custom ops below in eager and compiled code.
+A first version (session 12) ran each tap as its own product over the wide side, reading it
+27 times: on an H200 its stem training pass took 2.39 ms against cuDNN's 0.91, its head
+1.93 against 1.60 (`benchmarks/conv_channels.py`).
+
+On an H200 (bf16, channels-last, 4×64³; `benchmarks/conv_channels.py --cases 3d`) the stem
+takes 0.108 ms forward and 0.274 ms with its weight gradient (cuDNN: 0.518 and 0.898), the
+head 0.609 ms with its gradients (cuDNN padded: 1.596); the compiled 3D benchmark trains
+2.3 % and infers 1.6 % faster with them (docs/performance.md, session 13).
+
+`conv.convolve` calls them for plain 3×3×3 `nn.Conv3d` layers (stride 1, padding 1) on CUDA
+whose narrower side has at most `THIN_CHANNELS` channels, as the custom ops below in eager
+and compiled code. They are on by default; `set_thin_conv_enabled(False)` or
+`DIFFUNET_THIN_CONV=0` turns them off. On a GPU older than compute capability 8.0 the ops
+compute with ATen.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .fused import _FIXED_STRIDES, _interpreting, _memory_format, _sm_count
@@ -41,11 +53,12 @@ THIN_CHANNELS = 8
 MAX_CHANNELS = 128
 _TAPS = 27
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_ENABLED = os.environ.get("DIFFUNET_THIN_CONV", "0") == "1"
+_ENABLED = os.environ.get("DIFFUNET_THIN_CONV", "1") != "0"
 
 
 def set_thin_conv_enabled(enabled: bool) -> None:
-    """Turn the thin-convolution kernels on or off (off by default; see the module docstring)."""
+    """Turn the thin-convolution kernels on or off (on by default; `DIFFUNET_THIN_CONV=0` starts
+    a process with them off)."""
     global _ENABLED
     _ENABLED = bool(enabled)
 
@@ -74,156 +87,246 @@ def fits(conv: nn.Module, x: torch.Tensor) -> bool:
             and min(channels) <= THIN_CHANNELS and max(channels) <= MAX_CHANNELS)
 
 
-def _block(channels: int) -> int:
-    return max(16, triton.next_power_of_2(channels))  # tl.dot needs 16 or more on every side
+def _blocks(thin: int, wide: int) -> tuple[int, int, int]:
+    """(BLOCK_K, K padded to whole blocks, BLOCK_CW) for a thin side of `thin` channels, whose
+    27 taps × channels are the reduction axis, and a wide side of `wide` channels. `tl.dot`
+    needs 16 or more on every side."""
+    k = _TAPS * thin
+    block_k = min(64, max(16, triton.next_power_of_2(k)))
+    return block_k, triton.cdiv(k, block_k) * block_k, max(16, triton.next_power_of_2(wide))
 
 
-def _output_like(x: torch.Tensor, channels: int, layout_of: torch.Tensor | None = None
-                 ) -> torch.Tensor:
-    """An uninitialized (B, channels, D, H, W) tensor in the layout of `layout_of` (default `x`):
-    channels-last where that is, which a one-channel tensor always is, so that the wide output
-    of a one-channel stem is channels-last, as the next layers want it."""
-    shape = (x.shape[0], channels, *x.shape[2:])
-    layout = _memory_format(x if layout_of is None else layout_of)
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=layout)
+def _gathers_input(in_channels: int, out_channels: int) -> bool:
+    """Whether the input is the thin side (a stem); else the output is (a head)."""
+    return in_channels <= out_channels
 
 
-def _taps(weight: torch.Tensor, mirrored: bool) -> torch.Tensor:
-    """The weight as (27, in, out) blocks padded to the kernels' channel blocks: tap t is
-    (kd, kh, kw) = (t // 9, t // 3 % 3, t % 3). Mirrored and transposed for the input gradient,
-    whose stencil runs over the output gradient."""
+def _layout(*tensors: torch.Tensor) -> torch.memory_format:
+    """Channels-last if any of `tensors` is (as cuDNN decides); a one-channel tensor is both."""
+    layouts = [_memory_format(t) for t in tensors]
+    return next((f for f in layouts if f != torch.contiguous_format), torch.contiguous_format)
+
+
+def _empty(like: torch.Tensor, channels: int, layout: torch.memory_format) -> torch.Tensor:
+    shape = (like.shape[0], channels, *like.shape[2:])
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=layout)
+
+
+def _packed(weight: torch.Tensor, gathered_input: bool) -> torch.Tensor:
+    """The weight as the (K, wide) matrix of the kernels, zero-padded to their blocks: row
+    `tap * thin + c` holds thin channel c's weights at tap (kd, kh, kw) = (tap // 9, tap // 3 %
+    3, tap % 3). The thin side is the input (a stem's forward) or the output (a head's input
+    gradient)."""
     out_channels, in_channels = weight.shape[:2]
-    taps = weight.reshape(out_channels, in_channels, _TAPS).permute(2, 1, 0)  # (27, in, out)
-    if mirrored:
-        taps = taps.flip(0).transpose(1, 2)
-        in_channels, out_channels = out_channels, in_channels
-    packed = weight.new_zeros(_TAPS, _block(in_channels), _block(out_channels))
-    packed[:, :in_channels, :out_channels] = taps
+    taps = weight.reshape(out_channels, in_channels, _TAPS)
+    taps = taps.permute(2, 1, 0) if gathered_input else taps.permute(2, 0, 1)  # (27, thin, wide)
+    thin, wide = taps.shape[1:]
+    _, k_padded, block_cw = _blocks(thin, wide)
+    packed = weight.new_zeros(k_padded, block_cw)
+    packed[:_TAPS * thin, :wide] = taps.reshape(_TAPS * thin, wide)
     return packed
 
 
 if triton is not None:
 
     @triton.jit
-    def _load_tap(x_ptr, tap, d_, h_, w_, inside_n, D, H, W, ci, CIN, sxc, sxd, sxh, sxw):
-        """The (positions × channels) tile of one sample `x_ptr` shifted by tap `tap`, zero
-        outside the volume (the convolution's zero padding) and beyond `CIN` channels."""
-        sd = d_ + (tap // 9 - 1)
-        sh = h_ + (tap // 3 % 3 - 1)
-        sw = w_ + (tap % 3 - 1)
-        inside = inside_n & (sd >= 0) & (sd < D) & (sh >= 0) & (sh < H) & (sw >= 0) & (sw < W)
-        return tl.load(x_ptr + (sd * sxd + sh * sxh + sw * sxw)[:, None] + ci[None, :] * sxc,
-                       mask=inside[:, None] & (ci < CIN)[None, :], other=0.0)
+    def _coordinates(ns, H, W):
+        return ns // (W * H), ns // W % H, ns % W
 
     @triton.jit
-    def _stencil_kernel(x_ptr, w_ptr, b_ptr, y_ptr, D, H, W, CIN, COUT,
-                        sxb, sxc, sxd, sxh, sxw, syb, syc, syd, syh, syw,
-                        HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr):
+    def _gathered_tile(t_ptr, ks, d_, h_, w_, inside_n, D, H, W, stc, std, sth, stw,
+                       CT: tl.constexpr, MIRRORED: tl.constexpr):
+        """The (positions × ks) tile of one sample `t_ptr` of the thin tensor: element (n, k)
+        is channel k % CT at position n shifted by tap k // CT (by the opposite shift when
+        MIRRORED), zero outside the volume (the zero padding) and beyond the 27 × CT rows."""
+        tap = ks // CT
+        od = tap // 9 - 1
+        oh = tap // 3 % 3 - 1
+        ow = tap % 3 - 1
+        if MIRRORED:
+            od, oh, ow = -od, -oh, -ow
+        sd = d_[:, None] + od[None, :]
+        sh = h_[:, None] + oh[None, :]
+        sw = w_[:, None] + ow[None, :]
+        inside = (inside_n[:, None] & (ks < 27 * CT)[None, :] & (sd >= 0) & (sd < D)
+                  & (sh >= 0) & (sh < H) & (sw >= 0) & (sw < W))
+        offsets = ((d_ * std + h_ * sth + w_ * stw)[:, None]
+                   + (od * std + oh * sth + ow * stw + ks % CT * stc)[None, :])
+        return tl.load(t_ptr + offsets, mask=inside, other=0.0)
+
+    @triton.jit
+    def _gather_conv_kernel(t_ptr, w_ptr, b_ptr, y_ptr, D, H, W, stb, stc, std, sth, stw,
+                            syb, syc, syd, syh, syw, CT: tl.constexpr, CW: tl.constexpr,
+                            MIRRORED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, BLOCK_CW: tl.constexpr):
         b = tl.program_id(1).to(tl.int64)
         ns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         inside_n = ns < D * H * W
-        w_ = ns % W
-        h_ = (ns // W) % H
-        d_ = ns // (W * H)
-        ci = tl.arange(0, BLOCK_CI)
-        co = tl.arange(0, BLOCK_CO)
-        acc = tl.zeros([BLOCK_N, BLOCK_CO], dtype=tl.float32)
-        for tap in tl.static_range(27):
-            x = _load_tap(x_ptr + b * sxb, tap, d_, h_, w_, inside_n, D, H, W, ci, CIN,
-                          sxc, sxd, sxh, sxw)
-            w = tl.load(w_ptr + tap * BLOCK_CI * BLOCK_CO + ci[:, None] * BLOCK_CO + co[None, :])
-            acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        d_, h_, w_ = _coordinates(ns, H, W)
+        cw = tl.arange(0, BLOCK_CW)
+        acc = tl.zeros([BLOCK_N, BLOCK_CW], dtype=tl.float32)
+        for k0 in tl.static_range(0, 27 * CT, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            a = _gathered_tile(t_ptr + b * stb, ks, d_, h_, w_, inside_n, D, H, W,
+                               stc, std, sth, stw, CT, MIRRORED)
+            w = tl.load(w_ptr + ks[:, None] * BLOCK_CW + cw[None, :])
+            acc = tl.dot(a, w, acc, input_precision=PRECISION)
         if HAS_BIAS:
-            acc += tl.load(b_ptr + co, mask=co < COUT, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + b * syb + (d_ * syd + h_ * syh + w_ * syw)[:, None] + co[None, :] * syc,
-                 acc.to(y_ptr.dtype.element_ty), mask=inside_n[:, None] & (co < COUT)[None, :])
+            acc += tl.load(b_ptr + cw, mask=cw < CW, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + b * syb + (d_ * syd + h_ * syh + w_ * syw)[:, None] + cw[None, :] * syc,
+                 acc.to(y_ptr.dtype.element_ty), mask=inside_n[:, None] & (cw < CW)[None, :])
 
     @triton.jit
-    def _weight_grad_kernel(x_ptr, g_ptr, part_ptr, bias_part_ptr, D, H, W, CIN, COUT, rows,
-                            chunks, sxb, sxc, sxd, sxh, sxw, sgb, sgc, sgd, sgh, sgw,
-                            PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr):
-        tap = tl.program_id(0)  # fastest: the 27 taps of a run share its tiles in L2
+    def _gather_weight_grad_kernel(t_ptr, u_ptr, part_ptr, wide_sum_ptr, D, H, W, rows, chunks,
+                                   stb, stc, std, sth, stw, sub, suc, sud, suh, suw,
+                                   CT: tl.constexpr, CW: tl.constexpr, MIRRORED: tl.constexpr,
+                                   SUM_WIDE: tl.constexpr, PRECISION: tl.constexpr,
+                                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                   BLOCK_CW: tl.constexpr):
+        kc = tl.program_id(0)
         run = tl.program_id(1)
         b = (run // chunks).to(tl.int64)
         start = (run % chunks) * rows
-        ci = tl.arange(0, BLOCK_CI)
-        co = tl.arange(0, BLOCK_CO)
-        acc = tl.zeros([BLOCK_CO, BLOCK_CI], dtype=tl.float32)
-        bias_acc = tl.zeros([BLOCK_CO], dtype=tl.float32)
+        ks = kc * BLOCK_K + tl.arange(0, BLOCK_K)
+        cw = tl.arange(0, BLOCK_CW)
+        acc = tl.zeros([BLOCK_K, BLOCK_CW], dtype=tl.float32)
+        wide_sum = tl.zeros([BLOCK_CW], dtype=tl.float32)
         for offset in range(0, rows, BLOCK_N):
             ns = start + offset + tl.arange(0, BLOCK_N)
             inside_n = ns < D * H * W
-            w_ = ns % W
-            h_ = (ns // W) % H
-            d_ = ns // (W * H)
-            g = tl.load(g_ptr + b * sgb + (d_ * sgd + h_ * sgh + w_ * sgw)[:, None]
-                        + co[None, :] * sgc, mask=inside_n[:, None] & (co < COUT)[None, :],
+            d_, h_, w_ = _coordinates(ns, H, W)
+            a = _gathered_tile(t_ptr + b * stb, ks, d_, h_, w_, inside_n, D, H, W,
+                               stc, std, sth, stw, CT, MIRRORED)
+            u = tl.load(u_ptr + b * sub + (d_ * sud + h_ * suh + w_ * suw)[:, None]
+                        + cw[None, :] * suc, mask=inside_n[:, None] & (cw < CW)[None, :],
                         other=0.0)
-            x = _load_tap(x_ptr + b * sxb, tap, d_, h_, w_, inside_n, D, H, W, ci, CIN,
-                          sxc, sxd, sxh, sxw)
-            acc = tl.dot(tl.trans(g), x, acc, input_precision=PRECISION)
-            bias_acc += tl.sum(g.to(tl.float32), axis=0)
-        part = (run * 27 + tap) * BLOCK_CO * BLOCK_CI
-        tl.store(part_ptr + part + co[:, None] * BLOCK_CI + ci[None, :], acc)
-        if tap == 0:
-            tl.store(bias_part_ptr + run * BLOCK_CO + co, bias_acc)
+            acc = tl.dot(tl.trans(a), u, acc, input_precision=PRECISION)
+            if SUM_WIDE:
+                wide_sum += tl.sum(u.to(tl.float32), axis=0)
+        k_padded = tl.num_programs(0) * BLOCK_K
+        tl.store(part_ptr + run * k_padded * BLOCK_CW + ks[:, None] * BLOCK_CW + cw[None, :], acc)
+        if SUM_WIDE:  # noqa: SIM102  (a compile-time branch around a run-time one)
+            if kc == 0:
+                tl.store(wide_sum_ptr + run * BLOCK_CW + cw, wide_sum)
+
+
+#: Launch parameters (`benchmarks/conv_channels.py` times the defaults; a sweep may set them).
+GATHER_BLOCK_N = 128
+WEIGHT_GRAD_BLOCK_N = 128
+WEIGHT_GRAD_PROGRAMS_PER_SM = 2
+NUM_WARPS = 4
+
+
+def _runs_kernels(device: torch.device) -> bool:
+    """Whether the kernels run on `device`: Triton's interpreter, or a GPU with bf16 tensor
+    cores (compute capability 8.0 or later). Elsewhere the ops compute with ATen, so the
+    graphs traced around them stay the same."""
+    return _tensor_cores(device) if device.type == "cuda" else _interpreting()
+
+
+@functools.cache
+def _tensor_cores(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def _precision(x: torch.Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"  # ignored for 16-bit inputs
 
 
-def _stencil(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None,
-             out_channels: int, layout_of: torch.Tensor | None = None) -> torch.Tensor:
-    """The 3×3×3 stencil of `x` (B, C, D, H, W) with packed `taps` (see `_taps`), laid out like
-    `layout_of` (default `x`)."""
-    batch, in_channels, *spatial = x.shape
-    y = _output_like(x, out_channels, layout_of)
-    block_ci, block_co = taps.shape[1:]
-    block_n = 64 if block_co > 64 or block_ci > 64 else 128
-    positions = spatial[0] * spatial[1] * spatial[2]
-    grid = (triton.cdiv(positions, block_n), batch)
-    _stencil_kernel[grid](x, taps, bias if bias is not None else taps, y, *spatial, in_channels,
-                          out_channels, *x.stride(), *y.stride(), HAS_BIAS=bias is not None,
-                          PRECISION=_precision(x), BLOCK_N=block_n, BLOCK_CI=block_ci,
-                          BLOCK_CO=block_co, num_warps=4)
+def _gather_conv(thin: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
+                 wide_channels: int, layout: torch.memory_format, mirrored: bool
+                 ) -> torch.Tensor:
+    """The 3×3×3 convolution of the thin tensor (B, CT, D, H, W) into `wide_channels`, with
+    the `_packed` weight (taps mirrored for an input gradient), in `layout`."""
+    batch, thin_channels, *spatial = thin.shape
+    block_k, _, block_cw = _blocks(thin_channels, wide_channels)
+    y = _empty(thin, wide_channels, layout)
+    block_n = GATHER_BLOCK_N if block_cw <= 64 else GATHER_BLOCK_N // 2
+    grid = (triton.cdiv(spatial[0] * spatial[1] * spatial[2], block_n), batch)
+    _gather_conv_kernel[grid](thin, packed, packed if bias is None else bias, y, *spatial,
+                              *thin.stride(), *y.stride(), CT=thin_channels, CW=wide_channels,
+                              MIRRORED=mirrored, HAS_BIAS=bias is not None,
+                              PRECISION=_precision(thin), BLOCK_N=block_n, BLOCK_K=block_k,
+                              BLOCK_CW=block_cw, num_warps=NUM_WARPS)
     return y
 
 
-def _weight_grad(x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The weight (out, in, 3, 3, 3) and bias (out,) gradients of the stencil, in float32."""
-    batch, in_channels, *spatial = x.shape
-    out_channels = grad.shape[1]
-    block_ci, block_co, block_n = _block(in_channels), _block(out_channels), 64
+def _gather_weight_grad(thin: torch.Tensor, wide: torch.Tensor, mirrored: bool, sum_wide: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Σ over positions of the gathered thin tile times the wide tensor: the (27 × CT, CW)
+    float32 matrix of `_packed`'s layout, and the wide tensor's per-channel sums if `sum_wide`."""
+    batch, thin_channels, *spatial = thin.shape
+    wide_channels = wide.shape[1]
+    block_k, k_padded, block_cw = _blocks(thin_channels, wide_channels)
+    block_n = WEIGHT_GRAD_BLOCK_N
     positions = spatial[0] * spatial[1] * spatial[2]
-    programs = 2 * _sm_count(x.device)
-    chunks = max(1, min(triton.cdiv(positions, block_n), triton.cdiv(programs, batch)))
+    k_chunks = k_padded // block_k
+    programs = WEIGHT_GRAD_PROGRAMS_PER_SM * _sm_count(thin.device)
+    chunks = max(1, min(triton.cdiv(positions, block_n), triton.cdiv(programs, batch * k_chunks)))
     rows = triton.cdiv(triton.cdiv(positions, chunks), block_n) * block_n
     chunks = triton.cdiv(positions, rows)
-    part = x.new_empty(batch * chunks, _TAPS, block_co, block_ci, dtype=torch.float32)
-    bias_part = x.new_empty(batch * chunks, block_co, dtype=torch.float32)
-    _weight_grad_kernel[(_TAPS, batch * chunks)](
-        x, grad, part, bias_part, *spatial, in_channels, out_channels, rows, chunks,
-        *x.stride(), *grad.stride(), PRECISION=_precision(x), BLOCK_N=block_n,
-        BLOCK_CI=block_ci, BLOCK_CO=block_co, num_warps=4)
-    weight_grad = part.sum(0)[:, :out_channels, :in_channels]  # (27, out, in)
-    weight_grad = weight_grad.permute(1, 2, 0).reshape(out_channels, in_channels, 3, 3, 3)
-    return weight_grad.contiguous(), bias_part.sum(0)[:out_channels]
+    part = thin.new_empty(batch * chunks, k_padded, block_cw, dtype=torch.float32)
+    wide_sum = thin.new_empty(batch * chunks, block_cw, dtype=torch.float32)
+    _gather_weight_grad_kernel[(k_chunks, batch * chunks)](
+        thin, wide, part, wide_sum, *spatial, rows, chunks, *thin.stride(), *wide.stride(),
+        CT=thin_channels, CW=wide_channels, MIRRORED=mirrored, SUM_WIDE=sum_wide,
+        PRECISION=_precision(thin), BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_CW=block_cw,
+        num_warps=NUM_WARPS)
+    matrix = part.sum(0)[:_TAPS * thin_channels, :wide_channels]
+    return matrix, wide_sum.sum(0)[:wide_channels] if sum_wide else None
+
+
+#: A head's forward runs cuDNN with its output channels zero-padded to this multiple, as
+#: `conv.output_padding` does for 3D convolutions on a GPU (a Hopper kernel instead of Ampere).
+_OUTPUT_MULTIPLE = 8
+
+
+def _thin_output(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                 ) -> torch.Tensor:
+    """`F.conv3d(x, weight, bias, padding=1)` by ATen for a thin output, in `x`'s layout."""
+    out_channels = weight.shape[0]
+    extra = -out_channels % _OUTPUT_MULTIPLE if x.is_cuda else 0
+    if extra:
+        weight = F.pad(weight, [0] * 8 + [0, extra]).contiguous(memory_format=_memory_format(x))
+        bias = None if bias is None else F.pad(bias, [0, extra])
+    y = _empty(x, out_channels, _memory_format(x))
+    return y.copy_(F.conv3d(x, weight, bias, padding=1)[:, :out_channels])
 
 
 @torch.library.custom_op("diffunet::thin_conv3d", mutates_args=(), tags=_FIXED_STRIDES)
 def thin_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                 ) -> torch.Tensor:
-    """`F.conv3d(x, weight, bias, padding=1)` for a 3×3×3 weight, by the stencil kernel; the
-    output has `x`'s layout (channels-last or contiguous). All three share one dtype."""
-    return _stencil(x, _taps(weight, mirrored=False), bias, weight.shape[0])
+    """`F.conv3d(x, weight, bias, padding=1)` for a 3×3×3 weight with a thin side: a thin input
+    by the gather kernel, into channels-last if `x` or the weight is; a thin output by cuDNN,
+    in `x`'s layout. All three share one dtype."""
+    out_channels, in_channels = weight.shape[:2]
+    if not _gathers_input(in_channels, out_channels):
+        return _thin_output(x, weight, bias)
+    if not _runs_kernels(x.device):
+        return _empty(x, out_channels, _layout(x, weight)).copy_(
+            F.conv3d(x, weight, bias, padding=1))
+    return _gather_conv(x, _packed(weight, gathered_input=True), bias, out_channels,
+                        _layout(x, weight), mirrored=False)
 
 
 @thin_conv3d.register_fake
 def _thin_conv3d_fake(x, weight, bias):
-    return _output_like(x, weight.shape[0])
+    out_channels, in_channels = weight.shape[:2]
+    layout = (_layout(x, weight) if _gathers_input(in_channels, out_channels)
+              else _memory_format(x))
+    return _empty(x, out_channels, layout)
+
+
+def _weight_from(matrix: torch.Tensor, weight: torch.Tensor, gathered_input: bool
+                 ) -> torch.Tensor:
+    """The (out, in, 3, 3, 3) weight gradient from the kernels' (27 × thin, wide) matrix."""
+    out_channels, in_channels = weight.shape[:2]
+    if gathered_input:
+        taps = matrix.view(_TAPS, in_channels, out_channels).permute(2, 1, 0)
+    else:
+        taps = matrix.view(_TAPS, out_channels, in_channels).permute(1, 2, 0)
+    return taps.reshape(weight.shape).to(weight.dtype).contiguous()
 
 
 @torch.library.custom_op("diffunet::thin_conv3d_backward", mutates_args=(), tags=_FIXED_STRIDES)
@@ -231,18 +334,46 @@ def thin_conv3d_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tens
                          input_grad: bool, bias_grad: bool
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `thin_conv3d` for x (if `input_grad`), the weight, and the bias (if
-    `bias_grad`); empty tensors stand for those not asked for."""
-    grad_x = (_stencil(grad, _taps(weight, mirrored=True), None, x.shape[1], layout_of=x)
-              if input_grad else x.new_empty(0))
-    grad_weight, grad_bias = _weight_grad(x, grad)
-    return (grad_x, grad_weight.to(weight.dtype),
+    `bias_grad`); empty tensors stand for those not asked for. The thin side is gathered and
+    the wide one read once: a stem's weight gradient reads the output gradient, a head's reads
+    x, and a head's input gradient is the gather kernel over its thin output gradient. (A stem's
+    input gradient, which a U-Net never needs, is ATen's.)"""
+    out_channels, in_channels = weight.shape[:2]
+    gathered_input = _gathers_input(in_channels, out_channels)
+    if not _runs_kernels(x.device):
+        return _aten_backward(grad, x, weight, input_grad, True, bias_grad)
+    grad_x = x.new_empty(0)
+    if gathered_input:
+        matrix, grad_bias = _gather_weight_grad(x, grad, mirrored=False, sum_wide=bias_grad)
+        if input_grad:
+            grad_x = _aten_backward(grad, x, weight, True, False, False)[0]
+    else:
+        matrix, _ = _gather_weight_grad(grad, x, mirrored=True, sum_wide=False)
+        grad_bias = grad.sum((0, 2, 3, 4), dtype=torch.float32) if bias_grad else None
+        if input_grad:
+            grad_x = _gather_conv(grad, _packed(weight, gathered_input=False), None, in_channels,
+                                  _memory_format(x), mirrored=True)
+    return (grad_x, _weight_from(matrix, weight, gathered_input),
             grad_bias.to(weight.dtype) if bias_grad else weight.new_empty(0))
+
+
+def _aten_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, input_grad: bool,
+                   weight_grad: bool, bias_grad: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ATen's gradients (empty where not asked for), laid out as `thin_conv3d_backward` says."""
+    grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+        grad, x, weight, [weight.shape[0]], [1] * 3, [1] * 3, [1] * 3, False, [0] * 3, 1,
+        [input_grad, weight_grad, bias_grad])
+    return (_empty(x, x.shape[1], _memory_format(x)).copy_(grad_x) if input_grad
+            else x.new_empty(0),
+            grad_weight.contiguous() if weight_grad else weight.new_empty(0),
+            grad_bias if bias_grad else weight.new_empty(0))
 
 
 @thin_conv3d_backward.register_fake
 def _thin_conv3d_backward_fake(grad, x, weight, input_grad, bias_grad):
-    grad_x = _output_like(grad, x.shape[1], layout_of=x) if input_grad else x.new_empty(0)
-    grad_weight = weight.new_empty(weight.shape)  # contiguous, as `_weight_grad` makes it
+    grad_x = _empty(x, x.shape[1], _memory_format(x)) if input_grad else x.new_empty(0)
+    grad_weight = weight.new_empty(weight.shape)  # contiguous, as `_weight_from` makes it
     return grad_x, grad_weight, weight.new_empty(weight.shape[0] if bias_grad else 0)
 
 
@@ -250,13 +381,14 @@ def _setup_context(ctx, inputs, output) -> None:
     x, weight, bias = inputs
     ctx.save_for_backward(x, weight)
     ctx.has_bias = bias is not None
+    ctx.layout = _memory_format(output)
 
 
 def _backward(ctx, grad):
     x, weight = ctx.saved_tensors
     want_x, want_weight, want_bias = ctx.needs_input_grad
     want_bias = want_bias and ctx.has_bias
-    grad = grad.contiguous(memory_format=_memory_format(x))
+    grad = grad.contiguous(memory_format=ctx.layout)
     grad_x, grad_weight, grad_bias = thin_conv3d_backward(grad, x, weight, want_x, want_bias)
     return (grad_x if want_x else None, grad_weight if want_weight else None,
             grad_bias if want_bias else None)
