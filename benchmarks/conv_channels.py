@@ -11,10 +11,11 @@ step, one call each, which by their counts are the stem (2 input channels) and t
 channels change no result: the padded stem convolves its input with zero channels appended
 against zero weight columns, and the padded head computes zero-weight output channels that
 are sliced off. This script times both variants at each case's benchmark shape (and, for the
-3D ones on a GPU with Triton, `diffunet.nn.thin_conv`'s gather kernels as a third), bf16
-channels-last, forward alone and a training step's share (forward, weight and bias gradients,
-and the input gradient where the model needs one: the head's, not the stem's), with the
-padding itself inside the timed region. It also checks that the variants agree.
+3D ones on a GPU with Triton, `diffunet.nn.thin_conv`'s kernels as a third, and for a head
+those with the tap-product forward as a fourth), bf16 channels-last, forward alone and a
+training step's share (forward, weight and bias gradients, and the input gradient where the
+model needs one: the head's, not the stem's), with the padding itself inside the timed
+region. It also checks that the variants agree.
 """
 
 from __future__ import annotations
@@ -71,8 +72,19 @@ def _variants(conv: nn.Module, x: torch.Tensor
               ) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     variants = {"as is": conv, f"padded to {MULTIPLE}": lambda x: padded_convolution(conv, x)}
     if thin_conv.fits(conv, x):  # a 3D stem or head on a GPU with Triton
-        variants["triton gather"] = lambda x: thin_conv.thin_conv3d(x, conv.weight, conv.bias)
+        variants["thin_conv"] = lambda x: thin_conv.thin_conv3d(x, conv.weight, conv.bias)
+        if conv.out_channels < conv.in_channels:
+            variants["+ tap products"] = lambda x: _with_tap_products(conv, x)
     return variants
+
+
+def _with_tap_products(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`thin_conv3d` with the head's forward by the tap-product kernels."""
+    setting, thin_conv.TAP_PRODUCT_FORWARD = thin_conv.TAP_PRODUCT_FORWARD, True
+    try:
+        return thin_conv.thin_conv3d(x, conv.weight, conv.bias)
+    finally:
+        thin_conv.TAP_PRODUCT_FORWARD = setting
 
 
 def measure(name: str, module: nn.Module, shape: tuple[int, ...], device: torch.device,

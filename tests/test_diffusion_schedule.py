@@ -5,6 +5,8 @@ import math
 import numpy as np
 import pytest
 import torch
+
+pytest.importorskip("diffusers", reason="the reference implementation (pip install -e '.[dev]')")
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr as diffusers_rescale
 

@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+
+pytest.importorskip("diffusers", reason="the reference implementation (pip install -e '.[dev]')")
 from diffusers import DDIMScheduler
 
 from diffunet import UNet

@@ -87,6 +87,7 @@ INTERPRETER_CHECK = textwrap.dedent("""
     from diffunet.nn.ops import conv_nd
 
     torch.manual_seed(0)
+    thin_conv.TAP_PRODUCT_FORWARD = True  # a head's forward by the kernels, not ATen
     worst = {}
     cases = [((2, 16), (2, 3, 5, 4), True, True), ((16, 1), (1, 4, 3, 5), True, True),
              ((3, 5), (2, 3, 3, 3), False, False), ((8, 33), (1, 2, 3, 2), True, True),
@@ -118,6 +119,14 @@ INTERPRETER_CHECK = textwrap.dedent("""
                 worst[dtype, name] = max(worst.get((dtype, name), 0.0), error)
     print(worst)
     assert all(v < (1e-6 if dtype == torch.float32 else 3e-3) for (dtype, _), v in worst.items())
+
+    # a head's forward in groups of samples whose tap products fit the budget: here one each
+    thin_conv.TAP_PRODUCTS_BYTES = 1
+    x, w, b = torch.randn(3, 12, 2, 3, 4), torch.randn(2, 12, 3, 3, 3), torch.randn(2)
+    want = F.conv3d(x.double(), w.double(), b.double(), padding=1)
+    got = thin_conv.thin_conv3d(x, w, b).double()
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-6
+    thin_conv.TAP_PRODUCTS_BYTES = 64 << 20
 
     # schema, fake kernels (strides included) and autograd registration, as PyTorch checks ops
     for cin, cout, channels_last in ((2, 16, True), (16, 1, True), (3, 5, False)):
@@ -190,11 +199,13 @@ def test_kernels_compute_conv3d_and_its_gradients_under_the_interpreter():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tap_products", [False, True])
 @pytest.mark.parametrize(("channels", "spatial"), [((2, 64), (4, 64, 64, 64)),
                                                    ((64, 1), (4, 64, 64, 64)),
                                                    ((3, 33), (2, 7, 9, 5)), ((5, 2), (1, 17, 3, 4))])
-def test_bf16_kernels_match_cudnn_on_the_gpu(channels, spatial, monkeypatch):
+def test_bf16_kernels_match_cudnn_on_the_gpu(channels, spatial, tap_products, monkeypatch):
     monkeypatch.setattr(thin_conv, "_ENABLED", True)
+    monkeypatch.setattr(thin_conv, "TAP_PRODUCT_FORWARD", tap_products)
     torch.manual_seed(0)
     conv = conv_nd(3, *channels, 3, padding=1).cuda().to(memory_format=torch.channels_last_3d)
     x = torch.randn(spatial[0], channels[0], *spatial[1:], device="cuda")

@@ -12,7 +12,9 @@ one is read or written once. The stem's forward gathers its input; its weight gr
 the input again against the streamed output gradient. The head's input gradient gathers its
 one-channel output gradient (taps mirrored) into the wide input gradient, and its weight
 gradient gathers that output gradient against the streamed input. The head's forward, a
-reduction over the wide side, stays cuDNN's (with its output padded to 8 channels).
+reduction over the wide side, is cuDNN's (its output padded to 8 channels), or with
+`TAP_PRODUCT_FORWARD` two passes: each position's products with the 27 × COUT tap weights
+(one read of x), then each output the sum of its 27 neighbours' products (one read of those).
 
 A first version (session 12) ran each tap as its own product over the wide side, reading it
 27 times: on an H200 its stem training pass took 2.39 ms against cuDNN's 0.91, its head
@@ -211,6 +213,54 @@ if triton is not None:
                 tl.store(wide_sum_ptr + run * BLOCK_CW + cw, wide_sum)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _tap_products_kernel(x_ptr, w_ptr, z_ptr, D, H, W, first, sxb, sxc, sxd, sxh, sxw,
+                             CIN: tl.constexpr, K: tl.constexpr, K_PADDED: tl.constexpr,
+                             PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_CI: tl.constexpr, BLOCK_K: tl.constexpr):
+        """z[s, n, k] = Σ_ci x[first + s, ci, n] · w[ci, k]: each position's products with the
+        K = 27 × COUT tap weights (column tap * COUT + co), from one read of x."""
+        s = tl.program_id(1).to(tl.int64)
+        ns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        inside_n = ns < D * H * W
+        d_, h_, w_ = _coordinates(ns, H, W)
+        ci = tl.arange(0, BLOCK_CI)
+        x = tl.load(x_ptr + (first + s) * sxb + (d_ * sxd + h_ * sxh + w_ * sxw)[:, None]
+                    + ci[None, :] * sxc, mask=inside_n[:, None] & (ci < CIN)[None, :], other=0.0)
+        rows = (s * D * H * W + ns)[:, None] * K
+        for k0 in tl.static_range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(w_ptr + ci[:, None] * K_PADDED + ks[None, :])
+            z = tl.dot(x, w, input_precision=PRECISION)
+            tl.store(z_ptr + rows + ks[None, :], z.to(z_ptr.dtype.element_ty),
+                     mask=inside_n[:, None] & (ks < K)[None, :])
+
+    @triton.jit
+    def _tap_sum_kernel(z_ptr, b_ptr, y_ptr, D, H, W, first, syb, syc, syd, syh, syw,
+                        COUT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+        """y[first + s, co, n] = Σ_tap z[s, n + offset(tap), tap * COUT + co] (+ bias[co])."""
+        s = tl.program_id(1).to(tl.int64)
+        ns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        inside_n = ns < D * H * W
+        d_, h_, w_ = _coordinates(ns, H, W)
+        tap = tl.arange(0, 32)
+        sd = d_[:, None] + (tap // 9 - 1)[None, :]
+        sh = h_[:, None] + (tap // 3 % 3 - 1)[None, :]
+        sw = w_[:, None] + (tap % 3 - 1)[None, :]
+        inside = (inside_n[:, None] & (tap < 27)[None, :] & (sd >= 0) & (sd < D)
+                  & (sh >= 0) & (sh < H) & (sw >= 0) & (sw < W))
+        rows = (s * D * H * W + (sd * H + sh) * W + sw) * (27 * COUT)
+        out = y_ptr + (first + s) * syb + d_ * syd + h_ * syh + w_ * syw
+        for co in tl.static_range(COUT):
+            z = tl.load(z_ptr + rows + (tap * COUT + co)[None, :], mask=inside, other=0.0)
+            y = tl.sum(z.to(tl.float32), axis=1)
+            if HAS_BIAS:
+                y += tl.load(b_ptr + co).to(tl.float32)
+            tl.store(out + co * syc, y.to(y_ptr.dtype.element_ty), mask=inside_n)
+
+
 #: Launch parameters (`benchmarks/conv_channels.py` times the defaults; a sweep may set them).
 GATHER_BLOCK_N = 128
 WEIGHT_GRAD_BLOCK_N = 128
@@ -231,7 +281,10 @@ def _tensor_cores(device: torch.device) -> bool:
 
 
 def _precision(x: torch.Tensor) -> str:
-    return "ieee" if x.dtype == torch.float32 else "tf32"  # ignored for 16-bit inputs
+    """float32 products as cuDNN's convolutions compute them: TF32 where PyTorch lets cuDNN
+    use it (its default), else exact. (Ignored for 16-bit inputs.)"""
+    tf32 = x.is_cuda and torch.backends.cudnn.allow_tf32
+    return "tf32" if x.dtype != torch.float32 or tf32 else "ieee"
 
 
 def _gather_conv(thin: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
@@ -277,14 +330,28 @@ def _gather_weight_grad(thin: torch.Tensor, wide: torch.Tensor, mirrored: bool, 
     return matrix, wide_sum.sum(0)[:wide_channels] if sum_wide else None
 
 
-#: A head's forward runs cuDNN with its output channels zero-padded to this multiple, as
-#: `conv.output_padding` does for 3D convolutions on a GPU (a Hopper kernel instead of Ampere).
+#: Bytes of tap products that a head's forward holds at once: it runs the samples of a batch
+#: in groups whose products fit (a 64³ sample of a one-channel head: 14 MB in bf16).
+TAP_PRODUCTS_BYTES = 64 << 20
+TAP_PRODUCTS_BLOCK_N = 64
+TAP_SUM_BLOCK_N = 256
+
+
+#: A head's forward: cuDNN, with the output channels zero-padded to this multiple (a Hopper
+#: kernel instead of an Ampere one; `conv.output_padding`), unless `TAP_PRODUCT_FORWARD`.
 _OUTPUT_MULTIPLE = 8
+#: Whether a head's forward runs `_tap_product_forward` instead of cuDNN (env
+#: `DIFFUNET_TAP_PRODUCT_FORWARD=1`). Off until the model is measured with it: the kernels'
+#: prototype took 0.088 ms on an H200 where cuDNN took 0.426 (the 3D head, 4×64³, bf16), but
+#: this version has not run on a GPU yet.
+TAP_PRODUCT_FORWARD = os.environ.get("DIFFUNET_TAP_PRODUCT_FORWARD", "0") == "1"
 
 
 def _thin_output(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                  ) -> torch.Tensor:
-    """`F.conv3d(x, weight, bias, padding=1)` by ATen for a thin output, in `x`'s layout."""
+    """`F.conv3d(x, weight, bias, padding=1)` for a thin output, in `x`'s layout."""
+    if TAP_PRODUCT_FORWARD:
+        return _tap_product_forward(x, weight, bias)
     out_channels = weight.shape[0]
     extra = -out_channels % _OUTPUT_MULTIPLE if x.is_cuda else 0
     if extra:
@@ -294,18 +361,47 @@ def _thin_output(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return y.copy_(F.conv3d(x, weight, bias, padding=1)[:, :out_channels])
 
 
+def _tap_product_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                         ) -> torch.Tensor:
+    """A head's forward: each position's products with the 27 × COUT tap weights (z, in `x`'s
+    dtype), then each output the sum of its 27 neighbours' products, for a group of samples
+    at a time. Two passes that read x once and z once, where the direct convolution reads
+    every x tile 27 times."""
+    batch, in_channels, *spatial = x.shape
+    out_channels = weight.shape[0]
+    y = _empty(x, out_channels, _memory_format(x))
+    block_k, k_padded, block_ci = _blocks(out_channels, in_channels)
+    taps = _packed(weight, gathered_input=False).t().contiguous()  # (ci, tap * COUT + co)
+    positions, k = spatial[0] * spatial[1] * spatial[2], _TAPS * out_channels
+    group = max(1, min(batch, TAP_PRODUCTS_BYTES // (positions * k * x.element_size())))
+    z = x.new_empty(group, positions, k)
+    for first in range(0, batch, group):
+        samples = min(group, batch - first)
+        _tap_products_kernel[(triton.cdiv(positions, TAP_PRODUCTS_BLOCK_N), samples)](
+            x, taps, z, *spatial, first, *x.stride(), CIN=in_channels, K=k, K_PADDED=k_padded,
+            PRECISION=_precision(x), BLOCK_N=TAP_PRODUCTS_BLOCK_N, BLOCK_CI=block_ci,
+            BLOCK_K=block_k, num_warps=NUM_WARPS)
+        _tap_sum_kernel[(triton.cdiv(positions, TAP_SUM_BLOCK_N), samples)](
+            z, taps if bias is None else bias, y, *spatial, first, *y.stride(),
+            COUT=out_channels, HAS_BIAS=bias is not None, BLOCK_N=TAP_SUM_BLOCK_N,
+            num_warps=NUM_WARPS)
+    return y
+
+
 @torch.library.custom_op("diffunet::thin_conv3d", mutates_args=(), tags=_FIXED_STRIDES)
 def thin_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                 ) -> torch.Tensor:
     """`F.conv3d(x, weight, bias, padding=1)` for a 3×3×3 weight with a thin side: a thin input
-    by the gather kernel, into channels-last if `x` or the weight is; a thin output by cuDNN,
-    in `x`'s layout. All three share one dtype."""
+    by the gather kernel, into channels-last if `x` or the weight is; a thin output by cuDNN
+    or the tap-product kernels (`TAP_PRODUCT_FORWARD`), in `x`'s layout. All three share one
+    dtype."""
     out_channels, in_channels = weight.shape[:2]
-    if not _gathers_input(in_channels, out_channels):
-        return _thin_output(x, weight, bias)
+    gathered_input = _gathers_input(in_channels, out_channels)
     if not _runs_kernels(x.device):
-        return _empty(x, out_channels, _layout(x, weight)).copy_(
-            F.conv3d(x, weight, bias, padding=1))
+        layout = _layout(x, weight) if gathered_input else _memory_format(x)
+        return _empty(x, out_channels, layout).copy_(F.conv3d(x, weight, bias, padding=1))
+    if not gathered_input:
+        return _thin_output(x, weight, bias)
     return _gather_conv(x, _packed(weight, gathered_input=True), bias, out_channels,
                         _layout(x, weight), mirrored=False)
 
