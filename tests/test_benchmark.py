@@ -141,6 +141,8 @@ def test_ddim_timesteps_run_from_noisiest_to_clean():
     ("_stats_kernel", "norm/reductions"),  # diffunet's fused GroupNorm (nn/fused.py)
     ("_backward_dx_kernel", "norm/reductions"),
     ("_normalize_kernel", "norm/reductions"),
+    ("_gather_weight_grad_kernel", "convolution"),  # diffunet's thin convs (nn/thin_conv.py)
+    ("_tap_sum_kernel", "convolution"),
     ("void splitKreduce_kernel<32, 16, int, float, __nv_bfloat16>", "attention+GEMM"),
     ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", "attention+GEMM"),
     ("some_unknown_kernel", "other"),

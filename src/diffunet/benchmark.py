@@ -51,7 +51,7 @@ from torch import nn
 
 from .config import UNetConfig
 from .introspect import flop_counter
-from .nn import fused
+from .nn import fused, thin_conv
 from .presets import preset
 from .unet import UNet, memory_format_for
 
@@ -590,6 +590,8 @@ def environment(settings: Settings, argv: list[str] | None) -> dict[str, Any]:
         "repeats": settings.repeats,
         "quick": settings.quick,
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "thin_conv_kernels": thin_conv._ENABLED,
+        "tap_product_forward": thin_conv.TAP_PRODUCT_FORWARD,
         "memory_format": "channels_last (2D) / channels_last_3d (3D)",
         "train_step": "bf16 autocast forward, fp32 MSE on eps, backward, fused AdamW, "
                       "zero_grad(set_to_none)" if settings.precision == "bf16" else
@@ -1052,6 +1054,8 @@ def format_table(data: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------------- profiling
 _CLASS_PATTERNS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    # diffunet's thin 3D convolutions (nn/thin_conv.py)
+    ("convolution", ("_gather_conv", "_gather_weight_grad", "_tap_products", "_tap_sum")),
     ("optimizer", ("adam", "multi_tensor_apply", "sgd")),
     ("attention+GEMM", ("splitk",)),
     ("elementwise/copies", ("nchwtonhwc", "nhwctonchw", "nchw_to_nhwc", "nhwc_to_nchw")),
