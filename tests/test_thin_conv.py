@@ -71,6 +71,10 @@ def test_which_convolutions_the_kernels_take(enabled):
     assert not thin_conv.takes(conv_nd(3, 2, 16, 3, padding=1, padding_mode="circular"), x2)
     assert not thin_conv.takes(conv_nd(2, 2, 16, 3, padding=1), torch.randn(1, 2, 4, 4))
     assert not thin_conv.takes(conv_nd(3, 2, 16, 3, padding=1).double(), x2)  # dtype mismatch
+    assert not thin_conv.takes(conv_nd(3, 3, 16, 3, padding=1), x2)  # F.conv3d's error instead
+    huge = torch.zeros(1, 2, 1, 1, 1).expand(1, 2, 512, 512, 512)  # 2³³ outputs per sample
+    assert not thin_conv.takes(conv_nd(3, 2, 64, 3, padding=1), huge)
+    assert thin_conv.takes(conv_nd(3, 2, 64, 3, padding=1), huge[:, :, :64])
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts both
         assert thin_conv.takes(conv_nd(3, 2, 16, 3, padding=1).double(), x2)
     thin_conv.set_thin_conv_enabled(False)  # the fixture restores the setting

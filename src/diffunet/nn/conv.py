@@ -270,12 +270,13 @@ def output_padding(conv: nn.Module, x: torch.Tensor) -> int:
     `CHANNEL_MULTIPLE` for a plain 3D convolution on `PADDED_DEVICES`, else none.
 
     The extra outputs come from zero weight rows and are sliced off, so nothing changes but the
-    kernel cuDNN picks: for the 3D head (64 → 1 channel at 4×64³, bf16) an Ampere kernel as is,
-    a Hopper one padded, 0.544 → 0.432 ms forward and 1.754 → 1.583 ms with its gradients
-    (H200, `benchmarks/conv_channels.py`). Padding the 2- or 3-channel inputs of the stems paid
-    nothing, nor did padding 2D heads (an `ldm` head's gradients took 0.1 ms longer), so those
-    stay as they are. The parameters keep their shapes; exported programs keep the model's own
-    convolutions.
+    kernel cuDNN picks: for the 3D head (64 → 1 channel at 4×64³, bf16) 0.544 → 0.432 ms
+    forward and 1.754 → 1.583 ms with its gradients (H200, `benchmarks/conv_channels.py`; both
+    are Ampere-generation kernels there, the padded one with a wider tile). Padding the 2- or
+    3-channel inputs of the stems paid nothing, nor did padding 2D heads (an `ldm` head's
+    gradients took 0.1 ms longer), so those stay as they are. The parameters keep their
+    shapes; exported programs keep the model's own convolutions. (On a GPU, 3D heads and
+    stems that `thin_conv` takes never get here.)
     """
     if (x.device.type not in PADDED_DEVICES or x.ndim != 5 or not _routable(conv)
             or conv.groups != 1 or _exporting()):
