@@ -95,7 +95,8 @@ INTERPRETER_CHECK = textwrap.dedent("""
     worst = {}
     cases = [((2, 16), (2, 3, 5, 4), True, True), ((16, 1), (1, 4, 3, 5), True, True),
              ((3, 5), (2, 3, 3, 3), False, False), ((8, 33), (1, 2, 3, 2), True, True),
-             ((1, 16), (1, 3, 4, 3), False, True), ((12, 3), (1, 3, 2, 4), False, True)]
+             ((1, 16), (1, 3, 4, 3), False, True), ((12, 3), (1, 3, 2, 4), False, True),
+             ((2, 16), (2, 1, 1, 1), True, True), ((16, 2), (2, 1, 3, 1), True, False)]
     for dtype in (torch.float32, torch.float16):
         for (cin, cout), spatial, channels_last, bias in cases:
             x = torch.randn(spatial[0], cin, *spatial[1:])
@@ -123,6 +124,14 @@ INTERPRETER_CHECK = textwrap.dedent("""
                 worst[dtype, name] = max(worst.get((dtype, name), 0.0), error)
     print(worst)
     assert all(v < (1e-6 if dtype == torch.float32 else 3e-3) for (dtype, _), v in worst.items())
+
+    # inputs that are views with strides of their own: a channel slice, a transposed volume
+    for x in (torch.randn(2, 3, 3, 4, 5).contiguous(memory_format=torch.channels_last_3d)[:, :2],
+              torch.randn(2, 2, 5, 4, 3).transpose(2, 4)):
+        w, b = torch.randn(16, 2, 3, 3, 3), torch.randn(16)
+        want = F.conv3d(x.double(), w.double(), b.double(), padding=1)
+        got = thin_conv.thin_conv3d(x, w, b).double()
+        assert ((got - want).abs().max() / want.abs().max()).item() < 1e-6
 
     # a head's forward in groups of samples whose tap products fit the budget: here one each
     thin_conv.TAP_PRODUCTS_BYTES = 1
