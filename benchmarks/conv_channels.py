@@ -37,8 +37,8 @@ except ImportError:
     from diffunet.benchmark import build_case, kernel_time_ms, write_json_result
 from diffunet import UNet
 from diffunet.nn import thin_conv
+from diffunet.nn.ops import CHANNEL_MULTIPLE as MULTIPLE
 
-MULTIPLE = 8
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 

@@ -26,10 +26,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import thin_conv
+from .ops import CHANNEL_MULTIPLE, autocast_operands, pad_output_channels
 
 _FIXED_STRIDES = (torch.Tag.needs_fixed_stride_order,)
 
@@ -258,9 +258,6 @@ def convolve_split_bias(conv: nn.Module, x: torch.Tensor
     return _convolve(conv, x, with_bias=False), conv.bias
 
 
-#: Output channel counts that `convolve` pads 3D convolutions to (see `output_padding`).
-CHANNEL_MULTIPLE = 8
-
 #: Devices on which `convolve` pads (cuDNN's). Tests add "cpu" to check the arithmetic.
 PADDED_DEVICES: frozenset[str] = frozenset({"cuda"})
 
@@ -284,12 +281,6 @@ def output_padding(conv: nn.Module, x: torch.Tensor) -> int:
     return -conv.out_channels % CHANNEL_MULTIPLE
 
 
-def _padded_weight(weight: torch.Tensor, bias: torch.Tensor | None, extra: int
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    weight = F.pad(weight, [0, 0] * (weight.ndim - 1) + [0, extra])  # F.pad: last axis first
-    return weight, None if bias is None else F.pad(bias, [0, extra])
-
-
 def _convolve(conv: nn.Module, x: torch.Tensor, *, with_bias: bool) -> torch.Tensor:
     if thin_conv.takes(conv, x) and _routable(conv) and not _exporting():
         return thin_conv.convolve(conv, x, with_bias=with_bias)
@@ -308,20 +299,15 @@ def _convolve(conv: nn.Module, x: torch.Tensor, *, with_bias: bool) -> torch.Ten
                 x = x.to(torch.get_autocast_dtype(x.device.type))
             x = pin_layout(x, layout) if compiling else x.contiguous(memory_format=layout)
         if extra:  # zero output channels computed and sliced off (see `output_padding`)
-            weight, bias = _padded_weight(conv.weight, conv.bias if with_bias else None, extra)
+            weight, bias = pad_output_channels(conv.weight, conv.bias if with_bias else None, extra)
             return conv._conv_forward(x, weight, bias)[:, :conv.out_channels]
         return conv(x) if with_bias else conv._conv_forward(x, conv.weight, None)
-    weight, bias = conv.weight, conv.bias if with_bias else None
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
+    x, weight, bias = autocast_operands(x, conv.weight, conv.bias if with_bias else None)
     # Eager CUDA GroupNorm hands back NCHW even for channels-last input, and the custom op pins
     # the strides Inductor saw while tracing: ask for cuDNN's layout here, and the kernel that
     # produces `x` writes it that way (no extra copy).
     x = x.contiguous(memory_format=_layout_for(conv, x, weight))
-    padded_weight, padded_bias = _padded_weight(weight, bias, extra) if extra else (weight, bias)
+    padded_weight, padded_bias = pad_output_channels(weight, bias, extra) if extra else (weight, bias)
     out = convolution(x, padded_weight, padded_bias, list(conv.stride), list(conv.padding),
                       list(conv.dilation), conv.groups)
     out = out[:, :conv.out_channels] if extra else out

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fused import _FIXED_STRIDES, _interpreting, _memory_format, _sm_count
+from .ops import CHANNEL_MULTIPLE, autocast_operands, pad_output_channels
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs never call the kernels.
     import triton
@@ -110,6 +111,14 @@ def _layout(*tensors: torch.Tensor) -> torch.memory_format:
     """Channels-last if any of `tensors` is (as cuDNN decides); a one-channel tensor is both."""
     layouts = [_memory_format(t) for t in tensors]
     return next((f for f in layouts if f != torch.contiguous_format), torch.contiguous_format)
+
+
+def _output_layout(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
+    """`thin_conv3d`'s output layout: a stem's wide output channels-last if `x` or the weight
+    is, a head's thin output in `x`'s layout."""
+    if _gathers_input(weight.shape[1], weight.shape[0]):
+        return _layout(x, weight)
+    return _memory_format(x)
 
 
 def _empty(like: torch.Tensor, channels: int, layout: torch.memory_format) -> torch.Tensor:
@@ -337,10 +346,6 @@ TAP_PRODUCTS_BLOCK_N = 64
 TAP_SUM_BLOCK_N = 256
 
 
-#: A head's forward: cuDNN, with the output channels zero-padded to this multiple (0.437
-#: against 0.547 ms for the 3D head on an H200; `conv.output_padding`), unless
-#: `TAP_PRODUCT_FORWARD`.
-_OUTPUT_MULTIPLE = 8
 #: Whether a head's forward runs `_tap_product_forward` instead of cuDNN (env
 #: `DIFFUNET_TAP_PRODUCT_FORWARD=1`). Off until the model is measured with it: the kernels'
 #: prototype took 0.088 ms on an H200 where cuDNN took 0.426 (the 3D head, 4×64³, bf16), but
@@ -350,14 +355,16 @@ TAP_PRODUCT_FORWARD = os.environ.get("DIFFUNET_TAP_PRODUCT_FORWARD", "0") == "1"
 
 def _thin_output(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                  ) -> torch.Tensor:
-    """`F.conv3d(x, weight, bias, padding=1)` for a thin output, in `x`'s layout."""
+    """`F.conv3d(x, weight, bias, padding=1)` for a thin output, in `x`'s layout: cuDNN with
+    the output channels zero-padded to `CHANNEL_MULTIPLE` (0.437 against 0.547 ms for the 3D
+    head on an H200; `conv.output_padding`), unless `TAP_PRODUCT_FORWARD`."""
     if TAP_PRODUCT_FORWARD:
         return _tap_product_forward(x, weight, bias)
     out_channels = weight.shape[0]
-    extra = -out_channels % _OUTPUT_MULTIPLE if x.is_cuda else 0
+    extra = -out_channels % CHANNEL_MULTIPLE if x.is_cuda else 0
     if extra:
-        weight = F.pad(weight, [0] * 8 + [0, extra]).contiguous(memory_format=_memory_format(x))
-        bias = None if bias is None else F.pad(bias, [0, extra])
+        weight, bias = pad_output_channels(weight, bias, extra)
+        weight = weight.contiguous(memory_format=_memory_format(x))
     y = _empty(x, out_channels, _memory_format(x))
     return y.copy_(F.conv3d(x, weight, bias, padding=1)[:, :out_channels])
 
@@ -397,22 +404,18 @@ def thin_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     or the tap-product kernels (`TAP_PRODUCT_FORWARD`), in `x`'s layout. All three share one
     dtype."""
     out_channels, in_channels = weight.shape[:2]
-    gathered_input = _gathers_input(in_channels, out_channels)
     if not _runs_kernels(x.device):
-        layout = _layout(x, weight) if gathered_input else _memory_format(x)
-        return _empty(x, out_channels, layout).copy_(F.conv3d(x, weight, bias, padding=1))
-    if not gathered_input:
+        return _empty(x, out_channels, _output_layout(x, weight)).copy_(
+            F.conv3d(x, weight, bias, padding=1))
+    if not _gathers_input(in_channels, out_channels):
         return _thin_output(x, weight, bias)
     return _gather_conv(x, _packed(weight, gathered_input=True), bias, out_channels,
-                        _layout(x, weight), mirrored=False)
+                        _output_layout(x, weight), mirrored=False)
 
 
 @thin_conv3d.register_fake
 def _thin_conv3d_fake(x, weight, bias):
-    out_channels, in_channels = weight.shape[:2]
-    layout = (_layout(x, weight) if _gathers_input(in_channels, out_channels)
-              else _memory_format(x))
-    return _empty(x, out_channels, layout)
+    return _empty(x, weight.shape[0], _output_layout(x, weight))
 
 
 def _weight_from(matrix: torch.Tensor, weight: torch.Tensor, gathered_input: bool
@@ -496,11 +499,7 @@ thin_conv3d.register_autograd(_backward, setup_context=_setup_context)
 
 def convolve(conv: nn.Conv3d, x: torch.Tensor, *, with_bias: bool) -> torch.Tensor:
     """`conv(x)` (without its bias unless `with_bias`) by the kernels, in autocast's dtype when
-    autocast is on, else in `x`'s; `takes(conv, x)` must hold."""
-    weight, bias = conv.weight, conv.bias if with_bias else None
-    dtype = (torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type)
-             else x.dtype)
-    x, weight = x.to(dtype), weight.to(dtype)
-    bias = None if bias is None else bias.to(dtype)
+    autocast is on, else in the one dtype `fits` requires; `takes(conv, x)` must hold."""
+    x, weight, bias = autocast_operands(x, conv.weight, conv.bias if with_bias else None)
     with torch.autocast(x.device.type, enabled=False):
         return thin_conv3d(x, weight, bias)
