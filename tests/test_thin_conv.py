@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from diffunet.nn import thin_conv
+from diffunet.nn.conv import convolve
 from diffunet.nn.ops import conv_nd
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -72,6 +73,9 @@ def test_which_convolutions_the_kernels_take(enabled):
     assert not thin_conv.takes(conv_nd(2, 2, 16, 3, padding=1), torch.randn(1, 2, 4, 4))
     assert not thin_conv.takes(conv_nd(3, 2, 16, 3, padding=1).double(), x2)  # dtype mismatch
     assert not thin_conv.takes(conv_nd(3, 3, 16, 3, padding=1), x2)  # F.conv3d's error instead
+    meta = conv_nd(3, 2, 16, 3, padding=1).to("meta")  # shapes only, as a benchmark lists calls
+    assert not thin_conv.takes(meta, x2.to("meta"))
+    assert convolve(meta, x2.to("meta")).shape == (1, 16, 4, 4, 4)
     huge = torch.zeros(1, 2, 1, 1, 1).expand(1, 2, 512, 512, 512)  # 2³³ outputs per sample
     assert not thin_conv.takes(conv_nd(3, 2, 64, 3, padding=1), huge)
     assert thin_conv.takes(conv_nd(3, 2, 64, 3, padding=1), huge[:, :, :64])

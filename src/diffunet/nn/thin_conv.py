@@ -73,13 +73,13 @@ def takes(conv: nn.Module, x: torch.Tensor) -> bool:
 
 
 def fits(conv: nn.Module, x: torch.Tensor) -> bool:
-    """Whether the kernels can compute `conv(x)`: Triton on a GPU (or its interpreter), a
+    """Whether the kernels can compute `conv(x)`: Triton on a GPU (or its interpreter on the CPU), a
     3×3×3 `nn.Conv3d` with stride 1, padding 1 and zero padding mode, a thin side of at most
     `THIN_CHANNELS` and a wide side of at most `MAX_CHANNELS` channels, whose sample has fewer
     than 2³¹ elements (the kernels' offsets are 32-bit within a sample). (Whether the module
     is plain enough to bypass its own call, and not being exported, `conv.convolve` decides.)"""
-    if not (triton is not None and (x.is_cuda or _interpreting())):
-        return False
+    if not (triton is not None and (x.is_cuda or (x.device.type == "cpu" and _interpreting()))):
+        return False  # e.g. meta tensors: `F.conv3d` computes their shapes
     if type(conv) is not nn.Conv3d or x.ndim != 5 or x.shape[1] != conv.in_channels:
         return False  # a wrong channel count gets `F.conv3d`'s own error
     autocast = torch.is_autocast_enabled(x.device.type)
