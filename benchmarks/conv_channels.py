@@ -20,7 +20,6 @@ region. It also checks that the variants agree.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 from collections.abc import Callable
@@ -31,11 +30,18 @@ import torch.nn.functional as F
 from torch import nn
 
 try:
-    from diffunet.benchmark import build_case, kernel_time_ms, write_json_result
+    import diffunet  # noqa: F401  (installed, or run from a checkout:)
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from diffunet.benchmark import build_case, kernel_time_ms, write_json_result
 from diffunet import UNet
+from diffunet.benchmark import (
+    build_case,
+    compare_variant,
+    kernel_time_ms,
+    layer_benchmark_parser,
+    layer_benchmark_setup,
+    write_json_result,
+)
 from diffunet.nn import thin_conv
 from diffunet.nn.ops import CHANNEL_MULTIPLE as MULTIPLE
 
@@ -102,7 +108,7 @@ def measure(name: str, module: nn.Module, shape: tuple[int, ...], device: torch.
     inputs = [x, *conv.parameters()] if x.requires_grad else list(conv.parameters())
     rows, expected = [], None
     for variant, run in _variants(conv, x).items():
-        grad, difference, expected = _compare(run, x, inputs, expected)
+        grad, difference, expected = compare_variant(run, x, inputs, expected)
 
         def forward(run=run) -> None:
             with torch.no_grad():
@@ -117,23 +123,6 @@ def measure(name: str, module: nn.Module, shape: tuple[int, ...], device: torch.
                      "train_ms": kernel_time_ms(train, iters, device),
                      "max_relative_difference": difference})
     return rows
-
-
-def _compare(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-             inputs: list[torch.Tensor], expected: tuple | None) -> tuple[torch.Tensor, float,
-                                                                          tuple]:
-    """The output gradient to time with, how far `run`'s output and gradients are from
-    `expected` (the first variant's), and `expected`. Nothing of the autograd graph outlives
-    the call: a parameter's gradient accumulator kept from this default-stream call would
-    belong to another stream than the timed calls and break their CUDA-graph capture."""
-    out = run(x)
-    grad = torch.randn_like(out) if expected is None else expected[1]
-    grads = torch.autograd.grad(out, inputs, grad)
-    if expected is None:
-        expected = out.detach(), grad, [g.detach() for g in grads]
-    difference = max(((got - want).abs().max() / want.abs().max()).item()
-                     for got, want in zip([out, *grads], [expected[0], *expected[2]]))
-    return grad, difference, expected
 
 
 def format_rows(rows: list[dict]) -> str:
@@ -152,31 +141,16 @@ def format_rows(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Time every case's stem and head, plain and padded; print a table and write JSON."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", default="3d,ldm,ddpm-cifar10",
-                        help="benchmark cases, comma-separated (default: %(default)s)")
-    parser.add_argument("--iters", type=int, default=20,
-                        help="timed calls per measurement (default: %(default)s)")
-    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--quick", action="store_true",
-                        help="the tiny benchmark cases, float32 (a CPU smoke test)")
-    parser.add_argument("--out", help="JSON path (default: $OUT/conv_channels.json when OUT is "
-                                      "set)")
+    parser = layer_benchmark_parser(__doc__.split("\n\n")[0], "conv_channels.json")
     args = parser.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
-    dtype = torch.bfloat16 if device.type == "cuda" and not args.quick else torch.float32
-    torch.backends.cudnn.benchmark = True
+    device, dtype, meta = layer_benchmark_setup(args, parser)
     rows = []
     for case in args.cases.split(","):
         for name, (module, shape) in stem_and_head(case, args.quick).items():
             rows += [{"case": case, **row}
                      for row in measure(name, module, shape, device, dtype, args.iters)]
     print(format_rows(rows), flush=True)
-    data = {"meta": {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
-                     else "cpu", "torch": torch.__version__, "dtype": str(dtype),
-                     "argv": sys.argv[1:] if argv is None else argv}, "rows": rows}
+    data = {"meta": {**meta, "argv": sys.argv[1:] if argv is None else argv}, "rows": rows}
     write_json_result(data, args.out, "conv_channels.json")
     return 0
 

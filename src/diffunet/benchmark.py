@@ -51,7 +51,7 @@ from torch import nn
 
 from .config import UNetConfig
 from .introspect import flop_counter
-from .nn import fused, thin_conv
+from .nn import fused, resample, thin_conv
 from .presets import preset
 from .unet import UNet, memory_format_for
 
@@ -446,6 +446,56 @@ def kernel_time_ms(fn: Callable[[], Any], iters: int, device: torch.device,
     return start.elapsed_time(end) / iters
 
 
+def layer_benchmark_parser(description: str, default_out: str) -> argparse.ArgumentParser:
+    """The options the per-layer timing scripts share (`benchmarks/conv_channels.py`,
+    `benchmarks/upsample_fold.py`): --cases, --iters, --device, --quick and --out."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--cases", default="3d,ldm,ddpm-cifar10",
+                        help="benchmark cases, comma-separated (default: %(default)s)")
+    parser.add_argument("--iters", type=int, default=20,
+                        help="timed calls per measurement (default: %(default)s)")
+    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--quick", action="store_true",
+                        help="the tiny benchmark cases, float32 (a CPU smoke test)")
+    parser.add_argument("--out", help=f"JSON path (default: $OUT/{default_out} when OUT is set)")
+    return parser
+
+
+def layer_benchmark_setup(args: argparse.Namespace, parser: argparse.ArgumentParser
+                          ) -> tuple[torch.device, torch.dtype, dict[str, Any]]:
+    """The device and dtype `layer_benchmark_parser`'s options ask for (bf16 on a GPU unless
+    --quick, else float32), with cuDNN's autotuning on, and the result's "meta" entry."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    dtype = torch.bfloat16 if device.type == "cuda" and not args.quick else torch.float32
+    torch.backends.cudnn.benchmark = True
+    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "dtype": str(dtype),
+            "cudnn": torch.backends.cudnn.version()}
+    return device, dtype, meta
+
+
+def compare_variant(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                    inputs: list[torch.Tensor], expected: tuple | None
+                    ) -> tuple[torch.Tensor, float, tuple]:
+    """For one variant `run` of a computation: the output gradient to time it with, how far
+    (relative to the largest magnitude) its output and its gradients with respect to `inputs`
+    are from `expected` (the first variant's; None for the first), and `expected`.
+
+    Nothing of the autograd graph outlives the call: a parameter's gradient accumulator kept
+    from this default-stream call would belong to another stream than the timed calls and
+    break their CUDA-graph capture."""
+    out = run(x)
+    grad = torch.randn_like(out) if expected is None else expected[1]
+    grads = torch.autograd.grad(out, inputs, grad)
+    if expected is None:
+        expected = out.detach(), grad, [g.detach() for g in grads]
+    difference = max(((got - want).abs().max() / want.abs().max()).item()
+                     for got, want in zip([out, *grads], [expected[0], *expected[2]]))
+    return grad, difference, expected
+
+
 # ---------------------------------------------------------------------------------- inputs
 @dataclass
 class Batch:
@@ -489,18 +539,20 @@ def make_batches(case: Case, batch: int, device: torch.device, count: int = 2,
 
 # ---------------------------------------------------------------------------------- FLOPs
 def count_flops(model: Denoiser, batch: Batch, settings: Settings) -> dict[str, int]:
-    """Counted FLOPs per sample of the forward and of forward + backward (batch 1, eager)."""
+    """Counted FLOPs per sample of the forward and of forward + backward (batch 1, eager): the
+    architecture's (`introspect.count_flops`), the same count for both models."""
     one = Batch(batch.x[:1], batch.t[:1], batch.noise[:1],
                 None if batch.cond is None else batch.cond[:1])
     was_training = model.training
     model.train()
     forward, backward = flop_counter(), flop_counter()
     try:
-        with forward, settings.autocast():
-            out = model(one.x, one.t, one.cond)
-        loss = F.mse_loss(out.float(), one.noise)
-        with backward:
-            loss.backward()
+        with resample.folding_on("none"):
+            with forward, settings.autocast():
+                out = model(one.x, one.t, one.cond)
+            loss = F.mse_loss(out.float(), one.noise)
+            with backward:
+                loss.backward()
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
@@ -592,6 +644,7 @@ def environment(settings: Settings, argv: list[str] | None) -> dict[str, Any]:
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "thin_conv_kernels": thin_conv._ENABLED,
         "tap_product_forward": thin_conv.TAP_PRODUCT_FORWARD,
+        "folded_upsample_devices": sorted(resample.FOLDED_DEVICES),
         "memory_format": "channels_last (2D) / channels_last_3d (3D)",
         "train_step": "bf16 autocast forward, fp32 MSE on eps, backward, fused AdamW, "
                       "zero_grad(set_to_none)" if settings.precision == "bf16" else

@@ -9,6 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from .config import UNetConfig
+from .nn import resample
 from .presets import list_presets, preset_info
 from .unet import UNet
 
@@ -75,10 +76,12 @@ def flop_counter() -> FlopCounterMode:
 
 
 def count_flops(model: UNet, batch: int = 1, size: tuple[int, ...] | None = None) -> int:
-    """FLOPs of one forward pass, counted by `torch.utils.flop_counter` (not estimated)."""
+    """FLOPs of one forward pass, counted by `torch.utils.flop_counter` (not estimated): the
+    architecture's, with nearest upsampling and its convolution as such wherever the model
+    folds them into one transposed convolution (`nn.resample.folded_upsample_weight`)."""
     x, kwargs = example_inputs(model.config, batch, size, device=next(model.parameters()).device)
     counter = flop_counter()
-    with torch.no_grad(), counter:
+    with torch.no_grad(), counter, resample.folding_on("none"):
         model(x, **kwargs)
     return counter.get_total_flops()
 

@@ -35,28 +35,29 @@ _FIXED_STRIDES = (torch.Tag.needs_fixed_stride_order,)
 
 
 def _aten_convolution(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int],
-                      padding: Sequence[int], dilation: Sequence[int],
-                      groups: int) -> torch.Tensor:
-    return torch.ops.aten.convolution(x, weight, None, stride, padding, dilation, False,
+                      padding: Sequence[int], dilation: Sequence[int], groups: int,
+                      transposed: bool) -> torch.Tensor:
+    return torch.ops.aten.convolution(x, weight, None, stride, padding, dilation, transposed,
                                       [0] * len(stride), groups)
 
 
 @torch.library.custom_op("diffunet::convolution", mutates_args=(), tags=_FIXED_STRIDES)
 def convolution(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-                groups: int) -> torch.Tensor:
-    """`aten.convolution` *without* adding `bias`, as an op whose inputs keep their eager strides.
+                groups: int, transposed: bool) -> torch.Tensor:
+    """`aten.convolution` (transposed or not, no output padding) *without* adding `bias`, as an
+    op whose inputs keep their eager strides.
 
     `bias` is here only for its gradient: the caller adds `bias.detach()` to the output, where
     Inductor fuses the add into the next kernel, and the backward sums the output gradient it
     already holds in cuDNN's layout into the bias gradient.
     """
-    return _aten_convolution(x, weight, stride, padding, dilation, groups)
+    return _aten_convolution(x, weight, stride, padding, dilation, groups, transposed)
 
 
 @convolution.register_fake
-def _convolution_fake(x, weight, bias, stride, padding, dilation, groups):
-    return _aten_convolution(x, weight, stride, padding, dilation, groups)
+def _convolution_fake(x, weight, bias, stride, padding, dilation, groups, transposed):
+    return _aten_convolution(x, weight, stride, padding, dilation, groups, transposed)
 
 
 def bias_gradient(grad: torch.Tensor) -> torch.Tensor:
@@ -76,11 +77,11 @@ def bias_gradient(grad: torch.Tensor) -> torch.Tensor:
 
 def _aten_convolution_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                                stride: Sequence[int], padding: Sequence[int],
-                               dilation: Sequence[int], groups: int, input_grad: bool,
-                               weight_grad: bool, bias_grad: bool
+                               dilation: Sequence[int], groups: int, transposed: bool,
+                               input_grad: bool, weight_grad: bool, bias_grad: bool
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
-        grad, x, weight, None, stride, padding, dilation, False, [0] * len(stride), groups,
+        grad, x, weight, None, stride, padding, dilation, transposed, [0] * len(stride), groups,
         [input_grad, weight_grad, False])
     # A custom op returns tensors, never None: an empty tensor stands for "not asked for".
     return (grad_x if input_grad else x.new_empty(0),
@@ -91,25 +92,25 @@ def _aten_convolution_backward(grad: torch.Tensor, x: torch.Tensor, weight: torc
 @torch.library.custom_op("diffunet::convolution_backward", mutates_args=(), tags=_FIXED_STRIDES)
 def convolution_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                          stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-                         groups: int, input_grad: bool, weight_grad: bool, bias_grad: bool
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         groups: int, transposed: bool, input_grad: bool, weight_grad: bool,
+                         bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `convolution` with respect to its input, weight and bias (empty if not
     asked)."""
     return _aten_convolution_backward(grad, x, weight, stride, padding, dilation, groups,
-                                      input_grad, weight_grad, bias_grad)
+                                      transposed, input_grad, weight_grad, bias_grad)
 
 
 @convolution_backward.register_fake
-def _convolution_backward_fake(grad, x, weight, stride, padding, dilation, groups, input_grad,
-                               weight_grad, bias_grad):
+def _convolution_backward_fake(grad, x, weight, stride, padding, dilation, groups, transposed,
+                               input_grad, weight_grad, bias_grad):
     return _aten_convolution_backward(grad, x, weight, stride, padding, dilation, groups,
-                                      input_grad, weight_grad, bias_grad)
+                                      transposed, input_grad, weight_grad, bias_grad)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, _, stride, padding, dilation, groups = inputs
+    x, weight, _, stride, padding, dilation, groups, transposed = inputs
     ctx.save_for_backward(x, weight)
-    ctx.geometry = (stride, padding, dilation, groups)
+    ctx.geometry = (stride, padding, dilation, groups, transposed)
     ctx.memory_format = cudnn_memory_format(x, weight)  # x already has the layout asked for
 
 
@@ -120,7 +121,7 @@ def _backward(ctx, grad):
     grad_x, grad_weight, grad_bias = convolution_backward(grad, x, weight, *ctx.geometry, want_x,
                                                           want_weight, want_bias)
     return (grad_x if want_x else None, grad_weight if want_weight else None,
-            grad_bias if want_bias else None, None, None, None, None)
+            grad_bias if want_bias else None, None, None, None, None, None)
 
 
 convolution.register_autograd(_backward, setup_context=_setup_context)
@@ -258,6 +259,26 @@ def convolve_split_bias(conv: nn.Module, x: torch.Tensor
     return _convolve(conv, x, with_bias=False), conv.bias
 
 
+def convolve_transposed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        stride: Sequence[int], padding: Sequence[int]) -> torch.Tensor:
+    """`F.conv_transpose{1,2,3}d(x, weight, bias, stride, padding)` (no output padding, one
+    group) for a weight computed in the graph rather than held by a module; under
+    `torch.compile` with autograd through the layout-stable custom ops, like `convolve`."""
+    dims = x.ndim - 2
+    geometry = (list(stride), list(padding), [1] * dims, 1)
+    compiling = _compiling_for_inductor() and x.device.type in ROUTED_DEVICES
+    x, weight, bias = autocast_operands(x, weight, bias)
+    layout = cudnn_memory_format(x, weight)
+    weight = weight.contiguous(memory_format=layout)
+    if compiling and _needs_backward(x, weight):
+        out = convolution(x.contiguous(memory_format=layout), weight, bias, *geometry, True)
+        return out if bias is None else out + bias.detach().view(-1, *[1] * dims)
+    if compiling:
+        x = pin_layout(x, layout)
+    return torch.ops.aten.convolution(x, weight, bias, geometry[0], geometry[1], geometry[2],
+                                      True, [0] * dims, 1)
+
+
 #: Devices on which `convolve` pads (cuDNN's). Tests add "cpu" to check the arithmetic.
 PADDED_DEVICES: frozenset[str] = frozenset({"cuda"})
 
@@ -309,7 +330,7 @@ def _convolve(conv: nn.Module, x: torch.Tensor, *, with_bias: bool) -> torch.Ten
     x = x.contiguous(memory_format=_layout_for(conv, x, weight))
     padded_weight, padded_bias = pad_output_channels(weight, bias, extra) if extra else (weight, bias)
     out = convolution(x, padded_weight, padded_bias, list(conv.stride), list(conv.padding),
-                      list(conv.dilation), conv.groups)
+                      list(conv.dilation), conv.groups, False)
     out = out[:, :conv.out_channels] if extra else out
     if bias is not None:
         out = out + bias.detach().view(-1, *[1] * (out.ndim - 2))

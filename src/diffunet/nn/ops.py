@@ -39,7 +39,11 @@ def autocast_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     """`x`, `weight` and `bias` cast to autocast's dtype where autocast is on (as it casts a
     convolution's operands), else as they are."""
     device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
+    try:
+        autocast = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device autocast does not know, such as "meta"
+        autocast = False
+    if not autocast:
         return x, weight, bias
     dtype = torch.get_autocast_dtype(device_type)
     return x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)

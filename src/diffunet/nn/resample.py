@@ -2,12 +2,72 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import warnings
+from collections.abc import Iterable, Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conv import convolve
+from .conv import _exporting, _routable, convolve, convolve_transposed
 from .ops import avg_pool_nd, conv_nd, conv_transpose_nd
+
+#: The environment variable naming the devices that fold (see `FOLDED_DEVICES`).
+FOLDED_DEVICES_ENV = "DIFFUNET_FOLDED_UPSAMPLE"
+
+
+def parse_devices(text: str, source: str = FOLDED_DEVICES_ENV) -> frozenset[str]:
+    """Device types from a comma-separated list ("cpu,cuda"; "none" or nothing for none)."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if names == ["none"]:
+        return frozenset()
+    for name in names:
+        try:
+            known = torch.device(name).type == name
+        except RuntimeError:
+            known = False
+        if not known:
+            raise ValueError(f"{source}={text!r}: {name!r} is not a device type; expected a "
+                             "comma-separated list such as 'cpu' or 'cpu,cuda', or 'none'")
+    return frozenset(names)
+
+
+#: Devices on which `Upsample` folds nearest upsampling into its convolution
+#: (`folded_upsample_weight`). The CPU's (oneDNN) transposed convolutions measured faster
+#: (docs/performance.md); cuDNN's are not measured yet. `DIFFUNET_FOLDED_UPSAMPLE` sets it
+#: when the module is imported ("cpu" when unset), `set_folded_upsample_devices` later.
+FOLDED_DEVICES: frozenset[str] = frozenset({"cpu"})
+
+
+def set_folded_upsample_devices(devices: str | Iterable[str]) -> None:
+    """Fold on these device types from now on: an iterable, or a comma-separated string as
+    `DIFFUNET_FOLDED_UPSAMPLE` takes ("none" for none)."""
+    global FOLDED_DEVICES
+    FOLDED_DEVICES = parse_devices(devices if isinstance(devices, str) else ",".join(devices),
+                                   "devices")
+
+
+@contextlib.contextmanager
+def folding_on(devices: str | Iterable[str]) -> Iterator[None]:
+    """Within the block fold on these device types only (as `set_folded_upsample_devices`
+    takes them); afterwards on those before it. `folding_on("none")` runs the architecture's
+    own upsampling and convolution, e.g. to count its FLOPs."""
+    global FOLDED_DEVICES
+    before = FOLDED_DEVICES
+    set_folded_upsample_devices(devices)
+    try:
+        yield
+    finally:
+        FOLDED_DEVICES = before
+
+
+if FOLDED_DEVICES_ENV in os.environ:
+    try:
+        FOLDED_DEVICES = parse_devices(os.environ[FOLDED_DEVICES_ENV])
+    except ValueError as err:  # a process-wide knob: say so, and keep the default
+        warnings.warn(f"{err}; folding on {sorted(FOLDED_DEVICES)}", stacklevel=1)
 
 
 def upsample_nearest(x: torch.Tensor, factors: tuple[int, ...]) -> torch.Tensor:
@@ -29,6 +89,26 @@ def upsample_nearest(x: torch.Tensor, factors: tuple[int, ...]) -> torch.Tensor:
         repeated += [size, factor]
     upsampled = [size * factor for size, factor in zip(spatial, factors)]
     return x[tuple(index)].expand(repeated).reshape(batch, channels, *upsampled)
+
+
+def folded_upsample_weight(weight: torch.Tensor, factors: tuple[int, ...]) -> torch.Tensor:
+    """The weight of the transposed convolution that computes `conv(upsample_nearest(x,
+    factors))` from `x` itself, for the 3-tap `weight` (out, in, 3, ...) of a `padding=1`
+    convolution: kernel 4, stride 2 on the doubled axes, kernel 3, stride 1 on the others, and
+    padding 1 on all, laid out (in, out, ...) as transposed convolutions take it.
+
+    Along a doubled axis output 2j reads x[j-1] through tap w0 and x[j] through w1 and w2, and
+    output 2j+1 reads x[j] through w0 and w1 and x[j+1] through w2 (the zero padding of the
+    upsampled input is the zero padding of `x`). A transposed convolution adds x[i] through
+    its tap k into output 2i - 1 + k, so the folded kernel is (w2, w1+w2, w0+w1, w0): 2
+    products per output along the axis instead of 3, 8 instead of 27 in 3D, and the upsampled
+    input is never made. An axis that is not doubled only reverses its taps.
+    """
+    for axis, factor in enumerate(factors, start=2):
+        w0, w1, w2 = weight.unbind(axis)
+        taps = (w2, w1 + w2, w0 + w1, w0) if factor == 2 else (w2, w1, w0)
+        weight = torch.stack(taps, dim=axis)
+    return weight.transpose(0, 1)
 
 
 class Downsample(nn.Module):
@@ -64,7 +144,10 @@ class Upsample(nn.Module):
     """Double the axes whose factor is 2.
 
     `mode` is "nearest_conv" (nearest neighbour then a 3×3 conv), "nearest" (no parameters)
-    or "transposed" (a transposed conv with kernel 4, stride 2 on resampled axes).
+    or "transposed" (a transposed conv with kernel 4, stride 2 on resampled axes). On
+    `FOLDED_DEVICES`, "nearest_conv" computes the same function as one transposed convolution
+    of the input (`folded_upsample_weight`) with the module's own parameters; exported
+    programs keep the upsampling and the convolution.
     """
 
     def __init__(self, dims: int, channels: int, factors: tuple[int, ...], mode: str) -> None:
@@ -83,7 +166,18 @@ class Upsample(nn.Module):
         """Upsample `x`."""
         if self.mode == "transposed":
             return self.conv(x)
+        if self.folds(x):
+            weight = folded_upsample_weight(self.conv.weight, self.factors)
+            return convolve_transposed(x, weight, self.conv.bias, self.factors,
+                                       [1] * len(self.factors))
         x = upsample_nearest(x, self.factors)
         if self.mode == "nearest_conv":
             x = convolve(self.conv, x)
         return x
+
+    def folds(self, x: torch.Tensor) -> bool:
+        """Whether `forward(x)` runs the folded transposed convolution: on one of
+        `FOLDED_DEVICES`, a plain 3×3 "nearest_conv" convolution, and not being exported."""
+        return (x.device.type in FOLDED_DEVICES and self.mode == "nearest_conv"
+                and set(self.factors) <= {1, 2} and _routable(self.conv) and self.conv.kernel_size == (3,) * len(self.factors)
+                and self.conv.padding == (1,) * len(self.factors) and not _exporting())

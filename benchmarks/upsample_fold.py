@@ -1,0 +1,236 @@
+#!/usr/bin/env python3
+"""A model's upsampling convolutions timed two ways: nearest upsampling then a 3×3 convolution,
+and the same function folded into one transposed convolution of the input
+(`diffunet.nn.resample.folded_upsample_weight`).
+
+    python benchmarks/upsample_fold.py --cases 3d,ldm,ddpm-cifar10 --out $OUT/upsample_fold.json
+
+Folding takes 8 products per output instead of 27 in 3D (4 instead of 9 in 2D) and never
+writes the upsampled input, nor keeps it for the weight gradient; whether cuDNN's transposed
+convolutions turn that into time is what this measures. It also counts each case's FLOPs per
+forward both ways, and with `--model-rounds` times eager training steps of the whole model both
+ways (on the CPU, e.g. `--device cpu --cases 3d --quick --model-size 32 --model-batch 2
+--model-rounds 6 --no-layers`). Each case's `Upsample` modules are
+found by running its model on the meta device, and timed at their benchmark shapes in bf16
+channels-last (CUDA-graph replays): forward alone, and a training step's share (forward, input,
+weight and bias gradients). The per-step totals weight each shape by how often the model calls
+it. It also checks that the two ways agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+try:
+    import diffunet  # noqa: F401  (installed, or run from a checkout:)
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from diffunet import UNet
+from diffunet.benchmark import (
+    build_case,
+    compare_variant,
+    kernel_time_ms,
+    layer_benchmark_parser,
+    layer_benchmark_setup,
+    write_json_result,
+)
+from diffunet.introspect import example_inputs
+from diffunet.nn import resample
+from diffunet.nn.resample import Upsample
+from diffunet.unet import memory_format_for
+
+VARIANTS = ("nearest + conv", "folded")
+
+
+def upsample_calls(case: str, quick: bool) -> list[tuple[Upsample, tuple[int, ...], int]]:
+    """(module on the meta device, input shape, calls per forward) for each distinct upsampling
+    of the case's model at its benchmark size."""
+    spec = build_case(case, quick)
+    model = UNet(spec.config).to("meta")
+    seen: Counter = Counter()
+    modules: dict = {}
+
+    def record(module, args):
+        key = (tuple(args[0].shape), module.factors, module.conv.in_channels)
+        seen[key] += 1
+        modules.setdefault(key, module)
+
+    hooks = [m.register_forward_pre_hook(record) for m in model.modules()
+             if isinstance(m, Upsample) and m.mode == "nearest_conv"]
+    x, kwargs = example_inputs(spec.config, spec.batch, spec.size, device="meta")
+    with torch.no_grad():
+        model(x, **kwargs)
+    for hook in hooks:
+        hook.remove()
+    return [(modules[key], key[0], count) for key, count in seen.items()]
+
+
+def forward_flops(case: str, quick: bool) -> dict[str, int]:
+    """FLOPs of one sample's forward pass of the case's model, each way, as
+    `torch.utils.flop_counter` counts them (on the meta device: shapes only)."""
+    spec = build_case(case, quick)
+    model = UNet(spec.config).to("meta")
+    x, kwargs = example_inputs(spec.config, 1, spec.size, device="meta")
+    flops = {}
+    for variant in VARIANTS:
+        with resample.folding_on(["meta"] if variant == "folded" else []), \
+                FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(x, **kwargs)
+        flops[variant] = counter.get_total_flops()
+    return flops
+
+
+def measure(module: Upsample, shape: tuple[int, ...], device: torch.device,
+            dtype: torch.dtype, iters: int) -> list[dict]:
+    """Forward and training milliseconds of both ways, and how far the folded one is."""
+    torch.manual_seed(0)
+    up = copy.deepcopy(module).to_empty(device=device).to(dtype)
+    with torch.no_grad():
+        for p in up.parameters():
+            p.normal_(0, 0.05)
+    layout = memory_format_for(len(shape) - 2)
+    up = up.to(memory_format=layout)
+    x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=layout)
+    x.requires_grad_()
+    inputs = [x, *up.parameters()]
+    rows, expected = [], None
+    for variant in VARIANTS:
+        fold = variant == "folded"
+        with resample.folding_on([device.type] if fold else []):
+            timing, expected = _time_variant(up, x, inputs, fold, expected, iters)
+        rows.append({"shape": list(shape), "factors": list(module.factors), "variant": variant,
+                     **timing})
+    return rows
+
+
+def _time_variant(up: Upsample, x: torch.Tensor, inputs: list[torch.Tensor], fold: bool,
+                  expected: tuple | None, iters: int) -> tuple[dict, tuple]:
+    """Forward and training milliseconds of `up` as it runs now, its difference from
+    `expected` (see `compare_variant`), and `expected`."""
+    assert up.folds(x) == fold
+    grad, difference, expected = compare_variant(up, x, inputs, expected)
+
+    def forward() -> None:
+        with torch.no_grad():
+            up(x)
+
+    def train() -> None:
+        torch.autograd.grad(up(x), inputs, grad)
+
+    return {"forward_ms": kernel_time_ms(forward, iters, x.device),
+            "train_ms": kernel_time_ms(train, iters, x.device),
+            "max_relative_difference": difference}, expected
+
+
+def model_steps(case: str, quick: bool, device: torch.device, dtype: torch.dtype, rounds: int,
+                steps: int = 3, size: int | None = None, batch: int | None = None
+                ) -> dict[str, dict[str, float]]:
+    """Eager training steps of the case's whole model (bf16 autocast where `dtype` is bf16,
+    AdamW, no compilation), both ways in alternating order for `rounds` rounds of `steps`
+    steps: per way the median and the fastest round's milliseconds per step. `size` and
+    `batch` replace the case's."""
+    spec = build_case(case, quick)
+    shape = spec.size if size is None else (size,) * spec.dims
+    torch.manual_seed(0)
+    model = UNet(spec.config).to(device=device, memory_format=memory_format_for(spec.dims))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    x, kwargs = example_inputs(spec.config, batch or spec.batch, shape, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                              enabled=dtype == torch.bfloat16)
+
+    def step() -> None:
+        with autocast:
+            out = model(x, **kwargs)
+        out.float().square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    times: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+    for turn in range(rounds):
+        for variant in VARIANTS if turn % 2 == 0 else reversed(VARIANTS):
+            with resample.folding_on([device.type] if variant == "folded" else []):
+                step()  # warm-up, and cuDNN's autotuning
+                times[variant].append(kernel_time_ms(step, steps, device, graphs=False))
+    return {variant: {"median_ms": statistics.median(t), "min_ms": min(t)}
+            for variant, t in times.items()}
+
+
+def totals(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Per case and variant: milliseconds per forward and per training step (each shape's time
+    times its calls per forward)."""
+    out: dict[str, dict[str, float]] = {}
+    for r in rows:
+        entry = out.setdefault(f"{r['case']} / {r['variant']}", {"forward_ms": 0.0, "train_ms": 0.0})
+        entry["forward_ms"] += r["count"] * r["forward_ms"]
+        entry["train_ms"] += r["count"] * r["train_ms"]
+    return out
+
+
+def format_rows(rows: list[dict], summed: dict[str, dict[str, float]],
+                flops: dict[str, dict[str, int]]) -> str:
+    """One line per (case, shape, variant), then the per-step totals and the model's FLOPs."""
+    head = (f"{'case':<14}{'input':<24}{'factors':<10}{'calls':>6}  {'variant':<16}"
+            f"{'fwd ms':>9}{'train ms':>10}{'rel diff':>10}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['case']:<14}{'x'.join(map(str, r['shape'])):<24}"
+                     f"{','.join(map(str, r['factors'])):<10}{r['count']:>6}  {r['variant']:<16}"
+                     f"{r['forward_ms']:>9.3f}{r['train_ms']:>10.3f}"
+                     f"{r['max_relative_difference']:>10.1e}")
+    lines.append("")
+    for name, t in summed.items():
+        lines.append(f"{name:<40} per forward {t['forward_ms']:8.3f} ms   "
+                     f"per training step {t['train_ms']:8.3f} ms")
+    for case, counted in flops.items():
+        plain, folded = counted["nearest + conv"], counted["folded"]
+        lines.append(f"{case:<14}forward GFLOP per sample: nearest + conv {plain / 1e9:.1f}, "
+                     f"folded {folded / 1e9:.1f} ({1 - folded / plain:.1%} fewer)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Time every case's upsampling both ways; print a table and write JSON."""
+    parser = layer_benchmark_parser(__doc__.split("\n\n")[0], "upsample_fold.json")
+    parser.add_argument("--model-rounds", type=int, default=0,
+                        help="also time eager training steps of each case's whole model both "
+                             "ways, alternating, this many rounds (default: %(default)s)")
+    parser.add_argument("--model-size", type=int,
+                        help="spatial size of the whole-model steps (default: the case's)")
+    parser.add_argument("--model-batch", type=int,
+                        help="batch of the whole-model steps (default: the case's)")
+    parser.add_argument("--layers", action=argparse.BooleanOptionalAction, default=True,
+                        help="time each upsampling layer both ways (default: yes)")
+    args = parser.parse_args(argv)
+    device, dtype, meta = layer_benchmark_setup(args, parser)
+    rows, flops, steps = [], {}, {}
+    for case in args.cases.split(","):
+        flops[case] = forward_flops(case, args.quick)
+        for module, shape, count in upsample_calls(case, args.quick) if args.layers else []:
+            rows += [{"case": case, "count": count, **row}
+                     for row in measure(module, shape, device, dtype, args.iters)]
+        if args.model_rounds:
+            steps[case] = model_steps(case, args.quick, device, dtype, args.model_rounds,
+                                      size=args.model_size, batch=args.model_batch)
+    summed = totals(rows)
+    print(format_rows(rows, summed, flops), flush=True)
+    for case, timing in steps.items():
+        print(f"{case:<14}whole-model training step, eager: " + ", ".join(
+            f"{variant} {t['median_ms']:.1f} ms (fastest {t['min_ms']:.1f})"
+            for variant, t in timing.items()), flush=True)
+    data = {"meta": {**meta, "argv": sys.argv[1:] if argv is None else argv},
+            "rows": rows, "totals": summed, "forward_flops_per_sample": flops,
+            "model_steps": steps}
+    write_json_result(data, args.out, "upsample_fold.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""The folded nearest-upsample convolution (`diffunet.nn.resample.folded_upsample_weight`): one
+transposed convolution of the input computes nearest upsampling followed by a 3×3 convolution,
+values and gradients, eager and compiled, in every dimensionality; it runs only where switched
+on, and exported programs keep the upsampling."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import diffunet.nn.conv as conv_module
+from diffunet import UNet, UNetConfig
+from diffunet.nn import resample
+from diffunet.nn.resample import Upsample, folded_upsample_weight
+
+CASES = [(1, (2,)), (2, (2, 2)), (3, (2, 2, 2)), (3, (1, 2, 2)), (2, (2, 1))]
+
+
+@pytest.fixture(autouse=True)
+def folded_on_the_cpu(monkeypatch):
+    """Folding on the CPU and the GPU whatever the environment says (each test may change it),
+    the custom ops taken on the CPU too."""
+    monkeypatch.setattr(resample, "FOLDED_DEVICES", frozenset({"cuda", "cpu"}))
+    monkeypatch.setattr(conv_module, "ROUTED_DEVICES", frozenset({"cuda", "cpu"}))
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+class ConvolutionCalls(TorchDispatchMode):
+    """Records whether each `aten.convolution` it sees is transposed, and every op's name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.transposed: list[bool] = []
+        self.ops: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func.__name__)
+        if func is torch.ops.aten.convolution.default:
+            self.transposed.append(args[6])
+        return func(*args, **(kwargs or {}))
+
+
+def _upsample(dims: int, factors: tuple[int, ...], channels: int = 5) -> Upsample:
+    torch.manual_seed(0)
+    return Upsample(dims, channels, factors, "nearest_conv").double()
+
+
+def _values_and_gradients(module, x: torch.Tensor, grad: torch.Tensor | None = None):
+    out = module(x)
+    grad = torch.cos(out.detach()) if grad is None else grad
+    return out, torch.autograd.grad(out, [x, *module.parameters()], grad), grad
+
+
+@pytest.mark.parametrize(("dims", "factors"), CASES)
+def test_folded_equals_nearest_then_conv(dims, factors):
+    up = _upsample(dims, factors)
+    x = torch.randn(2, 5, *[3 + i for i in range(dims)], dtype=torch.float64, requires_grad=True)
+    with ConvolutionCalls() as calls:
+        assert up.folds(x)
+        folded, folded_grads, grad = _values_and_gradients(up, x)
+    assert calls.transposed == [True]  # one transposed convolution, no upsampled tensor
+    assert not any("interpolate" in op or "upsample" in op for op in calls.ops)
+    resample.set_folded_upsample_devices("none")  # the fixture restores the setting
+    assert not up.folds(x)
+    plain, plain_grads, _ = _values_and_gradients(up, x, grad)
+    assert folded.shape == plain.shape == (2, 5, *[(3 + i) * f for i, f in enumerate(factors)])
+    for got, want in zip([folded, *folded_grads], [plain, *plain_grads], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_the_folded_kernel_of_one_axis():
+    """Tap by tap along one doubled axis: (w2, w1+w2, w0+w1, w0), in/out swapped."""
+    weight = torch.randn(4, 3, 3)
+    folded = folded_upsample_weight(weight, (2,))
+    w0, w1, w2 = weight.unbind(2)
+    assert folded.shape == (3, 4, 4)
+    for tap, want in enumerate([w2, w1 + w2, w0 + w1, w0]):
+        assert torch.equal(folded[:, :, tap], want.T)
+    assert torch.equal(folded_upsample_weight(weight, (1,)), weight.flip(2).transpose(0, 1))
+
+
+@pytest.mark.parametrize(("dims", "factors"), [(2, (2, 2)), (3, (1, 2, 2))])
+@pytest.mark.parametrize("grad", [True, False])
+def test_compiled_equals_eager_through_the_transposed_custom_op(dims, factors, grad):
+    up = _upsample(dims, factors).float()
+    x = torch.randn(2, 5, *[4] * dims, requires_grad=True)
+    ops: list[set[str]] = []
+
+    def backend(gm, inputs):
+        ops.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+        return gm
+
+    with torch.set_grad_enabled(grad):
+        torch.compile(up, backend=backend)(x)
+    routed = any("diffunet.convolution" in op for op in ops[0])
+    assert routed == grad  # without a backward Inductor convolves itself
+    compiled = torch.compile(up)
+    if not grad:
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), up(x), rtol=1e-5, atol=1e-5)
+        return
+    got, got_grads, g = _values_and_gradients(compiled, x)
+    want, want_grads, _ = _values_and_gradients(up, x, g)
+    for a, b in zip([got, *got_grads], [want, *want_grads], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_exported_programs_keep_the_upsampling_and_the_convolution():
+    up = _upsample(2, (2, 2)).float()
+    program = torch.export.export(up, (torch.randn(1, 5, 4, 4),))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert not any("transpose" in t for t in targets), targets
+    assert any("conv2d" in t for t in targets), targets
+
+
+def test_only_nearest_conv_on_folded_devices():
+    x = torch.randn(1, 4, 3, 3)
+    assert _upsample(2, (2, 2), 4).folds(x)
+    assert not Upsample(2, 4, (2, 2), "transposed").folds(x)
+    assert not Upsample(2, 4, (2, 2), "nearest").folds(x)
+    hooked = _upsample(2, (2, 2), 4)
+    hooked.conv.register_forward_hook(lambda *args: None)
+    assert not hooked.folds(x)  # a hook must see its call
+    with pytest.raises(KeyError), resample.folding_on("none"):
+        assert not _upsample(2, (2, 2), 4).folds(x)
+        raise KeyError  # the setting comes back however the block ends
+    assert _upsample(2, (2, 2), 4).folds(x)
+    resample.set_folded_upsample_devices("cuda")
+    assert {"cuda"} == resample.FOLDED_DEVICES
+    assert not _upsample(2, (2, 2), 4).folds(x)
+    resample.set_folded_upsample_devices(["cpu", "cuda"])
+    assert {"cpu", "cuda"} == resample.FOLDED_DEVICES
+
+
+def test_device_lists_are_checked():
+    assert resample.parse_devices("cpu, cuda") == {"cpu", "cuda"}
+    assert resample.parse_devices("none") == resample.parse_devices("") == frozenset()
+    with pytest.raises(ValueError, match=r"DIFFUNET_FOLDED_UPSAMPLE='1'.*'cpu,cuda'"):
+        resample.parse_devices("1")
+
+
+@pytest.mark.parametrize(("value", "expected", "warns"), [
+    (None, ["cpu"], False), ("cpu,cuda", ["cpu", "cuda"], False), ("none", [], False),
+    ("yes", ["cpu"], True)])
+def test_the_environment_variable_sets_the_devices_at_import(value, expected, warns):
+    env = {k: v for k, v in os.environ.items() if k != resample.FOLDED_DEVICES_ENV}
+    if value is not None:
+        env[resample.FOLDED_DEVICES_ENV] = value
+    code = "from diffunet.nn import resample; print(sorted(resample.FOLDED_DEVICES))"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(expected)
+    assert ("'yes' is not a device type" in done.stderr) == warns
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_a_unet_computes_the_same_with_folded_upsampling(dims):
+    config = UNetConfig(dims=dims, in_channels=2, out_channels=2, model_channels=8,
+                        channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(),
+                        norm_groups=4, zero_init=False)
+    torch.manual_seed(0)
+    model = UNet(config).double()
+    x = torch.randn(2, 2, *[8] * dims, dtype=torch.float64)
+    t = torch.tensor([3, 700])
+    with ConvolutionCalls() as calls:
+        folded = model(x, t)
+    assert calls.transposed.count(True) == 2  # one per upsampling
+    folded_grads = torch.autograd.grad(folded.square().sum(), list(model.parameters()))
+    resample.set_folded_upsample_devices([])
+    plain = model(x, t)
+    plain_grads = torch.autograd.grad(plain.square().sum(), list(model.parameters()))
+    torch.testing.assert_close(folded, plain, rtol=1e-10, atol=1e-10)
+    for got, want in zip(folded_grads, plain_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(("dims", "factors", "channels", "size"),
+                         [(3, (2, 2, 2), 128, 16), (3, (1, 2, 2), 64, 8), (2, (2, 2), 256, 32)])
+def test_bf16_folded_matches_nearest_then_conv_on_the_gpu(dims, factors, channels, size):
+    layout = {2: torch.channels_last, 3: torch.channels_last_3d}[dims]
+    torch.manual_seed(0)
+    up = Upsample(dims, channels, factors, "nearest_conv").cuda().to(memory_format=layout)
+    x = torch.randn(2, channels, *[size] * dims, device="cuda").contiguous(memory_format=layout)
+    x.requires_grad_()
+    results = []
+    for fold in (True, False):
+        resample.set_folded_upsample_devices(["cuda"] if fold else [])
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = up(x)
+        grad = torch.randn_like(out) if not results else results[0][2]
+        grads = torch.autograd.grad(out, [x, *up.parameters()], grad)
+        results.append((out.float(), [g.float() for g in grads], grad))
+    (folded, folded_grads, _), (plain, plain_grads, _) = results
+    assert folded.is_contiguous(memory_format=layout)
+    for got, want in zip([folded, *folded_grads], [plain, *plain_grads], strict=True):
+        scale = want.abs().max()
+        assert (got - want).abs().max() <= 0.02 * scale
+
+
+@pytest.mark.parametrize(("dims", "products"), [(1, (2, 3)), (2, (4, 9)), (3, (8, 27))])
+def test_folding_counts_fewer_products_on_meta_tensors_too(dims, products):
+    """FLOPs as `torch.utils.flop_counter` counts them (shapes only, on the meta device):
+    2ᵈ products per output instead of 3ᵈ."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    up = Upsample(dims, 16, (2,) * dims, "nearest_conv").to("meta")
+    x = torch.empty(2, 16, *[6] * dims, device="meta")
+    flops = []
+    for devices in ("meta", "none"):
+        resample.set_folded_upsample_devices(devices)
+        with FlopCounterMode(display=False) as counter:
+            assert up(x).shape == (2, 16, *[12] * dims)
+        flops.append(counter.get_total_flops())
+    assert flops[0] * products[1] == flops[1] * products[0]
