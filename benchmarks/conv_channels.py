@@ -20,7 +20,6 @@ region. It also checks that the variants agree.
 
 from __future__ import annotations
 
-import copy
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -36,10 +35,10 @@ except ImportError:
 from diffunet import UNet
 from diffunet.benchmark import (
     build_case,
-    compare_variant,
-    kernel_time_ms,
     layer_benchmark_parser,
     layer_benchmark_setup,
+    materialize,
+    time_variants,
     write_json_result,
 )
 from diffunet.nn import thin_conv
@@ -97,32 +96,14 @@ def measure(name: str, module: nn.Module, shape: tuple[int, ...], device: torch.
             dtype: torch.dtype, iters: int) -> list[dict]:
     """Forward and training milliseconds of each variant, and how far each is from `as is`."""
     torch.manual_seed(0)
-    conv = copy.deepcopy(module).to_empty(device=device).to(dtype)
-    with torch.no_grad():
-        for p in conv.parameters():
-            p.normal_(0, 0.05)
     layout = _CHANNELS_LAST.get(len(shape), torch.contiguous_format)
-    conv = conv.to(memory_format=layout)
+    conv = materialize(module, device, dtype, layout)
     x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=layout)
     x.requires_grad_(name == "head")  # the stem's input is data: no gradient
     inputs = [x, *conv.parameters()] if x.requires_grad else list(conv.parameters())
-    rows, expected = [], None
-    for variant, run in _variants(conv, x).items():
-        grad, difference, expected = compare_variant(run, x, inputs, expected)
-
-        def forward(run=run) -> None:
-            with torch.no_grad():
-                run(x)
-
-        def train(run=run, grad=grad) -> None:
-            torch.autograd.grad(run(x), inputs, grad)
-
-        rows.append({"conv": name, "shape": list(shape), "in_channels": conv.in_channels,
-                     "out_channels": conv.out_channels, "variant": variant,
-                     "forward_ms": kernel_time_ms(forward, iters, device),
-                     "train_ms": kernel_time_ms(train, iters, device),
-                     "max_relative_difference": difference})
-    return rows
+    rows = time_variants(_variants(conv, x), x, inputs, iters)
+    return [{"conv": name, "shape": list(shape), "in_channels": conv.in_channels,
+             "out_channels": conv.out_channels, **row} for row in rows]
 
 
 def format_rows(rows: list[dict]) -> str:

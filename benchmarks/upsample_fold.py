@@ -20,13 +20,14 @@ it. It also checks that the two ways agree.
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 from collections import Counter
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 try:
@@ -36,17 +37,20 @@ except ImportError:
 from diffunet import UNet
 from diffunet.benchmark import (
     build_case,
-    compare_variant,
     kernel_time_ms,
     layer_benchmark_parser,
     layer_benchmark_setup,
+    materialize,
+    time_variants,
     write_json_result,
 )
 from diffunet.introspect import example_inputs
 from diffunet.nn import resample
-from diffunet.nn.resample import Upsample
+from diffunet.nn.conv import convolve, convolve_transposed
+from diffunet.nn.resample import Upsample, folded_upsample_weight, upsample_nearest
 from diffunet.unet import memory_format_for
 
+#: The two ways the model can run (`--model-rounds`); the layers are timed a third way too.
 VARIANTS = ("nearest + conv", "folded")
 
 
@@ -88,46 +92,51 @@ def forward_flops(case: str, quick: bool) -> dict[str, int]:
     return flops
 
 
+def phase_convolutions(up: Upsample, x: torch.Tensor) -> torch.Tensor:
+    """`up(x)` as 2ᵈ stride-1 convolutions of `x`, one per output phase (even or odd position
+    along each doubled axis) with that phase's 2-tap folded kernel, interleaved afterwards: the
+    products of the folded transposed convolution, run by cuDNN's forward kernels. Only a
+    benchmark variant."""
+    return _phases(up.conv, x, up.conv.weight, up.factors, 0, [])
+
+
+def _phases(conv: nn.Module, x: torch.Tensor, kernel: torch.Tensor, factors: tuple[int, ...],
+            axis: int, pads: list[int]) -> torch.Tensor:
+    """The phases of the spatial axes from `axis` on, convolved and interleaved; `kernel` and
+    `pads` (in `F.pad`'s order) already hold the earlier axes' choices."""
+    if axis == len(factors):
+        n = len(factors)
+        return torch.convolution(F.pad(x, pads), kernel, conv.bias, [1] * n, [0] * n, [1] * n,
+                                 False, [0] * n, 1)
+    dim = axis + 2
+    if factors[axis] != 2:
+        return _phases(conv, x, kernel, factors, axis + 1, [1, 1, *pads])
+    w0, w1, w2 = kernel.unbind(dim)
+    # Even outputs 2j read x[j-1], x[j]; odd ones x[j], x[j+1].
+    even = _phases(conv, x, torch.stack((w0, w1 + w2), dim), factors, axis + 1, [1, 0, *pads])
+    odd = _phases(conv, x, torch.stack((w0 + w1, w2), dim), factors, axis + 1, [0, 1, *pads])
+    return torch.stack((even, odd), dim + 1).flatten(dim, dim + 1)
+
+
 def measure(module: Upsample, shape: tuple[int, ...], device: torch.device,
             dtype: torch.dtype, iters: int) -> list[dict]:
-    """Forward and training milliseconds of both ways, and how far the folded one is."""
+    """Forward and training milliseconds of each way (nearest + conv, folded, phase convs),
+    and how far each is from the first."""
     torch.manual_seed(0)
-    up = copy.deepcopy(module).to_empty(device=device).to(dtype)
-    with torch.no_grad():
-        for p in up.parameters():
-            p.normal_(0, 0.05)
     layout = memory_format_for(len(shape) - 2)
-    up = up.to(memory_format=layout)
+    up = materialize(module, device, dtype, layout)
     x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=layout)
     x.requires_grad_()
-    inputs = [x, *up.parameters()]
-    rows, expected = [], None
-    for variant in VARIANTS:
-        fold = variant == "folded"
-        with resample.folding_on([device.type] if fold else []):
-            timing, expected = _time_variant(up, x, inputs, fold, expected, iters)
-        rows.append({"shape": list(shape), "factors": list(module.factors), "variant": variant,
-                     **timing})
-    return rows
-
-
-def _time_variant(up: Upsample, x: torch.Tensor, inputs: list[torch.Tensor], fold: bool,
-                  expected: tuple | None, iters: int) -> tuple[dict, tuple]:
-    """Forward and training milliseconds of `up` as it runs now, its difference from
-    `expected` (see `compare_variant`), and `expected`."""
-    assert up.folds(x) == fold
-    grad, difference, expected = compare_variant(up, x, inputs, expected)
-
-    def forward() -> None:
-        with torch.no_grad():
-            up(x)
-
-    def train() -> None:
-        torch.autograd.grad(up(x), inputs, grad)
-
-    return {"forward_ms": kernel_time_ms(forward, iters, x.device),
-            "train_ms": kernel_time_ms(train, iters, x.device),
-            "max_relative_difference": difference}, expected
+    padding = [1] * len(up.factors)
+    ways = {
+        "nearest + conv": lambda x: convolve(up.conv, upsample_nearest(x, up.factors)),
+        "folded": lambda x: convolve_transposed(
+            x, folded_upsample_weight(up.conv.weight, up.factors), up.conv.bias, up.factors,
+            padding),
+        "phase convs": lambda x: phase_convolutions(up, x),
+    }
+    rows = time_variants(ways, x, [x, *up.parameters()], iters)
+    return [{"shape": list(shape), "factors": list(module.factors), **row} for row in rows]
 
 
 def model_steps(case: str, quick: bool, device: torch.device, dtype: torch.dtype, rounds: int,

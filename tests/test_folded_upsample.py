@@ -17,6 +17,7 @@ import diffunet.nn.conv as conv_module
 from diffunet import UNet, UNetConfig
 from diffunet.nn import resample
 from diffunet.nn.resample import Upsample, folded_upsample_weight
+from diffunet.nn.resblock import ResBlock
 
 CASES = [(1, (2,)), (2, (2, 2)), (3, (2, 2, 2)), (3, (1, 2, 2)), (2, (2, 1))]
 
@@ -161,11 +162,36 @@ def test_the_environment_variable_sets_the_devices_at_import(value, expected, wa
     assert ("'yes' is not a device type" in done.stderr) == warns
 
 
-@pytest.mark.parametrize("dims", [2, 3])
-def test_a_unet_computes_the_same_with_folded_upsampling(dims):
+@pytest.mark.parametrize("embedding", ["none", "additive", "scale-shift"])
+@pytest.mark.parametrize(("dims", "factors"), [(2, (2, 2)), (3, (1, 2, 2))])
+def test_an_up_resblock_folds_its_first_convolution(dims, factors, embedding):
+    """guided-diffusion's `resblock_updown`: the block upsamples `h` right before its first
+    convolution (8 → 12 channels here, so the skip is a 1×1 convolution of the upsampled x)."""
+    torch.manual_seed(0)
+    block = ResBlock(dims, 8, 12, None if embedding == "none" else 16, resample="up",
+                     factors=factors, use_scale_shift_norm=embedding == "scale-shift",
+                     norm_groups=4, zero_init=False).double()
+    x = torch.randn(2, 8, *[3] * dims, dtype=torch.float64, requires_grad=True)
+    emb = None if embedding == "none" else torch.randn(2, 16, dtype=torch.float64)
+    inputs = [x, *block.parameters()]
+    with ConvolutionCalls() as calls:
+        folded = block(x, emb)
+    assert calls.transposed.count(True) == 1
+    grad = torch.cos(folded.detach())
+    folded_grads = torch.autograd.grad(folded, inputs, grad)
+    with resample.folding_on("none"):
+        plain = block(x, emb)
+    plain_grads = torch.autograd.grad(plain, inputs, grad)
+    assert folded.shape == plain.shape == (2, 12, *[3 * f for f in factors])
+    for got, want in zip([folded, *folded_grads], [plain, *plain_grads], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("dims", "resblock_updown"), [(2, False), (3, False), (2, True)])
+def test_a_unet_computes_the_same_with_folded_upsampling(dims, resblock_updown):
     config = UNetConfig(dims=dims, in_channels=2, out_channels=2, model_channels=8,
                         channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(),
-                        norm_groups=4, zero_init=False)
+                        norm_groups=4, zero_init=False, resblock_updown=resblock_updown)
     torch.manual_seed(0)
     model = UNet(config).double()
     x = torch.randn(2, 2, *[8] * dims, dtype=torch.float64)

@@ -3,6 +3,9 @@ ways on the CPU end to end, the two ways agreeing."""
 
 import json
 
+import pytest
+import torch
+
 from diffunet import UNet
 from diffunet.benchmark import build_case
 from diffunet.nn import resample
@@ -20,7 +23,7 @@ def test_every_upsampling_is_timed_both_ways(tmp_path, benchmark_script):
         rows = [r for r in data["rows"] if r["case"] == case]
         upsamplings = sum(isinstance(m, Upsample)
                           for m in UNet(build_case(case, quick=True).config).modules())
-        for variant in ("nearest + conv", "folded"):
+        for variant in ("nearest + conv", "folded", "phase convs"):
             of_variant = [r for r in rows if r["variant"] == variant]
             assert sum(r["count"] for r in of_variant) == upsamplings > 0
             total = data["totals"][f"{case} / {variant}"]
@@ -42,3 +45,15 @@ def test_whole_model_steps_are_timed_both_ways(tmp_path, benchmark_script):
     steps = data["model_steps"]["ldm"]
     assert set(steps) == {"nearest + conv", "folded"}
     assert all(0 < t["min_ms"] <= t["median_ms"] for t in steps.values())
+
+
+@pytest.mark.parametrize(("dims", "factors"), [(1, (2,)), (2, (2, 2)), (3, (2, 2, 2)),
+                                               (3, (1, 2, 2)), (2, (2, 1))])
+def test_phase_convolutions_compute_nearest_then_conv(dims, factors, benchmark_script):
+    torch.manual_seed(0)
+    up = Upsample(dims, 5, factors, "nearest_conv").double()
+    x = torch.randn(2, 5, *[3 + i for i in range(dims)], dtype=torch.float64)
+    with resample.folding_on("none"):
+        expected = up(x)
+    got = benchmark_script("upsample_fold").phase_convolutions(up, x)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

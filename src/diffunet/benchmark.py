@@ -41,6 +41,7 @@ import traceback
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
+from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -476,7 +477,7 @@ def layer_benchmark_setup(args: argparse.Namespace, parser: argparse.ArgumentPar
     return device, dtype, meta
 
 
-def compare_variant(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+def _compare_variant(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                     inputs: list[torch.Tensor], expected: tuple | None
                     ) -> tuple[torch.Tensor, float, tuple]:
     """For one variant `run` of a computation: the output gradient to time it with, how far
@@ -494,6 +495,39 @@ def compare_variant(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
     difference = max(((got - want).abs().max() / want.abs().max()).item()
                      for got, want in zip([out, *grads], [expected[0], *expected[2]]))
     return grad, difference, expected
+
+
+def time_variants(variants: dict[str, Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor,
+                  inputs: list[torch.Tensor], iters: int) -> list[dict[str, Any]]:
+    """Per variant of one computation of `x`: milliseconds of the forward alone and with the
+    gradients with respect to `inputs` (`kernel_time_ms`: CUDA-graph replays on a GPU), and
+    how far its output and gradients are from the first variant's."""
+    rows, expected = [], None
+    for variant, run in variants.items():
+        grad, difference, expected = _compare_variant(run, x, inputs, expected)
+
+        def forward(run=run) -> None:
+            with torch.no_grad():
+                run(x)
+
+        def train(run=run, grad=grad) -> None:
+            torch.autograd.grad(run(x), inputs, grad)
+
+        rows.append({"variant": variant, "forward_ms": kernel_time_ms(forward, iters, x.device),
+                     "train_ms": kernel_time_ms(train, iters, x.device),
+                     "max_relative_difference": difference})
+    return rows
+
+
+def materialize(module: nn.Module, device: torch.device, dtype: torch.dtype,
+                memory_format: torch.memory_format) -> nn.Module:
+    """A copy of `module` (e.g. from a model on the meta device) on `device` in `dtype` and
+    `memory_format`, with N(0, 0.05) random parameters."""
+    copy = deepcopy(module).to_empty(device=device).to(dtype)
+    with torch.no_grad():
+        for p in copy.parameters():
+            p.normal_(0, 0.05)
+    return copy.to(memory_format=memory_format)
 
 
 # ---------------------------------------------------------------------------------- inputs

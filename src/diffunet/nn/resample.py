@@ -1,4 +1,9 @@
-"""Down- and upsampling between U-Net levels, per axis (anisotropic 3D included)."""
+"""Down- and upsampling between U-Net levels, per axis (anisotropic 3D included).
+
+Nearest upsampling followed by a 3×3 convolution is also one transposed convolution of the
+smaller input (`folded_upsample_weight`); `upsample_convolve` runs it that way on
+`FOLDED_DEVICES`.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conv import _exporting, _routable, convolve, convolve_transposed
+from .conv import _exporting, _routable, convolve, convolve_split_bias, convolve_transposed
 from .ops import avg_pool_nd, conv_nd, conv_transpose_nd
 
 #: The environment variable naming the devices that fold (see `FOLDED_DEVICES`).
@@ -140,14 +145,45 @@ class Downsample(nn.Module):
         return convolve(self.op, x)
 
 
+def folds(conv: nn.Module, x: torch.Tensor, factors: tuple[int, ...]) -> bool:
+    """Whether `upsample_convolve(conv, x, factors)` runs one folded transposed convolution: on
+    one of `FOLDED_DEVICES`, axes doubled or kept, a plain 3×3 convolution with padding 1
+    (`folded_upsample_weight`'s), and not being exported."""
+    same = (1,) * len(factors)
+    return (x.device.type in FOLDED_DEVICES and set(factors) <= {1, 2} and _routable(conv)
+            and conv.kernel_size == (3,) * len(factors) and conv.padding == same
+            and conv.stride == same and conv.dilation == same and conv.groups == 1
+            and not _exporting())
+
+
+def upsample_convolve(conv: nn.Module, x: torch.Tensor, factors: tuple[int, ...]) -> torch.Tensor:
+    """`conv(upsample_nearest(x, factors))`, as one transposed convolution of `x` where
+    `folds(conv, x, factors)`."""
+    if not folds(conv, x, factors):
+        return convolve(conv, upsample_nearest(x, factors))
+    weight = folded_upsample_weight(conv.weight, factors)
+    return convolve_transposed(x, weight, conv.bias, factors, [1] * len(factors))
+
+
+def upsample_convolve_split_bias(conv: nn.Module, x: torch.Tensor, factors: tuple[int, ...]
+                                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`(out, bias)` with `conv(upsample_nearest(x, factors)) == out + bias`, as
+    `conv.convolve_split_bias` gives them (`bias` None where `out` holds it), folded where
+    `folds(conv, x, factors)`."""
+    if not folds(conv, x, factors):
+        return convolve_split_bias(conv, upsample_nearest(x, factors))
+    weight = folded_upsample_weight(conv.weight, factors)
+    return convolve_transposed(x, weight, None, factors, [1] * len(factors)), conv.bias
+
+
 class Upsample(nn.Module):
     """Double the axes whose factor is 2.
 
     `mode` is "nearest_conv" (nearest neighbour then a 3×3 conv), "nearest" (no parameters)
     or "transposed" (a transposed conv with kernel 4, stride 2 on resampled axes). On
     `FOLDED_DEVICES`, "nearest_conv" computes the same function as one transposed convolution
-    of the input (`folded_upsample_weight`) with the module's own parameters; exported
-    programs keep the upsampling and the convolution.
+    of the input (`upsample_convolve`) with the module's own parameters; exported programs
+    keep the upsampling and the convolution.
     """
 
     def __init__(self, dims: int, channels: int, factors: tuple[int, ...], mode: str) -> None:
@@ -166,18 +202,10 @@ class Upsample(nn.Module):
         """Upsample `x`."""
         if self.mode == "transposed":
             return self.conv(x)
-        if self.folds(x):
-            weight = folded_upsample_weight(self.conv.weight, self.factors)
-            return convolve_transposed(x, weight, self.conv.bias, self.factors,
-                                       [1] * len(self.factors))
-        x = upsample_nearest(x, self.factors)
-        if self.mode == "nearest_conv":
-            x = convolve(self.conv, x)
-        return x
+        if self.mode == "nearest":
+            return upsample_nearest(x, self.factors)
+        return upsample_convolve(self.conv, x, self.factors)
 
     def folds(self, x: torch.Tensor) -> bool:
-        """Whether `forward(x)` runs the folded transposed convolution: on one of
-        `FOLDED_DEVICES`, a plain 3×3 "nearest_conv" convolution, and not being exported."""
-        return (x.device.type in FOLDED_DEVICES and self.mode == "nearest_conv"
-                and set(self.factors) <= {1, 2} and _routable(self.conv) and self.conv.kernel_size == (3,) * len(self.factors)
-                and self.conv.padding == (1,) * len(self.factors) and not _exporting())
+        """Whether `forward(x)` runs the folded transposed convolution (see `folds`)."""
+        return self.mode == "nearest_conv" and folds(self.conv, x, self.factors)

@@ -8,7 +8,7 @@ from torch import nn
 from .conv import convolve, convolve_split_bias
 from .fused import norm_act
 from .ops import conv_nd, normalization, zero_module
-from .resample import Downsample, Upsample
+from .resample import Downsample, Upsample, upsample_convolve, upsample_convolve_split_bias
 
 
 class ResBlock(nn.Module):
@@ -45,6 +45,7 @@ class ResBlock(nn.Module):
             self.resample = Upsample(dims, channels, factors, mode="nearest")
         else:
             self.resample = None
+        self.upsample_factors = factors if resample == "up" else None
         self.in_conv = conv_nd(dims, channels, out_channels, 3, padding=1)
         self.emb_proj = (
             nn.Linear(emb_dim, out_channels * (2 if use_scale_shift_norm else 1))
@@ -64,17 +65,26 @@ class ResBlock(nn.Module):
         """Apply the block to `x` given the activated embedding `emb` of shape `(B, emb_dim)`."""
         h = norm_act(self.in_norm, x)
         if self.resample is not None:
-            h, x = self.resample(h), self.resample(x)
+            x = self.resample(x)
+            # An upsampling of `h` is the first convolution's (`upsample_convolve`).
+            h = h if self.upsample_factors else self.resample(h)
         if self.emb_proj is None:
-            h = norm_act(self.out_norm, convolve(self.in_conv, h))
+            h = norm_act(self.out_norm, self._in_conv(h))
         elif self.use_scale_shift_norm:
             scale, shift = self.emb_proj(emb).chunk(2, dim=1)
-            h = norm_act(self.out_norm, convolve(self.in_conv, h), scale=scale, shift=shift)
+            h = norm_act(self.out_norm, self._in_conv(h), scale=scale, shift=shift)
         else:
             # The embedding and the convolution's bias are both constant over positions: the
             # norm adds them in its own passes, so `h + emb` is never written out.
-            h, bias = convolve_split_bias(self.in_conv, h)
+            h, bias = (upsample_convolve_split_bias(self.in_conv, h, self.upsample_factors)
+                       if self.upsample_factors else convolve_split_bias(self.in_conv, h))
             add = self.emb_proj(emb)
             h = norm_act(self.out_norm, h, add=add if bias is None else add + bias)
         h = convolve(self.out_conv, self.dropout(h))
         return convolve(self.skip, x) + h
+
+    def _in_conv(self, h: torch.Tensor) -> torch.Tensor:
+        """The first convolution, after the upsampling of an up block."""
+        if self.upsample_factors:
+            return upsample_convolve(self.in_conv, h, self.upsample_factors)
+        return convolve(self.in_conv, h)
