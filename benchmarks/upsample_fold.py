@@ -1,20 +1,22 @@
 #!/usr/bin/env python3
-"""A model's upsampling convolutions timed two ways: nearest upsampling then a 3×3 convolution,
-and the same function folded into one transposed convolution of the input
-(`diffunet.nn.resample.folded_upsample_weight`).
+"""A model's upsampling convolutions timed as nearest upsampling then a 3×3 convolution, and
+as the same function folded into one transposed convolution of the input
+(`diffunet.nn.resample.folded_upsample_weight`, what the model runs on `FOLDED_DEVICES`).
 
     python benchmarks/upsample_fold.py --cases 3d,ldm,ddpm-cifar10 --out $OUT/upsample_fold.json
 
 Folding takes 8 products per output instead of 27 in 3D (4 instead of 9 in 2D) and never
 writes the upsampled input, nor keeps it for the weight gradient; whether cuDNN's transposed
-convolutions turn that into time is what this measures. It also counts each case's FLOPs per
-forward both ways, and with `--model-rounds` times eager training steps of the whole model both
-ways (on the CPU, e.g. `--device cpu --cases 3d --quick --model-size 32 --model-batch 2
---model-rounds 6 --no-layers`). Each case's `Upsample` modules are
-found by running its model on the meta device, and timed at their benchmark shapes in bf16
-channels-last (CUDA-graph replays): forward alone, and a training step's share (forward, input,
-weight and bias gradients). The per-step totals weight each shape by how often the model calls
-it. It also checks that the two ways agree.
+convolutions turn that into time is what this measures. A third way, for this benchmark only,
+runs the same products as 2ᵈ stride-1 convolutions, one per output phase, interleaved
+afterwards ("phase convs"). Each case's `Upsample` modules are found by running its model on
+the meta device and timed at their benchmark shapes in bf16 channels-last (CUDA-graph
+replays): forward alone, and a training step's share (forward, input, weight and bias
+gradients). The per-step totals weight each shape by how often the model calls it. It checks
+that the ways agree, and counts each case's FLOPs per forward with and without folding.
+`--model-rounds N` also times eager training steps of each whole model both ways, alternating
+for N rounds (on the CPU, e.g. `--device cpu --cases 3d --quick --model-size 32
+--model-batch 2 --model-rounds 6 --no-layers`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The folded nearest-upsample convolution (`diffunet.nn.resample.folded_upsample_weight`): one
 transposed convolution of the input computes nearest upsampling followed by a 3×3 convolution,
-values and gradients, eager and compiled, in every dimensionality; it runs only where switched
-on, and exported programs keep the upsampling."""
+values and gradients, eager and compiled, in every dimensionality, in `Upsample` and in an up
+`ResBlock`; it runs only on `FOLDED_DEVICES`, and exported programs keep the upsampling."""
 
 from __future__ import annotations
 
