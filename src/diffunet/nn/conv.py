@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from . import thin_conv
-from .ops import CHANNEL_MULTIPLE, autocast_operands, pad_output_channels
+from .ops import CHANNEL_MULTIPLE, autocast_dtype, autocast_operands, pad_output_channels
 
 _FIXED_STRIDES = (torch.Tag.needs_fixed_stride_order,)
 
@@ -264,19 +264,19 @@ def convolve_transposed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     """`F.conv_transpose{1,2,3}d(x, weight, bias, stride, padding)` (no output padding, one
     group) for a weight computed in the graph rather than held by a module; under
     `torch.compile` with autograd through the layout-stable custom ops, like `convolve`."""
-    dims = x.ndim - 2
-    geometry = (list(stride), list(padding), [1] * dims, 1)
+    dilation = [1] * len(stride)
     compiling = _compiling_for_inductor() and x.device.type in ROUTED_DEVICES
     x, weight, bias = autocast_operands(x, weight, bias)
     layout = cudnn_memory_format(x, weight)
     weight = weight.contiguous(memory_format=layout)
     if compiling and _needs_backward(x, weight):
-        out = convolution(x.contiguous(memory_format=layout), weight, bias, *geometry, True)
-        return out if bias is None else out + bias.detach().view(-1, *[1] * dims)
+        out = convolution(x.contiguous(memory_format=layout), weight, bias, list(stride),
+                          list(padding), dilation, 1, True)
+        return _add_detached_bias(out, bias)
     if compiling:
         x = pin_layout(x, layout)
-    return torch.ops.aten.convolution(x, weight, bias, geometry[0], geometry[1], geometry[2],
-                                      True, [0] * dims, 1)
+    return torch.ops.aten.convolution(x, weight, bias, list(stride), list(padding), dilation,
+                                      True, [0] * len(stride), 1)
 
 
 #: Devices on which `convolve` pads (cuDNN's). Tests add "cpu" to check the arithmetic.
@@ -316,8 +316,8 @@ def _convolve(conv: nn.Module, x: torch.Tensor, *, with_bias: bool) -> torch.Ten
         layout = (_layout_for(conv, x, conv.weight) if compiling or extra
                   else getattr(conv, "preferred_memory_format", None))
         if layout is not None and x.ndim == conv.weight.ndim:
-            if compiling and torch.is_autocast_enabled(x.device.type):
-                x = x.to(torch.get_autocast_dtype(x.device.type))
+            dtype = autocast_dtype(x.device.type) if compiling else None
+            x = x if dtype is None else x.to(dtype)
             x = pin_layout(x, layout) if compiling else x.contiguous(memory_format=layout)
         if extra:  # zero output channels computed and sliced off (see `output_padding`)
             weight, bias = pad_output_channels(conv.weight, conv.bias if with_bias else None, extra)
@@ -331,7 +331,10 @@ def _convolve(conv: nn.Module, x: torch.Tensor, *, with_bias: bool) -> torch.Ten
     padded_weight, padded_bias = pad_output_channels(weight, bias, extra) if extra else (weight, bias)
     out = convolution(x, padded_weight, padded_bias, list(conv.stride), list(conv.padding),
                       list(conv.dilation), conv.groups, False)
-    out = out[:, :conv.out_channels] if extra else out
-    if bias is not None:
-        out = out + bias.detach().view(-1, *[1] * (out.ndim - 2))
-    return out
+    return _add_detached_bias(out[:, :conv.out_channels] if extra else out, bias)
+
+
+def _add_detached_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`out` plus `bias` per channel, the bias detached: the custom op's backward gives its
+    gradient (see `convolution`)."""
+    return out if bias is None else out + bias.detach().view(-1, *[1] * (out.ndim - 2))

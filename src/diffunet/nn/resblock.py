@@ -45,7 +45,6 @@ class ResBlock(nn.Module):
             self.resample = Upsample(dims, channels, factors, mode="nearest")
         else:
             self.resample = None
-        self.upsample_factors = factors if resample == "up" else None
         self.in_conv = conv_nd(dims, channels, out_channels, 3, padding=1)
         self.emb_proj = (
             nn.Linear(emb_dim, out_channels * (2 if use_scale_shift_norm else 1))
@@ -82,6 +81,11 @@ class ResBlock(nn.Module):
             h = norm_act(self.out_norm, h, add=add if bias is None else add + bias)
         h = convolve(self.out_conv, self.dropout(h))
         return convolve(self.skip, x) + h
+
+    @property
+    def upsample_factors(self) -> tuple[int, ...] | None:
+        """The factors of an up block's upsampling, None for other blocks."""
+        return self.resample.factors if isinstance(self.resample, Upsample) else None
 
     def _in_conv(self, h: torch.Tensor) -> torch.Tensor:
         """The first convolution, after the upsampling of an up block."""

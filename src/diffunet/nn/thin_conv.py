@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fused import _FIXED_STRIDES, _interpreting, _memory_format, _sm_count
-from .ops import CHANNEL_MULTIPLE, autocast_operands, pad_output_channels
+from .ops import CHANNEL_MULTIPLE, autocast_dtype, autocast_operands, pad_output_channels
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs never call the kernels.
     import triton
@@ -82,8 +82,7 @@ def fits(conv: nn.Module, x: torch.Tensor) -> bool:
         return False  # e.g. meta tensors: `F.conv3d` computes their shapes
     if type(conv) is not nn.Conv3d or x.ndim != 5 or x.shape[1] != conv.in_channels:
         return False  # a wrong channel count gets `F.conv3d`'s own error
-    autocast = torch.is_autocast_enabled(x.device.type)
-    if not autocast and (x.dtype != conv.weight.dtype or x.dtype not in _DTYPES):
+    if autocast_dtype(x.device.type) is None and (x.dtype != conv.weight.dtype or x.dtype not in _DTYPES):
         return False  # leave mismatches to `F.conv3d`'s own error
     channels = (conv.in_channels, conv.out_channels)
     return (conv.kernel_size == (3, 3, 3) and conv.stride == (1, 1, 1)
