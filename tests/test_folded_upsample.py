@@ -148,8 +148,8 @@ def test_device_lists_are_checked():
 
 
 @pytest.mark.parametrize(("value", "expected", "warns"), [
-    (None, ["cpu"], False), ("cpu,cuda", ["cpu", "cuda"], False), ("none", [], False),
-    ("yes", ["cpu"], True)])
+    (None, ["cpu", "cuda"], False), ("cpu", ["cpu"], False), ("none", [], False),
+    ("yes", ["cpu", "cuda"], True)])
 def test_the_environment_variable_sets_the_devices_at_import(value, expected, warns):
     env = {k: v for k, v in os.environ.items() if k != resample.FOLDED_DEVICES_ENV}
     if value is not None:

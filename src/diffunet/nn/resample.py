@@ -40,10 +40,11 @@ def parse_devices(text: str, source: str = FOLDED_DEVICES_ENV) -> frozenset[str]
 
 
 #: Devices on which `Upsample` folds nearest upsampling into its convolution
-#: (`folded_upsample_weight`). The CPU's (oneDNN) transposed convolutions measured faster
-#: (docs/performance.md); cuDNN's are not measured yet. `DIFFUNET_FOLDED_UPSAMPLE` sets it
-#: when the module is imported ("cpu" when unset), `set_folded_upsample_devices` later.
-FOLDED_DEVICES: frozenset[str] = frozenset({"cpu"})
+#: (`folded_upsample_weight`). Both oneDNN's and cuDNN's transposed convolutions measured
+#: faster than the upsampling and convolution they replace (docs/performance.md, sessions 14
+#: and 15). `DIFFUNET_FOLDED_UPSAMPLE` sets it when the module is imported ("cpu,cuda" when
+#: unset), `set_folded_upsample_devices` later.
+FOLDED_DEVICES: frozenset[str] = frozenset({"cpu", "cuda"})
 
 
 def set_folded_upsample_devices(devices: str | Iterable[str]) -> None:
