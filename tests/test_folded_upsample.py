@@ -113,6 +113,27 @@ def test_compiled_equals_eager_through_the_transposed_custom_op(dims, factors, g
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize(("dims", "factors"), [(2, (2, 2)), (3, (1, 2, 2))])
+def test_one_dynamic_trace_trains_every_size_through_the_transposed_custom_op(dims, factors):
+    """`compile(dynamic=True)` (what "compile once for many sizes" asks): the transposed custom
+    op's shapes stay symbolic through AOTAutograd, so odd and even sizes share one trace."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    up = _upsample(dims, factors)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(up, backend=counter, dynamic=True, fullgraph=True)
+    for size in (6, 9, 7):  # sizes unequal to the batch and channels, which Dynamo would tie
+        x = torch.randn(2, 5, *[size + i for i in range(dims)], dtype=torch.float64,
+                        requires_grad=True)
+        got, got_grads, grad = _values_and_gradients(compiled, x)
+        want, want_grads, _ = _values_and_gradients(up, x, grad)
+        for a, b in zip([got, *got_grads], [want, *want_grads], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert counter.frame_count == 1
+    assert any("diffunet.convolution" in str(n.target)
+               for graph in counter.graphs for n in graph.graph.nodes)
+
+
 def test_exported_programs_keep_the_upsampling_and_the_convolution():
     up = _upsample(2, (2, 2)).float()
     program = torch.export.export(up, (torch.randn(1, 5, 4, 4),))
