@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import diffunet.nn.conv as conv_module
 from diffunet import UNet, UNetConfig
 from diffunet.nn import resample
+from diffunet.nn.conv import prefer_channels_last
 from diffunet.nn.resample import Upsample, folded_upsample_weight
 from diffunet.nn.resblock import ResBlock
 
@@ -39,12 +40,14 @@ class ConvolutionCalls(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.transposed: list[bool] = []
+        self.inputs: list[torch.Tensor] = []
         self.ops: set[str] = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.add(func.__name__)
         if func is torch.ops.aten.convolution.default:
             self.transposed.append(args[6])
+            self.inputs.append(args[0])
         return func(*args, **(kwargs or {}))
 
 
@@ -132,6 +135,24 @@ def test_one_dynamic_trace_trains_every_size_through_the_transposed_custom_op(di
     assert counter.frame_count == 1
     assert any("diffunet.convolution" in str(n.target)
                for graph in counter.graphs for n in graph.graph.nodes)
+
+
+@pytest.mark.parametrize(("dims", "layout"), [(2, torch.channels_last),
+                                              (3, torch.channels_last_3d)])
+def test_a_convolution_asking_for_channels_last_gets_it_folded_too(dims, layout):
+    """Under FSDP the weights stay contiguous and each convolution asks for channels-last
+    (`prefer_channels_last`); the folded transposed convolution honours that as the plain one
+    does."""
+    up = _upsample(dims, (2,) * dims).float()
+    x = torch.randn(2, 5, *[4] * dims)
+    want = up(x)
+    prefer_channels_last(up)
+    with ConvolutionCalls() as calls:
+        got = up(x)
+    assert calls.transposed == [True]
+    assert calls.inputs[0].is_contiguous(memory_format=layout)
+    assert not calls.inputs[0].is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_exported_programs_keep_the_upsampling_and_the_convolution():

@@ -162,8 +162,7 @@ def upsample_convolve(conv: nn.Module, x: torch.Tensor, factors: tuple[int, ...]
     `folds(conv, x, factors)`."""
     if not folds(conv, x, factors):
         return convolve(conv, upsample_nearest(x, factors))
-    weight = folded_upsample_weight(conv.weight, factors)
-    return convolve_transposed(x, weight, conv.bias, factors, [1] * len(factors))
+    return _convolve_folded(conv, x, factors, conv.bias)
 
 
 def upsample_convolve_split_bias(conv: nn.Module, x: torch.Tensor, factors: tuple[int, ...]
@@ -173,8 +172,16 @@ def upsample_convolve_split_bias(conv: nn.Module, x: torch.Tensor, factors: tupl
     `folds(conv, x, factors)`."""
     if not folds(conv, x, factors):
         return convolve_split_bias(conv, upsample_nearest(x, factors))
-    weight = folded_upsample_weight(conv.weight, factors)
-    return convolve_transposed(x, weight, None, factors, [1] * len(factors)), conv.bias
+    return _convolve_folded(conv, x, factors, None), conv.bias
+
+
+def _convolve_folded(conv: nn.Module, x: torch.Tensor, factors: tuple[int, ...],
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    """The transposed convolution of `x` with `conv`'s folded weight, in the layout `conv`
+    asks for (`nn.conv.prefer_channels_last`, as under FSDP) if it asks for one."""
+    return convolve_transposed(x, folded_upsample_weight(conv.weight, factors), bias, factors,
+                               [1] * len(factors),
+                               getattr(conv, "preferred_memory_format", None))
 
 
 class Upsample(nn.Module):
