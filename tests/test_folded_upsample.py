@@ -139,14 +139,19 @@ def test_one_dynamic_trace_trains_every_size_through_the_transposed_custom_op(di
 
 @pytest.mark.parametrize(("dims", "layout"), [(2, torch.channels_last),
                                               (3, torch.channels_last_3d)])
-def test_a_convolution_asking_for_channels_last_gets_it_folded_too(dims, layout):
-    """Under FSDP the weights stay contiguous and each convolution asks for channels-last
-    (`prefer_channels_last`); the folded transposed convolution honours that as the plain one
-    does."""
+@pytest.mark.parametrize("asked_by", ["weight", "preference"])
+def test_a_convolution_in_channels_last_stays_there_folded(dims, layout, asked_by):
+    """A channels-last weight (`model.to(memory_format=...)`), or under FSDP, where the weights
+    stay contiguous, the convolution's own request (`prefer_channels_last`), makes the plain
+    convolution run channels-last whatever the input's layout (eager GroupNorm hands back
+    NCHW); the folded one, whose computed weight is contiguous, runs channels-last too."""
     up = _upsample(dims, (2,) * dims).float()
     x = torch.randn(2, 5, *[4] * dims)
     want = up(x)
-    prefer_channels_last(up)
+    if asked_by == "weight":
+        up.to(memory_format=layout)
+    else:
+        prefer_channels_last(up)
     with ConvolutionCalls() as calls:
         got = up(x)
     assert calls.transposed == [True]

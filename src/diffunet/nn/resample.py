@@ -16,7 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conv import _exporting, _routable, convolve, convolve_split_bias, convolve_transposed
+from .conv import (
+    _exporting,
+    _layout_for,
+    _routable,
+    convolve,
+    convolve_split_bias,
+    convolve_transposed,
+)
 from .ops import avg_pool_nd, conv_nd, conv_transpose_nd
 
 #: The environment variable naming the devices that fold (see `FOLDED_DEVICES`).
@@ -178,10 +185,11 @@ def upsample_convolve_split_bias(conv: nn.Module, x: torch.Tensor, factors: tupl
 def _convolve_folded(conv: nn.Module, x: torch.Tensor, factors: tuple[int, ...],
                      bias: torch.Tensor | None) -> torch.Tensor:
     """The transposed convolution of `x` with `conv`'s folded weight, in the layout `conv`
-    asks for (`nn.conv.prefer_channels_last`, as under FSDP) if it asks for one."""
+    itself would convolve in: the one it asks for (`nn.conv.prefer_channels_last`, as under
+    FSDP), else channels-last if its weight or `x` is (the folded weight is not, and an NCDHW
+    input, as eager GroupNorm returns, would otherwise run cuDNN's slow NCDHW kernels)."""
     return convolve_transposed(x, folded_upsample_weight(conv.weight, factors), bias, factors,
-                               [1] * len(factors),
-                               getattr(conv, "preferred_memory_format", None))
+                               [1] * len(factors), _layout_for(conv, x, conv.weight))
 
 
 class Upsample(nn.Module):
