@@ -266,8 +266,8 @@ def convolve_transposed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     group) for a weight computed in the graph rather than held by a module; under
     `torch.compile` with autograd through the layout-stable custom ops, like `convolve`.
 
-    `memory_format` is the layout to convolve in where the module that owns the weight asks
-    for one (`prefer_channels_last`); else cuDNN's choice from the operands."""
+    `memory_format` is the layout to convolve in, where the weight's module decides it (the
+    layout that module's own convolution would take); else cuDNN's choice from the operands."""
     dilation = [1] * len(stride)
     compiling = _compiling_for_inductor() and x.device.type in ROUTED_DEVICES
     x, weight, bias = autocast_operands(x, weight, bias)
