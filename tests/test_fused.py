@@ -126,6 +126,24 @@ def test_the_compile_mode_decides_whether_compiled_graphs_call_the_kernels(mode,
     assert expected == fused._COMPILED_MIN_ELEMENTS
 
 
+@pytest.mark.parametrize(("value", "expected", "warns"), [
+    (None, 1 << 20, False), ("4194304", 4194304, False), ("0", 0, False),
+    ("4M", 1 << 20, True), ("-1", 1 << 20, True)])
+def test_the_environment_sets_the_compiled_threshold_at_import(value, expected, warns):
+    """`DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS`, for an A/B of the threshold in separate processes
+    (`benchmarks/ab.py --change-env`); the CUDA-graph modes then use it."""
+    env = {k: v for k, v in os.environ.items() if k != fused.CUDA_GRAPHS_MIN_ELEMENTS_ENV}
+    if value is not None:
+        env[fused.CUDA_GRAPHS_MIN_ELEMENTS_ENV] = value
+    code = ("from diffunet.nn import fused; fused.configure_for_compile_mode('reduce-overhead');"
+            " print(fused.CUDA_GRAPHS_MIN_ELEMENTS, fused._COMPILED_MIN_ELEMENTS)")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(expected)] * 2
+    assert ("is not a number of elements" in done.stderr) == warns
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
                     reason="Triton's interpreter runs the kernels on the CPU")
 def test_on_the_cpu_compiled_graphs_trace_the_reference():

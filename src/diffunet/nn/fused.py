@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -42,11 +43,34 @@ _MIN_ELEMENTS = (1 << 24) + 1
 #: training: `ldm` 168.6 → 215.1 img/s, 3D 55.0 → 65.8 vol/s, `ddpm-cifar10` 5,992 → 6,390
 #: img/s; `ldm` inference 524.6 → 632.0 (docs/performance.md). Without CUDA graphs each call's
 #: Python launches add to a host-bound step (`ldm` training 145.0 → 91.2 img/s), so it stays
-#: off there.
+#: off there. `DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS` replaces it when the module is imported
+#: (to A/B the threshold, e.g. with `benchmarks/ab.py --change-env`).
 CUDA_GRAPHS_MIN_ELEMENTS = 1 << 20
+CUDA_GRAPHS_MIN_ELEMENTS_ENV = "DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS"
 _COMPILED_MIN_ELEMENTS: int | None = None
 #: The `torch.compile` modes that replay the compiled graphs as CUDA graphs.
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def _elements_from_env(name: str, default: int) -> int:
+    """The element count the environment variable `name` gives (an integer, at least 0), else
+    `default`; a value that is no such count warns and keeps `default`."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        warnings.warn(f"{name}={text!r} is not a number of elements (an integer, at least 0, "
+                      f"e.g. {1 << 22}); keeping {default}", stacklevel=2)
+        return default
+    return value
+
+
+CUDA_GRAPHS_MIN_ELEMENTS = _elements_from_env(CUDA_GRAPHS_MIN_ELEMENTS_ENV,
+                                              CUDA_GRAPHS_MIN_ELEMENTS)
 
 
 def set_fused_enabled(enabled: bool, *, min_elements: int | None = None) -> None:
