@@ -125,22 +125,27 @@ def measure(args: argparse.Namespace, src: Path, case: str, kind: str, models: s
     return {"errors": [{"where": "bench.py", "error": error}], "records": []}
 
 
-def throughput(result: dict, model: str, mode: str, kind: str) -> float | None:
-    """The throughput `bench.py` recorded for one model, mode and kind (None if not measured)."""
+def recorded(result: dict, model: str, mode: str, kind: str, key: str = "throughput"
+             ) -> float | None:
+    """What `bench.py` recorded under `key` ("throughput", "peak_mem_gib") for one model, mode
+    and kind (None if not measured)."""
     for record in result.get("records", []):
         if (record.get("model"), record.get("mode"), record.get("kind")) == (model, mode, kind):
-            return record.get("throughput")
+            return record.get(key)
     return None
 
 
-def _rates(runs: list[dict], tree: str, model: str, mode: str) -> list[float]:
-    found = (throughput(r["result"], model, mode, r["kind"]) for r in runs if r["tree"] == tree)
+def _rates(runs: list[dict], tree: str, model: str, mode: str, key: str = "throughput"
+           ) -> list[float]:
+    found = (recorded(r["result"], model, mode, r["kind"], key) for r in runs
+             if r["tree"] == tree)
     return [v for v in found if v is not None]
 
 
 def summarize(runs: list[dict], modes: list[str]) -> list[dict]:
     """Per case, kind and mode: each tree's throughput in every round, the change's gain over
-    the base and each tree against the reference (medians over the rounds)."""
+    the base, each tree against the reference, and each one's peak memory (medians over the
+    rounds)."""
     rows = []
     for case, kind in dict.fromkeys((r["case"], r["kind"]) for r in runs):
         mine = [r for r in runs if (r["case"], r["kind"]) == (case, kind)]
@@ -156,6 +161,10 @@ def summarize(runs: list[dict], modes: list[str]) -> list[dict]:
             for tree, measured in (("base", base), ("change", change)):
                 if ref and measured:
                     row[f"{tree}_vs_ref"] = statistics.median(measured) / statistics.median(ref)
+            peaks = {"base": _rates(mine, "base", "ours", mode, "peak_mem_gib"),
+                     "change": _rates(mine, "change", "ours", mode, "peak_mem_gib"),
+                     "ref": _rates(mine, "base", "ref", mode, "peak_mem_gib")}
+            row["peak_gib"] = {name: statistics.median(v) for name, v in peaks.items() if v}
             rows.append(row)
     return rows
 
@@ -166,14 +175,16 @@ def format_summary(rows: list[dict]) -> str:
         return "/".join(f"{v:.1f}" for v in values) or "-"
 
     head = (f"{'case':<13}{'kind':<6}{'mode':<8}{'base':>16}{'change':>16}{'gain':>8}"
-            f"{'ref':>12}{'base÷ref':>10}{'change÷ref':>12}")
+            f"{'ref':>12}{'base÷ref':>10}{'change÷ref':>12}  peak GiB base/change/ref")
     lines = [head, "-" * len(head)]
     for r in rows:
         gain = f"{100 * r['gain']:+.1f}%" if "gain" in r else "-"
         ratios = [f"{r[k]:.2f}×" if k in r else "-" for k in ("base_vs_ref", "change_vs_ref")]
+        peaks = "/".join(f"{r.get('peak_gib', {})[name]:.2f}" if name in r.get("peak_gib", {})
+                         else "-" for name in ("base", "change", "ref"))
         lines.append(f"{r['case']:<13}{r['kind']:<6}{r['mode']:<8}{cell(r['base']):>16}"
                      f"{cell(r['change']):>16}{gain:>8}{cell(r['ref']):>12}{ratios[0]:>10}"
-                     f"{ratios[1]:>12}")
+                     f"{ratios[1]:>12}  {peaks}")
     return "\n".join(lines)
 
 

@@ -13,9 +13,10 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def _result(**rates: float) -> dict:
-    """A `bench.py` result with one compiled training record per model."""
-    return {"records": [{"model": m, "mode": "compile", "kind": "train", "throughput": v}
-                        for m, v in rates.items()], "errors": []}
+    """A `bench.py` result with one compiled training record per model (its peak memory a
+    hundredth of its throughput)."""
+    return {"records": [{"model": m, "mode": "compile", "kind": "train", "throughput": v,
+                         "peak_mem_gib": v / 100} for m, v in rates.items()], "errors": []}
 
 
 def test_summary_medians_gain_and_ratios_against_the_reference(benchmark_script):
@@ -29,8 +30,9 @@ def test_summary_medians_gain_and_ratios_against_the_reference(benchmark_script)
     assert row["gain"] == pytest.approx(statistics.median([120, 126]) / statistics.median([100, 110]) - 1)
     assert row["change_vs_ref"] == pytest.approx(123 / 82)
     assert row["base_vs_ref"] == pytest.approx(105 / 82)
+    assert row["peak_gib"] == pytest.approx({"base": 1.05, "change": 1.23, "ref": 0.82})
     table = ab.format_summary([row])
-    assert "+17.1%" in table and "1.50×" in table
+    assert "+17.1%" in table and "1.50×" in table and "1.05/1.23/0.82" in table
 
 
 def test_source_trees_must_hold_the_package(tmp_path, benchmark_script):
