@@ -32,25 +32,6 @@ try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs run the eage
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-_FUSED_ENABLED = os.environ.get("DIFFUNET_FUSED", "1") != "0"
-# A call costs about 1.2 ms of host time (six Triton launches, forward and backward). Measured
-# on an H100, the eager kernels need less than that below about 2**24 elements, so smaller
-# tensors keep the eager path; above it the fused kernels win 4-6x (docs/performance.md).
-_MIN_ELEMENTS = (1 << 24) + 1
-#: From this size on, compiled graphs that are replayed as CUDA graphs call the kernels as one
-#: custom op instead of tracing the reference for Inductor, whose channels-last GroupNorm
-#: reductions are slow at large sizes. Measured on an H100 under `mode="reduce-overhead"`,
-#: training: `ldm` 168.6 → 215.1 img/s, 3D 55.0 → 65.8 vol/s, `ddpm-cifar10` 5,992 → 6,390
-#: img/s; `ldm` inference 524.6 → 632.0 (docs/performance.md). Without CUDA graphs each call's
-#: Python launches add to a host-bound step (`ldm` training 145.0 → 91.2 img/s), so it stays
-#: off there. `DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS` replaces it when the module is imported
-#: (to A/B the threshold, e.g. with `benchmarks/ab.py --change-env`).
-CUDA_GRAPHS_MIN_ELEMENTS = 1 << 20
-CUDA_GRAPHS_MIN_ELEMENTS_ENV = "DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS"
-_COMPILED_MIN_ELEMENTS: int | None = None
-#: The `torch.compile` modes that replay the compiled graphs as CUDA graphs.
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
-
 
 def _elements_from_env(name: str, default: int) -> int:
     """The element count the environment variable `name` gives (an integer, at least 0), else
@@ -69,8 +50,25 @@ def _elements_from_env(name: str, default: int) -> int:
     return value
 
 
-CUDA_GRAPHS_MIN_ELEMENTS = _elements_from_env(CUDA_GRAPHS_MIN_ELEMENTS_ENV,
-                                              CUDA_GRAPHS_MIN_ELEMENTS)
+_FUSED_ENABLED = os.environ.get("DIFFUNET_FUSED", "1") != "0"
+# A call costs about 1.2 ms of host time (six Triton launches, forward and backward). Measured
+# on an H100, the eager kernels need less than that below about 2**24 elements, so smaller
+# tensors keep the eager path; above it the fused kernels win 4-6x (docs/performance.md).
+_MIN_ELEMENTS = (1 << 24) + 1
+#: The environment variable that sets `CUDA_GRAPHS_MIN_ELEMENTS` when the module is imported
+#: (to A/B the threshold, e.g. with `benchmarks/ab.py --change-env`).
+CUDA_GRAPHS_MIN_ELEMENTS_ENV = "DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS"
+#: From this size on, compiled graphs that are replayed as CUDA graphs call the kernels as one
+#: custom op instead of tracing the reference for Inductor, whose channels-last GroupNorm
+#: reductions are slow at large sizes. Measured on an H100 under `mode="reduce-overhead"`,
+#: training: `ldm` 168.6 → 215.1 img/s, 3D 55.0 → 65.8 vol/s, `ddpm-cifar10` 5,992 → 6,390
+#: img/s; `ldm` inference 524.6 → 632.0 (docs/performance.md). Without CUDA graphs each call's
+#: Python launches add to a host-bound step (`ldm` training 145.0 → 91.2 img/s), so it stays
+#: off there.
+CUDA_GRAPHS_MIN_ELEMENTS = _elements_from_env(CUDA_GRAPHS_MIN_ELEMENTS_ENV, 1 << 20)
+_COMPILED_MIN_ELEMENTS: int | None = None
+#: The `torch.compile` modes that replay the compiled graphs as CUDA graphs.
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def set_fused_enabled(enabled: bool, *, min_elements: int | None = None) -> None:
