@@ -48,8 +48,8 @@ from diffunet.benchmark import (
 )
 from diffunet.introspect import example_inputs
 from diffunet.nn import resample
-from diffunet.nn.conv import convolve, convolve_transposed
-from diffunet.nn.resample import Upsample, folded_upsample_weight, upsample_nearest
+from diffunet.nn.conv import convolve
+from diffunet.nn.resample import Upsample, upsample_convolve, upsample_nearest
 from diffunet.unet import memory_format_for
 
 #: The two ways the model can run (`--model-rounds`); the layers are timed a third way too.
@@ -129,15 +129,13 @@ def measure(module: Upsample, shape: tuple[int, ...], device: torch.device,
     up = materialize(module, device, dtype, layout)
     x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=layout)
     x.requires_grad_()
-    padding = [1] * len(up.factors)
     ways = {
         "nearest + conv": lambda x: convolve(up.conv, upsample_nearest(x, up.factors)),
-        "folded": lambda x: convolve_transposed(
-            x, folded_upsample_weight(up.conv.weight, up.factors), up.conv.bias, up.factors,
-            padding),
+        "folded": lambda x: upsample_convolve(up.conv, x, up.factors),  # what the model runs
         "phase convs": lambda x: phase_convolutions(up, x),
     }
-    rows = time_variants(ways, x, [x, *up.parameters()], iters)
+    with resample.folding_on([device.type]):
+        rows = time_variants(ways, x, [x, *up.parameters()], iters)
     return [{"shape": list(shape), "factors": list(module.factors), **row} for row in rows]
 
 

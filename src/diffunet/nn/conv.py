@@ -261,26 +261,20 @@ def convolve_split_bias(conv: nn.Module, x: torch.Tensor
 
 def convolve_transposed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                         stride: Sequence[int], padding: Sequence[int],
-                        memory_format: torch.memory_format | None = None) -> torch.Tensor:
+                        memory_format: torch.memory_format) -> torch.Tensor:
     """`F.conv_transpose{1,2,3}d(x, weight, bias, stride, padding)` (no output padding, one
-    group) for a weight computed in the graph rather than held by a module; under
-    `torch.compile` with autograd through the layout-stable custom ops, like `convolve`.
-
-    `memory_format` is the layout to convolve in, where the weight's module decides it (the
-    layout that module's own convolution would take); else cuDNN's choice from the operands."""
+    group) in `memory_format`, for a weight computed in the graph rather than held by a module
+    (whose layout the module decides: `_layout_for`); under `torch.compile` with autograd
+    through the layout-stable custom ops, like `convolve`."""
     dilation = [1] * len(stride)
     compiling = _compiling_for_inductor() and x.device.type in ROUTED_DEVICES
     x, weight, bias = autocast_operands(x, weight, bias)
-    layout = memory_format or cudnn_memory_format(x, weight)
-    weight = weight.contiguous(memory_format=layout)
+    weight = weight.contiguous(memory_format=memory_format)
     if compiling and _needs_backward(x, weight):
-        out = convolution(x.contiguous(memory_format=layout), weight, bias, list(stride),
+        out = convolution(x.contiguous(memory_format=memory_format), weight, bias, list(stride),
                           list(padding), dilation, 1, True)
         return _add_detached_bias(out, bias)
-    if compiling:
-        x = pin_layout(x, layout)
-    elif memory_format is not None:
-        x = x.contiguous(memory_format=layout)
+    x = pin_layout(x, memory_format) if compiling else x.contiguous(memory_format=memory_format)
     return torch.ops.aten.convolution(x, weight, bias, list(stride), list(padding), dilation,
                                       True, [0] * len(stride), 1)
 
