@@ -77,15 +77,15 @@ def _variants(conv: nn.Module, x: torch.Tensor
               ) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     variants = {"as is": conv, f"padded to {MULTIPLE}": lambda x: padded_convolution(conv, x)}
     if thin_conv.fits(conv, x):  # a 3D stem or head on a GPU with Triton
-        variants["thin_conv"] = lambda x: thin_conv.thin_conv3d(x, conv.weight, conv.bias)
+        variants["thin_conv"] = lambda x: _thin_conv(conv, x, "never")
         if conv.out_channels < conv.in_channels:
-            variants["+ tap products"] = lambda x: _with_tap_products(conv, x)
+            variants["+ tap products"] = lambda x: _thin_conv(conv, x, "always")
     return variants
 
 
-def _with_tap_products(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`thin_conv3d` with the head's forward by the tap-product kernels."""
-    setting, thin_conv.TAP_PRODUCT_FORWARD = thin_conv.TAP_PRODUCT_FORWARD, True
+def _thin_conv(conv: nn.Module, x: torch.Tensor, tap_products: str) -> torch.Tensor:
+    """`thin_conv3d` with a head's forward by cuDNN ("never") or by tap products ("always")."""
+    setting, thin_conv.TAP_PRODUCT_FORWARD = thin_conv.TAP_PRODUCT_FORWARD, tap_products
     try:
         return thin_conv.thin_conv3d(x, conv.weight, conv.bias)
     finally:

@@ -9,10 +9,10 @@ One forward pass of each case's model at its benchmark size, on the meta device,
 calls of `group_norm_act` (shape, groups, FiLM, added embedding, SiLU) and how often each
 occurs. Every distinct call that the fused kernels would take in a training step is timed in
 bf16 and channels-last (as CUDA-graph replays, so the kernels' time and not the host's launch
-overhead; `--no-graphs` for the latter), forward alone and forward + backward, under each launch
-configuration: milliseconds, and GB/s over the bytes the kernels must move (forward: x read
-twice, y written once; backward: x and the output gradient read twice, the input gradient
-written once). The summary weights each call by its count: the norm kernels' time in one
+overhead; `--no-graphs` for the latter), forward alone, forward + backward and the forward's
+statistics pass alone, under each launch configuration: milliseconds, and GB/s over the bytes
+the kernels must move (forward: x read twice, y written once; backward: x and the output
+gradient read twice, the input gradient written once; statistics: x read once). The summary weights each call by its count: the norm kernels' time in one
 training step, with the shipped launch plan and with the best per call, next to what a
 plain copy of the same bytes would take at the copy bandwidth measured in the same run.
 """
@@ -111,13 +111,27 @@ def time_call(call: Call, time_ms: Callable, device: torch.device,
         torch.autograd.grad(y, inputs, grad.to(y.dtype))  # no accumulation into .grad
 
     forward_ms = time_ms(forward)
-    return {"forward_ms": forward_ms, "backward_ms": time_ms(forward_backward) - forward_ms}
+    timing = {"forward_ms": forward_ms, "backward_ms": time_ms(forward_backward) - forward_ms}
+    if fused.fused_available(args[0]):
+        timing["stats_ms"] = time_ms(statistics_pass(args[0], args[1], kwargs.get("add")))
+    return timing
+
+
+def statistics_pass(x: torch.Tensor, num_groups: int, add: torch.Tensor | None
+                    ) -> Callable[[], object]:
+    """The forward's statistics pass alone (`_stats_kernel`, then `_stats_combine_kernel`),
+    as the fused forward launches it for `x` under the current launch configuration."""
+    x3 = x.detach().flatten(2)
+    add = x.new_zeros(0) if add is None else add.detach().reshape(x.shape[:2]).contiguous()
+    launch = fused._launch_shape(x3)
+    return lambda: fused._group_stats(x3, add, num_groups, 1e-5, launch)
 
 
 def moved_bytes(call: Call, dtype: torch.dtype) -> dict[str, int]:
-    """The activation bytes the fused kernels read and write, forward and backward."""
+    """The activation bytes the fused kernels read and write, forward and backward, and those
+    the forward's statistics pass reads."""
     size = math.prod(call[0]) * torch.empty(0, dtype=dtype).element_size()
-    return {"forward": 3 * size, "backward": 5 * size}
+    return {"forward": 3 * size, "backward": 5 * size, "stats": size}
 
 
 def copy_bandwidth(device: torch.device, time_ms: Callable, nbytes: int) -> float:
@@ -172,8 +186,10 @@ def _shipped(row: dict) -> dict:
 def summarize(rows: list[dict], copy_gbps: float) -> dict:
     """Per-step milliseconds (each call times its count): the shipped launch plan (where the
     sweep included its configuration), the best configuration per call, and a copy of the same
-    bytes at `copy_gbps`. Marks each row's best configuration."""
-    total = {"shipped_ms": 0.0, "best_ms": 0.0, "copy_ms": 0.0}
+    bytes at `copy_gbps`; of the forward's statistics pass alone, the shipped plan's and the
+    best per call. Marks each row's best configuration, and the best for the statistics."""
+    total = {"shipped_ms": 0.0, "best_ms": 0.0, "copy_ms": 0.0, "shipped_stats_ms": 0.0,
+             "best_stats_ms": 0.0}
     for row in rows:
         if not row["configs"]:
             continue
@@ -185,14 +201,25 @@ def summarize(rows: list[dict], copy_gbps: float) -> dict:
         if mine is not None:
             total["shipped_ms"] += row["count"] * _step_ms(mine)
         total["best_ms"] += row["count"] * _step_ms(best)
-        total["copy_ms"] += row["count"] * sum(row["bytes"].values()) / copy_gbps / 1e6
+        total["copy_ms"] += (row["count"] * (row["bytes"]["forward"] + row["bytes"]["backward"])
+                             / copy_gbps / 1e6)
+        timed = [c for c in row["configs"] if "stats_ms" in c]
+        if timed:
+            stats = min(timed, key=lambda c: c["stats_ms"])
+            row["best_stats"] = {k: stats[k] for k in asdict(fused.LaunchConfig())}
+            row["best_stats_gbps"] = row["bytes"]["stats"] / stats["stats_ms"] / 1e6
+            total["best_stats_ms"] += row["count"] * stats["stats_ms"]
+            if mine is not None and "stats_ms" in mine:
+                total["shipped_stats_ms"] += row["count"] * mine["stats_ms"]
     return total
 
 
 def format_rows(rows: list[dict]) -> str:
-    """One line per call: the shipped plan's and the best configuration's times and bandwidth."""
+    """One line per call: the shipped plan's and the best configuration's times and bandwidth,
+    and the statistics pass's bandwidth under the shipped plan and under its best one."""
     head = (f"{'shape':<24}{'flags':<14}{'n':>3}{'ref ms':>14}{'fwd ms':>9}{'bwd ms':>9}"
-            f"{'fwd GB/s':>10}{'bwd GB/s':>10}  best (tile, programs/SM, warps): fwd/bwd ms, GB/s")
+            f"{'fwd GB/s':>10}{'bwd GB/s':>10}{'stats GB/s':>12}"
+            f"  best (tile, programs/SM, warps): fwd/bwd ms, GB/s; stats best: GB/s")
     lines = [head, "-" * len(head)]
     for row in rows:
         flags = "+".join(f for f, on in (("film", row["film"]), ("add", row["add"]),
@@ -203,12 +230,18 @@ def format_rows(rows: list[dict]) -> str:
         cells += "" if mine is None else (
             f"{mine['forward_ms']:>9.3f}{mine['backward_ms']:>9.3f}"
             f"{row['bytes']['forward'] / mine['forward_ms'] / 1e6:>10.0f}"
-            f"{row['bytes']['backward'] / mine['backward_ms'] / 1e6:>10.0f}")
+            f"{row['bytes']['backward'] / mine['backward_ms'] / 1e6:>10.0f}"
+            + (f"{row['bytes']['stats'] / mine['stats_ms'] / 1e6:>12.0f}" if "stats_ms" in mine
+               else f"{'-':>12}"))
         best = _timing_of(row, row["best"]) if "best" in row else None
         tail = "" if best is None else (
             f"  ({best['tile_elements']}, {best['programs_per_sm']}, {best['num_warps']}): "
             f"{best['forward_ms']:.3f}/{best['backward_ms']:.3f}, "
             f"{row['best_forward_gbps']:.0f}/{row['best_backward_gbps']:.0f}")
+        if "best_stats" in row:
+            stats = row["best_stats"]
+            tail += (f"; ({stats['tile_elements']}, {stats['programs_per_sm']}, "
+                     f"{stats['num_warps']}): {row['best_stats_gbps']:.0f}")
         lines.append(f"{'x'.join(map(str, row['shape'])):<24}{flags:<14}{row['count']:>3}"
                      f"{cells}{tail}")
     return "\n".join(lines)
@@ -282,7 +315,9 @@ def main(argv: list[str] | None = None) -> int:
         data["cases"][case] = {"rows": rows, "total": total}
         print(f"\n{case}: norm kernels per training step {total['shipped_ms']:.2f} ms with the "
               f"shipped launch plan, {total['best_ms']:.2f} ms with the best per call, "
-              f"{total['copy_ms']:.2f} ms to copy the same bytes")
+              f"{total['copy_ms']:.2f} ms to copy the same bytes; the forward's statistics pass "
+              f"{total['shipped_stats_ms']:.2f} ms shipped, {total['best_stats_ms']:.2f} ms "
+              f"with the best per call")
         print(format_rows(rows), flush=True)
     write_json_result(data, args.out, "norm_kernels.json")
     return 0

@@ -31,16 +31,24 @@ def test_every_group_norm_is_one_call_and_additive_blocks_add(case, benchmark_sc
 def test_totals_weight_each_call_by_its_count(benchmark_script):
     script = benchmark_script("norm_kernels")
     small = {"tile_elements": 8192, "programs_per_sm": 2, "num_warps": 4}  # the plan's, < 2^24
-    rows = [{"shape": [4, 64, 16, 16, 16], "count": 3,
-             "bytes": {"forward": 3_000_000, "backward": 5_000_000},
-             "configs": [{**small, "forward_ms": 0.002, "backward_ms": 0.004},
-                         {**small, "num_warps": 8, "forward_ms": 0.001, "backward_ms": 0.004}]}]
+    rows = [{"shape": [4, 64, 16, 16, 16], "count": 3, "film": False, "add": True, "act": True,
+             "bytes": {"forward": 3_000_000, "backward": 5_000_000, "stats": 1_000_000},
+             "configs": [{**small, "forward_ms": 0.002, "backward_ms": 0.004, "stats_ms": 0.0005},
+                         {**small, "num_warps": 8, "forward_ms": 0.001, "backward_ms": 0.004,
+                          "stats_ms": 0.0008}]}]
     total = script.summarize(rows, copy_gbps=2000.0)
     assert total["shipped_ms"] == pytest.approx(3 * 0.006)
     assert total["best_ms"] == pytest.approx(3 * 0.005)
     assert total["copy_ms"] == pytest.approx(3 * 8_000_000 / 2000e9 * 1e3)
     assert rows[0]["best"]["num_warps"] == 8
     assert rows[0]["best_forward_gbps"] == pytest.approx(3_000_000 / 0.001 / 1e6)
+    # the statistics pass alone: its own best configuration, not the forward's
+    assert total["shipped_stats_ms"] == pytest.approx(3 * 0.0005)
+    assert total["best_stats_ms"] == pytest.approx(3 * 0.0005)
+    assert rows[0]["best_stats"]["num_warps"] == 4
+    assert rows[0]["best_stats_gbps"] == pytest.approx(1_000_000 / 0.0005 / 1e6)
+    line = script.format_rows(rows).splitlines()[2]
+    assert line.endswith("; (8192, 2, 4): 2000") and "        2000  " in line
 
 
 @pytest.mark.slow
@@ -60,4 +68,4 @@ def test_a_sweep_runs_under_the_interpreter(tmp_path):
     assert rows and all(r["shape"][0] * r["shape"][1] * r["shape"][2] ** 3 >= 150000 for r in rows)
     for row in rows:
         assert [c["tile_elements"] for c in row["configs"]] == [16384, 32768]
-        assert all(c["forward_ms"] > 0 for c in row["configs"])
+        assert all(c["forward_ms"] > 0 and c["stats_ms"] > 0 for c in row["configs"])

@@ -85,6 +85,45 @@ def test_which_convolutions_the_kernels_take(enabled):
     assert not thin_conv.takes(conv_nd(3, 2, 16, 3, padding=1), x2)
 
 
+
+@pytest.mark.parametrize(("setting", "wanted"), [
+    ("auto", {(64, 1): True, (54, 2): True, (53, 2): False, (16, 1): False, (64, 3): False}),
+    ("always", {(64, 1): True, (16, 1): True, (8, 5): True}),
+    ("never", {(64, 1): False, (128, 1): False})])
+def test_which_heads_forward_by_tap_products(setting, wanted, monkeypatch):
+    monkeypatch.setattr(thin_conv, "TAP_PRODUCT_FORWARD", setting)
+    calls = []
+
+    def tap_products(x, weight, bias):
+        calls.append(tuple(weight.shape[:2]))
+        return torch.nn.functional.conv3d(x, weight, bias, padding=1)
+
+    monkeypatch.setattr(thin_conv, "_tap_product_forward", tap_products)
+    for (cin, cout), want in wanted.items():
+        x, weight = torch.randn(1, cin, 2, 3, 2), torch.randn(cout, cin, 3, 3, 3)
+        calls.clear()
+        y = thin_conv._thin_output(x, weight, None)
+        assert calls == ([(cout, cin)] if want else []), (setting, cin, cout)
+        torch.testing.assert_close(y, torch.nn.functional.conv3d(x, weight, padding=1))
+
+
+@pytest.mark.parametrize(("value", "setting"), [(None, "auto"), ("auto", "auto"), ("1", "always"),
+                                                ("Always", "always"), ("0", "never")])
+def test_tap_product_setting_from_the_environment(value, setting, monkeypatch):
+    name = "DIFFUNET_TAP_PRODUCT_FORWARD"
+    if value is None:
+        monkeypatch.delenv(name, raising=False)
+    else:
+        monkeypatch.setenv(name, value)
+    assert thin_conv._tap_product_setting(name) == setting
+
+
+def test_a_bad_tap_product_setting_warns_and_keeps_auto(monkeypatch):
+    monkeypatch.setenv("DIFFUNET_TAP_PRODUCT_FORWARD", "yes")
+    with pytest.warns(UserWarning, match="'yes' is not one of auto, always, never"):
+        assert thin_conv._tap_product_setting("DIFFUNET_TAP_PRODUCT_FORWARD") == "auto"
+
+
 INTERPRETER_CHECK = textwrap.dedent("""
     import torch
     import torch.nn.functional as F
@@ -95,7 +134,7 @@ INTERPRETER_CHECK = textwrap.dedent("""
     from diffunet.nn.ops import conv_nd
 
     torch.manual_seed(0)
-    thin_conv.TAP_PRODUCT_FORWARD = True  # a head's forward by the kernels, not ATen
+    thin_conv.TAP_PRODUCT_FORWARD = "always"  # every head's forward by the kernels, not ATen
     worst = {}
     cases = [((2, 16), (2, 3, 5, 4), True, True), ((16, 1), (1, 4, 3, 5), True, True),
              ((3, 5), (2, 3, 3, 3), False, False), ((8, 33), (1, 2, 3, 2), True, True),
@@ -216,7 +255,7 @@ def test_kernels_compute_conv3d_and_its_gradients_under_the_interpreter():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tap_products", [False, True])
+@pytest.mark.parametrize("tap_products", ["never", "always"])
 @pytest.mark.parametrize(("channels", "spatial"), [((2, 64), (4, 64, 64, 64)),
                                                    ((64, 1), (4, 64, 64, 64)),
                                                    ((3, 33), (2, 7, 9, 5)), ((5, 2), (1, 17, 3, 4))])

@@ -12,9 +12,10 @@ one is read or written once. The stem's forward gathers its input; its weight gr
 the input again against the streamed output gradient. The head's input gradient gathers its
 one-channel output gradient (taps mirrored) into the wide input gradient, and its weight
 gradient gathers that output gradient against the streamed input. The head's forward, a
-reduction over the wide side, is cuDNN's (its output padded to 8 channels), or with
-`TAP_PRODUCT_FORWARD` two passes: each position's products with the 27 × COUT tap weights
-(one read of x), then each output the sum of its 27 neighbours' products (one read of those).
+reduction over the wide side, is two passes where its tap products are no wider than its input
+(`TAP_PRODUCT_FORWARD`): each position's products with the 27 × COUT tap weights (one read of
+x), then each output the sum of its 27 neighbours' products (one read of those); other heads
+take cuDNN's (their output padded to 8 channels).
 
 A first version (session 12) ran each tap as its own product over the wide side, reading it
 27 times: on an H200 its stem training pass took 2.39 ms against cuDNN's 0.91, its head
@@ -23,7 +24,9 @@ A first version (session 12) ran each tap as its own product over the wide side,
 On an H200 (bf16, channels-last, 4×64³; `benchmarks/conv_channels.py --cases 3d`) the stem
 takes 0.108 ms forward and 0.274 ms with its weight gradient (cuDNN: 0.518 and 0.898), the
 head 0.609 ms with its gradients (cuDNN padded: 1.596); the compiled 3D benchmark trains
-2.3 % and infers 1.6 % faster with them (docs/performance.md, session 13).
+2.3 % and infers 1.6 % faster with them (docs/performance.md, session 13). The head's
+forward by tap products takes 0.093 ms (cuDNN padded: 0.442), and with it the benchmark trains
+1.4 % and infers 1.3 % faster again (session 16).
 
 `conv.convolve` calls them for plain 3×3×3 `nn.Conv3d` layers (stride 1, padding 1) on CUDA
 whose narrower side has at most `THIN_CHANNELS` channels, as the custom ops below in eager
@@ -37,6 +40,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -345,21 +349,48 @@ TAP_PRODUCTS_BLOCK_N = 64
 TAP_SUM_BLOCK_N = 256
 
 
-#: Whether a head's forward runs `_tap_product_forward` instead of cuDNN (env
-#: `DIFFUNET_TAP_PRODUCT_FORWARD=1`). Off until the model is measured with it: on an H200 it
-#: took 0.093 ms where cuDNN took 0.442 (the 3D head, 4×64³, bf16; `conv_channels.py`,
-#: session 15), and it matches cuDNN in the GPU tests, but no A/B of the model has run yet.
-TAP_PRODUCT_FORWARD = os.environ.get("DIFFUNET_TAP_PRODUCT_FORWARD", "0") == "1"
+_TAP_PRODUCT_SETTINGS = {"auto": "auto", "always": "always", "never": "never",
+                         "1": "always", "0": "never"}
+
+
+def _tap_product_setting(name: str) -> str:
+    """The setting the environment variable `name` gives ("auto" when unset); a value that is
+    none warns and keeps "auto"."""
+    text = os.environ.get(name, "auto")
+    if text.lower() not in _TAP_PRODUCT_SETTINGS:
+        warnings.warn(f"{name}={text!r} is not one of auto, always, never, 1, 0; keeping auto",
+                      stacklevel=2)
+        return "auto"
+    return _TAP_PRODUCT_SETTINGS[text.lower()]
+
+
+#: Which heads' forwards run `_tap_product_forward` instead of cuDNN: "auto" (the default)
+#: those whose tap products (27 × COUT per position) are no wider than their input (CIN), so
+#: that the two passes move less than cuDNN's 27 reads of each x tile; "always" or "never"
+#: (env `DIFFUNET_TAP_PRODUCT_FORWARD`, also 1 or 0). Measured on an H200 for the 3D head
+#: (64 → 1, 4×64³, bf16): 0.093 ms where cuDNN takes 0.442 (`conv_channels.py`, session 15),
+#: and the compiled 3D benchmark trains 79.3 → 80.4 vol/s and infers 242.0 → 245.1 with it
+#: (`ab.py`, session 16). Wider heads are not measured, so they keep cuDNN under "auto".
+TAP_PRODUCT_FORWARD = _tap_product_setting("DIFFUNET_TAP_PRODUCT_FORWARD")
+
+
+def _tap_products_wanted(in_channels: int, out_channels: int) -> bool:
+    """Whether a head of these channels computes its forward by tap products
+    (`TAP_PRODUCT_FORWARD`)."""
+    if TAP_PRODUCT_FORWARD == "auto":
+        return _TAPS * out_channels <= in_channels
+    return TAP_PRODUCT_FORWARD == "always"
 
 
 def _thin_output(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                  ) -> torch.Tensor:
-    """`F.conv3d(x, weight, bias, padding=1)` for a thin output, in `x`'s layout: cuDNN with
-    the output channels zero-padded to `CHANNEL_MULTIPLE` (0.437 against 0.547 ms for the 3D
-    head on an H200; `conv.output_padding`), unless `TAP_PRODUCT_FORWARD`."""
-    if TAP_PRODUCT_FORWARD:
+    """`F.conv3d(x, weight, bias, padding=1)` for a thin output, in `x`'s layout: by tap
+    products where `_tap_products_wanted`, else cuDNN with the output channels zero-padded to
+    `CHANNEL_MULTIPLE` (0.437 against 0.547 ms for the 3D head on an H200;
+    `conv.output_padding`)."""
+    out_channels, in_channels = weight.shape[:2]
+    if _tap_products_wanted(in_channels, out_channels):
         return _tap_product_forward(x, weight, bias)
-    out_channels = weight.shape[0]
     extra = -out_channels % CHANNEL_MULTIPLE if x.is_cuda else 0
     if extra:
         weight, bias = pad_output_channels(weight, bias, extra)
