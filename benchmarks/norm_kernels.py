@@ -214,12 +214,16 @@ def summarize(rows: list[dict], copy_gbps: float) -> dict:
     return total
 
 
+def _config_text(config: dict) -> str:
+    return ", ".join(str(config[k]) for k in asdict(fused.LaunchConfig()))
+
+
 def format_rows(rows: list[dict]) -> str:
     """One line per call: the shipped plan's and the best configuration's times and bandwidth,
     and the statistics pass's bandwidth under the shipped plan and under its best one."""
     head = (f"{'shape':<24}{'flags':<14}{'n':>3}{'ref ms':>14}{'fwd ms':>9}{'bwd ms':>9}"
             f"{'fwd GB/s':>10}{'bwd GB/s':>10}{'stats GB/s':>12}"
-            f"  best (tile, programs/SM, warps): fwd/bwd ms, GB/s; stats best: GB/s")
+            f"  best (tile, programs/SM, warps, stages): fwd/bwd ms, GB/s; stats best: GB/s")
     lines = [head, "-" * len(head)]
     for row in rows:
         flags = "+".join(f for f, on in (("film", row["film"]), ("add", row["add"]),
@@ -235,13 +239,12 @@ def format_rows(rows: list[dict]) -> str:
                else f"{'-':>12}"))
         best = _timing_of(row, row["best"]) if "best" in row else None
         tail = "" if best is None else (
-            f"  ({best['tile_elements']}, {best['programs_per_sm']}, {best['num_warps']}): "
+            f"  ({_config_text(best)}): "
             f"{best['forward_ms']:.3f}/{best['backward_ms']:.3f}, "
             f"{row['best_forward_gbps']:.0f}/{row['best_backward_gbps']:.0f}")
         if "best_stats" in row:
             stats = row["best_stats"]
-            tail += (f"; ({stats['tile_elements']}, {stats['programs_per_sm']}, "
-                     f"{stats['num_warps']}): {row['best_stats_gbps']:.0f}")
+            tail += f"; ({_config_text(stats)}): {row['best_stats_gbps']:.0f}"
         lines.append(f"{'x'.join(map(str, row['shape'])):<24}{flags:<14}{row['count']:>3}"
                      f"{cells}{tail}")
     return "\n".join(lines)
@@ -273,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warps", type=_ints, default=sorted({plan.large.num_warps,
                                                                plan.small.num_warps}),
                         help="num_warps values")
+    parser.add_argument("--stages", type=_ints, default=sorted({plan.large.loop_stages,
+                                                                plan.small.loop_stages}),
+                        help="loop_stages values (software-pipelining depth of the kernels' "
+                             "loops; 1: none)")
     parser.add_argument("--min-elements", type=int, default=fused.CUDA_GRAPHS_MIN_ELEMENTS,
                         help="time only calls of at least this many elements (the size from "
                              "which compiled CUDA-graph steps call the kernels)")
@@ -296,8 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16
     deadline = time.monotonic() + args.deadline
-    configs = [fused.LaunchConfig(t, p, w)
-               for t, p, w in itertools.product(args.tiles, args.programs, args.warps)]
+    configs = [fused.LaunchConfig(t, p, w, s) for t, p, w, s in
+               itertools.product(args.tiles, args.programs, args.warps, args.stages)]
     fused.set_fused_enabled(True, min_elements=0)
     time_ms = _timer(device, args.iters, args.graphs)
     copy_gbps = copy_bandwidth(device, time_ms, 1 << (20 if args.quick else 30))

@@ -181,6 +181,17 @@ def test_the_launch_plan_picks_its_configuration_by_size():
     assert plan.large.num_warps > plan.small.num_warps  # what the sweep found (see its docstring)
     one = fused.LaunchConfig(2048, 8, 4)
     assert one.for_elements(1) is one.for_elements(1 << 30) is one
+    assert plan.large.loop_stages == plan.small.loop_stages == 1  # no pipelining measured yet
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (CPU-only torch)")
+def test_a_launch_shape_covers_the_view_with_the_configured_loop(monkeypatch):
+    monkeypatch.setattr(fused, "LAUNCH", fused.LaunchConfig(2048, 2, 8, loop_stages=3))
+    launch = fused._launch_shape(torch.empty(4, 96, 1000))
+    assert (launch.block_c, launch.block_n, launch.num_warps, launch.loop_stages) == (128, 16, 8, 3)
+    assert launch.rows % launch.block_n == 0 and launch.chunks * launch.rows >= 1000
+    assert (launch.chunks - 1) * launch.rows < 1000  # no chunk starts past the end
+    assert fused._tiles(launch) == {"BLOCK_C": 128, "BLOCK_N": 16, "STAGES": 3, "num_warps": 8}
 
 
 @pytest.mark.gpu
@@ -188,10 +199,13 @@ def test_the_launch_plan_picks_its_configuration_by_size():
 @pytest.mark.parametrize(("shape", "groups"), AWKWARD)
 @pytest.mark.parametrize(("film", "act", "add"), [(False, True, False), (True, True, False),
                                                    (False, False, False), (False, True, True)])
-@pytest.mark.parametrize("launch", ["large", "small"])
+@pytest.mark.parametrize("launch", ["large", "small", "pipelined"])
 def test_fused_matches_eager_on_gpu_bf16(shape, groups, film, act, add, launch, monkeypatch):
-    """Under each configuration of the launch plan, whatever the size."""
-    monkeypatch.setattr(fused, "LAUNCH", getattr(fused.LaunchPlan(), launch))
+    """Under each configuration of the launch plan, and with pipelined loops, whatever the
+    size."""
+    config = (fused.LaunchConfig(2048, 4, 4, loop_stages=3) if launch == "pipelined"
+              else getattr(fused.LaunchPlan(), launch))
+    monkeypatch.setattr(fused, "LAUNCH", config)
     device = torch.device("cuda")
     x = torch.randn(*shape, device=device, dtype=torch.bfloat16) * 2 + 1
     if x.ndim in (4, 5):

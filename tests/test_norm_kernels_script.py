@@ -30,7 +30,8 @@ def test_every_group_norm_is_one_call_and_additive_blocks_add(case, benchmark_sc
 
 def test_totals_weight_each_call_by_its_count(benchmark_script):
     script = benchmark_script("norm_kernels")
-    small = {"tile_elements": 8192, "programs_per_sm": 2, "num_warps": 4}  # the plan's, < 2^24
+    small = {"tile_elements": 8192, "programs_per_sm": 2, "num_warps": 4,  # the plan's, < 2^24
+             "loop_stages": 1}
     rows = [{"shape": [4, 64, 16, 16, 16], "count": 3, "film": False, "add": True, "act": True,
              "bytes": {"forward": 3_000_000, "backward": 5_000_000, "stats": 1_000_000},
              "configs": [{**small, "forward_ms": 0.002, "backward_ms": 0.004, "stats_ms": 0.0005},
@@ -48,7 +49,7 @@ def test_totals_weight_each_call_by_its_count(benchmark_script):
     assert rows[0]["best_stats"]["num_warps"] == 4
     assert rows[0]["best_stats_gbps"] == pytest.approx(1_000_000 / 0.0005 / 1e6)
     line = script.format_rows(rows).splitlines()[2]
-    assert line.endswith("; (8192, 2, 4): 2000") and "        2000  " in line
+    assert line.endswith("; (8192, 2, 4, 1): 2000") and "        2000  " in line
 
 
 @pytest.mark.slow
@@ -58,14 +59,16 @@ def test_a_sweep_runs_under_the_interpreter(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--cases", "3d", "--iters", "1",
-         # Large tiles: the interpreter's time goes with the number of programs (2048 and
-         # 4096 took 55 s here, these 16).
-         "--min-elements", "150000", "--tiles", "16384,32768", "--programs", "4", "--warps", "4",
+         # Large tiles: the interpreter's time goes with the number of programs (tiles of 2048
+         # and 4096 took 55 s here, 16384 and 32768 16 s).
+         "--min-elements", "150000", "--tiles", "32768", "--programs", "4", "--warps", "4",
+         "--stages", "1,2",
          "--no-reference", "--out", str(out)],
         env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())["cases"]["3d"]["rows"]
     assert rows and all(r["shape"][0] * r["shape"][1] * r["shape"][2] ** 3 >= 150000 for r in rows)
     for row in rows:
-        assert [c["tile_elements"] for c in row["configs"]] == [16384, 32768]
+        assert [(c["tile_elements"], c["loop_stages"]) for c in row["configs"]] == [
+            (32768, 1), (32768, 2)]
         assert all(c["forward_ms"] > 0 and c["stats_ms"] > 0 for c in row["configs"])

@@ -22,6 +22,7 @@ import functools
 import os
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -193,6 +194,10 @@ class LaunchConfig:
     """How the four streaming kernels (statistics, normalize, backward reduce, input gradient)
     split a (B, C, N) activation: each program owns one sample's run of positions (a chunk) and
     loops over it in tiles of all channels × `tile_elements // BLOCK_C` positions.
+    `loop_stages` is that loop's software-pipelining depth (`tl.range(num_stages=...)`): 1
+    loads each tile when the loop reaches it, as every measured configuration so far did; from
+    2 on, each program copies the next tiles into shared memory ahead of use (`cp.async`), so
+    that more loads are in flight.
 
     `benchmarks/norm_kernels.py` sweeps these on the GPU. The field defaults are the one
     configuration that every result in docs/performance.md before session 11 was measured with.
@@ -201,6 +206,7 @@ class LaunchConfig:
     tile_elements: int = 4096
     programs_per_sm: int = 4
     num_warps: int = 4
+    loop_stages: int = 1
 
     def for_elements(self, numel: int) -> LaunchConfig:
         """This configuration, at every size."""
@@ -241,8 +247,20 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _launch_shape(x3: torch.Tensor) -> tuple[int, int, int, int, int]:
-    """(BLOCK_C, BLOCK_N, rows per chunk, number of chunks, warps) for a (B, C, N) view."""
+class LaunchShape(NamedTuple):
+    """How one call's kernels cover a (B, C, N) view: tiles of `block_c` channels × `block_n`
+    positions, `chunks` programs per sample of `rows` positions each."""
+
+    block_c: int
+    block_n: int
+    rows: int
+    chunks: int
+    num_warps: int
+    loop_stages: int
+
+
+def _launch_shape(x3: torch.Tensor) -> LaunchShape:
+    """The `LaunchShape` of a (B, C, N) view under `LAUNCH`."""
     b, c, n = x3.shape
     launch = LAUNCH.for_elements(b * c * n)
     block_c = triton.next_power_of_2(c)
@@ -250,7 +268,8 @@ def _launch_shape(x3: torch.Tensor) -> tuple[int, int, int, int, int]:
     target_programs = launch.programs_per_sm * _sm_count(x3.device)
     chunks = max(1, min(triton.cdiv(n, block_n), triton.cdiv(target_programs, b)))
     rows = triton.cdiv(triton.cdiv(n, chunks), block_n) * block_n
-    return block_c, block_n, rows, triton.cdiv(n, rows), launch.num_warps
+    return LaunchShape(block_c, block_n, rows, triton.cdiv(n, rows), launch.num_warps,
+                       launch.loop_stages)
 
 
 if triton is not None:
@@ -258,7 +277,8 @@ if triton is not None:
     @triton.jit
     def _stats_kernel(x_ptr, s1_ptr, s2_ptr, shift_ptr, C, N, rows,
                       sxb, sxc, sxn, num_chunks,
-                      BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+                      BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+                      STAGES: tl.constexpr):
         b = tl.program_id(0)
         chunk = tl.program_id(1)
         cs = tl.arange(0, BLOCK_C)
@@ -269,7 +289,7 @@ if triton is not None:
         acc1 = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
         acc2 = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
         start = chunk * rows
-        for offset in range(0, rows, BLOCK_N):
+        for offset in tl.range(0, rows, BLOCK_N, num_stages=STAGES):
             ns = start + offset + tl.arange(0, BLOCK_N)
             mask = (ns[:, None] < N) & cmask[None, :]
             v = tl.load(base + ns[:, None] * sxn + cs[None, :] * sxc, mask=mask, other=0.0)
@@ -349,7 +369,8 @@ if triton is not None:
     def _normalize_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, bias_ptr, scale_ptr, sh_ptr,
                           C, N, rows, sxb, sxc, sxn, syb, syc, syn,
                           FILM: tl.constexpr, ACT: tl.constexpr,
-                          BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+                          BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+                          STAGES: tl.constexpr):
         b = tl.program_id(0)
         chunk = tl.program_id(1)
         cs = tl.arange(0, BLOCK_C)
@@ -363,7 +384,7 @@ if triton is not None:
             gain = gain * s
             offset_c = offset_c * s + tl.load(sh_ptr + b * C + cs, mask=cmask, other=0.0).to(tl.float32)
         start = chunk * rows
-        for offset in range(0, rows, BLOCK_N):
+        for offset in tl.range(0, rows, BLOCK_N, num_stages=STAGES):
             ns = start + offset + tl.arange(0, BLOCK_N)
             mask = (ns[:, None] < N) & cmask[None, :]
             v = tl.load(x_ptr + b * sxb + ns[:, None] * sxn + cs[None, :] * sxc, mask=mask, other=0.0)
@@ -378,7 +399,8 @@ if triton is not None:
                                 sh_ptr, a_ptr, b_ptr, C, N, rows, num_chunks,
                                 sxb, sxc, sxn, sdb, sdc, sdn,
                                 FILM: tl.constexpr, ACT: tl.constexpr,
-                                BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+                                BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+                                STAGES: tl.constexpr):
         b = tl.program_id(0)
         chunk = tl.program_id(1)
         cs = tl.arange(0, BLOCK_C)
@@ -395,7 +417,7 @@ if triton is not None:
         acc_a = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
         acc_b = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
         start = chunk * rows
-        for offset in range(0, rows, BLOCK_N):
+        for offset in tl.range(0, rows, BLOCK_N, num_stages=STAGES):
             ns = start + offset + tl.arange(0, BLOCK_N)
             mask = (ns[:, None] < N) & cmask[None, :]
             v = tl.load(x_ptr + b * sxb + ns[:, None] * sxn + cs[None, :] * sxc, mask=mask,
@@ -419,7 +441,8 @@ if triton is not None:
                             scale_ptr, sh_ptr, c1_ptr, c2_ptr, dadd_ptr, C, N, rows, num_chunks,
                             sxb, sxc, sxn, sdb, sdc, sdn, sob, soc, son,
                             FILM: tl.constexpr, ACT: tl.constexpr, ADD: tl.constexpr,
-                            BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+                            BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+                            STAGES: tl.constexpr):
         b = tl.program_id(0)
         chunk = tl.program_id(1)
         cs = tl.arange(0, BLOCK_C)
@@ -437,7 +460,7 @@ if triton is not None:
             sh = tl.load(sh_ptr + b * C + cs, mask=cmask, other=0.0).to(tl.float32)
         acc_dx = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
         start = chunk * rows
-        for offset in range(0, rows, BLOCK_N):
+        for offset in tl.range(0, rows, BLOCK_N, num_stages=STAGES):
             ns = start + offset + tl.arange(0, BLOCK_N)
             mask = (ns[:, None] < N) & cmask[None, :]
             v = tl.load(x_ptr + b * sxb + ns[:, None] * sxn + cs[None, :] * sxc, mask=mask,
@@ -460,18 +483,24 @@ if triton is not None:
                      mask=cmask)
 
 
+def _tiles(launch: LaunchShape) -> dict[str, int]:
+    """The streaming kernels' tile and loop parameters (constexprs and launch options)."""
+    return {"BLOCK_C": launch.block_c, "BLOCK_N": launch.block_n, "STAGES": launch.loop_stages,
+            "num_warps": launch.num_warps}
+
+
 def _group_stats(x3: torch.Tensor, add: torch.Tensor, num_groups: int, eps: float,
-                 launch: tuple[int, int, int, int, int]):
+                 launch: LaunchShape):
     """Per-(batch, channel) centre and rstd of each channel's group of `x3 + add` (`add` (B, C),
     or empty for none), in float32; the centre is the group's mean minus `add`. `launch` is
     `_launch_shape(x3)`."""
     b, c, n = x3.shape
-    block_c, block_n, rows, chunks, warps = launch
+    chunks = launch.chunks
     s1 = torch.empty(b, chunks, c, device=x3.device, dtype=torch.float32)
     s2 = torch.empty_like(s1)
     k = torch.empty(b, c, device=x3.device, dtype=torch.float32)
-    _stats_kernel[(b, chunks)](x3, s1, s2, k, c, n, rows, *x3.stride(), chunks,
-                               BLOCK_C=block_c, BLOCK_N=block_n, num_warps=warps)
+    _stats_kernel[(b, chunks)](x3, s1, s2, k, c, n, launch.rows, *x3.stride(), chunks,
+                               **_tiles(launch))
     mean, rstd = torch.empty_like(k), torch.empty_like(k)
     per_group = c // num_groups
     _stats_combine_kernel[(b, num_groups)](s1, s2, k, add, mean, rstd, c, n, chunks, per_group,
@@ -487,10 +516,9 @@ def _forward(x, weight, bias, scale, shift, add, num_groups, eps, film, act):
     y = torch.empty_like(x)
     y3 = y.flatten(2)
     b, c, n = x3.shape
-    block_c, block_n, rows, chunks, warps = launch
-    _normalize_kernel[(b, chunks)](x3, y3, mean, rstd, weight, bias, scale, shift, c, n, rows,
-                                   *x3.stride(), *y3.stride(), FILM=film, ACT=act,
-                                   BLOCK_C=block_c, BLOCK_N=block_n, num_warps=warps)
+    _normalize_kernel[(b, launch.chunks)](x3, y3, mean, rstd, weight, bias, scale, shift, c, n,
+                                          launch.rows, *x3.stride(), *y3.stride(), FILM=film,
+                                          ACT=act, **_tiles(launch))
     return y, mean, rstd
 
 
@@ -498,13 +526,13 @@ def _backward(grad, x, weight, bias, scale, shift, add, mean, rstd, num_groups, 
     """(dx, dweight, dbias, dscale, dshift, dadd); the last three None where not used."""
     x3, g3 = x.flatten(2), grad.flatten(2)
     b, c, n = x3.shape
-    block_c, block_n, rows, chunks, warps = _launch_shape(x3)
+    launch = _launch_shape(x3)
+    rows, chunks = launch.rows, launch.chunks
     a_part = torch.empty(b, chunks, c, device=x.device, dtype=torch.float32)
     b_part = torch.empty_like(a_part)
     _backward_reduce_kernel[(b, chunks)](
         x3, g3, mean, rstd, weight, bias, scale, shift, a_part, b_part, c, n, rows, chunks,
-        *x3.stride(), *g3.stride(), FILM=film, ACT=act, BLOCK_C=block_c, BLOCK_N=block_n,
-        num_warps=warps)
+        *x3.stride(), *g3.stride(), FILM=film, ACT=act, **_tiles(launch))
     # Per (batch, channel): Σ dz·x̂ and Σ dz (a_full, b_full), the FiLM gradients, and the
     # group means c1 = mean(dx̂), c2 = mean(dx̂·x̂) that the input gradient needs.
     a_full, b_full, c1, c2 = (torch.empty(b, c, device=x.device, dtype=torch.float32)
@@ -522,7 +550,7 @@ def _backward(grad, x, weight, bias, scale, shift, add, mean, rstd, num_groups, 
     _backward_dx_kernel[(b, chunks)](
         x3, g3, d3, mean, rstd, weight, bias, scale, shift, c1, c2, add_part, c, n, rows, chunks,
         *x3.stride(), *g3.stride(), *d3.stride(), FILM=film, ACT=act, ADD=added,
-        BLOCK_C=block_c, BLOCK_N=block_n, num_warps=warps)
+        **_tiles(launch))
     grad_weight = a_full.sum(0).to(weight.dtype)
     grad_bias = b_full.sum(0).to(bias.dtype)
     grad_add = add_part.sum(1).to(add.dtype) if added else None
