@@ -144,6 +144,22 @@ def test_the_environment_sets_the_compiled_threshold_at_import(value, expected, 
     assert ("is not a number of elements" in done.stderr) == warns
 
 
+@pytest.mark.parametrize(("value", "expected", "warns"), [("3", 3, False), ("0", 1, True)])
+def test_the_environment_sets_the_loop_depth_at_import(value, expected, warns):
+    """`DIFFUNET_NORM_LOOP_STAGES`, for an A/B of pipelined loops in separate processes."""
+    env = {**os.environ, fused.LOOP_STAGES_ENV: value}
+    code = ("from diffunet.nn import fused; plan = fused.LAUNCH;"
+            " print(plan.large.loop_stages, plan.small.loop_stages, plan.large.num_warps,"
+            " plan.small.tile_elements)")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    plan = fused.LaunchPlan()  # everything else as shipped
+    assert done.stdout.split() == [str(expected)] * 2 + [str(plan.large.num_warps),
+                                                         str(plan.small.tile_elements)]
+    assert ("is not a loop depth" in done.stderr) == warns
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
                     reason="Triton's interpreter runs the kernels on the CPU")
 def test_on_the_cpu_compiled_graphs_trace_the_reference():

@@ -80,6 +80,7 @@ def test_pt2e_3d_quantizes_linears_only():
 
 def test_onnx_qdq_quantizes_1d_convs_within_the_documented_error(tmp_path):
     import onnx
+    import onnx.numpy_helper
 
     model = model_for(1)
     path = quantize_onnx(model, tmp_path / "int8.onnx",
@@ -90,8 +91,12 @@ def test_onnx_qdq_quantizes_1d_convs_within_the_documented_error(tmp_path):
     convs = [n for n in graph.node if n.op_type == "Conv"]
     assert len(convs) == sum(isinstance(m, torch.nn.Conv1d) for m in model.modules())
     assert all(produced_by[n.input[1]].op_type == "DequantizeLinear" for n in convs)
-    int8 = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
-    assert sum(1 for _ in int8) >= len(convs)
+    int8 = [onnx.numpy_helper.to_array(t) for t in graph.initializer
+            if t.data_type == onnx.TensorProto.INT8]
+    assert len(int8) >= len(convs)
+    # 7-bit weights (`reduce_range`): no saturation on x86 CPUs without VNNI, where full-range
+    # weights gave 19 % RMS error on this model (an AVX2 EPYC)
+    assert max(abs(int(w.min())) for w in int8) <= 64 and max(int(w.max()) for w in int8) <= 64
     inputs = fixed_input(model)
     error = QuantizationError.between(run_onnx(path, inputs), reference(model, inputs))
     assert 0 < error.rms_relative <= DOCUMENTED_RMS

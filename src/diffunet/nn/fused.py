@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -34,19 +34,18 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 
-def _elements_from_env(name: str, default: int) -> int:
-    """The element count the environment variable `name` gives (an integer, at least 0), else
-    `default`; a value that is no such count warns and keeps `default`."""
+def _int_from_env(name: str, default: int, minimum: int, what: str) -> int:
+    """The integer (at least `minimum`) the environment variable `name` gives, else `default`;
+    a value that is no such integer warns that it is not `what` and keeps `default`."""
     text = os.environ.get(name)
     if text is None:
         return default
     try:
         value = int(text)
     except ValueError:
-        value = -1
-    if value < 0:
-        warnings.warn(f"{name}={text!r} is not a number of elements (an integer, at least 0, "
-                      f"e.g. {1 << 22}); keeping {default}", stacklevel=2)
+        value = minimum - 1
+    if value < minimum:
+        warnings.warn(f"{name}={text!r} is not {what}; keeping {default}", stacklevel=2)
         return default
     return value
 
@@ -66,7 +65,9 @@ CUDA_GRAPHS_MIN_ELEMENTS_ENV = "DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS"
 #: img/s; `ldm` inference 524.6 → 632.0 (docs/performance.md). Without CUDA graphs each call's
 #: Python launches add to a host-bound step (`ldm` training 145.0 → 91.2 img/s), so it stays
 #: off there.
-CUDA_GRAPHS_MIN_ELEMENTS = _elements_from_env(CUDA_GRAPHS_MIN_ELEMENTS_ENV, 1 << 20)
+CUDA_GRAPHS_MIN_ELEMENTS = _int_from_env(
+    CUDA_GRAPHS_MIN_ELEMENTS_ENV, 1 << 20, 0,
+    f"a number of elements (an integer, at least 0, e.g. {1 << 22})")
 _COMPILED_MIN_ELEMENTS: int | None = None
 #: The `torch.compile` modes that replay the compiled graphs as CUDA graphs.
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
@@ -235,9 +236,24 @@ class LaunchPlan:
         return self.large if numel >= self.large_from else self.small
 
 
+#: The environment variable that sets the `loop_stages` of both configurations of the default
+#: `LAUNCH` when the module is imported (to A/B pipelined loops with `benchmarks/ab.py
+#: --change-env`).
+LOOP_STAGES_ENV = "DIFFUNET_NORM_LOOP_STAGES"
+
+
+def _default_launch() -> LaunchPlan:
+    """`LaunchPlan()`, with the loop depth `LOOP_STAGES_ENV` asks for."""
+    plan = LaunchPlan()
+    stages = _int_from_env(LOOP_STAGES_ENV, plan.large.loop_stages, 1,
+                           "a loop depth (an integer, at least 1, e.g. 2)")
+    return replace(plan, large=replace(plan.large, loop_stages=stages),
+                   small=replace(plan.small, loop_stages=stages))
+
+
 #: The launch plan in use: a `LaunchPlan`, or one `LaunchConfig` for every size (as the sweep
 #: sets it).
-LAUNCH: LaunchPlan | LaunchConfig = LaunchPlan()
+LAUNCH: LaunchPlan | LaunchConfig = _default_launch()
 
 
 @functools.cache
