@@ -204,8 +204,8 @@ def quantize_onnx(model_or_path: nn.Module | str | Path, out_path: str | Path,
     `Conv` and constant-weight `MatMul` are int8 per output channel, activations uint8 per
     tensor (min/max calibration).
 
-    `reduce_range` keeps the weights to 7 bits, so that the file gives the same results on every
-    x86 CPU: without VNNI (AVX2, or AVX-512 without VNNI) ONNX Runtime multiplies uint8 by
+    `reduce_range` keeps the weights to 7 bits, so that the file's accuracy does not depend on
+    the x86 CPU it runs on: without VNNI (AVX2, or AVX-512 without VNNI) ONNX Runtime multiplies uint8 by
     int8 with `VPMADDUBSW`, whose 16-bit pair sums saturate on full-range weights. On an AVX2
     EPYC the small 1D test model's error went from 19.3 % to 4.6 % RMS with it
     (docs/quantization.md). `False` keeps 8-bit weights for runtimes known to have VNNI (or a
