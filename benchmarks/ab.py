@@ -135,8 +135,8 @@ def recorded(result: dict, model: str, mode: str, kind: str, key: str = "through
     return None
 
 
-def _rates(runs: list[dict], tree: str, model: str, mode: str, key: str = "throughput"
-           ) -> list[float]:
+def _values(runs: list[dict], tree: str, model: str, mode: str, key: str = "throughput"
+            ) -> list[float]:
     found = (recorded(r["result"], model, mode, r["kind"], key) for r in runs
              if r["tree"] == tree)
     return [v for v in found if v is not None]
@@ -150,8 +150,8 @@ def summarize(runs: list[dict], modes: list[str]) -> list[dict]:
     for case, kind in dict.fromkeys((r["case"], r["kind"]) for r in runs):
         mine = [r for r in runs if (r["case"], r["kind"]) == (case, kind)]
         for mode in modes:
-            base, change = _rates(mine, "base", "ours", mode), _rates(mine, "change", "ours", mode)
-            ref = _rates(mine, "base", "ref", mode)
+            base, change = _values(mine, "base", "ours", mode), _values(mine, "change", "ours", mode)
+            ref = _values(mine, "base", "ref", mode)
             if not (base or change):
                 continue
             row = {"case": case, "kind": kind, "mode": mode,
@@ -161,9 +161,9 @@ def summarize(runs: list[dict], modes: list[str]) -> list[dict]:
             for tree, measured in (("base", base), ("change", change)):
                 if ref and measured:
                     row[f"{tree}_vs_ref"] = statistics.median(measured) / statistics.median(ref)
-            peaks = {"base": _rates(mine, "base", "ours", mode, "peak_mem_gib"),
-                     "change": _rates(mine, "change", "ours", mode, "peak_mem_gib"),
-                     "ref": _rates(mine, "base", "ref", mode, "peak_mem_gib")}
+            peaks = {"base": _values(mine, "base", "ours", mode, "peak_mem_gib"),
+                     "change": _values(mine, "change", "ours", mode, "peak_mem_gib"),
+                     "ref": _values(mine, "base", "ref", mode, "peak_mem_gib")}
             row["peak_gib"] = {name: statistics.median(v) for name, v in peaks.items() if v}
             rows.append(row)
     return rows
@@ -180,8 +180,9 @@ def format_summary(rows: list[dict]) -> str:
     for r in rows:
         gain = f"{100 * r['gain']:+.1f}%" if "gain" in r else "-"
         ratios = [f"{r[k]:.2f}×" if k in r else "-" for k in ("base_vs_ref", "change_vs_ref")]
-        peaks = "/".join(f"{r.get('peak_gib', {})[name]:.2f}" if name in r.get("peak_gib", {})
-                         else "-" for name in ("base", "change", "ref"))
+        peak = r.get("peak_gib", {})
+        peaks = "/".join(f"{peak[name]:.2f}" if name in peak else "-"
+                         for name in ("base", "change", "ref"))
         lines.append(f"{r['case']:<13}{r['kind']:<6}{r['mode']:<8}{cell(r['base']):>16}"
                      f"{cell(r['change']):>16}{gain:>8}{cell(r['ref']):>12}{ratios[0]:>10}"
                      f"{ratios[1]:>12}  {peaks}")

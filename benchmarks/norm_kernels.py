@@ -12,9 +12,10 @@ bf16 and channels-last (as CUDA-graph replays, so the kernels' time and not the 
 overhead; `--no-graphs` for the latter), forward alone, forward + backward and the forward's
 statistics pass alone, under each launch configuration: milliseconds, and GB/s over the bytes
 the kernels must move (forward: x read twice, y written once; backward: x and the output
-gradient read twice, the input gradient written once; statistics: x read once). The summary weights each call by its count: the norm kernels' time in one
-training step, with the shipped launch plan and with the best per call, next to what a
-plain copy of the same bytes would take at the copy bandwidth measured in the same run.
+gradient read twice, the input gradient written once; statistics: x read once). The summary
+weights each call by its count: the norm kernels' time in one training step, with the shipped
+launch plan and with the best per call, next to what a plain copy of the same bytes would take
+at the copy bandwidth measured in the same run.
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ def statistics_pass(x: torch.Tensor, num_groups: int, add: torch.Tensor | None
     """The forward's statistics pass alone (`_stats_kernel`, then `_stats_combine_kernel`),
     as the fused forward launches it for `x` under the current launch configuration."""
     x3 = x.detach().flatten(2)
-    add = x.new_zeros(0) if add is None else add.detach().reshape(x.shape[:2]).contiguous()
+    add = fused.per_channel_operand(None if add is None else add.detach(), x)
     launch = fused._launch_shape(x3)
     return lambda: fused._group_stats(x3, add, num_groups, 1e-5, launch)
 

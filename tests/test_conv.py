@@ -344,7 +344,7 @@ def _cpu_convolves_bf16_in(layout: torch.memory_format, dims: int) -> bool:
     oneDNN's bf16 kernels (AVX2 ones) convolve bf16 in NCDHW whatever the operands."""
     x = torch.zeros(1, 8, *[3] * dims, dtype=torch.bfloat16).contiguous(memory_format=layout)
     weight = torch.zeros(8, 8, *[1] * dims, dtype=torch.bfloat16).contiguous(memory_format=layout)
-    return conv_nd(dims, 8, 8, 1)._conv_forward(x, weight, None).is_contiguous(memory_format=layout)
+    return getattr(F, f"conv{dims}d")(x, weight).is_contiguous(memory_format=layout)
 
 
 @pytest.mark.parametrize("dims", [2, 3])

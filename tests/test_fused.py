@@ -207,7 +207,7 @@ def test_a_launch_shape_covers_the_view_with_the_configured_loop(monkeypatch):
     assert (launch.block_c, launch.block_n, launch.num_warps, launch.loop_stages) == (128, 16, 8, 3)
     assert launch.rows % launch.block_n == 0 and launch.chunks * launch.rows >= 1000
     assert (launch.chunks - 1) * launch.rows < 1000  # no chunk starts past the end
-    assert fused._tiles(launch) == {"BLOCK_C": 128, "BLOCK_N": 16, "STAGES": 3, "num_warps": 8}
+    assert launch.kernel_options() == {"BLOCK_C": 128, "BLOCK_N": 16, "STAGES": 3, "num_warps": 8}
 
 
 @pytest.mark.gpu

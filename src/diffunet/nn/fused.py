@@ -166,16 +166,19 @@ def group_norm_act(
     compiled_op = compiled_fused_wanted(x)
     if compiled_op or fused_available(x):
         film = scale is not None
-        # Per-(batch, channel) inputs are usually chunks of one projection: make them dense.
-        scale, shift, add = (x.new_zeros(0) if t is None
-                             else t.reshape(x.shape[0], x.shape[1]).contiguous()
-                             for t in (scale, shift, add))
+        scale, shift, add = (per_channel_operand(t, x) for t in (scale, shift, add))
         x = x.contiguous(memory_format=_memory_format(x))
         args = (x, weight, bias, scale, shift, add, num_groups, eps, film, act)
         if compiled_op:
             return group_norm_act_op(*args)[0]
         return _GroupNormAct.apply(*args)
     return group_norm_act_reference(x, num_groups, weight, bias, eps, scale, shift, act, add)
+
+
+def per_channel_operand(t: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """A per-(batch, channel) input of the kernels (`scale`, `shift`, `add`) as they read it:
+    dense (B, C), since these are usually chunks of one projection, or empty for None."""
+    return x.new_zeros(0) if t is None else t.reshape(x.shape[0], x.shape[1]).contiguous()
 
 
 def norm_act(norm: torch.nn.GroupNorm, x: torch.Tensor, *, scale: torch.Tensor | None = None,
@@ -273,6 +276,11 @@ class LaunchShape(NamedTuple):
     chunks: int
     num_warps: int
     loop_stages: int
+
+    def kernel_options(self) -> dict[str, int]:
+        """The streaming kernels' tile and loop constexprs, and their warps."""
+        return {"BLOCK_C": self.block_c, "BLOCK_N": self.block_n, "STAGES": self.loop_stages,
+                "num_warps": self.num_warps}
 
 
 def _launch_shape(x3: torch.Tensor) -> LaunchShape:
@@ -499,12 +507,6 @@ if triton is not None:
                      mask=cmask)
 
 
-def _tiles(launch: LaunchShape) -> dict[str, int]:
-    """The streaming kernels' tile and loop parameters (constexprs and launch options)."""
-    return {"BLOCK_C": launch.block_c, "BLOCK_N": launch.block_n, "STAGES": launch.loop_stages,
-            "num_warps": launch.num_warps}
-
-
 def _group_stats(x3: torch.Tensor, add: torch.Tensor, num_groups: int, eps: float,
                  launch: LaunchShape):
     """Per-(batch, channel) centre and rstd of each channel's group of `x3 + add` (`add` (B, C),
@@ -516,7 +518,7 @@ def _group_stats(x3: torch.Tensor, add: torch.Tensor, num_groups: int, eps: floa
     s2 = torch.empty_like(s1)
     k = torch.empty(b, c, device=x3.device, dtype=torch.float32)
     _stats_kernel[(b, chunks)](x3, s1, s2, k, c, n, launch.rows, *x3.stride(), chunks,
-                               **_tiles(launch))
+                               **launch.kernel_options())
     mean, rstd = torch.empty_like(k), torch.empty_like(k)
     per_group = c // num_groups
     _stats_combine_kernel[(b, num_groups)](s1, s2, k, add, mean, rstd, c, n, chunks, per_group,
@@ -534,7 +536,7 @@ def _forward(x, weight, bias, scale, shift, add, num_groups, eps, film, act):
     b, c, n = x3.shape
     _normalize_kernel[(b, launch.chunks)](x3, y3, mean, rstd, weight, bias, scale, shift, c, n,
                                           launch.rows, *x3.stride(), *y3.stride(), FILM=film,
-                                          ACT=act, **_tiles(launch))
+                                          ACT=act, **launch.kernel_options())
     return y, mean, rstd
 
 
@@ -548,7 +550,7 @@ def _backward(grad, x, weight, bias, scale, shift, add, mean, rstd, num_groups, 
     b_part = torch.empty_like(a_part)
     _backward_reduce_kernel[(b, chunks)](
         x3, g3, mean, rstd, weight, bias, scale, shift, a_part, b_part, c, n, rows, chunks,
-        *x3.stride(), *g3.stride(), FILM=film, ACT=act, **_tiles(launch))
+        *x3.stride(), *g3.stride(), FILM=film, ACT=act, **launch.kernel_options())
     # Per (batch, channel): Σ dz·x̂ and Σ dz (a_full, b_full), the FiLM gradients, and the
     # group means c1 = mean(dx̂), c2 = mean(dx̂·x̂) that the input gradient needs.
     a_full, b_full, c1, c2 = (torch.empty(b, c, device=x.device, dtype=torch.float32)
@@ -566,7 +568,7 @@ def _backward(grad, x, weight, bias, scale, shift, add, mean, rstd, num_groups, 
     _backward_dx_kernel[(b, chunks)](
         x3, g3, d3, mean, rstd, weight, bias, scale, shift, c1, c2, add_part, c, n, rows, chunks,
         *x3.stride(), *g3.stride(), *d3.stride(), FILM=film, ACT=act, ADD=added,
-        **_tiles(launch))
+        **launch.kernel_options())
     grad_weight = a_full.sum(0).to(weight.dtype)
     grad_bias = b_full.sum(0).to(bias.dtype)
     grad_add = add_part.sum(1).to(add.dtype) if added else None
