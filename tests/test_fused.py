@@ -144,7 +144,9 @@ def test_the_environment_sets_the_compiled_threshold_at_import(value, expected, 
     assert ("is not a number of elements" in done.stderr) == warns
 
 
-@pytest.mark.parametrize(("value", "expected", "warns"), [("3", 3, False), ("0", 1, True)])
+@pytest.mark.parametrize(("value", "expected", "warns"),
+                         [("2", 2, False), ("1", 1, False),
+                          ("0", fused.LaunchPlan().large.loop_stages, True)])
 def test_the_environment_sets_the_loop_depth_at_import(value, expected, warns):
     """`DIFFUNET_NORM_LOOP_STAGES`, for an A/B of pipelined loops in separate processes."""
     env = {**os.environ, fused.LOOP_STAGES_ENV: value}
@@ -194,10 +196,10 @@ def test_the_launch_plan_picks_its_configuration_by_size():
     plan = fused.LaunchPlan()
     assert plan.for_elements(plan.large_from) is plan.large
     assert plan.for_elements(plan.large_from - 1) is plan.small
-    assert plan.large.num_warps > plan.small.num_warps  # what the sweep found (see its docstring)
+    assert plan.large.programs_per_sm > plan.small.programs_per_sm  # what the sweep found
     one = fused.LaunchConfig(2048, 8, 4)
     assert one.for_elements(1) is one.for_elements(1 << 30) is one
-    assert plan.large.loop_stages == plan.small.loop_stages == 1  # no pipelining measured yet
+    assert plan.large.loop_stages == plan.small.loop_stages == 3  # session 17's sweep
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (CPU-only torch)")

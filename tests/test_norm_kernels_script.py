@@ -1,6 +1,7 @@
 """`benchmarks/norm_kernels.py`: the norm calls of a model, the per-step totals, and a sweep
 run end to end under Triton's CPU interpreter."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -13,6 +14,7 @@ from torch import nn
 
 from diffunet import UNet
 from diffunet.benchmark import build_case
+from diffunet.nn import fused
 from diffunet.nn.resblock import ResBlock
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "norm_kernels.py"
@@ -30,8 +32,9 @@ def test_every_group_norm_is_one_call_and_additive_blocks_add(case, benchmark_sc
 
 def test_totals_weight_each_call_by_its_count(benchmark_script):
     script = benchmark_script("norm_kernels")
-    small = {"tile_elements": 8192, "programs_per_sm": 2, "num_warps": 4,  # the plan's, < 2^24
-             "loop_stages": 1}
+    plan = fused.LaunchPlan()
+    small = dataclasses.asdict(plan.small)  # what the plan ships for the row's 2^20 elements
+    assert plan.large_from > 4 * 64 * 16**3 and small["num_warps"] != 8
     rows = [{"shape": [4, 64, 16, 16, 16], "count": 3, "film": False, "add": True, "act": True,
              "bytes": {"forward": 3_000_000, "backward": 5_000_000, "stats": 1_000_000},
              "configs": [{**small, "forward_ms": 0.002, "backward_ms": 0.004, "stats_ms": 0.0005},
@@ -49,7 +52,7 @@ def test_totals_weight_each_call_by_its_count(benchmark_script):
     assert rows[0]["best_stats"]["num_warps"] == 4
     assert rows[0]["best_stats_gbps"] == pytest.approx(1_000_000 / 0.0005 / 1e6)
     line = script.format_rows(rows).splitlines()[2]
-    assert line.endswith("; (8192, 2, 4, 1): 2000") and "        2000  " in line
+    assert line.endswith(f"; {tuple(small.values())}: 2000") and "        2000  " in line
 
 
 @pytest.mark.slow

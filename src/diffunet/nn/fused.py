@@ -199,9 +199,9 @@ class LaunchConfig:
     split a (B, C, N) activation: each program owns one sample's run of positions (a chunk) and
     loops over it in tiles of all channels × `tile_elements // BLOCK_C` positions.
     `loop_stages` is that loop's software-pipelining depth (`tl.range(num_stages=...)`): 1
-    loads each tile when the loop reaches it, as every measured configuration so far did; from
-    2 on, each program copies the next tiles into shared memory ahead of use (`cp.async`), so
-    that more loads are in flight.
+    loads each tile when the loop reaches it (every configuration before session 17); from 2
+    on, each program copies the next tiles into shared memory ahead of use (`cp.async`), so
+    that more loads are in flight (3 is what `LaunchPlan` ships).
 
     `benchmarks/norm_kernels.py` sweeps these on the GPU. The field defaults are the one
     configuration that every result in docs/performance.md before session 11 was measured with.
@@ -222,17 +222,20 @@ class LaunchPlan:
     """One launch configuration for activations of at least `large_from` elements, another
     below.
 
-    The defaults are the H200 sweep of session 11 (`norm_kernels.py`, every norm call of the 3D
-    and `ldm` training steps, CUDA-graph replays): eight warps stream the large activations
-    faster (backward of a 4×64×64³ `add+silu` call 0.335 → 0.244 ms), while the small ones,
-    where the chunks are short, gain from fewer, longer programs (16×512×16² 0.052 → 0.040 ms
-    forward + backward). Against the single default configuration, the norm kernels of a
-    training step take 8.32 instead of 9.54 ms (3D) and 15.81 instead of 17.46 ms (`ldm`).
+    The defaults are the H200 sweep of session 17 (`norm_kernels.py --stages 1,2,3`, every norm
+    call of the `ddpm-cifar10`, 3D and `ldm` training steps, CUDA-graph replays;
+    `benchmarks/results/h200-norm-kernels-stages-sweep.json`): loops pipelined three tiles deep
+    stream faster at almost every size (the statistics pass of a 128×384×32² call 1.22 → 2.29
+    TB/s), and with them four warps beat eight. Small activations still gain from fewer programs
+    per SM. Against session 11's plan (no pipelining; eight warps above 2²⁴ elements, 8192-element
+    tiles below), the norm kernels of a training step take 3.77 instead of 4.54 ms (cifar), 7.71
+    instead of 8.31 (3D) and 14.64 instead of 15.80 (`ldm`); whole compiled steps, A/B in one
+    run: cifar training +3.4 %, inference +6.2 %, `ldm` training +1.4 %.
     """
 
-    large: LaunchConfig = LaunchConfig(4096, 4, 8)
-    small: LaunchConfig = LaunchConfig(8192, 2, 4)
-    large_from: int = 1 << 24
+    large: LaunchConfig = LaunchConfig(4096, 4, 4, 3)
+    small: LaunchConfig = LaunchConfig(4096, 2, 4, 3)
+    large_from: int = 1 << 25
 
     def for_elements(self, numel: int) -> LaunchConfig:
         """The configuration for an activation of `numel` elements."""
