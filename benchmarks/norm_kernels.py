@@ -113,7 +113,8 @@ def time_call(call: Call, time_ms: Callable, device: torch.device,
 
     forward_ms = time_ms(forward)
     timing = {"forward_ms": forward_ms, "backward_ms": time_ms(forward_backward) - forward_ms}
-    if fused.fused_available(args[0]):
+    x3 = args[0].flatten(2)
+    if fused.fused_available(args[0]) and fused._one_pass_shape(x3, args[1]) is None:
         timing["stats_ms"] = time_ms(statistics_pass(args[0], args[1], kwargs.get("add")))
     return timing
 
@@ -174,6 +175,10 @@ def _step_ms(timing: dict) -> float:
     return timing["forward_ms"] + timing["backward_ms"]
 
 
+def _forward_ms(timing: dict) -> float:
+    return timing["forward_ms"]
+
+
 def _timing_of(row: dict, config: dict) -> dict | None:
     """The timing of `row` under the launch configuration `config` (None if not measured)."""
     return next((c for c in row["configs"] if all(c[k] == v for k, v in config.items())), None)
@@ -187,10 +192,12 @@ def _shipped(row: dict) -> dict:
 def summarize(rows: list[dict], copy_gbps: float) -> dict:
     """Per-step milliseconds (each call times its count): the shipped launch plan (where the
     sweep included its configuration), the best configuration per call, and a copy of the same
-    bytes at `copy_gbps`; of the forward's statistics pass alone, the shipped plan's and the
-    best per call. Marks each row's best configuration, and the best for the statistics."""
-    total = {"shipped_ms": 0.0, "best_ms": 0.0, "copy_ms": 0.0, "shipped_stats_ms": 0.0,
-             "best_stats_ms": 0.0}
+    bytes at `copy_gbps`; the same for the forward alone (an inference step's norm time); of
+    the forward's statistics pass alone (where it is a separate kernel), the shipped plan's
+    and the best per call. Marks each row's best configuration, and the best for the
+    statistics."""
+    total = {"shipped_ms": 0.0, "best_ms": 0.0, "copy_ms": 0.0, "shipped_forward_ms": 0.0,
+             "best_forward_ms": 0.0, "shipped_stats_ms": 0.0, "best_stats_ms": 0.0}
     for row in rows:
         if not row["configs"]:
             continue
@@ -201,7 +208,9 @@ def summarize(rows: list[dict], copy_gbps: float) -> dict:
             row[f"best_{direction}_gbps"] = row["bytes"][direction] / best[f"{direction}_ms"] / 1e6
         if mine is not None:
             total["shipped_ms"] += row["count"] * _step_ms(mine)
+            total["shipped_forward_ms"] += row["count"] * _forward_ms(mine)
         total["best_ms"] += row["count"] * _step_ms(best)
+        total["best_forward_ms"] += row["count"] * min(map(_forward_ms, row["configs"]))
         total["copy_ms"] += (row["count"] * (row["bytes"]["forward"] + row["bytes"]["backward"])
                              / copy_gbps / 1e6)
         timed = [c for c in row["configs"] if "stats_ms" in c]
@@ -224,7 +233,8 @@ def format_rows(rows: list[dict]) -> str:
     and the statistics pass's bandwidth under the shipped plan and under its best one."""
     head = (f"{'shape':<24}{'flags':<14}{'n':>3}{'ref ms':>14}{'fwd ms':>9}{'bwd ms':>9}"
             f"{'fwd GB/s':>10}{'bwd GB/s':>10}{'stats GB/s':>12}"
-            f"  best (tile, programs/SM, warps, stages): fwd/bwd ms, GB/s; stats best: GB/s")
+            f"  best (tile, programs/SM, warps, stages, one-pass): fwd/bwd ms, GB/s; "
+            f"stats best: GB/s")
     lines = [head, "-" * len(head)]
     for row in rows:
         flags = "+".join(f for f, on in (("film", row["film"]), ("add", row["add"]),
@@ -251,15 +261,20 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _ints(text: str) -> list[int]:
+def _ints(text: str, minimum: int = 1) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    if not values or min(values) < minimum:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers of at least {minimum}, got {text!r}")
     return values
+
+
+def _counts(text: str) -> list[int]:
+    return _ints(text, minimum=0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,6 +296,11 @@ def main(argv: list[str] | None = None) -> int:
                                                                 plan.small.loop_stages}),
                         help="loop_stages values (software-pipelining depth of the kernels' "
                              "loops; 1: none)")
+    parser.add_argument("--one-pass", type=_counts,
+                        default=sorted({plan.large.one_pass_elements,
+                                        plan.small.one_pass_elements}),
+                        help="one_pass_elements values (the largest program of a forward in "
+                             "one kernel; 0: none)")
     parser.add_argument("--min-elements", type=int, default=fused.CUDA_GRAPHS_MIN_ELEMENTS,
                         help="time only calls of at least this many elements (the size from "
                              "which compiled CUDA-graph steps call the kernels)")
@@ -304,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16
     deadline = time.monotonic() + args.deadline
-    configs = [fused.LaunchConfig(t, p, w, s) for t, p, w, s in
-               itertools.product(args.tiles, args.programs, args.warps, args.stages)]
+    configs = [fused.LaunchConfig(*values) for values in itertools.product(
+        args.tiles, args.programs, args.warps, args.stages, args.one_pass)]
     fused.set_fused_enabled(True, min_elements=0)
     time_ms = _timer(device, args.iters, args.graphs)
     copy_gbps = copy_bandwidth(device, time_ms, 1 << (20 if args.quick else 30))
@@ -323,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         data["cases"][case] = {"rows": rows, "total": total}
         print(f"\n{case}: norm kernels per training step {total['shipped_ms']:.2f} ms with the "
               f"shipped launch plan, {total['best_ms']:.2f} ms with the best per call, "
-              f"{total['copy_ms']:.2f} ms to copy the same bytes; the forward's statistics pass "
+              f"{total['copy_ms']:.2f} ms to copy the same bytes; per forward "
+              f"{total['shipped_forward_ms']:.2f} ms shipped, {total['best_forward_ms']:.2f} ms "
+              f"with the best per call; the forward's statistics pass "
               f"{total['shipped_stats_ms']:.2f} ms shipped, {total['best_stats_ms']:.2f} ms "
               f"with the best per call")
         print(format_rows(rows), flush=True)

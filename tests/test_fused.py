@@ -1,6 +1,7 @@
 """The fused GroupNorm → scale-shift → SiLU op: its eager fallback is the exact reference, and
 its Triton kernels match it (under Triton's CPU interpreter here, on the GPU when present)."""
 
+import dataclasses
 import importlib.util
 import os
 import subprocess
@@ -36,12 +37,15 @@ def test_cpu_tensors_take_the_fallback():
 
 INTERPRETER_CHECK = textwrap.dedent("""
     # argv[1]: "eager" runs the kernels through autograd, "compiled" through the custom op
-    # in graphs compiled with aot_eager or Inductor (and checks when graphs call it).
+    # in graphs compiled with aot_eager or Inductor (and checks when graphs call it),
+    # "one-pass" through autograd with every forward in one kernel.
     import sys
     import torch
     from diffunet.nn import fused
     from diffunet.nn.fused import group_norm_act
     compiled = sys.argv[1] == "compiled"
+    if sys.argv[1] == "one-pass":
+        fused.LAUNCH = fused.LaunchConfig(64, 4, 4, 2, one_pass_elements=1 << 30)
     fused.set_compiled_min_elements(0)
     torch.manual_seed(0)
 
@@ -56,8 +60,11 @@ INTERPRETER_CHECK = textwrap.dedent("""
 
     worst = 0.0
     cases = [((2, 8, 5, 7), 4, True, "aot_eager"), ((3, 12, 4, 4, 3), 3, True, "inductor"),
-             ((2, 6, 33), 2, False, "aot_eager"), ((2, 20, 3, 5), 5, False, "aot_eager")]
+             ((2, 6, 33), 2, False, "aot_eager"), ((2, 20, 3, 5), 5, False, "aot_eager"),
+             ((2, 72, 5, 3), 24, True, "aot_eager")]
     for shape, groups, channels_last, backend in cases:
+        x3 = torch.empty(shape).flatten(2)
+        assert (fused._one_pass_shape(x3, groups) is not None) == (sys.argv[1] == "one-pass")
         for film, act, add in [(False, True, False), (True, True, False),
                                (False, False, False), (False, True, True)]:
             x = torch.randn(*shape) * 2 + 3
@@ -107,9 +114,12 @@ INTERPRETER_CHECK = textwrap.dedent("""
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (CPU-only torch)")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests below check the real kernels")
-@pytest.mark.parametrize("path", ["eager", "compiled"])
+@pytest.mark.parametrize("path", ["eager", "compiled", "one-pass"])
 def test_triton_kernels_match_reference_under_the_interpreter(path):
-    """`compiled`: graphs call the kernels as a custom op, forward and all five gradients."""
+    """`compiled`: graphs call the kernels as a custom op, forward and all five gradients;
+    `one-pass`: the forward in one kernel (tiles of 64 elements, so that its loops run several
+    times), whose slices of whole groups leave the last one partly empty where the groups do
+    not divide evenly (3 groups of 4 channels: slices of 2 groups; 24 of 3: slices of 16)."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run([sys.executable, "-c", INTERPRETER_CHECK, path], env=env,
                             capture_output=True, text=True, timeout=600)
@@ -144,22 +154,33 @@ def test_the_environment_sets_the_compiled_threshold_at_import(value, expected, 
     assert ("is not a number of elements" in done.stderr) == warns
 
 
-@pytest.mark.parametrize(("value", "expected", "warns"),
-                         [("2", 2, False), ("1", 1, False),
-                          ("0", fused.LaunchPlan().large.loop_stages, True)])
-def test_the_environment_sets_the_loop_depth_at_import(value, expected, warns):
-    """`DIFFUNET_NORM_LOOP_STAGES`, for an A/B of pipelined loops in separate processes."""
-    env = {**os.environ, fused.LOOP_STAGES_ENV: value}
-    code = ("from diffunet.nn import fused; plan = fused.LAUNCH;"
-            " print(plan.large.loop_stages, plan.small.loop_stages, plan.large.num_warps,"
-            " plan.small.tile_elements)")
+SHIPPED = fused.LaunchPlan()
+
+
+@pytest.mark.parametrize(("name", "field", "value", "expected", "warning"), [
+    (fused.LOOP_STAGES_ENV, "loop_stages", "2", 2, None),
+    (fused.LOOP_STAGES_ENV, "loop_stages", "1", 1, None),
+    (fused.LOOP_STAGES_ENV, "loop_stages", "0", SHIPPED.large.loop_stages, "is not a loop depth"),
+    (fused.ONE_PASS_ENV, "one_pass_elements", "16384", 16384, None),
+    (fused.ONE_PASS_ENV, "one_pass_elements", "-1", SHIPPED.small.one_pass_elements,
+     "is not a number of elements")])
+def test_the_environment_sets_a_launch_field_at_import(name, field, value, expected, warning):
+    """`DIFFUNET_NORM_LOOP_STAGES` and `DIFFUNET_NORM_ONE_PASS_ELEMENTS`, for an A/B of
+    pipelined loops or the one-kernel forward in separate processes: both configurations of
+    the plan take the value, and nothing else changes."""
+    env = {**os.environ, name: value}
+    code = ("import dataclasses; from diffunet.nn import fused; plan = fused.LAUNCH;"
+            " print(dataclasses.astuple(plan.large), dataclasses.astuple(plan.small), sep=';')")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
-    plan = fused.LaunchPlan()  # everything else as shipped
-    assert done.stdout.split() == [str(expected)] * 2 + [str(plan.large.num_warps),
-                                                         str(plan.small.tile_elements)]
-    assert ("is not a loop depth" in done.stderr) == warns
+    expected_plan = [dataclasses.astuple(dataclasses.replace(config, **{field: expected}))
+                     for config in (SHIPPED.large, SHIPPED.small)]
+    assert done.stdout.strip().split(";") == [str(t) for t in expected_plan]
+    if warning is None:
+        assert "keeping" not in done.stderr
+    else:
+        assert warning in done.stderr
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
@@ -212,17 +233,37 @@ def test_a_launch_shape_covers_the_view_with_the_configured_loop(monkeypatch):
     assert launch.kernel_options() == {"BLOCK_C": 128, "BLOCK_N": 16, "STAGES": 3, "num_warps": 8}
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (CPU-only torch)")
+@pytest.mark.parametrize(("shape", "groups", "expected"), [
+    ((128, 256, 64), 32, (8, 64, 4, 64, 64)),  # 8² × 256 in cifar: slices of 64 channels
+    ((16, 512, 256), 32, (4, 64, 8, 64, 64)),
+    ((2, 96, 100), 32, (32, 96, 1, 128, 32)),  # 3 channels a group: all 32 to reach 64
+    ((2, 12, 100), 3, (2, 8, 2, 8, 128)),  # the last slice holds one group of two
+    ((2, 1536, 16), 32, (2, 96, 16, 128, 16)),  # 48 channels a group: two
+])
+def test_a_one_pass_shape_covers_whole_groups(shape, groups, expected, monkeypatch):
+    monkeypatch.setattr(fused, "LAUNCH", fused.LaunchConfig(4096, 4, 4, 3, one_pass_elements=1 << 14))
+    one = fused._one_pass_shape(torch.empty(shape), groups)
+    assert (one.groups, one.channels, one.slices, one.block_c, one.block_n) == expected
+    assert one.slices * one.groups >= groups > (one.slices - 1) * one.groups
+    assert one.kernel_options()["BLOCK_G"] >= one.groups
+    too_large = fused.LaunchConfig(4096, 4, 4, 3, one_pass_elements=one.channels * shape[2] - 1)
+    monkeypatch.setattr(fused, "LAUNCH", too_large)
+    assert fused._one_pass_shape(torch.empty(shape), groups) is None  # back to three kernels
+
+
 @pytest.mark.gpu
 @pytest.mark.usefixtures("fused_everywhere")
 @pytest.mark.parametrize(("shape", "groups"), AWKWARD)
 @pytest.mark.parametrize(("film", "act", "add"), [(False, True, False), (True, True, False),
                                                    (False, False, False), (False, True, True)])
-@pytest.mark.parametrize("launch", ["large", "small", "pipelined"])
+@pytest.mark.parametrize("launch", ["large", "small", "pipelined", "one-pass"])
 def test_fused_matches_eager_on_gpu_bf16(shape, groups, film, act, add, launch, monkeypatch):
-    """Under each configuration of the launch plan, and with pipelined loops, whatever the
-    size."""
-    config = (fused.LaunchConfig(2048, 4, 4, loop_stages=3) if launch == "pipelined"
-              else getattr(fused.LaunchPlan(), launch))
+    """Under each configuration of the launch plan, with pipelined loops, and with every
+    forward in one kernel, whatever the size."""
+    config = {"pipelined": fused.LaunchConfig(2048, 4, 4, loop_stages=3),
+              "one-pass": fused.LaunchConfig(2048, 4, 4, 3, one_pass_elements=1 << 30)}.get(
+        launch) or getattr(fused.LaunchPlan(), launch)
     monkeypatch.setattr(fused, "LAUNCH", config)
     device = torch.device("cuda")
     x = torch.randn(*shape, device=device, dtype=torch.bfloat16) * 2 + 1

@@ -203,6 +203,12 @@ class LaunchConfig:
     on, each program copies the next tiles into shared memory ahead of use (`cp.async`), so
     that more loads are in flight (3 is what `LaunchPlan` ships).
 
+    `one_pass_elements`: a forward whose programs would each own at most this many elements
+    when each covers one sample's whole groups (`_one_pass_shape`) runs as one kernel, which
+    computes the statistics, reduces them per group and normalizes, reading x the second time
+    from L2; larger ones take the statistics, combine and normalize kernels. 0 (the default)
+    never takes the one-kernel forward, which has not yet been timed on a GPU.
+
     `benchmarks/norm_kernels.py` sweeps these on the GPU. The field defaults are the one
     configuration that every result in docs/performance.md before session 11 was measured with.
     """
@@ -211,6 +217,7 @@ class LaunchConfig:
     programs_per_sm: int = 4
     num_warps: int = 4
     loop_stages: int = 1
+    one_pass_elements: int = 0
 
     def for_elements(self, numel: int) -> LaunchConfig:
         """This configuration, at every size."""
@@ -246,15 +253,20 @@ class LaunchPlan:
 #: `LAUNCH` when the module is imported (to A/B pipelined loops with `benchmarks/ab.py
 #: --change-env`).
 LOOP_STAGES_ENV = "DIFFUNET_NORM_LOOP_STAGES"
+#: The same for `one_pass_elements` (the largest program of a one-kernel forward; 0: none).
+ONE_PASS_ENV = "DIFFUNET_NORM_ONE_PASS_ELEMENTS"
 
 
 def _default_launch() -> LaunchPlan:
-    """`LaunchPlan()`, with the loop depth `LOOP_STAGES_ENV` asks for."""
+    """`LaunchPlan()`, with the loop depth and one-kernel bound the environment asks for
+    (`LOOP_STAGES_ENV`, `ONE_PASS_ENV`)."""
     plan = LaunchPlan()
     stages = _int_from_env(LOOP_STAGES_ENV, plan.large.loop_stages, 1,
                            "a loop depth (an integer, at least 1, e.g. 2)")
-    return replace(plan, large=replace(plan.large, loop_stages=stages),
-                   small=replace(plan.small, loop_stages=stages))
+    one_pass = _int_from_env(ONE_PASS_ENV, plan.small.one_pass_elements, 0,
+                             "a number of elements (an integer, at least 0, e.g. 16384)")
+    return replace(plan, large=replace(plan.large, loop_stages=stages, one_pass_elements=one_pass),
+                   small=replace(plan.small, loop_stages=stages, one_pass_elements=one_pass))
 
 
 #: The launch plan in use: a `LaunchPlan`, or one `LaunchConfig` for every size (as the sweep
@@ -297,6 +309,49 @@ def _launch_shape(x3: torch.Tensor) -> LaunchShape:
     rows = triton.cdiv(triton.cdiv(n, chunks), block_n) * block_n
     return LaunchShape(block_c, block_n, rows, triton.cdiv(n, rows), launch.num_warps,
                        launch.loop_stages)
+
+
+#: A one-kernel forward's program covers whole groups of at least this many channels where the
+#: tensor has them: 128 contiguous bytes of bf16 per position in channels-last memory.
+ONE_PASS_MIN_CHANNELS = 64
+
+
+class OnePassShape(NamedTuple):
+    """How a one-kernel forward covers a (B, C, N) view: `slices` programs per sample, each
+    owning `groups` whole groups (`channels` channels, the last slice possibly fewer), in
+    tiles of `block_c` channels × `block_n` positions."""
+
+    groups: int
+    channels: int
+    slices: int
+    block_c: int
+    block_n: int
+    num_warps: int
+    loop_stages: int
+
+    def kernel_options(self) -> dict[str, int]:
+        """The one-kernel forward's tile, group and loop constexprs, and its warps."""
+        return {"BLOCK_C": self.block_c, "BLOCK_N": self.block_n,
+                "BLOCK_G": triton.next_power_of_2(self.groups), "STAGES": self.loop_stages,
+                "num_warps": self.num_warps}
+
+
+def _one_pass_shape(x3: torch.Tensor, num_groups: int) -> OnePassShape | None:
+    """The `OnePassShape` of a (B, C, N) view under `LAUNCH`, or None where its programs would
+    own more than the configuration's `one_pass_elements`."""
+    b, c, n = x3.shape
+    launch = LAUNCH.for_elements(b * c * n)
+    per_group = c // num_groups
+    groups = 1  # a power of two, so that the slices of the last program stay few
+    while groups * 2 <= num_groups and groups * per_group < ONE_PASS_MIN_CHANNELS:
+        groups *= 2
+    channels = groups * per_group
+    if channels * n > launch.one_pass_elements:
+        return None
+    block_c = triton.next_power_of_2(channels)
+    block_n = max(1, min(launch.tile_elements // block_c, triton.next_power_of_2(n)))
+    return OnePassShape(groups, channels, triton.cdiv(num_groups, groups), block_c, block_n,
+                        launch.num_warps, launch.loop_stages)
 
 
 if triton is not None:
@@ -393,6 +448,19 @@ if triton is not None:
         tl.store(c2_ptr + b * C + cs, tl.zeros([BLOCK_G], dtype=tl.float32) + c2, mask=cmask)
 
     @triton.jit
+    def _channel_affine(w_ptr, bias_ptr, scale_ptr, sh_ptr, b, C, cs, cmask, centre, rstd,
+                        FILM: tl.constexpr):
+        """Per channel, the gain and offset that map x to the normalized, affine (and FiLM)
+        output: y = x * gain + offset."""
+        gain = tl.load(w_ptr + cs, mask=cmask, other=0.0).to(tl.float32) * rstd
+        offset = tl.load(bias_ptr + cs, mask=cmask, other=0.0).to(tl.float32) - centre * gain
+        if FILM:
+            s = 1.0 + tl.load(scale_ptr + b * C + cs, mask=cmask, other=0.0).to(tl.float32)
+            gain = gain * s
+            offset = offset * s + tl.load(sh_ptr + b * C + cs, mask=cmask, other=0.0).to(tl.float32)
+        return gain, offset
+
+    @triton.jit
     def _normalize_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, bias_ptr, scale_ptr, sh_ptr,
                           C, N, rows, sxb, sxc, sxn, syb, syc, syn,
                           FILM: tl.constexpr, ACT: tl.constexpr,
@@ -404,17 +472,69 @@ if triton is not None:
         cmask = cs < C
         mean = tl.load(mean_ptr + b * C + cs, mask=cmask, other=0.0)
         rstd = tl.load(rstd_ptr + b * C + cs, mask=cmask, other=0.0)
-        gain = tl.load(w_ptr + cs, mask=cmask, other=0.0).to(tl.float32) * rstd
-        offset_c = tl.load(bias_ptr + cs, mask=cmask, other=0.0).to(tl.float32) - mean * gain
-        if FILM:
-            s = 1.0 + tl.load(scale_ptr + b * C + cs, mask=cmask, other=0.0).to(tl.float32)
-            gain = gain * s
-            offset_c = offset_c * s + tl.load(sh_ptr + b * C + cs, mask=cmask, other=0.0).to(tl.float32)
+        gain, offset_c = _channel_affine(w_ptr, bias_ptr, scale_ptr, sh_ptr, b, C, cs, cmask,
+                                         mean, rstd, FILM)
         start = chunk * rows
         for offset in tl.range(0, rows, BLOCK_N, num_stages=STAGES):
             ns = start + offset + tl.arange(0, BLOCK_N)
             mask = (ns[:, None] < N) & cmask[None, :]
             v = tl.load(x_ptr + b * sxb + ns[:, None] * sxn + cs[None, :] * sxc, mask=mask, other=0.0)
+            h = v.to(tl.float32) * gain[None, :] + offset_c[None, :]
+            if ACT:
+                h = h * tl.sigmoid(h)
+            tl.store(y_ptr + b * syb + ns[:, None] * syn + cs[None, :] * syc,
+                     h.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _one_pass_kernel(x_ptr, y_ptr, add_ptr, mean_ptr, rstd_ptr, w_ptr, bias_ptr, scale_ptr,
+                         sh_ptr, C, N, per_group, slice_channels, eps,
+                         sxb, sxc, sxn, syb, syc, syn,
+                         FILM: tl.constexpr, ACT: tl.constexpr, ADD: tl.constexpr,
+                         BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+                         STAGES: tl.constexpr):
+        # _stats_kernel, _stats_combine_kernel and _normalize_kernel for one sample's slice of
+        # whole groups; the second loop reads x back, mostly from L2.
+        b = tl.program_id(0)
+        js = tl.arange(0, BLOCK_C)
+        cs = tl.program_id(1) * slice_channels + js
+        cmask = (js < slice_channels) & (cs < C)
+        base = x_ptr + b * sxb
+        k = tl.load(base + cs * sxc, mask=cmask, other=0.0).to(tl.float32)
+        acc1 = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+        for offset in tl.range(0, N, BLOCK_N, num_stages=STAGES):
+            ns = offset + tl.arange(0, BLOCK_N)
+            mask = (ns[:, None] < N) & cmask[None, :]
+            v = tl.load(base + ns[:, None] * sxn + cs[None, :] * sxc, mask=mask, other=0.0)
+            d = tl.where(mask, v.to(tl.float32) - k[None, :], 0.0)
+            acc1 += d
+            acc2 += d * d
+        s1 = tl.sum(acc1, axis=0)
+        s2 = tl.sum(acc2, axis=0)
+        channel_mean = k + s1 / N
+        if ADD:
+            added = tl.load(add_ptr + b * C + cs, mask=cmask, other=0.0).to(tl.float32)
+            channel_mean += added
+        channel_m2 = tl.maximum(s2 - s1 * s1 / N, 0.0)
+        # Each channel's group in the slice, as a (channel, group) indicator.
+        member = (js[:, None] // per_group == tl.arange(0, BLOCK_G)[None, :]) & cmask[:, None]
+        group_mean = tl.sum(tl.where(member, channel_mean[:, None], 0.0), axis=0) / per_group
+        centre = tl.sum(tl.where(member, group_mean[None, :], 0.0), axis=1)
+        spread = tl.where(cmask, channel_mean - centre, 0.0)
+        group_m2 = tl.sum(tl.where(member, (channel_m2 + N * spread * spread)[:, None], 0.0),
+                          axis=0)
+        group_rstd = 1.0 / tl.sqrt(group_m2 / (N * per_group) + eps)
+        rstd = tl.sum(tl.where(member, group_rstd[None, :], 0.0), axis=1)
+        if ADD:  # the stored centre is that of x itself, as _stats_combine_kernel's
+            centre -= added
+        tl.store(mean_ptr + b * C + cs, centre, mask=cmask)
+        tl.store(rstd_ptr + b * C + cs, rstd, mask=cmask)
+        gain, offset_c = _channel_affine(w_ptr, bias_ptr, scale_ptr, sh_ptr, b, C, cs, cmask,
+                                         centre, rstd, FILM)
+        for offset in tl.range(0, N, BLOCK_N, num_stages=STAGES):
+            ns = offset + tl.arange(0, BLOCK_N)
+            mask = (ns[:, None] < N) & cmask[None, :]
+            v = tl.load(base + ns[:, None] * sxn + cs[None, :] * sxc, mask=mask, other=0.0)
             h = v.to(tl.float32) * gain[None, :] + offset_c[None, :]
             if ACT:
                 h = h * tl.sigmoid(h)
@@ -532,6 +652,10 @@ def _group_stats(x3: torch.Tensor, add: torch.Tensor, num_groups: int, eps: floa
 
 def _forward(x, weight, bias, scale, shift, add, num_groups, eps, film, act):
     x3 = x.flatten(2)
+    one_pass = _one_pass_shape(x3, num_groups)
+    if one_pass is not None:
+        return _forward_in_one_kernel(x, x3, weight, bias, scale, shift, add, num_groups, eps,
+                                      film, act, one_pass)
     launch = _launch_shape(x3)
     mean, rstd = _group_stats(x3, add, num_groups, eps, launch)
     y = torch.empty_like(x)
@@ -540,6 +664,21 @@ def _forward(x, weight, bias, scale, shift, add, num_groups, eps, film, act):
     _normalize_kernel[(b, launch.chunks)](x3, y3, mean, rstd, weight, bias, scale, shift, c, n,
                                           launch.rows, *x3.stride(), *y3.stride(), FILM=film,
                                           ACT=act, **launch.kernel_options())
+    return y, mean, rstd
+
+
+def _forward_in_one_kernel(x, x3, weight, bias, scale, shift, add, num_groups, eps, film, act,
+                           shape: OnePassShape):
+    """`_forward` as one kernel, `shape` being `_one_pass_shape(x3, num_groups)`."""
+    b, c, n = x3.shape
+    mean = torch.empty(b, c, device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    y = torch.empty_like(x)
+    y3 = y.flatten(2)
+    _one_pass_kernel[(b, shape.slices)](
+        x3, y3, add, mean, rstd, weight, bias, scale, shift, c, n, c // num_groups,
+        shape.channels, eps, *x3.stride(), *y3.stride(), FILM=film, ACT=act,
+        ADD=add.numel() > 0, **shape.kernel_options())
     return y, mean, rstd
 
 
