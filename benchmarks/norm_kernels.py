@@ -299,8 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--one-pass", type=_counts,
                         default=sorted({plan.large.one_pass_elements,
                                         plan.small.one_pass_elements}),
-                        help="one_pass_elements values (the largest program of a forward in "
-                             "one kernel; 0: none)")
+                        help="one_pass_elements values (the largest program of a call run in "
+                             "one kernel each way; 0: none)")
     parser.add_argument("--min-elements", type=int, default=fused.CUDA_GRAPHS_MIN_ELEMENTS,
                         help="time only calls of at least this many elements (the size from "
                              "which compiled CUDA-graph steps call the kernels)")

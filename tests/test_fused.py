@@ -38,7 +38,7 @@ def test_cpu_tensors_take_the_fallback():
 INTERPRETER_CHECK = textwrap.dedent("""
     # argv[1]: "eager" runs the kernels through autograd, "compiled" through the custom op
     # in graphs compiled with aot_eager or Inductor (and checks when graphs call it),
-    # "one-pass" through autograd with every forward in one kernel.
+    # "one-pass" through autograd with every forward and backward in one kernel.
     import sys
     import torch
     from diffunet.nn import fused
@@ -117,8 +117,8 @@ INTERPRETER_CHECK = textwrap.dedent("""
 @pytest.mark.parametrize("path", ["eager", "compiled", "one-pass"])
 def test_triton_kernels_match_reference_under_the_interpreter(path):
     """`compiled`: graphs call the kernels as a custom op, forward and all five gradients;
-    `one-pass`: the forward in one kernel (tiles of 64 elements, so that its loops run several
-    times), whose slices of whole groups leave the last one partly empty where the groups do
+    `one-pass`: the forward and the backward in one kernel each (tiles of 64 elements, so that
+    their loops run several times), whose slices of whole groups leave the last one partly empty where the groups do
     not divide evenly (3 groups of 4 channels: slices of 2 groups; 24 of 3: slices of 16)."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run([sys.executable, "-c", INTERPRETER_CHECK, path], env=env,
@@ -166,7 +166,7 @@ SHIPPED = fused.LaunchPlan()
      "is not a number of elements")])
 def test_the_environment_sets_a_launch_field_at_import(name, field, value, expected, warning):
     """`DIFFUNET_NORM_LOOP_STAGES` and `DIFFUNET_NORM_ONE_PASS_ELEMENTS`, for an A/B of
-    pipelined loops or the one-kernel forward in separate processes: both configurations of
+    pipelined loops or the one-kernel calls in separate processes: both configurations of
     the plan take the value, and nothing else changes."""
     env = {**os.environ, name: value}
     code = ("import dataclasses; from diffunet.nn import fused; plan = fused.LAUNCH;"
@@ -260,7 +260,7 @@ def test_a_one_pass_shape_covers_whole_groups(shape, groups, expected, monkeypat
 @pytest.mark.parametrize("launch", ["large", "small", "pipelined", "one-pass"])
 def test_fused_matches_eager_on_gpu_bf16(shape, groups, film, act, add, launch, monkeypatch):
     """Under each configuration of the launch plan, with pipelined loops, and with every
-    forward in one kernel, whatever the size."""
+    forward and backward in one kernel each, whatever the size."""
     config = {"pipelined": fused.LaunchConfig(2048, 4, 4, loop_stages=3),
               "one-pass": fused.LaunchConfig(2048, 4, 4, 3, one_pass_elements=1 << 30)}.get(
         launch) or getattr(fused.LaunchPlan(), launch)

@@ -203,11 +203,12 @@ class LaunchConfig:
     on, each program copies the next tiles into shared memory ahead of use (`cp.async`), so
     that more loads are in flight (3 is what `LaunchPlan` ships).
 
-    `one_pass_elements`: a forward whose programs would each own at most this many elements
-    when each covers one sample's whole groups (`_one_pass_shape`) runs as one kernel, which
-    computes the statistics, reduces them per group and normalizes, reading x the second time
-    from L2; larger ones take the statistics, combine and normalize kernels. 0 (the default)
-    never takes the one-kernel forward, which has not yet been timed on a GPU.
+    `one_pass_elements`: a call whose programs would each own at most this many elements when
+    each covers one sample's whole groups (`_one_pass_shape`) runs its forward as one kernel
+    (statistics, their reduction per group, normalize; x read the second time mostly from L2)
+    and its backward as one more (the per-channel sums, their reduction per group, the input
+    gradient); larger ones take three kernels each way. 0 (the default) never takes them:
+    they have not yet been timed on a GPU.
 
     `benchmarks/norm_kernels.py` sweeps these on the GPU. The field defaults are the one
     configuration that every result in docs/performance.md before session 11 was measured with.
@@ -253,7 +254,8 @@ class LaunchPlan:
 #: `LAUNCH` when the module is imported (to A/B pipelined loops with `benchmarks/ab.py
 #: --change-env`).
 LOOP_STAGES_ENV = "DIFFUNET_NORM_LOOP_STAGES"
-#: The same for `one_pass_elements` (the largest program of a one-kernel forward; 0: none).
+#: The same for `one_pass_elements` (the largest program of a call run in one kernel each way;
+#: 0: none).
 ONE_PASS_ENV = "DIFFUNET_NORM_ONE_PASS_ELEMENTS"
 
 
@@ -311,15 +313,15 @@ def _launch_shape(x3: torch.Tensor) -> LaunchShape:
                        launch.loop_stages)
 
 
-#: A one-kernel forward's program covers whole groups of at least this many channels where the
+#: A one-kernel call's program covers whole groups of at least this many channels where the
 #: tensor has them: 128 contiguous bytes of bf16 per position in channels-last memory.
 ONE_PASS_MIN_CHANNELS = 64
 
 
 class OnePassShape(NamedTuple):
-    """How a one-kernel forward covers a (B, C, N) view: `slices` programs per sample, each
-    owning `groups` whole groups (`channels` channels, the last slice possibly fewer), in
-    tiles of `block_c` channels × `block_n` positions."""
+    """How the one-kernel forward and backward cover a (B, C, N) view: `slices` programs per
+    sample, each owning `groups` whole groups (`channels` channels, the last slice possibly
+    fewer), in tiles of `block_c` channels × `block_n` positions."""
 
     groups: int
     channels: int
@@ -330,7 +332,7 @@ class OnePassShape(NamedTuple):
     loop_stages: int
 
     def kernel_options(self) -> dict[str, int]:
-        """The one-kernel forward's tile, group and loop constexprs, and its warps."""
+        """The one-kernel kernels' tile, group and loop constexprs, and their warps."""
         return {"BLOCK_C": self.block_c, "BLOCK_N": self.block_n,
                 "BLOCK_G": triton.next_power_of_2(self.groups), "STAGES": self.loop_stages,
                 "num_warps": self.num_warps}
@@ -542,6 +544,78 @@ if triton is not None:
                      h.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _channel_operands(mean_ptr, rstd_ptr, w_ptr, bias_ptr, scale_ptr, sh_ptr, b, C, cs, cmask,
+                          BLOCK_C: tl.constexpr, FILM: tl.constexpr):
+        """Per channel of sample b, in float32: the forward's centre and rstd, the affine
+        weight and bias, and the FiLM factor (1 + scale) and shift (1 and 0 without FiLM)."""
+        centre = tl.load(mean_ptr + b * C + cs, mask=cmask, other=0.0)
+        rstd = tl.load(rstd_ptr + b * C + cs, mask=cmask, other=0.0)
+        w = tl.load(w_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
+        bb = tl.load(bias_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
+        s = tl.full([BLOCK_C], 1.0, tl.float32)
+        sh = tl.zeros([BLOCK_C], dtype=tl.float32)
+        if FILM:
+            s += tl.load(scale_ptr + b * C + cs, mask=cmask, other=0.0).to(tl.float32)
+            sh = tl.load(sh_ptr + b * C + cs, mask=cmask, other=0.0).to(tl.float32)
+        return centre, rstd, w, bb, s, sh
+
+    @triton.jit
+    def _tile_gradient(x_ptr, dy_ptr, b, ns, cs, mask, sxb, sxc, sxn, sdb, sdc, sdn, centre,
+                       rstd, w, bb, s, sh, ACT: tl.constexpr):
+        """One tile's normalized input x̂ and the gradient that reaches the norm's affine
+        output (through the SiLU where `ACT`), in float32."""
+        v = tl.load(x_ptr + b * sxb + ns[:, None] * sxn + cs[None, :] * sxc, mask=mask,
+                    other=0.0).to(tl.float32)
+        g = tl.load(dy_ptr + b * sdb + ns[:, None] * sdn + cs[None, :] * sdc, mask=mask,
+                    other=0.0).to(tl.float32)
+        xhat = (v - centre[None, :]) * rstd[None, :]
+        if ACT:
+            z = (xhat * w[None, :] + bb[None, :]) * s[None, :] + sh[None, :]
+            sig = tl.sigmoid(z)
+            g = g * sig * (1.0 + z * (1.0 - sig))
+        return xhat, g
+
+    @triton.jit
+    def _gradient_sums(x_ptr, dy_ptr, b, start, rows, N, cs, cmask, sxb, sxc, sxn, sdb, sdc,
+                       sdn, centre, rstd, w, bb, s, sh, ACT: tl.constexpr,
+                       BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
+        """Per channel, Σ g·x̂ and Σ g over positions [start, start + rows) of one sample, g
+        being the gradient at the norm's affine output (`_tile_gradient`)."""
+        acc_a = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+        acc_b = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+        for offset in tl.range(0, rows, BLOCK_N, num_stages=STAGES):
+            ns = start + offset + tl.arange(0, BLOCK_N)
+            mask = (ns[:, None] < N) & cmask[None, :]
+            xhat, g = _tile_gradient(x_ptr, dy_ptr, b, ns, cs, mask, sxb, sxc, sxn, sdb, sdc,
+                                     sdn, centre, rstd, w, bb, s, sh, ACT)
+            g = tl.where(mask, g, 0.0)
+            acc_a += g * xhat
+            acc_b += g
+        return tl.sum(acc_a, axis=0), tl.sum(acc_b, axis=0)
+
+    @triton.jit
+    def _input_gradient(x_ptr, dy_ptr, dx_ptr, b, start, rows, N, cs, cmask, sxb, sxc, sxn,
+                        sdb, sdc, sdn, sob, soc, son, centre, rstd, w, bb, s, sh, c1, c2,
+                        ACT: tl.constexpr, ADD: tl.constexpr, BLOCK_C: tl.constexpr,
+                        BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
+        """Writes dx at positions [start, start + rows) of one sample, from the group means
+        c1 = mean(dx̂) and c2 = mean(dx̂·x̂); returns its sum per channel where `ADD` (the
+        gradient of `add`), else zeros."""
+        acc_dx = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+        for offset in tl.range(0, rows, BLOCK_N, num_stages=STAGES):
+            ns = start + offset + tl.arange(0, BLOCK_N)
+            mask = (ns[:, None] < N) & cmask[None, :]
+            xhat, g = _tile_gradient(x_ptr, dy_ptr, b, ns, cs, mask, sxb, sxc, sxn, sdb, sdc,
+                                     sdn, centre, rstd, w, bb, s, sh, ACT)
+            dxhat = g * (s * w)[None, :]
+            dx = rstd[None, :] * (dxhat - c1[None, :] - xhat * c2[None, :])
+            tl.store(dx_ptr + b * sob + ns[:, None] * son + cs[None, :] * soc,
+                     dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            if ADD:
+                acc_dx += tl.where(mask, dx, 0.0)
+        return tl.sum(acc_dx, axis=0)
+
+    @triton.jit
     def _backward_reduce_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, bias_ptr, scale_ptr,
                                 sh_ptr, a_ptr, b_ptr, C, N, rows, num_chunks,
                                 sxb, sxc, sxn, sdb, sdc, sdn,
@@ -552,36 +626,15 @@ if triton is not None:
         chunk = tl.program_id(1)
         cs = tl.arange(0, BLOCK_C)
         cmask = cs < C
-        mean = tl.load(mean_ptr + b * C + cs, mask=cmask, other=0.0)
-        rstd = tl.load(rstd_ptr + b * C + cs, mask=cmask, other=0.0)
-        w = tl.load(w_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
-        bb = tl.load(bias_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
-        s = tl.full([BLOCK_C], 1.0, tl.float32)
-        sh = tl.zeros([BLOCK_C], dtype=tl.float32)
-        if FILM:
-            s += tl.load(scale_ptr + b * C + cs, mask=cmask, other=0.0).to(tl.float32)
-            sh = tl.load(sh_ptr + b * C + cs, mask=cmask, other=0.0).to(tl.float32)
-        acc_a = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-        acc_b = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-        start = chunk * rows
-        for offset in tl.range(0, rows, BLOCK_N, num_stages=STAGES):
-            ns = start + offset + tl.arange(0, BLOCK_N)
-            mask = (ns[:, None] < N) & cmask[None, :]
-            v = tl.load(x_ptr + b * sxb + ns[:, None] * sxn + cs[None, :] * sxc, mask=mask,
-                        other=0.0).to(tl.float32)
-            g = tl.load(dy_ptr + b * sdb + ns[:, None] * sdn + cs[None, :] * sdc, mask=mask,
-                        other=0.0).to(tl.float32)
-            xhat = (v - mean[None, :]) * rstd[None, :]
-            if ACT:
-                z = (xhat * w[None, :] + bb[None, :]) * s[None, :] + sh[None, :]
-                sig = tl.sigmoid(z)
-                g = g * sig * (1.0 + z * (1.0 - sig))
-            g = tl.where(mask, g, 0.0)
-            acc_a += g * xhat
-            acc_b += g
+        mean, rstd, w, bb, s, sh = _channel_operands(mean_ptr, rstd_ptr, w_ptr, bias_ptr,
+                                                     scale_ptr, sh_ptr, b, C, cs, cmask,
+                                                     BLOCK_C, FILM)
+        a_sum, b_sum = _gradient_sums(x_ptr, dy_ptr, b, chunk * rows, rows, N, cs, cmask, sxb,
+                                      sxc, sxn, sdb, sdc, sdn, mean, rstd, w, bb, s, sh, ACT,
+                                      BLOCK_C, BLOCK_N, STAGES)
         out = (b * num_chunks + chunk) * C + cs
-        tl.store(a_ptr + out, tl.sum(acc_a, axis=0), mask=cmask)
-        tl.store(b_ptr + out, tl.sum(acc_b, axis=0), mask=cmask)
+        tl.store(a_ptr + out, a_sum, mask=cmask)
+        tl.store(b_ptr + out, b_sum, mask=cmask)
 
     @triton.jit
     def _backward_dx_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, bias_ptr,
@@ -594,40 +647,56 @@ if triton is not None:
         chunk = tl.program_id(1)
         cs = tl.arange(0, BLOCK_C)
         cmask = cs < C
-        mean = tl.load(mean_ptr + b * C + cs, mask=cmask, other=0.0)
-        rstd = tl.load(rstd_ptr + b * C + cs, mask=cmask, other=0.0)
-        w = tl.load(w_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
-        bb = tl.load(bias_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
+        mean, rstd, w, bb, s, sh = _channel_operands(mean_ptr, rstd_ptr, w_ptr, bias_ptr,
+                                                     scale_ptr, sh_ptr, b, C, cs, cmask,
+                                                     BLOCK_C, FILM)
         c1 = tl.load(c1_ptr + b * C + cs, mask=cmask, other=0.0)
         c2 = tl.load(c2_ptr + b * C + cs, mask=cmask, other=0.0)
-        s = tl.full([BLOCK_C], 1.0, tl.float32)
-        sh = tl.zeros([BLOCK_C], dtype=tl.float32)
+        dx_sum = _input_gradient(x_ptr, dy_ptr, dx_ptr, b, chunk * rows, rows, N, cs, cmask,
+                                 sxb, sxc, sxn, sdb, sdc, sdn, sob, soc, son, mean, rstd, w,
+                                 bb, s, sh, c1, c2, ACT, ADD, BLOCK_C, BLOCK_N, STAGES)
+        if ADD:  # the gradient of `add` is the input gradient summed over positions
+            tl.store(dadd_ptr + (b * num_chunks + chunk) * C + cs, dx_sum, mask=cmask)
+
+
+    @triton.jit
+    def _one_pass_backward_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, bias_ptr,
+                                  scale_ptr, sh_ptr, a_full_ptr, b_full_ptr, ds_ptr, dsh_ptr,
+                                  dadd_ptr, C, N, per_group, slice_channels,
+                                  sxb, sxc, sxn, sdb, sdc, sdn, sob, soc, son,
+                                  FILM: tl.constexpr, ACT: tl.constexpr, ADD: tl.constexpr,
+                                  BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+                                  BLOCK_G: tl.constexpr, STAGES: tl.constexpr):
+        # _backward_reduce_kernel, _backward_combine_kernel and _backward_dx_kernel for one
+        # sample's slice of whole groups; the second loop reads x and dy back, mostly from L2.
+        b = tl.program_id(0)
+        js = tl.arange(0, BLOCK_C)
+        cs = tl.program_id(1) * slice_channels + js
+        cmask = (js < slice_channels) & (cs < C)
+        centre, rstd, w, bb, s, sh = _channel_operands(mean_ptr, rstd_ptr, w_ptr, bias_ptr,
+                                                       scale_ptr, sh_ptr, b, C, cs, cmask,
+                                                       BLOCK_C, FILM)
+        a_sum, b_sum = _gradient_sums(x_ptr, dy_ptr, b, 0, N, N, cs, cmask, sxb, sxc, sxn, sdb,
+                                      sdc, sdn, centre, rstd, w, bb, s, sh, ACT, BLOCK_C,
+                                      BLOCK_N, STAGES)
         if FILM:
-            s += tl.load(scale_ptr + b * C + cs, mask=cmask, other=0.0).to(tl.float32)
-            sh = tl.load(sh_ptr + b * C + cs, mask=cmask, other=0.0).to(tl.float32)
-        acc_dx = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-        start = chunk * rows
-        for offset in tl.range(0, rows, BLOCK_N, num_stages=STAGES):
-            ns = start + offset + tl.arange(0, BLOCK_N)
-            mask = (ns[:, None] < N) & cmask[None, :]
-            v = tl.load(x_ptr + b * sxb + ns[:, None] * sxn + cs[None, :] * sxc, mask=mask,
-                        other=0.0).to(tl.float32)
-            g = tl.load(dy_ptr + b * sdb + ns[:, None] * sdn + cs[None, :] * sdc, mask=mask,
-                        other=0.0).to(tl.float32)
-            xhat = (v - mean[None, :]) * rstd[None, :]
-            if ACT:
-                z = (xhat * w[None, :] + bb[None, :]) * s[None, :] + sh[None, :]
-                sig = tl.sigmoid(z)
-                g = g * sig * (1.0 + z * (1.0 - sig))
-            dxhat = g * (s * w)[None, :]
-            dx = rstd[None, :] * (dxhat - c1[None, :] - xhat * c2[None, :])
-            tl.store(dx_ptr + b * sob + ns[:, None] * son + cs[None, :] * soc,
-                     dx.to(dx_ptr.dtype.element_ty), mask=mask)
-            if ADD:  # the gradient of `add` is the input gradient summed over positions
-                acc_dx += tl.where(mask, dx, 0.0)
+            tl.store(ds_ptr + b * C + cs, w * a_sum + bb * b_sum, mask=cmask)
+            tl.store(dsh_ptr + b * C + cs, b_sum, mask=cmask)
+        a_full = a_sum * s
+        b_full = b_sum * s
+        tl.store(a_full_ptr + b * C + cs, a_full, mask=cmask)
+        tl.store(b_full_ptr + b * C + cs, b_full, mask=cmask)
+        member = (js[:, None] // per_group == tl.arange(0, BLOCK_G)[None, :]) & cmask[:, None]
+        count = N * per_group
+        c1 = tl.sum(tl.where(member, (w * b_full)[:, None], 0.0), axis=0) / count
+        c2 = tl.sum(tl.where(member, (w * a_full)[:, None], 0.0), axis=0) / count
+        c1 = tl.sum(tl.where(member, c1[None, :], 0.0), axis=1)
+        c2 = tl.sum(tl.where(member, c2[None, :], 0.0), axis=1)
+        dx_sum = _input_gradient(x_ptr, dy_ptr, dx_ptr, b, 0, N, N, cs, cmask, sxb, sxc, sxn,
+                                 sdb, sdc, sdn, sob, soc, son, centre, rstd, w, bb, s, sh, c1,
+                                 c2, ACT, ADD, BLOCK_C, BLOCK_N, STAGES)
         if ADD:
-            tl.store(dadd_ptr + (b * num_chunks + chunk) * C + cs, tl.sum(acc_dx, axis=0),
-                     mask=cmask)
+            tl.store(dadd_ptr + b * C + cs, dx_sum, mask=cmask)
 
 
 def _group_stats(x3: torch.Tensor, add: torch.Tensor, num_groups: int, eps: float,
@@ -685,6 +754,10 @@ def _forward_in_one_kernel(x, x3, weight, bias, scale, shift, add, num_groups, e
 def _backward(grad, x, weight, bias, scale, shift, add, mean, rstd, num_groups, film, act):
     """(dx, dweight, dbias, dscale, dshift, dadd); the last three None where not used."""
     x3, g3 = x.flatten(2), grad.flatten(2)
+    one_pass = _one_pass_shape(x3, num_groups)
+    if one_pass is not None:
+        return _backward_in_one_kernel(grad, x, x3, g3, weight, bias, scale, shift, add, mean,
+                                       rstd, num_groups, film, act, one_pass)
     b, c, n = x3.shape
     launch = _launch_shape(x3)
     rows, chunks = launch.rows, launch.chunks
@@ -711,9 +784,38 @@ def _backward(grad, x, weight, bias, scale, shift, add, mean, rstd, num_groups, 
         x3, g3, d3, mean, rstd, weight, bias, scale, shift, c1, c2, add_part, c, n, rows, chunks,
         *x3.stride(), *g3.stride(), *d3.stride(), FILM=film, ACT=act, ADD=added,
         **launch.kernel_options())
+    return _parameter_gradients(dx, a_full, b_full, grad_scale, grad_shift,
+                                add_part.sum(1) if added else None, weight, bias, scale, shift,
+                                add, film)
+
+
+def _backward_in_one_kernel(grad, x, x3, g3, weight, bias, scale, shift, add, mean, rstd,
+                            num_groups, film, act, shape: OnePassShape):
+    """`_backward` as one kernel, `shape` being `_one_pass_shape(x3, num_groups)`."""
+    b, c, n = x3.shape
+    a_full, b_full = (torch.empty(b, c, device=x.device, dtype=torch.float32) for _ in range(2))
+    grad_scale = torch.empty_like(a_full) if film else a_full
+    grad_shift = torch.empty_like(a_full) if film else a_full
+    added = add.numel() > 0
+    grad_add = torch.empty_like(a_full) if added else a_full
+    dx = torch.empty_like(x)
+    d3 = dx.flatten(2)
+    _one_pass_backward_kernel[(b, shape.slices)](
+        x3, g3, d3, mean, rstd, weight, bias, scale, shift, a_full, b_full, grad_scale,
+        grad_shift, grad_add, c, n, c // num_groups, shape.channels, *x3.stride(), *g3.stride(),
+        *d3.stride(), FILM=film, ACT=act, ADD=added, **shape.kernel_options())
+    return _parameter_gradients(dx, a_full, b_full, grad_scale, grad_shift,
+                                grad_add if added else None, weight, bias, scale, shift, add,
+                                film)
+
+
+def _parameter_gradients(dx, a_full, b_full, grad_scale, grad_shift, grad_add, weight, bias,
+                         scale, shift, add, film):
+    """`_backward`'s result from the input gradient and the per-(batch, channel) sums: the
+    affine parameters' gradients summed over the batch, each in its parameter's dtype."""
     grad_weight = a_full.sum(0).to(weight.dtype)
     grad_bias = b_full.sum(0).to(bias.dtype)
-    grad_add = add_part.sum(1).to(add.dtype) if added else None
+    grad_add = None if grad_add is None else grad_add.to(add.dtype)
     if not film:
         return dx, grad_weight, grad_bias, None, None, grad_add
     return (dx, grad_weight, grad_bias, grad_scale.to(scale.dtype), grad_shift.to(shift.dtype),
