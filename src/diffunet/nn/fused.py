@@ -344,7 +344,7 @@ def _one_pass_shape(x3: torch.Tensor, num_groups: int) -> OnePassShape | None:
     b, c, n = x3.shape
     launch = LAUNCH.for_elements(b * c * n)
     per_group = c // num_groups
-    groups = 1  # a power of two, so that the slices of the last program stay few
+    groups = 1  # doubled, so that the kernels' (channel, group) indicator has no idle column
     while groups * 2 <= num_groups and groups * per_group < ONE_PASS_MIN_CHANNELS:
         groups *= 2
     channels = groups * per_group
