@@ -38,14 +38,17 @@ def test_cpu_tensors_take_the_fallback():
 INTERPRETER_CHECK = textwrap.dedent("""
     # argv[1]: "eager" runs the kernels through autograd, "compiled" through the custom op
     # in graphs compiled with aot_eager or Inductor (and checks when graphs call it),
-    # "one-pass" through autograd with every forward and backward in one kernel.
+    # "one-pass" through autograd with every forward and backward in one kernel, whose loops
+    # run over several tiles, "one-tile" the same with every call's positions in one tile.
     import sys
     import torch
     from diffunet.nn import fused
     from diffunet.nn.fused import group_norm_act
     compiled = sys.argv[1] == "compiled"
-    if sys.argv[1] == "one-pass":
-        fused.LAUNCH = fused.LaunchConfig(64, 4, 4, 2, one_pass_elements=1 << 30)
+    one_kernel = sys.argv[1] in ("one-pass", "one-tile")
+    if one_kernel:
+        tile = 64 if sys.argv[1] == "one-pass" else 1 << 16
+        fused.LAUNCH = fused.LaunchConfig(tile, 4, 4, 2, one_pass_elements=1 << 30)
     fused.set_compiled_min_elements(0)
     torch.manual_seed(0)
 
@@ -63,8 +66,9 @@ INTERPRETER_CHECK = textwrap.dedent("""
              ((2, 6, 33), 2, False, "aot_eager"), ((2, 20, 3, 5), 5, False, "aot_eager"),
              ((2, 72, 5, 3), 24, True, "aot_eager")]
     for shape, groups, channels_last, backend in cases:
-        x3 = torch.empty(shape).flatten(2)
-        assert (fused._one_pass_shape(x3, groups) is not None) == (sys.argv[1] == "one-pass")
+        one = fused._one_pass_shape(torch.empty(shape).flatten(2), groups)
+        assert (one is not None) == one_kernel
+        assert not one_kernel or one.single_tile == (sys.argv[1] == "one-tile")
         for film, act, add in [(False, True, False), (True, True, False),
                                (False, False, False), (False, True, True)]:
             x = torch.randn(*shape) * 2 + 3
@@ -114,11 +118,12 @@ INTERPRETER_CHECK = textwrap.dedent("""
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (CPU-only torch)")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests below check the real kernels")
-@pytest.mark.parametrize("path", ["eager", "compiled", "one-pass"])
+@pytest.mark.parametrize("path", ["eager", "compiled", "one-pass", "one-tile"])
 def test_triton_kernels_match_reference_under_the_interpreter(path):
     """`compiled`: graphs call the kernels as a custom op, forward and all five gradients;
     `one-pass`: the forward and the backward in one kernel each (tiles of 64 elements, so that
-    their loops run several times), whose slices of whole groups leave the last one partly empty where the groups do
+    their loops run several times), `one-tile`: the same in a single tile kept in registers;
+    both with slices of whole groups that leave the last one partly empty where the groups do
     not divide evenly (3 groups of 4 channels: slices of 2 groups; 24 of 3: slices of 16)."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run([sys.executable, "-c", INTERPRETER_CHECK, path], env=env,
@@ -235,16 +240,17 @@ def test_a_launch_shape_covers_the_view_with_the_configured_loop(monkeypatch):
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (CPU-only torch)")
 @pytest.mark.parametrize(("shape", "groups", "expected"), [
-    ((128, 256, 64), 32, (8, 64, 4, 64, 64)),  # 8² × 256 in cifar: slices of 64 channels
-    ((16, 512, 256), 32, (4, 64, 8, 64, 64)),
-    ((2, 96, 100), 32, (32, 96, 1, 128, 32)),  # 3 channels a group: all 32 to reach 64
-    ((2, 12, 100), 3, (2, 8, 2, 8, 128)),  # the last slice holds one group of two
-    ((2, 1536, 16), 32, (2, 96, 16, 128, 16)),  # 48 channels a group: two
+    ((128, 256, 64), 32, (8, 64, 4, 64, 64, True)),  # 8² × 256 in cifar: slices of 64 channels
+    ((16, 512, 256), 32, (4, 64, 8, 64, 64, False)),
+    ((2, 96, 100), 32, (32, 96, 1, 128, 32, False)),  # 3 channels a group: all 32 to reach 64
+    ((2, 12, 100), 3, (2, 8, 2, 8, 128, True)),  # the last slice holds one group of two
+    ((2, 1536, 16), 32, (2, 96, 16, 128, 16, True)),  # 48 channels a group: two
 ])
 def test_a_one_pass_shape_covers_whole_groups(shape, groups, expected, monkeypatch):
     monkeypatch.setattr(fused, "LAUNCH", fused.LaunchConfig(4096, 4, 4, 3, one_pass_elements=1 << 14))
     one = fused._one_pass_shape(torch.empty(shape), groups)
-    assert (one.groups, one.channels, one.slices, one.block_c, one.block_n) == expected
+    assert (one.groups, one.channels, one.slices, one.block_c, one.block_n,
+            one.single_tile) == expected
     assert one.slices * one.groups >= groups > (one.slices - 1) * one.groups
     assert one.kernel_options()["BLOCK_G"] >= one.groups
     too_large = fused.LaunchConfig(4096, 4, 4, 3, one_pass_elements=one.channels * shape[2] - 1)

@@ -321,7 +321,8 @@ ONE_PASS_MIN_CHANNELS = 64
 class OnePassShape(NamedTuple):
     """How the one-kernel forward and backward cover a (B, C, N) view: `slices` programs per
     sample, each owning `groups` whole groups (`channels` channels, the last slice possibly
-    fewer), in tiles of `block_c` channels × `block_n` positions."""
+    fewer), in tiles of `block_c` channels × `block_n` positions; `single_tile` where one tile
+    holds all positions, which then stay in registers between the kernels' two passes."""
 
     groups: int
     channels: int
@@ -330,12 +331,13 @@ class OnePassShape(NamedTuple):
     block_n: int
     num_warps: int
     loop_stages: int
+    single_tile: bool
 
     def kernel_options(self) -> dict[str, int]:
         """The one-kernel kernels' tile, group and loop constexprs, and their warps."""
         return {"BLOCK_C": self.block_c, "BLOCK_N": self.block_n,
                 "BLOCK_G": triton.next_power_of_2(self.groups), "STAGES": self.loop_stages,
-                "num_warps": self.num_warps}
+                "SINGLE_TILE": self.single_tile, "num_warps": self.num_warps}
 
 
 def _one_pass_shape(x3: torch.Tensor, num_groups: int) -> OnePassShape | None:
@@ -353,10 +355,42 @@ def _one_pass_shape(x3: torch.Tensor, num_groups: int) -> OnePassShape | None:
     block_c = triton.next_power_of_2(channels)
     block_n = max(1, min(launch.tile_elements // block_c, triton.next_power_of_2(n)))
     return OnePassShape(groups, channels, triton.cdiv(num_groups, groups), block_c, block_n,
-                        launch.num_warps, launch.loop_stages)
+                        launch.num_warps, launch.loop_stages, single_tile=n <= block_n)
 
 
 if triton is not None:
+
+    @triton.jit
+    def _shifted_sums(base, k, start, rows, N, cs, cmask, sxc, sxn, BLOCK_C: tl.constexpr,
+                      BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
+        """Per channel, Σ (x - k) and Σ (x - k)² over positions [start, start + rows) of the
+        sample at `base`."""
+        acc1 = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+        for offset in tl.range(0, rows, BLOCK_N, num_stages=STAGES):
+            ns = start + offset + tl.arange(0, BLOCK_N)
+            mask = (ns[:, None] < N) & cmask[None, :]
+            v = tl.load(base + ns[:, None] * sxn + cs[None, :] * sxc, mask=mask, other=0.0)
+            d = tl.where(mask, v.to(tl.float32) - k[None, :], 0.0)
+            acc1 += d
+            acc2 += d * d
+        return tl.sum(acc1, axis=0), tl.sum(acc2, axis=0)
+
+    @triton.jit
+    def _normalize_rows(base, y_base, start, rows, N, cs, cmask, sxc, sxn, syc, syn, gain,
+                        offset_c, ACT: tl.constexpr, BLOCK_N: tl.constexpr,
+                        STAGES: tl.constexpr):
+        """Writes x * gain + offset (through the SiLU where `ACT`) at positions
+        [start, start + rows) of one sample."""
+        for offset in tl.range(0, rows, BLOCK_N, num_stages=STAGES):
+            ns = start + offset + tl.arange(0, BLOCK_N)
+            mask = (ns[:, None] < N) & cmask[None, :]
+            v = tl.load(base + ns[:, None] * sxn + cs[None, :] * sxc, mask=mask, other=0.0)
+            h = v.to(tl.float32) * gain[None, :] + offset_c[None, :]
+            if ACT:
+                h = h * tl.sigmoid(h)
+            tl.store(y_base + ns[:, None] * syn + cs[None, :] * syc,
+                     h.to(y_base.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _stats_kernel(x_ptr, s1_ptr, s2_ptr, shift_ptr, C, N, rows,
@@ -370,19 +404,11 @@ if triton is not None:
         base = x_ptr + b * sxb
         # Shift by the first position's value per channel: sums of (x - K) stay well conditioned.
         k = tl.load(base + cs * sxc, mask=cmask, other=0.0).to(tl.float32)
-        acc1 = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-        acc2 = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-        start = chunk * rows
-        for offset in tl.range(0, rows, BLOCK_N, num_stages=STAGES):
-            ns = start + offset + tl.arange(0, BLOCK_N)
-            mask = (ns[:, None] < N) & cmask[None, :]
-            v = tl.load(base + ns[:, None] * sxn + cs[None, :] * sxc, mask=mask, other=0.0)
-            d = tl.where(mask, v.to(tl.float32) - k[None, :], 0.0)
-            acc1 += d
-            acc2 += d * d
+        s1, s2 = _shifted_sums(base, k, chunk * rows, rows, N, cs, cmask, sxc, sxn, BLOCK_C,
+                               BLOCK_N, STAGES)
         out = (b * num_chunks + chunk) * C + cs
-        tl.store(s1_ptr + out, tl.sum(acc1, axis=0), mask=cmask)
-        tl.store(s2_ptr + out, tl.sum(acc2, axis=0), mask=cmask)
+        tl.store(s1_ptr + out, s1, mask=cmask)
+        tl.store(s2_ptr + out, s2, mask=cmask)
         if chunk == 0:
             tl.store(shift_ptr + b * C + cs, k, mask=cmask)
 
@@ -476,16 +502,8 @@ if triton is not None:
         rstd = tl.load(rstd_ptr + b * C + cs, mask=cmask, other=0.0)
         gain, offset_c = _channel_affine(w_ptr, bias_ptr, scale_ptr, sh_ptr, b, C, cs, cmask,
                                          mean, rstd, FILM)
-        start = chunk * rows
-        for offset in tl.range(0, rows, BLOCK_N, num_stages=STAGES):
-            ns = start + offset + tl.arange(0, BLOCK_N)
-            mask = (ns[:, None] < N) & cmask[None, :]
-            v = tl.load(x_ptr + b * sxb + ns[:, None] * sxn + cs[None, :] * sxc, mask=mask, other=0.0)
-            h = v.to(tl.float32) * gain[None, :] + offset_c[None, :]
-            if ACT:
-                h = h * tl.sigmoid(h)
-            tl.store(y_ptr + b * syb + ns[:, None] * syn + cs[None, :] * syc,
-                     h.to(y_ptr.dtype.element_ty), mask=mask)
+        _normalize_rows(x_ptr + b * sxb, y_ptr + b * syb, chunk * rows, rows, N, cs, cmask, sxc,
+                        sxn, syc, syn, gain, offset_c, ACT, BLOCK_N, STAGES)
 
     @triton.jit
     def _one_pass_kernel(x_ptr, y_ptr, add_ptr, mean_ptr, rstd_ptr, w_ptr, bias_ptr, scale_ptr,
@@ -493,26 +511,27 @@ if triton is not None:
                          sxb, sxc, sxn, syb, syc, syn,
                          FILM: tl.constexpr, ACT: tl.constexpr, ADD: tl.constexpr,
                          BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-                         STAGES: tl.constexpr):
+                         STAGES: tl.constexpr, SINGLE_TILE: tl.constexpr):
         # _stats_kernel, _stats_combine_kernel and _normalize_kernel for one sample's slice of
-        # whole groups; the second loop reads x back, mostly from L2.
+        # whole groups; the second pass reads x back, mostly from L2, unless all its positions
+        # fit one tile (SINGLE_TILE), which stays in registers.
         b = tl.program_id(0)
         js = tl.arange(0, BLOCK_C)
         cs = tl.program_id(1) * slice_channels + js
         cmask = (js < slice_channels) & (cs < C)
         base = x_ptr + b * sxb
         k = tl.load(base + cs * sxc, mask=cmask, other=0.0).to(tl.float32)
-        acc1 = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-        acc2 = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-        for offset in tl.range(0, N, BLOCK_N, num_stages=STAGES):
-            ns = offset + tl.arange(0, BLOCK_N)
+        if SINGLE_TILE:
+            ns = tl.arange(0, BLOCK_N)
             mask = (ns[:, None] < N) & cmask[None, :]
-            v = tl.load(base + ns[:, None] * sxn + cs[None, :] * sxc, mask=mask, other=0.0)
-            d = tl.where(mask, v.to(tl.float32) - k[None, :], 0.0)
-            acc1 += d
-            acc2 += d * d
-        s1 = tl.sum(acc1, axis=0)
-        s2 = tl.sum(acc2, axis=0)
+            v = tl.load(base + ns[:, None] * sxn + cs[None, :] * sxc, mask=mask,
+                        other=0.0).to(tl.float32)
+            d = tl.where(mask, v - k[None, :], 0.0)
+            s1 = tl.sum(d, axis=0)
+            s2 = tl.sum(d * d, axis=0)
+        else:
+            s1, s2 = _shifted_sums(base, k, 0, N, N, cs, cmask, sxc, sxn, BLOCK_C, BLOCK_N,
+                                   STAGES)
         channel_mean = k + s1 / N
         if ADD:
             added = tl.load(add_ptr + b * C + cs, mask=cmask, other=0.0).to(tl.float32)
@@ -533,15 +552,15 @@ if triton is not None:
         tl.store(rstd_ptr + b * C + cs, rstd, mask=cmask)
         gain, offset_c = _channel_affine(w_ptr, bias_ptr, scale_ptr, sh_ptr, b, C, cs, cmask,
                                          centre, rstd, FILM)
-        for offset in tl.range(0, N, BLOCK_N, num_stages=STAGES):
-            ns = offset + tl.arange(0, BLOCK_N)
-            mask = (ns[:, None] < N) & cmask[None, :]
-            v = tl.load(base + ns[:, None] * sxn + cs[None, :] * sxc, mask=mask, other=0.0)
-            h = v.to(tl.float32) * gain[None, :] + offset_c[None, :]
+        if SINGLE_TILE:
+            h = v * gain[None, :] + offset_c[None, :]
             if ACT:
                 h = h * tl.sigmoid(h)
             tl.store(y_ptr + b * syb + ns[:, None] * syn + cs[None, :] * syc,
                      h.to(y_ptr.dtype.element_ty), mask=mask)
+        else:
+            _normalize_rows(base, y_ptr + b * syb, 0, N, N, cs, cmask, sxc, sxn, syc, syn, gain,
+                            offset_c, ACT, BLOCK_N, STAGES)
 
     @triton.jit
     def _channel_operands(mean_ptr, rstd_ptr, w_ptr, bias_ptr, scale_ptr, sh_ptr, b, C, cs, cmask,
@@ -666,9 +685,11 @@ if triton is not None:
                                   sxb, sxc, sxn, sdb, sdc, sdn, sob, soc, son,
                                   FILM: tl.constexpr, ACT: tl.constexpr, ADD: tl.constexpr,
                                   BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
-                                  BLOCK_G: tl.constexpr, STAGES: tl.constexpr):
+                                  BLOCK_G: tl.constexpr, STAGES: tl.constexpr,
+                                  SINGLE_TILE: tl.constexpr):
         # _backward_reduce_kernel, _backward_combine_kernel and _backward_dx_kernel for one
-        # sample's slice of whole groups; the second loop reads x and dy back, mostly from L2.
+        # sample's slice of whole groups; the second pass reads x and dy back, mostly from L2,
+        # unless all its positions fit one tile (SINGLE_TILE), which stays in registers.
         b = tl.program_id(0)
         js = tl.arange(0, BLOCK_C)
         cs = tl.program_id(1) * slice_channels + js
@@ -676,9 +697,18 @@ if triton is not None:
         centre, rstd, w, bb, s, sh = _channel_operands(mean_ptr, rstd_ptr, w_ptr, bias_ptr,
                                                        scale_ptr, sh_ptr, b, C, cs, cmask,
                                                        BLOCK_C, FILM)
-        a_sum, b_sum = _gradient_sums(x_ptr, dy_ptr, b, 0, N, N, cs, cmask, sxb, sxc, sxn, sdb,
-                                      sdc, sdn, centre, rstd, w, bb, s, sh, ACT, BLOCK_C,
-                                      BLOCK_N, STAGES)
+        if SINGLE_TILE:
+            ns = tl.arange(0, BLOCK_N)
+            mask = (ns[:, None] < N) & cmask[None, :]
+            xhat, g = _tile_gradient(x_ptr, dy_ptr, b, ns, cs, mask, sxb, sxc, sxn, sdb, sdc,
+                                     sdn, centre, rstd, w, bb, s, sh, ACT)
+            g = tl.where(mask, g, 0.0)
+            a_sum = tl.sum(g * xhat, axis=0)
+            b_sum = tl.sum(g, axis=0)
+        else:
+            a_sum, b_sum = _gradient_sums(x_ptr, dy_ptr, b, 0, N, N, cs, cmask, sxb, sxc, sxn,
+                                          sdb, sdc, sdn, centre, rstd, w, bb, s, sh, ACT,
+                                          BLOCK_C, BLOCK_N, STAGES)
         if FILM:
             tl.store(ds_ptr + b * C + cs, w * a_sum + bb * b_sum, mask=cmask)
             tl.store(dsh_ptr + b * C + cs, b_sum, mask=cmask)
@@ -692,9 +722,15 @@ if triton is not None:
         c2 = tl.sum(tl.where(member, (w * a_full)[:, None], 0.0), axis=0) / count
         c1 = tl.sum(tl.where(member, c1[None, :], 0.0), axis=1)
         c2 = tl.sum(tl.where(member, c2[None, :], 0.0), axis=1)
-        dx_sum = _input_gradient(x_ptr, dy_ptr, dx_ptr, b, 0, N, N, cs, cmask, sxb, sxc, sxn,
-                                 sdb, sdc, sdn, sob, soc, son, centre, rstd, w, bb, s, sh, c1,
-                                 c2, ACT, ADD, BLOCK_C, BLOCK_N, STAGES)
+        if SINGLE_TILE:
+            dx = rstd[None, :] * (g * (s * w)[None, :] - c1[None, :] - xhat * c2[None, :])
+            tl.store(dx_ptr + b * sob + ns[:, None] * son + cs[None, :] * soc,
+                     dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            dx_sum = tl.sum(tl.where(mask, dx, 0.0), axis=0)
+        else:
+            dx_sum = _input_gradient(x_ptr, dy_ptr, dx_ptr, b, 0, N, N, cs, cmask, sxb, sxc, sxn,
+                                     sdb, sdc, sdn, sob, soc, son, centre, rstd, w, bb, s, sh,
+                                     c1, c2, ACT, ADD, BLOCK_C, BLOCK_N, STAGES)
         if ADD:
             tl.store(dadd_ptr + b * C + cs, dx_sum, mask=cmask)
 
