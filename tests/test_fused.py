@@ -228,7 +228,6 @@ def test_the_launch_plan_picks_its_configuration_by_size():
     assert plan.large.loop_stages == plan.small.loop_stages == 3  # session 17's sweep
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (CPU-only torch)")
 def test_a_launch_shape_covers_the_view_with_the_configured_loop(monkeypatch):
     monkeypatch.setattr(fused, "LAUNCH", fused.LaunchConfig(2048, 2, 8, loop_stages=3))
     launch = fused._launch_shape(torch.empty(4, 96, 1000))
@@ -238,12 +237,11 @@ def test_a_launch_shape_covers_the_view_with_the_configured_loop(monkeypatch):
     assert launch.kernel_options() == {"BLOCK_C": 128, "BLOCK_N": 16, "STAGES": 3, "num_warps": 8}
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (CPU-only torch)")
 @pytest.mark.parametrize(("shape", "groups", "expected"), [
     ((128, 256, 64), 32, (8, 64, 4, 64, 64, True)),  # 8² × 256 in cifar: slices of 64 channels
     ((16, 512, 256), 32, (4, 64, 8, 64, 64, False)),
     ((2, 96, 100), 32, (32, 96, 1, 128, 32, False)),  # 3 channels a group: all 32 to reach 64
-    ((2, 12, 100), 3, (2, 8, 2, 8, 128, True)),  # the last slice holds one group of two
+    ((2, 12, 100), 3, (2, 8, 2, 8, 128, True)),  # 3 groups: the last slice holds one
     ((2, 1536, 16), 32, (2, 96, 16, 128, 16, True)),  # 48 channels a group: two
 ])
 def test_a_one_pass_shape_covers_whole_groups(shape, groups, expected, monkeypatch):

@@ -43,6 +43,9 @@ def test_totals_weight_each_call_by_its_count(benchmark_script):
     total = script.summarize(rows, copy_gbps=2000.0)
     assert total["shipped_ms"] == pytest.approx(3 * 0.006)
     assert total["best_ms"] == pytest.approx(3 * 0.005)
+    # per forward (inference): the shipped 0.002 ms, the best forward of any configuration 0.001
+    assert total["shipped_forward_ms"] == pytest.approx(3 * 0.002)
+    assert total["best_forward_ms"] == pytest.approx(3 * 0.001)
     assert total["copy_ms"] == pytest.approx(3 * 8_000_000 / 2000e9 * 1e3)
     assert rows[0]["best"]["num_warps"] == 8
     assert rows[0]["best_forward_gbps"] == pytest.approx(3_000_000 / 0.001 / 1e6)

@@ -300,16 +300,27 @@ class LaunchShape(NamedTuple):
                 "num_warps": self.num_warps}
 
 
+def _next_power_of_2(n: int) -> int:
+    """The smallest power of two ≥ n, as `triton.next_power_of_2` (the launch shapes are
+    computed, and tested, without Triton)."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉, as `triton.cdiv`."""
+    return -(-a // b)
+
+
 def _launch_shape(x3: torch.Tensor) -> LaunchShape:
     """The `LaunchShape` of a (B, C, N) view under `LAUNCH`."""
     b, c, n = x3.shape
     launch = LAUNCH.for_elements(b * c * n)
-    block_c = triton.next_power_of_2(c)
-    block_n = max(1, min(launch.tile_elements // block_c, triton.next_power_of_2(n)))
+    block_c = _next_power_of_2(c)
+    block_n = max(1, min(launch.tile_elements // block_c, _next_power_of_2(n)))
     target_programs = launch.programs_per_sm * _sm_count(x3.device)
-    chunks = max(1, min(triton.cdiv(n, block_n), triton.cdiv(target_programs, b)))
-    rows = triton.cdiv(triton.cdiv(n, chunks), block_n) * block_n
-    return LaunchShape(block_c, block_n, rows, triton.cdiv(n, rows), launch.num_warps,
+    chunks = max(1, min(_cdiv(n, block_n), _cdiv(target_programs, b)))
+    rows = _cdiv(_cdiv(n, chunks), block_n) * block_n
+    return LaunchShape(block_c, block_n, rows, _cdiv(n, rows), launch.num_warps,
                        launch.loop_stages)
 
 
@@ -336,7 +347,7 @@ class OnePassShape(NamedTuple):
     def kernel_options(self) -> dict[str, int]:
         """The one-kernel kernels' tile, group and loop constexprs, and their warps."""
         return {"BLOCK_C": self.block_c, "BLOCK_N": self.block_n,
-                "BLOCK_G": triton.next_power_of_2(self.groups), "STAGES": self.loop_stages,
+                "BLOCK_G": _next_power_of_2(self.groups), "STAGES": self.loop_stages,
                 "SINGLE_TILE": self.single_tile, "num_warps": self.num_warps}
 
 
@@ -352,9 +363,9 @@ def _one_pass_shape(x3: torch.Tensor, num_groups: int) -> OnePassShape | None:
     channels = groups * per_group
     if channels * n > launch.one_pass_elements:
         return None
-    block_c = triton.next_power_of_2(channels)
-    block_n = max(1, min(launch.tile_elements // block_c, triton.next_power_of_2(n)))
-    return OnePassShape(groups, channels, triton.cdiv(num_groups, groups), block_c, block_n,
+    block_c = _next_power_of_2(channels)
+    block_n = max(1, min(launch.tile_elements // block_c, _next_power_of_2(n)))
+    return OnePassShape(groups, channels, _cdiv(num_groups, groups), block_c, block_n,
                         launch.num_warps, launch.loop_stages, single_tile=n <= block_n)
 
 
@@ -751,7 +762,7 @@ def _group_stats(x3: torch.Tensor, add: torch.Tensor, num_groups: int, eps: floa
     per_group = c // num_groups
     _stats_combine_kernel[(b, num_groups)](s1, s2, k, add, mean, rstd, c, n, chunks, per_group,
                                            eps, ADD=add.numel() > 0,
-                                           BLOCK_G=triton.next_power_of_2(per_group))
+                                           BLOCK_G=_next_power_of_2(per_group))
     return mean, rstd
 
 
@@ -811,7 +822,7 @@ def _backward(grad, x, weight, bias, scale, shift, add, mean, rstd, num_groups, 
     per_group = c // num_groups
     _backward_combine_kernel[(b, num_groups)](
         a_part, b_part, weight, bias, scale, a_full, b_full, grad_scale, grad_shift, c1, c2,
-        c, n, chunks, per_group, FILM=film, BLOCK_G=triton.next_power_of_2(per_group))
+        c, n, chunks, per_group, FILM=film, BLOCK_G=_next_power_of_2(per_group))
     dx = torch.empty_like(x)
     d3 = dx.flatten(2)
     added = add.numel() > 0
