@@ -49,9 +49,9 @@ def one_thread() -> Iterator[None]:
 def fused_compiled_threshold() -> Iterator[None]:
     """Restore the size from which compiled graphs call the fused kernels: the trainer and the
     benchmark set it for their compile mode, and it would otherwise carry into later tests."""
-    saved = fused._COMPILED_MIN_ELEMENTS
+    saved = fused._COMPILED_MIN_ELEMENTS, fused._COMPILED_MIN_ELEMENTS_INFERENCE
     yield
-    fused.set_compiled_min_elements(saved)
+    fused.set_compiled_min_elements(saved[0], inference=saved[1])
 
 
 def pytest_collection_modifyitems(config, items):

@@ -139,6 +139,30 @@ def test_the_compile_mode_decides_whether_compiled_graphs_call_the_kernels(mode,
     fused.set_compiled_min_elements(123)
     fused.configure_for_compile_mode(mode)
     assert expected == fused._COMPILED_MIN_ELEMENTS
+    inference = None if expected is None else fused.CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE
+    assert inference == fused._COMPILED_MIN_ELEMENTS_INFERENCE
+
+
+def test_graphs_traced_without_gradients_use_the_inference_threshold(monkeypatch):
+    """The decision as Dynamo's trace of `group_norm_act` makes it, with kernels that would
+    take the tensor (a GPU's), under each grad mode."""
+    monkeypatch.setattr(torch.compiler, "is_dynamo_compiling", lambda: True)
+    monkeypatch.setattr(fused, "_kernels_take", lambda x: True)
+    x = torch.empty(2, 4, 8, 8)  # 512 elements
+    fused.set_compiled_min_elements(100, inference=1000)
+    assert fused.compiled_fused_wanted(x)
+    with torch.no_grad():
+        assert not fused.compiled_fused_wanted(x)
+    fused.set_compiled_min_elements(1000, inference=100)
+    assert not fused.compiled_fused_wanted(x)
+    with torch.no_grad():
+        assert fused.compiled_fused_wanted(x)
+    fused.set_compiled_min_elements(100)  # the inference threshold follows by default
+    with torch.no_grad():
+        assert fused.compiled_fused_wanted(x)
+    fused.set_compiled_min_elements(None, inference=100)  # None: the reference everywhere
+    with torch.no_grad():
+        assert not fused.compiled_fused_wanted(x)
 
 
 @pytest.mark.parametrize(("value", "expected", "warns"), [
@@ -147,16 +171,37 @@ def test_the_compile_mode_decides_whether_compiled_graphs_call_the_kernels(mode,
 def test_the_environment_sets_the_compiled_threshold_at_import(value, expected, warns):
     """`DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS`, for an A/B of the threshold in separate processes
     (`benchmarks/ab.py --change-env`); the CUDA-graph modes then use it."""
-    env = {k: v for k, v in os.environ.items() if k != fused.CUDA_GRAPHS_MIN_ELEMENTS_ENV}
+    names = fused.CUDA_GRAPHS_MIN_ELEMENTS_ENV, fused.CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE_ENV
+    env = {k: v for k, v in os.environ.items() if k not in names}
     if value is not None:
         env[fused.CUDA_GRAPHS_MIN_ELEMENTS_ENV] = value
+    done = _thresholds_at_import(env)
+    assert done.stdout.split() == [str(expected)] * 4  # inference follows training by default
+    assert ("is not a number of elements" in done.stderr) == warns
+
+
+@pytest.mark.parametrize(("value", "expected", "warns"), [
+    ("4194304", 4194304, False), ("0", 0, False), ("4M", 1 << 20, True)])
+def test_the_environment_sets_the_inference_threshold_at_import(value, expected, warns):
+    """`DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS_INFER`, for an A/B of inference alone: training's
+    threshold stays; a bad value keeps training's."""
+    env = {k: v for k, v in os.environ.items() if k != fused.CUDA_GRAPHS_MIN_ELEMENTS_ENV}
+    env[fused.CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE_ENV] = value
+    done = _thresholds_at_import(env)
+    assert done.stdout.split() == [str(1 << 20)] * 2 + [str(expected)] * 2
+    assert ("is not a number of elements" in done.stderr) == warns
+
+
+def _thresholds_at_import(env: dict[str, str]) -> subprocess.CompletedProcess:
+    """A process that imports the op under `env` and prints the training and inference
+    thresholds, as set and as a CUDA-graph compile mode applies them."""
     code = ("from diffunet.nn import fused; fused.configure_for_compile_mode('reduce-overhead');"
-            " print(fused.CUDA_GRAPHS_MIN_ELEMENTS, fused._COMPILED_MIN_ELEMENTS)")
+            " print(fused.CUDA_GRAPHS_MIN_ELEMENTS, fused._COMPILED_MIN_ELEMENTS,"
+            " fused.CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE, fused._COMPILED_MIN_ELEMENTS_INFERENCE)")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == [str(expected)] * 2
-    assert ("is not a number of elements" in done.stderr) == warns
+    return done
 
 
 SHIPPED = fused.LaunchPlan()
@@ -245,7 +290,8 @@ def test_a_launch_shape_covers_the_view_with_the_configured_loop(monkeypatch):
     ((2, 1536, 16), 32, (2, 96, 16, 128, 16, True)),  # 48 channels a group: two
 ])
 def test_a_one_pass_shape_covers_whole_groups(shape, groups, expected, monkeypatch):
-    monkeypatch.setattr(fused, "LAUNCH", fused.LaunchConfig(4096, 4, 4, 3, one_pass_elements=1 << 14))
+    monkeypatch.setattr(fused, "LAUNCH",
+                        fused.LaunchConfig(4096, 4, 4, 3, one_pass_elements=1 << 14))
     one = fused._one_pass_shape(torch.empty(shape), groups)
     assert (one.groups, one.channels, one.slices, one.block_c, one.block_n,
             one.single_tile) == expected

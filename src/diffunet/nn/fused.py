@@ -68,7 +68,17 @@ CUDA_GRAPHS_MIN_ELEMENTS_ENV = "DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS"
 CUDA_GRAPHS_MIN_ELEMENTS = _int_from_env(
     CUDA_GRAPHS_MIN_ELEMENTS_ENV, 1 << 20, 0,
     f"a number of elements (an integer, at least 0, e.g. {1 << 22})")
+#: The environment variable that sets `CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE` at import.
+CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE_ENV = "DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS_INFER"
+#: The same threshold for graphs traced without gradients (inference, sampling); by default
+#: `CUDA_GRAPHS_MIN_ELEMENTS`. Its own switch, because on `ddpm-cifar10`'s batch of 128 the
+#: crossover against Inductor's GroupNorm may lie higher without a backward (session 16:
+#: 2²² read +2.6 % once), while training chose 2²⁰.
+CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE = _int_from_env(
+    CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE_ENV, CUDA_GRAPHS_MIN_ELEMENTS, 0,
+    f"a number of elements (an integer, at least 0, e.g. {1 << 22})")
 _COMPILED_MIN_ELEMENTS: int | None = None
+_COMPILED_MIN_ELEMENTS_INFERENCE: int | None = None
 #: The `torch.compile` modes that replay the compiled graphs as CUDA graphs.
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
@@ -82,17 +92,26 @@ def set_fused_enabled(enabled: bool, *, min_elements: int | None = None) -> None
         _MIN_ELEMENTS = int(min_elements)
 
 
-def set_compiled_min_elements(min_elements: int | None) -> None:
+def set_compiled_min_elements(min_elements: int | None, *,
+                              inference: int | None = None) -> None:
     """Let graphs traced from now on call the fused kernels (as a custom op) on tensors of at
-    least `min_elements`; None (the default) traces the reference everywhere."""
-    global _COMPILED_MIN_ELEMENTS
+    least `min_elements`, or of at least `inference` (default: `min_elements`) in graphs traced
+    without gradients; None (the default) traces the reference everywhere."""
+    global _COMPILED_MIN_ELEMENTS, _COMPILED_MIN_ELEMENTS_INFERENCE
     _COMPILED_MIN_ELEMENTS = None if min_elements is None else int(min_elements)
+    _COMPILED_MIN_ELEMENTS_INFERENCE = (None if min_elements is None else
+                                        int(min_elements if inference is None else inference))
 
 
 def configure_for_compile_mode(mode: str | None) -> None:
-    """Set the compiled size threshold for `torch.compile(mode=mode)`: the kernels from
-    `CUDA_GRAPHS_MIN_ELEMENTS` on where the mode replays CUDA graphs, none otherwise."""
-    set_compiled_min_elements(CUDA_GRAPHS_MIN_ELEMENTS if mode in CUDA_GRAPH_MODES else None)
+    """Set the compiled size thresholds for `torch.compile(mode=mode)`: the kernels from
+    `CUDA_GRAPHS_MIN_ELEMENTS` on (`CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE` without gradients)
+    where the mode replays CUDA graphs, none otherwise."""
+    if mode in CUDA_GRAPH_MODES:
+        set_compiled_min_elements(CUDA_GRAPHS_MIN_ELEMENTS,
+                                  inference=CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE)
+    else:
+        set_compiled_min_elements(None)
 
 
 def _interpreting() -> bool:
@@ -120,8 +139,12 @@ def fused_available(x: torch.Tensor) -> bool:
 def compiled_fused_wanted(x: torch.Tensor) -> bool:
     """Whether the `group_norm_act(x, ...)` that Dynamo traces calls the fused kernels as the
     custom op `diffunet::group_norm_act` (see `set_compiled_min_elements`)."""
-    return (_COMPILED_MIN_ELEMENTS is not None and torch.compiler.is_dynamo_compiling()
-            and _kernels_take(x) and x.numel() >= _COMPILED_MIN_ELEMENTS)
+    if _COMPILED_MIN_ELEMENTS is None or not torch.compiler.is_dynamo_compiling():
+        return False
+    # Dynamo guards the graph on the grad mode, so each mode traces its own decision.
+    threshold = (_COMPILED_MIN_ELEMENTS if torch.is_grad_enabled()
+                 else _COMPILED_MIN_ELEMENTS_INFERENCE)
+    return _kernels_take(x) and x.numel() >= threshold
 
 
 def group_norm_act_reference(
@@ -234,9 +257,9 @@ class LaunchPlan:
     call of the `ddpm-cifar10`, 3D and `ldm` training steps, CUDA-graph replays;
     `benchmarks/results/h200-norm-kernels-stages-sweep.json`): loops pipelined three tiles deep
     stream faster at almost every size (the statistics pass of a 128×384×32² call 1.22 → 2.29
-    TB/s), and with them four warps beat eight. Small activations still gain from fewer programs
-    per SM. Against session 11's plan (no pipelining; eight warps above 2²⁴ elements, 8192-element
-    tiles below), the norm kernels of a training step take 3.77 instead of 4.54 ms (cifar), 7.71
+    TB/s), and with them four warps beat eight. Small activations still gain from fewer
+    programs per SM. Against session 11's plan (no pipelining; eight warps above 2²⁴ elements,
+    8192-element tiles below), the norm kernels of a training step take 3.77 instead of 4.54 ms (cifar), 7.71
     instead of 8.31 (3D) and 14.64 instead of 15.80 (`ldm`); whole compiled steps, A/B in one
     run: cifar training +3.4 %, inference +6.2 %, `ldm` training +1.4 %.
     """
