@@ -427,6 +427,18 @@ if triton is not None:
                      h.to(y_base.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _group_indicator(js, per_group, cmask, BLOCK_G: tl.constexpr):
+        """Which of a slice's groups each of its channels `js` belongs to: a (channel, group)
+        mask, false for channels outside the tensor."""
+        return (js[:, None] // per_group == tl.arange(0, BLOCK_G)[None, :]) & cmask[:, None]
+
+    @triton.jit
+    def _group_sums(values, member):
+        """Per channel, the sum of the per-channel `values` over the channel's group."""
+        per_group = tl.sum(tl.where(member, values[:, None], 0.0), axis=0)
+        return tl.sum(tl.where(member, per_group[None, :], 0.0), axis=1)
+
+    @triton.jit
     def _stats_kernel(x_ptr, s1_ptr, s2_ptr, shift_ptr, C, N, rows,
                       sxb, sxc, sxn, num_chunks,
                       BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -571,15 +583,11 @@ if triton is not None:
             added = tl.load(add_ptr + b * C + cs, mask=cmask, other=0.0).to(tl.float32)
             channel_mean += added
         channel_m2 = tl.maximum(s2 - s1 * s1 / N, 0.0)
-        # Each channel's group in the slice, as a (channel, group) indicator.
-        member = (js[:, None] // per_group == tl.arange(0, BLOCK_G)[None, :]) & cmask[:, None]
-        group_mean = tl.sum(tl.where(member, channel_mean[:, None], 0.0), axis=0) / per_group
-        centre = tl.sum(tl.where(member, group_mean[None, :], 0.0), axis=1)
+        member = _group_indicator(js, per_group, cmask, BLOCK_G)
+        centre = _group_sums(channel_mean, member) / per_group
         spread = tl.where(cmask, channel_mean - centre, 0.0)
-        group_m2 = tl.sum(tl.where(member, (channel_m2 + N * spread * spread)[:, None], 0.0),
-                          axis=0)
-        group_rstd = 1.0 / tl.sqrt(group_m2 / (N * per_group) + eps)
-        rstd = tl.sum(tl.where(member, group_rstd[None, :], 0.0), axis=1)
+        group_m2 = _group_sums(channel_m2 + N * spread * spread, member)
+        rstd = 1.0 / tl.sqrt(group_m2 / (N * per_group) + eps)
         if ADD:  # the stored centre is that of x itself, as _stats_combine_kernel's
             centre -= added
         tl.store(mean_ptr + b * C + cs, centre, mask=cmask)
@@ -750,12 +758,9 @@ if triton is not None:
         b_full = b_sum * s
         tl.store(a_full_ptr + b * C + cs, a_full, mask=cmask)
         tl.store(b_full_ptr + b * C + cs, b_full, mask=cmask)
-        member = (js[:, None] // per_group == tl.arange(0, BLOCK_G)[None, :]) & cmask[:, None]
-        count = N * per_group
-        c1 = tl.sum(tl.where(member, (w * b_full)[:, None], 0.0), axis=0) / count
-        c2 = tl.sum(tl.where(member, (w * a_full)[:, None], 0.0), axis=0) / count
-        c1 = tl.sum(tl.where(member, c1[None, :], 0.0), axis=1)
-        c2 = tl.sum(tl.where(member, c2[None, :], 0.0), axis=1)
+        member = _group_indicator(js, per_group, cmask, BLOCK_G)
+        c1 = _group_sums(w * b_full, member) / (N * per_group)
+        c2 = _group_sums(w * a_full, member) / (N * per_group)
         if SINGLE_TILE:
             dx = rstd[None, :] * (g * (s * w)[None, :] - c1[None, :] - xhat * c2[None, :])
             tl.store(dx_ptr + b * sob + ns[:, None] * son + cs[None, :] * soc,
@@ -826,8 +831,8 @@ def _backward(grad, x, weight, bias, scale, shift, add, mean, rstd, num_groups, 
     x3, g3 = x.flatten(2), grad.flatten(2)
     one_pass = _one_pass_shape(x3, num_groups)
     if one_pass is not None:
-        return _backward_in_one_kernel(grad, x, x3, g3, weight, bias, scale, shift, add, mean,
-                                       rstd, num_groups, film, act, one_pass)
+        return _backward_in_one_kernel(x, x3, g3, weight, bias, scale, shift, add, mean, rstd,
+                                       num_groups, film, act, one_pass)
     b, c, n = x3.shape
     launch = _launch_shape(x3)
     rows, chunks = launch.rows, launch.chunks
@@ -859,8 +864,8 @@ def _backward(grad, x, weight, bias, scale, shift, add, mean, rstd, num_groups, 
                                 add, film)
 
 
-def _backward_in_one_kernel(grad, x, x3, g3, weight, bias, scale, shift, add, mean, rstd,
-                            num_groups, film, act, shape: OnePassShape):
+def _backward_in_one_kernel(x, x3, g3, weight, bias, scale, shift, add, mean, rstd, num_groups,
+                            film, act, shape: OnePassShape):
     """`_backward` as one kernel, `shape` being `_one_pass_shape(x3, num_groups)`."""
     b, c, n = x3.shape
     a_full, b_full = (torch.empty(b, c, device=x.device, dtype=torch.float32) for _ in range(2))
