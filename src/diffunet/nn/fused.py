@@ -230,8 +230,8 @@ class LaunchConfig:
     each covers one sample's whole groups (`_one_pass_shape`) runs its forward as one kernel
     (statistics, their reduction per group, normalize; x read the second time mostly from L2)
     and its backward as one more (the per-channel sums, their reduction per group, the input
-    gradient); larger ones take three kernels each way. 0 (the default) never takes them:
-    they have not yet been timed on a GPU.
+    gradient); larger ones take three kernels each way. 0 (the field's default) never takes
+    them; `LaunchPlan` ships 32768.
 
     `benchmarks/norm_kernels.py` sweeps these on the GPU. The field defaults are the one
     configuration that every result in docs/performance.md before session 11 was measured with.
@@ -262,10 +262,18 @@ class LaunchPlan:
     8192-element tiles below), the norm kernels of a training step take 3.77 instead of 4.54 ms (cifar), 7.71
     instead of 8.31 (3D) and 14.64 instead of 15.80 (`ldm`); whole compiled steps, A/B in one
     run: cifar training +3.4 %, inference +6.2 %, `ldm` training +1.4 %.
+
+    Session 18 (`norm_kernels.py --one-pass 0,8192,32768,131072`,
+    `benchmarks/results/h200-norm-kernels-one-pass-sweep.json`): calls whose programs own at
+    most 32768 elements each way in one kernel take a cifar training step's norm kernels from
+    3.78 to 3.29 ms (forward 1.24 → 1.06), `ldm`'s from 14.63 to 14.43, and leave 3D's at
+    7.72; 131072 is slightly better for cifar alone but slows `ldm`'s backward. Whole compiled
+    steps, A/B in one run: cifar inference +4.5 %, training +2.5 %, `ldm` inference +2.1 %,
+    training +0.4 %, 3D training -0.4 % (noise).
     """
 
-    large: LaunchConfig = LaunchConfig(4096, 4, 4, 3)
-    small: LaunchConfig = LaunchConfig(4096, 2, 4, 3)
+    large: LaunchConfig = LaunchConfig(4096, 4, 4, 3, one_pass_elements=32768)
+    small: LaunchConfig = LaunchConfig(4096, 2, 4, 3, one_pass_elements=32768)
     large_from: int = 1 << 25
 
     def for_elements(self, numel: int) -> LaunchConfig:
