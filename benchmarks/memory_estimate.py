@@ -10,15 +10,23 @@ is computed); one warm-up step creates the optimizer state, then
 bf16 autocast (the CPU's casting rules), float32 MSE, backward, AdamW step. The peak is the sum
 of live tensor bytes; `--ema` adds a float32 copy of the weights, as `diffunet train` keeps.
 
-It is an estimate: the GPU adds cuDNN workspaces and allocator slack, and on the CPU GroupNorm
-runs its reference path (our fused GPU kernel keeps less for backward). Against GPU peaks
-measured by `bench.py` (ours, eager; docs/performance.md) it was within 25 %.
+The norms follow the GPU's eager rule: those of more than `fused.eager_min_elements()`
+elements (2²⁴) run the fused op (its fake implementation: a bf16 output, and for backward the
+bf16 input and two float32 statistics per sample and channel), the others the reference path
+in float32 as CUDA's autocast runs it (GroupNorm and SiLU keep float32 copies, the next
+convolution a bf16 one); `--norm-from N` moves that threshold (0: every norm fused, about as
+a CUDA-graph step calls them from 2²⁰).
+
+It is an estimate: the GPU adds cuDNN workspaces and allocator slack. Against GPU peaks
+measured by `bench.py` (ours, eager; docs/performance.md) it was within −13 % to +3 %.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -30,20 +38,50 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from diffunet import UNet, UNetConfig
 from diffunet.introspect import example_inputs
+from diffunet.nn import fused
 from diffunet.presets import preset
 from diffunet.training_config import parse_override
 
 GiB = 2**30
 
 
-def peak_training_bytes(config: UNetConfig, batch: int, *,
-                        fake: bool = True) -> tuple[dict[str, int], int]:
+@contextmanager
+def gpu_norms(min_elements: int) -> Iterator[None]:
+    """Norms as on the GPU: every `group_norm_act` of at least `min_elements` elements goes to
+    the fused op `diffunet::group_norm_act` whatever the device (under `FakeTensorMode` its
+    fake implementation stands in for the kernels; real CPU tensors have none), and the
+    others run their reference path in float32 under autocast, as CUDA's autocast runs
+    `group_norm` (the CPU's keeps bfloat16)."""
+    routed, reference = fused.compiled_fused_wanted, fused.group_norm_act_reference
+
+    def float32_reference(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if torch.is_autocast_enabled("cpu"):
+            x = x.float()
+        return reference(x, *args, **kwargs)
+
+    fused.compiled_fused_wanted = lambda x: x.numel() >= min_elements
+    fused.group_norm_act_reference = float32_reference
+    try:
+        yield
+    finally:
+        fused.compiled_fused_wanted, fused.group_norm_act_reference = routed, reference
+
+
+def peak_training_bytes(config: UNetConfig, batch: int, *, fake: bool = True,
+                        norm_from: int | None = None) -> tuple[dict[str, int], int]:
     """Peak bytes of one training step of `config` at `batch`, by kind ("Total", "PARAM",
     "GRAD", "ACT", "OPT", ...), and the number of parameters.
 
-    `fake=False` runs the same step on real CPU tensors (slow; for checking the estimate).
+    Norms behave as on the GPU (`gpu_norms`): those of at least `norm_from` elements run the
+    fused op (default: the GPU's eager rule, `fused.eager_min_elements()`). `fake=False` runs
+    the same step on real CPU tensors (slow; for checking the estimate), where every norm takes
+    the float32 reference path.
     """
-    with FakeTensorMode() if fake else torch.device("cpu"):
+    if norm_from is None:
+        norm_from = fused.eager_min_elements()
+    if not fake:
+        norm_from = sys.maxsize
+    with gpu_norms(norm_from), FakeTensorMode() if fake else torch.device("cpu"):
         model = UNet(config)
         params = sum(p.numel() for p in model.parameters())
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
@@ -78,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16, help="per device (16)")
     parser.add_argument("--checkpoint", action="store_true", help="use_checkpoint=True")
     parser.add_argument("--ema", action="store_true", help="add a float32 EMA of the weights")
+    parser.add_argument("--norm-from", type=int, default=None, metavar="N",
+                        help="norms of at least N elements run the fused op (default: the "
+                        "GPU's eager rule, more than 2^24; 0: all, as in a CUDA-graph step)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="model overrides")
     args = parser.parse_args(argv)
     overrides = dict(parse_override(o) for o in args.overrides)
@@ -91,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"preset {args.preset!r} has no image size; pass --image-size")
     if config.context_dim is not None:
         parser.error("models with cross-attention (context_dim) are not estimated here")
-    parts, params = peak_training_bytes(config, args.batch_size)
+    if args.norm_from is not None and args.norm_from < 0:
+        parser.error(f"--norm-from must be at least 0, got {args.norm_from}")
+    parts, params = peak_training_bytes(config, args.batch_size, norm_from=args.norm_from)
     total = parts["Total"] + (4 * params if args.ema else 0)
     print(f"{args.preset} {' '.join(args.overrides)} ({params / 1e6:.1f}M parameters), "
           f"{config.image_size}^{config.dims}, batch {args.batch_size}"

@@ -92,6 +92,11 @@ def set_fused_enabled(enabled: bool, *, min_elements: int | None = None) -> None
         _MIN_ELEMENTS = int(min_elements)
 
 
+def eager_min_elements() -> int:
+    """The size (elements per call) from which eager mode runs the fused kernels."""
+    return _MIN_ELEMENTS
+
+
 def set_compiled_min_elements(min_elements: int | None, *,
                               inference: int | None = None) -> None:
     """Let graphs traced from now on call the fused kernels (as a custom op) on tensors of at
