@@ -127,6 +127,27 @@ def test_checkpointed_decoder_keeps_no_concatenation(use_checkpoint):
     out.mean().backward()
 
 
+@pytest.mark.parametrize(("emb_dim", "scale_shift"), [(None, False), (32, False), (32, True)])
+def test_backward_reaches_the_skip_convolution_last(emb_dim, scale_shift):
+    """A block whose skip is a 1×1 convolution runs it before its main branch, so that backward
+    reaches it last: the gradient it computes for the input is then not held while the main
+    branch's backward runs (the peak of checkpointed training is in such a backward)."""
+    from diffunet.nn.resblock import ResBlock
+
+    block = ResBlock(2, 16, 8, emb_dim, use_scale_shift_norm=scale_shift, norm_groups=4,
+                     zero_init=False)
+    reached = []
+    for name in ("skip", "in_conv", "out_conv"):
+        conv = getattr(block, name)
+        conv.register_forward_pre_hook(lambda *_: None)  # `convolve` then calls the module,
+        conv.register_full_backward_hook(  # which runs its backward hooks
+            lambda module, grad_input, grad_output, name=name: reached.append(name))
+    x = torch.randn(2, 16, 6, 6, requires_grad=True)
+    emb = None if emb_dim is None else torch.randn(2, emb_dim)
+    block(x, emb).square().sum().backward()
+    assert reached == ["out_conv", "in_conv", "skip"]
+
+
 def test_compile_fullgraph_matches_eager():
     # Small but complete: scale-shift, ResBlock up/down, middle attention, cond, noise level.
     config = small_config("emdiffuse").replace(num_res_blocks=1, dropout=0.0,
