@@ -10,7 +10,7 @@ is computed); one warm-up step creates the optimizer state, then
 bf16 autocast (the CPU's casting rules), float32 MSE, backward, AdamW step. The peak is the sum
 of live tensor bytes; `--ema` adds a float32 copy of the weights, as `diffunet train` keeps.
 
-The norms follow the GPU's eager rule: those of more than `fused.eager_min_elements()`
+The norms follow the GPU's eager rule: those of at least `fused.eager_min_elements()`
 elements (2²⁴) run the fused op (its fake implementation: a bf16 output, and for backward the
 bf16 input and two float32 statistics per sample and channel), the others the reference path
 in float32 as CUDA's autocast runs it (GroupNorm and SiLU keep float32 copies, the next
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ema", action="store_true", help="add a float32 EMA of the weights")
     parser.add_argument("--norm-from", type=int, default=None, metavar="N",
                         help="norms of at least N elements run the fused op (default: the "
-                        "GPU's eager rule, more than 2^24; 0: all, as in a CUDA-graph step)")
+                        "GPU's eager rule, 2^24; 0: all, as in a CUDA-graph step)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="model overrides")
     args = parser.parse_args(argv)
     overrides = dict(parse_override(o) for o in args.overrides)

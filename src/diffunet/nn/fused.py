@@ -53,8 +53,10 @@ def _int_from_env(name: str, default: int, minimum: int, what: str) -> int:
 _FUSED_ENABLED = os.environ.get("DIFFUNET_FUSED", "1") != "0"
 # A call costs about 1.2 ms of host time (six Triton launches, forward and backward). Measured
 # on an H100, the eager kernels need less than that below about 2**24 elements, so smaller
-# tensors keep the eager path; above it the fused kernels win 4-6x (docs/performance.md).
-_MIN_ELEMENTS = (1 << 24) + 1
+# tensors keep the eager path; above it the fused kernels win 4-6x (docs/performance.md). At
+# 2**24 itself (128x128x32x32) the two took 1.26 and 1.16 ms of wall time, and the fused call
+# keeps 4 bytes per element for backward where the eager one keeps 10 (float32 under autocast).
+_MIN_ELEMENTS = 1 << 24
 #: The environment variable that sets `CUDA_GRAPHS_MIN_ELEMENTS` when the module is imported
 #: (to A/B the threshold, e.g. with `benchmarks/ab.py --change-env`).
 CUDA_GRAPHS_MIN_ELEMENTS_ENV = "DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS"
