@@ -306,6 +306,15 @@ def test_a_one_pass_shape_covers_whole_groups(shape, groups, expected, monkeypat
 
 
 @pytest.mark.gpu
+def test_eager_mode_takes_the_kernels_from_2_to_the_24_elements():
+    """`ddpm-cifar10`'s level-0 norms (128 × 128 × 32², exactly 2^24 elements) run fused in eager
+    mode, keeping 4 bytes per element for backward instead of the float32 reference's 10."""
+    x = torch.empty(128, 128, 32, 32, device="cuda", dtype=torch.bfloat16)
+    assert fused.fused_available(x)
+    assert not fused.fused_available(x[:, :, :31])  # one row of 32 positions fewer
+
+
+@pytest.mark.gpu
 @pytest.mark.usefixtures("fused_everywhere")
 @pytest.mark.parametrize(("shape", "groups"), AWKWARD)
 @pytest.mark.parametrize(("film", "act", "add"), [(False, True, False), (True, True, False),
