@@ -734,7 +734,6 @@ if triton is not None:
         if ADD:  # the gradient of `add` is the input gradient summed over positions
             tl.store(dadd_ptr + (b * num_chunks + chunk) * C + cs, dx_sum, mask=cmask)
 
-
     @triton.jit
     def _one_pass_backward_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, bias_ptr,
                                   scale_ptr, sh_ptr, a_full_ptr, b_full_ptr, ds_ptr, dsh_ptr,
