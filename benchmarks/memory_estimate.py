@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from diffunet import UNet, UNetConfig
 from diffunet.introspect import example_inputs
-from diffunet.nn import fused
+from diffunet.nn import decoder_entry, fused
 from diffunet.presets import preset
 from diffunet.training_config import parse_override
 
@@ -49,9 +49,10 @@ GiB = 2**30
 def gpu_norms(min_elements: int) -> Iterator[None]:
     """Norms as on the GPU: every `group_norm_act` of at least `min_elements` elements goes to
     the fused op `diffunet::group_norm_act` whatever the device (under `FakeTensorMode` its
-    fake implementation stands in for the kernels; real CPU tensors have none), and the
-    others run their reference path in float32 under autocast, as CUDA's autocast runs
-    `group_norm` (the CPU's keeps bfloat16)."""
+    fake implementation stands in for the kernels; real CPU tensors have none), decoder
+    blocks take `(h, skip)` apart (`decoder_entry`) where their concatenation has that many
+    elements, and the others run their reference path in float32 under autocast, as CUDA's
+    autocast runs `group_norm` (the CPU's keeps bfloat16)."""
     routed, reference = fused.compiled_fused_wanted, fused.group_norm_act_reference
 
     def float32_reference(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -59,12 +60,21 @@ def gpu_norms(min_elements: int) -> Iterator[None]:
             x = x.float()
         return reference(x, *args, **kwargs)
 
+    def kernels_backward(grad, x, weight, bias, *args, out=None):
+        return (torch.empty_like(x) if out is None else out, torch.empty_like(weight),
+                torch.empty_like(bias), None, None, None)
+
+    saved = (decoder_entry.concat_fused_wanted, decoder_entry._forward, decoder_entry._backward)
     fused.compiled_fused_wanted = lambda x: x.numel() >= min_elements
     fused.group_norm_act_reference = float32_reference
+    decoder_entry.concat_fused_wanted = lambda x, skip: x.numel() + skip.numel() >= min_elements
+    decoder_entry._forward = fused._group_norm_act_fake  # the kernels' outputs, computing nothing
+    decoder_entry._backward = kernels_backward
     try:
         yield
     finally:
         fused.compiled_fused_wanted, fused.group_norm_act_reference = routed, reference
+        decoder_entry.concat_fused_wanted, decoder_entry._forward, decoder_entry._backward = saved
 
 
 def peak_training_bytes(config: UNetConfig, batch: int, *, fake: bool = True,

@@ -41,12 +41,13 @@ class EmbedSequential(nn.Sequential):
                 skip: torch.Tensor | None = None) -> torch.Tensor:
         """Run every layer in order on `x`, or on `x` and the decoder's `skip` concatenated
         (inside the block, so that a checkpointed block keeps the two tensors it is given,
-        which are alive anyway, rather than their concatenation)."""
-        if skip is not None:
-            x = torch.cat([x, skip], dim=1)
+        which are alive anyway, rather than their concatenation; a first ResBlock takes them
+        apart)."""
+        if skip is not None and not isinstance(self[0], ResBlock):
+            x, skip = torch.cat([x, skip], dim=1), None
         for layer in self:
             if isinstance(layer, ResBlock):
-                x = layer(x, emb)
+                x, skip = layer(x, emb, skip), None
             elif isinstance(layer, AttentionBlock):
                 x = layer(x, context)
             else:

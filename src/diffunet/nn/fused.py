@@ -133,13 +133,15 @@ def _kernels_take(x: torch.Tensor) -> bool:
             and x.dtype in (torch.float16, torch.bfloat16, torch.float32))
 
 
-def fused_available(x: torch.Tensor) -> bool:
-    """Whether `group_norm_act(x, ...)` would run the fused kernels in eager mode.
+def fused_available(x: torch.Tensor, numel: int | None = None) -> bool:
+    """Whether `group_norm_act(x, ...)` would run the fused kernels in eager mode (on a tensor
+    like `x` of `numel` elements where given, such as a concatenation not yet made).
 
     Under `torch.compile` see `compiled_fused_wanted`; `torch.export` always traces the
     reference path.
     """
-    return (_kernels_take(x) and (x.numel() >= _MIN_ELEMENTS or _interpreting())
+    numel = x.numel() if numel is None else numel
+    return (_kernels_take(x) and (numel >= _MIN_ELEMENTS or _interpreting())
             and not torch.compiler.is_compiling())
 
 
@@ -840,13 +842,19 @@ def _forward_in_one_kernel(x, x3, weight, bias, scale, shift, add, num_groups, e
     return y, mean, rstd
 
 
-def _backward(grad, x, weight, bias, scale, shift, add, mean, rstd, num_groups, film, act):
-    """(dx, dweight, dbias, dscale, dshift, dadd); the last three None where not used."""
+def _backward(grad, x, weight, bias, scale, shift, add, mean, rstd, num_groups, film, act,
+              out=None):
+    """(dx, dweight, dbias, dscale, dshift, dadd); the last three None where not used.
+
+    dx is written to `out` where given, which may be `x` itself: every program reads each
+    element of x it owns before it writes that element's gradient, and no other program
+    reads it.
+    """
     x3, g3 = x.flatten(2), grad.flatten(2)
     one_pass = _one_pass_shape(x3, num_groups)
     if one_pass is not None:
         return _backward_in_one_kernel(x, x3, g3, weight, bias, scale, shift, add, mean, rstd,
-                                       num_groups, film, act, one_pass)
+                                       num_groups, film, act, one_pass, out)
     b, c, n = x3.shape
     launch = _launch_shape(x3)
     rows, chunks = launch.rows, launch.chunks
@@ -865,7 +873,7 @@ def _backward(grad, x, weight, bias, scale, shift, add, mean, rstd, num_groups, 
     _backward_combine_kernel[(b, num_groups)](
         a_part, b_part, weight, bias, scale, a_full, b_full, grad_scale, grad_shift, c1, c2,
         c, n, chunks, per_group, FILM=film, BLOCK_G=_next_power_of_2(per_group))
-    dx = torch.empty_like(x)
+    dx = torch.empty_like(x) if out is None else out
     d3 = dx.flatten(2)
     added = add.numel() > 0
     add_part = torch.empty_like(a_part) if added else a_part
@@ -879,7 +887,7 @@ def _backward(grad, x, weight, bias, scale, shift, add, mean, rstd, num_groups, 
 
 
 def _backward_in_one_kernel(x, x3, g3, weight, bias, scale, shift, add, mean, rstd, num_groups,
-                            film, act, shape: OnePassShape):
+                            film, act, shape: OnePassShape, out=None):
     """`_backward` as one kernel, `shape` being `_one_pass_shape(x3, num_groups)`."""
     b, c, n = x3.shape
     a_full, b_full = (torch.empty(b, c, device=x.device, dtype=torch.float32) for _ in range(2))
@@ -887,7 +895,7 @@ def _backward_in_one_kernel(x, x3, g3, weight, bias, scale, shift, add, mean, rs
     grad_shift = torch.empty_like(a_full) if film else a_full
     added = add.numel() > 0
     grad_add = torch.empty_like(a_full) if added else a_full
-    dx = torch.empty_like(x)
+    dx = torch.empty_like(x) if out is None else out
     d3 = dx.flatten(2)
     _one_pass_backward_kernel[(b, shape.slices)](
         x3, g3, d3, mean, rstd, weight, bias, scale, shift, a_full, b_full, grad_scale,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import decoder_entry
 from .conv import convolve, convolve_split_bias
 from .fused import norm_act
 from .ops import conv_nd, normalization, zero_module
@@ -18,6 +19,9 @@ class ResBlock(nn.Module):
     `use_scale_shift_norm`. With `resample="up"`/`"down"` the block also changes resolution
     (guided-diffusion's `resblock_updown`), resampling both paths without parameters.
     The `emb` passed to `forward` is the already SiLU-activated embedding, shared by all blocks.
+    A decoder's block also takes the encoder's `skip`, concatenated to its input along the
+    channels (in eager mode with the fused kernels, without keeping the concatenation:
+    `decoder_entry`).
     """
 
     def __init__(
@@ -60,19 +64,13 @@ class ResBlock(nn.Module):
             nn.Identity() if channels == out_channels else conv_nd(dims, channels, out_channels, 1)
         )
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
-        """Apply the block to `x` given the activated embedding `emb` of shape `(B, emb_dim)`."""
-        h = norm_act(self.in_norm, x)
-        if self.resample is not None:
-            x = self.resample(x)
-            # An upsampling of `h` is the first convolution's (`upsample_convolve`).
-            h = h if self.upsample_factors else self.resample(h)
-        # Eager autograd runs backward in reverse order of creation: made before the main
-        # branch, the skip is reached last, so the gradient its convolution computes for x (as
-        # large as x) is not held while the main branch's backward runs (3D checkpointed
-        # training, estimated: 3.78 → 3.66 GiB at the peak). Compiled graphs schedule their
-        # own backward and keep the order their speed was measured with.
-        skip = None if torch.compiler.is_compiling() else convolve(self.skip, x)
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None,
+                skip: torch.Tensor | None = None) -> torch.Tensor:
+        """Apply the block to `x` (or to `cat([x, skip], 1)`) given the activated embedding
+        `emb` of shape `(B, emb_dim)`."""
+        # One name for the main branch's tensor, rebound at each step: a second reference would
+        # keep a float32 SiLU output that the next convolution's bf16 copy replaces.
+        h, x, residual = self._entry(x, skip)
         if self.emb_proj is None:
             h = norm_act(self.out_norm, self._in_conv(h))
         elif self.use_scale_shift_norm:
@@ -86,7 +84,31 @@ class ResBlock(nn.Module):
             add = self.emb_proj(emb)
             h = norm_act(self.out_norm, h, add=add if bias is None else add + bias)
         h = convolve(self.out_conv, self.dropout(h))
-        return (convolve(self.skip, x) if skip is None else skip) + h
+        return (convolve(self.skip, x) if residual is None else residual) + h
+
+    def _entry(self, x: torch.Tensor, skip: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(the normalized, resampled input of the main branch; the input of the skip
+        projection; that projection where it is made before the main branch, else None)."""
+        if (skip is not None and self.resample is None
+                and decoder_entry.takes_pair(self.in_norm, self.skip)
+                and decoder_entry.concat_fused_wanted(x, skip)):
+            h, residual = decoder_entry.norm_act_and_project(self.in_norm, self.skip, x, skip)
+            return h, None, residual
+        if skip is not None:
+            x = torch.cat([x, skip], dim=1)
+        h = norm_act(self.in_norm, x)
+        if self.resample is not None:
+            x = self.resample(x)
+            # An upsampling of `h` is the first convolution's (`upsample_convolve`).
+            h = h if self.upsample_factors else self.resample(h)
+        # Eager autograd runs backward in reverse order of creation: made before the main
+        # branch, the skip is reached last, so the gradient its convolution computes for x (as
+        # large as x) is not held while the main branch's backward runs (3D checkpointed
+        # training, estimated: 3.78 → 3.66 GiB at the peak). Compiled graphs schedule their
+        # own backward and keep the order their speed was measured with.
+        residual = None if torch.compiler.is_compiling() else convolve(self.skip, x)
+        return h, x, residual
 
     @property
     def upsample_factors(self) -> tuple[int, ...] | None:
