@@ -72,7 +72,7 @@ def _entry_layers(dims: int, channels: int, out_channels: int, groups: int):
 
 @pytest.mark.usefixtures("stand_in_kernels")
 @pytest.mark.parametrize(("spatial", "h_channels", "skip_channels", "groups"), [
-    ((11,), 12, 4, 4), ((5, 6), 8, 16, 8), ((3, 4, 5), 24, 8, 32 // 4)])
+    ((11,), 12, 4, 4), ((5, 6), 8, 16, 8), ((3, 4, 5), 24, 8, 8)])
 def test_the_entry_matches_normalizing_and_projecting_the_concatenation(
         spatial, h_channels, skip_channels, groups):
     """Output, projection and every gradient (h, skip, norm and projection parameters),
@@ -268,6 +268,17 @@ def test_the_entry_under_the_interpreter_matches_float64(path):
     result = subprocess.run([sys.executable, "-c", INTERPRETER_CHECK, path], env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.gpu
+def test_the_3d_models_first_full_resolution_decoder_block_takes_the_pair_on_gpu():
+    """At the defaults: the 3D benchmark model's (4 × (128 + 64) × 64³, bf16) is where the
+    checkpointed peak was; a concatenation below 2^24 elements keeps the reference path."""
+    h = torch.empty(4, 128, 64, 64, 64, device="cuda", dtype=torch.bfloat16)
+    skip = torch.empty(4, 64, 64, 64, 64, device="cuda", dtype=torch.bfloat16)
+    assert decoder_entry.concat_fused_wanted(h, skip)
+    assert not decoder_entry.concat_fused_wanted(h[:1, :, :16], skip[:1, :, :16])
+    assert not decoder_entry.concat_fused_wanted(h, skip.float())
 
 
 @pytest.mark.gpu

@@ -103,21 +103,28 @@ def test_gradient_checkpointing_gives_identical_gradients(name):
 
 
 @pytest.mark.parametrize("use_checkpoint", [False, True])
-def test_checkpointed_decoder_keeps_no_concatenation(use_checkpoint):
-    """Each decoder block concatenates its input and skip itself: checkpointed, it keeps the two
-    tensors it was given (alive anyway) and frees their concatenation until the recompute."""
+def test_checkpointed_decoder_keeps_no_concatenation(use_checkpoint, monkeypatch):
+    """Each decoder block's first ResBlock concatenates its input and skip itself (here on the
+    CPU, where the reference path needs the concatenation): checkpointed, the block keeps the
+    two tensors it was given (alive anyway) and frees their concatenation until the
+    recompute."""
     import gc
     import weakref
 
+    from diffunet.nn import resblock
+
     config = small_config("ddpm-cifar10").replace(use_checkpoint=use_checkpoint)
     model = UNet(config).train()
+    entry_norms = {id(block[0].in_norm) for block in model.output_blocks}
     concatenated = []
+    norm_act = resblock.norm_act
 
-    def remember(module, args):
-        concatenated.append(weakref.ref(args[0]))
+    def remember(norm, x, **kwargs):
+        if id(norm) in entry_norms:
+            concatenated.append(weakref.ref(x))
+        return norm_act(norm, x, **kwargs)
 
-    for block in model.output_blocks:
-        block[0].register_forward_pre_hook(remember)  # the first layer gets the concatenation
+    monkeypatch.setattr(resblock, "norm_act", remember)
     x, kwargs = example_inputs(config, batch=2)
     out = model(x, **kwargs)
     gc.collect()
