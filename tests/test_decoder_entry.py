@@ -141,13 +141,16 @@ def test_the_flop_counter_counts_what_the_concatenating_path_does(spatial):
     assert counts[0] == counts[1] > 0
 
 
-def test_only_a_plain_biased_1x1_convolution_and_an_affine_norm_take_the_pair():
+def test_only_a_plain_biased_1x1_convolution_without_hooks_and_an_affine_norm_take_the_pair():
     norm, projection = _entry_layers(2, 24, 8, 8)
     assert decoder_entry.takes_pair(norm, projection)
     assert not decoder_entry.takes_pair(norm, torch.nn.Identity())
     assert not decoder_entry.takes_pair(norm, conv_nd(2, 24, 8, 3, padding=1))
     assert not decoder_entry.takes_pair(norm, conv_nd(2, 24, 8, 1, bias=False))
     assert not decoder_entry.takes_pair(torch.nn.GroupNorm(8, 24, affine=False), projection)
+    assert not decoder_entry.takes_pair(norm, conv_nd(2, 24, 8, 1, stride=2))
+    projection.register_forward_hook(lambda module, args, out: None)
+    assert not decoder_entry.takes_pair(norm, projection)  # a hook must see the call
 
 
 def test_cpu_tensors_concatenate():

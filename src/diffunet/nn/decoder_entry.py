@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fused
+from .conv import _routable
 from .fused import _backward, _forward, _memory_format
 
 _CONVOLUTIONS = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
-_PLAIN_CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def concat_fused_wanted(x: torch.Tensor, skip: torch.Tensor) -> bool:
@@ -91,10 +91,13 @@ class _NormActAndProject(torch.autograd.Function):
 
 def takes_pair(norm: nn.GroupNorm, projection: nn.Module) -> bool:
     """Whether a ResBlock with these entry layers can use `norm_act_and_project` at all: an
-    affine GroupNorm and a plain 1×1 convolution with a bias (not an identity)."""
-    return (type(projection) in _PLAIN_CONVOLUTIONS and projection.bias is not None
-            and all(k == 1 for k in projection.kernel_size) and projection.groups == 1
-            and norm.affine)
+    affine GroupNorm and a plain 1×1 convolution with a bias (not an identity, a subclass, a
+    quantized weight or a convolution with hooks, which must see their call)."""
+    return (_routable(projection) and projection.bias is not None and projection.groups == 1
+            and all(k == 1 for k in projection.kernel_size)
+            and all(s == 1 for s in projection.stride)
+            and all(d == 1 for d in projection.dilation)
+            and all(q == 0 for q in projection.padding) and norm.affine)
 
 
 def norm_act_and_project(norm: nn.GroupNorm, projection: nn.Module, x: torch.Tensor,
