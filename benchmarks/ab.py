@@ -43,60 +43,96 @@ def source_tree(text: str) -> Path:
     if not (path / "diffunet" / "__init__.py").is_file():
         raise argparse.ArgumentTypeError(
             f"{text}: no diffunet/__init__.py there; pass the src/ folder of a diffunet tree, "
-            "e.g. after `git archive REV src | tar -x -C .ab/base`: .ab/base/src")
+            "e.g. after `git archive REV src | tar -x -C .ab/base`: .ab/base/src"
+        )
     return path
 
 
 def tree_env(src: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment that makes a Python process import diffunet from `src`, with `extra`
     variables set."""
-    return dict(os.environ, **(extra or {}), PYTHONPATH=os.pathsep.join(
-        filter(None, [str(src), os.environ.get("PYTHONPATH")])))
+    return dict(
+        os.environ,
+        **(extra or {}),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")])),
+    )
 
 
 def env_setting(text: str) -> tuple[str, str]:
     """`NAME=VALUE` (argparse type)."""
     name, equals, value = text.partition("=")
     if not (equals and name):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=VALUE, e.g. "
-                                         "DIFFUNET_THIN_CONV=0")
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected NAME=VALUE, e.g. DIFFUNET_THIN_CONV=0"
+        )
     return name, value
 
 
 def imported_from(src: Path) -> str:
     """The `diffunet` package file a process with `tree_env(src)` imports; raises if it is not
     the one under `src` (an installed copy shadowing it)."""
-    done = subprocess.run([sys.executable, "-c", "import diffunet; print(diffunet.__file__)"],
-                          env=tree_env(src), capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", "import diffunet; print(diffunet.__file__)"],
+        env=tree_env(src),
+        capture_output=True,
+        text=True,
+    )
     found = done.stdout.strip()
     if done.returncode != 0 or not Path(found).resolve().is_relative_to(src):
-        raise RuntimeError(f"a process with PYTHONPATH={src} imports diffunet from "
-                           f"{found or done.stderr.strip()[-200:]}, not from that tree")
+        raise RuntimeError(
+            f"a process with PYTHONPATH={src} imports diffunet from "
+            f"{found or done.stderr.strip()[-200:]}, not from that tree"
+        )
     return found
 
 
 def bench_argv(args: argparse.Namespace, case: str, kind: str, models: str) -> list[str]:
     """`bench.py` options for one measurement (without `--out` and `--deadline`)."""
-    argv = ["--cases", case, "--kinds", kind, "--models", models, "--modes", args.modes,
-            "--checkpoint-modes", "none", "--compile-mode", args.compile_mode]
+    argv = [
+        "--cases",
+        case,
+        "--kinds",
+        kind,
+        "--models",
+        models,
+        "--modes",
+        args.modes,
+        "--checkpoint-modes",
+        "none",
+        "--compile-mode",
+        args.compile_mode,
+    ]
     return argv + ["--quick"] * args.quick + (["--device", args.device] if args.device else [])
 
 
-def fill_caches(args: argparse.Namespace, trees: dict[str, Path],
-                envs: dict[str, dict[str, str]]) -> list[dict]:
+def fill_caches(
+    args: argparse.Namespace, trees: dict[str, Path], envs: dict[str, dict[str, str]]
+) -> list[dict]:
     """Compile every (tree, case, model) once in parallel processes; their seconds and errors."""
-    jobs = [(name, case, model) for case in args.cases.split(",") for name in trees
-            for model in (("ours", "ref") if name == "base" and args.ref else ("ours",))]
+    jobs = [
+        (name, case, model)
+        for case in args.cases.split(",")
+        for name in trees
+        for model in (("ours", "ref") if name == "base" and args.ref else ("ours",))
+    ]
 
     def fill(job: tuple[str, str, str]) -> dict:
         name, case, model = job
         argv = bench_argv(args, case, args.kinds, model)
         argv += ["--warmup", "1", "--iters", "1", "--repeats", "1", "--fill-caches-only"]
         begin = time.perf_counter()
-        done = subprocess.run([sys.executable, str(BENCH), *argv], capture_output=True,
-                              text=True, env=dict(tree_env(trees[name], envs[name]), OUT=""))
-        result = {"tree": name, "case": case, "model": model,
-                  "seconds": round(time.perf_counter() - begin, 1)}
+        done = subprocess.run(
+            [sys.executable, str(BENCH), *argv],
+            capture_output=True,
+            text=True,
+            env=dict(tree_env(trees[name], envs[name]), OUT=""),
+        )
+        result = {
+            "tree": name,
+            "case": case,
+            "model": model,
+            "seconds": round(time.perf_counter() - begin, 1),
+        }
         if done.returncode != 0:
             result["error"] = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
         return result
@@ -105,8 +141,15 @@ def fill_caches(args: argparse.Namespace, trees: dict[str, Path],
         return list(pool.map(fill, jobs))
 
 
-def measure(args: argparse.Namespace, src: Path, case: str, kind: str, models: str,
-            seconds_left: float, env: dict[str, str] | None = None) -> dict:
+def measure(
+    args: argparse.Namespace,
+    src: Path,
+    case: str,
+    kind: str,
+    models: str,
+    seconds_left: float,
+    env: dict[str, str] | None = None,
+) -> dict:
     """One `bench.py` process on the tree `src` (with `env` set); its JSON (or the error it
     ended with)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -114,9 +157,13 @@ def measure(args: argparse.Namespace, src: Path, case: str, kind: str, models: s
         argv = bench_argv(args, case, kind, models)
         argv += ["--deadline", str(max(1, int(seconds_left))), "--out", str(out)]
         try:
-            done = subprocess.run([sys.executable, str(BENCH), *argv], capture_output=True,
-                                  text=True, env=tree_env(src, env),
-                                  timeout=seconds_left + 60)
+            done = subprocess.run(
+                [sys.executable, str(BENCH), *argv],
+                capture_output=True,
+                text=True,
+                env=tree_env(src, env),
+                timeout=seconds_left + 60,
+            )
             error = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
         except subprocess.TimeoutExpired:
             error = f"bench.py still ran {seconds_left + 60:.0f} s after it started; killed"
@@ -125,8 +172,9 @@ def measure(args: argparse.Namespace, src: Path, case: str, kind: str, models: s
     return {"errors": [{"where": "bench.py", "error": error}], "records": []}
 
 
-def recorded(result: dict, model: str, mode: str, kind: str, key: str = "throughput"
-             ) -> float | None:
+def recorded(
+    result: dict, model: str, mode: str, kind: str, key: str = "throughput"
+) -> float | None:
     """What `bench.py` recorded under `key` ("throughput", "peak_mem_gib") for one model, mode
     and kind (None if not measured)."""
     for record in result.get("records", []):
@@ -135,10 +183,10 @@ def recorded(result: dict, model: str, mode: str, kind: str, key: str = "through
     return None
 
 
-def _values(runs: list[dict], tree: str, model: str, mode: str, key: str = "throughput"
-            ) -> list[float]:
-    found = (recorded(r["result"], model, mode, r["kind"], key) for r in runs
-             if r["tree"] == tree)
+def _values(
+    runs: list[dict], tree: str, model: str, mode: str, key: str = "throughput"
+) -> list[float]:
+    found = (recorded(r["result"], model, mode, r["kind"], key) for r in runs if r["tree"] == tree)
     return [v for v in found if v is not None]
 
 
@@ -150,20 +198,31 @@ def summarize(runs: list[dict], modes: list[str]) -> list[dict]:
     for case, kind in dict.fromkeys((r["case"], r["kind"]) for r in runs):
         mine = [r for r in runs if (r["case"], r["kind"]) == (case, kind)]
         for mode in modes:
-            base, change = _values(mine, "base", "ours", mode), _values(mine, "change", "ours", mode)
+            base, change = (
+                _values(mine, "base", "ours", mode),
+                _values(mine, "change", "ours", mode),
+            )
             ref = _values(mine, "base", "ref", mode)
             if not (base or change):
                 continue
-            row = {"case": case, "kind": kind, "mode": mode,
-                   "base": base, "change": change, "ref": ref}
+            row = {
+                "case": case,
+                "kind": kind,
+                "mode": mode,
+                "base": base,
+                "change": change,
+                "ref": ref,
+            }
             if base and change:
                 row["gain"] = statistics.median(change) / statistics.median(base) - 1
             for tree, measured in (("base", base), ("change", change)):
                 if ref and measured:
                     row[f"{tree}_vs_ref"] = statistics.median(measured) / statistics.median(ref)
-            peaks = {"base": _values(mine, "base", "ours", mode, "peak_mem_gib"),
-                     "change": _values(mine, "change", "ours", mode, "peak_mem_gib"),
-                     "ref": _values(mine, "base", "ref", mode, "peak_mem_gib")}
+            peaks = {
+                "base": _values(mine, "base", "ours", mode, "peak_mem_gib"),
+                "change": _values(mine, "change", "ours", mode, "peak_mem_gib"),
+                "ref": _values(mine, "base", "ref", mode, "peak_mem_gib"),
+            }
             row["peak_gib"] = {name: statistics.median(v) for name, v in peaks.items() if v}
             rows.append(row)
     return rows
@@ -171,48 +230,83 @@ def summarize(runs: list[dict], modes: list[str]) -> list[dict]:
 
 def format_summary(rows: list[dict]) -> str:
     """The summary as a fixed-width table."""
+
     def cell(values: list[float]) -> str:
         return "/".join(f"{v:.1f}" for v in values) or "-"
 
-    head = (f"{'case':<13}{'kind':<6}{'mode':<8}{'base':>16}{'change':>16}{'gain':>8}"
-            f"{'ref':>12}{'base÷ref':>10}{'change÷ref':>12}  peak GiB base/change/ref")
+    head = (
+        f"{'case':<13}{'kind':<6}{'mode':<8}{'base':>16}{'change':>16}{'gain':>8}"
+        f"{'ref':>12}{'base÷ref':>10}{'change÷ref':>12}  peak GiB base/change/ref"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         gain = f"{100 * r['gain']:+.1f}%" if "gain" in r else "-"
         ratios = [f"{r[k]:.2f}×" if k in r else "-" for k in ("base_vs_ref", "change_vs_ref")]
         peak = r.get("peak_gib", {})
-        peaks = "/".join(f"{peak[name]:.2f}" if name in peak else "-"
-                         for name in ("base", "change", "ref"))
-        lines.append(f"{r['case']:<13}{r['kind']:<6}{r['mode']:<8}{cell(r['base']):>16}"
-                     f"{cell(r['change']):>16}{gain:>8}{cell(r['ref']):>12}{ratios[0]:>10}"
-                     f"{ratios[1]:>12}  {peaks}")
+        peaks = "/".join(
+            f"{peak[name]:.2f}" if name in peak else "-" for name in ("base", "change", "ref")
+        )
+        lines.append(
+            f"{r['case']:<13}{r['kind']:<6}{r['mode']:<8}{cell(r['base']):>16}"
+            f"{cell(r['change']):>16}{gain:>8}{cell(r['ref']):>12}{ratios[0]:>10}"
+            f"{ratios[1]:>12}  {peaks}"
+        )
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The options (see `--help`), validated."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--base-src", type=source_tree, required=True,
-                        help="src/ folder of the tree to compare against")
-    parser.add_argument("--change-src", type=source_tree, default=CHECKOUT_SRC,
-                        help="src/ folder of the tree with the change")
-    parser.add_argument("--change-env", type=env_setting, action="append", default=[],
-                        metavar="NAME=VALUE",
-                        help="an environment variable for the change's processes (repeatable)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--base-src",
+        type=source_tree,
+        required=True,
+        help="src/ folder of the tree to compare against",
+    )
+    parser.add_argument(
+        "--change-src",
+        type=source_tree,
+        default=CHECKOUT_SRC,
+        help="src/ folder of the tree with the change",
+    )
+    parser.add_argument(
+        "--change-env",
+        type=env_setting,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable for the change's processes (repeatable)",
+    )
     parser.add_argument("--cases", default="ldm,3d", help="bench.py cases, comma-separated")
     parser.add_argument("--kinds", default="train,infer", help="train, infer or both")
     parser.add_argument("--modes", default="compile", help="eager, compile or both")
-    parser.add_argument("--compile-mode", default="reduce-overhead",
-                        help="bench.py --compile-mode")
-    parser.add_argument("--no-ref", dest="ref", action="store_false",
-                        help="measure ours only (no diffusers / MONAI)")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="measurements per tree and case/kind, in alternating order")
-    parser.add_argument("--fill-jobs", type=int, default=6,
-                        help="parallel cache-filling processes (0: compile while measuring)")
-    parser.add_argument("--limit", type=float, default=560,
-                        help="seconds for the whole run; later measurements are skipped")
+    parser.add_argument("--compile-mode", default="reduce-overhead", help="bench.py --compile-mode")
+    parser.add_argument(
+        "--no-ref",
+        dest="ref",
+        action="store_false",
+        help="measure ours only (no diffusers / MONAI)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measurements per tree and case/kind, in alternating order",
+    )
+    parser.add_argument(
+        "--fill-jobs",
+        type=int,
+        default=6,
+        help="parallel cache-filling processes (0: compile while measuring)",
+    )
+    parser.add_argument(
+        "--limit",
+        type=float,
+        default=560,
+        help="seconds for the whole run; later measurements are skipped",
+    )
     parser.add_argument("--quick", action="store_true", help="bench.py --quick (CPU smoke test)")
     parser.add_argument("--device", help="bench.py --device")
     parser.add_argument("--out", help="JSON path (default: $OUT/ab.json when OUT is set)")
@@ -222,8 +316,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for option, allowed in (("kinds", {"train", "infer"}), ("modes", {"eager", "compile"})):
         bad = set(getattr(args, option).split(",")) - allowed
         if bad:
-            parser.error(f"--{option}: unknown {', '.join(sorted(bad))}; choose from "
-                         f"{', '.join(sorted(allowed))}")
+            parser.error(
+                f"--{option}: unknown {', '.join(sorted(bad))}; choose from "
+                f"{', '.join(sorted(allowed))}"
+            )
     return args
 
 
@@ -233,18 +329,26 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     trees = {"base": args.base_src, "change": args.change_src}
     envs = {"base": {}, "change": dict(args.change_env)}
-    data: dict = {"meta": {"argv": sys.argv[1:] if argv is None else argv,
-                           "trees": {name: {"src": str(src), "imports": imported_from(src),
-                                            "env": envs[name]}
-                                     for name, src in trees.items()}},
-                  "runs": []}
+    data: dict = {
+        "meta": {
+            "argv": sys.argv[1:] if argv is None else argv,
+            "trees": {
+                name: {"src": str(src), "imports": imported_from(src), "env": envs[name]}
+                for name, src in trees.items()
+            },
+        },
+        "runs": [],
+    }
     if "compile" in args.modes.split(",") and args.fill_jobs > 0:
         data["meta"]["fills"] = fill_caches(args, trees, envs)
         print(f"caches filled in {time.perf_counter() - start:.0f} s", flush=True)
         for fill in data["meta"]["fills"]:
             if "error" in fill:
-                print(f"  filling {fill['tree']} {fill['case']} {fill['model']} failed: "
-                      f"{fill['error']}", flush=True)
+                print(
+                    f"  filling {fill['tree']} {fill['case']} {fill['model']} failed: "
+                    f"{fill['error']}",
+                    flush=True,
+                )
     order = [("base", "ours,ref" if args.ref else "ours"), ("change", "ours")]
     for round_index in range(args.rounds):
         for case in args.cases.split(","):
@@ -254,14 +358,25 @@ def main(argv: list[str] | None = None) -> int:
                     if left < 30:
                         print(f"skipped {name} {case} {kind}: {left:.0f} s left", flush=True)
                         continue
-                    result = measure(args, trees[name], case, kind, models, left - 10,
-                                     envs[name])
-                    data["runs"].append({"tree": name, "case": case, "kind": kind,
-                                         "round": round_index, "result": result})
-                    rates = [f"{r['model']} {r['throughput']:.1f}"
-                             for r in result.get("records", []) if r.get("throughput")]
-                    print(f"{name:<7}{case:<13}{kind:<6}{', '.join(rates) or result['errors']}",
-                          flush=True)
+                    result = measure(args, trees[name], case, kind, models, left - 10, envs[name])
+                    data["runs"].append(
+                        {
+                            "tree": name,
+                            "case": case,
+                            "kind": kind,
+                            "round": round_index,
+                            "result": result,
+                        }
+                    )
+                    rates = [
+                        f"{r['model']} {r['throughput']:.1f}"
+                        for r in result.get("records", [])
+                        if r.get("throughput")
+                    ]
+                    print(
+                        f"{name:<7}{case:<13}{kind:<6}{', '.join(rates) or result['errors']}",
+                        flush=True,
+                    )
     data["summary"] = summarize(data["runs"], args.modes.split(","))
     print(format_summary(data["summary"]))
     out = args.out or (os.environ.get("OUT") and str(Path(os.environ["OUT"]) / "ab.json"))

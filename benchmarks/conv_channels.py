@@ -11,7 +11,7 @@ step, one call each, which by their counts are the stem (2 input channels) and t
 channels change no result: the padded stem convolves its input with zero channels appended
 against zero weight columns, and the padded head computes zero-weight output channels that
 are sliced off. This script times both variants at each case's benchmark shape (and, for the
-3D ones on a GPU with Triton, `diffunet.nn.thin_conv`'s kernels as a third, and for a head
+3D ones on a GPU with Triton, `diffunet.accel.thin_conv`'s kernels as a third, and for a head
 those with the tap-product forward as a fourth), bf16 channels-last, forward alone and a
 training step's share (forward, weight and bias gradients, and the input gradient where the
 model needs one: the head's, not the stem's), with the padding itself inside the timed
@@ -33,6 +33,7 @@ try:
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from diffunet import UNet
+from diffunet.accel import thin_conv
 from diffunet.benchmark import (
     build_case,
     layer_benchmark_parser,
@@ -41,8 +42,7 @@ from diffunet.benchmark import (
     time_variants,
     write_json_result,
 )
-from diffunet.nn import thin_conv
-from diffunet.nn.ops import CHANNEL_MULTIPLE as MULTIPLE
+from diffunet.model.layers.ops import CHANNEL_MULTIPLE as MULTIPLE
 
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
@@ -60,7 +60,7 @@ def padded_convolution(conv: nn.Module, x: torch.Tensor, multiple: int = MULTIPL
         weight = F.pad(weight, [0, 0] * dims + [0, 0, 0, extra_out])
         bias = None if bias is None else F.pad(bias, [0, extra_out])
     out = conv._conv_forward(x, weight.contiguous(memory_format=layout), bias)
-    return out[:, :conv.out_channels] if extra_out else out
+    return out[:, : conv.out_channels] if extra_out else out
 
 
 def stem_and_head(case: str, quick: bool) -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
@@ -69,12 +69,15 @@ def stem_and_head(case: str, quick: bool) -> dict[str, tuple[nn.Module, tuple[in
     model = UNet(spec.config).to("meta")
     stem, head = model.input_blocks[0][0], model.out[-1]
     batch, size = spec.batch, tuple(spec.size)
-    return {"stem": (stem, (batch, stem.in_channels, *size)),
-            "head": (head, (batch, head.in_channels, *size))}
+    return {
+        "stem": (stem, (batch, stem.in_channels, *size)),
+        "head": (head, (batch, head.in_channels, *size)),
+    }
 
 
-def _variants(conv: nn.Module, x: torch.Tensor
-              ) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+def _variants(
+    conv: nn.Module, x: torch.Tensor
+) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     variants = {"as is": conv, f"padded to {MULTIPLE}": lambda x: padded_convolution(conv, x)}
     if thin_conv.fits(conv, x):  # a 3D stem or head on a GPU with Triton
         variants["thin_conv"] = lambda x: _thin_conv(conv, x, "never")
@@ -92,8 +95,14 @@ def _thin_conv(conv: nn.Module, x: torch.Tensor, tap_products: str) -> torch.Ten
         thin_conv.TAP_PRODUCT_FORWARD = setting
 
 
-def measure(name: str, module: nn.Module, shape: tuple[int, ...], device: torch.device,
-            dtype: torch.dtype, iters: int) -> list[dict]:
+def measure(
+    name: str,
+    module: nn.Module,
+    shape: tuple[int, ...],
+    device: torch.device,
+    dtype: torch.dtype,
+    iters: int,
+) -> list[dict]:
     """Forward and training milliseconds of each variant, and how far each is from `as is`."""
     torch.manual_seed(0)
     layout = _CHANNELS_LAST.get(len(shape), torch.contiguous_format)
@@ -102,21 +111,33 @@ def measure(name: str, module: nn.Module, shape: tuple[int, ...], device: torch.
     x.requires_grad_(name == "head")  # the stem's input is data: no gradient
     inputs = [x, *conv.parameters()] if x.requires_grad else list(conv.parameters())
     rows = time_variants(_variants(conv, x), x, inputs, iters)
-    return [{"conv": name, "shape": list(shape), "in_channels": conv.in_channels,
-             "out_channels": conv.out_channels, **row} for row in rows]
+    return [
+        {
+            "conv": name,
+            "shape": list(shape),
+            "in_channels": conv.in_channels,
+            "out_channels": conv.out_channels,
+            **row,
+        }
+        for row in rows
+    ]
 
 
 def format_rows(rows: list[dict]) -> str:
     """One line per (case, convolution, variant)."""
-    head = (f"{'case':<14}{'conv':<6}{'input':<22}{'channels':<10}{'variant':<14}"
-            f"{'fwd ms':>9}{'train ms':>10}{'rel diff':>10}")
+    head = (
+        f"{'case':<14}{'conv':<6}{'input':<22}{'channels':<10}{'variant':<14}"
+        f"{'fwd ms':>9}{'train ms':>10}{'rel diff':>10}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['case']:<14}{r['conv']:<6}{'x'.join(map(str, r['shape'])):<22}"
-                     f"{str(r['in_channels']) + '->' + str(r['out_channels']):<10}"
-                     f"{r['variant']:<14}"
-                     f"{r['forward_ms']:>9.3f}{r['train_ms']:>10.3f}"
-                     f"{r['max_relative_difference']:>10.1e}")
+        lines.append(
+            f"{r['case']:<14}{r['conv']:<6}{'x'.join(map(str, r['shape'])):<22}"
+            f"{str(r['in_channels']) + '->' + str(r['out_channels']):<10}"
+            f"{r['variant']:<14}"
+            f"{r['forward_ms']:>9.3f}{r['train_ms']:>10.3f}"
+            f"{r['max_relative_difference']:>10.1e}"
+        )
     return "\n".join(lines)
 
 
@@ -128,8 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for case in args.cases.split(","):
         for name, (module, shape) in stem_and_head(case, args.quick).items():
-            rows += [{"case": case, **row}
-                     for row in measure(name, module, shape, device, dtype, args.iters)]
+            rows += [
+                {"case": case, **row}
+                for row in measure(name, module, shape, device, dtype, args.iters)
+            ]
     print(format_rows(rows), flush=True)
     data = {"meta": {**meta, "argv": sys.argv[1:] if argv is None else argv}, "rows": rows}
     write_json_result(data, args.out, "conv_channels.json")

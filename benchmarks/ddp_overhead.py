@@ -44,11 +44,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ddp_scaling import CASES
 from diffunet import UNet, UNetConfig
-from diffunet.distributed import cleanup
-from diffunet.parallel import place_model
-from diffunet.presets import preset
-from diffunet.training_config import parse_override
-from diffunet.unet import memory_format_for
+from diffunet.model.presets import preset
+from diffunet.model.unet import memory_format_for
+from diffunet.training.distributed import cleanup
+from diffunet.training.parallel import place_model
+from diffunet.training.run_config import parse_override
 
 #: variant → (DDP keyword arguments or None for no DDP, communication hook, inside no_sync)
 VARIANTS: dict[str, tuple[dict | None, Callable | None, bool]] = {
@@ -73,8 +73,14 @@ def all_reduce_times(sizes_mib: list[float], device: torch.device, repeats: int)
                 dist.all_reduce(tensor)
             seconds = timed(lambda t=tensor: dist.all_reduce(t), repeats, device)
             size = tensor.numel() * tensor.element_size()
-            rows.append({"mib": size / 2**20, "dtype": str(dtype).removeprefix("torch."),
-                         "ms": seconds * 1e3, "algbw_gb_s": size / seconds / 1e9})
+            rows.append(
+                {
+                    "mib": size / 2**20,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "ms": seconds * 1e3,
+                    "algbw_gb_s": size / seconds / 1e9,
+                }
+            )
     return rows
 
 
@@ -94,8 +100,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_variant(name: str, config: UNetConfig, batch: int, size: int, device: torch.device,
-                  steps: int, warmup: int) -> dict:
+def train_variant(
+    name: str,
+    config: UNetConfig,
+    batch: int,
+    size: int,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+) -> dict:
     """Time `steps` training steps of the variant `name`; ms per step of every process."""
     ddp_kwargs, hook, no_sync = VARIANTS[name]
     gc.collect()  # the last variant's DDP objects sit in reference cycles
@@ -104,8 +117,12 @@ def train_variant(name: str, config: UNetConfig, batch: int, size: int, device: 
     place_model(model, device)  # channels-last weights on a GPU, as `diffunet train` does
     net = model
     if ddp_kwargs is not None:
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.index is not None
-                                      else None, gradient_as_bucket_view=True, **ddp_kwargs)
+        net = DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.index is not None else None,
+            gradient_as_bucket_view=True,
+            **ddp_kwargs,
+        )
         if hook is not None:
             net.register_comm_hook(None, hook)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -137,15 +154,21 @@ def train_variant(name: str, config: UNetConfig, batch: int, size: int, device: 
     checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
     checksums = [torch.zeros_like(checksum) for _ in range(dist.get_world_size())]
     dist.all_gather(checksums, checksum)
-    return {"variant": name, "ms_per_step": every, "mean_ms_per_step": sum(every) / len(every),
-            "replicas_in_sync": all(bool(c == checksums[0]) for c in checksums)}
+    return {
+        "variant": name,
+        "ms_per_step": every,
+        "mean_ms_per_step": sum(every) / len(every),
+        "replicas_in_sync": all(bool(c == checksums[0]) for c in checksums),
+    }
 
 
 def table(records: list[dict]) -> str:
     """Markdown table of the variants, with the cost over `alone`."""
     alone = next((r["mean_ms_per_step"] for r in records if r["variant"] == "alone"), None)
-    lines = ["| variant | ms per step (each process) | over alone | replicas in sync |",
-             "|---|---|---|---|"]
+    lines = [
+        "| variant | ms per step (each process) | over alone | replicas in sync |",
+        "|---|---|---|---|",
+    ]
     for r in records:
         over = f"{r['mean_ms_per_step'] / alone - 1:+.1%}" if alone else "–"
         each = " / ".join(f"{m:.2f}" for m in r["ms_per_step"])
@@ -157,26 +180,35 @@ def main(argv: list[str] | None = None) -> int:
     """Measure, print, write the JSON (rank 0)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", default="ldm", choices=sorted(CASES))
-    parser.add_argument("--variants", default=None,
-                        help=f"comma-separated, of: {', '.join(VARIANTS)} (default: all; the "
-                             f"bf16 hook needs NCCL)")
+    parser.add_argument(
+        "--variants",
+        default=None,
+        help=f"comma-separated, of: {', '.join(VARIANTS)} (default: all; the bf16 hook needs NCCL)",
+    )
     parser.add_argument("--steps", type=int, default=30, help="timed steps per variant (30)")
     parser.add_argument("--warmup", type=int, default=5, help="steps before timing (5)")
-    parser.add_argument("--sizes-mib", default="25,100,300",
-                        help="all_reduce sizes in MiB (25,100,300); '' to skip")
+    parser.add_argument(
+        "--sizes-mib", default="25,100,300", help="all_reduce sizes in MiB (25,100,300); '' to skip"
+    )
     parser.add_argument("--repeats", type=int, default=10, help="all_reduce calls timed (10)")
-    parser.add_argument("--out", type=Path,
-                        default=Path(os.environ.get("OUT", ".")) / "ddp_overhead.json")
+    parser.add_argument(
+        "--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "ddp_overhead.json"
+    )
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
-    variants = (args.variants.split(",") if args.variants
-                else [v for v in VARIANTS if cuda or v != "ddp bf16 hook"])
+    variants = (
+        args.variants.split(",")
+        if args.variants
+        else [v for v in VARIANTS if cuda or v != "ddp bf16 hook"]
+    )
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     if "WORLD_SIZE" not in os.environ:
-        parser.error("run it under torchrun, e.g. torchrun --standalone --nproc_per_node=2 "
-                     "benchmarks/ddp_overhead.py")
+        parser.error(
+            "run it under torchrun, e.g. torchrun --standalone --nproc_per_node=2 "
+            "benchmarks/ddp_overhead.py"
+        )
     dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
     if cuda:
@@ -185,16 +217,24 @@ def main(argv: list[str] | None = None) -> int:
     name, size, batch, overrides = CASES[args.case]
     config = preset(name, **dict(parse_override(o) for o in overrides))
     sizes = [float(s) for s in args.sizes_mib.split(",") if s.strip()]
-    result = {"case": args.case, "per_process_batch": batch, "image_size": size,
-              "world_size": dist.get_world_size(), "device": torch.cuda.get_device_name(device)
-              if cuda else "cpu", "torch": torch.__version__,
-              "all_reduce": all_reduce_times(sizes, device, args.repeats),
-              "variants": [train_variant(v, config, batch, size, device, args.steps, args.warmup)
-                           for v in variants]}
+    result = {
+        "case": args.case,
+        "per_process_batch": batch,
+        "image_size": size,
+        "world_size": dist.get_world_size(),
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "torch": torch.__version__,
+        "all_reduce": all_reduce_times(sizes, device, args.repeats),
+        "variants": [
+            train_variant(v, config, batch, size, device, args.steps, args.warmup) for v in variants
+        ],
+    }
     if dist.get_rank() == 0:
         for row in result["all_reduce"]:
-            print(f"all_reduce {row['mib']:7.1f} MiB {row['dtype']:9s} {row['ms']:8.3f} ms  "
-                  f"{row['algbw_gb_s']:7.1f} GB/s")
+            print(
+                f"all_reduce {row['mib']:7.1f} MiB {row['dtype']:9s} {row['ms']:8.3f} ms  "
+                f"{row['algbw_gb_s']:7.1f} GB/s"
+            )
         print(table(result["variants"]), flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -39,8 +39,18 @@ CASES = {
     "ldm": ("ldm", 256, 16, []),
     "ddpm-cifar10": ("ddpm-cifar10", 32, 128, []),
     # a CPU smoke test of this script (`--device cpu --cases tiny`)
-    "tiny": ("ddpm-cifar10", 16, 8, ["model_channels=16", "norm_groups=8", "channel_mult=[1,2]",
-                                     "attention_resolutions=[]", "num_res_blocks=1"]),
+    "tiny": (
+        "ddpm-cifar10",
+        16,
+        8,
+        [
+            "model_channels=16",
+            "norm_groups=8",
+            "channel_mult=[1,2]",
+            "attention_resolutions=[]",
+            "num_res_blocks=1",
+        ],
+    ),
 }
 
 
@@ -63,21 +73,60 @@ def run_config(folder: Path) -> Path:
 DYNAMO_DDP_TRAIN = Path(__file__).resolve().parent / "dynamo_ddp_train.py"
 
 
-def command(case: str, gpus: int, mode: str, steps: int, log_every: int, data: Path,
-            config: Path, out: Path, device: str = "cuda", parallel: str = "ddp",
-            dynamo_ddp: str | None = None) -> list[str]:
+def command(
+    case: str,
+    gpus: int,
+    mode: str,
+    steps: int,
+    log_every: int,
+    data: Path,
+    config: Path,
+    out: Path,
+    device: str = "cuda",
+    parallel: str = "ddp",
+    dynamo_ddp: str | None = None,
+) -> list[str]:
     """The torchrun command line of one measurement (`dynamo_ddp`: the trainer through
     `dynamo_ddp_train.py` with that strategy)."""
     preset, size, per_gpu, overrides = CASES[case]
     entry = ["-m", "diffunet"] if dynamo_ddp is None else [str(DYNAMO_DDP_TRAIN), dynamo_ddp]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={gpus}", *entry, "train",
-           "--config", str(config), "--data", str(data), "--preset", preset,
-           "--image-size", str(size), "--batch-size", str(per_gpu * gpus),
-           "--steps", str(steps), "--precision", "bf16" if device == "cuda" else "fp32",
-           "--device", device,
-           "--checkpoint-every", "0", "--sample-every", "0", "--log-every", str(log_every),
-           "--warmup", "10", "--no-eval", "--out", str(out), *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={gpus}",
+        *entry,
+        "train",
+        "--config",
+        str(config),
+        "--data",
+        str(data),
+        "--preset",
+        preset,
+        "--image-size",
+        str(size),
+        "--batch-size",
+        str(per_gpu * gpus),
+        "--steps",
+        str(steps),
+        "--precision",
+        "bf16" if device == "cuda" else "fp32",
+        "--device",
+        device,
+        "--checkpoint-every",
+        "0",
+        "--sample-every",
+        "0",
+        "--log-every",
+        str(log_every),
+        "--warmup",
+        "10",
+        "--no-eval",
+        "--out",
+        str(out),
+        *overrides,
+    ]
     if mode == "compile":  # the default mode on 1 GPU too, where --compile alone adds CUDA graphs
         cmd += ["--compile-mode", "default"]
     if parallel != "ddp":
@@ -92,35 +141,72 @@ def throughput(log_csv: Path, global_batch: int, skip_rows: int) -> dict[str, fl
     if len(rows) < skip_rows + 2:
         raise RuntimeError(f"{log_csv}: {len(rows)} logged rows, need {skip_rows + 2}")
     (s0, t0), (s1, t1) = rows[skip_rows], rows[-1]
-    return {"img_per_s": (s1 - s0) * global_batch / (t1 - t0), "timed_steps": s1 - s0,
-            "timed_seconds": t1 - t0, "warmup_seconds": t0}
+    return {
+        "img_per_s": (s1 - s0) * global_batch / (t1 - t0),
+        "timed_steps": s1 - s0,
+        "timed_seconds": t1 - t0,
+        "warmup_seconds": t0,
+    }
 
 
-def start(case: str, gpus: int, mode: str, args: argparse.Namespace, data: Path, config: Path,
-          visible: str | None, parallel: str = "ddp",
-          dynamo_ddp: str | None = None) -> tuple[subprocess.Popen, Path, float]:
+def start(
+    case: str,
+    gpus: int,
+    mode: str,
+    args: argparse.Namespace,
+    data: Path,
+    config: Path,
+    visible: str | None,
+    parallel: str = "ddp",
+    dynamo_ddp: str | None = None,
+) -> tuple[subprocess.Popen, Path, float]:
     """Launch one measurement in the background; returns (process, run folder, start time)."""
-    out = args.out / (f"{case}-{mode}-{gpus}gpu{'' if parallel == 'ddp' else '-' + parallel}"
-                      f"{'' if dynamo_ddp is None else '-' + dynamo_ddp}")
+    out = args.out / (
+        f"{case}-{mode}-{gpus}gpu{'' if parallel == 'ddp' else '-' + parallel}"
+        f"{'' if dynamo_ddp is None else '-' + dynamo_ddp}"
+    )
     if out.exists():
         shutil.rmtree(out)
     env = dict(os.environ)
     if visible is not None:
         env["CUDA_VISIBLE_DEVICES"] = visible
-    cmd = command(case, gpus, mode, args.steps, args.log_every, data, config, out, args.device,
-                  parallel, dynamo_ddp)
+    cmd = command(
+        case,
+        gpus,
+        mode,
+        args.steps,
+        args.log_every,
+        data,
+        config,
+        out,
+        args.device,
+        parallel,
+        dynamo_ddp,
+    )
     with open(args.out / f"{out.name}.log", "w") as log:  # the child keeps its own handle
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     return proc, out, time.perf_counter()
 
 
-def finish(job: tuple[subprocess.Popen, Path, float], case: str, gpus: int, mode: str,
-           args: argparse.Namespace, parallel: str = "ddp", dynamo_ddp: str | None = None) -> dict:
+def finish(
+    job: tuple[subprocess.Popen, Path, float],
+    case: str,
+    gpus: int,
+    mode: str,
+    args: argparse.Namespace,
+    parallel: str = "ddp",
+    dynamo_ddp: str | None = None,
+) -> dict:
     """Wait for a measurement and read its throughput."""
     proc, out, began = job
-    record = {"case": case, "gpus": gpus, "mode": mode,
-              "parallel": "single" if gpus == 1 else parallel, "per_gpu_batch": CASES[case][2],
-              "global_batch": CASES[case][2] * gpus}
+    record = {
+        "case": case,
+        "gpus": gpus,
+        "mode": mode,
+        "parallel": "single" if gpus == 1 else parallel,
+        "per_gpu_batch": CASES[case][2],
+        "global_batch": CASES[case][2] * gpus,
+    }
     if dynamo_ddp is not None:
         record["dynamo_ddp"] = dynamo_ddp
     try:
@@ -148,12 +234,13 @@ def add_efficiency(records: list[dict]) -> None:
 
 def table(records: list[dict]) -> str:
     """A Markdown table of the measurements."""
-    lines = ["| case | mode | parallel | GPUs | global batch | img/s | efficiency | warm-up s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| case | mode | parallel | GPUs | global batch | img/s | efficiency | warm-up s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in records:
         parallel = r.get("parallel", "ddp") + (f" ({r['dynamo_ddp']})" if "dynamo_ddp" in r else "")
-        head = (f"| {r['case']} | {r['mode']} | {parallel} | {r['gpus']} | "
-                f"{r['global_batch']} | ")
+        head = f"| {r['case']} | {r['mode']} | {parallel} | {r['gpus']} | {r['global_batch']} | "
         if "error" in r:
             lines.append(f"{head}error: {r['error'][-120:]!r} | | |")
             continue
@@ -168,21 +255,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", default="1,2", help="GPU counts, comma-separated (1,2)")
     parser.add_argument("--cases", default="ldm,ddpm-cifar10", help=f"of {', '.join(CASES)}")
     parser.add_argument("--modes", default="compile", help="eager and/or compile")
-    parser.add_argument("--parallel", default="ddp",
-                        help="ddp and/or fsdp for the runs on more than one GPU (ddp)")
-    parser.add_argument("--dynamo-ddp", default=None,
-                        help="compiled DDP runs once per Dynamo strategy, comma-separated, of "
-                             "ddp_optimizer (PyTorch's default) and no_optimization")
+    parser.add_argument(
+        "--parallel", default="ddp", help="ddp and/or fsdp for the runs on more than one GPU (ddp)"
+    )
+    parser.add_argument(
+        "--dynamo-ddp",
+        default=None,
+        help="compiled DDP runs once per Dynamo strategy, comma-separated, of "
+        "ddp_optimizer (PyTorch's default) and no_optimization",
+    )
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps per run (150)")
     parser.add_argument("--log-every", type=int, default=10, help="log interval (10)")
-    parser.add_argument("--skip-rows", type=int, default=3,
-                        help="logged rows left out as warm-up (3, i.e. 30 steps)")
+    parser.add_argument(
+        "--skip-rows",
+        type=int,
+        default=3,
+        help="logged rows left out as warm-up (3, i.e. 30 steps)",
+    )
     parser.add_argument("--count", type=int, default=256, help="synthetic samples per case (256)")
     parser.add_argument("--run-timeout", type=float, default=400, help="seconds per run (400)")
-    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
-                        help="cpu: gloo processes, for a smoke test of this script")
-    parser.add_argument("--concurrent-single", action="store_true",
-                        help="run the 1-GPU runs of all cases at once, one GPU each")
+    parser.add_argument(
+        "--device",
+        default="cuda",
+        choices=("cuda", "cpu"),
+        help="cpu: gloo processes, for a smoke test of this script",
+    )
+    parser.add_argument(
+        "--concurrent-single",
+        action="store_true",
+        help="run the 1-GPU runs of all cases at once, one GPU each",
+    )
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "scaling")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -193,11 +295,15 @@ def main(argv: list[str] | None = None) -> int:
     strategies = args.dynamo_ddp.split(",") if args.dynamo_ddp else [None]
     unknown = set(strategies) - {None, "ddp_optimizer", "no_optimization"}
     if unknown:
-        parser.error(f"--dynamo-ddp: unknown {', '.join(sorted(unknown))}; choose from "
-                     "ddp_optimizer, no_optimization")
+        parser.error(
+            f"--dynamo-ddp: unknown {', '.join(sorted(unknown))}; choose from "
+            "ddp_optimizer, no_optimization"
+        )
     config = run_config(args.out)
-    data = {c: write_data(args.out, CASES[c][1], max(args.count, CASES[c][2] * max(gpu_counts)))
-            for c in cases}
+    data = {
+        c: write_data(args.out, CASES[c][1], max(args.count, CASES[c][2] * max(gpu_counts)))
+        for c in cases
+    }
 
     records: list[dict] = []
 
@@ -208,8 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     for mode in modes:
         plan = [(c, n) for n in gpu_counts for c in cases]
         if args.concurrent_single and 1 in gpu_counts:
-            jobs = {c: start(c, 1, mode, args, data[c], config, str(i))
-                    for i, c in enumerate(cases)}
+            jobs = {
+                c: start(c, 1, mode, args, data[c], config, str(i)) for i, c in enumerate(cases)
+            }
             for c, job in jobs.items():
                 records.append(finish(job, c, 1, mode, args))
                 print(json.dumps(records[-1]), flush=True)

@@ -22,8 +22,10 @@ STRATEGIES = ("ddp_optimizer", "no_optimization")
 def configure(strategy: str) -> None:
     """Set Dynamo's compiled-DDP strategy for this process."""
     if strategy not in STRATEGIES:
-        raise SystemExit(f"dynamo_ddp_train.py: unknown strategy {strategy!r}; choose from "
-                         f"{', '.join(STRATEGIES)}")
+        raise SystemExit(
+            f"dynamo_ddp_train.py: unknown strategy {strategy!r}; choose from "
+            f"{', '.join(STRATEGIES)}"
+        )
     torch._dynamo.config.optimize_ddp = strategy
 
 
@@ -33,10 +35,10 @@ def main(argv: list[str]) -> int:
         raise SystemExit(f"usage: dynamo_ddp_train.py {{{','.join(STRATEGIES)}}} train ...")
     configure(argv[0])
     try:
-        from diffunet.cli import main as cli
+        from diffunet import cli
     except ImportError:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-        from diffunet.cli import main as cli
+        from diffunet import cli
     return cli(argv[1:])
 
 

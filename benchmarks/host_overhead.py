@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 
 try:
-    import diffunet.nn.conv as conv_ops
+    import diffunet.accel.conv as conv_ops
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    import diffunet.nn.conv as conv_ops
+    import diffunet.accel.conv as conv_ops
 from diffunet.benchmark import (
     ReferenceUnavailable,
     build_case,
@@ -40,8 +40,9 @@ from diffunet.benchmark import (
 )
 
 
-def microseconds_per_call(fn: Callable[[], object], calls: int = 20_000,
-                          warmup: int = 500) -> float:
+def microseconds_per_call(
+    fn: Callable[[], object], calls: int = 20_000, warmup: int = 500
+) -> float:
     """Median µs per call over 5 runs of `calls` calls, after `warmup` calls."""
     for _ in range(warmup):
         fn()
@@ -61,15 +62,21 @@ def op_costs() -> dict[str, float]:
     aten = torch.ops.aten
     return {
         "aten.convolution": microseconds_per_call(
-            lambda: aten.convolution.default(x, weight, None, *geometry, False, [0, 0], 1)),
+            lambda: aten.convolution.default(x, weight, None, *geometry, False, [0, 0], 1)
+        ),
         "diffunet.convolution": microseconds_per_call(
-            lambda: torch.ops.diffunet.convolution.default(x, weight, *geometry, 1)),
+            lambda: torch.ops.diffunet.convolution.default(x, weight, *geometry, 1)
+        ),
         "aten.convolution_backward": microseconds_per_call(
-            lambda: aten.convolution_backward.default(grad, x, weight, None, *geometry, False,
-                                                      [0, 0], 1, [True, True, False])),
+            lambda: aten.convolution_backward.default(
+                grad, x, weight, None, *geometry, False, [0, 0], 1, [True, True, False]
+            )
+        ),
         "diffunet.convolution_backward": microseconds_per_call(
-            lambda: torch.ops.diffunet.convolution_backward.default(grad, x, weight, *geometry,
-                                                                    1, True, True)),
+            lambda: torch.ops.diffunet.convolution_backward.default(
+                grad, x, weight, *geometry, 1, True, True
+            )
+        ),
     }
 
 
@@ -95,8 +102,9 @@ def compiled_forward_ms(model: torch.nn.Module, calls: int = 100) -> float:
     batch = make_batches(case, 1, torch.device("cpu"))[0]
     compiled = torch.compile(model.eval())
     with torch.no_grad():
-        return microseconds_per_call(lambda: compiled(batch.x, batch.t), calls=calls,
-                                     warmup=3) / 1e3
+        return (
+            microseconds_per_call(lambda: compiled(batch.x, batch.t), calls=calls, warmup=3) / 1e3
+        )
 
 
 def main() -> int:
@@ -108,8 +116,10 @@ def main() -> int:
         print(f"  {name:32s} {us:6.1f}")
 
     config = build_case("ddpm-cifar10", quick=True).config
-    models = {"ours": lambda: build_ours(config),
-              "diffusers UNet2DModel": lambda: build_reference(config, "diffusers")}
+    models = {
+        "ours": lambda: build_ours(config),
+        "diffusers UNet2DModel": lambda: build_reference(config, "diffusers"),
+    }
     print("compiled quick ddpm-cifar10, ms (host-dominated)")
     print(f"  {'':46s} {'train step':>10s} {'no_grad forward':>16s}")
     for name, build in models.items():

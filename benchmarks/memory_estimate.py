@@ -37,10 +37,11 @@ from torch.distributed._tools.mem_tracker import MemTracker
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from diffunet import UNet, UNetConfig
-from diffunet.introspect import example_inputs
-from diffunet.nn import decoder_entry, fused
-from diffunet.presets import preset
-from diffunet.training_config import parse_override
+from diffunet.accel import decoder_entry
+from diffunet.accel import fused_norm as fused
+from diffunet.model.introspect import example_inputs
+from diffunet.model.presets import preset
+from diffunet.training.run_config import parse_override
 
 GiB = 2**30
 
@@ -61,8 +62,14 @@ def gpu_norms(min_elements: int) -> Iterator[None]:
         return reference(x, *args, **kwargs)
 
     def kernels_backward(grad, x, weight, bias, *args, out=None):
-        return (torch.empty_like(x) if out is None else out, torch.empty_like(weight),
-                torch.empty_like(bias), None, None, None)
+        return (
+            torch.empty_like(x) if out is None else out,
+            torch.empty_like(weight),
+            torch.empty_like(bias),
+            None,
+            None,
+            None,
+        )
 
     saved = (decoder_entry.concat_fused_wanted, decoder_entry._forward, decoder_entry._backward)
     fused.compiled_fused_wanted = lambda x: x.numel() >= min_elements
@@ -77,8 +84,9 @@ def gpu_norms(min_elements: int) -> Iterator[None]:
         decoder_entry.concat_fused_wanted, decoder_entry._forward, decoder_entry._backward = saved
 
 
-def peak_training_bytes(config: UNetConfig, batch: int, *, fake: bool = True,
-                        norm_from: int | None = None) -> tuple[dict[str, int], int]:
+def peak_training_bytes(
+    config: UNetConfig, batch: int, *, fake: bool = True, norm_from: int | None = None
+) -> tuple[dict[str, int], int]:
     """Peak bytes of one training step of `config` at `batch`, by kind ("Total", "PARAM",
     "GRAD", "ACT", "OPT", ...), and the number of parameters.
 
@@ -126,9 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16, help="per device (16)")
     parser.add_argument("--checkpoint", action="store_true", help="use_checkpoint=True")
     parser.add_argument("--ema", action="store_true", help="add a float32 EMA of the weights")
-    parser.add_argument("--norm-from", type=int, default=None, metavar="N",
-                        help="norms of at least N elements run the fused op (default: the "
-                        "GPU's eager rule, 2^24; 0: all, as in a CUDA-graph step)")
+    parser.add_argument(
+        "--norm-from",
+        type=int,
+        default=None,
+        metavar="N",
+        help="norms of at least N elements run the fused op (default: the "
+        "GPU's eager rule, 2^24; 0: all, as in a CUDA-graph step)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="model overrides")
     args = parser.parse_args(argv)
     overrides = dict(parse_override(o) for o in args.overrides)
@@ -146,13 +159,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--norm-from must be at least 0, got {args.norm_from}")
     parts, params = peak_training_bytes(config, args.batch_size, norm_from=args.norm_from)
     total = parts["Total"] + (4 * params if args.ema else 0)
-    print(f"{args.preset} {' '.join(args.overrides)} ({params / 1e6:.1f}M parameters), "
-          f"{config.image_size}^{config.dims}, batch {args.batch_size}"
-          f"{', checkpointing' if args.checkpoint else ''}{', EMA' if args.ema else ''}: "
-          f"estimated peak {total / GiB:.2f} GiB")
+    print(
+        f"{args.preset} {' '.join(args.overrides)} ({params / 1e6:.1f}M parameters), "
+        f"{config.image_size}^{config.dims}, batch {args.batch_size}"
+        f"{', checkpointing' if args.checkpoint else ''}{', EMA' if args.ema else ''}: "
+        f"estimated peak {total / GiB:.2f} GiB"
+    )
     shown = {k: v for k, v in parts.items() if k != "Total" and v}
-    print("  at the peak: " + ", ".join(f"{k} {v / GiB:.2f}" for k, v in shown.items())
-          + (f", EMA {4 * params / GiB:.2f}" if args.ema else "") + " GiB")
+    print(
+        "  at the peak: "
+        + ", ".join(f"{k} {v / GiB:.2f}" for k, v in shown.items())
+        + (f", EMA {4 * params / GiB:.2f}" if args.ema else "")
+        + " GiB"
+    )
     return 0
 
 

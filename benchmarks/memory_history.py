@@ -13,7 +13,7 @@ nodes it serves. Prints the largest groups and writes JSON (`--out`, default
 `$OUT/memory_history.json`).
 
 `--aten-convolutions` routes no device through diffunet's layout-stable convolution ops
-(`diffunet.nn.conv.ROUTED_DEVICES`), so that Inductor convolves itself.
+(`diffunet.accel.conv.ROUTED_DEVICES`), so that Inductor convolves itself.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from diffunet import benchmark
-from diffunet.nn import conv
+from diffunet.accel import conv
 
 MiB = 2**20
 
@@ -64,8 +64,9 @@ def _worth_naming(filename: str) -> bool:
     The allocator's traces also hold C++ frames (`??` or a `.cpp`/`.h` file) above the Python
     ones; on the H100 those came first and named every block `torch::unwind::unwind()`.
     """
-    return filename.endswith(".py") and ("torchinductor" in filename
-                                         or f"{os.sep}torch{os.sep}" not in filename)
+    return filename.endswith(".py") and (
+        "torchinductor" in filename or f"{os.sep}torch{os.sep}" not in filename
+    )
 
 
 def describe(frames: list[dict[str, Any]], depth: int = 2) -> tuple[str, ...]:
@@ -93,21 +94,33 @@ def group(blocks: dict[int, dict[str, Any]], top: int) -> list[dict[str, Any]]:
         entry[0] += event["size"]
         entry[1] += 1
     ranked = sorted(groups.items(), key=lambda item: -item[1][0])[:top]
-    return [{"mib": size / MiB, "count": count, "where": list(where)}
-            for where, (size, count) in ranked]
+    return [
+        {"mib": size / MiB, "count": count, "where": list(where)} for where, (size, count) in ranked
+    ]
 
 
-def measure(which: str, case: benchmark.Case, settings: benchmark.Settings, compiled: bool,
-            warmup: int, top: int) -> dict[str, Any]:
+def measure(
+    which: str,
+    case: benchmark.Case,
+    settings: benchmark.Settings,
+    compiled: bool,
+    warmup: int,
+    top: int,
+) -> dict[str, Any]:
     """One model's step: peak, memory allocated before it, and the largest groups at the peak."""
     device = settings.device
     model = benchmark.prepare_model(
-        benchmark.build_ours(case.config) if which == "ours"
-        else benchmark.build_reference(case.config, case.reference), case.dims, device)
+        benchmark.build_ours(case.config)
+        if which == "ours"
+        else benchmark.build_reference(case.config, case.reference),
+        case.dims,
+        device,
+    )
     optimizer = benchmark.make_optimizer(model, device)
     runner = settings.compile(model) if compiled else model
-    step = benchmark.train_step_fn(runner, benchmark.make_batches(case, case.batch, device),
-                                   optimizer, settings)
+    step = benchmark.train_step_fn(
+        runner, benchmark.make_batches(case, case.batch, device), optimizer, settings
+    )
     begin = time.perf_counter()
     for i in range(warmup):
         step(i)
@@ -124,11 +137,16 @@ def measure(which: str, case: benchmark.Case, settings: benchmark.Settings, comp
         torch.cuda.memory._record_memory_history(enabled=None)
     trace = snapshot["device_traces"][device.index or 0]
     peak, _, at_peak = replay(trace)
-    return {"model": which, "compiled": compiled, "warmup_s": round(warmup_s, 1),
-            "allocated_before_gib": before / 2**30,
-            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30,
-            "allocated_in_step_at_peak_gib": peak / 2**30, "events": len(trace),
-            "live_at_peak": group(at_peak, top)}
+    return {
+        "model": which,
+        "compiled": compiled,
+        "warmup_s": round(warmup_s, 1),
+        "allocated_before_gib": before / 2**30,
+        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+        "allocated_in_step_at_peak_gib": peak / 2**30,
+        "events": len(trace),
+        "live_at_peak": group(at_peak, top),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,12 +155,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--case", default="3d", choices=benchmark.MODEL_CASES)
     parser.add_argument("--models", default="ours,ref", help="ours and/or ref (ours,ref)")
     parser.add_argument("--eager", action="store_true", help="do not compile")
-    parser.add_argument("--aten-convolutions", action="store_true",
-                        help="no custom convolution ops: Inductor convolves itself")
+    parser.add_argument(
+        "--aten-convolutions",
+        action="store_true",
+        help="no custom convolution ops: Inductor convolves itself",
+    )
     parser.add_argument("--warmup", type=int, default=3, help="steps before the recorded one")
     parser.add_argument("--top", type=int, default=30, help="groups kept per model (30)")
-    parser.add_argument("--out", type=Path,
-                        default=Path(os.environ.get("OUT", ".")) / "memory_history.json")
+    parser.add_argument(
+        "--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "memory_history.json"
+    )
     args = parser.parse_args(argv)
     models = args.models.split(",")
     if not set(models) <= {"ours", "ref"}:
@@ -154,15 +176,23 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cudnn.benchmark = True
     settings = benchmark.Settings(device=torch.device("cuda", torch.cuda.current_device()))
     case = benchmark.build_case(args.case)
-    result = {"case": args.case, "description": case.description, "batch": case.batch,
-              "aten_convolutions": args.aten_convolutions, "device": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "runs": []}
+    result = {
+        "case": args.case,
+        "description": case.description,
+        "batch": case.batch,
+        "aten_convolutions": args.aten_convolutions,
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "runs": [],
+    }
     for which in models:
         run = measure(which, case, settings, not args.eager, args.warmup, args.top)
         result["runs"].append(run)
-        print(f"{args.case}/{which}: peak {run['peak_gib']:.3f} GiB, "
-              f"{run['allocated_in_step_at_peak_gib']:.3f} GiB of it allocated in the step",
-              flush=True)
+        print(
+            f"{args.case}/{which}: peak {run['peak_gib']:.3f} GiB, "
+            f"{run['allocated_in_step_at_peak_gib']:.3f} GiB of it allocated in the step",
+            flush=True,
+        )
         for g in run["live_at_peak"][:15]:
             print(f"  {g['mib']:9.1f} MiB ×{g['count']:<3d} " + " ‹ ".join(g["where"])[:220])
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -47,27 +47,39 @@ from scipy.stats import spearmanr
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from skimage.restoration import denoise_nl_means
 
-from diffunet.commands.restore import restore_pixels
+from diffunet.apps.generate import load_model
+from diffunet.cli.restore import restore_pixels
 from diffunet.data import TensorDataset
 from diffunet.data.em_pairs import EMPairs, PoissonGaussianNoise, blob_volume
-from diffunet.distributed import DistInfo
-from diffunet.generate import load_model
-from diffunet.io import atomic_write_bytes
-from diffunet.train import CONFIG_YAML, Trainer, resolve_precision
-from diffunet.training_config import (
+from diffunet.model.checkpoint import atomic_write_bytes
+from diffunet.training.distributed import DistInfo
+from diffunet.training.run_config import (
     DataSection,
     DiffusionSection,
     RunConfig,
     SampleSection,
     TrainSection,
 )
+from diffunet.training.trainer import CONFIG_YAML, Trainer, resolve_precision
 
 #: The reduced-width EMDiffuse used here (the preset has model_channels 32, 2 res blocks,
 #: dropout 0.2: 15.7M parameters, too slow to train on a 2-core CPU in minutes).
-MODEL_2D = {"model_channels": 16, "channel_mult": [1, 2, 4, 8], "num_res_blocks": 1,
-            "norm_groups": 8, "num_head_channels": 32, "dropout": 0.0}
-MODEL_3D = {"model_channels": 16, "channel_mult": [1, 2, 4], "num_res_blocks": 1,
-            "norm_groups": 8, "num_head_channels": 32, "dropout": 0.0}
+MODEL_2D = {
+    "model_channels": 16,
+    "channel_mult": [1, 2, 4, 8],
+    "num_res_blocks": 1,
+    "norm_groups": 8,
+    "num_head_channels": 32,
+    "dropout": 0.0,
+}
+MODEL_3D = {
+    "model_channels": 16,
+    "channel_mult": [1, 2, 4],
+    "num_res_blocks": 1,
+    "norm_groups": 8,
+    "num_head_channels": 32,
+    "dropout": 0.0,
+}
 
 
 # ---------------------------------------------------------------------------- metrics
@@ -76,54 +88,87 @@ def haar_sigma(image: np.ndarray) -> float:
     over the last two axes (every slice of a volume)."""
     h, w = (image.shape[-2] // 2) * 2, (image.shape[-1] // 2) * 2
     x = image[..., :h, :w].astype(np.float64)
-    diagonal = (x[..., 0::2, 0::2] - x[..., 1::2, 0::2] - x[..., 0::2, 1::2]
-                + x[..., 1::2, 1::2]) / 2
+    diagonal = (
+        x[..., 0::2, 0::2] - x[..., 1::2, 0::2] - x[..., 0::2, 1::2] + x[..., 1::2, 1::2]
+    ) / 2
     return float(np.median(np.abs(diagonal)) / 0.6745)
 
 
 def nl_means(noisy: np.ndarray) -> np.ndarray:
     """The classical baseline: scikit-image's non-local means with an estimated σ (2D or 3D)."""
     sigma = haar_sigma(noisy)
-    return denoise_nl_means(noisy, h=0.8 * sigma, sigma=sigma, patch_size=5,
-                            patch_distance=6, fast_mode=True).astype(np.float32)
+    return denoise_nl_means(
+        noisy, h=0.8 * sigma, sigma=sigma, patch_size=5, patch_distance=6, fast_mode=True
+    ).astype(np.float32)
 
 
 def quality(clean: np.ndarray, estimate: np.ndarray) -> dict[str, float]:
     """PSNR (dB) and SSIM of `estimate` against `clean`, both in [0, 1]."""
     estimate = np.clip(estimate, 0.0, 1.0).astype(np.float64)
     clean = clean.astype(np.float64)
-    return {"psnr": float(peak_signal_noise_ratio(clean, estimate, data_range=1.0)),
-            "ssim": float(structural_similarity(clean, estimate, data_range=1.0))}
+    return {
+        "psnr": float(peak_signal_noise_ratio(clean, estimate, data_range=1.0)),
+        "ssim": float(structural_similarity(clean, estimate, data_range=1.0)),
+    }
 
 
-def uncertainty_quality(clean: np.ndarray, estimate: np.ndarray,
-                        std: np.ndarray) -> dict[str, float]:
+def uncertainty_quality(
+    clean: np.ndarray, estimate: np.ndarray, std: np.ndarray
+) -> dict[str, float]:
     """Spearman ρ(uncertainty, |error|) and the error shares of the 10, 25 and 50 % most
     uncertain pixels."""
     error = np.abs(np.clip(estimate, 0, 1).astype(np.float64) - clean).ravel()
     std = std.astype(np.float64).ravel()
     rho = float(spearmanr(std, error).statistic)
     order = np.argsort(-std, kind="stable")
-    shares = {f"top{percent}_error_share":
-              float(error[order[: max(1, len(std) * percent // 100)]].sum() / error.sum())
-              for percent in (10, 25, 50)}
-    return {"spearman": rho, **shares, "mean_std": float(std.mean()),
-            "rmse": float(np.sqrt(np.mean(error**2)))}
+    shares = {
+        f"top{percent}_error_share": float(
+            error[order[: max(1, len(std) * percent // 100)]].sum() / error.sum()
+        )
+        for percent in (10, 25, 50)
+    }
+    return {
+        "spearman": rho,
+        **shares,
+        "mean_std": float(std.mean()),
+        "rmse": float(np.sqrt(np.mean(error**2))),
+    }
 
 
 # ---------------------------------------------------------------------------- training
-def train(name: str, preset: str, data: TensorDataset, model: dict[str, Any], args,
-          out: Path, *, steps: int, batch_size: int, prediction: str) -> Path:
+def train(
+    name: str,
+    preset: str,
+    data: TensorDataset,
+    model: dict[str, Any],
+    args,
+    out: Path,
+    *,
+    steps: int,
+    batch_size: int,
+    prediction: str,
+) -> Path:
     """Train `preset` (+ `model` overrides) on `data` with the library's Trainer; the run folder."""
     run = RunConfig(
-        preset=preset, model=dict(model),
+        preset=preset,
+        model=dict(model),
         data=DataSection(source=data.source, image_size=None),
         diffusion=DiffusionSection(schedule=args.schedule, timesteps=1000, prediction=prediction),
-        train=TrainSection(steps=steps, batch_size=batch_size, lr=args.lr, seed=args.seed,
-                           precision=args.precision, device=args.device,
-                           ema_decay=args.ema_decay, warmup=min(50, steps // 10),
-                           checkpoint_every=0, sample_every=0, log_every=max(1, steps // 10),
-                           threads=args.threads, eval=False),
+        train=TrainSection(
+            steps=steps,
+            batch_size=batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            precision=args.precision,
+            device=args.device,
+            ema_decay=args.ema_decay,
+            warmup=min(50, steps // 10),
+            checkpoint_every=0,
+            sample_every=0,
+            log_every=max(1, steps // 10),
+            threads=args.threads,
+            eval=False,
+        ),
         sample=SampleSection(sampler=args.sampler, steps=args.sample_steps),
     )
     run.validate()
@@ -135,13 +180,17 @@ def train(name: str, preset: str, data: TensorDataset, model: dict[str, Any], ar
     text = run.to_yaml()
     atomic_write_bytes(run_dir / CONFIG_YAML, lambda tmp: Path(tmp).write_text(text))
     result = trainer.train()
-    print(f"{name}: {result.steps} steps in {result.seconds:.0f} s "
-          f"({trainer.model.num_parameters():,} parameters)", flush=True)
+    print(
+        f"{name}: {result.steps} steps in {result.seconds:.0f} s "
+        f"({trainer.model.num_parameters():,} parameters)",
+        flush=True,
+    )
     return run_dir
 
 
-def crops_3d(volume: np.ndarray, count: int, size: int, noise: PoissonGaussianNoise,
-             seed: int) -> TensorDataset:
+def crops_3d(
+    volume: np.ndarray, count: int, size: int, noise: PoissonGaussianNoise, seed: int
+) -> TensorDataset:
     """`count` random aligned (noisy, clean) cubes of side `size` from `volume`, with flips."""
     rng = np.random.default_rng(seed)
     clean = np.empty((count, 1, size, size, size), dtype=np.float32)
@@ -153,26 +202,40 @@ def crops_3d(volume: np.ndarray, count: int, size: int, noise: PoissonGaussianNo
                 cube = np.flip(cube, axis)
         clean[i, 0] = cube
     noisy = noise(clean, rng)
-    return TensorDataset(x=torch.from_numpy(clean), cond=torch.from_numpy(noisy),
-                         source="blobs-3d", extra={"value_range": [0, 1],
-                                                   "cond_value_range": [0, 1]})
+    return TensorDataset(
+        x=torch.from_numpy(clean),
+        cond=torch.from_numpy(noisy),
+        source="blobs-3d",
+        extra={"value_range": [0, 1], "cond_value_range": [0, 1]},
+    )
 
 
 # ---------------------------------------------------------------------------- evaluation
-def evaluate(run_dir: Path, pairs, *, kind: str, args,
-             eta: float = 0.0) -> tuple[dict, dict[str, np.ndarray]]:
+def evaluate(
+    run_dir: Path, pairs, *, kind: str, args, eta: float = 0.0
+) -> tuple[dict, dict[str, np.ndarray]]:
     """Restore every held-out pair through the CLI path; metrics per picture and the images."""
     loaded = load_model(run_dir, device="cuda" if args.device == "cuda" else "cpu")
     results, images = {}, {}
     for pair in pairs:
         started = time.perf_counter()
-        restored, std = restore_pixels(loaded, pair.noisy, kind=kind, samples=args.samples,
-                                       steps=args.sample_steps, sampler=args.sampler, eta=eta,
-                                       seed=args.seed, progress=False)
+        restored, std = restore_pixels(
+            loaded,
+            pair.noisy,
+            kind=kind,
+            samples=args.samples,
+            steps=args.sample_steps,
+            sampler=args.sampler,
+            eta=eta,
+            seed=args.seed,
+            progress=False,
+        )
         seconds = time.perf_counter() - started
-        results[pair.name] = {**quality(pair.clean, restored),
-                              **uncertainty_quality(pair.clean, restored, std),
-                              "seconds": round(seconds, 1)}
+        results[pair.name] = {
+            **quality(pair.clean, restored),
+            **uncertainty_quality(pair.clean, restored, std),
+            "seconds": round(seconds, 1),
+        }
         images[pair.name] = (restored, std)
         print(f"  {run_dir.name} [{kind}, η={eta:g}] {pair.name}: {results[pair.name]}", flush=True)
     return results, images
@@ -207,25 +270,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/restoration-quality", help="run folders and results")
     p.add_argument("--figures", default="docs/images", help="where the figures go")
-    p.add_argument("--models", default="emdiffuse,emdiffuse-aleatoric",
-                   help="comma-separated presets to train (emdiffuse, emdiffuse-aleatoric)")
+    p.add_argument(
+        "--models",
+        default="emdiffuse,emdiffuse-aleatoric",
+        help="comma-separated presets to train (emdiffuse, emdiffuse-aleatoric)",
+    )
     p.add_argument("--steps", type=int, default=1200, help="training steps per 2D model")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--crop", type=int, default=64, help="training crop side")
     p.add_argument("--pairs", type=int, default=8192, help="training pairs (random crops)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--ema-decay", type=float, default=0.99)
-    p.add_argument("--prediction", default="v", choices=("eps", "x0", "v"),
-                   help="v (default): its samples' spread tracks the error; x0 collapses it")
+    p.add_argument(
+        "--prediction",
+        default="v",
+        choices=("eps", "x0", "v"),
+        help="v (default): its samples' spread tracks the error; x0 collapses it",
+    )
     p.add_argument("--schedule", default="cosine", choices=("linear", "cosine", "sigmoid"))
     p.add_argument("--samples", type=int, default=8, help="K samples per input")
     p.add_argument("--sample-steps", type=int, default=10, help="sampling steps")
     p.add_argument("--sampler", default="ddim", choices=("ddpm", "ddim", "dpm++"))
-    p.add_argument("--etas", default="0",
-                   help="DDIM η values to evaluate the sampled restorations with, e.g. 0,1 "
-                   "(η = 1: fresh noise at every step, like DDPM)")
-    p.add_argument("--width", default="reduced", choices=("reduced", "preset"),
-                   help="reduced: the small models above (CPU); preset: the presets as they are")
+    p.add_argument(
+        "--etas",
+        default="0",
+        help="DDIM η values to evaluate the sampled restorations with, e.g. 0,1 "
+        "(η = 1: fresh noise at every step, like DDPM)",
+    )
+    p.add_argument(
+        "--width",
+        default="reduced",
+        choices=("reduced", "preset"),
+        help="reduced: the small models above (CPU); preset: the presets as they are",
+    )
     p.add_argument("--steps-3d", type=int, default=150, help="training steps of the 3D check")
     p.add_argument("--skip-3d", action="store_true")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
@@ -244,14 +321,18 @@ def main(argv: list[str] | None = None) -> int:
     source = EMPairs(crop=args.crop)
     pairs = source.evaluation_pairs()
     data = source.dataset(args.pairs, seed=args.seed)
-    report: dict[str, Any] = {"command": " ".join(sys.argv), "args": vars(args),
-                              "noise": source.noise.describe(),
-                              "held_out": list(source.held_out_names),
-                              "train_images": list(source.train_names), "methods": {},
-                              "precision": resolve_precision(args.precision,
-                                                             torch.device(args.device)),
-                              "torch": torch.__version__, "cpu_count": os.cpu_count(),
-                              "load_average_at_start": list(os.getloadavg())}
+    report: dict[str, Any] = {
+        "command": " ".join(sys.argv),
+        "args": vars(args),
+        "noise": source.noise.describe(),
+        "held_out": list(source.held_out_names),
+        "train_images": list(source.train_names),
+        "methods": {},
+        "precision": resolve_precision(args.precision, torch.device(args.device)),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "load_average_at_start": list(os.getloadavg()),
+    }
     methods = report["methods"]
     methods["noisy input"] = {p.name: quality(p.clean, p.noisy) for p in pairs}
     nlm = {p.name: nl_means(p.noisy) for p in pairs}
@@ -261,16 +342,26 @@ def main(argv: list[str] | None = None) -> int:
     for preset in [m for m in args.models.split(",") if m]:
         t0 = time.perf_counter()
         overrides = MODEL_2D if args.width == "reduced" else {}
-        run_dir = train(preset, preset, data, overrides, args, out, steps=args.steps,
-                        batch_size=args.batch_size, prediction=args.prediction)
+        run_dir = train(
+            preset,
+            preset,
+            data,
+            overrides,
+            args,
+            out,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            prediction=args.prediction,
+        )
         train_seconds[preset] = round(time.perf_counter() - t0, 1)
         etas = [float(e) for e in args.etas.split(",")]
         kinds = [("samples", eta) for eta in etas]
         if preset.endswith("aleatoric"):
             kinds.append(("aleatoric", 0.0))
         for kind, eta in kinds:
-            label = f"diffunet {preset} ({kind}" + (f", η={eta:g})" if len(etas) > 1
-                                                    and kind == "samples" else ")")
+            label = f"diffunet {preset} ({kind}" + (
+                f", η={eta:g})" if len(etas) > 1 and kind == "samples" else ")"
+            )
             methods[label], images = evaluate(run_dir, pairs, kind=kind, eta=eta, args=args)
             if (preset == "emdiffuse" and eta == etas[0]) or not shown:
                 shown = images
@@ -279,12 +370,17 @@ def main(argv: list[str] | None = None) -> int:
     for pair in pairs:
         if pair.name in shown:
             restored, std = shown[pair.name]
-            panel_figure(figures / f"restoration_{pair.name}.png", [
-                ("noisy input", pair.noisy), ("non-local means", nlm[pair.name]),
-                ("diffunet (mean of K)", restored), ("clean", pair.clean),
-                ("uncertainty (std)", normalised(std)),
-                ("|error|", normalised(np.abs(restored - pair.clean))),
-            ])
+            panel_figure(
+                figures / f"restoration_{pair.name}.png",
+                [
+                    ("noisy input", pair.noisy),
+                    ("non-local means", nlm[pair.name]),
+                    ("diffunet (mean of K)", restored),
+                    ("clean", pair.clean),
+                    ("uncertainty (std)", normalised(std)),
+                    ("|error|", normalised(np.abs(restored - pair.clean))),
+                ],
+            )
 
     if not args.skip_3d:
         report["3d"] = check_3d(args, out, figures)
@@ -303,24 +399,48 @@ def check_3d(args, out: Path, figures: Path) -> dict[str, Any]:
     noise = PoissonGaussianNoise()
     t0 = time.perf_counter()
     data = crops_3d(blob_volume(64, seed=0), 1024, 16, noise, seed=args.seed)
-    run_dir = train("emdiffuse-3d", "emdiffuse-3d", data, MODEL_3D, args, out,
-                    steps=args.steps_3d, batch_size=8, prediction=args.prediction)
+    run_dir = train(
+        "emdiffuse-3d",
+        "emdiffuse-3d",
+        data,
+        MODEL_3D,
+        args,
+        out,
+        steps=args.steps_3d,
+        batch_size=8,
+        prediction=args.prediction,
+    )
     clean = blob_volume(32, seed=1)
     noisy = noise(clean, np.random.default_rng(99))
     loaded = load_model(run_dir, device="cuda" if args.device == "cuda" else "cpu")
-    restored, std = restore_pixels(loaded, noisy, kind="samples", samples=4,
-                                   steps=args.sample_steps, sampler=args.sampler, seed=args.seed,
-                                   progress=False)
-    mse = {name: float(np.mean((np.clip(v, 0, 1) - clean) ** 2))
-           for name, v in (("noisy", noisy), ("nlm", nl_means(noisy)), ("restored", restored))}
+    restored, std = restore_pixels(
+        loaded,
+        noisy,
+        kind="samples",
+        samples=4,
+        steps=args.sample_steps,
+        sampler=args.sampler,
+        seed=args.seed,
+        progress=False,
+    )
+    mse = {
+        name: float(np.mean((np.clip(v, 0, 1) - clean) ** 2))
+        for name, v in (("noisy", noisy), ("nlm", nl_means(noisy)), ("restored", restored))
+    }
     result = {name + "_psnr": float(10 * np.log10(1.0 / m)) for name, m in mse.items()}
     result.update(uncertainty_quality(clean, restored, std))
     result["seconds"] = round(time.perf_counter() - t0, 1)
     middle = clean.shape[0] // 2
-    panel_figure(figures / "restoration_3d.png", [
-        ("noisy", noisy[middle]), ("restored", restored[middle]), ("clean", clean[middle]),
-        ("std", normalised(std)[middle]),
-    ], scale=4)
+    panel_figure(
+        figures / "restoration_3d.png",
+        [
+            ("noisy", noisy[middle]),
+            ("restored", restored[middle]),
+            ("clean", clean[middle]),
+            ("std", normalised(std)[middle]),
+        ],
+        scale=4,
+    )
     print(f"3D check: {result}", flush=True)
     return result
 
@@ -328,8 +448,11 @@ def check_3d(args, out: Path, figures: Path) -> dict[str, Any]:
 def markdown_table(report: dict[str, Any]) -> str:
     """The results as the markdown table recorded in docs/restoration.md."""
     names = report["held_out"]
-    header = "| method | " + " | ".join(f"{n} PSNR / SSIM" for n in names) + \
-        " | mean PSNR | ρ(unc., \\|err\\|) | top-10 % error share |\n"
+    header = (
+        "| method | "
+        + " | ".join(f"{n} PSNR / SSIM" for n in names)
+        + " | mean PSNR | ρ(unc., \\|err\\|) | top-10 % error share |\n"
+    )
     header += "|---" * (len(names) + 4) + "|\n"
     rows = []
     for method, per in report["methods"].items():
@@ -340,13 +463,17 @@ def markdown_table(report: dict[str, Any]) -> str:
             share = " / ".join(f"{per[n]['top10_error_share']:.0%}" for n in names)
         else:
             rho = share = "–"
-        rows.append(f"| {method} | " + " | ".join(cells) + f" | {mean_psnr:.2f} | {rho} | {share} |")
+        rows.append(
+            f"| {method} | " + " | ".join(cells) + f" | {mean_psnr:.2f} | {rho} | {share} |"
+        )
     text = header + "\n".join(rows) + "\n"
     if "3d" in report:
         r = report["3d"]
-        text += (f"\n3D check (32³ blob volume, PSNR): noisy {r['noisy_psnr']:.2f} dB, 3D "
-                 f"non-local means {r['nlm_psnr']:.2f} dB, diffunet {r['restored_psnr']:.2f} dB; "
-                 f"ρ = {r['spearman']:.2f}, top-10 % error share {r['top10_error_share']:.0%}\n")
+        text += (
+            f"\n3D check (32³ blob volume, PSNR): noisy {r['noisy_psnr']:.2f} dB, 3D "
+            f"non-local means {r['nlm_psnr']:.2f} dB, diffunet {r['restored_psnr']:.2f} dB; "
+            f"ρ = {r['spearman']:.2f}, top-10 % error share {r['top10_error_share']:.0%}\n"
+        )
     return text
 
 

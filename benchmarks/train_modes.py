@@ -44,52 +44,99 @@ def batch_size(run_dir: Path) -> int:
 def train_once(args: list[str], mode: str, steps: int, log_every: int, out: Path) -> dict:
     """Run `diffunet train` once in `mode`; its last interval's throughput and wall time."""
     compile_args = [] if mode == "eager" else ["--compile-mode", mode]
-    command = [sys.executable, "-m", "diffunet", "train", "--out", str(out), "--steps", str(steps),
-               "--log-every", str(log_every), "--checkpoint-every", "0", "--sample-every", "0",
-               "--no-eval", *compile_args, *args]
+    command = [
+        sys.executable,
+        "-m",
+        "diffunet",
+        "train",
+        "--out",
+        str(out),
+        "--steps",
+        str(steps),
+        "--log-every",
+        str(log_every),
+        "--checkpoint-every",
+        "0",
+        "--sample-every",
+        "0",
+        "--no-eval",
+        *compile_args,
+        *args,
+    ]
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if result.returncode != 0:
-        return {"error": (result.stderr.strip().splitlines() or ["no output"])[-1],
-                "wall_s": wall}
+        return {"error": (result.stderr.strip().splitlines() or ["no output"])[-1], "wall_s": wall}
     rows = list(csv.DictReader((out / "log.csv").open()))
-    banner = next((line for line in (result.stdout + result.stderr).splitlines()
-                   if line.startswith("diffunet train:")), "")
+    banner = next(
+        (
+            line
+            for line in (result.stdout + result.stderr).splitlines()
+            if line.startswith("diffunet train:")
+        ),
+        "",
+    )
     rate = float(rows[-1]["it_per_s"])
-    return {"it_per_s": rate, "samples_per_s": rate * batch_size(out), "wall_s": wall,
-            "it_per_s_all": [float(row["it_per_s"]) for row in rows], "banner": banner}
+    return {
+        "it_per_s": rate,
+        "samples_per_s": rate * batch_size(out),
+        "wall_s": wall,
+        "it_per_s_all": [float(row["it_per_s"]) for row in rows],
+        "banner": banner,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse options, train every run in every mode, print the table, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", dest="runs", type=parse_run, action="append", required=True,
-                        help="NAME:ARGS, the `diffunet train` options of one configuration")
-    parser.add_argument("--modes", default="eager,default,auto",
-                        help="comma-separated: eager and/or --compile-mode values")
+    parser.add_argument(
+        "--run",
+        dest="runs",
+        type=parse_run,
+        action="append",
+        required=True,
+        help="NAME:ARGS, the `diffunet train` options of one configuration",
+    )
+    parser.add_argument(
+        "--modes",
+        default="eager,default,auto",
+        help="comma-separated: eager and/or --compile-mode values",
+    )
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--out", help="JSON path (default $OUT/train_modes.json)")
     options = parser.parse_args(argv)
-    out_path = options.out or (Path(os.environ["OUT"]) / "train_modes.json"
-                               if "OUT" in os.environ else None)
+    out_path = options.out or (
+        Path(os.environ["OUT"]) / "train_modes.json" if "OUT" in os.environ else None
+    )
     modes = [mode for mode in options.modes.split(",") if mode]
     results: dict[str, dict[str, dict]] = {}
     with tempfile.TemporaryDirectory() as scratch:
         for name, args in options.runs:
             for mode in modes:
-                record = train_once(args, mode, options.steps, options.log_every,
-                                    Path(scratch) / f"{name}-{mode}")
+                record = train_once(
+                    args, mode, options.steps, options.log_every, Path(scratch) / f"{name}-{mode}"
+                )
                 results.setdefault(name, {})[mode] = record
-                shown = (f"{record['samples_per_s']:10.1f} samples/s "
-                         f"({record['it_per_s']:.2f} it/s)" if "error" not in record
-                         else f"failed: {record['error']}")
+                shown = (
+                    f"{record['samples_per_s']:10.1f} samples/s ({record['it_per_s']:.2f} it/s)"
+                    if "error" not in record
+                    else f"failed: {record['error']}"
+                )
                 print(f"{name:10s} {mode:16s} {shown}  wall {record['wall_s']:.0f} s", flush=True)
                 if out_path:
-                    Path(out_path).write_text(json.dumps(
-                        {"steps": options.steps, "log_every": options.log_every,
-                         "runs": {n: a for n, a in options.runs}, "results": results}, indent=1))
+                    Path(out_path).write_text(
+                        json.dumps(
+                            {
+                                "steps": options.steps,
+                                "log_every": options.log_every,
+                                "runs": {n: a for n, a in options.runs},
+                                "results": results,
+                            },
+                            indent=1,
+                        )
+                    )
     return 0 if all("error" not in r for run in results.values() for r in run.values()) else 1
 
 

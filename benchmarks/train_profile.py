@@ -27,27 +27,36 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from diffunet import cli, run_log
+from diffunet import cli
 from diffunet.benchmark import kernel_breakdown
+from diffunet.training import run_log
 
 
-def summarize(prof: Any, steps: int, device: torch.device, wall: float, tag: str,
-              rank: int) -> dict[str, Any]:
+def summarize(
+    prof: Any, steps: int, device: torch.device, wall: float, tag: str, rank: int
+) -> dict[str, Any]:
     """Per-step wall time, GPU kernel classes and the top host ops of one profiled window."""
     breakdown = kernel_breakdown(prof, steps, device)
     events = prof.key_averages()
-    host = sorted(((e.key, e.self_cpu_time_total / 1e3 / steps, e.count / steps)
-                   for e in events), key=lambda row: -row[1])[:30]
-    return {"tag": tag, "rank": rank, "steps": steps, "wall_ms_per_step": 1e3 * wall,
-            "gpu_ms_per_step": breakdown["ms_per_step"],
-            "classes": {c: v["ms_per_step"] for c, v in breakdown["classes"].items()},
-            "top_kernels": breakdown["top_kernels"][:15],
-            "host_self_ms_per_step": [{"op": op, "ms": ms, "calls": calls}
-                                      for op, ms, calls in host]}
+    host = sorted(
+        ((e.key, e.self_cpu_time_total / 1e3 / steps, e.count / steps) for e in events),
+        key=lambda row: -row[1],
+    )[:30]
+    return {
+        "tag": tag,
+        "rank": rank,
+        "steps": steps,
+        "wall_ms_per_step": 1e3 * wall,
+        "gpu_ms_per_step": breakdown["ms_per_step"],
+        "classes": {c: v["ms_per_step"] for c, v in breakdown["classes"].items()},
+        "top_kernels": breakdown["top_kernels"][:15],
+        "host_self_ms_per_step": [{"op": op, "ms": ms, "calls": calls} for op, ms, calls in host],
+    }
 
 
-def install(tag: str, first: int, last: int, out_dir: Path,
-            device: torch.device) -> Callable[[], None]:
+def install(
+    tag: str, first: int, last: int, out_dir: Path, device: torch.device
+) -> Callable[[], None]:
     """Hook `RunLog.tick` so that steps `first`..`last` run under the profiler; returns the
     function that removes the hook."""
     rank = int(os.environ.get("RANK", 0))
@@ -78,11 +87,17 @@ def install(tag: str, first: int, last: int, out_dir: Path,
             path = out_dir / f"train-profile-{tag}-rank{rank}.json"
             path.write_text(json.dumps(result, indent=1, default=str) + "\n")
             classes = ", ".join(f"{c} {ms:.1f}" for c, ms in result["classes"].items())
-            print(f"[{tag} rank {rank}] {result['wall_ms_per_step']:.1f} ms/step wall, GPU "
-                  f"kernels {result['gpu_ms_per_step']:.1f} ms ({classes})", flush=True)
+            print(
+                f"[{tag} rank {rank}] {result['wall_ms_per_step']:.1f} ms/step wall, GPU "
+                f"kernels {result['gpu_ms_per_step']:.1f} ms ({classes})",
+                flush=True,
+            )
             for row in result["host_self_ms_per_step"][:12]:
-                print(f"[{tag} rank {rank}]   host {row['ms']:7.2f} ms  x{row['calls']:<6.0f} "
-                      f"{row['op'][:90]}", flush=True)
+                print(
+                    f"[{tag} rank {rank}]   host {row['ms']:7.2f} ms  x{row['calls']:<6.0f} "
+                    f"{row['op'][:90]}",
+                    flush=True,
+                )
             print(f"[{tag} rank {rank}] wrote {path}", flush=True)
 
     run_log.RunLog.tick = profiled_tick
@@ -99,12 +114,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", default="run", help="name of this profile in file names")
     parser.add_argument("--first", type=int, default=20, help="first profiled step (20)")
     parser.add_argument("--last", type=int, default=30, help="last profiled step (30)")
-    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")),
-                        help="folder of the JSON files (default $OUT or .)")
-    parser.add_argument("--device", choices=("cuda", "cpu"),
-                        help="device whose kernels are timed (default: cuda when available)")
-    parser.add_argument("command", nargs=argparse.REMAINDER,
-                        help="-- and the diffunet command line (e.g. -- train --preset ldm ...)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(os.environ.get("OUT", ".")),
+        help="folder of the JSON files (default $OUT or .)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cuda", "cpu"),
+        help="device whose kernels are timed (default: cuda when available)",
+    )
+    parser.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        help="-- and the diffunet command line (e.g. -- train --preset ldm ...)",
+    )
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:

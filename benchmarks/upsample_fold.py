@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A model's upsampling convolutions timed as nearest upsampling then a 3×3 convolution, and
 as the same function folded into one transposed convolution of the input
-(`diffunet.nn.resample.folded_upsample_weight`, what the model runs on `FOLDED_DEVICES`).
+(`diffunet.model.layers.resample.folded_upsample_weight`, what the model runs on `FOLDED_DEVICES`).
 
     python benchmarks/upsample_fold.py --cases 3d,ldm,ddpm-cifar10 --out $OUT/upsample_fold.json
 
@@ -37,6 +37,7 @@ try:
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from diffunet import UNet
+from diffunet.accel.conv import convolve
 from diffunet.benchmark import (
     build_case,
     kernel_time_ms,
@@ -46,11 +47,10 @@ from diffunet.benchmark import (
     time_variants,
     write_json_result,
 )
-from diffunet.introspect import example_inputs
-from diffunet.nn import resample
-from diffunet.nn.conv import convolve
-from diffunet.nn.resample import Upsample, upsample_convolve, upsample_nearest
-from diffunet.unet import memory_format_for
+from diffunet.model.introspect import example_inputs
+from diffunet.model.layers import resample
+from diffunet.model.layers.resample import Upsample, upsample_convolve, upsample_nearest
+from diffunet.model.unet import memory_format_for
 
 #: The two ways the model can run (`--model-rounds`); the layers are timed a third way too.
 VARIANTS = ("nearest + conv", "folded")
@@ -69,8 +69,11 @@ def upsample_calls(case: str, quick: bool) -> list[tuple[Upsample, tuple[int, ..
         seen[key] += 1
         modules.setdefault(key, module)
 
-    hooks = [m.register_forward_pre_hook(record) for m in model.modules()
-             if isinstance(m, Upsample) and m.mode == "nearest_conv"]
+    hooks = [
+        m.register_forward_pre_hook(record)
+        for m in model.modules()
+        if isinstance(m, Upsample) and m.mode == "nearest_conv"
+    ]
     x, kwargs = example_inputs(spec.config, spec.batch, spec.size, device="meta")
     with torch.no_grad():
         model(x, **kwargs)
@@ -87,8 +90,11 @@ def forward_flops(case: str, quick: bool) -> dict[str, int]:
     x, kwargs = example_inputs(spec.config, 1, spec.size, device="meta")
     flops = {}
     for variant in VARIANTS:
-        with resample.folding_on(["meta"] if variant == "folded" else []), \
-                FlopCounterMode(display=False) as counter, torch.no_grad():
+        with (
+            resample.folding_on(["meta"] if variant == "folded" else []),
+            FlopCounterMode(display=False) as counter,
+            torch.no_grad(),
+        ):
             model(x, **kwargs)
         flops[variant] = counter.get_total_flops()
     return flops
@@ -102,14 +108,21 @@ def phase_convolutions(up: Upsample, x: torch.Tensor) -> torch.Tensor:
     return _phases(up.conv, x, up.conv.weight, up.factors, 0, [])
 
 
-def _phases(conv: nn.Module, x: torch.Tensor, kernel: torch.Tensor, factors: tuple[int, ...],
-            axis: int, pads: list[int]) -> torch.Tensor:
+def _phases(
+    conv: nn.Module,
+    x: torch.Tensor,
+    kernel: torch.Tensor,
+    factors: tuple[int, ...],
+    axis: int,
+    pads: list[int],
+) -> torch.Tensor:
     """The phases of the spatial axes from `axis` on, convolved and interleaved; `kernel` and
     `pads` (in `F.pad`'s order) already hold the earlier axes' choices."""
     if axis == len(factors):
         n = len(factors)
-        return torch.convolution(F.pad(x, pads), kernel, conv.bias, [1] * n, [0] * n, [1] * n,
-                                 False, [0] * n, 1)
+        return torch.convolution(
+            F.pad(x, pads), kernel, conv.bias, [1] * n, [0] * n, [1] * n, False, [0] * n, 1
+        )
     dim = axis + 2
     if factors[axis] != 2:
         return _phases(conv, x, kernel, factors, axis + 1, [1, 1, *pads])
@@ -120,8 +133,9 @@ def _phases(conv: nn.Module, x: torch.Tensor, kernel: torch.Tensor, factors: tup
     return torch.stack((even, odd), dim + 1).flatten(dim, dim + 1)
 
 
-def measure(module: Upsample, shape: tuple[int, ...], device: torch.device,
-            dtype: torch.dtype, iters: int) -> list[dict]:
+def measure(
+    module: Upsample, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, iters: int
+) -> list[dict]:
     """Forward and training milliseconds of each way (nearest + conv, folded, phase convs),
     and how far each is from the first."""
     torch.manual_seed(0)
@@ -139,9 +153,16 @@ def measure(module: Upsample, shape: tuple[int, ...], device: torch.device,
     return [{"shape": list(shape), "factors": list(module.factors), **row} for row in rows]
 
 
-def model_steps(case: str, quick: bool, device: torch.device, dtype: torch.dtype, rounds: int,
-                steps: int = 3, size: int | None = None, batch: int | None = None
-                ) -> dict[str, dict[str, float]]:
+def model_steps(
+    case: str,
+    quick: bool,
+    device: torch.device,
+    dtype: torch.dtype,
+    rounds: int,
+    steps: int = 3,
+    size: int | None = None,
+    batch: int | None = None,
+) -> dict[str, dict[str, float]]:
     """Eager training steps of the case's whole model (bf16 autocast where `dtype` is bf16,
     AdamW, no compilation), both ways in alternating order for `rounds` rounds of `steps`
     steps: per way the median and the fastest round's milliseconds per step. `size` and
@@ -152,8 +173,7 @@ def model_steps(case: str, quick: bool, device: torch.device, dtype: torch.dtype
     model = UNet(spec.config).to(device=device, memory_format=memory_format_for(spec.dims))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     x, kwargs = example_inputs(spec.config, batch or spec.batch, shape, device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
-                              enabled=dtype == torch.bfloat16)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
     def step() -> None:
         with autocast:
@@ -168,8 +188,10 @@ def model_steps(case: str, quick: bool, device: torch.device, dtype: torch.dtype
             with resample.folding_on([device.type] if variant == "folded" else []):
                 step()  # warm-up, and cuDNN's autotuning
                 times[variant].append(kernel_time_ms(step, steps, device, graphs=False))
-    return {variant: {"median_ms": statistics.median(t), "min_ms": min(t)}
-            for variant, t in times.items()}
+    return {
+        variant: {"median_ms": statistics.median(t), "min_ms": min(t)}
+        for variant, t in times.items()
+    }
 
 
 def totals(rows: list[dict]) -> dict[str, dict[str, float]]:
@@ -177,66 +199,105 @@ def totals(rows: list[dict]) -> dict[str, dict[str, float]]:
     times its calls per forward)."""
     out: dict[str, dict[str, float]] = {}
     for r in rows:
-        entry = out.setdefault(f"{r['case']} / {r['variant']}", {"forward_ms": 0.0, "train_ms": 0.0})
+        entry = out.setdefault(
+            f"{r['case']} / {r['variant']}", {"forward_ms": 0.0, "train_ms": 0.0}
+        )
         entry["forward_ms"] += r["count"] * r["forward_ms"]
         entry["train_ms"] += r["count"] * r["train_ms"]
     return out
 
 
-def format_rows(rows: list[dict], summed: dict[str, dict[str, float]],
-                flops: dict[str, dict[str, int]]) -> str:
+def format_rows(
+    rows: list[dict], summed: dict[str, dict[str, float]], flops: dict[str, dict[str, int]]
+) -> str:
     """One line per (case, shape, variant), then the per-step totals and the model's FLOPs."""
-    head = (f"{'case':<14}{'input':<24}{'factors':<10}{'calls':>6}  {'variant':<16}"
-            f"{'fwd ms':>9}{'train ms':>10}{'rel diff':>10}")
+    head = (
+        f"{'case':<14}{'input':<24}{'factors':<10}{'calls':>6}  {'variant':<16}"
+        f"{'fwd ms':>9}{'train ms':>10}{'rel diff':>10}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['case']:<14}{'x'.join(map(str, r['shape'])):<24}"
-                     f"{','.join(map(str, r['factors'])):<10}{r['count']:>6}  {r['variant']:<16}"
-                     f"{r['forward_ms']:>9.3f}{r['train_ms']:>10.3f}"
-                     f"{r['max_relative_difference']:>10.1e}")
+        lines.append(
+            f"{r['case']:<14}{'x'.join(map(str, r['shape'])):<24}"
+            f"{','.join(map(str, r['factors'])):<10}{r['count']:>6}  {r['variant']:<16}"
+            f"{r['forward_ms']:>9.3f}{r['train_ms']:>10.3f}"
+            f"{r['max_relative_difference']:>10.1e}"
+        )
     lines.append("")
     for name, t in summed.items():
-        lines.append(f"{name:<40} per forward {t['forward_ms']:8.3f} ms   "
-                     f"per training step {t['train_ms']:8.3f} ms")
+        lines.append(
+            f"{name:<40} per forward {t['forward_ms']:8.3f} ms   "
+            f"per training step {t['train_ms']:8.3f} ms"
+        )
     for case, counted in flops.items():
         plain, folded = counted["nearest + conv"], counted["folded"]
-        lines.append(f"{case:<14}forward GFLOP per sample: nearest + conv {plain / 1e9:.1f}, "
-                     f"folded {folded / 1e9:.1f} ({1 - folded / plain:.1%} fewer)")
+        lines.append(
+            f"{case:<14}forward GFLOP per sample: nearest + conv {plain / 1e9:.1f}, "
+            f"folded {folded / 1e9:.1f} ({1 - folded / plain:.1%} fewer)"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Time every case's upsampling both ways; print a table and write JSON."""
     parser = layer_benchmark_parser(__doc__.split("\n\n")[0], "upsample_fold.json")
-    parser.add_argument("--model-rounds", type=int, default=0,
-                        help="also time eager training steps of each case's whole model both "
-                             "ways, alternating, this many rounds (default: %(default)s)")
-    parser.add_argument("--model-size", type=int,
-                        help="spatial size of the whole-model steps (default: the case's)")
-    parser.add_argument("--model-batch", type=int,
-                        help="batch of the whole-model steps (default: the case's)")
-    parser.add_argument("--layers", action=argparse.BooleanOptionalAction, default=True,
-                        help="time each upsampling layer both ways (default: yes)")
+    parser.add_argument(
+        "--model-rounds",
+        type=int,
+        default=0,
+        help="also time eager training steps of each case's whole model both "
+        "ways, alternating, this many rounds (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--model-size", type=int, help="spatial size of the whole-model steps (default: the case's)"
+    )
+    parser.add_argument(
+        "--model-batch", type=int, help="batch of the whole-model steps (default: the case's)"
+    )
+    parser.add_argument(
+        "--layers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time each upsampling layer both ways (default: yes)",
+    )
     args = parser.parse_args(argv)
     device, dtype, meta = layer_benchmark_setup(args, parser)
     rows, flops, steps = [], {}, {}
     for case in args.cases.split(","):
         flops[case] = forward_flops(case, args.quick)
         for module, shape, count in upsample_calls(case, args.quick) if args.layers else []:
-            rows += [{"case": case, "count": count, **row}
-                     for row in measure(module, shape, device, dtype, args.iters)]
+            rows += [
+                {"case": case, "count": count, **row}
+                for row in measure(module, shape, device, dtype, args.iters)
+            ]
         if args.model_rounds:
-            steps[case] = model_steps(case, args.quick, device, dtype, args.model_rounds,
-                                      size=args.model_size, batch=args.model_batch)
+            steps[case] = model_steps(
+                case,
+                args.quick,
+                device,
+                dtype,
+                args.model_rounds,
+                size=args.model_size,
+                batch=args.model_batch,
+            )
     summed = totals(rows)
     print(format_rows(rows, summed, flops), flush=True)
     for case, timing in steps.items():
-        print(f"{case:<14}whole-model training step, eager: " + ", ".join(
-            f"{variant} {t['median_ms']:.1f} ms (fastest {t['min_ms']:.1f})"
-            for variant, t in timing.items()), flush=True)
-    data = {"meta": {**meta, "argv": sys.argv[1:] if argv is None else argv},
-            "rows": rows, "totals": summed, "forward_flops_per_sample": flops,
-            "model_steps": steps}
+        print(
+            f"{case:<14}whole-model training step, eager: "
+            + ", ".join(
+                f"{variant} {t['median_ms']:.1f} ms (fastest {t['min_ms']:.1f})"
+                for variant, t in timing.items()
+            ),
+            flush=True,
+        )
+    data = {
+        "meta": {**meta, "argv": sys.argv[1:] if argv is None else argv},
+        "rows": rows,
+        "totals": summed,
+        "forward_flops_per_sample": flops,
+        "model_steps": steps,
+    }
     write_json_result(data, args.out, "upsample_fold.json")
     return 0
 

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from sklearn.model_selection import train_test_split
 
+from diffunet.apps.metrics import ASSET, DigitsNet, to_digit_inputs
 from diffunet.data.digits import digits_arrays, resize_digits
-from diffunet.metrics import ASSET, DigitsNet, to_digit_inputs
 
 SEED = 0
 EPOCHS = 40
@@ -59,7 +59,9 @@ def main() -> None:
 
     images, labels = digits_arrays()
     train_idx, test_idx = train_test_split(
-        torch.arange(len(labels)).numpy(), test_size=0.2, random_state=SEED,
+        torch.arange(len(labels)).numpy(),
+        test_size=0.2,
+        random_state=SEED,
         stratify=labels.numpy(),
     )
     x_train, y_train = images[train_idx], labels[train_idx]
@@ -68,13 +70,15 @@ def main() -> None:
     net = DigitsNet()
     optimizer = torch.optim.AdamW(net.parameters(), lr=LR, weight_decay=1e-4)
     steps_per_epoch = len(x_train) // BATCH
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, LR, total_steps=EPOCHS * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, LR, total_steps=EPOCHS * steps_per_epoch
+    )
     start = time.perf_counter()
     for epoch in range(EPOCHS):
         net.train()
         order = torch.randperm(len(x_train), generator=generator)
         for i in range(steps_per_epoch):
-            batch = order[i * BATCH:(i + 1) * BATCH]
+            batch = order[i * BATCH : (i + 1) * BATCH]
             loss = F.cross_entropy(net(augment(x_train[batch], generator)), y_train[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -82,8 +86,11 @@ def main() -> None:
             scheduler.step()
         if (epoch + 1) % 10 == 0:
             net.eval()
-            print(f"epoch {epoch + 1}: loss {loss.item():.4f}, held-out accuracy "
-                  f"{accuracy(net, x_test, y_test, 8):.4f}", flush=True)
+            print(
+                f"epoch {epoch + 1}: loss {loss.item():.4f}, held-out accuracy "
+                f"{accuracy(net, x_test, y_test, 8):.4f}",
+                flush=True,
+            )
     net.eval()
     summary = {
         "held_out_accuracy_8px": accuracy(net, x_test, y_test, 8),
@@ -97,8 +104,11 @@ def main() -> None:
     state = {k: v.contiguous() for k, v in net.state_dict().items()}
     # One metadata key: safetensors orders several keys arbitrarily, and the file should be
     # byte-for-byte reproducible.
-    metadata = {"diffunet": json.dumps({"script": "scripts/train_digits_classifier.py", **summary},
-                                       sort_keys=True)}
+    metadata = {
+        "diffunet": json.dumps(
+            {"script": "scripts/train_digits_classifier.py", **summary}, sort_keys=True
+        )
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(args.out), metadata=metadata)
     print(json.dumps(summary, indent=2))

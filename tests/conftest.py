@@ -8,7 +8,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from diffunet.nn import fused
+from diffunet.accel import fused_norm as fused
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 

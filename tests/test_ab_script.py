@@ -15,19 +15,38 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 def _result(**rates: float) -> dict:
     """A `bench.py` result with one compiled training record per model (its peak memory a
     hundredth of its throughput)."""
-    return {"records": [{"model": m, "mode": "compile", "kind": "train", "throughput": v,
-                         "peak_mem_gib": v / 100} for m, v in rates.items()], "errors": []}
+    return {
+        "records": [
+            {
+                "model": m,
+                "mode": "compile",
+                "kind": "train",
+                "throughput": v,
+                "peak_mem_gib": v / 100,
+            }
+            for m, v in rates.items()
+        ],
+        "errors": [],
+    }
 
 
 def test_summary_medians_gain_and_ratios_against_the_reference(benchmark_script):
     ab = benchmark_script("ab")
-    runs = [{"tree": "base", "case": "ldm", "kind": "train", "result": _result(ours=100.0, ref=80.0)},
-            {"tree": "change", "case": "ldm", "kind": "train", "result": _result(ours=120.0)},
-            {"tree": "change", "case": "ldm", "kind": "train", "result": _result(ours=126.0)},
-            {"tree": "base", "case": "ldm", "kind": "train", "result": _result(ours=110.0, ref=84.0)}]
+    runs = [
+        {"tree": "base", "case": "ldm", "kind": "train", "result": _result(ours=100.0, ref=80.0)},
+        {"tree": "change", "case": "ldm", "kind": "train", "result": _result(ours=120.0)},
+        {"tree": "change", "case": "ldm", "kind": "train", "result": _result(ours=126.0)},
+        {"tree": "base", "case": "ldm", "kind": "train", "result": _result(ours=110.0, ref=84.0)},
+    ]
     (row,) = ab.summarize(runs, ["eager", "compile"])  # no eager records: no eager row
-    assert (row["base"], row["change"], row["ref"]) == ([100.0, 110.0], [120.0, 126.0], [80.0, 84.0])
-    assert row["gain"] == pytest.approx(statistics.median([120, 126]) / statistics.median([100, 110]) - 1)
+    assert (row["base"], row["change"], row["ref"]) == (
+        [100.0, 110.0],
+        [120.0, 126.0],
+        [80.0, 84.0],
+    )
+    assert row["gain"] == pytest.approx(
+        statistics.median([120, 126]) / statistics.median([100, 110]) - 1
+    )
     assert row["change_vs_ref"] == pytest.approx(123 / 82)
     assert row["base_vs_ref"] == pytest.approx(105 / 82)
     assert row["peak_gib"] == pytest.approx({"base": 1.05, "change": 1.23, "ref": 0.82})
@@ -46,29 +65,47 @@ def test_source_trees_must_hold_the_package(tmp_path, benchmark_script):
 @pytest.mark.slow
 def test_both_trees_are_measured_from_their_own_source(tmp_path, benchmark_script):
     base = tmp_path / "base" / "src"
-    shutil.copytree(SRC / "diffunet", base / "diffunet",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        SRC / "diffunet", base / "diffunet", ignore=shutil.ignore_patterns("__pycache__")
+    )
     out = tmp_path / "ab.json"
     ab = benchmark_script("ab")
-    code = ab.main(["--base-src", str(base), "--cases", "ddpm-cifar10", "--kinds", "infer",
-                    "--modes", "eager", "--no-ref", "--quick", "--device", "cpu",
-                    "--out", str(out)])
+    code = ab.main(
+        [
+            "--base-src",
+            str(base),
+            "--cases",
+            "ddpm-cifar10",
+            "--kinds",
+            "infer",
+            "--modes",
+            "eager",
+            "--no-ref",
+            "--quick",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     data = json.loads(out.read_text())
     assert Path(data["meta"]["trees"]["base"]["imports"]).is_relative_to(base)
     assert Path(data["meta"]["trees"]["change"]["imports"]).is_relative_to(SRC)
     assert [(r["tree"], r["case"], r["kind"]) for r in data["runs"]] == [
-        ("base", "ddpm-cifar10", "infer"), ("change", "ddpm-cifar10", "infer")]
+        ("base", "ddpm-cifar10", "infer"),
+        ("change", "ddpm-cifar10", "infer"),
+    ]
     (row,) = data["summary"]
     assert len(row["base"]) == len(row["change"]) == 1 and row["base"][0] > 0
     assert row["ref"] == [] and "change_vs_ref" not in row
 
 
-def test_change_env_is_parsed_and_reaches_the_change_processes_only(benchmark_script,
-                                                                    monkeypatch):
+def test_change_env_is_parsed_and_reaches_the_change_processes_only(benchmark_script, monkeypatch):
     ab = benchmark_script("ab")
-    args = ab.parse_args(["--base-src", str(SRC), "--change-env", "DIFFUNET_THIN_CONV=1",
-                          "--change-env", "X=a=b"])
+    args = ab.parse_args(
+        ["--base-src", str(SRC), "--change-env", "DIFFUNET_THIN_CONV=1", "--change-env", "X=a=b"]
+    )
     assert args.change_env == [("DIFFUNET_THIN_CONV", "1"), ("X", "a=b")]
     with pytest.raises(SystemExit):
         ab.parse_args(["--base-src", str(SRC), "--change-env", "DIFFUNET_THIN_CONV"])

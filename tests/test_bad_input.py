@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from diffunet import ConfigError, UNet, UNetConfig
-from diffunet.introspect import small_config
+from diffunet.model.introspect import small_config
 
 BAD_CONFIGS = [
     ({"dims": 4}, r"dims=4.*1, 2 or 3"),
@@ -30,7 +30,9 @@ def test_invalid_config_is_rejected_with_a_useful_message(changes, pattern):
 
 
 def test_unknown_field_lists_valid_ones():
-    with pytest.raises(ConfigError, match=r"unknown UNetConfig field\(s\) \['base_channels'\].*model_channels"):
+    with pytest.raises(
+        ConfigError, match=r"unknown UNetConfig field\(s\) \['base_channels'\].*model_channels"
+    ):
         UNetConfig.from_dict({"base_channels": 64})
 
 
@@ -60,7 +62,9 @@ def test_wrong_number_of_dimensions(model):
 
 
 def test_indivisible_size_names_nearest_valid_sizes(model):
-    with pytest.raises(ValueError, match=r"\(20, 16\).*\(8, 8\).*\(16, 16\) or \(24, 16\).*pad_to_multiple"):
+    with pytest.raises(
+        ValueError, match=r"\(20, 16\).*\(8, 8\).*\(16, 16\) or \(24, 16\).*pad_to_multiple"
+    ):
         model(torch.randn(1, 3, 20, 16), 1)
 
 
@@ -103,7 +107,9 @@ def test_missing_conditioning(conditional):
 def test_malformed_conditioning(conditional):
     x = torch.randn(1, 3, 16, 16)
     cond, context, labels = torch.randn(1, 1, 16, 16), torch.randn(1, 4, 12), torch.tensor([1])
-    with pytest.raises(ValueError, match=r"cond has shape \(1, 1, 8, 8\), expected \(1, 1, 16, 16\)"):
+    with pytest.raises(
+        ValueError, match=r"cond has shape \(1, 1, 8, 8\), expected \(1, 1, 16, 16\)"
+    ):
         conditional(x, 1, cond=torch.randn(1, 1, 8, 8), context=context, labels=labels)
     with pytest.raises(ValueError, match=r"context has shape \(1, 4, 7\), expected \(1, N, 12\)"):
         conditional(x, 1, cond=cond, context=torch.randn(1, 4, 7), labels=labels)

@@ -29,8 +29,9 @@ def test_check_runs_every_preset(capsys):
 
 
 def test_unknown_preset_is_one_line_and_non_zero():
-    result = subprocess.run([sys.executable, "-m", "diffunet", "info", "nope"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "diffunet", "info", "nope"], capture_output=True, text=True
+    )
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0
     assert "unknown preset 'nope'" in result.stderr

@@ -12,12 +12,31 @@ import yaml
 from PIL import Image
 
 from diffunet.cli import main
-from diffunet.training_state import load_training_state
+from diffunet.training.state import load_training_state
 
-TINY_MODEL = ["model_channels=16", "norm_groups=8", "channel_mult=[1,2]",
-              "attention_resolutions=[]", "num_res_blocks=1"]
-TINY = ["--image-size", "8", "--batch-size", "16", "--threads", "1", "--precision", "fp32",
-        "--sample-steps", "4", "--no-eval", "--log-every", "5", *TINY_MODEL]
+TINY_MODEL = [
+    "model_channels=16",
+    "norm_groups=8",
+    "channel_mult=[1,2]",
+    "attention_resolutions=[]",
+    "num_res_blocks=1",
+]
+TINY = [
+    "--image-size",
+    "8",
+    "--batch-size",
+    "16",
+    "--threads",
+    "1",
+    "--precision",
+    "fp32",
+    "--sample-steps",
+    "4",
+    "--no-eval",
+    "--log-every",
+    "5",
+    *TINY_MODEL,
+]
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -33,8 +52,20 @@ def trained_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "tiny"
     threads = torch.get_num_threads()
     try:
-        code = main(["train", "--steps", "12", "--checkpoint-every", "6", "--sample-every", "6",
-                     "--out", str(out), *TINY])
+        code = main(
+            [
+                "train",
+                "--steps",
+                "12",
+                "--checkpoint-every",
+                "6",
+                "--sample-every",
+                "6",
+                "--out",
+                str(out),
+                *TINY,
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     assert code == 0
@@ -42,9 +73,16 @@ def trained_run(tmp_path_factory) -> Path:
 
 
 def test_train_writes_a_complete_run(trained_run):
-    for name in ("config.yaml", "train_state.pt", "log.csv", "checkpoint/config.json",
-                 "checkpoint/model.safetensors", "checkpoint/run.json",
-                 "samples/step_0000006.png", "samples/final.png"):
+    for name in (
+        "config.yaml",
+        "train_state.pt",
+        "log.csv",
+        "checkpoint/config.json",
+        "checkpoint/model.safetensors",
+        "checkpoint/run.json",
+        "samples/step_0000006.png",
+        "samples/final.png",
+    ):
         assert (trained_run / name).is_file(), name
     config = yaml.safe_load((trained_run / "config.yaml").read_text())
     assert config["model"]["model_channels"] == 16 and config["model"]["num_classes"] == 10
@@ -60,28 +98,82 @@ def test_train_writes_a_complete_run(trained_run):
 
 
 def test_sample_npy_and_png(trained_run, tmp_path, capsys):
-    code, _, err = run_cli(capsys, "sample", "--from", trained_run, "--num", "12", "--steps", "3",
-                             "--out", tmp_path / "s.npy")
+    code, _, err = run_cli(
+        capsys,
+        "sample",
+        "--from",
+        trained_run,
+        "--num",
+        "12",
+        "--steps",
+        "3",
+        "--out",
+        tmp_path / "s.npy",
+    )
     assert code == 0, err
     array = np.load(tmp_path / "s.npy")
     assert array.shape == (12, 1, 8, 8) and array.dtype == np.float32
     assert array.min() >= 0.0 and array.max() <= 1.0
-    code, _, err = run_cli(capsys, "sample", "--from", trained_run / "checkpoint", "--num", "20",
-                           "--steps", "3", "--sampler", "ddim", "--guidance", "2", "--out",
-                           tmp_path / "grid.png")
+    code, _, err = run_cli(
+        capsys,
+        "sample",
+        "--from",
+        trained_run / "checkpoint",
+        "--num",
+        "20",
+        "--steps",
+        "3",
+        "--sampler",
+        "ddim",
+        "--guidance",
+        "2",
+        "--out",
+        tmp_path / "grid.png",
+    )
     assert code == 0, err
     image = Image.open(tmp_path / "grid.png")
     # 10 columns (one per class) × 2 rows of 8×8 digits shown at 4× with 2-pixel padding
     assert image.size == (10 * (32 + 2) + 2, 2 * (32 + 2) + 2) and image.mode == "L"
-    code, _, _ = run_cli(capsys, "sample", "--from", trained_run, "--num", "4", "--steps", "2",
-                         "--label", "3", "--sampler", "ddpm", "--seed", "1", "--out", tmp_path / "3.npy")
+    code, _, _ = run_cli(
+        capsys,
+        "sample",
+        "--from",
+        trained_run,
+        "--num",
+        "4",
+        "--steps",
+        "2",
+        "--label",
+        "3",
+        "--sampler",
+        "ddpm",
+        "--seed",
+        "1",
+        "--out",
+        tmp_path / "3.npy",
+    )
     assert code == 0 and np.load(tmp_path / "3.npy").shape == (4, 1, 8, 8)
 
 
 def test_sample_is_reproducible(trained_run, tmp_path, capsys):
     for name in ("a", "b"):
-        assert run_cli(capsys, "sample", "--from", trained_run, "--num", "3", "--steps", "3",
-                       "--seed", "7", "--out", tmp_path / f"{name}.npy")[0] == 0
+        assert (
+            run_cli(
+                capsys,
+                "sample",
+                "--from",
+                trained_run,
+                "--num",
+                "3",
+                "--steps",
+                "3",
+                "--seed",
+                "7",
+                "--out",
+                tmp_path / f"{name}.npy",
+            )[0]
+            == 0
+        )
     assert np.array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
 
 
@@ -156,7 +248,9 @@ def test_corrupt_training_state_is_reported(trained_run, tmp_path, capsys):
 def test_hostile_sample_input(trained_run, tmp_path, capsys):
     import shutil
 
-    code, _, err = run_cli(capsys, "sample", "--from", tmp_path / "missing", "--out", tmp_path / "x.png")
+    code, _, err = run_cli(
+        capsys, "sample", "--from", tmp_path / "missing", "--out", tmp_path / "x.png"
+    )
     assert_one_line_error(code, err, "does not exist")
     broken = tmp_path / "broken"
     shutil.copytree(trained_run / "checkpoint", broken)
@@ -173,20 +267,25 @@ def test_hostile_sample_input(trained_run, tmp_path, capsys):
     assert_one_line_error(code, err, "neither a run folder")
     code, _, err = run_cli(capsys, "sample", "--from", trained_run, "--out", tmp_path / "x.jpg")
     assert_one_line_error(code, err, ".png", ".npy")
-    code, _, err = run_cli(capsys, "sample", "--from", trained_run, "--num", "0",
-                           "--out", tmp_path / "x.png")
+    code, _, err = run_cli(
+        capsys, "sample", "--from", trained_run, "--num", "0", "--out", tmp_path / "x.png"
+    )
     assert_one_line_error(code, err, "--num")
-    code, _, err = run_cli(capsys, "sample", "--from", trained_run, "--label", "12",
-                           "--out", tmp_path / "x.png")
+    code, _, err = run_cli(
+        capsys, "sample", "--from", trained_run, "--label", "12", "--out", tmp_path / "x.png"
+    )
     assert_one_line_error(code, err, "--label")
     assert not (tmp_path / "x.png").exists()
 
 
 def test_console_script_exit_code_and_one_line(tmp_path):
     """The installed entry point, as a user runs it: exit 1, one line, no traceback."""
-    result = subprocess.run([sys.executable, "-m", "diffunet", "train", "--steps", "-3",
-                             "--out", str(tmp_path / "r")], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "diffunet", "train", "--steps", "-3", "--out", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert_one_line_error(result.returncode, result.stderr, "--steps")
     assert not (tmp_path / "r").exists()
 
@@ -201,25 +300,72 @@ def test_train_and_sample_signals_volumes_and_pairs(tmp_path, capsys):
         for side, array in (("target", image), ("input", image // 2)):
             (tmp_path / "pairs" / side).mkdir(parents=True, exist_ok=True)
             Image.fromarray(array).save(tmp_path / "pairs" / side / f"{i}.png")
-    tiny = ["--steps", "2", "--batch-size", "8", "--threads", "1", "--precision", "fp32",
-            "--sample-steps", "2", *TINY_MODEL]
-    for name, data, extra in (("1d", "signals.npy", []), ("3d", "volumes.npy", []),
-                              ("pairs", "pairs", ["--image-size", "8"])):
+    tiny = [
+        "--steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--threads",
+        "1",
+        "--precision",
+        "fp32",
+        "--sample-steps",
+        "2",
+        *TINY_MODEL,
+    ]
+    for name, data, extra in (
+        ("1d", "signals.npy", []),
+        ("3d", "volumes.npy", []),
+        ("pairs", "pairs", ["--image-size", "8"]),
+    ):
         run = tmp_path / f"run_{name}"
-        code, _, err = run_cli(capsys, "train", "--data", tmp_path / data, "--out", run, *tiny, *extra)
+        code, _, err = run_cli(
+            capsys, "train", "--data", tmp_path / data, "--out", run, *tiny, *extra
+        )
         assert code == 0, err
         assert (run / "samples" / "final.png").is_file()
     assert yaml.safe_load((tmp_path / "run_1d" / "config.yaml").read_text())["model"]["dims"] == 1
-    code, _, err = run_cli(capsys, "sample", "--from", tmp_path / "run_3d", "--num", "2", "--steps",
-                           "2", "--out", tmp_path / "v.npy")
+    code, _, err = run_cli(
+        capsys,
+        "sample",
+        "--from",
+        tmp_path / "run_3d",
+        "--num",
+        "2",
+        "--steps",
+        "2",
+        "--out",
+        tmp_path / "v.npy",
+    )
     assert code == 0, err
     assert np.load(tmp_path / "v.npy").shape == (2, 1, 8, 8, 8)
-    code, _, err = run_cli(capsys, "sample", "--from", tmp_path / "run_pairs", "--num", "3",
-                           "--steps", "2", "--out", tmp_path / "p.npy")
+    code, _, err = run_cli(
+        capsys,
+        "sample",
+        "--from",
+        tmp_path / "run_pairs",
+        "--num",
+        "3",
+        "--steps",
+        "2",
+        "--out",
+        tmp_path / "p.npy",
+    )
     assert_one_line_error(code, err, "--cond")
-    code, _, err = run_cli(capsys, "sample", "--from", tmp_path / "run_pairs", "--num", "3",
-                           "--steps", "2", "--cond", tmp_path / "pairs" / "input" / "0.png",
-                           "--out", tmp_path / "p.npy")
+    code, _, err = run_cli(
+        capsys,
+        "sample",
+        "--from",
+        tmp_path / "run_pairs",
+        "--num",
+        "3",
+        "--steps",
+        "2",
+        "--cond",
+        tmp_path / "pairs" / "input" / "0.png",
+        "--out",
+        tmp_path / "p.npy",
+    )
     assert code == 0, err
     assert np.load(tmp_path / "p.npy").shape == (3, 1, 8, 8)
 
@@ -236,7 +382,7 @@ def test_resume_of_a_run_without_checkpoint_starts_over(tmp_path, capsys):
 
 def test_cudnn_autotuning_is_switched_on_for_3d_models_on_gpus_only(monkeypatch):
     """On an H200 it doubles eager 3D training and slows 2D models (docs/performance.md)."""
-    from diffunet.distributed import enable_cudnn_autotuning
+    from diffunet.training.distributed import enable_cudnn_autotuning
 
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     enable_cudnn_autotuning(torch.device("cpu"), 3)
@@ -248,20 +394,32 @@ def test_cudnn_autotuning_is_switched_on_for_3d_models_on_gpus_only(monkeypatch)
 
 
 @pytest.mark.parametrize("command", ["train", "sample"])
-def test_commands_that_repeat_shapes_autotune_cudnn_on_their_device(command, trained_run,
-                                                                    tmp_path, capsys,
-                                                                    monkeypatch):
-    import diffunet.commands.sample as sample_command
-    from diffunet import distributed
+def test_commands_that_repeat_shapes_autotune_cudnn_on_their_device(
+    command, trained_run, tmp_path, capsys, monkeypatch
+):
+    import diffunet.cli.sample as sample_command
+    from diffunet.training import distributed
 
     seen = []
     module = distributed if command == "train" else sample_command
-    monkeypatch.setattr(module, "enable_cudnn_autotuning",
-                        lambda device, dims: seen.append((device, dims)))
-    args = (["train", "--steps", "1", "--out", tmp_path / "run", *TINY]
-            if command == "train" else
-            ["sample", "--from", trained_run, "--num", "2", "--steps", "1", "--out",
-             tmp_path / "s.npy"])
+    monkeypatch.setattr(
+        module, "enable_cudnn_autotuning", lambda device, dims: seen.append((device, dims))
+    )
+    args = (
+        ["train", "--steps", "1", "--out", tmp_path / "run", *TINY]
+        if command == "train"
+        else [
+            "sample",
+            "--from",
+            trained_run,
+            "--num",
+            "2",
+            "--steps",
+            "1",
+            "--out",
+            tmp_path / "s.npy",
+        ]
+    )
     threads = torch.get_num_threads()
     try:
         code, _, err = run_cli(capsys, *args)

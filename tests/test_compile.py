@@ -12,7 +12,7 @@ from torch._dynamo.testing import CompileCounter
 from torch._dynamo.utils import counters
 
 from diffunet import UNet
-from diffunet.introspect import example_inputs, small_config
+from diffunet.model.introspect import example_inputs, small_config
 
 # (batch, spatial, context tokens). The first call's sizes differ from each other and from
 # every channel count: Dynamo would otherwise unify them ("duck sizing") and specialise.
@@ -22,7 +22,10 @@ CALLS = [(2, (6, 9, 7), 7), (3, (8, 5, 10), 4), (5, (11, 6, 4), 10), (4, (7, 7, 
 
 def tiny_model(name: str, dims: int) -> UNet:
     config = small_config(name, dims=dims).replace(
-        num_res_blocks=1, dropout=0.0, channel_mult=(1, 2), attention_resolutions=(2,),
+        num_res_blocks=1,
+        dropout=0.0,
+        channel_mult=(1, 2),
+        attention_resolutions=(2,),
         pad_to_multiple=True,
     )
     model = UNet(config).eval()
@@ -45,8 +48,9 @@ def run_all_sizes(compiled, model: UNet, tolerance: float = 1e-5) -> None:
             torch.testing.assert_close(out, model(x, **kwargs), rtol=tolerance, atol=tolerance)
 
 
-@pytest.mark.parametrize(("name", "dims"), [("emdiffuse", 1), ("emdiffuse", 2),
-                                            ("emdiffuse", 3), ("text-unet", 2)])
+@pytest.mark.parametrize(
+    ("name", "dims"), [("emdiffuse", 1), ("emdiffuse", 2), ("emdiffuse", 3), ("text-unet", 2)]
+)
 def test_dynamic_compile_traces_once_for_all_sizes(name, dims):
     model = tiny_model(name, dims)
     counter = CompileCounter()
@@ -67,8 +71,10 @@ def test_default_compile_settles_after_one_recompile():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("DIFFUNET_SLOW_TESTS"),
-                    reason="Inductor compiles C++ for about 30 s; set DIFFUNET_SLOW_TESTS=1")
+@pytest.mark.skipif(
+    not os.environ.get("DIFFUNET_SLOW_TESTS"),
+    reason="Inductor compiles C++ for about 30 s; set DIFFUNET_SLOW_TESTS=1",
+)
 def test_dynamic_inductor_matches_eager_for_all_sizes():
     # Inductor lowers the symbolic padding arithmetic too (a symbolic `%` once failed here).
     model = tiny_model("emdiffuse", 2)

@@ -1,4 +1,4 @@
-"""Layout-stable convolutions (`diffunet.nn.conv`): exact against `nn.ConvNd`, plain in exports."""
+"""Layout-stable convolutions (`diffunet.accel.conv`): exact against `nn.ConvNd`, plain in exports."""
 
 from __future__ import annotations
 
@@ -9,16 +9,16 @@ from functorch.compile import make_boxed_func
 from torch import nn
 from torch._functorch.aot_autograd import aot_module_simplified
 
-import diffunet.nn.conv as conv_module
-from diffunet.nn.conv import (
+import diffunet.accel.conv as conv_module
+from diffunet.accel.conv import (
     convolve,
     convolve_split_bias,
     cudnn_memory_format,
     dense_strides,
     pin_layout,
 )
-from diffunet.nn.ops import conv_nd
-from diffunet.nn.resample import upsample_nearest
+from diffunet.model.layers.ops import conv_nd
+from diffunet.model.layers.resample import upsample_nearest
 
 
 class Convolve(nn.Module):
@@ -93,8 +93,10 @@ def _graphs(module: nn.Module, *args: torch.Tensor) -> list[set[str]]:
 
 
 @pytest.mark.parametrize("dims", [1, 2, 3])
-@pytest.mark.parametrize("options", [dict(padding=1), dict(stride=2, padding=0, bias=False),
-                                     dict(padding=2, dilation=2, groups=2)])
+@pytest.mark.parametrize(
+    "options",
+    [dict(padding=1), dict(stride=2, padding=0, bias=False), dict(padding=2, dilation=2, groups=2)],
+)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_compiled_forward_and_gradients_equal_eager(dims, options, channels_last):
     torch.manual_seed(0)
@@ -131,9 +133,15 @@ def test_compiled_under_autocast_matches_eager_within_bf16_rounding():
     torch.testing.assert_close(out.float(), expected.float(), rtol=0.02, atol=0.02)
 
 
-@pytest.mark.parametrize("shape, layout", [((3, 5, 7), None), ((2, 5, 4, 6), None),
-                                           ((2, 5, 4, 6), torch.channels_last),
-                                           ((2, 5, 3, 4, 6), torch.channels_last_3d)])
+@pytest.mark.parametrize(
+    "shape, layout",
+    [
+        ((3, 5, 7), None),
+        ((2, 5, 4, 6), None),
+        ((2, 5, 4, 6), torch.channels_last),
+        ((2, 5, 3, 4, 6), torch.channels_last_3d),
+    ],
+)
 def test_bias_gradient_is_the_sum_over_all_but_the_channels(shape, layout):
     torch.manual_seed(0)
     grad = torch.randn(shape, dtype=torch.float64)
@@ -153,8 +161,10 @@ def test_the_bias_gradient_comes_from_the_convolution_backward():
         def backward_compiler(bw, _):
             backward_ops.extend(_call_targets(bw))
             return make_boxed_func(bw)
-        return aot_module_simplified(gm, inputs, fw_compiler=lambda fw, _: make_boxed_func(fw),
-                                     bw_compiler=backward_compiler)
+
+        return aot_module_simplified(
+            gm, inputs, fw_compiler=lambda fw, _: make_boxed_func(fw), bw_compiler=backward_compiler
+        )
 
     torch.compile(Convolve(conv), backend=backend)(x).sum().backward()
     assert "diffunet.convolution_backward.default" in backward_ops
@@ -280,8 +290,16 @@ def test_split_bias_keeps_the_bias_in_exported_programs():
 def test_the_unet_compiles_every_convolution_through_the_custom_op():
     from diffunet import UNet, UNetConfig
 
-    model = UNet(UNetConfig(dims=2, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                            attention_resolutions=(), norm_groups=8))
+    model = UNet(
+        UNetConfig(
+            dims=2,
+            model_channels=16,
+            channel_mult=(1, 2),
+            num_res_blocks=1,
+            attention_resolutions=(),
+            norm_groups=8,
+        )
+    )
     convs = sum(type(m) is nn.Conv2d for m in model.modules())
     (ops,) = _graphs_counted(model, torch.randn(2, 3, 16, 16), torch.tensor([1.0, 2.0]))
     assert ops["diffunet.convolution.default"] == convs
@@ -331,7 +349,10 @@ class NormUpsampleConvs(nn.Module):
 
     def __init__(self, dims: int) -> None:
         super().__init__()
-        self.first, self.second = conv_nd(dims, 8, 8, 3, padding=1), conv_nd(dims, 8, 4, 3, padding=1)
+        self.first, self.second = (
+            conv_nd(dims, 8, 8, 3, padding=1),
+            conv_nd(dims, 8, 4, 3, padding=1),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = convolve(self.first, F.silu(F.group_norm(x, 4)))
@@ -357,8 +378,10 @@ def test_inductor_convolves_compiled_inference_in_channels_last(dims, monkeypatc
 
     layout = conv_module._CHANNELS_LAST[dims + 2]
     if dims == 3 and not _cpu_convolves_bf16_in(layout, dims):
-        pytest.skip("this CPU convolves bf16 in NCDHW (no oneDNN bf16 kernels), so its Inductor "
-                    "lays 3D convolutions out that way, unlike CUDA's: no proxy for the GPU here")
+        pytest.skip(
+            "this CPU convolves bf16 in NCDHW (no oneDNN bf16 kernels), so its Inductor "
+            "lays 3D convolutions out that way, unlike CUDA's: no proxy for the GPU here"
+        )
     torch.manual_seed(0)
     model = NormUpsampleConvs(dims).to(memory_format=layout)
     x = torch.randn(2, 8, *[4] * dims).contiguous(memory_format=layout)
@@ -366,8 +389,9 @@ def test_inductor_convolves_compiled_inference_in_channels_last(dims, monkeypatc
     convolution = extern_kernels.convolution
 
     def recording(inp, weight, *args, **kwargs):
-        seen.append((inp.is_contiguous(memory_format=layout),
-                     weight.is_contiguous(memory_format=layout)))
+        seen.append(
+            (inp.is_contiguous(memory_format=layout), weight.is_contiguous(memory_format=layout))
+        )
         return convolution(inp, weight, *args, **kwargs)
 
     compiled = torch.compile(model)
@@ -408,10 +432,13 @@ def test_cudnn_memory_format_follows_either_operand():
     assert cudnn_memory_format(x, w.to(memory_format=cl)) == cl
     assert cudnn_memory_format(x.to(memory_format=cl), w) == cl
     x3, w3 = torch.randn(1, 2, 3, 3, 3), torch.randn(2, 2, 3, 3, 3)
-    assert cudnn_memory_format(x3, w3.to(memory_format=torch.channels_last_3d)) == \
-        torch.channels_last_3d
-    assert cudnn_memory_format(torch.randn(2, 4, 7), torch.randn(4, 4, 3)) == \
-        torch.contiguous_format
+    assert (
+        cudnn_memory_format(x3, w3.to(memory_format=torch.channels_last_3d))
+        == torch.channels_last_3d
+    )
+    assert (
+        cudnn_memory_format(torch.randn(2, 4, 7), torch.randn(4, 4, 3)) == torch.contiguous_format
+    )
 
 
 @pytest.mark.gpu
@@ -457,7 +484,7 @@ def test_compiled_training_on_gpu_makes_no_layout_copies_in_convolution_backward
 
 def test_preferred_channels_last_without_converting_the_weight():
     """What FSDP runs get instead of channels-last weights (it shards only contiguous ones)."""
-    from diffunet.nn.conv import prefer_channels_last
+    from diffunet.accel.conv import prefer_channels_last
 
     block = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.Conv1d(4, 4, 3))
     prefer_channels_last(block)
@@ -490,9 +517,16 @@ def test_compiled_bf16_3d_unet_trains_on_the_cpu(monkeypatch):
     torch.manual_seed(0)
     # Two levels with attention at the second, one block each: every kind of block the 3D
     # preset has, in less C++ compile time than the full depth (57 s instead of 91, cold).
-    model = UNet(UNET_3D.replace(model_channels=16, norm_groups=8, num_head_channels=8,
-                                 channel_mult=(1, 2), attention_resolutions=(2,),
-                                 num_res_blocks=1))
+    model = UNet(
+        UNET_3D.replace(
+            model_channels=16,
+            norm_groups=8,
+            num_head_channels=8,
+            channel_mult=(1, 2),
+            attention_resolutions=(2,),
+            num_res_blocks=1,
+        )
+    )
     model = model.to(memory_format=torch.channels_last_3d)
     x = torch.randn(1, 1, 32, 32, 32).to(memory_format=torch.channels_last_3d)
     cond, t = torch.randn_like(x), torch.tensor([3])
@@ -528,11 +562,14 @@ class ConvolutionWeights(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize(("dims", "channels", "padded"), [
-    (3, (16, 1), (8, 16)), (3, (4, 3), (8, 4)), (3, (2, 16), (16, 2)), (2, (16, 3), (3, 16))])
+@pytest.mark.parametrize(
+    ("dims", "channels", "padded"),
+    [(3, (16, 1), (8, 16)), (3, (4, 3), (8, 4)), (3, (2, 16), (16, 2)), (2, (16, 3), (3, 16))],
+)
 @pytest.mark.parametrize("mode", ["eager", "compiled", "compiled inference", "split bias"])
-def test_output_padding_changes_no_result_or_gradient(dims, channels, padded, mode,
-                                                      padded_on_the_cpu):
+def test_output_padding_changes_no_result_or_gradient(
+    dims, channels, padded, mode, padded_on_the_cpu
+):
     """3D convolutions convolve with output channels padded to 8 and sliced back: the same
     numbers, the same gradients; a 3D stem (2 inputs, 16 outputs) and 2D heads are left alone."""
     torch.manual_seed(0)
@@ -541,15 +578,21 @@ def test_output_padding_changes_no_result_or_gradient(dims, channels, padded, mo
     x = torch.randn(2, channels[0], *[5] * dims, dtype=torch.double)
     x = x.contiguous(memory_format=layout).requires_grad_(mode != "compiled inference")
     assert conv_module.output_padding(conv, x) == padded[0] - channels[1]
-    run = {"split bias": lambda x: (lambda out, bias: out + bias.view(-1, *[1] * dims))(
-        *convolve_split_bias(conv, x))}.get(mode, Convolve(conv))
+    run = {
+        "split bias": lambda x: (lambda out, bias: out + bias.view(-1, *[1] * dims))(
+            *convolve_split_bias(conv, x)
+        )
+    }.get(mode, Convolve(conv))
     if mode.startswith("compiled"):
         weights = []
 
         def backend(gm, inputs):
-            weights.extend(tuple(n.args[1].meta["example_value"].shape) for n in gm.graph.nodes
-                           if n.op == "call_function" and any(
-                               op in str(n.target) for op in ("convolution", "conv2d", "conv3d")))
+            weights.extend(
+                tuple(n.args[1].meta["example_value"].shape)
+                for n in gm.graph.nodes
+                if n.op == "call_function"
+                and any(op in str(n.target) for op in ("convolution", "conv2d", "conv3d"))
+            )
             return gm
 
         with torch.set_grad_enabled(mode == "compiled"):
@@ -569,8 +612,11 @@ def test_output_padding_changes_no_result_or_gradient(dims, channels, padded, mo
         return
     grad = torch.randn_like(expected)
     inputs = [x, *conv.parameters()]
-    for got, want in zip(torch.autograd.grad(out, inputs, grad),
-                         torch.autograd.grad(expected, inputs, grad), strict=True):
+    for got, want in zip(
+        torch.autograd.grad(out, inputs, grad),
+        torch.autograd.grad(expected, inputs, grad),
+        strict=True,
+    ):
         assert got.shape == want.shape
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
@@ -593,8 +639,7 @@ def test_exported_programs_keep_the_unpadded_convolution(padded_on_the_cpu):
     program = torch.export.export(Convolve(conv), (torch.randn(2, 3, 4, 4, 4),), strict=False)
     (node,) = [n for n in program.graph.nodes if n.target is torch.ops.aten.conv3d.default]
     assert tuple(node.args[1].meta["val"].shape) == (1, 3, 3, 3, 3)
-    assert not any(n.target is torch.ops.aten.constant_pad_nd.default
-                   for n in program.graph.nodes)
+    assert not any(n.target is torch.ops.aten.constant_pad_nd.default for n in program.graph.nodes)
 
 
 def test_a_padded_unet_computes_what_the_plain_one_does(padded_on_the_cpu, monkeypatch):
@@ -604,8 +649,15 @@ def test_a_padded_unet_computes_what_the_plain_one_does(padded_on_the_cpu, monke
     from diffunet.benchmark import UNET_3D
 
     torch.manual_seed(0)
-    model = UNet(UNET_3D.replace(model_channels=16, channel_mult=(1, 2), norm_groups=8,
-                                 num_head_channels=8, attention_resolutions=())).double()
+    model = UNet(
+        UNET_3D.replace(
+            model_channels=16,
+            channel_mult=(1, 2),
+            norm_groups=8,
+            num_head_channels=8,
+            attention_resolutions=(),
+        )
+    ).double()
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     x = torch.randn(2, 1, 8, 8, 8, dtype=torch.double)
     cond, t = torch.randn_like(x), torch.tensor([3, 7])
@@ -615,8 +667,9 @@ def test_a_padded_unet_computes_what_the_plain_one_does(padded_on_the_cpu, monke
         with ConvolutionWeights() as recorded:
             out = model(x, t, cond=cond)
         out.square().mean().backward()
-        results.append((out.detach(), [p.grad.clone() for p in model.parameters()],
-                        recorded.shapes))
+        results.append(
+            (out.detach(), [p.grad.clone() for p in model.parameters()], recorded.shapes)
+        )
         model.zero_grad()
     (padded, padded_grads, padded_shapes), (plain, plain_grads, plain_shapes) = results
     assert padded_shapes[0] == plain_shapes[0] == (16, 2, 3, 3, 3)  # the stem

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from diffunet import UNet
-from diffunet.cuda_graph import CACHE_ATTRIBUTE, CUDAGraphModel, release_cuda_graphs
+from diffunet.accel.cuda_graph import CACHE_ATTRIBUTE, CUDAGraphModel, release_cuda_graphs
 from diffunet.diffusion import Diffusion
-from diffunet.introspect import small_config
+from diffunet.model.introspect import small_config
 
 
 def tiny_unet(**overrides) -> UNet:
@@ -30,8 +30,17 @@ def test_cpu_calls_pass_through_and_attributes_are_the_models():
 
 def test_sample_with_graph_auto_on_cpu_is_the_eager_sample():
     model, diffusion = tiny_unet(), Diffusion("linear", 100)
-    runs = [diffusion.sample(model, (2, 3, 16, 16), steps=3, progress=False, cuda_graph=mode,
-                             generator=torch.Generator().manual_seed(1)) for mode in ("auto", False)]
+    runs = [
+        diffusion.sample(
+            model,
+            (2, 3, 16, 16),
+            steps=3,
+            progress=False,
+            cuda_graph=mode,
+            generator=torch.Generator().manual_seed(1),
+        )
+        for mode in ("auto", False)
+    ]
     assert torch.equal(*runs)
     with pytest.raises(ValueError, match="cuda_graph"):
         diffusion.sample(model, (2, 3, 16, 16), steps=3, progress=False, cuda_graph="yes")
@@ -64,9 +73,19 @@ def test_graph_replays_match_eager_for_each_signature():
 def test_sampling_with_and_without_graph_agree():
     model, diffusion = tiny_unet().cuda(), Diffusion("linear", 100)
     keys = set(model.state_dict())
-    runs = [diffusion.sample(model, (2, 3, 16, 16), steps=5, sampler=sampler, progress=False,
-                             cuda_graph=mode, generator=torch.Generator().manual_seed(1))
-            for sampler in ("ddim", "dpm++") for mode in (True, False)]
+    runs = [
+        diffusion.sample(
+            model,
+            (2, 3, 16, 16),
+            steps=5,
+            sampler=sampler,
+            progress=False,
+            cuda_graph=mode,
+            generator=torch.Generator().manual_seed(1),
+        )
+        for sampler in ("ddim", "dpm++")
+        for mode in (True, False)
+    ]
     torch.testing.assert_close(runs[0], runs[1], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(runs[2], runs[3], rtol=1e-4, atol=1e-4)
     assert model.__dict__[CACHE_ATTRIBUTE].recordings == 1

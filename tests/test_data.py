@@ -37,8 +37,7 @@ def test_image_folder_bit_depths_modes_and_resizing(tmp_path):
     _png(tmp_path / "a_gray8.png", rng.integers(0, 256, (40, 60), dtype=np.uint8))
     _png(tmp_path / "b_gray16.png", np.full((30, 30), 65535, dtype=np.uint16))
     Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "c_rgb.jpg")
-    tifffile.imwrite(tmp_path / "d_rgb16.tif",
-                     np.full((16, 16, 3), 32768, dtype=np.uint16))
+    tifffile.imwrite(tmp_path / "d_rgb16.tif", np.full((16, 16, 3), 32768, dtype=np.uint16))
     (tmp_path / "notes.txt").write_text("not an image")
     data = open_dataset(str(tmp_path), image_size=12)
     assert data.x.shape == (4, 3, 12, 12)  # grey widened to RGB because one image is RGB
@@ -77,8 +76,10 @@ def test_npy_signals_and_volumes(tmp_path):
     data = open_dataset(str(tmp_path / "signals.npy"))
     assert data.dims == 1 and data.x.shape == (10, 2, 32)
     assert data.x.min() == 0 and data.x.max() == 1
-    assert data.extra["value_range"] == [pytest.approx(float(signals.min())),
-                                         pytest.approx(float(signals.max()))]
+    assert data.extra["value_range"] == [
+        pytest.approx(float(signals.min())),
+        pytest.approx(float(signals.max())),
+    ]
     volumes = np.random.default_rng(1).integers(0, 256, (4, 1, 8, 12, 12), dtype=np.uint8)
     np.save(tmp_path / "volumes.npy", volumes)
     data = open_dataset(str(tmp_path / "volumes.npy"), image_size=8)
@@ -127,9 +128,12 @@ def test_paired_folders(tmp_path):
 
 def _pairs() -> TensorDataset:
     g = torch.Generator().manual_seed(0)
-    return TensorDataset(x=torch.rand(6, 2, 4, 4, generator=g),
-                         cond=torch.rand(6, 1, 4, 4, generator=g),
-                         labels=torch.arange(6) % 3, source="pairs")
+    return TensorDataset(
+        x=torch.rand(6, 2, 4, 4, generator=g),
+        cond=torch.rand(6, 1, 4, 4, generator=g),
+        labels=torch.arange(6) % 3,
+        source="pairs",
+    )
 
 
 def test_batch_picks_scales_and_moves():
@@ -145,21 +149,30 @@ def test_batch_picks_scales_and_moves():
     assert data.to("cpu") is data
     moved = data.batch(idx, "meta")
     assert {k: (v.device.type, tuple(v.shape)) for k, v in moved.items()} == {
-        "x": ("meta", (3, 2, 4, 4)), "cond": ("meta", (3, 1, 4, 4)), "labels": ("meta", (3,))}
+        "x": ("meta", (3, 2, 4, 4)),
+        "cond": ("meta", (3, 1, 4, 4)),
+        "labels": ("meta", (3,)),
+    }
 
 
 def test_small_data_sets_are_held_on_the_gpu(monkeypatch):
     from types import SimpleNamespace
 
-    from diffunet import train
+    from diffunet.training import trainer as train
 
     data = _pairs()  # 1200 bytes
-    monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda device: SimpleNamespace(total_memory=1200 / train.RESIDENT_DATA_SHARE))
+    monkeypatch.setattr(
+        torch.cuda,
+        "get_device_properties",
+        lambda device: SimpleNamespace(total_memory=1200 / train.RESIDENT_DATA_SHARE),
+    )
     assert train.resident_on(data, torch.device("cuda"))
     assert not train.resident_on(data, torch.device("cpu"))
-    monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda device: SimpleNamespace(total_memory=1199 / train.RESIDENT_DATA_SHARE))
+    monkeypatch.setattr(
+        torch.cuda,
+        "get_device_properties",
+        lambda device: SimpleNamespace(total_memory=1199 / train.RESIDENT_DATA_SHARE),
+    )
     assert not train.resident_on(data, torch.device("cuda"))
 
 

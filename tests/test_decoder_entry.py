@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from diffunet import UNet
-from diffunet.introspect import example_inputs, small_config
-from diffunet.nn import decoder_entry, fused
-from diffunet.nn.ops import conv_nd, normalization
-from diffunet.nn.resblock import ResBlock
+from diffunet.accel import decoder_entry
+from diffunet.accel import fused_norm as fused
+from diffunet.model.introspect import example_inputs, small_config
+from diffunet.model.layers.ops import conv_nd, normalization
+from diffunet.model.layers.resblock import ResBlock
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 EPS = 1e-5
@@ -35,8 +36,9 @@ def reference_forward(x, weight, bias, scale, shift, add, num_groups, eps, film,
     return y, mean, rstd
 
 
-def reference_backward(grad, x, weight, bias, scale, shift, add, mean, rstd, num_groups, film,
-                       act, out=None):
+def reference_backward(
+    grad, x, weight, bias, scale, shift, add, mean, rstd, num_groups, film, act, out=None
+):
     """The kernels' backward contract: dx written to `out` (possibly `x` itself) where given."""
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(True) for t in (x, weight, bias)]
@@ -71,10 +73,13 @@ def _entry_layers(dims: int, channels: int, out_channels: int, groups: int):
 
 
 @pytest.mark.usefixtures("stand_in_kernels")
-@pytest.mark.parametrize(("spatial", "h_channels", "skip_channels", "groups"), [
-    ((11,), 12, 4, 4), ((5, 6), 8, 16, 8), ((3, 4, 5), 24, 8, 8)])
+@pytest.mark.parametrize(
+    ("spatial", "h_channels", "skip_channels", "groups"),
+    [((11,), 12, 4, 4), ((5, 6), 8, 16, 8), ((3, 4, 5), 24, 8, 8)],
+)
 def test_the_entry_matches_normalizing_and_projecting_the_concatenation(
-        spatial, h_channels, skip_channels, groups):
+    spatial, h_channels, skip_channels, groups
+):
     """Output, projection and every gradient (h, skip, norm and projection parameters),
     in 1D (contiguous), 2D and 3D (channels-last), with groups that straddle h and skip."""
     dims = len(spatial)
@@ -161,18 +166,17 @@ def test_cpu_tensors_concatenate():
 
 @pytest.mark.usefixtures("stand_in_kernels")
 @pytest.mark.parametrize("scale_shift", [False, True])
-def test_a_resblock_given_the_skip_matches_one_given_the_concatenation(
-        scale_shift, monkeypatch):
-    block = ResBlock(2, 24, 8, 16, use_scale_shift_norm=scale_shift, norm_groups=8,
-                     zero_init=False)
+def test_a_resblock_given_the_skip_matches_one_given_the_concatenation(scale_shift, monkeypatch):
+    block = ResBlock(2, 24, 8, 16, use_scale_shift_norm=scale_shift, norm_groups=8, zero_init=False)
     h = _layout(torch.randn(2, 16, 6, 6)).requires_grad_(True)
     skip = _layout(torch.randn(2, 8, 6, 6)).requires_grad_(True)
     emb = torch.randn(2, 16)
     expected = block(torch.cat([h, skip], 1), emb)
     ref_grads = torch.autograd.grad(expected.square().sum(), [h, skip, *block.parameters()])
     taken = []
-    monkeypatch.setattr(decoder_entry, "concat_fused_wanted",
-                        lambda x, s: taken.append(x.shape) or True)
+    monkeypatch.setattr(
+        decoder_entry, "concat_fused_wanted", lambda x, s: taken.append(x.shape) or True
+    )
     got = block(h, emb, skip)
     grads = torch.autograd.grad(got.square().sum(), [h, skip, *block.parameters()])
     assert taken
@@ -184,15 +188,17 @@ def test_a_resblock_given_the_skip_matches_one_given_the_concatenation(
 @pytest.mark.usefixtures("stand_in_kernels")
 @pytest.mark.parametrize("use_checkpoint", [False, True])
 def test_a_unet_whose_decoder_takes_the_pairs_trains_as_one_that_concatenates(
-        use_checkpoint, monkeypatch):
+    use_checkpoint, monkeypatch
+):
     config = small_config("ddpm-cifar10").replace(dropout=0.0, use_checkpoint=use_checkpoint)
     torch.manual_seed(0)
     model = UNet(config).train()
     x, kwargs = example_inputs(config, batch=2)
     calls = []
     pair = decoder_entry.norm_act_and_project
-    monkeypatch.setattr(decoder_entry, "norm_act_and_project",
-                        lambda *args: calls.append(1) or pair(*args))
+    monkeypatch.setattr(
+        decoder_entry, "norm_act_and_project", lambda *args: calls.append(1) or pair(*args)
+    )
     results = []
     for wanted in (True, False):
         monkeypatch.setattr(decoder_entry, "concat_fused_wanted", lambda x, s, w=wanted: w)
@@ -200,8 +206,9 @@ def test_a_unet_whose_decoder_takes_the_pairs_trains_as_one_that_concatenates(
         out = model(x, **kwargs)
         out.square().mean().backward()
         results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
-    skips = sum(1 for block in model.output_blocks for layer in block[:1]
-                if isinstance(layer, ResBlock))
+    skips = sum(
+        1 for block in model.output_blocks for layer in block[:1] if isinstance(layer, ResBlock)
+    )
     assert len(calls) == skips * (2 if use_checkpoint else 1)  # checkpoints recompute
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
     for g, r in zip(results[0][1], results[1][1]):
@@ -212,8 +219,8 @@ INTERPRETER_CHECK = textwrap.dedent("""
     # The kernels themselves under Triton's interpreter: argv[1] "one-pass" or "three-kernel".
     import dataclasses, sys
     import torch
-    from diffunet.nn import decoder_entry, fused
-    from diffunet.nn.ops import conv_nd, normalization
+    from diffunet.accel import decoder_entry, fused_norm as fused
+    from diffunet.model.layers.ops import conv_nd, normalization
     if sys.argv[1] == "one-pass":
         fused.LAUNCH = fused.LaunchConfig(64, 4, 4, 2, one_pass_elements=1 << 30)
     else:
@@ -267,8 +274,13 @@ INTERPRETER_CHECK = textwrap.dedent("""
 @pytest.mark.parametrize("path", ["one-pass", "three-kernel"])
 def test_the_entry_under_the_interpreter_matches_float64(path):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-c", INTERPRETER_CHECK, path], env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", INTERPRETER_CHECK, path],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -284,22 +296,25 @@ def test_the_3d_models_first_full_resolution_decoder_block_takes_the_pair_on_gpu
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("spatial", "h_channels", "skip_channels", "groups"), [
-    ((17, 9), 64, 32, 32), ((7, 6, 5), 40, 24, 8), ((1000,), 24, 24, 8), ((64, 64), 256, 128, 32)])
+@pytest.mark.parametrize(
+    ("spatial", "h_channels", "skip_channels", "groups"),
+    [((17, 9), 64, 32, 32), ((7, 6, 5), 40, 24, 8), ((1000,), 24, 24, 8), ((64, 64), 256, 128, 32)],
+)
 @pytest.mark.parametrize("launch", ["shipped", "three-kernel"])
-def test_the_entry_matches_the_concatenation_on_gpu_bf16(spatial, h_channels, skip_channels,
-                                                        groups, launch, monkeypatch):
+def test_the_entry_matches_the_concatenation_on_gpu_bf16(
+    spatial, h_channels, skip_channels, groups, launch, monkeypatch
+):
     """Under bf16 autocast, as the model runs it; the in-place input gradient included."""
     if launch == "three-kernel":
-        monkeypatch.setattr(fused, "LAUNCH", fused.LaunchConfig(2048, 4, 4, 3,
-                                                                one_pass_elements=0))
+        monkeypatch.setattr(fused, "LAUNCH", fused.LaunchConfig(2048, 4, 4, 3, one_pass_elements=0))
     monkeypatch.setattr(fused, "_MIN_ELEMENTS", 0)
     device = torch.device("cuda")
     norm, projection = _entry_layers(len(spatial), h_channels + skip_channels, 32, groups)
     norm, projection = norm.to(device), projection.to(device)
     h = _layout(torch.randn(3, h_channels, *spatial, device=device, dtype=torch.bfloat16))
-    skip = _layout(torch.randn(3, skip_channels, *spatial, device=device,
-                               dtype=torch.bfloat16) * 2 + 1)
+    skip = _layout(
+        torch.randn(3, skip_channels, *spatial, device=device, dtype=torch.bfloat16) * 2 + 1
+    )
     h.requires_grad_(True)
     skip.requires_grad_(True)
     assert decoder_entry.concat_fused_wanted(h, skip)
@@ -315,4 +330,6 @@ def test_the_entry_matches_the_concatenation_on_gpu_bf16(spatial, h_channels, sk
     ref_grads = torch.autograd.grad([y_ref, r_ref], ref, [gy, gr])
     for got, expected in zip([y, residual, *grads], [y_ref, r_ref, *ref_grads]):
         assert got.shape == expected.shape
-        assert (got.float() - expected).abs().max().item() <= 3e-2 * expected.abs().max().item() + 1e-3
+        assert (
+            got.float() - expected
+        ).abs().max().item() <= 3e-2 * expected.abs().max().item() + 1e-3

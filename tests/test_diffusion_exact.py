@@ -32,8 +32,12 @@ SIGMAS = 5.0
 # Whitened-covariance discretisation error each sampler is allowed on this data (its analytic
 # error is 0.016, 0.11, 0.20 and 0.095: first-order DDIM and 50-step ancestral sampling shrink the
 # variance of low-dimensional data noticeably; DDPM with all 1000 steps is nearly exact).
-ALLOWANCE = {("ddpm", 1000, 0.0): 0.02, ("ddim", 50, 0.0): 0.12, ("ddim", 50, 1.0): 0.22,
-             ("dpm++", 20, 0.0): 0.10}
+ALLOWANCE = {
+    ("ddpm", 1000, 0.0): 0.02,
+    ("ddim", 50, 0.0): 0.12,
+    ("ddim", 50, 1.0): 0.22,
+    ("dpm++", 20, 0.0): 0.10,
+}
 
 
 # ---------------------------------------------------------------------- schedules (independent)
@@ -137,8 +141,15 @@ def analytic_moments(sampler, plan, eta=0.0, mean=GAUSS_MEAN, cov=GAUSS_COV):
         m, c = np.zeros(2), np.diag([1.0, 0.0])  # (y, previous x̂₀); y starts as pure noise
         h_prev = None
         for ab, ab_prev in plan:
-            a, s, a1, s1 = math.sqrt(ab), math.sqrt(1 - ab), math.sqrt(ab_prev), math.sqrt(1 - ab_prev)
-            k = a * lam_j / (a * a * lam_j + s * s)  # x̂₀ = k y + (1 − a k) μ,  ε̂ = (1 − a k)(y − a μ) / s
+            a, s, a1, s1 = (
+                math.sqrt(ab),
+                math.sqrt(1 - ab),
+                math.sqrt(ab_prev),
+                math.sqrt(1 - ab_prev),
+            )
+            k = (
+                a * lam_j / (a * a * lam_j + s * s)
+            )  # x̂₀ = k y + (1 − a k) μ,  ε̂ = (1 − a k)(y − a μ) / s
             x0_lin, x0_const = k, (1 - a * k) * mu
             eps_lin, eps_const = (1 - a * k) / s, -(1 - a * k) * a * mu / s
             noise_var = 0.0
@@ -168,8 +179,7 @@ def analytic_moments(sampler, plan, eta=0.0, mean=GAUSS_MEAN, cov=GAUSS_COV):
             c[0, 0] += noise_var
         out_mean.append(m[0])
         out_var.append(c[0, 0])
-    return (torch.tensor(vecs @ np.array(out_mean)),
-            torch.tensor(vecs @ np.diag(out_var) @ vecs.T))
+    return (torch.tensor(vecs @ np.array(out_mean)), torch.tensor(vecs @ np.diag(out_var) @ vecs.T))
 
 
 def whitened_errors(samples, mean, cov) -> tuple[float, float]:
@@ -193,8 +203,15 @@ def assert_matches(samples, mean, cov, allowance_mean=0.0, allowance_cov=0.0):
 
 def run(diffusion, model, sampler, steps, eta=0.0, n=N, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    return diffusion.sample(model, (n, model.means.shape[1]), sampler=sampler, steps=steps,
-                            eta=eta, generator=generator, progress=False)
+    return diffusion.sample(
+        model,
+        (n, model.means.shape[1]),
+        sampler=sampler,
+        steps=steps,
+        eta=eta,
+        generator=generator,
+        progress=False,
+    )
 
 
 # ---------------------------------------------------------------------- tests
@@ -216,17 +233,29 @@ def whitened_errors_of_moments(mean, cov, data_mean, data_cov) -> tuple[float, f
     white = torch.linalg.solve_triangular(chol, cov, upper=False)
     white = torch.linalg.solve_triangular(chol, white.T, upper=False)
     mean_err = torch.linalg.solve_triangular(chol, (mean - data_mean)[:, None], upper=False)
-    return mean_err.abs().max().item(), (white - torch.eye(len(mean), dtype=cov.dtype)).abs().max().item()
+    return mean_err.abs().max().item(), (
+        white - torch.eye(len(mean), dtype=cov.dtype)
+    ).abs().max().item()
 
 
 @pytest.mark.parametrize("prediction", ["x0", "v"])
 @pytest.mark.parametrize(("sampler", "steps"), [("ddim", 50), ("dpm++", 20)])
 def test_parameterisations_give_the_same_samples(prediction, sampler, steps):
     table = cosine_table()
-    reference = run(Diffusion("cosine", T, prediction="eps", clip_denoised=False),
-                    gaussian(table), sampler, steps, n=2000)
-    other = run(Diffusion("cosine", T, prediction=prediction, clip_denoised=False),
-                gaussian(table, prediction), sampler, steps, n=2000)
+    reference = run(
+        Diffusion("cosine", T, prediction="eps", clip_denoised=False),
+        gaussian(table),
+        sampler,
+        steps,
+        n=2000,
+    )
+    other = run(
+        Diffusion("cosine", T, prediction=prediction, clip_denoised=False),
+        gaussian(table, prediction),
+        sampler,
+        steps,
+        n=2000,
+    )
     torch.testing.assert_close(other, reference, atol=2e-4, rtol=0)
 
 
@@ -238,25 +267,31 @@ def test_noise_level_model_receives_alpha_bar():
     torch.testing.assert_close(by_level, by_index, atol=2e-4, rtol=0)
 
 
-@pytest.mark.parametrize(("schedule", "table"), [("linear", linear_table), ("sigmoid", sigmoid_table)])
+@pytest.mark.parametrize(
+    ("schedule", "table"), [("linear", linear_table), ("sigmoid", sigmoid_table)]
+)
 @pytest.mark.parametrize(("sampler", "steps"), [("ddim", 50), ("dpm++", 20)])
 def test_other_schedules(schedule, table, sampler, steps):
     values = table()
     diffusion = Diffusion(schedule, T, prediction="eps", clip_denoised=False)
-    torch.testing.assert_close(diffusion.schedule.alphas_cumprod, torch.tensor(values),
-                               atol=1e-12, rtol=1e-9)
+    torch.testing.assert_close(
+        diffusion.schedule.alphas_cumprod, torch.tensor(values), atol=1e-12, rtol=1e-9
+    )
     samples = run(diffusion, gaussian(values), sampler, steps)
     assert_matches(samples, *analytic_moments(sampler, trailing_plan(values, steps)))
 
 
-@pytest.mark.parametrize(("sampler", "steps", "eta"), [("ddim", 50, 0.0), ("ddim", 50, 1.0),
-                                                       ("dpm++", 20, 0.0), ("ddpm", 100, 0.0)])
+@pytest.mark.parametrize(
+    ("sampler", "steps", "eta"),
+    [("ddim", 50, 0.0), ("ddim", 50, 1.0), ("dpm++", 20, 0.0), ("ddpm", 100, 0.0)],
+)
 def test_zero_terminal_snr_with_v_prediction(sampler, steps, eta):
     values = zero_terminal(cosine_table())
     diffusion = Diffusion("cosine", T, prediction="v", zero_terminal_snr=True, clip_denoised=False)
     assert diffusion.schedule.alphas_cumprod[-1] == 0.0
-    torch.testing.assert_close(diffusion.schedule.alphas_cumprod, torch.tensor(values),
-                               atol=1e-12, rtol=1e-9)
+    torch.testing.assert_close(
+        diffusion.schedule.alphas_cumprod, torch.tensor(values), atol=1e-12, rtol=1e-9
+    )
     samples = run(diffusion, gaussian(values, "v"), sampler, steps, eta)
     assert torch.isfinite(samples).all()
     assert_matches(samples, *analytic_moments(sampler, trailing_plan(values, steps), eta))
@@ -268,11 +303,16 @@ def test_zero_terminal_snr_with_v_prediction(sampler, steps, eta):
 MIX_WEIGHTS = [0.3, 0.7]
 MIX_MEANS = [[0.5, 0.3], [-0.3, -0.2]]
 _R = rotation(2, 2)
-MIX_COVS = [_R @ np.diag([0.25**2, 0.15**2]) @ _R.T, 1.5 * (_R @ np.diag([0.25**2, 0.15**2]) @ _R.T)]
+MIX_COVS = [
+    _R @ np.diag([0.25**2, 0.15**2]) @ _R.T,
+    1.5 * (_R @ np.diag([0.25**2, 0.15**2]) @ _R.T),
+]
 
 
-@pytest.mark.parametrize(("sampler", "steps", "allow_mean", "allow_cov"),
-                         [("ddpm", 1000, 0.01, 0.02), ("dpm++", 20, 0.01, 0.07)])
+@pytest.mark.parametrize(
+    ("sampler", "steps", "allow_mean", "allow_cov"),
+    [("ddpm", 1000, 0.01, 0.02), ("dpm++", 20, 0.01, 0.07)],
+)
 def test_mixture_samples_match_data(sampler, steps, allow_mean, allow_cov):
     table = cosine_table()
     model = ExactDenoiser(MIX_WEIGHTS, MIX_MEANS, MIX_COVS, table, "eps")
@@ -288,7 +328,9 @@ def test_mixture_samples_match_data(sampler, steps, allow_mean, allow_cov):
         return (x.double() @ (model.means[0] - model.means[1]) > 0.12).double().mean().item()
 
     expected = share(data)
-    assert abs(share(samples) - expected) <= SIGMAS * math.sqrt(expected * (1 - expected) / N) + 0.01
+    assert (
+        abs(share(samples) - expected) <= SIGMAS * math.sqrt(expected * (1 - expected) / N) + 0.01
+    )
 
 
 def draw_mixture(n, generator):

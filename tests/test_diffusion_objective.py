@@ -20,7 +20,6 @@ from test_diffusion_exact import GAUSS_COV, GAUSS_MEAN, cosine_table, gaussian
 PREDICTIONS = ["eps", "x0", "v"]
 
 
-
 # ---------------------------------------------------------------------- parameterisations
 def test_conversions_round_trip_exactly():
     gen = torch.Generator().manual_seed(0)
@@ -60,9 +59,11 @@ def conditional_covariance(prediction: str, alpha_bar: float) -> np.ndarray:
     a, s = math.sqrt(alpha_bar), math.sqrt(1 - alpha_bar)
     joint = np.block([[GAUSS_COV, np.zeros((d, d))], [np.zeros((d, d)), np.eye(d)]])  # (x₀, ε)
     observe = np.hstack([a * np.eye(d), s * np.eye(d)])  # x_t
-    pick = {"x0": np.hstack([np.eye(d), np.zeros((d, d))]),
-            "eps": np.hstack([np.zeros((d, d)), np.eye(d)]),
-            "v": np.hstack([-s * np.eye(d), a * np.eye(d)])}[prediction]
+    pick = {
+        "x0": np.hstack([np.eye(d), np.zeros((d, d))]),
+        "eps": np.hstack([np.zeros((d, d)), np.eye(d)]),
+        "v": np.hstack([-s * np.eye(d), a * np.eye(d)]),
+    }[prediction]
     cross = pick @ joint @ observe.T
     return pick @ joint @ pick.T - cross @ np.linalg.solve(observe @ joint @ observe.T, cross.T)
 
@@ -75,7 +76,7 @@ def test_loss_of_the_exact_denoiser_is_at_its_analytic_minimum(prediction, t):
     model = gaussian(cosine_table(), prediction)
     gen = torch.Generator().manual_seed(t)
     chol = torch.linalg.cholesky(torch.tensor(GAUSS_COV))
-    x0 = (torch.tensor(GAUSS_MEAN) + torch.randn(n, 3, generator=gen, dtype=torch.float64) @ chol.T)
+    x0 = torch.tensor(GAUSS_MEAN) + torch.randn(n, 3, generator=gen, dtype=torch.float64) @ chol.T
     x0 = x0.float()
     noise = torch.randn(n, 3, generator=gen)
     steps = torch.full((n,), t)
@@ -93,8 +94,10 @@ def test_loss_of_the_exact_denoiser_is_at_its_analytic_minimum(prediction, t):
 
     worse = diffusion.loss(shifted, x0, timesteps=steps, noise=noise).item()
     expected_gap = offset.square().sum().item() / 3
-    assert abs((worse - loss) - expected_gap) <= 5 * 2 * math.sqrt(
-        (offset.numpy() @ cov @ offset.numpy()) / n) / 3 + 1e-6
+    assert (
+        abs((worse - loss) - expected_gap)
+        <= 5 * 2 * math.sqrt((offset.numpy() @ cov @ offset.numpy()) / n) / 3 + 1e-6
+    )
 
 
 def test_aleatoric_nll_of_the_exact_model_is_at_its_minimum():
@@ -116,7 +119,7 @@ def test_aleatoric_nll_of_the_exact_model_is_at_its_minimum():
 
     gen = torch.Generator().manual_seed(1)
     chol = torch.linalg.cholesky(torch.tensor(GAUSS_COV))
-    x0 = (torch.tensor(GAUSS_MEAN) + torch.randn(n, 3, generator=gen, dtype=torch.float64) @ chol.T)
+    x0 = torch.tensor(GAUSS_MEAN) + torch.randn(n, 3, generator=gen, dtype=torch.float64) @ chol.T
     x0, noise, steps = x0.float(), torch.randn(n, 3, generator=gen), torch.full((n,), t)
     loss = diffusion.loss(Aleatoric(), x0, timesteps=steps, noise=noise).item()
     minimum = 0.5 * np.mean(1 + np.log(np.diag(cov)))
@@ -129,11 +132,16 @@ def test_aleatoric_nll_of_the_exact_model_is_at_its_minimum():
 def test_min_snr_weights():
     snr = torch.tensor([0.0, 0.5, 5.0, 50.0], dtype=torch.float64)
     gamma = 5.0
-    torch.testing.assert_close(min_snr_weight(snr, gamma, "x0"), torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)))
-    torch.testing.assert_close(min_snr_weight(snr, gamma, "eps"),
-                               torch.tensor([1.0, 1.0, 1.0, 0.1], dtype=torch.float64))
-    torch.testing.assert_close(min_snr_weight(snr, gamma, "v"),
-                               torch.tensor([0.0, 0.5 / 1.5, 5 / 6, 5 / 51], dtype=torch.float64))
+    torch.testing.assert_close(
+        min_snr_weight(snr, gamma, "x0"), torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64))
+    )
+    torch.testing.assert_close(
+        min_snr_weight(snr, gamma, "eps"), torch.tensor([1.0, 1.0, 1.0, 0.1], dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        min_snr_weight(snr, gamma, "v"),
+        torch.tensor([0.0, 0.5 / 1.5, 5 / 6, 5 / 51], dtype=torch.float64),
+    )
 
 
 def test_min_snr_weighted_loss_equals_weighted_per_sample_errors():
@@ -167,8 +175,12 @@ def test_noise_level_model_trains_on_continuous_levels_between_steps():
             return torch.zeros_like(x)
 
     steps = torch.tensor([0, 10, 50, 99, 99, 99])
-    diffusion.loss(NoiseLevelModel(), torch.randn(6, 2), timesteps=steps,
-                   generator=torch.Generator().manual_seed(0))
+    diffusion.loss(
+        NoiseLevelModel(),
+        torch.randn(6, 2),
+        timesteps=steps,
+        generator=torch.Generator().manual_seed(0),
+    )
     level = seen[0].double()
     assert seen[0].dtype == torch.float32
     table = diffusion.schedule.alphas_cumprod
@@ -184,7 +196,9 @@ def test_timestep_model_receives_integer_steps():
         seen.append(t)
         return torch.zeros_like(x)
 
-    Diffusion("cosine", 50).loss(model, torch.randn(8, 3), generator=torch.Generator().manual_seed(0))
+    Diffusion("cosine", 50).loss(
+        model, torch.randn(8, 3), generator=torch.Generator().manual_seed(0)
+    )
     assert seen[0].dtype == torch.long and seen[0].shape == (8,)
     assert seen[0].min() >= 0 and seen[0].max() < 50
 
@@ -204,8 +218,14 @@ def test_conditioning_dropout_uses_null_label_and_zero_context_but_keeps_cond():
     context = torch.randn(n, 2, 3) + 5
     cond = torch.randn(n, 1, 4)
     diffusion = Diffusion("cosine", 100, cond_drop_prob=0.25)
-    diffusion.loss(Model(), torch.randn(n, 1, 4), cond=cond, context=context, labels=labels,
-                   generator=torch.Generator().manual_seed(0))
+    diffusion.loss(
+        Model(),
+        torch.randn(n, 1, 4),
+        cond=cond,
+        context=context,
+        labels=labels,
+        generator=torch.Generator().manual_seed(0),
+    )
     dropped = seen["labels"] == 10
     assert abs(dropped.double().mean().item() - 0.25) < 5 * math.sqrt(0.25 * 0.75 / n)
     assert torch.equal(seen["labels"][~dropped], labels[~dropped])

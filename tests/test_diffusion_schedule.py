@@ -14,21 +14,27 @@ from diffunet.diffusion import SCHEDULES, Diffusion, NoiseSchedule
 from test_diffusion_exact import cosine_table, linear_table, sigmoid_table
 
 
-@pytest.mark.parametrize(("ours", "theirs"), [("linear", "linear"), ("cosine", "squaredcos_cap_v2")])
+@pytest.mark.parametrize(
+    ("ours", "theirs"), [("linear", "linear"), ("cosine", "squaredcos_cap_v2")]
+)
 def test_tables_match_diffusers(ours, theirs):
     reference = DDPMScheduler(num_train_timesteps=1000, beta_schedule=theirs).alphas_cumprod
     # diffusers keeps float32 tables; ours are float64.
-    torch.testing.assert_close(NoiseSchedule.create(ours).alphas_cumprod, reference.double(),
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        NoiseSchedule.create(ours).alphas_cumprod, reference.double(), atol=1e-6, rtol=0
+    )
 
 
-@pytest.mark.parametrize(("name", "formula"),
-                         [("linear", linear_table), ("cosine", cosine_table), ("sigmoid", sigmoid_table)])
+@pytest.mark.parametrize(
+    ("name", "formula"),
+    [("linear", linear_table), ("cosine", cosine_table), ("sigmoid", sigmoid_table)],
+)
 @pytest.mark.parametrize("steps", [50, 1000, 4000])
 def test_tables_match_the_papers_formulas(name, formula, steps):
     schedule = NoiseSchedule.create(name, steps)
-    torch.testing.assert_close(schedule.alphas_cumprod, torch.tensor(formula(steps)),
-                               atol=1e-12, rtol=1e-9)
+    torch.testing.assert_close(
+        schedule.alphas_cumprod, torch.tensor(formula(steps)), atol=1e-12, rtol=1e-9
+    )
     values = schedule.alphas_cumprod
     assert values[0] > 0.99 and values[-1] < 1e-2 and (values[1:] <= values[:-1]).all()
 
@@ -57,7 +63,9 @@ def test_zero_terminal_snr_matches_diffusers(name):
 def test_derived_quantities():
     schedule = NoiseSchedule.create("linear", 1000)
     ab = schedule.alphas_cumprod
-    torch.testing.assert_close(schedule.betas, torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
+    torch.testing.assert_close(
+        schedule.betas, torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    )
     torch.testing.assert_close(schedule.snr, ab / (1 - ab))
     torch.testing.assert_close(schedule.sigmas, ((1 - ab) / ab).sqrt())
     assert schedule.alpha_bar(-1) == 1.0 and schedule.alpha_bar(3) == ab[3].item()
@@ -80,8 +88,9 @@ def test_alpha_bar_at_interpolates_between_steps():
     schedule = NoiseSchedule.create("cosine", 100)
     ab = schedule.alphas_cumprod
     got = schedule.alpha_bar_at(torch.tensor([-1.0, 0.0, 10.0, 10.25, 99.0]))
-    expected = torch.tensor([1.0, ab[0], ab[10], 0.75 * ab[10] + 0.25 * ab[11], ab[99]],
-                            dtype=torch.float64)
+    expected = torch.tensor(
+        [1.0, ab[0], ab[10], 0.75 * ab[10] + 0.25 * ab[11], ab[99]], dtype=torch.float64
+    )
     torch.testing.assert_close(got, expected)
 
 

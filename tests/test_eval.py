@@ -4,9 +4,9 @@ import json
 
 import torch
 
+from diffunet.apps.metrics import evaluate_digits, frechet_distance, gaussian_stats, load_classifier
 from diffunet.cli import main
 from diffunet.data import digits_arrays, resize_digits
-from diffunet.metrics import evaluate_digits, frechet_distance, gaussian_stats, load_classifier
 
 
 def test_frechet_distance_of_known_gaussians():
@@ -24,8 +24,11 @@ def test_real_digits_score_well_and_noise_badly():
     images, labels = digits_arrays()
     index = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:500]
     real = evaluate_digits(resize_digits(images[index], 16), labels[index], net)
-    noise = evaluate_digits(torch.rand(500, 1, 16, 16, generator=torch.Generator().manual_seed(1)),
-                            torch.arange(500) % 10, net)
+    noise = evaluate_digits(
+        torch.rand(500, 1, 16, 16, generator=torch.Generator().manual_seed(1)),
+        torch.arange(500) % 10,
+        net,
+    )
     assert real.accuracy > 0.95 and noise.accuracy < 0.25
     assert real.frechet_distance < 30 and noise.frechet_distance > 20 * real.frechet_distance
     # all real digits against their own reference: zero up to rounding

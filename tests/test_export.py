@@ -10,7 +10,7 @@ import torch
 
 from diffunet import UNet, UNetConfig
 from diffunet.cli import main
-from diffunet.export import (
+from diffunet.interop.export import (
     ExportError,
     export_inputs,
     export_model,
@@ -20,7 +20,7 @@ from diffunet.export import (
     run_onnx,
     save_program,
 )
-from diffunet.io import save_pretrained
+from diffunet.model.checkpoint import save_pretrained
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -42,17 +42,35 @@ def max_rel(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
 
-TINY = dict(in_channels=2, out_channels=2, model_channels=8, channel_mult=(1, 2),
-            num_res_blocks=1, norm_groups=4, attention_resolutions=(2,), num_heads=2)
+TINY = dict(
+    in_channels=2,
+    out_channels=2,
+    model_channels=8,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    norm_groups=4,
+    attention_resolutions=(2,),
+    num_heads=2,
+)
 # every input kind at once: cond (concatenated), context (cross-attention), labels
 CONDITIONED = UNetConfig(**TINY, cond_channels=1, context_dim=6, num_classes=3)
 # 3D, linear attention, aleatoric head, noise-level embedding
-VOLUMETRIC = UNetConfig(**{**TINY, "dims": 3, "attention_type": "linear", "aleatoric": True,
-                           "time_embed_type": "noise_level"})
+VOLUMETRIC = UNetConfig(
+    **{
+        **TINY,
+        "dims": 3,
+        "attention_type": "linear",
+        "aleatoric": True,
+        "time_embed_type": "noise_level",
+    }
+)
 
 
-@pytest.mark.parametrize(("config", "spatial"), [(CONDITIONED, False), (VOLUMETRIC, True)],
-                         ids=["2d-cond-context-labels", "3d-linear-aleatoric-dynamic-size"])
+@pytest.mark.parametrize(
+    ("config", "spatial"),
+    [(CONDITIONED, False), (VOLUMETRIC, True)],
+    ids=["2d-cond-context-labels", "3d-linear-aleatoric-dynamic-size"],
+)
 def test_onnx_matches_pytorch_in_onnxruntime_with_a_dynamic_batch(tmp_path, config, spatial):
     import onnx
 
@@ -61,7 +79,8 @@ def test_onnx_matches_pytorch_in_onnxruntime_with_a_dynamic_batch(tmp_path, conf
     assert result.max_relative_error <= 1e-4
     proto = onnx.load(str(result.path))
     assert [i.name for i in proto.graph.input] == [
-        n for n in ("x", "t", "cond", "context", "labels") if n in export_inputs(config)]
+        n for n in ("x", "t", "cond", "context", "labels") if n in export_inputs(config)
+    ]
     meta = {p.key: p.value for p in proto.metadata_props}
     assert UNetConfig.from_json(meta["diffunet_config"]) == config
     sizes = [(4, 8, 12), (8, 4, 4)] if spatial else [None, None]  # multiples of 2
@@ -97,19 +116,51 @@ def test_export_refuses_unknown_formats_and_weightless_models(tmp_path):
 def test_export_command(tmp_path, capsys):
     config = UNetConfig(**{**TINY, "num_classes": 4})
     save_pretrained(randomize(UNet(config)), tmp_path / "ckpt")
-    assert main(["export", "--from", str(tmp_path / "ckpt"), "--format", "pt2",
-                 "--out", str(tmp_path / "m.pt2"), "--size", "8"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--from",
+                str(tmp_path / "ckpt"),
+                "--format",
+                "pt2",
+                "--out",
+                str(tmp_path / "m.pt2"),
+                "--size",
+                "8",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["format"] == "pt2" and summary["max_relative_error"] <= 1e-4
     assert summary["bytes"] == os.path.getsize(tmp_path / "m.pt2")
-    assert main(["export", "--from", str(tmp_path / "ckpt"), "--format", "onnx",
-                 "--out", str(tmp_path / "m.onnx"), "--size", "8", "8", "8"]) == 1
+    assert (
+        main(
+            [
+                "export",
+                "--from",
+                str(tmp_path / "ckpt"),
+                "--format",
+                "onnx",
+                "--out",
+                str(tmp_path / "m.onnx"),
+                "--size",
+                "8",
+                "8",
+                "8",
+            ]
+        )
+        == 1
+    )
     assert "--size takes 1 or 2 values" in capsys.readouterr().err
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("DIFFUNET_SLOW_TESTS"),
-                    reason="AOTInductor compiles C++ for about a minute; set DIFFUNET_SLOW_TESTS=1")
+@pytest.mark.skipif(
+    not os.environ.get("DIFFUNET_SLOW_TESTS"),
+    reason="AOTInductor compiles C++ for about a minute; set DIFFUNET_SLOW_TESTS=1",
+)
 def test_aoti_package_loads_and_runs(tmp_path):
     config = UNetConfig(**{**TINY, "num_classes": 3, "cond_channels": 1})
     model = randomize(UNet(config))

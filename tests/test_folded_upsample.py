@@ -1,4 +1,4 @@
-"""The folded nearest-upsample convolution (`diffunet.nn.resample.folded_upsample_weight`): one
+"""The folded nearest-upsample convolution (`diffunet.model.layers.resample.folded_upsample_weight`): one
 transposed convolution of the input computes nearest upsampling followed by a 3×3 convolution,
 values and gradients, eager and compiled, in every dimensionality, in `Upsample` and in an up
 `ResBlock`; it runs only on `FOLDED_DEVICES`, and exported programs keep the upsampling."""
@@ -13,12 +13,12 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import diffunet.nn.conv as conv_module
+import diffunet.accel.conv as conv_module
 from diffunet import UNet, UNetConfig
-from diffunet.nn import resample
-from diffunet.nn.conv import prefer_channels_last
-from diffunet.nn.resample import Upsample, folded_upsample_weight
-from diffunet.nn.resblock import ResBlock
+from diffunet.accel.conv import prefer_channels_last
+from diffunet.model.layers import resample
+from diffunet.model.layers.resample import Upsample, folded_upsample_weight
+from diffunet.model.layers.resblock import ResBlock
 
 CASES = [(1, (2,)), (2, (2, 2)), (3, (2, 2, 2)), (3, (1, 2, 2)), (2, (2, 1))]
 
@@ -126,19 +126,24 @@ def test_one_dynamic_trace_trains_every_size_through_the_transposed_custom_op(di
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(up, backend=counter, dynamic=True, fullgraph=True)
     for size in (6, 9, 7):  # sizes unequal to the batch and channels, which Dynamo would tie
-        x = torch.randn(2, 5, *[size + i for i in range(dims)], dtype=torch.float64,
-                        requires_grad=True)
+        x = torch.randn(
+            2, 5, *[size + i for i in range(dims)], dtype=torch.float64, requires_grad=True
+        )
         got, got_grads, grad = _values_and_gradients(compiled, x)
         want, want_grads, _ = _values_and_gradients(up, x, grad)
         for a, b in zip([got, *got_grads], [want, *want_grads], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     assert counter.frame_count == 1
-    assert any("diffunet.convolution" in str(n.target)
-               for graph in counter.graphs for n in graph.graph.nodes)
+    assert any(
+        "diffunet.convolution" in str(n.target)
+        for graph in counter.graphs
+        for n in graph.graph.nodes
+    )
 
 
-@pytest.mark.parametrize(("dims", "layout"), [(2, torch.channels_last),
-                                              (3, torch.channels_last_3d)])
+@pytest.mark.parametrize(
+    ("dims", "layout"), [(2, torch.channels_last), (3, torch.channels_last_3d)]
+)
 @pytest.mark.parametrize("asked_by", ["weight", "preference"])
 def test_a_convolution_in_channels_last_stays_there_folded(dims, layout, asked_by):
     """A channels-last weight (`model.to(memory_format=...)`), or under FSDP, where the weights
@@ -194,16 +199,23 @@ def test_device_lists_are_checked():
         resample.parse_devices("1")
 
 
-@pytest.mark.parametrize(("value", "expected", "warns"), [
-    (None, ["cpu", "cuda"], False), ("cpu", ["cpu"], False), ("none", [], False),
-    ("yes", ["cpu", "cuda"], True)])
+@pytest.mark.parametrize(
+    ("value", "expected", "warns"),
+    [
+        (None, ["cpu", "cuda"], False),
+        ("cpu", ["cpu"], False),
+        ("none", [], False),
+        ("yes", ["cpu", "cuda"], True),
+    ],
+)
 def test_the_environment_variable_sets_the_devices_at_import(value, expected, warns):
     env = {k: v for k, v in os.environ.items() if k != resample.FOLDED_DEVICES_ENV}
     if value is not None:
         env[resample.FOLDED_DEVICES_ENV] = value
-    code = "from diffunet.nn import resample; print(sorted(resample.FOLDED_DEVICES))"
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=120)
+    code = "from diffunet.model.layers import resample; print(sorted(resample.FOLDED_DEVICES))"
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(expected)
     assert ("'yes' is not a device type" in done.stderr) == warns
@@ -215,9 +227,17 @@ def test_an_up_resblock_folds_its_first_convolution(dims, factors, embedding):
     """guided-diffusion's `resblock_updown`: the block upsamples `h` right before its first
     convolution (8 → 12 channels here, so the skip is a 1×1 convolution of the upsampled x)."""
     torch.manual_seed(0)
-    block = ResBlock(dims, 8, 12, None if embedding == "none" else 16, resample="up",
-                     factors=factors, use_scale_shift_norm=embedding == "scale-shift",
-                     norm_groups=4, zero_init=False).double()
+    block = ResBlock(
+        dims,
+        8,
+        12,
+        None if embedding == "none" else 16,
+        resample="up",
+        factors=factors,
+        use_scale_shift_norm=embedding == "scale-shift",
+        norm_groups=4,
+        zero_init=False,
+    ).double()
     x = torch.randn(2, 8, *[3] * dims, dtype=torch.float64, requires_grad=True)
     emb = None if embedding == "none" else torch.randn(2, 16, dtype=torch.float64)
     inputs = [x, *block.parameters()]
@@ -236,9 +256,18 @@ def test_an_up_resblock_folds_its_first_convolution(dims, factors, embedding):
 
 @pytest.mark.parametrize(("dims", "resblock_updown"), [(2, False), (3, False), (2, True)])
 def test_a_unet_computes_the_same_with_folded_upsampling(dims, resblock_updown):
-    config = UNetConfig(dims=dims, in_channels=2, out_channels=2, model_channels=8,
-                        channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(),
-                        norm_groups=4, zero_init=False, resblock_updown=resblock_updown)
+    config = UNetConfig(
+        dims=dims,
+        in_channels=2,
+        out_channels=2,
+        model_channels=8,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=1,
+        attention_resolutions=(),
+        norm_groups=4,
+        zero_init=False,
+        resblock_updown=resblock_updown,
+    )
     torch.manual_seed(0)
     model = UNet(config).double()
     x = torch.randn(2, 2, *[8] * dims, dtype=torch.float64)
@@ -257,8 +286,10 @@ def test_a_unet_computes_the_same_with_folded_upsampling(dims, resblock_updown):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize(("dims", "factors", "channels", "size"),
-                         [(3, (2, 2, 2), 128, 16), (3, (1, 2, 2), 64, 8), (2, (2, 2), 256, 32)])
+@pytest.mark.parametrize(
+    ("dims", "factors", "channels", "size"),
+    [(3, (2, 2, 2), 128, 16), (3, (1, 2, 2), 64, 8), (2, (2, 2), 256, 32)],
+)
 def test_bf16_folded_matches_nearest_then_conv_on_the_gpu(dims, factors, channels, size):
     layout = {2: torch.channels_last, 3: torch.channels_last_3d}[dims]
     torch.manual_seed(0)

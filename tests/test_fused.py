@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch._inductor.compile_fx import compile_fx
 
 from diffunet import UNet
-from diffunet.introspect import example_inputs, small_config
-from diffunet.nn import fused
+from diffunet.accel import fused_norm as fused
+from diffunet.model.introspect import example_inputs, small_config
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -25,14 +25,19 @@ def test_fallback_is_exactly_the_unfused_computation():
     w, b = torch.randn(8), torch.randn(8)
     scale, shift = torch.randn(2, 8), torch.randn(2, 8)
     got = fused.group_norm_act(x, 4, w, b, 1e-5, scale, shift, act=True)
-    expected = F.silu(F.group_norm(x, 4, w, b, 1e-5) * (1 + scale[:, :, None, None])
-                      + shift[:, :, None, None])
+    expected = F.silu(
+        F.group_norm(x, 4, w, b, 1e-5) * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+    )
     assert torch.equal(got, expected)
-    assert torch.equal(fused.group_norm_act(x, 4, w, b, 1e-5, act=False), F.group_norm(x, 4, w, b, 1e-5))
+    assert torch.equal(
+        fused.group_norm_act(x, 4, w, b, 1e-5, act=False), F.group_norm(x, 4, w, b, 1e-5)
+    )
 
 
 def test_cpu_tensors_take_the_fallback():
-    assert not fused.fused_available(torch.randn(1, 4, 4)) or os.environ.get("TRITON_INTERPRET") == "1"
+    assert (
+        not fused.fused_available(torch.randn(1, 4, 4)) or os.environ.get("TRITON_INTERPRET") == "1"
+    )
 
 
 INTERPRETER_CHECK = textwrap.dedent("""
@@ -43,8 +48,8 @@ INTERPRETER_CHECK = textwrap.dedent("""
     import dataclasses
     import sys
     import torch
-    from diffunet.nn import fused
-    from diffunet.nn.fused import group_norm_act
+    from diffunet.accel import fused_norm as fused
+    from diffunet.accel.fused_norm import group_norm_act
     compiled = sys.argv[1] == "compiled"
     one_kernel = sys.argv[1] in ("one-pass", "one-tile")
     if one_kernel:
@@ -129,15 +134,26 @@ def test_triton_kernels_match_reference_under_the_interpreter(path):
     both with slices of whole groups that leave the last one partly empty where the groups do
     not divide evenly (3 groups of 4 channels: slices of 2 groups; 24 of 3: slices of 16)."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-c", INTERPRETER_CHECK, path], env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", INTERPRETER_CHECK, path],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize(("mode", "expected"), [
-    ("reduce-overhead", fused.CUDA_GRAPHS_MIN_ELEMENTS),
-    ("max-autotune", fused.CUDA_GRAPHS_MIN_ELEMENTS),
-    ("default", None), ("max-autotune-no-cudagraphs", None), (None, None)])
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        ("reduce-overhead", fused.CUDA_GRAPHS_MIN_ELEMENTS),
+        ("max-autotune", fused.CUDA_GRAPHS_MIN_ELEMENTS),
+        ("default", None),
+        ("max-autotune-no-cudagraphs", None),
+        (None, None),
+    ],
+)
 def test_the_compile_mode_decides_whether_compiled_graphs_call_the_kernels(mode, expected):
     fused.set_compiled_min_elements(123)
     fused.configure_for_compile_mode(mode)
@@ -168,9 +184,16 @@ def test_graphs_traced_without_gradients_use_the_inference_threshold(monkeypatch
         assert not fused.compiled_fused_wanted(x)
 
 
-@pytest.mark.parametrize(("value", "expected", "warns"), [
-    (None, 1 << 20, False), ("4194304", 4194304, False), ("0", 0, False),
-    ("4M", 1 << 20, True), ("-1", 1 << 20, True)])
+@pytest.mark.parametrize(
+    ("value", "expected", "warns"),
+    [
+        (None, 1 << 20, False),
+        ("4194304", 4194304, False),
+        ("0", 0, False),
+        ("4M", 1 << 20, True),
+        ("-1", 1 << 20, True),
+    ],
+)
 def test_the_environment_sets_the_compiled_threshold_at_import(value, expected, warns):
     """`DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS`, for an A/B of the threshold in separate processes
     (`benchmarks/ab.py --change-env`); the CUDA-graph modes then use it."""
@@ -183,8 +206,10 @@ def test_the_environment_sets_the_compiled_threshold_at_import(value, expected, 
     assert ("is not a number of elements" in done.stderr) == warns
 
 
-@pytest.mark.parametrize(("value", "expected", "warns"), [
-    ("4194304", 4194304, False), ("0", 0, False), ("4M", 1 << 20, True)])
+@pytest.mark.parametrize(
+    ("value", "expected", "warns"),
+    [("4194304", 4194304, False), ("0", 0, False), ("4M", 1 << 20, True)],
+)
 def test_the_environment_sets_the_inference_threshold_at_import(value, expected, warns):
     """`DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS_INFER`, for an A/B of inference alone: training's
     threshold stays; a bad value keeps training's."""
@@ -198,11 +223,14 @@ def test_the_environment_sets_the_inference_threshold_at_import(value, expected,
 def _thresholds_at_import(env: dict[str, str]) -> subprocess.CompletedProcess:
     """A process that imports the op under `env` and prints the training and inference
     thresholds, as set and as a CUDA-graph compile mode applies them."""
-    code = ("from diffunet.nn import fused; fused.configure_for_compile_mode('reduce-overhead');"
-            " print(fused.CUDA_GRAPHS_MIN_ELEMENTS, fused._COMPILED_MIN_ELEMENTS,"
-            " fused.CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE, fused._COMPILED_MIN_ELEMENTS_INFERENCE)")
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=120)
+    code = (
+        "from diffunet.model.layers import fused; fused.configure_for_compile_mode('reduce-overhead');"
+        " print(fused.CUDA_GRAPHS_MIN_ELEMENTS, fused._COMPILED_MIN_ELEMENTS,"
+        " fused.CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE, fused._COMPILED_MIN_ELEMENTS_INFERENCE)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     return done
 
@@ -210,25 +238,45 @@ def _thresholds_at_import(env: dict[str, str]) -> subprocess.CompletedProcess:
 SHIPPED = fused.LaunchPlan()
 
 
-@pytest.mark.parametrize(("name", "field", "value", "expected", "warning"), [
-    (fused.LOOP_STAGES_ENV, "loop_stages", "2", 2, None),
-    (fused.LOOP_STAGES_ENV, "loop_stages", "1", 1, None),
-    (fused.LOOP_STAGES_ENV, "loop_stages", "0", SHIPPED.large.loop_stages, "is not a loop depth"),
-    (fused.ONE_PASS_ENV, "one_pass_elements", "16384", 16384, None),
-    (fused.ONE_PASS_ENV, "one_pass_elements", "-1", SHIPPED.small.one_pass_elements,
-     "is not a number of elements")])
+@pytest.mark.parametrize(
+    ("name", "field", "value", "expected", "warning"),
+    [
+        (fused.LOOP_STAGES_ENV, "loop_stages", "2", 2, None),
+        (fused.LOOP_STAGES_ENV, "loop_stages", "1", 1, None),
+        (
+            fused.LOOP_STAGES_ENV,
+            "loop_stages",
+            "0",
+            SHIPPED.large.loop_stages,
+            "is not a loop depth",
+        ),
+        (fused.ONE_PASS_ENV, "one_pass_elements", "16384", 16384, None),
+        (
+            fused.ONE_PASS_ENV,
+            "one_pass_elements",
+            "-1",
+            SHIPPED.small.one_pass_elements,
+            "is not a number of elements",
+        ),
+    ],
+)
 def test_the_environment_sets_a_launch_field_at_import(name, field, value, expected, warning):
     """`DIFFUNET_NORM_LOOP_STAGES` and `DIFFUNET_NORM_ONE_PASS_ELEMENTS`, for an A/B of
     pipelined loops or the one-kernel calls in separate processes: both configurations of
     the plan take the value, and nothing else changes."""
     env = {**os.environ, name: value}
-    code = ("import dataclasses; from diffunet.nn import fused; plan = fused.LAUNCH;"
-            " print(dataclasses.astuple(plan.large), dataclasses.astuple(plan.small), sep=';')")
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=120)
+    code = (
+        "import dataclasses; from diffunet.model.layers import fused; plan = fused.LAUNCH;"
+        " print(dataclasses.astuple(plan.large), dataclasses.astuple(plan.small), sep=';')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
-    expected_plan = [dataclasses.astuple(dataclasses.replace(config, **{field: expected}))
-                     for config in (SHIPPED.large, SHIPPED.small)]
+    expected_plan = [
+        dataclasses.astuple(dataclasses.replace(config, **{field: expected}))
+        for config in (SHIPPED.large, SHIPPED.small)
+    ]
     assert done.stdout.strip().split(";") == [str(t) for t in expected_plan]
     if warning is None:
         assert "keeping" not in done.stderr
@@ -236,8 +284,10 @@ def test_the_environment_sets_a_launch_field_at_import(name, field, value, expec
         assert warning in done.stderr
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
-                    reason="Triton's interpreter runs the kernels on the CPU")
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") == "1",
+    reason="Triton's interpreter runs the kernels on the CPU",
+)
 def test_on_the_cpu_compiled_graphs_trace_the_reference():
     fused.set_compiled_min_elements(0)
     x = torch.randn(2, 4, 8, 8, requires_grad=True)
@@ -248,13 +298,19 @@ def test_on_the_cpu_compiled_graphs_trace_the_reference():
         ops.extend(str(n.target) for n in gm.graph.nodes)
         return gm
 
-    torch.compile(lambda t: fused.group_norm_act(t, 2, torch.ones(4), torch.zeros(4), 1e-5),
-                  backend=backend)(x)
+    torch.compile(
+        lambda t: fused.group_norm_act(t, 2, torch.ones(4), torch.zeros(4), 1e-5), backend=backend
+    )(x)
     assert "diffunet.group_norm_act.default" not in ops and ops
 
 
-AWKWARD = [((3, 96, 17, 9), 32), ((2, 448, 15, 15), 32), ((5, 40, 7, 6, 5), 8), ((4, 24, 1000), 8),
-           ((1, 1536, 4, 4), 32)]
+AWKWARD = [
+    ((3, 96, 17, 9), 32),
+    ((2, 448, 15, 15), 32),
+    ((5, 40, 7, 6, 5), 8),
+    ((4, 24, 1000), 8),
+    ((1, 1536, 4, 4), 32),
+]
 
 
 @pytest.fixture
@@ -285,19 +341,29 @@ def test_a_launch_shape_covers_the_view_with_the_configured_loop(monkeypatch):
     assert launch.kernel_options() == {"BLOCK_C": 128, "BLOCK_N": 16, "STAGES": 3, "num_warps": 8}
 
 
-@pytest.mark.parametrize(("shape", "groups", "expected"), [
-    ((128, 256, 64), 32, (8, 64, 4, 64, 64, True)),  # 8² × 256 in cifar: slices of 64 channels
-    ((16, 512, 256), 32, (4, 64, 8, 64, 64, False)),
-    ((2, 96, 100), 32, (32, 96, 1, 128, 32, False)),  # 3 channels a group: all 32 to reach 64
-    ((2, 12, 100), 3, (2, 8, 2, 8, 128, True)),  # 3 groups: the last slice holds one
-    ((2, 1536, 16), 32, (2, 96, 16, 128, 16, True)),  # 48 channels a group: two
-])
+@pytest.mark.parametrize(
+    ("shape", "groups", "expected"),
+    [
+        ((128, 256, 64), 32, (8, 64, 4, 64, 64, True)),  # 8² × 256 in cifar: slices of 64 channels
+        ((16, 512, 256), 32, (4, 64, 8, 64, 64, False)),
+        ((2, 96, 100), 32, (32, 96, 1, 128, 32, False)),  # 3 channels a group: all 32 to reach 64
+        ((2, 12, 100), 3, (2, 8, 2, 8, 128, True)),  # 3 groups: the last slice holds one
+        ((2, 1536, 16), 32, (2, 96, 16, 128, 16, True)),  # 48 channels a group: two
+    ],
+)
 def test_a_one_pass_shape_covers_whole_groups(shape, groups, expected, monkeypatch):
-    monkeypatch.setattr(fused, "LAUNCH",
-                        fused.LaunchConfig(4096, 4, 4, 3, one_pass_elements=1 << 14))
+    monkeypatch.setattr(
+        fused, "LAUNCH", fused.LaunchConfig(4096, 4, 4, 3, one_pass_elements=1 << 14)
+    )
     one = fused._one_pass_shape(torch.empty(shape), groups)
-    assert (one.groups, one.channels, one.slices, one.block_c, one.block_n,
-            one.single_tile) == expected
+    assert (
+        one.groups,
+        one.channels,
+        one.slices,
+        one.block_c,
+        one.block_n,
+        one.single_tile,
+    ) == expected
     assert one.slices * one.groups >= groups > (one.slices - 1) * one.groups
     assert one.kernel_options()["BLOCK_G"] >= one.groups
     too_large = fused.LaunchConfig(4096, 4, 4, 3, one_pass_elements=one.channels * shape[2] - 1)
@@ -317,16 +383,19 @@ def test_eager_mode_takes_the_kernels_from_2_to_the_24_elements():
 @pytest.mark.gpu
 @pytest.mark.usefixtures("fused_everywhere")
 @pytest.mark.parametrize(("shape", "groups"), AWKWARD)
-@pytest.mark.parametrize(("film", "act", "add"), [(False, True, False), (True, True, False),
-                                                   (False, False, False), (False, True, True)])
+@pytest.mark.parametrize(
+    ("film", "act", "add"),
+    [(False, True, False), (True, True, False), (False, False, False), (False, True, True)],
+)
 @pytest.mark.parametrize("launch", ["large", "small", "pipelined", "one-pass"])
 def test_fused_matches_eager_on_gpu_bf16(shape, groups, film, act, add, launch, monkeypatch):
     """Under each configuration of the launch plan as shipped (which runs the smaller of
     these shapes in one kernel each way), with three kernels each way and pipelined loops,
     and with every forward and backward in one kernel each, whatever the size."""
-    config = {"pipelined": fused.LaunchConfig(2048, 4, 4, loop_stages=3),
-              "one-pass": fused.LaunchConfig(2048, 4, 4, 3, one_pass_elements=1 << 30)}.get(
-        launch) or getattr(fused.LaunchPlan(), launch)
+    config = {
+        "pipelined": fused.LaunchConfig(2048, 4, 4, loop_stages=3),
+        "one-pass": fused.LaunchConfig(2048, 4, 4, 3, one_pass_elements=1 << 30),
+    }.get(launch) or getattr(fused.LaunchPlan(), launch)
     monkeypatch.setattr(fused, "LAUNCH", config)
     device = torch.device("cuda")
     x = torch.randn(*shape, device=device, dtype=torch.bfloat16) * 2 + 1

@@ -11,7 +11,7 @@ import torch
 
 from diffunet import UNet
 from diffunet.diffusion import Diffusion
-from diffunet.introspect import small_config
+from diffunet.model.introspect import small_config
 
 pytestmark = pytest.mark.gpu
 
@@ -47,10 +47,13 @@ def test_training_loss_does_not_sync():
     diffusion = Diffusion("cosine", 1000, "v", min_snr_gamma=5.0, cond_drop_prob=0.1)
     noise = torch.randn_like(x)
     generator = torch.Generator("cuda").manual_seed(0)
-    diffusion.loss(model, x, labels=labels, timesteps=t, noise=noise, generator=generator).backward()
+    diffusion.loss(
+        model, x, labels=labels, timesteps=t, noise=noise, generator=generator
+    ).backward()
     with no_sync():
-        diffusion.loss(model, x, labels=labels, timesteps=t, noise=noise,
-                       generator=generator).backward()
+        diffusion.loss(
+            model, x, labels=labels, timesteps=t, noise=noise, generator=generator
+        ).backward()
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpm++"])
@@ -58,13 +61,16 @@ def test_sampling_does_not_sync(sampler):
     model, _, _, labels = model_and_inputs()
     model.eval()
     diffusion = Diffusion("linear", 1000, "eps")
-    kwargs = dict(sampler=sampler, steps=4, guidance=2.0, labels=labels, progress=False,
-                  cuda_graph=False)
-    diffusion.sample(model, (4, 3, 16, 16), generator=torch.Generator("cuda").manual_seed(0),
-                     **kwargs)
+    kwargs = dict(
+        sampler=sampler, steps=4, guidance=2.0, labels=labels, progress=False, cuda_graph=False
+    )
+    diffusion.sample(
+        model, (4, 3, 16, 16), generator=torch.Generator("cuda").manual_seed(0), **kwargs
+    )
     with no_sync():
-        diffusion.sample(model, (4, 3, 16, 16), generator=torch.Generator("cuda").manual_seed(0),
-                         **kwargs)
+        diffusion.sample(
+            model, (4, 3, 16, 16), generator=torch.Generator("cuda").manual_seed(0), **kwargs
+        )
 
 
 def test_noise_level_loss_with_a_cpu_generator_does_not_sync():
@@ -78,8 +84,9 @@ def test_noise_level_loss_with_a_cpu_generator_does_not_sync():
 
     def loss():
         generator = torch.Generator().manual_seed(0)
-        return diffusion.loss(model, x, cond=cond, timesteps=t, noise=torch.randn_like(x),
-                              generator=generator)
+        return diffusion.loss(
+            model, x, cond=cond, timesteps=t, noise=torch.randn_like(x), generator=generator
+        )
 
     loss().backward()
     with no_sync():

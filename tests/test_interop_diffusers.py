@@ -10,7 +10,7 @@ import torch
 from diffunet import preset
 from diffunet.cli import main
 from diffunet.interop import ConversionError, config_from_diffusers, from_diffusers
-from diffunet.io import load_pretrained
+from diffunet.model.checkpoint import load_pretrained
 
 diffusers = pytest.importorskip("diffusers")
 UNet2DModel = diffusers.UNet2DModel
@@ -18,37 +18,72 @@ UNet2DModel = diffusers.UNet2DModel
 # google/ddpm-cifar10-32's published config.json (diffusers 0.0.4; dropout as in Ho et al.'s
 # CIFAR-10 training, which the config file does not record).
 DDPM_CIFAR10 = dict(
-    sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
+    sample_size=32,
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(128, 256, 256, 256),
     layers_per_block=2,
     down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    norm_eps=1e-6, norm_num_groups=32, flip_sin_to_cos=False, freq_shift=1, dropout=0.1,
-    attention_head_dim=None, downsample_padding=0, mid_block_scale_factor=1, act_fn="silu",
-    time_embedding_type="positional", center_input_sample=False,
+    norm_eps=1e-6,
+    norm_num_groups=32,
+    flip_sin_to_cos=False,
+    freq_shift=1,
+    dropout=0.1,
+    attention_head_dim=None,
+    downsample_padding=0,
+    mid_block_scale_factor=1,
+    act_fn="silu",
+    time_embedding_type="positional",
+    center_input_sample=False,
 )
 
 CASES = {
     "plain+attention": dict(
-        block_out_channels=(32, 64), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8, layers_per_block=1,
-        attention_head_dim=None),
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        layers_per_block=1,
+        attention_head_dim=None,
+    ),
     "resnet-updown+scale-shift+classes+heads": dict(
         block_out_channels=(32, 64, 64),
         down_block_types=("ResnetDownsampleBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D"),
         up_block_types=("ResnetUpsampleBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"),
-        downsample_type="resnet", upsample_type="resnet", norm_num_groups=8, layers_per_block=2,
-        attention_head_dim=16, resnet_time_scale_shift="scale_shift", attn_norm_num_groups=8,
-        num_class_embeds=5),
+        downsample_type="resnet",
+        upsample_type="resnet",
+        norm_num_groups=8,
+        layers_per_block=2,
+        attention_head_dim=16,
+        resnet_time_scale_shift="scale_shift",
+        attn_norm_num_groups=8,
+        num_class_embeds=5,
+    ),
     "no-mid-attention+ddpm-embedding+odd-channels": dict(
-        block_out_channels=(16, 32), down_block_types=("AttnDownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D"), norm_num_groups=4,
-        layers_per_block=1, attention_head_dim=8, add_attention=False, flip_sin_to_cos=False,
-        freq_shift=1, norm_eps=1e-6, time_embedding_dim=48, in_channels=2, out_channels=5,
-        dropout=0.1),
+        block_out_channels=(16, 32),
+        down_block_types=("AttnDownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D"),
+        norm_num_groups=4,
+        layers_per_block=1,
+        attention_head_dim=8,
+        add_attention=False,
+        flip_sin_to_cos=False,
+        freq_shift=1,
+        norm_eps=1e-6,
+        time_embedding_dim=48,
+        in_channels=2,
+        out_channels=5,
+        dropout=0.1,
+    ),
     "no-attention-at-all+asymmetric-padding": dict(
-        block_out_channels=(16, 32, 48), down_block_types=("DownBlock2D",) * 3,
-        up_block_types=("UpBlock2D",) * 3, norm_num_groups=8, add_attention=False,
-        downsample_padding=0),
+        block_out_channels=(16, 32, 48),
+        down_block_types=("DownBlock2D",) * 3,
+        up_block_types=("UpBlock2D",) * 3,
+        norm_num_groups=8,
+        add_attention=False,
+        downsample_padding=0,
+    ),
 }
 
 
@@ -65,8 +100,9 @@ def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
     return float((output - reference).abs().max() / reference.abs().max())
 
 
-def compare(reference: torch.nn.Module, ours: torch.nn.Module, size: int = 16,
-            classes: int | None = None) -> float:
+def compare(
+    reference: torch.nn.Module, ours: torch.nn.Module, size: int = 16, classes: int | None = None
+) -> float:
     x = torch.randn(2, reference.config.in_channels, size, size)
     t = torch.tensor([3, 917])
     labels = torch.tensor([1, classes - 1]) if classes else None
@@ -82,13 +118,15 @@ def test_outputs_match_diffusers(name):
     reference = perturbed(UNet2DModel(sample_size=16, **CASES[name]))
     ours = from_diffusers(reference)
     assert ours.num_parameters() == sum(p.numel() for p in reference.parameters()) + (
-        ours.config.resolved_time_embed_dim() if ours.config.num_classes else 0)  # null label
+        ours.config.resolved_time_embed_dim() if ours.config.num_classes else 0
+    )  # null label
     assert compare(reference, ours, classes=reference.config.num_class_embeds) <= 1e-5
 
 
 def test_imported_label_table_has_a_zero_null_row():
-    reference = perturbed(UNet2DModel(sample_size=16, **CASES[
-        "resnet-updown+scale-shift+classes+heads"]))
+    reference = perturbed(
+        UNet2DModel(sample_size=16, **CASES["resnet-updown+scale-shift+classes+heads"])
+    )
     table = from_diffusers(reference).label_embed.weight
     assert torch.equal(table[:5], reference.class_embedding.weight)
     assert torch.count_nonzero(table[5]) == 0
@@ -97,7 +135,8 @@ def test_imported_label_table_has_a_zero_null_row():
 def test_ddpm_cifar10_config_is_the_preset():
     assert config_from_diffusers(DDPM_CIFAR10) == preset("ddpm-cifar10")
     assert config_from_diffusers({**DDPM_CIFAR10, "downsample_padding": 1}) == preset(
-        "ddpm-cifar10", downsample_padding="symmetric")
+        "ddpm-cifar10", downsample_padding="symmetric"
+    )
 
 
 def test_ddpm_cifar10_imports_exactly():
@@ -116,8 +155,13 @@ def test_saved_folder_with_legacy_attention_names_converts(tmp_path):
     reference = perturbed(UNet2DModel(sample_size=16, **CASES["plain+attention"]))
     reference.save_pretrained(tmp_path / "pipe" / "unet")
     weights = tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.safetensors"
-    legacy = {k.replace("to_q.", "query.").replace("to_k.", "key.").replace("to_v.", "value.")
-              .replace("to_out.0.", "proj_attn."): v for k, v in load_file(str(weights)).items()}
+    legacy = {
+        k.replace("to_q.", "query.")
+        .replace("to_k.", "key.")
+        .replace("to_v.", "value.")
+        .replace("to_out.0.", "proj_attn."): v
+        for k, v in load_file(str(weights)).items()
+    }
     save_file(legacy, str(weights))
     assert compare(reference, from_diffusers(tmp_path / "pipe")) <= 1e-5
 
@@ -125,21 +169,45 @@ def test_saved_folder_with_legacy_attention_names_converts(tmp_path):
 def test_convert_command_writes_a_loadable_checkpoint(tmp_path, capsys):
     reference = perturbed(UNet2DModel(sample_size=16, **CASES["plain+attention"]))
     reference.save_pretrained(tmp_path / "src")
-    assert main(["convert", "--from", "diffusers", str(tmp_path / "src"),
-                 "--out", str(tmp_path / "dst")]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "--from",
+                "diffusers",
+                str(tmp_path / "src"),
+                "--out",
+                str(tmp_path / "dst"),
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["parameters"] == sum(p.numel() for p in reference.parameters())
     assert compare(reference, load_pretrained(tmp_path / "dst")) <= 1e-5
-    assert main(["convert", "--from", "diffusers", str(tmp_path / "src"),
-                 "--out", str(tmp_path / "dst")]) == 1  # refuses to overwrite
+    assert (
+        main(
+            [
+                "convert",
+                "--from",
+                "diffusers",
+                str(tmp_path / "src"),
+                "--out",
+                str(tmp_path / "dst"),
+            ]
+        )
+        == 1
+    )  # refuses to overwrite
     assert "not empty" in capsys.readouterr().err
 
 
 UNSUPPORTED = [
     (dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D")), "down_block_types"),
     (dict(down_block_types=("AttnDownBlock2D", "DownBlock2D")), "attention on one side only"),
-    (dict(down_block_types=("ResnetDownsampleBlock2D", "AttnDownBlock2D")),
-     "mixes convolutions and ResBlocks"),
+    (
+        dict(down_block_types=("ResnetDownsampleBlock2D", "AttnDownBlock2D")),
+        "mixes convolutions and ResBlocks",
+    ),
     (dict(time_embedding_type="fourier"), "time_embedding_type='fourier'"),
     (dict(center_input_sample=True), "center_input_sample=True"),
     (dict(class_embed_type="timestep"), "class_embed_type='timestep'"),

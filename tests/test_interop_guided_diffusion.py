@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from diffunet import UNetConfig, preset
 from diffunet.cli import main
 from diffunet.interop import ConversionError, from_guided_diffusion
-from diffunet.introspect import small_config
-from diffunet.io import load_pretrained
+from diffunet.model.checkpoint import load_pretrained
+from diffunet.model.introspect import small_config
 
 
 def _architecture(c: UNetConfig):
@@ -55,8 +55,11 @@ def _architecture(c: UNetConfig):
             chans.append(ch)
             ds *= 2
             k += 1
-    layers += [("middle_block", 0, "res", ch, ch, ds), ("middle_block", 1, "attn", ch, ch, ds),
-               ("middle_block", 2, "res", ch, ch, ds)]
+    layers += [
+        ("middle_block", 0, "res", ch, ch, ds),
+        ("middle_block", 1, "attn", ch, ch, ds),
+        ("middle_block", 2, "res", ch, ch, ds),
+    ]
     k = 0
     for level, mult in reversed(list(enumerate(c.channel_mult))):
         for i in range(c.num_res_blocks + 1):
@@ -67,15 +70,17 @@ def _architecture(c: UNetConfig):
                 layers.append((f"output_blocks.{k}", 1, "attn", ch, ch, ds))
                 j = 2
             if level and i == c.num_res_blocks:
-                layers.append((f"output_blocks.{k}", j, "res_up" if c.resblock_updown else "up",
-                               ch, ch, ds))
+                layers.append(
+                    (f"output_blocks.{k}", j, "res_up" if c.resblock_updown else "up", ch, ch, ds)
+                )
                 ds //= 2
             k += 1
     return layers
 
 
-def guided_diffusion_state_dict(c: UNetConfig, *, emdiffuse: bool, aleatoric: bool = False,
-                                seed: int = 0) -> dict[str, torch.Tensor]:
+def guided_diffusion_state_dict(
+    c: UNetConfig, *, emdiffuse: bool, aleatoric: bool = False, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """Random float64 tensors named and shaped as guided-diffusion / EMDiffuse save them."""
     g = torch.Generator().manual_seed(seed)
     state: dict[str, torch.Tensor] = {}
@@ -130,8 +135,9 @@ def guided_diffusion_state_dict(c: UNetConfig, *, emdiffuse: bool, aleatoric: bo
     return state
 
 
-def reference_forward(state, c: UNetConfig, x_in, t, labels=None, *, legacy=True,
-                      emdiffuse=False, aleatoric=False):
+def reference_forward(
+    state, c: UNetConfig, x_in, t, labels=None, *, legacy=True, emdiffuse=False, aleatoric=False
+):
     """guided-diffusion's UNetModel.forward on `x_in` (EMDiffuse: already `cat([cond, x])`)."""
     G, conv = c.norm_groups, {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[c.dims]
 
@@ -207,8 +213,10 @@ def reference_forward(state, c: UNetConfig, x_in, t, labels=None, *, legacy=True
         else:
             resample = {"res_down": "down", "res_up": "up"}.get(kind)
             h = resblock(h, emb, p, resample)
-    outs = [cv(F.silu(gn(h, f"{head}.0")), f"{head}.2")
-            for head in (["out", "out_variance"] if aleatoric else ["out"])]
+    outs = [
+        cv(F.silu(gn(h, f"{head}.0")), f"{head}.2")
+        for head in (["out", "out_variance"] if aleatoric else ["out"])
+    ]
     return torch.cat(outs, dim=1)
 
 
@@ -228,15 +236,40 @@ CASES = {
     "emdiffuse-aleatoric": (small_config("emdiffuse-aleatoric"), True, True, True),
     # guided-diffusion ImageNet-style: class labels, attention at ds 2 with 2 heads, conv
     # resampling, additive embedding; once with each head order.
-    "guided-legacy": (UNetConfig(in_channels=3, out_channels=6, model_channels=16,
-                                 channel_mult=(1, 2), num_res_blocks=1, norm_groups=8,
-                                 attention_resolutions=(2,), num_heads=2, num_classes=4,
-                                 zero_init=False), False, False, True),
-    "guided-new-order": (UNetConfig(in_channels=3, out_channels=3, model_channels=16,
-                                    channel_mult=(1, 2, 2), num_res_blocks=2, norm_groups=8,
-                                    attention_resolutions=(2, 4), num_head_channels=8,
-                                    use_scale_shift_norm=True, zero_init=False),
-                         False, False, False),
+    "guided-legacy": (
+        UNetConfig(
+            in_channels=3,
+            out_channels=6,
+            model_channels=16,
+            channel_mult=(1, 2),
+            num_res_blocks=1,
+            norm_groups=8,
+            attention_resolutions=(2,),
+            num_heads=2,
+            num_classes=4,
+            zero_init=False,
+        ),
+        False,
+        False,
+        True,
+    ),
+    "guided-new-order": (
+        UNetConfig(
+            in_channels=3,
+            out_channels=3,
+            model_channels=16,
+            channel_mult=(1, 2, 2),
+            num_res_blocks=2,
+            norm_groups=8,
+            attention_resolutions=(2, 4),
+            num_head_channels=8,
+            use_scale_shift_norm=True,
+            zero_init=False,
+        ),
+        False,
+        False,
+        False,
+    ),
 }
 
 
@@ -252,12 +285,13 @@ def test_import_matches_the_reference_forward(name):
     size = (16, 16) if emdiffuse else (8, 8)  # float64 convolutions are slow on CPUs
     x = torch.randn(2, c.in_channels, *size, generator=g, dtype=torch.float64)
     cond = torch.randn(2, c.cond_channels, *size, generator=g, dtype=torch.float64)
-    t = torch.rand(2, generator=g, dtype=torch.float64) if emdiffuse else torch.tensor([5., 800.])
+    t = torch.rand(2, generator=g, dtype=torch.float64) if emdiffuse else torch.tensor([5.0, 800.0])
     labels = torch.tensor([0, 3]) if c.num_classes else None
     plain = {k.removeprefix("denoise_fn."): v for k, v in state.items()}
     x_in = torch.cat([cond, x], dim=1) if c.cond_channels else x
-    expected = reference_forward(plain, c, x_in, t, labels, legacy=legacy, emdiffuse=emdiffuse,
-                                 aleatoric=aleatoric)
+    expected = reference_forward(
+        plain, c, x_in, t, labels, legacy=legacy, emdiffuse=emdiffuse, aleatoric=aleatoric
+    )
     got = _run_ours(model, c, x, cond, t, labels)
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
 
@@ -268,7 +302,11 @@ def test_legacy_order_matters():
     state = guided_diffusion_state_dict(c, emdiffuse=False)
     right = from_guided_diffusion(state, c).double()
     wrong = from_guided_diffusion(state, c, attention_order="new").double()
-    x, t, labels = torch.randn(1, 3, 8, 8, dtype=torch.float64), torch.tensor([9.]), torch.tensor([1])
+    x, t, labels = (
+        torch.randn(1, 3, 8, 8, dtype=torch.float64),
+        torch.tensor([9.0]),
+        torch.tensor([1]),
+    )
     with torch.no_grad():
         assert not torch.allclose(right(x, t, labels=labels), wrong(x, t, labels=labels))
 
@@ -276,8 +314,10 @@ def test_legacy_order_matters():
 def test_emdiffuse_preset_imports_full_size_from_a_file(tmp_path):
     """A full-size EMDiffuse-n state dict, saved with torch.save, loads with weights_only."""
     c = preset("emdiffuse")
-    state = {f"denoise_fn.{k}": v.float()
-             for k, v in guided_diffusion_state_dict(c, emdiffuse=True).items()}
+    state = {
+        f"denoise_fn.{k}": v.float()
+        for k, v in guided_diffusion_state_dict(c, emdiffuse=True).items()
+    }
     torch.save(state, tmp_path / "100_Network.pth")
     model = from_guided_diffusion(tmp_path / "100_Network.pth", c)
     assert model.num_parameters() == 15_677_345
@@ -290,20 +330,47 @@ def test_convert_command(tmp_path, capsys):
     state = {k: v.float() for k, v in guided_diffusion_state_dict(c, emdiffuse=True).items()}
     save_file(state, str(tmp_path / "net.safetensors"))
     (tmp_path / "config.json").write_text(c.to_json())
-    assert main(["convert", "--from", "guided-diffusion", str(tmp_path / "net.safetensors"),
-                 "--config", str(tmp_path / "config.json"), "--out", str(tmp_path / "out")]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "--from",
+                "guided-diffusion",
+                str(tmp_path / "net.safetensors"),
+                "--config",
+                str(tmp_path / "config.json"),
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     reference = from_guided_diffusion(tmp_path / "net.safetensors", c)
     loaded = load_pretrained(tmp_path / "out")
     for key, value in reference.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value)
-    assert main(["convert", "--from", "guided-diffusion", str(tmp_path / "net.safetensors"),
-                 "--out", str(tmp_path / "o2")]) == 1
+    assert (
+        main(
+            [
+                "convert",
+                "--from",
+                "guided-diffusion",
+                str(tmp_path / "net.safetensors"),
+                "--out",
+                str(tmp_path / "o2"),
+            ]
+        )
+        == 1
+    )
     assert "needs --config" in capsys.readouterr().err
 
 
 def test_mismatched_config_names_the_tensors():
     state = guided_diffusion_state_dict(small_config("emdiffuse"), emdiffuse=True)
-    with pytest.raises(ConversionError, match=r"unexpected: input_blocks.*wrong shape \(file vs config\): middle_block"):
+    with pytest.raises(
+        ConversionError,
+        match=r"unexpected: input_blocks.*wrong shape \(file vs config\): middle_block",
+    ):
         from_guided_diffusion(state, small_config("emdiffuse").replace(channel_mult=(1, 2, 4)))
 
 

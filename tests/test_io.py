@@ -10,8 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffunet import UNet
-from diffunet.introspect import example_inputs, small_config
-from diffunet.io import (
+from diffunet.model.checkpoint import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     CheckpointError,
@@ -20,6 +19,7 @@ from diffunet.io import (
     read_metadata,
     save_pretrained,
 )
+from diffunet.model.introspect import example_inputs, small_config
 
 
 def randomize(model: torch.nn.Module) -> torch.nn.Module:
@@ -89,8 +89,10 @@ def test_subclasses_load_as_themselves(model, tmp_path):
     mine = MyUNet(model.config)
     mine.load_state_dict(model.state_dict())
     mine.save_pretrained(tmp_path / "m")
-    for loaded in (MyUNet.from_pretrained(tmp_path / "m"),
-                   load_pretrained(tmp_path / "m", model_class=MyUNet)):
+    for loaded in (
+        MyUNet.from_pretrained(tmp_path / "m"),
+        load_pretrained(tmp_path / "m", model_class=MyUNet),
+    ):
         assert type(loaded) is MyUNet
         assert_bit_identical(loaded, model)
 
@@ -114,10 +116,12 @@ def rewrite_weights(folder, edit):
 
 
 def test_missing_keys_are_named(checkpoint):
-    rewrite_weights(checkpoint, lambda s: (s.pop("time_embed.linear_1.weight"),
-                                           s.pop("out.2.weight")))
-    with pytest.raises(CheckpointError,
-                       match=r"missing: out\.2\.weight, time_embed\.linear_1\.weight"):
+    rewrite_weights(
+        checkpoint, lambda s: (s.pop("time_embed.linear_1.weight"), s.pop("out.2.weight"))
+    )
+    with pytest.raises(
+        CheckpointError, match=r"missing: out\.2\.weight, time_embed\.linear_1\.weight"
+    ):
         load_pretrained(checkpoint)
 
 
@@ -142,16 +146,18 @@ def test_config_with_other_widths_names_every_mismatch(checkpoint):
 
 
 def test_integer_tensor_is_a_wrong_dtype(checkpoint):
-    rewrite_weights(checkpoint, lambda s: s.update(
-        {"out.2.bias": torch.zeros(3, dtype=torch.int32)}))
+    rewrite_weights(
+        checkpoint, lambda s: s.update({"out.2.bias": torch.zeros(3, dtype=torch.int32)})
+    )
     with pytest.raises(CheckpointError, match=r"wrong dtype: out\.2\.bias is torch\.int32"):
         load_pretrained(checkpoint)
 
 
 def test_mixed_float_dtypes_are_a_wrong_dtype(checkpoint):
     rewrite_weights(checkpoint, lambda s: s.update({"out.2.bias": s["out.2.bias"].half()}))
-    with pytest.raises(CheckpointError,
-                       match=r"out\.2\.bias is torch\.float16 \(the rest is torch\.float32\)"):
+    with pytest.raises(
+        CheckpointError, match=r"out\.2\.bias is torch\.float16 \(the rest is torch\.float32\)"
+    ):
         load_pretrained(checkpoint)
 
 
@@ -163,8 +169,9 @@ def test_truncated_weights(checkpoint):
         load_pretrained(checkpoint)
 
 
-@pytest.mark.parametrize("content", [b"", b"not a safetensors file at all",
-                                     struct.pack("<Q", 10**12)])
+@pytest.mark.parametrize(
+    "content", [b"", b"not a safetensors file at all", struct.pack("<Q", 10**12)]
+)
 def test_garbage_weights(checkpoint, content):
     (checkpoint / WEIGHTS_NAME).write_bytes(content)
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
@@ -180,18 +187,25 @@ def test_missing_weights_mentions_pickles_and_never_loads_them(checkpoint):
 
 def test_missing_config(checkpoint):
     (checkpoint / CONFIG_NAME).unlink()
-    with pytest.raises(CheckpointError, match=r"has no config\.json \(it holds: model\.safetensors\)"):
+    with pytest.raises(
+        CheckpointError, match=r"has no config\.json \(it holds: model\.safetensors\)"
+    ):
         load_pretrained(checkpoint)
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("{not json", r"config\.json is not valid JSON"),
-    ("[1, 2]", r"must hold a JSON object, got list"),
-    ('{"dims": 4}', r"UNetConfig\.dims=4 is invalid"),
-    ('{"model_channels": 64, "wings": 2}', r"unknown UNetConfig field\(s\) \['wings'\]"),
-    ('{"_class_name": "UNet2DModel", "in_channels": 3}',
-     r"describes a UNet2DModel.*diffunet convert --from diffusers"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{not json", r"config\.json is not valid JSON"),
+        ("[1, 2]", r"must hold a JSON object, got list"),
+        ('{"dims": 4}', r"UNetConfig\.dims=4 is invalid"),
+        ('{"model_channels": 64, "wings": 2}', r"unknown UNetConfig field\(s\) \['wings'\]"),
+        (
+            '{"_class_name": "UNet2DModel", "in_channels": 3}',
+            r"describes a UNet2DModel.*diffunet convert --from diffusers",
+        ),
+    ],
+)
 def test_bad_config(checkpoint, text, message):
     (checkpoint / CONFIG_NAME).write_text(text)
     with pytest.raises(CheckpointError, match=message):

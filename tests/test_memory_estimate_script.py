@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from diffunet.presets import preset
+from diffunet.model.presets import preset
 
 
 @pytest.fixture
@@ -12,8 +12,14 @@ def estimate(benchmark_script):
 
 
 def tiny(**overrides):
-    return preset("ddpm-cifar10", model_channels=16, norm_groups=8, image_size=16,
-                  zero_init=False, **overrides)
+    return preset(
+        "ddpm-cifar10",
+        model_channels=16,
+        norm_groups=8,
+        image_size=16,
+        zero_init=False,
+        **overrides,
+    )
 
 
 @pytest.mark.parametrize("checkpoint", [False, True])
@@ -40,7 +46,7 @@ def _saved_bytes(estimate, norm_from: int) -> dict[tuple, int]:
     by (shape, dtype), its parameters left out."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from diffunet.nn.fused import norm_act
+    from diffunet.accel.fused_norm import norm_act
 
     saved: dict[tuple, int] = {}
 
@@ -53,8 +59,10 @@ def _saved_bytes(estimate, norm_from: int) -> dict[tuple, int]:
     with estimate.gpu_norms(norm_from), FakeTensorMode():
         norm = torch.nn.GroupNorm(8, 64)
         x = torch.randn(2, 64, 16, 16, dtype=torch.bfloat16, requires_grad=True)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-                torch.autocast("cpu", dtype=torch.bfloat16):
+        with (
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+            torch.autocast("cpu", dtype=torch.bfloat16),
+        ):
             norm_act(norm, x)
     return saved
 
@@ -63,8 +71,10 @@ def test_a_routed_norm_keeps_what_the_fused_op_keeps(estimate):
     """The GPU kernels keep the bf16 input and a float32 centre and rstd per sample and
     channel; the reference path under autocast keeps float32 copies of the whole tensor."""
     n = 2 * 64 * 16 * 16
-    assert _saved_bytes(estimate, 0) == {((2, 64, 16, 16), torch.bfloat16): 2 * n,
-                                         ((2, 64), torch.float32): 2 * 4 * 2 * 64}
+    assert _saved_bytes(estimate, 0) == {
+        ((2, 64, 16, 16), torch.bfloat16): 2 * n,
+        ((2, 64), torch.float32): 2 * 4 * 2 * 64,
+    }
     reference = _saved_bytes(estimate, n + 1)  # one element too large to be routed
     assert reference.get(((2, 64, 16, 16), torch.float32), 0) >= 2 * 4 * n
 
@@ -81,20 +91,37 @@ def test_the_norm_threshold_moves_the_estimate(estimate):
 
 
 def test_the_command_line_prints_the_estimate(estimate, capsys):
-    assert estimate.main(["--preset", "ddpm-cifar10", "--image-size", "16", "--batch-size", "4",
-                          "model_channels=16", "norm_groups=8", "--ema"]) == 0
+    assert (
+        estimate.main(
+            [
+                "--preset",
+                "ddpm-cifar10",
+                "--image-size",
+                "16",
+                "--batch-size",
+                "4",
+                "model_channels=16",
+                "norm_groups=8",
+                "--ema",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "(0.6M parameters), 16^2, batch 4, EMA: estimated peak" in out
     assert "ACT" in out and "EMA 0.00 GiB" in out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--preset", "nope"], "unknown preset 'nope'"),
-    (["--preset", "ldm", "bogus_key=3"], "unknown UNetConfig field(s) ['bogus_key']"),
-    (["--preset", "efficient-unet"], "has no image size; pass --image-size"),
-    (["--preset", "text-unet"], "cross-attention (context_dim) are not estimated"),
-    (["--preset", "ldm", "--norm-from", "-1"], "--norm-from must be at least 0, got -1"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--preset", "nope"], "unknown preset 'nope'"),
+        (["--preset", "ldm", "bogus_key=3"], "unknown UNetConfig field(s) ['bogus_key']"),
+        (["--preset", "efficient-unet"], "has no image size; pass --image-size"),
+        (["--preset", "text-unet"], "cross-attention (context_dim) are not estimated"),
+        (["--preset", "ldm", "--norm-from", "-1"], "--norm-from must be at least 0, got -1"),
+    ],
+)
 def test_what_it_cannot_estimate_is_said_in_one_line(estimate, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
         estimate.main(argv)

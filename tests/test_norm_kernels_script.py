@@ -13,9 +13,9 @@ import pytest
 from torch import nn
 
 from diffunet import UNet
+from diffunet.accel import fused_norm as fused
 from diffunet.benchmark import build_case
-from diffunet.nn import fused
-from diffunet.nn.resblock import ResBlock
+from diffunet.model.layers.resblock import ResBlock
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "norm_kernels.py"
 
@@ -25,8 +25,10 @@ def test_every_group_norm_is_one_call_and_additive_blocks_add(case, benchmark_sc
     calls = benchmark_script("norm_kernels").norm_calls(case, quick=True)
     model = UNet(build_case(case, quick=True).config)
     assert sum(calls.values()) == sum(isinstance(m, nn.GroupNorm) for m in model.modules())
-    additive = sum(isinstance(m, ResBlock) and m.emb_proj is not None
-                   and not m.use_scale_shift_norm for m in model.modules())
+    additive = sum(
+        isinstance(m, ResBlock) and m.emb_proj is not None and not m.use_scale_shift_norm
+        for m in model.modules()
+    )
     assert sum(n for (_, _, _, add, _), n in calls.items() if add) == additive > 0
 
 
@@ -35,11 +37,26 @@ def test_totals_weight_each_call_by_its_count(benchmark_script):
     plan = fused.LaunchPlan()
     small = dataclasses.asdict(plan.small)  # what the plan ships for the row's 2^20 elements
     assert plan.large_from > 4 * 64 * 16**3 and small["num_warps"] != 8
-    rows = [{"shape": [4, 64, 16, 16, 16], "count": 3, "film": False, "add": True, "act": True,
-             "bytes": {"forward": 3_000_000, "backward": 5_000_000, "stats": 1_000_000},
-             "configs": [{**small, "forward_ms": 0.002, "backward_ms": 0.004, "stats_ms": 0.0005},
-                         {**small, "num_warps": 8, "forward_ms": 0.001, "backward_ms": 0.004,
-                          "stats_ms": 0.0008}]}]
+    rows = [
+        {
+            "shape": [4, 64, 16, 16, 16],
+            "count": 3,
+            "film": False,
+            "add": True,
+            "act": True,
+            "bytes": {"forward": 3_000_000, "backward": 5_000_000, "stats": 1_000_000},
+            "configs": [
+                {**small, "forward_ms": 0.002, "backward_ms": 0.004, "stats_ms": 0.0005},
+                {
+                    **small,
+                    "num_warps": 8,
+                    "forward_ms": 0.001,
+                    "backward_ms": 0.004,
+                    "stats_ms": 0.0008,
+                },
+            ],
+        }
+    ]
     total = script.summarize(rows, copy_gbps=2000.0)
     assert total["shipped_ms"] == pytest.approx(3 * 0.006)
     assert total["best_ms"] == pytest.approx(3 * 0.005)
@@ -64,13 +81,37 @@ def test_a_sweep_runs_under_the_interpreter(tmp_path):
     out = tmp_path / "norm.json"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--cases", "3d", "--iters", "1",
-         # Large tiles: the interpreter's time goes with the number of programs (tiles of 2048
-         # and 4096 took 55 s here, 16384 and 32768 16 s).
-         "--min-elements", "150000", "--tiles", "32768", "--programs", "4", "--warps", "4",
-         "--stages", "2", "--one-pass", "0,1048576",
-         "--no-reference", "--out", str(out)],
-        env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--quick",
+            "--cases",
+            "3d",
+            "--iters",
+            "1",
+            # Large tiles: the interpreter's time goes with the number of programs (tiles of 2048
+            # and 4096 took 55 s here, 16384 and 32768 16 s).
+            "--min-elements",
+            "150000",
+            "--tiles",
+            "32768",
+            "--programs",
+            "4",
+            "--warps",
+            "4",
+            "--stages",
+            "2",
+            "--one-pass",
+            "0,1048576",
+            "--no-reference",
+            "--out",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())["cases"]["3d"]
     rows = result["rows"]
@@ -79,6 +120,8 @@ def test_a_sweep_runs_under_the_interpreter(tmp_path):
         # every quick call's programs fit 2^20 elements: that configuration runs in one kernel,
         # so its statistics pass is not a kernel of its own and is not timed
         assert [(c["one_pass_elements"], "stats_ms" in c) for c in row["configs"]] == [
-            (0, True), (1048576, False)]
+            (0, True),
+            (1048576, False),
+        ]
         assert all(c["forward_ms"] > 0 for c in row["configs"])
     assert 0 < result["total"]["best_forward_ms"] <= result["total"]["best_ms"]

@@ -6,7 +6,7 @@ import torch
 
 import diffunet
 from diffunet import UNet, preset
-from diffunet.introspect import example_inputs, small_config
+from diffunet.model.introspect import example_inputs, small_config
 
 # Counts of the original networks, from their public sources (see SPEC.md §1).
 ORIGINAL_COUNTS = {
@@ -37,8 +37,14 @@ def test_ldm_preset_is_75_4m():
 
 def test_list_presets_has_every_seed_model():
     assert set(diffunet.list_presets()) >= {
-        "efficient-unet", "conditional-unet", "text-unet", "emdiffuse", "emdiffuse-3d",
-        "emdiffuse-aleatoric", "ldm", "ddpm-cifar10",
+        "efficient-unet",
+        "conditional-unet",
+        "text-unet",
+        "emdiffuse",
+        "emdiffuse-3d",
+        "emdiffuse-aleatoric",
+        "ldm",
+        "ddpm-cifar10",
     }
 
 
@@ -48,8 +54,9 @@ def test_preset_overrides_and_unknown_name():
         preset("nope")
 
 
-CASES = [(name, dims) for name in diffunet.list_presets()
-         for dims in diffunet.preset_info(name).dims]
+CASES = [
+    (name, dims) for name in diffunet.list_presets() for dims in diffunet.preset_info(name).dims
+]
 
 
 @pytest.mark.parametrize(("name", "dims"), CASES)

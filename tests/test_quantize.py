@@ -7,9 +7,14 @@ import pytest
 import torch
 
 from diffunet import UNet
-from diffunet.export import export_inputs, load_program, run_onnx
-from diffunet.introspect import small_config
-from diffunet.quantize import QuantizationError, calibration_inputs, quantize_onnx, quantize_pt2e
+from diffunet.interop.export import export_inputs, load_program, run_onnx
+from diffunet.interop.quantize import (
+    QuantizationError,
+    calibration_inputs,
+    quantize_onnx,
+    quantize_pt2e,
+)
+from diffunet.model.introspect import small_config
 
 pytest.importorskip("torchao")
 
@@ -50,8 +55,9 @@ def quantized_ops(graph: torch.fx.GraphModule) -> dict[str, int]:
 
 def test_pt2e_2d_quantizes_conv2d_and_linear_within_the_documented_error(tmp_path):
     model = model_for(2)
-    quantized = quantize_pt2e(model, calibration_inputs(model.config, num_batches=2, batch=4,
-                                                        size=small_size(model)))
+    quantized = quantize_pt2e(
+        model, calibration_inputs(model.config, num_batches=2, batch=4, size=small_size(model))
+    )
     convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
     linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     assert quantized_ops(quantized.module) == {"conv2d": convs, "linear": linears}
@@ -68,8 +74,9 @@ def test_pt2e_2d_quantizes_conv2d_and_linear_within_the_documented_error(tmp_pat
 
 def test_pt2e_3d_quantizes_linears_only():
     model = model_for(3)
-    quantized = quantize_pt2e(model, calibration_inputs(model.config, num_batches=1, batch=2,
-                                                        size=small_size(model)))
+    quantized = quantize_pt2e(
+        model, calibration_inputs(model.config, num_batches=1, batch=2, size=small_size(model))
+    )
     linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     assert quantized_ops(quantized.module) == {"linear": linears}  # conv3d stays float32
     inputs = fixed_input(model)
@@ -83,16 +90,21 @@ def test_onnx_qdq_quantizes_1d_convs_within_the_documented_error(tmp_path):
     import onnx.numpy_helper
 
     model = model_for(1)
-    path = quantize_onnx(model, tmp_path / "int8.onnx",
-                         calibration_inputs(model.config, num_batches=4, batch=4,
-                                            size=small_size(model)))
+    path = quantize_onnx(
+        model,
+        tmp_path / "int8.onnx",
+        calibration_inputs(model.config, num_batches=4, batch=4, size=small_size(model)),
+    )
     graph = onnx.load(str(path)).graph
     produced_by = {o: n for n in graph.node for o in n.output}
     convs = [n for n in graph.node if n.op_type == "Conv"]
     assert len(convs) == sum(isinstance(m, torch.nn.Conv1d) for m in model.modules())
     assert all(produced_by[n.input[1]].op_type == "DequantizeLinear" for n in convs)
-    int8 = [onnx.numpy_helper.to_array(t) for t in graph.initializer
-            if t.data_type == onnx.TensorProto.INT8]
+    int8 = [
+        onnx.numpy_helper.to_array(t)
+        for t in graph.initializer
+        if t.data_type == onnx.TensorProto.INT8
+    ]
     assert len(int8) >= len(convs)
     # 7-bit weights (`reduce_range`): no saturation on x86 CPUs without VNNI, where full-range
     # weights gave 19 % RMS error on this model (an AVX2 EPYC)

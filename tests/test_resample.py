@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch._inductor.utils import run_and_get_code
 
-from diffunet.nn.resample import upsample_nearest
+from diffunet.model.layers.resample import upsample_nearest
 
 
 @pytest.fixture(autouse=True)
@@ -23,12 +23,15 @@ def _upsample_then_weight(x: torch.Tensor, factors: tuple[int, ...]) -> torch.Te
     return y * torch.arange(y.numel(), dtype=y.dtype).view(y.shape).sin()
 
 
-@pytest.mark.parametrize("shape, factors", [
-    ((2, 3, 5), (2,)),
-    ((2, 3, 4, 5), (2, 2)),
-    ((1, 2, 3, 4, 5), (1, 2, 2)),  # anisotropic 3D: the first axis is not resampled
-    ((1, 2, 3, 4, 2), (2, 2, 2)),
-])
+@pytest.mark.parametrize(
+    "shape, factors",
+    [
+        ((2, 3, 5), (2,)),
+        ((2, 3, 4, 5), (2, 2)),
+        ((1, 2, 3, 4, 5), (1, 2, 2)),  # anisotropic 3D: the first axis is not resampled
+        ((1, 2, 3, 4, 2), (2, 2, 2)),
+    ],
+)
 def test_compiled_values_and_gradients_equal_interpolate(shape, factors):
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     expected = F.interpolate(x, scale_factor=factors, mode="nearest")

@@ -16,8 +16,13 @@ def test_uncertainty_that_is_the_error_scores_perfectly(bench):
     scores = bench.uncertainty_quality(clean, clean + error, std=error)
     assert scores["spearman"] == pytest.approx(1.0)
     # The 10 % largest errors hold more than 10 % of the total, and the shares grow with the set.
-    assert 0.1 < scores["top10_error_share"] < scores["top25_error_share"] < scores[
-        "top50_error_share"] < 1.0
+    assert (
+        0.1
+        < scores["top10_error_share"]
+        < scores["top25_error_share"]
+        < scores["top50_error_share"]
+        < 1.0
+    )
     order = np.sort(error.ravel())[::-1]
     assert scores["top50_error_share"] == pytest.approx(order[:2048].sum() / order.sum())
 

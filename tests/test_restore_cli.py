@@ -12,14 +12,14 @@ import torch
 from PIL import Image
 
 from diffunet import UNet
+from diffunet.apps.generate import LoadedModel
+from diffunet.apps.restore_io import GAP, read_input
 from diffunet.cli import main
-from diffunet.commands import restore as restore_command
-from diffunet.commands.restore import restore_aleatoric, restore_pixels
+from diffunet.cli import restore as restore_command
+from diffunet.cli.restore import restore_aleatoric, restore_pixels
 from diffunet.diffusion import Diffusion
-from diffunet.generate import LoadedModel
-from diffunet.introspect import small_config
-from diffunet.io import save_pretrained
-from diffunet.restore_io import GAP, read_input
+from diffunet.model.checkpoint import save_pretrained
+from diffunet.model.introspect import small_config
 
 
 class ReturnsCond(torch.nn.Module):
@@ -41,8 +41,9 @@ class ReturnsCond(torch.nn.Module):
 
 def identity_model(preset: str, image_size: int, aleatoric_log_variance=None) -> LoadedModel:
     config = small_config(preset).replace(image_size=image_size)
-    return LoadedModel(ReturnsCond(config, aleatoric_log_variance), Diffusion("cosine", 50, "x0"),
-                       Path("identity"))
+    return LoadedModel(
+        ReturnsCond(config, aleatoric_log_variance), Diffusion("cosine", 50, "x0"), Path("identity")
+    )
 
 
 def write_png(path: Path, array: np.ndarray) -> Path:
@@ -64,17 +65,33 @@ def identity(monkeypatch):
 
 
 # ---------------------------------------------------------------------- exact round trips
-@pytest.mark.parametrize(("shape", "tile", "overlap"), [
-    ((45, 71), None, None),        # odd sizes, default tile = training size 16: padded, tiled
-    ((45, 71), (16, 24), (5, 3)),  # per-axis tiles and overlaps
-    ((9, 13), None, None),         # smaller than one tile (padded to 16 × 16)
-])
+@pytest.mark.parametrize(
+    ("shape", "tile", "overlap"),
+    [
+        ((45, 71), None, None),  # odd sizes, default tile = training size 16: padded, tiled
+        ((45, 71), (16, 24), (5, 3)),  # per-axis tiles and overlaps
+        ((9, 13), None, None),  # smaller than one tile (padded to 16 × 16)
+    ],
+)
 def test_identity_model_reproduces_an_8bit_png_exactly(tmp_path, identity, shape, tile, overlap):
     model = identity("emdiffuse", 16)
     image = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
     write_png(tmp_path / "in.png", image)
-    args = ["restore", "--from", "x", "--input", str(tmp_path / "in.png"), "--out",
-            str(tmp_path / "out"), "--samples", "3", "--steps", "2", "--sampler", "ddim"]
+    args = [
+        "restore",
+        "--from",
+        "x",
+        "--input",
+        str(tmp_path / "in.png"),
+        "--out",
+        str(tmp_path / "out"),
+        "--samples",
+        "3",
+        "--steps",
+        "2",
+        "--sampler",
+        "ddim",
+    ]
     if tile:
         args += ["--tile", ",".join(map(str, tile)), "--overlap", ",".join(map(str, overlap))]
     assert main(args) == 0
@@ -99,8 +116,24 @@ def test_identity_model_reproduces_16bit_tiff_and_png_as_16bit_tiff(tmp_path, id
     tifffile.imwrite(folder / "a.tif", tiff)
     Image.fromarray(png).save(folder / "b.png")
     (folder / "notes.txt").write_text("ignored")
-    assert main(["restore", "--from", "x", "--input", str(folder), "--out", str(tmp_path / "o"),
-                 "--samples", "2", "--steps", "1"]) == 0
+    assert (
+        main(
+            [
+                "restore",
+                "--from",
+                "x",
+                "--input",
+                str(folder),
+                "--out",
+                str(tmp_path / "o"),
+                "--samples",
+                "2",
+                "--steps",
+                "1",
+            ]
+        )
+        == 0
+    )
     for name, original in (("a", tiff), ("b", png)):
         restored = tifffile.imread(tmp_path / "o" / f"{name}_restored.tif")
         assert restored.dtype == np.uint16 and np.array_equal(restored, original)
@@ -112,13 +145,29 @@ def test_identity_model_reproduces_a_volume(tmp_path, identity, dtype, tile):
     model = identity("emdiffuse-3d", 8)
     rng = np.random.default_rng(2)
     shape = (11, 19, 13)
-    volume = (rng.integers(0, 65536, shape).astype(dtype) if dtype == np.uint16
-              else rng.random(shape, dtype=np.float32))
+    volume = (
+        rng.integers(0, 65536, shape).astype(dtype)
+        if dtype == np.uint16
+        else rng.random(shape, dtype=np.float32)
+    )
     np.save(tmp_path / "vol.npy", volume)
     tifffile.imwrite(tmp_path / "stack.tif", volume)
     for name in ("vol.npy", "stack.tif"):
-        args = ["restore", "--from", "x", "--input", str(tmp_path / name), "--out",
-                str(tmp_path / "o"), "--samples", "2", "--steps", "1", "--overlap", "3"]
+        args = [
+            "restore",
+            "--from",
+            "x",
+            "--input",
+            str(tmp_path / name),
+            "--out",
+            str(tmp_path / "o"),
+            "--samples",
+            "2",
+            "--steps",
+            "1",
+            "--overlap",
+            "3",
+        ]
         assert main([*args, *(["--tile", tile] if tile else [])]) == 0
     restored = np.load(tmp_path / "o" / "vol_restored.npy")
     stack = tifffile.imread(tmp_path / "o" / "stack_restored.tif")
@@ -136,8 +185,24 @@ def test_float_input_outside_unit_range_keeps_its_range(tmp_path, identity):
     identity("emdiffuse", 16)
     image = np.linspace(-3.0, 250.0, 20 * 24, dtype=np.float32).reshape(20, 24)
     np.save(tmp_path / "f.npy", image)
-    assert main(["restore", "--from", "x", "--input", str(tmp_path / "f.npy"), "--out",
-                 str(tmp_path / "o"), "--samples", "1", "--steps", "1"]) == 0
+    assert (
+        main(
+            [
+                "restore",
+                "--from",
+                "x",
+                "--input",
+                str(tmp_path / "f.npy"),
+                "--out",
+                str(tmp_path / "o"),
+                "--samples",
+                "1",
+                "--steps",
+                "1",
+            ]
+        )
+        == 0
+    )
     np.testing.assert_allclose(np.load(tmp_path / "o" / "f_restored.npy"), image, atol=1e-4)
 
 
@@ -162,8 +227,16 @@ def test_aleatoric_mean_and_std_come_from_the_head(prediction):
             return torch.cat([mean, torch.full_like(cond, math.log(0.3**2))], dim=1)
 
     image = torch.rand(1, 1, 20, 28) * 2 - 1
-    result = restore_aleatoric(Head(), diffusion, image, 3, tile_size=16, overlap=4,
-                               generator=torch.Generator().manual_seed(0), progress=False)
+    result = restore_aleatoric(
+        Head(),
+        diffusion,
+        image,
+        3,
+        tile_size=16,
+        overlap=4,
+        generator=torch.Generator().manual_seed(0),
+        progress=False,
+    )
     torch.testing.assert_close(result.mean, image, atol=1e-5, rtol=0)
     expected = 0.3 if prediction == "x0" else 0.3 * s
     torch.testing.assert_close(result.std, torch.full_like(image, expected), atol=1e-5, rtol=0)
@@ -189,22 +262,27 @@ def test_bad_inputs_are_one_line_errors(tmp_path, identity, capsys):
     identity("emdiffuse", 16)
     out = ["--out", str(tmp_path / "o")]
     assert "missing.png does not exist" in run_error(
-        ["--from", "x", "--input", str(tmp_path / "missing.png"), *out], capsys)
+        ["--from", "x", "--input", str(tmp_path / "missing.png"), *out], capsys
+    )
     (tmp_path / "junk.png").write_bytes(b"not a png")
     assert "cannot read image" in run_error(
-        ["--from", "x", "--input", str(tmp_path / "junk.png"), *out], capsys)
+        ["--from", "x", "--input", str(tmp_path / "junk.png"), *out], capsys
+    )
     np.save(tmp_path / "vol.npy", np.zeros((4, 8, 8), dtype=np.float32))
     err = run_error(["--from", "x", "--input", str(tmp_path / "vol.npy"), *out], capsys)
     assert "3D volume" in err and "dims=3 model" in err
     write_png(tmp_path / "rgb.png", np.random.default_rng(0).integers(0, 255, (8, 8, 3), np.uint8))
     assert "colour image" in run_error(
-        ["--from", "x", "--input", str(tmp_path / "rgb.png"), *out], capsys)
+        ["--from", "x", "--input", str(tmp_path / "rgb.png"), *out], capsys
+    )
     write_png(tmp_path / "ok.png", np.zeros((8, 8), np.uint8))
     assert "multiple of 8" in run_error(
-        ["--from", "x", "--input", str(tmp_path / "ok.png"), "--tile", "12", *out], capsys)
+        ["--from", "x", "--input", str(tmp_path / "ok.png"), "--tile", "12", *out], capsys
+    )
     assert "needs a model with an aleatoric head" in run_error(
         ["--from", "x", "--input", str(tmp_path / "ok.png"), "--uncertainty", "aleatoric", *out],
-        capsys)
+        capsys,
+    )
     assert not (tmp_path / "o").exists()  # nothing written for a bad input
 
     identity("emdiffuse-3d", 8)
@@ -217,11 +295,13 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path, capsys):
     out = ["--input", str(image), "--out", str(tmp_path / "o")]
     assert "does not exist" in run_error(["--from", str(tmp_path / "nope"), *out], capsys)
     save_pretrained(UNet(small_config("ddpm-cifar10")), tmp_path / "uncond")
-    assert "not a restoration model" in run_error(["--from", str(tmp_path / "uncond"), *out],
-                                                  capsys)
+    assert "not a restoration model" in run_error(
+        ["--from", str(tmp_path / "uncond"), *out], capsys
+    )
     save_pretrained(UNet(small_config("emdiffuse-aleatoric")), tmp_path / "eps")
     assert "predict x0 or v" in run_error(
-        ["--from", str(tmp_path / "eps"), "--uncertainty", "aleatoric", *out], capsys)
+        ["--from", str(tmp_path / "eps"), "--uncertainty", "aleatoric", *out], capsys
+    )
 
 
 # ---------------------------------------------------------------------- a real tiny model
@@ -232,8 +312,10 @@ def tiny_checkpoint(folder: Path, preset: str, image_size: int, prediction: str)
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     save_pretrained(model, folder)
-    meta = {"diffusion": {"schedule": "cosine", "timesteps": 100, "prediction": prediction},
-            "sample": {"sampler": "ddim", "steps": 2, "eta": 0.0}}
+    meta = {
+        "diffusion": {"schedule": "cosine", "timesteps": 100, "prediction": prediction},
+        "sample": {"sampler": "ddim", "steps": 2, "eta": 0.0},
+    }
     (folder / "run.json").write_text(json.dumps(meta))
     return folder
 
@@ -242,22 +324,46 @@ def test_cli_end_to_end_with_tiny_real_models(tmp_path, capsys):
     rng = np.random.default_rng(4)
     write_png(tmp_path / "img.png", rng.integers(0, 256, (20, 27), dtype=np.uint8))
     np.save(tmp_path / "vol.npy", rng.random((9, 10, 11), dtype=np.float32))
-    cases = [("emdiffuse", 16, "img.png", "img_restored.png", "samples"),
-             ("emdiffuse-aleatoric", 16, "img.png", "img_restored.png", "aleatoric"),
-             ("emdiffuse-3d", 8, "vol.npy", "vol_restored.npy", "samples")]
+    cases = [
+        ("emdiffuse", 16, "img.png", "img_restored.png", "samples"),
+        ("emdiffuse-aleatoric", 16, "img.png", "img_restored.png", "aleatoric"),
+        ("emdiffuse-3d", 8, "vol.npy", "vol_restored.npy", "samples"),
+    ]
     for preset, size, name, restored_name, kind in cases:
         checkpoint = tiny_checkpoint(tmp_path / preset, preset, size, "x0")
         out = tmp_path / f"out-{preset}"
-        assert main(["restore", "--from", str(checkpoint), "--input", str(tmp_path / name),
-                     "--out", str(out), "--samples", "2", "--seed", "1"]) == 0
+        assert (
+            main(
+                [
+                    "restore",
+                    "--from",
+                    str(checkpoint),
+                    "--input",
+                    str(tmp_path / name),
+                    "--out",
+                    str(out),
+                    "--samples",
+                    "2",
+                    "--seed",
+                    "1",
+                ]
+            )
+            == 0
+        )
         captured = capsys.readouterr()
-        assert f"uncertainty: {'aleatoric' if kind == 'aleatoric' else 'spread of 2'}" in captured.err
+        assert (
+            f"uncertainty: {'aleatoric' if kind == 'aleatoric' else 'spread of 2'}" in captured.err
+        )
         assert f"→ {restored_name}" in captured.out
         source = read_input(tmp_path / name, 3 if preset.endswith("3d") else 2)
         restored = read_input(out / restored_name, source.pixels.ndim)
         assert restored.pixels.shape == source.pixels.shape and restored.dtype == source.dtype
         std_name = restored_name.replace("restored", "uncertainty").replace(".png", ".tif")
-        std = np.load(out / std_name) if std_name.endswith(".npy") else tifffile.imread(out / std_name)
+        std = (
+            np.load(out / std_name)
+            if std_name.endswith(".npy")
+            else tifffile.imread(out / std_name)
+        )
         assert std.dtype == np.float32 and std.shape == source.pixels.shape
         assert np.isfinite(std).all() and std.max() > 0
 
@@ -270,26 +376,81 @@ def test_train_on_embedded_pairs_then_restore(tmp_path, capsys):
     pairs = EMPairs(crop=16, train=("text",))
     pairs.write_pair_folder(tmp_path / "pairs", count=8)
     run = tmp_path / "run"
-    assert main(["train", "--data", str(tmp_path / "pairs"), "--image-size", "16", "--preset",
-                 "emdiffuse", "model_channels=16", "num_res_blocks=1", "norm_groups=8",
-                 "--steps", "2", "--batch-size", "4", "--sample-steps", "2", "--threads", "1",
-                 "--out", str(run)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(tmp_path / "pairs"),
+                "--image-size",
+                "16",
+                "--preset",
+                "emdiffuse",
+                "model_channels=16",
+                "num_res_blocks=1",
+                "norm_groups=8",
+                "--steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--sample-steps",
+                "2",
+                "--threads",
+                "1",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     held_out = pairs.evaluation_pairs()[0]
     crop = np.rint(held_out.noisy[:20, :30] * 255).astype(np.uint8)
     write_png(tmp_path / "held_out.png", crop)
     capsys.readouterr()
-    assert main(["restore", "--from", str(run), "--input", str(tmp_path / "held_out.png"),
-                 "--out", str(tmp_path / "o"), "--samples", "2", "--steps", "2"]) == 0
+    assert (
+        main(
+            [
+                "restore",
+                "--from",
+                str(run),
+                "--input",
+                str(tmp_path / "held_out.png"),
+                "--out",
+                str(tmp_path / "o"),
+                "--samples",
+                "2",
+                "--steps",
+                "2",
+            ]
+        )
+        == 0
+    )
     restored = np.array(Image.open(tmp_path / "o" / "held_out_restored.png"))
     assert restored.shape == crop.shape and restored.dtype == np.uint8
 
 
 # ---------------------------------------------------------------------- diffunet train --task
 #: A two-step run of a tiny EMDiffuse-shaped model (seconds on a CPU).
-TINY_RUN = ["--steps", "2", "--batch-size", "2", "--sample-steps", "2", "--threads", "1",
-            "--precision", "fp32"]
-TINY_RESTORE = [*TINY_RUN, "model_channels=8", "channel_mult=[1,2]", "num_res_blocks=1",
-                "norm_groups=8", "num_head_channels=8"]
+TINY_RUN = [
+    "--steps",
+    "2",
+    "--batch-size",
+    "2",
+    "--sample-steps",
+    "2",
+    "--threads",
+    "1",
+    "--precision",
+    "fp32",
+]
+TINY_RESTORE = [
+    *TINY_RUN,
+    "model_channels=8",
+    "channel_mult=[1,2]",
+    "num_res_blocks=1",
+    "norm_groups=8",
+    "num_head_channels=8",
+]
 
 
 def _run_files(run: Path) -> tuple[dict, dict]:
@@ -311,12 +472,30 @@ def _pair_folder(folder: Path, size: tuple[int, int] = (40, 36)) -> Path:
 
 def test_train_task_restore_on_a_paired_folder(tmp_path):
     run = tmp_path / "run"
-    assert main(["train", "--task", "restore", "--data", str(_pair_folder(tmp_path / "pairs")),
-                 "--image-size", "16", "--out", str(run), *TINY_RESTORE]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--task",
+                "restore",
+                "--data",
+                str(_pair_folder(tmp_path / "pairs")),
+                "--image-size",
+                "16",
+                "--out",
+                str(run),
+                *TINY_RESTORE,
+            ]
+        )
+        == 0
+    )
     config, data = _run_files(run)
     assert config["preset"] == "emdiffuse" and config["model"]["cond_channels"] == 1
-    assert config["data"] == {"source": str(tmp_path / "pairs"), "image_size": 16,
-                              "task": "restore"}
+    assert config["data"] == {
+        "source": str(tmp_path / "pairs"),
+        "image_size": 16,
+        "task": "restore",
+    }
     assert data["pairs"] == 2 and data["crops"] == data["samples"] >= 4096
     assert data["spatial_size"] == [16, 16]
 
@@ -331,7 +510,7 @@ def test_train_task_restore_without_data_uses_the_embedded_em_pairs(tmp_path):
 
 
 def test_task_restore_defaults_to_the_measured_training_settings():
-    from diffunet.training_config import from_dict
+    from diffunet.training.run_config import from_dict
 
     restore = from_dict({"data": {"task": "restore"}})
     assert (restore.train.steps, restore.train.batch_size, restore.train.lr) == (2500, 32, 1e-3)
@@ -347,8 +526,12 @@ def test_train_task_restore_on_unpaired_data_is_a_one_line_error(tmp_path, capsy
     write_png(folder / "a.png", np.zeros((16, 16), np.uint8))
     run = tmp_path / "run"
     capsys.readouterr()
-    assert main(["train", "--task", "restore", "--data", str(folder), "--out", str(run),
-                 *TINY_RESTORE]) != 0
+    assert (
+        main(
+            ["train", "--task", "restore", "--data", str(folder), "--out", str(run), *TINY_RESTORE]
+        )
+        != 0
+    )
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "Traceback" not in err
     assert "--task restore needs paired data" in err and str(folder) in err
@@ -357,8 +540,23 @@ def test_train_task_restore_on_unpaired_data_is_a_one_line_error(tmp_path, capsy
 
 def test_train_task_generate_on_pairs_learns_the_targets(tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", "--task", "generate", "--data", str(_pair_folder(tmp_path / "pairs")),
-                 "--image-size", "16", "--out", str(run), *TINY_RUN]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--task",
+                "generate",
+                "--data",
+                str(_pair_folder(tmp_path / "pairs")),
+                "--image-size",
+                "16",
+                "--out",
+                str(run),
+                *TINY_RUN,
+            ]
+        )
+        == 0
+    )
     config, data = _run_files(run)
     assert config["preset"] == "ddpm-cifar10" and config["model"]["cond_channels"] == 0
     assert config["data"]["task"] == "generate" and "targets only" in data["inputs"]

@@ -154,8 +154,10 @@ def _turn_of(crop, picture):
 def shifted_pairs(tmp_path):
     """Two 8-bit pairs of different native sizes where input = target + 40 grey levels."""
     rng = np.random.default_rng(0)
-    targets = {"a": rng.integers(0, 200, (40, 50), dtype=np.uint8),
-               "b": rng.integers(0, 200, (37, 45), dtype=np.uint8)}
+    targets = {
+        "a": rng.integers(0, 200, (40, 50), dtype=np.uint8),
+        "b": rng.integers(0, 200, (37, 45), dtype=np.uint8),
+    }
     for name, target in targets.items():
         _png(tmp_path / "target" / f"{name}.png", target)
         _png(tmp_path / "input" / f"{name}.png", target + 40)
@@ -200,8 +202,11 @@ def test_paired_16bit_images_keep_their_precision(tmp_path):
 def test_paired_images_smaller_than_the_crop_name_the_file(tmp_path):
     _png(tmp_path / "input" / "small.png", np.zeros((12, 20), np.uint8))
     _png(tmp_path / "target" / "small.png", np.zeros((12, 20), np.uint8))
-    with pytest.raises(DataError, match=r"target/small\.png are 12×20, smaller than the 16-pixel "
-                       r"training crop; pass a smaller --image-size \(at most 12\)"):
+    with pytest.raises(
+        DataError,
+        match=r"target/small\.png are 12×20, smaller than the 16-pixel "
+        r"training crop; pass a smaller --image-size \(at most 12\)",
+    ):
         open_dataset(str(tmp_path), image_size=16)
     with pytest.raises(DataError, match="64-pixel"):  # the default crop for paired images
         open_dataset(str(tmp_path))

@@ -2,7 +2,7 @@
 
 import io
 
-from diffunet import run_log
+from diffunet.training import run_log
 
 
 def test_rate_and_eta_come_from_the_last_interval(tmp_path, monkeypatch):

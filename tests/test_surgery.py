@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from diffunet import UNet
-from diffunet.introspect import small_config
-from diffunet.surgery import widen_input_channels
+from diffunet.model.introspect import small_config
+from diffunet.model.surgery import widen_input_channels
 
 
 def test_widened_model_ignores_the_new_channels_until_trained():

@@ -1,4 +1,4 @@
-"""The thin 3D convolution kernels (`diffunet.nn.thin_conv`): they compute `F.conv3d` and its
+"""The thin 3D convolution kernels (`diffunet.accel.thin_conv`): they compute `F.conv3d` and its
 gradients, under Triton's CPU interpreter here (float32 and float16: the interpreter's bfloat16
 `tl.dot` is wrong) and in bfloat16 on the GPU when present; `convolve` calls them only for the
 convolutions they serve, and only when switched on."""
@@ -12,9 +12,9 @@ import textwrap
 import pytest
 import torch
 
-from diffunet.nn import thin_conv
-from diffunet.nn.conv import convolve
-from diffunet.nn.ops import conv_nd
+from diffunet.accel import thin_conv
+from diffunet.accel.conv import convolve
+from diffunet.model.layers.ops import conv_nd
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (CPU-only torch)")
@@ -36,10 +36,10 @@ def test_on_by_default_and_never_for_cpu_tensors_without_the_interpreter():
         assert not thin_conv.takes(conv, x)
 
 
-@pytest.mark.parametrize(("cin", "cout", "channels_last"),
-                         [(2, 16, True), (16, 1, True), (3, 5, False)])
-def test_ops_compute_with_aten_where_the_kernels_cannot_run(cin, cout, channels_last,
-                                                             monkeypatch):
+@pytest.mark.parametrize(
+    ("cin", "cout", "channels_last"), [(2, 16, True), (16, 1, True), (3, 5, False)]
+)
+def test_ops_compute_with_aten_where_the_kernels_cannot_run(cin, cout, channels_last, monkeypatch):
     """On a GPU without bf16 tensor cores the same ops run ATen: the same numbers (against
     float64 `F.conv3d`) and the layouts their fake versions promise."""
     monkeypatch.setattr(thin_conv, "_runs_kernels", lambda device: False)
@@ -85,11 +85,14 @@ def test_which_convolutions_the_kernels_take(enabled):
     assert not thin_conv.takes(conv_nd(3, 2, 16, 3, padding=1), x2)
 
 
-
-@pytest.mark.parametrize(("setting", "wanted"), [
-    ("auto", {(64, 1): True, (54, 2): True, (53, 2): False, (16, 1): False, (64, 3): False}),
-    ("always", {(64, 1): True, (16, 1): True, (8, 5): True}),
-    ("never", {(64, 1): False, (128, 1): False})])
+@pytest.mark.parametrize(
+    ("setting", "wanted"),
+    [
+        ("auto", {(64, 1): True, (54, 2): True, (53, 2): False, (16, 1): False, (64, 3): False}),
+        ("always", {(64, 1): True, (16, 1): True, (8, 5): True}),
+        ("never", {(64, 1): False, (128, 1): False}),
+    ],
+)
 def test_which_heads_forward_by_tap_products(setting, wanted, monkeypatch):
     monkeypatch.setattr(thin_conv, "TAP_PRODUCT_FORWARD", setting)
     calls = []
@@ -107,8 +110,10 @@ def test_which_heads_forward_by_tap_products(setting, wanted, monkeypatch):
         torch.testing.assert_close(y, torch.nn.functional.conv3d(x, weight, padding=1))
 
 
-@pytest.mark.parametrize(("value", "setting"), [(None, "auto"), ("auto", "auto"), ("1", "always"),
-                                                ("Always", "always"), ("0", "never")])
+@pytest.mark.parametrize(
+    ("value", "setting"),
+    [(None, "auto"), ("auto", "auto"), ("1", "always"), ("Always", "always"), ("0", "never")],
+)
 def test_tap_product_setting_from_the_environment(value, setting, monkeypatch):
     name = "DIFFUNET_TAP_PRODUCT_FORWARD"
     if value is None:
@@ -129,9 +134,9 @@ INTERPRETER_CHECK = textwrap.dedent("""
     import torch.nn.functional as F
     from diffunet import UNet
     from diffunet.benchmark import UNET_3D
-    from diffunet.nn import thin_conv
-    from diffunet.nn.conv import convolve
-    from diffunet.nn.ops import conv_nd
+    from diffunet.accel import thin_conv
+    from diffunet.accel.conv import convolve
+    from diffunet.model.layers.ops import conv_nd
 
     torch.manual_seed(0)
     thin_conv.TAP_PRODUCT_FORWARD = "always"  # every head's forward by the kernels, not ATen
@@ -249,16 +254,27 @@ def test_kernels_compute_conv3d_and_its_gradients_under_the_interpreter():
     contiguous, odd sizes, with and without bias; compiled graphs call the op; a 3D U-Net with
     the kernels computes what it does without them."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-c", INTERPRETER_CHECK], env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", INTERPRETER_CHECK],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("tap_products", ["never", "always"])
-@pytest.mark.parametrize(("channels", "spatial"), [((2, 64), (4, 64, 64, 64)),
-                                                   ((64, 1), (4, 64, 64, 64)),
-                                                   ((3, 33), (2, 7, 9, 5)), ((5, 2), (1, 17, 3, 4))])
+@pytest.mark.parametrize(
+    ("channels", "spatial"),
+    [
+        ((2, 64), (4, 64, 64, 64)),
+        ((64, 1), (4, 64, 64, 64)),
+        ((3, 33), (2, 7, 9, 5)),
+        ((5, 2), (1, 17, 3, 4)),
+    ],
+)
 def test_bf16_kernels_match_cudnn_on_the_gpu(channels, spatial, tap_products, monkeypatch):
     monkeypatch.setattr(thin_conv, "_ENABLED", True)
     monkeypatch.setattr(thin_conv, "TAP_PRODUCT_FORWARD", tap_products)

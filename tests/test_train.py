@@ -8,17 +8,17 @@ import torch
 from PIL import Image
 from torch.optim.swa_utils import AveragedModel
 
-from diffunet.grids import make_grid, save_array, save_grid
-from diffunet.io import CheckpointError
-from diffunet.parallel import update_ema
-from diffunet.train import DataOrder, lr_factor, resolve_precision, step_seed
-from diffunet.training_config import RunConfigError, from_dict, load_yaml, parse_override
-from diffunet.training_state import (
+from diffunet.apps.grids import make_grid, save_array, save_grid
+from diffunet.model.checkpoint import CheckpointError
+from diffunet.training.parallel import update_ema
+from diffunet.training.run_config import RunConfigError, from_dict, load_yaml, parse_override
+from diffunet.training.state import (
     capture_rng_state,
     load_training_state,
     restore_rng_state,
     save_training_state,
 )
+from diffunet.training.trainer import DataOrder, lr_factor, resolve_precision, step_seed
 
 
 def test_data_order_is_a_seeded_permutation_per_epoch():
@@ -103,8 +103,16 @@ def test_run_config_sections_and_errors(tmp_path):
 
 def test_model_config_takes_data_fields_and_checks_explicit_ones():
     run = from_dict({})
-    config = run.model_config({"dims": 2, "in_channels": 1, "out_channels": 1, "cond_channels": 0,
-                               "image_size": 16, "num_classes": 10})
+    config = run.model_config(
+        {
+            "dims": 2,
+            "in_channels": 1,
+            "out_channels": 1,
+            "cond_channels": 0,
+            "image_size": 16,
+            "num_classes": 10,
+        }
+    )
     assert (config.in_channels, config.image_size, config.num_classes) == (1, 16, 10)
     run.model["in_channels"] = 3
     with pytest.raises(RunConfigError, match="does not fit the data"):

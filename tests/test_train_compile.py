@@ -8,17 +8,39 @@ import torch
 import torch._dynamo
 from safetensors.torch import load_file
 
+from diffunet.accel import fused_norm as fused
 from diffunet.cli import main
-from diffunet.distributed import DistInfo
-from diffunet.nn import fused
-from diffunet.train import resolve_compile_mode
-from diffunet.training_config import RunConfigError, TrainSection
-from diffunet.training_state import load_training_state
+from diffunet.training.distributed import DistInfo
+from diffunet.training.run_config import RunConfigError, TrainSection
+from diffunet.training.state import load_training_state
+from diffunet.training.trainer import resolve_compile_mode
 
-TINY = ["--image-size", "8", "--batch-size", "8", "--threads", "1", "--precision", "fp32",
-        "--steps", "3", "--checkpoint-every", "0", "--sample-every", "0", "--sample-steps", "2",
-        "--no-eval", "--log-every", "1", "model_channels=8", "norm_groups=4", "channel_mult=[1,2]",
-        "attention_resolutions=[2]", "num_res_blocks=1"]
+TINY = [
+    "--image-size",
+    "8",
+    "--batch-size",
+    "8",
+    "--threads",
+    "1",
+    "--precision",
+    "fp32",
+    "--steps",
+    "3",
+    "--checkpoint-every",
+    "0",
+    "--sample-every",
+    "0",
+    "--sample-steps",
+    "2",
+    "--no-eval",
+    "--log-every",
+    "1",
+    "model_channels=8",
+    "norm_groups=4",
+    "channel_mult=[1,2]",
+    "attention_resolutions=[2]",
+    "num_res_blocks=1",
+]
 
 
 def test_compiled_training_matches_eager_and_saves_clean_keys(tmp_path, capsys):
@@ -37,8 +59,11 @@ def test_compiled_training_matches_eager_and_saves_clean_keys(tmp_path, capsys):
     compiled = load_file(tmp_path / "compiled" / "checkpoint" / "model.safetensors")
     assert compiled.keys() == eager.keys()
     state = load_training_state(tmp_path / "compiled" / "train_state.pt")
-    assert not [k for k in (*state["model"], *state["ema"]["weights"])
-                if k.startswith(("_orig_mod.", "module."))]
+    assert not [
+        k
+        for k in (*state["model"], *state["ema"]["weights"])
+        if k.startswith(("_orig_mod.", "module."))
+    ]
     # Three optimizer steps from the same seed: Inductor's fused kernels only reorder float math.
     for key, value in eager.items():
         torch.testing.assert_close(compiled[key], value, rtol=1e-3, atol=1e-4, msg=key)
@@ -53,8 +78,12 @@ def test_reduce_overhead_trains_on_one_process_and_says_so(tmp_path, capsys):
     threads = torch.get_num_threads()
     try:
         torch._dynamo.reset()
-        assert main(["train", "--out", str(tmp_path / "ro"), "--compile-mode", "reduce-overhead",
-                     *TINY]) == 0
+        assert (
+            main(
+                ["train", "--out", str(tmp_path / "ro"), "--compile-mode", "reduce-overhead", *TINY]
+            )
+            == 0
+        )
     finally:
         torch.set_num_threads(threads)
     captured = capsys.readouterr()
@@ -67,10 +96,27 @@ def test_reduce_overhead_trains_on_one_process_and_says_so(tmp_path, capsys):
 
 def test_reduce_overhead_under_torchrun_is_refused_in_one_line(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "diffunet", "train", "--out", str(tmp_path / "r"), "--device", "cpu",
-         "--compile-mode", "reduce-overhead", *TINY],
-        capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "diffunet",
+            "train",
+            "--out",
+            str(tmp_path / "r"),
+            "--device",
+            "cpu",
+            "--compile-mode",
+            "reduce-overhead",
+            *TINY,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.startswith("diffunet train:")]
     assert lines and "reduce-overhead trains in one process" in lines[0]
@@ -97,11 +143,10 @@ def test_compile_on_a_gpu_records_cuda_graphs_and_matches_default_compile(tmp_pa
     """Plain `--compile` on one GPU is the reduce-overhead mode; CUDA graphs replay the same
     kernels, so the weights match the default-mode compiled run."""
     gpu = [arg for arg in TINY if arg != "fp32"]
-    gpu[gpu.index("--precision") + 1:gpu.index("--precision") + 1] = ["bf16"]
+    gpu[gpu.index("--precision") + 1 : gpu.index("--precision") + 1] = ["bf16"]
     for name, mode in (("default", ["--compile-mode", "default"]), ("graphs", ["--compile"])):
         torch._dynamo.reset()
-        assert main(["train", "--out", str(tmp_path / name), "--device", "cuda", *mode,
-                     *gpu]) == 0
+        assert main(["train", "--out", str(tmp_path / name), "--device", "cuda", *mode, *gpu]) == 0
         captured = capsys.readouterr()
         banner = captured.out + captured.err
         assert ("compiled (reduce-overhead)" in banner) == (name == "graphs"), banner

@@ -13,20 +13,58 @@ import torch
 
 from diffunet import UNet
 from diffunet.cli import main
-from diffunet.run_log import last_logged_step
-from diffunet.training_state import load_training_state
+from diffunet.training.run_log import last_logged_step
+from diffunet.training.state import load_training_state
 
-MODEL = ["model_channels=16", "norm_groups=8", "channel_mult=[1,2]", "attention_resolutions=[2]",
-         "num_res_blocks=1"]
-COMMON = ["--sample-every", "0", "--image-size", "8", "--batch-size", "16", "--threads", "1",
-          "--precision", "fp32", "--sample-steps", "3", "--no-eval", "--device", "cpu", *MODEL]
+MODEL = [
+    "model_channels=16",
+    "norm_groups=8",
+    "channel_mult=[1,2]",
+    "attention_resolutions=[2]",
+    "num_res_blocks=1",
+]
+COMMON = [
+    "--sample-every",
+    "0",
+    "--image-size",
+    "8",
+    "--batch-size",
+    "16",
+    "--threads",
+    "1",
+    "--precision",
+    "fp32",
+    "--sample-steps",
+    "3",
+    "--no-eval",
+    "--device",
+    "cpu",
+    *MODEL,
+]
 
 
 def _torchrun(run: Path, *args: str, **popen) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "diffunet", "train", "--out", str(run), "--parallel", "fsdp", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "diffunet",
+            "train",
+            "--out",
+            str(run),
+            "--parallel",
+            "fsdp",
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
 
 
 def _finish(process: subprocess.Popen) -> tuple[str, str]:
@@ -41,8 +79,18 @@ def _weights(state: dict, part: str) -> dict[str, torch.Tensor]:
 
 def test_two_sharded_processes_match_one_and_write_a_plain_checkpoint(tmp_path):
     """Also with gradient checkpointing, whose checkpointed blocks are the FSDP units."""
-    args = ["--steps", "12", "--checkpoint-every", "0", "--log-every", "4", *COMMON,
-            "use_checkpoint=true", "--sample-every", "6"]
+    args = [
+        "--steps",
+        "12",
+        "--checkpoint-every",
+        "0",
+        "--log-every",
+        "4",
+        *COMMON,
+        "use_checkpoint=true",
+        "--sample-every",
+        "6",
+    ]
     threads = torch.get_num_threads()
     try:
         assert main(["train", "--out", str(tmp_path / "single"), *args]) == 0
@@ -106,8 +154,18 @@ def _sigkill_tree(process: subprocess.Popen) -> None:
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the workers in /proc")
 def test_sigkill_and_resume_of_a_sharded_run_match_an_uninterrupted_one(tmp_path):
-    args = ["--steps", "40", "--checkpoint-every", "10", "--log-every", "1", "--seed", "5",
-            *COMMON, "dropout=0.1"]
+    args = [
+        "--steps",
+        "40",
+        "--checkpoint-every",
+        "10",
+        "--log-every",
+        "1",
+        "--seed",
+        "5",
+        *COMMON,
+        "dropout=0.1",
+    ]
     _finish(_torchrun(tmp_path / "straight", *args))
 
     run = tmp_path / "killed"
@@ -115,8 +173,10 @@ def test_sigkill_and_resume_of_a_sharded_run_match_an_uninterrupted_one(tmp_path
     deadline = time.monotonic() + 240
     while last_logged_step(run) < 15:  # after the step-10 checkpoint, before the step-20 one
         if process.poll() is not None:
-            pytest.fail(f"training ended (rc {process.returncode}) before step 15: "
-                        f"{process.stderr.read()[-3000:]}")
+            pytest.fail(
+                f"training ended (rc {process.returncode}) before step 15: "
+                f"{process.stderr.read()[-3000:]}"
+            )
         if time.monotonic() > deadline:
             _sigkill_tree(process)
             pytest.fail("training did not progress")
@@ -137,8 +197,7 @@ def test_sigkill_and_resume_of_a_sharded_run_match_an_uninterrupted_one(tmp_path
 
 def test_resuming_a_sharded_run_in_one_process_is_refused_in_one_line(tmp_path, capsys):
     run = tmp_path / "fsdp"
-    _finish(_torchrun(run, "--steps", "2", "--checkpoint-every", "0", "--log-every", "1",
-                      *COMMON))
+    _finish(_torchrun(run, "--steps", "2", "--checkpoint-every", "0", "--log-every", "1", *COMMON))
     capsys.readouterr()
     assert main(["train", "--out", str(run), "--resume", "--steps", "2", *COMMON]) != 0
     err = capsys.readouterr().err.strip().splitlines()
@@ -146,8 +205,21 @@ def test_resuming_a_sharded_run_in_one_process_is_refused_in_one_line(tmp_path, 
 
 
 def test_fp16_with_fsdp_is_a_config_error(tmp_path, capsys):
-    code = main(["train", "--out", str(tmp_path / "r"), "--parallel", "fsdp", "--precision",
-                 "fp16", "--steps", "1", "--device", "cpu"])
+    code = main(
+        [
+            "train",
+            "--out",
+            str(tmp_path / "r"),
+            "--parallel",
+            "fsdp",
+            "--precision",
+            "fp16",
+            "--steps",
+            "1",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code != 0
     err = capsys.readouterr().err
     assert "--parallel fsdp" in err and "bf16" in err
@@ -155,8 +227,10 @@ def test_fp16_with_fsdp_is_a_config_error(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("DIFFUNET_SLOW_TESTS"),
-                    reason="Inductor compiles C++ for about a minute; set DIFFUNET_SLOW_TESTS=1")
+@pytest.mark.skipif(
+    not os.environ.get("DIFFUNET_SLOW_TESTS"),
+    reason="Inductor compiles C++ for about a minute; set DIFFUNET_SLOW_TESTS=1",
+)
 def test_compiled_sharded_training_matches_eager_without_hitting_the_recompile_limit(tmp_path):
     args = ["--steps", "6", "--checkpoint-every", "0", "--log-every", "2", *COMMON]
     _finish(_torchrun(tmp_path / "eager", *args))
@@ -170,8 +244,8 @@ def test_compiled_sharded_training_matches_eager_without_hitting_the_recompile_l
 
 def _one_process_group(tmp_path: Path, backend: str) -> None:
     torch.distributed.init_process_group(
-        backend, store=torch.distributed.FileStore(str(tmp_path / "store"), 1), rank=0,
-        world_size=1)
+        backend, store=torch.distributed.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1
+    )
 
 
 def test_fsdp_shards_only_contiguous_weights_so_placement_asks_for_the_layout(tmp_path):
@@ -180,11 +254,17 @@ def test_fsdp_shards_only_contiguous_weights_so_placement_asks_for_the_layout(tm
     from torch.distributed.fsdp import fully_shard
 
     from diffunet import UNetConfig
-    from diffunet.nn.conv import prefer_channels_last
-    from diffunet.sharding import shard_unet
+    from diffunet.accel.conv import prefer_channels_last
+    from diffunet.training.sharding import shard_unet
 
-    config = UNetConfig(dims=2, model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
-                        attention_resolutions=(), norm_groups=4)
+    config = UNetConfig(
+        dims=2,
+        model_channels=8,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(),
+        norm_groups=4,
+    )
     _one_process_group(tmp_path, "gloo")
     try:
         converted = torch.nn.Conv2d(4, 4, 3).to(memory_format=torch.channels_last)
@@ -203,11 +283,17 @@ def test_fsdp_shards_only_contiguous_weights_so_placement_asks_for_the_layout(tm
 @pytest.mark.gpu
 def test_sharded_model_on_a_gpu_trains_with_channels_last_activations(tmp_path):
     from diffunet import UNetConfig
-    from diffunet.parallel import place_model
-    from diffunet.sharding import shard_unet
+    from diffunet.training.parallel import place_model
+    from diffunet.training.sharding import shard_unet
 
-    config = UNetConfig(dims=2, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-                        attention_resolutions=(), norm_groups=8)
+    config = UNetConfig(
+        dims=2,
+        model_channels=32,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(),
+        norm_groups=8,
+    )
     _one_process_group(tmp_path, "nccl")
     try:
         device = torch.device("cuda")

@@ -2,16 +2,31 @@
 
 import json
 
-TINY = ("tiny:--image-size 8 --batch-size 8 --threads 1 --precision fp32 --sample-steps 2 "
-        "model_channels=8 norm_groups=4 channel_mult=[1,2] attention_resolutions=[] "
-        "num_res_blocks=1")
+TINY = (
+    "tiny:--image-size 8 --batch-size 8 --threads 1 --precision fp32 --sample-steps 2 "
+    "model_channels=8 norm_groups=4 channel_mult=[1,2] attention_resolutions=[] "
+    "num_res_blocks=1"
+)
 
 
 def test_train_modes_reads_the_last_interval_of_each_run(tmp_path, capsys, benchmark_script):
     out = tmp_path / "modes.json"
     code = benchmark_script("train_modes").main(
-        ["--modes", "eager", "--steps", "6", "--log-every", "3", "--run", TINY,
-         "--run", "broken:--batch-size 0", "--out", str(out)])
+        [
+            "--modes",
+            "eager",
+            "--steps",
+            "6",
+            "--log-every",
+            "3",
+            "--run",
+            TINY,
+            "--run",
+            "broken:--batch-size 0",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 1  # the broken run failed, and says why
     results = json.loads(out.read_text())["results"]
     tiny = results["tiny"]["eager"]

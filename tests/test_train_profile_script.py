@@ -12,13 +12,50 @@ def test_profiles_the_steps_asked_for_and_writes_json(tmp_path, benchmark_script
     script = benchmark_script("train_profile")
     data = tmp_path / "data.npy"
     np.save(data, np.random.default_rng(0).random((16, 3, 16, 16), dtype=np.float32))
-    code = script.main(["--tag", "tiny", "--first", "2", "--last", "4", "--out", str(tmp_path),
-                        "--device", "cpu", "--", "train", "--data", str(data), "--preset",
-                        "ddpm-cifar10", "--image-size", "16", "--batch-size", "4", "--steps",
-                        "5", "--precision", "fp32", "--device", "cpu", "--checkpoint-every", "0",
-                        "--sample-every", "0", "--log-every", "5", "--no-eval",
-                        "--out", str(tmp_path / "run"), "model_channels=16", "norm_groups=8",
-                        "channel_mult=[1,2]", "attention_resolutions=[]", "num_res_blocks=1"])
+    code = script.main(
+        [
+            "--tag",
+            "tiny",
+            "--first",
+            "2",
+            "--last",
+            "4",
+            "--out",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            "--",
+            "train",
+            "--data",
+            str(data),
+            "--preset",
+            "ddpm-cifar10",
+            "--image-size",
+            "16",
+            "--batch-size",
+            "4",
+            "--steps",
+            "5",
+            "--precision",
+            "fp32",
+            "--device",
+            "cpu",
+            "--checkpoint-every",
+            "0",
+            "--sample-every",
+            "0",
+            "--log-every",
+            "5",
+            "--no-eval",
+            "--out",
+            str(tmp_path / "run"),
+            "model_channels=16",
+            "norm_groups=8",
+            "channel_mult=[1,2]",
+            "attention_resolutions=[]",
+            "num_res_blocks=1",
+        ]
+    )
     assert code == 0
     result = json.loads((tmp_path / "train-profile-tiny-rank0.json").read_text())
     assert result["steps"] == 2 and result["rank"] == 0
@@ -28,7 +65,7 @@ def test_profiles_the_steps_asked_for_and_writes_json(tmp_path, benchmark_script
     ops = [row["op"] for row in result["host_self_ms_per_step"]]
     assert any("convolution" in op for op in ops)
     assert "[tiny rank 0]" in capsys.readouterr().out
-    from diffunet.run_log import RunLog
+    from diffunet.training.run_log import RunLog
 
     assert RunLog.tick.__name__ == "tick"  # the hook is gone after the run
 

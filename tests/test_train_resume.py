@@ -12,15 +12,39 @@ import torch
 from safetensors.torch import load_file
 
 from diffunet.cli import main
-from diffunet.run_log import last_logged_step
-from diffunet.training_state import load_training_state
+from diffunet.training.run_log import last_logged_step
+from diffunet.training.state import load_training_state
 
 STEPS = 80
-ARGS = ["--steps", str(STEPS), "--checkpoint-every", "10", "--sample-every", "0",
-        "--image-size", "8", "--batch-size", "16", "--threads", "1", "--precision", "fp32",
-        "--sample-steps", "3", "--no-eval", "--log-every", "5", "--seed", "3",
-        "model_channels=16", "norm_groups=8", "channel_mult=[1,2]", "attention_resolutions=[2]",
-        "num_res_blocks=1", "dropout=0.1"]
+ARGS = [
+    "--steps",
+    str(STEPS),
+    "--checkpoint-every",
+    "10",
+    "--sample-every",
+    "0",
+    "--image-size",
+    "8",
+    "--batch-size",
+    "16",
+    "--threads",
+    "1",
+    "--precision",
+    "fp32",
+    "--sample-steps",
+    "3",
+    "--no-eval",
+    "--log-every",
+    "5",
+    "--seed",
+    "3",
+    "model_channels=16",
+    "norm_groups=8",
+    "channel_mult=[1,2]",
+    "attention_resolutions=[2]",
+    "num_res_blocks=1",
+    "dropout=0.1",
+]
 
 
 def _kill_when(run: Path, process: subprocess.Popen, step: int, timeout: float = 240) -> None:
@@ -28,8 +52,10 @@ def _kill_when(run: Path, process: subprocess.Popen, step: int, timeout: float =
     deadline = time.monotonic() + timeout
     while last_logged_step(run) < step:
         if process.poll() is not None:
-            pytest.fail(f"training ended (rc {process.returncode}) before step {step}: "
-                        f"{process.stderr.read()}")
+            pytest.fail(
+                f"training ended (rc {process.returncode}) before step {step}: "
+                f"{process.stderr.read()}"
+            )
         if time.monotonic() > deadline:
             process.kill()
             pytest.fail("training did not progress")
@@ -40,8 +66,12 @@ def _kill_when(run: Path, process: subprocess.Popen, step: int, timeout: float =
 
 
 def _train_subprocess(run: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "diffunet", "train", "--out", str(run), *ARGS,
-                             *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "diffunet", "train", "--out", str(run), *ARGS, *extra],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_sigkill_and_resume_match_an_uninterrupted_run(tmp_path, capsys):
@@ -50,7 +80,7 @@ def test_sigkill_and_resume_match_an_uninterrupted_run(tmp_path, capsys):
         assert main(["train", "--out", str(tmp_path / "straight"), *ARGS]) == 0
 
         run = tmp_path / "killed"
-        _kill_when(run, _train_subprocess(run), step=15)            # after the step-10 checkpoint
+        _kill_when(run, _train_subprocess(run), step=15)  # after the step-10 checkpoint
         assert load_training_state(run / "train_state.pt")["step"] == 10
         _kill_when(run, _train_subprocess(run, "--resume"), step=45)  # a second kill, later
         last = load_training_state(run / "train_state.pt")["step"]

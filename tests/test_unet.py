@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from diffunet import UNet, UNetConfig, preset, split_aleatoric
-from diffunet.introspect import count_flops, example_inputs, small_config
-from diffunet.nn import CrossAttention, LinearAttention, SelfAttention
+from diffunet.model.introspect import count_flops, example_inputs, small_config
+from diffunet.model.layers import CrossAttention, LinearAttention, SelfAttention
 
 
 def randomize(module: torch.nn.Module, scale: float = 0.2) -> torch.nn.Module:
@@ -73,14 +73,18 @@ def test_linear_attention_matches_naive_float64():
 
 def test_cross_attention_matches_naive_float64():
     channels, heads, ctx_dim = 8, 2, 6
-    attn = randomize(CrossAttention(channels, ctx_dim, heads, norm_groups=2, norm_eps=1e-5)).double()
+    attn = randomize(
+        CrossAttention(channels, ctx_dim, heads, norm_groups=2, norm_eps=1e-5)
+    ).double()
     x = torch.randn(2, channels, 4, 3, dtype=torch.float64)
     context = torch.randn(2, 5, ctx_dim, dtype=torch.float64)
     tokens = naive_group_norm(x, attn.norm).flatten(2).transpose(1, 2)
     q_all = tokens @ attn.q.weight.T + attn.q.bias
     k_all, v_all = (context @ attn.kv.weight.T + attn.kv.bias).chunk(2, dim=-1)
-    outs = [naive_softmax_attention(q_all[..., s], k_all[..., s], v_all[..., s])
-            for s in (slice(0, 4), slice(4, 8))]
+    outs = [
+        naive_softmax_attention(q_all[..., s], k_all[..., s], v_all[..., s])
+        for s in (slice(0, 4), slice(4, 8))
+    ]
     h = torch.cat(outs, dim=-1) @ attn.proj_out.weight.T + attn.proj_out.bias
     expected = x + h.transpose(1, 2).reshape(x.shape)
     torch.testing.assert_close(attn(x, context), expected, rtol=1e-10, atol=1e-10)
@@ -111,7 +115,7 @@ def test_checkpointed_decoder_keeps_no_concatenation(use_checkpoint, monkeypatch
     import gc
     import weakref
 
-    from diffunet.nn import resblock
+    from diffunet.model.layers import resblock
 
     config = small_config("ddpm-cifar10").replace(use_checkpoint=use_checkpoint)
     model = UNet(config).train()
@@ -139,16 +143,18 @@ def test_backward_reaches_the_skip_convolution_last(emb_dim, scale_shift):
     """A block whose skip is a 1×1 convolution runs it before its main branch, so that backward
     reaches it last: the gradient it computes for the input is then not held while the main
     branch's backward runs (the peak of checkpointed training is in such a backward)."""
-    from diffunet.nn.resblock import ResBlock
+    from diffunet.model.layers.resblock import ResBlock
 
-    block = ResBlock(2, 16, 8, emb_dim, use_scale_shift_norm=scale_shift, norm_groups=4,
-                     zero_init=False)
+    block = ResBlock(
+        2, 16, 8, emb_dim, use_scale_shift_norm=scale_shift, norm_groups=4, zero_init=False
+    )
     reached = []
     for name in ("skip", "in_conv", "out_conv"):
         conv = getattr(block, name)
         conv.register_forward_pre_hook(lambda *_: None)  # `convolve` then calls the module,
         conv.register_full_backward_hook(  # which runs its backward hooks
-            lambda module, grad_input, grad_output, name=name: reached.append(name))
+            lambda module, grad_input, grad_output, name=name: reached.append(name)
+        )
     x = torch.randn(2, 16, 6, 6, requires_grad=True)
     emb = None if emb_dim is None else torch.randn(2, emb_dim)
     block(x, emb).square().sum().backward()
@@ -157,8 +163,9 @@ def test_backward_reaches_the_skip_convolution_last(emb_dim, scale_shift):
 
 def test_compile_fullgraph_matches_eager():
     # Small but complete: scale-shift, ResBlock up/down, middle attention, cond, noise level.
-    config = small_config("emdiffuse").replace(num_res_blocks=1, dropout=0.0,
-                                               channel_mult=(1, 2), attention_resolutions=(2,))
+    config = small_config("emdiffuse").replace(
+        num_res_blocks=1, dropout=0.0, channel_mult=(1, 2), attention_resolutions=(2,)
+    )
     model = randomize(UNet(config)).eval()
     x, kwargs = example_inputs(config, batch=2)
     compiled = torch.compile(model, fullgraph=True)
@@ -233,8 +240,9 @@ def test_aleatoric_output_is_mean_then_log_variance():
         out = model(x, **kwargs)
         mean, log_var = split_aleatoric(out)
         plain = UNet(config.replace(aleatoric=False))
-        plain.load_state_dict({k: v for k, v in model.state_dict().items()
-                               if not k.startswith("out_logvar")})
+        plain.load_state_dict(
+            {k: v for k, v in model.state_dict().items() if not k.startswith("out_logvar")}
+        )
         torch.testing.assert_close(mean, plain.eval()(x, **kwargs))
     assert log_var.shape == mean.shape
 
@@ -264,17 +272,28 @@ def _option_combinations():
     combos = list(itertools.product(*OPTION_GRID.values()))
     # every value of every option appears, spread over the three dimensionalities
     picked = combos[::7]
-    return [(dims, dict(zip(keys, combo))) for i, combo in enumerate(picked)
-            for dims in [(i % 3) + 1]]
+    return [
+        (dims, dict(zip(keys, combo))) for i, combo in enumerate(picked) for dims in [(i % 3) + 1]
+    ]
 
 
 @pytest.mark.parametrize(("dims", "options"), _option_combinations())
 def test_option_combinations_build_and_run(dims, options):
     config = UNetConfig(
-        dims=dims, in_channels=2, out_channels=2, model_channels=8, channel_mult=(1, 2),
-        num_res_blocks=1, norm_groups=4, attention_resolutions=(2,), num_heads=2,
-        cond_channels=1, context_dim=6 if options["attention_type"] != "none" else None,
-        num_classes=3, mid_attention_type="full", **options,
+        dims=dims,
+        in_channels=2,
+        out_channels=2,
+        model_channels=8,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        norm_groups=4,
+        attention_resolutions=(2,),
+        num_heads=2,
+        cond_channels=1,
+        context_dim=6 if options["attention_type"] != "none" else None,
+        num_classes=3,
+        mid_attention_type="full",
+        **options,
     )
     model = UNet(config)
     x, kwargs = example_inputs(config, batch=2, size=(8,) * dims)
@@ -313,10 +332,14 @@ def analytic_flops(model: UNet, x: torch.Tensor, t: torch.Tensor) -> int:
         n = math.prod(inputs[0].shape[2:])
         total += 2 * 2 * b * n * n * c  # QK^T and AV over all heads
 
-    hooks = [m.register_forward_hook(conv_or_linear) for m in model.modules()
-             if isinstance(m, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))]
-    hooks += [m.register_forward_hook(attention) for m in model.modules()
-              if isinstance(m, SelfAttention)]
+    hooks = [
+        m.register_forward_hook(conv_or_linear)
+        for m in model.modules()
+        if isinstance(m, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))
+    ]
+    hooks += [
+        m.register_forward_hook(attention) for m in model.modules() if isinstance(m, SelfAttention)
+    ]
     with torch.no_grad():
         model(x, t)
     for hook in hooks:
@@ -336,7 +359,7 @@ def test_counted_flops_equal_the_analytic_count(name):
 
 @pytest.mark.parametrize(("dims", "factors"), [(2, (2, 2)), (3, (1, 2, 2)), (1, (2,))])
 def test_asymmetric_downsample_pads_at_the_end_only(dims, factors):
-    from diffunet.nn import Downsample
+    from diffunet.model.layers import Downsample
 
     down = randomize(Downsample(dims, 4, factors, use_conv=True, padding="asymmetric"))
     x = torch.randn(2, 4, *[6] * dims)

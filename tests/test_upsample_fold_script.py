@@ -8,21 +8,26 @@ import torch
 
 from diffunet import UNet
 from diffunet.benchmark import build_case
-from diffunet.nn import resample
-from diffunet.nn.resample import Upsample
+from diffunet.model.layers import resample
+from diffunet.model.layers.resample import Upsample
 
 
 def test_every_upsampling_is_timed_both_ways(tmp_path, benchmark_script):
     out = tmp_path / "fold.json"
     devices = resample.FOLDED_DEVICES
-    assert benchmark_script("upsample_fold").main(
-        ["--quick", "--device", "cpu", "--iters", "1", "--out", str(out)]) == 0
+    assert (
+        benchmark_script("upsample_fold").main(
+            ["--quick", "--device", "cpu", "--iters", "1", "--out", str(out)]
+        )
+        == 0
+    )
     assert devices == resample.FOLDED_DEVICES
     data = json.loads(out.read_text())
     for case in ("3d", "ldm", "ddpm-cifar10"):
         rows = [r for r in data["rows"] if r["case"] == case]
-        upsamplings = sum(isinstance(m, Upsample)
-                          for m in UNet(build_case(case, quick=True).config).modules())
+        upsamplings = sum(
+            isinstance(m, Upsample) for m in UNet(build_case(case, quick=True).config).modules()
+        )
         for variant in ("nearest + conv", "folded", "phase convs"):
             of_variant = [r for r in rows if r["variant"] == variant]
             assert sum(r["count"] for r in of_variant) == upsamplings > 0
@@ -37,9 +42,25 @@ def test_every_upsampling_is_timed_both_ways(tmp_path, benchmark_script):
 
 def test_whole_model_steps_are_timed_both_ways(tmp_path, benchmark_script):
     out = tmp_path / "steps.json"
-    assert benchmark_script("upsample_fold").main(
-        ["--quick", "--device", "cpu", "--cases", "ldm", "--model-rounds", "2", "--no-layers",
-         "--model-size", "16", "--out", str(out)]) == 0
+    assert (
+        benchmark_script("upsample_fold").main(
+            [
+                "--quick",
+                "--device",
+                "cpu",
+                "--cases",
+                "ldm",
+                "--model-rounds",
+                "2",
+                "--no-layers",
+                "--model-size",
+                "16",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     data = json.loads(out.read_text())
     assert data["rows"] == []
     steps = data["model_steps"]["ldm"]
@@ -47,8 +68,9 @@ def test_whole_model_steps_are_timed_both_ways(tmp_path, benchmark_script):
     assert all(0 < t["min_ms"] <= t["median_ms"] for t in steps.values())
 
 
-@pytest.mark.parametrize(("dims", "factors"), [(1, (2,)), (2, (2, 2)), (3, (2, 2, 2)),
-                                               (3, (1, 2, 2)), (2, (2, 1))])
+@pytest.mark.parametrize(
+    ("dims", "factors"), [(1, (2,)), (2, (2, 2)), (3, (2, 2, 2)), (3, (1, 2, 2)), (2, (2, 1))]
+)
 def test_phase_convolutions_compute_nearest_then_conv(dims, factors, benchmark_script):
     torch.manual_seed(0)
     up = Upsample(dims, 5, factors, "nearest_conv").double()

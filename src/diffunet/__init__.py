@@ -1,20 +1,20 @@
 """diffunet: one dimension-agnostic U-Net for diffusion denoisers.
 
-    import diffunet
-    model = diffunet.UNet(diffunet.preset("ddpm-cifar10"))
-    eps = model(x, t)
+import diffunet
+model = diffunet.UNet(diffunet.preset("ddpm-cifar10"))
+eps = model(x, t)
 """
 
-from .config import ConfigError, UNetConfig, attention_factors_for_sizes
-from .diffusion import Diffusion, NoiseSchedule
-from .export import export_model
-from .interop import ConversionError, from_diffusers, from_guided_diffusion
-from .io import CheckpointError, load_pretrained, save_pretrained
-from .presets import list_presets, preset, preset_info
-from .restoration import Restoration, restore
-from .surgery import widen_input_channels
-from .tiling import tiled_map
-from .unet import UNet, split_aleatoric
+from diffunet.apps.restoration import Restoration, restore
+from diffunet.apps.tiling import tiled_map
+from diffunet.diffusion import Diffusion, NoiseSchedule
+from diffunet.interop import ConversionError, from_diffusers, from_guided_diffusion
+from diffunet.interop.export import export_model
+from diffunet.model.checkpoint import CheckpointError, load_pretrained, save_pretrained
+from diffunet.model.config import ConfigError, UNetConfig, attention_factors_for_sizes
+from diffunet.model.presets import list_presets, preset, preset_info
+from diffunet.model.surgery import widen_input_channels
+from diffunet.model.unet import UNet, split_aleatoric
 
 __version__ = "0.1.0"
 

@@ -50,11 +50,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import UNetConfig
-from .introspect import flop_counter
-from .nn import fused, resample, thin_conv
-from .presets import preset
-from .unet import UNet, memory_format_for
+from diffunet.accel import fused_norm as fused
+from diffunet.accel import thin_conv
+from diffunet.model.config import UNetConfig
+from diffunet.model.introspect import flop_counter
+from diffunet.model.layers import resample
+from diffunet.model.presets import preset
+from diffunet.model.unet import UNet, memory_format_for
 
 PEAK_BF16_FLOPS = 780e12
 """Default peak for MFU: the H100's measured dense bf16 matmul rate (issue 6 uses ≈ 780 TFLOP/s)."""
@@ -99,9 +101,18 @@ class Case:
 # GroupNorm 32 / eps 1e-6, strided-conv down, nearest + conv up, per-block skips and an
 # additive time embedding 64 → 256 has the same modules: 68,585,025 parameters.
 UNET_3D = UNetConfig(
-    dims=3, in_channels=1, cond_channels=1, out_channels=1, model_channels=64,
-    channel_mult=(1, 2, 4, 4), num_res_blocks=2, attention_resolutions=(8,),
-    num_head_channels=32, norm_groups=32, norm_eps=1e-6, zero_init=False,
+    dims=3,
+    in_channels=1,
+    cond_channels=1,
+    out_channels=1,
+    model_channels=64,
+    channel_mult=(1, 2, 4, 4),
+    num_res_blocks=2,
+    attention_resolutions=(8,),
+    num_head_channels=32,
+    norm_groups=32,
+    norm_eps=1e-6,
+    zero_init=False,
 )
 
 
@@ -116,15 +127,29 @@ def build_case(name: str, quick: bool = False) -> Case:
         config = preset(name)
         if quick:
             config = config.replace(model_channels=16, norm_groups=8, image_size=size)
-        return Case(name, config, "diffusers", batch, (size, size), "img",
-                    f"{name} preset, {size}², vs diffusers UNet2DModel")
+        return Case(
+            name,
+            config,
+            "diffusers",
+            batch,
+            (size, size),
+            "img",
+            f"{name} preset, {size}², vs diffusers UNet2DModel",
+        )
     if name == "3d":
         config = UNET_3D
         if quick:
             config = config.replace(model_channels=16, norm_groups=8, num_head_channels=8)
         size = 16 if quick else 64
-        return Case(name, config, "monai", 1 if quick else 4, (size,) * 3, "vol",
-                    f"3D U-Net, {size}³, vs MONAI DiffusionModelUNet")
+        return Case(
+            name,
+            config,
+            "monai",
+            1 if quick else 4,
+            (size,) * 3,
+            "vol",
+            f"3D U-Net, {size}³, vs MONAI DiffusionModelUNet",
+        )
     raise ValueError(f"unknown benchmark case {name!r}; available: {', '.join(MODEL_CASES)}")
 
 
@@ -141,8 +166,9 @@ class Denoiser(nn.Module):
         self.model = model
         self.kind = kind
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor,
-                cond: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Predict ε for the noisy `x` at timesteps `t` (and the concatenated `cond`)."""
         if self.kind == "diffunet":
             return self.model(x, t, cond=cond)
@@ -192,10 +218,14 @@ def diffusers_kwargs(config: UNetConfig) -> dict[str, Any]:
         if len(dims) != 1:
             raise ValueError("UNet2DModel needs one head width for every attention site")
         head_dim = dims.pop()
-    down = tuple("AttnDownBlock2D" if c.attention_at(level) else "DownBlock2D"
-                 for level in range(c.num_levels))
-    up = tuple("AttnUpBlock2D" if c.attention_at(level) else "UpBlock2D"
-               for level in reversed(range(c.num_levels)))
+    down = tuple(
+        "AttnDownBlock2D" if c.attention_at(level) else "DownBlock2D"
+        for level in range(c.num_levels)
+    )
+    up = tuple(
+        "AttnUpBlock2D" if c.attention_at(level) else "UpBlock2D"
+        for level in reversed(range(c.num_levels))
+    )
     return {
         "sample_size": (c.spatial_size() or (None,))[0],
         "in_channels": c.in_channels,
@@ -382,8 +412,9 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def time_repeats(fn: Callable[[int], Any], iters: int, repeats: int,
-                 device: torch.device) -> list[float]:
+def time_repeats(
+    fn: Callable[[int], Any], iters: int, repeats: int, device: torch.device
+) -> list[float]:
     """Seconds per iteration of `fn(i)` for each of `repeats` runs of `iters` iterations.
 
     On CUDA the region is timed with events (so launch gaps count, host clocks don't); on the
@@ -408,8 +439,9 @@ def time_repeats(fn: Callable[[int], Any], iters: int, repeats: int,
     return seconds
 
 
-def kernel_time_ms(fn: Callable[[], Any], iters: int, device: torch.device,
-                   graphs: bool = True) -> float:
+def kernel_time_ms(
+    fn: Callable[[], Any], iters: int, device: torch.device, graphs: bool = True
+) -> float:
     """Milliseconds per call of `fn()`, after two warm-up calls.
 
     On CUDA with `graphs`, `iters` calls are captured in one CUDA graph and its replay is timed:
@@ -451,19 +483,25 @@ def layer_benchmark_parser(description: str, default_out: str) -> argparse.Argum
     """The options the per-layer timing scripts share (`benchmarks/conv_channels.py`,
     `benchmarks/upsample_fold.py`): --cases, --iters, --device, --quick and --out."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--cases", default="3d,ldm,ddpm-cifar10",
-                        help="benchmark cases, comma-separated (default: %(default)s)")
-    parser.add_argument("--iters", type=int, default=20,
-                        help="timed calls per measurement (default: %(default)s)")
+    parser.add_argument(
+        "--cases",
+        default="3d,ldm,ddpm-cifar10",
+        help="benchmark cases, comma-separated (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--iters", type=int, default=20, help="timed calls per measurement (default: %(default)s)"
+    )
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--quick", action="store_true",
-                        help="the tiny benchmark cases, float32 (a CPU smoke test)")
+    parser.add_argument(
+        "--quick", action="store_true", help="the tiny benchmark cases, float32 (a CPU smoke test)"
+    )
     parser.add_argument("--out", help=f"JSON path (default: $OUT/{default_out} when OUT is set)")
     return parser
 
 
-def layer_benchmark_setup(args: argparse.Namespace, parser: argparse.ArgumentParser
-                          ) -> tuple[torch.device, torch.dtype, dict[str, Any]]:
+def layer_benchmark_setup(
+    args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> tuple[torch.device, torch.dtype, dict[str, Any]]:
     """The device and dtype `layer_benchmark_parser`'s options ask for (bf16 on a GPU unless
     --quick, else float32), with cuDNN's autotuning on, and the result's "meta" entry."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -471,15 +509,21 @@ def layer_benchmark_setup(args: argparse.Namespace, parser: argparse.ArgumentPar
         parser.error("--device cuda: no CUDA device is available")
     dtype = torch.bfloat16 if device.type == "cuda" and not args.quick else torch.float32
     torch.backends.cudnn.benchmark = True
-    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "dtype": str(dtype),
-            "cudnn": torch.backends.cudnn.version()}
+    meta = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "dtype": str(dtype),
+        "cudnn": torch.backends.cudnn.version(),
+    }
     return device, dtype, meta
 
 
-def _compare_variant(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                    inputs: list[torch.Tensor], expected: tuple | None
-                    ) -> tuple[torch.Tensor, float, tuple]:
+def _compare_variant(
+    run: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    inputs: list[torch.Tensor],
+    expected: tuple | None,
+) -> tuple[torch.Tensor, float, tuple]:
     """For one variant `run` of a computation: the output gradient to time it with, how far
     (relative to the largest magnitude) its output and its gradients with respect to `inputs`
     are from `expected` (the first variant's; None for the first), and `expected`.
@@ -492,13 +536,19 @@ def _compare_variant(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
     grads = torch.autograd.grad(out, inputs, grad)
     if expected is None:
         expected = out.detach(), grad, [g.detach() for g in grads]
-    difference = max(((got - want).abs().max() / want.abs().max()).item()
-                     for got, want in zip([out, *grads], [expected[0], *expected[2]]))
+    difference = max(
+        ((got - want).abs().max() / want.abs().max()).item()
+        for got, want in zip([out, *grads], [expected[0], *expected[2]])
+    )
     return grad, difference, expected
 
 
-def time_variants(variants: dict[str, Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor,
-                  inputs: list[torch.Tensor], iters: int) -> list[dict[str, Any]]:
+def time_variants(
+    variants: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+    x: torch.Tensor,
+    inputs: list[torch.Tensor],
+    iters: int,
+) -> list[dict[str, Any]]:
     """Per variant of one computation of `x`: milliseconds of the forward alone and with the
     gradients with respect to `inputs` (`kernel_time_ms`: CUDA-graph replays on a GPU), and
     how far its output and gradients are from the first variant's."""
@@ -513,14 +563,20 @@ def time_variants(variants: dict[str, Callable[[torch.Tensor], torch.Tensor]], x
         def train(run=run, grad=grad) -> None:
             torch.autograd.grad(run(x), inputs, grad)
 
-        rows.append({"variant": variant, "forward_ms": kernel_time_ms(forward, iters, x.device),
-                     "train_ms": kernel_time_ms(train, iters, x.device),
-                     "max_relative_difference": difference})
+        rows.append(
+            {
+                "variant": variant,
+                "forward_ms": kernel_time_ms(forward, iters, x.device),
+                "train_ms": kernel_time_ms(train, iters, x.device),
+                "max_relative_difference": difference,
+            }
+        )
     return rows
 
 
-def materialize(module: nn.Module, device: torch.device, dtype: torch.dtype,
-                memory_format: torch.memory_format) -> nn.Module:
+def materialize(
+    module: nn.Module, device: torch.device, dtype: torch.dtype, memory_format: torch.memory_format
+) -> nn.Module:
     """A copy of `module` (e.g. from a model on the meta device) on `device` in `dtype` and
     `memory_format`, with N(0, 0.05) random parameters."""
     copy = deepcopy(module).to_empty(device=device).to(dtype)
@@ -547,8 +603,9 @@ def linear_alphas_bar(steps: int = 1000) -> torch.Tensor:
     return torch.cumprod(1.0 - betas, dim=0)
 
 
-def make_batches(case: Case, batch: int, device: torch.device, count: int = 2,
-                 seed: int = 0) -> list[Batch]:
+def make_batches(
+    case: Case, batch: int, device: torch.device, count: int = 2, seed: int = 0
+) -> list[Batch]:
     """`count` random batches (rotated during timing so no run re-reads one cached input)."""
     gen = torch.Generator().manual_seed(seed)
     fmt = memory_format_for(case.dims)
@@ -566,8 +623,14 @@ def make_batches(case: Case, batch: int, device: torch.device, count: int = 2,
         if config.cond_channels:
             cond = torch.randn((batch, config.cond_channels, *case.size), generator=gen)
             cond = cond.to(device).contiguous(memory_format=fmt)
-        out.append(Batch(x.to(device).contiguous(memory_format=fmt), t.to(device),
-                         noise.to(device).contiguous(memory_format=fmt), cond))
+        out.append(
+            Batch(
+                x.to(device).contiguous(memory_format=fmt),
+                t.to(device),
+                noise.to(device).contiguous(memory_format=fmt),
+                cond,
+            )
+        )
     return out
 
 
@@ -575,8 +638,9 @@ def make_batches(case: Case, batch: int, device: torch.device, count: int = 2,
 def count_flops(model: Denoiser, batch: Batch, settings: Settings) -> dict[str, int]:
     """Counted FLOPs per sample of the forward and of forward + backward (batch 1, eager): the
     architecture's (`introspect.count_flops`), the same count for both models."""
-    one = Batch(batch.x[:1], batch.t[:1], batch.noise[:1],
-                None if batch.cond is None else batch.cond[:1])
+    one = Batch(
+        batch.x[:1], batch.t[:1], batch.noise[:1], None if batch.cond is None else batch.cond[:1]
+    )
     was_training = model.training
     model.train()
     forward, backward = flop_counter(), flop_counter()
@@ -620,8 +684,11 @@ class Report:
     def error(self, where: str, err: BaseException) -> dict[str, Any]:
         """Record an exception (type, message, last traceback lines) and print it."""
         text = f"{type(err).__name__}: {err}"
-        entry = {"where": where, "error": text[:2000],
-                 "traceback": traceback.format_exc(limit=6)[-3000:]}
+        entry = {
+            "where": where,
+            "error": text[:2000],
+            "traceback": traceback.format_exc(limit=6)[-3000:],
+        }
         self.data["errors"].append(entry)
         print(f"  ERROR {where}: {text[:300]}", flush=True)
         self.save()
@@ -644,12 +711,13 @@ def _progress_line(r: dict[str, Any]) -> str:
     if r.get("error"):
         return f"{head} ERROR: {r['error'][:200]}"
     if r["kind"] == "sample":
-        return (f"{head} {r['seconds_per_batch']:.3f} s/batch  "
-                f"(warm-up {r['warmup_s']:.1f} s)")
+        return f"{head} {r['seconds_per_batch']:.3f} s/batch  (warm-up {r['warmup_s']:.1f} s)"
     mem = f"{r['peak_mem_gib']:.2f} GiB" if r.get("peak_mem_gib") is not None else "-"
     mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
-    return (f"{head} {r['throughput']:9.1f} {r['unit']}/s  MFU {mfu:>6}  peak {mem}  "
-            f"(warm-up {r['warmup_s']:.1f} s)")
+    return (
+        f"{head} {r['throughput']:9.1f} {r['unit']}/s  MFU {mfu:>6}  peak {mem}  "
+        f"(warm-up {r['warmup_s']:.1f} s)"
+    )
 
 
 def environment(settings: Settings, argv: list[str] | None) -> dict[str, Any]:
@@ -666,8 +734,11 @@ def environment(settings: Settings, argv: list[str] | None) -> dict[str, Any]:
         "diffusers": library_version("diffusers"),
         "monai": library_version("monai"),
         "device": str(device),
-        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                        else platform.processor() or platform.machine()),
+        "device_name": (
+            torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else platform.processor() or platform.machine()
+        ),
         "precision": settings.precision,
         "compile_mode": settings.compile_mode,
         "peak_flops": settings.peak_flops,
@@ -681,10 +752,11 @@ def environment(settings: Settings, argv: list[str] | None) -> dict[str, Any]:
         "folded_upsample_devices": sorted(resample.FOLDED_DEVICES),
         "memory_format": "channels_last (2D) / channels_last_3d (3D)",
         "train_step": "bf16 autocast forward, fp32 MSE on eps, backward, fused AdamW, "
-                      "zero_grad(set_to_none)" if settings.precision == "bf16" else
-                      "fp32 forward, MSE on eps, backward, fused AdamW",
+        "zero_grad(set_to_none)"
+        if settings.precision == "bf16"
+        else "fp32 forward, MSE on eps, backward, fused AdamW",
         "flops": "torch.utils.flop_counter at batch 1 on the eager model; train = forward + "
-                 "backward counted directly; MFU = flops_per_sample * samples/s / peak_flops",
+        "backward counted directly; MFU = flops_per_sample * samples/s / peak_flops",
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -702,10 +774,12 @@ def make_optimizer(model: nn.Module, device: torch.device) -> torch.optim.Optimi
         return torch.optim.AdamW(model.parameters(), lr=1e-5)
 
 
-def train_step_fn(model: nn.Module, batches: list[Batch], optimizer: torch.optim.Optimizer,
-                  settings: Settings) -> Callable[[int], None]:
+def train_step_fn(
+    model: nn.Module, batches: list[Batch], optimizer: torch.optim.Optimizer, settings: Settings
+) -> Callable[[int], None]:
     """Step `i` trains on batch `i` (rotating): forward under autocast, float32 MSE on the
     noise, backward, optimizer step, gradients set to None."""
+
     def step(i: int) -> None:
         b = batches[i % len(batches)]
         with settings.autocast():
@@ -718,8 +792,7 @@ def train_step_fn(model: nn.Module, batches: list[Batch], optimizer: torch.optim
     return step
 
 
-def _infer_fn(model: nn.Module, batches: list[Batch],
-              settings: Settings) -> Callable[[int], None]:
+def _infer_fn(model: nn.Module, batches: list[Batch], settings: Settings) -> Callable[[int], None]:
     def forward(i: int) -> None:
         b = batches[i % len(batches)]
         with torch.no_grad(), settings.autocast():
@@ -728,8 +801,9 @@ def _infer_fn(model: nn.Module, batches: list[Batch],
     return forward
 
 
-def measure(fn: Callable[[int], Any], settings: Settings, *,
-            peak_from_start: bool = False) -> dict[str, Any]:
+def measure(
+    fn: Callable[[int], Any], settings: Settings, *, peak_from_start: bool = False
+) -> dict[str, Any]:
     """Warm up `fn`, reset the peak-memory counter, time it; seconds and peak memory.
 
     `peak_from_start` counts the peak from before the warm-up instead: for compile modes that
@@ -757,12 +831,21 @@ def measure(fn: Callable[[int], Any], settings: Settings, *,
 
 
 def _record(case: Case, model: str, impl: str, mode: str, kind: str, batch: int) -> dict[str, Any]:
-    return {"case": case.name, "model": model, "impl": impl, "mode": mode, "kind": kind,
-            "batch": batch, "size": list(case.size), "unit": case.unit}
+    return {
+        "case": case.name,
+        "model": model,
+        "impl": impl,
+        "mode": mode,
+        "kind": kind,
+        "batch": batch,
+        "size": list(case.size),
+        "unit": case.unit,
+    }
 
 
-def _finish(record: dict[str, Any], timing: dict[str, Any], flops: dict[str, int] | None,
-            settings: Settings) -> None:
+def _finish(
+    record: dict[str, Any], timing: dict[str, Any], flops: dict[str, int] | None, settings: Settings
+) -> None:
     record.update(timing)
     record["iters"], record["repeats"] = settings.iters, settings.repeats
     record["throughput"] = record["batch"] / timing["seconds_per_iter"]
@@ -778,9 +861,17 @@ def _finish(record: dict[str, Any], timing: dict[str, Any], flops: dict[str, int
         record["tflops_per_s"] = record["mfu"] = None
 
 
-def measure_model(report: Report, case: Case, which: str, model: Denoiser,
-                  batches: list[Batch], modes: tuple[str, ...], kinds: tuple[str, ...],
-                  flops: dict[str, int] | None, settings: Settings) -> None:
+def measure_model(
+    report: Report,
+    case: Case,
+    which: str,
+    model: Denoiser,
+    batches: list[Batch],
+    modes: tuple[str, ...],
+    kinds: tuple[str, ...],
+    flops: dict[str, int] | None,
+    settings: Settings,
+) -> None:
     """Train and/or inference measurements of one model in each mode; errors are recorded."""
     device = settings.device
     impl = model.kind
@@ -817,21 +908,35 @@ def measure_model(report: Report, case: Case, which: str, model: Denoiser,
         _release(device)
 
 
-def run_case(report: Report, name: str, settings: Settings, modes: tuple[str, ...],
-             kinds: tuple[str, ...], models: tuple[str, ...],
-             checkpoint_modes: tuple[str, ...]) -> None:
+def run_case(
+    report: Report,
+    name: str,
+    settings: Settings,
+    modes: tuple[str, ...],
+    kinds: tuple[str, ...],
+    models: tuple[str, ...],
+    checkpoint_modes: tuple[str, ...],
+) -> None:
     """Every measurement of one model case (ours, the reference, ours with checkpointing)."""
     device = settings.device
     case = build_case(name, settings.quick)
     entry = report.case(name)
-    entry.update({"description": case.description, "batch": case.batch,
-                  "size": list(case.size), "unit": case.unit, "reference": case.reference,
-                  "ours_config": case.config.to_dict()})
+    entry.update(
+        {
+            "description": case.description,
+            "batch": case.batch,
+            "size": list(case.size),
+            "unit": case.unit,
+            "reference": case.reference,
+            "ours_config": case.config.to_dict(),
+        }
+    )
     batches = make_batches(case, case.batch, device)
 
     ref_kwargs = (diffusers_kwargs if case.reference == "diffusers" else monai_kwargs)(case.config)
-    entry["reference_kwargs"] = {k: list(v) if isinstance(v, tuple) else v
-                                 for k, v in ref_kwargs.items()}
+    entry["reference_kwargs"] = {
+        k: list(v) if isinstance(v, tuple) else v for k, v in ref_kwargs.items()
+    }
     ours_params = ref_params = None
     with torch.device(device):
         ours = prepare_model(build_ours(case.config), case.dims, device)
@@ -844,8 +949,11 @@ def run_case(report: Report, name: str, settings: Settings, modes: tuple[str, ..
     except ReferenceUnavailable as err:
         entry["reference_skipped"] = str(err)
         print(f"  {name}: reference skipped: {err}", flush=True)
-    entry["params"] = {"ours": ours_params, "ref": ref_params,
-                       "match": None if ref_params is None else ours_params == ref_params}
+    entry["params"] = {
+        "ours": ours_params,
+        "ref": ref_params,
+        "match": None if ref_params is None else ours_params == ref_params,
+    }
     if ref_params is not None and ours_params != ref_params:
         del ours, ref
         _release(device)
@@ -853,9 +961,11 @@ def run_case(report: Report, name: str, settings: Settings, modes: tuple[str, ..
             f"{name}: parameter counts differ: ours {ours_params:,} vs "
             f"{case.reference} {ref_params:,}; the comparison would not be like for like"
         )
-    print(f"[{name}] {case.description}, batch {case.batch}: ours {ours_params:,} params, "
-          f"{case.reference} {ref_params if ref_params is None else format(ref_params, ',')}",
-          flush=True)
+    print(
+        f"[{name}] {case.description}, batch {case.batch}: ours {ours_params:,} params, "
+        f"{case.reference} {ref_params if ref_params is None else format(ref_params, ',')}",
+        flush=True,
+    )
 
     flops: dict[str, dict[str, int] | None] = {}
     for which, model in (("ours", ours), ("ref", ref)):
@@ -869,8 +979,9 @@ def run_case(report: Report, name: str, settings: Settings, modes: tuple[str, ..
     entry["flops_per_sample"] = flops
 
     if "ours" in models:
-        measure_model(report, case, "ours", ours, batches, modes, kinds, flops.get("ours"),
-                      settings)
+        measure_model(
+            report, case, "ours", ours, batches, modes, kinds, flops.get("ours"), settings
+        )
     del ours
     _release(device)
     if "ref" in models:
@@ -881,19 +992,30 @@ def run_case(report: Report, name: str, settings: Settings, modes: tuple[str, ..
                     record["skipped"] = entry["reference_skipped"]
                     report.add(record)
         else:
-            measure_model(report, case, "ref", ref, batches, modes, kinds, flops.get("ref"),
-                          settings)
+            measure_model(
+                report, case, "ref", ref, batches, modes, kinds, flops.get("ref"), settings
+            )
     del ref
     _release(device)
 
     if "ours" in models and checkpoint_modes and "train" in kinds:
         try:
             with torch.device(device):
-                ckpt = prepare_model(build_ours(case.config.replace(use_checkpoint=True)),
-                                case.dims, device)
+                ckpt = prepare_model(
+                    build_ours(case.config.replace(use_checkpoint=True)), case.dims, device
+                )
             # Checkpointing recomputes the forward; MFU is stated in model FLOPs (no recompute).
-            measure_model(report, case, "ours+ckpt", ckpt, batches, checkpoint_modes,
-                          ("train",), flops.get("ours"), settings)
+            measure_model(
+                report,
+                case,
+                "ours+ckpt",
+                ckpt,
+                batches,
+                checkpoint_modes,
+                ("train",),
+                flops.get("ours"),
+                settings,
+            )
             del ckpt
         except Exception as err:
             report.error(f"{name}/ours+ckpt", err)
@@ -907,8 +1029,13 @@ def ddim_timesteps(steps: int, train_steps: int = 1000) -> list[int]:
     return list(range(0, train_steps, stride))[:steps][::-1]
 
 
-def ddim_sample(model: Callable[..., torch.Tensor], x: torch.Tensor, steps: int,
-                settings: Settings, alphas_bar: torch.Tensor | None = None) -> torch.Tensor:
+def ddim_sample(
+    model: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    steps: int,
+    settings: Settings,
+    alphas_bar: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Deterministic DDIM (η = 0) with an ε-predicting `model(x, t)`: a plain loop.
 
     The schedule's coefficients are Python floats, so the loop never syncs with the device.
@@ -929,21 +1056,34 @@ def ddim_sample(model: Callable[..., torch.Tensor], x: torch.Tensor, steps: int,
 
 def _ours_sampler(model: Denoiser, steps: int, settings: Settings, cuda_graph: bool):
     """Our side of the sampling case: `Diffusion.sample` (DDIM, η = 0, the same schedule)."""
-    from .diffusion import Diffusion
+    from diffunet.diffusion import Diffusion
 
     diffusion = Diffusion("linear", 1000, "eps", timestep_spacing="leading", clip_denoised=False)
 
     def sample(x_init: torch.Tensor) -> torch.Tensor:
         generator = torch.Generator(x_init.device).manual_seed(0)
         with settings.autocast():
-            return diffusion.sample(model, tuple(x_init.shape), sampler="ddim", steps=steps,
-                                    generator=generator, progress=False, cuda_graph=cuda_graph)
+            return diffusion.sample(
+                model,
+                tuple(x_init.shape),
+                sampler="ddim",
+                steps=steps,
+                generator=generator,
+                progress=False,
+                cuda_graph=cuda_graph,
+            )
 
     return sample
 
 
-def run_sampling(report: Report, settings: Settings, modes: tuple[str, ...],
-                 models: tuple[str, ...], steps: int, batch: int) -> None:
+def run_sampling(
+    report: Report,
+    settings: Settings,
+    modes: tuple[str, ...],
+    models: tuple[str, ...],
+    steps: int,
+    batch: int,
+) -> None:
     """Wall time of a `steps`-step DDIM of an `ldm` batch: ours vs a loop over diffusers.
 
     Ours runs through the library's own `Diffusion.sample`, once as it is used by default (the
@@ -952,13 +1092,27 @@ def run_sampling(report: Report, settings: Settings, modes: tuple[str, ...],
     """
     device = settings.device
     base = build_case("ldm", settings.quick)
-    case = Case("sample", base.config, "diffusers", batch, base.size, "img",
-                f"{steps}-step DDIM, ldm {base.size[0]}², batch {batch}")
+    case = Case(
+        "sample",
+        base.config,
+        "diffusers",
+        batch,
+        base.size,
+        "img",
+        f"{steps}-step DDIM, ldm {base.size[0]}², batch {batch}",
+    )
     entry = report.case("sample")
-    entry.update({"description": case.description, "batch": batch, "steps": steps,
-                  "size": list(case.size), "sampler": "DDIM eta=0, linear betas 1e-4..0.02, "
-                  "1000 train steps, leading spacing; ours: Diffusion.sample, reference: a "
-                  "plain Python loop"})
+    entry.update(
+        {
+            "description": case.description,
+            "batch": batch,
+            "steps": steps,
+            "size": list(case.size),
+            "sampler": "DDIM eta=0, linear betas 1e-4..0.02, "
+            "1000 train steps, leading spacing; ours: Diffusion.sample, reference: a "
+            "plain Python loop",
+        }
+    )
     fmt = memory_format_for(case.dims)
     gen = torch.Generator().manual_seed(1)
     x_init = torch.randn((batch, case.config.in_channels, *case.size), generator=gen)
@@ -966,8 +1120,11 @@ def run_sampling(report: Report, settings: Settings, modes: tuple[str, ...],
     for which in models:
         try:
             with torch.device(device):
-                model = build_ours(case.config) if which == "ours" else build_reference(
-                    case.config, "diffusers")
+                model = (
+                    build_ours(case.config)
+                    if which == "ours"
+                    else build_reference(case.config, "diffusers")
+                )
             model = prepare_model(model, case.dims, device).eval()
         except ReferenceUnavailable as err:
             for mode in modes:
@@ -990,6 +1147,7 @@ def run_sampling(report: Report, settings: Settings, modes: tuple[str, ...],
                     if which == "ours":
                         draw = _ours_sampler(runner, steps, settings, cuda_graph)
                     else:
+
                         def draw(x: torch.Tensor, runner: nn.Module = runner) -> torch.Tensor:
                             return ddim_sample(runner, x, steps, settings)
 
@@ -998,18 +1156,21 @@ def run_sampling(report: Report, settings: Settings, modes: tuple[str, ...],
                     _sync(device)
                     warmup_s = time.perf_counter() - begin
                     _reset_peak(device)
-                    seconds = time_repeats(lambda _, draw=draw: draw(x_init), 1,
-                                           max(settings.repeats, 1), device)
+                    seconds = time_repeats(
+                        lambda _, draw=draw: draw(x_init), 1, max(settings.repeats, 1), device
+                    )
                     peak = _peak(device)
-                    record.update({
-                        "warmup_s": round(warmup_s, 3),
-                        "seconds_per_batch": statistics.median(seconds),
-                        "seconds_per_batch_repeats": seconds,
-                        "ms_per_step": 1e3 * statistics.median(seconds) / steps,
-                        "throughput": batch / statistics.median(seconds),
-                        "peak_mem_bytes": peak,
-                        "peak_mem_gib": None if peak is None else peak / 2**30,
-                    })
+                    record.update(
+                        {
+                            "warmup_s": round(warmup_s, 3),
+                            "seconds_per_batch": statistics.median(seconds),
+                            "seconds_per_batch_repeats": seconds,
+                            "ms_per_step": 1e3 * statistics.median(seconds) / steps,
+                            "throughput": batch / statistics.median(seconds),
+                            "peak_mem_bytes": peak,
+                            "peak_mem_gib": None if peak is None else peak / 2**30,
+                        }
+                    )
                     del runner, draw
                 except Exception as err:
                     record["error"] = report.error(f"sample/{impl}/{mode}", err)["error"]
@@ -1022,8 +1183,11 @@ def run_sampling(report: Report, settings: Settings, modes: tuple[str, ...],
 # ---------------------------------------------------------------------------------- summary
 def _find(records: list[dict[str, Any]], **keys: Any) -> dict[str, Any] | None:
     for r in records:
-        if all(r.get(k) == v for k, v in keys.items()) and not r.get("error") and not r.get(
-                "skipped"):
+        if (
+            all(r.get(k) == v for k, v in keys.items())
+            and not r.get("error")
+            and not r.get("skipped")
+        ):
             return r
     return None
 
@@ -1044,12 +1208,16 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
             ref_compiled = _find(rs, model="ref", mode="compile")
             for mode in MODES:
                 ref = _find(rs, model="ref", mode=mode)
-                for ours in [r for r in rs if r["model"] == "ours" and r["mode"] == mode
-                             and r.get("seconds_per_batch")]:
+                for ours in [
+                    r
+                    for r in rs
+                    if r["model"] == "ours" and r["mode"] == mode and r.get("seconds_per_batch")
+                ]:
                     for name, other in ((mode, ref), ("ref_compile", ref_compiled)):
                         if other and other.get("seconds_per_batch"):
                             entry[f"speedup_{ours['impl']}_{mode}_vs_{name}"] = (
-                                other["seconds_per_batch"] / ours["seconds_per_batch"])
+                                other["seconds_per_batch"] / ours["seconds_per_batch"]
+                            )
             out[case] = entry
             continue
         for kind in KINDS:
@@ -1060,13 +1228,16 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
                 if ours and ref:
                     entry[f"{kind}_speedup_{mode}"] = ours["throughput"] / ref["throughput"]
                     if kind == "train":
-                        entry[f"train_mem_ratio_{mode}"] = _ratio(ours["peak_mem_bytes"],
-                                                                  ref["peak_mem_bytes"])
+                        entry[f"train_mem_ratio_{mode}"] = _ratio(
+                            ours["peak_mem_bytes"], ref["peak_mem_bytes"]
+                        )
                 if ours and (best is None or ours["throughput"] > best["throughput"]):
                     best = ours
             ref_c = _find(rs, model="ref", mode="compile", kind=kind)
             if best and ref_c:
-                entry[f"{kind}_ours_best_vs_ref_compiled"] = best["throughput"] / ref_c["throughput"]
+                entry[f"{kind}_ours_best_vs_ref_compiled"] = (
+                    best["throughput"] / ref_c["throughput"]
+                )
                 entry[f"{kind}_ours_best_mode"] = best["mode"]
         for mode in MODES:
             ckpt = _find(rs, model="ours+ckpt", mode=mode, kind="train")
@@ -1076,7 +1247,8 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
                 ref = _find(rs, model="ref", mode=ref_mode, kind="train")
                 if ref:
                     entry[f"ckpt_{mode}_mem_vs_ref_{ref_mode}"] = _ratio(
-                        ckpt["peak_mem_bytes"], ref["peak_mem_bytes"])
+                        ckpt["peak_mem_bytes"], ref["peak_mem_bytes"]
+                    )
         out[case] = entry
     return out
 
@@ -1084,11 +1256,15 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
 def format_table(data: dict[str, Any]) -> str:
     """The compact text table of a report's records and ratios."""
     meta = data["meta"]
-    lines = [f"diffunet bench: {meta['device_name']}, torch {meta['torch']}, "
-             f"{meta['precision']}, compile mode {meta['compile_mode']}, MFU vs "
-             f"{meta['peak_flops'] / 1e12:.0f} TFLOP/s"]
-    header = (f"{'case':<12} {'model':<9} {'impl':<9} {'mode':<7} | {'train/s':>9} "
-              f"{'MFU':>6} {'peakGiB':>7} | {'infer/s':>9} {'MFU':>6} {'peakGiB':>7}")
+    lines = [
+        f"diffunet bench: {meta['device_name']}, torch {meta['torch']}, "
+        f"{meta['precision']}, compile mode {meta['compile_mode']}, MFU vs "
+        f"{meta['peak_flops'] / 1e12:.0f} TFLOP/s"
+    ]
+    header = (
+        f"{'case':<12} {'model':<9} {'impl':<9} {'mode':<7} | {'train/s':>9} "
+        f"{'MFU':>6} {'peakGiB':>7} | {'infer/s':>9} {'MFU':>6} {'peakGiB':>7}"
+    )
     lines += [header, "-" * len(header)]
     rows: dict[tuple, dict[str, dict[str, Any]]] = {}
     for r in data["records"]:
@@ -1108,17 +1284,24 @@ def format_table(data: dict[str, Any]) -> str:
         return f"{r['throughput']:>9.1f} {mfu:>6} {mem:>7}"
 
     for (case, model, impl, mode), kinds in rows.items():
-        lines.append(f"{case:<12} {model:<9} {impl:<9} {mode:<7} | {cells(kinds.get('train'))}"
-                     f" | {cells(kinds.get('infer'))}")
+        lines.append(
+            f"{case:<12} {model:<9} {impl:<9} {mode:<7} | {cells(kinds.get('train'))}"
+            f" | {cells(kinds.get('infer'))}"
+        )
     for name, entry in data["cases"].items():
         if name == "sample":
             continue
         params = entry.get("params", {})
         flops = entry.get("flops_per_sample") or {}
-        fl = ", ".join(f"{k} fwd {v['forward'] / 1e9:.1f} / train {v['train'] / 1e9:.1f} GFLOP"
-                       for k, v in flops.items() if v)
-        lines.append(f"{name}: params ours {params.get('ours')} ref {params.get('ref')} "
-                     f"match {params.get('match')}; per sample: {fl}")
+        fl = ", ".join(
+            f"{k} fwd {v['forward'] / 1e9:.1f} / train {v['train'] / 1e9:.1f} GFLOP"
+            for k, v in flops.items()
+            if v
+        )
+        lines.append(
+            f"{name}: params ours {params.get('ours')} ref {params.get('ref')} "
+            f"match {params.get('match')}; per sample: {fl}"
+        )
     samples = [r for r in data["records"] if r["kind"] == "sample"]
     if samples:
         desc = data["cases"].get("sample", {}).get("description", "sampling")
@@ -1131,8 +1314,7 @@ def format_table(data: dict[str, Any]) -> str:
         lines.append(f"sampling ({desc}): " + "; ".join(parts))
     for case, ratios in data.get("ratios", {}).items():
         if ratios:
-            text = ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()
-                             if isinstance(v, float))
+            text = ", ".join(f"{k} {v:.2f}" for k, v in ratios.items() if isinstance(v, float))
             lines.append(f"ratios {case}: {text}")
     if data["errors"]:
         lines.append(f"{len(data['errors'])} error(s); see the JSON 'errors' list")
@@ -1146,24 +1328,83 @@ _CLASS_PATTERNS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("optimizer", ("adam", "multi_tensor_apply", "sgd")),
     ("attention+GEMM", ("splitk",)),
     ("elementwise/copies", ("nchwtonhwc", "nhwctonchw", "nchw_to_nhwc", "nhwc_to_nchw")),
-    ("attention+GEMM", ("flash", "fmha", "attention", "attn", "sdpa", "softmax",
-                        "dot_product")),
-    ("convolution", ("conv", "fprop", "dgrad", "wgrad", "implicit_gemm", "xmma_cudnn",
-                     "cudnn")),
+    ("attention+GEMM", ("flash", "fmha", "attention", "attn", "sdpa", "softmax", "dot_product")),
+    ("convolution", ("conv", "fprop", "dgrad", "wgrad", "implicit_gemm", "xmma_cudnn", "cudnn")),
     # GroupNorm kernels, PyTorch's and diffunet's fused Triton ones (nn/fused.py: _stats,
     # _stats_combine, _normalize, _backward_reduce, _backward_combine, _backward_dx).
-    ("norm/reductions", ("norm", "moments", "welford", "reduce", "gammabeta",
-                         "internalgradients", "fusedparams", "_stats", "combine_kernel",
-                         "_dx_kernel", "gn_", "aten::sum", "aten::mean")),
-    ("attention+GEMM", ("gemm", "gemv", "nvjet", "cutlass", "cublas", "splitk", "aten::mm",
-                        "addmm", "bmm", "matmul", "aten::linear", "einsum")),
-    ("elementwise/copies", ("elementwise", "copy", "memcpy", "memset", "cat", "upsample",
-                            "interpolate", "fill", "index", "transpose", "dropout", "pad",
-                            "vectorized", "unrolled", "silu", "aten::add", "aten::mul",
-                            "aten::div", "aten::sub", "aten::to", "aten::clone",
-                            "aten::contiguous", "aten::zero", "aten::empty", "where",
-                            "aten::cos", "aten::sin", "aten::exp", "aten::neg",
-                            "aten::_to_copy", "aten::bernoulli", "threshold", "sigmoid")),
+    (
+        "norm/reductions",
+        (
+            "norm",
+            "moments",
+            "welford",
+            "reduce",
+            "gammabeta",
+            "internalgradients",
+            "fusedparams",
+            "_stats",
+            "combine_kernel",
+            "_dx_kernel",
+            "gn_",
+            "aten::sum",
+            "aten::mean",
+        ),
+    ),
+    (
+        "attention+GEMM",
+        (
+            "gemm",
+            "gemv",
+            "nvjet",
+            "cutlass",
+            "cublas",
+            "splitk",
+            "aten::mm",
+            "addmm",
+            "bmm",
+            "matmul",
+            "aten::linear",
+            "einsum",
+        ),
+    ),
+    (
+        "elementwise/copies",
+        (
+            "elementwise",
+            "copy",
+            "memcpy",
+            "memset",
+            "cat",
+            "upsample",
+            "interpolate",
+            "fill",
+            "index",
+            "transpose",
+            "dropout",
+            "pad",
+            "vectorized",
+            "unrolled",
+            "silu",
+            "aten::add",
+            "aten::mul",
+            "aten::div",
+            "aten::sub",
+            "aten::to",
+            "aten::clone",
+            "aten::contiguous",
+            "aten::zero",
+            "aten::empty",
+            "where",
+            "aten::cos",
+            "aten::sin",
+            "aten::exp",
+            "aten::neg",
+            "aten::_to_copy",
+            "aten::bernoulli",
+            "threshold",
+            "sigmoid",
+        ),
+    ),
 )
 
 
@@ -1201,8 +1442,7 @@ def _launch_chain(evt: Any, depth: int = 5) -> str:
     return " > ".join(reversed(names))
 
 
-def kernel_breakdown(prof: Any, steps: int, device: torch.device,
-                     top: int = 40) -> dict[str, Any]:
+def kernel_breakdown(prof: Any, steps: int, device: torch.device, top: int = 40) -> dict[str, Any]:
     """Group a profile's GPU kernel time (self CPU time of aten ops on the CPU) by class.
 
     Also lists the top kernels, and for each class the ops that launched its kernels (the
@@ -1217,8 +1457,7 @@ def kernel_breakdown(prof: Any, steps: int, device: torch.device,
         for evt in events:
             # GPU-side ranges of `record_function` (DDP's forward, NCCL calls) span kernels
             # that are counted themselves.
-            if evt.device_type == DeviceType.CUDA and not getattr(evt, "is_user_annotation",
-                                                                  False):
+            if evt.device_type == DeviceType.CUDA and not getattr(evt, "is_user_annotation", False):
                 by_name[evt.name][0] += evt.device_time_total
                 by_name[evt.name][1] += 1
             elif evt.device_type == DeviceType.CPU and getattr(evt, "kernels", None):
@@ -1237,22 +1476,38 @@ def kernel_breakdown(prof: Any, steps: int, device: torch.device,
     return {
         "time_source": "GPU kernel time" if device.type == "cuda" else "self CPU time of aten ops",
         "ms_per_step": total_us / 1e3 / steps,
-        "classes": {cls: {"ms_per_step": us / 1e3 / steps,
-                          "share": us / total_us if total_us else 0.0}
-                    for cls, us in classes.items()},
-        "top_kernels": [{"name": name[:200], "class": classify_kernel(name), "calls": calls,
-                         "ms_per_step": us / 1e3 / steps,
-                         "share": us / total_us if total_us else 0.0}
-                        for name, (us, calls) in ranked],
-        "launchers": {cls: [{"op": op[:200], "ms_per_step": us / 1e3 / steps}
-                            for op, us in sorted(ops.items(), key=lambda kv: -kv[1])[:6]]
-                      for cls, ops in launchers.items()},
+        "classes": {
+            cls: {"ms_per_step": us / 1e3 / steps, "share": us / total_us if total_us else 0.0}
+            for cls, us in classes.items()
+        },
+        "top_kernels": [
+            {
+                "name": name[:200],
+                "class": classify_kernel(name),
+                "calls": calls,
+                "ms_per_step": us / 1e3 / steps,
+                "share": us / total_us if total_us else 0.0,
+            }
+            for name, (us, calls) in ranked
+        ],
+        "launchers": {
+            cls: [
+                {"op": op[:200], "ms_per_step": us / 1e3 / steps}
+                for op, us in sorted(ops.items(), key=lambda kv: -kv[1])[:6]
+            ]
+            for cls, ops in launchers.items()
+        },
     }
 
 
-def run_profile(case_name: str, settings: Settings, modes: tuple[str, ...],
-                models: tuple[str, ...], steps: int = 3,
-                kinds: tuple[str, ...] = ("train",)) -> dict[str, Any]:
+def run_profile(
+    case_name: str,
+    settings: Settings,
+    modes: tuple[str, ...],
+    models: tuple[str, ...],
+    steps: int = 3,
+    kinds: tuple[str, ...] = ("train",),
+) -> dict[str, Any]:
     """torch.profiler over `steps` training steps or forward passes (`kinds`) per (model,
     mode), grouped by kernel class."""
     from torch.profiler import ProfilerActivity, profile
@@ -1260,20 +1515,31 @@ def run_profile(case_name: str, settings: Settings, modes: tuple[str, ...],
     device = settings.device
     case = build_case(case_name, settings.quick)
     batches = make_batches(case, case.batch, device)
-    result: dict[str, Any] = {"case": case_name, "description": case.description,
-                              "batch": case.batch, "steps": steps, "kinds": list(kinds),
-                              "runs": [], "errors": []}
+    result: dict[str, Any] = {
+        "case": case_name,
+        "description": case.description,
+        "batch": case.batch,
+        "steps": steps,
+        "kinds": list(kinds),
+        "runs": [],
+        "errors": [],
+    }
     activities = [ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
     for which in models:
         try:
             with torch.device(device):
-                model = (build_ours(case.config) if which == "ours"
-                         else build_reference(case.config, case.reference))
+                model = (
+                    build_ours(case.config)
+                    if which == "ours"
+                    else build_reference(case.config, case.reference)
+                )
             model = prepare_model(model, case.dims, device).train()
         except Exception as err:
-            result["errors"].append({"where": f"{which}/build", "error": f"{type(err).__name__}: {err}"})
+            result["errors"].append(
+                {"where": f"{which}/build", "error": f"{type(err).__name__}: {err}"}
+            )
             print(f"  {which}: not built: {err}", flush=True)
             continue
         for mode, kind in itertools.product(modes, kinds):
@@ -1281,8 +1547,11 @@ def run_profile(case_name: str, settings: Settings, modes: tuple[str, ...],
                 runner = settings.compile(model) if mode == "compile" else model
                 model.train(kind == "train")
                 optimizer = make_optimizer(model, device) if kind == "train" else None
-                step = (train_step_fn(runner, batches, optimizer, settings) if optimizer
-                        else _infer_fn(runner, batches, settings))
+                step = (
+                    train_step_fn(runner, batches, optimizer, settings)
+                    if optimizer
+                    else _infer_fn(runner, batches, settings)
+                )
                 for i in range(max(settings.warmup, 1)):
                     step(i)
                 _sync(device)
@@ -1292,15 +1561,21 @@ def run_profile(case_name: str, settings: Settings, modes: tuple[str, ...],
                         step(i)
                     _sync(device)
                 wall = (time.perf_counter() - begin) / steps
-                run = {"model": which, "impl": model.kind, "mode": mode, "kind": kind,
-                       "wall_ms_per_step_profiled": 1e3 * wall,
-                       **kernel_breakdown(prof, steps, device)}
+                run = {
+                    "model": which,
+                    "impl": model.kind,
+                    "mode": mode,
+                    "kind": kind,
+                    "wall_ms_per_step_profiled": 1e3 * wall,
+                    **kernel_breakdown(prof, steps, device),
+                }
                 result["runs"].append(run)
                 del optimizer, runner, prof
             except Exception as err:
                 where = f"{which}/{mode}/{kind}"
-                result["errors"].append({"where": where,
-                                         "error": f"{type(err).__name__}: {err}"[:2000]})
+                result["errors"].append(
+                    {"where": where, "error": f"{type(err).__name__}: {err}"[:2000]}
+                )
                 print(f"  {where}: ERROR {type(err).__name__}: {err}", flush=True)
             model.zero_grad(set_to_none=True)
             _release(device)
@@ -1311,24 +1586,38 @@ def run_profile(case_name: str, settings: Settings, modes: tuple[str, ...],
 
 def format_profile(result: dict[str, Any]) -> str:
     """The profile as a PERF-NOTES.md-style table plus the top kernels."""
-    short = {"convolution": "conv", "elementwise/copies": "elem/copy",
-             "norm/reductions": "norm/red", "attention+GEMM": "attn+GEMM",
-             "optimizer": "optim", "other": "other"}
-    lines = [f"profile {result['case']} ({result['description']}, batch {result['batch']}, "
-             f"{result['steps']} steps of {'/'.join(result.get('kinds', ['train']))})"]
+    short = {
+        "convolution": "conv",
+        "elementwise/copies": "elem/copy",
+        "norm/reductions": "norm/red",
+        "attention+GEMM": "attn+GEMM",
+        "optimizer": "optim",
+        "other": "other",
+    }
+    lines = [
+        f"profile {result['case']} ({result['description']}, batch {result['batch']}, "
+        f"{result['steps']} steps of {'/'.join(result.get('kinds', ['train']))})"
+    ]
     head = f"{'model':<6} {'impl':<9} {'mode':<7} {'kind':<5} {'step ms':>8} " + " ".join(
-        f"{short[c]:>9}" for c in KERNEL_CLASSES)
+        f"{short[c]:>9}" for c in KERNEL_CLASSES
+    )
     lines += [head, "-" * len(head)]
     for run in result["runs"]:
         shares = " ".join(f"{100 * run['classes'][c]['share']:>8.1f}%" for c in KERNEL_CLASSES)
-        lines.append(f"{run['model']:<6} {run['impl']:<9} {run['mode']:<7} "
-                     f"{run.get('kind', 'train'):<5} {run['ms_per_step']:>8.1f} {shares}")
+        lines.append(
+            f"{run['model']:<6} {run['impl']:<9} {run['mode']:<7} "
+            f"{run.get('kind', 'train'):<5} {run['ms_per_step']:>8.1f} {shares}"
+        )
     for run in result["runs"]:
-        lines.append(f"top kernels: {run['model']} {run['mode']} {run.get('kind', 'train')} "
-                     f"({run['time_source']})")
+        lines.append(
+            f"top kernels: {run['model']} {run['mode']} {run.get('kind', 'train')} "
+            f"({run['time_source']})"
+        )
         for k in run["top_kernels"][:8]:
-            lines.append(f"  {100 * k['share']:5.1f}% {k['ms_per_step']:8.2f} ms "
-                         f"{k['class']:<18} {k['name'][:90]}")
+            lines.append(
+                f"  {100 * k['share']:5.1f}% {k['ms_per_step']:8.2f} ms "
+                f"{k['class']:<18} {k['name'][:90]}"
+            )
         for cls, ops in run.get("launchers", {}).items():
             lines.append(f"  {cls} launched by:")
             lines += [f"    {e['ms_per_step']:7.2f} ms  {e['op'][:150]}" for e in ops[:5]]
@@ -1344,7 +1633,8 @@ def _csv(choices: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
         bad = [s for s in items if s not in choices]
         if bad:
             raise argparse.ArgumentTypeError(
-                f"unknown value(s) {', '.join(bad)}; choose from {', '.join(choices)}")
+                f"unknown value(s) {', '.join(bad)}; choose from {', '.join(choices)}"
+            )
         return items
 
     return parse
@@ -1352,58 +1642,119 @@ def _csv(choices: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `benchmarks/bench.py` and `diffunet bench`."""
-    parser.add_argument("--cases", type=_csv(ALL_CASES), default=ALL_CASES,
-                        help=f"comma-separated subset of {','.join(ALL_CASES)} (default: all)")
-    parser.add_argument("--modes", type=_csv(MODES), default=MODES,
-                        help="comma-separated subset of eager,compile (default: both)")
-    parser.add_argument("--kinds", type=_csv(KINDS), default=KINDS,
-                        help="comma-separated subset of train,infer (default: both)")
-    parser.add_argument("--models", type=_csv(MODELS), default=MODELS,
-                        help="comma-separated subset of ours,ref (default: both)")
-    parser.add_argument("--checkpoint-modes", type=_csv((*MODES, "none")), default=("eager",),
-                        help="modes in which ours with use_checkpoint=True is trained for its "
-                             "peak memory (default: eager; 'none' to skip)")
-    parser.add_argument("--iters", type=int, help="timed iterations per repeat (default 10, "
-                        "quick 2)")
-    parser.add_argument("--repeats", type=int, help="timed repeats, median reported (default 3, "
-                        "quick 1)")
-    parser.add_argument("--warmup", type=int, help="warm-up iterations, compilation included "
-                        "(default 3, quick 1)")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny versions of every case and few iterations (CPU smoke test)")
+    parser.add_argument(
+        "--cases",
+        type=_csv(ALL_CASES),
+        default=ALL_CASES,
+        help=f"comma-separated subset of {','.join(ALL_CASES)} (default: all)",
+    )
+    parser.add_argument(
+        "--modes",
+        type=_csv(MODES),
+        default=MODES,
+        help="comma-separated subset of eager,compile (default: both)",
+    )
+    parser.add_argument(
+        "--kinds",
+        type=_csv(KINDS),
+        default=KINDS,
+        help="comma-separated subset of train,infer (default: both)",
+    )
+    parser.add_argument(
+        "--models",
+        type=_csv(MODELS),
+        default=MODELS,
+        help="comma-separated subset of ours,ref (default: both)",
+    )
+    parser.add_argument(
+        "--checkpoint-modes",
+        type=_csv((*MODES, "none")),
+        default=("eager",),
+        help="modes in which ours with use_checkpoint=True is trained for its "
+        "peak memory (default: eager; 'none' to skip)",
+    )
+    parser.add_argument(
+        "--iters", type=int, help="timed iterations per repeat (default 10, quick 2)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, help="timed repeats, median reported (default 3, quick 1)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, help="warm-up iterations, compilation included (default 3, quick 1)"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny versions of every case and few iterations (CPU smoke test)",
+    )
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--precision", choices=("bf16", "fp32"),
-                        help="bf16 autocast or plain fp32 forward (default: bf16 on CUDA, fp32 "
-                             "on the CPU, where bf16 convolutions are slow)")
-    parser.add_argument("--compile-mode", default="default",
-                        choices=("default", "reduce-overhead", "max-autotune",
-                                 "max-autotune-no-cudagraphs"),
-                        help="torch.compile mode (default: default)")
-    parser.add_argument("--peak-flops", type=float, default=PEAK_BF16_FLOPS,
-                        help="peak FLOP/s for MFU (default 780e12, H100 bf16 matmul)")
-    parser.add_argument("--sample-steps", type=int, help="DDIM steps of the sample case "
-                        "(default 50, quick 3)")
-    parser.add_argument("--sample-batch", type=int, help="batch of the sample case (default 4, "
-                        "quick 1)")
-    parser.add_argument("--sample-modes", type=_csv(MODES), default=("compile",),
-                        help="modes of the sample case (default: compile)")
-    parser.add_argument("--deadline", type=float,
-                        help="seconds after which remaining measurements are skipped (the JSON "
-                             "is written after every measurement anyway)")
-    parser.add_argument("--compile-ahead", type=int, default=0, metavar="JOBS",
-                        help="first compile every model the run compiles in JOBS parallel "
-                             "processes, which fill Inductor's on-disk caches, then measure in "
-                             "this process with warm caches (default 0: compile while measuring)")
+    parser.add_argument(
+        "--precision",
+        choices=("bf16", "fp32"),
+        help="bf16 autocast or plain fp32 forward (default: bf16 on CUDA, fp32 "
+        "on the CPU, where bf16 convolutions are slow)",
+    )
+    parser.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        help="torch.compile mode (default: default)",
+    )
+    parser.add_argument(
+        "--peak-flops",
+        type=float,
+        default=PEAK_BF16_FLOPS,
+        help="peak FLOP/s for MFU (default 780e12, H100 bf16 matmul)",
+    )
+    parser.add_argument(
+        "--sample-steps", type=int, help="DDIM steps of the sample case (default 50, quick 3)"
+    )
+    parser.add_argument(
+        "--sample-batch", type=int, help="batch of the sample case (default 4, quick 1)"
+    )
+    parser.add_argument(
+        "--sample-modes",
+        type=_csv(MODES),
+        default=("compile",),
+        help="modes of the sample case (default: compile)",
+    )
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        help="seconds after which remaining measurements are skipped (the JSON "
+        "is written after every measurement anyway)",
+    )
+    parser.add_argument(
+        "--compile-ahead",
+        type=int,
+        default=0,
+        metavar="JOBS",
+        help="first compile every model the run compiles in JOBS parallel "
+        "processes, which fill Inductor's on-disk caches, then measure in "
+        "this process with warm caches (default 0: compile while measuring)",
+    )
     parser.add_argument("--fill-caches-only", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--no-cudnn-benchmark", action="store_true",
-                        help="leave torch.backends.cudnn.benchmark off")
-    parser.add_argument("--profile", metavar="CASE", choices=MODEL_CASES,
-                        help=f"instead of the benchmark, profile {'/'.join(MODEL_CASES)}: "
-                             "kernel classes over --profile-steps steps of each --kinds")
-    parser.add_argument("--profile-steps", type=int, default=3,
-                        help="training steps or forward passes under the profiler (default 3)")
-    parser.add_argument("--out", help="JSON path (default: $OUT/bench.json, or "
-                        "$OUT/profile-CASE.json with --profile, when OUT is set)")
+    parser.add_argument(
+        "--no-cudnn-benchmark", action="store_true", help="leave torch.backends.cudnn.benchmark off"
+    )
+    parser.add_argument(
+        "--profile",
+        metavar="CASE",
+        choices=MODEL_CASES,
+        help=f"instead of the benchmark, profile {'/'.join(MODEL_CASES)}: "
+        "kernel classes over --profile-steps steps of each --kinds",
+    )
+    parser.add_argument(
+        "--profile-steps",
+        type=int,
+        default=3,
+        help="training steps or forward passes under the profiler (default 3)",
+    )
+    parser.add_argument(
+        "--out",
+        help="JSON path (default: $OUT/bench.json, or "
+        "$OUT/profile-CASE.json with --profile, when OUT is set)",
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -1454,13 +1805,34 @@ def _default_out(args: argparse.Namespace) -> str | None:
 _ENTRY = "import sys; from diffunet.benchmark import main; sys.exit(main(sys.argv[1:]))"
 
 
-def _fill_cache_argv(args: argparse.Namespace, settings: Settings, case: str,
-                     model: str) -> list[str]:
-    argv = ["--cases", case, "--models", model, "--modes", "compile",
-            "--kinds", ",".join(args.kinds), "--checkpoint-modes", "none", "--warmup", "1",
-            "--iters", "1", "--repeats", "1", "--compile-mode", args.compile_mode,
-            "--precision", settings.precision, "--device", settings.device.type,
-            "--fill-caches-only"]
+def _fill_cache_argv(
+    args: argparse.Namespace, settings: Settings, case: str, model: str
+) -> list[str]:
+    argv = [
+        "--cases",
+        case,
+        "--models",
+        model,
+        "--modes",
+        "compile",
+        "--kinds",
+        ",".join(args.kinds),
+        "--checkpoint-modes",
+        "none",
+        "--warmup",
+        "1",
+        "--iters",
+        "1",
+        "--repeats",
+        "1",
+        "--compile-mode",
+        args.compile_mode,
+        "--precision",
+        settings.precision,
+        "--device",
+        settings.device.type,
+        "--fill-caches-only",
+    ]
     return argv + ["--quick"] * args.quick + ["--no-cudnn-benchmark"] * args.no_cudnn_benchmark
 
 
@@ -1483,16 +1855,21 @@ def compile_ahead(args: argparse.Namespace, settings: Settings) -> dict[str, Any
     from concurrent.futures import ThreadPoolExecutor
 
     package_root = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, OUT="",
-               PYTHONPATH=os.pathsep.join(filter(None, [package_root,
-                                                        os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        OUT="",
+        PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
+    )
 
     def fill(case_model: tuple[str, str]) -> dict[str, Any]:
         case, model = case_model
         begin = time.perf_counter()
-        done = subprocess.run([sys.executable, "-c", _ENTRY,
-                               *_fill_cache_argv(args, settings, case, model)],
-                              env=env, capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, "-c", _ENTRY, *_fill_cache_argv(args, settings, case, model)],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         result = {"case": case, "model": model, "seconds": round(time.perf_counter() - begin, 1)}
         if done.returncode != 0:
             result["error"] = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -1505,8 +1882,7 @@ def compile_ahead(args: argparse.Namespace, settings: Settings) -> dict[str, Any
     for p in processes:
         if "error" in p:
             print(f"  compiling {p['case']}/{p['model']} ahead failed: {p['error']}", flush=True)
-    return {"jobs": jobs, "seconds": round(time.perf_counter() - begin, 1),
-            "processes": processes}
+    return {"jobs": jobs, "seconds": round(time.perf_counter() - begin, 1), "processes": processes}
 
 
 def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, Any]:
@@ -1527,8 +1903,14 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> di
         inductor_config.autotune_local_cache = False
 
     if args.profile:
-        result = run_profile(args.profile, settings, args.modes, args.models,
-                             steps=args.profile_steps, kinds=args.kinds)
+        result = run_profile(
+            args.profile,
+            settings,
+            args.modes,
+            args.models,
+            steps=args.profile_steps,
+            kinds=args.kinds,
+        )
         result["meta"] = environment(settings, argv)
         print(format_profile(result), flush=True)
         if out:
@@ -1541,20 +1923,29 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> di
     report = Report(out, environment(settings, argv))
     if ahead:
         report.data["meta"]["compiled_ahead"] = ahead
-    print(f"diffunet bench on {report.data['meta']['device_name']} "
-          f"(torch {torch.__version__}, diffusers {report.data['meta']['diffusers']}, "
-          f"monai {report.data['meta']['monai']})", flush=True)
+    print(
+        f"diffunet bench on {report.data['meta']['device_name']} "
+        f"(torch {torch.__version__}, diffusers {report.data['meta']['diffusers']}, "
+        f"monai {report.data['meta']['monai']})",
+        flush=True,
+    )
     checkpoint_modes = tuple(m for m in args.checkpoint_modes if m != "none")
     for name in args.cases:
         begin = time.perf_counter()
         try:
             if name == "sample":
-                run_sampling(report, settings, args.sample_modes, args.models,
-                             steps=args.sample_steps or (3 if settings.quick else 50),
-                             batch=args.sample_batch or (1 if settings.quick else 4))
+                run_sampling(
+                    report,
+                    settings,
+                    args.sample_modes,
+                    args.models,
+                    steps=args.sample_steps or (3 if settings.quick else 50),
+                    batch=args.sample_batch or (1 if settings.quick else 4),
+                )
             else:
-                run_case(report, name, settings, args.modes, args.kinds, args.models,
-                         checkpoint_modes)
+                run_case(
+                    report, name, settings, args.modes, args.kinds, args.models, checkpoint_modes
+                )
         except Exception as err:
             report.error(name, err)
         report.case(name)["elapsed_s"] = round(time.perf_counter() - begin, 1)
@@ -1572,8 +1963,10 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> di
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `benchmarks/bench.py`."""
     parser = argparse.ArgumentParser(
-        prog="bench.py", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        prog="bench.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_arguments(parser)
     args = parser.parse_args(argv)
     data = run_from_args(args, sys.argv[1:] if argv is None else argv)

@@ -20,19 +20,25 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .arrays import load_array_source
-from .dataset import DataError, TensorDataset
-from .digits import digits_arrays, load_digits_dataset, resize_digits
-from .em_pairs import em_pairs_dataset
-from .images import list_images, load_image_folder, read_image
-from .paired import is_paired_folder, load_paired_folder
+from diffunet.data.arrays import load_array_source
+from diffunet.data.dataset import DataError, TensorDataset
+from diffunet.data.digits import digits_arrays, load_digits_dataset, resize_digits
+from diffunet.data.em_pairs import em_pairs_dataset
+from diffunet.data.images import list_images, load_image_folder, read_image
+from diffunet.data.paired import is_paired_folder, load_paired_folder
 
 EMBEDDED = ("digits", "em-pairs")
 TASKS = ("restore", "generate")
 
 
-def open_dataset(spec: str, image_size: int | None = None, dims: int | None = None, *,
-                 task: str | None = None, seed: int = 0) -> TensorDataset:
+def open_dataset(
+    spec: str,
+    image_size: int | None = None,
+    dims: int | None = None,
+    *,
+    task: str | None = None,
+    seed: int = 0,
+) -> TensorDataset:
     """Load the data named by `spec` (see the module docstring) at `image_size`, for `task`.
 
     `dims`, when given, is the model's dimensionality; arrays without a channel axis are
@@ -44,9 +50,11 @@ def open_dataset(spec: str, image_size: int | None = None, dims: int | None = No
         raise DataError(f"--task {task!r} is invalid: expected one of {', '.join(TASKS)}")
     data = _load(spec, image_size, dims, seed)
     if task == "restore" and data.cond is None:
-        raise DataError(f"--task restore needs paired data, but {spec!r} has no inputs to restore "
-                        "from; pass a folder with input/ and target/ subfolders, an .npz with "
-                        "'cond' (or 'input') next to 'x', or --data em-pairs (the embedded EM-like pairs)")
+        raise DataError(
+            f"--task restore needs paired data, but {spec!r} has no inputs to restore "
+            "from; pass a folder with input/ and target/ subfolders, an .npz with "
+            "'cond' (or 'input') next to 'x', or --data em-pairs (the embedded EM-like pairs)"
+        )
     if task == "generate" and data.cond is not None:
         extra = {k: v for k, v in data.extra.items() if k != "cond_value_range"}
         extra["inputs"] = "dropped (--task generate trains on the targets only)"
@@ -59,13 +67,17 @@ def _load(spec: str, image_size: int | None, dims: int | None, seed: int) -> Ten
         return load_digits_dataset(image_size)
     if spec == "em-pairs":
         if dims not in (None, 2):
-            raise DataError(f"em-pairs are 2D images but the model has dims={dims}; use a 2D "
-                            "preset such as emdiffuse")
+            raise DataError(
+                f"em-pairs are 2D images but the model has dims={dims}; use a 2D "
+                "preset such as emdiffuse"
+            )
         return em_pairs_dataset(image_size, seed=seed)
     path = Path(spec)
     if not path.exists():
-        raise DataError(f"data {spec!r} is neither an embedded set ({', '.join(EMBEDDED)}) nor an "
-                        "existing file or folder")
+        raise DataError(
+            f"data {spec!r} is neither an embedded set ({', '.join(EMBEDDED)}) nor an "
+            "existing file or folder"
+        )
     if path.is_file():
         if path.suffix in (".npy", ".npz"):
             return load_array_source(path, image_size, dims, seed)

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .crops import crop_pairs
-from .dataset import DataError, TensorDataset
+from diffunet.data.crops import crop_pairs
+from diffunet.data.dataset import DataError, TensorDataset
 
 X_KEYS = ("x", "target", "data", "images", "arr_0")
 COND_KEYS = ("cond", "input")
@@ -52,8 +52,10 @@ def unit_range(arrays: Sequence[np.ndarray], what: str) -> list[float]:
     if np.issubdtype(dtype, np.integer):
         lo, hi = min(int(a.min()) for a in arrays), max(int(a.max()) for a in arrays)
         if lo < 0 or hi > 65535:
-            raise DataError(f"{what}: integer values {lo}..{hi} are outside 0..65535; "
-                            "save them as float32 instead (they are then min-max scaled)")
+            raise DataError(
+                f"{what}: integer values {lo}..{hi} are outside 0..65535; "
+                "save them as float32 instead (they are then min-max scaled)"
+            )
         return [0, 255 if hi <= 255 and dtype == np.uint8 else 65535]
     if not np.issubdtype(dtype, np.floating):
         raise DataError(f"{what}: unsupported dtype {dtype}; use integers or floats")
@@ -87,18 +89,23 @@ def _with_channels(array: np.ndarray, what: str, dims: int | None, per_sample: b
     spatial = array.ndim - lead
     if spatial not in (1, 2, 3):
         layout = "(C, *spatial)" if per_sample else "(N, C, *spatial)"
-        raise DataError(f"{what}: shape {array.shape} is not {layout} with 1, 2 or 3 spatial axes; "
-                        "add the channel axis, e.g. a[:, None] for single-channel data")
+        raise DataError(
+            f"{what}: shape {array.shape} is not {layout} with 1, 2 or 3 spatial axes; "
+            "add the channel axis, e.g. a[:, None] for single-channel data"
+        )
     if dims is not None and spatial != dims:
-        raise DataError(f"{what}: shape {array.shape} has {spatial} spatial axes but the model "
-                        f"has dims={dims}")
+        raise DataError(
+            f"{what}: shape {array.shape} has {spatial} spatial axes but the model has dims={dims}"
+        )
     return array
 
 
 def _check_fits(spatial: tuple[int, ...], size: int, what: str) -> None:
     if any(s < size for s in spatial):
-        raise DataError(f"{what}: --image-size {size} is larger than the data's spatial size "
-                        f"{tuple(spatial)}; arrays are cropped, never enlarged")
+        raise DataError(
+            f"{what}: --image-size {size} is larger than the data's spatial size "
+            f"{tuple(spatial)}; arrays are cropped, never enlarged"
+        )
 
 
 def center_crop(x: torch.Tensor, size: int | None, what: str) -> torch.Tensor:
@@ -122,8 +129,9 @@ def _pick(archive: Any, keys: tuple[str, ...], path: Path, required: bool) -> np
     return None
 
 
-def load_array_source(path: str | Path, image_size: int | None,
-                      dims: int | None = None, seed: int = 0) -> TensorDataset:
+def load_array_source(
+    path: str | Path, image_size: int | None, dims: int | None = None, seed: int = 0
+) -> TensorDataset:
     """A `.npy` file, a `.npz` file or a folder of `.npy` samples as a :class:`TensorDataset`.
 
     Arrays are centre-cropped to `image_size`; pairs (an `.npz` with `cond`) larger than it
@@ -132,14 +140,18 @@ def load_array_source(path: str | Path, image_size: int | None,
     path = Path(path)
     labels = cond_array = None
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix == ".npy" and not p.name.startswith("."))
+        files = sorted(
+            p for p in path.iterdir() if p.suffix == ".npy" and not p.name.startswith(".")
+        )
         if not files:
             raise DataError(f"{path} has no .npy files")
         samples = [_with_channels(load_array_file(p), str(p), dims, per_sample=True) for p in files]
         shapes = {s.shape for s in samples}
         if len(shapes) > 1:
-            raise DataError(f"{path}: the .npy samples differ in shape ({sorted(shapes)[:3]}); "
-                            "every sample must have the same (C, *spatial)")
+            raise DataError(
+                f"{path}: the .npy samples differ in shape ({sorted(shapes)[:3]}); "
+                "every sample must have the same (C, *spatial)"
+            )
         x_array = np.stack(samples)
     elif path.suffix == ".npz":
         try:
@@ -160,21 +172,30 @@ def load_array_source(path: str | Path, image_size: int | None,
     if cond_array is not None:
         cond_array = _with_channels(cond_array, f"{path}[cond]", x.ndim - 2, per_sample=False)
         if cond_array.shape[0] != x.shape[0] or cond_array.shape[2:] != x.shape[2:]:
-            raise DataError(f"{path}: cond {cond_array.shape} does not match x {tuple(x.shape)} "
-                            "in samples and spatial size")
+            raise DataError(
+                f"{path}: cond {cond_array.shape} does not match x {tuple(x.shape)} "
+                "in samples and spatial size"
+            )
         cond, cond_info = to_unit_range(cond_array, f"{path}[cond]")
         extra["cond_value_range"] = cond_info["value_range"]
     label_tensor = None
     if labels is not None:
-        if labels.shape != (x.shape[0],) or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
-            raise DataError(f"{path}: labels must be ({x.shape[0]},) non-negative integers, got "
-                            f"{labels.dtype} {labels.shape}")
+        if (
+            labels.shape != (x.shape[0],)
+            or not np.issubdtype(labels.dtype, np.integer)
+            or labels.min() < 0
+        ):
+            raise DataError(
+                f"{path}: labels must be ({x.shape[0]},) non-negative integers, got "
+                f"{labels.dtype} {labels.shape}"
+            )
         label_tensor = torch.from_numpy(labels.astype(np.int64))
     if cond is not None and image_size is not None and any(s != image_size for s in x.shape[2:]):
         # Restoration pairs larger than the training size: random aligned crops.
         _check_fits(x.shape[2:], image_size, str(path))
-        conds, xs, per_pair = crop_pairs(zip(cond.numpy(), x.numpy()), len(x), image_size,
-                                         x.ndim - 2, seed)
+        conds, xs, per_pair = crop_pairs(
+            zip(cond.numpy(), x.numpy()), len(x), image_size, x.ndim - 2, seed
+        )
         x, cond = torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(conds))
         if label_tensor is not None:
             label_tensor = label_tensor.repeat_interleave(per_pair)

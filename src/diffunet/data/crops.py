@@ -19,8 +19,13 @@ CROP_SAMPLES = 4096
 CROP_MEMORY_BYTES = 1 << 30
 
 
-def random_window(arrays: Sequence[np.ndarray], size: int, rng: np.random.Generator,
-                  dims: int, augment: bool = True) -> list[np.ndarray]:
+def random_window(
+    arrays: Sequence[np.ndarray],
+    size: int,
+    rng: np.random.Generator,
+    dims: int,
+    augment: bool = True,
+) -> list[np.ndarray]:
     """One random `size`-sided window of the last `dims` axes, the same in each of `arrays`.
 
     The arrays share their last `dims` axes (at least `size` long each); leading axes, such as
@@ -41,8 +46,14 @@ def random_window(arrays: Sequence[np.ndarray], size: int, rng: np.random.Genera
     return crops
 
 
-def aligned_crops(arrays: Sequence[np.ndarray], size: int, count: int, rng: np.random.Generator,
-                  dims: int, augment: bool = True) -> list[np.ndarray]:
+def aligned_crops(
+    arrays: Sequence[np.ndarray],
+    size: int,
+    count: int,
+    rng: np.random.Generator,
+    dims: int,
+    augment: bool = True,
+) -> list[np.ndarray]:
     """`count` aligned windows of `arrays` (see :func:`random_window`), stacked per array."""
     windows = [random_window(arrays, size, rng, dims, augment) for _ in range(count)]
     return [np.stack([window[i] for window in windows]) for i in range(len(arrays))]
@@ -56,9 +67,14 @@ def crops_per_source(sources: int, size: int, dims: int, channels: int) -> int:
     return max(1, math.ceil(min(CROP_SAMPLES, fit) / sources))
 
 
-def crop_pairs(pairs: Iterable[tuple[np.ndarray, np.ndarray]], sources: int, size: int,
-               dims: int, seed: int, augment: bool = True
-               ) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+def crop_pairs(
+    pairs: Iterable[tuple[np.ndarray, np.ndarray]],
+    sources: int,
+    size: int,
+    dims: int,
+    seed: int,
+    augment: bool = True,
+) -> tuple[list[np.ndarray], list[np.ndarray], int]:
     """Aligned crops of each of the `sources` `(input, target)` pairs, `(C, *spatial)` each.
 
     Every pair gives the same number of crops (:func:`crops_per_source`, from the first pair's

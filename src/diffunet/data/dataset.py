@@ -40,7 +40,9 @@ class TensorDataset:
 
     def __post_init__(self) -> None:
         if self.x.ndim < 3:
-            raise DataError(f"{self.source}: samples must be (N, C, *spatial), got {tuple(self.x.shape)}")
+            raise DataError(
+                f"{self.source}: samples must be (N, C, *spatial), got {tuple(self.x.shape)}"
+            )
         if len(self.x) == 0:
             raise DataError(f"{self.source}: no samples")
         if self.cond is not None and (
@@ -50,7 +52,9 @@ class TensorDataset:
                 f"{self.source}: cond {tuple(self.cond.shape)} does not match x {tuple(self.x.shape)}"
             )
         if self.labels is not None and tuple(self.labels.shape) != (len(self.x),):
-            raise DataError(f"{self.source}: labels {tuple(self.labels.shape)} vs {len(self.x)} samples")
+            raise DataError(
+                f"{self.source}: labels {tuple(self.labels.shape)} vs {len(self.x)} samples"
+            )
 
     def __len__(self) -> int:
         return len(self.x)
@@ -85,20 +89,25 @@ class TensorDataset:
     @property
     def nbytes(self) -> int:
         """Bytes held by `x`, `cond` and `labels`."""
-        return sum(t.numel() * t.element_size() for t in (self.x, self.cond, self.labels)
-                   if t is not None)
+        return sum(
+            t.numel() * t.element_size() for t in (self.x, self.cond, self.labels) if t is not None
+        )
 
     def to(self, device: torch.device | str) -> TensorDataset:
         """This data set with its tensors on `device` (itself if they are there already)."""
         device = torch.device(device)
         if self.x.device == device:
             return self
-        return replace(self, x=self.x.to(device),
-                       cond=None if self.cond is None else self.cond.to(device),
-                       labels=None if self.labels is None else self.labels.to(device))
+        return replace(
+            self,
+            x=self.x.to(device),
+            cond=None if self.cond is None else self.cond.to(device),
+            labels=None if self.labels is None else self.labels.to(device),
+        )
 
-    def batch(self, indices: torch.Tensor,
-              device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    def batch(
+        self, indices: torch.Tensor, device: torch.device | str | None = None
+    ) -> dict[str, torch.Tensor]:
         """The samples at `indices` on `device` (default: where they are), `x` and `cond` scaled
         to the model's `[-1, 1]`: keys `x`, `cond`, `labels`.
 

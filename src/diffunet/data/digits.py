@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dataset import DataError, TensorDataset
+from diffunet.data.dataset import DataError, TensorDataset
 
 DIGITS_SIZE = 8
 DIGITS_MAX = 16.0

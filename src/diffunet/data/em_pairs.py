@@ -23,8 +23,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .crops import crops_per_source, random_window
-from .dataset import DataError, TensorDataset
+from diffunet.data.crops import crops_per_source, random_window
+from diffunet.data.dataset import DataError, TensorDataset
 
 #: The pictures used for training (all load from scikit-image without a network).
 TRAIN_IMAGES = ("camera", "moon", "brick", "grass", "gravel", "text", "clock", "horse", "cell")
@@ -52,11 +52,15 @@ class PoissonGaussianNoise:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.photons, (int, float)) and self.photons > 0):
-            raise ValueError(f"photons={self.photons!r} is invalid: expected a positive number "
-                             "(electrons per pixel at full intensity; 20 is a low dose)")
+            raise ValueError(
+                f"photons={self.photons!r} is invalid: expected a positive number "
+                "(electrons per pixel at full intensity; 20 is a low dose)"
+            )
         if not (isinstance(self.read_noise, (int, float)) and self.read_noise >= 0):
-            raise ValueError(f"read_noise={self.read_noise!r} is invalid: expected a number >= 0 "
-                             "(detector noise std in units of full intensity; 0.02 is typical)")
+            raise ValueError(
+                f"read_noise={self.read_noise!r} is invalid: expected a number >= 0 "
+                "(detector noise std in units of full intensity; 0.02 is typical)"
+            )
 
     def __call__(self, clean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """A noisy float32 copy of `clean` (values in [0, 1]), drawn from `rng`."""
@@ -70,8 +74,11 @@ class PoissonGaussianNoise:
 
     def describe(self) -> dict[str, float | str]:
         """JSON-ready description, for logs and run metadata."""
-        return {"model": "poisson-gaussian", "photons": float(self.photons),
-                "read_noise": float(self.read_noise)}
+        return {
+            "model": "poisson-gaussian",
+            "photons": float(self.photons),
+            "read_noise": float(self.read_noise),
+        }
 
 
 def load_picture(name: str) -> np.ndarray:
@@ -88,8 +95,10 @@ def load_picture(name: str) -> np.ndarray:
     if image.dtype == np.bool_:
         return gaussian(image.astype(np.float64), sigma=BINARY_EDGE_SIGMA).astype(np.float32)
     if image.ndim != 2 or image.dtype != np.uint8:
-        raise DataError(f"scikit-image picture {name!r} is {image.dtype} {image.shape}; "
-                        "expected an 8-bit greyscale image")
+        raise DataError(
+            f"scikit-image picture {name!r} is {image.dtype} {image.shape}; "
+            "expected an 8-bit greyscale image"
+        )
     return image.astype(np.float32) / 255.0
 
 
@@ -124,28 +133,37 @@ class EMPairs:
         train, held_out = tuple(train), tuple(held_out)
         unknown = sorted(set(train + held_out) - set(ALL_IMAGES))
         if unknown:
-            raise DataError(f"unknown picture(s) {unknown}; expected names from "
-                            f"{', '.join(ALL_IMAGES)}")
+            raise DataError(
+                f"unknown picture(s) {unknown}; expected names from {', '.join(ALL_IMAGES)}"
+            )
         overlap = sorted(set(train) & set(held_out))
         if overlap:
-            raise DataError(f"picture(s) {overlap} are both in train and held_out; a held-out "
-                            "picture must never be cropped for training")
+            raise DataError(
+                f"picture(s) {overlap} are both in train and held_out; a held-out "
+                "picture must never be cropped for training"
+            )
         if len(held_out) < 2 or not train:
-            raise DataError(f"need at least two held-out pictures and one training picture, got "
-                            f"held_out={held_out}, train={train}")
+            raise DataError(
+                f"need at least two held-out pictures and one training picture, got "
+                f"held_out={held_out}, train={train}"
+            )
         self.noise = noise or PoissonGaussianNoise()
         self.train_names, self.held_out_names = train, held_out
         self.augment = augment
         self._pictures = {name: load_picture(name) for name in train}
         smallest = min(min(p.shape) for p in self._pictures.values())
         if not isinstance(crop, int) or isinstance(crop, bool) or not 8 <= crop <= smallest:
-            raise DataError(f"crop={crop!r} is invalid: expected an integer in [8, {smallest}] "
-                            "(the smallest training picture's side)")
+            raise DataError(
+                f"crop={crop!r} is invalid: expected an integer in [8, {smallest}] "
+                "(the smallest training picture's side)"
+            )
         self.crop = crop
         # Every crop position is equally likely: a picture is picked in proportion to its number
         # of positions.
-        positions = np.array([(p.shape[0] - crop + 1) * (p.shape[1] - crop + 1)
-                              for p in self._pictures.values()], dtype=np.float64)
+        positions = np.array(
+            [(p.shape[0] - crop + 1) * (p.shape[1] - crop + 1) for p in self._pictures.values()],
+            dtype=np.float64,
+        )
         self._weights = positions / positions.sum()
 
     def clean_crops(self, count: int, rng: np.random.Generator) -> np.ndarray:
@@ -169,12 +187,19 @@ class EMPairs:
     def dataset(self, count: int = 4096, seed: int = 0) -> TensorDataset:
         """`count` pairs as a :class:`TensorDataset` (`cond` = noisy input, `x` = clean target)."""
         noisy, clean = self.sample(count, seed)
-        extra = {"pairs": count, "crop": self.crop, "noise": self.noise.describe(),
-                 "train_images": list(self.train_names),
-                 "held_out_images": list(self.held_out_names), "seed": seed,
-                 "value_range": [0, 1], "cond_value_range": [0, 1]}
-        return TensorDataset(x=torch.from_numpy(clean), cond=torch.from_numpy(noisy),
-                             source="em-pairs", extra=extra)
+        extra = {
+            "pairs": count,
+            "crop": self.crop,
+            "noise": self.noise.describe(),
+            "train_images": list(self.train_names),
+            "held_out_images": list(self.held_out_names),
+            "seed": seed,
+            "value_range": [0, 1],
+            "cond_value_range": [0, 1],
+        }
+        return TensorDataset(
+            x=torch.from_numpy(clean), cond=torch.from_numpy(noisy), source="em-pairs", extra=extra
+        )
 
     def write_pair_folder(self, folder: str | Path, count: int = 4096, seed: int = 0) -> Path:
         """Write `count` pairs as 8-bit PNGs `folder/input/NNNNN.png` → `folder/target/NNNNN.png`.
@@ -204,8 +229,9 @@ class EMPairs:
         return pairs
 
 
-def em_pairs_dataset(image_size: int | None = None, count: int | None = None,
-                     seed: int = 0) -> TensorDataset:
+def em_pairs_dataset(
+    image_size: int | None = None, count: int | None = None, seed: int = 0
+) -> TensorDataset:
     """The embedded restoration set (`--data em-pairs`): `count` pairs of `image_size` crops.
 
     Defaults: 64-pixel crops, and as many pairs as paired folders get (4,096 at 64², fewer
@@ -215,8 +241,9 @@ def em_pairs_dataset(image_size: int | None = None, count: int | None = None,
     return EMPairs(size).dataset(crops_per_source(1, size, 2, 2) if count is None else count, seed)
 
 
-def blob_volume(size: int = 48, seed: int = 0, blob_size_fraction: float = 0.25,
-                smoothing: float = 1.5) -> np.ndarray:
+def blob_volume(
+    size: int = 48, seed: int = 0, blob_size_fraction: float = 0.25, smoothing: float = 1.5
+) -> np.ndarray:
     """A synthetic 3D test object: `skimage.data.binary_blobs(n_dim=3)` smoothed, `(S, S, S)`.
 
     The blobs are Gaussian-smoothed by `smoothing` pixels and scaled to [0.1, 0.9], so they have
@@ -225,7 +252,8 @@ def blob_volume(size: int = 48, seed: int = 0, blob_size_fraction: float = 0.25,
     from skimage.data import binary_blobs
     from skimage.filters import gaussian
 
-    blobs = binary_blobs(length=size, blob_size_fraction=blob_size_fraction, n_dim=3,
-                         volume_fraction=0.4, rng=seed)
+    blobs = binary_blobs(
+        length=size, blob_size_fraction=blob_size_fraction, n_dim=3, volume_fraction=0.4, rng=seed
+    )
     smooth = gaussian(blobs.astype(np.float64), sigma=smoothing)
     return (0.1 + 0.8 * smooth).astype(np.float32)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .dataset import DataError, TensorDataset
+from diffunet.data.dataset import DataError, TensorDataset
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
@@ -21,8 +21,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 def list_images(folder: Path) -> list[Path]:
     """Image files under `folder` (recursively, sorted, hidden files skipped)."""
     return sorted(
-        p for p in folder.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_SUFFIXES
         and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
 
@@ -35,14 +37,18 @@ def _scale(array: np.ndarray, path: Path) -> tuple[np.ndarray, int]:
         return array.astype(np.float32) / 255.0, 8
     if np.issubdtype(array.dtype, np.integer):
         if array.size and (array.min() < 0 or array.max() > 65535):
-            raise DataError(f"{path}: integer pixel values {array.min()}..{array.max()} are "
-                            "outside the 16-bit range 0..65535")
+            raise DataError(
+                f"{path}: integer pixel values {array.min()}..{array.max()} are "
+                "outside the 16-bit range 0..65535"
+            )
         return array.astype(np.float32) / 65535.0, 16
     if np.issubdtype(array.dtype, np.floating):
         lo, hi = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
         if not np.isfinite(array).all() or lo < 0.0 or hi > 1.0:
-            raise DataError(f"{path}: floating-point pixels must be finite and in [0, 1], got "
-                            f"{lo:g}..{hi:g}; save 8/16-bit integers or rescale the image")
+            raise DataError(
+                f"{path}: floating-point pixels must be finite and in [0, 1], got "
+                f"{lo:g}..{hi:g}; save 8/16-bit integers or rescale the image"
+            )
         return array.astype(np.float32), 32
     raise DataError(f"{path}: unsupported pixel type {array.dtype}")
 
@@ -54,8 +60,10 @@ def _read_tiff(path: Path) -> np.ndarray:
     if array.ndim == 3 and array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3, 4):
         array = np.moveaxis(array, 0, -1)
     if array.ndim == 3 and array.shape[-1] not in (1, 3, 4):
-        raise DataError(f"{path}: a {array.shape} TIFF looks like a stack or volume; train on "
-                        "volumes from .npy/.npz arrays (N, C, D, H, W) instead")
+        raise DataError(
+            f"{path}: a {array.shape} TIFF looks like a stack or volume; train on "
+            "volumes from .npy/.npz arrays (N, C, D, H, W) instead"
+        )
     if array.ndim not in (2, 3):
         raise DataError(f"{path}: expected a 2D greyscale or RGB image, got shape {array.shape}")
     return array
@@ -106,10 +114,11 @@ def resize_and_crop(image: np.ndarray, size: int) -> torch.Tensor:
     scale = size / min(h, w)
     new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
     if (new_h, new_w) != (h, w):
-        tensor = F.interpolate(tensor, size=(new_h, new_w), mode="bilinear",
-                               align_corners=False, antialias=True)
+        tensor = F.interpolate(
+            tensor, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True
+        )
     top, left = (new_h - size) // 2, (new_w - size) // 2
-    return tensor[0, :, top:top + size, left:left + size].clamp(0.0, 1.0).contiguous()
+    return tensor[0, :, top : top + size, left : left + size].clamp(0.0, 1.0).contiguous()
 
 
 def load_images(paths: list[Path], size: int) -> tuple[torch.Tensor, set[int]]:
@@ -134,8 +143,9 @@ def check_folder(folder: Path, what: str = "data folder") -> list[Path]:
     if not paths:
         others = [p.name for p in folder.rglob("*") if p.is_file()][:3]
         found = f" (found other files, e.g. {', '.join(others)})" if others else " (it is empty)"
-        raise DataError(f"{what} {folder} has no images with suffix "
-                        f"{'/'.join(IMAGE_SUFFIXES)}{found}")
+        raise DataError(
+            f"{what} {folder} has no images with suffix {'/'.join(IMAGE_SUFFIXES)}{found}"
+        )
     return paths
 
 
@@ -145,5 +155,6 @@ def load_image_folder(folder: str | Path, image_size: int | None) -> TensorDatas
     paths = check_folder(folder)
     size = 32 if image_size is None else image_size
     x, depths = load_images(paths, size)
-    return TensorDataset(x=x, source=str(folder),
-                         extra={"files": len(paths), "bit_depths": sorted(depths)})
+    return TensorDataset(
+        x=x, source=str(folder), extra={"files": len(paths), "bit_depths": sorted(depths)}
+    )

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .arrays import _with_channels, load_array_file, scale_to_unit, unit_range
-from .crops import crop_pairs
-from .dataset import DataError, TensorDataset
-from .images import IMAGE_SUFFIXES, check_folder, read_image
+from diffunet.data.arrays import _with_channels, load_array_file, scale_to_unit, unit_range
+from diffunet.data.crops import crop_pairs
+from diffunet.data.dataset import DataError, TensorDataset
+from diffunet.data.images import IMAGE_SUFFIXES, check_folder, read_image
 
 PAIR_SUFFIXES = (*IMAGE_SUFFIXES, ".npy")
 #: The crop side for paired images when `--image-size` is not given.
@@ -39,13 +39,18 @@ def is_paired_folder(path: Path) -> bool:
 
 
 def _by_stem(folder: Path) -> dict[str, Path]:
-    files = sorted(p for p in folder.iterdir()
-                   if p.is_file() and p.suffix.lower() in PAIR_SUFFIXES and not p.name.startswith("."))
+    files = sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and p.suffix.lower() in PAIR_SUFFIXES and not p.name.startswith(".")
+    )
     by_stem: dict[str, Path] = {}
     for path in files:
         if path.stem in by_stem:
-            raise DataError(f"{folder}: {by_stem[path.stem].name} and {path.name} share the name "
-                            f"{path.stem!r}; pairs are matched by name without suffix")
+            raise DataError(
+                f"{folder}: {by_stem[path.stem].name} and {path.name} share the name "
+                f"{path.stem!r}; pairs are matched by name without suffix"
+            )
         by_stem[path.stem] = path
     return by_stem
 
@@ -63,8 +68,9 @@ def _matched_paths(folder: Path) -> tuple[list[Path], list[Path]]:
             parts.append(f"{len(only_in)} input(s) without a target, e.g. {only_in[:3]}")
         if only_tg:
             parts.append(f"{len(only_tg)} target(s) without an input, e.g. {only_tg[:3]}")
-        raise DataError(f"{folder}: input/ and target/ must hold the same file names; "
-                        + "; ".join(parts))
+        raise DataError(
+            f"{folder}: input/ and target/ must hold the same file names; " + "; ".join(parts)
+        )
     stems = sorted(targets)
     return [inputs[s] for s in stems], [targets[s] for s in stems]
 
@@ -73,19 +79,30 @@ def _size_text(spatial: tuple[int, ...]) -> str:
     return "×".join(map(str, spatial))
 
 
-def _check_pair(folder: Path, in_path: Path, tg_path: Path, cond: np.ndarray, x: np.ndarray,
-                dims: int, size: int | None) -> None:
+def _check_pair(
+    folder: Path,
+    in_path: Path,
+    tg_path: Path,
+    cond: np.ndarray,
+    x: np.ndarray,
+    dims: int,
+    size: int | None,
+) -> None:
     """An input and its target must have one spatial size, at least `size` on every axis."""
     in_size, tg_size = tuple(cond.shape[-dims:]), tuple(x.shape[-dims:])
     if in_size != tg_size:
-        raise DataError(f"{folder}: input/{in_path.name} is {_size_text(in_size)} but "
-                        f"target/{tg_path.name} is {_size_text(tg_size)}; an input and its target "
-                        "must have the same size (they are cropped at the same place), so "
-                        "resample or crop one of them to match")
+        raise DataError(
+            f"{folder}: input/{in_path.name} is {_size_text(in_size)} but "
+            f"target/{tg_path.name} is {_size_text(tg_size)}; an input and its target "
+            "must have the same size (they are cropped at the same place), so "
+            "resample or crop one of them to match"
+        )
     if size is not None and min(tg_size) < size:
-        raise DataError(f"{folder}: input/{in_path.name} and target/{tg_path.name} are "
-                        f"{_size_text(tg_size)}, smaller than the {size}-pixel training crop; pass "
-                        f"a smaller --image-size (at most {min(tg_size)}) or remove the pair")
+        raise DataError(
+            f"{folder}: input/{in_path.name} and target/{tg_path.name} are "
+            f"{_size_text(tg_size)}, smaller than the {size}-pixel training crop; pass "
+            f"a smaller --image-size (at most {min(tg_size)}) or remove the pair"
+        )
 
 
 def _check_alike(folder: Path, side: str, paths: list[Path], samples: list[np.ndarray]) -> None:
@@ -93,9 +110,11 @@ def _check_alike(folder: Path, side: str, paths: list[Path], samples: list[np.nd
     first = samples[0]
     for path, sample in zip(paths, samples):
         if sample.ndim != first.ndim or sample.shape[0] != first.shape[0]:
-            raise DataError(f"{folder}: {side}/{path.name} has shape {sample.shape} but "
-                            f"{side}/{paths[0].name} has {first.shape}; every {side} sample needs "
-                            "the same channels and number of axes (C, *spatial)")
+            raise DataError(
+                f"{folder}: {side}/{path.name} has shape {sample.shape} but "
+                f"{side}/{paths[0].name} has {first.shape}; every {side} sample needs "
+                "the same channels and number of axes (C, *spatial)"
+            )
 
 
 def _stack(crops: list[np.ndarray]) -> torch.Tensor:
@@ -105,8 +124,9 @@ def _stack(crops: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(wide)).contiguous()
 
 
-def _load_images(folder: Path, in_paths: list[Path], tg_paths: list[Path], size: int, seed: int,
-                 augment: bool) -> TensorDataset:
+def _load_images(
+    folder: Path, in_paths: list[Path], tg_paths: list[Path], size: int, seed: int, augment: bool
+) -> TensorDataset:
     depths: set[int] = set()
 
     def pairs() -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -118,13 +138,25 @@ def _load_images(folder: Path, in_paths: list[Path], tg_paths: list[Path], size:
             yield cond, x
 
     conds, xs, per_pair = crop_pairs(pairs(), len(in_paths), size, 2, seed, augment)
-    extra = {"pairs": len(in_paths), "crops": per_pair * len(in_paths), "crops_per_pair": per_pair,
-             "crop_seed": seed, "bit_depths": sorted(depths)}
+    extra = {
+        "pairs": len(in_paths),
+        "crops": per_pair * len(in_paths),
+        "crops_per_pair": per_pair,
+        "crop_seed": seed,
+        "bit_depths": sorted(depths),
+    }
     return TensorDataset(x=_stack(xs), cond=_stack(conds), source=str(folder), extra=extra)
 
 
-def _load_npy(folder: Path, in_paths: list[Path], tg_paths: list[Path], size: int | None,
-              dims: int | None, seed: int, augment: bool) -> TensorDataset:
+def _load_npy(
+    folder: Path,
+    in_paths: list[Path],
+    tg_paths: list[Path],
+    size: int | None,
+    dims: int | None,
+    seed: int,
+    augment: bool,
+) -> TensorDataset:
     xs = [_with_channels(load_array_file(p), str(p), dims, per_sample=True) for p in tg_paths]
     dims = xs[0].ndim - 1
     conds = [_with_channels(load_array_file(p), str(p), dims, per_sample=True) for p in in_paths]
@@ -138,20 +170,32 @@ def _load_npy(folder: Path, in_paths: list[Path], tg_paths: list[Path], size: in
     if size is None or all(x.shape[1:] == (size,) * dims for x in xs):
         shapes = {x.shape for x in xs}  # (inputs match their targets, checked above)
         if len(shapes) > 1:
-            raise DataError(f"{folder}/target: samples differ in shape ({sorted(shapes)[:3]}); "
-                            "pass --image-size N to train on random crops of side N")
+            raise DataError(
+                f"{folder}/target: samples differ in shape ({sorted(shapes)[:3]}); "
+                "pass --image-size N to train on random crops of side N"
+            )
         x, cond = np.stack(xs), np.stack(conds)
     else:
-        cond_crops, x_crops, per_pair = crop_pairs(zip(conds, xs), len(xs), size, dims, seed,
-                                                   augment)
+        cond_crops, x_crops, per_pair = crop_pairs(
+            zip(conds, xs), len(xs), size, dims, seed, augment
+        )
         x, cond = np.concatenate(x_crops), np.concatenate(cond_crops)
         extra.update(crops=len(x), crops_per_pair=per_pair, crop_seed=seed)
-    return TensorDataset(x=scale_to_unit(x, x_range), cond=scale_to_unit(cond, cond_range),
-                         source=str(folder), extra=extra)
+    return TensorDataset(
+        x=scale_to_unit(x, x_range),
+        cond=scale_to_unit(cond, cond_range),
+        source=str(folder),
+        extra=extra,
+    )
 
 
-def load_paired_folder(folder: str | Path, image_size: int | None, dims: int | None = None,
-                       seed: int = 0, augment: bool = True) -> TensorDataset:
+def load_paired_folder(
+    folder: str | Path,
+    image_size: int | None,
+    dims: int | None = None,
+    seed: int = 0,
+    augment: bool = True,
+) -> TensorDataset:
     """`folder/input` and `folder/target` as a :class:`TensorDataset` whose `cond` is the input.
 
     Images (and `.npy` samples larger than `image_size`) become random aligned crops of side

@@ -7,14 +7,19 @@ trainable, sampleable diffusion model.
     x = diffusion.sample(model, (16, 3, 32, 32), sampler="dpm++", steps=20)
 """
 
-from .denoiser import Denoiser, call_model, time_input, uses_noise_level
-from .guidance import drop_conditioning, guide
-from .objective import min_snr_weight, per_sample_gaussian_nll, per_sample_mse
-from .parameterization import PREDICTIONS, convert, from_x0_and_eps, x0_and_eps
-from .process import Diffusion, draw_noise
-from .samplers import SAMPLERS, Step, ddim, ddpm, dpm_solver_pp
-from .schedule import SCHEDULES, TIMESTEP_SPACINGS, NoiseSchedule, rescale_zero_terminal_snr
-from .scheduler_protocol import is_scheduler
+from diffunet.diffusion.denoiser import Denoiser, call_model, time_input, uses_noise_level
+from diffunet.diffusion.guidance import drop_conditioning, guide
+from diffunet.diffusion.objective import min_snr_weight, per_sample_gaussian_nll, per_sample_mse
+from diffunet.diffusion.parameterization import PREDICTIONS, convert, from_x0_and_eps, x0_and_eps
+from diffunet.diffusion.process import Diffusion, draw_noise
+from diffunet.diffusion.samplers import SAMPLERS, Step, ddim, ddpm, dpm_solver_pp
+from diffunet.diffusion.schedule import (
+    SCHEDULES,
+    TIMESTEP_SPACINGS,
+    NoiseSchedule,
+    rescale_zero_terminal_snr,
+)
+from diffunet.diffusion.scheduler_protocol import is_scheduler
 
 __all__ = [
     "PREDICTIONS",

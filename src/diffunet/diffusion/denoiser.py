@@ -14,9 +14,9 @@ import math
 
 import torch
 
-from ..unet import split_aleatoric
-from .guidance import guide, null_label_of, unconditional
-from .parameterization import check_prediction, x0_and_eps
+from diffunet.diffusion.guidance import guide, null_label_of, unconditional
+from diffunet.diffusion.parameterization import check_prediction, x0_and_eps
+from diffunet.model.unet import split_aleatoric
 
 
 def uses_noise_level(model) -> bool:
@@ -73,7 +73,9 @@ def call_model(
     dtype = parameter_dtype(model)
     if dtype is not None and dtype != x.dtype:
         x = x.to(dtype)
-        context = context.to(dtype) if context is not None and context.is_floating_point() else context
+        context = (
+            context.to(dtype) if context is not None and context.is_floating_point() else context
+        )
     kwargs = {}
     if cond is not None:
         kwargs["cond"] = cond
@@ -137,19 +139,41 @@ class Denoiser:
     def output(self, x: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
         """The guided model output (the mean for an aleatoric model) at `x`; `t`, ᾱ are `(B,)`."""
         if self.guidance == 1.0:
-            return self._mean(call_model(self.model, x, t, alpha_bar, cond=self.cond,
-                                         context=self.context, labels=self.labels))
+            return self._mean(
+                call_model(
+                    self.model,
+                    x,
+                    t,
+                    alpha_bar,
+                    cond=self.cond,
+                    context=self.context,
+                    labels=self.labels,
+                )
+            )
         uncond_context, uncond_labels = unconditional(self.context, self.labels, self.null_label)
         if self.guidance == 0.0:
-            return self._mean(call_model(self.model, x, t, alpha_bar, cond=self.cond,
-                                         context=uncond_context, labels=uncond_labels))
+            return self._mean(
+                call_model(
+                    self.model,
+                    x,
+                    t,
+                    alpha_bar,
+                    cond=self.cond,
+                    context=uncond_context,
+                    labels=uncond_labels,
+                )
+            )
 
         def both(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
             return None if a is None else torch.cat([a, b], dim=0)
 
         out = call_model(
-            self.model, both(x, x), both(t, t), both(alpha_bar, alpha_bar),
-            cond=both(self.cond, self.cond), context=both(self.context, uncond_context),
+            self.model,
+            both(x, x),
+            both(t, t),
+            both(alpha_bar, alpha_bar),
+            cond=both(self.cond, self.cond),
+            context=both(self.context, uncond_context),
             labels=both(self.labels, uncond_labels),
         )
         cond_out, uncond_out = self._mean(out).chunk(2, dim=0)

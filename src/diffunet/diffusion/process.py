@@ -8,14 +8,14 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..unet import split_aleatoric
-from .denoiser import Denoiser, call_model, is_aleatoric, uses_noise_level
-from .guidance import drop_conditioning, null_label_of
-from .objective import min_snr_weight, per_sample_gaussian_nll, per_sample_mse
-from .parameterization import check_prediction, from_x0_and_eps
-from .samplers import SAMPLERS, ddim, ddpm, dpm_solver_pp, steps_from_timesteps
-from .schedule import TIMESTEP_SPACINGS, NoiseSchedule
-from .scheduler_protocol import PROTOCOL, is_scheduler, sample_with_scheduler
+from diffunet.diffusion.denoiser import Denoiser, call_model, is_aleatoric, uses_noise_level
+from diffunet.diffusion.guidance import drop_conditioning, null_label_of
+from diffunet.diffusion.objective import min_snr_weight, per_sample_gaussian_nll, per_sample_mse
+from diffunet.diffusion.parameterization import check_prediction, from_x0_and_eps
+from diffunet.diffusion.samplers import SAMPLERS, ddim, ddpm, dpm_solver_pp, steps_from_timesteps
+from diffunet.diffusion.schedule import TIMESTEP_SPACINGS, NoiseSchedule
+from diffunet.diffusion.scheduler_protocol import PROTOCOL, is_scheduler, sample_with_scheduler
+from diffunet.model.unet import split_aleatoric
 
 
 def draw_noise(
@@ -31,9 +31,9 @@ def draw_noise(
 
 
 def with_cuda_graph(model, cuda_graph: bool | str, device: torch.device):
-    """`model` wrapped in its (cached) :class:`~diffunet.cuda_graph.CUDAGraphModel` when wanted."""
-    from ..cuda_graph import CACHE_ATTRIBUTE, CUDAGraphModel
-    from ..unet import UNet
+    """`model` wrapped in its (cached) :class:`~diffunet.accel.cuda_graph.CUDAGraphModel` when wanted."""
+    from diffunet.accel.cuda_graph import CACHE_ATTRIBUTE, CUDAGraphModel
+    from diffunet.model.unet import UNet
 
     if cuda_graph not in (True, False, "auto"):
         raise ValueError(f"cuda_graph={cuda_graph!r} is invalid: expected True, False or 'auto'")
@@ -101,7 +101,8 @@ class Diffusion:
             self.schedule = schedule
         elif isinstance(schedule, str):
             self.schedule = NoiseSchedule.create(
-                schedule, 1000 if timesteps is None else timesteps,
+                schedule,
+                1000 if timesteps is None else timesteps,
                 zero_terminal_snr=zero_terminal_snr,
             )
         else:
@@ -186,16 +187,24 @@ class Diffusion:
         batch, device = x0.shape[0], x0.device
         x0 = x0.float()
         if timesteps is None:
-            timesteps = torch.randint(0, self.num_timesteps, (batch,), generator=generator,
-                                      device=generator.device if generator is not None else "cpu")
+            timesteps = torch.randint(
+                0,
+                self.num_timesteps,
+                (batch,),
+                generator=generator,
+                device=generator.device if generator is not None else "cpu",
+            )
         timesteps = self._check_timesteps(timesteps, batch).to(device)
         if uses_noise_level(model):
             alpha_bar = self.schedule.sample_noise_levels(timesteps, generator)
         else:
             alpha_bar = self.schedule.alphas_cumprod_on(device)[timesteps]
         if noise is None:
-            noise = (draw_noise(x0.shape, generator, device) if generator is not None
-                     else torch.randn_like(x0))
+            noise = (
+                draw_noise(x0.shape, generator, device)
+                if generator is not None
+                else torch.randn_like(x0)
+            )
         elif tuple(noise.shape) != tuple(x0.shape):
             raise ValueError(
                 f"noise has shape {tuple(noise.shape)}, expected x0's shape {tuple(x0.shape)}"
@@ -204,8 +213,9 @@ class Diffusion:
         x_t = self.add_noise(x0, noise, alpha_bar)
         null = null_label_of(model) if self.cond_drop_prob > 0 and labels is not None else None
         context, labels = drop_conditioning(context, labels, self.cond_drop_prob, null, generator)
-        output = call_model(model, x_t, timesteps, alpha_bar, cond=cond, context=context,
-                            labels=labels)
+        output = call_model(
+            model, x_t, timesteps, alpha_bar, cond=cond, context=context, labels=labels
+        )
         target = from_x0_and_eps(self.prediction, x0, noise, alpha_bar)
         if is_aleatoric(model):
             mean, log_variance = split_aleatoric(output)
@@ -252,10 +262,10 @@ class Diffusion:
                 and moved to `device`.
             progress: show a progress bar.
             device: where to sample (default: the model's device, else `cond`'s, else the CPU).
-            cuda_graph: replay the network as a CUDA graph (:mod:`diffunet.cuda_graph`) on a GPU:
+            cuda_graph: replay the network as a CUDA graph (:mod:`diffunet.accel.cuda_graph`) on a GPU:
                 ``"auto"`` does for a :class:`~diffunet.UNet` (the recording is kept with the
                 model for later calls of the same shape, holding one forward pass's memory:
-                :func:`~diffunet.cuda_graph.release_cuda_graphs` frees it), True for any model,
+                :func:`~diffunet.accel.cuda_graph.release_cuda_graphs` frees it), True for any model,
                 False never.
         """
         shape = self._check_shape(shape)
@@ -268,11 +278,19 @@ class Diffusion:
         cond, context, labels = (
             v.to(device) if v is not None else None for v in (cond, context, labels)
         )
-        self._check_conditioning(shape[0], shape[2:], "shape", cond=cond, context=context,
-                                 labels=labels)
+        self._check_conditioning(
+            shape[0], shape[2:], "shape", cond=cond, context=context, labels=labels
+        )
         model = with_cuda_graph(model, cuda_graph, device)
-        denoiser = Denoiser(model, self.prediction, cond=cond, context=context, labels=labels,
-                            guidance=guidance, clip_denoised=self.clip_denoised)
+        denoiser = Denoiser(
+            model,
+            self.prediction,
+            cond=cond,
+            context=context,
+            labels=labels,
+            guidance=guidance,
+            clip_denoised=self.clip_denoised,
+        )
         x = draw_noise(shape, generator, device)
         batch = shape[0]
         name = sampler if scheduler is None else type(scheduler).__name__
@@ -282,8 +300,15 @@ class Diffusion:
 
         if scheduler is not None:
             return sample_with_scheduler(
-                scheduler, denoiser.output, self.prediction, self.schedule, x, steps,
-                generator=generator, eta=eta, progress=bar,
+                scheduler,
+                denoiser.output,
+                self.prediction,
+                self.schedule,
+                x,
+                steps,
+                generator=generator,
+                eta=eta,
+                progress=bar,
             ).float()
 
         def predict(x_t, step):
@@ -307,7 +332,7 @@ class Diffusion:
     def _check_sampler_arguments(self, sampler, steps, eta, is_protocol: bool) -> None:
         if not is_protocol and (not isinstance(sampler, str) or sampler not in SAMPLERS):
             missing = [a for a in PROTOCOL if not hasattr(sampler, a)]
-            detail = (f" (it lacks {missing})" if not isinstance(sampler, str) else "")
+            detail = f" (it lacks {missing})" if not isinstance(sampler, str) else ""
             raise ValueError(
                 f"unknown sampler {sampler!r}{detail}; expected one of {SAMPLERS} or an object "
                 f"with the diffusers scheduler protocol {PROTOCOL}. Use sampler='ddim' (default), "
@@ -356,20 +381,28 @@ class Diffusion:
     @staticmethod
     def _check_batch(x: torch.Tensor, name: str, *, cond, context, labels) -> None:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 2:
-            given = (f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor)
-                     else type(x).__name__)
+            given = (
+                f"{x.dtype} tensor of shape {tuple(x.shape)}"
+                if isinstance(x, torch.Tensor)
+                else type(x).__name__
+            )
             raise ValueError(
                 f"{name} must be a floating-point tensor (B, C, *spatial), got {given}"
             )
-        Diffusion._check_conditioning(x.shape[0], tuple(x.shape[2:]), name, cond=cond,
-                                      context=context, labels=labels)
+        Diffusion._check_conditioning(
+            x.shape[0], tuple(x.shape[2:]), name, cond=cond, context=context, labels=labels
+        )
 
     @staticmethod
-    def _check_conditioning(batch: int, spatial: tuple[int, ...], name: str, *, cond, context,
-                            labels) -> None:
+    def _check_conditioning(
+        batch: int, spatial: tuple[int, ...], name: str, *, cond, context, labels
+    ) -> None:
         spatial = tuple(spatial)
-        if cond is not None and (cond.ndim != len(spatial) + 2 or cond.shape[0] != batch
-                                 or tuple(cond.shape[2:]) != spatial):
+        if cond is not None and (
+            cond.ndim != len(spatial) + 2
+            or cond.shape[0] != batch
+            or tuple(cond.shape[2:]) != spatial
+        ):
             raise ValueError(
                 f"cond has shape {tuple(cond.shape)} but {name} has batch {batch} and spatial "
                 f"size {spatial}; expected "
@@ -390,8 +423,11 @@ class Diffusion:
     def _check_timesteps(self, timesteps: torch.Tensor, batch: int) -> torch.Tensor:
         """Shape and dtype always; the value range only on the CPU (elsewhere it would sync)."""
         timesteps = torch.as_tensor(timesteps)
-        out_of_range = timesteps.device.type == "cpu" and not timesteps.is_floating_point() and bool(
-            (timesteps < 0).any() | (timesteps >= self.num_timesteps).any())
+        out_of_range = (
+            timesteps.device.type == "cpu"
+            and not timesteps.is_floating_point()
+            and bool((timesteps < 0).any() | (timesteps >= self.num_timesteps).any())
+        )
         if tuple(timesteps.shape) != (batch,) or timesteps.is_floating_point() or out_of_range:
             raise ValueError(
                 f"timesteps must be an integer tensor of shape ({batch},) with values in "

@@ -41,7 +41,9 @@ def steps_from_timesteps(timesteps: list[int], alpha_bar: Callable[[int], float]
     return [Step(t, alpha_bar(t), alpha_bar(prev)) for t, prev in zip(timesteps, following)]
 
 
-def ddpm(predict: Predict, x: torch.Tensor, steps: Iterable[Step], noise: DrawNoise) -> torch.Tensor:
+def ddpm(
+    predict: Predict, x: torch.Tensor, steps: Iterable[Step], noise: DrawNoise
+) -> torch.Tensor:
     """Ancestral sampling: x_prev ~ N(μ̃(x_t, x̂₀), β̃) with the posterior mean and variance."""
     for step in steps:
         x0, _ = predict(x, step)

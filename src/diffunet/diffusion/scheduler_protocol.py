@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 import torch
 
-from .parameterization import convert
-from .schedule import NoiseSchedule
+from diffunet.diffusion.parameterization import convert
+from diffunet.diffusion.schedule import NoiseSchedule
 
 PROTOCOL = ("set_timesteps", "scale_model_input", "step", "init_noise_sigma")
 _PREDICTION_NAMES = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}

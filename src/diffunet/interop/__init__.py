@@ -1,9 +1,16 @@
 """Weight import from other libraries' U-Nets: diffusers `UNet2DModel` and the
 guided-diffusion / Palette / EMDiffuse `UNetModel` layout."""
 
-from .common import ConversionError, read_weights
-from .diffusers import config_from_diffusers, from_diffusers, state_dict_from_diffusers
-from .guided_diffusion import from_guided_diffusion, state_dict_from_guided_diffusion
+from diffunet.interop.common import ConversionError, read_weights
+from diffunet.interop.diffusers import (
+    config_from_diffusers,
+    from_diffusers,
+    state_dict_from_diffusers,
+)
+from diffunet.interop.guided_diffusion import (
+    from_guided_diffusion,
+    state_dict_from_guided_diffusion,
+)
 
 __all__ = [
     "ConversionError",

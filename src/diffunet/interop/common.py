@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import UNetConfig
-from ..pretrained import CheckpointError, _build_with_weights, load_state_dict
+from diffunet.model.checkpoint import CheckpointError, _build_with_weights, load_state_dict
+from diffunet.model.config import UNetConfig
 
 _TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -61,13 +61,17 @@ def null_label_row(weight: torch.Tensor) -> torch.Tensor:
     return torch.cat([weight, weight.new_zeros(1, weight.shape[1])])
 
 
-def assemble(config: UNetConfig, state: dict[str, torch.Tensor], source: str,
-             dtype: torch.dtype | None = None):
+def assemble(
+    config: UNetConfig,
+    state: dict[str, torch.Tensor],
+    source: str,
+    dtype: torch.dtype | None = None,
+):
     """Build a `UNet` for `config` holding exactly `state` (checked against the config).
 
     The model keeps the dtype of `state` unless `dtype` is given.
     """
-    from ..unet import UNet
+    from diffunet.model.unet import UNet
 
     try:
         model = _build_with_weights(UNet, config, state, source)

@@ -33,18 +33,30 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError, UNetConfig
-from ..io import CheckpointError
-from .common import ConversionError, assemble, null_label_row, read_weights, unsupported
+from diffunet.interop.common import (
+    ConversionError,
+    assemble,
+    null_label_row,
+    read_weights,
+    unsupported,
+)
+from diffunet.model.checkpoint import CheckpointError
+from diffunet.model.config import ConfigError, UNetConfig
 
 DIFFUSERS_CONFIG = "config.json"
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 # block type -> (has attention, resampling kind or None = from down/upsample_type)
-DOWN_BLOCKS = {"DownBlock2D": (False, "conv"), "AttnDownBlock2D": (True, None),
-               "ResnetDownsampleBlock2D": (False, "resnet")}
-UP_BLOCKS = {"UpBlock2D": (False, "conv"), "AttnUpBlock2D": (True, None),
-             "ResnetUpsampleBlock2D": (False, "resnet")}
+DOWN_BLOCKS = {
+    "DownBlock2D": (False, "conv"),
+    "AttnDownBlock2D": (True, None),
+    "ResnetDownsampleBlock2D": (False, "resnet"),
+}
+UP_BLOCKS = {
+    "UpBlock2D": (False, "conv"),
+    "AttnUpBlock2D": (True, None),
+    "ResnetUpsampleBlock2D": (False, "resnet"),
+}
 
 # Every UNet2DModel.__init__ option (diffusers 0.42) and the values diffunet accepts
 # without translation; the translated ones are handled in `config_from_diffusers`.
@@ -60,29 +72,60 @@ _FIXED = {
     "upsample_type": ("conv", "resnet"),
 }
 _TRANSLATED = {
-    "sample_size", "in_channels", "out_channels", "time_embedding_dim", "freq_shift",
-    "flip_sin_to_cos", "down_block_types", "up_block_types", "block_out_channels",
-    "layers_per_block", "downsample_padding", "dropout", "attention_head_dim", "norm_num_groups",
-    "attn_norm_num_groups", "norm_eps", "add_attention", "num_class_embeds", "num_train_timesteps",
+    "sample_size",
+    "in_channels",
+    "out_channels",
+    "time_embedding_dim",
+    "freq_shift",
+    "flip_sin_to_cos",
+    "down_block_types",
+    "up_block_types",
+    "block_out_channels",
+    "layers_per_block",
+    "downsample_padding",
+    "dropout",
+    "attention_head_dim",
+    "norm_num_groups",
+    "attn_norm_num_groups",
+    "norm_eps",
+    "add_attention",
+    "num_class_embeds",
+    "num_train_timesteps",
 }
 _DEFAULTS: dict[str, Any] = {
-    "sample_size": None, "in_channels": 3, "out_channels": 3, "center_input_sample": False,
-    "time_embedding_type": "positional", "time_embedding_dim": None, "freq_shift": 0,
+    "sample_size": None,
+    "in_channels": 3,
+    "out_channels": 3,
+    "center_input_sample": False,
+    "time_embedding_type": "positional",
+    "time_embedding_dim": None,
+    "freq_shift": 0,
     "flip_sin_to_cos": True,
     "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
     "mid_block_type": "UNetMidBlock2D",
     "up_block_types": ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    "block_out_channels": (224, 448, 672, 896), "layers_per_block": 2,
-    "mid_block_scale_factor": 1, "downsample_padding": 1, "downsample_type": "conv",
-    "upsample_type": "conv", "dropout": 0.0, "act_fn": "silu", "attention_head_dim": 8,
-    "norm_num_groups": 32, "attn_norm_num_groups": None, "norm_eps": 1e-5,
-    "resnet_time_scale_shift": "default", "add_attention": True, "class_embed_type": None,
-    "num_class_embeds": None, "num_train_timesteps": None,
+    "block_out_channels": (224, 448, 672, 896),
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "downsample_padding": 1,
+    "downsample_type": "conv",
+    "upsample_type": "conv",
+    "dropout": 0.0,
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+    "attn_norm_num_groups": None,
+    "norm_eps": 1e-5,
+    "resnet_time_scale_shift": "default",
+    "add_attention": True,
+    "class_embed_type": None,
+    "num_class_embeds": None,
+    "num_train_timesteps": None,
 }
 
 
 def _strip_prefix(block_type: str) -> str:
-    return block_type[len("UNetRes"):] if block_type.startswith("UNetRes") else block_type
+    return block_type[len("UNetRes") :] if block_type.startswith("UNetRes") else block_type
 
 
 def _resampling(cfg: Mapping[str, Any]) -> tuple[tuple[bool, ...], bool]:
@@ -95,13 +138,19 @@ def _resampling(cfg: Mapping[str, Any]) -> tuple[tuple[bool, ...], bool]:
             f"cannot import: {len(down)} down_block_types and {len(up)} up_block_types for "
             f"{levels} block_out_channels; a UNet2DModel has one of each per level"
         )
-    for name, table, types in (("down_block_types", DOWN_BLOCKS, down),
-                               ("up_block_types", UP_BLOCKS, up)):
+    for name, table, types in (
+        ("down_block_types", DOWN_BLOCKS, down),
+        ("up_block_types", UP_BLOCKS, up),
+    ):
         for block in types:
             if block not in table:
-                raise unsupported(name, block, f"{sorted(table)}",
-                                  "Cross-attention, skip and K-diffusion blocks have no diffunet "
-                                  "equivalent in UNet2DModel form.")
+                raise unsupported(
+                    name,
+                    block,
+                    f"{sorted(table)}",
+                    "Cross-attention, skip and K-diffusion blocks have no diffunet "
+                    "equivalent in UNet2DModel form.",
+                )
     attention, kinds = [], set()
     for level in range(levels):
         d_attn, d_kind = DOWN_BLOCKS[down[level]]
@@ -135,8 +184,12 @@ def config_from_diffusers(diffusers_config: Mapping[str, Any]) -> UNetConfig:
     raw = {k: v for k, v in dict(diffusers_config).items() if not k.startswith("_")}
     class_name = dict(diffusers_config).get("_class_name", "UNet2DModel")
     if class_name != "UNet2DModel":
-        raise unsupported("_class_name", class_name, "'UNet2DModel'",
-                          "UNet2DConditionModel (text cross-attention) is not importable yet.")
+        raise unsupported(
+            "_class_name",
+            class_name,
+            "'UNet2DModel'",
+            "UNet2DConditionModel (text cross-attention) is not importable yet.",
+        )
     unknown = sorted(set(raw) - set(_DEFAULTS))
     if unknown:
         raise ConversionError(
@@ -150,8 +203,11 @@ def config_from_diffusers(diffusers_config: Mapping[str, Any]) -> UNetConfig:
     channels = tuple(int(c) for c in cfg["block_out_channels"])
     base = channels[0]
     if any(c % base for c in channels):
-        raise unsupported("block_out_channels", list(channels),
-                          "multiples of the first entry (diffunet's model_channels × channel_mult)")
+        raise unsupported(
+            "block_out_channels",
+            list(channels),
+            "multiples of the first entry (diffunet's model_channels × channel_mult)",
+        )
     attention, resnet_updown = _resampling(cfg)
     groups = cfg["norm_num_groups"]
     if groups is None:
@@ -165,12 +221,16 @@ def config_from_diffusers(diffusers_config: Mapping[str, Any]) -> UNetConfig:
             "attention always has. Models saved with attn_norm_num_groups=norm_num_groups import."
         )
     if cfg["add_attention"] and attn_groups not in (None, groups):
-        raise unsupported("attn_norm_num_groups", attn_groups,
-                          f"None or norm_num_groups ({groups})")
+        raise unsupported(
+            "attn_norm_num_groups", attn_groups, f"None or norm_num_groups ({groups})"
+        )
     padding = cfg["downsample_padding"]
     if padding not in (0, 1):
-        raise unsupported("downsample_padding", padding,
-                          "1 (pad 1 on each side) or 0 (pad one row and column at the end)")
+        raise unsupported(
+            "downsample_padding",
+            padding,
+            "1 (pad 1 on each side) or 0 (pad one row and column at the end)",
+        )
     head_dim = cfg["attention_head_dim"]
     any_attention = any(attention) or cfg["add_attention"]
     heads: dict[str, Any] = {"num_heads": 1, "num_head_channels": None}
@@ -179,31 +239,47 @@ def config_from_diffusers(diffusers_config: Mapping[str, Any]) -> UNetConfig:
         widths += [channels[-1]] if cfg["add_attention"] else []
         bad = sorted({w for w in widths if w % head_dim})
         if bad:
-            raise unsupported("attention_head_dim", head_dim,
-                              f"a divisor of every attention width (widths {bad} are not)")
+            raise unsupported(
+                "attention_head_dim",
+                head_dim,
+                f"a divisor of every attention width (widths {bad} are not)",
+            )
         heads = {"num_heads": 1, "num_head_channels": int(head_dim)}
     sample = cfg["sample_size"]
     if isinstance(sample, (list, tuple)):
         sample = tuple(int(s) for s in sample)
     try:
         return UNetConfig(
-            dims=2, in_channels=int(cfg["in_channels"]), out_channels=int(cfg["out_channels"]),
-            image_size=sample, model_channels=base,
+            dims=2,
+            in_channels=int(cfg["in_channels"]),
+            out_channels=int(cfg["out_channels"]),
+            image_size=sample,
+            model_channels=base,
             channel_mult=tuple(c // base for c in channels),
-            num_res_blocks=int(cfg["layers_per_block"]), norm_groups=int(groups),
-            norm_eps=float(cfg["norm_eps"]), dropout=float(cfg["dropout"]),
+            num_res_blocks=int(cfg["layers_per_block"]),
+            norm_groups=int(groups),
+            norm_eps=float(cfg["norm_eps"]),
+            dropout=float(cfg["dropout"]),
             attention_resolutions=tuple(2**i for i, a in enumerate(attention) if a),
-            attention_type="full", mid_attention_type=None if cfg["add_attention"] else "none",
-            **heads, num_classes=cfg["num_class_embeds"],
-            time_embed_dim=cfg["time_embedding_dim"], flip_sin_to_cos=bool(cfg["flip_sin_to_cos"]),
-            freq_shift=float(cfg["freq_shift"]), use_scale_shift_norm=scale_shift,
-            skip_topology="per_block", resblock_updown=resnet_updown,
-            downsample_type="conv", upsample_type="nearest_conv",
+            attention_type="full",
+            mid_attention_type=None if cfg["add_attention"] else "none",
+            **heads,
+            num_classes=cfg["num_class_embeds"],
+            time_embed_dim=cfg["time_embedding_dim"],
+            flip_sin_to_cos=bool(cfg["flip_sin_to_cos"]),
+            freq_shift=float(cfg["freq_shift"]),
+            use_scale_shift_norm=scale_shift,
+            skip_topology="per_block",
+            resblock_updown=resnet_updown,
+            downsample_type="conv",
+            upsample_type="nearest_conv",
             downsample_padding="asymmetric" if padding == 0 and not resnet_updown else "symmetric",
             zero_init=False,
         )
     except ConfigError as err:
-        raise ConversionError(f"cannot import: the equivalent diffunet config is invalid: {err}") from err
+        raise ConversionError(
+            f"cannot import: the equivalent diffunet config is invalid: {err}"
+        ) from err
 
 
 class _Source:
@@ -222,8 +298,13 @@ class _Source:
 
 
 def _resblock(out: dict, src: _Source, ours: str, theirs: str) -> None:
-    for mine, their in (("in_norm", "norm1"), ("in_conv", "conv1"), ("emb_proj", "time_emb_proj"),
-                        ("out_norm", "norm2"), ("out_conv", "conv2")):
+    for mine, their in (
+        ("in_norm", "norm1"),
+        ("in_conv", "conv1"),
+        ("emb_proj", "time_emb_proj"),
+        ("out_norm", "norm2"),
+        ("out_conv", "conv2"),
+    ):
         for p in ("weight", "bias"):
             out[f"{ours}.{mine}.{p}"] = src.take(f"{theirs}.{their}.{p}")
     if f"{theirs}.conv_shortcut.weight" in src.state:
@@ -234,13 +315,16 @@ def _resblock(out: dict, src: _Source, ours: str, theirs: str) -> None:
 def _attention(out: dict, src: _Source, ours: str, theirs: str) -> None:
     for p in ("weight", "bias"):
         out[f"{ours}.self_attn.norm.{p}"] = src.take(f"{theirs}.group_norm.{p}")
-        parts = [src.take(f"{theirs}.to_{n}.{p}", f"{theirs}.{old}.{p}")
-                 for n, old in (("q", "query"), ("k", "key"), ("v", "value"))]
+        parts = [
+            src.take(f"{theirs}.to_{n}.{p}", f"{theirs}.{old}.{p}")
+            for n, old in (("q", "query"), ("k", "key"), ("v", "value"))
+        ]
         out[f"{ours}.self_attn.qkv.{p}"] = (
             torch.cat(parts) if all(t is not None for t in parts) else None
         )
-        out[f"{ours}.self_attn.proj_out.{p}"] = src.take(f"{theirs}.to_out.0.{p}",
-                                                         f"{theirs}.proj_attn.{p}")
+        out[f"{ours}.self_attn.proj_out.{p}"] = src.take(
+            f"{theirs}.to_out.0.{p}", f"{theirs}.proj_attn.{p}"
+        )
 
 
 def _pair(out: dict, src: _Source, ours: str, theirs: str) -> None:
@@ -248,8 +332,9 @@ def _pair(out: dict, src: _Source, ours: str, theirs: str) -> None:
         out[f"{ours}.{p}"] = src.take(f"{theirs}.{p}")
 
 
-def state_dict_from_diffusers(config: UNetConfig,
-                              state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def state_dict_from_diffusers(
+    config: UNetConfig, state: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Rename / fuse a `UNet2DModel` state dict into diffunet's layout for `config`.
 
     Raises :class:`ConversionError` listing diffusers tensors that are missing or left over.
@@ -303,15 +388,20 @@ def state_dict_from_diffusers(config: UNetConfig,
     _pair(out, src, "out.2", "conv_out")
     problems = []
     if src.missing:
-        problems.append(f"missing diffusers tensors {src.missing[:6]}"
-                        + (f" ... ({len(src.missing)} in all)" if len(src.missing) > 6 else ""))
+        problems.append(
+            f"missing diffusers tensors {src.missing[:6]}"
+            + (f" ... ({len(src.missing)} in all)" if len(src.missing) > 6 else "")
+        )
     if src.state:
         left = sorted(src.state)
-        problems.append(f"unexpected diffusers tensors {left[:6]}"
-                        + (f" ... ({len(left)} in all)" if len(left) > 6 else ""))
+        problems.append(
+            f"unexpected diffusers tensors {left[:6]}"
+            + (f" ... ({len(left)} in all)" if len(left) > 6 else "")
+        )
     if problems:
-        raise ConversionError("cannot import: the weights do not match their config: "
-                              + "; ".join(problems))
+        raise ConversionError(
+            "cannot import: the weights do not match their config: " + "; ".join(problems)
+        )
     return {k: v.detach().clone() for k, v in out.items() if v is not None}
 
 
@@ -323,13 +413,16 @@ def _locate(path: Path, subfolder: str | None) -> Path:
     elif not (path / DIFFUSERS_CONFIG).is_file() and (path / "unet" / DIFFUSERS_CONFIG).is_file():
         path = path / "unet"  # a pipeline folder: the model lives in unet/
     if not (path / DIFFUSERS_CONFIG).is_file():
-        raise CheckpointError(f"{path} has no {DIFFUSERS_CONFIG}; expected a diffusers "
-                              "UNet2DModel folder (or a pipeline folder with unet/)")
+        raise CheckpointError(
+            f"{path} has no {DIFFUSERS_CONFIG}; expected a diffusers "
+            "UNet2DModel folder (or a pipeline folder with unet/)"
+        )
     return path
 
 
-def load_diffusers_folder(path: str | Path, subfolder: str | None = None
-                          ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def load_diffusers_folder(
+    path: str | Path, subfolder: str | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The config dict and state dict of a saved `UNet2DModel` (no diffusers import needed)."""
     folder = _locate(Path(path), subfolder)
     try:
@@ -342,8 +435,9 @@ def load_diffusers_folder(path: str | Path, subfolder: str | None = None
     raise CheckpointError(f"{folder} has none of {list(DIFFUSERS_WEIGHTS)}")
 
 
-def from_diffusers(model_or_path: Any, *, subfolder: str | None = None,
-                   dtype: torch.dtype | None = None):
+def from_diffusers(
+    model_or_path: Any, *, subfolder: str | None = None, dtype: torch.dtype | None = None
+):
     """A diffunet `UNet` with the weights of a diffusers `UNet2DModel` (same outputs).
 
     Args:
@@ -365,7 +459,9 @@ def from_diffusers(model_or_path: Any, *, subfolder: str | None = None,
         state = {k: v.detach().cpu() for k, v in model_or_path.state_dict().items()}
         source = f"diffusers {name}"
     else:
-        raise TypeError(f"from_diffusers expects a UNet2DModel or a folder path, got "
-                        f"{type(model_or_path).__name__}")
+        raise TypeError(
+            f"from_diffusers expects a UNet2DModel or a folder path, got "
+            f"{type(model_or_path).__name__}"
+        )
     config = config_from_diffusers(diffusers_config)
     return assemble(config, state_dict_from_diffusers(config, state), source, dtype)

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import UNetConfig
-from ..io import clean_state_dict
-from .common import ConversionError, assemble, null_label_row, read_weights
+from diffunet.interop.common import ConversionError, assemble, null_label_row, read_weights
+from diffunet.model.checkpoint import clean_state_dict
+from diffunet.model.config import UNetConfig
 
 ATTENTION_ORDERS = ("legacy", "new")
 
@@ -51,8 +51,10 @@ def legacy_qkv_to_fused(tensor: torch.Tensor, heads: int) -> torch.Tensor:
     """Reorder `qkv` rows from `[head: (q, k, v)]` (legacy) to `[(q, k, v): head]` (diffunet)."""
     rows = tensor.shape[0]
     if rows % (3 * heads):
-        raise ConversionError(f"cannot import: a qkv tensor of {rows} rows does not split into "
-                              f"3 × {heads} heads; check num_heads / num_head_channels")
+        raise ConversionError(
+            f"cannot import: a qkv tensor of {rows} rows does not split into "
+            f"3 × {heads} heads; check num_heads / num_head_channels"
+        )
     d = rows // (3 * heads)
     rest = tensor.shape[1:]
     return tensor.reshape(heads, 3, d, *rest).transpose(0, 1).reshape(rows, *rest)
@@ -62,14 +64,19 @@ def _network_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     state = clean_state_dict(dict(state))
     if any(k.startswith(_NETWORK_PREFIX) for k in state):
         # The noise-schedule buffers next to denoise_fn are not part of the U-Net.
-        state = {k[len(_NETWORK_PREFIX):]: v for k, v in state.items()
-                 if k.startswith(_NETWORK_PREFIX)}
+        state = {
+            k[len(_NETWORK_PREFIX) :]: v for k, v in state.items() if k.startswith(_NETWORK_PREFIX)
+        }
     return state
 
 
-def state_dict_from_guided_diffusion(config: UNetConfig, state: Mapping[str, torch.Tensor], *,
-                                     attention_order: str = "legacy",
-                                     cond_first: bool = True) -> dict[str, torch.Tensor]:
+def state_dict_from_guided_diffusion(
+    config: UNetConfig,
+    state: Mapping[str, torch.Tensor],
+    *,
+    attention_order: str = "legacy",
+    cond_first: bool = True,
+) -> dict[str, torch.Tensor]:
     """Rename and convert a guided-diffusion-layout state dict into diffunet's for `config`."""
     if attention_order not in ATTENTION_ORDERS:
         raise ValueError(f"attention_order={attention_order!r}: expected one of {ATTENTION_ORDERS}")
@@ -98,9 +105,14 @@ def state_dict_from_guided_diffusion(config: UNetConfig, state: Mapping[str, tor
     return out
 
 
-def from_guided_diffusion(source: str | Path | Mapping[str, torch.Tensor], config: UNetConfig, *,
-                          attention_order: str = "legacy", cond_first: bool = True,
-                          dtype: torch.dtype | None = None):
+def from_guided_diffusion(
+    source: str | Path | Mapping[str, torch.Tensor],
+    config: UNetConfig,
+    *,
+    attention_order: str = "legacy",
+    cond_first: bool = True,
+    dtype: torch.dtype | None = None,
+):
     """A diffunet `UNet` with the weights of a guided-diffusion / EMDiffuse `UNetModel`.
 
     Args:
@@ -118,6 +130,7 @@ def from_guided_diffusion(source: str | Path | Mapping[str, torch.Tensor], confi
         name, state = "guided-diffusion state dict", dict(source)
     else:
         raise TypeError(f"source must be a path or a state dict, got {type(source).__name__}")
-    converted = state_dict_from_guided_diffusion(config, state, attention_order=attention_order,
-                                                 cond_first=cond_first)
+    converted = state_dict_from_guided_diffusion(
+        config, state, attention_order=attention_order, cond_first=cond_first
+    )
     return assemble(config, converted, name, dtype)

@@ -1,0 +1,466 @@
+"""Convolutions whose backward pass never converts layouts under `torch.compile`.
+
+cuDNN wants a convolution's input and output gradient in the weight's memory format
+(channels-last here). Under `torch.compile` (PyTorch 2.11) the backward graph hands the
+`aten.convolution_backward` fallback both of them NCHW: eager CUDA GroupNorm returns NCHW, so
+that is what the traced graph says, and nothing constrains the fallback's inputs. The backward
+then copies the input to channels-last and the output gradient to the input's layout: measured
+on an H100, 24 ms of a 121 ms `ldm` training step (docs/performance.md).
+
+`convolve(conv, x)` routes a plain `nn.ConvNd` through the custom ops below while Dynamo
+traces a convolution that autograd will differentiate: the convolution becomes an extern call
+that Inductor must feed in fixed strides, and `convolve` asks for cuDNN's layout, so the
+recomputing kernels write channels-last directly and the copies vanish. The bias is added
+outside the op, where Inductor fuses it into the next kernel; its gradient comes from the op's
+backward, which sums the output gradient it already holds in cuDNN's layout (Inductor's own
+sum, fused into the GroupNorm-backward reductions, cost 4 ms of a 98 ms `ldm` step). Compiled
+inference is `conv(x)` on an input pinned to cuDNN's layout (`pin_layout`), which Inductor
+gives only 2D convolutions by itself. In eager mode and (non-strict) `torch.export` it is just
+`conv(x)`. `convolve_split_bias` is the same without the bias, for a caller that adds it elsewhere.
+Thin 3D convolutions on a GPU (a 3D U-Net's first and last) run `thin_conv`'s Triton kernels
+instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from diffunet.accel import thin_conv
+from diffunet.model.layers.ops import (
+    CHANNEL_MULTIPLE,
+    autocast_dtype,
+    autocast_operands,
+    pad_output_channels,
+)
+
+_FIXED_STRIDES = (torch.Tag.needs_fixed_stride_order,)
+
+
+def _aten_convolution(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    transposed: bool,
+) -> torch.Tensor:
+    return torch.ops.aten.convolution(
+        x, weight, None, stride, padding, dilation, transposed, [0] * len(stride), groups
+    )
+
+
+@torch.library.custom_op("diffunet::convolution", mutates_args=(), tags=_FIXED_STRIDES)
+def convolution(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    transposed: bool,
+) -> torch.Tensor:
+    """`aten.convolution` (transposed or not, no output padding) *without* adding `bias`, as an
+    op whose inputs keep their eager strides.
+
+    `bias` is here only for its gradient: the caller adds `bias.detach()` to the output, where
+    Inductor fuses the add into the next kernel, and the backward sums the output gradient it
+    already holds in cuDNN's layout into the bias gradient.
+    """
+    return _aten_convolution(x, weight, stride, padding, dilation, groups, transposed)
+
+
+@convolution.register_fake
+def _convolution_fake(x, weight, bias, stride, padding, dilation, groups, transposed):
+    return _aten_convolution(x, weight, stride, padding, dilation, groups, transposed)
+
+
+def bias_gradient(grad: torch.Tensor) -> torch.Tensor:
+    """A convolution's bias gradient: `grad` summed over every axis but the channels (1).
+
+    A channels-last `grad` is a (positions, channels) matrix, summed as its product with a row
+    of ones: cuBLAS runs that at 2.6 TB/s on an H100 where ATen's sum and Inductor's both reach
+    about 1 TB/s (`ldm` level 0, 16×128×256², bf16; docs/performance.md).
+    """
+    channels_last = _CHANNELS_LAST.get(grad.ndim)
+    if channels_last is None or not grad.is_contiguous(memory_format=channels_last):
+        return grad.sum([0, *range(2, grad.ndim)])
+    positions = grad.movedim(1, -1).reshape(-1, grad.shape[1])  # a view, no copy
+    ones = torch.ones(1, positions.shape[0], dtype=grad.dtype, device=grad.device)
+    return ones.mm(positions).view(-1)
+
+
+def _aten_convolution_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    transposed: bool,
+    input_grad: bool,
+    weight_grad: bool,
+    bias_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad,
+        x,
+        weight,
+        None,
+        stride,
+        padding,
+        dilation,
+        transposed,
+        [0] * len(stride),
+        groups,
+        [input_grad, weight_grad, False],
+    )
+    # A custom op returns tensors, never None: an empty tensor stands for "not asked for".
+    return (
+        grad_x if input_grad else x.new_empty(0),
+        grad_weight if weight_grad else weight.new_empty(0),
+        bias_gradient(grad) if bias_grad else weight.new_empty(0),
+    )
+
+
+@torch.library.custom_op("diffunet::convolution_backward", mutates_args=(), tags=_FIXED_STRIDES)
+def convolution_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    transposed: bool,
+    input_grad: bool,
+    weight_grad: bool,
+    bias_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `convolution` with respect to its input, weight and bias (empty if not
+    asked)."""
+    return _aten_convolution_backward(
+        grad,
+        x,
+        weight,
+        stride,
+        padding,
+        dilation,
+        groups,
+        transposed,
+        input_grad,
+        weight_grad,
+        bias_grad,
+    )
+
+
+@convolution_backward.register_fake
+def _convolution_backward_fake(
+    grad,
+    x,
+    weight,
+    stride,
+    padding,
+    dilation,
+    groups,
+    transposed,
+    input_grad,
+    weight_grad,
+    bias_grad,
+):
+    return _aten_convolution_backward(
+        grad,
+        x,
+        weight,
+        stride,
+        padding,
+        dilation,
+        groups,
+        transposed,
+        input_grad,
+        weight_grad,
+        bias_grad,
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, _, stride, padding, dilation, groups, transposed = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.geometry = (stride, padding, dilation, groups, transposed)
+    ctx.memory_format = cudnn_memory_format(x, weight)  # x already has the layout asked for
+
+
+def _backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    want_x, want_weight, want_bias = ctx.needs_input_grad[:3]
+    grad = grad.contiguous(memory_format=ctx.memory_format)
+    grad_x, grad_weight, grad_bias = convolution_backward(
+        grad, x, weight, *ctx.geometry, want_x, want_weight, want_bias
+    )
+    return (
+        grad_x if want_x else None,
+        grad_weight if want_weight else None,
+        grad_bias if want_bias else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+convolution.register_autograd(_backward, setup_context=_setup_context)
+
+
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def _prefers(t: torch.Tensor, memory_format: torch.memory_format) -> bool:
+    return t.is_contiguous(memory_format=memory_format) and not t.is_contiguous()
+
+
+def cudnn_memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
+    """The layout cuDNN convolves `x` with `weight` in: channels-last if either one is."""
+    channels_last = _CHANNELS_LAST.get(x.ndim)
+    if channels_last is not None and (
+        _prefers(x, channels_last) or _prefers(weight, channels_last)
+    ):
+        return channels_last
+    return torch.contiguous_format
+
+
+def prefer_channels_last(module: nn.Module) -> None:
+    """Ask every convolution in `module` for channels-last activations without converting its
+    weight: for FSDP, which shards only contiguous parameters, where `module.to(memory_format=
+    torch.channels_last)` would otherwise tell cuDNN the layout."""
+    for conv in module.modules():
+        if type(conv) in (nn.Conv2d, nn.Conv3d):
+            conv.preferred_memory_format = _CHANNELS_LAST[conv.weight.ndim]
+
+
+def _layout_for(conv: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
+    preferred = getattr(conv, "preferred_memory_format", None)
+    return preferred if preferred is not None else cudnn_memory_format(x, weight)
+
+
+def dense_strides(shape: Sequence[int], memory_format: torch.memory_format) -> list[int]:
+    """The strides of a dense tensor of `shape` in `memory_format` (contiguous or channels-last)."""
+    innermost_first = list(range(len(shape) - 1, -1, -1))
+    if memory_format in (torch.channels_last, torch.channels_last_3d):
+        innermost_first = [1, *range(len(shape) - 1, 1, -1), 0]
+    strides = [0] * len(shape)
+    step = 1
+    for axis in innermost_first:
+        strides[axis] = step
+        step *= shape[axis]
+    return strides
+
+
+def pin_layout(x: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    """`x.contiguous(memory_format=...)`, and while Dynamo traces, a layout Inductor keeps.
+
+    Inductor takes a traced `contiguous` (a clone) as a hint only: the kernel producing `x`
+    stays free to pick its strides, and its 3D convolution lowering picks them from the
+    operands' current layouts, NCDHW when both are such free buffers (an autocast weight cast
+    is one). cuDNN then converted the input, the weight and the output of 19 convolutions per
+    compiled 3D forward (1.28 ms of 19.3 on an H200; with this, 3D compiled inference runs
+    5.6 % faster). Inductor's own `force_stride_order` prim fixes the producer's strides.
+    """
+    if not torch.compiler.is_dynamo_compiling():
+        return x.contiguous(memory_format=memory_format)
+    try:
+        from torch._inductor import inductor_prims  # noqa: F401  (registers the prim)
+    except ImportError:  # pragma: no cover - an Inductor without the prim
+        return x.contiguous(memory_format=memory_format)
+    return torch.ops.prims.inductor_force_stride_order(x, dense_strides(x.shape, memory_format))
+
+
+def _compiling_for_inductor() -> bool:
+    """While Dynamo traces for `torch.compile`; not in eager mode or non-strict `torch.export`.
+
+    Exported programs keep plain aten convolutions, which ONNX and the pt2e quantizer know.
+    `torch.compiler.is_exporting()` cannot tell the two apart: PyTorch 2.11 reports True inside
+    `torch.compile` too (measured), so the test is for Dynamo itself.
+    """
+    return torch.compiler.is_dynamo_compiling()
+
+
+def _exporting() -> bool:
+    """While (non-strict) `torch.export` traces: exported programs keep the model's own
+    convolutions."""
+    return torch.compiler.is_exporting() and not _compiling_for_inductor()
+
+
+_PLAIN_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+#: Devices whose compiled convolutions go through the custom ops: the layout copies they remove
+#: are cuDNN's. On the CPU, Inductor's C++ code for the bias gradients they leave to it does
+#: not compile for some bf16 3D U-Nets in torch 2.13 (a duplicate variable declaration), so
+#: the CPU keeps Inductor's own convolution. Tests add "cpu" to check the ops' arithmetic.
+ROUTED_DEVICES: frozenset[str] = frozenset({"cuda"})
+
+
+def _plain(conv: nn.Module) -> bool:
+    """An `nn.ConvNd` itself (no subclass) without hooks: its call is `_conv_forward`."""
+    return type(conv) in _PLAIN_CONVS and not (conv._forward_hooks or conv._forward_pre_hooks)
+
+
+def _routable(conv: nn.Module) -> bool:
+    """A plain `nn.ConvNd` with zero padding and a plain weight."""
+    return (
+        _plain(conv)
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+        and type(conv.weight) in (nn.Parameter, torch.Tensor)
+    )
+
+
+def _needs_backward(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether autograd will differentiate this convolution. The custom ops exist for the
+    backward's layouts; without one they only cost host time (a compiled quick `ddpm-cifar10`
+    forward on the CPU: 4.0 ms through them, 1.8 ms through Inductor's own convolution)."""
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+
+
+def convolve(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`conv(x)`; under `torch.compile` with autograd, through the layout-stable custom ops above.
+
+    The model keeps plain `nn.ConvNd` modules (tools that match module types, such as the pt2e
+    quantizers, see exactly those); only this call differs while Dynamo traces. Anything else
+    (a subclass, hooks, other padding modes, a tensor-subclass weight) runs `conv(x)`.
+    """
+    return _convolve(conv, x, with_bias=True)
+
+
+def convolve_split_bias(
+    conv: nn.Module, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`(out, bias)` with `conv(x) == out + bias` (broadcast over positions): `convolve`
+    without adding the bias, for a caller that adds it together with other per-channel terms.
+
+    `bias` is None where `out` already holds it: for a convolution without one, for any that
+    `convolve` would not run as plain `nn.ConvNd` arithmetic (a subclass, hooks), and in
+    programs that (non-strict) `torch.export` traces, whose biased convolutions followed by an
+    add are the pattern the pt2e quantizers know (without the bias they leave such a
+    convolution in float32).
+    """
+    if conv.bias is None or _exporting() or not _plain(conv):
+        return convolve(conv, x), None
+    return _convolve(conv, x, with_bias=False), conv.bias
+
+
+def convolve_transposed(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    memory_format: torch.memory_format,
+) -> torch.Tensor:
+    """`F.conv_transpose{1,2,3}d(x, weight, bias, stride, padding)` (no output padding, one
+    group) in `memory_format`, for a weight computed in the graph rather than held by a module
+    (whose layout the module decides: `_layout_for`); under `torch.compile` with autograd
+    through the layout-stable custom ops, like `convolve`."""
+    dilation = [1] * len(stride)
+    compiling = _compiling_for_inductor() and x.device.type in ROUTED_DEVICES
+    x, weight, bias = autocast_operands(x, weight, bias)
+    weight = weight.contiguous(memory_format=memory_format)
+    if compiling and _needs_backward(x, weight):
+        out = convolution(
+            x.contiguous(memory_format=memory_format),
+            weight,
+            bias,
+            list(stride),
+            list(padding),
+            dilation,
+            1,
+            True,
+        )
+        return _add_detached_bias(out, bias)
+    x = pin_layout(x, memory_format) if compiling else x.contiguous(memory_format=memory_format)
+    return torch.ops.aten.convolution(
+        x, weight, bias, list(stride), list(padding), dilation, True, [0] * len(stride), 1
+    )
+
+
+#: Devices on which `convolve` pads (cuDNN's). Tests add "cpu" to check the arithmetic.
+PADDED_DEVICES: frozenset[str] = frozenset({"cuda"})
+
+
+def output_padding(conv: nn.Module, x: torch.Tensor) -> int:
+    """How many zero output channels `convolve` appends to `conv`: up to a multiple of
+    `CHANNEL_MULTIPLE` for a plain 3D convolution on `PADDED_DEVICES`, else none.
+
+    The extra outputs come from zero weight rows and are sliced off, so nothing changes but the
+    kernel cuDNN picks: for the 3D head (64 → 1 channel at 4×64³, bf16) 0.544 → 0.432 ms
+    forward and 1.754 → 1.583 ms with its gradients (H200, `benchmarks/conv_channels.py`; both
+    are Ampere-generation kernels there, the padded one with a wider tile). Padding the 2- or
+    3-channel inputs of the stems paid nothing, nor did padding 2D heads (an `ldm` head's
+    gradients took 0.1 ms longer), so those stay as they are. The parameters keep their
+    shapes; exported programs keep the model's own convolutions. (On a GPU, 3D heads and
+    stems that `thin_conv` takes never get here.)
+    """
+    if (
+        x.device.type not in PADDED_DEVICES
+        or x.ndim != 5
+        or not _routable(conv)
+        or conv.groups != 1
+        or _exporting()
+    ):
+        return 0
+    return -conv.out_channels % CHANNEL_MULTIPLE
+
+
+def _convolve(conv: nn.Module, x: torch.Tensor, *, with_bias: bool) -> torch.Tensor:
+    if thin_conv.takes(conv, x) and _routable(conv) and not _exporting():
+        return thin_conv.convolve(conv, x, with_bias=with_bias)
+    compiling = _compiling_for_inductor() and x.device.type in ROUTED_DEVICES and _routable(conv)
+    extra = output_padding(conv, x)
+    if not (compiling and _needs_backward(x, conv.weight)):
+        # Compiled: Inductor lays out only 2D convolutions for cuDNN; a 3D one follows its
+        # operands' layouts, and cuDNN converts input, weight and output on every call where
+        # those are NCDHW (see `pin_layout`). The input is cast first, so autocast's own cast
+        # (a kernel free to pick its layout again) is a no-op.
+        layout = (
+            _layout_for(conv, x, conv.weight)
+            if compiling or extra
+            else getattr(conv, "preferred_memory_format", None)
+        )
+        if layout is not None and x.ndim == conv.weight.ndim:
+            dtype = autocast_dtype(x.device.type) if compiling else None
+            x = x if dtype is None else x.to(dtype)
+            x = pin_layout(x, layout) if compiling else x.contiguous(memory_format=layout)
+        if extra:  # zero output channels computed and sliced off (see `output_padding`)
+            weight, bias = pad_output_channels(conv.weight, conv.bias if with_bias else None, extra)
+            return conv._conv_forward(x, weight, bias)[:, : conv.out_channels]
+        return conv(x) if with_bias else conv._conv_forward(x, conv.weight, None)
+    x, weight, bias = autocast_operands(x, conv.weight, conv.bias if with_bias else None)
+    # Eager CUDA GroupNorm hands back NCHW even for channels-last input, and the custom op pins
+    # the strides Inductor saw while tracing: ask for cuDNN's layout here, and the kernel that
+    # produces `x` writes it that way (no extra copy).
+    x = x.contiguous(memory_format=_layout_for(conv, x, weight))
+    padded_weight, padded_bias = (
+        pad_output_channels(weight, bias, extra) if extra else (weight, bias)
+    )
+    out = convolution(
+        x,
+        padded_weight,
+        padded_bias,
+        list(conv.stride),
+        list(conv.padding),
+        list(conv.dilation),
+        conv.groups,
+        False,
+    )
+    return _add_detached_bias(out[:, : conv.out_channels] if extra else out, bias)
+
+
+def _add_detached_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`out` plus `bias` per channel, the bias detached: the custom op's backward gives its
+    gradient (see `convolution`)."""
+    return out if bias is None else out + bias.detach().view(-1, *[1] * (out.ndim - 2))

@@ -1,0 +1,1754 @@
+"""GroupNorm → (scale-shift) → SiLU as one fused GPU operation, with an exact eager fallback.
+
+Every ResBlock normalizes twice and the second norm carries the time embedding's FiLM, so in
+eager PyTorch one "norm" is four or five memory-bound kernels plus layout conversions (the
+CUDA GroupNorm is not channels_last-native) and float32 intermediates under autocast. The
+Triton path reads the activation in whatever layout it has (NCHW or channels_last, 1D/2D/3D),
+keeps statistics in float32, and writes the result once in the input dtype:
+forward = a statistics pass + a tiny combine + a normalize pass; backward = one reduction
+pass + a tiny combine + one gradient pass (three launches each way).
+
+`group_norm_act` picks the fused path for CUDA tensors when Triton is importable and the
+switch is on (`set_fused_enabled`, or `DIFFUNET_FUSED=0` to turn it off); everything else
+takes the eager path, which is the reference the fused kernels are tested against. Graphs
+compiled to be replayed as CUDA graphs reach the same kernels through the custom ops
+`diffunet::group_norm_act` and `diffunet::group_norm_act_backward`, which Inductor calls as
+they are (`configure_for_compile_mode`; the trainer and the benchmark call it).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from dataclasses import dataclass, replace
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs run the eager path.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+
+def _int_from_env(name: str, default: int, minimum: int, what: str) -> int:
+    """The integer (at least `minimum`) the environment variable `name` gives, else `default`;
+    a value that is no such integer warns that it is not `what` and keeps `default`."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        warnings.warn(f"{name}={text!r} is not {what}; keeping {default}", stacklevel=2)
+        return default
+    return value
+
+
+_FUSED_ENABLED = os.environ.get("DIFFUNET_FUSED", "1") != "0"
+# A call costs about 1.2 ms of host time (six Triton launches, forward and backward). Measured
+# on an H100, the eager kernels need less than that below about 2**24 elements, so smaller
+# tensors keep the eager path; above it the fused kernels win 4-6x (docs/performance.md). At
+# 2**24 itself (128x128x32x32) the two took 1.26 and 1.16 ms of wall time, and the fused call
+# keeps 4 bytes per element for backward where the eager one keeps 10 (float32 under autocast).
+_MIN_ELEMENTS = 1 << 24
+#: The environment variable that sets `CUDA_GRAPHS_MIN_ELEMENTS` when the module is imported
+#: (to A/B the threshold, e.g. with `benchmarks/ab.py --change-env`).
+CUDA_GRAPHS_MIN_ELEMENTS_ENV = "DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS"
+#: From this size on, compiled graphs that are replayed as CUDA graphs call the kernels as one
+#: custom op instead of tracing the reference for Inductor, whose channels-last GroupNorm
+#: reductions are slow at large sizes. Measured on an H100 under `mode="reduce-overhead"`,
+#: training: `ldm` 168.6 → 215.1 img/s, 3D 55.0 → 65.8 vol/s, `ddpm-cifar10` 5,992 → 6,390
+#: img/s; `ldm` inference 524.6 → 632.0 (docs/performance.md). Without CUDA graphs each call's
+#: Python launches add to a host-bound step (`ldm` training 145.0 → 91.2 img/s), so it stays
+#: off there.
+CUDA_GRAPHS_MIN_ELEMENTS = _int_from_env(
+    CUDA_GRAPHS_MIN_ELEMENTS_ENV,
+    1 << 20,
+    0,
+    f"a number of elements (an integer, at least 0, e.g. {1 << 22})",
+)
+#: The environment variable that sets `CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE` at import.
+CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE_ENV = "DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS_INFER"
+#: The same threshold for graphs traced without gradients (inference, sampling); by default
+#: `CUDA_GRAPHS_MIN_ELEMENTS`. Its own switch, because on `ddpm-cifar10`'s batch of 128 the
+#: crossover against Inductor's GroupNorm may lie higher without a backward (session 16:
+#: 2²² read +2.6 % once), while training chose 2²⁰.
+CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE = _int_from_env(
+    CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE_ENV,
+    CUDA_GRAPHS_MIN_ELEMENTS,
+    0,
+    f"a number of elements (an integer, at least 0, e.g. {1 << 22})",
+)
+_COMPILED_MIN_ELEMENTS: int | None = None
+_COMPILED_MIN_ELEMENTS_INFERENCE: int | None = None
+#: The `torch.compile` modes that replay the compiled graphs as CUDA graphs.
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def set_fused_enabled(enabled: bool, *, min_elements: int | None = None) -> None:
+    """Turn the fused GPU kernels on or off (e.g. to A/B them) and optionally set the size
+    (elements per call) from which they are used in eager mode."""
+    global _FUSED_ENABLED, _MIN_ELEMENTS
+    _FUSED_ENABLED = bool(enabled)
+    if min_elements is not None:
+        _MIN_ELEMENTS = int(min_elements)
+
+
+def eager_min_elements() -> int:
+    """The size (elements per call) from which eager mode runs the fused kernels."""
+    return _MIN_ELEMENTS
+
+
+def set_compiled_min_elements(min_elements: int | None, *, inference: int | None = None) -> None:
+    """Let graphs traced from now on call the fused kernels (as a custom op) on tensors of at
+    least `min_elements`, or of at least `inference` (default: `min_elements`) in graphs traced
+    without gradients; None (the default) traces the reference everywhere."""
+    global _COMPILED_MIN_ELEMENTS, _COMPILED_MIN_ELEMENTS_INFERENCE
+    _COMPILED_MIN_ELEMENTS = None if min_elements is None else int(min_elements)
+    _COMPILED_MIN_ELEMENTS_INFERENCE = (
+        None if min_elements is None else int(min_elements if inference is None else inference)
+    )
+
+
+def configure_for_compile_mode(mode: str | None) -> None:
+    """Set the compiled size thresholds for `torch.compile(mode=mode)`: the kernels from
+    `CUDA_GRAPHS_MIN_ELEMENTS` on (`CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE` without gradients)
+    where the mode replays CUDA graphs, none otherwise."""
+    if mode in CUDA_GRAPH_MODES:
+        set_compiled_min_elements(
+            CUDA_GRAPHS_MIN_ELEMENTS, inference=CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE
+        )
+    else:
+        set_compiled_min_elements(None)
+
+
+def _interpreting() -> bool:
+    """Whether Triton runs its kernels in the CPU interpreter (tests)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _kernels_take(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels can normalize `x` at all: switched on, on a GPU (or Triton's
+    interpreter) and in a floating dtype they read."""
+    return (
+        _FUSED_ENABLED
+        and triton is not None
+        and (x.is_cuda or _interpreting())
+        and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    )
+
+
+def fused_available(x: torch.Tensor, numel: int | None = None) -> bool:
+    """Whether `group_norm_act(x, ...)` would run the fused kernels in eager mode (on a tensor
+    like `x` of `numel` elements where given, such as a concatenation not yet made).
+
+    Under `torch.compile` see `compiled_fused_wanted`; `torch.export` always traces the
+    reference path.
+    """
+    numel = x.numel() if numel is None else numel
+    return (
+        _kernels_take(x)
+        and (numel >= _MIN_ELEMENTS or _interpreting())
+        and not torch.compiler.is_compiling()
+    )
+
+
+def compiled_fused_wanted(x: torch.Tensor) -> bool:
+    """Whether the `group_norm_act(x, ...)` that Dynamo traces calls the fused kernels as the
+    custom op `diffunet::group_norm_act` (see `set_compiled_min_elements`)."""
+    if _COMPILED_MIN_ELEMENTS is None or not torch.compiler.is_dynamo_compiling():
+        return False
+    # Dynamo guards the graph on the grad mode, so each mode traces its own decision.
+    threshold = (
+        _COMPILED_MIN_ELEMENTS if torch.is_grad_enabled() else _COMPILED_MIN_ELEMENTS_INFERENCE
+    )
+    return _kernels_take(x) and x.numel() >= threshold
+
+
+def group_norm_act_reference(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    act: bool = True,
+    add: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Eager `x + add`, GroupNorm, then `* (1 + scale) + shift` (all three per batch and
+    channel), then SiLU."""
+    view = (x.shape[0], x.shape[1]) + (1,) * (x.ndim - 2)
+    if add is not None:
+        x = x + add.reshape(view).to(x.dtype)
+    h = F.group_norm(x, num_groups, weight, bias, eps)
+    if scale is not None:
+        h = h * (1 + scale.reshape(view)) + shift.reshape(view)
+    return F.silu(h) if act else h
+
+
+def group_norm_act(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    act: bool = True,
+    add: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """GroupNorm of `x + add` (`x`: (B, C, *spatial); `add`: an optional (B, C) offset, such as
+    a time embedding), optional FiLM `scale`/`shift` (B, C), optional SiLU.
+
+    The fused kernels fold `add` into the statistics and the normalization, so `x + add` is
+    never written out.
+    """
+    compiled_op = compiled_fused_wanted(x)
+    if compiled_op or fused_available(x):
+        film = scale is not None
+        scale, shift, add = (per_channel_operand(t, x) for t in (scale, shift, add))
+        x = x.contiguous(memory_format=_memory_format(x))
+        args = (x, weight, bias, scale, shift, add, num_groups, eps, film, act)
+        if compiled_op:
+            return group_norm_act_op(*args)[0]
+        return _GroupNormAct.apply(*args)
+    return group_norm_act_reference(x, num_groups, weight, bias, eps, scale, shift, act, add)
+
+
+def per_channel_operand(t: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """A per-(batch, channel) input of the kernels (`scale`, `shift`, `add`) as they read it:
+    dense (B, C), since these are usually chunks of one projection, or empty for None."""
+    return x.new_zeros(0) if t is None else t.reshape(x.shape[0], x.shape[1]).contiguous()
+
+
+def norm_act(
+    norm: torch.nn.GroupNorm,
+    x: torch.Tensor,
+    *,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    act: bool = True,
+    add: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`group_norm_act` with the groups, affine parameters and eps of the module `norm`."""
+    return group_norm_act(
+        x, norm.num_groups, norm.weight, norm.bias, norm.eps, scale, shift, act, add
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels. x is viewed as (B, C, N) with arbitrary strides, N = prod(spatial), so one
+# kernel serves NCHW and channels_last in 1D, 2D and 3D. Grid: (B, chunks of N).
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How the four streaming kernels (statistics, normalize, backward reduce, input gradient)
+    split a (B, C, N) activation: each program owns one sample's run of positions (a chunk) and
+    loops over it in tiles of all channels × `tile_elements // BLOCK_C` positions.
+    `loop_stages` is that loop's software-pipelining depth (`tl.range(num_stages=...)`): 1
+    loads each tile when the loop reaches it (every configuration before session 17); from 2
+    on, each program copies the next tiles into shared memory ahead of use (`cp.async`), so
+    that more loads are in flight (3 is what `LaunchPlan` ships).
+
+    `one_pass_elements`: a call whose programs would each own at most this many elements when
+    each covers one sample's whole groups (`_one_pass_shape`) runs its forward as one kernel
+    (statistics, their reduction per group, normalize; x read the second time mostly from L2)
+    and its backward as one more (the per-channel sums, their reduction per group, the input
+    gradient); larger ones take three kernels each way. 0 (the field's default) never takes
+    them; `LaunchPlan` ships 32768.
+
+    `benchmarks/norm_kernels.py` sweeps these on the GPU. The field defaults are the one
+    configuration that every result in docs/performance.md before session 11 was measured with.
+    """
+
+    tile_elements: int = 4096
+    programs_per_sm: int = 4
+    num_warps: int = 4
+    loop_stages: int = 1
+    one_pass_elements: int = 0
+
+    def for_elements(self, numel: int) -> LaunchConfig:
+        """This configuration, at every size."""
+        return self
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """One launch configuration for activations of at least `large_from` elements, another
+    below.
+
+    The defaults are the H200 sweep of session 17 (`norm_kernels.py --stages 1,2,3`, every norm
+    call of the `ddpm-cifar10`, 3D and `ldm` training steps, CUDA-graph replays;
+    `benchmarks/results/h200-norm-kernels-stages-sweep.json`): loops pipelined three tiles deep
+    stream faster at almost every size (the statistics pass of a 128×384×32² call 1.22 → 2.29
+    TB/s), and with them four warps beat eight. Small activations still gain from fewer
+    programs per SM. Against session 11's plan (no pipelining; eight warps above 2²⁴ elements,
+    8192-element tiles below), the norm kernels of a training step take 3.77 instead of 4.54 ms (cifar), 7.71
+    instead of 8.31 (3D) and 14.64 instead of 15.80 (`ldm`); whole compiled steps, A/B in one
+    run: cifar training +3.4 %, inference +6.2 %, `ldm` training +1.4 %.
+
+    Session 18 (`norm_kernels.py --one-pass 0,8192,32768,131072`,
+    `benchmarks/results/h200-norm-kernels-one-pass-sweep.json`): calls whose programs own at
+    most 32768 elements each way in one kernel take a cifar training step's norm kernels from
+    3.78 to 3.29 ms (forward 1.24 → 1.06), `ldm`'s from 14.63 to 14.43, and leave 3D's at
+    7.72; 131072 is slightly better for cifar alone but slows `ldm`'s backward. Whole compiled
+    steps, A/B in one run: cifar inference +4.5 %, training +2.5 %, `ldm` inference +2.1 %,
+    training +0.4 %, 3D training -0.4 % (noise).
+    """
+
+    large: LaunchConfig = LaunchConfig(4096, 4, 4, 3, one_pass_elements=32768)
+    small: LaunchConfig = LaunchConfig(4096, 2, 4, 3, one_pass_elements=32768)
+    large_from: int = 1 << 25
+
+    def for_elements(self, numel: int) -> LaunchConfig:
+        """The configuration for an activation of `numel` elements."""
+        return self.large if numel >= self.large_from else self.small
+
+
+#: The environment variable that sets the `loop_stages` of both configurations of the default
+#: `LAUNCH` when the module is imported (to A/B pipelined loops with `benchmarks/ab.py
+#: --change-env`).
+LOOP_STAGES_ENV = "DIFFUNET_NORM_LOOP_STAGES"
+#: The same for `one_pass_elements` (the largest program of a call run in one kernel each way;
+#: 0: none).
+ONE_PASS_ENV = "DIFFUNET_NORM_ONE_PASS_ELEMENTS"
+
+
+def _default_launch() -> LaunchPlan:
+    """`LaunchPlan()`, with the loop depth and one-kernel bound the environment asks for
+    (`LOOP_STAGES_ENV`, `ONE_PASS_ENV`)."""
+    plan = LaunchPlan()
+    stages = _int_from_env(
+        LOOP_STAGES_ENV, plan.large.loop_stages, 1, "a loop depth (an integer, at least 1, e.g. 2)"
+    )
+    one_pass = _int_from_env(
+        ONE_PASS_ENV,
+        plan.small.one_pass_elements,
+        0,
+        "a number of elements (an integer, at least 0, e.g. 16384)",
+    )
+    return replace(
+        plan,
+        large=replace(plan.large, loop_stages=stages, one_pass_elements=one_pass),
+        small=replace(plan.small, loop_stages=stages, one_pass_elements=one_pass),
+    )
+
+
+#: The launch plan in use: a `LaunchPlan`, or one `LaunchConfig` for every size (as the sweep
+#: sets it).
+LAUNCH: LaunchPlan | LaunchConfig = _default_launch()
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":  # Triton's interpreter: an H100's count
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+class LaunchShape(NamedTuple):
+    """How one call's kernels cover a (B, C, N) view: tiles of `block_c` channels × `block_n`
+    positions, `chunks` programs per sample of `rows` positions each."""
+
+    block_c: int
+    block_n: int
+    rows: int
+    chunks: int
+    num_warps: int
+    loop_stages: int
+
+    def kernel_options(self) -> dict[str, int]:
+        """The streaming kernels' tile and loop constexprs, and their warps."""
+        return {
+            "BLOCK_C": self.block_c,
+            "BLOCK_N": self.block_n,
+            "STAGES": self.loop_stages,
+            "num_warps": self.num_warps,
+        }
+
+
+def _next_power_of_2(n: int) -> int:
+    """The smallest power of two ≥ n, as `triton.next_power_of_2` (the launch shapes are
+    computed, and tested, without Triton)."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉, as `triton.cdiv`."""
+    return -(-a // b)
+
+
+def _launch_shape(x3: torch.Tensor) -> LaunchShape:
+    """The `LaunchShape` of a (B, C, N) view under `LAUNCH`."""
+    b, c, n = x3.shape
+    launch = LAUNCH.for_elements(b * c * n)
+    block_c = _next_power_of_2(c)
+    block_n = max(1, min(launch.tile_elements // block_c, _next_power_of_2(n)))
+    target_programs = launch.programs_per_sm * _sm_count(x3.device)
+    chunks = max(1, min(_cdiv(n, block_n), _cdiv(target_programs, b)))
+    rows = _cdiv(_cdiv(n, chunks), block_n) * block_n
+    return LaunchShape(block_c, block_n, rows, _cdiv(n, rows), launch.num_warps, launch.loop_stages)
+
+
+#: A one-kernel call's program covers whole groups of at least this many channels where the
+#: tensor has them: 128 contiguous bytes of bf16 per position in channels-last memory.
+ONE_PASS_MIN_CHANNELS = 64
+
+
+class OnePassShape(NamedTuple):
+    """How the one-kernel forward and backward cover a (B, C, N) view: `slices` programs per
+    sample, each owning `groups` whole groups (`channels` channels, the last slice possibly
+    fewer), in tiles of `block_c` channels × `block_n` positions; `single_tile` where one tile
+    holds all positions, which then stay in registers between the kernels' two passes."""
+
+    groups: int
+    channels: int
+    slices: int
+    block_c: int
+    block_n: int
+    num_warps: int
+    loop_stages: int
+    single_tile: bool
+
+    def kernel_options(self) -> dict[str, int]:
+        """The one-kernel kernels' tile, group and loop constexprs, and their warps."""
+        return {
+            "BLOCK_C": self.block_c,
+            "BLOCK_N": self.block_n,
+            "BLOCK_G": _next_power_of_2(self.groups),
+            "STAGES": self.loop_stages,
+            "SINGLE_TILE": self.single_tile,
+            "num_warps": self.num_warps,
+        }
+
+
+def _one_pass_shape(x3: torch.Tensor, num_groups: int) -> OnePassShape | None:
+    """The `OnePassShape` of a (B, C, N) view under `LAUNCH`, or None where its programs would
+    own more than the configuration's `one_pass_elements`."""
+    b, c, n = x3.shape
+    launch = LAUNCH.for_elements(b * c * n)
+    per_group = c // num_groups
+    groups = 1  # doubled, so that the kernels' (channel, group) indicator has no idle column
+    while groups * 2 <= num_groups and groups * per_group < ONE_PASS_MIN_CHANNELS:
+        groups *= 2
+    channels = groups * per_group
+    if channels * n > launch.one_pass_elements:
+        return None
+    block_c = _next_power_of_2(channels)
+    block_n = max(1, min(launch.tile_elements // block_c, _next_power_of_2(n)))
+    return OnePassShape(
+        groups,
+        channels,
+        _cdiv(num_groups, groups),
+        block_c,
+        block_n,
+        launch.num_warps,
+        launch.loop_stages,
+        single_tile=n <= block_n,
+    )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _shifted_sums(
+        base,
+        k,
+        start,
+        rows,
+        N,
+        cs,
+        cmask,
+        sxc,
+        sxn,
+        BLOCK_C: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        STAGES: tl.constexpr,
+    ):
+        """Per channel, Σ (x - k) and Σ (x - k)² over positions [start, start + rows) of the
+        sample at `base`."""
+        acc1 = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+        for offset in tl.range(0, rows, BLOCK_N, num_stages=STAGES):
+            ns = start + offset + tl.arange(0, BLOCK_N)
+            mask = (ns[:, None] < N) & cmask[None, :]
+            v = tl.load(base + ns[:, None] * sxn + cs[None, :] * sxc, mask=mask, other=0.0)
+            d = tl.where(mask, v.to(tl.float32) - k[None, :], 0.0)
+            acc1 += d
+            acc2 += d * d
+        return tl.sum(acc1, axis=0), tl.sum(acc2, axis=0)
+
+    @triton.jit
+    def _normalize_rows(
+        base,
+        y_base,
+        start,
+        rows,
+        N,
+        cs,
+        cmask,
+        sxc,
+        sxn,
+        syc,
+        syn,
+        gain,
+        offset_c,
+        ACT: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        STAGES: tl.constexpr,
+    ):
+        """Writes x * gain + offset (through the SiLU where `ACT`) at positions
+        [start, start + rows) of one sample."""
+        for offset in tl.range(0, rows, BLOCK_N, num_stages=STAGES):
+            ns = start + offset + tl.arange(0, BLOCK_N)
+            mask = (ns[:, None] < N) & cmask[None, :]
+            v = tl.load(base + ns[:, None] * sxn + cs[None, :] * sxc, mask=mask, other=0.0)
+            h = v.to(tl.float32) * gain[None, :] + offset_c[None, :]
+            if ACT:
+                h = h * tl.sigmoid(h)
+            tl.store(
+                y_base + ns[:, None] * syn + cs[None, :] * syc,
+                h.to(y_base.dtype.element_ty),
+                mask=mask,
+            )
+
+    @triton.jit
+    def _group_indicator(js, per_group, cmask, BLOCK_G: tl.constexpr):
+        """Which of a slice's groups each of its channels `js` belongs to: a (channel, group)
+        mask, false for channels outside the tensor."""
+        return (js[:, None] // per_group == tl.arange(0, BLOCK_G)[None, :]) & cmask[:, None]
+
+    @triton.jit
+    def _group_sums(values, member):
+        """Per channel, the sum of the per-channel `values` over the channel's group."""
+        per_group = tl.sum(tl.where(member, values[:, None], 0.0), axis=0)
+        return tl.sum(tl.where(member, per_group[None, :], 0.0), axis=1)
+
+    @triton.jit
+    def _stats_kernel(
+        x_ptr,
+        s1_ptr,
+        s2_ptr,
+        shift_ptr,
+        C,
+        N,
+        rows,
+        sxb,
+        sxc,
+        sxn,
+        num_chunks,
+        BLOCK_C: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        STAGES: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        chunk = tl.program_id(1)
+        cs = tl.arange(0, BLOCK_C)
+        cmask = cs < C
+        base = x_ptr + b * sxb
+        # Shift by the first position's value per channel: sums of (x - K) stay well conditioned.
+        k = tl.load(base + cs * sxc, mask=cmask, other=0.0).to(tl.float32)
+        s1, s2 = _shifted_sums(
+            base, k, chunk * rows, rows, N, cs, cmask, sxc, sxn, BLOCK_C, BLOCK_N, STAGES
+        )
+        out = (b * num_chunks + chunk) * C + cs
+        tl.store(s1_ptr + out, s1, mask=cmask)
+        tl.store(s2_ptr + out, s2, mask=cmask)
+        if chunk == 0:
+            tl.store(shift_ptr + b * C + cs, k, mask=cmask)
+
+    @triton.jit
+    def _stats_combine_kernel(
+        s1_ptr,
+        s2_ptr,
+        shift_ptr,
+        add_ptr,
+        mean_ptr,
+        rstd_ptr,
+        C,
+        N,
+        num_chunks,
+        per_group,
+        eps,
+        ADD: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        g = tl.program_id(1)
+        cs = g * per_group + tl.arange(0, BLOCK_G)
+        cmask = tl.arange(0, BLOCK_G) < per_group
+        s1 = tl.zeros([BLOCK_G], dtype=tl.float32)
+        s2 = tl.zeros([BLOCK_G], dtype=tl.float32)
+        for chunk in range(0, num_chunks):
+            row = (b * num_chunks + chunk) * C
+            s1 += tl.load(s1_ptr + row + cs, mask=cmask, other=0.0)
+            s2 += tl.load(s2_ptr + row + cs, mask=cmask, other=0.0)
+        k = tl.load(shift_ptr + b * C + cs, mask=cmask, other=0.0)
+        channel_mean = k + s1 / N
+        if ADD:
+            added = tl.load(add_ptr + b * C + cs, mask=cmask, other=0.0).to(tl.float32)
+            channel_mean += added
+        channel_m2 = tl.maximum(s2 - s1 * s1 / N, 0.0)
+        group_mean = tl.sum(tl.where(cmask, channel_mean, 0.0), axis=0) / per_group
+        spread = tl.where(cmask, channel_mean - group_mean, 0.0)
+        group_m2 = tl.sum(tl.where(cmask, channel_m2, 0.0), axis=0) + N * tl.sum(
+            spread * spread, axis=0
+        )
+        rstd = 1.0 / tl.sqrt(group_m2 / (N * per_group) + eps)
+        # The stored "mean" is the centre of x itself: x - (mean - add) == (x + add) - mean.
+        centre = tl.zeros([BLOCK_G], dtype=tl.float32) + group_mean
+        if ADD:
+            centre -= added
+        tl.store(mean_ptr + b * C + cs, centre, mask=cmask)
+        tl.store(rstd_ptr + b * C + cs, tl.zeros([BLOCK_G], dtype=tl.float32) + rstd, mask=cmask)
+
+    @triton.jit
+    def _backward_combine_kernel(
+        a_ptr,
+        b_ptr,
+        w_ptr,
+        bias_ptr,
+        scale_ptr,
+        a_full_ptr,
+        b_full_ptr,
+        ds_ptr,
+        dsh_ptr,
+        c1_ptr,
+        c2_ptr,
+        C,
+        N,
+        num_chunks,
+        per_group,
+        FILM: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        g = tl.program_id(1)
+        cs = g * per_group + tl.arange(0, BLOCK_G)
+        cmask = tl.arange(0, BLOCK_G) < per_group
+        a_sum = tl.zeros([BLOCK_G], dtype=tl.float32)
+        b_sum = tl.zeros([BLOCK_G], dtype=tl.float32)
+        for chunk in range(0, num_chunks):
+            row = (b * num_chunks + chunk) * C
+            a_sum += tl.load(a_ptr + row + cs, mask=cmask, other=0.0)
+            b_sum += tl.load(b_ptr + row + cs, mask=cmask, other=0.0)
+        w = tl.load(w_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
+        a_full = a_sum
+        b_full = b_sum
+        if FILM:
+            s = 1.0 + tl.load(scale_ptr + b * C + cs, mask=cmask, other=0.0).to(tl.float32)
+            a_full = a_sum * s
+            b_full = b_sum * s
+            bb = tl.load(bias_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
+            tl.store(ds_ptr + b * C + cs, w * a_sum + bb * b_sum, mask=cmask)
+            tl.store(dsh_ptr + b * C + cs, b_sum, mask=cmask)
+        tl.store(a_full_ptr + b * C + cs, a_full, mask=cmask)
+        tl.store(b_full_ptr + b * C + cs, b_full, mask=cmask)
+        count = N * per_group
+        c1 = tl.sum(tl.where(cmask, w * b_full, 0.0), axis=0) / count
+        c2 = tl.sum(tl.where(cmask, w * a_full, 0.0), axis=0) / count
+        tl.store(c1_ptr + b * C + cs, tl.zeros([BLOCK_G], dtype=tl.float32) + c1, mask=cmask)
+        tl.store(c2_ptr + b * C + cs, tl.zeros([BLOCK_G], dtype=tl.float32) + c2, mask=cmask)
+
+    @triton.jit
+    def _channel_affine(
+        w_ptr, bias_ptr, scale_ptr, sh_ptr, b, C, cs, cmask, centre, rstd, FILM: tl.constexpr
+    ):
+        """Per channel, the gain and offset that map x to the normalized, affine (and FiLM)
+        output: y = x * gain + offset."""
+        gain = tl.load(w_ptr + cs, mask=cmask, other=0.0).to(tl.float32) * rstd
+        offset = tl.load(bias_ptr + cs, mask=cmask, other=0.0).to(tl.float32) - centre * gain
+        if FILM:
+            s = 1.0 + tl.load(scale_ptr + b * C + cs, mask=cmask, other=0.0).to(tl.float32)
+            gain = gain * s
+            offset = offset * s + tl.load(sh_ptr + b * C + cs, mask=cmask, other=0.0).to(tl.float32)
+        return gain, offset
+
+    @triton.jit
+    def _normalize_kernel(
+        x_ptr,
+        y_ptr,
+        mean_ptr,
+        rstd_ptr,
+        w_ptr,
+        bias_ptr,
+        scale_ptr,
+        sh_ptr,
+        C,
+        N,
+        rows,
+        sxb,
+        sxc,
+        sxn,
+        syb,
+        syc,
+        syn,
+        FILM: tl.constexpr,
+        ACT: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        STAGES: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        chunk = tl.program_id(1)
+        cs = tl.arange(0, BLOCK_C)
+        cmask = cs < C
+        mean = tl.load(mean_ptr + b * C + cs, mask=cmask, other=0.0)
+        rstd = tl.load(rstd_ptr + b * C + cs, mask=cmask, other=0.0)
+        gain, offset_c = _channel_affine(
+            w_ptr, bias_ptr, scale_ptr, sh_ptr, b, C, cs, cmask, mean, rstd, FILM
+        )
+        _normalize_rows(
+            x_ptr + b * sxb,
+            y_ptr + b * syb,
+            chunk * rows,
+            rows,
+            N,
+            cs,
+            cmask,
+            sxc,
+            sxn,
+            syc,
+            syn,
+            gain,
+            offset_c,
+            ACT,
+            BLOCK_N,
+            STAGES,
+        )
+
+    @triton.jit
+    def _one_pass_kernel(
+        x_ptr,
+        y_ptr,
+        add_ptr,
+        mean_ptr,
+        rstd_ptr,
+        w_ptr,
+        bias_ptr,
+        scale_ptr,
+        sh_ptr,
+        C,
+        N,
+        per_group,
+        slice_channels,
+        eps,
+        sxb,
+        sxc,
+        sxn,
+        syb,
+        syc,
+        syn,
+        FILM: tl.constexpr,
+        ACT: tl.constexpr,
+        ADD: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        STAGES: tl.constexpr,
+        SINGLE_TILE: tl.constexpr,
+    ):
+        # _stats_kernel, _stats_combine_kernel and _normalize_kernel for one sample's slice of
+        # whole groups; the second pass reads x back, mostly from L2, unless all its positions
+        # fit one tile (SINGLE_TILE), which stays in registers.
+        b = tl.program_id(0)
+        js = tl.arange(0, BLOCK_C)
+        cs = tl.program_id(1) * slice_channels + js
+        cmask = (js < slice_channels) & (cs < C)
+        base = x_ptr + b * sxb
+        k = tl.load(base + cs * sxc, mask=cmask, other=0.0).to(tl.float32)
+        if SINGLE_TILE:
+            ns = tl.arange(0, BLOCK_N)
+            mask = (ns[:, None] < N) & cmask[None, :]
+            v = tl.load(base + ns[:, None] * sxn + cs[None, :] * sxc, mask=mask, other=0.0).to(
+                tl.float32
+            )
+            d = tl.where(mask, v - k[None, :], 0.0)
+            s1 = tl.sum(d, axis=0)
+            s2 = tl.sum(d * d, axis=0)
+        else:
+            s1, s2 = _shifted_sums(base, k, 0, N, N, cs, cmask, sxc, sxn, BLOCK_C, BLOCK_N, STAGES)
+        channel_mean = k + s1 / N
+        if ADD:
+            added = tl.load(add_ptr + b * C + cs, mask=cmask, other=0.0).to(tl.float32)
+            channel_mean += added
+        channel_m2 = tl.maximum(s2 - s1 * s1 / N, 0.0)
+        member = _group_indicator(js, per_group, cmask, BLOCK_G)
+        centre = _group_sums(channel_mean, member) / per_group
+        spread = tl.where(cmask, channel_mean - centre, 0.0)
+        group_m2 = _group_sums(channel_m2 + N * spread * spread, member)
+        rstd = 1.0 / tl.sqrt(group_m2 / (N * per_group) + eps)
+        if ADD:  # the stored centre is that of x itself, as _stats_combine_kernel's
+            centre -= added
+        tl.store(mean_ptr + b * C + cs, centre, mask=cmask)
+        tl.store(rstd_ptr + b * C + cs, rstd, mask=cmask)
+        gain, offset_c = _channel_affine(
+            w_ptr, bias_ptr, scale_ptr, sh_ptr, b, C, cs, cmask, centre, rstd, FILM
+        )
+        if SINGLE_TILE:
+            h = v * gain[None, :] + offset_c[None, :]
+            if ACT:
+                h = h * tl.sigmoid(h)
+            tl.store(
+                y_ptr + b * syb + ns[:, None] * syn + cs[None, :] * syc,
+                h.to(y_ptr.dtype.element_ty),
+                mask=mask,
+            )
+        else:
+            _normalize_rows(
+                base,
+                y_ptr + b * syb,
+                0,
+                N,
+                N,
+                cs,
+                cmask,
+                sxc,
+                sxn,
+                syc,
+                syn,
+                gain,
+                offset_c,
+                ACT,
+                BLOCK_N,
+                STAGES,
+            )
+
+    @triton.jit
+    def _channel_operands(
+        mean_ptr,
+        rstd_ptr,
+        w_ptr,
+        bias_ptr,
+        scale_ptr,
+        sh_ptr,
+        b,
+        C,
+        cs,
+        cmask,
+        BLOCK_C: tl.constexpr,
+        FILM: tl.constexpr,
+    ):
+        """Per channel of sample b, in float32: the forward's centre and rstd, the affine
+        weight and bias, and the FiLM factor (1 + scale) and shift (1 and 0 without FiLM)."""
+        centre = tl.load(mean_ptr + b * C + cs, mask=cmask, other=0.0)
+        rstd = tl.load(rstd_ptr + b * C + cs, mask=cmask, other=0.0)
+        w = tl.load(w_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
+        bb = tl.load(bias_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
+        s = tl.full([BLOCK_C], 1.0, tl.float32)
+        sh = tl.zeros([BLOCK_C], dtype=tl.float32)
+        if FILM:
+            s += tl.load(scale_ptr + b * C + cs, mask=cmask, other=0.0).to(tl.float32)
+            sh = tl.load(sh_ptr + b * C + cs, mask=cmask, other=0.0).to(tl.float32)
+        return centre, rstd, w, bb, s, sh
+
+    @triton.jit
+    def _tile_gradient(
+        x_ptr,
+        dy_ptr,
+        b,
+        ns,
+        cs,
+        mask,
+        sxb,
+        sxc,
+        sxn,
+        sdb,
+        sdc,
+        sdn,
+        centre,
+        rstd,
+        w,
+        bb,
+        s,
+        sh,
+        ACT: tl.constexpr,
+    ):
+        """One tile's normalized input x̂ and the gradient that reaches the norm's affine
+        output (through the SiLU where `ACT`), in float32."""
+        v = tl.load(
+            x_ptr + b * sxb + ns[:, None] * sxn + cs[None, :] * sxc, mask=mask, other=0.0
+        ).to(tl.float32)
+        g = tl.load(
+            dy_ptr + b * sdb + ns[:, None] * sdn + cs[None, :] * sdc, mask=mask, other=0.0
+        ).to(tl.float32)
+        xhat = (v - centre[None, :]) * rstd[None, :]
+        if ACT:
+            z = (xhat * w[None, :] + bb[None, :]) * s[None, :] + sh[None, :]
+            sig = tl.sigmoid(z)
+            g = g * sig * (1.0 + z * (1.0 - sig))
+        return xhat, g
+
+    @triton.jit
+    def _gradient_sums(
+        x_ptr,
+        dy_ptr,
+        b,
+        start,
+        rows,
+        N,
+        cs,
+        cmask,
+        sxb,
+        sxc,
+        sxn,
+        sdb,
+        sdc,
+        sdn,
+        centre,
+        rstd,
+        w,
+        bb,
+        s,
+        sh,
+        ACT: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        STAGES: tl.constexpr,
+    ):
+        """Per channel, Σ g·x̂ and Σ g over positions [start, start + rows) of one sample, g
+        being the gradient at the norm's affine output (`_tile_gradient`)."""
+        acc_a = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+        acc_b = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+        for offset in tl.range(0, rows, BLOCK_N, num_stages=STAGES):
+            ns = start + offset + tl.arange(0, BLOCK_N)
+            mask = (ns[:, None] < N) & cmask[None, :]
+            xhat, g = _tile_gradient(
+                x_ptr,
+                dy_ptr,
+                b,
+                ns,
+                cs,
+                mask,
+                sxb,
+                sxc,
+                sxn,
+                sdb,
+                sdc,
+                sdn,
+                centre,
+                rstd,
+                w,
+                bb,
+                s,
+                sh,
+                ACT,
+            )
+            g = tl.where(mask, g, 0.0)
+            acc_a += g * xhat
+            acc_b += g
+        return tl.sum(acc_a, axis=0), tl.sum(acc_b, axis=0)
+
+    @triton.jit
+    def _input_gradient(
+        x_ptr,
+        dy_ptr,
+        dx_ptr,
+        b,
+        start,
+        rows,
+        N,
+        cs,
+        cmask,
+        sxb,
+        sxc,
+        sxn,
+        sdb,
+        sdc,
+        sdn,
+        sob,
+        soc,
+        son,
+        centre,
+        rstd,
+        w,
+        bb,
+        s,
+        sh,
+        c1,
+        c2,
+        ACT: tl.constexpr,
+        ADD: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        STAGES: tl.constexpr,
+    ):
+        """Writes dx at positions [start, start + rows) of one sample, from the group means
+        c1 = mean(dx̂) and c2 = mean(dx̂·x̂); returns its sum per channel where `ADD` (the
+        gradient of `add`), else zeros."""
+        acc_dx = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+        for offset in tl.range(0, rows, BLOCK_N, num_stages=STAGES):
+            ns = start + offset + tl.arange(0, BLOCK_N)
+            mask = (ns[:, None] < N) & cmask[None, :]
+            xhat, g = _tile_gradient(
+                x_ptr,
+                dy_ptr,
+                b,
+                ns,
+                cs,
+                mask,
+                sxb,
+                sxc,
+                sxn,
+                sdb,
+                sdc,
+                sdn,
+                centre,
+                rstd,
+                w,
+                bb,
+                s,
+                sh,
+                ACT,
+            )
+            dxhat = g * (s * w)[None, :]
+            dx = rstd[None, :] * (dxhat - c1[None, :] - xhat * c2[None, :])
+            tl.store(
+                dx_ptr + b * sob + ns[:, None] * son + cs[None, :] * soc,
+                dx.to(dx_ptr.dtype.element_ty),
+                mask=mask,
+            )
+            if ADD:
+                acc_dx += tl.where(mask, dx, 0.0)
+        return tl.sum(acc_dx, axis=0)
+
+    @triton.jit
+    def _backward_reduce_kernel(
+        x_ptr,
+        dy_ptr,
+        mean_ptr,
+        rstd_ptr,
+        w_ptr,
+        bias_ptr,
+        scale_ptr,
+        sh_ptr,
+        a_ptr,
+        b_ptr,
+        C,
+        N,
+        rows,
+        num_chunks,
+        sxb,
+        sxc,
+        sxn,
+        sdb,
+        sdc,
+        sdn,
+        FILM: tl.constexpr,
+        ACT: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        STAGES: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        chunk = tl.program_id(1)
+        cs = tl.arange(0, BLOCK_C)
+        cmask = cs < C
+        mean, rstd, w, bb, s, sh = _channel_operands(
+            mean_ptr, rstd_ptr, w_ptr, bias_ptr, scale_ptr, sh_ptr, b, C, cs, cmask, BLOCK_C, FILM
+        )
+        a_sum, b_sum = _gradient_sums(
+            x_ptr,
+            dy_ptr,
+            b,
+            chunk * rows,
+            rows,
+            N,
+            cs,
+            cmask,
+            sxb,
+            sxc,
+            sxn,
+            sdb,
+            sdc,
+            sdn,
+            mean,
+            rstd,
+            w,
+            bb,
+            s,
+            sh,
+            ACT,
+            BLOCK_C,
+            BLOCK_N,
+            STAGES,
+        )
+        out = (b * num_chunks + chunk) * C + cs
+        tl.store(a_ptr + out, a_sum, mask=cmask)
+        tl.store(b_ptr + out, b_sum, mask=cmask)
+
+    @triton.jit
+    def _backward_dx_kernel(
+        x_ptr,
+        dy_ptr,
+        dx_ptr,
+        mean_ptr,
+        rstd_ptr,
+        w_ptr,
+        bias_ptr,
+        scale_ptr,
+        sh_ptr,
+        c1_ptr,
+        c2_ptr,
+        dadd_ptr,
+        C,
+        N,
+        rows,
+        num_chunks,
+        sxb,
+        sxc,
+        sxn,
+        sdb,
+        sdc,
+        sdn,
+        sob,
+        soc,
+        son,
+        FILM: tl.constexpr,
+        ACT: tl.constexpr,
+        ADD: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        STAGES: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        chunk = tl.program_id(1)
+        cs = tl.arange(0, BLOCK_C)
+        cmask = cs < C
+        mean, rstd, w, bb, s, sh = _channel_operands(
+            mean_ptr, rstd_ptr, w_ptr, bias_ptr, scale_ptr, sh_ptr, b, C, cs, cmask, BLOCK_C, FILM
+        )
+        c1 = tl.load(c1_ptr + b * C + cs, mask=cmask, other=0.0)
+        c2 = tl.load(c2_ptr + b * C + cs, mask=cmask, other=0.0)
+        dx_sum = _input_gradient(
+            x_ptr,
+            dy_ptr,
+            dx_ptr,
+            b,
+            chunk * rows,
+            rows,
+            N,
+            cs,
+            cmask,
+            sxb,
+            sxc,
+            sxn,
+            sdb,
+            sdc,
+            sdn,
+            sob,
+            soc,
+            son,
+            mean,
+            rstd,
+            w,
+            bb,
+            s,
+            sh,
+            c1,
+            c2,
+            ACT,
+            ADD,
+            BLOCK_C,
+            BLOCK_N,
+            STAGES,
+        )
+        if ADD:  # the gradient of `add` is the input gradient summed over positions
+            tl.store(dadd_ptr + (b * num_chunks + chunk) * C + cs, dx_sum, mask=cmask)
+
+    @triton.jit
+    def _one_pass_backward_kernel(
+        x_ptr,
+        dy_ptr,
+        dx_ptr,
+        mean_ptr,
+        rstd_ptr,
+        w_ptr,
+        bias_ptr,
+        scale_ptr,
+        sh_ptr,
+        a_full_ptr,
+        b_full_ptr,
+        ds_ptr,
+        dsh_ptr,
+        dadd_ptr,
+        C,
+        N,
+        per_group,
+        slice_channels,
+        sxb,
+        sxc,
+        sxn,
+        sdb,
+        sdc,
+        sdn,
+        sob,
+        soc,
+        son,
+        FILM: tl.constexpr,
+        ACT: tl.constexpr,
+        ADD: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        STAGES: tl.constexpr,
+        SINGLE_TILE: tl.constexpr,
+    ):
+        # _backward_reduce_kernel, _backward_combine_kernel and _backward_dx_kernel for one
+        # sample's slice of whole groups; the second pass reads x and dy back, mostly from L2,
+        # unless all its positions fit one tile (SINGLE_TILE), which stays in registers.
+        b = tl.program_id(0)
+        js = tl.arange(0, BLOCK_C)
+        cs = tl.program_id(1) * slice_channels + js
+        cmask = (js < slice_channels) & (cs < C)
+        centre, rstd, w, bb, s, sh = _channel_operands(
+            mean_ptr, rstd_ptr, w_ptr, bias_ptr, scale_ptr, sh_ptr, b, C, cs, cmask, BLOCK_C, FILM
+        )
+        if SINGLE_TILE:
+            ns = tl.arange(0, BLOCK_N)
+            mask = (ns[:, None] < N) & cmask[None, :]
+            xhat, g = _tile_gradient(
+                x_ptr,
+                dy_ptr,
+                b,
+                ns,
+                cs,
+                mask,
+                sxb,
+                sxc,
+                sxn,
+                sdb,
+                sdc,
+                sdn,
+                centre,
+                rstd,
+                w,
+                bb,
+                s,
+                sh,
+                ACT,
+            )
+            g = tl.where(mask, g, 0.0)
+            a_sum = tl.sum(g * xhat, axis=0)
+            b_sum = tl.sum(g, axis=0)
+        else:
+            a_sum, b_sum = _gradient_sums(
+                x_ptr,
+                dy_ptr,
+                b,
+                0,
+                N,
+                N,
+                cs,
+                cmask,
+                sxb,
+                sxc,
+                sxn,
+                sdb,
+                sdc,
+                sdn,
+                centre,
+                rstd,
+                w,
+                bb,
+                s,
+                sh,
+                ACT,
+                BLOCK_C,
+                BLOCK_N,
+                STAGES,
+            )
+        if FILM:
+            tl.store(ds_ptr + b * C + cs, w * a_sum + bb * b_sum, mask=cmask)
+            tl.store(dsh_ptr + b * C + cs, b_sum, mask=cmask)
+        a_full = a_sum * s
+        b_full = b_sum * s
+        tl.store(a_full_ptr + b * C + cs, a_full, mask=cmask)
+        tl.store(b_full_ptr + b * C + cs, b_full, mask=cmask)
+        member = _group_indicator(js, per_group, cmask, BLOCK_G)
+        c1 = _group_sums(w * b_full, member) / (N * per_group)
+        c2 = _group_sums(w * a_full, member) / (N * per_group)
+        if SINGLE_TILE:
+            dx = rstd[None, :] * (g * (s * w)[None, :] - c1[None, :] - xhat * c2[None, :])
+            tl.store(
+                dx_ptr + b * sob + ns[:, None] * son + cs[None, :] * soc,
+                dx.to(dx_ptr.dtype.element_ty),
+                mask=mask,
+            )
+            dx_sum = tl.sum(tl.where(mask, dx, 0.0), axis=0)
+        else:
+            dx_sum = _input_gradient(
+                x_ptr,
+                dy_ptr,
+                dx_ptr,
+                b,
+                0,
+                N,
+                N,
+                cs,
+                cmask,
+                sxb,
+                sxc,
+                sxn,
+                sdb,
+                sdc,
+                sdn,
+                sob,
+                soc,
+                son,
+                centre,
+                rstd,
+                w,
+                bb,
+                s,
+                sh,
+                c1,
+                c2,
+                ACT,
+                ADD,
+                BLOCK_C,
+                BLOCK_N,
+                STAGES,
+            )
+        if ADD:
+            tl.store(dadd_ptr + b * C + cs, dx_sum, mask=cmask)
+
+
+def _group_stats(
+    x3: torch.Tensor, add: torch.Tensor, num_groups: int, eps: float, launch: LaunchShape
+):
+    """Per-(batch, channel) centre and rstd of each channel's group of `x3 + add` (`add` (B, C),
+    or empty for none), in float32; the centre is the group's mean minus `add`. `launch` is
+    `_launch_shape(x3)`."""
+    b, c, n = x3.shape
+    chunks = launch.chunks
+    s1 = torch.empty(b, chunks, c, device=x3.device, dtype=torch.float32)
+    s2 = torch.empty_like(s1)
+    k = torch.empty(b, c, device=x3.device, dtype=torch.float32)
+    _stats_kernel[(b, chunks)](
+        x3, s1, s2, k, c, n, launch.rows, *x3.stride(), chunks, **launch.kernel_options()
+    )
+    mean, rstd = torch.empty_like(k), torch.empty_like(k)
+    per_group = c // num_groups
+    _stats_combine_kernel[(b, num_groups)](
+        s1,
+        s2,
+        k,
+        add,
+        mean,
+        rstd,
+        c,
+        n,
+        chunks,
+        per_group,
+        eps,
+        ADD=add.numel() > 0,
+        BLOCK_G=_next_power_of_2(per_group),
+    )
+    return mean, rstd
+
+
+def _forward(x, weight, bias, scale, shift, add, num_groups, eps, film, act):
+    x3 = x.flatten(2)
+    one_pass = _one_pass_shape(x3, num_groups)
+    if one_pass is not None:
+        return _forward_in_one_kernel(
+            x, x3, weight, bias, scale, shift, add, num_groups, eps, film, act, one_pass
+        )
+    launch = _launch_shape(x3)
+    mean, rstd = _group_stats(x3, add, num_groups, eps, launch)
+    y = torch.empty_like(x)
+    y3 = y.flatten(2)
+    b, c, n = x3.shape
+    _normalize_kernel[(b, launch.chunks)](
+        x3,
+        y3,
+        mean,
+        rstd,
+        weight,
+        bias,
+        scale,
+        shift,
+        c,
+        n,
+        launch.rows,
+        *x3.stride(),
+        *y3.stride(),
+        FILM=film,
+        ACT=act,
+        **launch.kernel_options(),
+    )
+    return y, mean, rstd
+
+
+def _forward_in_one_kernel(
+    x, x3, weight, bias, scale, shift, add, num_groups, eps, film, act, shape: OnePassShape
+):
+    """`_forward` as one kernel, `shape` being `_one_pass_shape(x3, num_groups)`."""
+    b, c, n = x3.shape
+    mean = torch.empty(b, c, device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    y = torch.empty_like(x)
+    y3 = y.flatten(2)
+    _one_pass_kernel[(b, shape.slices)](
+        x3,
+        y3,
+        add,
+        mean,
+        rstd,
+        weight,
+        bias,
+        scale,
+        shift,
+        c,
+        n,
+        c // num_groups,
+        shape.channels,
+        eps,
+        *x3.stride(),
+        *y3.stride(),
+        FILM=film,
+        ACT=act,
+        ADD=add.numel() > 0,
+        **shape.kernel_options(),
+    )
+    return y, mean, rstd
+
+
+def _backward(
+    grad, x, weight, bias, scale, shift, add, mean, rstd, num_groups, film, act, out=None
+):
+    """(dx, dweight, dbias, dscale, dshift, dadd); the last three None where not used.
+
+    dx is written to `out` where given, which may be `x` itself: every program reads each
+    element of x it owns before it writes that element's gradient, and no other program
+    reads it.
+    """
+    x3, g3 = x.flatten(2), grad.flatten(2)
+    one_pass = _one_pass_shape(x3, num_groups)
+    if one_pass is not None:
+        return _backward_in_one_kernel(
+            x,
+            x3,
+            g3,
+            weight,
+            bias,
+            scale,
+            shift,
+            add,
+            mean,
+            rstd,
+            num_groups,
+            film,
+            act,
+            one_pass,
+            out,
+        )
+    b, c, n = x3.shape
+    launch = _launch_shape(x3)
+    rows, chunks = launch.rows, launch.chunks
+    a_part = torch.empty(b, chunks, c, device=x.device, dtype=torch.float32)
+    b_part = torch.empty_like(a_part)
+    _backward_reduce_kernel[(b, chunks)](
+        x3,
+        g3,
+        mean,
+        rstd,
+        weight,
+        bias,
+        scale,
+        shift,
+        a_part,
+        b_part,
+        c,
+        n,
+        rows,
+        chunks,
+        *x3.stride(),
+        *g3.stride(),
+        FILM=film,
+        ACT=act,
+        **launch.kernel_options(),
+    )
+    # Per (batch, channel): Σ dz·x̂ and Σ dz (a_full, b_full), the FiLM gradients, and the
+    # group means c1 = mean(dx̂), c2 = mean(dx̂·x̂) that the input gradient needs.
+    a_full, b_full, c1, c2 = (
+        torch.empty(b, c, device=x.device, dtype=torch.float32) for _ in range(4)
+    )
+    grad_scale = torch.empty(b, c, device=x.device, dtype=torch.float32) if film else a_full
+    grad_shift = torch.empty_like(grad_scale) if film else a_full
+    per_group = c // num_groups
+    _backward_combine_kernel[(b, num_groups)](
+        a_part,
+        b_part,
+        weight,
+        bias,
+        scale,
+        a_full,
+        b_full,
+        grad_scale,
+        grad_shift,
+        c1,
+        c2,
+        c,
+        n,
+        chunks,
+        per_group,
+        FILM=film,
+        BLOCK_G=_next_power_of_2(per_group),
+    )
+    dx = torch.empty_like(x) if out is None else out
+    d3 = dx.flatten(2)
+    added = add.numel() > 0
+    add_part = torch.empty_like(a_part) if added else a_part
+    _backward_dx_kernel[(b, chunks)](
+        x3,
+        g3,
+        d3,
+        mean,
+        rstd,
+        weight,
+        bias,
+        scale,
+        shift,
+        c1,
+        c2,
+        add_part,
+        c,
+        n,
+        rows,
+        chunks,
+        *x3.stride(),
+        *g3.stride(),
+        *d3.stride(),
+        FILM=film,
+        ACT=act,
+        ADD=added,
+        **launch.kernel_options(),
+    )
+    return _parameter_gradients(
+        dx,
+        a_full,
+        b_full,
+        grad_scale,
+        grad_shift,
+        add_part.sum(1) if added else None,
+        weight,
+        bias,
+        scale,
+        shift,
+        add,
+        film,
+    )
+
+
+def _backward_in_one_kernel(
+    x,
+    x3,
+    g3,
+    weight,
+    bias,
+    scale,
+    shift,
+    add,
+    mean,
+    rstd,
+    num_groups,
+    film,
+    act,
+    shape: OnePassShape,
+    out=None,
+):
+    """`_backward` as one kernel, `shape` being `_one_pass_shape(x3, num_groups)`."""
+    b, c, n = x3.shape
+    a_full, b_full = (torch.empty(b, c, device=x.device, dtype=torch.float32) for _ in range(2))
+    grad_scale = torch.empty_like(a_full) if film else a_full
+    grad_shift = torch.empty_like(a_full) if film else a_full
+    added = add.numel() > 0
+    grad_add = torch.empty_like(a_full) if added else a_full
+    dx = torch.empty_like(x) if out is None else out
+    d3 = dx.flatten(2)
+    _one_pass_backward_kernel[(b, shape.slices)](
+        x3,
+        g3,
+        d3,
+        mean,
+        rstd,
+        weight,
+        bias,
+        scale,
+        shift,
+        a_full,
+        b_full,
+        grad_scale,
+        grad_shift,
+        grad_add,
+        c,
+        n,
+        c // num_groups,
+        shape.channels,
+        *x3.stride(),
+        *g3.stride(),
+        *d3.stride(),
+        FILM=film,
+        ACT=act,
+        ADD=added,
+        **shape.kernel_options(),
+    )
+    return _parameter_gradients(
+        dx,
+        a_full,
+        b_full,
+        grad_scale,
+        grad_shift,
+        grad_add if added else None,
+        weight,
+        bias,
+        scale,
+        shift,
+        add,
+        film,
+    )
+
+
+def _parameter_gradients(
+    dx, a_full, b_full, grad_scale, grad_shift, grad_add, weight, bias, scale, shift, add, film
+):
+    """`_backward`'s result from the input gradient and the per-(batch, channel) sums: the
+    affine parameters' gradients summed over the batch, each in its parameter's dtype."""
+    grad_weight = a_full.sum(0).to(weight.dtype)
+    grad_bias = b_full.sum(0).to(bias.dtype)
+    grad_add = None if grad_add is None else grad_add.to(add.dtype)
+    if not film:
+        return dx, grad_weight, grad_bias, None, None, grad_add
+    return (
+        dx,
+        grad_weight,
+        grad_bias,
+        grad_scale.to(scale.dtype),
+        grad_shift.to(shift.dtype),
+        grad_add,
+    )
+
+
+class _GroupNormAct(torch.autograd.Function):
+    """Autograd wrapper of the fused kernels (eager mode only, so no fake-tensor support)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, shift, add, num_groups, eps, film, act):
+        y, mean, rstd = _forward(x, weight, bias, scale, shift, add, num_groups, eps, film, act)
+        ctx.save_for_backward(x, weight, bias, scale, shift, add, mean, rstd)
+        ctx.num_groups, ctx.film, ctx.act = num_groups, film, act
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias, scale, shift, add, mean, rstd = ctx.saved_tensors
+        grad = grad.contiguous(memory_format=_memory_format(x))
+        grads = _backward(
+            grad, x, weight, bias, scale, shift, add, mean, rstd, ctx.num_groups, ctx.film, ctx.act
+        )
+        return *grads, None, None, None, None
+
+
+_FIXED_STRIDES = (torch.Tag.needs_fixed_stride_order,)
+
+
+@torch.library.custom_op("diffunet::group_norm_act", mutates_args=(), tags=_FIXED_STRIDES)
+def group_norm_act_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    add: torch.Tensor,
+    num_groups: int,
+    eps: float,
+    film: bool,
+    act: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused kernels as an op `torch.compile` calls as it is: (output, centre, rstd).
+
+    `scale` and `shift` are (B, C) when `film`, else empty; `add` is (B, C) or empty; centre
+    (the group mean minus `add`) and rstd are (B, C) float32.
+    """
+    return _forward(x, weight, bias, scale, shift, add, num_groups, eps, film, act)
+
+
+@group_norm_act_op.register_fake
+def _group_norm_act_fake(x, weight, bias, scale, shift, add, num_groups, eps, film, act):
+    stats = x.new_empty(x.shape[:2], dtype=torch.float32)
+    return torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("diffunet::group_norm_act_backward", mutates_args=(), tags=_FIXED_STRIDES)
+def group_norm_act_backward_op(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    add: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    num_groups: int,
+    film: bool,
+    act: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `group_norm_act_op` for x, weight, bias, scale, shift and add (each of the
+    last three empty where it is)."""
+    dx, dw, db, ds, dsh, dadd = _backward(
+        grad, x, weight, bias, scale, shift, add, mean, rstd, num_groups, film, act
+    )
+    # A custom op returns tensors, never None.
+    ds, dsh, dadd = (
+        t.new_empty(0) if g is None else g for t, g in ((scale, ds), (shift, dsh), (add, dadd))
+    )
+    return dx, dw, db, ds, dsh, dadd
+
+
+@group_norm_act_backward_op.register_fake
+def _group_norm_act_backward_fake(
+    grad, x, weight, bias, scale, shift, add, mean, rstd, num_groups, film, act
+):
+    return tuple(torch.empty_like(t) for t in (x, weight, bias, scale, shift, add))
+
+
+def _setup_op_context(ctx, inputs, output) -> None:
+    x, weight, bias, scale, shift, add, num_groups, _, film, act = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, scale, shift, add, mean, rstd)
+    ctx.num_groups, ctx.film, ctx.act = num_groups, film, act
+
+
+def _op_backward(ctx, grad, _grad_mean, _grad_rstd):
+    x, weight, bias, scale, shift, add, mean, rstd = ctx.saved_tensors
+    grad = grad.contiguous(memory_format=_memory_format(x))
+    dx, dw, db, ds, dsh, dadd = group_norm_act_backward_op(
+        grad, x, weight, bias, scale, shift, add, mean, rstd, ctx.num_groups, ctx.film, ctx.act
+    )
+    if not ctx.film:
+        ds = dsh = None
+    if add.numel() == 0:
+        dadd = None
+    return dx, dw, db, ds, dsh, dadd, None, None, None, None
+
+
+group_norm_act_op.register_autograd(_op_backward, setup_context=_setup_op_context)
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.ndim == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format

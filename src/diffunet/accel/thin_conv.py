@@ -1,0 +1,766 @@
+"""Triton kernels for the thin 3×3×3 convolutions at the two ends of a 3D U-Net.
+
+A 3D U-Net's input convolution turns a few channels into many (the 3D benchmark: 2 → 64 at
+4×64³) and its output convolution many into one. Each moves one full-size activation (134 MB
+there) and does little arithmetic, yet cuDNN runs them at about 0.3 TB/s: 0.52 ms for the
+stem's forward and 0.90 ms with its weight gradient, 0.43 and 1.58 ms for the (padded) head,
+about 2.5 ms of a 54.7 ms training step on an H200 (docs/performance.md, session 12).
+
+Every pass here is an implicit matrix product whose reduction axis is the 27 taps × the thin
+side's channels: the thin tensor is gathered (a few channels at 27 shifts, cheap), the wide
+one is read or written once. The stem's forward gathers its input; its weight gradient gathers
+the input again against the streamed output gradient. The head's input gradient gathers its
+one-channel output gradient (taps mirrored) into the wide input gradient, and its weight
+gradient gathers that output gradient against the streamed input. The head's forward, a
+reduction over the wide side, is two passes where its tap products are no wider than its input
+(`TAP_PRODUCT_FORWARD`): each position's products with the 27 × COUT tap weights (one read of
+x), then each output the sum of its 27 neighbours' products (one read of those); other heads
+take cuDNN's (their output padded to 8 channels).
+
+A first version (session 12) ran each tap as its own product over the wide side, reading it
+27 times: on an H200 its stem training pass took 2.39 ms against cuDNN's 0.91, its head
+1.93 against 1.60 (`benchmarks/conv_channels.py`).
+
+On an H200 (bf16, channels-last, 4×64³; `benchmarks/conv_channels.py --cases 3d`) the stem
+takes 0.108 ms forward and 0.274 ms with its weight gradient (cuDNN: 0.518 and 0.898), the
+head 0.609 ms with its gradients (cuDNN padded: 1.596); the compiled 3D benchmark trains
+2.3 % and infers 1.6 % faster with them (docs/performance.md, session 13). The head's
+forward by tap products takes 0.093 ms (cuDNN padded: 0.442), and with it the benchmark trains
+1.4 % and infers 1.3 % faster again (session 16).
+
+`conv.convolve` calls them for plain 3×3×3 `nn.Conv3d` layers (stride 1, padding 1) on CUDA
+whose narrower side has at most `THIN_CHANNELS` channels, as the custom ops below in eager
+and compiled code. They are on by default; `set_thin_conv_enabled(False)` or
+`DIFFUNET_THIN_CONV=0` turns them off. On a GPU older than compute capability 8.0 the ops
+compute with ATen.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffunet.accel.fused_norm import _FIXED_STRIDES, _interpreting, _memory_format, _sm_count
+from diffunet.model.layers.ops import (
+    CHANNEL_MULTIPLE,
+    autocast_dtype,
+    autocast_operands,
+    pad_output_channels,
+)
+
+try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs never call the kernels.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+#: A convolution is thin when its narrower side has at most this many channels.
+THIN_CHANNELS = 8
+#: The wider side's limit: one program holds a (positions × channels) float32 accumulator.
+MAX_CHANNELS = 128
+_TAPS = 27
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_ENABLED = os.environ.get("DIFFUNET_THIN_CONV", "1") != "0"
+
+
+def set_thin_conv_enabled(enabled: bool) -> None:
+    """Turn the thin-convolution kernels on or off (on by default; `DIFFUNET_THIN_CONV=0` starts
+    a process with them off)."""
+    global _ENABLED
+    _ENABLED = bool(enabled)
+
+
+def takes(conv: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `conv.convolve(conv, x)` runs these kernels: switched on, and `fits(conv, x)`."""
+    return _ENABLED and fits(conv, x)
+
+
+def fits(conv: nn.Module, x: torch.Tensor) -> bool:
+    """Whether the kernels can compute `conv(x)`: Triton on a GPU (or its interpreter on the CPU), a
+    3×3×3 `nn.Conv3d` with stride 1, padding 1 and zero padding mode, a thin side of at most
+    `THIN_CHANNELS` and a wide side of at most `MAX_CHANNELS` channels, whose sample has fewer
+    than 2³¹ elements (the kernels' offsets are 32-bit within a sample). (Whether the module
+    is plain enough to bypass its own call, and not being exported, `conv.convolve` decides.)"""
+    if not (triton is not None and (x.is_cuda or (x.device.type == "cpu" and _interpreting()))):
+        return False  # e.g. meta tensors: `F.conv3d` computes their shapes
+    if type(conv) is not nn.Conv3d or x.ndim != 5 or x.shape[1] != conv.in_channels:
+        return False  # a wrong channel count gets `F.conv3d`'s own error
+    if autocast_dtype(x.device.type) is None and (
+        x.dtype != conv.weight.dtype or x.dtype not in _DTYPES
+    ):
+        return False  # leave mismatches to `F.conv3d`'s own error
+    channels = (conv.in_channels, conv.out_channels)
+    return (
+        conv.kernel_size == (3, 3, 3)
+        and conv.stride == (1, 1, 1)
+        and conv.padding == (1, 1, 1)
+        and conv.dilation == (1, 1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+        and min(channels) <= THIN_CHANNELS
+        and max(channels) <= MAX_CHANNELS
+        and math.prod(x.shape[2:]) * max(channels) < 2**31
+    )
+
+
+def _blocks(thin: int, wide: int) -> tuple[int, int, int]:
+    """(BLOCK_K, K padded to whole blocks, BLOCK_CW) for a thin side of `thin` channels, whose
+    27 taps × channels are the reduction axis, and a wide side of `wide` channels. `tl.dot`
+    needs 16 or more on every side."""
+    k = _TAPS * thin
+    block_k = min(64, max(16, triton.next_power_of_2(k)))
+    return block_k, triton.cdiv(k, block_k) * block_k, max(16, triton.next_power_of_2(wide))
+
+
+def _gathers_input(in_channels: int, out_channels: int) -> bool:
+    """Whether the input is the thin side (a stem); else the output is (a head)."""
+    return in_channels <= out_channels
+
+
+def _layout(*tensors: torch.Tensor) -> torch.memory_format:
+    """Channels-last if any of `tensors` is (as cuDNN decides); a one-channel tensor is both."""
+    layouts = [_memory_format(t) for t in tensors]
+    return next((f for f in layouts if f != torch.contiguous_format), torch.contiguous_format)
+
+
+def _output_layout(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
+    """`thin_conv3d`'s output layout: a stem's wide output channels-last if `x` or the weight
+    is, a head's thin output in `x`'s layout."""
+    if _gathers_input(weight.shape[1], weight.shape[0]):
+        return _layout(x, weight)
+    return _memory_format(x)
+
+
+def _empty(like: torch.Tensor, channels: int, layout: torch.memory_format) -> torch.Tensor:
+    shape = (like.shape[0], channels, *like.shape[2:])
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=layout)
+
+
+def _packed(weight: torch.Tensor, gathered_input: bool) -> torch.Tensor:
+    """The weight as the (K, wide) matrix of the kernels, zero-padded to their blocks: row
+    `tap * thin + c` holds thin channel c's weights at tap (kd, kh, kw) = (tap // 9, tap // 3 %
+    3, tap % 3). The thin side is the input (a stem's forward) or the output (a head's input
+    gradient)."""
+    out_channels, in_channels = weight.shape[:2]
+    taps = weight.reshape(out_channels, in_channels, _TAPS)
+    taps = taps.permute(2, 1, 0) if gathered_input else taps.permute(2, 0, 1)  # (27, thin, wide)
+    thin, wide = taps.shape[1:]
+    _, k_padded, block_cw = _blocks(thin, wide)
+    packed = weight.new_zeros(k_padded, block_cw)
+    packed[: _TAPS * thin, :wide] = taps.reshape(_TAPS * thin, wide)
+    return packed
+
+
+if triton is not None:
+
+    @triton.jit
+    def _coordinates(ns, H, W):
+        return ns // (W * H), ns // W % H, ns % W
+
+    @triton.jit
+    def _gathered_tile(
+        t_ptr,
+        ks,
+        d_,
+        h_,
+        w_,
+        inside_n,
+        D,
+        H,
+        W,
+        stc,
+        std,
+        sth,
+        stw,
+        CT: tl.constexpr,
+        MIRRORED: tl.constexpr,
+    ):
+        """The (positions × ks) tile of one sample `t_ptr` of the thin tensor: element (n, k)
+        is channel k % CT at position n shifted by tap k // CT (by the opposite shift when
+        MIRRORED), zero outside the volume (the zero padding) and beyond the 27 × CT rows."""
+        tap = ks // CT
+        od = tap // 9 - 1
+        oh = tap // 3 % 3 - 1
+        ow = tap % 3 - 1
+        if MIRRORED:
+            od, oh, ow = -od, -oh, -ow
+        sd = d_[:, None] + od[None, :]
+        sh = h_[:, None] + oh[None, :]
+        sw = w_[:, None] + ow[None, :]
+        inside = (
+            inside_n[:, None]
+            & (ks < 27 * CT)[None, :]
+            & (sd >= 0)
+            & (sd < D)
+            & (sh >= 0)
+            & (sh < H)
+            & (sw >= 0)
+            & (sw < W)
+        )
+        offsets = (d_ * std + h_ * sth + w_ * stw)[:, None] + (
+            od * std + oh * sth + ow * stw + ks % CT * stc
+        )[None, :]
+        return tl.load(t_ptr + offsets, mask=inside, other=0.0)
+
+    @triton.jit
+    def _gather_conv_kernel(
+        t_ptr,
+        w_ptr,
+        b_ptr,
+        y_ptr,
+        D,
+        H,
+        W,
+        stb,
+        stc,
+        std,
+        sth,
+        stw,
+        syb,
+        syc,
+        syd,
+        syh,
+        syw,
+        CT: tl.constexpr,
+        CW: tl.constexpr,
+        MIRRORED: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        PRECISION: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_CW: tl.constexpr,
+    ):
+        b = tl.program_id(1).to(tl.int64)
+        ns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        inside_n = ns < D * H * W
+        d_, h_, w_ = _coordinates(ns, H, W)
+        cw = tl.arange(0, BLOCK_CW)
+        acc = tl.zeros([BLOCK_N, BLOCK_CW], dtype=tl.float32)
+        for k0 in tl.static_range(0, 27 * CT, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            a = _gathered_tile(
+                t_ptr + b * stb, ks, d_, h_, w_, inside_n, D, H, W, stc, std, sth, stw, CT, MIRRORED
+            )
+            w = tl.load(w_ptr + ks[:, None] * BLOCK_CW + cw[None, :])
+            acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cw, mask=cw < CW, other=0.0).to(tl.float32)[None, :]
+        tl.store(
+            y_ptr + b * syb + (d_ * syd + h_ * syh + w_ * syw)[:, None] + cw[None, :] * syc,
+            acc.to(y_ptr.dtype.element_ty),
+            mask=inside_n[:, None] & (cw < CW)[None, :],
+        )
+
+    @triton.jit
+    def _gather_weight_grad_kernel(
+        t_ptr,
+        u_ptr,
+        part_ptr,
+        wide_sum_ptr,
+        D,
+        H,
+        W,
+        rows,
+        chunks,
+        stb,
+        stc,
+        std,
+        sth,
+        stw,
+        sub,
+        suc,
+        sud,
+        suh,
+        suw,
+        CT: tl.constexpr,
+        CW: tl.constexpr,
+        MIRRORED: tl.constexpr,
+        SUM_WIDE: tl.constexpr,
+        PRECISION: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_CW: tl.constexpr,
+    ):
+        kc = tl.program_id(0)
+        run = tl.program_id(1)
+        b = (run // chunks).to(tl.int64)
+        start = (run % chunks) * rows
+        ks = kc * BLOCK_K + tl.arange(0, BLOCK_K)
+        cw = tl.arange(0, BLOCK_CW)
+        acc = tl.zeros([BLOCK_K, BLOCK_CW], dtype=tl.float32)
+        wide_sum = tl.zeros([BLOCK_CW], dtype=tl.float32)
+        for offset in range(0, rows, BLOCK_N):
+            ns = start + offset + tl.arange(0, BLOCK_N)
+            inside_n = ns < D * H * W
+            d_, h_, w_ = _coordinates(ns, H, W)
+            a = _gathered_tile(
+                t_ptr + b * stb, ks, d_, h_, w_, inside_n, D, H, W, stc, std, sth, stw, CT, MIRRORED
+            )
+            u = tl.load(
+                u_ptr + b * sub + (d_ * sud + h_ * suh + w_ * suw)[:, None] + cw[None, :] * suc,
+                mask=inside_n[:, None] & (cw < CW)[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(tl.trans(a), u, acc, input_precision=PRECISION)
+            if SUM_WIDE:
+                wide_sum += tl.sum(u.to(tl.float32), axis=0)
+        k_padded = tl.num_programs(0) * BLOCK_K
+        tl.store(part_ptr + run * k_padded * BLOCK_CW + ks[:, None] * BLOCK_CW + cw[None, :], acc)
+        if SUM_WIDE:  # noqa: SIM102  (a compile-time branch around a run-time one)
+            if kc == 0:
+                tl.store(wide_sum_ptr + run * BLOCK_CW + cw, wide_sum)
+
+    @triton.jit
+    def _tap_products_kernel(
+        x_ptr,
+        w_ptr,
+        z_ptr,
+        D,
+        H,
+        W,
+        first,
+        sxb,
+        sxc,
+        sxd,
+        sxh,
+        sxw,
+        CIN: tl.constexpr,
+        K: tl.constexpr,
+        K_PADDED: tl.constexpr,
+        PRECISION: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_CI: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """z[s, n, k] = Σ_ci x[first + s, ci, n] · w[ci, k]: each position's products with the
+        K = 27 × COUT tap weights (column tap * COUT + co), from one read of x."""
+        s = tl.program_id(1).to(tl.int64)
+        ns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        inside_n = ns < D * H * W
+        d_, h_, w_ = _coordinates(ns, H, W)
+        ci = tl.arange(0, BLOCK_CI)
+        x = tl.load(
+            x_ptr
+            + (first + s) * sxb
+            + (d_ * sxd + h_ * sxh + w_ * sxw)[:, None]
+            + ci[None, :] * sxc,
+            mask=inside_n[:, None] & (ci < CIN)[None, :],
+            other=0.0,
+        )
+        rows = (s * D * H * W + ns)[:, None] * K
+        for k0 in tl.static_range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(w_ptr + ci[:, None] * K_PADDED + ks[None, :])
+            z = tl.dot(x, w, input_precision=PRECISION)
+            tl.store(
+                z_ptr + rows + ks[None, :],
+                z.to(z_ptr.dtype.element_ty),
+                mask=inside_n[:, None] & (ks < K)[None, :],
+            )
+
+    @triton.jit
+    def _tap_sum_kernel(
+        z_ptr,
+        b_ptr,
+        y_ptr,
+        D,
+        H,
+        W,
+        first,
+        syb,
+        syc,
+        syd,
+        syh,
+        syw,
+        COUT: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        """y[first + s, co, n] = Σ_tap z[s, n + offset(tap), tap * COUT + co] (+ bias[co])."""
+        s = tl.program_id(1).to(tl.int64)
+        ns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        inside_n = ns < D * H * W
+        d_, h_, w_ = _coordinates(ns, H, W)
+        tap = tl.arange(0, 32)
+        sd = d_[:, None] + (tap // 9 - 1)[None, :]
+        sh = h_[:, None] + (tap // 3 % 3 - 1)[None, :]
+        sw = w_[:, None] + (tap % 3 - 1)[None, :]
+        inside = (
+            inside_n[:, None]
+            & (tap < 27)[None, :]
+            & (sd >= 0)
+            & (sd < D)
+            & (sh >= 0)
+            & (sh < H)
+            & (sw >= 0)
+            & (sw < W)
+        )
+        rows = (s * D * H * W + (sd * H + sh) * W + sw) * (27 * COUT)
+        out = y_ptr + (first + s) * syb + d_ * syd + h_ * syh + w_ * syw
+        for co in tl.static_range(COUT):
+            z = tl.load(z_ptr + rows + (tap * COUT + co)[None, :], mask=inside, other=0.0)
+            y = tl.sum(z.to(tl.float32), axis=1)
+            if HAS_BIAS:
+                y += tl.load(b_ptr + co).to(tl.float32)
+            tl.store(out + co * syc, y.to(y_ptr.dtype.element_ty), mask=inside_n)
+
+
+#: Launch parameters (`benchmarks/conv_channels.py` times the defaults; a sweep may set them).
+GATHER_BLOCK_N = 128
+WEIGHT_GRAD_BLOCK_N = 128
+WEIGHT_GRAD_PROGRAMS_PER_SM = 2
+NUM_WARPS = 4
+
+
+def _runs_kernels(device: torch.device) -> bool:
+    """Whether the kernels run on `device`: Triton's interpreter, or a GPU with bf16 tensor
+    cores (compute capability 8.0 or later). Elsewhere the ops compute with ATen, so the
+    graphs traced around them stay the same."""
+    return _tensor_cores(device) if device.type == "cuda" else _interpreting()
+
+
+@functools.cache
+def _tensor_cores(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def _precision(x: torch.Tensor) -> str:
+    """float32 products as cuDNN's convolutions compute them: TF32 where PyTorch lets cuDNN
+    use it (its default), else exact. (Ignored for 16-bit inputs.)"""
+    tf32 = x.is_cuda and torch.backends.cudnn.allow_tf32
+    return "tf32" if x.dtype != torch.float32 or tf32 else "ieee"
+
+
+def _gather_conv(
+    thin: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor | None,
+    wide_channels: int,
+    layout: torch.memory_format,
+    mirrored: bool,
+) -> torch.Tensor:
+    """The 3×3×3 convolution of the thin tensor (B, CT, D, H, W) into `wide_channels`, with
+    the `_packed` weight (taps mirrored for an input gradient), in `layout`."""
+    batch, thin_channels, *spatial = thin.shape
+    block_k, _, block_cw = _blocks(thin_channels, wide_channels)
+    y = _empty(thin, wide_channels, layout)
+    block_n = GATHER_BLOCK_N if block_cw <= 64 else GATHER_BLOCK_N // 2
+    grid = (triton.cdiv(spatial[0] * spatial[1] * spatial[2], block_n), batch)
+    _gather_conv_kernel[grid](
+        thin,
+        packed,
+        packed if bias is None else bias,
+        y,
+        *spatial,
+        *thin.stride(),
+        *y.stride(),
+        CT=thin_channels,
+        CW=wide_channels,
+        MIRRORED=mirrored,
+        HAS_BIAS=bias is not None,
+        PRECISION=_precision(thin),
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        BLOCK_CW=block_cw,
+        num_warps=NUM_WARPS,
+    )
+    return y
+
+
+def _gather_weight_grad(
+    thin: torch.Tensor, wide: torch.Tensor, mirrored: bool, sum_wide: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Σ over positions of the gathered thin tile times the wide tensor: the (27 × CT, CW)
+    float32 matrix of `_packed`'s layout, and the wide tensor's per-channel sums if `sum_wide`."""
+    batch, thin_channels, *spatial = thin.shape
+    wide_channels = wide.shape[1]
+    block_k, k_padded, block_cw = _blocks(thin_channels, wide_channels)
+    block_n = WEIGHT_GRAD_BLOCK_N
+    positions = spatial[0] * spatial[1] * spatial[2]
+    k_chunks = k_padded // block_k
+    programs = WEIGHT_GRAD_PROGRAMS_PER_SM * _sm_count(thin.device)
+    chunks = max(1, min(triton.cdiv(positions, block_n), triton.cdiv(programs, batch * k_chunks)))
+    rows = triton.cdiv(triton.cdiv(positions, chunks), block_n) * block_n
+    chunks = triton.cdiv(positions, rows)
+    part = thin.new_empty(batch * chunks, k_padded, block_cw, dtype=torch.float32)
+    wide_sum = thin.new_empty(batch * chunks, block_cw, dtype=torch.float32)
+    _gather_weight_grad_kernel[(k_chunks, batch * chunks)](
+        thin,
+        wide,
+        part,
+        wide_sum,
+        *spatial,
+        rows,
+        chunks,
+        *thin.stride(),
+        *wide.stride(),
+        CT=thin_channels,
+        CW=wide_channels,
+        MIRRORED=mirrored,
+        SUM_WIDE=sum_wide,
+        PRECISION=_precision(thin),
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        BLOCK_CW=block_cw,
+        num_warps=NUM_WARPS,
+    )
+    matrix = part.sum(0)[: _TAPS * thin_channels, :wide_channels]
+    return matrix, wide_sum.sum(0)[:wide_channels] if sum_wide else None
+
+
+#: Bytes of tap products that a head's forward holds at once: it runs the samples of a batch
+#: in groups whose products fit (a 64³ sample of a one-channel head: 14 MB in bf16).
+TAP_PRODUCTS_BYTES = 64 << 20
+TAP_PRODUCTS_BLOCK_N = 64
+TAP_SUM_BLOCK_N = 256
+
+
+_TAP_PRODUCT_SETTINGS = {
+    "auto": "auto",
+    "always": "always",
+    "never": "never",
+    "1": "always",
+    "0": "never",
+}
+
+
+def _tap_product_setting(name: str) -> str:
+    """The setting the environment variable `name` gives ("auto" when unset); a value that is
+    none warns and keeps "auto"."""
+    text = os.environ.get(name, "auto")
+    if text.lower() not in _TAP_PRODUCT_SETTINGS:
+        warnings.warn(
+            f"{name}={text!r} is not one of auto, always, never, 1, 0; keeping auto", stacklevel=2
+        )
+        return "auto"
+    return _TAP_PRODUCT_SETTINGS[text.lower()]
+
+
+#: Which heads' forwards run `_tap_product_forward` instead of cuDNN: "auto" (the default)
+#: those whose tap products (27 × COUT per position) are no wider than their input (CIN), so
+#: that the two passes move less than cuDNN's 27 reads of each x tile; "always" or "never"
+#: (env `DIFFUNET_TAP_PRODUCT_FORWARD`, also 1 or 0). Measured on an H200 for the 3D head
+#: (64 → 1, 4×64³, bf16): 0.093 ms where cuDNN takes 0.442 (`conv_channels.py`, session 15),
+#: and the compiled 3D benchmark trains 79.3 → 80.4 vol/s and infers 242.0 → 245.1 with it
+#: (`ab.py`, session 16). Wider heads are not measured, so they keep cuDNN under "auto".
+TAP_PRODUCT_FORWARD = _tap_product_setting("DIFFUNET_TAP_PRODUCT_FORWARD")
+
+
+def _tap_products_wanted(in_channels: int, out_channels: int) -> bool:
+    """Whether a head of these channels computes its forward by tap products
+    (`TAP_PRODUCT_FORWARD`)."""
+    if TAP_PRODUCT_FORWARD == "auto":
+        return _TAPS * out_channels <= in_channels
+    return TAP_PRODUCT_FORWARD == "always"
+
+
+def _thin_output(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.conv3d(x, weight, bias, padding=1)` for a thin output, in `x`'s layout: by tap
+    products where `_tap_products_wanted`, else cuDNN with the output channels zero-padded to
+    `CHANNEL_MULTIPLE` (0.437 against 0.547 ms for the 3D head on an H200;
+    `conv.output_padding`)."""
+    out_channels, in_channels = weight.shape[:2]
+    if _tap_products_wanted(in_channels, out_channels):
+        return _tap_product_forward(x, weight, bias)
+    extra = -out_channels % CHANNEL_MULTIPLE if x.is_cuda else 0
+    if extra:
+        weight, bias = pad_output_channels(weight, bias, extra)
+        weight = weight.contiguous(memory_format=_memory_format(x))
+    y = _empty(x, out_channels, _memory_format(x))
+    return y.copy_(F.conv3d(x, weight, bias, padding=1)[:, :out_channels])
+
+
+def _tap_product_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """A head's forward: each position's products with the 27 × COUT tap weights (z, in `x`'s
+    dtype), then each output the sum of its 27 neighbours' products, for a group of samples
+    at a time. Two passes that read x once and z once, where the direct convolution reads
+    every x tile 27 times."""
+    batch, in_channels, *spatial = x.shape
+    out_channels = weight.shape[0]
+    y = _empty(x, out_channels, _memory_format(x))
+    block_k, k_padded, block_ci = _blocks(out_channels, in_channels)
+    taps = _packed(weight, gathered_input=False).t().contiguous()  # (ci, tap * COUT + co)
+    positions, k = spatial[0] * spatial[1] * spatial[2], _TAPS * out_channels
+    group = max(1, min(batch, TAP_PRODUCTS_BYTES // (positions * k * x.element_size())))
+    z = x.new_empty(group, positions, k)
+    for first in range(0, batch, group):
+        samples = min(group, batch - first)
+        _tap_products_kernel[(triton.cdiv(positions, TAP_PRODUCTS_BLOCK_N), samples)](
+            x,
+            taps,
+            z,
+            *spatial,
+            first,
+            *x.stride(),
+            CIN=in_channels,
+            K=k,
+            K_PADDED=k_padded,
+            PRECISION=_precision(x),
+            BLOCK_N=TAP_PRODUCTS_BLOCK_N,
+            BLOCK_CI=block_ci,
+            BLOCK_K=block_k,
+            num_warps=NUM_WARPS,
+        )
+        _tap_sum_kernel[(triton.cdiv(positions, TAP_SUM_BLOCK_N), samples)](
+            z,
+            taps if bias is None else bias,
+            y,
+            *spatial,
+            first,
+            *y.stride(),
+            COUT=out_channels,
+            HAS_BIAS=bias is not None,
+            BLOCK_N=TAP_SUM_BLOCK_N,
+            num_warps=NUM_WARPS,
+        )
+    return y
+
+
+@torch.library.custom_op("diffunet::thin_conv3d", mutates_args=(), tags=_FIXED_STRIDES)
+def thin_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.conv3d(x, weight, bias, padding=1)` for a 3×3×3 weight with a thin side: a thin input
+    by the gather kernel, into channels-last if `x` or the weight is; a thin output by cuDNN
+    or the tap-product kernels (`TAP_PRODUCT_FORWARD`), in `x`'s layout. All three share one
+    dtype."""
+    out_channels, in_channels = weight.shape[:2]
+    if not _runs_kernels(x.device):
+        return _empty(x, out_channels, _output_layout(x, weight)).copy_(
+            F.conv3d(x, weight, bias, padding=1)
+        )
+    if not _gathers_input(in_channels, out_channels):
+        return _thin_output(x, weight, bias)
+    return _gather_conv(
+        x,
+        _packed(weight, gathered_input=True),
+        bias,
+        out_channels,
+        _output_layout(x, weight),
+        mirrored=False,
+    )
+
+
+@thin_conv3d.register_fake
+def _thin_conv3d_fake(x, weight, bias):
+    return _empty(x, weight.shape[0], _output_layout(x, weight))
+
+
+def _weight_from(matrix: torch.Tensor, weight: torch.Tensor, gathered_input: bool) -> torch.Tensor:
+    """The (out, in, 3, 3, 3) weight gradient from the kernels' (27 × thin, wide) matrix."""
+    out_channels, in_channels = weight.shape[:2]
+    if gathered_input:
+        taps = matrix.view(_TAPS, in_channels, out_channels).permute(2, 1, 0)
+    else:
+        taps = matrix.view(_TAPS, out_channels, in_channels).permute(1, 2, 0)
+    return taps.reshape(weight.shape).to(weight.dtype).contiguous()
+
+
+@torch.library.custom_op("diffunet::thin_conv3d_backward", mutates_args=(), tags=_FIXED_STRIDES)
+def thin_conv3d_backward(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, input_grad: bool, bias_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `thin_conv3d` for x (if `input_grad`), the weight, and the bias (if
+    `bias_grad`); empty tensors stand for those not asked for. The thin side is gathered and
+    the wide one read once: a stem's weight gradient reads the output gradient, a head's reads
+    x, and a head's input gradient is the gather kernel over its thin output gradient. (A stem's
+    input gradient, which a U-Net never needs, is ATen's.)"""
+    out_channels, in_channels = weight.shape[:2]
+    gathered_input = _gathers_input(in_channels, out_channels)
+    if not _runs_kernels(x.device):
+        return _aten_backward(grad, x, weight, input_grad, True, bias_grad)
+    grad_x = x.new_empty(0)
+    if gathered_input:
+        matrix, grad_bias = _gather_weight_grad(x, grad, mirrored=False, sum_wide=bias_grad)
+        if input_grad:
+            grad_x = _aten_backward(grad, x, weight, True, False, False)[0]
+    else:
+        matrix, _ = _gather_weight_grad(grad, x, mirrored=True, sum_wide=False)
+        grad_bias = grad.sum((0, 2, 3, 4), dtype=torch.float32) if bias_grad else None
+        if input_grad:
+            grad_x = _gather_conv(
+                grad,
+                _packed(weight, gathered_input=False),
+                None,
+                in_channels,
+                _memory_format(x),
+                mirrored=True,
+            )
+    return (
+        grad_x,
+        _weight_from(matrix, weight, gathered_input),
+        grad_bias.to(weight.dtype) if bias_grad else weight.new_empty(0),
+    )
+
+
+def _aten_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    input_grad: bool,
+    weight_grad: bool,
+    bias_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ATen's gradients (empty where not asked for), laid out as `thin_conv3d_backward` says."""
+    grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+        grad,
+        x,
+        weight,
+        [weight.shape[0]],
+        [1] * 3,
+        [1] * 3,
+        [1] * 3,
+        False,
+        [0] * 3,
+        1,
+        [input_grad, weight_grad, bias_grad],
+    )
+    return (
+        _empty(x, x.shape[1], _memory_format(x)).copy_(grad_x) if input_grad else x.new_empty(0),
+        grad_weight.contiguous() if weight_grad else weight.new_empty(0),
+        grad_bias if bias_grad else weight.new_empty(0),
+    )
+
+
+@thin_conv3d_backward.register_fake
+def _thin_conv3d_backward_fake(grad, x, weight, input_grad, bias_grad):
+    grad_x = _empty(x, x.shape[1], _memory_format(x)) if input_grad else x.new_empty(0)
+    grad_weight = weight.new_empty(weight.shape)  # contiguous, as `_weight_from` makes it
+    return grad_x, grad_weight, weight.new_empty(weight.shape[0] if bias_grad else 0)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+    ctx.layout = _memory_format(output)
+
+
+def _backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    want_x, want_weight, want_bias = ctx.needs_input_grad
+    want_bias = want_bias and ctx.has_bias
+    grad = grad.contiguous(memory_format=ctx.layout)
+    grad_x, grad_weight, grad_bias = thin_conv3d_backward(grad, x, weight, want_x, want_bias)
+    return (
+        grad_x if want_x else None,
+        grad_weight if want_weight else None,
+        grad_bias if want_bias else None,
+    )
+
+
+thin_conv3d.register_autograd(_backward, setup_context=_setup_context)
+
+
+def convolve(conv: nn.Conv3d, x: torch.Tensor, *, with_bias: bool) -> torch.Tensor:
+    """`conv(x)` (without its bias unless `with_bias`) by the kernels, in autocast's dtype when
+    autocast is on, else in the one dtype `fits` requires; `takes(conv, x)` must hold."""
+    x, weight, bias = autocast_operands(x, conv.weight, conv.bias if with_bias else None)
+    with torch.autocast(x.device.type, enabled=False):
+        return thin_conv3d(x, weight, bias)

@@ -1,0 +1,404 @@
+"""Restore images or volumes with a trained restoration model, with a per-pixel uncertainty map.
+
+For every input (an image, a `.npy` / TIFF-stack volume, or each of those in a folder) this
+writes the restored image in the input's size and bit depth (TIFF for 16-bit), an uncertainty
+map (a standard deviation in the input's intensity units, float32) and a side-by-side PNG
+(input | restored | uncertainty). Two kinds of uncertainty (`--uncertainty`):
+
+- `samples` (EMDiffuse): draw `--samples K` restorations from the diffusion model; the result
+  is their mean and the uncertainty their per-pixel standard deviation.
+- `aleatoric`: a model with an aleatoric head (preset `emdiffuse-aleatoric`, trained with the
+  Gaussian NLL) predicts the mean and the variance of the clean image directly, in one network
+  evaluation per draw at the highest noise level (needs prediction x0 or v).
+
+Inputs larger than the tile (default: the training crop) are restored in overlapping tiles
+blended without seams; memory is bounded by the tile size. Sizes the network cannot take are
+padded (replicating the border) and cropped back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from diffunet.apps.generate import LoadedModel, load_model
+from diffunet.apps.restoration import Restoration, restore
+from diffunet.apps.restore_io import list_inputs, output_paths, read_input, write_outputs
+from diffunet.apps.tiling import tiled_map
+from diffunet.diffusion import Diffusion, call_model, draw_noise
+from diffunet.model.unet import split_aleatoric
+from diffunet.training.distributed import enable_cudnn_autotuning, resolve_device
+from diffunet.training.run_config import SAMPLERS
+
+HELP = "restore images or volumes with a restoration model: result + uncertainty map"
+UNCERTAINTY_KINDS = ("auto", "samples", "aleatoric")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `diffunet restore`."""
+    parser.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        metavar="RUN_OR_CHECKPOINT",
+        help="a run folder or a checkpoint folder of an image-conditioned model",
+    )
+    parser.add_argument(
+        "--input",
+        required=True,
+        metavar="IMG_OR_FOLDER_OR_VOLUME",
+        help="an image (PNG/JPEG/BMP/TIFF), a volume (.npy, TIFF stack) or a folder of them",
+    )
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=8,
+        metavar="K",
+        help="restorations drawn per input (samples mode) or noise draws "
+        "(aleatoric mode); default 8",
+    )
+    parser.add_argument(
+        "--steps", type=int, metavar="N", help="sampling steps (default: the run's)"
+    )
+    parser.add_argument("--sampler", choices=SAMPLERS, help="default: the run's (dpm++)")
+    parser.add_argument("--eta", type=float, metavar="ETA", help="DDIM noise scale in [0, 1]")
+    parser.add_argument(
+        "--uncertainty",
+        choices=UNCERTAINTY_KINDS,
+        default="auto",
+        help="samples: spread of K diffusion samples; aleatoric: the model's "
+        "predicted variance; auto (default): aleatoric for models with an "
+        "aleatoric head trained to predict x0 or v, else samples",
+    )
+    parser.add_argument(
+        "--tile",
+        metavar="T",
+        help="tile side, or one per axis as H,W / D,H,W (default: the training crop)",
+    )
+    parser.add_argument(
+        "--overlap",
+        metavar="O",
+        help="tile overlap, or one per axis (default: a quarter of the tile)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        metavar="N",
+        help="most samples per network call (default: all K of a tile)",
+    )
+    parser.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default 0)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+
+
+# ---------------------------------------------------------------------------- options
+def parse_sizes(text: str | None, dims: int, option: str) -> tuple[int, ...] | None:
+    """`"64"` or `"16,64,64"` → one int per spatial axis; None stays None."""
+    if text is None:
+        return None
+    try:
+        values = tuple(int(v) for v in str(text).split(","))
+    except ValueError:
+        values = ()
+    if len(values) == 1:
+        values = values * dims
+    if len(values) != dims:
+        raise ValueError(
+            f"{option} {text!r} is invalid: expected one integer or {dims} "
+            "comma-separated integers (one per spatial axis)"
+        )
+    return values
+
+
+def tile_geometry(
+    model, tile: Sequence[int] | None, overlap: Sequence[int] | None, spatial: Sequence[int]
+) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """The tile size (a multiple of what the network needs) and overlap for an input.
+
+    The default tile is the model's training size (`config.image_size`), else the whole input.
+    """
+    config = model.config
+    multiple = config.size_multiple()
+    if tile is None:
+        trained = config.spatial_size()
+        tile = (
+            tuple(trained) if trained else tuple(-(-s // m) * m for s, m in zip(spatial, multiple))
+        )
+    for t, m in zip(tile, multiple):
+        if t < m or t % m:
+            raise ValueError(
+                f"--tile {','.join(map(str, tile))} is invalid for this model: every "
+                f"tile side must be a positive multiple of {','.join(map(str, multiple))} "
+                "(2 per downsampling level)"
+            )
+    if overlap is not None:
+        for t, o in zip(tile, overlap):
+            if not 0 <= o < t:
+                raise ValueError(
+                    f"--overlap {','.join(map(str, overlap))} is invalid for tile "
+                    f"{','.join(map(str, tile))}: expected 0 <= overlap < tile "
+                    "(a quarter of the tile is a good choice)"
+                )
+    return tuple(tile), None if overlap is None else tuple(overlap)
+
+
+def pad_to_multiple(image: torch.Tensor, multiple: Sequence[int]) -> torch.Tensor:
+    """Pad `(B, C, *spatial)` at the far end of each axis (replicating) to a multiple."""
+    spatial = image.shape[2:]
+    pads: list[int] = []
+    for s, m in zip(reversed(spatial), reversed(multiple)):
+        pads += [0, (-s) % m]
+    if not any(pads):
+        return image
+    return F.pad(image, pads, mode="replicate")
+
+
+# ---------------------------------------------------------------------------- aleatoric
+def aleatoric_x0(
+    prediction: str,
+    mean: torch.Tensor,
+    log_variance: torch.Tensor,
+    x_t: torch.Tensor,
+    alpha_bar: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of x₀ implied by an aleatoric prediction of kind `prediction` at x_t."""
+    variance = log_variance.float().exp()
+    if prediction == "x0":
+        return mean, variance
+    if prediction == "v":  # x₀ = sqrt(ᾱ) x_t − sqrt(1 − ᾱ) v
+        a, s = alpha_bar**0.5, (1.0 - alpha_bar) ** 0.5
+        return a * x_t - s * mean, s * s * variance
+    raise ValueError(
+        f"aleatoric uncertainty needs a model trained to predict x0 or v; this one predicts "
+        f"{prediction!r}, whose x₀ = (x_t − sqrt(1−ᾱ) ε) / sqrt(ᾱ) is unusable at the noise level "
+        "where x_t carries no signal. Use --uncertainty samples, or train with prediction x0 or v"
+    )
+
+
+@torch.no_grad()
+def restore_aleatoric(
+    model,
+    diffusion: Diffusion,
+    image: torch.Tensor,
+    num_draws: int = 8,
+    *,
+    tile_size: int | Sequence[int] | None = None,
+    overlap: int | Sequence[int] | None = None,
+    batch_size: int | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = True,
+) -> Restoration:
+    """The aleatoric model's own mean and standard deviation of the clean image.
+
+    The model is evaluated at the schedule's highest noise level, where x_t is pure noise, so
+    its output is its estimate of E[x₀ | input] and, from the aleatoric head, Var[x₀ | input].
+    The `num_draws` noise draws are averaged (the variances too, plus the small spread of the
+    means). `image` is the model's cond `(B, C, *spatial)` in [−1, 1]; the mean is clipped to it.
+    """
+    if not getattr(model.config, "aleatoric", False):
+        raise ValueError(
+            "--uncertainty aleatoric needs a model with an aleatoric head "
+            "(config.aleatoric = true, e.g. preset emdiffuse-aleatoric); this one has "
+            "none: use --uncertainty samples"
+        )
+    step = diffusion.num_timesteps - 1
+    alpha_bar = diffusion.schedule.alpha_bar(step)
+    device = next(model.parameters()).device
+    channels = model.config.in_channels
+
+    def region_fn(region: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, total = region.shape[0], region.shape[0] * num_draws
+        cond = region.to(device).repeat_interleave(num_draws, dim=0)
+        chunk = batch_size or total
+        means, variances = [], []
+        for first in range(0, total, chunk):
+            part = cond[first : first + chunk]
+            size = part.shape[0]
+            x_t = draw_noise((size, channels, *region.shape[2:]), generator, device)
+            t = torch.full((size,), step, dtype=torch.long)
+            levels = torch.full((size,), alpha_bar, dtype=torch.float64)
+            mean, log_variance = split_aleatoric(call_model(model, x_t, t, levels, cond=part))
+            mean, variance = aleatoric_x0(diffusion.prediction, mean, log_variance, x_t, alpha_bar)
+            means.append(mean)
+            variances.append(variance)
+        shape = (batch, num_draws, channels, *region.shape[2:])
+        mean = torch.cat(means).reshape(shape)
+        variance = torch.cat(variances).reshape(shape).mean(1) + mean.var(1, correction=0)
+        return mean.mean(1).clamp(-1.0, 1.0).cpu(), variance.cpu()
+
+    if tile_size is None:
+        tile_size = model.config.spatial_size() or tuple(image.shape[2:])
+    mean, variance = tiled_map(region_fn, image, tile_size, overlap, progress=progress)
+    return Restoration(mean, variance.clamp(min=0).sqrt())
+
+
+# ---------------------------------------------------------------------------- one input
+def restore_pixels(
+    loaded: LoadedModel,
+    pixels: np.ndarray,
+    *,
+    kind: str = "samples",
+    samples: int = 8,
+    steps: int = 20,
+    sampler: str = "dpm++",
+    eta: float = 0.0,
+    tile: Sequence[int] | None = None,
+    overlap: Sequence[int] | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Restore one image or volume `pixels` (float in [0, 1], no channel axis).
+
+    Returns the restoration and its per-pixel standard deviation, both in [0, 1] units and of
+    `pixels`' shape. This is exactly what `diffunet restore` runs for each input.
+    """
+    model, config = loaded.model, loaded.model.config
+    tensor = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))[None, None] * 2 - 1
+    tensor = tensor.expand(-1, config.cond_channels, *tensor.shape[2:])
+    spatial = tuple(pixels.shape)
+    tile_size, overlap = tile_geometry(model, tile, overlap, spatial)
+    padded = pad_to_multiple(tensor, config.size_multiple())
+    generator = torch.Generator().manual_seed(seed)
+    # One tile when the input fits: tiled_map then returns the tile's result unchanged.
+    common = dict(
+        tile_size=tile_size,
+        overlap=overlap,
+        batch_size=batch_size,
+        generator=generator,
+        progress=progress,
+    )
+    if kind == "aleatoric":
+        result = restore_aleatoric(model, loaded.diffusion, padded, samples, **common)
+    else:
+        result = restore(
+            model,
+            loaded.diffusion,
+            padded,
+            samples,
+            sampler=sampler,
+            steps=steps,
+            eta=eta,
+            **common,
+        )
+    crop = (0, slice(None), *(slice(0, s) for s in spatial))
+    mean = ((result.mean[crop].mean(0) + 1) / 2).clamp(0, 1)
+    std = result.std[crop].mean(0) / 2
+    return mean.numpy().astype(np.float32), std.numpy().astype(np.float32)
+
+
+def uncertainty_kind(requested: str, loaded: LoadedModel) -> str:
+    """`samples` or `aleatoric` for `--uncertainty`.
+
+    `auto` is `aleatoric` for a model with an aleatoric head trained to predict x0 or v, else
+    `samples`.
+    """
+    aleatoric = bool(loaded.model.config.aleatoric)
+    usable = aleatoric and loaded.diffusion.prediction in ("x0", "v")
+    kind = ("aleatoric" if usable else "samples") if requested == "auto" else requested
+    if kind == "aleatoric" and not aleatoric:
+        raise ValueError(
+            "--uncertainty aleatoric needs a model with an aleatoric head (preset "
+            "emdiffuse-aleatoric); this model has none: use --uncertainty samples"
+        )
+    if kind == "aleatoric":
+        zeros = torch.zeros(1)
+        aleatoric_x0(loaded.diffusion.prediction, zeros, zeros, zeros, 0.5)  # x0 or v, else error
+    return kind
+
+
+def check_model(loaded: LoadedModel) -> None:
+    """A restoration model takes the degraded image as cond and outputs as many channels."""
+    config = loaded.model.config
+    if not config.cond_channels:
+        raise ValueError(
+            f"{loaded.checkpoint} is not a restoration model: it has no image "
+            "conditioning (cond_channels=0); train one on paired data "
+            "(input/ → target/) or with preset emdiffuse"
+        )
+    if config.dims not in (2, 3):
+        raise ValueError(
+            f"{loaded.checkpoint} is a {config.dims}D model; `diffunet restore` "
+            "restores 2D images and 3D volumes"
+        )
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """One-line errors for option values that cannot work."""
+    for name in ("samples", "steps", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if args.eta is not None and not 0.0 <= args.eta <= 1.0:
+        raise ValueError(f"--eta must be in [0, 1], got {args.eta}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was given but no CUDA device is available")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; pass a folder for the results")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check everything, then restore each input and write its three outputs."""
+    check_options(args)
+    files = list_inputs(args.input)
+    device = resolve_device(args.device)
+    loaded = load_model(args.source, device=device)
+    enable_cudnn_autotuning(device, loaded.model.config.dims)
+    check_model(loaded)
+    config, defaults = loaded.model.config, loaded.sample_defaults
+    kind = uncertainty_kind(args.uncertainty, loaded)
+    tile = parse_sizes(args.tile, config.dims, "--tile")
+    overlap = parse_sizes(args.overlap, config.dims, "--overlap")
+    value_range = loaded.data.get("cond_value_range")
+    float_range = (
+        tuple(value_range) if isinstance(value_range, list) and len(value_range) == 2 else None
+    )
+    for file in files:  # read every input once first: a bad file stops before any work
+        source = read_input(file, config.dims, float_range)
+        tile_geometry(loaded.model, tile, overlap, source.pixels.shape)
+    options = dict(
+        kind=kind,
+        samples=args.samples,
+        steps=args.steps or defaults.get("steps", 20),
+        sampler=args.sampler or defaults.get("sampler", "dpm++"),
+        eta=args.eta if args.eta is not None else defaults.get("eta", 0.0),
+        tile=tile,
+        overlap=overlap,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        progress=sys.stderr.isatty(),
+    )
+    what = (
+        f"spread of {args.samples} samples ({options['sampler']}, {options['steps']} steps)"
+        if kind == "samples"
+        else f"aleatoric variance ({args.samples} draws)"
+    )
+    print(
+        f"restoring {len(files)} input(s) with {loaded.checkpoint}; uncertainty: {what}",
+        file=sys.stderr,
+    )
+    out_dir = Path(args.out)
+    for index, file in enumerate(files, 1):
+        started = time.perf_counter()
+        source = read_input(file, config.dims, float_range)
+        restored, std = restore_pixels(loaded, source.pixels, **options)
+        paths = write_outputs(source, restored, std, out_dir)
+        shape = "×".join(map(str, source.pixels.shape))
+        print(
+            f"[{index}/{len(files)}] {file.name} ({shape}, {source.bit_depth}) → "
+            f"{paths['restored'].name}, {paths['uncertainty'].name}, "
+            f"{paths['comparison'].name} ({time.perf_counter() - started:.1f} s)"
+        )
+    print(f"wrote {3 * len(files)} file(s) to {out_dir}")
+    return 0
+
+
+__all__ = ["HELP", "add_arguments", "output_paths", "restore_aleatoric", "restore_pixels", "run"]

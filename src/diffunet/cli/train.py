@@ -1,0 +1,388 @@
+"""Train a diffusion U-Net. With no options: a small model on the embedded handwritten digits.
+
+Settings come from defaults ← `--config FILE.yaml` ← command-line options; model fields can be
+overridden as KEY=VALUE after the options (`diffunet train --preset ldm model_channels=64`).
+Everything is checked before the run folder is created, so a bad option or file never leaves a
+half-written run. `--resume` continues the run in `--out` exactly where its last checkpoint
+left it. Under `torchrun --nproc_per_node=N` the same command trains data-parallel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from diffunet.data import TASKS, open_dataset
+from diffunet.model.checkpoint import atomic_write_bytes
+from diffunet.training import distributed
+from diffunet.training.run_config import (
+    COMPILE_MODES,
+    DEVICES,
+    PARALLEL_MODES,
+    PRECISIONS,
+    SAMPLERS,
+    RunConfig,
+    RunConfigError,
+    from_dict,
+    load_yaml,
+    merge,
+    parse_override,
+)
+from diffunet.training.state import STATE_NAME, load_training_state
+from diffunet.training.trainer import CONFIG_YAML, Trainer, resolve_precision
+
+HELP = "train a model (default: a small U-Net on the embedded digits, a few minutes on a CPU)"
+
+#: (option dest, section, key): the command-line options that map onto config settings.
+OPTION_MAP = (
+    ("data", "data", "source"),
+    ("task", "data", "task"),
+    ("image_size", "data", "image_size"),
+    ("steps", "train", "steps"),
+    ("batch_size", "train", "batch_size"),
+    ("lr", "train", "lr"),
+    ("seed", "train", "seed"),
+    ("precision", "train", "precision"),
+    ("device", "train", "device"),
+    ("ema_decay", "train", "ema_decay"),
+    ("grad_clip", "train", "grad_clip"),
+    ("warmup", "train", "warmup"),
+    ("checkpoint_every", "train", "checkpoint_every"),
+    ("sample_every", "train", "sample_every"),
+    ("log_every", "train", "log_every"),
+    ("threads", "train", "threads"),
+    ("parallel", "train", "parallel"),
+    ("compile_mode", "train", "compile_mode"),
+    ("sampler", "sample", "sampler"),
+    ("sample_steps", "sample", "steps"),
+    ("guidance", "sample", "guidance"),
+)
+#: Settings that define a run; `--resume` refuses to change them.
+IDENTITY = {
+    ("data", "source"),
+    ("data", "image_size"),
+    ("data", "task"),
+    ("train", "batch_size"),
+    ("train", "seed"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `diffunet train`."""
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="model config overrides, e.g. model_channels=64 channel_mult=[1,2,2]",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE.yaml",
+        help="run config (sections preset, model, "
+        "data, diffusion, train, sample); options below override it",
+    )
+    parser.add_argument(
+        "--preset",
+        metavar="NAME",
+        help="model preset (default: a 1.1M-parameter "
+        "ddpm-cifar10-style U-Net for the digits); see `diffunet info`",
+    )
+    parser.add_argument(
+        "--data",
+        metavar="digits|em-pairs|PATH",
+        help="'digits' (default), 'em-pairs' (embedded noisy → clean pairs; the "
+        "default for --task restore), an image folder, a paired folder with "
+        "input/ and target/, or .npy/.npz arrays",
+    )
+    parser.add_argument(
+        "--task",
+        choices=TASKS,
+        help="restore: learn input → target from paired data (default preset "
+        "emdiffuse); generate: learn to draw samples (pairs: the targets only); "
+        "default: restore for paired data, else generate",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        metavar="N",
+        help="training size (image folders are resized and centre-cropped, pairs "
+        "randomly cropped at native resolution; default 16 for the digits, 32 "
+        "for image folders, 64 for paired images and em-pairs)",
+    )
+    parser.add_argument("--steps", type=int, metavar="N", help="optimizer steps (default 1500)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        metavar="N",
+        help="global batch size, split over processes (default 64)",
+    )
+    parser.add_argument("--lr", type=float, metavar="LR", help="peak learning rate (default 2e-3)")
+    parser.add_argument("--seed", type=int, metavar="N", help="random seed (default 0)")
+    parser.add_argument(
+        "--out", metavar="DIR", help="run folder (default: a new folder under runs/)"
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        metavar="N",
+        help="write a checkpoint every N steps (default 500; one is always written at the end)",
+    )
+    parser.add_argument(
+        "--sample-every",
+        type=int,
+        metavar="N",
+        help="write a sample grid every N steps (default 500; 0 = only at the end)",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
+    )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="autocast dtype with float32 master weights (default auto: bf16 "
+        "where the device supports it, else fp32)",
+    )
+    parser.add_argument("--device", choices=DEVICES, help="default auto: CUDA when available")
+    parser.add_argument(
+        "--ema-decay",
+        type=float,
+        metavar="D",
+        help="EMA decay (default 0.995, warmed up as min(D, (1+n)/(10+n)))",
+    )
+    parser.add_argument(
+        "--grad-clip",
+        type=float,
+        metavar="NORM",
+        help="clip the gradient norm (default 1.0; 0 = off)",
+    )
+    parser.add_argument(
+        "--warmup", type=int, metavar="N", help="linear LR warm-up steps (default 100)"
+    )
+    parser.add_argument("--sampler", choices=SAMPLERS, help="sampler for grids (default dpm++)")
+    parser.add_argument("--sample-steps", type=int, metavar="N", help="sampling steps (default 20)")
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        metavar="S",
+        help="classifier-free guidance for grids of class-conditional models",
+    )
+    parser.add_argument("--log-every", type=int, metavar="N", help="log every N steps (default 50)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="CPU threads per process (default: the cores / processes per node)",
+    )
+    parser.add_argument(
+        "--no-eval", action="store_true", help="skip the digits evaluation at the end"
+    )
+    parser.add_argument(
+        "--parallel",
+        choices=PARALLEL_MODES,
+        help="under torchrun: ddp replicates the model on every process (default); "
+        "fsdp shards parameters, gradients, optimizer state and EMA across them, "
+        "for models whose training state does not fit one device",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model for training (pays off on GPUs for runs "
+        "longer than the minute or two it takes to compile)",
+    )
+    parser.add_argument(
+        "--compile-mode",
+        choices=COMPILE_MODES,
+        help="implies --compile; reduce-overhead also records the step's forward "
+        "and backward as CUDA graphs (one process on a GPU only); default: auto, "
+        "which records them in one-process GPU runs and compiles in the default "
+        "mode on the CPU and under torchrun",
+    )
+
+
+def cli_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given on the command line, as a partial config mapping."""
+    settings: dict[str, Any] = {}
+    for dest, section, key in OPTION_MAP:
+        value = getattr(args, dest, None)
+        if value is not None:
+            settings.setdefault(section, {})[key] = value
+    if getattr(args, "no_eval", False):
+        settings.setdefault("train", {})["eval"] = False
+    if getattr(args, "compile", False) or getattr(args, "compile_mode", None):
+        settings.setdefault("train", {})["compile"] = True
+    if args.preset:
+        settings["preset"] = args.preset
+    if args.overrides:
+        settings["model"] = dict(parse_override(text) for text in args.overrides)
+    return settings
+
+
+def resume_config(run_dir: Path, args: argparse.Namespace, settings: dict[str, Any]) -> RunConfig:
+    """The stored config of `run_dir` with the allowed command-line changes applied."""
+    if args.config:
+        raise RunConfigError("--resume takes the config from the run folder; drop --config")
+    path = run_dir / CONFIG_YAML
+    if not path.is_file():
+        raise RunConfigError(
+            f"nothing to resume in {run_dir}: it has no {CONFIG_YAML}; start a new "
+            "run without --resume"
+        )
+    stored = load_yaml(path)
+    stored_dict = stored.to_dict()
+    for section, values in settings.items():
+        if section == "preset":
+            if values != stored.preset:
+                raise RunConfigError(
+                    f"--preset {values} differs from the run's preset "
+                    f"{stored.preset}; a resumed run keeps its model"
+                )
+            continue
+        if section == "model":
+            for key, value in values.items():
+                if stored.model.get(key) != value:
+                    raise RunConfigError(
+                        f"model override {key}={value!r} differs from the run's "
+                        f"{key}={stored.model.get(key)!r}; a resumed run keeps its model"
+                    )
+            continue
+        for key, value in values.items():
+            if (section, key) in IDENTITY and stored_dict[section][key] not in (None, value):
+                raise RunConfigError(
+                    f"{section}.{key}={value!r} differs from the resumed run's "
+                    f"{stored_dict[section][key]!r}; resume with the same value "
+                    "or start a new run"
+                )
+    changes = {k: v for k, v in settings.items() if k not in ("preset", "model")}
+    return from_dict(merge(stored_dict, changes), source=str(path))
+
+
+def new_config(args: argparse.Namespace, settings: dict[str, Any]) -> RunConfig:
+    """Defaults ← `--config` YAML ← command line."""
+    base: dict[str, Any] = {}
+    if args.config:
+        path = Path(args.config)
+        load_yaml(path)  # validates keys, with a one-line error for bad YAML
+        base = yaml.safe_load(path.read_text()) or {}
+    return from_dict(merge(base, settings), source=args.config or "command line")
+
+
+def default_run_dir(source: str) -> Path:
+    """A fresh folder under `runs/`: `runs/<date>-<time>-<data name>`."""
+    name = "digits" if source == "digits" else Path(source).stem or "data"
+    base = Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
+    path, i = base, 1
+    while path.exists():
+        i += 1
+        path = base.with_name(f"{base.name}-{i}")
+    return path
+
+
+def check_new_run_dir(run_dir: Path) -> None:
+    """A new run may use a missing or empty folder, or one that never got past its config."""
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise RunConfigError(f"--out {run_dir} exists and is not a folder")
+    if (run_dir / STATE_NAME).exists():
+        raise RunConfigError(
+            f"--out {run_dir} already holds a run; pass --resume to continue it or "
+            "choose another --out"
+        )
+    if any(run_dir.iterdir()) and not (run_dir / CONFIG_YAML).exists():
+        raise RunConfigError(
+            f"--out {run_dir} is a non-empty folder that is not a diffunet run; "
+            "choose a new or empty folder"
+        )
+
+
+def _agree_on_run_dir(run_dir: Path, info: distributed.DistInfo) -> Path:
+    """Rank 0's default run folder on every rank (timestamps may differ by a second)."""
+    if not info.enabled:
+        return run_dir
+    holder = [str(run_dir)]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    return Path(holder[0])
+
+
+def run(args: argparse.Namespace) -> int:
+    """Resolve the config, load the data, then train."""
+    settings = cli_settings(args)
+    if args.resume:
+        if not args.out:
+            raise RunConfigError("--resume needs --out RUN_DIR, the run to continue")
+        run_dir = Path(args.out)
+        config = resume_config(run_dir, args, settings)
+    else:
+        config = new_config(args, settings)
+        run_dir = Path(args.out) if args.out else default_run_dir(config.data.source)
+        check_new_run_dir(run_dir)
+    config.validate()
+
+    info = distributed.setup(config.train.device)
+    try:
+        return _train(config, run_dir, info, args)
+    finally:
+        distributed.cleanup()
+
+
+def _train(
+    config: RunConfig, run_dir: Path, info: distributed.DistInfo, args: argparse.Namespace
+) -> int:
+    if info.device.type == "cpu":
+        torch.set_num_threads(config.train.threads or distributed.default_threads(info))
+    run_dir = _agree_on_run_dir(run_dir, info)
+    explicit_dims = config.model.get("dims")
+    data = open_dataset(
+        config.data.source,
+        config.data.image_size,
+        dims=explicit_dims,
+        task=config.data.task,
+        seed=config.train.seed,
+    )
+    config.data.task = config.data.task or ("restore" if data.cond is not None else "generate")
+    distributed.enable_cudnn_autotuning(info.device, data.dims)
+    if config.data.image_size is None and data.dims == 2 and len(set(data.spatial_size)) == 1:
+        config.data.image_size = data.spatial_size[0]
+
+    state = None
+    if args.resume and (run_dir / STATE_NAME).exists():
+        state = load_training_state(run_dir / STATE_NAME)
+    # Everything is validated here (model config, batch size vs data, precision) before any
+    # file is written.
+    config.train.precision = resolve_precision(config.train.precision, info.device)
+    config.train.device = info.device.type
+    trainer = Trainer(config, data, run_dir, info, resume_state=state)
+    config.model = trainer.model_config.to_dict()
+    config.diffusion.cond_drop_prob = trainer.cond_drop_prob
+
+    if info.is_main:
+        text = config.to_yaml()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(run_dir / CONFIG_YAML, lambda tmp: Path(tmp).write_text(text))
+        if args.resume and state is None:
+            print(
+                f"diffunet train: {run_dir} has no checkpoint yet; starting from step 0",
+                file=sys.stderr,
+            )
+    distributed.barrier(info)
+
+    result = trainer.train()
+    if info.is_main:
+        minutes, seconds = divmod(result.seconds, 60)
+        print(f"trained {result.steps} steps in {int(minutes)}:{seconds:04.1f} → {result.run_dir}")
+        print(f"checkpoint: {result.checkpoint}")
+        if result.grid:
+            print(f"samples: {result.grid}")
+        if result.scores:
+            acc = result.scores.get("accuracy")
+            print(
+                f"digits Fréchet distance: {result.scores['frechet_distance']:.2f}"
+                + (f", recognisability: {acc:.1%}" if acc is not None else "")
+            )
+    return 0

@@ -1,1 +1,0 @@
-"""One module per `diffunet` command (see `diffunet.cli`)."""

@@ -1,0 +1,408 @@
+"""Checkpoints in the Hugging Face layout: a folder with `config.json` + `model.safetensors`.
+
+Weights never go through pickle. Loading checks the weights against the config and names
+every missing, unexpected, mis-shaped or mis-typed tensor; a missing, truncated or corrupt
+file, bad JSON or an invalid config each raise a :class:`CheckpointError` that names the file.
+
+`PretrainedMixin` gives a model class built from a `UNetConfig` (`UNet`) its
+`save_pretrained` / `from_pretrained` / `push_to_hub`. This module knows no model class, so
+`unet.py` can import it; `diffunet.model.checkpoint` is the public face, with `load_pretrained` defaulting
+to `UNet`. Hugging Face Hub ids (`owner/name`) are resolved through `huggingface_hub` when it
+is installed and a network is available.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from diffunet.model.config import ConfigError, UNetConfig
+
+if TYPE_CHECKING:  # for annotations only: importing unet here would be a cycle
+    from diffunet.model.unet import UNet
+
+_Model = TypeVar("_Model", bound="PretrainedMixin")
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_TAG = "diffunet"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and what is wrong."""
+
+
+# ---------------------------------------------------------------------------- helpers
+def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip wrapper prefixes (`module.` from DDP, `_orig_mod.` from torch.compile)."""
+    cleaned = {}
+    for key, value in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            while key.startswith(prefix):
+                key = key[len(prefix) :]
+        cleaned[key.replace("._orig_mod.", ".")] = value
+    return cleaned
+
+
+def unwrap_model(model: torch.nn.Module) -> UNet:
+    """The `UNet` inside DDP / FSDP / torch.compile / AveragedModel wrappers."""
+    seen = 0
+    while not isinstance(model, PretrainedMixin):
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None or seen > 8:
+            raise TypeError(
+                f"expected a diffunet UNet (possibly wrapped), got {type(model).__name__}"
+            )
+        model, seen = inner, seen + 1
+    return model
+
+
+def atomic_write_bytes(path: str | Path, write: Callable[[str], Any]) -> None:
+    """Call `write(tmp_path)` then fsync and rename onto `path`, so readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _version() -> str:
+    from diffunet import __version__
+
+    return __version__
+
+
+# ---------------------------------------------------------------------------- saving
+def save_pretrained(model: torch.nn.Module, directory: str | Path) -> Path:
+    """Write `config.json` and `model.safetensors` for `model` into `directory` (atomically).
+
+    Tensors are stored in the model's own dtype, so `load_pretrained` gives back a
+    bit-identical model.
+    """
+    unet = unwrap_model(model)
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(
+            f"cannot save a checkpoint to {directory}: it is a file, not a folder"
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {
+        k: v.detach().contiguous().cpu() for k, v in clean_state_dict(unet.state_dict()).items()
+    }
+    metadata = {"format": "pt", "library": FORMAT_TAG, "diffunet_version": _version()}
+    atomic_write_bytes(
+        directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata=metadata)
+    )
+    config_text = unet.config.to_json()
+    atomic_write_bytes(
+        directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_text + "\n")
+    )
+    return directory
+
+
+# ---------------------------------------------------------------------------- loading
+def resolve_checkpoint(
+    name_or_path: str | Path,
+    *,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+) -> Path:
+    """The local folder of a checkpoint: `name_or_path` itself, or a Hub id downloaded.
+
+    Only `config.json` and `model.safetensors` are fetched from the Hub, never pickles.
+    """
+    path = Path(name_or_path)
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(
+                f"{path} is a file; a checkpoint is a folder with {CONFIG_NAME} and {WEIGHTS_NAME}"
+            )
+        return path
+    if not _HUB_ID.match(str(name_or_path)):
+        raise CheckpointError(f"checkpoint folder {path} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as err:
+        raise CheckpointError(
+            f"{name_or_path} is not a local folder; to fetch it from the Hugging Face Hub "
+            "install huggingface_hub (pip install huggingface_hub)"
+        ) from err
+    try:
+        folder = snapshot_download(
+            str(name_or_path),
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            local_files_only=local_files_only,
+            allow_patterns=[CONFIG_NAME, WEIGHTS_NAME],
+        )
+    except Exception as err:  # network, auth and not-found errors all mean "cannot load"
+        raise CheckpointError(
+            f"{name_or_path} is not a local folder and could not be fetched from the Hugging "
+            f"Face Hub ({type(err).__name__}: {err}); check the id, your network or token"
+        ) from err
+    return Path(folder)
+
+
+def load_config(directory: str | Path) -> UNetConfig:
+    """Read and validate the `config.json` of a checkpoint folder."""
+    directory = Path(directory)
+    if not directory.exists():
+        raise CheckpointError(f"checkpoint folder {directory} does not exist")
+    if not directory.is_dir():
+        raise CheckpointError(
+            f"{directory} is not a folder; a checkpoint is a folder with "
+            f"{CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        present = ", ".join(sorted(p.name for p in directory.iterdir())) or "nothing"
+        raise CheckpointError(
+            f"{directory} has no {CONFIG_NAME} (it holds: {present}); a diffunet checkpoint is "
+            f"written by save_pretrained and needs both {CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(
+            f"{path} is not valid JSON ({err}); restore it or re-save the checkpoint"
+        ) from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    class_name = data.get("_class_name")
+    if class_name is not None and class_name != "UNet":
+        raise CheckpointError(
+            f"{path} describes a {class_name} (another library's checkpoint), not a diffunet "
+            "UNet; convert it first, e.g. `diffunet convert --from diffusers SRC --out DST`"
+        )
+    data = {k: v for k, v in data.items() if not k.startswith("_")}
+    try:
+        return UNetConfig.from_dict(data)
+    except (ConfigError, TypeError) as err:
+        raise CheckpointError(f"{path}: {err}") from err
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file (never pickle), with a clear error for a missing or corrupt one."""
+    path = Path(path)
+    if not path.is_file():
+        hint = ""
+        pickles = sorted(p.name for p in path.parent.glob("*") if p.suffix in _PICKLE_SUFFIXES)
+        if path.parent.is_dir() and pickles:
+            hint = (
+                f"; the folder has pickled weights ({', '.join(pickles)}), which diffunet "
+                "never unpickles: convert them with `diffunet convert`"
+            )
+        raise CheckpointError(f"weights file {path} does not exist{hint}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(
+            f"{path} ({path.stat().st_size:,} bytes) is not a readable safetensors file "
+            f"(truncated or corrupt?): {err}"
+        ) from err
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a safetensors file's header (format, library, version)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from err
+
+
+def _listing(label: str, items: list[str]) -> str:
+    shown = ", ".join(items[:6]) + (f", ... ({len(items)} in all)" if len(items) > 6 else "")
+    return f"{label}: {shown}"
+
+
+def check_state_dict(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint"
+) -> None:
+    """Raise :class:`CheckpointError` naming missing/unexpected/mis-shaped/mis-typed tensors.
+
+    A tensor has the wrong dtype when it is not floating point where the model has a float
+    parameter, or when its floating dtype differs from the rest of the file's.
+    """
+    expected = model.state_dict()
+    common = sorted(set(state) & set(expected))
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in common
+        if state[k].shape != expected[k].shape
+    ]
+    dtypes = [
+        f"{k} is {state[k].dtype}"
+        for k in common
+        if expected[k].is_floating_point() and not state[k].is_floating_point()
+    ]
+    float_dtypes = [state[k].dtype for k in common if state[k].is_floating_point()]
+    if float_dtypes:
+        majority = max(set(float_dtypes), key=float_dtypes.count)
+        dtypes += [
+            f"{k} is {state[k].dtype} (the rest is {majority})"
+            for k in common
+            if state[k].is_floating_point() and state[k].dtype != majority
+        ]
+    problems = []
+    for label, items in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("wrong shape (file vs config)", shapes),
+        ("wrong dtype", dtypes),
+    ):
+        if items:
+            problems.append(_listing(label, items))
+    if problems:
+        raise CheckpointError(
+            f"{source} does not match its config: "
+            + "; ".join(problems)
+            + ". Was it saved from a different config, or edited? Re-save it with "
+            "save_pretrained from the model it belongs to."
+        )
+
+
+def _build_with_weights(
+    model_class: type, config: UNetConfig, state: dict[str, torch.Tensor], source: str
+) -> torch.nn.Module:
+    """Instantiate `model_class(config)` on the meta device and adopt `state` as its tensors."""
+    with torch.device("meta"):
+        model = model_class(config)
+    check_state_dict(model, state, source=source)
+    model.load_state_dict(state, assign=True)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        # A non-persistent buffer is not in the file: build normally and copy instead.
+        model = model_class(config)
+        model.load_state_dict(state)
+    return model
+
+
+def push_to_hub(
+    model: torch.nn.Module,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    commit_message: str = "Upload diffunet UNet",
+    revision: str | None = None,
+) -> str:
+    """Save `model` with `save_pretrained` and upload the folder to the Hub; returns the commit URL."""
+    try:
+        from huggingface_hub import HfApi
+    except ImportError as err:
+        raise RuntimeError(
+            "push_to_hub needs huggingface_hub: pip install huggingface_hub"
+        ) from err
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pretrained(model, tmp)
+        info = api.upload_folder(
+            repo_id=repo_id, folder_path=tmp, commit_message=commit_message, revision=revision
+        )
+    return str(info)
+
+
+class PretrainedMixin:
+    """`save_pretrained` / `from_pretrained` / `push_to_hub` for a model class built from a config.
+
+    `UNet` is `class UNet(PretrainedMixin, nn.Module)`; `from_pretrained` builds `cls`, so
+    subclasses load as themselves.
+    """
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write `config.json` + `model.safetensors` into `directory`."""
+        return save_pretrained(self, directory)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_pretrained(
+        cls: type[_Model],
+        name_or_path: str | Path,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+    ) -> _Model:
+        """Build the model described by `config.json` and load its safetensors weights.
+
+        Args:
+            name_or_path: a checkpoint folder, or a Hugging Face Hub id (`owner/name`).
+            device: where the model is placed.
+            dtype: cast the weights to this dtype; None keeps the dtype they were saved in.
+            revision, cache_dir, local_files_only, token: passed to `huggingface_hub` for Hub ids.
+        """
+        directory = resolve_checkpoint(
+            name_or_path,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
+        )
+        config = load_config(directory)
+        weights = directory / WEIGHTS_NAME
+        state = load_state_dict(weights)
+        model = _build_with_weights(cls, config, state, str(weights))
+        model.to(device=device, dtype=dtype)
+        return model.eval()
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        """Upload this model to the Hugging Face Hub as `config.json` + `model.safetensors`."""
+        return push_to_hub(self, repo_id, **kwargs)  # type: ignore[arg-type]
+
+
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "CheckpointError",
+    "PretrainedMixin",
+    "atomic_write_bytes",
+    "check_state_dict",
+    "clean_state_dict",
+    "load_config",
+    "load_pretrained",
+    "load_state_dict",
+    "push_to_hub",
+    "read_metadata",
+    "resolve_checkpoint",
+    "save_pretrained",
+    "unwrap_model",
+]
+
+
+def load_pretrained(
+    name_or_path: str | Path, *, model_class: type | None = None, **kwargs: Any
+) -> UNet:
+    """Load a checkpoint folder or Hub id as `model_class` (default `UNet`, or a subclass).
+
+    The keyword options (`device`, `dtype`, `revision`, `cache_dir`, `local_files_only`,
+    `token`) are those of :meth:`UNet.from_pretrained`.
+    """
+    if model_class is None:
+        from diffunet.model.unet import UNet as model_class
+    return model_class.from_pretrained(name_or_path, **kwargs)

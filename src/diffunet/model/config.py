@@ -1,0 +1,475 @@
+"""`UNetConfig`: the one validated description of a diffunet U-Net.
+
+Every option of the model is a field here. A config validates itself on construction, so an
+invalid one never reaches the model, and it round-trips through a plain dict and JSON so that
+checkpoints carry it next to the weights.
+
+Attention placement rule: `attention_resolutions` holds *downsample factors*, as in
+guided-diffusion's `UNetModel`: 1 is the resolution after the stem (after patchify when
+`pool_factor > 1`), 2 is half of it, and so on; level `i` of `channel_mult` sits at factor
+`2**i`. Presets that the seeds state as absolute sizes ("attention at 16 for a 256 input") are
+converted with :func:`attention_factors_for_sizes`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+ATTENTION_TYPES = ("full", "linear", "none")
+TIME_EMBED_TYPES = ("timestep", "noise_level")
+UPSAMPLE_TYPES = ("nearest_conv", "nearest", "transposed")
+DOWNSAMPLE_TYPES = ("conv", "avgpool")
+DOWNSAMPLE_PADDINGS = ("symmetric", "asymmetric")
+SKIP_TOPOLOGIES = ("per_block", "per_level")
+
+
+class ConfigError(ValueError):
+    """An invalid `UNetConfig`: the message says which field, what was given and what to do."""
+
+
+def _fail(name: str, given: Any, expected: str, fix: str = "") -> None:
+    message = f"UNetConfig.{name}={given!r} is invalid: expected {expected}."
+    if fix:
+        message += f" {fix}"
+    raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Hyper-parameters of a :class:`diffunet.UNet`; validated on construction.
+
+    The field names follow guided-diffusion / LDM / diffusers. Derived values (the time
+    embedding width, the heads at a given width, the per-level resampling factors) are methods,
+    so a config stores only what a user chose.
+    """
+
+    # shape of the data
+    dims: int = 2
+    in_channels: int = 3
+    out_channels: int = 3
+    image_size: int | tuple[int, ...] | None = None
+    # widths and depth
+    model_channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    norm_groups: int = 32
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    # attention
+    attention_resolutions: tuple[int, ...] = ()
+    attention_type: str = "full"
+    mid_attention_type: str | None = None
+    num_heads: int = 1
+    num_head_channels: int | None = None
+    context_dim: int | None = None
+    # conditioning
+    cond_channels: int = 0
+    num_classes: int | None = None
+    # time / noise-level embedding
+    use_timestep: bool = True
+    time_embed_type: str = "timestep"
+    time_embed_input_dim: int | None = None
+    time_embed_dim: int | None = None
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0.0
+    time_embed_scale: float = 1.0
+    use_scale_shift_norm: bool = False
+    # topology and resampling
+    skip_topology: str = "per_block"
+    resblock_updown: bool = False
+    upsample_type: str = "nearest_conv"
+    downsample_type: str = "conv"
+    downsample_padding: str = "symmetric"
+    resample_axes: tuple[tuple[int, ...], ...] | None = None
+    pool_factor: int = 1
+    # output, memory, convenience
+    aleatoric: bool = False
+    zero_init: bool = True
+    use_checkpoint: bool = False
+    pad_to_multiple: bool = False
+
+    def __post_init__(self) -> None:
+        # Accept lists (from JSON/YAML) and store tuples, so configs hash and compare cleanly.
+        for name in ("channel_mult", "attention_resolutions"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        if isinstance(self.image_size, list):
+            object.__setattr__(self, "image_size", tuple(self.image_size))
+        if isinstance(self.resample_axes, list):
+            object.__setattr__(self, "resample_axes", tuple(tuple(a) for a in self.resample_axes))
+        self.validate()
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def num_levels(self) -> int:
+        """Number of resolution levels (`len(channel_mult)`)."""
+        return len(self.channel_mult)
+
+    @property
+    def conv_resample(self) -> bool:
+        """guided-diffusion's switch: True when both resampling directions have learned convs."""
+        return self.downsample_type == "conv" and self.upsample_type != "nearest"
+
+    @property
+    def has_embedding(self) -> bool:
+        """Whether the ResBlocks receive an embedding (time and/or class)."""
+        return self.use_timestep or self.num_classes is not None
+
+    @property
+    def input_channels(self) -> int:
+        """Channels entering the stem: `in_channels` plus the concatenated `cond` channels."""
+        return self.in_channels + self.cond_channels
+
+    @property
+    def output_channels(self) -> int:
+        """Channels the model returns: `out_channels`, doubled for the aleatoric head."""
+        return self.out_channels * (2 if self.aleatoric else 1)
+
+    def resolved_time_embed_dim(self) -> int:
+        """Width of the embedding fed to every ResBlock (default 4 × model_channels)."""
+        return self.time_embed_dim or 4 * self.model_channels
+
+    def resolved_time_embed_input_dim(self) -> int:
+        """Width of the sinusoidal features (default model_channels)."""
+        return self.time_embed_input_dim or self.model_channels
+
+    def resolved_mid_attention_type(self) -> str:
+        """Attention kind of the middle block (defaults to `attention_type`)."""
+        return self.mid_attention_type or self.attention_type
+
+    def level_channels(self, level: int) -> int:
+        """Feature channels at `level`."""
+        return self.model_channels * self.channel_mult[level]
+
+    def heads_for(self, channels: int) -> int:
+        """Number of attention heads at a width of `channels`."""
+        if self.num_head_channels is not None:
+            return channels // self.num_head_channels
+        return self.num_heads
+
+    def resample_factors(self, transition: int) -> tuple[int, ...]:
+        """Per-axis factor (1 or 2) of the resampling between level `transition` and the next."""
+        axes = (
+            tuple(range(self.dims))
+            if self.resample_axes is None
+            else self.resample_axes[transition]
+        )
+        return tuple(2 if axis in axes else 1 for axis in range(self.dims))
+
+    def size_multiple(self) -> tuple[int, ...]:
+        """Per-axis multiple that every input size must be divisible by."""
+        multiple = [self.pool_factor] * self.dims
+        for transition in range(self.num_levels - 1):
+            for axis, factor in enumerate(self.resample_factors(transition)):
+                multiple[axis] *= factor
+        return tuple(multiple)
+
+    def spatial_size(self) -> tuple[int, ...] | None:
+        """`image_size` as a per-axis tuple, or None."""
+        if self.image_size is None:
+            return None
+        if isinstance(self.image_size, int):
+            return (self.image_size,) * self.dims
+        return tuple(self.image_size)
+
+    def attention_at(self, level: int) -> bool:
+        """Whether encoder/decoder blocks at `level` carry attention."""
+        return self.attention_type != "none" and 2**level in self.attention_resolutions
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first invalid field and how to fix it."""
+        if self.dims not in (1, 2, 3):
+            _fail("dims", self.dims, "1, 2 or 3", "Use 1 for signals, 2 for images, 3 for volumes.")
+        for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                _fail(name, value, "a positive integer")
+        if not self.channel_mult or not all(
+            isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in self.channel_mult
+        ):
+            _fail(
+                "channel_mult",
+                self.channel_mult,
+                "a non-empty tuple of positive integers",
+                "e.g. (1, 2, 4, 8).",
+            )
+        if not isinstance(self.cond_channels, int) or self.cond_channels < 0:
+            _fail("cond_channels", self.cond_channels, "an integer >= 0 (0 = no cond)")
+        if not 0.0 <= self.dropout < 1.0:
+            _fail("dropout", self.dropout, "a probability in [0, 1)")
+        if self.norm_eps <= 0:
+            _fail("norm_eps", self.norm_eps, "a positive number")
+        if self.attention_type not in ATTENTION_TYPES:
+            _fail("attention_type", self.attention_type, f"one of {ATTENTION_TYPES}")
+        if self.mid_attention_type is not None and self.mid_attention_type not in ATTENTION_TYPES:
+            _fail(
+                "mid_attention_type",
+                self.mid_attention_type,
+                f"None (same as attention_type) or one of {ATTENTION_TYPES}",
+            )
+        if self.time_embed_type not in TIME_EMBED_TYPES:
+            _fail("time_embed_type", self.time_embed_type, f"one of {TIME_EMBED_TYPES}")
+        if self.upsample_type not in UPSAMPLE_TYPES:
+            _fail("upsample_type", self.upsample_type, f"one of {UPSAMPLE_TYPES}")
+        if self.downsample_type not in DOWNSAMPLE_TYPES:
+            _fail("downsample_type", self.downsample_type, f"one of {DOWNSAMPLE_TYPES}")
+        if self.downsample_padding not in DOWNSAMPLE_PADDINGS:
+            _fail(
+                "downsample_padding",
+                self.downsample_padding,
+                f"one of {DOWNSAMPLE_PADDINGS}",
+                "'asymmetric' pads one row/column at the end before an unpadded strided conv "
+                "(LDM, diffusers downsample_padding=0).",
+            )
+        if self.skip_topology not in SKIP_TOPOLOGIES:
+            _fail("skip_topology", self.skip_topology, f"one of {SKIP_TOPOLOGIES}")
+        if not isinstance(self.pool_factor, int) or self.pool_factor < 1:
+            _fail("pool_factor", self.pool_factor, "an integer >= 1 (1 = no patchify)")
+        if self.num_classes is not None and (
+            not isinstance(self.num_classes, int) or self.num_classes < 1
+        ):
+            _fail("num_classes", self.num_classes, "None (no labels) or a positive integer")
+        if self.context_dim is not None and (
+            not isinstance(self.context_dim, int) or self.context_dim < 1
+        ):
+            _fail(
+                "context_dim", self.context_dim, "None (no cross-attention) or a positive integer"
+            )
+        if self.use_scale_shift_norm and not self.has_embedding:
+            _fail(
+                "use_scale_shift_norm",
+                True,
+                "False when there is no time or class embedding",
+                "Set use_timestep=True or num_classes, or turn scale-shift off.",
+            )
+        for name in ("time_embed_dim", "time_embed_input_dim"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 2):
+                _fail(name, value, "None (default) or an integer >= 2")
+        if self.resolved_time_embed_input_dim() % 2:
+            _fail(
+                "time_embed_input_dim",
+                self.resolved_time_embed_input_dim(),
+                "an even width (sine and cosine halves)",
+            )
+        self._validate_resample_axes()
+        self._validate_attention()
+        self._validate_norm_groups()
+        self._validate_image_size()
+
+    def _validate_resample_axes(self) -> None:
+        if self.resample_axes is None:
+            return
+        if len(self.resample_axes) != self.num_levels - 1:
+            _fail(
+                "resample_axes",
+                self.resample_axes,
+                f"{self.num_levels - 1} entries, one per transition between the "
+                f"{self.num_levels} levels of channel_mult",
+            )
+        for axes in self.resample_axes:
+            if (
+                not axes
+                or any(a not in range(self.dims) for a in axes)
+                or len(set(axes)) != len(axes)
+            ):
+                _fail(
+                    "resample_axes",
+                    self.resample_axes,
+                    f"non-empty tuples of distinct spatial axes in 0..{self.dims - 1}",
+                    "e.g. ((1, 2), (1, 2), (0, 1, 2)) keeps depth for the first two levels.",
+                )
+
+    def _validate_attention(self) -> None:
+        reachable = {2**level for level in range(self.num_levels)}
+        for ds in self.attention_resolutions:
+            if ds not in reachable:
+                _fail(
+                    "attention_resolutions",
+                    self.attention_resolutions,
+                    f"downsample factors from {sorted(reachable)} (1 = stem resolution, "
+                    f"2 = half, ...; this config has {self.num_levels} levels)",
+                    "For absolute sizes use diffunet.attention_factors_for_sizes(image_size, sizes).",
+                )
+        if self.num_heads < 1:
+            _fail("num_heads", self.num_heads, "a positive integer")
+        if self.num_head_channels is not None and self.num_head_channels < 1:
+            _fail("num_head_channels", self.num_head_channels, "None or a positive integer")
+        widths = [self.level_channels(i) for i in range(self.num_levels) if self.attention_at(i)]
+        if self.resolved_mid_attention_type() != "none":
+            widths.append(self.level_channels(self.num_levels - 1))
+        for width in widths:
+            if self.num_head_channels is not None:
+                if width % self.num_head_channels:
+                    _fail(
+                        "num_head_channels",
+                        self.num_head_channels,
+                        f"a divisor of every attention width (got width {width})",
+                    )
+            elif width % self.num_heads:
+                _fail(
+                    "num_heads",
+                    self.num_heads,
+                    f"a divisor of every attention width (got width {width})",
+                )
+        if self.context_dim is not None and not widths:
+            _fail(
+                "context_dim",
+                self.context_dim,
+                "None when the model has no attention site (cross-attention lives there)",
+                "Add attention_resolutions or a middle attention.",
+            )
+
+    def normalized_widths(self) -> list[int]:
+        """Every channel count that a GroupNorm normalizes, in construction order."""
+        widths: list[int] = []
+        ch = self.model_channels
+        skip_widths = [ch] if self.skip_topology == "per_block" else []
+        for level in range(self.num_levels):
+            out = self.level_channels(level)
+            for _ in range(self.num_res_blocks):
+                widths += [ch, out]
+                ch = out
+                if self.skip_topology == "per_block":
+                    skip_widths.append(ch)
+            if self.skip_topology == "per_level":
+                skip_widths.append(ch)
+            if level < self.num_levels - 1:
+                if self.resblock_updown:
+                    widths += [ch, ch]
+                if self.skip_topology == "per_block":
+                    skip_widths.append(ch)
+        widths += [ch, ch, ch, ch]
+        for level in reversed(range(self.num_levels)):
+            out = self.level_channels(level)
+            blocks = self.num_res_blocks + (1 if self.skip_topology == "per_block" else 0)
+            for i in range(blocks):
+                takes_skip = self.skip_topology == "per_block" or i == 0
+                in_ch = ch + (skip_widths.pop() if takes_skip else 0)
+                widths += [in_ch, out]
+                ch = out
+            if level > 0 and self.resblock_updown:
+                widths += [ch, ch]
+        widths.append(ch)
+        return widths
+
+    def _validate_norm_groups(self) -> None:
+        if not isinstance(self.norm_groups, int) or self.norm_groups < 1:
+            _fail("norm_groups", self.norm_groups, "a positive integer")
+        bad = sorted({w for w in self.normalized_widths() if w % self.norm_groups})
+        if bad:
+            _fail(
+                "norm_groups",
+                self.norm_groups,
+                f"a divisor of every normalized width; {bad} are not divisible",
+                "Pick model_channels/channel_mult so all widths are multiples of norm_groups, "
+                "or lower norm_groups.",
+            )
+
+    def _validate_image_size(self) -> None:
+        size = self.spatial_size()
+        if size is None:
+            return
+        if len(size) != self.dims or not all(isinstance(s, int) and s >= 1 for s in size):
+            _fail(
+                "image_size",
+                self.image_size,
+                f"None, a positive int or a tuple of {self.dims} positive ints",
+            )
+        multiple = self.size_multiple()
+        if any(s % m for s, m in zip(size, multiple)):
+            _fail(
+                "image_size",
+                self.image_size,
+                f"sizes divisible by {multiple} (pool_factor × 2 per downsampling)",
+                f"Nearest valid: {nearest_valid_sizes(size, multiple)}.",
+            )
+
+    # ------------------------------------------------------------------ (de)serialization
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict of every field (tuples become lists)."""
+        data = asdict(self)
+        return json.loads(json.dumps(data))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> UNetConfig:
+        """Build a config from `to_dict()` output (or a hand-written dict / YAML mapping).
+
+        Unknown keys raise a :class:`ConfigError` listing the valid ones; guided-diffusion's
+        `conv_resample: false` is accepted and means average-pool down and nearest up.
+        """
+        if not isinstance(data, dict):
+            raise ConfigError(f"a UNet config must be a mapping, got {type(data).__name__}")
+        data = dict(data)
+        known = {f.name for f in fields(cls)}
+        _expand_conv_resample(data)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown UNetConfig field(s) {unknown}; valid fields: {sorted(known)}"
+            )
+        if data.get("resample_axes") is not None:
+            data["resample_axes"] = tuple(tuple(a) for a in data["resample_axes"])
+        return cls(**data)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """Serialize to JSON; also write it to `path` when given."""
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> UNetConfig:
+        """Parse a config from a JSON string or a path to a JSON file."""
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            text = Path(text_or_path).read_text()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"config is not valid JSON: {err}") from err
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any) -> UNetConfig:
+        """A copy with `changes` applied (validated)."""
+        unknown = sorted(set(changes) - {f.name for f in fields(self)} - {"conv_resample"})
+        if unknown:
+            raise ConfigError(f"unknown UNetConfig field(s) {unknown}")
+        _expand_conv_resample(changes)
+        return replace(self, **changes)
+
+
+def _expand_conv_resample(values: dict[str, Any]) -> None:
+    """Translate guided-diffusion's `conv_resample` flag into the two resampling fields."""
+    if "conv_resample" in values:
+        conv = values.pop("conv_resample")
+        values.setdefault("downsample_type", "conv" if conv else "avgpool")
+        values.setdefault("upsample_type", "nearest_conv" if conv else "nearest")
+
+
+def nearest_valid_sizes(
+    size: tuple[int, ...], multiple: tuple[int, ...]
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The valid sizes just below and just above `size` for per-axis `multiple`."""
+    below = tuple(max(m, (s // m) * m) for s, m in zip(size, multiple))
+    above = tuple(math.ceil(s / m) * m for s, m in zip(size, multiple))
+    return below, above
+
+
+def attention_factors_for_sizes(image_size: int, sizes: tuple[int, ...]) -> tuple[int, ...]:
+    """Convert absolute attention sizes ("attention at 16 for a 256 input") to downsample factors."""
+    factors = []
+    for size in sizes:
+        if size < 1 or image_size % size or (image_size // size) & (image_size // size - 1):
+            raise ConfigError(
+                f"attention size {size} is not the input size {image_size} divided by a power of two"
+            )
+        factors.append(image_size // size)
+    return tuple(factors)

@@ -1,0 +1,167 @@
+"""Attention over the spatial positions of a feature map, in 1D, 2D or 3D.
+
+Each module normalizes its input, attends, projects and adds the result back (pre-norm,
+residual). Full attention uses `scaled_dot_product_attention` (flash / memory-efficient
+kernels, softmax in float32); linear attention is the O(N) kernel of LDM / lucidrains with
+its softmaxes in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffunet.accel.fused_norm import norm_act
+from diffunet.model.layers.ops import normalization, zero_module
+
+
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    """`(B, C, *spatial)` → `(B, N, C)`."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def _untokens(h: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`(B, N, C)` → the shape of `like`, `(B, C, *spatial)`."""
+    return h.transpose(1, 2).reshape(like.shape)
+
+
+def _split_heads(h: torch.Tensor, heads: int) -> torch.Tensor:
+    """`(B, N, heads * d)` → `(B, heads, N, d)`."""
+    b, n, c = h.shape
+    return h.view(b, n, heads, c // heads).transpose(1, 2)
+
+
+def _merge_heads(h: torch.Tensor) -> torch.Tensor:
+    """`(B, heads, N, d)` → `(B, N, heads * d)`."""
+    b, heads, n, d = h.shape
+    return h.transpose(1, 2).reshape(b, n, heads * d)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head softmax self-attention with one fused QKV projection."""
+
+    def __init__(
+        self,
+        channels: int,
+        num_heads: int,
+        *,
+        norm_groups: int,
+        norm_eps: float,
+        zero_init: bool = True,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = normalization(channels, norm_groups, norm_eps)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj_out = nn.Linear(channels, channels)
+        if zero_init:
+            zero_module(self.proj_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Attend over all positions of `x` (shape `(B, C, *spatial)`)."""
+        b, c, n = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+        qkv = self.qkv(_tokens(norm_act(self.norm, x, act=False)))
+        q, k, v = qkv.view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        h = F.scaled_dot_product_attention(q, k, v)
+        return x + _untokens(self.proj_out(_merge_heads(h)), x)
+
+
+class LinearAttention(nn.Module):
+    """Multi-head linear attention: softmax(q) over features, softmax(k) over positions.
+
+    Cost is linear in the number of positions, so it fits high-resolution sites (seed 000's
+    encoder/decoder attention, LDM's `attn_type="linear"`).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        num_heads: int,
+        *,
+        norm_groups: int,
+        norm_eps: float,
+        zero_init: bool = True,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = normalization(channels, norm_groups, norm_eps)
+        self.qkv = nn.Linear(channels, 3 * channels, bias=False)
+        self.proj_out = nn.Linear(channels, channels)
+        if zero_init:
+            zero_module(self.proj_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Attend over all positions of `x` in O(N)."""
+        b, c, n = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+        qkv = self.qkv(_tokens(norm_act(self.norm, x, act=False)))
+        q, k, v = qkv.view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        scale = (c // self.num_heads) ** -0.5
+        compute = torch.promote_types(qkv.dtype, torch.float32)  # never below float32
+        q = q.to(compute).softmax(dim=-1) * scale
+        k = k.to(compute).softmax(dim=-2)
+        context = k.transpose(-1, -2) @ v.to(compute)  # (B, heads, d, d)
+        h = (q @ context).to(qkv.dtype)
+        return x + _untokens(self.proj_out(_merge_heads(h)), x).to(x.dtype)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from the feature map's positions to `context` tokens."""
+
+    def __init__(
+        self,
+        channels: int,
+        context_dim: int,
+        num_heads: int,
+        *,
+        norm_groups: int,
+        norm_eps: float,
+        zero_init: bool = True,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = normalization(channels, norm_groups, norm_eps)
+        self.q = nn.Linear(channels, channels)
+        self.kv = nn.Linear(context_dim, 2 * channels)
+        self.proj_out = nn.Linear(channels, channels)
+        if zero_init:
+            zero_module(self.proj_out)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Attend from `x` (B, C, *spatial) to `context` (B, M, context_dim)."""
+        q = _split_heads(self.q(_tokens(norm_act(self.norm, x, act=False))), self.num_heads)
+        k, v = (_split_heads(t, self.num_heads) for t in self.kv(context).chunk(2, dim=-1))
+        h = F.scaled_dot_product_attention(q, k, v)
+        return x + _untokens(self.proj_out(_merge_heads(h)), x)
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention (full or linear) followed, when `context_dim` is set, by cross-attention."""
+
+    def __init__(
+        self,
+        channels: int,
+        kind: str,
+        num_heads: int,
+        *,
+        context_dim: int | None,
+        norm_groups: int,
+        norm_eps: float,
+        zero_init: bool = True,
+    ) -> None:
+        super().__init__()
+        kwargs = {"norm_groups": norm_groups, "norm_eps": norm_eps, "zero_init": zero_init}
+        attention = {"full": SelfAttention, "linear": LinearAttention}[kind]
+        self.self_attn = attention(channels, num_heads, **kwargs)
+        self.cross_attn = (
+            CrossAttention(channels, context_dim, num_heads, **kwargs) if context_dim else None
+        )
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Apply self-attention, then cross-attention to `context` if this block has it."""
+        x = self.self_attn(x)
+        if self.cross_attn is not None:
+            x = self.cross_attn(x, context)
+        return x

@@ -1,0 +1,441 @@
+"""UNet: one dimension-agnostic diffusion U-Net, built from a :class:`UNetConfig`.
+
+stem → encoder (`input_blocks`) → `middle_block` → decoder (`output_blocks`) → head.
+The encoder and decoder are built in one loop over `channel_mult`, guided-diffusion style;
+attention, conditioning, resampling and skip topology are all placed by the config.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from diffunet.accel.conv import convolve
+from diffunet.accel.fused_norm import norm_act
+from diffunet.model.checkpoint import PretrainedMixin
+from diffunet.model.config import UNetConfig, nearest_valid_sizes
+from diffunet.model.layers.attention import AttentionBlock
+from diffunet.model.layers.ops import (
+    TimestepEmbedding,
+    conv_nd,
+    conv_transpose_nd,
+    normalization,
+    zero_module,
+)
+from diffunet.model.layers.resample import Downsample, Upsample
+from diffunet.model.layers.resblock import ResBlock
+
+_CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
+
+
+def memory_format_for(dims: int) -> torch.memory_format:
+    """The layout cuDNN convolves fastest on a GPU: channels-last in 2D and 3D (1D: contiguous).
+
+    `UNet.forward` puts CUDA activations in this layout; put the weights in it too
+    (`model.to(memory_format=memory_format_for(dims))`) so no convolution converts them.
+    """
+    return _CHANNELS_LAST.get(dims, torch.contiguous_format)
+
+
+class EmbedSequential(nn.Sequential):
+    """A sequence of layers; ResBlocks receive the embedding, attention blocks the context."""
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        emb: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        skip: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run every layer in order on `x`, or on `x` and the decoder's `skip` concatenated
+        (inside the block, so that a checkpointed block keeps the two tensors it is given,
+        which are alive anyway, rather than their concatenation; a first ResBlock takes them
+        apart)."""
+        if skip is not None and not isinstance(self[0], ResBlock):
+            x, skip = torch.cat([x, skip], dim=1), None
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x, skip = layer(x, emb, skip), None
+            elif isinstance(layer, AttentionBlock):
+                x = layer(x, context)
+            else:
+                x = convolve(layer, x)  # the stem; any other layer is just called
+        return x
+
+
+class UNet(PretrainedMixin, nn.Module):
+    """The diffunet U-Net for 1D signals, 2D images and 3D volumes.
+
+    `forward(x, t, *, cond=None, context=None, labels=None)` predicts a tensor shaped like `x`
+    with `config.output_channels` channels (mean then log-variance for the aleatoric head).
+    `save_pretrained`, `from_pretrained` and `push_to_hub` come from `PretrainedMixin`.
+    """
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__()
+        if not isinstance(config, UNetConfig):
+            raise TypeError(
+                f"UNet expects a UNetConfig, got {type(config).__name__}; "
+                "build one with UNetConfig(...) or diffunet.preset(name)"
+            )
+        self.config = config
+        c = config
+        emb_dim = c.resolved_time_embed_dim() if c.has_embedding else None
+        self.time_embed = (
+            TimestepEmbedding(
+                c.resolved_time_embed_input_dim(),
+                emb_dim,
+                flip_sin_to_cos=c.flip_sin_to_cos,
+                freq_shift=c.freq_shift,
+                scale=c.time_embed_scale,
+            )
+            if c.use_timestep
+            else None
+        )
+        # One extra row: the null label, for classifier-free guidance.
+        self.label_embed = nn.Embedding(c.num_classes + 1, emb_dim) if c.num_classes else None
+
+        def res(ch: int, out: int, resample: str | None = None, factors=None) -> ResBlock:
+            return ResBlock(
+                c.dims,
+                ch,
+                out,
+                emb_dim,
+                dropout=c.dropout,
+                use_scale_shift_norm=c.use_scale_shift_norm,
+                resample=resample,
+                factors=factors,
+                norm_groups=c.norm_groups,
+                norm_eps=c.norm_eps,
+                zero_init=c.zero_init,
+            )
+
+        def attn(ch: int, kind: str) -> AttentionBlock:
+            return AttentionBlock(
+                ch,
+                kind,
+                c.heads_for(ch),
+                context_dim=c.context_dim,
+                norm_groups=c.norm_groups,
+                norm_eps=c.norm_eps,
+                zero_init=c.zero_init,
+            )
+
+        def down(ch: int, transition: int) -> nn.Module:
+            factors = c.resample_factors(transition)
+            if c.resblock_updown:
+                return res(ch, ch, "down", factors)
+            return Downsample(
+                c.dims,
+                ch,
+                factors,
+                use_conv=c.downsample_type == "conv",
+                padding=c.downsample_padding,
+            )
+
+        def up(ch: int, transition: int) -> nn.Module:
+            factors = c.resample_factors(transition)
+            if c.resblock_updown:
+                return res(ch, ch, "up", factors)
+            return Upsample(c.dims, ch, factors, mode=c.upsample_type)
+
+        per_block = c.skip_topology == "per_block"
+        mc, levels = c.model_channels, c.num_levels
+        if c.pool_factor == 1:
+            stem = conv_nd(c.dims, c.input_channels, mc, 3, padding=1)
+        else:
+            stem = conv_nd(c.dims, c.input_channels, mc, c.pool_factor, stride=c.pool_factor)
+
+        self.input_blocks = nn.ModuleList([EmbedSequential(stem)])
+        emits_skip = [per_block]
+        skip_channels = [mc] if per_block else []
+        ch = mc
+        for level in range(levels):
+            out = c.level_channels(level)
+            attention = [c.attention_type] if c.attention_at(level) else []
+            if per_block:
+                for _ in range(c.num_res_blocks):
+                    self.input_blocks.append(
+                        EmbedSequential(res(ch, out), *[attn(out, k) for k in attention])
+                    )
+                    ch = out
+                    emits_skip.append(True)
+                    skip_channels.append(ch)
+            else:
+                blocks = [res(ch if i == 0 else out, out) for i in range(c.num_res_blocks)]
+                self.input_blocks.append(
+                    EmbedSequential(*blocks, *[attn(out, k) for k in attention])
+                )
+                ch = out
+                emits_skip.append(True)
+                skip_channels.append(ch)
+            if level < levels - 1:
+                self.input_blocks.append(EmbedSequential(down(ch, level)))
+                emits_skip.append(per_block)
+                if per_block:
+                    skip_channels.append(ch)
+
+        mid_kind = c.resolved_mid_attention_type()
+        self.middle_block = EmbedSequential(
+            res(ch, ch), *([attn(ch, mid_kind)] if mid_kind != "none" else []), res(ch, ch)
+        )
+
+        self.output_blocks = nn.ModuleList()
+        for level in reversed(range(levels)):
+            out = c.level_channels(level)
+            attention = [c.attention_type] if c.attention_at(level) else []
+            upsample = [up(out, level - 1)] if level > 0 else []
+            if per_block:
+                for i in range(c.num_res_blocks + 1):
+                    layers = [
+                        res(ch + skip_channels.pop(), out),
+                        *[attn(out, k) for k in attention],
+                    ]
+                    if i == c.num_res_blocks:
+                        layers += upsample
+                    self.output_blocks.append(EmbedSequential(*layers))
+                    ch = out
+            else:
+                blocks = [
+                    res(ch + skip_channels.pop() if i == 0 else out, out)
+                    for i in range(c.num_res_blocks)
+                ]
+                self.output_blocks.append(
+                    EmbedSequential(*blocks, *[attn(out, k) for k in attention], *upsample)
+                )
+                ch = out
+        self._emits_skip = tuple(emits_skip)
+
+        self.out = self._head(ch, c.out_channels)
+        self.out_logvar = self._head(ch, c.out_channels) if c.aleatoric else None
+
+    def _head(self, channels: int, out_channels: int) -> nn.Sequential:
+        c = self.config
+        if c.pool_factor == 1:
+            conv = conv_nd(c.dims, channels, out_channels, 3, padding=1)
+        else:
+            conv = conv_transpose_nd(
+                c.dims, channels, out_channels, c.pool_factor, stride=c.pool_factor
+            )
+        if c.zero_init:
+            zero_module(conv)
+        return nn.Sequential(normalization(channels, c.norm_groups, c.norm_eps), nn.SiLU(), conv)
+
+    # ------------------------------------------------------------------ public helpers
+    @property
+    def null_label(self) -> int:
+        """The label index that means "no label" (for classifier-free guidance)."""
+        if self.config.num_classes is None:
+            raise ValueError("this model has no class labels (config.num_classes is None)")
+        return self.config.num_classes
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Number of parameters (all, or only those that require grad)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    @staticmethod
+    def split_aleatoric(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Split an aleatoric output into `(mean, log_variance)` along channels."""
+        return split_aleatoric(output)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | float | int | None = None,
+        *,
+        cond: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Denoise `x` at timestep / noise level `t`.
+
+        Args:
+            x: `(B, in_channels, *spatial)` with `dims` spatial axes.
+            t: `(B,)` or a scalar: integer timesteps, or continuous noise levels when
+                `config.time_embed_type == "noise_level"`. Ignored-free: required iff
+                `config.use_timestep`.
+            cond: `(B, cond_channels, *spatial)`, concatenated to `x` on channels.
+            context: `(B, N, context_dim)` tokens for cross-attention.
+            labels: `(B,)` integer class indices; `model.null_label` means unconditional.
+        """
+        c = self.config
+        t = self._check_inputs(x, t, cond, context, labels)
+        spatial = tuple(x.shape[2:])
+        pads = self._padding(spatial)
+        if cond is not None:
+            x = torch.cat([x, cond.to(x.dtype)], dim=1)
+        if x.is_cuda and c.dims in _CHANNELS_LAST:  # cuDNN's fastest convolutions are channels-last
+            x = x.contiguous(memory_format=_CHANNELS_LAST[c.dims])
+        if pads is not None:
+            x = F.pad(x, pads, mode="replicate")
+
+        emb = None
+        if self.time_embed is not None:
+            emb = self.time_embed(t)
+        if self.label_embed is not None:
+            label_emb = self.label_embed(labels)
+            emb = label_emb if emb is None else emb + label_emb
+        if emb is not None:
+            emb = F.silu(emb)
+
+        skips = []
+        h = x
+        for block, emits in zip(self.input_blocks, self._emits_skip):
+            h = self._run(block, h, emb, context)
+            if emits:
+                skips.append(h)
+        h = self._run(self.middle_block, h, emb, context)
+        for block in self.output_blocks:
+            h = self._run(block, h, emb, context, skips.pop())
+
+        out = self._run_head(self.out, h)
+        if self.out_logvar is not None:
+            out = torch.cat([out, self._run_head(self.out_logvar, h)], dim=1)
+        if pads is not None:
+            out = F.pad(out, [-amount for amount in pads])  # crop back; a copy, not a view
+        return out
+
+    @staticmethod
+    def _run_head(head: nn.Sequential, h: torch.Tensor) -> torch.Tensor:
+        norm, _, conv = head  # GroupNorm, SiLU, conv: the norm and SiLU run fused
+        return convolve(conv, norm_act(norm, h))
+
+    def _run(
+        self,
+        block: EmbedSequential,
+        h: torch.Tensor,
+        emb,
+        context,
+        skip: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if self.config.use_checkpoint and self.training and torch.is_grad_enabled():
+            return checkpoint(block, h, emb, context, skip, use_reentrant=False)
+        return block(h, emb, context, skip)
+
+    def _padding(self, spatial: tuple[int, ...]) -> list[int] | None:
+        multiple = self.config.size_multiple()
+        if self.config.pad_to_multiple and torch.compiler.is_compiling():
+            return self._pads(
+                spatial, multiple
+            )  # no branch on divisibility: one graph for all sizes
+        if all(s % m == 0 for s, m in zip(spatial, multiple)):
+            return None
+        if not self.config.pad_to_multiple:
+            below, above = nearest_valid_sizes(spatial, multiple)
+            raise ValueError(
+                f"input spatial size {spatial} is not divisible by {multiple} "
+                f"(pool_factor × 2 per downsampling); nearest valid sizes: {below} or {above}. "
+                "Resize or crop the input, or set pad_to_multiple=True in the config to pad "
+                "and crop back automatically."
+            )
+        return self._pads(spatial, multiple)
+
+    @staticmethod
+    def _pads(spatial: tuple[int, ...], multiple: tuple[int, ...]) -> list[int]:
+        """`F.pad` amounts (last axis first) that round each axis up to its multiple."""
+        pads: list[int] = []
+        for s, m in zip(reversed(spatial), reversed(multiple)):
+            pads += [
+                0,
+                (s + m - 1) // m * m - s,
+            ]  # not (-s) % m: Inductor cannot lower a symbolic %
+        return pads
+
+    def _check_inputs(self, x, t, cond, context, labels) -> torch.Tensor | None:
+        c = self.config
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        layout = {1: "(B, C, L)", 2: "(B, C, H, W)", 3: "(B, C, D, H, W)"}[c.dims]
+        if x.ndim != c.dims + 2:
+            raise ValueError(
+                f"x has shape {tuple(x.shape)} ({x.ndim} dims) but this is a dims={c.dims} model "
+                f"expecting {layout}; build the model with dims={x.ndim - 2} or reshape the input"
+            )
+        if x.shape[1] != c.in_channels:
+            hint = (
+                " (pass the conditioning image as cond=..., not concatenated to x)"
+                if x.shape[1] == c.input_channels and c.cond_channels
+                else ""
+            )
+            raise ValueError(
+                f"x has {x.shape[1]} channels but the model expects in_channels={c.in_channels}"
+                f"{hint}"
+            )
+        batch, spatial = x.shape[0], tuple(x.shape[2:])
+        if c.cond_channels:
+            if cond is None:
+                raise ValueError(
+                    f"this model concatenates a cond input of {c.cond_channels} channel(s); "
+                    f"pass cond=Tensor{(batch, c.cond_channels, *spatial)}"
+                )
+            expected = (batch, c.cond_channels, *spatial)
+            if tuple(cond.shape) != expected:
+                raise ValueError(f"cond has shape {tuple(cond.shape)}, expected {expected}")
+        elif cond is not None:
+            raise ValueError(
+                "cond was given but the model has cond_channels=0; build it with "
+                "cond_channels=<channels of cond> to use image conditioning"
+            )
+        if c.context_dim is not None:
+            if context is None:
+                raise ValueError(
+                    f"this model cross-attends to context tokens; pass context of shape "
+                    f"(B={batch}, N, {c.context_dim})"
+                )
+            if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != c.context_dim:
+                raise ValueError(
+                    f"context has shape {tuple(context.shape)}, expected ({batch}, N, {c.context_dim})"
+                )
+        elif context is not None:
+            raise ValueError(
+                "context was given but the model has context_dim=None; build it with "
+                "context_dim=<token width> to use cross-attention"
+            )
+        if c.num_classes is not None:
+            if labels is None:
+                raise ValueError(
+                    f"this model is class-conditional (num_classes={c.num_classes}); pass labels "
+                    f"of shape ({batch},), using model.null_label={c.num_classes} for unconditional"
+                )
+            if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+                raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+            if tuple(labels.shape) != (batch,):
+                raise ValueError(f"labels has shape {tuple(labels.shape)}, expected ({batch},)")
+        elif labels is not None:
+            raise ValueError(
+                "labels were given but the model has num_classes=None; build it with "
+                "num_classes=<number of classes> to use class conditioning"
+            )
+        if not c.use_timestep:
+            if t is not None:
+                raise ValueError("t was given but the model has use_timestep=False (a plain U-Net)")
+            return None
+        if t is None:
+            raise ValueError(f"t is required: pass timesteps of shape ({batch},) or a scalar")
+        if not isinstance(t, torch.Tensor):
+            if not isinstance(t, (int, float)):
+                raise TypeError(f"t must be a tensor or a number, got {type(t).__name__}")
+            t = torch.full((batch,), float(t), device=x.device)
+        elif t.ndim == 0:
+            t = t.to(x.device).expand(batch)
+        elif tuple(t.shape) != (batch,):
+            raise ValueError(
+                f"t has shape {tuple(t.shape)} but x has batch {batch}; pass t of shape "
+                f"({batch},) or a scalar"
+            )
+        return t.float()
+
+
+def split_aleatoric(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split an aleatoric model's output into `(mean, log_variance)` along channels."""
+    if output.shape[1] % 2:
+        raise ValueError(
+            f"an aleatoric output has an even number of channels (mean + log-variance), "
+            f"got {output.shape[1]}"
+        )
+    return output.chunk(2, dim=1)
