@@ -34,6 +34,7 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from diffunet import UNet
 from diffunet.accel import thin_conv
+from diffunet.accel.operands import CHANNEL_MULTIPLE as MULTIPLE
 from diffunet.benchmark import (
     build_case,
     layer_benchmark_parser,
@@ -42,7 +43,6 @@ from diffunet.benchmark import (
     time_variants,
     write_json_result,
 )
-from diffunet.model.layers.ops import CHANNEL_MULTIPLE as MULTIPLE
 
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from diffunet.accel import thin_conv
-from diffunet.model.layers.ops import (
+from diffunet.accel.operands import (
     CHANNEL_MULTIPLE,
     autocast_dtype,
     autocast_operands,

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffunet.accel.fused_norm import _FIXED_STRIDES, _interpreting, _memory_format, _sm_count
-from diffunet.model.layers.ops import (
+from diffunet.accel.operands import (
     CHANNEL_MULTIPLE,
     autocast_dtype,
     autocast_operands,

@@ -17,7 +17,7 @@ from diffunet.accel import fused_norm as fused
 from diffunet.benchmark import build_case
 from diffunet.model.layers.resblock import ResBlock
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "norm_kernels.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "norm_kernels.py"
 
 
 @pytest.mark.parametrize("case", ["3d", "ldm"])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "ddp_overhead.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "ddp_overhead.py"
 
 
 def test_every_variant_trains_and_only_the_communicating_ones_stay_in_sync(tmp_path):
