@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A/B of two source trees of diffunet with `bench.py`, one after the other on the same GPU.
 
-    git archive main src | tar -x -C .ab/base          # the tree to compare against
+    git archive main src benchmarks | tar -x -C .ab/base     # the tree to compare against
     python benchmarks/ab.py --base-src .ab/base/src --cases ldm,3d --kinds train,infer \\
         --compile-mode reduce-overhead --limit 560
 
@@ -11,7 +11,9 @@ against itself with a switch (`--base-src src --change-env DIFFUNET_THIN_CONV=0`
 kind, `bench.py` runs in its own process per tree (`PYTHONPATH` put first, which tree each one
 imported is checked and recorded): the base with the reference model, then the change; each
 further `--rounds` repeats the pair in the other order, so that a drift of the machine shows
-instead of favouring one side. With `compile` among the modes, every (tree, case, model) is
+instead of favouring one side. Each tree runs its own `benchmarks/bench.py` where it has one
+next to its `src/` (or, from before the harness left the package, its `diffunet.benchmark`),
+else this checkout's. With `compile` among the modes, every (tree, case, model) is
 first compiled in `--fill-jobs` parallel processes that fill Inductor's on-disk caches (as
 `bench.py --compile-ahead` does), so the measuring processes load their graphs in seconds.
 
@@ -71,8 +73,10 @@ def env_setting(text: str) -> tuple[str, str]:
 def imported_from(src: Path) -> str:
     """The `diffunet` package file a process with `tree_env(src)` imports; raises if it is not
     the one under `src` (an installed copy shadowing it)."""
+    # Where the import resolves, found without running the package (no torch import).
+    code = "import importlib.util; print(importlib.util.find_spec('diffunet').origin)"
     done = subprocess.run(
-        [sys.executable, "-c", "import diffunet; print(diffunet.__file__)"],
+        [sys.executable, "-c", code],
         env=tree_env(src),
         capture_output=True,
         text=True,
@@ -84,6 +88,22 @@ def imported_from(src: Path) -> str:
             f"{found or done.stderr.strip()[-200:]}, not from that tree"
         )
     return found
+
+
+#: How a tree from before the harness left the package ran it.
+_PACKAGED_BENCH = "import sys; from diffunet.benchmark import main; sys.exit(main(sys.argv[1:]))"
+
+
+def bench_command(src: Path) -> list[str]:
+    """The command that runs `bench.py` for the tree `src`: the tree's own harness where it
+    has one (`benchmarks/bench.py` next to its `src/`, or, from before the harness left the
+    package, `diffunet.benchmark`), else this checkout's `bench.py`."""
+    own = src.parent / "benchmarks" / "bench.py"
+    if own.is_file():
+        return [sys.executable, str(own)]
+    if (src / "diffunet" / "benchmark.py").is_file():
+        return [sys.executable, "-c", _PACKAGED_BENCH]
+    return [sys.executable, str(BENCH)]
 
 
 def bench_argv(args: argparse.Namespace, case: str, kind: str, models: str) -> list[str]:
@@ -122,7 +142,7 @@ def fill_caches(
         argv += ["--warmup", "1", "--iters", "1", "--repeats", "1", "--fill-caches-only"]
         begin = time.perf_counter()
         done = subprocess.run(
-            [sys.executable, str(BENCH), *argv],
+            [*bench_command(trees[name]), *argv],
             capture_output=True,
             text=True,
             env=dict(tree_env(trees[name], envs[name]), OUT=""),
@@ -158,7 +178,7 @@ def measure(
         argv += ["--deadline", str(max(1, int(seconds_left))), "--out", str(out)]
         try:
             done = subprocess.run(
-                [sys.executable, str(BENCH), *argv],
+                [*bench_command(src), *argv],
                 capture_output=True,
                 text=True,
                 env=tree_env(src, env),
@@ -333,7 +353,12 @@ def main(argv: list[str] | None = None) -> int:
         "meta": {
             "argv": sys.argv[1:] if argv is None else argv,
             "trees": {
-                name: {"src": str(src), "imports": imported_from(src), "env": envs[name]}
+                name: {
+                    "src": str(src),
+                    "imports": imported_from(src),
+                    "bench": bench_command(src)[1:],
+                    "env": envs[name],
+                }
                 for name, src in trees.items()
             },
         },

@@ -4,18 +4,17 @@ counts zero-padded to a multiple of 8.
 
     python benchmarks/conv_channels.py --cases 3d,ldm,ddpm-cifar10 --out $OUT/conv_channels.json
 
-The H200 profile of a 3D training step (docs/performance.md, session 11) runs four convolution
-kernels from cuDNN's Ampere generation (`sm80_xmma_*`) among Hopper ones: 1.67 ms of a 54 ms
-step, one call each, which by their counts are the stem (2 input channels) and the head
-(1 output channel). Channel counts that are not multiples of 8 are the likely reason. Zero
-channels change no result: the padded stem convolves its input with zero channels appended
-against zero weight columns, and the padded head computes zero-weight output channels that
-are sliced off. This script times both variants at each case's benchmark shape (and, for the
-3D ones on a GPU with Triton, `diffunet.accel.thin_conv`'s kernels as a third, and for a head
-those with the tap-product forward as a fourth), bf16 channels-last, forward alone and a
-training step's share (forward, weight and bias gradients, and the input gradient where the
-model needs one: the head's, not the stem's), with the padding itself inside the timed
-region. It also checks that the variants agree.
+Channel counts that are not multiples of 8 can make cuDNN pick slower kernels for a model's
+stem (2 or 3 input channels) and head (1 or 3 output channels). Zero channels change no
+result: the padded stem convolves its input with zero channels appended against zero weight
+columns, and the padded head computes zero-weight output channels that are sliced off.
+
+This script times both variants at each case's benchmark shape (and, for the 3D ones on a GPU
+with Triton, `diffunet.accel.thin_conv`'s kernels as a third, and for a head those with the
+tap-product forward as a fourth), bf16 channels-last, forward alone and a training step's
+share (forward, weight and bias gradients, and the input gradient where the model needs one:
+the head's, not the stem's), with the padding itself inside the timed region. It also checks
+that the variants agree.
 """
 
 from __future__ import annotations
@@ -32,19 +31,18 @@ try:
     import diffunet  # noqa: F401  (installed, or run from a checkout:)
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from diffunet import UNet
-from diffunet.accel import thin_conv
-from diffunet.accel.operands import CHANNEL_MULTIPLE as MULTIPLE
-from diffunet.benchmark import (
-    build_case,
+from diffunet.accel import settings, thin_conv
+from harness.layers import (
     layer_benchmark_parser,
     layer_benchmark_setup,
     materialize,
     time_variants,
     write_json_result,
 )
+from harness.models import build_case, build_ours
 
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+MULTIPLE = settings.CHANNEL_MULTIPLE
 
 
 def padded_convolution(conv: nn.Module, x: torch.Tensor, multiple: int = MULTIPLE) -> torch.Tensor:
@@ -66,7 +64,7 @@ def padded_convolution(conv: nn.Module, x: torch.Tensor, multiple: int = MULTIPL
 def stem_and_head(case: str, quick: bool) -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
     """The case's stem and head convolutions (on the meta device) and their input shapes."""
     spec = build_case(case, quick)
-    model = UNet(spec.config).to("meta")
+    model = build_ours(spec.config, "meta")
     stem, head = model.input_blocks[0][0], model.out[-1]
     batch, size = spec.batch, tuple(spec.size)
     return {
@@ -88,11 +86,8 @@ def _variants(
 
 def _thin_conv(conv: nn.Module, x: torch.Tensor, tap_products: str) -> torch.Tensor:
     """`thin_conv3d` with a head's forward by cuDNN ("never") or by tap products ("always")."""
-    setting, thin_conv.TAP_PRODUCT_FORWARD = thin_conv.TAP_PRODUCT_FORWARD, tap_products
-    try:
+    with settings.override(TAP_PRODUCT_FORWARD=tap_products):
         return thin_conv.thin_conv3d(x, conv.weight, conv.bias)
-    finally:
-        thin_conv.TAP_PRODUCT_FORWARD = setting
 
 
 def measure(

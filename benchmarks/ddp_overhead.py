@@ -43,12 +43,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ddp_scaling import CASES
-from diffunet import UNet, UNetConfig
+from diffunet import UNetConfig
+from diffunet.accel import memory_format_for
 from diffunet.model.presets import preset
-from diffunet.model.unet import memory_format_for
 from diffunet.training.distributed import cleanup
 from diffunet.training.parallel import place_model
 from diffunet.training.run_config import parse_override
+from harness.models import build_ours
 
 #: variant → (DDP keyword arguments or None for no DDP, communication hook, inside no_sync)
 VARIANTS: dict[str, tuple[dict | None, Callable | None, bool]] = {
@@ -113,7 +114,7 @@ def train_variant(
     ddp_kwargs, hook, no_sync = VARIANTS[name]
     gc.collect()  # the last variant's DDP objects sit in reference cycles
     torch.manual_seed(0)  # the same initial weights in every process
-    model = UNet(config).to(device)
+    model = build_ours(config).to(device)
     place_model(model, device)  # channels-last weights on a GPU, as `diffunet train` does
     net = model
     if ddp_kwargs is not None:

@@ -131,6 +131,8 @@ def command(
         cmd += ["--compile-mode", "default"]
     if parallel != "ddp":
         cmd += ["--parallel", parallel]
+    if device == "cpu":  # a core per process, the 1-process baseline too (CPU: smoke tests)
+        cmd += ["--threads", "1"]
     return cmd
 
 

@@ -35,11 +35,11 @@ def main(argv: list[str]) -> int:
         raise SystemExit(f"usage: dynamo_ddp_train.py {{{','.join(STRATEGIES)}}} train ...")
     configure(argv[0])
     try:
-        from diffunet import cli
+        from diffunet.cli import main as diffunet_main
     except ImportError:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-        from diffunet import cli
-    return cli(argv[1:])
+        from diffunet.cli import main as diffunet_main
+    return diffunet_main(argv[1:])
 
 
 if __name__ == "__main__":

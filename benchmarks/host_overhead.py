@@ -1,18 +1,19 @@
 #!/usr/bin/env python3
 """Host (Python) cost of diffunet's layout-stable convolution ops, measured on the CPU.
 
-Compiled training on the H100 is partly host-bound (docs/performance.md, "compiled training is
-host-bound"), so what each op costs the host matters as much as what it costs the GPU. With
-tiny tensors on the CPU the kernels cost next to nothing and the timings are host work:
+Compiled training on a fast GPU can be host-bound (docs/performance.md), so what each op costs
+the host matters as much as what it costs the GPU. With tiny tensors on the CPU the kernels
+cost next to nothing and the timings are host work:
 
 1. one call of `diffunet::convolution` / `diffunet::convolution_backward` against the aten
    op it wraps;
 2. a compiled training step and a compiled `no_grad` forward of the quick `ddpm-cifar10` case
    (65 convolutions, batch 1, 16², fp32), for ours, for diffusers' `UNet2DModel` of the same
    architecture when diffusers is installed, and a training step of ours with plain aten
-   convolutions instead of the custom ops (which only a backward pass uses).
+   convolutions instead of the custom ops (which only a backward pass uses). Ours routes its
+   compiled convolutions through the custom ops on the CPU here, as it does on a GPU.
 
-    python benchmarks/host_overhead.py            # ~3 min on 2 cores (five compilations)
+    python benchmarks/host_overhead.py            # five compilations: minutes on a small CPU
 """
 
 from __future__ import annotations
@@ -27,17 +28,15 @@ import torch
 import torch.nn.functional as F
 
 try:
-    import diffunet.accel.conv as conv_ops
+    import diffunet  # noqa: F401  (installed, or run from a checkout:)
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    import diffunet.accel.conv as conv_ops
-from diffunet.benchmark import (
-    ReferenceUnavailable,
-    build_case,
-    build_ours,
-    build_reference,
-    make_batches,
-)
+from diffunet.accel import settings
+from harness.models import ReferenceUnavailable, build_case, build_ours, build_reference
+from harness.timing import make_batches
+
+#: Our compiled convolutions go through the custom ops on the CPU too, as they do on a GPU.
+ROUTED = frozenset({"cpu", "cuda"})
 
 
 def microseconds_per_call(
@@ -65,7 +64,7 @@ def op_costs() -> dict[str, float]:
             lambda: aten.convolution.default(x, weight, None, *geometry, False, [0, 0], 1)
         ),
         "diffunet.convolution": microseconds_per_call(
-            lambda: torch.ops.diffunet.convolution.default(x, weight, *geometry, 1)
+            lambda: torch.ops.diffunet.convolution.default(x, weight, None, *geometry, 1, False)
         ),
         "aten.convolution_backward": microseconds_per_call(
             lambda: aten.convolution_backward.default(
@@ -74,7 +73,7 @@ def op_costs() -> dict[str, float]:
         ),
         "diffunet.convolution_backward": microseconds_per_call(
             lambda: torch.ops.diffunet.convolution_backward.default(
-                grad, x, weight, *geometry, 1, True, True
+                grad, x, weight, *geometry, 1, False, True, True, False
             )
         ),
     }
@@ -124,19 +123,16 @@ def main() -> int:
     print(f"  {'':46s} {'train step':>10s} {'no_grad forward':>16s}")
     for name, build in models.items():
         try:
-            step, forward = compiled_step_ms(build()), compiled_forward_ms(build())
+            with settings.override(ROUTED_DEVICES=ROUTED):
+                step, forward = compiled_step_ms(build()), compiled_forward_ms(build())
         except ReferenceUnavailable as err:
             print(f"  {name}: skipped ({err})")
             continue
         print(f"  {name:46s} {step:10.2f} {forward:16.2f}")
         torch._dynamo.reset()
-    routed = conv_ops._compiling_for_inductor
-    conv_ops._compiling_for_inductor = lambda: False  # convolve() then calls conv(x) as in eager
-    try:
+    with settings.override(ROUTED_DEVICES=frozenset()):  # convolve() calls conv(x) as in eager
         step = compiled_step_ms(build_ours(config))
-        print(f"  {'ours, aten convolutions in training too':46s} {step:10.2f}")
-    finally:
-        conv_ops._compiling_for_inductor = routed
+    print(f"  {'ours, aten convolutions in training too':46s} {step:10.2f}")
     return 0
 
 

@@ -17,8 +17,8 @@ in float32 as CUDA's autocast runs it (GroupNorm and SiLU keep float32 copies, t
 convolution a bf16 one); `--norm-from N` moves that threshold (0: every norm fused, about as
 a CUDA-graph step calls them from 2²⁰).
 
-It is an estimate: the GPU adds cuDNN workspaces and allocator slack. Against GPU peaks
-measured by `bench.py` (ours, eager; docs/performance.md) it was within −13 % to +3 %.
+It is an estimate: the GPU adds cuDNN workspaces and allocator slack; docs/performance.md
+compares it with the peaks `bench.py` measures on a GPU.
 """
 
 from __future__ import annotations
@@ -36,12 +36,13 @@ from torch.distributed._tools.mem_tracker import MemTracker
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from diffunet import UNet, UNetConfig
+from diffunet import UNetConfig
 from diffunet.accel import decoder_entry
 from diffunet.accel import fused_norm as fused
 from diffunet.model.introspect import example_inputs
 from diffunet.model.presets import preset
 from diffunet.training.run_config import parse_override
+from harness.models import build_ours
 
 GiB = 2**30
 
@@ -100,7 +101,7 @@ def peak_training_bytes(
     if not fake:
         norm_from = sys.maxsize
     with gpu_norms(norm_from), FakeTensorMode() if fake else torch.device("cpu"):
-        model = UNet(config)
+        model = build_ours(config)
         params = sum(p.numel() for p in model.parameters())
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
         x, inputs = example_inputs(config, batch)

@@ -13,7 +13,7 @@ nodes it serves. Prints the largest groups and writes JSON (`--out`, default
 `$OUT/memory_history.json`).
 
 `--aten-convolutions` routes no device through diffunet's layout-stable convolution ops
-(`diffunet.accel.conv.ROUTED_DEVICES`), so that Inductor convolves itself.
+(`diffunet.accel.settings.ROUTED_DEVICES`), so that Inductor convolves itself.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from diffunet import benchmark
-from diffunet.accel import conv
+from diffunet.accel import settings as accel_settings
+from harness.models import MODEL_CASES, Case, build_case, build_model
+from harness.timing import Settings, make_batches, make_optimizer, train_step_fn
 
 MiB = 2**20
 
@@ -62,7 +63,7 @@ def _worth_naming(filename: str) -> bool:
     """A Python frame worth naming: Inductor's generated code, or anything outside torch itself.
 
     The allocator's traces also hold C++ frames (`??` or a `.cpp`/`.h` file) above the Python
-    ones; on the H100 those came first and named every block `torch::unwind::unwind()`.
+    ones, and where they come first they would name every block `torch::unwind::unwind()`.
     """
     return filename.endswith(".py") and (
         "torchinductor" in filename or f"{os.sep}torch{os.sep}" not in filename
@@ -101,26 +102,18 @@ def group(blocks: dict[int, dict[str, Any]], top: int) -> list[dict[str, Any]]:
 
 def measure(
     which: str,
-    case: benchmark.Case,
-    settings: benchmark.Settings,
+    case: Case,
+    settings: Settings,
     compiled: bool,
     warmup: int,
     top: int,
 ) -> dict[str, Any]:
     """One model's step: peak, memory allocated before it, and the largest groups at the peak."""
     device = settings.device
-    model = benchmark.prepare_model(
-        benchmark.build_ours(case.config)
-        if which == "ours"
-        else benchmark.build_reference(case.config, case.reference),
-        case.dims,
-        device,
-    )
-    optimizer = benchmark.make_optimizer(model, device)
+    model = build_model(which, case, device)
+    optimizer = make_optimizer(model, device)
     runner = settings.compile(model) if compiled else model
-    step = benchmark.train_step_fn(
-        runner, benchmark.make_batches(case, case.batch, device), optimizer, settings
-    )
+    step = train_step_fn(runner, make_batches(case, case.batch, device), optimizer, settings)
     begin = time.perf_counter()
     for i in range(warmup):
         step(i)
@@ -152,7 +145,7 @@ def measure(
 def main(argv: list[str] | None = None) -> int:
     """Measure each model and print the largest groups."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--case", default="3d", choices=benchmark.MODEL_CASES)
+    parser.add_argument("--case", default="3d", choices=MODEL_CASES)
     parser.add_argument("--models", default="ours,ref", help="ours and/or ref (ours,ref)")
     parser.add_argument("--eager", action="store_true", help="do not compile")
     parser.add_argument(
@@ -172,10 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         parser.error("the CUDA memory history needs a CUDA GPU; none is visible")
     if args.aten_convolutions:
-        conv.ROUTED_DEVICES = frozenset()
+        accel_settings.ROUTED_DEVICES = frozenset()
     torch.backends.cudnn.benchmark = True
-    settings = benchmark.Settings(device=torch.device("cuda", torch.cuda.current_device()))
-    case = benchmark.build_case(args.case)
+    settings = Settings(device=torch.device("cuda", torch.cuda.current_device()))
+    case = build_case(args.case)
     result = {
         "case": args.case,
         "description": case.description,

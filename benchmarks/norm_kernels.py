@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Bandwidth of the fused GroupNorm kernels at the shapes a model normalizes, and a sweep of
-their launch configuration (`diffunet.accel.fused_norm.LAUNCH`).
+their launch configuration (`diffunet.accel.settings.NORM_LAUNCH`).
 
     python benchmarks/norm_kernels.py --cases 3d,ldm --tiles 2048,4096,8192 \\
         --programs 2,4,8 --warps 4,8 --out $OUT/norm_kernels.json
@@ -34,13 +34,14 @@ from pathlib import Path
 import torch
 
 try:
-    from diffunet.benchmark import build_case, kernel_time_ms, write_json_result
+    import diffunet  # noqa: F401  (installed, or run from a checkout:)
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from diffunet.benchmark import build_case, kernel_time_ms, write_json_result
-from diffunet import UNet
 from diffunet.accel import fused_norm as fused
+from diffunet.accel import settings
 from diffunet.model.introspect import example_inputs
+from harness.layers import kernel_time_ms, write_json_result
+from harness.models import build_case, build_ours
 
 #: (shape, groups, film, add, act) of one `group_norm_act` call.
 Call = tuple[tuple[int, ...], int, bool, bool, bool]
@@ -49,7 +50,7 @@ Call = tuple[tuple[int, ...], int, bool, bool, bool]
 def norm_calls(case: str, quick: bool = False) -> Counter[Call]:
     """How often one forward pass of `case`'s model calls `group_norm_act`, per signature."""
     spec = build_case(case, quick)
-    model = UNet(spec.config).to("meta")
+    model = build_ours(spec.config, "meta")
     x, kwargs = example_inputs(spec.config, spec.batch, spec.size, device="meta")
     calls: Counter[Call] = Counter()
     original = fused.group_norm_act
@@ -62,7 +63,9 @@ def norm_calls(case: str, quick: bool = False) -> Counter[Call]:
 
     fused.group_norm_act = record
     try:
-        with torch.no_grad():
+        # No kernels on the meta device: a decoder block's entry then concatenates `(h, skip)`
+        # and normalizes that (the call its fused pair makes) through `group_norm_act` too.
+        with torch.no_grad(), settings.override(FUSED_NORM=False):
             model(x, **kwargs)
     finally:
         fused.group_norm_act = original
@@ -154,7 +157,7 @@ def copy_bandwidth(device: torch.device, time_ms: Callable, nbytes: int) -> floa
 
 def sweep(
     calls: Counter[Call],
-    configs: list[fused.LaunchConfig],
+    configs: list[settings.LaunchConfig],
     device: torch.device,
     dtype: torch.dtype,
     time_ms: Callable,
@@ -162,7 +165,6 @@ def sweep(
     reference: bool,
 ) -> list[dict]:
     """Time every call under every launch configuration (and the eager reference)."""
-    saved = fused.LAUNCH
     rows = []
     for call, count in sorted(calls.items(), key=lambda item: -math.prod(item[0][0])):
         row = {
@@ -179,18 +181,12 @@ def sweep(
             if time.monotonic() > deadline:
                 row["incomplete"] = True
                 break
-            fused.LAUNCH = config
-            try:
+            with settings.override(NORM_LAUNCH=config):
                 timing = time_call(call, time_ms, device, dtype)
-            finally:
-                fused.LAUNCH = saved
             row["configs"].append({**asdict(config), **timing})
         if reference and time.monotonic() < deadline:
-            fused.set_fused_enabled(False)
-            try:
+            with settings.override(FUSED_NORM=False):
                 row["reference"] = time_call(call, time_ms, device, dtype)
-            finally:
-                fused.set_fused_enabled(True, min_elements=0)
         rows.append(row)
     return rows
 
@@ -209,8 +205,8 @@ def _timing_of(row: dict, config: dict) -> dict | None:
 
 
 def _shipped(row: dict) -> dict:
-    """The configuration the shipped `fused.LaunchPlan` picks for this row's call."""
-    return asdict(fused.LaunchPlan().for_elements(math.prod(row["shape"])))
+    """The configuration the shipped `LaunchPlan` picks for this row's call."""
+    return asdict(settings.LaunchPlan().for_elements(math.prod(row["shape"])))
 
 
 def summarize(rows: list[dict], copy_gbps: float) -> dict:
@@ -234,7 +230,7 @@ def summarize(rows: list[dict], copy_gbps: float) -> dict:
             continue
         mine = _timing_of(row, _shipped(row))
         best = min(row["configs"], key=_step_ms)
-        row["best"] = {k: best[k] for k in asdict(fused.LaunchConfig())}
+        row["best"] = {k: best[k] for k in asdict(settings.LaunchConfig())}
         for direction in ("forward", "backward"):
             row[f"best_{direction}_gbps"] = row["bytes"][direction] / best[f"{direction}_ms"] / 1e6
         if mine is not None:
@@ -248,7 +244,7 @@ def summarize(rows: list[dict], copy_gbps: float) -> dict:
         timed = [c for c in row["configs"] if "stats_ms" in c]
         if timed:
             stats = min(timed, key=lambda c: c["stats_ms"])
-            row["best_stats"] = {k: stats[k] for k in asdict(fused.LaunchConfig())}
+            row["best_stats"] = {k: stats[k] for k in asdict(settings.LaunchConfig())}
             row["best_stats_gbps"] = row["bytes"]["stats"] / stats["stats_ms"] / 1e6
             total["best_stats_ms"] += row["count"] * stats["stats_ms"]
             if mine is not None and "stats_ms" in mine:
@@ -257,7 +253,7 @@ def summarize(rows: list[dict], copy_gbps: float) -> dict:
 
 
 def _config_text(config: dict) -> str:
-    return ", ".join(str(config[k]) for k in asdict(fused.LaunchConfig()))
+    return ", ".join(str(config[k]) for k in asdict(settings.LaunchConfig()))
 
 
 def format_rows(rows: list[dict]) -> str:
@@ -339,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("--cases", default="3d,ldm", help="benchmark cases, comma-separated")
-    plan = fused.LaunchPlan()
+    plan = settings.LaunchPlan()
     parser.add_argument(
         "--tiles",
         type=_ints,
@@ -374,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--min-elements",
         type=int,
-        default=fused.CUDA_GRAPHS_MIN_ELEMENTS,
+        default=settings.CUDA_GRAPHS_MIN_ELEMENTS,
         help="time only calls of at least this many elements (the size from "
         "which compiled CUDA-graph steps call the kernels)",
     )
@@ -412,12 +408,12 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16
     deadline = time.monotonic() + args.deadline
     configs = [
-        fused.LaunchConfig(*values)
+        settings.LaunchConfig(*values)
         for values in itertools.product(
             args.tiles, args.programs, args.warps, args.stages, args.one_pass
         )
     ]
-    fused.set_fused_enabled(True, min_elements=0)
+    settings.set_fused_enabled(True, min_elements=0)
     time_ms = _timer(device, args.iters, args.graphs)
     copy_gbps = copy_bandwidth(device, time_ms, 1 << (20 if args.quick else 30))
     data: dict = {

@@ -50,7 +50,7 @@ from diffunet.interop.quantize import (
     quantize_onnx,
     quantize_pt2e,
 )
-from diffunet.model.checkpoint import load_pretrained, save_pretrained
+from diffunet.model import load_pretrained, save_pretrained
 from diffunet.model.introspect import small_config
 
 

@@ -24,10 +24,9 @@ Then a small 3D check: a tiny `emdiffuse-3d` trained on random crops of a smooth
 
     python benchmarks/restoration_quality.py --out runs/restoration-quality
 
-Everything is seeded. `--threads` defaults to 1: on the shared 2-core machine the recorded run
-used, two threads were 2–10× slower per step than one (they wait for each other whenever
-another process holds a core). Results: `results.json` and `table.md` in `--out`, figures in
-`--figures` (default docs/images).
+Everything is seeded. `--threads` defaults to 1: on a small shared machine, threads wait for
+each other whenever another process holds a core. Results: `results.json` and `table.md` in
+`--out`, figures in `--figures` (default docs/images).
 """
 
 from __future__ import annotations

@@ -28,8 +28,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from diffunet import cli
-from diffunet.benchmark import kernel_breakdown
 from diffunet.training import run_log
+from harness.profiling import kernel_breakdown
 
 
 def summarize(

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """A model's upsampling convolutions timed as nearest upsampling then a 3×3 convolution, and
 as the same function folded into one transposed convolution of the input
-(`diffunet.model.layers.resample.folded_upsample_weight`, what the model runs on `FOLDED_DEVICES`).
+(`diffunet.accel.upsample.folded_upsample_weight`, what the accelerated model runs on the
+devices of `diffunet.accel.settings.FOLDED_DEVICES`).
 
     python benchmarks/upsample_fold.py --cases 3d,ldm,ddpm-cifar10 --out $OUT/upsample_fold.json
 
@@ -36,10 +37,12 @@ try:
     import diffunet  # noqa: F401  (installed, or run from a checkout:)
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from diffunet import UNet
+from diffunet.accel import memory_format_for, settings
 from diffunet.accel.conv import convolve
-from diffunet.benchmark import (
-    build_case,
+from diffunet.accel.upsample import upsample_convolve, upsample_nearest
+from diffunet.model.introspect import example_inputs
+from diffunet.model.layers.resample import Upsample
+from harness.layers import (
     kernel_time_ms,
     layer_benchmark_parser,
     layer_benchmark_setup,
@@ -47,10 +50,7 @@ from diffunet.benchmark import (
     time_variants,
     write_json_result,
 )
-from diffunet.model.introspect import example_inputs
-from diffunet.model.layers import resample
-from diffunet.model.layers.resample import Upsample, upsample_convolve, upsample_nearest
-from diffunet.model.unet import memory_format_for
+from harness.models import build_case, build_ours
 
 #: The two ways the model can run (`--model-rounds`); the layers are timed a third way too.
 VARIANTS = ("nearest + conv", "folded")
@@ -60,7 +60,7 @@ def upsample_calls(case: str, quick: bool) -> list[tuple[Upsample, tuple[int, ..
     """(module on the meta device, input shape, calls per forward) for each distinct upsampling
     of the case's model at its benchmark size."""
     spec = build_case(case, quick)
-    model = UNet(spec.config).to("meta")
+    model = build_ours(spec.config, "meta")
     seen: Counter = Counter()
     modules: dict = {}
 
@@ -86,12 +86,12 @@ def forward_flops(case: str, quick: bool) -> dict[str, int]:
     """FLOPs of one sample's forward pass of the case's model, each way, as
     `torch.utils.flop_counter` counts them (on the meta device: shapes only)."""
     spec = build_case(case, quick)
-    model = UNet(spec.config).to("meta")
+    model = build_ours(spec.config, "meta")
     x, kwargs = example_inputs(spec.config, 1, spec.size, device="meta")
     flops = {}
     for variant in VARIANTS:
         with (
-            resample.folding_on(["meta"] if variant == "folded" else []),
+            settings.folding_on(["meta"] if variant == "folded" else []),
             FlopCounterMode(display=False) as counter,
             torch.no_grad(),
         ):
@@ -148,7 +148,7 @@ def measure(
         "folded": lambda x: upsample_convolve(up.conv, x, up.factors),  # what the model runs
         "phase convs": lambda x: phase_convolutions(up, x),
     }
-    with resample.folding_on([device.type]):
+    with settings.folding_on([device.type]):
         rows = time_variants(ways, x, [x, *up.parameters()], iters)
     return [{"shape": list(shape), "factors": list(module.factors), **row} for row in rows]
 
@@ -170,7 +170,7 @@ def model_steps(
     spec = build_case(case, quick)
     shape = spec.size if size is None else (size,) * spec.dims
     torch.manual_seed(0)
-    model = UNet(spec.config).to(device=device, memory_format=memory_format_for(spec.dims))
+    model = build_ours(spec.config, device).to(memory_format=memory_format_for(spec.dims))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     x, kwargs = example_inputs(spec.config, batch or spec.batch, shape, device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
@@ -185,7 +185,7 @@ def model_steps(
     times: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
     for turn in range(rounds):
         for variant in VARIANTS if turn % 2 == 0 else reversed(VARIANTS):
-            with resample.folding_on([device.type] if variant == "folded" else []):
+            with settings.folding_on([device.type] if variant == "folded" else []):
                 step()  # warm-up, and cuDNN's autotuning
                 times[variant].append(kernel_time_ms(step, steps, device, graphs=False))
     return {

@@ -8,7 +8,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from diffunet.accel import fused_norm as fused
+from diffunet.accel import settings
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -19,8 +19,11 @@ def _seed() -> None:
 
 
 @pytest.fixture
-def benchmark_script() -> Callable[[str], ModuleType]:
-    """Import a script of `benchmarks/` by name (`"ddp_scaling"`); they are not a package."""
+def benchmark_script(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], ModuleType]:
+    """Import a script of `benchmarks/` by name (`"ddp_scaling"`), afresh; they are not a
+    package. `benchmarks/` is on `sys.path` for the test, as for a script run from there, so
+    the scripts (and the test) import the shared `harness` package."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
 
     def load(name: str) -> ModuleType:
         spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
@@ -46,12 +49,12 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
-def fused_compiled_threshold() -> Iterator[None]:
-    """Restore the size from which compiled graphs call the fused kernels: the trainer and the
-    benchmark set it for their compile mode, and it would otherwise carry into later tests."""
-    saved = fused._COMPILED_MIN_ELEMENTS, fused._COMPILED_MIN_ELEMENTS_INFERENCE
-    yield
-    fused.set_compiled_min_elements(saved[0], inference=saved[1])
+def accel_settings() -> Iterator[None]:
+    """Restore every accelerator setting after each test: the trainer and the benchmark set the
+    compiled thresholds for their compile mode, tests switch kernels on and off, and none of it
+    may carry into later tests."""
+    with settings.override(**settings.current()):
+        yield
 
 
 def pytest_collection_modifyitems(config, items):

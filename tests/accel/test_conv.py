@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,8 @@ from torch import nn
 from torch._functorch.aot_autograd import aot_module_simplified
 
 import diffunet.accel.conv as conv_module
+from diffunet import UNet, UNetConfig
+from diffunet.accel import accelerate, settings
 from diffunet.accel.conv import (
     convolve,
     convolve_split_bias,
@@ -17,8 +21,8 @@ from diffunet.accel.conv import (
     dense_strides,
     pin_layout,
 )
+from diffunet.accel.upsample import upsample_nearest
 from diffunet.model.layers.ops import conv_nd
-from diffunet.model.layers.resample import upsample_nearest
 
 
 class Convolve(nn.Module):
@@ -40,10 +44,29 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+#: The 3D benchmark model's options at a small size: one input and one condition channel, one
+#: output channel (a head that pads), eps 1e-6, no zero init.
+UNET_3D = UNetConfig(
+    dims=3,
+    in_channels=1,
+    cond_channels=1,
+    out_channels=1,
+    model_channels=16,
+    channel_mult=(1, 2),
+    num_res_blocks=2,
+    attention_resolutions=(),
+    num_head_channels=8,
+    norm_groups=8,
+    norm_eps=1e-6,
+    zero_init=False,
+)
+
+
 @pytest.fixture(autouse=True)
-def routed_on_the_cpu(monkeypatch):
-    """The custom ops serve CUDA runs; these tests check their arithmetic on the CPU too."""
-    monkeypatch.setattr(conv_module, "ROUTED_DEVICES", frozenset({"cuda", "cpu"}))
+def routed_on_the_cpu():
+    """The custom ops serve CUDA runs; these tests check their arithmetic on the CPU too (the
+    autouse `accel_settings` fixture restores the setting)."""
+    settings.ROUTED_DEVICES = frozenset({"cuda", "cpu"})
 
 
 def _call_targets(gm: torch.fx.GraphModule) -> set[str]:
@@ -288,16 +311,16 @@ def test_split_bias_keeps_the_bias_in_exported_programs():
 
 
 def test_the_unet_compiles_every_convolution_through_the_custom_op():
-    from diffunet import UNet, UNetConfig
-
-    model = UNet(
-        UNetConfig(
-            dims=2,
-            model_channels=16,
-            channel_mult=(1, 2),
-            num_res_blocks=1,
-            attention_resolutions=(),
-            norm_groups=8,
+    model = accelerate(
+        UNet(
+            UNetConfig(
+                dims=2,
+                model_channels=16,
+                channel_mult=(1, 2),
+                num_res_blocks=1,
+                attention_resolutions=(),
+                norm_groups=8,
+            )
         )
     )
     convs = sum(type(m) is nn.Conv2d for m in model.modules())
@@ -371,9 +394,9 @@ def _cpu_convolves_bf16_in(layout: torch.memory_format, dims: int) -> bool:
 @pytest.mark.parametrize("dims", [2, 3])
 def test_inductor_convolves_compiled_inference_in_channels_last(dims, monkeypatch):
     """Inductor takes a traced `contiguous` as a hint only, and its 3D convolution lowering laid
-    both operands out NCDHW (cuDNN then converted input, weight and output on every call:
-    1.28 ms of a 19.3 ms 3D forward on an H200). What the generated code hands each
-    convolution, recorded while it runs, must be channels-last."""
+    both operands out NCDHW (cuDNN then converted input, weight and output on every call).
+    What the generated code hands each convolution, recorded while it runs, must be
+    channels-last."""
     from torch._inductor.select_algorithm import extern_kernels
 
     layout = conv_module._CHANNELS_LAST[dims + 2]
@@ -499,34 +522,26 @@ def test_preferred_channels_last_without_converting_the_weight():
     assert strides == [x.contiguous(memory_format=torch.channels_last).stride()]
 
 
-def test_on_the_cpu_inductor_convolves_itself(monkeypatch):
-    monkeypatch.setattr(conv_module, "ROUTED_DEVICES", frozenset({"cuda"}))
+def test_on_the_cpu_inductor_convolves_itself():
+    settings.ROUTED_DEVICES = frozenset({"cuda"})
     conv = conv_nd(2, 3, 4, 3, padding=1)
     (ops,) = _graphs(Convolve(conv), torch.randn(1, 3, 8, 8, requires_grad=True))
     assert not any(op.startswith("diffunet") for op in ops)
 
 
-def test_compiled_bf16_3d_unet_trains_on_the_cpu(monkeypatch):
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("DIFFUNET_SLOW_TESTS"),
+    reason="Inductor compiles C++ for about two minutes; set DIFFUNET_SLOW_TESTS=1",
+)
+def test_compiled_bf16_3d_unet_trains_on_the_cpu():
     """Routed on the CPU, Inductor's C++ code for this network's bias gradients declared one
     variable twice and did not compile (torch 2.13); the CPU now keeps Inductor's convolution.
     32³, not 16³: at 2³ oneDNN's bf16 conv3d weight gradient of an NCDHW input is NaN in eager."""
-    from diffunet import UNet
-    from diffunet.benchmark import UNET_3D
-
-    monkeypatch.setattr(conv_module, "ROUTED_DEVICES", frozenset({"cuda"}))
-    torch.manual_seed(0)
+    settings.ROUTED_DEVICES = frozenset({"cuda"})
     # Two levels with attention at the second, one block each: every kind of block the 3D
-    # preset has, in less C++ compile time than the full depth (57 s instead of 91, cold).
-    model = UNet(
-        UNET_3D.replace(
-            model_channels=16,
-            norm_groups=8,
-            num_head_channels=8,
-            channel_mult=(1, 2),
-            attention_resolutions=(2,),
-            num_res_blocks=1,
-        )
-    )
+    # preset has, in less C++ compile time than the full depth.
+    model = accelerate(UNet(UNET_3D.replace(attention_resolutions=(2,), num_res_blocks=1)))
     model = model.to(memory_format=torch.channels_last_3d)
     x = torch.randn(1, 1, 32, 32, 32).to(memory_format=torch.channels_last_3d)
     cond, t = torch.randn_like(x), torch.tensor([3])
@@ -544,9 +559,9 @@ def test_compiled_bf16_3d_unet_trains_on_the_cpu(monkeypatch):
 
 
 @pytest.fixture
-def padded_on_the_cpu(monkeypatch):
+def padded_on_the_cpu():
     """Channel padding serves cuDNN; these tests check its arithmetic on the CPU."""
-    monkeypatch.setattr(conv_module, "PADDED_DEVICES", frozenset({"cuda", "cpu"}))
+    settings.PADDED_DEVICES = frozenset({"cuda", "cpu"})
 
 
 class ConvolutionWeights(torch.utils._python_dispatch.TorchDispatchMode):
@@ -630,7 +645,7 @@ def test_output_padding_only_for_plain_3d_convolutions_on_cuda(padded_on_the_cpu
     assert conv_module.output_padding(conv_nd(3, 4, 2, 3, padding=1, groups=2), x3) == 0
     circular = conv_nd(3, 4, 1, 3, padding=1, padding_mode="circular")
     assert conv_module.output_padding(circular, x3) == 0
-    conv_module.PADDED_DEVICES = frozenset({"cuda"})  # the default; the fixture restores it
+    settings.PADDED_DEVICES = frozenset({"cuda"})  # the default; the fixture restores it
     assert conv_module.output_padding(conv_nd(3, 4, 1, 3, padding=1), x3) == 0
 
 
@@ -642,28 +657,16 @@ def test_exported_programs_keep_the_unpadded_convolution(padded_on_the_cpu):
     assert not any(n.target is torch.ops.aten.constant_pad_nd.default for n in program.graph.nodes)
 
 
-def test_a_padded_unet_computes_what_the_plain_one_does(padded_on_the_cpu, monkeypatch):
+def test_a_padded_unet_computes_what_the_plain_one_does(padded_on_the_cpu):
     """The 3D benchmark's head (1 output channel) padded in the forward only: parameters and
     results are the model's own."""
-    from diffunet import UNet
-    from diffunet.benchmark import UNET_3D
-
-    torch.manual_seed(0)
-    model = UNet(
-        UNET_3D.replace(
-            model_channels=16,
-            channel_mult=(1, 2),
-            norm_groups=8,
-            num_head_channels=8,
-            attention_resolutions=(),
-        )
-    ).double()
+    model = accelerate(UNet(UNET_3D)).double()
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     x = torch.randn(2, 1, 8, 8, 8, dtype=torch.double)
     cond, t = torch.randn_like(x), torch.tensor([3, 7])
     results = []
     for devices in (frozenset({"cpu"}), frozenset()):
-        monkeypatch.setattr(conv_module, "PADDED_DEVICES", devices)
+        settings.PADDED_DEVICES = devices
         with ConvolutionWeights() as recorded:
             out = model(x, t, cond=cond)
         out.square().mean().backward()

@@ -2,28 +2,55 @@
 gradients as normalizing and projecting `cat([h, skip])`, without keeping that concatenation.
 
 On the CPU the Triton kernels are replaced by stand-ins with the same contract (statistics out
-of the forward, the input gradient written to `out`, which may be the input itself); under
-Triton's interpreter and on the GPU the kernels themselves run."""
+of the forward, the input gradient written to `out`, which may be the input itself); through
+Triton's interpreter (the `interpreted_*` functions) and on a GPU under `-m gpu` the kernels
+themselves run."""
 
 import importlib.util
 import os
 import subprocess
 import sys
-import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from diffunet import UNet
-from diffunet.accel import decoder_entry
+from diffunet.accel import accelerate, decoder_entry, settings
 from diffunet.accel import fused_norm as fused
+from diffunet.accel.blocks import AcceleratedResBlock
 from diffunet.model.introspect import example_inputs, small_config
 from diffunet.model.layers.ops import conv_nd, normalization
 from diffunet.model.layers.resblock import ResBlock
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+ROOT = Path(__file__).resolve().parents[2]
 EPS = 1e-5
+
+
+def run_interpreted(test_file: str) -> None:
+    """Run the `interpreted_*` functions of `test_file` in a pytest process with
+    TRITON_INTERPRET=1 and fail with its report if any fails. Triton chooses between compiling
+    and interpreting a kernel when the kernel is defined, at import, hence the process."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    options = ["-q", "-p", "no:cacheprovider", "-o", "python_functions=interpreted_*"]
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", *options, test_file],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
+    summary = done.stdout.strip().splitlines()[-1]  # e.g. "18 passed in 9.1s"
+    assert " passed" in summary and "skipped" not in summary, summary
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_kernels_under_the_interpreter():
+    run_interpreted(__file__)
 
 
 def reference_forward(x, weight, bias, scale, shift, add, num_groups, eps, film, act):
@@ -161,18 +188,24 @@ def test_only_a_plain_biased_1x1_convolution_without_hooks_and_an_affine_norm_ta
 def test_cpu_tensors_concatenate():
     """Without the kernels (a CPU, no interpreter) the ResBlock concatenates as before."""
     x, skip = torch.randn(1, 8, 4, 4), torch.randn(1, 8, 4, 4)
-    assert decoder_entry.concat_fused_wanted(x, skip) == (os.environ.get("TRITON_INTERPRET") == "1")
+    assert decoder_entry.concat_fused_wanted(x, skip) == fused._interpreting()
 
 
 @pytest.mark.usefixtures("stand_in_kernels")
 @pytest.mark.parametrize("scale_shift", [False, True])
-def test_a_resblock_given_the_skip_matches_one_given_the_concatenation(scale_shift, monkeypatch):
-    block = ResBlock(2, 24, 8, 16, use_scale_shift_norm=scale_shift, norm_groups=8, zero_init=False)
-    h = _layout(torch.randn(2, 16, 6, 6)).requires_grad_(True)
-    skip = _layout(torch.randn(2, 8, 6, 6)).requires_grad_(True)
-    emb = torch.randn(2, 16)
-    expected = block(torch.cat([h, skip], 1), emb)
-    ref_grads = torch.autograd.grad(expected.square().sum(), [h, skip, *block.parameters()])
+def test_an_accelerated_resblock_given_the_skip_matches_the_plain_one_given_the_concatenation(
+    scale_shift, monkeypatch
+):
+    """In float64, so that only a wrong result, not the order of the sums, shows."""
+    options = {"use_scale_shift_norm": scale_shift, "norm_groups": 8, "zero_init": False}
+    plain = ResBlock(2, 24, 8, 16, **options).double()
+    block = AcceleratedResBlock(2, 24, 8, 16, **options).double()
+    block.load_state_dict(plain.state_dict())
+    h = _layout(torch.randn(2, 16, 6, 6, dtype=torch.float64)).requires_grad_(True)
+    skip = _layout(torch.randn(2, 8, 6, 6, dtype=torch.float64)).requires_grad_(True)
+    emb = torch.randn(2, 16, dtype=torch.float64)
+    expected = plain(torch.cat([h, skip], 1), emb)
+    ref_grads = torch.autograd.grad(expected.square().sum(), [h, skip, *plain.parameters()])
     taken = []
     monkeypatch.setattr(
         decoder_entry, "concat_fused_wanted", lambda x, s: taken.append(x.shape) or True
@@ -180,9 +213,9 @@ def test_a_resblock_given_the_skip_matches_one_given_the_concatenation(scale_shi
     got = block(h, emb, skip)
     grads = torch.autograd.grad(got.square().sum(), [h, skip, *block.parameters()])
     assert taken
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.usefixtures("stand_in_kernels")
@@ -192,7 +225,7 @@ def test_a_unet_whose_decoder_takes_the_pairs_trains_as_one_that_concatenates(
 ):
     config = small_config("ddpm-cifar10").replace(dropout=0.0, use_checkpoint=use_checkpoint)
     torch.manual_seed(0)
-    model = UNet(config).train()
+    model = accelerate(UNet(config)).train()
     x, kwargs = example_inputs(config, batch=2)
     calls = []
     pair = decoder_entry.norm_act_and_project
@@ -215,73 +248,49 @@ def test_a_unet_whose_decoder_takes_the_pairs_trains_as_one_that_concatenates(
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
 
 
-INTERPRETER_CHECK = textwrap.dedent("""
-    # The kernels themselves under Triton's interpreter: argv[1] "one-pass" or "three-kernel".
-    import dataclasses, sys
-    import torch
-    from diffunet.accel import decoder_entry, fused_norm as fused
-    from diffunet.model.layers.ops import conv_nd, normalization
-    if sys.argv[1] == "one-pass":
-        fused.LAUNCH = fused.LaunchConfig(64, 4, 4, 2, one_pass_elements=1 << 30)
-    else:
-        fused.LAUNCH = dataclasses.replace(fused.LaunchPlan().small, one_pass_elements=0)
-    torch.manual_seed(0)
-    worst = 0.0
-    for spatial, hc, sc, groups in [((5, 6), 8, 16, 8), ((3, 4, 5), 24, 8, 8), ((13,), 12, 4, 4)]:
-        norm = normalization(hc + sc, groups, 1e-5)
-        projection = conv_nd(len(spatial), hc + sc, 8, 1)
-        with torch.no_grad():
-            norm.weight.normal_(); norm.bias.normal_()
-        fmt = {2: torch.channels_last, 3: torch.channels_last_3d}.get(len(spatial))
-        h = torch.randn(2, hc, *spatial)
-        skip = torch.randn(2, sc, *spatial) * 3 + 1
-        if fmt is not None:
-            h, skip = h.contiguous(memory_format=fmt), skip.contiguous(memory_format=fmt)
-        h.requires_grad_(True); skip.requires_grad_(True)
-        assert decoder_entry.concat_fused_wanted(h, skip)
-        params = [h, skip, norm.weight, norm.bias, projection.weight, projection.bias]
-        y, r = decoder_entry.norm_act_and_project(norm, projection, h, skip)
-        ref = [p.detach().double().requires_grad_(True) for p in params]
-        cat = torch.cat(ref[:2], 1)
-        y_ref = fused.group_norm_act_reference(cat, groups, ref[2], ref[3], 1e-5)
-        r_ref = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d,
-                 3: torch.nn.functional.conv3d}[len(spatial)](cat, ref[4], ref[5])
-        gy, gr = torch.randn_like(y_ref), torch.randn_like(r_ref)
-        grads = torch.autograd.grad([y, r], params, [gy.float(), gr.float()])
-        ref_grads = torch.autograd.grad([y_ref, r_ref], ref, [gy, gr])
-        for got, expected in zip([y, r, *grads], [y_ref, r_ref, *ref_grads]):
-            worst = max(worst, ((got.double() - expected).abs().max()
-                                / expected.abs().max()).item())
-        # written over its input, the gradient is the one written elsewhere
-        x = torch.cat([h, skip], 1).detach().contiguous(memory_format=fmt or torch.contiguous_format)
-        none = x.new_zeros(0)
-        stats = fused._forward(x, norm.weight, norm.bias, none, none, none, groups, 1e-5,
-                               False, True)[1:]
-        g = torch.randn_like(x)
-        apart = fused._backward(g, x, norm.weight, norm.bias, none, none, none, *stats, groups,
-                                False, True)[0]
-        inside = x.clone()
-        fused._backward(g, inside, norm.weight, norm.bias, none, none, none, *stats, groups,
-                        False, True, out=inside)
-        assert torch.equal(apart, inside)
-    print(f"worst relative error {worst:.3e}")
-    assert worst < 1e-5, worst
-""")
+# --- the kernels under Triton's interpreter (run by `test_kernels_under_the_interpreter`) -------
+
+#: One kernel each way (loops over several tiles: `test_fused.py`), or three.
+LAUNCHES = {
+    "one-kernel": fused.LaunchConfig(4096, 2, 4, 3, one_pass_elements=1 << 30),
+    "three-kernel": fused.LaunchConfig(4096, 2, 4, 3, one_pass_elements=0),
+}
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (CPU-only torch)")
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test below checks the real kernels")
-@pytest.mark.parametrize("path", ["one-pass", "three-kernel"])
-def test_the_entry_under_the_interpreter_matches_float64(path):
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", INTERPRETER_CHECK, path],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+@pytest.mark.parametrize("launch", LAUNCHES)
+@pytest.mark.parametrize(
+    ("spatial", "h_channels", "skip_channels", "groups"),
+    [((5, 6), 8, 16, 8), ((3, 4, 5), 24, 8, 8), ((13,), 12, 4, 4)],
+)
+def interpreted_the_entry_matches_float64(spatial, h_channels, skip_channels, groups, launch):
+    """Output, projection and every gradient, groups straddling h and skip; and the input
+    gradient written over its input equals the one written elsewhere."""
+    settings.NORM_LAUNCH = LAUNCHES[launch]
+    norm, projection = _entry_layers(len(spatial), h_channels + skip_channels, 8, groups)
+    h = _layout(torch.randn(2, h_channels, *spatial)).requires_grad_(True)
+    skip = _layout(torch.randn(2, skip_channels, *spatial) * 3 + 1).requires_grad_(True)
+    assert decoder_entry.concat_fused_wanted(h, skip)
+    params = [h, skip, norm.weight, norm.bias, projection.weight, projection.bias]
+    y, residual = decoder_entry.norm_act_and_project(norm, projection, h, skip)
+    ref = [p.detach().double().requires_grad_(True) for p in params]
+    cat = torch.cat(ref[:2], 1)
+    y_ref = fused.group_norm_act_reference(cat, groups, ref[2], ref[3], EPS)
+    r_ref = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(spatial)](cat, ref[4], ref[5])
+    gy, gr = torch.randn_like(y_ref), torch.randn_like(r_ref)
+    grads = torch.autograd.grad([y, residual], params, [gy.float(), gr.float()])
+    ref_grads = torch.autograd.grad([y_ref, r_ref], ref, [gy, gr])
+    for got, expected in zip([y, residual, *grads], [y_ref, r_ref, *ref_grads], strict=True):
+        assert ((got.double() - expected).abs().max() / expected.abs().max()).item() < 1e-5
+
+    x = _layout(torch.cat([h, skip], 1).detach())
+    none = x.new_zeros(0)
+    stats = fused._forward(x, norm.weight, norm.bias, none, none, none, groups, EPS, False, True)
+    operands = (x, norm.weight, norm.bias, none, none, none, *stats[1:], groups, False, True)
+    g = torch.randn_like(x)
+    apart = fused._backward(g, *operands)[0]
+    inside = x.clone()
+    fused._backward(g, inside, *operands[1:], out=inside)
+    assert torch.equal(apart, inside)
 
 
 @pytest.mark.gpu
@@ -302,12 +311,12 @@ def test_the_3d_models_first_full_resolution_decoder_block_takes_the_pair_on_gpu
 )
 @pytest.mark.parametrize("launch", ["shipped", "three-kernel"])
 def test_the_entry_matches_the_concatenation_on_gpu_bf16(
-    spatial, h_channels, skip_channels, groups, launch, monkeypatch
+    spatial, h_channels, skip_channels, groups, launch
 ):
     """Under bf16 autocast, as the model runs it; the in-place input gradient included."""
     if launch == "three-kernel":
-        monkeypatch.setattr(fused, "LAUNCH", fused.LaunchConfig(2048, 4, 4, 3, one_pass_elements=0))
-    monkeypatch.setattr(fused, "_MIN_ELEMENTS", 0)
+        settings.NORM_LAUNCH = fused.LaunchConfig(2048, 4, 4, 3, one_pass_elements=0)
+    settings.FUSED_EAGER_MIN_ELEMENTS = 0
     device = torch.device("cuda")
     norm, projection = _entry_layers(len(spatial), h_channels + skip_channels, 32, groups)
     norm, projection = norm.to(device), projection.to(device)

@@ -1,7 +1,7 @@
-"""The folded nearest-upsample convolution (`diffunet.model.layers.resample.folded_upsample_weight`): one
+"""The folded nearest-upsample convolution (`diffunet.accel.upsample.folded_upsample_weight`): one
 transposed convolution of the input computes nearest upsampling followed by a 3×3 convolution,
 values and gradients, eager and compiled, in every dimensionality, in `Upsample` and in an up
-`ResBlock`; it runs only on `FOLDED_DEVICES`, and exported programs keep the upsampling."""
+`ResBlock`; it runs only on `settings.FOLDED_DEVICES`, and exported programs keep the upsampling."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import diffunet.accel.conv as conv_module
 from diffunet import UNet, UNetConfig
+from diffunet.accel import accelerate, settings
+from diffunet.accel.blocks import AcceleratedResBlock as ResBlock
+from diffunet.accel.blocks import AcceleratedUpsample as Upsample
 from diffunet.accel.conv import prefer_channels_last
-from diffunet.model.layers import resample
-from diffunet.model.layers.resample import Upsample, folded_upsample_weight
-from diffunet.model.layers.resblock import ResBlock
+from diffunet.accel.upsample import folded_upsample_weight, folds
 
 CASES = [(1, (2,)), (2, (2, 2)), (3, (2, 2, 2)), (3, (1, 2, 2)), (2, (2, 1))]
 
@@ -27,8 +27,8 @@ CASES = [(1, (2,)), (2, (2, 2)), (3, (2, 2, 2)), (3, (1, 2, 2)), (2, (2, 1))]
 def folded_on_the_cpu(monkeypatch):
     """Folding on the CPU and the GPU whatever the environment says (each test may change it),
     the custom ops taken on the CPU too."""
-    monkeypatch.setattr(resample, "FOLDED_DEVICES", frozenset({"cuda", "cpu"}))
-    monkeypatch.setattr(conv_module, "ROUTED_DEVICES", frozenset({"cuda", "cpu"}))
+    monkeypatch.setattr(settings, "FOLDED_DEVICES", frozenset({"cuda", "cpu"}))
+    monkeypatch.setattr(settings, "ROUTED_DEVICES", frozenset({"cuda", "cpu"}))
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
@@ -51,6 +51,11 @@ class ConvolutionCalls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def upsample_folds(up: Upsample, x: torch.Tensor) -> bool:
+    """Whether `up(x)` runs the folded transposed convolution."""
+    return up.mode == "nearest_conv" and folds(up.conv, x, up.factors)
+
+
 def _upsample(dims: int, factors: tuple[int, ...], channels: int = 5) -> Upsample:
     torch.manual_seed(0)
     return Upsample(dims, channels, factors, "nearest_conv").double()
@@ -67,12 +72,12 @@ def test_folded_equals_nearest_then_conv(dims, factors):
     up = _upsample(dims, factors)
     x = torch.randn(2, 5, *[3 + i for i in range(dims)], dtype=torch.float64, requires_grad=True)
     with ConvolutionCalls() as calls:
-        assert up.folds(x)
+        assert upsample_folds(up, x)
         folded, folded_grads, grad = _values_and_gradients(up, x)
     assert calls.transposed == [True]  # one transposed convolution, no upsampled tensor
     assert not any("interpolate" in op or "upsample" in op for op in calls.ops)
-    resample.set_folded_upsample_devices("none")  # the fixture restores the setting
-    assert not up.folds(x)
+    settings.set_folded_upsample_devices("none")  # the fixture restores the setting
+    assert not upsample_folds(up, x)
     plain, plain_grads, _ = _values_and_gradients(up, x, grad)
     assert folded.shape == plain.shape == (2, 5, *[(3 + i) * f for i, f in enumerate(factors)])
     for got, want in zip([folded, *folded_grads], [plain, *plain_grads], strict=True):
@@ -175,28 +180,28 @@ def test_exported_programs_keep_the_upsampling_and_the_convolution():
 
 def test_only_nearest_conv_on_folded_devices():
     x = torch.randn(1, 4, 3, 3)
-    assert _upsample(2, (2, 2), 4).folds(x)
-    assert not Upsample(2, 4, (2, 2), "transposed").folds(x)
-    assert not Upsample(2, 4, (2, 2), "nearest").folds(x)
+    assert upsample_folds(_upsample(2, (2, 2), 4), x)
+    assert not upsample_folds(Upsample(2, 4, (2, 2), "transposed"), x)
+    assert not upsample_folds(Upsample(2, 4, (2, 2), "nearest"), x)
     hooked = _upsample(2, (2, 2), 4)
     hooked.conv.register_forward_hook(lambda *args: None)
-    assert not hooked.folds(x)  # a hook must see its call
-    with pytest.raises(KeyError), resample.folding_on("none"):
-        assert not _upsample(2, (2, 2), 4).folds(x)
+    assert not upsample_folds(hooked, x)  # a hook must see its call
+    with pytest.raises(KeyError), settings.folding_on("none"):
+        assert not upsample_folds(_upsample(2, (2, 2), 4), x)
         raise KeyError  # the setting comes back however the block ends
-    assert _upsample(2, (2, 2), 4).folds(x)
-    resample.set_folded_upsample_devices("cuda")
-    assert {"cuda"} == resample.FOLDED_DEVICES
-    assert not _upsample(2, (2, 2), 4).folds(x)
-    resample.set_folded_upsample_devices(["cpu", "cuda"])
-    assert {"cpu", "cuda"} == resample.FOLDED_DEVICES
+    assert upsample_folds(_upsample(2, (2, 2), 4), x)
+    settings.set_folded_upsample_devices("cuda")
+    assert {"cuda"} == settings.FOLDED_DEVICES
+    assert not upsample_folds(_upsample(2, (2, 2), 4), x)
+    settings.set_folded_upsample_devices(["cpu", "cuda"])
+    assert {"cpu", "cuda"} == settings.FOLDED_DEVICES
 
 
 def test_device_lists_are_checked():
-    assert resample.parse_devices("cpu, cuda") == {"cpu", "cuda"}
-    assert resample.parse_devices("none") == resample.parse_devices("") == frozenset()
+    assert settings.parse_devices("cpu, cuda") == {"cpu", "cuda"}
+    assert settings.parse_devices("none") == settings.parse_devices("") == frozenset()
     with pytest.raises(ValueError, match=r"DIFFUNET_FOLDED_UPSAMPLE='1'.*'cpu,cuda'"):
-        resample.parse_devices("1")
+        settings.parse_devices("1")
 
 
 @pytest.mark.parametrize(
@@ -209,10 +214,10 @@ def test_device_lists_are_checked():
     ],
 )
 def test_the_environment_variable_sets_the_devices_at_import(value, expected, warns):
-    env = {k: v for k, v in os.environ.items() if k != resample.FOLDED_DEVICES_ENV}
+    env = {k: v for k, v in os.environ.items() if k != settings.FOLDED_DEVICES_ENV}
     if value is not None:
-        env[resample.FOLDED_DEVICES_ENV] = value
-    code = "from diffunet.model.layers import resample; print(sorted(resample.FOLDED_DEVICES))"
+        env[settings.FOLDED_DEVICES_ENV] = value
+    code = "from diffunet.accel import settings; print(sorted(settings.FOLDED_DEVICES))"
     done = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
     )
@@ -246,7 +251,7 @@ def test_an_up_resblock_folds_its_first_convolution(dims, factors, embedding):
     assert calls.transposed.count(True) == 1
     grad = torch.cos(folded.detach())
     folded_grads = torch.autograd.grad(folded, inputs, grad)
-    with resample.folding_on("none"):
+    with settings.folding_on("none"):
         plain = block(x, emb)
     plain_grads = torch.autograd.grad(plain, inputs, grad)
     assert folded.shape == plain.shape == (2, 12, *[3 * f for f in factors])
@@ -269,14 +274,14 @@ def test_a_unet_computes_the_same_with_folded_upsampling(dims, resblock_updown):
         resblock_updown=resblock_updown,
     )
     torch.manual_seed(0)
-    model = UNet(config).double()
+    model = accelerate(UNet(config).double())
     x = torch.randn(2, 2, *[8] * dims, dtype=torch.float64)
     t = torch.tensor([3, 700])
     with ConvolutionCalls() as calls:
         folded = model(x, t)
     assert calls.transposed.count(True) == 2  # one per upsampling
     folded_grads = torch.autograd.grad(folded.square().sum(), list(model.parameters()))
-    resample.set_folded_upsample_devices([])
+    settings.set_folded_upsample_devices([])
     plain = model(x, t)
     plain_grads = torch.autograd.grad(plain.square().sum(), list(model.parameters()))
     torch.testing.assert_close(folded, plain, rtol=1e-10, atol=1e-10)
@@ -298,7 +303,7 @@ def test_bf16_folded_matches_nearest_then_conv_on_the_gpu(dims, factors, channel
     x.requires_grad_()
     results = []
     for fold in (True, False):
-        resample.set_folded_upsample_devices(["cuda"] if fold else [])
+        settings.set_folded_upsample_devices(["cuda"] if fold else [])
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = up(x)
         grad = torch.randn_like(out) if not results else results[0][2]
@@ -321,7 +326,7 @@ def test_folding_counts_fewer_products_on_meta_tensors_too(dims, products):
     x = torch.empty(2, 16, *[6] * dims, device="meta")
     flops = []
     for devices in ("meta", "none"):
-        resample.set_folded_upsample_devices(devices)
+        settings.set_folded_upsample_devices(devices)
         with FlopCounterMode(display=False) as counter:
             assert up(x).shape == (2, 16, *[12] * dims)
         flops.append(counter.get_total_flops())

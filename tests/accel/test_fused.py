@@ -1,23 +1,50 @@
-"""The fused GroupNorm → scale-shift → SiLU op: its eager fallback is the exact reference, and
-its Triton kernels match it (under Triton's CPU interpreter here, on the GPU when present)."""
+"""The fused GroupNorm → scale-shift → SiLU op (`diffunet.accel.fused_norm`): its eager path is
+the exact reference, and its Triton kernels match it in values and gradients, through Triton's
+CPU interpreter here (the `interpreted_*` functions) and on a GPU under `-m gpu`."""
 
 import dataclasses
 import importlib.util
+import json
 import os
 import subprocess
 import sys
-import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch._inductor.compile_fx import compile_fx
 
 from diffunet import UNet
+from diffunet.accel import accelerate, settings
 from diffunet.accel import fused_norm as fused
 from diffunet.model.introspect import example_inputs, small_config
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_interpreted(test_file: str) -> None:
+    """Run the `interpreted_*` functions of `test_file` in a pytest process with
+    TRITON_INTERPRET=1 and fail with its report if any fails. Triton chooses between compiling
+    and interpreting a kernel when the kernel is defined, at import, hence the process."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    options = ["-q", "-p", "no:cacheprovider", "-o", "python_functions=interpreted_*"]
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", *options, test_file],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
+    summary = done.stdout.strip().splitlines()[-1]  # e.g. "18 passed in 9.1s"
+    assert " passed" in summary and "skipped" not in summary, summary
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_kernels_under_the_interpreter():
+    run_interpreted(__file__)
 
 
 def test_fallback_is_exactly_the_unfused_computation():
@@ -35,120 +62,17 @@ def test_fallback_is_exactly_the_unfused_computation():
 
 
 def test_cpu_tensors_take_the_fallback():
-    assert (
-        not fused.fused_available(torch.randn(1, 4, 4)) or os.environ.get("TRITON_INTERPRET") == "1"
-    )
+    assert fused.fused_available(torch.randn(1, 4, 4)) == fused._interpreting()
 
 
-INTERPRETER_CHECK = textwrap.dedent("""
-    # argv[1]: "eager" runs the kernels through autograd, "compiled" through the custom op
-    # in graphs compiled with aot_eager or Inductor (and checks when graphs call it),
-    # "one-pass" through autograd with every forward and backward in one kernel, whose loops
-    # run over several tiles, "one-tile" the same with every call's positions in one tile.
-    import dataclasses
-    import sys
-    import torch
-    from diffunet.accel import fused_norm as fused
-    from diffunet.accel.fused_norm import group_norm_act
-    compiled = sys.argv[1] == "compiled"
-    one_kernel = sys.argv[1] in ("one-pass", "one-tile")
-    if one_kernel:
-        tile = 64 if sys.argv[1] == "one-pass" else 1 << 16
-        fused.LAUNCH = fused.LaunchConfig(tile, 4, 4, 2, one_pass_elements=1 << 30)
-    else:  # three kernels each way, as the shipped plan runs calls too large for one
-        fused.LAUNCH = dataclasses.replace(fused.LaunchPlan().small, one_pass_elements=0)
-    fused.set_compiled_min_elements(0)
-    torch.manual_seed(0)
-
-    def routed(fn, *args):
-        ops = []
-        def backend(gm, inputs):
-            ops.extend(str(n.target) for n in gm.graph.nodes)
-            return gm
-        torch._dynamo.reset()
-        torch.compile(fn, backend=backend)(*args)
-        return "diffunet.group_norm_act.default" in ops
-
-    worst = 0.0
-    cases = [((2, 8, 5, 7), 4, True, "aot_eager"), ((3, 12, 4, 4, 3), 3, True, "inductor"),
-             ((2, 6, 33), 2, False, "aot_eager"), ((2, 20, 3, 5), 5, False, "aot_eager"),
-             ((2, 72, 5, 3), 24, True, "aot_eager")]
-    for shape, groups, channels_last, backend in cases:
-        one = fused._one_pass_shape(torch.empty(shape).flatten(2), groups)
-        assert (one is not None) == one_kernel
-        assert not one_kernel or one.single_tile == (sys.argv[1] == "one-tile")
-        for film, act, add in [(False, True, False), (True, True, False),
-                               (False, False, False), (False, True, True)]:
-            x = torch.randn(*shape) * 2 + 3
-            if channels_last:
-                fmt = torch.channels_last if x.ndim == 4 else torch.channels_last_3d
-                x = x.contiguous(memory_format=fmt)
-            assert fused.fused_available(x)
-            B, C = shape[:2]
-            params = [p.requires_grad_(True) for p in [x, torch.randn(C), torch.randn(C)]]
-            if film:  # as in the model: two non-contiguous halves of one projection
-                params += list(torch.randn(B, 2 * C, requires_grad=True).chunk(2, dim=1))
-            if add:  # an embedding that moves each channel's mean far off x's
-                params.append((torch.randn(B, C) * 4).requires_grad_(True))
-
-            def norm(x, w, b, *extra):
-                scale, shift = extra[:2] if film else (None, None)
-                offset = extra[-1] if add else None
-                return group_norm_act(x, groups, w, b, 1e-5, scale, shift, act=act, add=offset)
-
-            reference = norm  # float64 below: never fused, never compiled
-            if compiled:
-                assert routed(norm, *params)
-                with torch.no_grad():  # compiled inference calls it too
-                    assert routed(norm, *params)
-                torch._dynamo.reset()
-                norm = torch.compile(norm, backend=backend)
-            y = norm(*params)
-            ref_params = [p.detach().double().requires_grad_(True) for p in params]
-            y_ref = reference(*ref_params)
-            gy = torch.randn_like(y)
-            grads = torch.autograd.grad(y, params, gy)
-            ref_grads = torch.autograd.grad(y_ref, ref_params, gy.double())
-            assert len(grads) == 3 + 2 * film + add
-            worst = max(worst, ((y.double() - y_ref).abs().max() / y_ref.abs().max()).item())
-            for g, r in zip(grads, ref_grads):
-                worst = max(worst, ((g.double() - r).abs().max() / r.abs().max()).item())
-    if compiled:
-        small = torch.randn(2, 4, 3, 3, requires_grad=True), torch.ones(4), torch.zeros(4)
-        fused.set_compiled_min_elements(2 * 4 * 3 * 3 + 1)
-        assert not routed(lambda x, w, b: group_norm_act(x, 2, w, b, 1e-5), *small)
-        fused.set_compiled_min_elements(None)
-        assert not routed(lambda x, w, b: group_norm_act(x, 2, w, b, 1e-5), *params[:3])
-    print(f"worst relative error {worst:.3e}")
-    assert worst < 1e-5, worst
-""")
-
-
-@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (CPU-only torch)")
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests below check the real kernels")
-@pytest.mark.parametrize("path", ["eager", "compiled", "one-pass", "one-tile"])
-def test_triton_kernels_match_reference_under_the_interpreter(path):
-    """`compiled`: graphs call the kernels as a custom op, forward and all five gradients;
-    `one-pass`: the forward and the backward in one kernel each (tiles of 64 elements, so that
-    their loops run several times), `one-tile`: the same in a single tile kept in registers;
-    both with slices of whole groups that leave the last one partly empty where the groups do
-    not divide evenly (3 groups of 4 channels: slices of 2 groups; 24 of 3: slices of 16)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", INTERPRETER_CHECK, path],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+# --- settings ---------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     ("mode", "expected"),
     [
-        ("reduce-overhead", fused.CUDA_GRAPHS_MIN_ELEMENTS),
-        ("max-autotune", fused.CUDA_GRAPHS_MIN_ELEMENTS),
+        ("reduce-overhead", "graphs"),
+        ("max-autotune", "graphs"),
         ("default", None),
         ("max-autotune-no-cudagraphs", None),
         (None, None),
@@ -157,9 +81,12 @@ def test_triton_kernels_match_reference_under_the_interpreter(path):
 def test_the_compile_mode_decides_whether_compiled_graphs_call_the_kernels(mode, expected):
     fused.set_compiled_min_elements(123)
     fused.configure_for_compile_mode(mode)
-    assert expected == fused._COMPILED_MIN_ELEMENTS
-    inference = None if expected is None else fused.CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE
-    assert inference == fused._COMPILED_MIN_ELEMENTS_INFERENCE
+    if expected is None:
+        assert settings.COMPILED_MIN_ELEMENTS is settings.COMPILED_MIN_ELEMENTS_INFERENCE is None
+    else:
+        assert settings.COMPILED_MIN_ELEMENTS == settings.CUDA_GRAPHS_MIN_ELEMENTS
+        inference = settings.COMPILED_MIN_ELEMENTS_INFERENCE
+        assert inference == settings.CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE
 
 
 def test_graphs_traced_without_gradients_use_the_inference_threshold(monkeypatch):
@@ -184,110 +111,191 @@ def test_graphs_traced_without_gradients_use_the_inference_threshold(monkeypatch
         assert not fused.compiled_fused_wanted(x)
 
 
-@pytest.mark.parametrize(
-    ("value", "expected", "warns"),
-    [
-        (None, 1 << 20, False),
-        ("4194304", 4194304, False),
-        ("0", 0, False),
-        ("4M", 1 << 20, True),
-        ("-1", 1 << 20, True),
-    ],
-)
-def test_the_environment_sets_the_compiled_threshold_at_import(value, expected, warns):
-    """`DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS`, for an A/B of the threshold in separate processes
-    (`benchmarks/ab.py --change-env`); the CUDA-graph modes then use it."""
-    names = fused.CUDA_GRAPHS_MIN_ELEMENTS_ENV, fused.CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE_ENV
-    env = {k: v for k, v in os.environ.items() if k not in names}
-    if value is not None:
-        env[fused.CUDA_GRAPHS_MIN_ELEMENTS_ENV] = value
-    done = _thresholds_at_import(env)
-    assert done.stdout.split() == [str(expected)] * 4  # inference follows training by default
-    assert ("is not a number of elements" in done.stderr) == warns
+def test_setters_and_override_change_what_the_kernels_read():
+    fused.set_fused_enabled(False, min_elements=5)
+    assert (settings.FUSED_NORM, fused.eager_min_elements()) == (False, 5)
+    with settings.override(FUSED_NORM=True, FUSED_EAGER_MIN_ELEMENTS=0):
+        assert settings.FUSED_NORM and fused.eager_min_elements() == 0
+    assert (settings.FUSED_NORM, fused.eager_min_elements()) == (False, 5)
+    with pytest.raises(AttributeError, match="FUSED_ENABLED"), settings.override(FUSED_ENABLED=1):
+        pass
+    assert set(settings.current()) == set(settings.NAMES)
+
+
+def test_the_settings_table_lists_every_setting():
+    """Each upper-case attribute of `settings` (but the environment variables' names) is a row
+    of the module's table, and `override` knows it."""
+    public = {n for n in vars(settings) if n.isupper() and not n.startswith("_")}
+    names = {n for n in public if not n.endswith("_ENV")} - {"NAMES"}
+    assert names == set(settings.NAMES)
+    rows = [line for line in settings.__doc__.splitlines() if line.startswith("| `")]
+    assert [row.split("`")[1] for row in rows] == list(settings.NAMES)
 
 
 @pytest.mark.parametrize(
     ("value", "expected", "warns"),
-    [("4194304", 4194304, False), ("0", 0, False), ("4M", 1 << 20, True)],
+    [(None, 7, False), ("12", 12, False), ("3", 3, False), ("2", 7, True), ("4M", 7, True)],
 )
-def test_the_environment_sets_the_inference_threshold_at_import(value, expected, warns):
-    """`DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS_INFER`, for an A/B of inference alone: training's
-    threshold stays; a bad value keeps training's."""
-    env = {k: v for k, v in os.environ.items() if k != fused.CUDA_GRAPHS_MIN_ELEMENTS_ENV}
-    env[fused.CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE_ENV] = value
-    done = _thresholds_at_import(env)
-    assert done.stdout.split() == [str(1 << 20)] * 2 + [str(expected)] * 2
-    assert ("is not a number of elements" in done.stderr) == warns
-
-
-def _thresholds_at_import(env: dict[str, str]) -> subprocess.CompletedProcess:
-    """A process that imports the op under `env` and prints the training and inference
-    thresholds, as set and as a CUDA-graph compile mode applies them."""
-    code = (
-        "from diffunet.model.layers import fused; fused.configure_for_compile_mode('reduce-overhead');"
-        " print(fused.CUDA_GRAPHS_MIN_ELEMENTS, fused._COMPILED_MIN_ELEMENTS,"
-        " fused.CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE, fused._COMPILED_MIN_ELEMENTS_INFERENCE)"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr
-    return done
-
-
-SHIPPED = fused.LaunchPlan()
-
-
-@pytest.mark.parametrize(
-    ("name", "field", "value", "expected", "warning"),
-    [
-        (fused.LOOP_STAGES_ENV, "loop_stages", "2", 2, None),
-        (fused.LOOP_STAGES_ENV, "loop_stages", "1", 1, None),
-        (
-            fused.LOOP_STAGES_ENV,
-            "loop_stages",
-            "0",
-            SHIPPED.large.loop_stages,
-            "is not a loop depth",
-        ),
-        (fused.ONE_PASS_ENV, "one_pass_elements", "16384", 16384, None),
-        (
-            fused.ONE_PASS_ENV,
-            "one_pass_elements",
-            "-1",
-            SHIPPED.small.one_pass_elements,
-            "is not a number of elements",
-        ),
-    ],
-)
-def test_the_environment_sets_a_launch_field_at_import(name, field, value, expected, warning):
-    """`DIFFUNET_NORM_LOOP_STAGES` and `DIFFUNET_NORM_ONE_PASS_ELEMENTS`, for an A/B of
-    pipelined loops or the one-kernel calls in separate processes: both configurations of
-    the plan take the value, and nothing else changes."""
-    env = {**os.environ, name: value}
-    code = (
-        "import dataclasses; from diffunet.model.layers import fused; plan = fused.LAUNCH;"
-        " print(dataclasses.astuple(plan.large), dataclasses.astuple(plan.small), sep=';')"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr
-    expected_plan = [
-        dataclasses.astuple(dataclasses.replace(config, **{field: expected}))
-        for config in (SHIPPED.large, SHIPPED.small)
-    ]
-    assert done.stdout.strip().split(";") == [str(t) for t in expected_plan]
-    if warning is None:
-        assert "keeping" not in done.stderr
+def test_an_integer_setting_from_the_environment(value, expected, warns, monkeypatch, recwarn):
+    """Unset: the default; an integer below the minimum or no integer warns and keeps it."""
+    if value is None:
+        monkeypatch.delenv("DIFFUNET_TEST_SETTING", raising=False)
     else:
-        assert warning in done.stderr
+        monkeypatch.setenv("DIFFUNET_TEST_SETTING", value)
+    assert settings._int_from_env("DIFFUNET_TEST_SETTING", 7, 3, "a count") == expected
+    messages = [str(w.message) for w in recwarn]
+    assert messages == ([f"DIFFUNET_TEST_SETTING={value!r} is not a count; keeping 7"] * warns)
 
 
-@pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") == "1",
-    reason="Triton's interpreter runs the kernels on the CPU",
+SETTINGS_AT_IMPORT = """
+import dataclasses, json
+from diffunet.accel import settings as s
+print(json.dumps({
+    "FUSED_NORM": s.FUSED_NORM,
+    "CUDA_GRAPHS_MIN_ELEMENTS": s.CUDA_GRAPHS_MIN_ELEMENTS,
+    "CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE": s.CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE,
+    "NORM_LAUNCH": dataclasses.astuple(s.NORM_LAUNCH),
+    "THIN_CONV": s.THIN_CONV,
+    "TAP_PRODUCT_FORWARD": s.TAP_PRODUCT_FORWARD,
+    "FOLDED_DEVICES": sorted(s.FOLDED_DEVICES),
+}))
+"""
+DEFAULTS = {
+    "FUSED_NORM": True,
+    "CUDA_GRAPHS_MIN_ELEMENTS": 1 << 20,
+    "CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE": 1 << 20,
+    "THIN_CONV": True,
+    "TAP_PRODUCT_FORWARD": "auto",
+    "FOLDED_DEVICES": ["cpu", "cuda"],
+}
+
+
+def _plan(**fields) -> list:
+    """The shipped `LaunchPlan` with `fields` changed in both configurations, as JSON reads it."""
+    shipped = settings.LaunchPlan()
+    plan = dataclasses.replace(
+        shipped,
+        large=dataclasses.replace(shipped.large, **fields),
+        small=dataclasses.replace(shipped.small, **fields),
+    )
+    return json.loads(json.dumps(dataclasses.astuple(plan)))
+
+
+@pytest.mark.parametrize(
+    ("environment", "changed", "warnings"),
+    [
+        (
+            {
+                "DIFFUNET_FUSED": "0",
+                "DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS": "4194304",
+                "DIFFUNET_NORM_LOOP_STAGES": "2",
+                "DIFFUNET_NORM_ONE_PASS_ELEMENTS": "16384",
+                "DIFFUNET_THIN_CONV": "0",
+                "DIFFUNET_TAP_PRODUCT_FORWARD": "Always",
+                "DIFFUNET_FOLDED_UPSAMPLE": "cpu",
+            },
+            {
+                "FUSED_NORM": False,
+                "CUDA_GRAPHS_MIN_ELEMENTS": 1 << 22,
+                "CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE": 1 << 22,  # follows training's
+                "NORM_LAUNCH": _plan(loop_stages=2, one_pass_elements=16384),
+                "THIN_CONV": False,
+                "TAP_PRODUCT_FORWARD": "always",
+                "FOLDED_DEVICES": ["cpu"],
+            },
+            [],
+        ),
+        (
+            {
+                "DIFFUNET_FUSED": "no",  # only "0" turns a switch off
+                "DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS": "4M",
+                "DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS_INFER": "0",
+                "DIFFUNET_NORM_LOOP_STAGES": "0",
+                "DIFFUNET_NORM_ONE_PASS_ELEMENTS": "-1",
+                "DIFFUNET_TAP_PRODUCT_FORWARD": "yes",
+                "DIFFUNET_FOLDED_UPSAMPLE": "1",
+            },
+            {"CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE": 0},
+            [
+                "DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS='4M' is not a number of elements",
+                "DIFFUNET_NORM_LOOP_STAGES='0' is not a loop depth",
+                "DIFFUNET_NORM_ONE_PASS_ELEMENTS='-1' is not a number of elements",
+                "DIFFUNET_TAP_PRODUCT_FORWARD='yes' is not one of auto, always, never",
+                "DIFFUNET_FOLDED_UPSAMPLE='1': '1' is not a device type",
+            ],
+        ),
+    ],
+    ids=["values", "bad-values"],
 )
+def test_the_environment_sets_the_settings_at_import(environment, changed, warnings):
+    """For A/B runs in separate processes (`benchmarks/ab.py --change-env`): each variable
+    reaches its setting, and one that does not parse warns and keeps the default."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DIFFUNET_")}
+    done = subprocess.run(
+        [sys.executable, "-c", SETTINGS_AT_IMPORT],
+        env={**env, **environment},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {**DEFAULTS, "NORM_LAUNCH": _plan(), **changed}
+    for message in warnings:
+        assert message in done.stderr
+    raised = {line.partition("UserWarning: ")[2] for line in done.stderr.splitlines()}
+    assert len({text for text in raised if text.startswith("DIFFUNET_")}) == len(warnings)
+
+
+# --- launch shapes ----------------------------------------------------------------------------
+
+
+def test_the_launch_plan_picks_its_configuration_by_size():
+    plan = fused.LaunchPlan()
+    assert plan.for_elements(plan.large_from) is plan.large
+    assert plan.for_elements(plan.large_from - 1) is plan.small
+    assert plan.large.programs_per_sm > plan.small.programs_per_sm
+    one = fused.LaunchConfig(2048, 8, 4)
+    assert one.for_elements(1) is one.for_elements(1 << 30) is one
+
+
+def test_a_launch_shape_covers_the_view_with_the_configured_loop():
+    settings.NORM_LAUNCH = fused.LaunchConfig(2048, 2, 8, loop_stages=3)  # the fixture restores
+    launch = fused._launch_shape(torch.empty(4, 96, 1000))
+    assert (launch.block_c, launch.block_n, launch.num_warps, launch.loop_stages) == (128, 16, 8, 3)
+    assert launch.rows % launch.block_n == 0 and launch.chunks * launch.rows >= 1000
+    assert (launch.chunks - 1) * launch.rows < 1000  # no chunk starts past the end
+    assert launch.kernel_options() == {"BLOCK_C": 128, "BLOCK_N": 16, "STAGES": 3, "num_warps": 8}
+
+
+@pytest.mark.parametrize(
+    ("shape", "groups", "expected"),
+    [
+        ((128, 256, 64), 32, (8, 64, 4, 64, 64, True)),  # slices of 64 channels
+        ((16, 512, 256), 32, (4, 64, 8, 64, 64, False)),
+        ((2, 96, 100), 32, (32, 96, 1, 128, 32, False)),  # 3 channels a group: all 32 to reach 64
+        ((2, 12, 100), 3, (2, 8, 2, 8, 128, True)),  # 3 groups: the last slice holds one
+        ((2, 1536, 16), 32, (2, 96, 16, 128, 16, True)),  # 48 channels a group: two
+    ],
+)
+def test_a_one_pass_shape_covers_whole_groups(shape, groups, expected):
+    settings.NORM_LAUNCH = fused.LaunchConfig(4096, 4, 4, 3, one_pass_elements=1 << 14)
+    one = fused._one_pass_shape(torch.empty(shape), groups)
+    assert (
+        one.groups,
+        one.channels,
+        one.slices,
+        one.block_c,
+        one.block_n,
+        one.single_tile,
+    ) == expected
+    assert one.slices * one.groups >= groups > (one.slices - 1) * one.groups
+    assert one.kernel_options()["BLOCK_G"] >= one.groups
+    too_large = fused.LaunchConfig(4096, 4, 4, 3, one_pass_elements=one.channels * shape[2] - 1)
+    settings.NORM_LAUNCH = too_large
+    assert fused._one_pass_shape(torch.empty(shape), groups) is None  # back to three kernels
+
+
+@pytest.mark.skipif(fused._interpreting(), reason="Triton's interpreter takes CPU tensors")
 def test_on_the_cpu_compiled_graphs_trace_the_reference():
     fused.set_compiled_min_elements(0)
     x = torch.randn(2, 4, 8, 8, requires_grad=True)
@@ -304,6 +312,227 @@ def test_on_the_cpu_compiled_graphs_trace_the_reference():
     assert "diffunet.group_norm_act.default" not in ops and ops
 
 
+# --- the kernels' inputs and the reference they are held to -----------------------------------
+
+EPS = 1e-5
+#: (shape, groups, channels-last, FiLM, SiLU, add): each kernel variant in 1D, 2D and 3D, with
+#: groups that leave a one-kernel program's last slice partly empty (3 groups of 4 channels:
+#: slices of 2 groups; 12 groups of 3: slices of 8).
+CASES = [
+    ((2, 8, 5, 7), 4, True, True, True, False),
+    ((2, 6, 33), 2, False, False, False, True),
+    ((3, 12, 4, 4, 3), 3, True, True, True, True),
+    ((2, 36, 3, 2), 12, True, False, True, False),
+]
+#: Launch plans: three kernels each way as for large calls; one kernel each way whose loops
+#: run over several 64-element tiles; one kernel each way in a single tile kept in registers.
+LAUNCHES = {
+    "three-kernel": dataclasses.replace(fused.LaunchPlan().small, one_pass_elements=0),
+    "one-pass": fused.LaunchConfig(64, 4, 4, 2, one_pass_elements=1 << 30),
+    "one-tile": fused.LaunchConfig(1 << 16, 4, 4, 2, one_pass_elements=1 << 30),
+}
+
+
+def _norm_inputs(shape, channels_last, film, add):
+    """x, weight, bias (and FiLM's scale and shift, and `add`, where used), requiring grad."""
+    x = torch.randn(*shape) * 2 + 3
+    if channels_last:
+        x = x.contiguous(memory_format={4: torch.channels_last, 5: torch.channels_last_3d}[x.ndim])
+    batch, channels = shape[:2]
+    params = [x, torch.randn(channels), torch.randn(channels)]
+    params = [p.requires_grad_(True) for p in params]
+    if film:  # as in the model: two non-contiguous halves of one projection
+        params += list(torch.randn(batch, 2 * channels, requires_grad=True).chunk(2, dim=1))
+    if add:  # an embedding that moves each channel's mean far off x's
+        params.append((torch.randn(batch, channels) * 4).requires_grad_(True))
+    return params
+
+
+def _norm(groups, film, act, add):
+    """`group_norm_act` as a function of `_norm_inputs`."""
+
+    def norm(x, weight, bias, *extra):
+        scale, shift = extra[:2] if film else (None, None)
+        offset = extra[-1] if add else None
+        return fused.group_norm_act(x, groups, weight, bias, EPS, scale, shift, act, offset)
+
+    return norm
+
+
+def _op_arguments(params, groups, film, act, add):
+    """`_norm_inputs` as the custom op takes them."""
+    x, weight, bias, *extra = params
+    scale, shift = extra[:2] if film else (None, None)
+    offset = extra[-1] if add else None
+    scale, shift, offset = (fused.per_channel_operand(t, x) for t in (scale, shift, offset))
+    return (x, weight, bias, scale, shift, offset, groups, EPS, film, act)
+
+
+def _assert_matches_float64(norm, params, y):
+    """`y = norm(*params)` and its gradients against the float64 reference path."""
+    reference = [p.detach().double().requires_grad_(True) for p in params]
+    y_ref = norm(*reference)  # float64: never fused
+    gy = torch.randn_like(y_ref)
+    grads = torch.autograd.grad(y, params, gy.float())
+    ref_grads = torch.autograd.grad(y_ref, reference, gy)
+    for got, want in zip([y, *grads], [y_ref, *ref_grads], strict=True):
+        assert got.shape == want.shape
+        assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-5
+
+
+# --- the custom ops, with stand-ins for the kernels --------------------------------------------
+
+
+def stand_in_forward(x, weight, bias, scale, shift, add, num_groups, eps, film, act):
+    """The kernels' forward contract in PyTorch: the output in x's layout, and per (batch,
+    channel) in float32 the centre (the group mean of x + add, minus add) and rstd."""
+    batch, channels = x.shape[:2]
+    offset = add if add.numel() else None
+    shifted = (
+        x.float() if offset is None else x.float() + offset.float()[(..., *[None] * (x.ndim - 2))]
+    )
+    groups = shifted.reshape(batch, num_groups, -1)
+    per_group = channels // num_groups
+    mean = groups.mean(-1).repeat_interleave(per_group, 1)
+    rstd = (groups.var(-1, unbiased=False) + eps).rsqrt().repeat_interleave(per_group, 1)
+    centre = mean if offset is None else mean - offset.float()
+    film_args = (scale, shift) if film else (None, None)
+    y = fused.group_norm_act_reference(x, num_groups, weight, bias, eps, *film_args, act, offset)
+    return torch.empty_like(x).copy_(y), centre.detach(), rstd.detach()
+
+
+def stand_in_backward(
+    grad, x, weight, bias, scale, shift, add, mean, rstd, num_groups, film, act, out=None
+):
+    """The kernels' backward contract, by the formulas they evaluate: (dx, dweight, dbias,
+    dscale, dshift, dadd), None for operands not used, dx written to `out` where given.
+    (Autograd is off inside a custom op, so the reference cannot be differentiated here.)"""
+    batch, channels = x.shape[:2]
+    spatial = tuple(range(2, x.ndim))
+
+    def per_channel(t):  # (B, C) or (C,) broadcast over positions
+        return t.float().reshape(-1 if t.ndim == 2 else 1, channels, *[1] * len(spatial))
+
+    def group_mean(t):
+        means = t.reshape(batch, num_groups, -1).mean(-1)
+        return per_channel(means.repeat_interleave(channels // num_groups, 1))
+
+    xhat = (x.float() - per_channel(mean)) * per_channel(rstd)
+    z = xhat * per_channel(weight) + per_channel(bias)
+    gain = 1 + per_channel(scale) if film else 1.0
+    g = grad.float()
+    if act:
+        u = z * gain + (per_channel(shift) if film else 0.0)
+        sigmoid = torch.sigmoid(u)
+        g = g * sigmoid * (1 + u * (1 - sigmoid))
+    gz = g * gain
+    gxhat = gz * per_channel(weight)
+    dx = per_channel(rstd) * (gxhat - group_mean(gxhat) - xhat * group_mean(gxhat * xhat))
+    dx = (torch.empty_like(x) if out is None else out).copy_(dx)
+    dweight = (gz * xhat).sum((0, *spatial)).to(weight.dtype)
+    dbias = gz.sum((0, *spatial)).to(bias.dtype)
+    dscale = (g * z).sum(spatial).to(scale.dtype) if film else None
+    dshift = g.sum(spatial).to(shift.dtype) if film else None
+    dadd = dx.float().sum(spatial).to(add.dtype) if add.numel() else None
+    return dx, dweight, dbias, dscale, dshift, dadd
+
+
+@pytest.fixture
+def stand_in_kernels(monkeypatch):
+    """The custom ops' kernels replaced by `stand_in_forward` and `stand_in_backward`, taking
+    CPU tensors."""
+    monkeypatch.setattr(fused, "_forward", stand_in_forward)
+    monkeypatch.setattr(fused, "_backward", stand_in_backward)
+    monkeypatch.setattr(fused, "_kernels_take", lambda x: x.dtype != torch.float64)
+
+
+@pytest.mark.usefixtures("stand_in_kernels")
+def test_compiled_graphs_call_the_ops_forward_and_backward():
+    """Which tensors they take: `test_graphs_traced_without_gradients_use_the_inference_...`."""
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+    def targets(graph):
+        return {str(n.target) for n in graph.graph.nodes}
+
+    fused.set_compiled_min_elements(0)
+    params = _norm_inputs((2, 8, 5, 7), True, film=True, add=True)
+    norm = _norm(4, film=True, act=True, add=True)
+    backend = AotEagerAndRecordGraphs()
+    y = torch.compile(norm, backend=backend)(*params)
+    _assert_matches_float64(norm, params, y)
+    assert "diffunet.group_norm_act.default" in targets(backend.fw_graphs[0])
+    assert "diffunet.group_norm_act_backward.default" in targets(backend.bw_graphs[0])
+    torch._dynamo.reset()
+    with torch.no_grad():
+        backend = AotEagerAndRecordGraphs()
+        torch.compile(norm, backend=backend)(*params)
+    assert "diffunet.group_norm_act.default" in targets(backend.graphs[0])
+
+
+@pytest.mark.usefixtures("stand_in_kernels")
+@pytest.mark.parametrize(("shape", "groups", "channels_last", "film", "act", "add"), CASES[:3])
+def test_the_ops_pass_pytorchs_checks(shape, groups, channels_last, film, act, add):
+    """Schema, fake versions (strides included: Inductor checks them) and autograd
+    registration, as `torch.library.opcheck` tests custom ops."""
+    args = _op_arguments(_norm_inputs(shape, channels_last, film, add), groups, film, act, add)
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(fused.group_norm_act_op, args)
+    _, mean, rstd = fused.group_norm_act_op(*args)
+    x, weight, bias, scale, shift, offset, *_ = args
+    backward_args = (torch.randn_like(x), x, weight, bias, scale, shift, offset, mean, rstd)
+    torch.library.opcheck(fused.group_norm_act_backward_op, (*backward_args, groups, film, act))
+
+
+# --- the kernels under Triton's interpreter (run by `test_kernels_under_the_interpreter`) -------
+
+
+def _assert_strides_as_promised(real, fake):
+    """The op's outputs have the shapes, strides and dtypes its fake version promises
+    (compiled graphs plan their buffers by the latter)."""
+    for r, f in zip(real, fake, strict=True):
+        assert (r.shape, r.stride(), r.dtype) == (f.shape, f.stride(), f.dtype)
+
+
+@pytest.mark.parametrize("launch", LAUNCHES)
+@pytest.mark.parametrize(("shape", "groups", "channels_last", "film", "act", "add"), CASES)
+def interpreted_kernels_match_the_reference(shape, groups, channels_last, film, act, add, launch):
+    """Forward and every gradient (x, weight, bias, scale, shift, add)."""
+    settings.NORM_LAUNCH = LAUNCHES[launch]
+    one = fused._one_pass_shape(torch.empty(shape).flatten(2), groups)
+    assert (one is not None) == (launch != "three-kernel")
+    assert one is None or one.single_tile == (launch == "one-tile")
+    params = _norm_inputs(shape, channels_last, film, add)
+    assert fused.fused_available(params[0])
+    norm = _norm(groups, film, act, add)
+    _assert_matches_float64(norm, params, norm(*params))
+
+
+@pytest.mark.parametrize(
+    ("shape", "groups", "channels_last", "film", "act", "add", "launch"),
+    [(*CASES[0], "three-kernel"), (*CASES[2], "one-pass")],
+)
+def interpreted_the_ops_compute_the_reference(shape, groups, channels_last, film, act, add, launch):
+    """The custom ops that compiled graphs call: values, gradients through their autograd
+    registration, and outputs laid out as their fake versions say."""
+    settings.NORM_LAUNCH = LAUNCHES[launch]
+    params = _norm_inputs(shape, channels_last, film, add)
+    args = _op_arguments(params, groups, film, act, add)
+    y, mean, rstd = fused.group_norm_act_op(*args)
+    _assert_strides_as_promised((y, mean, rstd), fused._group_norm_act_fake(*args))
+    _assert_matches_float64(_norm(groups, film, act, add), params, y)
+    x, weight, bias, scale, shift, offset, *_ = (
+        a.detach() if isinstance(a, torch.Tensor) else a for a in args
+    )
+    backward_args = (torch.randn_like(x), x, weight, bias, scale, shift, offset, mean, rstd)
+    backward_args = (*backward_args, groups, film, act)
+    _assert_strides_as_promised(
+        fused.group_norm_act_backward_op(*backward_args),
+        fused._group_norm_act_backward_fake(*backward_args),
+    )
+
+
+# --- on a GPU ---------------------------------------------------------------------------------
+
 AWKWARD = [
     ((3, 96, 17, 9), 32),
     ((2, 448, 15, 15), 32),
@@ -315,60 +544,8 @@ AWKWARD = [
 
 @pytest.fixture
 def fused_everywhere():
-    """Use the fused kernels whatever the tensor size, then restore the defaults."""
-    saved = fused._FUSED_ENABLED, fused._MIN_ELEMENTS
+    """Use the fused kernels whatever the tensor size (the autouse fixture restores it)."""
     fused.set_fused_enabled(True, min_elements=0)
-    yield
-    fused.set_fused_enabled(saved[0], min_elements=saved[1])
-
-
-def test_the_launch_plan_picks_its_configuration_by_size():
-    plan = fused.LaunchPlan()
-    assert plan.for_elements(plan.large_from) is plan.large
-    assert plan.for_elements(plan.large_from - 1) is plan.small
-    assert plan.large.programs_per_sm > plan.small.programs_per_sm  # what the sweep found
-    one = fused.LaunchConfig(2048, 8, 4)
-    assert one.for_elements(1) is one.for_elements(1 << 30) is one
-    assert plan.large.loop_stages == plan.small.loop_stages == 3  # session 17's sweep
-
-
-def test_a_launch_shape_covers_the_view_with_the_configured_loop(monkeypatch):
-    monkeypatch.setattr(fused, "LAUNCH", fused.LaunchConfig(2048, 2, 8, loop_stages=3))
-    launch = fused._launch_shape(torch.empty(4, 96, 1000))
-    assert (launch.block_c, launch.block_n, launch.num_warps, launch.loop_stages) == (128, 16, 8, 3)
-    assert launch.rows % launch.block_n == 0 and launch.chunks * launch.rows >= 1000
-    assert (launch.chunks - 1) * launch.rows < 1000  # no chunk starts past the end
-    assert launch.kernel_options() == {"BLOCK_C": 128, "BLOCK_N": 16, "STAGES": 3, "num_warps": 8}
-
-
-@pytest.mark.parametrize(
-    ("shape", "groups", "expected"),
-    [
-        ((128, 256, 64), 32, (8, 64, 4, 64, 64, True)),  # 8² × 256 in cifar: slices of 64 channels
-        ((16, 512, 256), 32, (4, 64, 8, 64, 64, False)),
-        ((2, 96, 100), 32, (32, 96, 1, 128, 32, False)),  # 3 channels a group: all 32 to reach 64
-        ((2, 12, 100), 3, (2, 8, 2, 8, 128, True)),  # 3 groups: the last slice holds one
-        ((2, 1536, 16), 32, (2, 96, 16, 128, 16, True)),  # 48 channels a group: two
-    ],
-)
-def test_a_one_pass_shape_covers_whole_groups(shape, groups, expected, monkeypatch):
-    monkeypatch.setattr(
-        fused, "LAUNCH", fused.LaunchConfig(4096, 4, 4, 3, one_pass_elements=1 << 14)
-    )
-    one = fused._one_pass_shape(torch.empty(shape), groups)
-    assert (
-        one.groups,
-        one.channels,
-        one.slices,
-        one.block_c,
-        one.block_n,
-        one.single_tile,
-    ) == expected
-    assert one.slices * one.groups >= groups > (one.slices - 1) * one.groups
-    assert one.kernel_options()["BLOCK_G"] >= one.groups
-    too_large = fused.LaunchConfig(4096, 4, 4, 3, one_pass_elements=one.channels * shape[2] - 1)
-    monkeypatch.setattr(fused, "LAUNCH", too_large)
-    assert fused._one_pass_shape(torch.empty(shape), groups) is None  # back to three kernels
 
 
 @pytest.mark.gpu
@@ -388,7 +565,7 @@ def test_eager_mode_takes_the_kernels_from_2_to_the_24_elements():
     [(False, True, False), (True, True, False), (False, False, False), (False, True, True)],
 )
 @pytest.mark.parametrize("launch", ["large", "small", "pipelined", "one-pass"])
-def test_fused_matches_eager_on_gpu_bf16(shape, groups, film, act, add, launch, monkeypatch):
+def test_fused_matches_eager_on_gpu_bf16(shape, groups, film, act, add, launch):
     """Under each configuration of the launch plan as shipped (which runs the smaller of
     these shapes in one kernel each way), with three kernels each way and pipelined loops,
     and with every forward and backward in one kernel each, whatever the size."""
@@ -396,7 +573,7 @@ def test_fused_matches_eager_on_gpu_bf16(shape, groups, film, act, add, launch, 
         "pipelined": fused.LaunchConfig(2048, 4, 4, loop_stages=3),
         "one-pass": fused.LaunchConfig(2048, 4, 4, 3, one_pass_elements=1 << 30),
     }.get(launch) or getattr(fused.LaunchPlan(), launch)
-    monkeypatch.setattr(fused, "LAUNCH", config)
+    settings.NORM_LAUNCH = config
     device = torch.device("cuda")
     x = torch.randn(*shape, device=device, dtype=torch.bfloat16) * 2 + 1
     if x.ndim in (4, 5):
@@ -435,7 +612,7 @@ def test_model_with_fused_kernels_matches_eager_model_on_gpu(name):
     torch.backends.cudnn.allow_tf32 = False  # compare float32 convolutions exactly
     torch.backends.cuda.matmul.allow_tf32 = False
     config = small_config(name).replace(dropout=0.0)
-    model = UNet(config).cuda()
+    model = accelerate(UNet(config).cuda())
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.1)
@@ -456,9 +633,11 @@ def test_model_with_fused_kernels_matches_eager_model_on_gpu(name):
 @pytest.mark.usefixtures("fused_everywhere")
 @pytest.mark.parametrize("name", ["ddpm-cifar10", "emdiffuse-aleatoric"])
 def test_compiled_training_with_the_custom_op_matches_compiled_without_on_gpu(name):
+    from torch._inductor.compile_fx import compile_fx
+
     config = small_config(name).replace(dropout=0.0)
     torch.manual_seed(0)
-    model = UNet(config).cuda().to(memory_format=torch.channels_last)
+    model = accelerate(UNet(config).cuda().to(memory_format=torch.channels_last))
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.1)

@@ -1,4 +1,5 @@
-"""The GPU hot paths never wait for the device: the UNet forward, a training loss, a sampler step.
+"""The GPU hot paths never wait for the device: the accelerated UNet's forward and backward, a
+training loss, a sampler step.
 
 `torch.cuda.set_sync_debug_mode("error")` turns every synchronising call (`.item()`, a blocking
 host → device copy, `nonzero`, ...) into an error, so these tests fail on the first one.
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from diffunet import UNet
+from diffunet.accel import accelerate
 from diffunet.diffusion import Diffusion
 from diffunet.model.introspect import small_config
 
@@ -28,7 +30,7 @@ def no_sync():
 
 def model_and_inputs():
     torch.manual_seed(0)
-    model = UNet(small_config("ddpm-cifar10").replace(num_classes=4)).cuda()
+    model = accelerate(UNet(small_config("ddpm-cifar10").replace(num_classes=4)).cuda())
     x = torch.randn(4, 3, 16, 16, device="cuda")
     t = torch.randint(0, 1000, (4,), device="cuda")
     labels = torch.randint(0, 4, (4,), device="cuda")
@@ -76,7 +78,7 @@ def test_sampling_does_not_sync(sampler):
 def test_noise_level_loss_with_a_cpu_generator_does_not_sync():
     """EMDiffuse's continuous noise levels, drawn on the host as the Trainer does."""
     torch.manual_seed(0)
-    model = UNet(small_config("emdiffuse")).cuda()
+    model = accelerate(UNet(small_config("emdiffuse")).cuda())
     x = torch.randn(4, 1, 16, 16, device="cuda")
     cond = torch.randn(4, 1, 16, 16, device="cuda")
     t = torch.randint(0, 1000, (4,), device="cuda")

@@ -5,6 +5,7 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,8 +63,8 @@ def test_source_trees_must_hold_the_package(tmp_path, benchmark_script):
         ab.parse_args(["--base-src", str(SRC), "--kinds", "training"])
 
 
-@pytest.mark.slow
-def test_both_trees_are_measured_from_their_own_source(tmp_path, benchmark_script):
+def test_both_trees_are_measured_from_their_own_source(tmp_path, benchmark_script, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the bench.py processes: one thread each
     base = tmp_path / "base" / "src"
     shutil.copytree(
         SRC / "diffunet", base / "diffunet", ignore=shutil.ignore_patterns("__pycache__")
@@ -90,15 +91,37 @@ def test_both_trees_are_measured_from_their_own_source(tmp_path, benchmark_scrip
     )
     assert code == 0
     data = json.loads(out.read_text())
-    assert Path(data["meta"]["trees"]["base"]["imports"]).is_relative_to(base)
-    assert Path(data["meta"]["trees"]["change"]["imports"]).is_relative_to(SRC)
+    trees = data["meta"]["trees"]
+    assert Path(trees["base"]["imports"]).is_relative_to(base)
+    assert Path(trees["change"]["imports"]).is_relative_to(SRC)
+    # the base has no harness of its own: both run this checkout's bench.py
+    assert trees["base"]["bench"] == trees["change"]["bench"] == [str(ab.BENCH)]
     assert [(r["tree"], r["case"], r["kind"]) for r in data["runs"]] == [
         ("base", "ddpm-cifar10", "infer"),
         ("change", "ddpm-cifar10", "infer"),
     ]
     (row,) = data["summary"]
-    assert len(row["base"]) == len(row["change"]) == 1 and row["base"][0] > 0
+    measured = [
+        next(r["throughput"] for r in run["result"]["records"] if r["model"] == "ours")
+        for run in data["runs"]
+    ]
+    assert [*row["base"], *row["change"]] == measured
+    assert row["gain"] == pytest.approx(measured[1] / measured[0] - 1)
     assert row["ref"] == [] and "change_vs_ref" not in row
+
+
+def test_each_tree_runs_its_own_harness_where_it_has_one(tmp_path, benchmark_script):
+    ab = benchmark_script("ab")
+    assert ab.bench_command(SRC) == [sys.executable, str(ab.BENCH)]  # this checkout's
+    bare, packaged, own = (tmp_path / name / "src" for name in ("bare", "packaged", "own"))
+    (packaged / "diffunet").mkdir(parents=True)
+    (packaged / "diffunet" / "benchmark.py").touch()  # before the harness left the package
+    (own.parent / "benchmarks").mkdir(parents=True)
+    (own.parent / "benchmarks" / "bench.py").touch()
+    assert ab.bench_command(bare) == [sys.executable, str(ab.BENCH)]
+    assert ab.bench_command(packaged)[:2] == [sys.executable, "-c"]
+    assert "from diffunet.benchmark import main" in ab.bench_command(packaged)[2]
+    assert ab.bench_command(own) == [sys.executable, str(own.parent / "benchmarks" / "bench.py")]
 
 
 def test_change_env_is_parsed_and_reaches_the_change_processes_only(benchmark_script, monkeypatch):

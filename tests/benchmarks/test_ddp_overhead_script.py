@@ -10,7 +10,7 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "ddp_overhead.py"
 
 
-def test_every_variant_trains_and_only_the_communicating_ones_stay_in_sync(tmp_path):
+def test_variants_train_and_only_the_communicating_ones_stay_in_sync(tmp_path):
     out = tmp_path / "overhead.json"
     done = subprocess.run(
         [
@@ -22,6 +22,8 @@ def test_every_variant_trains_and_only_the_communicating_ones_stay_in_sync(tmp_p
             str(SCRIPT),
             "--case",
             "tiny",
+            "--variants",
+            "alone,ddp,ddp no_sync,ddp static_graph",
             "--steps",
             "2",
             "--warmup",
@@ -44,43 +46,26 @@ def test_every_variant_trains_and_only_the_communicating_ones_stay_in_sync(tmp_p
         (0.5, "float32"),
         (0.5, "bfloat16"),
     ]
-    assert all(r["ms"] > 0 and r["algbw_gb_s"] > 0 for r in result["all_reduce"])
+    for r in result["all_reduce"]:  # bandwidth: the bytes moved over the time taken
+        assert r["algbw_gb_s"] == pytest.approx(r["mib"] * 2**20 / (r["ms"] / 1e3) / 1e9, rel=0.01)
     variants = {r["variant"]: r for r in result["variants"]}
-    assert list(variants) == [
-        "alone",
-        "ddp",
-        "ddp no_sync",
-        "ddp 5 MB buckets",
-        "ddp 100 MB buckets",
-        "ddp static_graph",
-    ]  # bf16 hook: NCCL only
-    assert all(len(r["ms_per_step"]) == 2 and min(r["ms_per_step"]) > 0 for r in variants.values())
+    assert all(len(r["ms_per_step"]) == 2 for r in variants.values())  # one per process
     # Each process trains on its own data: without communication the replicas drift apart.
     in_sync = {name: r["replicas_in_sync"] for name, r in variants.items()}
-    assert in_sync == {
-        "alone": False,
-        "ddp": True,
-        "ddp no_sync": False,
-        "ddp 5 MB buckets": True,
-        "ddp 100 MB buckets": True,
-        "ddp static_graph": True,
-    }
+    assert in_sync == {"alone": False, "ddp": True, "ddp no_sync": False, "ddp static_graph": True}
     assert "| ddp no_sync |" in done.stdout
 
 
-def test_it_asks_for_torchrun(tmp_path):
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--case", "tiny"], capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 2 and "run it under torchrun" in done.stderr
-
-
-@pytest.mark.parametrize("variant", ["ddp fp8", "alone,nothing"])
-def test_unknown_variants_are_named(variant):
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--variants", variant],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 2 and "unknown variant(s)" in done.stderr
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--case", "tiny"], "run it under torchrun"),
+        (["--variants", "ddp fp8"], "unknown variant(s) ddp fp8"),
+        (["--variants", "alone,nothing"], "unknown variant(s) nothing"),
+    ],
+)
+def test_what_it_cannot_run_is_refused(benchmark_script, monkeypatch, capsys, argv, message):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark_script("ddp_overhead").main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -1,9 +1,10 @@
-"""`benchmarks/train_modes.py` end to end on the CPU: real `diffunet train` runs, read back."""
+"""`benchmarks/train_modes.py` end to end on the CPU: a real `diffunet train` run, read back."""
 
 import json
+import subprocess
 
 TINY = (
-    "tiny:--image-size 8 --batch-size 8 --threads 1 --precision fp32 --sample-steps 2 "
+    "tiny:--image-size 8 --batch-size 8 --threads 1 --precision fp32 --sample-steps 1 "
     "model_channels=8 norm_groups=4 channel_mult=[1,2] attention_resolutions=[] "
     "num_res_blocks=1"
 )
@@ -11,28 +12,34 @@ TINY = (
 
 def test_train_modes_reads_the_last_interval_of_each_run(tmp_path, capsys, benchmark_script):
     out = tmp_path / "modes.json"
-    code = benchmark_script("train_modes").main(
-        [
-            "--modes",
-            "eager",
-            "--steps",
-            "6",
-            "--log-every",
-            "3",
-            "--run",
-            TINY,
-            "--run",
-            "broken:--batch-size 0",
-            "--out",
-            str(out),
-        ]
-    )
-    assert code == 1  # the broken run failed, and says why
-    results = json.loads(out.read_text())["results"]
-    tiny = results["tiny"]["eager"]
-    assert len(tiny["it_per_s_all"]) == 2 and tiny["it_per_s"] == tiny["it_per_s_all"][-1] > 0
+    argv = ["--modes", "eager", "--steps", "6", "--log-every", "3", "--run", TINY]
+    assert benchmark_script("train_modes").main([*argv, "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert (data["steps"], data["log_every"]) == (6, 3)
+    tiny = data["results"]["tiny"]["eager"]
+    assert len(tiny["it_per_s_all"]) == 2 and tiny["it_per_s"] == tiny["it_per_s_all"][-1]
     assert tiny["samples_per_s"] == tiny["it_per_s"] * 8
     assert "6 steps × batch 8 on 1× cpu" in tiny["banner"]
-    assert "--batch-size" in results["broken"]["eager"]["error"]
-    table = capsys.readouterr().out
-    assert "tiny       eager" in table and "broken     eager            failed:" in table
+    assert "tiny       eager" in capsys.readouterr().out
+
+
+def test_a_failed_run_is_reported_with_its_last_line(
+    tmp_path, capsys, benchmark_script, monkeypatch
+):
+    script = benchmark_script("train_modes")
+    commands = []
+
+    def run(command, **kwargs):
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 1, "", "Traceback\nerror: --batch-size 0\n")
+
+    monkeypatch.setattr(script.subprocess, "run", run)
+    out = tmp_path / "modes.json"
+    argv = ["--modes", "eager,default", "--run", "broken:--batch-size 0", "--out", str(out)]
+    assert script.main(argv) == 1
+    (eager, default) = commands
+    assert eager[-2:] == ["--batch-size", "0"] and "--compile-mode" not in eager
+    assert default[default.index("--compile-mode") + 1] == "default"
+    results = json.loads(out.read_text())["results"]["broken"]
+    assert results["eager"]["error"] == results["default"]["error"] == "error: --batch-size 0"
+    assert "broken     eager            failed: error: --batch-size 0" in capsys.readouterr().out

@@ -91,20 +91,22 @@ class ExactDenoiser:
         self.noise_level = noise_level
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        xd = x.double()
+        # Computed on (d, N), transposed: the sums over the few dimensions then add whole rows,
+        # which is several times faster than reducing each sample's d values.
+        xt = x.double().T
         ab = t.double() if self.noise_level else self.table[t.long()]
-        a, s = ab.sqrt()[:, None], (1 - ab).sqrt()[:, None]
+        a, s = ab.sqrt(), (1 - ab).sqrt()
         log_p, x0s = [], []
         for k in range(len(self.weights)):
-            z = (xd - a * self.means[k]) @ self.vecs[k]
-            var = a**2 * self.lam[k] + s**2
-            log_p.append(self.weights[k].log() - 0.5 * (z**2 / var + var.log()).sum(1))
-            x0s.append(self.means[k] + (a * self.lam[k] / var * z) @ self.vecs[k].T)
-        resp = torch.softmax(torch.stack(log_p, 1), 1)
-        x0 = (resp[..., None] * torch.stack(x0s, 1)).sum(1)
-        eps = (xd - a * x0) / s
+            z = self.vecs[k].T @ (xt - a * self.means[k][:, None])
+            var = a**2 * self.lam[k][:, None] + s**2
+            log_p.append(self.weights[k].log() - 0.5 * (z**2 / var + var.log()).sum(0))
+            x0s.append(self.means[k][:, None] + self.vecs[k] @ (a * self.lam[k][:, None] / var * z))
+        resp = torch.softmax(torch.stack(log_p), 0)
+        x0 = (resp[:, None] * torch.stack(x0s)).sum(0)
+        eps = (xt - a * x0) / s
         out = {"eps": eps, "x0": x0, "v": a * eps - s * x0}[self.prediction]
-        return out.to(x.dtype)
+        return out.T.contiguous().to(x.dtype)
 
     def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and covariance of the data."""

@@ -10,7 +10,7 @@ import torch
 from diffunet import preset
 from diffunet.cli import main
 from diffunet.interop import ConversionError, config_from_diffusers, from_diffusers
-from diffunet.model.checkpoint import load_pretrained
+from diffunet.model import load_pretrained
 
 diffusers = pytest.importorskip("diffusers")
 UNet2DModel = diffusers.UNet2DModel

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from diffunet import UNetConfig, preset
 from diffunet.cli import main
 from diffunet.interop import ConversionError, from_guided_diffusion
-from diffunet.model.checkpoint import load_pretrained
+from diffunet.model import load_pretrained
 from diffunet.model.introspect import small_config
 
 

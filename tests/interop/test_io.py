@@ -10,12 +10,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffunet import UNet
+from diffunet.model import load_pretrained
 from diffunet.model.checkpoint import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     CheckpointError,
     PretrainedMixin,
-    load_pretrained,
     read_metadata,
     save_pretrained,
 )

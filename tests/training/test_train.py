@@ -10,7 +10,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from diffunet.apps.grids import make_grid, save_array, save_grid
 from diffunet.model.checkpoint import CheckpointError
-from diffunet.training.parallel import update_ema
+from diffunet.training.ema import update_ema
 from diffunet.training.run_config import RunConfigError, from_dict, load_yaml, parse_override
 from diffunet.training.state import (
     capture_rng_state,

@@ -1,5 +1,12 @@
-"""`diffunet train --compile`: the compiled run trains the same weights, saved without prefixes."""
+"""`diffunet train --compile`: the compiled run trains the same weights, saved without prefixes.
 
+The trainer's compiled path is tested with `torch.compile`'s `aot_eager` backend (Dynamo's
+capture and AOTAutograd's forward/backward split, run eagerly): Inductor's C++ build of the
+training step takes minutes on a 2-core CPU, so that variant is slow (DIFFUNET_SLOW_TESTS=1);
+tests/model/test_unet.py checks Inductor's code against eager on every run.
+"""
+
+import os
 import subprocess
 import sys
 
@@ -9,6 +16,7 @@ import torch._dynamo
 from safetensors.torch import load_file
 
 from diffunet.accel import fused_norm as fused
+from diffunet.accel import settings
 from diffunet.cli import main
 from diffunet.training.distributed import DistInfo
 from diffunet.training.run_config import RunConfigError, TrainSection
@@ -43,7 +51,40 @@ TINY = [
 ]
 
 
-def test_compiled_training_matches_eager_and_saves_clean_keys(tmp_path, capsys):
+REAL_COMPILE = torch.compile
+
+
+@pytest.fixture
+def compiled_modes(monkeypatch: pytest.MonkeyPatch) -> list[str | None]:
+    """Make `torch.compile` use the `aot_eager` backend; returns the modes it was asked for."""
+    modes: list[str | None] = []
+
+    def compile_aot_eager(model, *, mode: str | None = None, **kwargs):
+        modes.append(mode)
+        return REAL_COMPILE(model, backend="aot_eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", compile_aot_eager)
+    return modes
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "aot_eager",
+        pytest.param(
+            "inductor",
+            marks=[
+                pytest.mark.slow,
+                pytest.mark.skipif(
+                    not os.environ.get("DIFFUNET_SLOW_TESTS"),
+                    reason="Inductor compiles C++ for minutes; set DIFFUNET_SLOW_TESTS=1",
+                ),
+            ],
+        ),
+    ],
+)
+def test_compiled_training_matches_eager_and_saves_clean_keys(backend, tmp_path, capsys, request):
+    modes = request.getfixturevalue("compiled_modes") if backend == "aot_eager" else None
     threads = torch.get_num_threads()
     try:
         assert main(["train", "--out", str(tmp_path / "eager"), *TINY]) == 0
@@ -54,6 +95,7 @@ def test_compiled_training_matches_eager_and_saves_clean_keys(tmp_path, capsys):
     finally:
         torch.set_num_threads(threads)
     assert "compiled" in capsys.readouterr().out
+    assert modes in (None, [None])  # aot_eager: asked for the default mode, as on every CPU
 
     eager = load_file(tmp_path / "eager" / "checkpoint" / "model.safetensors")
     compiled = load_file(tmp_path / "compiled" / "checkpoint" / "model.safetensors")
@@ -64,7 +106,7 @@ def test_compiled_training_matches_eager_and_saves_clean_keys(tmp_path, capsys):
         for k in (*state["model"], *state["ema"]["weights"])
         if k.startswith(("_orig_mod.", "module."))
     ]
-    # Three optimizer steps from the same seed: Inductor's fused kernels only reorder float math.
+    # Three optimizer steps from the same seed: a compiled step only reorders float math.
     for key, value in eager.items():
         torch.testing.assert_close(compiled[key], value, rtol=1e-3, atol=1e-4, msg=key)
     eager_model = load_training_state(tmp_path / "eager" / "train_state.pt")["model"]
@@ -72,8 +114,9 @@ def test_compiled_training_matches_eager_and_saves_clean_keys(tmp_path, capsys):
         torch.testing.assert_close(state["model"][key], value, rtol=1e-3, atol=1e-4, msg=key)
 
 
-def test_reduce_overhead_trains_on_one_process_and_says_so(tmp_path, capsys):
-    """On the CPU Inductor skips the CUDA graphs; the run must still train and report its mode."""
+def test_reduce_overhead_trains_on_one_process_and_says_so(tmp_path, capsys, compiled_modes):
+    """The run asks `torch.compile` for the mode, trains and reports it (on the CPU Inductor
+    skips the CUDA graphs: its default build, which the slow test above covers)."""
     fused.set_compiled_min_elements(None)
     threads = torch.get_num_threads()
     try:
@@ -88,8 +131,9 @@ def test_reduce_overhead_trains_on_one_process_and_says_so(tmp_path, capsys):
         torch.set_num_threads(threads)
     captured = capsys.readouterr()
     assert "compiled (reduce-overhead)" in captured.out + captured.err
+    assert compiled_modes == ["reduce-overhead"]
     # graphs replayed as CUDA graphs call the fused GroupNorm kernels (on a GPU)
-    assert fused._COMPILED_MIN_ELEMENTS == fused.CUDA_GRAPHS_MIN_ELEMENTS
+    assert settings.COMPILED_MIN_ELEMENTS == settings.CUDA_GRAPHS_MIN_ELEMENTS
     config = (tmp_path / "ro" / "config.yaml").read_text()
     assert "compile: true" in config and "compile_mode: reduce-overhead" in config
 

@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -73,42 +74,58 @@ def _finish(process: subprocess.Popen) -> tuple[str, str]:
     return out, err
 
 
+# One sharded run serves every test below: it is compared with one process, is the
+# uninterrupted reference of the kill-and-resume test, and is the run resumed in one process.
+# Gradient checkpointing is on: its checkpointed blocks are the FSDP units.
+STEPS = 12
+ARGS = [
+    "--steps",
+    str(STEPS),
+    "--checkpoint-every",
+    "4",
+    "--log-every",
+    "1",
+    "--seed",
+    "5",
+    *COMMON,
+    "use_checkpoint=true",
+    "--sample-every",
+    "6",
+]
+
+
 def _weights(state: dict, part: str) -> dict[str, torch.Tensor]:
     return state["model"] if part == "model" else state["ema"]["weights"]
 
 
-def test_two_sharded_processes_match_one_and_write_a_plain_checkpoint(tmp_path):
-    """Also with gradient checkpointing, whose checkpointed blocks are the FSDP units."""
-    args = [
-        "--steps",
-        "12",
-        "--checkpoint-every",
-        "0",
-        "--log-every",
-        "4",
-        *COMMON,
-        "use_checkpoint=true",
-        "--sample-every",
-        "6",
-    ]
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[Path, str, str]:
+    """The folder holding a one-process run ("single") and a 2-process sharded run ("fsdp")
+    of `ARGS`, and the sharded run's stdout and stderr."""
+    folder = tmp_path_factory.mktemp("fsdp")
     threads = torch.get_num_threads()
     try:
-        assert main(["train", "--out", str(tmp_path / "single"), *args]) == 0
+        assert main(["train", "--out", str(folder / "single"), *ARGS]) == 0
     finally:
         torch.set_num_threads(threads)
-    out, err = _finish(_torchrun(tmp_path / "fsdp", *args))
-    single = load_training_state(tmp_path / "single" / "train_state.pt")
-    sharded = load_training_state(tmp_path / "fsdp" / "train_state.pt")
+    out, err = _finish(_torchrun(folder / "fsdp", *ARGS))
+    return folder, out, err
+
+
+def test_two_sharded_processes_match_one_and_write_a_plain_checkpoint(runs):
+    folder, out, err = runs
+    single = load_training_state(folder / "single" / "train_state.pt")
+    sharded = load_training_state(folder / "fsdp" / "train_state.pt")
     assert "2× cpu, sharded (FSDP: " in err
     held = int(err.split("sharded (FSDP: ")[1].split(" parameters")[0].replace(",", ""))
     total = sum(v.numel() for v in single["model"].values())
     assert total / 2 <= held < total / 2 + 1000  # half of every tensor, rounded up per tensor
-    assert out.count("trained 12 steps") == 1
-    assert (tmp_path / "fsdp" / "samples" / "step_0000006.png").is_file()  # a grid mid-run
-    assert "use_checkpoint: true" in (tmp_path / "fsdp" / "config.yaml").read_text()
+    assert out.count(f"trained {STEPS} steps") == 1
+    assert (folder / "fsdp" / "samples" / "step_0000006.png").is_file()  # a grid mid-run
+    assert "use_checkpoint: true" in (folder / "fsdp" / "config.yaml").read_text()
 
-    assert sharded["parallel"] == "fsdp" and sharded["step"] == 12
-    assert int(sharded["ema"]["n_averaged"]) == 12
+    assert sharded["parallel"] == "fsdp" and sharded["step"] == STEPS
+    assert int(sharded["ema"]["n_averaged"]) == STEPS
     for part in ("model", "ema"):
         a, b = _weights(single, part), _weights(sharded, part)
         assert a.keys() == b.keys()
@@ -121,7 +138,7 @@ def test_two_sharded_processes_match_one_and_write_a_plain_checkpoint(tmp_path):
     moments = sharded["optimizer"]["state"]["time_embed.linear_1.weight"]["exp_avg"]
     assert moments.shape == single["model"]["time_embed.linear_1.weight"].shape
 
-    checkpoint = UNet.from_pretrained(tmp_path / "fsdp" / "checkpoint")
+    checkpoint = UNet.from_pretrained(folder / "fsdp" / "checkpoint")
     for key, value in checkpoint.state_dict().items():
         torch.testing.assert_close(value, sharded["ema"]["weights"][key], rtol=0, atol=0)
 
@@ -153,28 +170,14 @@ def _sigkill_tree(process: subprocess.Popen) -> None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the workers in /proc")
-def test_sigkill_and_resume_of_a_sharded_run_match_an_uninterrupted_one(tmp_path):
-    args = [
-        "--steps",
-        "40",
-        "--checkpoint-every",
-        "10",
-        "--log-every",
-        "1",
-        "--seed",
-        "5",
-        *COMMON,
-        "dropout=0.1",
-    ]
-    _finish(_torchrun(tmp_path / "straight", *args))
-
+def test_sigkill_and_resume_of_a_sharded_run_match_an_uninterrupted_one(runs, tmp_path):
     run = tmp_path / "killed"
-    process = _torchrun(run, *args)
+    process = _torchrun(run, *ARGS)
     deadline = time.monotonic() + 240
-    while last_logged_step(run) < 15:  # after the step-10 checkpoint, before the step-20 one
+    while last_logged_step(run) < 6:  # after the step-4 checkpoint, sampling before step 7
         if process.poll() is not None:
             pytest.fail(
-                f"training ended (rc {process.returncode}) before step 15: "
+                f"training ended (rc {process.returncode}) before step 6: "
                 f"{process.stderr.read()[-3000:]}"
             )
         if time.monotonic() > deadline:
@@ -183,23 +186,23 @@ def test_sigkill_and_resume_of_a_sharded_run_match_an_uninterrupted_one(tmp_path
         time.sleep(0.01)
     _sigkill_tree(process)  # torchrun and both of its processes, mid-run
     killed_at = load_training_state(run / "train_state.pt")["step"]
-    assert killed_at in (10, 20) and last_logged_step(run) < 40
+    assert killed_at in (4, 8) and last_logged_step(run) < STEPS
 
-    _finish(_torchrun(run, *args, "--resume"))
-    straight = load_training_state(tmp_path / "straight" / "train_state.pt")
+    _finish(_torchrun(run, *ARGS, "--resume"))
+    straight = load_training_state(runs[0] / "fsdp" / "train_state.pt")
     resumed = load_training_state(run / "train_state.pt")
-    assert resumed["step"] == straight["step"] == 40
+    assert resumed["step"] == straight["step"] == STEPS
     for part in ("model", "ema"):
         a, b = _weights(straight, part), _weights(resumed, part)
         worst = max((a[k] - b[k]).abs().max().item() for k in a)
         assert worst <= 1e-6, f"{part}: resumed run differs by {worst}"
 
 
-def test_resuming_a_sharded_run_in_one_process_is_refused_in_one_line(tmp_path, capsys):
+def test_resuming_a_sharded_run_in_one_process_is_refused_in_one_line(runs, tmp_path, capsys):
     run = tmp_path / "fsdp"
-    _finish(_torchrun(run, "--steps", "2", "--checkpoint-every", "0", "--log-every", "1", *COMMON))
+    shutil.copytree(runs[0] / "fsdp", run)
     capsys.readouterr()
-    assert main(["train", "--out", str(run), "--resume", "--steps", "2", *COMMON]) != 0
+    assert main(["train", "--out", str(run), "--resume", "--steps", str(STEPS + 2), *COMMON]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--parallel fsdp" in err[0] and "resume it the same way" in err[0]
 

@@ -1,1 +1,14 @@
-"""diffunet.accel."""
+"""The accelerator: every speed technique, applied to a plain model by `accelerate(model)`.
+
+`accelerate` swaps fast forwards into a `UNet` in place (same parameters, same state-dict
+keys): fused GroupNorm + FiLM + SiLU kernels (`fused_norm`), convolutions that keep cuDNN's
+layout under `torch.compile` (`conv`), thin 3D convolutions (`thin_conv`), nearest upsampling
+folded into its convolution (`upsample`), a decoder entry that never keeps a concatenation
+(`decoder_entry`), channels-last activations (`layout`); `cuda_graph` replays a model as CUDA
+graphs. Every switch and threshold is in `settings`.
+"""
+
+from diffunet.accel.apply import accelerate, is_accelerated, plain
+from diffunet.accel.layout import memory_format_for
+
+__all__ = ["accelerate", "is_accelerated", "memory_format_for", "plain"]

@@ -4,21 +4,21 @@ cuDNN wants a convolution's input and output gradient in the weight's memory for
 (channels-last here). Under `torch.compile` (PyTorch 2.11) the backward graph hands the
 `aten.convolution_backward` fallback both of them NCHW: eager CUDA GroupNorm returns NCHW, so
 that is what the traced graph says, and nothing constrains the fallback's inputs. The backward
-then copies the input to channels-last and the output gradient to the input's layout: measured
-on an H100, 24 ms of a 121 ms `ldm` training step (docs/performance.md).
+then copies the input to channels-last and the output gradient to the input's layout, a large
+share of a compiled training step (docs/performance.md).
 
 `convolve(conv, x)` routes a plain `nn.ConvNd` through the custom ops below while Dynamo
 traces a convolution that autograd will differentiate: the convolution becomes an extern call
 that Inductor must feed in fixed strides, and `convolve` asks for cuDNN's layout, so the
 recomputing kernels write channels-last directly and the copies vanish. The bias is added
 outside the op, where Inductor fuses it into the next kernel; its gradient comes from the op's
-backward, which sums the output gradient it already holds in cuDNN's layout (Inductor's own
-sum, fused into the GroupNorm-backward reductions, cost 4 ms of a 98 ms `ldm` step). Compiled
-inference is `conv(x)` on an input pinned to cuDNN's layout (`pin_layout`), which Inductor
-gives only 2D convolutions by itself. In eager mode and (non-strict) `torch.export` it is just
-`conv(x)`. `convolve_split_bias` is the same without the bias, for a caller that adds it elsewhere.
-Thin 3D convolutions on a GPU (a 3D U-Net's first and last) run `thin_conv`'s Triton kernels
-instead.
+backward, which sums the output gradient it already holds in cuDNN's layout (faster than
+Inductor's sum fused into the GroupNorm-backward reductions). Compiled inference is `conv(x)`
+on an input pinned to cuDNN's layout (`pin_layout`), which Inductor gives only 2D convolutions
+by itself. In eager mode and (non-strict) `torch.export` it is just `conv(x)`.
+`convolve_split_bias` is the same without the bias, for a caller that adds it elsewhere. Thin
+3D convolutions on a GPU (a 3D U-Net's first and last) run `thin_conv`'s Triton kernels
+instead. `settings.ROUTED_DEVICES` and `settings.PADDED_DEVICES` say where these apply.
 """
 
 from __future__ import annotations
@@ -28,13 +28,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from diffunet.accel import thin_conv
-from diffunet.accel.operands import (
-    CHANNEL_MULTIPLE,
-    autocast_dtype,
-    autocast_operands,
-    pad_output_channels,
-)
+from diffunet.accel import settings, thin_conv
+from diffunet.accel.operands import autocast_dtype, autocast_operands, pad_output_channels
 
 _FIXED_STRIDES = (torch.Tag.needs_fixed_stride_order,)
 
@@ -83,8 +78,8 @@ def bias_gradient(grad: torch.Tensor) -> torch.Tensor:
     """A convolution's bias gradient: `grad` summed over every axis but the channels (1).
 
     A channels-last `grad` is a (positions, channels) matrix, summed as its product with a row
-    of ones: cuBLAS runs that at 2.6 TB/s on an H100 where ATen's sum and Inductor's both reach
-    about 1 TB/s (`ldm` level 0, 16×128×256², bf16; docs/performance.md).
+    of ones: cuBLAS's matrix-vector product reads it faster than ATen's or Inductor's sums
+    (docs/performance.md).
     """
     channels_last = _CHANNELS_LAST.get(grad.ndim)
     if channels_last is None or not grad.is_contiguous(memory_format=channels_last):
@@ -267,9 +262,8 @@ def pin_layout(x: torch.Tensor, memory_format: torch.memory_format) -> torch.Ten
     Inductor takes a traced `contiguous` (a clone) as a hint only: the kernel producing `x`
     stays free to pick its strides, and its 3D convolution lowering picks them from the
     operands' current layouts, NCDHW when both are such free buffers (an autocast weight cast
-    is one). cuDNN then converted the input, the weight and the output of 19 convolutions per
-    compiled 3D forward (1.28 ms of 19.3 on an H200; with this, 3D compiled inference runs
-    5.6 % faster). Inductor's own `force_stride_order` prim fixes the producer's strides.
+    is one), and cuDNN then converts the input, the weight and the output of every such
+    convolution. Inductor's own `force_stride_order` prim fixes the producer's strides.
     """
     if not torch.compiler.is_dynamo_compiling():
         return x.contiguous(memory_format=memory_format)
@@ -284,8 +278,8 @@ def _compiling_for_inductor() -> bool:
     """While Dynamo traces for `torch.compile`; not in eager mode or non-strict `torch.export`.
 
     Exported programs keep plain aten convolutions, which ONNX and the pt2e quantizer know.
-    `torch.compiler.is_exporting()` cannot tell the two apart: PyTorch 2.11 reports True inside
-    `torch.compile` too (measured), so the test is for Dynamo itself.
+    `torch.compiler.is_exporting()` cannot tell the two apart (PyTorch 2.11 reports True inside
+    `torch.compile` too), so the test is for Dynamo itself.
     """
     return torch.compiler.is_dynamo_compiling()
 
@@ -297,12 +291,6 @@ def _exporting() -> bool:
 
 
 _PLAIN_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-#: Devices whose compiled convolutions go through the custom ops: the layout copies they remove
-#: are cuDNN's. On the CPU, Inductor's C++ code for the bias gradients they leave to it does
-#: not compile for some bf16 3D U-Nets in torch 2.13 (a duplicate variable declaration), so
-#: the CPU keeps Inductor's own convolution. Tests add "cpu" to check the ops' arithmetic.
-ROUTED_DEVICES: frozenset[str] = frozenset({"cuda"})
 
 
 def _plain(conv: nn.Module) -> bool:
@@ -322,8 +310,7 @@ def _routable(conv: nn.Module) -> bool:
 
 def _needs_backward(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether autograd will differentiate this convolution. The custom ops exist for the
-    backward's layouts; without one they only cost host time (a compiled quick `ddpm-cifar10`
-    forward on the CPU: 4.0 ms through them, 1.8 ms through Inductor's own convolution)."""
+    backward's layouts; without one they only cost host time."""
     return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
 
 
@@ -367,7 +354,7 @@ def convolve_transposed(
     (whose layout the module decides: `_layout_for`); under `torch.compile` with autograd
     through the layout-stable custom ops, like `convolve`."""
     dilation = [1] * len(stride)
-    compiling = _compiling_for_inductor() and x.device.type in ROUTED_DEVICES
+    compiling = _compiling_for_inductor() and x.device.type in settings.ROUTED_DEVICES
     x, weight, bias = autocast_operands(x, weight, bias)
     weight = weight.contiguous(memory_format=memory_format)
     if compiling and _needs_backward(x, weight):
@@ -388,38 +375,34 @@ def convolve_transposed(
     )
 
 
-#: Devices on which `convolve` pads (cuDNN's). Tests add "cpu" to check the arithmetic.
-PADDED_DEVICES: frozenset[str] = frozenset({"cuda"})
-
-
 def output_padding(conv: nn.Module, x: torch.Tensor) -> int:
     """How many zero output channels `convolve` appends to `conv`: up to a multiple of
-    `CHANNEL_MULTIPLE` for a plain 3D convolution on `PADDED_DEVICES`, else none.
+    `settings.CHANNEL_MULTIPLE` for a plain 3D convolution on `settings.PADDED_DEVICES`, else
+    none.
 
     The extra outputs come from zero weight rows and are sliced off, so nothing changes but the
-    kernel cuDNN picks: for the 3D head (64 → 1 channel at 4×64³, bf16) 0.544 → 0.432 ms
-    forward and 1.754 → 1.583 ms with its gradients (H200, `benchmarks/conv_channels.py`; both
-    are Ampere-generation kernels there, the padded one with a wider tile). Padding the 2- or
-    3-channel inputs of the stems paid nothing, nor did padding 2D heads (an `ldm` head's
-    gradients took 0.1 ms longer), so those stay as they are. The parameters keep their
-    shapes; exported programs keep the model's own convolutions. (On a GPU, 3D heads and
-    stems that `thin_conv` takes never get here.)
+    kernel cuDNN picks, a wider-tiled one for a narrow 3D head. Padding the stems' few input
+    channels or 2D heads did not pay (docs/performance.md), so those stay as they are. The
+    parameters keep their shapes; exported programs keep the model's own convolutions. (On a
+    GPU, 3D heads and stems that `thin_conv` takes never get here.)
     """
     if (
-        x.device.type not in PADDED_DEVICES
+        x.device.type not in settings.PADDED_DEVICES
         or x.ndim != 5
         or not _routable(conv)
         or conv.groups != 1
         or _exporting()
     ):
         return 0
-    return -conv.out_channels % CHANNEL_MULTIPLE
+    return -conv.out_channels % settings.CHANNEL_MULTIPLE
 
 
 def _convolve(conv: nn.Module, x: torch.Tensor, *, with_bias: bool) -> torch.Tensor:
     if thin_conv.takes(conv, x) and _routable(conv) and not _exporting():
         return thin_conv.convolve(conv, x, with_bias=with_bias)
-    compiling = _compiling_for_inductor() and x.device.type in ROUTED_DEVICES and _routable(conv)
+    compiling = (
+        _compiling_for_inductor() and x.device.type in settings.ROUTED_DEVICES and _routable(conv)
+    )
     extra = output_padding(conv, x)
     if not (compiling and _needs_backward(x, conv.weight)):
         # Compiled: Inductor lays out only 2D convolutions for cuDNN; a 3D one follows its

@@ -1,4 +1,4 @@
-"""CUDA graphs for inference: replay a model's forward pass instead of launching it kernel by kernel.
+"""CUDA graphs for inference: replay a model's forward instead of launching it kernel by kernel.
 
 A sampling loop calls the network 20–1000 times with inputs of one shape. In eager PyTorch each
 call costs the host time of launching a few hundred kernels, which at small batches is longer

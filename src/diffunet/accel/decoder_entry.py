@@ -3,11 +3,11 @@
 A decoder block's first ResBlock normalizes `cat([h, skip])` (GroupNorm, SiLU) and projects it
 with its 1×1 skip convolution. Autograd would keep that concatenation for both backwards, and
 in a checkpointed step its recomputation, the concatenation and its gradient are the largest
-tensors alive at the peak (3D, 64³: 384 MiB each). `norm_act_and_project` runs both layers
-from one concatenation that lives only inside the call: backward concatenates again, takes
-the projection's weight gradient from it, then overwrites it in place with the input gradient
-(the norm kernels read each element before they write it) and adds the projection's input
-gradient into the same buffer. Eager mode with the fused norm kernels only: compiled graphs,
+tensors alive at the peak. `norm_act_and_project` runs both layers from one concatenation that
+lives only inside the call: backward concatenates again, takes the projection's weight
+gradient from it, then overwrites it in place with the input gradient (the norm kernels read
+each element before they write it) and adds the projection's input gradient into the same
+buffer. Eager mode with the fused norm kernels only: compiled graphs,
 `torch.export` and the reference path concatenate as before.
 """
 

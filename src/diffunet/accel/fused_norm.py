@@ -4,128 +4,43 @@ Every ResBlock normalizes twice and the second norm carries the time embedding's
 eager PyTorch one "norm" is four or five memory-bound kernels plus layout conversions (the
 CUDA GroupNorm is not channels_last-native) and float32 intermediates under autocast. The
 Triton path reads the activation in whatever layout it has (NCHW or channels_last, 1D/2D/3D),
-keeps statistics in float32, and writes the result once in the input dtype:
-forward = a statistics pass + a tiny combine + a normalize pass; backward = one reduction
-pass + a tiny combine + one gradient pass (three launches each way).
+keeps statistics in float32, and writes the result once in the input dtype: forward = a
+statistics pass + a tiny combine + a normalize pass, backward = a reduction pass + a tiny
+combine + a gradient pass; small calls run each direction as one kernel.
 
-`group_norm_act` picks the fused path for CUDA tensors when Triton is importable and the
-switch is on (`set_fused_enabled`, or `DIFFUNET_FUSED=0` to turn it off); everything else
-takes the eager path, which is the reference the fused kernels are tested against. Graphs
-compiled to be replayed as CUDA graphs reach the same kernels through the custom ops
+`group_norm_act` picks the fused path for CUDA tensors when Triton is importable and
+`settings.FUSED_NORM` is on, from `settings.FUSED_EAGER_MIN_ELEMENTS` elements; everything
+else takes the eager path, which is the reference the fused kernels are tested against.
+Compiled graphs replayed as CUDA graphs reach the same kernels through the custom ops
 `diffunet::group_norm_act` and `diffunet::group_norm_act_backward`, which Inductor calls as
-they are (`configure_for_compile_mode`; the trainer and the benchmark call it).
+they are (`configure_for_compile_mode`).
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import warnings
-from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from diffunet.accel import settings
+from diffunet.accel.settings import (  # noqa: F401  (the setters, importable from here too)
+    CUDA_GRAPH_MODES,
+    LaunchConfig,
+    LaunchPlan,
+    configure_for_compile_mode,
+    eager_min_elements,
+    set_compiled_min_elements,
+    set_fused_enabled,
+)
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs run the eager path.
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
-
-
-def _int_from_env(name: str, default: int, minimum: int, what: str) -> int:
-    """The integer (at least `minimum`) the environment variable `name` gives, else `default`;
-    a value that is no such integer warns that it is not `what` and keeps `default`."""
-    text = os.environ.get(name)
-    if text is None:
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        value = minimum - 1
-    if value < minimum:
-        warnings.warn(f"{name}={text!r} is not {what}; keeping {default}", stacklevel=2)
-        return default
-    return value
-
-
-_FUSED_ENABLED = os.environ.get("DIFFUNET_FUSED", "1") != "0"
-# A call costs about 1.2 ms of host time (six Triton launches, forward and backward). Measured
-# on an H100, the eager kernels need less than that below about 2**24 elements, so smaller
-# tensors keep the eager path; above it the fused kernels win 4-6x (docs/performance.md). At
-# 2**24 itself (128x128x32x32) the two took 1.26 and 1.16 ms of wall time, and the fused call
-# keeps 4 bytes per element for backward where the eager one keeps 10 (float32 under autocast).
-_MIN_ELEMENTS = 1 << 24
-#: The environment variable that sets `CUDA_GRAPHS_MIN_ELEMENTS` when the module is imported
-#: (to A/B the threshold, e.g. with `benchmarks/ab.py --change-env`).
-CUDA_GRAPHS_MIN_ELEMENTS_ENV = "DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS"
-#: From this size on, compiled graphs that are replayed as CUDA graphs call the kernels as one
-#: custom op instead of tracing the reference for Inductor, whose channels-last GroupNorm
-#: reductions are slow at large sizes. Measured on an H100 under `mode="reduce-overhead"`,
-#: training: `ldm` 168.6 → 215.1 img/s, 3D 55.0 → 65.8 vol/s, `ddpm-cifar10` 5,992 → 6,390
-#: img/s; `ldm` inference 524.6 → 632.0 (docs/performance.md). Without CUDA graphs each call's
-#: Python launches add to a host-bound step (`ldm` training 145.0 → 91.2 img/s), so it stays
-#: off there.
-CUDA_GRAPHS_MIN_ELEMENTS = _int_from_env(
-    CUDA_GRAPHS_MIN_ELEMENTS_ENV,
-    1 << 20,
-    0,
-    f"a number of elements (an integer, at least 0, e.g. {1 << 22})",
-)
-#: The environment variable that sets `CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE` at import.
-CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE_ENV = "DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS_INFER"
-#: The same threshold for graphs traced without gradients (inference, sampling); by default
-#: `CUDA_GRAPHS_MIN_ELEMENTS`. Its own switch, because on `ddpm-cifar10`'s batch of 128 the
-#: crossover against Inductor's GroupNorm may lie higher without a backward (session 16:
-#: 2²² read +2.6 % once), while training chose 2²⁰.
-CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE = _int_from_env(
-    CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE_ENV,
-    CUDA_GRAPHS_MIN_ELEMENTS,
-    0,
-    f"a number of elements (an integer, at least 0, e.g. {1 << 22})",
-)
-_COMPILED_MIN_ELEMENTS: int | None = None
-_COMPILED_MIN_ELEMENTS_INFERENCE: int | None = None
-#: The `torch.compile` modes that replay the compiled graphs as CUDA graphs.
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
-
-
-def set_fused_enabled(enabled: bool, *, min_elements: int | None = None) -> None:
-    """Turn the fused GPU kernels on or off (e.g. to A/B them) and optionally set the size
-    (elements per call) from which they are used in eager mode."""
-    global _FUSED_ENABLED, _MIN_ELEMENTS
-    _FUSED_ENABLED = bool(enabled)
-    if min_elements is not None:
-        _MIN_ELEMENTS = int(min_elements)
-
-
-def eager_min_elements() -> int:
-    """The size (elements per call) from which eager mode runs the fused kernels."""
-    return _MIN_ELEMENTS
-
-
-def set_compiled_min_elements(min_elements: int | None, *, inference: int | None = None) -> None:
-    """Let graphs traced from now on call the fused kernels (as a custom op) on tensors of at
-    least `min_elements`, or of at least `inference` (default: `min_elements`) in graphs traced
-    without gradients; None (the default) traces the reference everywhere."""
-    global _COMPILED_MIN_ELEMENTS, _COMPILED_MIN_ELEMENTS_INFERENCE
-    _COMPILED_MIN_ELEMENTS = None if min_elements is None else int(min_elements)
-    _COMPILED_MIN_ELEMENTS_INFERENCE = (
-        None if min_elements is None else int(min_elements if inference is None else inference)
-    )
-
-
-def configure_for_compile_mode(mode: str | None) -> None:
-    """Set the compiled size thresholds for `torch.compile(mode=mode)`: the kernels from
-    `CUDA_GRAPHS_MIN_ELEMENTS` on (`CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE` without gradients)
-    where the mode replays CUDA graphs, none otherwise."""
-    if mode in CUDA_GRAPH_MODES:
-        set_compiled_min_elements(
-            CUDA_GRAPHS_MIN_ELEMENTS, inference=CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE
-        )
-    else:
-        set_compiled_min_elements(None)
 
 
 def _interpreting() -> bool:
@@ -137,7 +52,7 @@ def _kernels_take(x: torch.Tensor) -> bool:
     """Whether the Triton kernels can normalize `x` at all: switched on, on a GPU (or Triton's
     interpreter) and in a floating dtype they read."""
     return (
-        _FUSED_ENABLED
+        settings.FUSED_NORM
         and triton is not None
         and (x.is_cuda or _interpreting())
         and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
@@ -154,21 +69,23 @@ def fused_available(x: torch.Tensor, numel: int | None = None) -> bool:
     numel = x.numel() if numel is None else numel
     return (
         _kernels_take(x)
-        and (numel >= _MIN_ELEMENTS or _interpreting())
+        and (numel >= settings.FUSED_EAGER_MIN_ELEMENTS or _interpreting())
         and not torch.compiler.is_compiling()
     )
 
 
 def compiled_fused_wanted(x: torch.Tensor) -> bool:
     """Whether the `group_norm_act(x, ...)` that Dynamo traces calls the fused kernels as the
-    custom op `diffunet::group_norm_act` (see `set_compiled_min_elements`)."""
-    if _COMPILED_MIN_ELEMENTS is None or not torch.compiler.is_dynamo_compiling():
+    custom op `diffunet::group_norm_act` (`settings.COMPILED_MIN_ELEMENTS`)."""
+    if not torch.compiler.is_dynamo_compiling():
         return False
     # Dynamo guards the graph on the grad mode, so each mode traces its own decision.
     threshold = (
-        _COMPILED_MIN_ELEMENTS if torch.is_grad_enabled() else _COMPILED_MIN_ELEMENTS_INFERENCE
+        settings.COMPILED_MIN_ELEMENTS
+        if torch.is_grad_enabled()
+        else settings.COMPILED_MIN_ELEMENTS_INFERENCE
     )
-    return _kernels_take(x) and x.numel() >= threshold
+    return threshold is not None and _kernels_take(x) and x.numel() >= threshold
 
 
 def group_norm_act_reference(
@@ -248,108 +165,9 @@ def norm_act(
 # kernel serves NCHW and channels_last in 1D, 2D and 3D. Grid: (B, chunks of N).
 
 
-@dataclass(frozen=True)
-class LaunchConfig:
-    """How the four streaming kernels (statistics, normalize, backward reduce, input gradient)
-    split a (B, C, N) activation: each program owns one sample's run of positions (a chunk) and
-    loops over it in tiles of all channels × `tile_elements // BLOCK_C` positions.
-    `loop_stages` is that loop's software-pipelining depth (`tl.range(num_stages=...)`): 1
-    loads each tile when the loop reaches it (every configuration before session 17); from 2
-    on, each program copies the next tiles into shared memory ahead of use (`cp.async`), so
-    that more loads are in flight (3 is what `LaunchPlan` ships).
-
-    `one_pass_elements`: a call whose programs would each own at most this many elements when
-    each covers one sample's whole groups (`_one_pass_shape`) runs its forward as one kernel
-    (statistics, their reduction per group, normalize; x read the second time mostly from L2)
-    and its backward as one more (the per-channel sums, their reduction per group, the input
-    gradient); larger ones take three kernels each way. 0 (the field's default) never takes
-    them; `LaunchPlan` ships 32768.
-
-    `benchmarks/norm_kernels.py` sweeps these on the GPU. The field defaults are the one
-    configuration that every result in docs/performance.md before session 11 was measured with.
-    """
-
-    tile_elements: int = 4096
-    programs_per_sm: int = 4
-    num_warps: int = 4
-    loop_stages: int = 1
-    one_pass_elements: int = 0
-
-    def for_elements(self, numel: int) -> LaunchConfig:
-        """This configuration, at every size."""
-        return self
-
-
-@dataclass(frozen=True)
-class LaunchPlan:
-    """One launch configuration for activations of at least `large_from` elements, another
-    below.
-
-    The defaults are the H200 sweep of session 17 (`norm_kernels.py --stages 1,2,3`, every norm
-    call of the `ddpm-cifar10`, 3D and `ldm` training steps, CUDA-graph replays;
-    `benchmarks/results/h200-norm-kernels-stages-sweep.json`): loops pipelined three tiles deep
-    stream faster at almost every size (the statistics pass of a 128×384×32² call 1.22 → 2.29
-    TB/s), and with them four warps beat eight. Small activations still gain from fewer
-    programs per SM. Against session 11's plan (no pipelining; eight warps above 2²⁴ elements,
-    8192-element tiles below), the norm kernels of a training step take 3.77 instead of 4.54 ms (cifar), 7.71
-    instead of 8.31 (3D) and 14.64 instead of 15.80 (`ldm`); whole compiled steps, A/B in one
-    run: cifar training +3.4 %, inference +6.2 %, `ldm` training +1.4 %.
-
-    Session 18 (`norm_kernels.py --one-pass 0,8192,32768,131072`,
-    `benchmarks/results/h200-norm-kernels-one-pass-sweep.json`): calls whose programs own at
-    most 32768 elements each way in one kernel take a cifar training step's norm kernels from
-    3.78 to 3.29 ms (forward 1.24 → 1.06), `ldm`'s from 14.63 to 14.43, and leave 3D's at
-    7.72; 131072 is slightly better for cifar alone but slows `ldm`'s backward. Whole compiled
-    steps, A/B in one run: cifar inference +4.5 %, training +2.5 %, `ldm` inference +2.1 %,
-    training +0.4 %, 3D training -0.4 % (noise).
-    """
-
-    large: LaunchConfig = LaunchConfig(4096, 4, 4, 3, one_pass_elements=32768)
-    small: LaunchConfig = LaunchConfig(4096, 2, 4, 3, one_pass_elements=32768)
-    large_from: int = 1 << 25
-
-    def for_elements(self, numel: int) -> LaunchConfig:
-        """The configuration for an activation of `numel` elements."""
-        return self.large if numel >= self.large_from else self.small
-
-
-#: The environment variable that sets the `loop_stages` of both configurations of the default
-#: `LAUNCH` when the module is imported (to A/B pipelined loops with `benchmarks/ab.py
-#: --change-env`).
-LOOP_STAGES_ENV = "DIFFUNET_NORM_LOOP_STAGES"
-#: The same for `one_pass_elements` (the largest program of a call run in one kernel each way;
-#: 0: none).
-ONE_PASS_ENV = "DIFFUNET_NORM_ONE_PASS_ELEMENTS"
-
-
-def _default_launch() -> LaunchPlan:
-    """`LaunchPlan()`, with the loop depth and one-kernel bound the environment asks for
-    (`LOOP_STAGES_ENV`, `ONE_PASS_ENV`)."""
-    plan = LaunchPlan()
-    stages = _int_from_env(
-        LOOP_STAGES_ENV, plan.large.loop_stages, 1, "a loop depth (an integer, at least 1, e.g. 2)"
-    )
-    one_pass = _int_from_env(
-        ONE_PASS_ENV,
-        plan.small.one_pass_elements,
-        0,
-        "a number of elements (an integer, at least 0, e.g. 16384)",
-    )
-    return replace(
-        plan,
-        large=replace(plan.large, loop_stages=stages, one_pass_elements=one_pass),
-        small=replace(plan.small, loop_stages=stages, one_pass_elements=one_pass),
-    )
-
-
-#: The launch plan in use: a `LaunchPlan`, or one `LaunchConfig` for every size (as the sweep
-#: sets it).
-LAUNCH: LaunchPlan | LaunchConfig = _default_launch()
-
-
 @functools.cache
 def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":  # Triton's interpreter: an H100's count
+    if device.type != "cuda":  # Triton's interpreter: a large GPU's count
         return 132
     return torch.cuda.get_device_properties(device).multi_processor_count
 
@@ -387,20 +205,15 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _launch_shape(x3: torch.Tensor) -> LaunchShape:
-    """The `LaunchShape` of a (B, C, N) view under `LAUNCH`."""
+    """The `LaunchShape` of a (B, C, N) view under `settings.NORM_LAUNCH`."""
     b, c, n = x3.shape
-    launch = LAUNCH.for_elements(b * c * n)
+    launch = settings.NORM_LAUNCH.for_elements(b * c * n)
     block_c = _next_power_of_2(c)
     block_n = max(1, min(launch.tile_elements // block_c, _next_power_of_2(n)))
     target_programs = launch.programs_per_sm * _sm_count(x3.device)
     chunks = max(1, min(_cdiv(n, block_n), _cdiv(target_programs, b)))
     rows = _cdiv(_cdiv(n, chunks), block_n) * block_n
     return LaunchShape(block_c, block_n, rows, _cdiv(n, rows), launch.num_warps, launch.loop_stages)
-
-
-#: A one-kernel call's program covers whole groups of at least this many channels where the
-#: tensor has them: 128 contiguous bytes of bf16 per position in channels-last memory.
-ONE_PASS_MIN_CHANNELS = 64
 
 
 class OnePassShape(NamedTuple):
@@ -431,13 +244,13 @@ class OnePassShape(NamedTuple):
 
 
 def _one_pass_shape(x3: torch.Tensor, num_groups: int) -> OnePassShape | None:
-    """The `OnePassShape` of a (B, C, N) view under `LAUNCH`, or None where its programs would
-    own more than the configuration's `one_pass_elements`."""
+    """The `OnePassShape` of a (B, C, N) view under `settings.NORM_LAUNCH`, or None where its
+    programs would own more than the configuration's `one_pass_elements`."""
     b, c, n = x3.shape
-    launch = LAUNCH.for_elements(b * c * n)
+    launch = settings.NORM_LAUNCH.for_elements(b * c * n)
     per_group = c // num_groups
     groups = 1  # doubled, so that the kernels' (channel, group) indicator has no idle column
-    while groups * 2 <= num_groups and groups * per_group < ONE_PASS_MIN_CHANNELS:
+    while groups * 2 <= num_groups and groups * per_group < settings.ONE_PASS_MIN_CHANNELS:
         groups *= 2
     channels = groups * per_group
     if channels * n > launch.one_pass_elements:

@@ -5,9 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-#: Output channel counts that 3D convolutions on a GPU are zero-padded to (`conv.output_padding`).
-CHANNEL_MULTIPLE = 8
-
 
 def pad_output_channels(
     weight: torch.Tensor, bias: torch.Tensor | None, extra: int

@@ -1,10 +1,8 @@
 """Triton kernels for the thin 3×3×3 convolutions at the two ends of a 3D U-Net.
 
-A 3D U-Net's input convolution turns a few channels into many (the 3D benchmark: 2 → 64 at
-4×64³) and its output convolution many into one. Each moves one full-size activation (134 MB
-there) and does little arithmetic, yet cuDNN runs them at about 0.3 TB/s: 0.52 ms for the
-stem's forward and 0.90 ms with its weight gradient, 0.43 and 1.58 ms for the (padded) head,
-about 2.5 ms of a 54.7 ms training step on an H200 (docs/performance.md, session 12).
+A 3D U-Net's input convolution turns a few channels into many and its output convolution many
+into one. Each moves one full-size activation and does little arithmetic, and cuDNN runs them
+far below the memory bandwidth (docs/performance.md).
 
 Every pass here is an implicit matrix product whose reduction axis is the 27 taps × the thin
 side's channels: the thin tensor is gathered (a few channels at 27 shifts, cheap), the wide
@@ -13,46 +11,30 @@ the input again against the streamed output gradient. The head's input gradient 
 one-channel output gradient (taps mirrored) into the wide input gradient, and its weight
 gradient gathers that output gradient against the streamed input. The head's forward, a
 reduction over the wide side, is two passes where its tap products are no wider than its input
-(`TAP_PRODUCT_FORWARD`): each position's products with the 27 × COUT tap weights (one read of
-x), then each output the sum of its 27 neighbours' products (one read of those); other heads
-take cuDNN's (their output padded to 8 channels).
-
-A first version (session 12) ran each tap as its own product over the wide side, reading it
-27 times: on an H200 its stem training pass took 2.39 ms against cuDNN's 0.91, its head
-1.93 against 1.60 (`benchmarks/conv_channels.py`).
-
-On an H200 (bf16, channels-last, 4×64³; `benchmarks/conv_channels.py --cases 3d`) the stem
-takes 0.108 ms forward and 0.274 ms with its weight gradient (cuDNN: 0.518 and 0.898), the
-head 0.609 ms with its gradients (cuDNN padded: 1.596); the compiled 3D benchmark trains
-2.3 % and infers 1.6 % faster with them (docs/performance.md, session 13). The head's
-forward by tap products takes 0.093 ms (cuDNN padded: 0.442), and with it the benchmark trains
-1.4 % and infers 1.3 % faster again (session 16).
+(`settings.TAP_PRODUCT_FORWARD`): each position's products with the 27 × COUT tap weights (one
+read of x), then each output the sum of its 27 neighbours' products (one read of those); other
+heads take cuDNN's (their output padded to `settings.CHANNEL_MULTIPLE` channels). Running each
+tap as its own product over the wide side instead would read the wide tensor 27 times.
 
 `conv.convolve` calls them for plain 3×3×3 `nn.Conv3d` layers (stride 1, padding 1) on CUDA
-whose narrower side has at most `THIN_CHANNELS` channels, as the custom ops below in eager
-and compiled code. They are on by default; `set_thin_conv_enabled(False)` or
-`DIFFUNET_THIN_CONV=0` turns them off. On a GPU older than compute capability 8.0 the ops
-compute with ATen.
+whose narrower side has at most `settings.THIN_CHANNELS` channels, as the custom ops below in
+eager and compiled code, while `settings.THIN_CONV` is on (`set_thin_conv_enabled`,
+`DIFFUNET_THIN_CONV=0`). On a GPU older than compute capability 8.0 the ops compute with ATen.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import os
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffunet.accel import settings
 from diffunet.accel.fused_norm import _FIXED_STRIDES, _interpreting, _memory_format, _sm_count
-from diffunet.accel.operands import (
-    CHANNEL_MULTIPLE,
-    autocast_dtype,
-    autocast_operands,
-    pad_output_channels,
-)
+from diffunet.accel.operands import autocast_dtype, autocast_operands, pad_output_channels
+from diffunet.accel.settings import set_thin_conv_enabled  # noqa: F401  (importable from here too)
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs never call the kernels.
     import triton
@@ -60,33 +42,23 @@ try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs never call t
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-#: A convolution is thin when its narrower side has at most this many channels.
-THIN_CHANNELS = 8
-#: The wider side's limit: one program holds a (positions × channels) float32 accumulator.
-MAX_CHANNELS = 128
 _TAPS = 27
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_ENABLED = os.environ.get("DIFFUNET_THIN_CONV", "1") != "0"
-
-
-def set_thin_conv_enabled(enabled: bool) -> None:
-    """Turn the thin-convolution kernels on or off (on by default; `DIFFUNET_THIN_CONV=0` starts
-    a process with them off)."""
-    global _ENABLED
-    _ENABLED = bool(enabled)
 
 
 def takes(conv: nn.Module, x: torch.Tensor) -> bool:
-    """Whether `conv.convolve(conv, x)` runs these kernels: switched on, and `fits(conv, x)`."""
-    return _ENABLED and fits(conv, x)
+    """Whether `conv.convolve(conv, x)` runs these kernels: `settings.THIN_CONV` on, and
+    `fits(conv, x)`."""
+    return settings.THIN_CONV and fits(conv, x)
 
 
 def fits(conv: nn.Module, x: torch.Tensor) -> bool:
-    """Whether the kernels can compute `conv(x)`: Triton on a GPU (or its interpreter on the CPU), a
-    3×3×3 `nn.Conv3d` with stride 1, padding 1 and zero padding mode, a thin side of at most
-    `THIN_CHANNELS` and a wide side of at most `MAX_CHANNELS` channels, whose sample has fewer
-    than 2³¹ elements (the kernels' offsets are 32-bit within a sample). (Whether the module
-    is plain enough to bypass its own call, and not being exported, `conv.convolve` decides.)"""
+    """Whether the kernels can compute `conv(x)`: Triton on a GPU (or its interpreter on the
+    CPU), a 3×3×3 `nn.Conv3d` with stride 1, padding 1 and zero padding mode, a thin side of at
+    most `settings.THIN_CHANNELS` and a wide side of at most `settings.THIN_MAX_CHANNELS`
+    channels, whose sample has fewer than 2³¹ elements (the kernels' offsets are 32-bit within a
+    sample). (Whether the module is plain enough to bypass its own call, and not being
+    exported, `conv.convolve` decides.)"""
     if not (triton is not None and (x.is_cuda or (x.device.type == "cpu" and _interpreting()))):
         return False  # e.g. meta tensors: `F.conv3d` computes their shapes
     if type(conv) is not nn.Conv3d or x.ndim != 5 or x.shape[1] != conv.in_channels:
@@ -103,8 +75,8 @@ def fits(conv: nn.Module, x: torch.Tensor) -> bool:
         and conv.dilation == (1, 1, 1)
         and conv.groups == 1
         and conv.padding_mode == "zeros"
-        and min(channels) <= THIN_CHANNELS
-        and max(channels) <= MAX_CHANNELS
+        and min(channels) <= settings.THIN_CHANNELS
+        and max(channels) <= settings.THIN_MAX_CHANNELS
         and math.prod(x.shape[2:]) * max(channels) < 2**31
     )
 
@@ -411,13 +383,6 @@ if triton is not None:
             tl.store(out + co * syc, y.to(y_ptr.dtype.element_ty), mask=inside_n)
 
 
-#: Launch parameters (`benchmarks/conv_channels.py` times the defaults; a sweep may set them).
-GATHER_BLOCK_N = 128
-WEIGHT_GRAD_BLOCK_N = 128
-WEIGHT_GRAD_PROGRAMS_PER_SM = 2
-NUM_WARPS = 4
-
-
 def _runs_kernels(device: torch.device) -> bool:
     """Whether the kernels run on `device`: Triton's interpreter, or a GPU with bf16 tensor
     cores (compute capability 8.0 or later). Elsewhere the ops compute with ATen, so the
@@ -450,7 +415,8 @@ def _gather_conv(
     batch, thin_channels, *spatial = thin.shape
     block_k, _, block_cw = _blocks(thin_channels, wide_channels)
     y = _empty(thin, wide_channels, layout)
-    block_n = GATHER_BLOCK_N if block_cw <= 64 else GATHER_BLOCK_N // 2
+    launch = settings.THIN_CONV_LAUNCH
+    block_n = launch.gather_block_n if block_cw <= 64 else launch.gather_block_n // 2
     grid = (triton.cdiv(spatial[0] * spatial[1] * spatial[2], block_n), batch)
     _gather_conv_kernel[grid](
         thin,
@@ -468,7 +434,7 @@ def _gather_conv(
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         BLOCK_CW=block_cw,
-        num_warps=NUM_WARPS,
+        num_warps=launch.num_warps,
     )
     return y
 
@@ -481,10 +447,11 @@ def _gather_weight_grad(
     batch, thin_channels, *spatial = thin.shape
     wide_channels = wide.shape[1]
     block_k, k_padded, block_cw = _blocks(thin_channels, wide_channels)
-    block_n = WEIGHT_GRAD_BLOCK_N
+    launch = settings.THIN_CONV_LAUNCH
+    block_n = launch.weight_grad_block_n
     positions = spatial[0] * spatial[1] * spatial[2]
     k_chunks = k_padded // block_k
-    programs = WEIGHT_GRAD_PROGRAMS_PER_SM * _sm_count(thin.device)
+    programs = launch.weight_grad_programs_per_sm * _sm_count(thin.device)
     chunks = max(1, min(triton.cdiv(positions, block_n), triton.cdiv(programs, batch * k_chunks)))
     rows = triton.cdiv(triton.cdiv(positions, chunks), block_n) * block_n
     chunks = triton.cdiv(positions, rows)
@@ -508,67 +475,28 @@ def _gather_weight_grad(
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         BLOCK_CW=block_cw,
-        num_warps=NUM_WARPS,
+        num_warps=launch.num_warps,
     )
     matrix = part.sum(0)[: _TAPS * thin_channels, :wide_channels]
     return matrix, wide_sum.sum(0)[:wide_channels] if sum_wide else None
 
 
-#: Bytes of tap products that a head's forward holds at once: it runs the samples of a batch
-#: in groups whose products fit (a 64³ sample of a one-channel head: 14 MB in bf16).
-TAP_PRODUCTS_BYTES = 64 << 20
-TAP_PRODUCTS_BLOCK_N = 64
-TAP_SUM_BLOCK_N = 256
-
-
-_TAP_PRODUCT_SETTINGS = {
-    "auto": "auto",
-    "always": "always",
-    "never": "never",
-    "1": "always",
-    "0": "never",
-}
-
-
-def _tap_product_setting(name: str) -> str:
-    """The setting the environment variable `name` gives ("auto" when unset); a value that is
-    none warns and keeps "auto"."""
-    text = os.environ.get(name, "auto")
-    if text.lower() not in _TAP_PRODUCT_SETTINGS:
-        warnings.warn(
-            f"{name}={text!r} is not one of auto, always, never, 1, 0; keeping auto", stacklevel=2
-        )
-        return "auto"
-    return _TAP_PRODUCT_SETTINGS[text.lower()]
-
-
-#: Which heads' forwards run `_tap_product_forward` instead of cuDNN: "auto" (the default)
-#: those whose tap products (27 × COUT per position) are no wider than their input (CIN), so
-#: that the two passes move less than cuDNN's 27 reads of each x tile; "always" or "never"
-#: (env `DIFFUNET_TAP_PRODUCT_FORWARD`, also 1 or 0). Measured on an H200 for the 3D head
-#: (64 → 1, 4×64³, bf16): 0.093 ms where cuDNN takes 0.442 (`conv_channels.py`, session 15),
-#: and the compiled 3D benchmark trains 79.3 → 80.4 vol/s and infers 242.0 → 245.1 with it
-#: (`ab.py`, session 16). Wider heads are not measured, so they keep cuDNN under "auto".
-TAP_PRODUCT_FORWARD = _tap_product_setting("DIFFUNET_TAP_PRODUCT_FORWARD")
-
-
 def _tap_products_wanted(in_channels: int, out_channels: int) -> bool:
     """Whether a head of these channels computes its forward by tap products
-    (`TAP_PRODUCT_FORWARD`)."""
-    if TAP_PRODUCT_FORWARD == "auto":
+    (`settings.TAP_PRODUCT_FORWARD`)."""
+    if settings.TAP_PRODUCT_FORWARD == "auto":
         return _TAPS * out_channels <= in_channels
-    return TAP_PRODUCT_FORWARD == "always"
+    return settings.TAP_PRODUCT_FORWARD == "always"
 
 
 def _thin_output(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """`F.conv3d(x, weight, bias, padding=1)` for a thin output, in `x`'s layout: by tap
     products where `_tap_products_wanted`, else cuDNN with the output channels zero-padded to
-    `CHANNEL_MULTIPLE` (0.437 against 0.547 ms for the 3D head on an H200;
-    `conv.output_padding`)."""
+    `settings.CHANNEL_MULTIPLE`, for which it picks a faster kernel (`conv.output_padding`)."""
     out_channels, in_channels = weight.shape[:2]
     if _tap_products_wanted(in_channels, out_channels):
         return _tap_product_forward(x, weight, bias)
-    extra = -out_channels % CHANNEL_MULTIPLE if x.is_cuda else 0
+    extra = -out_channels % settings.CHANNEL_MULTIPLE if x.is_cuda else 0
     if extra:
         weight, bias = pad_output_channels(weight, bias, extra)
         weight = weight.contiguous(memory_format=_memory_format(x))
@@ -589,11 +517,13 @@ def _tap_product_forward(
     block_k, k_padded, block_ci = _blocks(out_channels, in_channels)
     taps = _packed(weight, gathered_input=False).t().contiguous()  # (ci, tap * COUT + co)
     positions, k = spatial[0] * spatial[1] * spatial[2], _TAPS * out_channels
-    group = max(1, min(batch, TAP_PRODUCTS_BYTES // (positions * k * x.element_size())))
+    launch = settings.THIN_CONV_LAUNCH
+    budget = settings.TAP_PRODUCTS_BYTES
+    group = max(1, min(batch, budget // (positions * k * x.element_size())))
     z = x.new_empty(group, positions, k)
     for first in range(0, batch, group):
         samples = min(group, batch - first)
-        _tap_products_kernel[(triton.cdiv(positions, TAP_PRODUCTS_BLOCK_N), samples)](
+        _tap_products_kernel[(triton.cdiv(positions, launch.tap_products_block_n), samples)](
             x,
             taps,
             z,
@@ -604,12 +534,12 @@ def _tap_product_forward(
             K=k,
             K_PADDED=k_padded,
             PRECISION=_precision(x),
-            BLOCK_N=TAP_PRODUCTS_BLOCK_N,
+            BLOCK_N=launch.tap_products_block_n,
             BLOCK_CI=block_ci,
             BLOCK_K=block_k,
-            num_warps=NUM_WARPS,
+            num_warps=launch.num_warps,
         )
-        _tap_sum_kernel[(triton.cdiv(positions, TAP_SUM_BLOCK_N), samples)](
+        _tap_sum_kernel[(triton.cdiv(positions, launch.tap_sum_block_n), samples)](
             z,
             taps if bias is None else bias,
             y,
@@ -618,8 +548,8 @@ def _tap_product_forward(
             *y.stride(),
             COUT=out_channels,
             HAS_BIAS=bias is not None,
-            BLOCK_N=TAP_SUM_BLOCK_N,
-            num_warps=NUM_WARPS,
+            BLOCK_N=launch.tap_sum_block_n,
+            num_warps=launch.num_warps,
         )
     return y
 
@@ -628,8 +558,8 @@ def _tap_product_forward(
 def thin_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """`F.conv3d(x, weight, bias, padding=1)` for a 3×3×3 weight with a thin side: a thin input
     by the gather kernel, into channels-last if `x` or the weight is; a thin output by cuDNN
-    or the tap-product kernels (`TAP_PRODUCT_FORWARD`), in `x`'s layout. All three share one
-    dtype."""
+    or the tap-product kernels (`settings.TAP_PRODUCT_FORWARD`), in `x`'s layout. All three
+    share one dtype."""
     out_channels, in_channels = weight.shape[:2]
     if not _runs_kernels(x.device):
         return _empty(x, out_channels, _output_layout(x, weight)).copy_(

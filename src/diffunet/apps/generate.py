@@ -15,10 +15,16 @@ from typing import Any
 
 import torch
 
+from diffunet.accel import accelerate
 from diffunet.diffusion import Diffusion
-from diffunet.model.checkpoint import CONFIG_NAME, CheckpointError, load_pretrained
+from diffunet.model import load_pretrained
+from diffunet.model.checkpoint import CONFIG_NAME, CheckpointError
 from diffunet.model.unet import UNet
-from diffunet.training.trainer import CHECKPOINT_DIR, RUN_META
+
+#: The run-folder layout the trainer writes and `load_model` reads: the EMA checkpoint folder
+#: of a run, and the file in it with the diffusion and sampling settings.
+CHECKPOINT_DIR = "checkpoint"
+RUN_META = "run.json"
 
 
 @dataclass
@@ -56,7 +62,7 @@ def checkpoint_folder(path: str | Path) -> Path:
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
     """The EMA model of a run (or a checkpoint) with its diffusion settings."""
     folder = checkpoint_folder(path)
-    model = load_pretrained(folder, device=device)
+    model = accelerate(load_pretrained(folder, device=device))
     meta: dict[str, Any] = {}
     meta_path = folder / RUN_META
     if meta_path.is_file():

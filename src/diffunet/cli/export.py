@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from diffunet.interop.export import FORMATS, export_inputs, export_model, file_size
-from diffunet.model.checkpoint import load_pretrained
+from diffunet.model import load_pretrained
 
 HELP = "export a checkpoint to ONNX, a torch.export program or an AOTInductor package"
 

@@ -9,6 +9,14 @@ trainable, sampleable diffusion model.
 
 from diffunet.diffusion.denoiser import Denoiser, call_model, time_input, uses_noise_level
 from diffunet.diffusion.guidance import drop_conditioning, guide
+from diffunet.diffusion.model_protocol import (
+    ClassConditionalDenoiser,
+    ConfiguredDenoiser,
+    DenoiserConfig,
+    DenoiserTraits,
+    DenoisingModel,
+    traits_of,
+)
 from diffunet.diffusion.objective import min_snr_weight, per_sample_gaussian_nll, per_sample_mse
 from diffunet.diffusion.parameterization import PREDICTIONS, convert, from_x0_and_eps, x0_and_eps
 from diffunet.diffusion.process import Diffusion, draw_noise
@@ -26,7 +34,12 @@ __all__ = [
     "SAMPLERS",
     "SCHEDULES",
     "TIMESTEP_SPACINGS",
+    "ClassConditionalDenoiser",
+    "ConfiguredDenoiser",
     "Denoiser",
+    "DenoiserConfig",
+    "DenoiserTraits",
+    "DenoisingModel",
     "Diffusion",
     "NoiseSchedule",
     "Step",
@@ -45,6 +58,7 @@ __all__ = [
     "per_sample_mse",
     "rescale_zero_terminal_snr",
     "time_input",
+    "traits_of",
     "uses_noise_level",
     "x0_and_eps",
 ]

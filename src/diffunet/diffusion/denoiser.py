@@ -1,11 +1,13 @@
 """How the diffusion layer calls a network: time input, conditioning, dtype, guidance, clipping.
 
-A model is anything callable as `model(x, t, cond=..., context=..., labels=...)` (only the
-conditioning that is given is passed). A model whose `config.time_embed_type` is
-``"noise_level"`` receives the continuous noise level ᾱ_t in (0, 1) (EMDiffuse / Palette); any
-other model receives the integer step index t. A model with `config.use_timestep = False` (a
-plain U-Net) receives no time at all. With `config.aleatoric` the output holds the mean then the
-log-variance along channels.
+A model is a :class:`DenoisingModel`: anything callable as `model(x, t, cond=..., context=...,
+labels=...)` (only the conditioning that is given is passed). A model may describe itself through
+a `config` (:class:`ConfiguredDenoiser`, as a :class:`~diffunet.UNet` does): with
+`config.time_embed_type == "noise_level"` it receives the continuous noise level ᾱ_t in (0, 1)
+(EMDiffuse / Palette) instead of the integer step index t; with `config.use_timestep = False` (a
+plain U-Net) it receives no time at all; with `config.aleatoric` its output holds the mean then
+the log-variance along channels. A class-conditional model names its "no label" index in
+`null_label` (:class:`ClassConditionalDenoiser`).
 """
 
 from __future__ import annotations
@@ -15,48 +17,59 @@ import math
 import torch
 
 from diffunet.diffusion.guidance import guide, null_label_of, unconditional
+from diffunet.diffusion.model_protocol import (
+    DenoiserTraits,
+    DenoisingModel,
+    model_parameters,
+    traits_of,
+)
 from diffunet.diffusion.parameterization import check_prediction, x0_and_eps
 from diffunet.model.unet import split_aleatoric
 
 
-def uses_noise_level(model) -> bool:
+def uses_noise_level(model: DenoisingModel) -> bool:
     """Whether `model` is conditioned on the noise level ᾱ rather than on the step index."""
-    return getattr(getattr(model, "config", None), "time_embed_type", "timestep") == "noise_level"
+    return traits_of(model).noise_level
 
 
-def is_aleatoric(model) -> bool:
+def is_aleatoric(model: DenoisingModel) -> bool:
     """Whether `model` outputs a mean and a log-variance (an aleatoric head)."""
-    return bool(getattr(getattr(model, "config", None), "aleatoric", False))
+    return traits_of(model).aleatoric
 
 
-def time_input(model, t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor | None:
+def time_input(
+    model: DenoisingModel, t: torch.Tensor, alpha_bar: torch.Tensor
+) -> torch.Tensor | None:
     """The time tensor `model` expects, shape `(B,)`: ᾱ in float32, or the step index, or None.
 
     `t` holds step indices (integers, or fractional ones from some external schedulers) and
     `alpha_bar` the matching ᾱ; both `(B,)`.
     """
-    if not getattr(getattr(model, "config", None), "use_timestep", True):
+    return _time_input(traits_of(model), t, alpha_bar)
+
+
+def _time_input(
+    traits: DenoiserTraits, t: torch.Tensor, alpha_bar: torch.Tensor
+) -> torch.Tensor | None:
+    if not traits.use_timestep:
         return None
-    if uses_noise_level(model):
+    if traits.noise_level:
         return alpha_bar.to(torch.float32)
     if t.is_floating_point() and not torch.equal(t, t.round()):
         return t.to(torch.float32)
     return t.long()
 
 
-def parameter_dtype(model) -> torch.dtype | None:
+def parameter_dtype(model: DenoisingModel) -> torch.dtype | None:
     """dtype of the model's first floating-point parameter (None for plain callables)."""
-    parameters = getattr(model, "parameters", None)
-    if parameters is None:
-        return None
-    for p in parameters():
+    for p in model_parameters(model):
         if p.is_floating_point():
             return p.dtype
     return None
 
 
 def call_model(
-    model,
+    model: DenoisingModel,
     x: torch.Tensor,
     t: torch.Tensor,
     alpha_bar: torch.Tensor,
@@ -76,16 +89,17 @@ def call_model(
         context = (
             context.to(dtype) if context is not None and context.is_floating_point() else context
         )
-    kwargs = {}
+    kwargs: dict[str, torch.Tensor] = {}
     if cond is not None:
         kwargs["cond"] = cond
     if context is not None:
         kwargs["context"] = context
     if labels is not None:
         kwargs["labels"] = labels
-    time = time_input(model, t.to(x.device), alpha_bar.to(x.device))
+    traits = traits_of(model)
+    time = _time_input(traits, t.to(x.device), alpha_bar.to(x.device))
     output = model(x, time, **kwargs) if time is not None else model(x, **kwargs)
-    channels = x.shape[1] * (2 if is_aleatoric(model) else 1)
+    channels = x.shape[1] * (2 if traits.aleatoric else 1)
     expected = (x.shape[0], channels, *x.shape[2:])
     if not isinstance(output, torch.Tensor) or tuple(output.shape) != expected:
         given = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
@@ -100,13 +114,15 @@ def call_model(
 class Denoiser:
     """A model bound to fixed conditioning and guidance: its float32 prediction at (x_t, t).
 
-    With `guidance != 1` and labels or context present, the conditional and unconditional passes
-    run as one batch of twice the size; `guidance == 0` runs only the unconditional pass.
+    `model` is any :class:`DenoisingModel`; guiding labels needs a
+    :class:`ClassConditionalDenoiser`. With `guidance != 1` and labels or context present, the
+    conditional and unconditional passes run as one batch of twice the size; `guidance == 0`
+    runs only the unconditional pass.
     """
 
     def __init__(
         self,
-        model,
+        model: DenoisingModel,
         prediction: str,
         *,
         cond: torch.Tensor | None = None,
@@ -165,13 +181,13 @@ class Denoiser:
             )
 
         def both(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
-            return None if a is None else torch.cat([a, b], dim=0)
+            return None if a is None or b is None else torch.cat([a, b], dim=0)
 
         out = call_model(
             self.model,
-            both(x, x),
-            both(t, t),
-            both(alpha_bar, alpha_bar),
+            torch.cat([x, x], dim=0),
+            torch.cat([t, t], dim=0),
+            torch.cat([alpha_bar, alpha_bar], dim=0),
             cond=both(self.cond, self.cond),
             context=both(self.context, uncond_context),
             labels=both(self.labels, uncond_labels),

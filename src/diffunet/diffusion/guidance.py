@@ -7,13 +7,21 @@ diffusion) is part of the task, not of the guidance, and is never dropped.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
+from diffunet.diffusion.model_protocol import ClassConditionalDenoiser, DenoisingModel
 
-def null_label_of(model) -> int:
-    """The model's "no label" index (`model.null_label`), with a clear error when it has none."""
+
+def null_label_of(model: DenoisingModel) -> int:
+    """The model's "no label" index (`model.null_label`), with a clear error when it has none.
+
+    The attribute is read (not matched by `isinstance`) so that wrappers that forward it, and a
+    `null_label` property that raises for a model without classes, behave alike.
+    """
     try:
-        null = model.null_label
+        null = cast(ClassConditionalDenoiser, model).null_label
     except (AttributeError, ValueError) as err:
         raise ValueError(
             "labels were given for classifier-free guidance or conditioning dropout, but the model "
@@ -30,8 +38,17 @@ def unconditional(
     if context is not None:
         context = torch.zeros_like(context)
     if labels is not None:
-        labels = torch.full_like(labels, null_label)
+        labels = null_labels(labels, null_label)
     return context, labels
+
+
+def null_labels(labels: torch.Tensor, null_label: int | None) -> torch.Tensor:
+    """`labels` replaced by the null label, which must be known."""
+    if null_label is None:
+        raise ValueError(
+            "labels cannot be made unconditional without the model's null label (model.null_label)"
+        )
+    return torch.full_like(labels, null_label)
 
 
 def drop_conditioning(
@@ -52,12 +69,11 @@ def drop_conditioning(
     batch = reference.shape[0]
     device = generator.device if generator is not None else "cpu"
     drop = (torch.rand(batch, generator=generator, device=device) < prob).to(reference.device)
-    uncond_context, uncond_labels = unconditional(context, labels, null_label)
     if context is not None:
         mask = drop.reshape(-1, *([1] * (context.ndim - 1)))
-        context = torch.where(mask, uncond_context, context)
+        context = torch.where(mask, torch.zeros_like(context), context)
     if labels is not None:
-        labels = torch.where(drop, uncond_labels, labels)
+        labels = torch.where(drop, null_labels(labels, null_label), labels)
     return context, labels
 
 

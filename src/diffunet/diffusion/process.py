@@ -8,8 +8,9 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from diffunet.diffusion.denoiser import Denoiser, call_model, is_aleatoric, uses_noise_level
+from diffunet.diffusion.denoiser import Denoiser, call_model
 from diffunet.diffusion.guidance import drop_conditioning, null_label_of
+from diffunet.diffusion.model_protocol import DenoisingModel, model_parameters, traits_of
 from diffunet.diffusion.objective import min_snr_weight, per_sample_gaussian_nll, per_sample_mse
 from diffunet.diffusion.parameterization import check_prediction, from_x0_and_eps
 from diffunet.diffusion.samplers import SAMPLERS, ddim, ddpm, dpm_solver_pp, steps_from_timesteps
@@ -30,13 +31,19 @@ def draw_noise(
     return noise.to(device)
 
 
-def with_cuda_graph(model, cuda_graph: bool | str, device: torch.device):
-    """`model` wrapped in its (cached) :class:`~diffunet.accel.cuda_graph.CUDAGraphModel` when wanted."""
+def with_cuda_graph(
+    model: DenoisingModel, cuda_graph: bool | str, device: torch.device
+) -> DenoisingModel:
+    """`model` wrapped in its (cached) :class:`~diffunet.accel.cuda_graph.CUDAGraphModel` when
+    wanted; a `UNet` sampled on a GPU is first accelerated in place (`diffunet.accelerate`)."""
+    from diffunet.accel import accelerate
     from diffunet.accel.cuda_graph import CACHE_ATTRIBUTE, CUDAGraphModel
     from diffunet.model.unet import UNet
 
     if cuda_graph not in (True, False, "auto"):
         raise ValueError(f"cuda_graph={cuda_graph!r} is invalid: expected True, False or 'auto'")
+    if device.type == "cuda" and isinstance(model, UNet):
+        accelerate(model)
     wanted = cuda_graph is True or (cuda_graph == "auto" and isinstance(model, UNet))
     if not wanted or device.type != "cuda" or isinstance(model, CUDAGraphModel):
         return model
@@ -49,12 +56,10 @@ def with_cuda_graph(model, cuda_graph: bool | str, device: torch.device):
     return graphed
 
 
-def model_device(model, fallback: torch.device | str = "cpu") -> torch.device:
+def model_device(model: DenoisingModel, fallback: torch.device | str = "cpu") -> torch.device:
     """Device of the model's first parameter, else `fallback`."""
-    parameters = getattr(model, "parameters", None)
-    if parameters is not None:
-        for p in parameters():
-            return p.device
+    for p in model_parameters(model):
+        return p.device
     return torch.device(fallback)
 
 
@@ -165,7 +170,7 @@ class Diffusion:
     # ------------------------------------------------------------------ training
     def loss(
         self,
-        model,
+        model: DenoisingModel,
         x0: torch.Tensor,
         *,
         cond: torch.Tensor | None = None,
@@ -195,7 +200,8 @@ class Diffusion:
                 device=generator.device if generator is not None else "cpu",
             )
         timesteps = self._check_timesteps(timesteps, batch).to(device)
-        if uses_noise_level(model):
+        traits = traits_of(model)
+        if traits.noise_level:
             alpha_bar = self.schedule.sample_noise_levels(timesteps, generator)
         else:
             alpha_bar = self.schedule.alphas_cumprod_on(device)[timesteps]
@@ -217,7 +223,7 @@ class Diffusion:
             model, x_t, timesteps, alpha_bar, cond=cond, context=context, labels=labels
         )
         target = from_x0_and_eps(self.prediction, x0, noise, alpha_bar)
-        if is_aleatoric(model):
+        if traits.aleatoric:
             mean, log_variance = split_aleatoric(output)
             losses = per_sample_gaussian_nll(mean, log_variance, target)
         else:
@@ -232,7 +238,7 @@ class Diffusion:
     @torch.no_grad()
     def sample(
         self,
-        model,
+        model: DenoisingModel,
         shape: Sequence[int],
         *,
         sampler="ddim",
@@ -362,17 +368,16 @@ class Diffusion:
         return tuple(shape)
 
     @staticmethod
-    def _check_model_shape(model, shape: tuple[int, ...]) -> None:
-        config = getattr(model, "config", None)
-        in_channels = getattr(config, "in_channels", None)
-        if isinstance(in_channels, int) and shape[1] != in_channels:
+    def _check_model_shape(model: DenoisingModel, shape: tuple[int, ...]) -> None:
+        traits = traits_of(model)
+        in_channels, dims = traits.in_channels, traits.dims
+        if in_channels is not None and shape[1] != in_channels:
             raise ValueError(
                 f"shape={shape} has {shape[1]} channels but the model denoises "
                 f"in_channels={in_channels}; pass shape=(B, {in_channels}, *spatial) (an image "
                 "cond goes in cond=..., not in the channels)"
             )
-        dims = getattr(config, "dims", None)
-        if isinstance(dims, int) and len(shape) - 2 != dims:
+        if dims is not None and len(shape) - 2 != dims:
             raise ValueError(
                 f"shape={shape} has {len(shape) - 2} spatial axes but the model has dims={dims}; "
                 f"pass shape=(B, C{', S' * dims})"

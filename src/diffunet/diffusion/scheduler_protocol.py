@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -94,7 +95,7 @@ def sample_with_scheduler(
     table = scheduler_alphas_cumprod(scheduler, schedule)
     target = scheduler_prediction(scheduler) or prediction
     step_parameters = inspect.signature(scheduler.step).parameters
-    step_kwargs = {}
+    step_kwargs: dict[str, Any] = {}
     if "generator" in step_parameters:
         step_kwargs["generator"] = generator
     if "eta" in step_parameters:

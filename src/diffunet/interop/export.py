@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffunet.accel import plain
 from diffunet.model.checkpoint import unwrap_model
 from diffunet.model.config import UNetConfig
 from diffunet.model.introspect import example_inputs
@@ -124,7 +125,7 @@ def export_program(
     x, kwargs = inputs["x"], {k: v for k, v in inputs.items() if k != "x"}
     shapes = dynamic_shapes(unet.config, inputs, dynamic_batch, dynamic_spatial)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), plain(unet):  # the reference forwards, whatever runs on a GPU
             return torch.export.export(unet, (x,), kwargs, dynamic_shapes=shapes, strict=False)
     except Exception as err:
         raise ExportError(

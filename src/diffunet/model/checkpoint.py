@@ -6,20 +6,21 @@ file, bad JSON or an invalid config each raise a :class:`CheckpointError` that n
 
 `PretrainedMixin` gives a model class built from a `UNetConfig` (`UNet`) its
 `save_pretrained` / `from_pretrained` / `push_to_hub`. This module knows no model class, so
-`unet.py` can import it; `diffunet.model.checkpoint` is the public face, with `load_pretrained` defaulting
-to `UNet`. Hugging Face Hub ids (`owner/name`) are resolved through `huggingface_hub` when it
-is installed and a network is available.
+`unet.py` can import it; `diffunet.model.load_pretrained` (in `model/__init__.py`) is the
+function form, defaulting to `UNet`. Hugging Face Hub ids (`owner/name`) are resolved through
+`huggingface_hub` when it is installed and a network is available.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -65,7 +66,7 @@ def unwrap_model(model: torch.nn.Module) -> UNet:
                 f"expected a diffunet UNet (possibly wrapped), got {type(model).__name__}"
             )
         model, seen = inner, seen + 1
-    return model
+    return cast("UNet", model)
 
 
 def atomic_write_bytes(path: str | Path, write: Callable[[str], Any]) -> None:
@@ -85,9 +86,12 @@ def atomic_write_bytes(path: str | Path, write: Callable[[str], Any]) -> None:
 
 
 def _version() -> str:
-    from diffunet import __version__
-
-    return __version__
+    """The installed diffunet's version (read from its package metadata, so this module needs
+    nothing above `diffunet.model`)."""
+    try:
+        return importlib.metadata.version("diffunet")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "unknown"
 
 
 # ---------------------------------------------------------------------------- saving
@@ -369,7 +373,7 @@ class PretrainedMixin:
         state = load_state_dict(weights)
         model = _build_with_weights(cls, config, state, str(weights))
         model.to(device=device, dtype=dtype)
-        return model.eval()
+        return cast("_Model", model.eval())
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
         """Upload this model to the Hugging Face Hub as `config.json` + `model.safetensors`."""
@@ -385,7 +389,6 @@ __all__ = [
     "check_state_dict",
     "clean_state_dict",
     "load_config",
-    "load_pretrained",
     "load_state_dict",
     "push_to_hub",
     "read_metadata",
@@ -393,16 +396,3 @@ __all__ = [
     "save_pretrained",
     "unwrap_model",
 ]
-
-
-def load_pretrained(
-    name_or_path: str | Path, *, model_class: type | None = None, **kwargs: Any
-) -> UNet:
-    """Load a checkpoint folder or Hub id as `model_class` (default `UNet`, or a subclass).
-
-    The keyword options (`device`, `dtype`, `revision`, `cache_dir`, `local_files_only`,
-    `token`) are those of :meth:`UNet.from_pretrained`.
-    """
-    if model_class is None:
-        from diffunet.model.unet import UNet as model_class
-    return model_class.from_pretrained(name_or_path, **kwargs)

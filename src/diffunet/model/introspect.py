@@ -9,7 +9,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from diffunet.model.config import UNetConfig
-from diffunet.model.layers import resample
 from diffunet.model.presets import list_presets, preset_info
 from diffunet.model.unet import UNet
 
@@ -66,7 +65,7 @@ def flop_counter() -> FlopCounterMode:
         def count(*args, **kwargs):
             return formula(*args, **kwargs)
 
-        count._get_raw = True  # tell FlopCounterMode not to wrap it a second time
+        count._get_raw = True  # type: ignore[attr-defined]  # FlopCounterMode: do not wrap again
         return count
 
     return FlopCounterMode(
@@ -83,12 +82,14 @@ def flop_counter() -> FlopCounterMode:
 
 
 def count_flops(model: UNet, batch: int = 1, size: tuple[int, ...] | None = None) -> int:
-    """FLOPs of one forward pass, counted by `torch.utils.flop_counter` (not estimated): the
-    architecture's, with nearest upsampling and its convolution as such wherever the model
-    folds them into one transposed convolution (`nn.resample.folded_upsample_weight`)."""
+    """FLOPs of one forward pass, counted by `torch.utils.flop_counter` (not estimated).
+
+    Counts the model as it runs: for the architecture's count of an accelerated model, call it
+    inside `diffunet.accel.plain(model)`.
+    """
     x, kwargs = example_inputs(model.config, batch, size, device=next(model.parameters()).device)
     counter = flop_counter()
-    with torch.no_grad(), counter, resample.folding_on("none"):
+    with torch.no_grad(), counter:
         model(x, **kwargs)
     return counter.get_total_flops()
 

@@ -1,8 +1,8 @@
-"""Named configurations: one per seed model, plus the classics (`timm`-style registry).
+"""Named configurations, one per upstream U-Net this model reproduces (`timm`-style registry).
 
 `preset(name, **overrides)` returns a validated :class:`UNetConfig`; `list_presets()` names
-them all. Each entry records where it comes from and which inconsistency of its source it
-resolves.
+them all. Each entry names the upstream model it reproduces and which inconsistency of that
+source it resolves.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def preset(name: str, **overrides: Any) -> UNetConfig:
 
 _register(
     "efficient-unet",
-    "seed 000: EfficientUNetND",
+    "EfficientUNetND, the 1D/2D/3D diffusion U-Net of seed 000 (`src.models.unet`)",
     "Linear attention at the encoder/decoder sites (the original's use_linear_attn=True), full "
     "attention in the middle block, 4 heads, scale-shift (FiLM) norm. `pool_factor` patchifies "
     "with a strided conv (kernel = stride = pool_factor). Works in 1D, 2D and 3D.",
@@ -74,15 +74,15 @@ _register(
 
 _register(
     "conditional-unet",
-    "seed 001: ConditionalUNet",
+    "ConditionalUNet, the image-conditioned video-prediction U-Net of seed 001",
     "One skip per level; attention once per level at 120 and 60 for a 480 input (downsample "
-    "factors 4 and 8: levels 3 and 4, as the seed's walk-through shows). The seed states two "
+    "factors 4 and 8: levels 3 and 4, as the original's walk-through shows). It states two "
     "defaults (2 in / 1 out at 120², and 6 in / 3 out at 480²); we follow its parameter list "
     "(noisy image + 1 condition channel → 1 output) at 480². Its attention projects Q/K/V twice "
     "(a 1×1 conv, then inside nn.MultiheadAttention); we keep one projection. Read at its "
-    "120² defaults (attention at levels 1 and 2) the seed has 19,483,137 parameters, ours "
+    "120² defaults (attention at levels 1 and 2) the original has 19,483,137 parameters, ours "
     "19,054,593 (the difference is exactly the second projection); this 480² preset has "
-    "19,713,025. Quantization stubs are replaced by diffunet.interop.export's "
+    "19,713,025. Its quantization stubs are replaced by diffunet.interop.quantize's "
     "post-training int8 quantization.",
     in_channels=1,
     cond_channels=1,
@@ -107,7 +107,7 @@ _register(
 
 _register(
     "text-unet",
-    "seed 002: U-Net denoiser with cross-attention",
+    "the text-conditioned DDPM U-Net with cross-attention of seed 002",
     "Attention at 16 and 8 for a 64 input (factors 4 and 8), 8 heads, cross-attention to "
     "768-wide text tokens at every attention site, transposed-conv upsampling, strided-conv "
     "downsampling, one skip per level (the diagram). The listed code pops a skip for blocks that "
@@ -131,7 +131,7 @@ _register(
     zero_init=False,
 )
 
-_EMDIFFUSE = dict(
+_EMDIFFUSE: dict[str, Any] = dict(
     in_channels=1,
     cond_channels=1,
     out_channels=1,
@@ -157,14 +157,14 @@ _EMDIFFUSE_NOTES = (
 )
 _register(
     "emdiffuse",
-    "seed 003: EMDiffuse guided_diffusion_modules/unet.py",
+    "EMDiffuse-n (Lu et al., EMDiffuse; seed 003): guided_diffusion_modules/unet.py",
     _EMDIFFUSE_NOTES,
     image_size=256,
     **_EMDIFFUSE,
 )
 _register(
     "emdiffuse-aleatoric",
-    "seed 003: EMDiffuse unet_aleatoric.py",
+    "EMDiffuse's aleatoric U-Net (Lu et al., EMDiffuse; seed 003): unet_aleatoric.py",
     _EMDIFFUSE_NOTES + "Adds the variance head (GroupNorm → SiLU → zero-initialised 3×3 conv, "
     "+353 parameters); the output is mean then log-variance.",
     image_size=256,
@@ -173,7 +173,7 @@ _register(
 )
 _register(
     "emdiffuse-3d",
-    "seed 003: EMDiffuse unet_3d.py (vEMDiffuse)",
+    "vEMDiffuse, EMDiffuse's volume model (Lu et al., EMDiffuse; seed 003), as a true 3D U-Net",
     _EMDIFFUSE_NOTES + "The original's unet_3d is a 2D network with a slice-index embedding; "
     "this is a true 3D U-Net. For serial-section EM with coarse z, set resample_axes so the "
     "first levels only downsample H and W, e.g. ((1, 2), (1, 2), (0, 1, 2)).",
@@ -185,11 +185,11 @@ _register(
 
 _register(
     "ldm",
-    "seed 004: LDM ldm/modules/diffusionmodules/model.py `Model`",
+    "CompVis latent diffusion (LDM) `Model` of ldm/modules/diffusionmodules/model.py (seed 004)",
     "ch 128, ch_mult (1,1,2,2,4), 2 res blocks, attention at 16 for a 256 input (factor 16), "
-    "single-head attention as in LDM's AttnBlock, LDM's asymmetric downsample padding. Set attention_type to 'linear' or 'none' for "
-    "LDM's other attn_types (the middle block follows). LDM's LinAttnBlock has no norm and no "
-    "residual; ours has both.",
+    "single-head attention as in LDM's AttnBlock, LDM's asymmetric downsample padding. Set "
+    "attention_type to 'linear' or 'none' for LDM's other attn_types (the middle block "
+    "follows). LDM's LinAttnBlock has no norm and no residual; ours has both.",
     in_channels=3,
     out_channels=3,
     model_channels=128,
@@ -208,7 +208,7 @@ _register(
 
 _register(
     "ddpm-cifar10",
-    "Ho et al. 2020; diffusers UNet2DModel of google/ddpm-cifar10-32",
+    "DDPM CIFAR-10 (Ho et al. 2020), as diffusers' UNet2DModel of google/ddpm-cifar10-32",
     "35,746,307 parameters, the same module structure as diffusers' UNet2DModel for "
     "google/ddpm-cifar10-32 (attention at 16×16, i.e. factor 2; downsample_padding=0, i.e. "
     "asymmetric), so its weights import exactly.",

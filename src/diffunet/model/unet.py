@@ -12,31 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from diffunet.accel.conv import convolve
-from diffunet.accel.fused_norm import norm_act
 from diffunet.model.checkpoint import PretrainedMixin
 from diffunet.model.config import UNetConfig, nearest_valid_sizes
 from diffunet.model.layers.attention import AttentionBlock
-from diffunet.model.layers.ops import (
-    TimestepEmbedding,
-    conv_nd,
-    conv_transpose_nd,
-    normalization,
-    zero_module,
-)
+from diffunet.model.layers.embedding import TimestepEmbedding
+from diffunet.model.layers.ops import conv_nd, conv_transpose_nd, normalization, zero_module
 from diffunet.model.layers.resample import Downsample, Upsample
 from diffunet.model.layers.resblock import ResBlock
-
-_CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
-
-
-def memory_format_for(dims: int) -> torch.memory_format:
-    """The layout cuDNN convolves fastest on a GPU: channels-last in 2D and 3D (1D: contiguous).
-
-    `UNet.forward` puts CUDA activations in this layout; put the weights in it too
-    (`model.to(memory_format=memory_format_for(dims))`) so no convolution converts them.
-    """
-    return _CHANNELS_LAST.get(dims, torch.contiguous_format)
 
 
 class EmbedSequential(nn.Sequential):
@@ -47,21 +29,15 @@ class EmbedSequential(nn.Sequential):
         x: torch.Tensor,
         emb: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
-        skip: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run every layer in order on `x`, or on `x` and the decoder's `skip` concatenated
-        (inside the block, so that a checkpointed block keeps the two tensors it is given,
-        which are alive anyway, rather than their concatenation; a first ResBlock takes them
-        apart)."""
-        if skip is not None and not isinstance(self[0], ResBlock):
-            x, skip = torch.cat([x, skip], dim=1), None
+        """Run every layer in order on `x`."""
         for layer in self:
             if isinstance(layer, ResBlock):
-                x, skip = layer(x, emb, skip), None
+                x = layer(x, emb)
             elif isinstance(layer, AttentionBlock):
                 x = layer(x, context)
             else:
-                x = convolve(layer, x)  # the stem; any other layer is just called
+                x = layer(x)
         return x
 
 
@@ -83,19 +59,19 @@ class UNet(PretrainedMixin, nn.Module):
         self.config = config
         c = config
         emb_dim = c.resolved_time_embed_dim() if c.has_embedding else None
-        self.time_embed = (
-            TimestepEmbedding(
+        self.time_embed = None
+        if c.use_timestep and emb_dim is not None:
+            self.time_embed = TimestepEmbedding(
                 c.resolved_time_embed_input_dim(),
                 emb_dim,
                 flip_sin_to_cos=c.flip_sin_to_cos,
                 freq_shift=c.freq_shift,
                 scale=c.time_embed_scale,
             )
-            if c.use_timestep
-            else None
-        )
         # One extra row: the null label, for classifier-free guidance.
-        self.label_embed = nn.Embedding(c.num_classes + 1, emb_dim) if c.num_classes else None
+        self.label_embed = None
+        if c.num_classes and emb_dim is not None:
+            self.label_embed = nn.Embedding(c.num_classes + 1, emb_dim)
 
         def res(ch: int, out: int, resample: str | None = None, factors=None) -> ResBlock:
             return ResBlock(
@@ -255,75 +231,64 @@ class UNet(PretrainedMixin, nn.Module):
         Args:
             x: `(B, in_channels, *spatial)` with `dims` spatial axes.
             t: `(B,)` or a scalar: integer timesteps, or continuous noise levels when
-                `config.time_embed_type == "noise_level"`. Ignored-free: required iff
-                `config.use_timestep`.
+                `config.time_embed_type == "noise_level"`. Required iff `config.use_timestep`.
             cond: `(B, cond_channels, *spatial)`, concatenated to `x` on channels.
             context: `(B, N, context_dim)` tokens for cross-attention.
             labels: `(B,)` integer class indices; `model.null_label` means unconditional.
         """
-        c = self.config
         t = self._check_inputs(x, t, cond, context, labels)
-        spatial = tuple(x.shape[2:])
-        pads = self._padding(spatial)
+        pads = self._padding(tuple(x.shape[2:]))
         if cond is not None:
             x = torch.cat([x, cond.to(x.dtype)], dim=1)
-        if x.is_cuda and c.dims in _CHANNELS_LAST:  # cuDNN's fastest convolutions are channels-last
-            x = x.contiguous(memory_format=_CHANNELS_LAST[c.dims])
         if pads is not None:
             x = F.pad(x, pads, mode="replicate")
+        emb = self.embed(t, labels)
 
+        skips = []
+        h = x
+        for block, emits_skip in zip(self.input_blocks, self._emits_skip):
+            h = self._run(block, h, emb, context)
+            if emits_skip:
+                skips.append(h)
+        h = self._run(self.middle_block, h, emb, context)
+        for block in self.output_blocks:
+            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context)
+
+        out = self.out(h)
+        if self.out_logvar is not None:
+            out = torch.cat([out, self.out_logvar(h)], dim=1)
+        if pads is not None:
+            out = F.pad(out, [-amount for amount in pads])  # crop back
+        return out
+
+    def embed(self, t: torch.Tensor | None, labels: torch.Tensor | None) -> torch.Tensor | None:
+        """The SiLU-activated sum of the time and label embeddings (None if neither is used)."""
         emb = None
         if self.time_embed is not None:
             emb = self.time_embed(t)
         if self.label_embed is not None:
             label_emb = self.label_embed(labels)
             emb = label_emb if emb is None else emb + label_emb
-        if emb is not None:
-            emb = F.silu(emb)
-
-        skips = []
-        h = x
-        for block, emits in zip(self.input_blocks, self._emits_skip):
-            h = self._run(block, h, emb, context)
-            if emits:
-                skips.append(h)
-        h = self._run(self.middle_block, h, emb, context)
-        for block in self.output_blocks:
-            h = self._run(block, h, emb, context, skips.pop())
-
-        out = self._run_head(self.out, h)
-        if self.out_logvar is not None:
-            out = torch.cat([out, self._run_head(self.out_logvar, h)], dim=1)
-        if pads is not None:
-            out = F.pad(out, [-amount for amount in pads])  # crop back; a copy, not a view
-        return out
-
-    @staticmethod
-    def _run_head(head: nn.Sequential, h: torch.Tensor) -> torch.Tensor:
-        norm, _, conv = head  # GroupNorm, SiLU, conv: the norm and SiLU run fused
-        return convolve(conv, norm_act(norm, h))
+        return None if emb is None else F.silu(emb)
 
     def _run(
         self,
-        block: EmbedSequential,
-        h: torch.Tensor,
-        emb,
-        context,
-        skip: torch.Tensor | None = None,
+        block: nn.Module,
+        *args: torch.Tensor | None,
     ) -> torch.Tensor:
+        """`block(*args)`, recomputed in backward when `config.use_checkpoint` while training."""
         if self.config.use_checkpoint and self.training and torch.is_grad_enabled():
-            return checkpoint(block, h, emb, context, skip, use_reentrant=False)
-        return block(h, emb, context, skip)
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
 
     def _padding(self, spatial: tuple[int, ...]) -> list[int] | None:
+        """`F.pad` amounts that bring `spatial` to the size multiple when `pad_to_multiple`
+        (zero on axes already there: no branch on the size, so one compiled graph fits all);
+        None when the size is already valid; an error otherwise."""
         multiple = self.config.size_multiple()
-        if self.config.pad_to_multiple and torch.compiler.is_compiling():
-            return self._pads(
-                spatial, multiple
-            )  # no branch on divisibility: one graph for all sizes
-        if all(s % m == 0 for s, m in zip(spatial, multiple)):
-            return None
-        if not self.config.pad_to_multiple:
+        if self.config.pad_to_multiple:
+            return self.pads(spatial, multiple)
+        if any(s % m for s, m in zip(spatial, multiple)):
             below, above = nearest_valid_sizes(spatial, multiple)
             raise ValueError(
                 f"input spatial size {spatial} is not divisible by {multiple} "
@@ -331,17 +296,14 @@ class UNet(PretrainedMixin, nn.Module):
                 "Resize or crop the input, or set pad_to_multiple=True in the config to pad "
                 "and crop back automatically."
             )
-        return self._pads(spatial, multiple)
+        return None
 
     @staticmethod
-    def _pads(spatial: tuple[int, ...], multiple: tuple[int, ...]) -> list[int]:
+    def pads(spatial: tuple[int, ...], multiple: tuple[int, ...]) -> list[int]:
         """`F.pad` amounts (last axis first) that round each axis up to its multiple."""
         pads: list[int] = []
         for s, m in zip(reversed(spatial), reversed(multiple)):
-            pads += [
-                0,
-                (s + m - 1) // m * m - s,
-            ]  # not (-s) % m: Inductor cannot lower a symbolic %
+            pads += [0, (s + m - 1) // m * m - s]
         return pads
 
     def _check_inputs(self, x, t, cond, context, labels) -> torch.Tensor | None:
@@ -438,4 +400,5 @@ def split_aleatoric(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             f"an aleatoric output has an even number of channels (mean + log-variance), "
             f"got {output.shape[1]}"
         )
-    return output.chunk(2, dim=1)
+    mean, log_variance = output.chunk(2, dim=1)
+    return mean, log_variance

@@ -15,44 +15,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 
 from diffunet.accel.conv import prefer_channels_last
+from diffunet.accel.layout import memory_format_for
 from diffunet.model.checkpoint import clean_state_dict
-from diffunet.model.unet import UNet, memory_format_for
+from diffunet.model.unet import UNet
 from diffunet.training.distributed import DistInfo
-
-
-def ema_decay_at(decay: float, num_averaged: int) -> float:
-    """The EMA decay after `num_averaged` updates, warmed up: min(decay, (1 + n) / (10 + n))."""
-    return min(decay, (1.0 + num_averaged) / (10.0 + num_averaged))
-
-
-@torch.no_grad()
-def ema_step(
-    averaged: list[torch.Tensor], current: list[torch.Tensor], count: int, decay: float
-) -> None:
-    """Move `averaged` towards `current` in place, after `count` earlier steps: the first step
-    copies, later ones interpolate with the warmed-up decay (:func:`ema_decay_at`)."""
-    if count == 0:
-        torch._foreach_copy_(averaged, current)
-    else:
-        torch._foreach_lerp_(averaged, current, 1.0 - ema_decay_at(decay, count))
-
-
-@torch.no_grad()
-def update_ema(ema: AveragedModel, model: torch.nn.Module, decay: float) -> None:
-    """One EMA step of `ema` (float32) towards `model` (:func:`ema_step`); buffers are copied.
-
-    `AveragedModel.update_parameters` would read its update count back from the GPU every
-    step; here the count stays on the host, so the training step never waits for the device.
-    """
-    ema_step(
-        [p.detach() for p in ema.module.parameters()],
-        [p.detach() for p in model.parameters()],
-        int(ema.n_averaged),
-        decay,
-    )
-    for ema_buffer, buffer in zip(ema.module.buffers(), model.buffers()):
-        ema_buffer.copy_(buffer)
-    ema.n_averaged += 1
+from diffunet.training.ema import update_ema
 
 
 def place_model(model: UNet, device: torch.device, *, sharded: bool = False) -> None:
@@ -141,9 +108,8 @@ class Sharded:
     gathers = True
 
     def __init__(self, model: UNet, dist: DistInfo) -> None:
-        from diffunet.training import (
-            sharding,
-        )  # FSDP's import costs every CLI call half a second otherwise
+        # Imported here: FSDP's import would cost every CLI call half a second otherwise.
+        from diffunet.training import sharding
 
         self._sharding = sharding
         place_model(model, dist.device, sharded=True)

@@ -30,6 +30,9 @@ from typing import Any
 import yaml
 
 from diffunet.data import TASKS
+from diffunet.diffusion.parameterization import PREDICTIONS
+from diffunet.diffusion.samplers import SAMPLERS
+from diffunet.diffusion.schedule import SCHEDULES
 from diffunet.model.config import UNetConfig
 from diffunet.model.presets import preset
 
@@ -37,9 +40,6 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 PARALLEL_MODES = ("ddp", "fsdp")
 COMPILE_MODES = ("auto", "default", "reduce-overhead")
-SAMPLERS = ("ddpm", "ddim", "dpm++")
-SCHEDULES = ("linear", "cosine", "sigmoid")
-PREDICTIONS = ("eps", "x0", "v")
 
 #: The default model: the DDPM CIFAR-10 topology, shrunk for 16×16 digits on a CPU.
 DEFAULT_PRESET = "ddpm-cifar10"

@@ -23,9 +23,10 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from diffunet.accel import accelerate
 from diffunet.model.config import UNetConfig
 from diffunet.model.unet import UNet
-from diffunet.training.parallel import ema_step
+from diffunet.training.ema import ema_step
 
 #: Full tensors on the CPU of rank 0 (the others get empty dicts): what a checkpoint holds.
 GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -82,7 +83,7 @@ def load_optimizer_state(
 class ShardedEMA:
     """The EMA of a sharded model: float32 copies of this rank's parameter shards.
 
-    The same step as :func:`diffunet.training.parallel.update_ema` (the count stays on the host), so a
+    The same step as :func:`diffunet.training.ema.update_ema` (the count stays on the host), so a
     sharded run averages exactly like an unsharded one.
     """
 
@@ -92,7 +93,7 @@ class ShardedEMA:
         self.n_averaged = 0
 
     def update(self, model: torch.nn.Module, decay: float) -> None:
-        """One EMA step towards `model`'s current shards (:func:`diffunet.training.parallel.ema_step`,
+        """One EMA step towards `model`'s current shards (:func:`diffunet.training.ema.ema_step`,
         which warms `decay` up)."""
         # On the local shards, in one foreach call: per-DTensor ops would each pay DTensor's
         # dispatch on every training step.
@@ -133,6 +134,6 @@ class ShardedEMA:
         weights = self.full_state()
         if not build:
             return None
-        model = UNet(config).to(device)
+        model = accelerate(UNet(config).to(device))
         model.load_state_dict(weights)
         return model.eval()

@@ -26,7 +26,9 @@ from typing import Any
 
 import torch
 
+from diffunet.accel import accelerate
 from diffunet.accel import fused_norm as fused
+from diffunet.apps.generate import CHECKPOINT_DIR, RUN_META  # the run folder its readers expect
 from diffunet.apps.grids import save_grid, to_image_tiles
 from diffunet.data import TensorDataset
 from diffunet.data.dataset import move
@@ -44,8 +46,6 @@ from diffunet.training.state import (
     save_training_state,
 )
 
-CHECKPOINT_DIR = "checkpoint"
-RUN_META = "run.json"
 CONFIG_YAML = "config.yaml"
 SAMPLES_DIR = "samples"
 EVAL_NAME = "eval.json"
@@ -211,7 +211,7 @@ class Trainer:
         # Model (float32 master weights), identical on every rank; EMA in float32.
         self.model_config = run.model_config(data_fields(data))
         torch.manual_seed(t.seed)
-        self.model = UNet(self.model_config).to(device)
+        self.model = accelerate(UNet(self.model_config).to(device))
         layout_type = Sharded if t.parallel == "fsdp" and dist.enabled else Replicated
         self.layout: Replicated | Sharded = layout_type(self.model, dist)
         self.net = self.layout.net

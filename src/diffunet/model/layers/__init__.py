@@ -6,7 +6,7 @@ from diffunet.model.layers.attention import (
     LinearAttention,
     SelfAttention,
 )
-from diffunet.model.layers.ops import TimestepEmbedding, sinusoidal_embedding
+from diffunet.model.layers.embedding import TimestepEmbedding, sinusoidal_embedding
 from diffunet.model.layers.resample import Downsample, Upsample
 from diffunet.model.layers.resblock import ResBlock
 

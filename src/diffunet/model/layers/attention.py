@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffunet.accel.fused_norm import norm_act
 from diffunet.model.layers.ops import normalization, zero_module
 
 
@@ -63,7 +62,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Attend over all positions of `x` (shape `(B, C, *spatial)`)."""
         b, c, n = x.shape[0], x.shape[1], math.prod(x.shape[2:])
-        qkv = self.qkv(_tokens(norm_act(self.norm, x, act=False)))
+        qkv = self.qkv(_tokens(self.norm(x)))
         q, k, v = qkv.view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         h = F.scaled_dot_product_attention(q, k, v)
         return x + _untokens(self.proj_out(_merge_heads(h)), x)
@@ -96,7 +95,7 @@ class LinearAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Attend over all positions of `x` in O(N)."""
         b, c, n = x.shape[0], x.shape[1], math.prod(x.shape[2:])
-        qkv = self.qkv(_tokens(norm_act(self.norm, x, act=False)))
+        qkv = self.qkv(_tokens(self.norm(x)))
         q, k, v = qkv.view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         scale = (c // self.num_heads) ** -0.5
         compute = torch.promote_types(qkv.dtype, torch.float32)  # never below float32
@@ -131,7 +130,7 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Attend from `x` (B, C, *spatial) to `context` (B, M, context_dim)."""
-        q = _split_heads(self.q(_tokens(norm_act(self.norm, x, act=False))), self.num_heads)
+        q = _split_heads(self.q(_tokens(self.norm(x))), self.num_heads)
         k, v = (_split_heads(t, self.num_heads) for t in self.kv(context).chunk(2, dim=-1))
         h = F.scaled_dot_product_attention(q, k, v)
         return x + _untokens(self.proj_out(_merge_heads(h)), x)
@@ -152,12 +151,20 @@ class AttentionBlock(nn.Module):
         zero_init: bool = True,
     ) -> None:
         super().__init__()
-        kwargs = {"norm_groups": norm_groups, "norm_eps": norm_eps, "zero_init": zero_init}
         attention = {"full": SelfAttention, "linear": LinearAttention}[kind]
-        self.self_attn = attention(channels, num_heads, **kwargs)
-        self.cross_attn = (
-            CrossAttention(channels, context_dim, num_heads, **kwargs) if context_dim else None
+        self.self_attn = attention(
+            channels, num_heads, norm_groups=norm_groups, norm_eps=norm_eps, zero_init=zero_init
         )
+        self.cross_attn = None
+        if context_dim:
+            self.cross_attn = CrossAttention(
+                channels,
+                context_dim,
+                num_heads,
+                norm_groups=norm_groups,
+                norm_eps=norm_eps,
+                zero_init=zero_init,
+            )
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """Apply self-attention, then cross-attention to `context` if this block has it."""

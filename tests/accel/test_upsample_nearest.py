@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch._inductor.utils import run_and_get_code
 
-from diffunet.model.layers.resample import upsample_nearest
+from diffunet.accel.upsample import upsample_nearest
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,197 @@
+"""Fast forwards of the model's modules: subclasses that `accelerate` swaps in.
+
+Each class computes what its plain base computes, with the same parameters (so the same
+state-dict keys), through the accelerator's pieces: GroupNorm + FiLM + SiLU in one kernel
+(`fused_norm`), convolutions that keep cuDNN's layout under `torch.compile` (`conv`), nearest
+upsampling folded into the next convolution (`upsample`), a decoder entry that never keeps the
+concatenation of `h` and its skip (`decoder_entry`), and channels-last activations (`layout`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffunet.accel import decoder_entry
+from diffunet.accel.conv import convolve, convolve_split_bias
+from diffunet.accel.fused_norm import norm_act
+from diffunet.accel.layout import to_cuda_layout
+from diffunet.accel.upsample import (
+    upsample_convolve,
+    upsample_convolve_split_bias,
+    upsample_nearest,
+)
+from diffunet.model.layers.attention import AttentionBlock
+from diffunet.model.layers.resample import Downsample, Upsample
+from diffunet.model.layers.resblock import ResBlock
+from diffunet.model.unet import EmbedSequential, UNet
+
+
+class FusedGroupNorm(nn.GroupNorm):
+    """`nn.GroupNorm` through the fused kernels (the pre-norm of attention blocks)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalize `x`."""
+        return norm_act(self, x, act=False)
+
+
+class AcceleratedDownsample(Downsample):
+    """`Downsample` whose convolution keeps cuDNN's layout under `torch.compile`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Downsample `x`."""
+        if self.pad is not None:
+            x = F.pad(x, self.pad)
+        return convolve(self.op, x)
+
+
+class AcceleratedUpsample(Upsample):
+    """`Upsample` whose nearest upsampling + conv runs as one folded transposed convolution."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Upsample `x`."""
+        if self.mode == "transposed":
+            return self.conv(x)
+        if self.mode == "nearest":
+            return upsample_nearest(x, self.factors)
+        return upsample_convolve(self.conv, x, self.factors)
+
+
+class AcceleratedResBlock(ResBlock):
+    """`ResBlock` with fused norms, the embedding added inside the norm, a folded upsampling,
+    and (as a decoder's first block) `h` and the encoder's skip taken apart."""
+
+    def forward(
+        self, x: torch.Tensor, emb: torch.Tensor | None = None, skip: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Apply the block to `x` (or to `cat([x, skip], 1)`) given the activated embedding."""
+        # One name for the main branch's tensor, rebound at each step: a second reference would
+        # keep a float32 SiLU output that the next convolution's bf16 copy replaces.
+        h, x, residual = self._entry(x, skip)
+        if self.emb_proj is None:
+            h = norm_act(self.out_norm, self._in_conv(h))
+        elif self.use_scale_shift_norm:
+            scale, shift = self.emb_proj(emb).chunk(2, dim=1)
+            h = norm_act(self.out_norm, self._in_conv(h), scale=scale, shift=shift)
+        else:
+            # The embedding and the convolution's bias are both constant over positions: the
+            # norm adds them in its own passes, so `h + emb` is never written out.
+            h, bias = (
+                upsample_convolve_split_bias(self.in_conv, h, self.upsample_factors)
+                if self.upsample_factors
+                else convolve_split_bias(self.in_conv, h)
+            )
+            add = self.emb_proj(emb)
+            h = norm_act(self.out_norm, h, add=add if bias is None else add + bias)
+        h = convolve(self.out_conv, self.dropout(h))
+        return (convolve(self.skip, x) if residual is None else residual) + h
+
+    def _entry(
+        self, x: torch.Tensor, skip: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(the normalized, resampled input of the main branch; the input of the skip
+        projection; that projection where it is made before the main branch, else None)."""
+        if (
+            skip is not None
+            and self.resample is None
+            and decoder_entry.takes_pair(self.in_norm, self.skip)
+            and decoder_entry.concat_fused_wanted(x, skip)
+        ):
+            h, residual = decoder_entry.norm_act_and_project(self.in_norm, self.skip, x, skip)
+            return h, None, residual
+        if skip is not None:
+            x = torch.cat([x, skip], dim=1)
+        h = norm_act(self.in_norm, x)
+        if self.resample is not None:
+            x = self.resample(x)
+            # An up block's upsampling of `h` is folded into its first convolution.
+            h = h if self.upsample_factors else self.resample(h)
+        # Eager autograd runs backward in reverse order of creation: made before the main
+        # branch, the skip is reached last, so its input gradient (as large as x) is not held
+        # through the main branch's backward. Compiled graphs schedule their own backward.
+        residual = None if torch.compiler.is_compiling() else convolve(self.skip, x)
+        return h, x, residual
+
+    @property
+    def upsample_factors(self) -> tuple[int, ...] | None:
+        """The factors of an up block's upsampling, None for other blocks."""
+        return self.resample.factors if isinstance(self.resample, Upsample) else None
+
+    def _in_conv(self, h: torch.Tensor) -> torch.Tensor:
+        """The first convolution, after the upsampling of an up block."""
+        if self.upsample_factors:
+            return upsample_convolve(self.in_conv, h, self.upsample_factors)
+        return convolve(self.in_conv, h)
+
+
+class AcceleratedEmbedSequential(EmbedSequential):
+    """`EmbedSequential` that hands a decoder block's `h` and skip to its first ResBlock
+    unconcatenated, so a checkpointed block keeps the two tensors, not their concatenation."""
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        emb: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        skip: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run every layer in order on `x` (and the decoder's `skip`)."""
+        if skip is not None and not isinstance(self[0], AcceleratedResBlock):
+            x, skip = torch.cat([x, skip], dim=1), None
+        for layer in self:
+            if isinstance(layer, AcceleratedResBlock):
+                x, skip = layer(x, emb, skip), None
+            elif isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, AttentionBlock):
+                x = layer(x, context)
+            else:
+                x = convolve(layer, x)  # the stem; any other layer is just called
+        return x
+
+
+class AcceleratedUNet(UNet):
+    """`UNet` with channels-last activations on a GPU, decoder skips passed unconcatenated,
+    and fused output heads."""
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | float | int | None = None,
+        *,
+        cond: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Denoise `x` at `t`, as `UNet.forward`."""
+        t = self._check_inputs(x, t, cond, context, labels)
+        pads = self._padding(tuple(x.shape[2:]))
+        if cond is not None:
+            x = torch.cat([x, cond.to(x.dtype)], dim=1)
+        x = to_cuda_layout(x, self.config.dims)
+        if pads is not None:
+            x = F.pad(x, pads, mode="replicate")
+        emb = self.embed(t, labels)
+
+        skips = []
+        h = x
+        for block, emits_skip in zip(self.input_blocks, self._emits_skip):
+            h = self._run(block, h, emb, context)
+            if emits_skip:
+                skips.append(h)
+        h = self._run(self.middle_block, h, emb, context)
+        for block in self.output_blocks:
+            h = self._run(block, h, emb, context, skips.pop())
+
+        out = self._run_head(self.out, h)
+        if self.out_logvar is not None:
+            out = torch.cat([out, self._run_head(self.out_logvar, h)], dim=1)
+        if pads is not None:
+            out = F.pad(out, [-amount for amount in pads])  # crop back; a copy, not a view
+        return out
+
+    @staticmethod
+    def _run_head(head: nn.Sequential, h: torch.Tensor) -> torch.Tensor:
+        norm, _, conv = head  # GroupNorm, SiLU, conv: the norm and SiLU run fused
+        return convolve(conv, norm_act(norm, h))

@@ -1,0 +1,413 @@
+"""Every switch and threshold of the accelerator, in one place.
+
+The accelerator's modules read these attributes when they run, so a change applies from the
+next call on (graphs that `torch.compile` already traced keep what they saw). Change them with
+the setters below, for a block with `override(NAME=value)`, or by assigning the attribute.
+The environment variables set their values once, when this module is first imported (for
+A/B runs in separate processes: `benchmarks/ab.py --change-env NAME=VALUE`); a value that
+does not parse warns and keeps the default.
+
+| Setting | Environment variable | Default | What it controls |
+|---|---|---|---|
+| `FUSED_NORM` | `DIFFUNET_FUSED` (`0`: off) | on | GroupNorm + FiLM + SiLU by the fused Triton kernels |
+| `FUSED_EAGER_MIN_ELEMENTS` | | 2²⁴ | eager mode: the smallest activation (elements) they take |
+| `CUDA_GRAPHS_MIN_ELEMENTS` | `DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS` | 2²⁰ | what `configure_for_compile_mode` sets in CUDA-graph modes |
+| `CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE` | `DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS_INFER` | as training | the same, for graphs without gradients |
+| `COMPILED_MIN_ELEMENTS` | | None | graphs traced from now on call the kernels from this size (None: never) |
+| `COMPILED_MIN_ELEMENTS_INFERENCE` | | None | the same, for graphs without gradients |
+| `CUDA_GRAPH_MODES` | | `reduce-overhead`, `max-autotune` | the compile modes that replay CUDA graphs |
+| `NORM_LAUNCH` | `DIFFUNET_NORM_LOOP_STAGES`, `DIFFUNET_NORM_ONE_PASS_ELEMENTS` | `LaunchPlan()` | tiles, programs, warps, pipelining and one-kernel bound of the norm kernels |
+| `ONE_PASS_MIN_CHANNELS` | | 64 | the fewest channels a one-kernel norm program covers |
+| `THIN_CONV` | `DIFFUNET_THIN_CONV` (`0`: off) | on | thin 3×3×3 convolutions by the Triton kernels |
+| `THIN_CHANNELS` | | 8 | the most channels of a thin side |
+| `THIN_MAX_CHANNELS` | | 128 | the most channels of the other side |
+| `TAP_PRODUCT_FORWARD` | `DIFFUNET_TAP_PRODUCT_FORWARD` (`auto`, `always`, `never`, `1`, `0`) | `auto` | which thin heads' forwards run by tap products rather than cuDNN |
+| `TAP_PRODUCTS_BYTES` | | 64 MiB | the tap products a head's forward holds at once |
+| `THIN_CONV_LAUNCH` | | `ThinConvLaunch()` | block sizes and warps of the thin kernels |
+| `CHANNEL_MULTIPLE` | | 8 | 3D convolutions' output channels are zero-padded to a multiple of it… |
+| `PADDED_DEVICES` | | `cuda` | …on these device types |
+| `ROUTED_DEVICES` | | `cuda` | device types whose compiled convolutions use `conv`'s custom ops |
+| `FOLDED_DEVICES` | `DIFFUNET_FOLDED_UPSAMPLE` (`cpu,cuda`, `none`, …) | `cpu`, `cuda` | device types that fold nearest upsampling into the next convolution |
+
+Each attribute's comment below says why. Triton's own `TRITON_INTERPRET=1` runs the kernels on
+CPU tensors through its interpreter (tests). The measurements behind the defaults are in
+docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+
+def _int_from_env(name: str, default: int, minimum: int, what: str) -> int:
+    """The integer (at least `minimum`) the environment variable `name` gives, else `default`;
+    a value that is no such integer warns that it is not `what` and keeps `default`."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        warnings.warn(f"{name}={text!r} is not {what}; keeping {default}", stacklevel=2)
+        return default
+    return value
+
+
+def _switch_from_env(name: str) -> bool:
+    """On unless the environment variable `name` is "0"."""
+    return os.environ.get(name, "1") != "0"
+
+
+# --- fused GroupNorm + FiLM + SiLU (`fused_norm`) --------------------------------------------
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How the norm kernels split a (B, C, N) activation.
+
+    Each program of the four streaming kernels (statistics, normalize, backward reduce, input
+    gradient) owns one sample's run of positions and loops over it in tiles of all channels ×
+    `tile_elements // BLOCK_C` positions, `programs_per_sm` programs per SM in all.
+    `loop_stages` is that loop's software-pipelining depth (`tl.range(num_stages=...)`): 1
+    loads each tile when the loop reaches it; from 2 on, each program copies the next tiles
+    into shared memory ahead of use, so that more loads are in flight.
+
+    `one_pass_elements`: a call whose programs would each own at most this many elements when
+    each covers one sample's whole groups runs its forward as one kernel (statistics, their
+    reduction per group, normalize; x read the second time mostly from L2) and its backward as
+    one more; larger calls take three kernels each way. 0 never takes them.
+    `benchmarks/norm_kernels.py` sweeps these fields on a GPU.
+    """
+
+    tile_elements: int = 4096
+    programs_per_sm: int = 4
+    num_warps: int = 4
+    loop_stages: int = 1
+    one_pass_elements: int = 0
+
+    def for_elements(self, numel: int) -> LaunchConfig:
+        """This configuration, at every size."""
+        return self
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """One launch configuration for activations of at least `large_from` elements, another
+    below.
+
+    The defaults are the best of the sweeps in docs/performance.md: loops pipelined three
+    tiles deep with four warps, fewer programs per SM for smaller activations, and one kernel
+    each way for calls whose programs own at most 32,768 elements.
+    """
+
+    large: LaunchConfig = LaunchConfig(4096, 4, 4, 3, one_pass_elements=32768)
+    small: LaunchConfig = LaunchConfig(4096, 2, 4, 3, one_pass_elements=32768)
+    large_from: int = 1 << 25
+
+    def for_elements(self, numel: int) -> LaunchConfig:
+        """The configuration for an activation of `numel` elements."""
+        return self.large if numel >= self.large_from else self.small
+
+
+#: The environment variable that turns the fused norm kernels off ("0").
+FUSED_ENV = "DIFFUNET_FUSED"
+#: The environment variable that sets `CUDA_GRAPHS_MIN_ELEMENTS`.
+CUDA_GRAPHS_MIN_ELEMENTS_ENV = "DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS"
+#: The environment variable that sets `CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE`.
+CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE_ENV = "DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS_INFER"
+#: The environment variable that sets `loop_stages` in both configurations of `NORM_LAUNCH`.
+LOOP_STAGES_ENV = "DIFFUNET_NORM_LOOP_STAGES"
+#: The environment variable that sets `one_pass_elements` in both configurations of
+#: `NORM_LAUNCH` (0: never one kernel).
+ONE_PASS_ENV = "DIFFUNET_NORM_ONE_PASS_ELEMENTS"
+
+
+def _norm_launch_from_env() -> LaunchPlan:
+    """`LaunchPlan()` with the loop depth and one-kernel bound the environment asks for."""
+    plan = LaunchPlan()
+    stages = _int_from_env(
+        LOOP_STAGES_ENV, plan.large.loop_stages, 1, "a loop depth (an integer, at least 1, e.g. 2)"
+    )
+    one_pass = _int_from_env(
+        ONE_PASS_ENV,
+        plan.small.one_pass_elements,
+        0,
+        "a number of elements (an integer, at least 0, e.g. 16384)",
+    )
+    return replace(
+        plan,
+        large=replace(plan.large, loop_stages=stages, one_pass_elements=one_pass),
+        small=replace(plan.small, loop_stages=stages, one_pass_elements=one_pass),
+    )
+
+
+#: Whether the fused norm kernels run at all.
+FUSED_NORM: bool = _switch_from_env(FUSED_ENV)
+#: In eager mode, the smallest activation (elements) the fused kernels take. A fused call costs
+#: six Triton launches of host time (forward and backward); below this size the eager kernels
+#: finish sooner (docs/performance.md).
+FUSED_EAGER_MIN_ELEMENTS: int = 1 << 24
+#: The threshold that CUDA-graph compile modes apply (`configure_for_compile_mode`): graphs
+#: replayed as CUDA graphs pay no per-launch host cost, and Inductor's channels-last GroupNorm
+#: reductions are slow at large sizes. Without CUDA graphs each call's Python launches add to
+#: a host-bound step, so the other modes trace the reference.
+CUDA_GRAPHS_MIN_ELEMENTS: int = _int_from_env(
+    CUDA_GRAPHS_MIN_ELEMENTS_ENV,
+    1 << 20,
+    0,
+    f"a number of elements (an integer, at least 0, e.g. {1 << 22})",
+)
+#: The same for graphs traced without gradients (inference, sampling), whose crossover against
+#: Inductor's GroupNorm may differ without a backward.
+CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE: int = _int_from_env(
+    CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE_ENV,
+    CUDA_GRAPHS_MIN_ELEMENTS,
+    0,
+    f"a number of elements (an integer, at least 0, e.g. {1 << 22})",
+)
+#: Graphs traced from now on call the fused kernels (as the custom op `diffunet::group_norm_act`)
+#: on activations of at least this many elements; None traces the reference everywhere.
+COMPILED_MIN_ELEMENTS: int | None = None
+#: The same for graphs traced without gradients.
+COMPILED_MIN_ELEMENTS_INFERENCE: int | None = None
+#: The `torch.compile` modes that replay the compiled graphs as CUDA graphs.
+CUDA_GRAPH_MODES: tuple[str, ...] = ("reduce-overhead", "max-autotune")
+#: The norm kernels' launch plan: a `LaunchPlan`, or one `LaunchConfig` for every size.
+NORM_LAUNCH: LaunchPlan | LaunchConfig = _norm_launch_from_env()
+#: A one-kernel call's program covers whole groups of at least this many channels where the
+#: tensor has them: 128 contiguous bytes of bf16 per position in channels-last memory.
+ONE_PASS_MIN_CHANNELS: int = 64
+
+
+def set_fused_enabled(enabled: bool, *, min_elements: int | None = None) -> None:
+    """Turn the fused norm kernels on or off and optionally set `FUSED_EAGER_MIN_ELEMENTS`."""
+    global FUSED_NORM, FUSED_EAGER_MIN_ELEMENTS
+    FUSED_NORM = bool(enabled)
+    if min_elements is not None:
+        FUSED_EAGER_MIN_ELEMENTS = int(min_elements)
+
+
+def eager_min_elements() -> int:
+    """The size (elements per call) from which eager mode runs the fused kernels."""
+    return FUSED_EAGER_MIN_ELEMENTS
+
+
+def set_compiled_min_elements(min_elements: int | None, *, inference: int | None = None) -> None:
+    """Let graphs traced from now on call the fused kernels on tensors of at least
+    `min_elements`, or of at least `inference` (default: `min_elements`) in graphs traced
+    without gradients; None traces the reference everywhere."""
+    global COMPILED_MIN_ELEMENTS, COMPILED_MIN_ELEMENTS_INFERENCE
+    COMPILED_MIN_ELEMENTS = None if min_elements is None else int(min_elements)
+    COMPILED_MIN_ELEMENTS_INFERENCE = (
+        None if min_elements is None else int(min_elements if inference is None else inference)
+    )
+
+
+def configure_for_compile_mode(mode: str | None) -> None:
+    """Set the compiled thresholds for `torch.compile(mode=mode)`: `CUDA_GRAPHS_MIN_ELEMENTS`
+    (`CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE` without gradients) where the mode replays CUDA
+    graphs, the reference everywhere otherwise."""
+    if mode in CUDA_GRAPH_MODES:
+        set_compiled_min_elements(
+            CUDA_GRAPHS_MIN_ELEMENTS, inference=CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE
+        )
+    else:
+        set_compiled_min_elements(None)
+
+
+# --- thin 3D convolutions (`thin_conv`) ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ThinConvLaunch:
+    """Block sizes (positions per program) and warps of the thin-convolution kernels;
+    `benchmarks/conv_channels.py` times them."""
+
+    #: The gather kernel (a stem's forward, a head's input gradient); halved for a wide side of
+    #: more than 64 channels, whose accumulator is larger.
+    gather_block_n: int = 128
+    #: The weight-gradient kernel's tile, and its programs per SM.
+    weight_grad_block_n: int = 128
+    weight_grad_programs_per_sm: int = 2
+    #: A head's forward by tap products: the products pass and the sums pass.
+    tap_products_block_n: int = 64
+    tap_sum_block_n: int = 256
+    num_warps: int = 4
+
+
+#: The environment variable that turns the thin-convolution kernels off ("0").
+THIN_CONV_ENV = "DIFFUNET_THIN_CONV"
+#: The environment variable that sets `TAP_PRODUCT_FORWARD`.
+TAP_PRODUCT_FORWARD_ENV = "DIFFUNET_TAP_PRODUCT_FORWARD"
+_TAP_PRODUCT_SETTINGS = {
+    "auto": "auto",
+    "always": "always",
+    "never": "never",
+    "1": "always",
+    "0": "never",
+}
+
+
+def tap_product_setting(name: str = TAP_PRODUCT_FORWARD_ENV) -> str:
+    """The `TAP_PRODUCT_FORWARD` value the environment variable `name` gives ("auto" when
+    unset); a value that is none of them warns and keeps "auto"."""
+    text = os.environ.get(name, "auto")
+    if text.lower() not in _TAP_PRODUCT_SETTINGS:
+        warnings.warn(
+            f"{name}={text!r} is not one of auto, always, never, 1, 0; keeping auto", stacklevel=2
+        )
+        return "auto"
+    return _TAP_PRODUCT_SETTINGS[text.lower()]
+
+
+#: Whether the thin-convolution kernels run at all.
+THIN_CONV: bool = _switch_from_env(THIN_CONV_ENV)
+#: A 3D convolution is thin when its narrower side has at most this many channels.
+THIN_CHANNELS: int = 8
+#: The wider side's limit: one program holds a (positions × channels) float32 accumulator.
+THIN_MAX_CHANNELS: int = 128
+#: Which thin heads' forwards run by tap products instead of cuDNN: "auto" those whose tap
+#: products (27 × COUT per position) are no wider than their input (CIN), so that the two
+#: passes move less than cuDNN's 27 reads of each input tile; "always"; "never". Wider heads
+#: are unmeasured, so "auto" leaves them to cuDNN.
+TAP_PRODUCT_FORWARD: str = tap_product_setting()
+#: Bytes of tap products a head's forward holds at once: it runs the batch in groups of samples
+#: whose products fit.
+TAP_PRODUCTS_BYTES: int = 64 << 20
+#: Block sizes and warps of the thin-convolution kernels.
+THIN_CONV_LAUNCH: ThinConvLaunch = ThinConvLaunch()
+
+
+def set_thin_conv_enabled(enabled: bool) -> None:
+    """Turn the thin-convolution kernels on or off (`THIN_CONV`)."""
+    global THIN_CONV
+    THIN_CONV = bool(enabled)
+
+
+# --- convolutions (`conv`) -------------------------------------------------------------------
+
+#: Output channel counts that 3D convolutions on `PADDED_DEVICES` are zero-padded to a multiple
+#: of: the extra outputs come from zero weight rows and are sliced off, and cuDNN picks a
+#: faster kernel for the padded shape.
+CHANNEL_MULTIPLE: int = 8
+#: Devices on which `conv.convolve` pads (cuDNN's). Tests add "cpu" to check the arithmetic.
+PADDED_DEVICES: frozenset[str] = frozenset({"cuda"})
+#: Devices whose compiled convolutions go through the custom ops of `conv`: the layout copies
+#: they remove are cuDNN's. On the CPU, Inductor's C++ code for the bias gradients they leave
+#: to it does not compile for some bf16 3D U-Nets (torch 2.13: a duplicate variable
+#: declaration), so the CPU keeps Inductor's own convolution. Tests add "cpu".
+ROUTED_DEVICES: frozenset[str] = frozenset({"cuda"})
+
+
+# --- folded upsampling -----------------------------------------------------------------------
+
+#: The environment variable naming the devices that fold (see `FOLDED_DEVICES`).
+FOLDED_DEVICES_ENV = "DIFFUNET_FOLDED_UPSAMPLE"
+
+
+def parse_devices(text: str, source: str = FOLDED_DEVICES_ENV) -> frozenset[str]:
+    """Device types from a comma-separated list ("cpu,cuda"; "none" or nothing for none)."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if names == ["none"]:
+        return frozenset()
+    for name in names:
+        try:
+            known = torch.device(name).type == name
+        except RuntimeError:
+            known = False
+        if not known:
+            raise ValueError(
+                f"{source}={text!r}: {name!r} is not a device type; expected a "
+                "comma-separated list such as 'cpu' or 'cpu,cuda', or 'none'"
+            )
+    return frozenset(names)
+
+
+#: Devices on which nearest upsampling followed by a 3×3 convolution runs as one transposed
+#: convolution of the smaller input: oneDNN's and cuDNN's transposed convolutions are faster
+#: than the upsampling and convolution they replace.
+FOLDED_DEVICES: frozenset[str] = frozenset({"cpu", "cuda"})
+
+if FOLDED_DEVICES_ENV in os.environ:
+    try:
+        FOLDED_DEVICES = parse_devices(os.environ[FOLDED_DEVICES_ENV])
+    except ValueError as err:  # a process-wide knob: say so, and keep the default
+        warnings.warn(f"{err}; folding on {sorted(FOLDED_DEVICES)}", stacklevel=1)
+
+
+def set_folded_upsample_devices(devices: str | Iterable[str]) -> None:
+    """Fold on these device types from now on: an iterable, or a comma-separated string as
+    `DIFFUNET_FOLDED_UPSAMPLE` takes ("none" for none)."""
+    global FOLDED_DEVICES
+    FOLDED_DEVICES = parse_devices(
+        devices if isinstance(devices, str) else ",".join(devices), "devices"
+    )
+
+
+@contextlib.contextmanager
+def folding_on(devices: str | Iterable[str]) -> Iterator[None]:
+    """Within the block fold on these device types only (as `set_folded_upsample_devices`
+    takes them); afterwards on those before it. `folding_on("none")` runs the architecture's
+    own upsampling and convolution, e.g. to count its FLOPs."""
+    global FOLDED_DEVICES
+    before = FOLDED_DEVICES
+    set_folded_upsample_devices(devices)
+    try:
+        yield
+    finally:
+        FOLDED_DEVICES = before
+
+
+# --- all settings ----------------------------------------------------------------------------
+
+#: The names of the settings (the rows of the module's table).
+NAMES: tuple[str, ...] = (
+    "FUSED_NORM",
+    "FUSED_EAGER_MIN_ELEMENTS",
+    "CUDA_GRAPHS_MIN_ELEMENTS",
+    "CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE",
+    "COMPILED_MIN_ELEMENTS",
+    "COMPILED_MIN_ELEMENTS_INFERENCE",
+    "CUDA_GRAPH_MODES",
+    "NORM_LAUNCH",
+    "ONE_PASS_MIN_CHANNELS",
+    "THIN_CONV",
+    "THIN_CHANNELS",
+    "THIN_MAX_CHANNELS",
+    "TAP_PRODUCT_FORWARD",
+    "TAP_PRODUCTS_BYTES",
+    "THIN_CONV_LAUNCH",
+    "CHANNEL_MULTIPLE",
+    "PADDED_DEVICES",
+    "ROUTED_DEVICES",
+    "FOLDED_DEVICES",
+)
+
+
+def current() -> dict[str, Any]:
+    """Every setting's current value, by name (e.g. to record with a benchmark's results)."""
+    return {name: globals()[name] for name in NAMES}
+
+
+@contextlib.contextmanager
+def override(**values: Any) -> Iterator[None]:
+    """Within the block, these settings (`override(FUSED_EAGER_MIN_ELEMENTS=0)`); afterwards
+    the values from before it. An unknown name raises `AttributeError`."""
+    unknown = sorted(set(values) - set(NAMES))
+    if unknown:
+        raise AttributeError(f"no such accelerator setting: {', '.join(unknown)}")
+    before = {name: globals()[name] for name in values}
+    globals().update(values)
+    try:
+        yield
+    finally:
+        globals().update(before)

@@ -1,0 +1,398 @@
+"""`benchmarks/bench.py` and its harness (`benchmarks/harness/`), and `diffunet bench`: the
+quick benchmark on the CPU against diffusers (and MONAI when it is installed), the reference
+architectures and the reference DDIM loop checked against the library, the kernel classes of
+the profile mode, and the command line in and outside a source checkout."""
+
+import argparse
+import importlib.util
+import json
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from diffunet import UNet, preset
+
+HAS_MONAI = importlib.util.find_spec("monai") is not None
+
+
+@pytest.fixture
+def bench(benchmark_script):
+    return benchmark_script("bench")
+
+
+@pytest.fixture
+def harness(bench):
+    """The harness package, as `bench.py` imported it."""
+    import harness
+
+    return harness
+
+
+def _args(bench, *argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    return parser.parse_args(
+        ["--quick", "--device", "cpu", "--iters", "1", "--repeats", "1", "--warmup", "1", *argv]
+    )
+
+
+def test_quick_run_measures_both_sides(bench, tmp_path):
+    """The smoke test: one quick CPU run of a model case and the sampling case."""
+    pytest.importorskip("diffusers")
+    out = tmp_path / "bench.json"
+    argv = ("--cases", "ddpm-cifar10,sample", "--modes", "eager", "--sample-modes", "eager")
+    data = bench.run_from_args(_args(bench, *argv, "--sample-steps", "2", "--out", str(out)))
+    assert data["errors"] == []
+    assert json.loads(out.read_text()) == json.loads(json.dumps(data, default=str))
+
+    case = data["cases"]["ddpm-cifar10"]
+    assert case["params"] == {"ours": 565_315, "ref": 565_315, "match": True}
+    # The same architecture: the plain model's counted FLOPs equal the reference's.
+    flops = case["flops_per_sample"]
+    assert flops["ours"] == flops["ref"] and flops["ours"]["train"] > flops["ours"]["forward"] > 0
+    records = {(r["model"], r["kind"]): r for r in data["records"] if r["kind"] != "sample"}
+    assert set(records) == {
+        ("ours", "train"),
+        ("ours", "infer"),
+        ("ref", "train"),
+        ("ref", "infer"),
+        ("ours+ckpt", "train"),
+    }
+    for (model, kind), r in records.items():
+        assert r["impl"] == ("diffusers" if model == "ref" else "diffunet")
+        assert r["throughput"] == pytest.approx(r["batch"] / r["seconds_per_iter"])
+        assert r["flops_per_sample"] == flops["ours"]["train" if kind == "train" else "forward"]
+        assert r["mfu"] == pytest.approx(r["flops_per_sample"] * r["throughput"] / 780e12)
+    ratios = data["ratios"]["ddpm-cifar10"]
+    for kind in ("train", "infer"):
+        ours, ref = records[("ours", kind)], records[("ref", kind)]
+        assert ratios[f"{kind}_speedup_eager"] == pytest.approx(
+            ours["throughput"] / ref["throughput"]
+        )
+
+    samples = {r["model"]: r for r in data["records"] if r["kind"] == "sample"}
+    assert set(samples) == {"ours", "ref"} and samples["ours"]["impl"] == "diffunet"
+    for r in samples.values():
+        assert r["steps"] == 2
+        assert r["ms_per_step"] == pytest.approx(1e3 * r["seconds_per_batch"] / 2)
+    assert data["ratios"]["sample"]["speedup_diffunet_eager_vs_eager"] == pytest.approx(
+        samples["ref"]["seconds_per_batch"] / samples["ours"]["seconds_per_batch"]
+    )
+    assert "FOLDED_DEVICES" in data["meta"]["accel_settings"]
+
+
+def test_diffunet_bench_skips_a_missing_reference_cleanly(bench, tmp_path):
+    """`diffunet bench` in this checkout runs `bench.py`: the 3D case without MONAI records
+    why its reference is skipped, and nothing fails."""
+    from diffunet.cli.app import main
+
+    out = tmp_path / "b.json"
+    argv = ["bench", "--quick", "--device", "cpu", "--cases", "3d", "--modes", "eager"]
+    argv += ["--kinds", "infer", "--models", "ref", "--iters", "1", "--repeats", "1"]
+    assert main([*argv, "--warmup", "1", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    case = data["cases"]["3d"]
+    from harness.models import build_case, num_parameters
+
+    with torch.device("meta"):
+        assert case["params"]["ours"] == num_parameters(UNet(build_case("3d", quick=True).config))
+    if HAS_MONAI:
+        assert case["params"]["match"] is True
+        assert all(r.get("throughput") for r in data["records"])
+    else:
+        assert "MONAI is not importable" in case["reference_skipped"]
+        assert case["params"]["match"] is None
+        assert [r["skipped"] for r in data["records"]] == [case["reference_skipped"]]
+        assert data["errors"] == []
+
+
+def test_profile_mode_groups_the_time_of_a_step(bench):
+    from harness.profiling import KERNEL_CLASSES
+
+    settings = bench.Settings(device=torch.device("cpu"), warmup=1, precision="fp32", quick=True)
+    result = bench.run_profile(
+        "ddpm-cifar10", settings, ("eager",), ("ours",), steps=1, kinds=("train", "infer")
+    )
+    assert result["errors"] == []
+    train, infer = result["runs"]
+    assert (train["kind"], infer["kind"]) == ("train", "infer")
+    for run in (train, infer):
+        shares = [run["classes"][c]["share"] for c in KERNEL_CLASSES]
+        assert sum(shares) == pytest.approx(1.0)
+        assert run["classes"]["convolution"]["share"] > 0
+    # A forward pass has no optimizer step and no backward convolutions.
+    assert train["classes"]["optimizer"]["ms_per_step"] > 0
+    assert infer["classes"]["optimizer"]["ms_per_step"] == 0
+    assert (
+        infer["classes"]["convolution"]["ms_per_step"]
+        < train["classes"]["convolution"]["ms_per_step"]
+    )
+    table = bench.format_profile(result)
+    assert "steps of train/infer" in table and " infer " in table
+
+
+# ------------------------------------------------------------------------ the reference models
+def test_full_size_parameter_counts_match_diffusers(harness):
+    pytest.importorskip("diffusers")
+    from harness.models import build_reference, num_parameters
+
+    for name, count in (("ddpm-cifar10", 35_746_307), ("ldm", 75_376_643)):
+        config = preset(name)
+        with torch.device("meta"):
+            ours = UNet(config)
+        ref = build_reference(config, "diffusers", "meta")
+        assert num_parameters(ours) == num_parameters(ref) == count, name
+
+
+def test_3d_config_is_monais_architecture(harness):
+    from harness.models import UNET_3D, build_reference, monai_kwargs, num_parameters
+
+    with torch.device("meta"):
+        assert num_parameters(UNet(UNET_3D)) == 68_585_025
+    kwargs = monai_kwargs(UNET_3D)
+    assert kwargs["channels"] == (64, 128, 256, 256)
+    assert kwargs["attention_levels"] == (False, False, False, True)
+    assert kwargs["in_channels"] == 2 and kwargs["out_channels"] == 1
+    assert kwargs["num_head_channels"] == 32 and kwargs["num_res_blocks"] == 2
+    if HAS_MONAI:
+        assert num_parameters(build_reference(UNET_3D, "monai", "meta")) == 68_585_025
+
+
+def test_reference_mapping_rejects_what_it_cannot_express(harness):
+    from harness.models import UNET_3D, diffusers_kwargs
+
+    with pytest.raises(ValueError, match="use_scale_shift_norm"):
+        diffusers_kwargs(preset("emdiffuse"))
+    with pytest.raises(ValueError, match="dims"):
+        diffusers_kwargs(UNET_3D)
+
+
+def test_our_model_is_the_accelerated_unet(harness):
+    from diffunet.accel import is_accelerated
+    from harness.models import build_case, build_model, implementation
+
+    model = build_model("ours", build_case("ddpm-cifar10", quick=True), "cpu")
+    assert isinstance(model, UNet) and is_accelerated(model)
+    assert implementation(model) == "diffunet"
+    assert all(p.any() for p in model.parameters() if p.ndim >= 2)  # no zero-initialised layer
+
+
+def test_reference_ddim_loop_draws_what_the_library_draws(bench):
+    """The sampling case times the library's `Diffusion.sample` against a plain loop over the
+    reference model: both must be the same DDIM on the same schedule."""
+    from diffunet.diffusion import draw_noise
+
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    def eps(x, t):
+        return net(x) + 1e-3 * t.view(-1, 1, 1, 1)
+
+    settings = bench.Settings(device=torch.device("cpu"), precision="fp32")
+    diffusion = bench.benchmark_diffusion()
+    shape = (2, 3, 8, 8)
+    generator = torch.Generator().manual_seed(3)
+    x_init = draw_noise(shape, torch.Generator().manual_seed(3), "cpu")
+    with torch.no_grad():
+        ours = diffusion.sample(
+            eps, shape, sampler="ddim", steps=5, generator=generator, progress=False
+        )
+        loop = bench.reference_ddim(eps, x_init, 5, diffusion, settings)
+    assert diffusion.schedule.timesteps_for(5, diffusion.timestep_spacing) == [
+        800,
+        600,
+        400,
+        200,
+        0,
+    ]
+    torch.testing.assert_close(loop, ours, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------ timing
+@pytest.mark.parametrize("from_start", [False, True])
+def test_peak_memory_is_reset_after_the_warm_up_unless_cuda_graphs_are_recorded(
+    harness, monkeypatch, from_start
+):
+    from harness import timing
+
+    events = []
+    monkeypatch.setattr(timing, "reset_peak", lambda device: events.append("reset"))
+    settings = timing.Settings(
+        device=torch.device("cpu"),
+        warmup=2,
+        iters=1,
+        repeats=1,
+        compile_mode="reduce-overhead" if from_start else "default",
+    )
+    assert settings.records_cuda_graphs == from_start
+    timing.measure(lambda i: events.append(f"call {i}"), settings, peak_from_start=from_start)
+    warm_up = ["call 0", "call 1"]
+    expected = ["reset", *warm_up] if from_start else [*warm_up, "reset"]
+    assert events[:3] == expected
+
+
+def test_compiling_ahead_runs_the_same_compiled_measurement_for_one_model(bench):
+    args = _args(
+        bench,
+        "--cases",
+        "ldm,3d",
+        "--kinds",
+        "train",
+        "--compile-mode",
+        "reduce-overhead",
+        "--precision",
+        "bf16",
+        "--compile-ahead",
+        "4",
+    )
+    settings = bench.settings_from_args(args)
+    child = _args(bench, *bench._fill_cache_argv(args, settings, "3d", "ref"))
+    child_settings = bench.settings_from_args(child)
+    assert (child.cases, child.models, child.modes, child.kinds) == (
+        ("3d",),
+        ("ref",),
+        ("compile",),
+        ("train",),
+    )
+    # Whatever decides the compiled graph is the same as in the measuring process.
+    for name in ("device", "precision", "compile_mode", "quick"):
+        assert getattr(child_settings, name) == getattr(settings, name), name
+    assert child.fill_caches_only and child.compile_ahead == 0 and not child.out
+    assert child.checkpoint_modes == ("none",) and child_settings.warmup == 1
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("--compile-ahead", "0"),
+        ("--modes", "eager", "--compile-ahead", "2"),
+        ("--cases", "sample", "--compile-ahead", "2"),
+    ],
+)
+def test_nothing_is_compiled_ahead_without_a_compiled_model_case(bench, argv):
+    args = _args(bench, *argv)
+    assert bench.compile_ahead(args, bench.settings_from_args(args)) == {}
+
+
+# ------------------------------------------------------------------------ kernel classes
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        (
+            "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64",
+            "convolution",
+        ),
+        ("sm90_xmma_wgrad_implicit_gemm_indexed_bf16bf16_bf16f32_f32", "convolution"),
+        ("void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16>", "elementwise/copies"),
+        (
+            "void at::native::elementwise_kernel<128, 2, at::native::gpu_kernel_impl_nocast>",
+            "elementwise/copies",
+        ),
+        (
+            "void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<float>",
+            "norm/reductions",
+        ),
+        ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float>>", "norm/reductions"),
+        ("triton_red_fused_native_group_norm_silu_0", "norm/reductions"),
+        ("triton_per_fused_native_group_norm_backward_3", "norm/reductions"),
+        ("triton_poi_fused__to_copy_convolution_add_7", "elementwise/copies"),
+        ("triton_tem_fused_convolution_2", "convolution"),
+        ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>", "attention+GEMM"),
+        ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80", "attention+GEMM"),
+        ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT", "attention+GEMM"),
+        (
+            "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>",
+            "optimizer",
+        ),
+        ("aten::mkldnn_convolution", "convolution"),
+        ("aten::native_group_norm", "norm/reductions"),
+        ("Memcpy DtoD (Device -> Device)", "elementwise/copies"),
+        ("_stats_kernel", "norm/reductions"),  # diffunet's fused GroupNorm (accel/fused_norm.py)
+        ("_backward_dx_kernel", "norm/reductions"),
+        ("_normalize_kernel", "norm/reductions"),
+        ("_gather_weight_grad_kernel", "convolution"),  # diffunet's thin convs (accel/thin_conv.py)
+        ("_tap_sum_kernel", "convolution"),
+        ("void splitKreduce_kernel<32, 16, int, float, __nv_bfloat16>", "attention+GEMM"),
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", "attention+GEMM"),
+        ("some_unknown_kernel", "other"),
+    ],
+)
+def test_classify_kernel(harness, name, expected):
+    from harness.profiling import classify_kernel
+
+    assert classify_kernel(name) == expected
+
+
+def test_kernel_breakdown_counts_kernels_not_gpu_ranges(harness):
+    from torch.autograd import DeviceType
+
+    from harness.profiling import kernel_breakdown
+
+    def event(name, us, annotation=False):
+        return SimpleNamespace(
+            name=name,
+            device_type=DeviceType.CUDA,
+            device_time_total=us,
+            is_user_annotation=annotation,
+        )
+
+    events = [
+        event("ncclDevKernel_AllReduce_Sum_f32_RING_LL", 300.0),
+        event("nccl:all_reduce", 300.0, annotation=True),
+        event("DistributedDataParallel.forward", 900.0, annotation=True),
+        event("sm90_xmma_fprop_implicit_gemm_bf16", 100.0),
+    ]
+    result = kernel_breakdown(SimpleNamespace(events=lambda: events), 1, torch.device("cuda"))
+    assert result["ms_per_step"] == pytest.approx(0.4)
+    assert result["classes"]["other"]["ms_per_step"] == 0
+    assert [k["name"] for k in result["top_kernels"]] == [
+        "ncclDevKernel_AllReduce_Sum_f32_RING_LL",
+        "sm90_xmma_fprop_implicit_gemm_bf16",
+    ]
+
+
+def test_launch_chain_names_the_op_behind_a_kernel_outermost_first(harness):
+    from harness.profiling import launch_chain
+
+    names = [
+        "CompiledFunctionBackward",
+        "aten::convolution_backward",
+        "aten::contiguous",
+        "aten::clone",
+        "aten::copy_",
+    ]
+    event = None
+    for name in names:
+        event = SimpleNamespace(name=name, cpu_parent=event)
+    assert launch_chain(event, depth=4) == " > ".join(names[1:])
+    assert launch_chain(event, depth=10) == " > ".join(names)
+
+
+# ------------------------------------------------------------------------ diffunet bench
+def test_bench_command_takes_the_scripts_options_in_a_checkout():
+    from diffunet.cli import bench as command
+    from diffunet.cli.app import build_parser
+
+    assert command.benchmarks_folder() is not None  # the tests run from a checkout
+    args = build_parser().parse_args(["bench", "--quick", "--cases", "ldm,sample"])
+    assert args.cases == ("ldm", "sample") and args.quick
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--cases", "nope"])
+
+
+def test_bench_command_outside_a_checkout_says_where_the_benchmarks_are(monkeypatch, capsys):
+    from diffunet.cli import bench as command
+    from diffunet.cli.app import main
+
+    monkeypatch.delitem(sys.modules, command._MODULE, raising=False)
+    monkeypatch.setattr(command, "benchmarks_folder", lambda: None)
+    assert main(["bench", "--quick", "--cases", "ldm"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.startswith("diffunet bench: error:") and "benchmarks/ folder" in err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--help"])
+    assert exit_info.value.code == 0
+    assert "live in the repository's `benchmarks/`" in " ".join(capsys.readouterr().out.split())
