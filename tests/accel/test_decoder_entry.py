@@ -6,12 +6,6 @@ of the forward, the input gradient written to `out`, which may be the input itse
 Triton's interpreter (the `interpreted_*` functions) and on a GPU under `-m gpu` the kernels
 themselves run."""
 
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,33 +18,7 @@ from diffunet.model.introspect import example_inputs, small_config
 from diffunet.model.layers.ops import conv_nd, normalization
 from diffunet.model.layers.resblock import ResBlock
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-ROOT = Path(__file__).resolve().parents[2]
 EPS = 1e-5
-
-
-def run_interpreted(test_file: str) -> None:
-    """Run the `interpreted_*` functions of `test_file` in a pytest process with
-    TRITON_INTERPRET=1 and fail with its report if any fails. Triton chooses between compiling
-    and interpreting a kernel when the kernel is defined, at import, hence the process."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
-    options = ["-q", "-p", "no:cacheprovider", "-o", "python_functions=interpreted_*"]
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", *options, test_file],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
-    summary = done.stdout.strip().splitlines()[-1]  # e.g. "18 passed in 9.1s"
-    assert " passed" in summary and "skipped" not in summary, summary
-
-
-@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
-def test_kernels_under_the_interpreter():
-    run_interpreted(__file__)
 
 
 def reference_forward(x, weight, bias, scale, shift, add, num_groups, eps, film, act):

@@ -382,7 +382,7 @@ def test_resume_of_a_run_without_checkpoint_starts_over(tmp_path, capsys):
 
 def test_cudnn_autotuning_is_switched_on_for_3d_models_on_gpus_only(monkeypatch):
     """On an H200 it doubles eager 3D training and slows 2D models (docs/performance.md)."""
-    from diffunet.training.distributed import enable_cudnn_autotuning
+    from diffunet.accel.layout import enable_cudnn_autotuning
 
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     enable_cudnn_autotuning(torch.device("cpu"), 3)
@@ -398,10 +398,10 @@ def test_commands_that_repeat_shapes_autotune_cudnn_on_their_device(
     command, trained_run, tmp_path, capsys, monkeypatch
 ):
     import diffunet.cli.sample as sample_command
-    from diffunet.training import distributed
+    import diffunet.cli.train as train_command
 
     seen = []
-    module = distributed if command == "train" else sample_command
+    module = train_command if command == "train" else sample_command
     monkeypatch.setattr(
         module, "enable_cudnn_autotuning", lambda device, dims: seen.append((device, dims))
     )

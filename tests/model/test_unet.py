@@ -3,11 +3,12 @@ config round trips, padding, anisotropic resampling and option combinations in 1
 
 import itertools
 import math
+import os
 
 import pytest
 import torch
 
-from diffunet import UNet, UNetConfig, preset, split_aleatoric
+from diffunet import UNet, UNetConfig, accelerate, preset, split_aleatoric
 from diffunet.model.introspect import count_flops, example_inputs, small_config
 from diffunet.model.layers import CrossAttention, LinearAttention, SelfAttention
 
@@ -106,16 +107,38 @@ def test_gradient_checkpointing_gives_identical_gradients(name):
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-12)
 
 
-def test_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "aot_eager",  # Dynamo's capture and AOTAutograd's forward/backward split
+        pytest.param(
+            "inductor",
+            marks=pytest.mark.skipif(
+                not os.environ.get("DIFFUNET_SLOW_TESTS"),
+                reason="Inductor compiles C++ for about a minute; set DIFFUNET_SLOW_TESTS=1",
+            ),
+        ),
+    ],
+)
+@pytest.mark.parametrize("accelerated", [True])  # the plain model: tests/model/test_compile.py
+def test_compile_fullgraph_matches_eager(backend, accelerated):
     # Small but complete: scale-shift, ResBlock up/down, middle attention, cond, noise level.
     config = small_config("emdiffuse").replace(
         num_res_blocks=1, dropout=0.0, channel_mult=(1, 2), attention_resolutions=(2,)
     )
-    model = randomize(UNet(config)).eval()
+    model = randomize(UNet(config)).train()
+    if accelerated:
+        accelerate(model)
     x, kwargs = example_inputs(config, batch=2)
-    compiled = torch.compile(model, fullgraph=True)
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x, **kwargs), model(x, **kwargs), rtol=1e-4, atol=1e-4)
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    results = []
+    for run in (compiled, model):
+        model.zero_grad()
+        out = run(x, **kwargs)
+        out.square().sum().backward()
+        results.append([out.detach(), *(p.grad.clone() for p in model.parameters())])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["text-unet", "efficient-unet", "emdiffuse-3d"])

@@ -1,4 +1,4 @@
-"""Memory layouts: cuDNN convolves fastest channels-last on a GPU."""
+"""Memory layouts and cuDNN algorithm choice: what convolves fastest on a GPU."""
 
 from __future__ import annotations
 
@@ -21,3 +21,16 @@ def to_cuda_layout(x: torch.Tensor, dims: int) -> torch.Tensor:
     if x.is_cuda and dims in _CHANNELS_LAST:
         return x.contiguous(memory_format=_CHANNELS_LAST[dims])
     return x
+
+
+def enable_cudnn_autotuning(device: torch.device, dims: int) -> None:
+    """Have cuDNN time its convolution algorithms once per shape and keep the fastest
+    (`torch.backends.cudnn.benchmark`) where that pays: 3D models on a GPU.
+
+    For 1D and 2D models cuDNN's timed picks lose to its heuristic ones (docs/performance.md,
+    "Memory format and cuDNN autotuning"), so the setting is left as it is there and off the
+    GPU. The CLI commands that run a model many times call this; a library user decides for
+    their own process.
+    """
+    if device.type == "cuda" and dims == 3:
+        torch.backends.cudnn.benchmark = True

@@ -24,7 +24,7 @@ from torch import nn
 
 from diffunet.data.digits import DIGITS_SIZE, digits_arrays, resize_digits
 
-ASSET = Path(__file__).parent / "assets" / "digits_classifier.safetensors"
+ASSET = Path(__file__).resolve().parents[1] / "assets" / "digits_classifier.safetensors"
 CONFIDENT = 0.9
 
 

@@ -28,13 +28,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffunet.accel.layout import enable_cudnn_autotuning
 from diffunet.apps.generate import LoadedModel, load_model
 from diffunet.apps.restoration import Restoration, restore
 from diffunet.apps.restore_io import list_inputs, output_paths, read_input, write_outputs
 from diffunet.apps.tiling import tiled_map
 from diffunet.diffusion import Diffusion, call_model, draw_noise
 from diffunet.model.unet import split_aleatoric
-from diffunet.training.distributed import enable_cudnn_autotuning, resolve_device
+from diffunet.training.distributed import resolve_device
 from diffunet.training.run_config import SAMPLERS
 
 HELP = "restore images or volumes with a restoration model: result + uncertainty map"

@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffunet.accel.layout import enable_cudnn_autotuning
 from diffunet.apps.generate import default_labels, generate, load_model
 from diffunet.apps.grids import save_array, save_grid
 from diffunet.data import DataError, read_image
 from diffunet.data.arrays import load_array_file, to_unit_range
 from diffunet.data.images import resize_and_crop
-from diffunet.training.distributed import enable_cudnn_autotuning, resolve_device
+from diffunet.training.distributed import resolve_device
 from diffunet.training.run_config import SAMPLERS
 
 HELP = "draw samples from a run or checkpoint: a PNG grid or a .npy array"

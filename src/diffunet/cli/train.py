@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import yaml
 
+from diffunet.accel.layout import enable_cudnn_autotuning
 from diffunet.data import TASKS, open_dataset
 from diffunet.model.checkpoint import atomic_write_bytes
 from diffunet.training import distributed
@@ -346,7 +347,7 @@ def _train(
         seed=config.train.seed,
     )
     config.data.task = config.data.task or ("restore" if data.cond is not None else "generate")
-    distributed.enable_cudnn_autotuning(info.device, data.dims)
+    enable_cudnn_autotuning(info.device, data.dims)
     if config.data.image_size is None and data.dims == 2 and len(set(data.spatial_size)) == 1:
         config.data.image_size = data.spatial_size[0]
 

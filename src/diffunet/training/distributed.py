@@ -53,21 +53,6 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def enable_cudnn_autotuning(device: torch.device, dims: int) -> None:
-    """Have cuDNN time its convolution algorithms once per shape and keep the fastest
-    (`torch.backends.cudnn.benchmark`) where that pays: 3D models on a GPU.
-
-    Measured eager on an H200, bf16 (docs/performance.md): the 3D benchmark model trains at
-    49.5 instead of 25.3 vol/s with it and infers at 136 instead of 114; but for 2D ones cuDNN's
-    timed picks lose to its heuristic ones: `ldm` trains at 142 instead of 155 img/s and infers
-    at 369 instead of 441, `ddpm-cifar10` 1610 instead of 1939 and 3884 instead of 4927. For
-    1D and 2D models, and off the GPU, the setting is left as it is. The CLI commands that run
-    a model many times call this; a library user decides for their own process.
-    """
-    if device.type == "cuda" and dims == 3:
-        torch.backends.cudnn.benchmark = True
-
-
 def setup(device_name: str) -> DistInfo:
     """Join the process group when launched by torchrun; pick this rank's device."""
     if not launched_by_torchrun():

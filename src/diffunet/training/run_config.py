@@ -53,7 +53,7 @@ DEFAULT_MODEL_OVERRIDES: dict[str, Any] = {
 #: What `--task restore` uses when neither the command line nor `--config` names them.
 RESTORE_DEFAULTS = {"source": "em-pairs", "preset": "emdiffuse"}
 #: Training settings of `--task restore` that differ from the digits defaults: the run measured
-#: in docs/restoration.md (the full `emdiffuse`, about 4 minutes on an H100).
+#: in docs/restoration.md (the full `emdiffuse`).
 RESTORE_TRAIN_DEFAULTS = {"steps": 2500, "batch_size": 32, "lr": 1e-3}
 #: Fields of the model config that the data decides.
 DATA_FIELDS = ("dims", "in_channels", "out_channels", "cond_channels", "image_size", "num_classes")

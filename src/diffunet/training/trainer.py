@@ -144,8 +144,8 @@ def resident_on(data: TensorDataset, device: torch.device) -> bool:
     """Whether a run on `device` keeps `data` there: on a GPU, when the data set takes at most
     `RESIDENT_DATA_SHARE` of its memory. Each batch is then picked and scaled on the GPU, and a
     step does no per-sample work on the host, where under `torchrun` each process computes with
-    one thread (`OMP_NUM_THREADS=1`): on 2 × H200 that work held `ldm`'s eager DDP scaling at
-    88.5 %, 98.4 % without it (docs/performance.md, "Multi-GPU scaling")."""
+    one thread (`OMP_NUM_THREADS=1`) and that work would bound the step (docs/performance.md,
+    "Multi-GPU scaling")."""
     if device.type != "cuda":
         return False
     return (
