@@ -5,10 +5,6 @@ values and gradients, eager and compiled, in every dimensionality, in `Upsample`
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -202,26 +198,6 @@ def test_device_lists_are_checked():
     assert settings.parse_devices("none") == settings.parse_devices("") == frozenset()
     with pytest.raises(ValueError, match=r"DIFFUNET_FOLDED_UPSAMPLE='1'.*'cpu,cuda'"):
         settings.parse_devices("1")
-
-
-@pytest.mark.parametrize(
-    ("value", "expected", "warns"),
-    [
-        ("cpu", ["cpu"], False),
-        ("yes", ["cpu", "cuda"], True),  # parsing itself: test_device_lists_are_checked
-    ],
-)
-def test_the_environment_variable_sets_the_devices_at_import(value, expected, warns):
-    env = {k: v for k, v in os.environ.items() if k != settings.FOLDED_DEVICES_ENV}
-    if value is not None:
-        env[settings.FOLDED_DEVICES_ENV] = value
-    code = "from diffunet.accel import settings; print(sorted(settings.FOLDED_DEVICES))"
-    done = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == str(expected)
-    assert ("'yes' is not a device type" in done.stderr) == warns
 
 
 @pytest.mark.parametrize("embedding", ["none", "additive", "scale-shift"])
