@@ -32,3 +32,13 @@ def test_unknown_preset_is_one_line_and_non_zero(capsys):
     assert err.strip().count("\n") == 0
     assert "unknown preset 'nope'" in err
     assert "Traceback" not in err
+
+
+def test_info_without_a_name_lists_every_preset_and_its_source(capsys):
+    from diffunet import list_presets, preset_info
+
+    assert main(["info"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list_presets()
+    for line, name in zip(lines, list_presets()):
+        assert line.endswith(preset_info(name).source)

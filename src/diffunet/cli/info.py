@@ -1,6 +1,7 @@
 """Print a model's parameters, counted FLOPs per forward and a per-level table.
 
-NAME is a preset (`diffunet info ldm`), a `config.json` file or a checkpoint folder.
+NAME is a preset (`diffunet info ldm`), a `config.json` file or a checkpoint folder; without
+NAME, the presets are listed with the models they reproduce.
 """
 
 from __future__ import annotations
@@ -10,14 +11,18 @@ from pathlib import Path
 
 from diffunet.model.config import UNetConfig
 from diffunet.model.introspect import describe
-from diffunet.model.presets import preset, preset_info
+from diffunet.model.presets import list_presets, preset, preset_info
 
 HELP = "describe a preset, config.json or checkpoint: parameters, FLOPs, per-level table"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `diffunet info`."""
-    parser.add_argument("name", help="preset name, config.json file or checkpoint folder")
+    parser.add_argument(
+        "name",
+        nargs="?",
+        help="preset name, config.json file or checkpoint folder (none: list the presets)",
+    )
     parser.add_argument("--dims", type=int, choices=(1, 2, 3), help="override the dimensionality")
     parser.add_argument("--image-size", type=int, help="size used for the FLOP count and table")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
@@ -39,8 +44,19 @@ def resolve_config(name: str) -> UNetConfig:
     return preset(name)
 
 
+def print_presets() -> None:
+    """One line per preset: its name and the model it reproduces."""
+    names = list_presets()
+    width = max(len(name) for name in names)
+    for name in names:
+        print(f"{name:<{width}}  {preset_info(name).source}")
+
+
 def run(args: argparse.Namespace) -> int:
-    """Print the description."""
+    """Print the description, or the list of presets without a name."""
+    if args.name is None:
+        print_presets()
+        return 0
     config = resolve_config(args.name)
     overrides = {}
     if args.dims:
