@@ -32,6 +32,7 @@ try:
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from diffunet.accel import settings, thin_conv
+from diffunet.accel.layout import memory_format_for
 from harness.layers import (
     layer_benchmark_parser,
     layer_benchmark_setup,
@@ -41,7 +42,6 @@ from harness.layers import (
 )
 from harness.models import build_case, build_ours
 
-_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 MULTIPLE = settings.CHANNEL_MULTIPLE
 
 
@@ -49,7 +49,7 @@ def padded_convolution(conv: nn.Module, x: torch.Tensor, multiple: int = MULTIPL
     """`conv(x)` computed with input and output channels zero-padded to `multiple`."""
     weight, bias = conv.weight, conv.bias
     dims = weight.ndim - 2
-    layout = _CHANNELS_LAST.get(weight.ndim, torch.contiguous_format)
+    layout = memory_format_for(dims)
     extra_in, extra_out = -weight.shape[1] % multiple, -weight.shape[0] % multiple
     if extra_in:  # F.pad lists the last axis first; the channels are axis 1 of both
         x = F.pad(x, [0, 0] * dims + [0, extra_in]).contiguous(memory_format=layout)
@@ -100,7 +100,7 @@ def measure(
 ) -> list[dict]:
     """Forward and training milliseconds of each variant, and how far each is from `as is`."""
     torch.manual_seed(0)
-    layout = _CHANNELS_LAST.get(len(shape), torch.contiguous_format)
+    layout = memory_format_for(len(shape) - 2)
     conv = materialize(module, device, dtype, layout)
     x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=layout)
     x.requires_grad_(name == "head")  # the stem's input is data: no gradient

@@ -79,7 +79,8 @@ def _compare(plain_module, inputs: list[torch.Tensor], call=None) -> None:
         (out * torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out)).sum().backward()
         grads = [x.grad for x in leaves if x.grad is not None]
         results.append([out.detach(), *grads, *(p.grad for p in module.parameters())])
-    for got, want in zip(*results[::-1], strict=True):
+    plain_results, accelerated_results = results
+    for got, want in zip(accelerated_results, plain_results, strict=True):
         assert_close_to_scale(got, want, 1e-5)
 
 

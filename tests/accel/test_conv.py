@@ -21,6 +21,7 @@ from diffunet.accel.conv import (
     dense_strides,
     pin_layout,
 )
+from diffunet.accel.layout import memory_format_for
 from diffunet.accel.upsample import upsample_nearest
 from diffunet.model.layers.ops import conv_nd
 
@@ -126,7 +127,7 @@ def test_compiled_forward_and_gradients_equal_eager(dims, options, channels_last
     conv = conv_nd(dims, 4, 6, 3, **options)
     x = torch.randn(2, 4, *[9] * dims)
     if channels_last and dims > 1:  # the bias gradient is then a product with ones
-        layout = conv_module._CHANNELS_LAST[dims + 2]
+        layout = memory_format_for(dims)
         conv, x = conv.to(memory_format=layout), x.contiguous(memory_format=layout)
     x.requires_grad_()
     expected = conv(x)
@@ -399,7 +400,7 @@ def test_inductor_convolves_compiled_inference_in_channels_last(dims, monkeypatc
     channels-last."""
     from torch._inductor.select_algorithm import extern_kernels
 
-    layout = conv_module._CHANNELS_LAST[dims + 2]
+    layout = memory_format_for(dims)
     if dims == 3 and not _cpu_convolves_bf16_in(layout, dims):
         pytest.skip(
             "this CPU convolves bf16 in NCDHW (no oneDNN bf16 kernels), so its Inductor "
@@ -431,7 +432,7 @@ def test_inductor_convolves_compiled_inference_in_channels_last(dims, monkeypatc
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, "channels_last"])
 def test_dense_strides_lay_a_tensor_out_in_the_memory_format(shape, memory_format):
     if memory_format == "channels_last":
-        memory_format = conv_module._CHANNELS_LAST.get(len(shape), torch.contiguous_format)
+        memory_format = memory_format_for(len(shape) - 2)
     strides = dense_strides(shape, memory_format)
     laid_out = torch.empty_strided(shape, strides)
     assert laid_out.is_contiguous(memory_format=memory_format)
@@ -588,7 +589,7 @@ def test_output_padding_changes_no_result_or_gradient(
     """3D convolutions convolve with output channels padded to 8 and sliced back: the same
     numbers, the same gradients; a 3D stem (2 inputs, 16 outputs) and 2D heads are left alone."""
     torch.manual_seed(0)
-    layout = conv_module._CHANNELS_LAST[dims + 2]
+    layout = memory_format_for(dims)
     conv = conv_nd(dims, *channels, 3, padding=1).double().to(memory_format=layout)
     x = torch.randn(2, channels[0], *[5] * dims, dtype=torch.double)
     x = x.contiguous(memory_format=layout).requires_grad_(mode != "compiled inference")

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from diffunet.accel import settings, thin_conv
+from diffunet.accel.layout import channels_last_of
 from diffunet.accel.operands import autocast_dtype, autocast_operands, pad_output_channels
 
 _FIXED_STRIDES = (torch.Tag.needs_fixed_stride_order,)
@@ -81,7 +82,7 @@ def bias_gradient(grad: torch.Tensor) -> torch.Tensor:
     of ones: cuBLAS's matrix-vector product reads it faster than ATen's or Inductor's sums
     (docs/performance.md).
     """
-    channels_last = _CHANNELS_LAST.get(grad.ndim)
+    channels_last = channels_last_of(grad.ndim)
     if channels_last is None or not grad.is_contiguous(memory_format=channels_last):
         return grad.sum([0, *range(2, grad.ndim)])
     positions = grad.movedim(1, -1).reshape(-1, grad.shape[1])  # a view, no copy
@@ -212,16 +213,13 @@ def _backward(ctx, grad):
 convolution.register_autograd(_backward, setup_context=_setup_context)
 
 
-_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
-
-
 def _prefers(t: torch.Tensor, memory_format: torch.memory_format) -> bool:
     return t.is_contiguous(memory_format=memory_format) and not t.is_contiguous()
 
 
 def cudnn_memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
     """The layout cuDNN convolves `x` with `weight` in: channels-last if either one is."""
-    channels_last = _CHANNELS_LAST.get(x.ndim)
+    channels_last = channels_last_of(x.ndim)
     if channels_last is not None and (
         _prefers(x, channels_last) or _prefers(weight, channels_last)
     ):
@@ -235,7 +233,7 @@ def prefer_channels_last(module: nn.Module) -> None:
     torch.channels_last)` would otherwise tell cuDNN the layout."""
     for conv in module.modules():
         if type(conv) in (nn.Conv2d, nn.Conv3d):
-            conv.preferred_memory_format = _CHANNELS_LAST[conv.weight.ndim]
+            conv.preferred_memory_format = channels_last_of(conv.weight.ndim)
 
 
 def _layout_for(conv: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:

@@ -16,6 +16,11 @@ def memory_format_for(dims: int) -> torch.memory_format:
     return _CHANNELS_LAST.get(dims, torch.contiguous_format)
 
 
+def channels_last_of(ndim: int) -> torch.memory_format | None:
+    """The channels-last format of a tensor with `ndim` axes (4: 2D, 5: 3D), else None."""
+    return _CHANNELS_LAST.get(ndim - 2)
+
+
 def to_cuda_layout(x: torch.Tensor, dims: int) -> torch.Tensor:
     """`x` in `memory_format_for(dims)` when it lives on a GPU, else unchanged."""
     if x.is_cuda and dims in _CHANNELS_LAST:
