@@ -10,6 +10,7 @@ from diffunet.accel import accelerate
 from diffunet.apps.restoration import Restoration, restore
 from diffunet.apps.tiling import tiled_map
 from diffunet.diffusion import Diffusion, NoiseSchedule
+from diffunet.errors import DiffunetError
 from diffunet.interop import ConversionError, from_diffusers, from_guided_diffusion
 from diffunet.interop.export import export_model
 from diffunet.model import load_pretrained
@@ -25,6 +26,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "ConversionError",
+    "DiffunetError",
     "Diffusion",
     "NoiseSchedule",
     "Restoration",

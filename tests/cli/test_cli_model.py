@@ -1,4 +1,9 @@
-"""`diffunet info` and `diffunet check` from the command line."""
+"""`diffunet info` and `diffunet check` from the command line, and `diffunet sample` refusing
+a checkpoint that loads badly (changed weights, a bad run.json, NaN weights or samples)."""
+
+import numpy as np
+import pytest
+import torch
 
 from diffunet.cli import main
 
@@ -42,3 +47,83 @@ def test_info_without_a_name_lists_every_preset_and_its_source(capsys):
     assert [line.split()[0] for line in lines] == list_presets()
     for line, name in zip(lines, list_presets()):
         assert line.endswith(preset_info(name).source)
+
+
+# ------------------------------------------------------------------ checkpoints that load badly
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """A tiny 8×8 checkpoint folder (no run.json: the diffusion defaults apply)."""
+    from diffunet import UNet, UNetConfig
+    from diffunet.model.checkpoint import save_pretrained
+
+    config = UNetConfig(
+        in_channels=1,
+        out_channels=1,
+        image_size=8,
+        model_channels=8,
+        norm_groups=4,
+        channel_mult=(1,),
+    )
+    return save_pretrained(UNet(config), tmp_path / "ckpt")
+
+
+def sample(capsys, checkpoint, out, *extra: str) -> tuple[int, str]:
+    """`diffunet sample` of 2 samples in 1 step, in-process; (exit code, stderr)."""
+    argv = ["sample", "--from", str(checkpoint), "--num", "2", "--steps", "1", "--out", str(out)]
+    code = main([*argv, *extra])
+    return code, capsys.readouterr().err
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    assert code == 1
+    assert err.strip().count("\n") == 0 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+
+
+def test_sample_refuses_changed_weights_unless_no_verify(tiny_checkpoint, tmp_path, capsys):
+    weights = tiny_checkpoint / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-4] ^= 0x01  # the lowest bit of the file's last float: the weights, still finite
+    weights.write_bytes(bytes(data))
+    out = tmp_path / "x.npy"
+    code, err = sample(capsys, tiny_checkpoint, out)
+    assert_one_line_error(code, err, "model.safetensors fails its SHA-256 check", "--no-verify")
+    assert not out.exists()
+    assert sample(capsys, tiny_checkpoint, out, "--no-verify")[0] == 0
+    assert np.load(out).shape == (2, 1, 8, 8)
+
+
+def test_sample_refuses_bad_run_json_nan_weights_and_nan_samples(
+    tiny_checkpoint, tmp_path, capsys, monkeypatch
+):
+    out = tmp_path / "x.npy"
+    (tiny_checkpoint / "run.json").write_text('[{"diffusion": {}}]')
+    code, err = sample(capsys, tiny_checkpoint, out)
+    assert_one_line_error(code, err, "run.json must hold a JSON object", "got a list")
+    (tiny_checkpoint / "run.json").write_text('{"diffusion": "cosine"}')
+    assert_one_line_error(*sample(capsys, tiny_checkpoint, out), "run.json: 'diffusion' must")
+    (tiny_checkpoint / "run.json").unlink()
+
+    from diffunet.diffusion import Diffusion
+
+    # Finite weights whose samples come out NaN: an error, and nothing written.
+    monkeypatch.setattr(
+        Diffusion, "sample", lambda self, model, shape, **kw: torch.full(shape, torch.nan)
+    )
+    code, err = sample(capsys, tiny_checkpoint, out)
+    assert_one_line_error(code, err, "produced NaN or inf in 2 of the 2 samples")
+    assert not out.exists()
+
+    from diffunet.model import load_pretrained
+
+    model = load_pretrained(tiny_checkpoint)
+    with torch.no_grad():
+        model.out[2].bias[0] = torch.inf
+        model.time_embed.linear_1.weight[0, 0] = torch.nan
+    model.save_pretrained(tiny_checkpoint)
+    code, err = sample(capsys, tiny_checkpoint, out)
+    tensors = len(model.state_dict())
+    assert_one_line_error(
+        code, err, f"(2 of {tensors} tensors, e.g. time_embed.linear_1.weight)", "diverged run"
+    )

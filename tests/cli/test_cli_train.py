@@ -427,3 +427,28 @@ def test_commands_that_repeat_shapes_autotune_cudnn_on_their_device(
         torch.set_num_threads(threads)
     assert code == 0, err
     assert seen == [(torch.device("cpu"), 2)]
+
+
+@pytest.mark.parametrize(
+    "error, one_line",
+    [
+        (__import__("diffunet").errors.InvalidValueError("--foo must be 3, got 4"), True),
+        (FileNotFoundError(2, "No such file or directory", "/nowhere/x.png"), True),
+        (ZeroDivisionError("division by zero"), False),
+        (ValueError("a torch shape error deep inside"), False),
+    ],
+)
+def test_user_errors_are_one_line_and_bugs_show_their_traceback(
+    error, one_line, monkeypatch, capsys
+):
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr("diffunet.cli.info.run", fail)
+    code, _, err = run_cli(capsys, "info")
+    assert code == 1
+    if one_line:
+        assert_one_line_error(code, err, "diffunet info: error:")
+        assert str(getattr(error, "filename", None) or error) in err
+    else:
+        assert "Traceback" in err and "this is a bug in diffunet" in err.strip().splitlines()[-1]

@@ -55,7 +55,9 @@ def write_png(path: Path, array: np.ndarray) -> Path:
 def identity(monkeypatch):
     """Make `diffunet restore --from ANYTHING` load the given identity model."""
     holder = {}
-    monkeypatch.setattr(restore_command, "load_model", lambda source, device: holder["model"])
+    monkeypatch.setattr(
+        restore_command, "load_model", lambda source, device, **kwargs: holder["model"]
+    )
 
     def use(preset: str, image_size: int, **kwargs) -> LoadedModel:
         holder["model"] = identity_model(preset, image_size, **kwargs)

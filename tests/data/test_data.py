@@ -102,9 +102,23 @@ def test_npz_with_cond_and_labels_and_npy_folder(tmp_path):
 
 
 def test_bad_arrays(tmp_path):
-    np.save(tmp_path / "nan.npy", np.full((2, 1, 8, 8), np.nan, dtype=np.float32))
-    with pytest.raises(DataError, match="NaN"):
+    nan = np.zeros((2, 1, 8, 8), dtype=np.float32)
+    nan[0, 0, :3, 0] = [np.nan, np.inf, -np.inf]
+    np.save(tmp_path / "nan.npy", nan)
+    with pytest.raises(DataError, match=r"nan\.npy holds 3 non-finite value.*\(2, 1, 8, 8\)"):
         open_dataset(str(tmp_path / "nan.npy"))
+    np.save(tmp_path / "empty.npy", np.zeros((0, 1, 16, 16), dtype=np.float32))
+    with pytest.raises(DataError, match=r"empty\.npy holds no samples \(shape \(0, 1, 16, 16\)\)"):
+        open_dataset(str(tmp_path / "empty.npy"))
+    np.savez(tmp_path / "words.npz", x=np.array([["a", "b"]]))
+    with pytest.raises(DataError, match=r"words\.npz\[x\] holds <U1 values \(shape \(1, 2\)\)"):
+        open_dataset(str(tmp_path / "words.npz"))
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    np.save(samples / "0.npy", np.ones((1, 8)))
+    np.save(samples / "1.npy", np.ones((1, 0)))
+    with pytest.raises(DataError, match=r"1\.npy holds no values \(shape \(1, 0\)\)"):
+        open_dataset(str(samples))
     np.save(tmp_path / "flat.npy", np.zeros((5, 7)))
     with pytest.raises(DataError, match="channel axis"):
         open_dataset(str(tmp_path / "flat.npy"))

@@ -1,11 +1,14 @@
 """Bad arguments to the diffusion layer raise ValueErrors saying what was given, what was expected
 and how to fix it."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from diffunet import UNet
 from diffunet.diffusion import Diffusion
+from diffunet.errors import InvalidTypeError, InvalidValueError
 from diffunet.model.introspect import small_config
 
 
@@ -192,3 +195,23 @@ def test_scheduler_with_wrong_number_of_training_steps():
         Diffusion("cosine", 100).sample(
             identity, (2, 3), sampler=DDIMScheduler(), steps=5, progress=False
         )
+
+
+class Configured(Labelled):
+    """A class-conditional callable whose config states its classes, as a UNet's does."""
+
+    config = SimpleNamespace(num_classes=3)
+
+
+@pytest.mark.parametrize(("labels", "bad"), [([0, 4], "4"), ([-1, 3], "-1")])
+def test_labels_out_of_the_models_range(diffusion, labels, bad):
+    pattern = rf"labels has value\(s\) {bad} outside the valid range \[0, 3\].*null label"
+    with pytest.raises(InvalidValueError, match=pattern):
+        diffusion.sample(Configured(), (2, 3), labels=torch.tensor(labels), progress=False)
+    with pytest.raises(InvalidValueError, match=pattern):
+        diffusion.loss(Configured(), torch.zeros(2, 3), labels=torch.tensor(labels))
+    with pytest.raises(InvalidTypeError, match=r"labels must be an integer tensor.*float32"):
+        diffusion.loss(Configured(), torch.zeros(2, 3), labels=torch.tensor([0.0, 1.0]))
+    # the null label (3) is in range; a model without a stated num_classes is not range-checked
+    diffusion.sample(Configured(), (2, 3), labels=torch.tensor([3, 0]), steps=1, progress=False)
+    diffusion.loss(Labelled(), torch.zeros(2, 3), labels=torch.tensor(labels))

@@ -1,7 +1,9 @@
 """Checkpoints: bit-exact save/load round trips and a clear CheckpointError for every corrupt
 or mismatched folder (missing/unexpected keys, wrong shapes and dtypes, truncated or garbage
-weights, missing config, bad JSON, invalid config, another library's config, pickles)."""
+weights, weights that fail their SHA-256, missing config, bad JSON, invalid config, another
+library's config, pickles)."""
 
+import hashlib
 import json
 import struct
 
@@ -9,15 +11,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from diffunet import UNet
+from diffunet import UNet, UNetConfig
 from diffunet.model import load_pretrained
 from diffunet.model.checkpoint import (
     CONFIG_NAME,
+    DIGEST_KEY,
     WEIGHTS_NAME,
     CheckpointError,
     PretrainedMixin,
+    load_state_dict,
     read_metadata,
     save_pretrained,
+    weights_digest,
 )
 from diffunet.model.introspect import example_inputs, small_config
 
@@ -57,6 +62,66 @@ def test_round_trip_is_bit_exact_in_the_saved_dtype(model, tmp_path, dtype):
     x, kwargs = example_inputs(model.config, batch=2, dtype=dtype)
     with torch.no_grad():
         assert torch.equal(loaded(x, **kwargs), model.eval()(x, **kwargs))
+    # The recorded digest is the documented hash of the saved tensors, and of the loaded ones.
+    recorded = read_metadata(tmp_path / "c" / WEIGHTS_NAME)[DIGEST_KEY]
+    assert recorded == reference_digest(model.state_dict()) == weights_digest(loaded.state_dict())
+
+
+def reference_digest(state: dict[str, torch.Tensor]) -> str:
+    """The digest as docs/interop.md defines it, written out independently of diffunet's."""
+    hasher = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].contiguous()
+        data = t.flatten().view(torch.uint8).numpy().tobytes()
+        header = [name, str(t.dtype).split(".")[-1], list(t.shape), len(data)]
+        hasher.update(json.dumps(header).encode() + b"\n" + data)
+    return hasher.hexdigest()
+
+
+def test_digest_depends_on_every_name_dtype_shape_and_byte_but_not_on_order():
+    a = torch.arange(6, dtype=torch.float32)
+    state = {"a": a, "b": torch.ones(())}
+    digest = weights_digest(state)
+    assert weights_digest(dict(reversed(state.items()))) == digest
+    for changed in (
+        {"a2": a, "b": torch.ones(())},  # renamed
+        {"a": a.view(torch.int32), "b": torch.ones(())},  # same bytes, another dtype
+        {"a": a.reshape(2, 3), "b": torch.ones(())},  # same bytes, another shape
+        {"a": torch.tensor([0.0, 1, 2, 3, 4, 5.000001]), "b": torch.ones(())},  # one bit
+        {"a": a},  # a tensor fewer
+    ):
+        assert weights_digest(changed) != digest
+
+
+def flip_byte(path, offset: int) -> None:
+    """XOR the lowest bit of the byte at `offset` (negative: from the end) of a file."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_changed_weight_byte_fails_the_sha256_check(tmp_path):
+    model = randomize(UNet(UNetConfig(model_channels=8, norm_groups=4, channel_mult=(1,))))
+    checkpoint = save_pretrained(model, tmp_path / "tiny")
+    weights = checkpoint / WEIGHTS_NAME
+    flip_byte(weights, -4)  # the data section ends the file: the last float's lowest bits
+    message = rf"{WEIGHTS_NAME} fails its SHA-256 check.*verify=False \(CLI: --no-verify\)"
+    for load in (load_pretrained, UNet.from_pretrained, load_state_dict):
+        with pytest.raises(CheckpointError, match=message):
+            load(weights if load is load_state_dict else checkpoint)
+    loaded = load_pretrained(checkpoint, verify=False)  # the changed bit, loaded on request
+    changed = [
+        k for k, v in loaded.state_dict().items() if not torch.equal(v, model.state_dict()[k])
+    ]
+    assert len(changed) == 1
+    # An edit that keeps the old header is refused too; one without the digest loads unverified.
+    state, metadata = load_state_dict(weights, verify=False), read_metadata(weights)
+    save_file(state, str(weights), metadata=metadata)
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        load_pretrained(checkpoint)
+    save_file(state, str(weights))
+    assert DIGEST_KEY not in read_metadata(weights)
+    assert_bit_identical(load_pretrained(checkpoint), loaded)
 
 
 def test_load_casts_on_request_and_records_metadata(checkpoint):

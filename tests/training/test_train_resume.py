@@ -1,10 +1,12 @@
-"""Exact resume: SIGKILL a training subprocess mid-run, `--resume`, and get the same weights."""
+"""Exact resume: SIGKILL a training subprocess mid-run, then SIGTERM and SIGINT the resumed\nruns, `--resume` each time, and get the weights of an uninterrupted run."""
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffunet.cli import main
-from diffunet.training.run_log import last_logged_step
+from diffunet.training.run_log import RunLog, last_logged_step
 from diffunet.training.state import load_training_state
 
 STEPS = 40
@@ -74,6 +76,23 @@ def _train_subprocess(run: Path, *extra: str) -> subprocess.Popen:
     )
 
 
+@contextlib.contextmanager
+def _signal_at(step: int, signum: int) -> Iterator[None]:
+    """Send this process `signum` when the trainer finishes `step` (in-process runs)."""
+    tick = RunLog.tick
+
+    def tick_and_signal(self: RunLog, done: int) -> None:
+        tick(self, done)
+        if done == step:
+            signal.raise_signal(signum)
+
+    RunLog.tick = tick_and_signal  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        RunLog.tick = tick  # type: ignore[method-assign]
+
+
 def test_sigkill_and_resume_match_an_uninterrupted_run(tmp_path, capsys):
     threads = torch.get_num_threads()
     try:
@@ -86,8 +105,20 @@ def test_sigkill_and_resume_match_an_uninterrupted_run(tmp_path, capsys):
         last = load_training_state(run / "train_state.pt")["step"]
         assert last in (20, 30)
         capsys.readouterr()
+        # SIGTERM, then Ctrl-C: each saves the step it arrived in and exits 143 / 130.
+        for signum, step, code in ((signal.SIGTERM, 33, 143), (signal.SIGINT, 36, 130)):
+            with _signal_at(step, signum):
+                assert main(["train", "--out", str(run), "--resume", *ARGS]) == code
+            err = capsys.readouterr().err
+            assert f"from step {last} " in err  # it did not start over
+            assert (
+                f"interrupted at step {step}; resume with: diffunet train --resume --out {run}"
+                in err
+            )
+            assert load_training_state(run / "train_state.pt")["step"] == step
+            last = step
         assert main(["train", "--out", str(run), "--resume", *ARGS]) == 0
-        assert f"from step {last} " in capsys.readouterr().err  # it did not start over
+        assert f"from step {last} " in capsys.readouterr().err
     finally:
         torch.set_num_threads(threads)
 

@@ -20,6 +20,7 @@ from diffunet.accel.blocks import (
     AcceleratedUpsample,
     FusedGroupNorm,
 )
+from diffunet.errors import InvalidTypeError
 from diffunet.model.layers.resample import Downsample, Upsample
 from diffunet.model.layers.resblock import ResBlock
 from diffunet.model.unet import EmbedSequential, UNet
@@ -41,7 +42,7 @@ def _unets(model: nn.Module) -> list[UNet]:
     """The UNets in `model` (itself, or inside DDP / torch.compile / EMA wrappers)."""
     unets = [m for m in model.modules() if isinstance(m, UNet)]
     if not unets:
-        raise TypeError(
+        raise InvalidTypeError(
             f"accelerate expects a diffunet UNet or a module holding one, got "
             f"{type(model).__name__}"
         )

@@ -165,7 +165,7 @@ class AcceleratedUNet(UNet):
         labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Denoise `x` at `t`, as `UNet.forward`."""
-        t = self._check_inputs(x, t, cond, context, labels)
+        x, t, cond, context = self._prepare_inputs(x, t, cond, context, labels)
         pads = self._padding(tuple(x.shape[2:]))
         if cond is not None:
             x = torch.cat([x, cond.to(x.dtype)], dim=1)

@@ -45,6 +45,8 @@ from typing import Any
 
 import torch
 
+from diffunet.errors import InvalidValueError
+
 
 def _int_from_env(name: str, default: int, minimum: int, what: str) -> int:
     """The integer (at least `minimum`) the environment variable `name` gives, else `default`;
@@ -325,7 +327,7 @@ def parse_devices(text: str, source: str = FOLDED_DEVICES_ENV) -> frozenset[str]
         except RuntimeError:
             known = False
         if not known:
-            raise ValueError(
+            raise InvalidValueError(
                 f"{source}={text!r}: {name!r} is not a device type; expected a "
                 "comma-separated list such as 'cpu' or 'cpu,cuda', or 'none'"
             )

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffunet.errors import InvalidValueError
 from diffunet.model.checkpoint import atomic_write_bytes
 
 SIGNAL_HEIGHT = 48
@@ -28,7 +29,7 @@ def to_image_tiles(samples: torch.Tensor) -> torch.Tensor:
     if samples.ndim == 3:
         samples = _plot_signals(samples)
     if samples.ndim != 4:
-        raise ValueError(
+        raise InvalidValueError(
             f"samples must be (N, C, *spatial) with 1-3 spatial axes, got {tuple(samples.shape)}"
         )
     if samples.shape[1] not in (1, 3):

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffunet.data.digits import DIGITS_SIZE, digits_arrays, resize_digits
+from diffunet.errors import InvalidValueError
 
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "digits_classifier.safetensors"
 CONFIDENT = 0.9
@@ -71,7 +72,7 @@ def load_classifier(path: str | Path = ASSET) -> DigitsNet:
 def to_digit_inputs(images: torch.Tensor) -> torch.Tensor:
     """Generated images `(N, C, H, W)` in [0, 1] → the network's `(N, 1, 8, 8)` input."""
     if images.ndim != 4:
-        raise ValueError(
+        raise InvalidValueError(
             f"digits metrics need 2D images (N, C, H, W), got shape {tuple(images.shape)}"
         )
     images = images.float().clamp(0.0, 1.0)
@@ -100,7 +101,7 @@ def gaussian_stats(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and (unbiased) covariance of `(N, D)` features, in float64."""
     features = features.double()
     if len(features) < 2:
-        raise ValueError("a Fréchet distance needs at least 2 samples")
+        raise InvalidValueError("a Fréchet distance needs at least 2 samples")
     return features.mean(dim=0), torch.cov(features.T)
 
 
@@ -156,11 +157,13 @@ def evaluate_digits(
 ) -> DigitsScores:
     """Score `(N, C, H, W)` digits in [0, 1] (and, if given, the labels they should show)."""
     if images.ndim != 4 or images.shape[-1] != images.shape[-2]:
-        raise ValueError(
+        raise InvalidValueError(
             f"digits metrics need square 2D images (N, C, H, W), got {tuple(images.shape)}"
         )
     if labels is not None and tuple(labels.shape) != (len(images),):
-        raise ValueError(f"labels have shape {tuple(labels.shape)}, expected ({len(images)},)")
+        raise InvalidValueError(
+            f"labels have shape {tuple(labels.shape)}, expected ({len(images)},)"
+        )
     net = net or load_classifier()
     feats, probs = classify(net, images)
     mu, cov = gaussian_stats(feats)

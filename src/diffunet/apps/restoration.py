@@ -16,6 +16,7 @@ import torch
 from diffunet.apps.tiling import tiled_map
 from diffunet.diffusion import Diffusion
 from diffunet.diffusion.process import model_device
+from diffunet.errors import InvalidValueError
 
 
 class Restoration(NamedTuple):
@@ -70,17 +71,19 @@ def restore(
             if isinstance(image, torch.Tensor)
             else type(image).__name__
         )
-        raise ValueError(
+        raise InvalidValueError(
             f"image must be a floating-point tensor (B, C, *spatial) with 1 to 3 spatial axes, "
             f"got {given}; add a batch axis with image[None] if needed"
         )
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples={num_samples!r} is invalid: expected an integer >= 1")
+        raise InvalidValueError(f"num_samples={num_samples!r} is invalid: expected an integer >= 1")
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size={batch_size!r} is invalid: expected None or an integer >= 1")
+        raise InvalidValueError(
+            f"batch_size={batch_size!r} is invalid: expected None or an integer >= 1"
+        )
     config = getattr(model, "config", None)
     if getattr(config, "cond_channels", None) == 0:
-        raise ValueError(
+        raise InvalidValueError(
             "restore needs an image-conditioned model (config.cond_channels > 0) that takes the "
             "degraded image as cond; this model has cond_channels=0"
         )

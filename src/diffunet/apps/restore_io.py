@@ -26,6 +26,7 @@ import numpy as np
 
 from diffunet.data.dataset import DataError
 from diffunet.data.images import read_image
+from diffunet.errors import InvalidValueError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -295,7 +296,7 @@ def write_outputs(
     `restored` and `std` are float arrays in the [0, 1] units of `source.pixels`, of its shape.
     """
     if restored.shape != source.pixels.shape or std.shape != source.pixels.shape:
-        raise ValueError(
+        raise InvalidValueError(
             f"restored {restored.shape} and std {std.shape} must have the input's "
             f"shape {source.pixels.shape}"
         )

@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from diffunet.errors import InvalidValueError
+
 TileFn = Callable[[torch.Tensor], "torch.Tensor | tuple[torch.Tensor, ...]"]
 
 
@@ -25,7 +27,7 @@ def _per_axis(value: int | Sequence[int], dims: int, name: str) -> tuple[int, ..
     if len(values) != dims or not all(
         isinstance(v, int) and not isinstance(v, bool) for v in values
     ):
-        raise ValueError(
+        raise InvalidValueError(
             f"{name}={value!r} is invalid: expected an int or a tuple of {dims} ints (one per "
             "spatial axis)"
         )
@@ -39,13 +41,13 @@ def resolve_tiling(
     dims = len(spatial)
     tiles = _per_axis(tile_size, dims, "tile_size")
     if any(t < 1 for t in tiles):
-        raise ValueError(f"tile_size={tile_size!r} is invalid: every tile side must be >= 1")
+        raise InvalidValueError(f"tile_size={tile_size!r} is invalid: every tile side must be >= 1")
     overlaps = (
         tuple(t // 4 for t in tiles) if overlap is None else _per_axis(overlap, dims, "overlap")
     )
     for t, o in zip(tiles, overlaps):
         if not 0 <= o < t:
-            raise ValueError(
+            raise InvalidValueError(
                 f"overlap={overlap!r} is invalid for tile_size={tile_size!r}: expected 0 <= overlap "
                 "< tile size on every axis (a quarter of the tile is a good choice)"
             )
@@ -102,7 +104,7 @@ def tiled_map(
     Only one tile is processed at a time, so memory is bounded by the tile size.
     """
     if not isinstance(image, torch.Tensor) or image.ndim < 3:
-        raise ValueError(
+        raise InvalidValueError(
             f"image must be a tensor (B, C, *spatial) with 1 to 3 spatial axes, got "
             f"{tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}"
         )
@@ -122,7 +124,7 @@ def tiled_map(
         outputs = (outputs,) if single else tuple(outputs)
         for out in outputs:
             if tuple(out.shape[2:]) != tiles or out.shape[0] != image.shape[0]:
-                raise ValueError(
+                raise InvalidValueError(
                     f"the tile function returned shape {tuple(out.shape)} for a tile of shape "
                     f"{(image.shape[0], image.shape[1], *tiles)}; expected the same batch and "
                     "spatial size"

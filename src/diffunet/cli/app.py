@@ -2,8 +2,10 @@
 | export | convert`.
 
 Each command lives in `diffunet.cli.<name>` and provides `HELP`, `add_arguments(parser)`
-and `run(args) -> int`. Errors a user can fix (bad options, files, configs) end the program
-with one readable line and a non-zero exit code; set `DIFFUNET_DEBUG=1` for the traceback.
+and `run(args) -> int`. Errors a user can fix (a `DiffunetError`: bad options, files, configs;
+an `OSError` naming a path; running out of GPU memory) end the program with one readable line
+and exit code 1; set `DIFFUNET_DEBUG=1` for the traceback. Any other exception is a bug: its
+traceback is printed with a line saying so. Ctrl-C exits 130, SIGTERM 143.
 """
 
 from __future__ import annotations
@@ -12,12 +14,16 @@ import argparse
 import importlib
 import importlib.util
 import os
+import signal
 import sys
+import traceback
+
+from diffunet.errors import DiffunetError
 
 COMMANDS = ("train", "sample", "eval", "restore", "info", "check", "bench", "export", "convert")
 
 
-class CliError(Exception):
+class CliError(DiffunetError):
     """A user-facing error: printed as one line, exit code 1."""
 
 
@@ -51,20 +57,56 @@ def _version() -> str:
     return f"diffunet {__version__}"
 
 
+class Terminated(BaseException):
+    """SIGTERM outside the training loop (which saves a checkpoint first): exit 143."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+def _user_message(err: BaseException) -> str | None:
+    """The one-line message of an error the user can fix, None for a bug."""
+    if isinstance(err, OSError) and not isinstance(err, DiffunetError) and err.filename:
+        reason = err.strerror or type(err).__name__
+        return f"{reason}: {err.filename}"
+    if isinstance(err, (DiffunetError, OSError)):
+        return " ".join(str(err).split()) or type(err).__name__
+    if type(err).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch
+        first = str(err).split(". ")[0]
+        return f"{first}; use a smaller --batch-size (or model, or image size)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `diffunet` console script."""
-    args = build_parser().parse_args(argv)
+    command = "diffunet"
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
+        args = build_parser().parse_args(argv)
+        command = f"diffunet {args.command}"
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
-        print(f"diffunet {args.command}: interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
         return 130
-    except (CliError, ValueError, TypeError, OSError, RuntimeError) as err:
-        if os.environ.get("DIFFUNET_DEBUG"):
-            raise
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"diffunet {args.command}: error: {message}", file=sys.stderr)
+    except Terminated:
+        print(f"{command}: terminated", file=sys.stderr)
+        return 143
+    except Exception as err:
+        message = _user_message(err)
+        if message is None or os.environ.get("DIFFUNET_DEBUG"):
+            traceback.print_exc()
+            if message is None:
+                print(
+                    f"{command}: internal error ({type(err).__name__}); this is a bug in "
+                    "diffunet: please report it with the traceback above",
+                    file=sys.stderr,
+                )
+            return 1
+        print(f"{command}: error: {message}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

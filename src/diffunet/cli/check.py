@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from diffunet.errors import InvalidValueError
 from diffunet.model.introspect import self_check
 from diffunet.model.presets import list_presets
 
@@ -20,7 +21,9 @@ def run(args: argparse.Namespace) -> int:
     """Run the self-test and print one row per case."""
     unknown = sorted(set(args.presets) - set(list_presets()))
     if unknown:
-        raise ValueError(f"unknown preset(s) {unknown}; available: {', '.join(list_presets())}")
+        raise InvalidValueError(
+            f"unknown preset(s) {unknown}; available: {', '.join(list_presets())}"
+        )
     results = self_check(args.presets or None)
     print(f"{'preset':<22} {'dims':>4} {'params':>11} {'output':<20} {'time':>7}  result")
     for r in results:

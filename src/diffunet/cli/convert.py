@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from diffunet.cli.info import resolve_config
+from diffunet.errors import InvalidValueError
 from diffunet.model.checkpoint import save_pretrained
 
 HELP = "import diffusers UNet2DModel or guided-diffusion/EMDiffuse weights as a checkpoint"
@@ -60,12 +61,12 @@ def run(args: argparse.Namespace) -> int:
     """Convert, save and print a one-line summary."""
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.force:
-        raise ValueError(f"--out {out} is not empty; pass --force to overwrite it")
+        raise InvalidValueError(f"--out {out} is not empty; pass --force to overwrite it")
     if args.source_format == "diffusers":
         from diffunet.interop.diffusers import from_diffusers
 
         if args.config:
-            raise ValueError(
+            raise InvalidValueError(
                 "--config is only for --from guided-diffusion (diffusers folders "
                 "carry their own config)"
             )
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         from diffunet.interop.guided_diffusion import from_guided_diffusion
 
         if not args.config:
-            raise ValueError(
+            raise InvalidValueError(
                 "--from guided-diffusion needs --config (a preset name or "
                 "config.json describing the network, e.g. --config emdiffuse)"
             )

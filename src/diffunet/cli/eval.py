@@ -23,6 +23,7 @@ from diffunet.apps.generate import default_labels, generate, load_model
 from diffunet.apps.metrics import evaluate_digits
 from diffunet.data import DataError, digits_arrays, resize_digits
 from diffunet.data.arrays import load_array_file
+from diffunet.errors import InvalidValueError
 from diffunet.model.checkpoint import atomic_write_bytes
 from diffunet.training.run_config import SAMPLERS
 
@@ -65,6 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --real: the size the real digits are resized to (default 16)",
     )
     parser.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="load the weights even if they fail their SHA-256 check (changed since saved)",
+    )
 
 
 def _samples_from_file(
@@ -88,11 +94,13 @@ def _samples_from_file(
 def run(args: argparse.Namespace) -> int:
     """Produce or read the samples, score them, print (and optionally write) the numbers."""
     if args.num < 2:
-        raise ValueError(
+        raise InvalidValueError(
             f"--num must be at least 2 (a Fréchet distance needs a covariance), got {args.num}"
         )
     if args.labels and not args.samples:
-        raise ValueError("--labels goes with --samples (models and --real know their labels)")
+        raise InvalidValueError(
+            "--labels goes with --samples (models and --real know their labels)"
+        )
     what: dict = {}
     if args.real:
         images, labels = digits_arrays()
@@ -104,10 +112,10 @@ def run(args: argparse.Namespace) -> int:
         samples, labels = _samples_from_file(args.samples, args.labels)
         what = {"source": args.samples}
     else:
-        loaded = load_model(args.source)
+        loaded = load_model(args.source, verify=not args.no_verify)
         config = loaded.model.config
         if config.dims != 2 or config.cond_channels:
-            raise ValueError(
+            raise InvalidValueError(
                 "diffunet eval scores 2D digits from an unconditioned (or "
                 "class-conditional) model; this checkpoint is not one"
             )

@@ -2,11 +2,12 @@
 `torch.export` program (`.pt2`) or an AOTInductor package (`.pt2`, compiled for this CPU).
 
 The batch axis is dynamic unless --static-batch; --dynamic-spatial also frees the spatial axes
-(in multiples of the model's size multiple). The artifact is reloaded and compared with the
-PyTorch model on fresh inputs unless --no-verify. With --int8, the ONNX model is quantized with
-ONNX Runtime (static QDQ, per channel) and the pt2 program with PT2E (x86 Inductor quantizer),
-calibrated on --calibration-batches batches (noised --calibration-data samples, a .npy of
-clean data, or Gaussian noise).
+(in multiples of the model's size multiple). The checkpoint's weights are checked against their
+SHA-256, and the artifact is reloaded and compared with the PyTorch model on fresh inputs,
+unless --no-verify. With --int8, the ONNX model is quantized with ONNX Runtime (static QDQ,
+per channel) and the pt2 program with PT2E (x86 Inductor quantizer), calibrated on
+--calibration-batches batches (noised --calibration-data samples, a .npy of clean data, or
+Gaussian noise).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
+from diffunet.errors import InvalidValueError
 from diffunet.interop.export import FORMATS, export_inputs, export_model, file_size
 from diffunet.model import load_pretrained
 
@@ -39,7 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="make spatial axes dynamic (multiples of the size multiple)",
     )
-    parser.add_argument("--no-verify", action="store_true", help="skip the reload-and-compare")
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the checks: the weights' SHA-256 and the artifact's reload-and-compare",
+    )
     parser.add_argument(
         "--tolerance",
         type=float,
@@ -61,7 +67,7 @@ def _size(args: argparse.Namespace, dims: int) -> tuple[int, ...] | None:
     if len(args.size) == 1:
         return tuple(args.size) * dims
     if len(args.size) != dims:
-        raise ValueError(
+        raise InvalidValueError(
             f"--size takes 1 or {dims} values for a dims={dims} model, got {args.size}"
         )
     return tuple(args.size)
@@ -79,7 +85,7 @@ def _export_int8(model, args: argparse.Namespace, size) -> dict:
     )
 
     if args.format == "aoti":
-        raise ValueError(
+        raise InvalidValueError(
             "--int8 supports --format onnx or pt2 (compile the int8 pt2 with "
             "torch.compile, see docs/quantization.md)"
         )
@@ -112,7 +118,7 @@ def _export_int8(model, args: argparse.Namespace, size) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     """Export and print a JSON summary (path, bytes, seconds, error vs PyTorch)."""
-    model = load_pretrained(args.checkpoint, dtype=None).float()
+    model = load_pretrained(args.checkpoint, dtype=None, verify=not args.no_verify).float()
     size = _size(args, model.config.dims)
     if args.int8:
         summary = {"format": args.format, **_export_int8(model, args, size)}

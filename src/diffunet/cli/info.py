@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from diffunet.errors import InvalidValueError
 from diffunet.model.config import UNetConfig
 from diffunet.model.introspect import describe
 from diffunet.model.presets import list_presets, preset, preset_info
@@ -34,12 +35,12 @@ def resolve_config(name: str) -> UNetConfig:
     if path.is_dir():
         path = path / "config.json"
         if not path.is_file():
-            raise ValueError(
+            raise InvalidValueError(
                 f"{name} is a folder without config.json; is it a diffunet checkpoint?"
             )
     if path.suffix == ".json":
         if not path.is_file():
-            raise ValueError(f"config file {path} does not exist")
+            raise InvalidValueError(f"config file {path} does not exist")
         return UNetConfig.from_json(path)
     return preset(name)
 

@@ -34,6 +34,7 @@ from diffunet.apps.restoration import Restoration, restore
 from diffunet.apps.restore_io import list_inputs, output_paths, read_input, write_outputs
 from diffunet.apps.tiling import tiled_map
 from diffunet.diffusion import Diffusion, call_model, draw_noise
+from diffunet.errors import InvalidValueError
 from diffunet.model.unet import split_aleatoric
 from diffunet.training.distributed import resolve_device
 from diffunet.training.run_config import SAMPLERS
@@ -97,6 +98,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default 0)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="load the weights even if they fail their SHA-256 check (changed since saved)",
+    )
 
 
 # ---------------------------------------------------------------------------- options
@@ -111,7 +117,7 @@ def parse_sizes(text: str | None, dims: int, option: str) -> tuple[int, ...] | N
     if len(values) == 1:
         values = values * dims
     if len(values) != dims:
-        raise ValueError(
+        raise InvalidValueError(
             f"{option} {text!r} is invalid: expected one integer or {dims} "
             "comma-separated integers (one per spatial axis)"
         )
@@ -134,7 +140,7 @@ def tile_geometry(
         )
     for t, m in zip(tile, multiple):
         if t < m or t % m:
-            raise ValueError(
+            raise InvalidValueError(
                 f"--tile {','.join(map(str, tile))} is invalid for this model: every "
                 f"tile side must be a positive multiple of {','.join(map(str, multiple))} "
                 "(2 per downsampling level)"
@@ -142,7 +148,7 @@ def tile_geometry(
     if overlap is not None:
         for t, o in zip(tile, overlap):
             if not 0 <= o < t:
-                raise ValueError(
+                raise InvalidValueError(
                     f"--overlap {','.join(map(str, overlap))} is invalid for tile "
                     f"{','.join(map(str, tile))}: expected 0 <= overlap < tile "
                     "(a quarter of the tile is a good choice)"
@@ -176,7 +182,7 @@ def aleatoric_x0(
     if prediction == "v":  # x₀ = sqrt(ᾱ) x_t − sqrt(1 − ᾱ) v
         a, s = alpha_bar**0.5, (1.0 - alpha_bar) ** 0.5
         return a * x_t - s * mean, s * s * variance
-    raise ValueError(
+    raise InvalidValueError(
         f"aleatoric uncertainty needs a model trained to predict x0 or v; this one predicts "
         f"{prediction!r}, whose x₀ = (x_t − sqrt(1−ᾱ) ε) / sqrt(ᾱ) is unusable at the noise level "
         "where x_t carries no signal. Use --uncertainty samples, or train with prediction x0 or v"
@@ -204,7 +210,7 @@ def restore_aleatoric(
     means). `image` is the model's cond `(B, C, *spatial)` in [−1, 1]; the mean is clipped to it.
     """
     if not getattr(model.config, "aleatoric", False):
-        raise ValueError(
+        raise InvalidValueError(
             "--uncertainty aleatoric needs a model with an aleatoric head "
             "(config.aleatoric = true, e.g. preset emdiffuse-aleatoric); this one has "
             "none: use --uncertainty samples"
@@ -305,7 +311,7 @@ def uncertainty_kind(requested: str, loaded: LoadedModel) -> str:
     usable = aleatoric and loaded.diffusion.prediction in ("x0", "v")
     kind = ("aleatoric" if usable else "samples") if requested == "auto" else requested
     if kind == "aleatoric" and not aleatoric:
-        raise ValueError(
+        raise InvalidValueError(
             "--uncertainty aleatoric needs a model with an aleatoric head (preset "
             "emdiffuse-aleatoric); this model has none: use --uncertainty samples"
         )
@@ -319,13 +325,13 @@ def check_model(loaded: LoadedModel) -> None:
     """A restoration model takes the degraded image as cond and outputs as many channels."""
     config = loaded.model.config
     if not config.cond_channels:
-        raise ValueError(
+        raise InvalidValueError(
             f"{loaded.checkpoint} is not a restoration model: it has no image "
             "conditioning (cond_channels=0); train one on paired data "
             "(input/ → target/) or with preset emdiffuse"
         )
     if config.dims not in (2, 3):
-        raise ValueError(
+        raise InvalidValueError(
             f"{loaded.checkpoint} is a {config.dims}D model; `diffunet restore` "
             "restores 2D images and 3D volumes"
         )
@@ -336,14 +342,18 @@ def check_options(args: argparse.Namespace) -> None:
     for name in ("samples", "steps", "batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+            raise InvalidValueError(
+                f"--{name.replace('_', '-')} must be a positive integer, got {value}"
+            )
     if args.eta is not None and not 0.0 <= args.eta <= 1.0:
-        raise ValueError(f"--eta must be in [0, 1], got {args.eta}")
+        raise InvalidValueError(f"--eta must be in [0, 1], got {args.eta}")
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was given but no CUDA device is available")
+        raise InvalidValueError(
+            "--device cuda was given but no CUDA device is available; use --device cpu"
+        )
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; pass a folder for the results")
+        raise InvalidValueError(f"--out {out} is a file; pass a folder for the results")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -351,7 +361,7 @@ def run(args: argparse.Namespace) -> int:
     check_options(args)
     files = list_inputs(args.input)
     device = resolve_device(args.device)
-    loaded = load_model(args.source, device=device)
+    loaded = load_model(args.source, device=device, verify=not args.no_verify)
     enable_cudnn_autotuning(device, loaded.model.config.dims)
     check_model(loaded)
     config, defaults = loaded.model.config, loaded.sample_defaults

@@ -22,6 +22,7 @@ from diffunet.apps.grids import save_array, save_grid
 from diffunet.data import DataError, read_image
 from diffunet.data.arrays import load_array_file, to_unit_range
 from diffunet.data.images import resize_and_crop
+from diffunet.errors import InvalidValueError
 from diffunet.training.distributed import resolve_device
 from diffunet.training.run_config import SAMPLERS
 
@@ -60,12 +61,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--out", required=True, metavar="FILE", help="output .png or .npy")
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="load the weights even if they fail their SHA-256 check (changed since saved)",
+    )
 
 
 def check_positive(name: str, value: int | None) -> None:
     """Raise a ValueError unless `value` is None or a positive integer."""
     if value is not None and value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value}")
+        raise InvalidValueError(f"{name} must be a positive integer, got {value}")
 
 
 def load_cond(
@@ -107,17 +113,17 @@ def run(args: argparse.Namespace) -> int:
     """Load, sample, write."""
     out = Path(args.out)
     if out.suffix.lower() not in OUTPUT_SUFFIXES:
-        raise ValueError(f"--out {out} must end in .png (a grid) or .npy (a float32 array)")
+        raise InvalidValueError(f"--out {out} must end in .png (a grid) or .npy (a float32 array)")
     check_positive("--num", args.num)
     check_positive("--steps", args.steps)
     check_positive("--batch-size", args.batch_size)
     if args.eta is not None and not 0.0 <= args.eta <= 1.0:
-        raise ValueError(f"--eta must be in [0, 1], got {args.eta}")
+        raise InvalidValueError(f"--eta must be in [0, 1], got {args.eta}")
     if args.guidance is not None and args.guidance < 0:
-        raise ValueError(f"--guidance must be >= 0, got {args.guidance}")
+        raise InvalidValueError(f"--guidance must be >= 0, got {args.guidance}")
     device = resolve_device(args.device)
 
-    loaded = load_model(args.source, device=device)
+    loaded = load_model(args.source, device=device, verify=not args.no_verify)
     enable_cudnn_autotuning(device, loaded.model.config.dims)
     config = loaded.model.config
     defaults = loaded.sample_defaults
@@ -125,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     cond = None
     if config.cond_channels:
         if not args.cond:
-            raise ValueError(
+            raise InvalidValueError(
                 f"this model is conditioned on an input image ({config.cond_channels} "
                 "channel(s)); pass --cond IMAGE_OR_NPY (or use `diffunet restore`)"
             )
@@ -133,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
             args.cond, args.num, config.cond_channels, config.dims, config.spatial_size()
         )
     elif args.cond:
-        raise ValueError(
+        raise InvalidValueError(
             "--cond was given but the model has no image conditioning (cond_channels=0)"
         )
     guidance = args.guidance if args.guidance is not None else defaults.get("guidance", 1.0)

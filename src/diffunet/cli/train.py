@@ -5,6 +5,9 @@ overridden as KEY=VALUE after the options (`diffunet train --preset ldm model_ch
 Everything is checked before the run folder is created, so a bad option or file never leaves a
 half-written run. `--resume` continues the run in `--out` exactly where its last checkpoint
 left it. Under `torchrun --nproc_per_node=N` the same command trains data-parallel.
+
+One process owns a run folder (a lock, `train.lock`, released by the system when the process
+ends). SIGTERM or Ctrl-C saves the current step and exits 143 / 130 with the resume command.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ import torch
 import yaml
 
 from diffunet.accel.layout import enable_cudnn_autotuning
+from diffunet.apps.generate import CHECKPOINT_DIR
 from diffunet.data import TASKS, open_dataset
-from diffunet.model.checkpoint import atomic_write_bytes
+from diffunet.errors import TrainingError
+from diffunet.model.checkpoint import atomic_write_bytes, remove_temp_files
 from diffunet.training import distributed
 from diffunet.training.run_config import (
     COMPILE_MODES,
@@ -35,8 +40,9 @@ from diffunet.training.run_config import (
     merge,
     parse_override,
 )
+from diffunet.training.run_lock import LOCK_NAME, RunLock
 from diffunet.training.state import STATE_NAME, load_training_state
-from diffunet.training.trainer import CONFIG_YAML, Trainer, resolve_precision
+from diffunet.training.trainer import CONFIG_YAML, SAMPLES_DIR, Trainer, resolve_precision
 
 HELP = "train a model (default: a small U-Net on the embedded digits, a few minutes on a CPU)"
 
@@ -229,12 +235,23 @@ def resume_config(run_dir: Path, args: argparse.Namespace, settings: dict[str, A
     if args.config:
         raise RunConfigError("--resume takes the config from the run folder; drop --config")
     path = run_dir / CONFIG_YAML
-    if not path.is_file():
+    if path.is_file():
+        stored = load_yaml(path)
+    elif (run_dir / STATE_NAME).is_file() and "run_config" in (
+        saved := load_training_state(run_dir / STATE_NAME)
+    ):
+        print(
+            f"diffunet train: {run_dir} has no {CONFIG_YAML}; resuming with the config saved "
+            f"in {STATE_NAME}",
+            file=sys.stderr,
+        )
+        path = run_dir / STATE_NAME
+        stored = from_dict(saved["run_config"], source=str(path))
+    else:
         raise RunConfigError(
             f"nothing to resume in {run_dir}: it has no {CONFIG_YAML}; start a new "
             "run without --resume"
         )
-    stored = load_yaml(path)
     stored_dict = stored.to_dict()
     for section, values in settings.items():
         if section == "preset":
@@ -295,11 +312,90 @@ def check_new_run_dir(run_dir: Path) -> None:
             f"--out {run_dir} already holds a run; pass --resume to continue it or "
             "choose another --out"
         )
-    if any(run_dir.iterdir()) and not (run_dir / CONFIG_YAML).exists():
+    if any(p.name != LOCK_NAME for p in run_dir.iterdir()) and not (run_dir / CONFIG_YAML).exists():
         raise RunConfigError(
             f"--out {run_dir} is a non-empty folder that is not a diffunet run; "
             "choose a new or empty folder"
         )
+
+
+#: The settings a run keeps for its whole life (those compared with the copy in the state file).
+STABLE_SECTIONS = ("preset", "model", "data", "diffusion")
+
+
+def check_config_against_state(run_dir: Path, config: RunConfig, state: dict[str, Any]) -> None:
+    """Refuse a `config.yaml` whose lasting settings differ from the copy saved with the
+    training state (a truncated or edited file would otherwise change the run)."""
+    saved = state.get("run_config")
+    if saved is None:  # a state written before the copy was kept
+        return
+    here = config.to_dict()
+    keys = [(name, None) for name in STABLE_SECTIONS] + sorted(IDENTITY)
+    differences = []
+    for section, key in keys:
+        if key is None and isinstance(here[section], dict):
+            names = sorted(set(here[section]) | set(saved.get(section) or {}))
+            pairs = [
+                (f"{section}.{k}", here[section].get(k), (saved.get(section) or {}).get(k))
+                for k in names
+            ]
+        elif key is None:
+            pairs = [(section, here[section], saved.get(section))]
+        else:
+            pairs = [(f"{section}.{key}", here[section][key], (saved.get(section) or {}).get(key))]
+        differences += [
+            f"{name} {a!r} there, {b!r} saved" for name, a, b in pairs if _plain(a) != _plain(b)
+        ]
+    if differences:
+        shown = "; ".join(differences[:4]) + (
+            f"; {len(differences) - 4} more" if len(differences) > 4 else ""
+        )
+        raise RunConfigError(
+            f"{run_dir / CONFIG_YAML} does not match the run's config saved in {STATE_NAME} "
+            f"({shown}): it was truncated or edited. Restore it, or delete it to resume with "
+            "the saved copy (change settings with command-line options, not by editing it)"
+        )
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, so YAML- and state-file copies compare equal."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def claim_run_dir(run_dir: Path, lock: RunLock, info: distributed.DistInfo, new: bool) -> None:
+    """Rank 0 takes the run folder's lock, checks again under it that a `new` run may use the
+    folder, and removes the temporary files that killed writes left; every rank learns whether
+    it got the folder (and raises the same one-line error if not)."""
+    message = None
+    if info.is_main:
+        try:
+            lock.acquire()
+            if new:
+                check_new_run_dir(run_dir)
+        except (TrainingError, RunConfigError) as err:
+            message = str(err)
+        else:
+            stale = [
+                path
+                for folder in (run_dir, run_dir / CHECKPOINT_DIR, run_dir / SAMPLES_DIR)
+                for path in remove_temp_files(folder)
+            ]
+            if stale:
+                print(
+                    f"diffunet train: removed {len(stale)} temporary file(s) that an "
+                    "interrupted write left behind",
+                    file=sys.stderr,
+                )
+    if info.enabled:
+        holder = [message]
+        torch.distributed.broadcast_object_list(holder, src=0)
+        message = holder[0]
+    if message is not None:
+        raise TrainingError(message)
 
 
 def _agree_on_run_dir(run_dir: Path, info: distributed.DistInfo) -> Path:
@@ -326,18 +422,28 @@ def run(args: argparse.Namespace) -> int:
     config.validate()
 
     info = distributed.setup(config.train.device)
+    run_dir = _agree_on_run_dir(run_dir, info)
+    lock = RunLock(run_dir)  # rank 0 takes it in _train, as soon as the folder exists
     try:
-        return _train(config, run_dir, info, args)
+        return _train(config, run_dir, info, args, lock)
     finally:
+        lock.release()
         distributed.cleanup()
 
 
 def _train(
-    config: RunConfig, run_dir: Path, info: distributed.DistInfo, args: argparse.Namespace
+    config: RunConfig,
+    run_dir: Path,
+    info: distributed.DistInfo,
+    args: argparse.Namespace,
+    lock: RunLock,
 ) -> int:
     if info.device.type == "cpu":
         torch.set_num_threads(config.train.threads or distributed.default_threads(info))
-    run_dir = _agree_on_run_dir(run_dir, info)
+    # A resumed run, or a new one in an existing folder, is locked before anything is read.
+    claimed = distributed.broadcast_flag(run_dir.is_dir(), info)
+    if claimed:
+        claim_run_dir(run_dir, lock, info, new=not args.resume)
     explicit_dims = config.model.get("dims")
     data = open_dataset(
         config.data.source,
@@ -354,6 +460,7 @@ def _train(
     state = None
     if args.resume and (run_dir / STATE_NAME).exists():
         state = load_training_state(run_dir / STATE_NAME)
+        check_config_against_state(run_dir, config, state)
     # Everything is validated here (model config, batch size vs data, precision) before any
     # file is written.
     config.train.precision = resolve_precision(config.train.precision, info.device)
@@ -363,8 +470,11 @@ def _train(
     config.diffusion.cond_drop_prob = trainer.cond_drop_prob
 
     if info.is_main:
-        text = config.to_yaml()
         run_dir.mkdir(parents=True, exist_ok=True)
+    if not claimed:
+        claim_run_dir(run_dir, lock, info, new=not args.resume)
+    if info.is_main:
+        text = config.to_yaml()
         atomic_write_bytes(run_dir / CONFIG_YAML, lambda tmp: Path(tmp).write_text(text))
         if args.resume and state is None:
             print(
@@ -374,6 +484,14 @@ def _train(
     distributed.barrier(info)
 
     result = trainer.train()
+    if result.interrupted:
+        if info.is_main:
+            print(
+                f"interrupted at step {result.steps}; resume with: diffunet train --resume "
+                f"--out {result.run_dir}",
+                file=sys.stderr,
+            )
+        return 128 + result.interrupted
     if info.is_main:
         minutes, seconds = divmod(result.seconds, 60)
         print(f"trained {result.steps} steps in {int(minutes)}:{seconds:04.1f} → {result.run_dir}")

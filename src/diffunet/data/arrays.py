@@ -9,6 +9,8 @@ Layouts (N samples, C channels, `*spatial` with 1, 2 or 3 axes):
 
 Integer arrays are scaled to `[0, 1]` by their bit depth (8 or 16 bit); floating-point arrays
 by the data set's minimum and maximum, which the resolved config records as `value_range`.
+Every array read is checked first (:func:`check_array`): an empty array, a non-numeric dtype or
+NaN/inf values raise a :class:`DataError` naming the file and the array's shape.
 `--image-size` centre-crops; pairs (`cond`) larger than it are cut into random aligned crops
 instead, as paired folders are (:mod:`diffunet.data.crops`).
 """
@@ -32,12 +34,42 @@ LABEL_KEYS = ("labels", "y")
 
 
 def load_array_file(path: Path) -> np.ndarray:
-    """Read one `.npy` array (pickles refused), naming the file on failure."""
+    """Read one `.npy` array (pickles refused) and :func:`check_array` it, naming the file on
+    failure."""
     try:
-        return np.load(path, allow_pickle=False)
+        array = np.load(path, allow_pickle=False)
     except Exception as err:
         reason = " ".join(str(err).split()) or type(err).__name__
         raise DataError(f"cannot read array file {path}: {reason}") from err
+    if not isinstance(array, np.ndarray):  # an .npz archive read through this function
+        array.close()
+        raise DataError(f"{path} is an .npz archive; expected one .npy array")
+    return check_array(array, str(path))
+
+
+def check_array(array: np.ndarray, what: str) -> np.ndarray:
+    """`array` (read from `what`, a file name) if it can be data; else a :class:`DataError`
+    naming `what` and the shape: no values, a dtype other than bool/integer/float, or NaN/inf."""
+    shape = tuple(array.shape)
+    kind = array.dtype
+    if not (
+        kind == np.bool_ or np.issubdtype(kind, np.integer) or np.issubdtype(kind, np.floating)
+    ):
+        raise DataError(
+            f"{what} holds {kind} values (shape {shape}); data must be integers or floats: "
+            "save it with a numeric dtype, e.g. a.astype(np.float32)"
+        )
+    if array.size == 0:
+        empty = "no samples" if array.ndim and shape[0] == 0 else "no values"
+        raise DataError(f"{what} holds {empty} (shape {shape}); save at least one sample")
+    if np.issubdtype(kind, np.floating):
+        bad = array.size - int(np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise DataError(
+                f"{what} holds {bad:,} non-finite value(s) (NaN or inf) in shape {shape}; "
+                "clean the data (drop those samples, or np.nan_to_num)"
+            )
+    return array
 
 
 def unit_range(arrays: Sequence[np.ndarray], what: str) -> list[float]:
@@ -46,6 +78,8 @@ def unit_range(arrays: Sequence[np.ndarray], what: str) -> list[float]:
     Booleans: `[0, 1]`; integers: their bit depth (`[0, 255]` for uint8, else `[0, 65535]`);
     floats: their joint minimum and maximum.
     """
+    if not arrays or any(a.size == 0 for a in arrays):
+        raise DataError(f"{what} holds no values; save at least one sample")
     dtype = np.result_type(*{a.dtype for a in arrays})
     if dtype == np.bool_:
         return [0, 1]
@@ -59,14 +93,24 @@ def unit_range(arrays: Sequence[np.ndarray], what: str) -> list[float]:
         return [0, 255 if hi <= 255 and dtype == np.uint8 else 65535]
     if not np.issubdtype(dtype, np.floating):
         raise DataError(f"{what}: unsupported dtype {dtype}; use integers or floats")
+    # NaN propagates through min and max, so finite bounds mean finite data.
+    low, high = min(float(a.min()) for a in arrays), max(float(a.max()) for a in arrays)
+    if not (math.isfinite(low) and math.isfinite(high)):
+        bad = sum(a.size - int(np.count_nonzero(np.isfinite(a))) for a in arrays)
+        raise DataError(
+            f"{what} holds {bad:,} non-finite value(s) (NaN or inf); clean the data "
+            "(drop those samples, or np.nan_to_num)"
+        )
     # The range of the float32 values that training sees (rounding keeps the order).
-    lo = min(float(np.float32(a.min())) for a in arrays)
-    hi = max(float(np.float32(a.max())) for a in arrays)
-    if not (math.isfinite(lo) and math.isfinite(hi) and all(np.isfinite(a).all() for a in arrays)):
-        raise DataError(f"{what}: contains NaN or infinite values")
-    if hi <= lo:
-        raise DataError(f"{what}: every value is {lo:g}; there is nothing to learn")
-    return [lo, hi]
+    with np.errstate(over="ignore"):
+        lo32, hi32 = float(np.float32(low)), float(np.float32(high))
+    if not (math.isfinite(lo32) and math.isfinite(hi32)):
+        raise DataError(
+            f"{what}: values {low:g}..{high:g} overflow float32, which training uses; rescale them"
+        )
+    if hi32 <= lo32:
+        raise DataError(f"{what}: every value is {lo32:g}; there is nothing to learn")
+    return [lo32, hi32]
 
 
 def scale_to_unit(array: np.ndarray, value_range: Sequence[float]) -> torch.Tensor:
@@ -162,6 +206,9 @@ def load_array_source(
             x_array = _pick(archive, X_KEYS, path, required=True)
             cond_array = _pick(archive, COND_KEYS, path, required=False)
             labels = _pick(archive, LABEL_KEYS, path, required=False)
+        x_array = check_array(x_array, f"{path}[x]")
+        if cond_array is not None:
+            cond_array = check_array(cond_array, f"{path}[cond]")
         x_array = _with_channels(x_array, f"{path}[x]", dims, per_sample=False)
     else:
         x_array = _with_channels(load_array_file(path), str(path), dims, per_sample=False)

@@ -13,8 +13,10 @@ from typing import Any
 
 import torch
 
+from diffunet.errors import InvalidValueError
 
-class DataError(ValueError):
+
+class DataError(InvalidValueError):
     """Data that cannot be used for training; the message names the file or folder."""
 
 

@@ -25,6 +25,7 @@ import torch
 
 from diffunet.data.crops import crops_per_source, random_window
 from diffunet.data.dataset import DataError, TensorDataset
+from diffunet.errors import InvalidValueError
 
 #: The pictures used for training (all load from scikit-image without a network).
 TRAIN_IMAGES = ("camera", "moon", "brick", "grass", "gravel", "text", "clock", "horse", "cell")
@@ -52,12 +53,12 @@ class PoissonGaussianNoise:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.photons, (int, float)) and self.photons > 0):
-            raise ValueError(
+            raise InvalidValueError(
                 f"photons={self.photons!r} is invalid: expected a positive number "
                 "(electrons per pixel at full intensity; 20 is a low dose)"
             )
         if not (isinstance(self.read_noise, (int, float)) and self.read_noise >= 0):
-            raise ValueError(
+            raise InvalidValueError(
                 f"read_noise={self.read_noise!r} is invalid: expected a number >= 0 "
                 "(detector noise std in units of full intensity; 0.02 is typical)"
             )

@@ -24,6 +24,7 @@ from diffunet.diffusion.model_protocol import (
     traits_of,
 )
 from diffunet.diffusion.parameterization import check_prediction, x0_and_eps
+from diffunet.errors import InvalidValueError
 from diffunet.model.unet import split_aleatoric
 
 
@@ -103,7 +104,7 @@ def call_model(
     expected = (x.shape[0], channels, *x.shape[2:])
     if not isinstance(output, torch.Tensor) or tuple(output.shape) != expected:
         given = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-        raise ValueError(
+        raise InvalidValueError(
             f"the model returned {given} for an input x of shape {tuple(x.shape)}; expected "
             f"{expected} (x's shape{', channels doubled: mean then log-variance' if channels != x.shape[1] else ''}). "
             "Make the model's out_channels equal its in_channels (the data channels)"
@@ -136,7 +137,7 @@ class Denoiser:
         self.cond, self.context, self.labels = cond, context, labels
         numeric = isinstance(guidance, (int, float)) and not isinstance(guidance, bool)
         if not numeric or not math.isfinite(guidance):
-            raise ValueError(
+            raise InvalidValueError(
                 f"guidance={guidance!r} is invalid: expected a finite number (1.0: conditional "
                 "model, 0.0: unconditional, 3-7: typical classifier-free guidance)"
             )
@@ -145,7 +146,7 @@ class Denoiser:
         self.aleatoric = is_aleatoric(model)
         guided = self.guidance != 1.0
         if guided and context is None and labels is None:
-            raise ValueError(
+            raise InvalidValueError(
                 f"guidance={guidance} needs a conditional model and its conditioning, but neither "
                 "labels nor context was given (an image cond is never dropped, so it cannot be "
                 "guided). Pass labels=... or context=..., or use guidance=1.0"

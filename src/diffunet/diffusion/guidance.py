@@ -12,6 +12,7 @@ from typing import cast
 import torch
 
 from diffunet.diffusion.model_protocol import ClassConditionalDenoiser, DenoisingModel
+from diffunet.errors import InvalidValueError
 
 
 def null_label_of(model: DenoisingModel) -> int:
@@ -23,7 +24,7 @@ def null_label_of(model: DenoisingModel) -> int:
     try:
         null = cast(ClassConditionalDenoiser, model).null_label
     except (AttributeError, ValueError) as err:
-        raise ValueError(
+        raise InvalidValueError(
             "labels were given for classifier-free guidance or conditioning dropout, but the model "
             "has no null label (model.null_label): build it with num_classes=<classes> (diffunet "
             "reserves index num_classes as the null label) or drop the labels / guidance"
@@ -45,7 +46,7 @@ def unconditional(
 def null_labels(labels: torch.Tensor, null_label: int | None) -> torch.Tensor:
     """`labels` replaced by the null label, which must be known."""
     if null_label is None:
-        raise ValueError(
+        raise InvalidValueError(
             "labels cannot be made unconditional without the model's null label (model.null_label)"
         )
     return torch.full_like(labels, null_label)

@@ -60,6 +60,12 @@ class DenoiserConfig(Protocol):
         """Number of spatial axes."""
         ...
 
+    @property
+    def num_classes(self) -> int | None:
+        """Number of classes of a class-conditional model (label `num_classes` is the null
+        label); None without labels."""
+        ...
+
 
 class ConfiguredDenoiser(DenoisingModel, Protocol):
     """A denoiser that describes itself through `config`, as a :class:`~diffunet.UNet` does."""
@@ -96,6 +102,7 @@ class DenoiserTraits:
     aleatoric: bool = False
     in_channels: int | None = None
     dims: int | None = None
+    num_classes: int | None = None
 
 
 def traits_of(model: DenoisingModel) -> DenoiserTraits:
@@ -111,12 +118,18 @@ def traits_of(model: DenoisingModel) -> DenoiserTraits:
         return DenoiserTraits()
     in_channels = getattr(config, "in_channels", None)
     dims = getattr(config, "dims", None)
+    num_classes = getattr(config, "num_classes", None)
     return DenoiserTraits(
         use_timestep=bool(getattr(config, "use_timestep", True)),
         noise_level=getattr(config, "time_embed_type", "timestep") == "noise_level",
         aleatoric=bool(getattr(config, "aleatoric", False)),
         in_channels=in_channels if isinstance(in_channels, int) else None,
         dims=dims if isinstance(dims, int) else None,
+        num_classes=(
+            num_classes
+            if isinstance(num_classes, int) and not isinstance(num_classes, bool)
+            else None
+        ),
     )
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from diffunet.errors import InvalidValueError
+
 
 def min_snr_weight(snr: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
     """Min-SNR-γ loss weights (Hang et al. 2023) for a batch of signal-to-noise ratios.
@@ -19,7 +21,7 @@ def min_snr_weight(snr: torch.Tensor, gamma: float, prediction: str) -> torch.Te
         return clipped
     if prediction == "v":
         return clipped / (snr + 1.0)
-    raise ValueError(f"unknown prediction {prediction!r}; expected 'eps', 'x0' or 'v'")
+    raise InvalidValueError(f"unknown prediction {prediction!r}; expected 'eps', 'x0' or 'v'")
 
 
 def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

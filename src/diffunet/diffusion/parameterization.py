@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import torch
 
+from diffunet.errors import InvalidValueError
+
 PREDICTIONS = ("eps", "x0", "v")
 
 
 def check_prediction(prediction: str) -> str:
     """Return `prediction` if it is one of :data:`PREDICTIONS`, else raise a ValueError."""
     if prediction not in PREDICTIONS:
-        raise ValueError(
+        raise InvalidValueError(
             f"unknown prediction {prediction!r}; expected one of {PREDICTIONS} ('eps' = noise, "
             "'x0' = clean data, 'v' = velocity)"
         )
@@ -48,7 +50,7 @@ def x0_and_eps(
         return output, (x_t - a * output) / s
     if prediction == "v":
         return a * x_t - s * output, s * x_t + a * output
-    raise ValueError(check_prediction(prediction))
+    raise InvalidValueError(check_prediction(prediction))
 
 
 def from_x0_and_eps(
@@ -65,7 +67,7 @@ def from_x0_and_eps(
     if prediction == "v":
         a, s = _coefficients(alpha_bar, x0)
         return a * eps - s * x0
-    raise ValueError(check_prediction(prediction))
+    raise InvalidValueError(check_prediction(prediction))
 
 
 def convert(

@@ -16,7 +16,9 @@ from diffunet.diffusion.parameterization import check_prediction, from_x0_and_ep
 from diffunet.diffusion.samplers import SAMPLERS, ddim, ddpm, dpm_solver_pp, steps_from_timesteps
 from diffunet.diffusion.schedule import TIMESTEP_SPACINGS, NoiseSchedule
 from diffunet.diffusion.scheduler_protocol import PROTOCOL, is_scheduler, sample_with_scheduler
+from diffunet.errors import InvalidTypeError, InvalidValueError
 from diffunet.model.unet import split_aleatoric
+from diffunet.model.validation import check_labels
 
 
 def draw_noise(
@@ -41,14 +43,16 @@ def with_cuda_graph(
     from diffunet.model.unet import UNet
 
     if cuda_graph not in (True, False, "auto"):
-        raise ValueError(f"cuda_graph={cuda_graph!r} is invalid: expected True, False or 'auto'")
+        raise InvalidValueError(
+            f"cuda_graph={cuda_graph!r} is invalid: expected True, False or 'auto'"
+        )
     if device.type == "cuda" and isinstance(model, UNet):
         accelerate(model)
     wanted = cuda_graph is True or (cuda_graph == "auto" and isinstance(model, UNet))
     if not wanted or device.type != "cuda" or isinstance(model, CUDAGraphModel):
         return model
     if not isinstance(model, torch.nn.Module):
-        raise ValueError("cuda_graph=True needs an nn.Module model; pass cuda_graph=False")
+        raise InvalidValueError("cuda_graph=True needs an nn.Module model; pass cuda_graph=False")
     graphed = model.__dict__.get(CACHE_ATTRIBUTE)
     if graphed is None:
         graphed = CUDAGraphModel(model)
@@ -94,12 +98,12 @@ class Diffusion:
     ) -> None:
         if isinstance(schedule, NoiseSchedule):
             if timesteps is not None and timesteps != len(schedule):
-                raise ValueError(
+                raise InvalidValueError(
                     f"timesteps={timesteps} disagrees with the given NoiseSchedule of "
                     f"{len(schedule)} steps; leave timesteps=None"
                 )
             if zero_terminal_snr and not schedule.has_zero_terminal_snr:
-                raise ValueError(
+                raise InvalidValueError(
                     "zero_terminal_snr=True with a ready-made NoiseSchedule: build it with "
                     "NoiseSchedule.create(..., zero_terminal_snr=True) instead"
                 )
@@ -111,13 +115,13 @@ class Diffusion:
                 zero_terminal_snr=zero_terminal_snr,
             )
         else:
-            raise TypeError(
+            raise InvalidTypeError(
                 f"schedule must be a name {('linear', 'cosine', 'sigmoid')} or a NoiseSchedule, "
                 f"got {type(schedule).__name__}"
             )
         self.prediction = check_prediction(prediction)
         if self.prediction == "eps" and self.schedule.has_zero_terminal_snr:
-            raise ValueError(
+            raise InvalidValueError(
                 "prediction='eps' cannot be used with a zero-terminal-SNR schedule: at the last "
                 "step x_t is pure noise and x₀ = (x_t − sqrt(1−ᾱ) ε) / sqrt(ᾱ) divides by zero. "
                 "Use prediction='v' (recommended by Lin et al.) or 'x0'"
@@ -125,17 +129,17 @@ class Diffusion:
         if min_snr_gamma is not None and not (
             isinstance(min_snr_gamma, (int, float)) and min_snr_gamma > 0
         ):
-            raise ValueError(
+            raise InvalidValueError(
                 f"min_snr_gamma={min_snr_gamma!r} is invalid: expected None (no weighting) or a "
                 "positive number (5 is the usual choice)"
             )
         if not isinstance(cond_drop_prob, (int, float)) or not 0.0 <= cond_drop_prob <= 1.0:
-            raise ValueError(
+            raise InvalidValueError(
                 f"cond_drop_prob={cond_drop_prob!r} is invalid: expected a probability in [0, 1] "
                 "(0.1 is usual for classifier-free guidance; 0 disables it)"
             )
         if timestep_spacing not in TIMESTEP_SPACINGS:
-            raise ValueError(
+            raise InvalidValueError(
                 f"timestep_spacing={timestep_spacing!r} is invalid: expected one of "
                 f"{TIMESTEP_SPACINGS}"
             )
@@ -189,6 +193,9 @@ class Diffusion:
         fix the otherwise random draws; `generator` seeds them.
         """
         self._check_batch(x0, "x0", cond=cond, context=context, labels=labels)
+        traits = traits_of(model)
+        if labels is not None:  # the range only on the CPU, or while value checks are on
+            check_labels(labels, traits.num_classes)
         batch, device = x0.shape[0], x0.device
         x0 = x0.float()
         if timesteps is None:
@@ -200,7 +207,6 @@ class Diffusion:
                 device=generator.device if generator is not None else "cpu",
             )
         timesteps = self._check_timesteps(timesteps, batch).to(device)
-        traits = traits_of(model)
         if traits.noise_level:
             alpha_bar = self.schedule.sample_noise_levels(timesteps, generator)
         else:
@@ -212,7 +218,7 @@ class Diffusion:
                 else torch.randn_like(x0)
             )
         elif tuple(noise.shape) != tuple(x0.shape):
-            raise ValueError(
+            raise InvalidValueError(
                 f"noise has shape {tuple(noise.shape)}, expected x0's shape {tuple(x0.shape)}"
             )
         noise = noise.to(device=device, dtype=torch.float32)
@@ -263,7 +269,9 @@ class Diffusion:
             guidance: classifier-free guidance scale s: `uncond + s (cond − uncond)`; 1 is the
                 conditional model, 0 the unconditional one. Needs `labels` or `context`.
             cond: fixed image conditioning (image-to-image), `(B, C_cond, *spatial)`.
-            context, labels: cross-attention tokens `(B, N, D)` and class indices `(B,)`.
+            context, labels: cross-attention tokens `(B, N, D)` and class indices `(B,)`, in
+                `[0, num_classes]` when the model's config states `num_classes` (checked before
+                the loop for CPU labels, and for GPU labels while value checks are on).
             generator: seeds every random draw; noise is drawn on its device (CPU by default)
                 and moved to `device`.
             progress: show a progress bar.
@@ -278,6 +286,8 @@ class Diffusion:
         scheduler = sampler if is_scheduler(sampler) else None
         self._check_sampler_arguments(sampler, steps, eta, scheduler is not None)
         self._check_model_shape(model, shape)
+        if labels is not None:  # the range on the CPU, or while value checks are on
+            check_labels(labels, traits_of(model).num_classes)
         if device is None:
             device = model_device(model, cond.device if cond is not None else "cpu")
         device = torch.device(device)
@@ -339,7 +349,7 @@ class Diffusion:
         if not is_protocol and (not isinstance(sampler, str) or sampler not in SAMPLERS):
             missing = [a for a in PROTOCOL if not hasattr(sampler, a)]
             detail = f" (it lacks {missing})" if not isinstance(sampler, str) else ""
-            raise ValueError(
+            raise InvalidValueError(
                 f"unknown sampler {sampler!r}{detail}; expected one of {SAMPLERS} or an object "
                 f"with the diffusers scheduler protocol {PROTOCOL}. Use sampler='ddim' (default), "
                 "'dpm++' for 10-25 steps or 'ddpm' for full ancestral sampling"
@@ -347,7 +357,7 @@ class Diffusion:
         if not is_protocol:
             self.schedule.timesteps_for(steps, self.timestep_spacing)
         if not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
-            raise ValueError(
+            raise InvalidValueError(
                 f"eta={eta!r} is invalid: expected a number in [0, 1] (0: deterministic DDIM, "
                 "1: DDPM-like noise)"
             )
@@ -361,7 +371,7 @@ class Diffusion:
             or len(shape) < 2
             or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
         ):
-            raise ValueError(
+            raise InvalidValueError(
                 f"shape={shape!r} is invalid: expected a tuple of positive ints (B, C, *spatial), "
                 "e.g. (16, 3, 32, 32)"
             )
@@ -372,13 +382,13 @@ class Diffusion:
         traits = traits_of(model)
         in_channels, dims = traits.in_channels, traits.dims
         if in_channels is not None and shape[1] != in_channels:
-            raise ValueError(
+            raise InvalidValueError(
                 f"shape={shape} has {shape[1]} channels but the model denoises "
                 f"in_channels={in_channels}; pass shape=(B, {in_channels}, *spatial) (an image "
                 "cond goes in cond=..., not in the channels)"
             )
         if dims is not None and len(shape) - 2 != dims:
-            raise ValueError(
+            raise InvalidValueError(
                 f"shape={shape} has {len(shape) - 2} spatial axes but the model has dims={dims}; "
                 f"pass shape=(B, C{', S' * dims})"
             )
@@ -391,7 +401,7 @@ class Diffusion:
                 if isinstance(x, torch.Tensor)
                 else type(x).__name__
             )
-            raise ValueError(
+            raise InvalidValueError(
                 f"{name} must be a floating-point tensor (B, C, *spatial), got {given}"
             )
         Diffusion._check_conditioning(
@@ -403,24 +413,29 @@ class Diffusion:
         batch: int, spatial: tuple[int, ...], name: str, *, cond, context, labels
     ) -> None:
         spatial = tuple(spatial)
+        for argument, value in (("cond", cond), ("context", context), ("labels", labels)):
+            if value is not None and not isinstance(value, torch.Tensor):
+                raise InvalidTypeError(
+                    f"{argument} must be a torch.Tensor or None, got {type(value).__name__}"
+                )
         if cond is not None and (
             cond.ndim != len(spatial) + 2
             or cond.shape[0] != batch
             or tuple(cond.shape[2:]) != spatial
         ):
-            raise ValueError(
+            raise InvalidValueError(
                 f"cond has shape {tuple(cond.shape)} but {name} has batch {batch} and spatial "
                 f"size {spatial}; expected "
                 f"({batch}, C_cond, {', '.join(map(str, spatial))}): the same batch and spatial "
                 "size. Repeat or resize cond to match"
             )
         if context is not None and (context.ndim != 3 or context.shape[0] != batch):
-            raise ValueError(
+            raise InvalidValueError(
                 f"context has shape {tuple(context.shape)}, expected ({batch}, N, context_dim) "
                 f"to match the batch of {name}"
             )
         if labels is not None and tuple(labels.shape) != (batch,):
-            raise ValueError(
+            raise InvalidValueError(
                 f"labels has shape {tuple(labels.shape)}, expected ({batch},) to match the batch "
                 f"of {name}"
             )
@@ -434,7 +449,7 @@ class Diffusion:
             and bool((timesteps < 0).any() | (timesteps >= self.num_timesteps).any())
         )
         if tuple(timesteps.shape) != (batch,) or timesteps.is_floating_point() or out_of_range:
-            raise ValueError(
+            raise InvalidValueError(
                 f"timesteps must be an integer tensor of shape ({batch},) with values in "
                 f"[0, {self.num_timesteps - 1}], got {timesteps.dtype} of shape "
                 f"{tuple(timesteps.shape)}"

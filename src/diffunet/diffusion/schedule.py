@@ -27,6 +27,8 @@ from collections.abc import Callable
 
 import torch
 
+from diffunet.errors import InvalidValueError
+
 SCHEDULES = ("linear", "cosine", "sigmoid")
 TIMESTEP_SPACINGS = ("trailing", "leading", "linspace")
 MAX_BETA = 0.999
@@ -83,16 +85,18 @@ class NoiseSchedule:
     def __init__(self, alphas_cumprod: torch.Tensor, name: str = "custom") -> None:
         values = torch.as_tensor(alphas_cumprod, dtype=torch.float64).detach().cpu()
         if values.ndim != 1 or values.numel() < 1:
-            raise ValueError(
+            raise InvalidValueError(
                 f"alphas_cumprod must be a non-empty 1-D sequence, got shape {tuple(values.shape)}"
             )
         if not (values[0] < 1.0 and values.min() >= 0.0):
-            raise ValueError(
+            raise InvalidValueError(
                 "alphas_cumprod must lie in [0, 1) (ᾱ_0 < 1: step 0 already adds some noise); got "
                 f"range [{values.min().item():.6g}, {values.max().item():.6g}]"
             )
         if (values[1:] > values[:-1]).any():
-            raise ValueError("alphas_cumprod must be non-increasing (later steps are noisier)")
+            raise InvalidValueError(
+                "alphas_cumprod must be non-increasing (later steps are noisier)"
+            )
         self.alphas_cumprod = values
         self.name = name
         self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -103,12 +107,12 @@ class NoiseSchedule:
     ) -> NoiseSchedule:
         """The named schedule (`linear`, `cosine` or `sigmoid`) with `timesteps` steps."""
         if name not in SCHEDULES:
-            raise ValueError(
+            raise InvalidValueError(
                 f"unknown noise schedule {name!r}; expected one of {SCHEDULES}. Use 'cosine' "
                 "(a good default), 'linear' (DDPM) or 'sigmoid', or pass a NoiseSchedule"
             )
         if isinstance(timesteps, bool) or not isinstance(timesteps, int) or timesteps < 2:
-            raise ValueError(
+            raise InvalidValueError(
                 f"timesteps={timesteps!r} is invalid: expected an integer >= 2 (the number of "
                 "discrete diffusion steps T; 1000 is usual)"
             )
@@ -212,7 +216,7 @@ class NoiseSchedule:
         """
         total = len(self)
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= total:
-            raise ValueError(
+            raise InvalidValueError(
                 f"steps={steps!r} is invalid: expected an integer in [1, {total}] (this schedule "
                 f"has {total} steps). Use e.g. steps=50 for DDIM, 20 for dpm++, or {total} for "
                 "full DDPM; or build the Diffusion with more timesteps"
@@ -227,6 +231,6 @@ class NoiseSchedule:
             if steps == 1:
                 return [total - 1]
             return [round(i * (total - 1) / (steps - 1)) for i in reversed(range(steps))]
-        raise ValueError(
+        raise InvalidValueError(
             f"unknown timestep_spacing {spacing!r}; expected one of {TIMESTEP_SPACINGS}"
         )

@@ -17,6 +17,7 @@ import torch
 
 from diffunet.diffusion.parameterization import convert
 from diffunet.diffusion.schedule import NoiseSchedule
+from diffunet.errors import InvalidValueError
 
 PROTOCOL = ("set_timesteps", "scale_model_input", "step", "init_noise_sigma")
 _PREDICTION_NAMES = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
@@ -33,7 +34,7 @@ def scheduler_prediction(scheduler) -> str | None:
     if name is None:
         return None
     if name not in _PREDICTION_NAMES:
-        raise ValueError(
+        raise InvalidValueError(
             f"the scheduler's prediction_type {name!r} is not one of {tuple(_PREDICTION_NAMES)}"
         )
     return _PREDICTION_NAMES[name]
@@ -49,7 +50,7 @@ def scheduler_alphas_cumprod(scheduler, schedule: NoiseSchedule) -> NoiseSchedul
         return schedule
     table = torch.as_tensor(table, dtype=torch.float64).cpu()
     if table.shape != schedule.alphas_cumprod.shape:
-        raise ValueError(
+        raise InvalidValueError(
             f"the scheduler has {table.numel()} training timesteps but this Diffusion has "
             f"{len(schedule)}; build the scheduler with num_train_timesteps={len(schedule)}"
         )
@@ -84,7 +85,7 @@ def sample_with_scheduler(
     """
     total = getattr(getattr(scheduler, "config", None), "num_train_timesteps", len(schedule))
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= total:
-        raise ValueError(
+        raise InvalidValueError(
             f"steps={steps!r} is invalid for this scheduler: expected an integer in [1, {total}]"
         )
     device = noise.device

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import torch
 
+from diffunet.errors import InvalidValueError
 from diffunet.model.checkpoint import CheckpointError, _build_with_weights, load_state_dict
 from diffunet.model.config import UNetConfig
 
 _TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
-class ConversionError(ValueError):
+class ConversionError(InvalidValueError):
     """A model that diffunet cannot import exactly; the message names the offending option."""
 
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from diffunet.errors import InvalidTypeError
 from diffunet.interop.common import (
     ConversionError,
     assemble,
@@ -459,7 +460,7 @@ def from_diffusers(
         state = {k: v.detach().cpu() for k, v in model_or_path.state_dict().items()}
         source = f"diffusers {name}"
     else:
-        raise TypeError(
+        raise InvalidTypeError(
             f"from_diffusers expects a UNet2DModel or a folder path, got "
             f"{type(model_or_path).__name__}"
         )

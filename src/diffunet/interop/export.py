@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from diffunet.accel import plain
+from diffunet.errors import DiffunetError, InvalidValueError
 from diffunet.model.checkpoint import unwrap_model
 from diffunet.model.config import UNetConfig
 from diffunet.model.introspect import example_inputs
@@ -35,7 +36,7 @@ CONFIG_KEY = "diffunet_config"
 INPUT_ORDER = ("x", "t", "cond", "context", "labels")
 
 
-class ExportError(RuntimeError):
+class ExportError(DiffunetError, RuntimeError):
     """An export that failed or whose artifact does not reproduce the PyTorch model."""
 
 
@@ -245,7 +246,7 @@ def run_onnx(session_or_path: Any, inputs: dict[str, torch.Tensor]) -> torch.Ten
     names = [i.name for i in session.get_inputs()]
     missing = [n for n in names if n not in inputs]
     if missing:
-        raise ValueError(f"the ONNX model needs inputs {names}; missing {missing}")
+        raise InvalidValueError(f"the ONNX model needs inputs {names}; missing {missing}")
     feed = {n: inputs[n].detach().cpu().numpy() for n in names}
     return torch.from_numpy(session.run(None, feed)[0])
 
@@ -312,7 +313,7 @@ def export_model(
     dynamic); a max relative error above `tolerance` raises :class:`ExportError`.
     """
     if format not in FORMATS:
-        raise ValueError(f"unknown export format {format!r}; expected one of {FORMATS}")
+        raise InvalidValueError(f"unknown export format {format!r}; expected one of {FORMATS}")
     unet = _prepare(model)
     start = time.perf_counter()
     options = {

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from diffunet.errors import InvalidTypeError, InvalidValueError
 from diffunet.interop.common import ConversionError, assemble, null_label_row, read_weights
 from diffunet.model.checkpoint import clean_state_dict
 from diffunet.model.config import UNetConfig
@@ -79,7 +80,9 @@ def state_dict_from_guided_diffusion(
 ) -> dict[str, torch.Tensor]:
     """Rename and convert a guided-diffusion-layout state dict into diffunet's for `config`."""
     if attention_order not in ATTENTION_ORDERS:
-        raise ValueError(f"attention_order={attention_order!r}: expected one of {ATTENTION_ORDERS}")
+        raise InvalidValueError(
+            f"attention_order={attention_order!r}: expected one of {ATTENTION_ORDERS}"
+        )
     out: dict[str, torch.Tensor] = {}
     for key, value in _network_tensors(state).items():
         new = key
@@ -129,7 +132,9 @@ def from_guided_diffusion(
     elif isinstance(source, Mapping):
         name, state = "guided-diffusion state dict", dict(source)
     else:
-        raise TypeError(f"source must be a path or a state dict, got {type(source).__name__}")
+        raise InvalidTypeError(
+            f"source must be a path or a state dict, got {type(source).__name__}"
+        )
     converted = state_dict_from_guided_diffusion(
         config, state, attention_order=attention_order, cond_first=cond_first
     )

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from diffunet.errors import InvalidValueError
 from diffunet.interop.export import export_inputs, export_onnx, export_program
 from diffunet.model.checkpoint import unwrap_model
 from diffunet.model.config import UNetConfig
@@ -63,7 +64,9 @@ def calibration_inputs(
     random (labels include the null label).
     """
     if num_batches < 1 or batch < 1:
-        raise ValueError(f"num_batches and batch must be >= 1, got {num_batches} and {batch}")
+        raise InvalidValueError(
+            f"num_batches and batch must be >= 1, got {num_batches} and {batch}"
+        )
     generator = torch.Generator().manual_seed(seed)
     alpha_bar = _linear_alpha_bar(num_timesteps)
     total = num_batches * batch
@@ -83,7 +86,7 @@ def calibration_inputs(
             index = torch.randint(0, samples.shape[0], (batch,), generator=generator)
             clean = samples[index].to(inputs["x"].dtype)
             if clean.shape != inputs["x"].shape:
-                raise ValueError(
+                raise InvalidValueError(
                     f"samples have shape {tuple(samples.shape[1:])} per item, "
                     f"the model input {tuple(inputs['x'].shape[1:])}"
                 )
@@ -175,7 +178,7 @@ def quantize_pt2e(model: nn.Module, calibration: Iterable[Batch]) -> QuantizedMo
     unet = unwrap_model(model).eval()
     batches = list(calibration)
     if not batches:
-        raise ValueError("calibration is empty: pass at least one batch of inputs")
+        raise InvalidValueError("calibration is empty: pass at least one batch of inputs")
     graph = export_program(unet, inputs=batches[0]).module()
     prepared = prepare_pt2e(graph, _x86_quantizer())
     with torch.no_grad():
@@ -233,7 +236,7 @@ def quantize_onnx(
 
     batches = list(calibration)
     if not batches:
-        raise ValueError("calibration is empty: pass at least one batch of inputs")
+        raise InvalidValueError("calibration is empty: pass at least one batch of inputs")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -245,7 +248,7 @@ def quantize_onnx(
         names = [i.name for i in onnx.load(str(source), load_external_data=False).graph.input]
         missing = [n for n in names if n not in batches[0]]
         if missing:
-            raise ValueError(f"calibration batches lack the ONNX inputs {missing}")
+            raise InvalidValueError(f"calibration batches lack the ONNX inputs {missing}")
         quantize_static(
             str(source),
             str(out_path),

@@ -17,15 +17,21 @@ from diffunet.model.unet import UNet, split_aleatoric
 
 
 def load_pretrained(
-    name_or_path: str | Path, *, model_class: type[UNet] | None = None, **kwargs: Any
+    name_or_path: str | Path,
+    *,
+    model_class: type[UNet] | None = None,
+    verify: bool = True,
+    **kwargs: Any,
 ) -> UNet:
     """Load a checkpoint folder or Hub id as `model_class` (default `UNet`, or a subclass).
 
-    The keyword options (`device`, `dtype`, `revision`, `cache_dir`, `local_files_only`,
-    `token`) are those of :meth:`UNet.from_pretrained`. It lives here rather than in
-    `checkpoint.py`, which must not import `unet.py` (that imports it).
+    `verify` checks the weights against the SHA-256 that `save_pretrained` recorded (a
+    mismatch raises :class:`CheckpointError`; False loads them anyway). The other keyword
+    options (`device`, `dtype`, `revision`, `cache_dir`, `local_files_only`, `token`) are those
+    of :meth:`UNet.from_pretrained`. It lives here rather than in `checkpoint.py`, which must
+    not import `unet.py` (that imports it).
     """
-    return (model_class or UNet).from_pretrained(name_or_path, **kwargs)
+    return (model_class or UNet).from_pretrained(name_or_path, verify=verify, **kwargs)
 
 
 __all__ = [

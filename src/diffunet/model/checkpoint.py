@@ -3,6 +3,9 @@
 Weights never go through pickle. Loading checks the weights against the config and names
 every missing, unexpected, mis-shaped or mis-typed tensor; a missing, truncated or corrupt
 file, bad JSON or an invalid config each raise a :class:`CheckpointError` that names the file.
+safetensors has no checksum of its own, so `save_pretrained` records a SHA-256 of the tensors
+(:func:`weights_digest`) in the file's header and loading verifies it: a changed byte in the
+weights is refused instead of loading silently.
 
 `PretrainedMixin` gives a model class built from a `UNetConfig` (`UNet`) its
 `save_pretrained` / `from_pretrained` / `push_to_hub`. This module knows no model class, so
@@ -13,10 +16,13 @@ function form, defaulting to `UNet`. Hugging Face Hub ids (`owner/name`) are res
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import importlib.metadata
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -24,8 +30,9 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from diffunet.errors import InvalidTypeError, InvalidValueError, StorageError
 from diffunet.model.config import ConfigError, UNetConfig
 
 if TYPE_CHECKING:  # for annotations only: importing unet here would be a cycle
@@ -38,9 +45,12 @@ WEIGHTS_NAME = "model.safetensors"
 FORMAT_TAG = "diffunet"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+#: The safetensors header metadata key holding :func:`weights_digest` of the file's tensors.
+#: Not "sha256": it is a digest of the tensors, not of the file's bytes (`sha256sum` differs).
+DIGEST_KEY = "weights_sha256"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InvalidValueError):
     """A checkpoint that cannot be loaded; the message names the file and what is wrong."""
 
 
@@ -62,27 +72,89 @@ def unwrap_model(model: torch.nn.Module) -> UNet:
     while not isinstance(model, PretrainedMixin):
         inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
         if inner is None or seen > 8:
-            raise TypeError(
+            raise InvalidTypeError(
                 f"expected a diffunet UNet (possibly wrapped), got {type(model).__name__}"
             )
         model, seen = inner, seen + 1
     return cast("UNet", model)
 
 
+TEMP_SUFFIX = ".tmp"
+_UMASK = os.umask(0)  # read once: the only way to read it is to set it
+os.umask(_UMASK)
+
+
 def atomic_write_bytes(path: str | Path, write: Callable[[str], Any]) -> None:
-    """Call `write(tmp_path)` then fsync and rename onto `path`, so readers never see a partial file."""
+    """Call `write(tmp_path)` then fsync and rename onto `path`, so readers never see a partial file.
+
+    The temporary file (`.<name>.<random>.tmp` beside `path`) is removed whatever happens. A
+    failed write raises :class:`StorageError` saying whether the disk is full or which path
+    failed; the previous `path`, if any, is untouched.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    except OSError as err:
+        raise StorageError(f"cannot write {path}: {err.strerror or err}") from err
     os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # as `open` would have made it (mkstemp makes 0o600)
         os.replace(tmp, path)
+    except Exception as err:
+        storage = _storage_problem(err, path)
+        if storage is None:
+            raise
+        raise StorageError(storage) from err
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _storage_problem(err: BaseException, path: Path) -> str | None:
+    """A one-line account of a failed write that is the storage's doing, None for anything else.
+
+    Writers report a full disk differently: an `OSError` with `ENOSPC` (Python), "os error 28"
+    (safetensors) or a bare "unexpected pos" (`torch.save`); so the free space is checked too.
+    """
+    errnos = {getattr(e, "errno", None) for e in (err, err.__cause__, err.__context__)}
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    full = bool(errnos & {errno.ENOSPC, errno.EDQUOT}) or "os error 28" in str(err)
+    if full or (free is not None and free < LOW_DISK_BYTES):
+        left = "" if free is None else f" ({free / 2**20:.1f} MiB free)"
+        return (
+            f"the disk is full: writing {path} failed{left}; free some space or write "
+            f"elsewhere (the previous {path.name}, if any, is unchanged)"
+        )
+    if isinstance(err, OSError):
+        return (
+            f"writing {path} failed: {err.strerror or err} (the previous {path.name}, if "
+            "any, is unchanged)"
+        )
+    return None
+
+
+#: Below this much free space, a failed write is reported as a full disk.
+LOW_DISK_BYTES = 1 << 20
+
+
+def remove_temp_files(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that :func:`atomic_write_bytes` left in `folder` when its
+    process was killed mid-write; returns them. Call it only while no other process writes
+    there (the trainer holds the run folder's lock)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.glob(f".*{TEMP_SUFFIX}") if p.is_file()]
+    for stale_file in stale:
+        stale_file.unlink(missing_ok=True)
+    return stale
 
 
 def _version() -> str:
@@ -94,12 +166,52 @@ def _version() -> str:
         return "unknown"
 
 
+# ---------------------------------------------------------------------------- integrity
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """The SHA-256 (hex) of a state dict's contents, independent of any file layout.
+
+    Tensors are hashed in sorted-name order, each as one JSON line `[name, dtype, shape,
+    nbytes]` followed by its raw bytes (read in place for contiguous CPU tensors), so equal
+    names, dtypes, shapes and bits give equal digests and any changed byte changes it.
+    """
+    hasher = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        header = [name, dtype, list(tensor.shape), tensor.numel() * tensor.element_size()]
+        hasher.update(json.dumps(header).encode() + b"\n")
+        # A flat uint8 view (0-d tensors too) exposes the bytes of any dtype, bf16 included.
+        hasher.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+    return hasher.hexdigest()
+
+
+def verify_weights(
+    state: dict[str, torch.Tensor], metadata: dict[str, str], path: str | Path
+) -> bool:
+    """Check `state` against the digest that `save_pretrained` stored in `metadata`.
+
+    Returns True when it matches and False when the file records no digest (other libraries,
+    older diffunet); a mismatch raises :class:`CheckpointError` naming `path`.
+    """
+    recorded = metadata.get(DIGEST_KEY)
+    if recorded is None:
+        return False
+    if weights_digest(state) != recorded:
+        raise CheckpointError(
+            f"{path} fails its SHA-256 check: the weights changed since they were saved (a "
+            "corrupted disk or copy, or an edit); restore the file, or pass verify=False "
+            "(CLI: --no-verify) to load it anyway"
+        )
+    return True
+
+
 # ---------------------------------------------------------------------------- saving
 def save_pretrained(model: torch.nn.Module, directory: str | Path) -> Path:
     """Write `config.json` and `model.safetensors` for `model` into `directory` (atomically).
 
     Tensors are stored in the model's own dtype, so `load_pretrained` gives back a
-    bit-identical model.
+    bit-identical model. The header records their :func:`weights_digest`, written in the
+    same atomic write as the tensors, which loading verifies.
     """
     unet = unwrap_model(model)
     directory = Path(directory)
@@ -111,7 +223,12 @@ def save_pretrained(model: torch.nn.Module, directory: str | Path) -> Path:
     state = {
         k: v.detach().contiguous().cpu() for k, v in clean_state_dict(unet.state_dict()).items()
     }
-    metadata = {"format": "pt", "library": FORMAT_TAG, "diffunet_version": _version()}
+    metadata = {
+        "format": "pt",
+        "library": FORMAT_TAG,
+        "diffunet_version": _version(),
+        DIGEST_KEY: weights_digest(state),
+    }
     atomic_write_bytes(
         directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata=metadata)
     )
@@ -206,8 +323,13 @@ def load_config(directory: str | Path) -> UNetConfig:
         raise CheckpointError(f"{path}: {err}") from err
 
 
-def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a safetensors file (never pickle), with a clear error for a missing or corrupt one."""
+def load_state_dict(path: str | Path, *, verify: bool = True) -> dict[str, torch.Tensor]:
+    """Read a safetensors file (never pickle), with a clear error for a missing or corrupt one.
+
+    With `verify` (the default), a file that records a :func:`weights_digest` (every
+    `save_pretrained` file) must match it, or a :class:`CheckpointError` is raised; files
+    without one (other libraries, older diffunet) load unverified.
+    """
     path = Path(path)
     if not path.is_file():
         hint = ""
@@ -219,12 +341,18 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             )
         raise CheckpointError(f"weights file {path} does not exist{hint}")
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            # One open for metadata and tensors (a handle is not iterable: keys() is needed).
+            state = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(
             f"{path} ({path.stat().st_size:,} bytes) is not a readable safetensors file "
             f"(truncated or corrupt?): {err}"
         ) from err
+    if verify:
+        verify_weights(state, metadata, path)
+    return state
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -317,7 +445,7 @@ def push_to_hub(
     try:
         from huggingface_hub import HfApi
     except ImportError as err:
-        raise RuntimeError(
+        raise CheckpointError(
             "push_to_hub needs huggingface_hub: pip install huggingface_hub"
         ) from err
     api = HfApi(token=token)
@@ -352,6 +480,7 @@ class PretrainedMixin:
         cache_dir: str | Path | None = None,
         local_files_only: bool = False,
         token: str | bool | None = None,
+        verify: bool = True,
     ) -> _Model:
         """Build the model described by `config.json` and load its safetensors weights.
 
@@ -360,6 +489,8 @@ class PretrainedMixin:
             device: where the model is placed.
             dtype: cast the weights to this dtype; None keeps the dtype they were saved in.
             revision, cache_dir, local_files_only, token: passed to `huggingface_hub` for Hub ids.
+            verify: check the weights against the SHA-256 recorded when they were saved
+                (files without one load unverified); False loads a changed file anyway.
         """
         directory = resolve_checkpoint(
             name_or_path,
@@ -370,7 +501,7 @@ class PretrainedMixin:
         )
         config = load_config(directory)
         weights = directory / WEIGHTS_NAME
-        state = load_state_dict(weights)
+        state = load_state_dict(weights, verify=verify)
         model = _build_with_weights(cls, config, state, str(weights))
         model.to(device=device, dtype=dtype)
         return cast("_Model", model.eval())
@@ -382,6 +513,7 @@ class PretrainedMixin:
 
 __all__ = [
     "CONFIG_NAME",
+    "DIGEST_KEY",
     "WEIGHTS_NAME",
     "CheckpointError",
     "PretrainedMixin",
@@ -392,7 +524,10 @@ __all__ = [
     "load_state_dict",
     "push_to_hub",
     "read_metadata",
+    "remove_temp_files",
     "resolve_checkpoint",
     "save_pretrained",
     "unwrap_model",
+    "verify_weights",
+    "weights_digest",
 ]

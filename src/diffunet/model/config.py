@@ -15,9 +15,14 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
+import types
 from dataclasses import asdict, dataclass, fields, replace
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+from diffunet.errors import InvalidValueError
 
 ATTENTION_TYPES = ("full", "linear", "none")
 TIME_EMBED_TYPES = ("timestep", "noise_level")
@@ -27,7 +32,7 @@ DOWNSAMPLE_PADDINGS = ("symmetric", "asymmetric")
 SKIP_TOPOLOGIES = ("per_block", "per_level")
 
 
-class ConfigError(ValueError):
+class ConfigError(InvalidValueError):
     """An invalid `UNetConfig`: the message says which field, what was given and what to do."""
 
 
@@ -93,15 +98,15 @@ class UNetConfig:
     pad_to_multiple: bool = False
 
     def __post_init__(self) -> None:
-        # Accept lists (from JSON/YAML) and store tuples, so configs hash and compare cleanly.
-        for name in ("channel_mult", "attention_resolutions"):
-            value = getattr(self, name)
-            if isinstance(value, list):
-                object.__setattr__(self, name, tuple(value))
-        if isinstance(self.image_size, list):
-            object.__setattr__(self, "image_size", tuple(self.image_size))
-        if isinstance(self.resample_axes, list):
-            object.__setattr__(self, "resample_axes", tuple(tuple(a) for a in self.resample_axes))
+        # Every field is type-checked against its annotation; lists (from JSON/YAML) are stored
+        # as tuples, so configs hash and compare cleanly, and ints given for floats as floats.
+        hints = _field_types()
+        for f in fields(self):
+            value = getattr(self, f.name)
+            hint = hints[f.name]
+            if not _accepts(value, hint):
+                _fail_type(f.name, value, hint)
+            object.__setattr__(self, f.name, _normalized(value, hint))
         self.validate()
 
     # ------------------------------------------------------------------ derived values
@@ -184,6 +189,10 @@ class UNetConfig:
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid field and how to fix it."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                _fail(f.name, value, "a finite number")
         if self.dims not in (1, 2, 3):
             _fail("dims", self.dims, "1, 2 or 3", "Use 1 for signals, 2 for images, 3 for volumes.")
         for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks"):
@@ -414,8 +423,6 @@ class UNetConfig:
             raise ConfigError(
                 f"unknown UNetConfig field(s) {unknown}; valid fields: {sorted(known)}"
             )
-        if data.get("resample_axes") is not None:
-            data["resample_axes"] = tuple(tuple(a) for a in data["resample_axes"])
         return cls(**data)
 
     def to_json(self, path: str | Path | None = None) -> str:
@@ -444,6 +451,119 @@ class UNetConfig:
             raise ConfigError(f"unknown UNetConfig field(s) {unknown}")
         _expand_conv_resample(changes)
         return replace(self, **changes)
+
+
+# What a string field may hold, and an example of each list field, for type errors.
+_CHOICES = {
+    "attention_type": ATTENTION_TYPES,
+    "mid_attention_type": ATTENTION_TYPES,
+    "time_embed_type": TIME_EMBED_TYPES,
+    "upsample_type": UPSAMPLE_TYPES,
+    "downsample_type": DOWNSAMPLE_TYPES,
+    "downsample_padding": DOWNSAMPLE_PADDINGS,
+    "skip_topology": SKIP_TOPOLOGIES,
+}
+_EXAMPLES = {
+    "channel_mult": "[1, 2, 4]",
+    "attention_resolutions": "[2, 4]",
+    "image_size": "64 or [64, 64]",
+    "resample_axes": "[[1, 2], [0, 1, 2]]",
+}
+
+
+@cache
+def _field_types() -> dict[str, Any]:
+    """`UNetConfig`'s field annotations, resolved from their strings to types."""
+    return get_type_hints(UNetConfig)
+
+
+def _union_members(hint: Any) -> tuple[Any, ...] | None:
+    """The members of a `X | Y` / `Optional[X]` annotation, None for any other."""
+    if get_origin(hint) in (Union, types.UnionType):
+        return get_args(hint)
+    return None
+
+
+def _accepts(value: Any, hint: Any) -> bool:
+    """Whether `value` fits the annotation `hint`: bool is no int, an int is a float, and a
+    list is a tuple (JSON and YAML have no tuples)."""
+    members = _union_members(hint)
+    if members is not None:
+        return any(_accepts(value, member) for member in members)
+    if hint is type(None):
+        return value is None
+    if get_origin(hint) is tuple:
+        if not isinstance(value, (tuple, list)):
+            return False
+        args = get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_accepts(item, args[0]) for item in value)
+        return len(value) == len(args) and all(map(_accepts, value, args))
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _normalized(value: Any, hint: Any) -> Any:
+    """`value` (which `_accepts`) as the annotation's own types: tuples, ints and floats."""
+    members = _union_members(hint)
+    if members is not None:
+        return _normalized(value, next(m for m in members if _accepts(value, m)))
+    if get_origin(hint) is tuple:
+        args = get_args(hint)
+        items = args[:1] * len(value) if args[1:] == (Ellipsis,) else args
+        return tuple(_normalized(item, arg) for item, arg in zip(value, items))
+    if hint is int:
+        return int(value)
+    if hint is float:
+        return float(value)
+    return value
+
+
+def _describe(hint: Any, plural: bool = False) -> str:
+    """The annotation `hint` in words, as a config file spells it ("a list of ints")."""
+    members = _union_members(hint)
+    if members is not None:
+        words = [_describe(m, plural) for m in sorted(members, key=lambda m: m is not type(None))]
+        return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+    if hint is type(None):
+        return "None"
+    if get_origin(hint) is tuple:
+        args = get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            inner = _describe(args[0], plural=True)
+        else:
+            inner = ", ".join(_describe(a) for a in args)
+        return f"lists of {inner}" if plural else f"a list of {inner}"
+    names = {int: "int", float: "number", bool: "bool", str: "string"}
+    name = names.get(hint, getattr(hint, "__name__", str(hint)))
+    if plural:
+        return name + "s"
+    return f"an {name}" if name[0] in "aeiou" else f"a {name}"
+
+
+def _fail_type(name: str, value: Any, hint: Any) -> None:
+    """Raise the :class:`ConfigError` for a field whose value does not fit its annotation."""
+    expected = _describe(hint)
+    if name in _CHOICES:
+        expected += f", one of {_CHOICES[name]}"
+    if name in _EXAMPLES:
+        expected += f", e.g. {_EXAMPLES[name]}"
+    message = f"UNetConfig.{name} must be {expected}; got {type(value).__name__} {value!r}"
+    if isinstance(value, str) and (_accepts(1, hint) or _accepts(0.5, hint)):
+        try:
+            float(value)
+        except ValueError:
+            pass
+        else:
+            message += f"; write the number {value} without quotes"
+            if "e" in value.lower() and "." not in value:  # YAML 1.1 reads 1e-5 as a string
+                message += " (in YAML with a dot, as 1.0e-5: YAML reads 1e-5 as a string)"
+    raise ConfigError(message)
 
 
 def _expand_conv_resample(values: dict[str, Any]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from diffunet.errors import InvalidValueError
 from diffunet.model.unet import UNet
 
 
@@ -20,7 +21,7 @@ def widen_input_channels(
     in_channels = config.in_channels if in_channels is None else in_channels
     cond_channels = config.cond_channels if cond_channels is None else cond_channels
     if in_channels < config.in_channels or cond_channels < config.cond_channels:
-        raise ValueError(
+        raise InvalidValueError(
             f"widen_input_channels only adds channels: got in_channels={in_channels}, "
             f"cond_channels={cond_channels} for a model with in_channels={config.in_channels}, "
             f"cond_channels={config.cond_channels}"

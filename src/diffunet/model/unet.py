@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from diffunet.errors import InvalidTypeError, InvalidValueError
 from diffunet.model.checkpoint import PretrainedMixin
 from diffunet.model.config import UNetConfig, nearest_valid_sizes
 from diffunet.model.layers.attention import AttentionBlock
@@ -19,6 +20,7 @@ from diffunet.model.layers.embedding import TimestepEmbedding
 from diffunet.model.layers.ops import conv_nd, conv_transpose_nd, normalization, zero_module
 from diffunet.model.layers.resample import Downsample, Upsample
 from diffunet.model.layers.resblock import ResBlock
+from diffunet.model.validation import check_finite, check_labels
 
 
 class EmbedSequential(nn.Sequential):
@@ -52,7 +54,7 @@ class UNet(PretrainedMixin, nn.Module):
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
         if not isinstance(config, UNetConfig):
-            raise TypeError(
+            raise InvalidTypeError(
                 f"UNet expects a UNetConfig, got {type(config).__name__}; "
                 "build one with UNetConfig(...) or diffunet.preset(name)"
             )
@@ -204,7 +206,7 @@ class UNet(PretrainedMixin, nn.Module):
     def null_label(self) -> int:
         """The label index that means "no label" (for classifier-free guidance)."""
         if self.config.num_classes is None:
-            raise ValueError("this model has no class labels (config.num_classes is None)")
+            raise InvalidValueError("this model has no class labels (config.num_classes is None)")
         return self.config.num_classes
 
     def num_parameters(self, trainable_only: bool = False) -> int:
@@ -235,8 +237,16 @@ class UNet(PretrainedMixin, nn.Module):
             cond: `(B, cond_channels, *spatial)`, concatenated to `x` on channels.
             context: `(B, N, context_dim)` tokens for cross-attention.
             labels: `(B,)` integer class indices; `model.null_label` means unconditional.
-        """
-        t = self._check_inputs(x, t, cond, context, labels)
+
+        Floating-point `x`, `cond` and `context` of another dtype than the model's parameters
+        (float64 data, a float16 batch for a float32 model) are cast to the parameters' dtype
+        here, so the output comes back in the model's dtype (under autocast in autocast's,
+        which then casts the operations as usual). Integer or bool `x` / `cond` / `context`
+        raise :class:`~diffunet.errors.InvalidTypeError`: nothing guesses their scale. Labels
+        outside `[0, num_classes]` raise :class:`~diffunet.errors.InvalidValueError`, checked on
+        the CPU always and on a GPU only while value checks are on
+        (:mod:`diffunet.model.validation`)."""
+        x, t, cond, context = self._prepare_inputs(x, t, cond, context, labels)
         pads = self._padding(tuple(x.shape[2:]))
         if cond is not None:
             x = torch.cat([x, cond.to(x.dtype)], dim=1)
@@ -290,7 +300,7 @@ class UNet(PretrainedMixin, nn.Module):
             return self.pads(spatial, multiple)
         if any(s % m for s, m in zip(spatial, multiple)):
             below, above = nearest_valid_sizes(spatial, multiple)
-            raise ValueError(
+            raise InvalidValueError(
                 f"input spatial size {spatial} is not divisible by {multiple} "
                 f"(pool_factor × 2 per downsampling); nearest valid sizes: {below} or {above}. "
                 "Resize or crop the input, or set pad_to_multiple=True in the config to pad "
@@ -306,15 +316,62 @@ class UNet(PretrainedMixin, nn.Module):
             pads += [0, (s + m - 1) // m * m - s]
         return pads
 
+    def _prepare_inputs(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | float | int | None,
+        cond: torch.Tensor | None,
+        context: torch.Tensor | None,
+        labels: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """`forward`'s arguments checked (shared with the accelerated forward) and `x`, `cond`
+        and `context` cast to the parameters' dtype; returns them with the
+        `(B,)` float32 time input."""
+        t = self._check_inputs(x, t, cond, context, labels)
+        # Always, autocast or not: autocast leaves float64 alone, and it casts the parameters'
+        # dtype as it would the caller's float32 / float16 / bfloat16.
+        dtype = self._parameter_dtype()
+        x = x.to(dtype)
+        cond = None if cond is None else cond.to(dtype)
+        context = None if context is None else context.to(dtype)
+        return x, t, cond, context
+
+    def _parameter_dtype(self) -> torch.dtype:
+        """The dtype of the stem convolution's weight: the dtype the model computes in."""
+        entry = self.input_blocks[0]
+        assert isinstance(entry, EmbedSequential)
+        weight = entry[0].weight
+        assert isinstance(weight, torch.Tensor)
+        return weight.dtype
+
     def _check_inputs(self, x, t, cond, context, labels) -> torch.Tensor | None:
         c = self.config
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+            raise InvalidTypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+            raise InvalidTypeError(
+                f"x must be a floating-point tensor, got dtype {x.dtype}; convert it with "
+                "x.float() (scaled to the range the model was trained on, e.g. [-1, 1])"
+            )
+        for name, value in (("cond", cond), ("context", context)):
+            if value is not None and not isinstance(value, torch.Tensor):
+                raise InvalidTypeError(
+                    f"{name} must be a torch.Tensor or None, got {type(value).__name__}"
+                )
+        if cond is not None and not cond.is_floating_point():
+            raise InvalidTypeError(
+                f"cond must be a floating-point tensor, got dtype {cond.dtype}; convert it "
+                "with cond.float() (scaled as in training)"
+            )
+        if context is not None and not context.is_floating_point():
+            raise InvalidTypeError(
+                f"context must be floating-point embeddings (B, N, context_dim), e.g. a text "
+                f"encoder's hidden states, not token ids; got dtype {context.dtype}. Run the "
+                "tokens through the encoder first"
+            )
         layout = {1: "(B, C, L)", 2: "(B, C, H, W)", 3: "(B, C, D, H, W)"}[c.dims]
         if x.ndim != c.dims + 2:
-            raise ValueError(
+            raise InvalidValueError(
                 f"x has shape {tuple(x.shape)} ({x.ndim} dims) but this is a dims={c.dims} model "
                 f"expecting {layout}; build the model with dims={x.ndim - 2} or reshape the input"
             )
@@ -324,69 +381,77 @@ class UNet(PretrainedMixin, nn.Module):
                 if x.shape[1] == c.input_channels and c.cond_channels
                 else ""
             )
-            raise ValueError(
+            raise InvalidValueError(
                 f"x has {x.shape[1]} channels but the model expects in_channels={c.in_channels}"
                 f"{hint}"
             )
         batch, spatial = x.shape[0], tuple(x.shape[2:])
         if c.cond_channels:
             if cond is None:
-                raise ValueError(
+                raise InvalidValueError(
                     f"this model concatenates a cond input of {c.cond_channels} channel(s); "
                     f"pass cond=Tensor{(batch, c.cond_channels, *spatial)}"
                 )
             expected = (batch, c.cond_channels, *spatial)
             if tuple(cond.shape) != expected:
-                raise ValueError(f"cond has shape {tuple(cond.shape)}, expected {expected}")
+                raise InvalidValueError(f"cond has shape {tuple(cond.shape)}, expected {expected}")
         elif cond is not None:
-            raise ValueError(
+            raise InvalidValueError(
                 "cond was given but the model has cond_channels=0; build it with "
                 "cond_channels=<channels of cond> to use image conditioning"
             )
         if c.context_dim is not None:
             if context is None:
-                raise ValueError(
+                raise InvalidValueError(
                     f"this model cross-attends to context tokens; pass context of shape "
                     f"(B={batch}, N, {c.context_dim})"
                 )
             if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != c.context_dim:
-                raise ValueError(
+                raise InvalidValueError(
                     f"context has shape {tuple(context.shape)}, expected ({batch}, N, {c.context_dim})"
                 )
         elif context is not None:
-            raise ValueError(
+            raise InvalidValueError(
                 "context was given but the model has context_dim=None; build it with "
                 "context_dim=<token width> to use cross-attention"
             )
         if c.num_classes is not None:
             if labels is None:
-                raise ValueError(
+                raise InvalidValueError(
                     f"this model is class-conditional (num_classes={c.num_classes}); pass labels "
                     f"of shape ({batch},), using model.null_label={c.num_classes} for unconditional"
                 )
-            if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-                raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
-            if tuple(labels.shape) != (batch,):
-                raise ValueError(f"labels has shape {tuple(labels.shape)}, expected ({batch},)")
+            if isinstance(labels, torch.Tensor) and tuple(labels.shape) != (batch,):
+                raise InvalidValueError(
+                    f"labels has shape {tuple(labels.shape)}, expected ({batch},)"
+                )
+            check_labels(labels, c.num_classes)
         elif labels is not None:
-            raise ValueError(
+            raise InvalidValueError(
                 "labels were given but the model has num_classes=None; build it with "
                 "num_classes=<number of classes> to use class conditioning"
             )
+        for name, value in (("x", x), ("cond", cond), ("context", context)):
+            if value is not None:  # NaN / inf only while value checks are on
+                check_finite(value, name)
         if not c.use_timestep:
             if t is not None:
-                raise ValueError("t was given but the model has use_timestep=False (a plain U-Net)")
+                raise InvalidValueError(
+                    "t was given but the model has use_timestep=False (a plain U-Net)"
+                )
             return None
         if t is None:
-            raise ValueError(f"t is required: pass timesteps of shape ({batch},) or a scalar")
+            raise InvalidValueError(
+                f"t is required: pass timesteps of shape ({batch},) or a scalar"
+            )
         if not isinstance(t, torch.Tensor):
             if not isinstance(t, (int, float)):
-                raise TypeError(f"t must be a tensor or a number, got {type(t).__name__}")
+                raise InvalidTypeError(f"t must be a tensor or a number, got {type(t).__name__}")
             t = torch.full((batch,), float(t), device=x.device)
         elif t.ndim == 0:
             t = t.to(x.device).expand(batch)
         elif tuple(t.shape) != (batch,):
-            raise ValueError(
+            raise InvalidValueError(
                 f"t has shape {tuple(t.shape)} but x has batch {batch}; pass t of shape "
                 f"({batch},) or a scalar"
             )
@@ -396,7 +461,7 @@ class UNet(PretrainedMixin, nn.Module):
 def split_aleatoric(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Split an aleatoric model's output into `(mean, log_variance)` along channels."""
     if output.shape[1] % 2:
-        raise ValueError(
+        raise InvalidValueError(
             f"an aleatoric output has an even number of channels (mean + log-variance), "
             f"got {output.shape[1]}"
         )

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from diffunet.errors import InvalidValueError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -45,7 +47,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """`auto` → this rank's CUDA device when available, else the CPU; a clear error for `cuda`."""
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError(
+            raise InvalidValueError(
                 "--device cuda was given but no CUDA device is available "
                 "(this PyTorch build or machine has none); use --device cpu"
             )

@@ -62,6 +62,11 @@ class Replicated:
         """Clip the gradients' global norm to `max_norm`; the norm before clipping."""
         return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
 
+    def gradient_norm(self) -> torch.Tensor:
+        """The gradients' global norm, without clipping."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads)
+
     def update_ema(self, decay: float) -> None:
         """One EMA step towards the current weights."""
         update_ema(self.ema, self.model, decay)
@@ -129,6 +134,11 @@ class Sharded:
         """Clip the gradients' global norm to `max_norm`; the norm before clipping."""
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         return self._sharding.full_tensor(norm)  # the norm of sharded gradients is a DTensor
+
+    def gradient_norm(self) -> torch.Tensor:
+        """The global norm of the sharded gradients, without clipping."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return self._sharding.full_tensor(torch.nn.utils.get_total_norm(grads))
 
     def update_ema(self, decay: float) -> None:
         """One EMA step of the local shards."""

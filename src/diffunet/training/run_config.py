@@ -33,6 +33,7 @@ from diffunet.data import TASKS
 from diffunet.diffusion.parameterization import PREDICTIONS
 from diffunet.diffusion.samplers import SAMPLERS
 from diffunet.diffusion.schedule import SCHEDULES
+from diffunet.errors import InvalidValueError
 from diffunet.model.config import UNetConfig
 from diffunet.model.presets import preset
 
@@ -59,7 +60,7 @@ RESTORE_TRAIN_DEFAULTS = {"steps": 2500, "batch_size": 32, "lr": 1e-3}
 DATA_FIELDS = ("dims", "in_channels", "out_channels", "cond_channels", "image_size", "num_classes")
 
 
-class RunConfigError(ValueError):
+class RunConfigError(InvalidValueError):
     """An invalid run setting; the message names the option, the value and what would work."""
 
 

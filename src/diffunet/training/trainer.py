@@ -13,6 +13,12 @@ data-parallel processes see exactly the draws a single process would):
    checkpoint folder + training-state file, every `sample_every` steps a PNG grid.
 
 At the end: a final checkpoint, a grid, and for the digits the evaluation numbers.
+
+What can go wrong is caught without slowing a step down: a NaN or inf loss or gradient norm is
+noted on the device and read at the next log line or checkpoint, which then stops the run with
+the last good checkpoint named (:mod:`diffunet.training.divergence`); nothing non-finite is ever
+written. SIGTERM and SIGINT stop the loop after the current step with a checkpoint for exactly
+that step (:mod:`diffunet.training.interrupts`).
 """
 
 from __future__ import annotations
@@ -33,9 +39,12 @@ from diffunet.apps.grids import save_grid, to_image_tiles
 from diffunet.data import TensorDataset
 from diffunet.data.dataset import move
 from diffunet.diffusion import Diffusion, drop_conditioning
+from diffunet.errors import TrainingError
 from diffunet.model.checkpoint import atomic_write_bytes, save_pretrained
 from diffunet.model.unet import UNet
-from diffunet.training.distributed import DistInfo, barrier, mean_over_ranks
+from diffunet.training.distributed import DistInfo, barrier, broadcast_flag, mean_over_ranks
+from diffunet.training.divergence import NonFiniteWatch, nonfinite_tensors
+from diffunet.training.interrupts import StopSignals
 from diffunet.training.parallel import Replicated, Sharded
 from diffunet.training.run_config import RunConfig, RunConfigError, TrainSection
 from diffunet.training.run_log import RunLog
@@ -173,6 +182,7 @@ class TrainResult:
     checkpoint: Path
     grid: Path | None
     scores: dict[str, Any] | None
+    interrupted: int = 0  # the signal (SIGTERM, SIGINT) that stopped the run early, if any
 
 
 class Trainer:
@@ -251,8 +261,11 @@ class Trainer:
             cond_drop_prob=0.0,
         )
         self.step = 0
+        self.saved_step: int | None = None  # the step of the last checkpoint on disk
+        self.watch = NonFiniteWatch(device)
         if resume_state is not None:
             self._load_state(resume_state)
+            self.saved_step = self.step
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> TrainResult:
@@ -267,77 +280,89 @@ class Trainer:
         )
         log.message(self._banner())
         start = time.perf_counter()
-        loss_sum, loss_count, grad_norm = torch.zeros((), device=dist.device), 0, torch.zeros(())
         self.model.train()
-        cuda_graphs = self.compile_mode in fused.CUDA_GRAPH_MODES
+        stops = StopSignals(dist)
+        grid = scores = None
         try:
-            while self.step < t.steps:
-                if cuda_graphs:  # this step's graph replays may overwrite the last step's
-                    torch.compiler.cudagraph_mark_step_begin()
-                batch = self._batch(self.step)
-                with torch.autocast(
-                    dist.device.type,
-                    dtype=self.autocast_dtype,
-                    enabled=self.autocast_dtype is not None,
-                ):
-                    loss = self.diffusion.loss(
-                        self.net,
-                        batch["x"],
-                        cond=batch.get("cond"),
-                        labels=batch.get("labels"),
-                        timesteps=batch["timesteps"],
-                        noise=batch["noise"],
-                        generator=batch["generator"],
-                    )
-                self.scaler.scale(loss).backward()
-                self.scaler.unscale_(self.optimizer)
-                if t.grad_clip > 0:
-                    grad_norm = self.layout.clip_gradients(t.grad_clip)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.layout.update_ema(self.run.train.ema_decay)
-                self.step += 1
-                loss_sum += loss.detach()
-                loss_count += 1
-                log.tick(self.step)
-
-                last = self.step == t.steps
-                if self.step % t.log_every == 0 or last:
-                    mean_loss = float(mean_over_ranks(loss_sum / loss_count, dist))
-                    if not math.isfinite(mean_loss):
-                        raise RuntimeError(
-                            f"the loss became {mean_loss} at step {self.step}; lower --lr "
-                            f"(now {t.lr:g}), keep --grad-clip on, or use --precision fp32"
-                        )
-                    log.step(
-                        self.step,
-                        {
-                            "loss": mean_loss,
-                            "lr": self.scheduler.get_last_lr()[0],
-                            "grad_norm": float(grad_norm),
-                        },
-                        log_line=True,
-                    )
-                    loss_sum.zero_()
-                    loss_count = 0
-                if t.checkpoint_every and self.step % t.checkpoint_every == 0 and not last:
-                    self.save_checkpoint()
-                if t.sample_every and self.step % t.sample_every == 0 and not last:
-                    path = self.save_samples(f"step_{self.step:07d}.png")
-                    if path is not None:
-                        log.message(f"samples: {path}")
-
-            # ---- the end: checkpoint, grid, evaluation
-            self.save_checkpoint()
-            grid, scores = self.finish(log)
+            with stops:
+                self._loop(log, stops)
+            if not stops.signum:  # the evaluation is not worth a preemption's grace period
+                grid, scores = self.finish(log)
         finally:
             log.close()
         seconds = time.perf_counter() - start
-        return TrainResult(
-            self.run_dir, self.step, seconds, self.run_dir / CHECKPOINT_DIR, grid, scores
-        )
+        checkpoint = self.run_dir / CHECKPOINT_DIR
+        return TrainResult(self.run_dir, self.step, seconds, checkpoint, grid, scores, stops.signum)
+
+    def _loop(self, log: RunLog, stops: StopSignals) -> None:
+        """The steps from the current one to the last, then the final checkpoint; a stop request
+        (agreed by every rank) ends it early with a checkpoint of the step just finished."""
+        t, dist = self.run.train, self.dist
+        loss_sum, loss_count = torch.zeros((), device=dist.device), 0
+        grad_norm: torch.Tensor | None = None
+        cuda_graphs = self.compile_mode in fused.CUDA_GRAPH_MODES
+        # With fp16 the grad scaler skips steps with inf gradients on purpose: watch the loss only.
+        watch_gradients = not self.scaler.is_enabled()
+        while self.step < t.steps:
+            if cuda_graphs:  # this step's graph replays may overwrite the last step's
+                torch.compiler.cudagraph_mark_step_begin()
+            batch = self._batch(self.step)
+            with torch.autocast(
+                dist.device.type,
+                dtype=self.autocast_dtype,
+                enabled=self.autocast_dtype is not None,
+            ):
+                loss = self.diffusion.loss(
+                    self.net,
+                    batch["x"],
+                    cond=batch.get("cond"),
+                    labels=batch.get("labels"),
+                    timesteps=batch["timesteps"],
+                    noise=batch["noise"],
+                    generator=batch["generator"],
+                )
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            if t.grad_clip > 0:
+                grad_norm = self.layout.clip_gradients(t.grad_clip)
+            elif watch_gradients:
+                grad_norm = self.layout.gradient_norm()
+            self.watch.observe(self.step + 1, loss, grad_norm if watch_gradients else None)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.layout.update_ema(self.run.train.ema_decay)
+            self.step += 1
+            loss_sum += loss.detach()
+            loss_count += 1
+            log.tick(self.step)
+
+            last = self.step == t.steps
+            if self.step % t.log_every == 0 or last:
+                self.check_finite()
+                values = {
+                    "loss": float(mean_over_ranks(loss_sum / loss_count, dist)),
+                    "lr": self.scheduler.get_last_lr()[0],
+                }
+                if grad_norm is not None:
+                    values["grad_norm"] = float(grad_norm)
+                log.step(self.step, values, log_line=True)
+                loss_sum.zero_()
+                loss_count = 0
+            if t.checkpoint_every and self.step % t.checkpoint_every == 0 and not last:
+                self.save_checkpoint()
+            if t.sample_every and self.step % t.sample_every == 0 and not last:
+                path = self.save_samples(f"step_{self.step:07d}.png")
+                if path is not None:
+                    log.message(f"samples: {path}")
+            if stops.stop_now():
+                break
+        stops.finish()
+        if self.saved_step != self.step:
+            self.save_checkpoint()
+        if not dist.enabled and stops.received:  # a signal during the final checkpoint
+            stops.signum = stops.received
 
     def ema_model(self) -> UNet | None:
         """The EMA weights as a plain :class:`UNet` on this rank's device.
@@ -408,6 +433,7 @@ class Trainer:
                 "num_samples": self.order.num_samples,
             },
             "model_config": self.model_config.to_dict(),
+            "run_config": self.run.to_dict(),  # what config.yaml says, to check it on resume
         }
 
     def _load_state(self, state: dict[str, Any]) -> None:
@@ -433,14 +459,58 @@ class Trainer:
             )
         self.layout.load_states(state, self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
+        self._set_peak_lr(self.run.train.lr)  # --lr may change on --resume
         self.scaler.load_state_dict(state["scaler"])
         restore_rng_state(state["rng"])
         self.step = int(state["step"])
 
+    def check_finite(self) -> None:
+        """Raise :class:`TrainingError` if a step so far had a NaN/inf loss or gradient norm
+        (one host sync; a collective under torchrun)."""
+        bad_step = self.watch.first_bad_step(self.dist)
+        if bad_step is not None:
+            raise self._diverged(f"the loss or gradient norm became NaN/inf at step {bad_step}")
+
+    def _diverged(self, what: str) -> TrainingError:
+        t = self.run.train
+        if self.saved_step is None:
+            kept = "no checkpoint had been written yet; start a new run"
+        else:
+            kept = (
+                f"nothing after step {self.saved_step} was saved; its checkpoint and training "
+                f"state are intact: resume with `diffunet train --resume --out {self.run_dir}`"
+            )
+        fixes = [f"a lower --lr (now {t.lr:g})"]
+        if t.grad_clip <= 0:
+            fixes.append("--grad-clip 1")
+        if self.precision != "fp32":
+            fixes.append("--precision fp32")
+        return TrainingError(f"{what}; {kept} and {' or '.join(fixes)}")
+
+    def _set_peak_lr(self, lr: float) -> None:
+        """Make `lr` the schedule's peak rate from the current step on (the loaded scheduler
+        and optimizer states carry the rate the run was started with)."""
+        t = self.run.train
+        self.scheduler.base_lrs = [lr] * len(self.optimizer.param_groups)
+        factor = lr_factor(self.scheduler.last_epoch, t.warmup, t.steps, t.lr_decay)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"], group["lr"] = lr, lr * factor
+
     def save_checkpoint(self) -> None:
-        """EMA weights as a checkpoint folder, then the training state (the commit point)."""
+        """EMA weights as a checkpoint folder, then the training state (the commit point).
+
+        Nothing is written if a step diverged or the state holds a NaN or inf: the last good
+        checkpoint stays, and :class:`TrainingError` says so.
+        """
+        self.check_finite()
         if self.layout.gathers or self.dist.is_main:  # gathering shards takes every rank
             state = self.state_dict()
+        bad: list[str] = []
+        if self.dist.is_main:
+            bad = nonfinite_tensors({k: state[k] for k in ("model", "ema", "optimizer")})
+        if broadcast_flag(bool(bad), self.dist):
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise self._diverged(f"the training state holds NaN/inf at step {self.step} ({shown})")
         if self.dist.is_main:
             ema = self.layout.checkpoint_model(state)
             folder = self.run_dir / CHECKPOINT_DIR
@@ -449,6 +519,7 @@ class Trainer:
             atomic_write_bytes(folder / RUN_META, lambda tmp: Path(tmp).write_text(meta + "\n"))
             save_training_state(self.run_dir / STATE_NAME, state)
         barrier(self.dist)
+        self.saved_step = self.step
 
     def run_meta(self) -> dict[str, Any]:
         """What `diffunet sample` needs besides the weights: diffusion and sampling settings."""

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffunet.errors import InvalidValueError
 from diffunet.model.layers.ops import avg_pool_nd, conv_nd, conv_transpose_nd
 
 UPSAMPLE_MODES = ("nearest_conv", "nearest", "transposed")
@@ -60,7 +61,9 @@ class Upsample(nn.Module):
     def __init__(self, dims: int, channels: int, factors: tuple[int, ...], mode: str) -> None:
         super().__init__()
         if mode not in UPSAMPLE_MODES:
-            raise ValueError(f"unknown upsample mode {mode!r}; expected one of {UPSAMPLE_MODES}")
+            raise InvalidValueError(
+                f"unknown upsample mode {mode!r}; expected one of {UPSAMPLE_MODES}"
+            )
         self.factors = factors
         self.mode = mode
         if mode == "nearest_conv":
