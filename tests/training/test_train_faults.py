@@ -120,6 +120,23 @@ def test_a_damaged_config_yaml_is_named_and_a_missing_one_is_restored(tmp_path, 
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["batch_size"] == 16
 
 
+def test_the_watch_names_the_first_non_finite_step_even_past_its_window():
+    one, nan, inf = torch.tensor(1.0), torch.tensor(float("nan")), torch.tensor(float("inf"))
+    watch = NonFiniteWatch(torch.device("cpu"), window=4)
+    assert watch.first_bad_step() is None  # nothing observed yet
+    for step in (1, 2, 3):
+        watch.observe(step, one, one)
+    assert watch.first_bad_step() is None
+    watch.observe(4, one, None)
+    watch.observe(5, one, inf)  # a finite loss with an infinite gradient norm
+    watch.observe(6, nan, None)
+    assert watch.first_bad_step() == 5
+    unchecked = NonFiniteWatch(torch.device("cpu"), window=2)
+    for step, loss in ((1, nan), (2, one), (3, one)):  # step 3 overflows the window: checks
+        unchecked.observe(step, loss, None)
+    assert unchecked.first_bad_step() == 1
+
+
 def test_stop_signals_record_the_first_and_end_at_the_second():
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     with StopSignals(DistInfo()) as stops:
@@ -238,7 +255,7 @@ def test_the_per_step_checks_do_not_wait_for_the_gpu(tmp_path):
     )
     try:
         info = DistInfo(world_size=2, device=device)  # "enabled": the collective path
-        watch, stops = NonFiniteWatch(device), StopSignals(info)
+        watch, stops = NonFiniteWatch(device, 8, info), StopSignals(info)
         weights = torch.randn(1000, device=device, requires_grad=True)
         for step in range(1, 6):
             loss = weights.square().sum()
@@ -250,9 +267,9 @@ def test_the_per_step_checks_do_not_wait_for_the_gpu(tmp_path):
                 assert not stops.stop_now()
             weights.grad = None
         stops.finish()
-        assert watch.first_bad_step(DistInfo(device=device)) is None
+        assert watch.first_bad_step() is None
         watch.observe(6, torch.tensor(float("nan"), device=device), None)
-        assert watch.first_bad_step(DistInfo(device=device)) == 6
+        assert watch.first_bad_step() == 6
     finally:
         dist.destroy_process_group()
 

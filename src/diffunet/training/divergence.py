@@ -1,8 +1,8 @@
 """Catching a diverged run before it reaches the disk.
 
-:class:`NonFiniteWatch` notes, on the device, the first step whose loss or gradient norm is
-not finite; reading it costs one host sync, so the trainer reads it only where it syncs anyway
-(log lines and checkpoints). :func:`nonfinite_tensors` checks a training state before it is
+:class:`NonFiniteWatch` keeps each step's loss and gradient norm on the device; finding the
+first non-finite one costs one host sync, so the trainer looks only where it syncs anyway (log
+lines and checkpoints). :func:`nonfinite_tensors` checks a training state before it is
 written, so no checkpoint or state ever holds NaN or inf, whatever the detection missed.
 """
 
@@ -18,29 +18,50 @@ from diffunet.training.distributed import DistInfo
 
 
 class NonFiniteWatch:
-    """The first step with a non-finite loss or gradient norm, kept on the device."""
+    """The losses (plus gradient norms) of the steps since the last check, kept on the device.
 
-    NONE = torch.iinfo(torch.int64).max  # no bad step yet
+    A step costs one addition and one copy into a preallocated buffer; :meth:`first_bad_step`
+    then finds the first non-finite one. Checks must come at least every `window` steps (the
+    trainer checks at every log line); a step that would overflow the window checks first.
+    """
 
-    def __init__(self, device: torch.device) -> None:
-        self.first_bad = torch.full((), self.NONE, dtype=torch.int64, device=device)
+    def __init__(self, device: torch.device, window: int, info: DistInfo | None = None) -> None:
+        self.values = torch.zeros(max(1, window), device=device)
+        self.info = info or DistInfo(device=device)
+        self.first_step = 0  # the step of values[0]
+        self.count = 0
+        self.found: int | None = None  # a bad step found by an early check
 
     def observe(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
-        """Record `step` if its loss (or gradient norm, when given) is NaN or inf; no sync."""
-        finite = torch.isfinite(loss.detach().float())
-        if grad_norm is not None:
-            finite = finite & torch.isfinite(grad_norm.detach().float().to(finite.device))
-        bad_here = torch.where(finite, self.NONE, step)
-        torch.minimum(self.first_bad, bad_here, out=self.first_bad)
+        """Record the loss (plus the gradient norm, when given) of `step`; no host sync."""
+        if self.count == len(self.values):  # not checked for a whole window: check now
+            self.found = self.first_bad_step()
+        if self.count == 0:
+            self.first_step = step
+        value = loss.detach()
+        if grad_norm is not None:  # NaN or inf in either leaves the sum non-finite
+            value = value + grad_norm.detach().to(value.device)
+        self.values[self.count] = value
+        self.count += 1
 
-    def first_bad_step(self, info: DistInfo) -> int | None:
-        """The earliest bad step on any rank, or None (one host sync, a collective under torchrun)."""
-        value = self.first_bad
-        if info.enabled:
-            value = value.clone()
-            dist.all_reduce(value, op=dist.ReduceOp.MIN)
-        step = int(value)
-        return None if step == self.NONE else step
+    def first_bad_step(self) -> int | None:
+        """The earliest step with a NaN/inf loss or gradient norm on any rank since the run
+        started, or None; starts a new window. One host sync (a collective under torchrun)."""
+        if self.found is not None:
+            return self.found
+        first = torch.full((), NO_STEP, dtype=torch.int64, device=self.values.device)
+        if self.count:
+            bad = ~torch.isfinite(self.values[: self.count])
+            first = torch.where(bad.any(), bad.int().argmax() + self.first_step, first)
+        if self.info.enabled:
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        self.count = 0
+        step = int(first)
+        self.found = None if step == NO_STEP else step
+        return self.found
+
+
+NO_STEP = torch.iinfo(torch.int64).max  # "no bad step" in the all-reduce over ranks
 
 
 def _tensors(tree: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:

@@ -262,7 +262,7 @@ class Trainer:
         )
         self.step = 0
         self.saved_step: int | None = None  # the step of the last checkpoint on disk
-        self.watch = NonFiniteWatch(device)
+        self.watch = NonFiniteWatch(device, t.log_every, dist)  # checked at every log line
         if resume_state is not None:
             self._load_state(resume_state)
             self.saved_step = self.step
@@ -467,25 +467,27 @@ class Trainer:
     def check_finite(self) -> None:
         """Raise :class:`TrainingError` if a step so far had a NaN/inf loss or gradient norm
         (one host sync; a collective under torchrun)."""
-        bad_step = self.watch.first_bad_step(self.dist)
+        bad_step = self.watch.first_bad_step()
         if bad_step is not None:
             raise self._diverged(f"the loss or gradient norm became NaN/inf at step {bad_step}")
 
     def _diverged(self, what: str) -> TrainingError:
         t = self.run.train
         if self.saved_step is None:
-            kept = "no checkpoint had been written yet; start a new run"
+            kept = "no checkpoint had been written yet, so start a new run"
         else:
             kept = (
-                f"nothing after step {self.saved_step} was saved; its checkpoint and training "
-                f"state are intact: resume with `diffunet train --resume --out {self.run_dir}`"
+                f"nothing after step {self.saved_step} was saved, and its checkpoint and training "
+                f"state are intact: `diffunet train --resume --out {self.run_dir}` continues "
+                "from there (--lr may change on --resume)"
             )
         fixes = [f"a lower --lr (now {t.lr:g})"]
         if t.grad_clip <= 0:
             fixes.append("--grad-clip 1")
         if self.precision != "fp32":
             fixes.append("--precision fp32")
-        return TrainingError(f"{what}; {kept} and {' or '.join(fixes)}")
+        tried = ", ".join(fixes[:-1]) + (" or " if len(fixes) > 1 else "") + fixes[-1]
+        return TrainingError(f"{what}; {kept}; try {tried}")
 
     def _set_peak_lr(self, lr: float) -> None:
         """Make `lr` the schedule's peak rate from the current step on (the loaded scheduler
