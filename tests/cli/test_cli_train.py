@@ -452,3 +452,17 @@ def test_user_errors_are_one_line_and_bugs_show_their_traceback(
         assert str(getattr(error, "filename", None) or error) in err
     else:
         assert "Traceback" in err and "this is a bug in diffunet" in err.strip().splitlines()[-1]
+
+
+def test_eval_from_a_run_reproduces_the_numbers_training_wrote(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("diffunet.apps.evaluation.EVAL_SAMPLES", 24)
+    run = tmp_path / "run"
+    tiny = [a for a in TINY if a != "--no-eval"]
+    assert main(["train", "--out", str(run), "--steps", "4", "--sample-every", "0", *tiny]) == 0
+    at_training = json.loads((run / "eval.json").read_text())
+    (run / "eval.json").unlink()
+    code, out, _ = run_cli(capsys, "eval", "--from", run, "--num", "24")
+    assert code == 0 and "24 samples, seed 0, dpm++ 4 steps" in out
+    again = json.loads((run / "eval.json").read_text())  # written where training writes it
+    for key in ("frechet_distance", "accuracy", "samples", "seed", "sampler", "guidance"):
+        assert again[key] == at_training[key], key

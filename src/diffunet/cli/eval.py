@@ -6,7 +6,9 @@ its values compare only with each other. Lower distance is better; recognisabili
 of class-conditional samples the classifier reads as the class they were drawn for.
 
 Score a model (`--from RUN`), a `.npy` file of samples (`--samples`), or — as a reference —
-real digits (`--real`).
+real digits (`--real`). With the defaults, `--from RUN` reproduces the numbers the end of
+training wrote to `RUN/eval.json` (same samples, seed, sampler and steps: see
+`diffunet.apps.evaluation`), prints how they were made, and rewrites that file.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffunet.apps.generate import default_labels, generate, load_model
+from diffunet.apps.evaluation import EVAL_NAME, EVAL_SAMPLES, EVAL_SEED, describe, evaluate_model
+from diffunet.apps.generate import CHECKPOINT_DIR, load_model
 from diffunet.apps.metrics import evaluate_digits
 from diffunet.data import DataError, digits_arrays, resize_digits
 from diffunet.data.arrays import load_array_file
@@ -51,13 +54,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --samples: the intended classes ('cycle' = 0, 1, ..., 9, "
         "as `diffunet sample` draws them)",
     )
-    parser.add_argument("--num", type=int, default=500, metavar="N", help="samples (default 500)")
+    parser.add_argument(
+        "--num",
+        type=int,
+        default=EVAL_SAMPLES,
+        metavar="N",
+        help=f"samples (default {EVAL_SAMPLES}, as at the end of training)",
+    )
     parser.add_argument("--sampler", choices=SAMPLERS, help="default: the run's")
     parser.add_argument(
         "--steps", type=int, metavar="N", help="sampling steps (default: the run's)"
     )
     parser.add_argument("--guidance", type=float, metavar="S", help="default: the run's")
-    parser.add_argument("--seed", type=int, default=0, metavar="N")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=EVAL_SEED,
+        metavar="N",
+        help=f"sampling seed (default {EVAL_SEED}, as at the end of training)",
+    )
     parser.add_argument(
         "--image-size",
         type=int,
@@ -119,30 +134,25 @@ def run(args: argparse.Namespace) -> int:
                 "diffunet eval scores 2D digits from an unconditioned (or "
                 "class-conditional) model; this checkpoint is not one"
             )
-        defaults = loaded.sample_defaults
-        labels = default_labels(loaded.model, args.num)
-        sampler = args.sampler or defaults.get("sampler", "dpm++")
-        steps = args.steps or defaults.get("steps", 20)
-        guidance = args.guidance if args.guidance is not None else defaults.get("guidance", 1.0)
-        if labels is None:
-            guidance = 1.0
-        samples = generate(
+        record, scores, _ = evaluate_model(
             loaded,
-            args.num,
-            sampler=sampler,
-            steps=steps,
-            guidance=guidance,
+            num=args.num,
             seed=args.seed,
-            labels=labels,
+            sampler=args.sampler,
+            steps=args.steps,
+            guidance=args.guidance,
             progress=sys.stderr.isatty(),
         )
-        what = {
-            "source": str(loaded.checkpoint),
-            "sampler": sampler,
-            "steps": steps,
-            "guidance": guidance,
-            "seed": args.seed,
-        }
+        print(f"{scores.summary()} ({describe(record)})")
+        record = {"source": str(loaded.checkpoint), **record}
+        text = json.dumps(record, indent=2)
+        run_dir = Path(args.source)
+        if (run_dir / CHECKPOINT_DIR).is_dir():  # a run folder: its numbers live there
+            atomic_write_bytes(run_dir / EVAL_NAME, lambda tmp: Path(tmp).write_text(text + "\n"))
+            print(f"written to {run_dir / EVAL_NAME}")
+        if args.json:
+            atomic_write_bytes(args.json, lambda tmp: Path(tmp).write_text(text + "\n"))
+        return 0
     scores = evaluate_digits(samples, labels)
     print(scores.summary())
     if args.json:

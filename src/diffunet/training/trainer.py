@@ -34,7 +34,12 @@ import torch
 
 from diffunet.accel import accelerate
 from diffunet.accel import fused_norm as fused
-from diffunet.apps.generate import CHECKPOINT_DIR, RUN_META  # the run folder its readers expect
+from diffunet.apps.evaluation import EVAL_NAME, describe, evaluate_model
+from diffunet.apps.generate import (  # the run folder its readers expect
+    CHECKPOINT_DIR,
+    RUN_META,
+    LoadedModel,
+)
 from diffunet.apps.grids import save_grid, to_image_tiles
 from diffunet.data import TensorDataset
 from diffunet.data.dataset import move
@@ -57,8 +62,6 @@ from diffunet.training.state import (
 
 CONFIG_YAML = "config.yaml"
 SAMPLES_DIR = "samples"
-EVAL_NAME = "eval.json"
-EVAL_SAMPLES = 500
 DEFAULT_COND_DROP = 0.1  # classifier-free guidance dropout for class-conditional models
 
 
@@ -610,29 +613,24 @@ class Trainer:
         return 8 if self.data.cond is not None else self.run.sample.num
 
     def finish(self, log: RunLog) -> tuple[Path | None, dict[str, Any] | None]:
-        """The final grid and, for the digits, the evaluation numbers (rank 0)."""
+        """The final grid and, for the digits, the evaluation numbers (rank 0), defined as
+        `diffunet eval --from RUN` defines them (:mod:`diffunet.apps.evaluation`)."""
         grid = scores = None
         ema = self.ema_model()  # with --parallel fsdp, every rank takes part in gathering it
         if self.dist.is_main:
+            started = time.perf_counter()
+            samples, _ = self.sample(self.grid_size(), seed=self.run.train.seed + 12345, model=ema)
+            grid = self.save_samples("final.png", samples)
+            log.message(f"samples: {grid} ({time.perf_counter() - started:.1f} s)")
             evaluate = (
                 self.run.train.eval and self.data.source == "digits" and self.model_config.dims == 2
             )
-            num = max(EVAL_SAMPLES, self.grid_size()) if evaluate else self.grid_size()
-            started = time.perf_counter()
-            samples, labels = self.sample(num, seed=self.run.train.seed + 12345, model=ema)
-            grid = self.save_samples("final.png", samples)
-            log.message(f"samples: {grid} ({time.perf_counter() - started:.1f} s)")
-            if evaluate:
-                from diffunet.apps.metrics import evaluate_digits
-
-                result = evaluate_digits(samples, labels)
-                scores = {
-                    **result.to_dict(),
-                    "step": self.step,
-                    "sampler": self.run.sample.sampler,
-                    "sampling_steps": self.run.sample.steps,
-                    "guidance": self.run.sample.guidance,
-                }
+            if evaluate and ema is not None:
+                loaded = LoadedModel(
+                    ema, self.diffusion, self.run_dir / CHECKPOINT_DIR, self.run_meta()["sample"]
+                )
+                scores, result, _ = evaluate_model(loaded)
+                scores["step"] = self.step
                 text = json.dumps(scores, indent=2)
                 atomic_write_bytes(
                     self.run_dir / EVAL_NAME, lambda tmp: Path(tmp).write_text(text + "\n")
@@ -640,7 +638,7 @@ class Trainer:
                 log.scalar("eval/digits_frechet_distance", result.frechet_distance, self.step)
                 if result.accuracy is not None:
                     log.scalar("eval/recognisability", result.accuracy, self.step)
-                log.message(f"eval: {result.summary()}")
+                log.message(f"eval: {result.summary()} ({describe(scores)})")
         barrier(self.dist)
         return grid, scores
 
