@@ -466,3 +466,26 @@ def test_eval_from_a_run_reproduces_the_numbers_training_wrote(tmp_path, capsys,
     again = json.loads((run / "eval.json").read_text())  # written where training writes it
     for key in ("frechet_distance", "accuracy", "samples", "seed", "sampler", "guidance"):
         assert again[key] == at_training[key], key
+
+
+def test_other_libraries_warnings_show_only_with_verbose(monkeypatch, capsys):
+    import logging
+    import warnings
+
+    def noisy(args):
+        warnings.warn("torchvision is not installed", UserWarning, stacklevel=1)  # a dependency
+        logging.getLogger("torchao").warning("Failed to load the .so")
+        warnings.warn_explicit("diffunet's own", UserWarning, "x.py", 1, module="diffunet.cli")
+        return 0
+
+    monkeypatch.setattr("diffunet.cli.info.run", noisy)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["info"]) == 0
+        quiet = [str(w.message) for w in caught]
+        caught.clear()
+        assert main(["info", "-v"]) == 0
+        loud = [str(w.message) for w in caught]
+    assert quiet == ["diffunet's own"]
+    assert loud == ["torchvision is not installed", "diffunet's own"]
+    assert "Failed to load" not in capsys.readouterr().err  # logging: hidden without -v

@@ -11,12 +11,16 @@ traceback is printed with a line saying so. Ctrl-C exits 130, SIGTERM 143.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
+import logging
 import os
 import signal
 import sys
 import traceback
+import warnings
+from collections.abc import Iterator
 
 from diffunet.errors import DiffunetError
 
@@ -38,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser with every available command registered."""
     parser = _Parser(prog="diffunet", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=_version())
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show the warnings and log messages of the libraries diffunet uses",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for name in COMMANDS:
@@ -45,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
         if importlib.util.find_spec(module_name) is None:
             continue
         module = importlib.import_module(module_name)
-        command = sub.add_parser(name, help=module.HELP, description=module.__doc__)
+        command = sub.add_parser(
+            name, help=module.HELP, description=module.__doc__, parents=[common]
+        )
         module.add_arguments(command)
         command.set_defaults(run=module.run)
     return parser
@@ -63,6 +76,29 @@ class Terminated(BaseException):
 
 def _terminate(signum: int, frame: object) -> None:
     raise Terminated
+
+
+def _verbose(argv: list[str] | None) -> bool:
+    words = sys.argv[1:] if argv is None else argv
+    return "-v" in words or "--verbose" in words
+
+
+@contextlib.contextmanager
+def quiet_dependencies(quiet: bool = True) -> Iterator[None]:
+    """Hide other libraries' warnings and log messages (below errors) while `quiet`: a user's
+    terminal shows diffunet's own messages; `-v` shows everything."""
+    if not quiet:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore")
+        warnings.filterwarnings("default", module=r"diffunet(\.|$)")
+        previous = logging.root.manager.disable
+        logging.disable(logging.WARNING)
+        try:
+            yield
+        finally:
+            logging.disable(previous)
 
 
 def _user_message(err: BaseException) -> str | None:
@@ -83,9 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     command = "diffunet"
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        args = build_parser().parse_args(argv)
+        with quiet_dependencies(not _verbose(argv)):  # their import-time warnings too
+            parser = build_parser()
+        args = parser.parse_args(argv)
         command = f"diffunet {args.command}"
-        return int(args.run(args) or 0)
+        with quiet_dependencies(not args.verbose):
+            return int(args.run(args) or 0)
     except KeyboardInterrupt:
         print(f"{command}: interrupted", file=sys.stderr)
         return 130
