@@ -84,6 +84,26 @@ def call_model(
     Raises a ValueError when the output does not have `x`'s shape (with doubled channels for an
     aleatoric model).
     """
+    time = _time_input(traits_of(model), t.to(x.device), alpha_bar.to(x.device))
+    return call_model_with_time(model, x, time, cond=cond, context=context, labels=labels)
+
+
+def call_model_with_time(
+    model: DenoisingModel,
+    x: torch.Tensor,
+    time: torch.Tensor | None,
+    *,
+    cond: torch.Tensor | None = None,
+    context: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run `model` on `x` with its time input `time` given as is; float32 output.
+
+    `time` is `(B,)`, or None for a model without a time input (`config.use_timestep=False`),
+    which never receives one. `x` and `context` are cast to the model's parameter dtype. Raises
+    a ValueError when the output does not have `x`'s shape (with doubled channels for an
+    aleatoric model).
+    """
     dtype = parameter_dtype(model)
     if dtype is not None and dtype != x.dtype:
         x = x.to(dtype)
@@ -98,8 +118,10 @@ def call_model(
     if labels is not None:
         kwargs["labels"] = labels
     traits = traits_of(model)
-    time = _time_input(traits, t.to(x.device), alpha_bar.to(x.device))
-    output = model(x, time, **kwargs) if time is not None else model(x, **kwargs)
+    if time is not None and traits.use_timestep:
+        output = model(x, time.to(x.device), **kwargs)
+    else:
+        output = model(x, **kwargs)
     channels = x.shape[1] * (2 if traits.aleatoric else 1)
     expected = (x.shape[0], channels, *x.shape[2:])
     if not isinstance(output, torch.Tensor) or tuple(output.shape) != expected:
@@ -112,8 +134,87 @@ def call_model(
     return output.float()
 
 
-class Denoiser:
-    """A model bound to fixed conditioning and guidance: its float32 prediction at (x_t, t).
+class GuidedModel:
+    """A model bound to fixed conditioning and a classifier-free guidance scale: its float32
+    output (the mean for an aleatoric model) at `(x, time)`, for any process.
+
+    `model` is any :class:`DenoisingModel`; guiding labels needs a
+    :class:`ClassConditionalDenoiser`. With `guidance != 1` and labels or context present, the
+    conditional and unconditional passes run as one batch of twice the size; `guidance == 0`
+    runs only the unconditional pass.
+    """
+
+    def __init__(
+        self,
+        model: DenoisingModel,
+        *,
+        cond: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        guidance: float = 1.0,
+    ) -> None:
+        self.model = model
+        self.cond, self.context, self.labels = cond, context, labels
+        numeric = isinstance(guidance, (int, float)) and not isinstance(guidance, bool)
+        if not numeric or not math.isfinite(guidance):
+            raise InvalidValueError(
+                f"guidance={guidance!r} is invalid: expected a finite number (1.0: conditional "
+                "model, 0.0: unconditional, 3-7: typical classifier-free guidance)"
+            )
+        self.guidance = float(guidance)
+        self.aleatoric = is_aleatoric(model)
+        guided = self.guidance != 1.0
+        if guided and context is None and labels is None:
+            raise InvalidValueError(
+                f"guidance={guidance} needs a conditional model and its conditioning, but neither "
+                "labels nor context was given (an image cond is never dropped, so it cannot be "
+                "guided). Pass labels=... or context=..., or use guidance=1.0"
+            )
+        self.null_label = null_label_of(model) if guided and labels is not None else None
+
+    def __call__(self, x: torch.Tensor, time: torch.Tensor | None) -> torch.Tensor:
+        """The guided model output at `x` with time input `time` (`(B,)` or None)."""
+        if self.guidance == 1.0:
+            return self._mean(
+                call_model_with_time(
+                    self.model, x, time, cond=self.cond, context=self.context, labels=self.labels
+                )
+            )
+        uncond_context, uncond_labels = unconditional(self.context, self.labels, self.null_label)
+        if self.guidance == 0.0:
+            return self._mean(
+                call_model_with_time(
+                    self.model,
+                    x,
+                    time,
+                    cond=self.cond,
+                    context=uncond_context,
+                    labels=uncond_labels,
+                )
+            )
+
+        def both(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+            return None if a is None or b is None else torch.cat([a, b], dim=0)
+
+        out = call_model_with_time(
+            self.model,
+            torch.cat([x, x], dim=0),
+            both(time, time),
+            cond=both(self.cond, self.cond),
+            context=both(self.context, uncond_context),
+            labels=both(self.labels, uncond_labels),
+        )
+        cond_out, uncond_out = self._mean(out).chunk(2, dim=0)
+        return guide(cond_out, uncond_out, self.guidance)
+
+    def _mean(self, output: torch.Tensor) -> torch.Tensor:
+        return split_aleatoric(output)[0] if self.aleatoric else output
+
+
+class Denoiser(GuidedModel):
+    """A model bound to fixed conditioning and guidance: its float32 prediction at (x_t, t) of the
+    discrete process (:class:`~diffunet.diffusion.Diffusion`), whose time input is the step index
+    or the noise level ᾱ (see :func:`time_input`).
 
     `model` is any :class:`DenoisingModel`; guiding labels needs a
     :class:`ClassConditionalDenoiser`. With `guidance != 1` and labels or context present, the
@@ -132,69 +233,14 @@ class Denoiser:
         guidance: float = 1.0,
         clip_denoised: bool = True,
     ) -> None:
-        self.model = model
         self.prediction = check_prediction(prediction)
-        self.cond, self.context, self.labels = cond, context, labels
-        numeric = isinstance(guidance, (int, float)) and not isinstance(guidance, bool)
-        if not numeric or not math.isfinite(guidance):
-            raise InvalidValueError(
-                f"guidance={guidance!r} is invalid: expected a finite number (1.0: conditional "
-                "model, 0.0: unconditional, 3-7: typical classifier-free guidance)"
-            )
-        self.guidance = float(guidance)
+        super().__init__(model, cond=cond, context=context, labels=labels, guidance=guidance)
         self.clip_denoised = clip_denoised
-        self.aleatoric = is_aleatoric(model)
-        guided = self.guidance != 1.0
-        if guided and context is None and labels is None:
-            raise InvalidValueError(
-                f"guidance={guidance} needs a conditional model and its conditioning, but neither "
-                "labels nor context was given (an image cond is never dropped, so it cannot be "
-                "guided). Pass labels=... or context=..., or use guidance=1.0"
-            )
-        self.null_label = null_label_of(model) if guided and labels is not None else None
 
     def output(self, x: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
         """The guided model output (the mean for an aleatoric model) at `x`; `t`, ᾱ are `(B,)`."""
-        if self.guidance == 1.0:
-            return self._mean(
-                call_model(
-                    self.model,
-                    x,
-                    t,
-                    alpha_bar,
-                    cond=self.cond,
-                    context=self.context,
-                    labels=self.labels,
-                )
-            )
-        uncond_context, uncond_labels = unconditional(self.context, self.labels, self.null_label)
-        if self.guidance == 0.0:
-            return self._mean(
-                call_model(
-                    self.model,
-                    x,
-                    t,
-                    alpha_bar,
-                    cond=self.cond,
-                    context=uncond_context,
-                    labels=uncond_labels,
-                )
-            )
-
-        def both(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
-            return None if a is None or b is None else torch.cat([a, b], dim=0)
-
-        out = call_model(
-            self.model,
-            torch.cat([x, x], dim=0),
-            torch.cat([t, t], dim=0),
-            torch.cat([alpha_bar, alpha_bar], dim=0),
-            cond=both(self.cond, self.cond),
-            context=both(self.context, uncond_context),
-            labels=both(self.labels, uncond_labels),
-        )
-        cond_out, uncond_out = self._mean(out).chunk(2, dim=0)
-        return guide(cond_out, uncond_out, self.guidance)
+        time = _time_input(traits_of(self.model), t.to(x.device), alpha_bar.to(x.device))
+        return self(x, time)
 
     def x0_and_eps(
         self, x: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor
@@ -207,6 +253,3 @@ class Denoiser:
         if self.clip_denoised:
             x0, eps = x0_and_eps("x0", x0.clamp(-1.0, 1.0), x, alpha_bar)
         return x0, eps
-
-    def _mean(self, output: torch.Tensor) -> torch.Tensor:
-        return split_aleatoric(output)[0] if self.aleatoric else output

@@ -55,7 +55,7 @@ def preset(name: str, **overrides: Any) -> UNetConfig:
 
 _register(
     "efficient-unet",
-    "EfficientUNetND, the 1D/2D/3D diffusion U-Net of seed 000 (`src.models.unet`)",
+    "EfficientUNetND, a flow-matching/diffusion codebase's 1D/2D/3D U-Net (`src.models.unet`)",
     "Linear attention at the encoder/decoder sites (the original's use_linear_attn=True), full "
     "attention in the middle block, 4 heads, scale-shift (FiLM) norm. `pool_factor` patchifies "
     "with a strided conv (kernel = stride = pool_factor). Works in 1D, 2D and 3D.",
@@ -74,7 +74,7 @@ _register(
 
 _register(
     "conditional-unet",
-    "ConditionalUNet, the image-conditioned video-prediction U-Net of seed 001",
+    "ConditionalUNet, an image-conditioned U-Net for frame prediction / image translation",
     "One skip per level; attention once per level at 120 and 60 for a 480 input (downsample "
     "factors 4 and 8: levels 3 and 4, as the original's walk-through shows). It states two "
     "defaults (2 in / 1 out at 120², and 6 in / 3 out at 480²); we follow its parameter list "
@@ -107,7 +107,7 @@ _register(
 
 _register(
     "text-unet",
-    "the text-conditioned DDPM U-Net with cross-attention of seed 002",
+    "a text-conditioned DDPM U-Net with cross-attention to text-encoder tokens",
     "Attention at 16 and 8 for a 64 input (factors 4 and 8), 8 heads, cross-attention to "
     "768-wide text tokens at every attention site, transposed-conv upsampling, strided-conv "
     "downsampling, one skip per level (the diagram). The listed code pops a skip for blocks that "
@@ -157,14 +157,14 @@ _EMDIFFUSE_NOTES = (
 )
 _register(
     "emdiffuse",
-    "EMDiffuse-n (Lu et al., EMDiffuse; seed 003): guided_diffusion_modules/unet.py",
+    "EMDiffuse-n (Lu et al., EMDiffuse, 2024): guided_diffusion_modules/unet.py",
     _EMDIFFUSE_NOTES,
     image_size=256,
     **_EMDIFFUSE,
 )
 _register(
     "emdiffuse-aleatoric",
-    "EMDiffuse's aleatoric U-Net (Lu et al., EMDiffuse; seed 003): unet_aleatoric.py",
+    "EMDiffuse's aleatoric U-Net (Lu et al., EMDiffuse, 2024): unet_aleatoric.py",
     _EMDIFFUSE_NOTES + "Adds the variance head (GroupNorm → SiLU → zero-initialised 3×3 conv, "
     "+353 parameters); the output is mean then log-variance.",
     image_size=256,
@@ -173,7 +173,7 @@ _register(
 )
 _register(
     "emdiffuse-3d",
-    "vEMDiffuse, EMDiffuse's volume model (Lu et al., EMDiffuse; seed 003), as a true 3D U-Net",
+    "vEMDiffuse, EMDiffuse's volume model (Lu et al., EMDiffuse, 2024), as a true 3D U-Net",
     _EMDIFFUSE_NOTES + "The original's unet_3d is a 2D network with a slice-index embedding; "
     "this is a true 3D U-Net. For serial-section EM with coarse z, set resample_axes so the "
     "first levels only downsample H and W, e.g. ((1, 2), (1, 2), (0, 1, 2)).",
@@ -185,7 +185,7 @@ _register(
 
 _register(
     "ldm",
-    "CompVis latent diffusion (LDM) `Model` of ldm/modules/diffusionmodules/model.py (seed 004)",
+    "CompVis latent diffusion (Rombach et al. 2022): the `Model` of ldm/modules/diffusionmodules/model.py",
     "ch 128, ch_mult (1,1,2,2,4), 2 res blocks, attention at 16 for a 256 input (factor 16), "
     "single-head attention as in LDM's AttnBlock, LDM's asymmetric downsample padding. Set "
     "attention_type to 'linear' or 'none' for LDM's other attn_types (the middle block "

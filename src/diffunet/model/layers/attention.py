@@ -71,7 +71,7 @@ class SelfAttention(nn.Module):
 class LinearAttention(nn.Module):
     """Multi-head linear attention: softmax(q) over features, softmax(k) over positions.
 
-    Cost is linear in the number of positions, so it fits high-resolution sites (seed 000's
+    Cost is linear in the number of positions, so it fits high-resolution sites (EfficientUNetND's
     encoder/decoder attention, LDM's `attn_type="linear"`).
     """
 
