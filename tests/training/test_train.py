@@ -134,3 +134,14 @@ def test_grids_for_images_signals_and_volumes(tmp_path):
     save_array(images * 3 - 1, tmp_path / "a.npy")
     array = np.load(tmp_path / "a.npy")
     assert array.dtype == np.float32 and array.min() >= 0 and array.max() <= 1
+
+
+def test_default_threads_leave_out_the_cores_other_programs_keep_busy():
+    from diffunet.training.distributed import DistInfo, default_threads, even_threads
+
+    one, two = DistInfo(), DistInfo(rank=0, world_size=2, local_world_size=2)
+    cores = even_threads(one)
+    assert default_threads(one, load=0.0) == cores
+    assert default_threads(one, load=cores + 3.0) == 1  # a saturated machine: one thread
+    assert default_threads(one, load=1.0) == max(1, cores - 1)
+    assert default_threads(two, load=0.0) == even_threads(two) == max(1, cores // 2)

@@ -439,7 +439,15 @@ def _train(
     lock: RunLock,
 ) -> int:
     if info.device.type == "cpu":
-        torch.set_num_threads(config.train.threads or distributed.default_threads(info))
+        threads = config.train.threads or distributed.default_threads(info)
+        torch.set_num_threads(threads)
+        even = distributed.even_threads(info)
+        if not config.train.threads and threads < even and info.is_main:
+            print(
+                f"diffunet train: other programs keep the CPU busy; training with {threads} "
+                f"thread(s) per process instead of {even} (choose with --threads N)",
+                file=sys.stderr,
+            )
     # A resumed run, or a new one in an existing folder, is locked before anything is read.
     claimed = distributed.broadcast_flag(run_dir.is_dir(), info)
     if claimed:

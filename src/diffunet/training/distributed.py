@@ -113,7 +113,23 @@ def broadcast_flag(flag: bool, info: DistInfo) -> bool:
     return bool(tensor.item())
 
 
-def default_threads(info: DistInfo) -> int:
-    """CPU threads per process: the cores shared evenly among this node's processes."""
+def even_threads(info: DistInfo) -> int:
+    """The usable cores shared evenly among this node's processes (at least 1)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, (cores or 1) // max(1, info.local_world_size))
+
+
+def default_threads(info: DistInfo, load: float | None = None) -> int:
+    """CPU threads per process: the cores that other programs leave idle, shared evenly among
+    this node's processes (at least 1).
+
+    Idle cores are the usable cores less the 1-minute load average (`load`, read from the
+    system when None): more threads than idle cores make each step wait for the busiest core,
+    which on a loaded machine is many times slower than fewer threads.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    if load is None:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    idle = max(1, min(cores, cores - round(load)))
+    return max(1, idle // max(1, info.local_world_size))
