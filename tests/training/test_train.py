@@ -131,6 +131,12 @@ def test_grids_for_images_signals_and_volumes(tmp_path):
     assert make_grid(torch.rand(2, 1, 4, 6, 6)).shape == (10, 18)  # 3D: middle slices
     save_grid(images, tmp_path / "g.png", scale=2)
     assert Image.open(tmp_path / "g.png").size == (3 * 14 + 2, 2 * 14 + 2)
+    white = torch.ones(6, 1, 16, 16)  # input | sample | target, twice: a titled strip on top
+    save_grid(white, tmp_path / "t.png", nrow=6, column_titles=["input", "sample", "target"])
+    titled = np.asarray(Image.open(tmp_path / "t.png"))
+    assert titled.shape == (14 + 2 + 18, 2 + 6 * 18)
+    assert titled[:14].min() < 128 and titled[14:].min() == 0  # dark text; the grid padding
+    assert titled[16:32, 2:18].min() == 255  # the tiles themselves are untouched
     save_array(images * 3 - 1, tmp_path / "a.npy")
     array = np.load(tmp_path / "a.npy")
     assert array.dtype == np.float32 and array.min() >= 0 and array.max() <= 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -78,16 +79,48 @@ def make_grid(
 
 
 def save_grid(
-    samples: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 1
+    samples: torch.Tensor,
+    path: str | Path,
+    nrow: int | None = None,
+    scale: int = 1,
+    column_titles: Sequence[str] | None = None,
 ) -> Path:
-    """Write samples as a PNG grid to `path` (atomically)."""
+    """Write samples as a PNG grid to `path` (atomically).
+
+    `column_titles` label the columns in a strip above the grid, repeated across the row
+    (`["input", "restored", "target"]` over six columns labels both triples).
+    """
     from PIL import Image
 
-    array = make_grid(samples, nrow=nrow, scale=scale)
+    image = Image.fromarray(make_grid(samples, nrow=nrow, scale=scale))
+    if column_titles:
+        image = _with_titles(image, samples, nrow, scale, column_titles)
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
+    image.save(buffer, format="PNG")
     atomic_write_bytes(path, lambda tmp: Path(tmp).write_bytes(buffer.getvalue()))
     return Path(path)
+
+
+def _with_titles(image, samples: torch.Tensor, nrow: int | None, scale: int, titles):
+    """`image` (a grid of `make_grid`) below a strip with `titles` centred over its columns."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    padding, strip = 2, 14
+    width = to_image_tiles(samples).shape[-1] * scale
+    columns = nrow or math.ceil(math.sqrt(len(samples)))
+    titled = Image.new(
+        image.mode,
+        (image.width, image.height + strip),
+        255 if image.mode == "L" else (255, 255, 255),
+    )
+    titled.paste(image, (0, strip))
+    draw, font = ImageDraw.Draw(titled), ImageFont.load_default()
+    for column in range(columns):
+        text = titles[column % len(titles)]
+        left = padding + column * (width + padding)
+        text_width = draw.textlength(text, font=font)
+        draw.text((left + (width - text_width) / 2, 1), text, fill=0, font=font)
+    return titled
 
 
 def save_array(samples: torch.Tensor, path: str | Path) -> Path:

@@ -592,7 +592,7 @@ class Trainer:
         if samples is None:
             samples, _ = self.sample(num, seed=self.run.train.seed + 12345, model=ema)
         samples = samples[:num]
-        nrow = self.model_config.num_classes or None
+        nrow, titles = self.model_config.num_classes or None, None
         if self.data.cond is not None:
             index = torch.arange(num) % len(self.data)
             triples = [
@@ -604,9 +604,15 @@ class Trainer:
             samples = torch.stack([t.expand(-1, channels, -1, -1) for t in triples], 1).flatten(
                 0, 1
             )
-            nrow = 6
+            nrow, titles = 6, ["input", "sample", "target"]
         scale = max(1, 64 // max(samples.shape[-1], 1)) if samples.ndim == 4 else 1
-        return save_grid(samples, self.run_dir / SAMPLES_DIR / name, nrow=nrow, scale=min(scale, 4))
+        return save_grid(
+            samples,
+            self.run_dir / SAMPLES_DIR / name,
+            nrow=nrow,
+            scale=min(scale, 4),
+            column_titles=titles if samples.ndim == 4 else None,
+        )
 
     def grid_size(self) -> int:
         """Samples per grid: `sample.num`, 8 pairs for conditional runs."""
