@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,7 @@ from diffunet.training.state import (
 
 CONFIG_YAML = "config.yaml"
 SAMPLES_DIR = "samples"
+CPU_VOLUME_GRID = 8  # 3D samples per grid on a CPU
 DEFAULT_COND_DROP = 0.1  # classifier-free guidance dropout for class-conditional models
 
 
@@ -266,6 +268,7 @@ class Trainer:
         self.step = 0
         self.saved_step: int | None = None  # the step of the last checkpoint on disk
         self.watch = NonFiniteWatch(device, t.log_every, dist)  # checked at every log line
+        self.show_progress = False  # a sampling bar: for the final grid on a terminal only
         if resume_state is not None:
             self._load_state(resume_state)
             self.saved_step = self.step
@@ -577,7 +580,7 @@ class Trainer:
             cond=cond,
             labels=labels,
             generator=generator,
-            progress=False,
+            progress=self.show_progress,
             device=self.dist.device,
             cuda_graph=False,
         )  # a recording would hold memory all run
@@ -615,8 +618,13 @@ class Trainer:
         )
 
     def grid_size(self) -> int:
-        """Samples per grid: `sample.num`, 8 pairs for conditional runs."""
-        return 8 if self.data.cond is not None else self.run.sample.num
+        """Samples per grid: `sample.num`, 8 pairs for conditional runs, and at most
+        `CPU_VOLUME_GRID` volumes on a CPU (where each 3D sample costs seconds)."""
+        if self.data.cond is not None:
+            return 8
+        if self.data.dims == 3 and self.dist.device.type == "cpu":
+            return min(self.run.sample.num, CPU_VOLUME_GRID)
+        return self.run.sample.num
 
     def finish(self, log: RunLog) -> tuple[Path | None, dict[str, Any] | None]:
         """The final grid and, for the digits, the evaluation numbers (rank 0), defined as
@@ -625,7 +633,14 @@ class Trainer:
         ema = self.ema_model()  # with --parallel fsdp, every rank takes part in gathering it
         if self.dist.is_main:
             started = time.perf_counter()
+            if self.grid_size() < self.run.sample.num:
+                log.message(
+                    f"final grid: {self.grid_size()} of sample.num={self.run.sample.num} "
+                    "volumes (3D samples are slow on a CPU)"
+                )
+            self.show_progress = sys.stderr.isatty()
             samples, _ = self.sample(self.grid_size(), seed=self.run.train.seed + 12345, model=ema)
+            self.show_progress = False
             grid = self.save_samples("final.png", samples)
             log.message(f"samples: {grid} ({time.perf_counter() - started:.1f} s)")
             evaluate = (
