@@ -42,11 +42,10 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from scipy.stats import spearmanr
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from skimage.restoration import denoise_nl_means
 
 from diffunet.apps.generate import load_model
+from diffunet.apps.restoration_quality import quality, uncertainty_quality
 from diffunet.cli.restore import restore_pixels
 from diffunet.data import TensorDataset
 from diffunet.data.em_pairs import EMPairs, PoissonGaussianNoise, blob_volume
@@ -82,6 +81,8 @@ MODEL_3D = {
 
 
 # ---------------------------------------------------------------------------- metrics
+# PSNR / SSIM (`quality`) and the uncertainty scores (`uncertainty_quality`) are the library's
+# (diffunet.apps.restoration_quality), the ones `diffunet restore --target` prints.
 def haar_sigma(image: np.ndarray) -> float:
     """Noise σ from the median absolute finest diagonal Haar coefficient (Donoho's MAD rule),
     over the last two axes (every slice of a volume)."""
@@ -99,39 +100,6 @@ def nl_means(noisy: np.ndarray) -> np.ndarray:
     return denoise_nl_means(
         noisy, h=0.8 * sigma, sigma=sigma, patch_size=5, patch_distance=6, fast_mode=True
     ).astype(np.float32)
-
-
-def quality(clean: np.ndarray, estimate: np.ndarray) -> dict[str, float]:
-    """PSNR (dB) and SSIM of `estimate` against `clean`, both in [0, 1]."""
-    estimate = np.clip(estimate, 0.0, 1.0).astype(np.float64)
-    clean = clean.astype(np.float64)
-    return {
-        "psnr": float(peak_signal_noise_ratio(clean, estimate, data_range=1.0)),
-        "ssim": float(structural_similarity(clean, estimate, data_range=1.0)),
-    }
-
-
-def uncertainty_quality(
-    clean: np.ndarray, estimate: np.ndarray, std: np.ndarray
-) -> dict[str, float]:
-    """Spearman ρ(uncertainty, |error|) and the error shares of the 10, 25 and 50 % most
-    uncertain pixels."""
-    error = np.abs(np.clip(estimate, 0, 1).astype(np.float64) - clean).ravel()
-    std = std.astype(np.float64).ravel()
-    rho = float(spearmanr(std, error).statistic)
-    order = np.argsort(-std, kind="stable")
-    shares = {
-        f"top{percent}_error_share": float(
-            error[order[: max(1, len(std) * percent // 100)]].sum() / error.sum()
-        )
-        for percent in (10, 25, 50)
-    }
-    return {
-        "spearman": rho,
-        **shares,
-        "mean_std": float(std.mean()),
-        "rmse": float(np.sqrt(np.mean(error**2))),
-    }
 
 
 # ---------------------------------------------------------------------------- training

@@ -13,7 +13,7 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
     from diffunet.accel import accelerate
     from diffunet.apps.restoration import Restoration, restore
     from diffunet.apps.tiling import tiled_map
-    from diffunet.diffusion import Diffusion, NoiseSchedule
+    from diffunet.diffusion import EDM, Diffusion, FlowMatching, NoiseSchedule
     from diffunet.errors import DiffunetError
     from diffunet.interop import ConversionError, from_diffusers, from_guided_diffusion
     from diffunet.interop.export import export_model
@@ -32,6 +32,8 @@ _EXPORTS = {
     "restore": "diffunet.apps.restoration",
     "tiled_map": "diffunet.apps.tiling",
     "Diffusion": "diffunet.diffusion",
+    "EDM": "diffunet.diffusion",
+    "FlowMatching": "diffunet.diffusion",
     "NoiseSchedule": "diffunet.diffusion",
     "DiffunetError": "diffunet.errors",
     "ConversionError": "diffunet.interop",
@@ -55,11 +57,13 @@ _EXPORTS = {
 __version__ = "0.1.0"
 
 __all__ = [
+    "EDM",
     "CheckpointError",
     "ConfigError",
     "ConversionError",
     "DiffunetError",
     "Diffusion",
+    "FlowMatching",
     "NoiseSchedule",
     "Restoration",
     "UNet",

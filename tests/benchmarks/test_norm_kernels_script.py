@@ -1,22 +1,15 @@
 """`benchmarks/norm_kernels.py`: the norm calls of a model, the per-step totals, and a sweep
-run end to end under Triton's CPU interpreter."""
+run end to end under Triton's CPU interpreter (in tests/accel/test_interpreter.py's child)."""
 
 import dataclasses
-import importlib.util
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from torch import nn
 
 from diffunet.accel import settings
 from diffunet.model.layers.resblock import ResBlock
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "norm_kernels.py"
 
 
 @pytest.mark.parametrize("case", ["3d", "ldm"])
@@ -76,15 +69,12 @@ def test_totals_weight_each_call_by_its_count(benchmark_script):
     assert line.endswith(f"; {tuple(small.values())}: 2000") and "        2000  " in line
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
-def test_a_sweep_runs_under_the_interpreter(tmp_path):
+# Collected only by tests/accel/test_interpreter.py's child pytest (TRITON_INTERPRET=1), which
+# runs every `interpreted_*` function: the sweep shares that process's torch and Triton import.
+def interpreted_a_sweep_runs_under_the_interpreter(tmp_path, benchmark_script):
     out = tmp_path / "norm.json"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run(
+    code = benchmark_script("norm_kernels").main(
         [
-            sys.executable,
-            str(SCRIPT),
             "--quick",
             "--cases",
             "ddpm-cifar10",
@@ -106,13 +96,9 @@ def test_a_sweep_runs_under_the_interpreter(tmp_path):
             "--no-reference",
             "--out",
             str(out),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        ]
     )
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert code == 0
     result = json.loads(out.read_text())["cases"]["ddpm-cifar10"]
     rows = result["rows"]
     assert rows and all(math.prod(r["shape"]) >= 20000 for r in rows)

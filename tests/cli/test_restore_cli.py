@@ -10,6 +10,7 @@ import pytest
 import tifffile
 import torch
 from PIL import Image
+from skimage.metrics import peak_signal_noise_ratio
 
 from diffunet import UNet
 from diffunet.apps.generate import LoadedModel
@@ -206,6 +207,82 @@ def test_float_input_outside_unit_range_keeps_its_range(tmp_path, identity):
         == 0
     )
     np.testing.assert_allclose(np.load(tmp_path / "o" / "f_restored.npy"), image, atol=1e-4)
+
+
+# ---------------------------------------------------------------------- clean targets
+def test_target_folder_prints_and_records_the_scores(tmp_path, identity, capsys):
+    """Targets matched by name (a.png) and by stem (b.png ↔ b.tif, 16-bit), each in [0, 1]."""
+    identity("emdiffuse", 16)
+    rng = np.random.default_rng(5)
+    inputs, targets = tmp_path / "in", tmp_path / "clean"
+    inputs.mkdir(), targets.mkdir()
+    clean = {"a": rng.integers(0, 256, (20, 24), dtype=np.uint8)}
+    clean["b"] = rng.integers(0, 65536, (18, 21), dtype=np.uint16)
+    noisy = {
+        "a": np.clip(clean["a"] + rng.integers(-40, 41, (20, 24)), 0, 255).astype(np.uint8),
+        "b": rng.integers(0, 256, (18, 21), dtype=np.uint8),
+    }
+    for name in "ab":
+        write_png(inputs / f"{name}.png", noisy[name])
+    write_png(targets / "a.png", clean["a"])
+    tifffile.imwrite(targets / "b.tif", clean["b"])
+    out = tmp_path / "o"
+    args = ["restore", "--from", "x", "--input", str(inputs), "--target", str(targets)]
+    assert main([*args, "--out", str(out), "--samples", "1", "--steps", "1"]) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    for name, scale in (("a", 255), ("b", 65535)):
+        expected = peak_signal_noise_ratio(clean[name] / scale, noisy[name] / 255, data_range=1)
+        scores = metrics["inputs"][f"{name}.png"]
+        assert scores["input"]["psnr"] == pytest.approx(expected, abs=1e-6)
+        assert scores["restored"]["psnr"] == pytest.approx(expected, abs=1e-4)  # the identity
+        assert scores["target_file"] == str(targets / ("a.png" if name == "a" else "b.tif"))
+        assert f"{name}.png against its target: PSNR {expected:.2f} → {expected:.2f} dB" in printed
+    assert metrics["inputs"]["a.png"]["uncertainty"]["spearman"] is None  # one sample: std 0
+
+
+def test_embedded_held_out_picture_is_restored_and_scored(tmp_path, identity, capsys):
+    from diffunet.data.em_pairs import held_out_pairs
+
+    identity("emdiffuse", 64)
+    out = tmp_path / "o"
+    args = ["--from", "x", "--input", "em-pairs:coins", "--out", str(out), "--device", "cpu"]
+    assert main(["restore", *args, "--steps", "1"]) == 0
+    captured = capsys.readouterr()
+    assert "on the CPU: 4 samples per input instead of 8" in captured.err
+    assert "--samples 8" in captured.err
+    assert "[1/1] restoring em-pairs:coins (303×384): 48 tile(s) × 4 samples" in captured.err
+    pair = held_out_pairs()[0]
+    noisy = np.array(Image.open(out / "coins_input.png"))
+    target = np.array(Image.open(out / "coins_target.png"))
+    assert np.array_equal(noisy, np.rint(pair.noisy * 255))
+    assert np.array_equal(target, np.rint(pair.clean * 255))
+    assert np.array_equal(np.array(Image.open(out / "coins_restored.png")), noisy)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["samples"] == 4 and list(metrics["inputs"]) == ["em-pairs:coins"]
+    expected = peak_signal_noise_ratio(target / 255, noisy / 255, data_range=1)
+    assert metrics["inputs"]["em-pairs:coins"]["input"]["psnr"] == pytest.approx(expected)
+    assert f"em-pairs:coins against its target: PSNR {expected:.2f}" in captured.out
+
+
+def test_bad_targets_and_embedded_names_are_one_line_errors(tmp_path, identity, capsys):
+    identity("emdiffuse", 16)
+    write_png(tmp_path / "in.png", np.zeros((12, 16), np.uint8))
+    write_png(tmp_path / "small.png", np.zeros((12, 15), np.uint8))
+    base = ["--from", "x", "--out", str(tmp_path / "o")]
+    one = [*base, "--input", str(tmp_path / "in.png")]
+    err = run_error([*one, "--target", str(tmp_path / "small.png")], capsys)
+    assert "has shape (12, 15) but its input in.png has (12, 16)" in err
+    err = run_error([*one, "--target", str(tmp_path / "nope.png")], capsys)
+    assert "--target" in err and "nope.png does not exist" in err
+    (tmp_path / "clean").mkdir()
+    err = run_error([*one, "--target", str(tmp_path / "clean")], capsys)
+    assert "no clean image for input in.png" in err
+    err = run_error([*base, "--input", "em-pairs:lena"], capsys)
+    assert "'lena'" in err and "em-pairs, em-pairs:coins, em-pairs:page" in err
+    err = run_error([*base, "--input", "em-pairs", "--target", str(tmp_path / "in.png")], capsys)
+    assert "brings its own clean targets" in err
+    assert not (tmp_path / "o").exists()
 
 
 # ---------------------------------------------------------------------- aleatoric

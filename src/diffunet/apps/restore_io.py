@@ -15,6 +15,10 @@ back in the same form:
 The uncertainty map is a standard deviation in the input's own intensity units (grey levels
 for integer images). A side-by-side PNG (input | restored | uncertainty; the middle slice of a
 volume) is written next to them.
+
+Clean targets (`--target`) are read like inputs, into the same [0, 1] units. `--input em-pairs`
+(or `em-pairs:coins`, `em-pairs:page`) names the embedded held-out pictures instead of files:
+noisy 8-bit inputs that bring their clean targets along.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from diffunet.data.dataset import DataError
+from diffunet.data.em_pairs import HELD_OUT_IMAGES, held_out_pairs
 from diffunet.data.images import read_image
 from diffunet.errors import InvalidValueError
 
@@ -33,6 +38,8 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 ARRAY_SUFFIXES = (".npy",)
 INPUT_SUFFIXES = IMAGE_SUFFIXES + TIFF_SUFFIXES + ARRAY_SUFFIXES
 GAP = 4  # pixels between the panels of the side-by-side PNG
+#: `--input` for the embedded held-out pictures (`em-pairs` or `em-pairs:NAME`).
+EMBEDDED_INPUT = "em-pairs"
 
 
 @dataclass
@@ -177,17 +184,10 @@ def _read_npy(path: Path) -> np.ndarray:
     return array
 
 
-def read_input(
-    path: str | Path, dims: int, float_range: tuple[float, float] | None = None
-) -> RestoreInput:
-    """Read one input for a model with `dims` spatial axes (2: images, 3: volumes).
-
-    Raises a one-line :class:`DataError` naming the file for unreadable files, colour images
-    and inputs whose number of axes does not match the model.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"--input {path} does not exist or is not a file")
+def _read_stored(
+    path: Path, float_range: tuple[float, float] | None
+) -> tuple[np.ndarray, np.dtype, tuple[float, float], str]:
+    """Pixels in [0, 1] (any number of axes), stored dtype, value range and file kind of `path`."""
     suffix = path.suffix.lower()
     if suffix in IMAGE_SUFFIXES:
         unit, depth = read_image(path)
@@ -201,14 +201,28 @@ def read_input(
             )
         dtype = np.dtype(np.uint16) if depth == 16 else np.dtype(np.uint8)
         scale = 65535.0 if depth == 16 else 255.0
-        pixels, kind, value_range = unit[..., 0], "image", (0.0, scale)
-    else:
-        array = _read_tiff(path) if suffix in TIFF_SUFFIXES else _read_npy(path)
-        pixels, value_range = to_unit(array, path, float_range)
-        dtype, kind = array.dtype, "tiff" if suffix in TIFF_SUFFIXES else "npy"
-        if dtype == np.bool_:
-            dtype = np.dtype(np.uint8)
-            value_range = (0.0, 255.0)
+        return unit[..., 0], dtype, (0.0, scale), "image"
+    array = _read_tiff(path) if suffix in TIFF_SUFFIXES else _read_npy(path)
+    pixels, value_range = to_unit(array, path, float_range)
+    dtype, kind = array.dtype, "tiff" if suffix in TIFF_SUFFIXES else "npy"
+    if dtype == np.bool_:
+        dtype = np.dtype(np.uint8)
+        value_range = (0.0, 255.0)
+    return pixels, np.dtype(dtype), value_range, kind
+
+
+def read_input(
+    path: str | Path, dims: int, float_range: tuple[float, float] | None = None
+) -> RestoreInput:
+    """Read one input for a model with `dims` spatial axes (2: images, 3: volumes).
+
+    Raises a one-line :class:`DataError` naming the file for unreadable files, colour images
+    and inputs whose number of axes does not match the model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"--input {path} does not exist or is not a file")
+    pixels, dtype, value_range, kind = _read_stored(path, float_range)
     if pixels.ndim != dims:
         what = {2: "a 2D image (H, W)", 3: "a 3D volume (D, H, W)"}.get(
             pixels.ndim, f"{pixels.ndim} axes"
@@ -225,7 +239,112 @@ def read_input(
         )
     if min(pixels.shape) < 1:
         raise DataError(f"{path}: empty input of shape {pixels.shape}")
-    return RestoreInput(path, np.ascontiguousarray(pixels), np.dtype(dtype), value_range, kind)
+    return RestoreInput(path, np.ascontiguousarray(pixels), dtype, value_range, kind)
+
+
+# ---------------------------------------------------------------------------- clean targets
+def match_targets(inputs: list[Path], target: str | Path) -> list[Path]:
+    """The clean reference of each input named by `--target`: the file itself (one input), or
+    the file of the same name in a folder (else the only one with the same stem)."""
+    target = Path(target)
+    if not target.exists():
+        raise DataError(
+            f"--target {target} does not exist; pass the clean image of the input, or a "
+            "folder of clean images named like the inputs"
+        )
+    if target.is_file():
+        if len(inputs) != 1:
+            raise DataError(
+                f"--target {target} is one file but --input names {len(inputs)} files; pass "
+                "a folder of clean images named like the inputs"
+            )
+        return [target]
+    matched = []
+    for file in inputs:
+        same_name = target / file.name
+        same_stem = sorted(
+            p
+            for p in target.iterdir()
+            if p.stem == file.stem and p.is_file() and p.suffix.lower() in INPUT_SUFFIXES
+        )
+        if same_name.is_file():
+            matched.append(same_name)
+        elif len(same_stem) == 1:
+            matched.append(same_stem[0])
+        else:
+            found = f"{len(same_stem)} files named {file.stem}.*" if same_stem else "none"
+            raise DataError(
+                f"--target folder {target} has no clean image for input {file.name} "
+                f"(looked for {file.name}, else one {file.stem}.* file; found {found}); "
+                "name each clean image like its input"
+            )
+    return matched
+
+
+def read_target(path: str | Path, source: RestoreInput) -> np.ndarray:
+    """The clean image at `path` in the [0, 1] units of `source` (the input it belongs to).
+
+    Read like an input: integers by their bit depth, floats in the input's value range. Raises
+    a one-line :class:`DataError` when its shape differs from the input's.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"--target {path} does not exist or is not a file")
+    pixels = _read_stored(path, source.value_range)[0]
+    if pixels.shape != source.pixels.shape:
+        raise DataError(
+            f"--target {path} has shape {pixels.shape} but its input {source.path.name} has "
+            f"{source.pixels.shape}; the clean image must match the input pixel for pixel"
+        )
+    return np.ascontiguousarray(pixels)
+
+
+# ---------------------------------------------------------------------------- em-pairs
+def is_embedded(spec: str | Path) -> bool:
+    """Whether `--input` names the embedded held-out pictures (`em-pairs`, `em-pairs:NAME`)."""
+    text = str(spec)
+    return text == EMBEDDED_INPUT or text.startswith(EMBEDDED_INPUT + ":")
+
+
+def embedded_names(spec: str) -> tuple[str, ...]:
+    """The held-out pictures named by `--input em-pairs` (all) or `em-pairs:NAME`."""
+    choices = ", ".join([EMBEDDED_INPUT, *(f"{EMBEDDED_INPUT}:{name}" for name in HELD_OUT_IMAGES)])
+    if spec == EMBEDDED_INPUT:
+        return HELD_OUT_IMAGES
+    name = spec.partition(":")[2]
+    if name not in HELD_OUT_IMAGES:
+        raise DataError(
+            f"--input {spec}: {name!r} is not an embedded held-out picture; expected one of "
+            f"{choices}"
+        )
+    return (name,)
+
+
+def embedded_inputs(names: tuple[str, ...], dims: int) -> list[tuple[RestoreInput, np.ndarray]]:
+    """The noisy held-out pictures `names` as 8-bit inputs, each with its clean target.
+
+    They are the benchmark's evaluation pairs (:func:`diffunet.data.em_pairs.held_out_pairs`),
+    the noise rounded to 8 bits as in a pair folder, so `NAME_input.png` holds exactly what was
+    restored.
+    """
+    if dims != 2:
+        raise DataError(
+            f"--input {EMBEDDED_INPUT} holds 2D pictures but the model is {dims}D; use a "
+            "dims=2 model (e.g. preset emdiffuse)"
+        )
+    inputs = []
+    for pair in held_out_pairs():
+        if pair.name in names:
+            noisy = np.rint(np.clip(pair.noisy, 0.0, 1.0) * 255) / 255
+            source = RestoreInput(
+                Path(f"{pair.name}.png"),
+                noisy.astype(np.float32),
+                np.dtype(np.uint8),
+                (0.0, 255.0),
+                "image",
+            )
+            inputs.append((source, pair.clean))
+    return inputs
 
 
 def from_unit(unit: np.ndarray, source: RestoreInput) -> np.ndarray:
@@ -305,4 +424,19 @@ def write_outputs(
     _write(paths["restored"], from_unit(restored, source))
     _write(paths["uncertainty"], (std.astype(np.float64) * (hi - lo)).astype(np.float32))
     _write(paths["comparison"], comparison_image(source.pixels, restored, std))
+    return paths
+
+
+def write_references(
+    source: RestoreInput, clean: np.ndarray, out_dir: str | Path
+) -> dict[str, Path]:
+    """Write the input itself (`NAME_input`) and its clean target (`NAME_target`) next to the
+    results, in the restored image's format: for inputs that are not files of their own."""
+    suffix = output_paths(source, Path(out_dir))["restored"].suffix
+    paths = {
+        "input": Path(out_dir) / f"{source.path.stem}_input{suffix}",
+        "target": Path(out_dir) / f"{source.path.stem}_target{suffix}",
+    }
+    _write(paths["input"], from_unit(source.pixels, source))
+    _write(paths["target"], from_unit(clean, source))
     return paths

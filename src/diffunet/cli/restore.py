@@ -14,15 +14,23 @@ map (a standard deviation in the input's intensity units, float32) and a side-by
 Inputs larger than the tile (default: the training crop) are restored in overlapping tiles
 blended without seams; memory is bounded by the tile size. Sizes the network cannot take are
 padded (replicating the border) and cropped back.
+
+With clean references (`--target FILE_OR_FOLDER`, or `--input em-pairs[:NAME]`, the embedded
+held-out pictures, which bring their own) it prints PSNR / SSIM of the input and of the
+restoration and the uncertainty–error rank correlation per input, and writes them to
+`metrics.json`. On a CPU it draws fewer samples unless `--samples` is given.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,8 +39,22 @@ import torch.nn.functional as F
 from diffunet.accel.layout import enable_cudnn_autotuning
 from diffunet.apps.generate import LoadedModel, load_model
 from diffunet.apps.restoration import Restoration, restore
-from diffunet.apps.restore_io import list_inputs, output_paths, read_input, write_outputs
-from diffunet.apps.tiling import tiled_map
+from diffunet.apps.restoration_quality import json_ready, restoration_metrics
+from diffunet.apps.restore_io import (
+    EMBEDDED_INPUT,
+    RestoreInput,
+    embedded_inputs,
+    embedded_names,
+    is_embedded,
+    list_inputs,
+    match_targets,
+    output_paths,
+    read_input,
+    read_target,
+    write_outputs,
+    write_references,
+)
+from diffunet.apps.tiling import resolve_tiling, tile_starts, tiled_map
 from diffunet.diffusion import Diffusion, call_model, draw_noise
 from diffunet.errors import InvalidValueError
 from diffunet.model.unet import split_aleatoric
@@ -41,6 +63,11 @@ from diffunet.training.run_config import SAMPLERS
 
 HELP = "restore images or volumes with a restoration model: result + uncertainty map"
 UNCERTAINTY_KINDS = ("auto", "samples", "aleatoric")
+#: Samples (or aleatoric noise draws) per input when --samples is not given: on a GPU, and on
+#: a CPU, where each one costs a full sampling run per tile.
+DEFAULT_SAMPLES = 8
+CPU_SAMPLES = 4
+METRICS_FILE = "metrics.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,16 +83,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--input",
         required=True,
         metavar="IMG_OR_FOLDER_OR_VOLUME",
-        help="an image (PNG/JPEG/BMP/TIFF), a volume (.npy, TIFF stack) or a folder of them",
+        help="an image (PNG/JPEG/BMP/TIFF), a volume (.npy, TIFF stack) or a folder of them; "
+        f"or {EMBEDDED_INPUT} / {EMBEDDED_INPUT}:coins / {EMBEDDED_INPUT}:page: the embedded "
+        "held-out noisy pictures, restored and scored against their clean versions",
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument(
+        "--target",
+        metavar="FILE_OR_FOLDER",
+        help="the clean image of the input (or a folder of them, named like the inputs): "
+        "prints PSNR / SSIM of the input and of the restoration and the uncertainty-error "
+        f"rank correlation, and writes them to DIR/{METRICS_FILE}; compared in the model's "
+        "[0, 1] units (integers scaled by their bit depth, floats by the input's range)",
+    )
+    parser.add_argument(
         "--samples",
         type=int,
-        default=8,
         metavar="K",
         help="restorations drawn per input (samples mode) or noise draws "
-        "(aleatoric mode); default 8",
+        f"(aleatoric mode); default {DEFAULT_SAMPLES}, {CPU_SAMPLES} on a CPU",
     )
     parser.add_argument(
         "--steps", type=int, metavar="N", help="sampling steps (default: the run's)"
@@ -275,7 +311,7 @@ def restore_pixels(
     padded = pad_to_multiple(tensor, config.size_multiple())
     generator = torch.Generator().manual_seed(seed)
     # One tile when the input fits: tiled_map then returns the tile's result unchanged.
-    common = dict(
+    common: dict[str, Any] = dict(
         tile_size=tile_size,
         overlap=overlap,
         batch_size=batch_size,
@@ -285,6 +321,14 @@ def restore_pixels(
     if kind == "aleatoric":
         result = restore_aleatoric(model, loaded.diffusion, padded, samples, **common)
     else:
+        fits = [
+            all(s <= t for s, t in zip(padded.shape[2:], limit))
+            for limit in (tile_size, config.spatial_size() or tile_size)
+        ]
+        if all(fits):
+            # One tile, which `restore` then does not tile either: the same result, and its
+            # progress bar counts the sampling steps instead of a single tile.
+            common["tile_size"] = None
         result = restore(
             model,
             loaded.diffusion,
@@ -295,7 +339,7 @@ def restore_pixels(
             eta=eta,
             **common,
         )
-    crop = (0, slice(None), *(slice(0, s) for s in spatial))
+    crop: tuple[Any, ...] = (0, slice(None), *(slice(0, s) for s in spatial))
     mean = ((result.mean[crop].mean(0) + 1) / 2).clamp(0, 1)
     std = result.std[crop].mean(0) / 2
     return mean.numpy().astype(np.float32), std.numpy().astype(np.float32)
@@ -356,10 +400,67 @@ def check_options(args: argparse.Namespace) -> None:
         raise InvalidValueError(f"--out {out} is a file; pass a folder for the results")
 
 
+# ---------------------------------------------------------------------------- the command
+#: One input: a file to read, or an embedded picture already in memory; and its clean target.
+Job = tuple[Path | RestoreInput, Path | np.ndarray | None]
+
+
+def open_job(
+    job: Job, dims: int, float_range: tuple[float, float] | None
+) -> tuple[RestoreInput, np.ndarray | None]:
+    """Read a job's input and its clean target (in the input's [0, 1] units), if any."""
+    source, target = job
+    if isinstance(source, Path):
+        source = read_input(source, dims, float_range)
+    if isinstance(target, Path):
+        target = read_target(target, source)
+    return source, target
+
+
+def tile_count(
+    model, spatial: Sequence[int], tile: Sequence[int] | None, overlap: Sequence[int] | None
+) -> int:
+    """How many tiles `restore_pixels` cuts an input of size `spatial` into."""
+    padded = [-(-s // m) * m for s, m in zip(spatial, model.config.size_multiple())]
+    tile_size, overlap = tile_geometry(model, tile, overlap, spatial)
+    tiles, overlaps = resolve_tiling(padded, tile_size, overlap)
+    return math.prod(len(tile_starts(n, t, o)) for n, t, o in zip(padded, tiles, overlaps))
+
+
+def _figure(value: float, digits: int) -> str:
+    return f"{value:.{digits}f}" if math.isfinite(value) else str(value)
+
+
+def metrics_line(name: str, scores: dict[str, dict[str, float]]) -> str:
+    """One line of scores for an input: PSNR and SSIM of the input → the restoration, and ρ."""
+    noisy, restored = scores["input"], scores["restored"]
+    rho = scores["uncertainty"]["spearman"]
+    rho_text = (
+        _figure(rho, 2) if math.isfinite(rho) else "n/a (the uncertainty or error is constant)"
+    )
+    return (
+        f"  {name} against its target: PSNR {_figure(noisy['psnr'], 2)} → "
+        f"{_figure(restored['psnr'], 2)} dB, SSIM {_figure(noisy['ssim'], 3)} → "
+        f"{_figure(restored['ssim'], 3)} (input → restored); uncertainty-error "
+        f"rank correlation ρ {rho_text}"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
-    """Check everything, then restore each input and write its three outputs."""
+    """Check everything, then restore each input, write its outputs and, given a clean target,
+    print and record its scores."""
     check_options(args)
-    files = list_inputs(args.input)
+    embedded = is_embedded(args.input)
+    if embedded:
+        if args.target is not None:
+            raise InvalidValueError(
+                f"--input {args.input} brings its own clean targets; drop --target "
+                f"{args.target} (it is for inputs read from files)"
+            )
+        names = embedded_names(args.input)
+    else:
+        files = list_inputs(args.input)
+        targets = match_targets(files, args.target) if args.target else [None] * len(files)
     device = resolve_device(args.device)
     loaded = load_model(args.source, device=device, verify=not args.no_verify)
     enable_cudnn_autotuning(device, loaded.model.config.dims)
@@ -372,12 +473,25 @@ def run(args: argparse.Namespace) -> int:
     float_range = (
         tuple(value_range) if isinstance(value_range, list) and len(value_range) == 2 else None
     )
-    for file in files:  # read every input once first: a bad file stops before any work
-        source = read_input(file, config.dims, float_range)
+    jobs: list[Job] = (
+        list(embedded_inputs(names, config.dims)) if embedded else list(zip(files, targets))
+    )
+    for job in jobs:  # read every input and target once first: a bad file stops before any work
+        source, _ = open_job(job, config.dims, float_range)
         tile_geometry(loaded.model, tile, overlap, source.pixels.shape)
+    samples = args.samples
+    if samples is None:
+        samples = CPU_SAMPLES if device.type == "cpu" else DEFAULT_SAMPLES
+        if device.type == "cpu":
+            what = "samples" if kind == "samples" else "noise draws"
+            print(
+                f"on the CPU: {samples} {what} per input instead of {DEFAULT_SAMPLES}, "
+                f"to save time; pass --samples {DEFAULT_SAMPLES} for the full count",
+                file=sys.stderr,
+            )
     options = dict(
         kind=kind,
-        samples=args.samples,
+        samples=samples,
         steps=args.steps or defaults.get("steps", 20),
         sampler=args.sampler or defaults.get("sampler", "dpm++"),
         eta=args.eta if args.eta is not None else defaults.get("eta", 0.0),
@@ -388,28 +502,74 @@ def run(args: argparse.Namespace) -> int:
         progress=sys.stderr.isatty(),
     )
     what = (
-        f"spread of {args.samples} samples ({options['sampler']}, {options['steps']} steps)"
+        f"spread of {samples} samples ({options['sampler']}, {options['steps']} steps)"
         if kind == "samples"
-        else f"aleatoric variance ({args.samples} draws)"
+        else f"aleatoric variance ({samples} draws)"
     )
     print(
-        f"restoring {len(files)} input(s) with {loaded.checkpoint}; uncertainty: {what}",
+        f"restoring {len(jobs)} input(s) with {loaded.checkpoint}; uncertainty: {what}",
         file=sys.stderr,
     )
     out_dir = Path(args.out)
-    for index, file in enumerate(files, 1):
-        started = time.perf_counter()
-        source = read_input(file, config.dims, float_range)
-        restored, std = restore_pixels(loaded, source.pixels, **options)
-        paths = write_outputs(source, restored, std, out_dir)
+    report: dict = {
+        "units": "[0, 1], the model's units: integer pixels divided by 255 or 65535, "
+        "float pixels scaled by the input's range",
+        "checkpoint": str(loaded.checkpoint),
+        "uncertainty": kind,
+        "samples": samples,
+        **({"sampler": options["sampler"], "steps": options["steps"]} if kind == "samples" else {}),
+        "seed": args.seed,
+        "inputs": {},
+    }
+    written = 0
+    for index, job in enumerate(jobs, 1):
+        source, clean = open_job(job, config.dims, float_range)
+        name = f"{EMBEDDED_INPUT}:{source.path.stem}" if embedded else source.path.name
         shape = "×".join(map(str, source.pixels.shape))
-        print(
-            f"[{index}/{len(files)}] {file.name} ({shape}, {source.bit_depth}) → "
-            f"{paths['restored'].name}, {paths['uncertainty'].name}, "
-            f"{paths['comparison'].name} ({time.perf_counter() - started:.1f} s)"
+        tiles = tile_count(loaded.model, source.pixels.shape, tile, overlap)
+        work = f"{tiles} tile(s) × {samples} " + (
+            f"samples × {options['steps']} steps" if kind == "samples" else "draws"
         )
-    print(f"wrote {3 * len(files)} file(s) to {out_dir}")
+        # Before the work, so a log that is not a terminal (no progress bar) shows where it is.
+        print(f"[{index}/{len(jobs)}] restoring {name} ({shape}): {work} ...", file=sys.stderr)
+        sys.stderr.flush()
+        started = time.perf_counter()
+        restored, std = restore_pixels(loaded, source.pixels, **options)
+        seconds = time.perf_counter() - started
+        paths = write_outputs(source, restored, std, out_dir)
+        if embedded and clean is not None:
+            paths.update(write_references(source, clean, out_dir))
+        written += len(paths)
+        print(
+            f"[{index}/{len(jobs)}] {name} ({shape}, {source.bit_depth}) → "
+            f"{', '.join(p.name for p in paths.values())} ({seconds:.1f} s)"
+        )
+        if clean is None:
+            continue
+        scores = restoration_metrics(clean, source.pixels, restored, std)
+        print(metrics_line(name, scores))
+        report["inputs"][name] = {
+            "input_file": str(paths["input"] if embedded else job[0]),
+            "target_file": str(paths["target"] if embedded else job[1]),
+            "shape": list(source.pixels.shape),
+            **scores,
+            "seconds": round(seconds, 1),
+        }
+        # Rewritten after every input, so an interrupted run keeps the scores so far.
+        text = json.dumps(json_ready(report), indent=2, ensure_ascii=False) + "\n"
+        (out_dir / METRICS_FILE).write_text(text, encoding="utf-8")
+    if report["inputs"]:
+        written += 1
+    print(f"wrote {written} file(s) to {out_dir}")
     return 0
 
 
-__all__ = ["HELP", "add_arguments", "output_paths", "restore_aleatoric", "restore_pixels", "run"]
+__all__ = [
+    "HELP",
+    "add_arguments",
+    "metrics_line",
+    "output_paths",
+    "restore_aleatoric",
+    "restore_pixels",
+    "run",
+]

@@ -439,15 +439,7 @@ def _train(
     lock: RunLock,
 ) -> int:
     if info.device.type == "cpu":
-        threads = config.train.threads or distributed.default_threads(info)
-        torch.set_num_threads(threads)
-        even = distributed.even_threads(info)
-        if not config.train.threads and threads < even and info.is_main:
-            print(
-                f"diffunet train: other programs keep the CPU busy; training with {threads} "
-                f"thread(s) per process instead of {even} (choose with --threads N)",
-                file=sys.stderr,
-            )
+        torch.set_num_threads(config.train.threads or distributed.default_threads(info))
     # A resumed run, or a new one in an existing folder, is locked before anything is read.
     claimed = distributed.broadcast_flag(run_dir.is_dir(), info)
     if claimed:
@@ -491,6 +483,14 @@ def _train(
             )
     distributed.barrier(info)
 
+    busy = info.device.type == "cpu" and not config.train.threads
+    if busy and torch.get_num_threads() < distributed.even_threads(info) and info.is_main:
+        print(
+            f"diffunet train: other programs keep the CPU busy; training with "
+            f"{torch.get_num_threads()} thread(s) per process instead of "
+            f"{distributed.even_threads(info)} (choose with --threads N)",
+            file=sys.stderr,
+        )
     result = trainer.train()
     if result.interrupted:
         if info.is_main:

@@ -5,9 +5,21 @@ trainable, sampleable diffusion model.
     diffusion = Diffusion(schedule="cosine", prediction="v", min_snr_gamma=5.0)
     loss = diffusion.loss(model, x0)                       # training
     x = diffusion.sample(model, (16, 3, 32, 32), sampler="dpm++", steps=20)
+
+`FlowMatching` (rectified flow, SD3's time sampling) and `EDM` (Karras et al. 2022) are the
+continuous-time processes beside it, with the same `loss` and `sample`.
 """
 
-from diffunet.diffusion.denoiser import Denoiser, call_model, time_input, uses_noise_level
+from diffunet.diffusion.denoiser import (
+    Denoiser,
+    GuidedModel,
+    call_model,
+    call_model_with_time,
+    time_input,
+    uses_noise_level,
+)
+from diffunet.diffusion.edm import EDM
+from diffunet.diffusion.flow import TIME_DISTRIBUTIONS, FlowMatching
 from diffunet.diffusion.guidance import drop_conditioning, guide
 from diffunet.diffusion.model_protocol import (
     ClassConditionalDenoiser,
@@ -30,10 +42,12 @@ from diffunet.diffusion.schedule import (
 from diffunet.diffusion.scheduler_protocol import is_scheduler
 
 __all__ = [
+    "EDM",
     "PREDICTIONS",
     "SAMPLERS",
     "SCHEDULES",
     "TIMESTEP_SPACINGS",
+    "TIME_DISTRIBUTIONS",
     "ClassConditionalDenoiser",
     "ConfiguredDenoiser",
     "Denoiser",
@@ -41,9 +55,12 @@ __all__ = [
     "DenoiserTraits",
     "DenoisingModel",
     "Diffusion",
+    "FlowMatching",
+    "GuidedModel",
     "NoiseSchedule",
     "Step",
     "call_model",
+    "call_model_with_time",
     "convert",
     "ddim",
     "ddpm",

@@ -8,6 +8,10 @@ a `config` (:class:`ConfiguredDenoiser`, as a :class:`~diffunet.UNet` does): wit
 plain U-Net) it receives no time at all; with `config.aleatoric` its output holds the mean then
 the log-variance along channels. A class-conditional model names its "no label" index in
 `null_label` (:class:`ClassConditionalDenoiser`).
+
+:class:`GuidedModel` binds a model to its conditioning and guidance for any process, whose time
+input it passes as given (:func:`call_model_with_time`); :class:`Denoiser` adds `Diffusion`'s
+time input and parameterisation.
 """
 
 from __future__ import annotations

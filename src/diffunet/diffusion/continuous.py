@@ -1,0 +1,284 @@
+"""What the continuous-time processes (:class:`~diffunet.diffusion.FlowMatching`,
+:class:`~diffunet.diffusion.EDM`) share with each other and with
+:class:`~diffunet.diffusion.Diffusion`: argument checks, the training batch (times, noise,
+conditioning dropout) and the sampling set-up (device, conditioning, guidance, the noise grid,
+the starting noise, the progress bar).
+
+A process subclass states its samplers, its default sampler and number of steps, how it draws
+training times, the valid range of a time, and the default grid of times a sampler visits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
+
+import torch
+from tqdm.auto import tqdm
+
+from diffunet.diffusion.denoiser import GuidedModel
+from diffunet.diffusion.guidance import drop_conditioning, null_label_of
+from diffunet.diffusion.model_protocol import DenoiserTraits, DenoisingModel, traits_of
+from diffunet.diffusion.process import Diffusion, draw_noise, model_device, with_cuda_graph
+from diffunet.errors import InvalidTypeError, InvalidValueError
+from diffunet.model.validation import check_labels
+
+
+def check_number(name: str, value: object, expected: str, valid: Callable[[float], bool]) -> float:
+    """`value` as a float when it is a real number for which `valid` holds; an error naming
+    `name` and saying what was `expected` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidTypeError(
+            f"{name} must be a number ({expected}), got {type(value).__name__} {value!r}"
+        )
+    if not valid(float(value)):
+        raise InvalidValueError(f"{name}={value!r} is invalid: expected {expected}")
+    return float(value)
+
+
+def positive(v: float) -> bool:
+    """A finite number above zero."""
+    return math.isfinite(v) and v > 0
+
+
+def finite(v: float) -> bool:
+    """A finite number."""
+    return math.isfinite(v)
+
+
+class TrainingBatch(NamedTuple):
+    """One checked training batch: float32 data, noise and times on the data's device, and the
+    conditioning after dropout."""
+
+    x0: torch.Tensor
+    noise: torch.Tensor
+    times: torch.Tensor
+    cond: torch.Tensor | None
+    context: torch.Tensor | None
+    labels: torch.Tensor | None
+
+
+class SamplingRun(NamedTuple):
+    """What a sampling loop needs: the guided model, the starting noise ε (float32), the grid of
+    times it visits (decreasing, ending at 0), the chosen sampler, a source of fresh noise and
+    the step indices `0 .. len(grid) − 2` (behind the progress bar)."""
+
+    guided: GuidedModel
+    noise: torch.Tensor
+    grid: list[float]
+    sampler: str
+    draw: Callable[[], torch.Tensor]
+    steps: Iterable[int]
+
+
+class ContinuousProcess:
+    """Base of the continuous-time processes; see :class:`~diffunet.diffusion.FlowMatching` and
+    :class:`~diffunet.diffusion.EDM`."""
+
+    #: The sampler names `sample` accepts, the default one and the default number of steps.
+    SAMPLERS: tuple[str, ...] = ()
+    DEFAULT_SAMPLER = ""
+    DEFAULT_STEPS = 0
+    #: What a time is, and its valid range, for messages.
+    TIME_NAME = "t"
+    TIMES_RANGE = ""
+
+    def __init__(self, cond_drop_prob: float) -> None:
+        self.cond_drop_prob = check_number(
+            "cond_drop_prob",
+            cond_drop_prob,
+            "a probability in [0, 1] (0.1 is usual for classifier-free guidance; 0 disables it)",
+            lambda v: 0.0 <= v <= 1.0,
+        )
+
+    # ------------------------------------------------------------------ what a process states
+    def sample_training_times(
+        self, batch: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """`batch` training times, float32 `(batch,)`, drawn on the generator's device."""
+        raise NotImplementedError
+
+    def default_grid(self, steps: int) -> torch.Tensor:
+        """The float64 times a sampler visits in `steps` steps: `steps + 1` values ending at 0."""
+        raise NotImplementedError
+
+    def _times_valid(self, times: torch.Tensor) -> bool:
+        """Whether every time of a (CPU, float64) tensor lies in the process's range."""
+        raise NotImplementedError
+
+    def _grid_valid(self, grid: torch.Tensor) -> str | None:
+        """What is wrong with a decreasing float64 grid that ends at 0, or None."""
+        return None
+
+    # ------------------------------------------------------------------ training
+    def _training_batch(
+        self,
+        model: DenoisingModel,
+        x0: torch.Tensor,
+        *,
+        cond: torch.Tensor | None,
+        context: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        generator: torch.Generator | None,
+        noise: torch.Tensor | None,
+        times: torch.Tensor | None,
+    ) -> TrainingBatch:
+        """Checks `loss`'s arguments and draws what was not given: times, then noise, then the
+        conditioning dropout (the order `Diffusion.loss` draws in)."""
+        Diffusion._check_batch(x0, "x0", cond=cond, context=context, labels=labels)
+        traits = self._check_traits(model)
+        if labels is not None:  # the range only on the CPU, or while value checks are on
+            check_labels(labels, traits.num_classes)
+        batch, device = x0.shape[0], x0.device
+        x0 = x0.float()
+        if times is None:
+            times = self.sample_training_times(batch, generator)
+        times = self._check_times(times, batch).to(device)
+        if noise is None:
+            noise = (
+                draw_noise(x0.shape, generator, device)
+                if generator is not None
+                else torch.randn_like(x0)
+            )
+        elif not isinstance(noise, torch.Tensor) or tuple(noise.shape) != tuple(x0.shape):
+            given = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+            raise InvalidValueError(
+                f"noise has shape {given}, expected x0's shape {tuple(x0.shape)}"
+            )
+        noise = noise.to(device=device, dtype=torch.float32)
+        null = null_label_of(model) if self.cond_drop_prob > 0 and labels is not None else None
+        context, labels = drop_conditioning(context, labels, self.cond_drop_prob, null, generator)
+        return TrainingBatch(x0, noise, times, cond, context, labels)
+
+    def _check_times(self, times: object, batch: int) -> torch.Tensor:
+        """`times` as float32 `(batch,)`; the value range checked only on the CPU (elsewhere it
+        would wait for the device)."""
+        name = type(self).__name__
+        if not isinstance(times, torch.Tensor):
+            raise InvalidTypeError(
+                f"times must be a torch.Tensor of shape ({batch},) with the {self.TIME_NAME} of "
+                f"each sample ({self.TIMES_RANGE}), got {type(times).__name__}"
+            )
+        bad = tuple(times.shape) != (batch,) or times.dtype == torch.bool or times.is_complex()
+        if not bad and times.device.type == "cpu":
+            bad = not self._times_valid(times.double())
+        if bad:
+            raise InvalidValueError(
+                f"times must be a real tensor of shape ({batch},) holding each sample's "
+                f"{self.TIME_NAME} of {name} ({self.TIMES_RANGE}), got {times.dtype} of shape "
+                f"{tuple(times.shape)}; leave times=None to draw them"
+            )
+        return times.float()
+
+    def _check_traits(self, model: DenoisingModel) -> DenoiserTraits:
+        traits = traits_of(model)
+        if traits.aleatoric:
+            raise InvalidValueError(
+                f"{type(self).__name__} does not support an aleatoric model (config.aleatoric="
+                "True: mean and log-variance outputs); train it with Diffusion, which fits the "
+                "Gaussian NLL, or build the model with aleatoric=False"
+            )
+        return traits
+
+    # ------------------------------------------------------------------ sampling
+    def _sampling_run(
+        self,
+        model: DenoisingModel,
+        shape: Sequence[int],
+        *,
+        sampler: str,
+        steps: int | None,
+        grid: Sequence[float] | torch.Tensor | None,
+        guidance: float,
+        cond: torch.Tensor | None,
+        context: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        generator: torch.Generator | None,
+        progress: bool,
+        device: torch.device | str | None,
+        cuda_graph: bool | str,
+    ) -> SamplingRun:
+        """Checks `sample`'s arguments (in `Diffusion.sample`'s order) and sets the run up; on a
+        GPU the model is accelerated and CUDA-graphed as `Diffusion.sample` does."""
+        shape = Diffusion._check_shape(shape)
+        name = type(self).__name__
+        if not isinstance(sampler, str) or sampler not in self.SAMPLERS:
+            hint = (
+                "; diffusers schedulers drive Diffusion only"
+                if not isinstance(sampler, str)
+                else ""
+            )
+            raise InvalidValueError(
+                f"unknown sampler {sampler!r} for {name}; expected one of {self.SAMPLERS} "
+                f"(default {self.DEFAULT_SAMPLER!r}){hint}"
+            )
+        times = self._check_grid(steps, grid)
+        Diffusion._check_model_shape(model, shape)
+        traits = self._check_traits(model)
+        if labels is not None:  # the range on the CPU, or while value checks are on
+            check_labels(labels, traits.num_classes)
+        if device is None:
+            device = model_device(model, cond.device if cond is not None else "cpu")
+        device = torch.device(device)
+        cond, context, labels = (
+            v.to(device) if v is not None else None for v in (cond, context, labels)
+        )
+        Diffusion._check_conditioning(
+            shape[0], shape[2:], "shape", cond=cond, context=context, labels=labels
+        )
+        model = with_cuda_graph(model, cuda_graph, device)
+        guided = GuidedModel(model, cond=cond, context=context, labels=labels, guidance=guidance)
+        noise = draw_noise(shape, generator, device)
+
+        def draw() -> torch.Tensor:
+            return draw_noise(shape, generator, device)
+
+        indices = tqdm(
+            range(len(times) - 1),
+            desc=f"sampling ({name}, {sampler})",
+            disable=not progress,
+            leave=False,
+        )
+        return SamplingRun(guided, noise, times, sampler, draw, indices)
+
+    def _check_grid(
+        self, steps: int | None, grid: Sequence[float] | torch.Tensor | None
+    ) -> list[float]:
+        """The grid a sampler visits: the default one of `steps`, or `grid` checked."""
+        name = type(self).__name__
+        if steps is not None and (
+            isinstance(steps, bool) or not isinstance(steps, int) or steps < 1
+        ):
+            raise InvalidValueError(
+                f"steps={steps!r} is invalid: expected a positive int (the number of steps; "
+                f"{name} defaults to {self.DEFAULT_STEPS})"
+            )
+        if grid is None:
+            return self.default_grid(self.DEFAULT_STEPS if steps is None else steps).tolist()
+        try:
+            values = torch.as_tensor(grid, dtype=torch.float64).cpu()
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise InvalidTypeError(
+                f"grid must be a 1-D sequence or tensor of numbers, got {type(grid).__name__}"
+            ) from err
+        problem = None
+        if values.ndim != 1 or len(values) < 2:
+            problem = f"a 1-D grid of at least 2 values, got shape {tuple(values.shape)}"
+        elif not bool(torch.isfinite(values).all()):
+            problem = "finite values"
+        elif not bool((values[1:] < values[:-1]).all()) or values[-1] != 0.0:
+            problem = "values decreasing strictly to a last value of exactly 0"
+        else:
+            problem = self._grid_valid(values)
+        if problem is not None:
+            raise InvalidValueError(
+                f"grid is invalid for {name}: expected {problem} (the {self.TIME_NAME} of each "
+                "step, from noise to data), or leave grid=None for the default grid of steps"
+            )
+        if steps is not None and steps != len(values) - 1:
+            raise InvalidValueError(
+                f"steps={steps} disagrees with grid, which has {len(values) - 1} steps; pass "
+                "one of them, or steps=len(grid) - 1"
+            )
+        return values.tolist()

@@ -1,0 +1,233 @@
+"""`FlowMatching`: rectified-flow training and ODE sampling (Liu et al. 2023; Lipman et al. 2023),
+with the time distributions and time shift of Stable Diffusion 3 (Esser et al. 2024)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from diffunet.diffusion.continuous import ContinuousProcess, check_number, finite, positive
+from diffunet.diffusion.denoiser import call_model_with_time
+from diffunet.diffusion.model_protocol import DenoisingModel
+from diffunet.diffusion.objective import per_sample_mse
+from diffunet.errors import InvalidValueError
+
+#: How `FlowMatching.loss` draws t: uniform in [0, 1], or SD3's logit-normal.
+TIME_DISTRIBUTIONS = ("uniform", "logit_normal")
+
+
+class FlowMatching(ContinuousProcess):
+    """Flow matching on the straight path x_t = (1 − t)·x₀ + t·ε, t ∈ [0, 1] (data at 0, noise at 1).
+
+    The network predicts the velocity v = dx_t/dt = ε − x₀ and receives `t · time_scale` as its
+    time input. Training regresses v with a plain MSE at t drawn from `time_distribution`, then
+    shifted; sampling integrates dx/dt = v from t = 1 to 0 with Euler or Heun steps.
+
+    Args:
+        time_distribution: ``"logit_normal"`` (t = sigmoid(m + s·n), n ~ N(0, 1): SD3's
+            best choice, which favours middle times) or ``"uniform"``.
+        m, s: location and scale of the logit-normal (SD3's rf/lognorm(0.00, 1.00)).
+        shift: SD3's time shift t' = shift·t / (1 + (shift − 1)·t), applied to the training
+            times and to the sampling grid alike; above 1 it spends more steps at high noise
+            (SD3 uses 3.0 at 1024²); 1.0 leaves t unchanged.
+        time_scale: the factor from t to the network's time input (1000, as in diffusers' SD3, so
+            a timestep embedding sees the familiar range).
+        cond_drop_prob: probability of training a sample unconditionally (labels → null label,
+            context → zeros) for classifier-free guidance, as in `Diffusion`.
+    """
+
+    SAMPLERS = ("euler", "heun")
+    DEFAULT_SAMPLER = "euler"
+    DEFAULT_STEPS = 28  # diffusers' StableDiffusion3Pipeline
+    TIME_NAME = "t"
+    TIMES_RANGE = "t in [0, 1]: 0 is data, 1 is noise"
+
+    def __init__(
+        self,
+        time_distribution: str = "logit_normal",
+        *,
+        m: float = 0.0,
+        s: float = 1.0,
+        shift: float = 1.0,
+        time_scale: float = 1000.0,
+        cond_drop_prob: float = 0.0,
+    ) -> None:
+        super().__init__(cond_drop_prob)
+        if time_distribution not in TIME_DISTRIBUTIONS:
+            raise InvalidValueError(
+                f"time_distribution={time_distribution!r} is invalid: expected one of "
+                f"{TIME_DISTRIBUTIONS} ('logit_normal' is SD3's choice)"
+            )
+        self.time_distribution = time_distribution
+        self.m = check_number(
+            "m", m, "a finite number (the logit-normal's location, 0 in SD3)", finite
+        )
+        self.s = check_number(
+            "s", s, "a positive number (the logit-normal's scale, 1 in SD3)", positive
+        )
+        self.shift = check_number(
+            "shift", shift, "a positive number (1.0: no shift; SD3 uses 3.0 at 1024²)", positive
+        )
+        self.time_scale = check_number(
+            "time_scale", time_scale, "a positive number (1000: t in [0, 1000])", positive
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"FlowMatching(time_distribution={self.time_distribution!r}, m={self.m}, s={self.s}, "
+            f"shift={self.shift}, time_scale={self.time_scale}, "
+            f"cond_drop_prob={self.cond_drop_prob})"
+        )
+
+    # ------------------------------------------------------------------ the path
+    def shifted(self, t: torch.Tensor) -> torch.Tensor:
+        """SD3's time shift shift·t / (1 + (shift − 1)·t): 0 and 1 stay, the rest moves up for
+        shift > 1."""
+        return self.shift * t / (1.0 + (self.shift - 1.0) * t)
+
+    def sample_training_times(
+        self, batch: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """`batch` times t ∈ [0, 1] from `time_distribution`, shifted; float32 `(batch,)` on the
+        generator's device (the CPU by default)."""
+        device = generator.device if generator is not None else torch.device("cpu")
+        if self.time_distribution == "uniform":
+            u = torch.rand(batch, generator=generator, device=device, dtype=torch.float32)
+        else:
+            n = torch.randn(batch, generator=generator, device=device, dtype=torch.float32)
+            u = torch.sigmoid(self.m + self.s * n)
+        return self.shifted(u)
+
+    def default_grid(self, steps: int) -> torch.Tensor:
+        """The `steps + 1` times a sampler visits: t uniform from 1 to 0, shifted (float64)."""
+        u = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+        return self.shifted(u)
+
+    def _times_valid(self, times: torch.Tensor) -> bool:
+        return bool(((times >= 0) & (times <= 1)).all())
+
+    def _grid_valid(self, grid: torch.Tensor) -> str | None:
+        if abs(float(grid[0]) - 1.0) > 1e-6:
+            return f"a first value of 1 (pure noise), got {float(grid[0])}"
+        return None
+
+    # ------------------------------------------------------------------ training
+    def loss(
+        self,
+        model: DenoisingModel,
+        x0: torch.Tensor,
+        *,
+        cond: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+        times: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The flow-matching loss of `model` on clean data `x0`: a float32 scalar.
+
+        mean ‖F(x_t, t·time_scale) − (ε − x₀)‖² over the batch and every element, at times t from
+        :meth:`sample_training_times`. `times` `(B,)` and `noise` (x0's shape) fix the otherwise
+        random draws; `generator` seeds them. Conditioning is dropped with probability
+        `cond_drop_prob`.
+        """
+        b = self._training_batch(
+            model,
+            x0,
+            cond=cond,
+            context=context,
+            labels=labels,
+            generator=generator,
+            noise=noise,
+            times=times,
+        )
+        t = b.times.reshape(-1, *([1] * (b.x0.ndim - 1)))
+        x_t = (1.0 - t) * b.x0 + t * b.noise
+        output = call_model_with_time(
+            model,
+            x_t,
+            b.times * self.time_scale,
+            cond=b.cond,
+            context=b.context,
+            labels=b.labels,
+        )
+        return per_sample_mse(output, b.noise - b.x0).mean()
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample(
+        self,
+        model: DenoisingModel,
+        shape: Sequence[int],
+        *,
+        sampler: str = "euler",
+        steps: int | None = None,
+        guidance: float = 1.0,
+        cond: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+        device: torch.device | str | None = None,
+        clip_denoised: bool = False,
+        grid: Sequence[float] | torch.Tensor | None = None,
+        cuda_graph: bool | str = "auto",
+    ) -> torch.Tensor:
+        """Draw samples of `shape` = (B, C, *spatial) from `model`, in data space (float32).
+
+        Starts from ε at t = 1 and integrates dx/dt = v(x, t) down to t = 0.
+
+        Args:
+            sampler: ``"euler"`` (one model call per step) or ``"heun"`` (Heun's second-order
+                step, two calls per step, the last one included: the velocity at t = 0 is
+                defined, unlike EDM's derivative at σ = 0, and an Euler step to t = 0 from the
+                last, widest-spaced point of a uniform grid would cost the method its order).
+            steps: number of steps (default 28) over the uniform t grid from 1 to 0, shifted by
+                `shift`.
+            guidance: classifier-free guidance scale on the velocity, as in `Diffusion.sample`.
+            cond, context, labels: as in `Diffusion.sample`.
+            generator: seeds the starting noise, drawn on its device (CPU by default) and moved.
+            progress: show a progress bar.
+            device: where to sample (default: the model's device, else `cond`'s, else the CPU).
+            clip_denoised: clip the predicted x̂₀ = x − t·v to [−1, 1] at each step (v then
+                recomputed from it).
+            grid: the t values to visit instead (decreasing from 1 to exactly 0, e.g. a
+                diffusers scheduler's `sigmas`); `steps` is then `len(grid) − 1`.
+            cuda_graph: as in `Diffusion.sample`.
+        """
+        run = self._sampling_run(
+            model,
+            shape,
+            sampler=sampler,
+            steps=steps,
+            grid=grid,
+            guidance=guidance,
+            cond=cond,
+            context=context,
+            labels=labels,
+            generator=generator,
+            progress=progress,
+            device=device,
+            cuda_graph=cuda_graph,
+        )
+        x = run.noise
+        batch, device = x.shape[0], x.device
+
+        def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
+            # Made on the device: a copy from the host would wait for the GPU to finish.
+            time = torch.full((batch,), t * self.time_scale, dtype=torch.float32, device=device)
+            v = run.guided(x, time)
+            if clip_denoised and t > 0:  # at t = 0 the prediction x̂₀ is x itself
+                v = (x - (x - t * v).clamp(-1.0, 1.0)) / t
+            return v
+
+        grid_t = run.grid
+        for i in run.steps:
+            t, t_next = grid_t[i], grid_t[i + 1]
+            v = velocity(x, t)
+            x_next = x + (t_next - t) * v
+            if run.sampler == "heun":
+                x_next = x + (t_next - t) * 0.5 * (v + velocity(x_next, t_next))
+            x = x_next
+        return x
