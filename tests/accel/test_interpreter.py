@@ -22,7 +22,16 @@ FILES = [
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_kernels_under_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
-    options = ["-q", "-p", "no:cacheprovider", "-o", "python_functions=interpreted_*"]
+    # One process: without plugin autoload the child has no xdist for the suite's `-n`.
+    options = [
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-o",
+        "addopts=",
+        "-o",
+        "python_functions=interpreted_*",
+    ]
     done = subprocess.run(
         [sys.executable, "-m", "pytest", *options, *map(str, FILES)],
         cwd=HERE.parents[1],

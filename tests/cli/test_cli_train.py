@@ -489,3 +489,27 @@ def test_other_libraries_warnings_show_only_with_verbose(monkeypatch, capsys):
     assert quiet == ["diffunet's own"]
     assert loud == ["torchvision is not installed", "diffunet's own"]
     assert "Failed to load" not in capsys.readouterr().err  # logging: hidden without -v
+
+
+@pytest.mark.parametrize("process, sampler", [("flow", "euler"), ("edm", "heun")])
+def test_flow_and_edm_runs_resume_exactly_and_sample(process, sampler, tmp_path, capsys):
+    common = ["--process", process, "--sample-every", "0", "--checkpoint-every", "0", *TINY]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(["train", "--out", str(straight), "--steps", "4", *common]) == 0
+    assert main(["train", "--out", str(resumed), "--steps", "2", *common]) == 0
+    assert main(["train", "--out", str(resumed), "--resume", "--steps", "4"]) == 0
+    a = load_training_state(straight / "train_state.pt")["model"]
+    b = load_training_state(resumed / "train_state.pt")["model"]
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    meta = json.loads((resumed / "checkpoint" / "run.json").read_text())
+    assert meta["diffusion"]["process"] == process and meta["sample"]["sampler"] == sampler
+    capsys.readouterr()
+    code, _, _ = run_cli(
+        capsys, "sample", "--from", resumed, "--num", "2", "--out", tmp_path / "s.npy"
+    )
+    samples = np.load(tmp_path / "s.npy")
+    assert code == 0 and samples.shape == (2, 1, 8, 8) and np.isfinite(samples).all()
+    code, _, err = run_cli(
+        capsys, "sample", "--from", resumed, "--sampler", "ddim", "--out", tmp_path / "x.npy"
+    )
+    assert_one_line_error(code, err, "ddim", sampler)

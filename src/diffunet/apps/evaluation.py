@@ -40,7 +40,7 @@ def evaluate_model(
     num = EVAL_SAMPLES if num is None else num
     defaults = loaded.sample_defaults
     labels = default_labels(loaded.model, num)
-    sampler = sampler or defaults.get("sampler", "dpm++")
+    sampler = sampler or loaded.default_sampler
     steps = steps or defaults.get("steps", 20)
     guidance = guidance if guidance is not None else defaults.get("guidance", 1.0)
     if labels is None:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from diffunet.accel import accelerate
-from diffunet.diffusion import Diffusion
+from diffunet.diffusion.processes import DEFAULT_SAMPLERS, Process, make_process, process_name
 from diffunet.errors import DiffunetError, InvalidValueError
 from diffunet.model import load_pretrained
 from diffunet.model.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError
@@ -40,10 +40,16 @@ class LoadedModel:
     """A model with the diffusion process and sampling defaults it was trained with."""
 
     model: UNet
-    diffusion: Diffusion
+    diffusion: Process
     checkpoint: Path
     sample_defaults: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def default_sampler(self) -> str:
+        """The run's sampler, or its process's default."""
+        name = process_name(self.diffusion)
+        return self.sample_defaults.get("sampler") or DEFAULT_SAMPLERS[name]
 
 
 def checkpoint_folder(path: str | Path) -> Path:
@@ -83,10 +89,11 @@ def load_model(
     meta = read_run_meta(folder / RUN_META)
     d = meta.get("diffusion", {})
     try:
-        diffusion = Diffusion(
-            d.get("schedule", "cosine"),
-            d.get("timesteps", 1000),
-            d.get("prediction", "eps"),
+        diffusion = make_process(
+            d.get("process", "ddpm"),
+            schedule=d.get("schedule", "cosine"),
+            timesteps=d.get("timesteps", 1000),
+            prediction=d.get("prediction", "eps"),
             zero_terminal_snr=d.get("zero_terminal_snr", False),
         )
     except (TypeError, ValueError) as err:

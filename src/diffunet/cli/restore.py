@@ -106,7 +106,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--steps", type=int, metavar="N", help="sampling steps (default: the run's)"
     )
-    parser.add_argument("--sampler", choices=SAMPLERS, help="default: the run's (dpm++)")
+    parser.add_argument("--sampler", choices=SAMPLERS, help="default: the run's")
     parser.add_argument("--eta", type=float, metavar="ETA", help="DDIM noise scale in [0, 1]")
     parser.add_argument(
         "--uncertainty",
@@ -493,7 +493,7 @@ def run(args: argparse.Namespace) -> int:
         kind=kind,
         samples=samples,
         steps=args.steps or defaults.get("steps", 20),
-        sampler=args.sampler or defaults.get("sampler", "dpm++"),
+        sampler=args.sampler or loaded.default_sampler,
         eta=args.eta if args.eta is not None else defaults.get("eta", 0.0),
         tile=tile,
         overlap=overlap,

@@ -40,7 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a run folder or a checkpoint folder",
     )
     parser.add_argument("--num", type=int, default=100, metavar="N", help="samples (default 100)")
-    parser.add_argument("--sampler", choices=SAMPLERS, help="default: the run's (dpm++)")
+    parser.add_argument(
+        "--sampler",
+        choices=SAMPLERS,
+        help="default: the run's (ddpm: ddim, ddpm, dpm++; flow: euler, heun; edm: heun, euler)",
+    )
     parser.add_argument(
         "--steps", type=int, metavar="N", help="sampling steps (default: the run's)"
     )
@@ -148,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     samples = generate(
         loaded,
         args.num,
-        sampler=args.sampler or defaults.get("sampler", "dpm++"),
+        sampler=args.sampler or loaded.default_sampler,
         steps=args.steps or defaults.get("steps", 20),
         eta=args.eta if args.eta is not None else defaults.get("eta", 0.0),
         guidance=guidance,

@@ -24,6 +24,7 @@ import yaml
 from diffunet.accel.layout import enable_cudnn_autotuning
 from diffunet.apps.generate import CHECKPOINT_DIR
 from diffunet.data import TASKS, open_dataset
+from diffunet.diffusion.processes import PROCESSES
 from diffunet.errors import TrainingError
 from diffunet.model.checkpoint import atomic_write_bytes, remove_temp_files
 from diffunet.training import distributed
@@ -66,12 +67,14 @@ OPTION_MAP = (
     ("threads", "train", "threads"),
     ("parallel", "train", "parallel"),
     ("compile_mode", "train", "compile_mode"),
+    ("process", "diffusion", "process"),
     ("sampler", "sample", "sampler"),
     ("sample_steps", "sample", "steps"),
     ("guidance", "sample", "guidance"),
 )
 #: Settings that define a run; `--resume` refuses to change them.
 IDENTITY = {
+    ("diffusion", "process"),
     ("data", "source"),
     ("data", "image_size"),
     ("data", "task"),
@@ -171,7 +174,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--warmup", type=int, metavar="N", help="linear LR warm-up steps (default 100)"
     )
-    parser.add_argument("--sampler", choices=SAMPLERS, help="sampler for grids (default dpm++)")
+    parser.add_argument(
+        "--process",
+        choices=PROCESSES,
+        help="ddpm: discrete diffusion (default); flow: flow matching (rectified flow, SD3); "
+        "edm: Karras et al.'s EDM (docs/processes.md)",
+    )
+    parser.add_argument(
+        "--sampler",
+        choices=SAMPLERS,
+        help="sampler for grids and, later, `diffunet sample` (default: ddpm dpm++, flow "
+        "euler, edm heun)",
+    )
     parser.add_argument("--sample-steps", type=int, metavar="N", help="sampling steps (default 20)")
     parser.add_argument(
         "--guidance",

@@ -198,11 +198,17 @@ class ContinuousProcess:
         progress: bool,
         device: torch.device | str | None,
         cuda_graph: bool | str,
+        eta: float = 0.0,
     ) -> SamplingRun:
         """Checks `sample`'s arguments (in `Diffusion.sample`'s order) and sets the run up; on a
         GPU the model is accelerated and CUDA-graphed as `Diffusion.sample` does."""
         shape = Diffusion._check_shape(shape)
         name = type(self).__name__
+        if eta != 0:
+            raise InvalidValueError(
+                f"eta={eta!r}: eta is the noise scale of Diffusion's DDIM sampler; {name}'s "
+                "samplers take none (pass eta=0)"
+            )
         if not isinstance(sampler, str) or sampler not in self.SAMPLERS:
             hint = (
                 "; diffusers schedulers drive Diffusion only"

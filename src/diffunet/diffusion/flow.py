@@ -173,6 +173,7 @@ class FlowMatching(ContinuousProcess):
         clip_denoised: bool = False,
         grid: Sequence[float] | torch.Tensor | None = None,
         cuda_graph: bool | str = "auto",
+        eta: float = 0.0,
     ) -> torch.Tensor:
         """Draw samples of `shape` = (B, C, *spatial) from `model`, in data space (float32).
 
@@ -195,10 +196,13 @@ class FlowMatching(ContinuousProcess):
             grid: the t values to visit instead (decreasing from 1 to exactly 0, e.g. a
                 diffusers scheduler's `sigmas`); `steps` is then `len(grid) − 1`.
             cuda_graph: as in `Diffusion.sample`.
+            eta: DDIM's noise scale, accepted so that every process samples with one call; it
+                must be 0 (the stochasticity of these samplers is set elsewhere, if at all).
         """
         run = self._sampling_run(
             model,
             shape,
+            eta=eta,
             sampler=sampler,
             steps=steps,
             grid=grid,

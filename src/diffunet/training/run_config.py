@@ -31,7 +31,7 @@ import yaml
 
 from diffunet.data import TASKS
 from diffunet.diffusion.parameterization import PREDICTIONS
-from diffunet.diffusion.samplers import SAMPLERS
+from diffunet.diffusion.processes import ALL_SAMPLERS, PROCESSES, check_sampler
 from diffunet.diffusion.schedule import SCHEDULES
 from diffunet.errors import InvalidValueError
 from diffunet.model.config import UNetConfig
@@ -58,6 +58,10 @@ RESTORE_DEFAULTS = {"source": "em-pairs", "preset": "emdiffuse"}
 RESTORE_TRAIN_DEFAULTS = {"steps": 2500, "batch_size": 32, "lr": 1e-3}
 #: Fields of the model config that the data decides.
 DATA_FIELDS = ("dims", "in_channels", "out_channels", "cond_channels", "image_size", "num_classes")
+
+
+#: Every sampler of every process (each process checks its own).
+SAMPLERS = ALL_SAMPLERS
 
 
 class RunConfigError(InvalidValueError):
@@ -115,8 +119,10 @@ class DataSection:
 
 @dataclass
 class DiffusionSection:
-    """Arguments of :class:`diffunet.diffusion.Diffusion`."""
+    """The process (`ddpm`: :class:`diffunet.diffusion.Diffusion`, `flow`: `FlowMatching`,
+    `edm`: `EDM`) and the discrete process's arguments (which `flow` and `edm` ignore)."""
 
+    process: str = "ddpm"
     schedule: str = "cosine"
     timesteps: int = 1000
     prediction: str = "v"  # well conditioned at every noise level (ε-prediction left speckles)
@@ -126,6 +132,7 @@ class DiffusionSection:
 
     def validate(self) -> None:
         """Raise :class:`RunConfigError` for an unusable setting."""
+        _check_choice("diffusion.process (--process)", self.process, PROCESSES)
         _check_choice("diffusion.schedule", self.schedule, SCHEDULES)
         _check_int("diffusion.timesteps", self.timesteps, 2)
         _check_choice("diffusion.prediction", self.prediction, PREDICTIONS)
@@ -202,7 +209,7 @@ class TrainSection:
 class SampleSection:
     """How grids (during training) and `diffunet sample` draw samples by default."""
 
-    sampler: str = "dpm++"
+    sampler: str | None = None  # None: the process's default (dpm++, euler or heun)
     steps: int = 20
     eta: float = 0.0
     guidance: float = 1.0
@@ -210,7 +217,8 @@ class SampleSection:
 
     def validate(self) -> None:
         """Raise :class:`RunConfigError` for an unusable setting."""
-        _check_choice("sample.sampler (--sampler)", self.sampler, SAMPLERS)
+        if self.sampler is not None:
+            _check_choice("sample.sampler (--sampler)", self.sampler, SAMPLERS)
         _check_int("sample.steps", self.steps, 1)
         _check_float("sample.eta", self.eta, 0, 1)
         _check_float("sample.guidance", self.guidance, 0, 100)
@@ -240,6 +248,11 @@ class RunConfig:
         """Validate every section (the model is validated when it is built)."""
         for name in SECTIONS:
             getattr(self, name).validate()
+        if self.sample.sampler is not None:
+            try:
+                check_sampler(self.diffusion.process, self.sample.sampler, "--sampler")
+            except InvalidValueError as err:
+                raise RunConfigError(str(err)) from None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML-ready dict."""

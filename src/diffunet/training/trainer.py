@@ -45,6 +45,7 @@ from diffunet.apps.grids import save_grid, to_image_tiles
 from diffunet.data import TensorDataset
 from diffunet.data.dataset import move
 from diffunet.diffusion import Diffusion, drop_conditioning
+from diffunet.diffusion.processes import DEFAULT_SAMPLERS, make_process
 from diffunet.errors import TrainingError
 from diffunet.model.checkpoint import atomic_write_bytes, save_pretrained
 from diffunet.model.unet import UNet
@@ -257,14 +258,16 @@ class Trainer:
             else d.cond_drop_prob
         )
         # Conditioning dropout is drawn here for the global batch (see _batch), not in the loss.
-        self.diffusion = Diffusion(
-            d.schedule,
-            d.timesteps,
-            d.prediction,
-            d.min_snr_gamma,
-            d.zero_terminal_snr,
-            cond_drop_prob=0.0,
+        self.diffusion = make_process(
+            d.process,
+            schedule=d.schedule,
+            timesteps=d.timesteps,
+            prediction=d.prediction,
+            min_snr_gamma=d.min_snr_gamma,
+            zero_terminal_snr=d.zero_terminal_snr,
         )
+        if run.sample.sampler is None:  # the process's own default
+            run.sample.sampler = DEFAULT_SAMPLERS[d.process]
         self.step = 0
         self.saved_step: int | None = None  # the step of the last checkpoint on disk
         self.watch = NonFiniteWatch(device, t.log_every, dist)  # checked at every log line
@@ -323,7 +326,7 @@ class Trainer:
                     batch["x"],
                     cond=batch.get("cond"),
                     labels=batch.get("labels"),
-                    timesteps=batch["timesteps"],
+                    **{self._times_argument: batch["times"]},
                     noise=batch["noise"],
                     generator=batch["generator"],
                 )
@@ -370,6 +373,11 @@ class Trainer:
         if not dist.enabled and stops.received:  # a signal during the final checkpoint
             stops.signum = stops.received
 
+    @property
+    def _times_argument(self) -> str:
+        """How the process's `loss` takes fixed times: discrete steps or continuous times."""
+        return "timesteps" if isinstance(self.diffusion, Diffusion) else "times"
+
     def ema_model(self) -> UNet | None:
         """The EMA weights as a plain :class:`UNet` on this rank's device.
 
@@ -393,14 +401,17 @@ class Trainer:
         size = len(indices)
         shard = slice(self.dist.rank * self.local_batch, (self.dist.rank + 1) * self.local_batch)
         shape = (size, *self.data.x.shape[1:])
-        timesteps = torch.randint(0, self.diffusion.num_timesteps, (size,), generator=generator)
+        if isinstance(self.diffusion, Diffusion):
+            times = torch.randint(0, self.diffusion.num_timesteps, (size,), generator=generator)
+        else:
+            times = self.diffusion.sample_training_times(size, generator)
         if device.type == "cuda":
             noise_generator = torch.Generator(device).manual_seed(step_seed(seed, step, stream=3))
             noise = torch.randn(shape, generator=noise_generator, device=device)[shard]
         else:
             noise = torch.randn(shape, generator=generator)[shard]
         out = self.batch_source.batch(indices[shard], device)
-        out["timesteps"] = move(timesteps[shard], device)
+        out["times"] = move(times[shard], device)
         if "labels" in out and self.model_config.num_classes is None:
             del out["labels"]  # labelled data, unconditional model
         if "labels" in out and self.cond_drop_prob > 0:
@@ -535,6 +546,7 @@ class Trainer:
         return {
             "step": self.step,
             "diffusion": {
+                "process": d.process,
                 "schedule": d.schedule,
                 "timesteps": d.timesteps,
                 "prediction": d.prediction,
