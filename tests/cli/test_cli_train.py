@@ -462,7 +462,7 @@ def test_eval_from_a_run_reproduces_the_numbers_training_wrote(tmp_path, capsys,
     at_training = json.loads((run / "eval.json").read_text())
     (run / "eval.json").unlink()
     code, out, _ = run_cli(capsys, "eval", "--from", run, "--num", "24")
-    assert code == 0 and "24 samples, seed 0, dpm++ 4 steps" in out
+    assert code == 0 and "24 samples (seed 0, dpm++ 4 steps)" in out
     again = json.loads((run / "eval.json").read_text())  # written where training writes it
     for key in ("frechet_distance", "accuracy", "samples", "seed", "sampler", "guidance"):
         assert again[key] == at_training[key], key

@@ -68,9 +68,9 @@ def evaluate_model(
 
 
 def describe(record: dict[str, Any]) -> str:
-    """How the numbers of `record` were made, for printing after them."""
+    """How the samples of `record` were drawn (the scores' summary gives their number), for
+    printing after the numbers."""
     guidance = record["guidance"]
-    return (
-        f"{record['samples']} samples, seed {record['seed']}, {record['sampler']} "
-        f"{record['sampling_steps']} steps" + (f", guidance {guidance:g}" if guidance != 1 else "")
+    return f"seed {record['seed']}, {record['sampler']} {record['sampling_steps']} steps" + (
+        f", guidance {guidance:g}" if guidance != 1 else ""
     )
