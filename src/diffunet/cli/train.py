@@ -40,6 +40,7 @@ from diffunet.training.run_config import (
     load_yaml,
     merge,
     parse_override,
+    plain,
 )
 from diffunet.training.run_lock import LOCK_NAME, RunLock
 from diffunet.training.state import STATE_NAME, load_training_state
@@ -358,7 +359,7 @@ def check_config_against_state(run_dir: Path, config: RunConfig, state: dict[str
         else:
             pairs = [(f"{section}.{key}", here[section][key], (saved.get(section) or {}).get(key))]
         differences += [
-            f"{name} {a!r} there, {b!r} saved" for name, a, b in pairs if _plain(a) != _plain(b)
+            f"{name} {a!r} there, {b!r} saved" for name, a, b in pairs if plain(a) != plain(b)
         ]
     if differences:
         shown = "; ".join(differences[:4]) + (
@@ -369,15 +370,6 @@ def check_config_against_state(run_dir: Path, config: RunConfig, state: dict[str
             f"({shown}): it was truncated or edited. Restore it, or delete it to resume with "
             "the saved copy (change settings with command-line options, not by editing it)"
         )
-
-
-def _plain(value: Any) -> Any:
-    """Tuples as lists, so YAML- and state-file copies compare equal."""
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
 
 
 def claim_run_dir(run_dir: Path, lock: RunLock, info: distributed.DistInfo, new: bool) -> None:

@@ -92,6 +92,68 @@ class ContinuousProcess:
             lambda v: 0.0 <= v <= 1.0,
         )
 
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample(
+        self,
+        model: DenoisingModel,
+        shape: Sequence[int],
+        *,
+        sampler: str | None = None,
+        steps: int | None = None,
+        guidance: float = 1.0,
+        cond: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+        device: torch.device | str | None = None,
+        clip_denoised: bool = False,
+        grid: Sequence[float] | torch.Tensor | None = None,
+        cuda_graph: bool | str = "auto",
+        eta: float = 0.0,
+    ) -> torch.Tensor:
+        """Draw samples of `shape` = (B, C, *spatial) from `model`, in data space (float32).
+
+        Args:
+            sampler: one of the process's `SAMPLERS` (default `DEFAULT_SAMPLER`); what each
+                does is in the process's `_integrate`.
+            steps: number of steps over the process's default grid (default `DEFAULT_STEPS`).
+            guidance: classifier-free guidance scale on the network output, as in
+                `Diffusion.sample`.
+            cond, context, labels: as in `Diffusion.sample`.
+            generator: seeds every random draw, made on its device (CPU by default) and moved.
+            progress: show a progress bar.
+            device: where to sample (default: the model's device, else `cond`'s, else the CPU).
+            clip_denoised: clip the predicted clean data to [−1, 1] at each model evaluation.
+            grid: the times to visit instead (decreasing to exactly 0, e.g. a diffusers
+                scheduler's `sigmas`); `steps` is then `len(grid) − 1`.
+            cuda_graph: as in `Diffusion.sample`.
+            eta: DDIM's noise scale, accepted so that every process samples with one call; it
+                must be 0 (the stochasticity of these samplers is set elsewhere, if at all).
+        """
+        run = self._sampling_run(
+            model,
+            shape,
+            eta=eta,
+            sampler=self.DEFAULT_SAMPLER if sampler is None else sampler,
+            steps=steps,
+            grid=grid,
+            guidance=guidance,
+            cond=cond,
+            context=context,
+            labels=labels,
+            generator=generator,
+            progress=progress,
+            device=device,
+            cuda_graph=cuda_graph,
+        )
+        return self._integrate(run, clip_denoised)
+
+    def _integrate(self, run: SamplingRun, clip_denoised: bool) -> torch.Tensor:
+        """The sampling loop over `run.grid` from `run.noise`; the process defines it."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ what a process states
     def sample_training_times(
         self, batch: int, generator: torch.Generator | None = None

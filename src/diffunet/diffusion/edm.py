@@ -4,11 +4,16 @@ the Design Space of Diffusion-Based Generative Models" (Table 1, Algorithms 1 an
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 
-from diffunet.diffusion.continuous import ContinuousProcess, check_number, finite, positive
+from diffunet.diffusion.continuous import (
+    ContinuousProcess,
+    SamplingRun,
+    check_number,
+    finite,
+    positive,
+)
 from diffunet.diffusion.denoiser import call_model_with_time
 from diffunet.diffusion.model_protocol import DenoisingModel
 from diffunet.diffusion.objective import per_sample_mse
@@ -172,65 +177,15 @@ class EDM(ContinuousProcess):
         return (self.loss_weight(b.times) * per_sample_mse(denoised, b.x0)).mean()
 
     # ------------------------------------------------------------------ sampling
-    @torch.no_grad()
-    def sample(
-        self,
-        model: DenoisingModel,
-        shape: Sequence[int],
-        *,
-        sampler: str = "heun",
-        steps: int | None = None,
-        guidance: float = 1.0,
-        cond: torch.Tensor | None = None,
-        context: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-        progress: bool = False,
-        device: torch.device | str | None = None,
-        clip_denoised: bool = False,
-        grid: Sequence[float] | torch.Tensor | None = None,
-        cuda_graph: bool | str = "auto",
-        eta: float = 0.0,
-    ) -> torch.Tensor:
-        """Draw samples of `shape` = (B, C, *spatial) from `model`, in data space (float32).
+    def _integrate(self, run: SamplingRun, clip_denoised: bool) -> torch.Tensor:
+        """Follow dx/dσ = (x − D(x; σ)) / σ from σ_0·ε down the σ grid to 0, adding noise first
+        at each step when `S_churn > 0` (Algorithm 2).
 
-        Starts from σ_0·ε and follows dx/dσ = (x − D(x; σ)) / σ down the σ grid to 0, adding
-        noise first at each step when `S_churn > 0` (Algorithm 2).
-
-        Args:
-            sampler: ``"heun"`` (Algorithm 1: a second-order correction on every step but the
-                last, to σ = 0; 2·steps − 1 model calls) or ``"euler"`` (one call per step).
-            steps: number of steps N (default 18) over the Karras grid of `sigma_min`,
-                `sigma_max`, `rho`.
-            guidance: classifier-free guidance scale on the network output (equivalently on D),
-                as in `Diffusion.sample`.
-            cond, context, labels: as in `Diffusion.sample`.
-            generator: seeds every random draw, made on its device (CPU by default) and moved.
-            progress: show a progress bar.
-            device: where to sample (default: the model's device, else `cond`'s, else the CPU).
-            clip_denoised: clip D(x; σ) to [−1, 1] at each evaluation.
-            grid: the σ values to visit instead (decreasing to exactly 0); `steps` is then
-                `len(grid) − 1`.
-            cuda_graph: as in `Diffusion.sample`.
-            eta: DDIM's noise scale, accepted so that every process samples with one call; it
-                must be 0 (the stochasticity of these samplers is set elsewhere, if at all).
+        ``"heun"`` is Algorithm 1: a second-order correction on every step but the last, to
+        σ = 0 (2·steps − 1 model calls); ``"euler"`` calls the model once per step.
+        `clip_denoised` clips D(x; σ) to [−1, 1] at each evaluation. The default grid is
+        `steps` (18) σ values of the Karras grid of `sigma_min`, `sigma_max`, `rho`, then 0.
         """
-        run = self._sampling_run(
-            model,
-            shape,
-            eta=eta,
-            sampler=sampler,
-            steps=steps,
-            grid=grid,
-            guidance=guidance,
-            cond=cond,
-            context=context,
-            labels=labels,
-            generator=generator,
-            progress=progress,
-            device=device,
-            cuda_graph=cuda_graph,
-        )
         sigmas = run.grid
         x = sigmas[0] * run.noise
         batch, device = x.shape[0], x.device

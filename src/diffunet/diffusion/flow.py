@@ -3,11 +3,15 @@ with the time distributions and time shift of Stable Diffusion 3 (Esser et al. 2
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
-from diffunet.diffusion.continuous import ContinuousProcess, check_number, finite, positive
+from diffunet.diffusion.continuous import (
+    ContinuousProcess,
+    SamplingRun,
+    check_number,
+    finite,
+    positive,
+)
 from diffunet.diffusion.denoiser import call_model_with_time
 from diffunet.diffusion.model_protocol import DenoisingModel
 from diffunet.diffusion.objective import per_sample_mse
@@ -155,66 +159,16 @@ class FlowMatching(ContinuousProcess):
         return per_sample_mse(output, b.noise - b.x0).mean()
 
     # ------------------------------------------------------------------ sampling
-    @torch.no_grad()
-    def sample(
-        self,
-        model: DenoisingModel,
-        shape: Sequence[int],
-        *,
-        sampler: str = "euler",
-        steps: int | None = None,
-        guidance: float = 1.0,
-        cond: torch.Tensor | None = None,
-        context: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-        progress: bool = False,
-        device: torch.device | str | None = None,
-        clip_denoised: bool = False,
-        grid: Sequence[float] | torch.Tensor | None = None,
-        cuda_graph: bool | str = "auto",
-        eta: float = 0.0,
-    ) -> torch.Tensor:
-        """Draw samples of `shape` = (B, C, *spatial) from `model`, in data space (float32).
+    def _integrate(self, run: SamplingRun, clip_denoised: bool) -> torch.Tensor:
+        """Integrate dx/dt = v(x, t) from ε at t = 1 down the grid to t = 0.
 
-        Starts from ε at t = 1 and integrates dx/dt = v(x, t) down to t = 0.
-
-        Args:
-            sampler: ``"euler"`` (one model call per step) or ``"heun"`` (Heun's second-order
-                step, two calls per step, the last one included: the velocity at t = 0 is
-                defined, unlike EDM's derivative at σ = 0, and an Euler step to t = 0 from the
-                last, widest-spaced point of a uniform grid would cost the method its order).
-            steps: number of steps (default 28) over the uniform t grid from 1 to 0, shifted by
-                `shift`.
-            guidance: classifier-free guidance scale on the velocity, as in `Diffusion.sample`.
-            cond, context, labels: as in `Diffusion.sample`.
-            generator: seeds the starting noise, drawn on its device (CPU by default) and moved.
-            progress: show a progress bar.
-            device: where to sample (default: the model's device, else `cond`'s, else the CPU).
-            clip_denoised: clip the predicted x̂₀ = x − t·v to [−1, 1] at each step (v then
-                recomputed from it).
-            grid: the t values to visit instead (decreasing from 1 to exactly 0, e.g. a
-                diffusers scheduler's `sigmas`); `steps` is then `len(grid) − 1`.
-            cuda_graph: as in `Diffusion.sample`.
-            eta: DDIM's noise scale, accepted so that every process samples with one call; it
-                must be 0 (the stochasticity of these samplers is set elsewhere, if at all).
+        ``"euler"`` calls the model once per step; ``"heun"`` takes Heun's second-order step,
+        two calls per step, the last one included: the velocity at t = 0 is defined, unlike
+        EDM's derivative at σ = 0, and an Euler step to t = 0 from the last, widest-spaced
+        point of a uniform grid would cost the method its order. `clip_denoised` clips the
+        predicted x̂₀ = x − t·v to [−1, 1] at each step (v then recomputed from it). The
+        default grid is `steps` (28) uniform t values from 1 to 0, shifted by `shift`.
         """
-        run = self._sampling_run(
-            model,
-            shape,
-            eta=eta,
-            sampler=sampler,
-            steps=steps,
-            grid=grid,
-            guidance=guidance,
-            cond=cond,
-            context=context,
-            labels=labels,
-            generator=generator,
-            progress=progress,
-            device=device,
-            cuda_graph=cuda_graph,
-        )
         x = run.noise
         batch, device = x.shape[0], x.device
 

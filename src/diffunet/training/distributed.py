@@ -113,10 +113,15 @@ def broadcast_flag(flag: bool, info: DistInfo) -> bool:
     return bool(tensor.item())
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, where the system has one)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return cores or 1
+
+
 def even_threads(info: DistInfo) -> int:
     """The usable cores shared evenly among this node's processes (at least 1)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // max(1, info.local_world_size))
+    return max(1, usable_cores() // max(1, info.local_world_size))
 
 
 def default_threads(info: DistInfo, load: float | None = None) -> int:
@@ -127,8 +132,7 @@ def default_threads(info: DistInfo, load: float | None = None) -> int:
     system when None): more threads than idle cores make each step wait for the busiest core,
     which on a loaded machine is many times slower than fewer threads.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cores = cores or 1
+    cores = usable_cores()
     if load is None:
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     idle = max(1, min(cores, cores - round(load)))

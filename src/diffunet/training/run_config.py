@@ -269,7 +269,7 @@ class RunConfig:
         """
         overrides = dict(self.model)
         for key, value in (data_fields or {}).items():
-            if key in overrides and key != "num_classes" and _norm(overrides[key]) != _norm(value):
+            if key in overrides and key != "num_classes" and plain(overrides[key]) != plain(value):
                 raise RunConfigError(
                     f"model.{key}={overrides[key]!r} does not fit the data, which needs {value!r}; "
                     f"remove it (it is set from the data) or change --data/--image-size"
@@ -284,9 +284,13 @@ class RunConfig:
         return preset(self.preset, **overrides)
 
 
-def _norm(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """`value` with tuples as lists (in dicts too), so YAML, state-file and config copies of a
+    setting compare equal."""
     if isinstance(value, (list, tuple)):
-        return [_norm(v) for v in value]
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
     return value
 
 
