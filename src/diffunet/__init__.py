@@ -15,7 +15,12 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
     from diffunet.apps.tiling import tiled_map
     from diffunet.diffusion import EDM, Diffusion, FlowMatching, NoiseSchedule
     from diffunet.errors import DiffunetError
-    from diffunet.interop import ConversionError, from_diffusers, from_guided_diffusion
+    from diffunet.interop import (
+        ConversionError,
+        from_diffusers,
+        from_guided_diffusion,
+        from_stable_diffusion,
+    )
     from diffunet.interop.export import export_model
     from diffunet.model import load_pretrained
     from diffunet.model.checkpoint import CheckpointError, save_pretrained
@@ -39,6 +44,7 @@ _EXPORTS = {
     "ConversionError": "diffunet.interop",
     "from_diffusers": "diffunet.interop",
     "from_guided_diffusion": "diffunet.interop",
+    "from_stable_diffusion": "diffunet.interop",
     "export_model": "diffunet.interop.export",
     "load_pretrained": "diffunet.model",
     "CheckpointError": "diffunet.model.checkpoint",
@@ -74,6 +80,7 @@ __all__ = [
     "export_model",
     "from_diffusers",
     "from_guided_diffusion",
+    "from_stable_diffusion",
     "list_presets",
     "load_pretrained",
     "preset",

@@ -47,7 +47,7 @@ def test_profiles_the_steps_asked_for_and_writes_json(tmp_path, benchmark_script
             "--threads",
             "1",
             "--sampler",
-            "ddim",
+            "euler",
             "--sample-steps",
             "1",
             "--no-eval",

@@ -124,7 +124,7 @@ def test_sample_npy_and_png(trained_run, tmp_path, capsys):
         "--steps",
         "3",
         "--sampler",
-        "ddim",
+        "euler",
         "--guidance",
         "2",
         "--out",
@@ -146,7 +146,7 @@ def test_sample_npy_and_png(trained_run, tmp_path, capsys):
         "--label",
         "3",
         "--sampler",
-        "ddpm",
+        "heun",
         "--seed",
         "1",
         "--out",
@@ -462,7 +462,7 @@ def test_eval_from_a_run_reproduces_the_numbers_training_wrote(tmp_path, capsys,
     at_training = json.loads((run / "eval.json").read_text())
     (run / "eval.json").unlink()
     code, out, _ = run_cli(capsys, "eval", "--from", run, "--num", "24")
-    assert code == 0 and "24 samples (seed 0, dpm++ 4 steps)" in out
+    assert code == 0 and "24 samples (seed 0, heun 4 steps)" in out
     again = json.loads((run / "eval.json").read_text())  # written where training writes it
     for key in ("frechet_distance", "accuracy", "samples", "seed", "sampler", "guidance"):
         assert again[key] == at_training[key], key
@@ -491,8 +491,11 @@ def test_other_libraries_warnings_show_only_with_verbose(monkeypatch, capsys):
     assert "Failed to load" not in capsys.readouterr().err  # logging: hidden without -v
 
 
-@pytest.mark.parametrize("process, sampler", [("flow", "euler"), ("edm", "heun")])
-def test_flow_and_edm_runs_resume_exactly_and_sample(process, sampler, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "process, sampler, foreign",
+    [("ddpm", "dpm++", "heun"), ("flow", "heun", "ddim"), ("edm", "heun", "ddim")],
+)
+def test_each_process_resumes_exactly_and_samples(process, sampler, foreign, tmp_path, capsys):
     common = ["--process", process, "--sample-every", "0", "--checkpoint-every", "0", *TINY]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert main(["train", "--out", str(straight), "--steps", "4", *common]) == 0
@@ -510,6 +513,6 @@ def test_flow_and_edm_runs_resume_exactly_and_sample(process, sampler, tmp_path,
     samples = np.load(tmp_path / "s.npy")
     assert code == 0 and samples.shape == (2, 1, 8, 8) and np.isfinite(samples).all()
     code, _, err = run_cli(
-        capsys, "sample", "--from", resumed, "--sampler", "ddim", "--out", tmp_path / "x.npy"
+        capsys, "sample", "--from", resumed, "--sampler", foreign, "--out", tmp_path / "x.npy"
     )
-    assert_one_line_error(code, err, "ddim", sampler)
+    assert_one_line_error(code, err, foreign, sampler)

@@ -597,6 +597,10 @@ def test_task_restore_defaults_to_the_measured_training_settings():
     assert (chosen.train.steps, chosen.train.batch_size) == (2500, 8)  # given values win
     digits = from_dict({})
     assert (digits.train.steps, digits.train.batch_size, digits.train.lr) == (1500, 64, 2e-3)
+    # EMDiffuse's discrete process, as measured; digits default to flow matching
+    assert (restore.diffusion.process, digits.diffusion.process) == ("ddpm", "flow")
+    flow = from_dict({"data": {"task": "restore"}, "diffusion": {"process": "flow"}})
+    assert flow.diffusion.process == "flow"
 
 
 def test_train_task_restore_on_unpaired_data_is_a_one_line_error(tmp_path, capsys):

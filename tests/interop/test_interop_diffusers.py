@@ -215,7 +215,7 @@ UNSUPPORTED = [
     (dict(act_fn="gelu"), "act_fn='gelu'"),
     (dict(block_out_channels=(32, 48)), "block_out_channels"),
     (dict(attention_head_dim=24), "attention_head_dim=24"),
-    (dict(resnet_time_scale_shift="scale_shift"), "middle attention no GroupNorm"),
+    (dict(attn_norm_num_groups=4), "attn_norm_num_groups=4"),
     (dict(norm_num_groups=None), "norm_num_groups=None"),
     (dict(downsample_padding=2), "downsample_padding=2"),
     (dict(flavour="new"), "unknown UNet2DModel option"),
@@ -231,5 +231,6 @@ def test_unsupported_options_are_named(change, message):
 
 
 def test_other_model_classes_are_refused():
-    with pytest.raises(ConversionError, match="UNet2DConditionModel"):
-        config_from_diffusers({"_class_name": "UNet2DConditionModel"})
+    # UNet2DConditionModel imports (tests/interop/test_interop_stable_diffusion.py).
+    with pytest.raises(ConversionError, match="UNet3DConditionModel.*UNet2DConditionModel"):
+        config_from_diffusers({"_class_name": "UNet3DConditionModel"})

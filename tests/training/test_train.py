@@ -5,10 +5,12 @@ import random
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from torch.optim.swa_utils import AveragedModel
 
 from diffunet.apps.grids import make_grid, save_array, save_grid
+from diffunet.diffusion import default_steps
 from diffunet.model.checkpoint import CheckpointError
 from diffunet.training.ema import update_ema
 from diffunet.training.run_config import RunConfigError, from_dict, load_yaml, parse_override
@@ -96,9 +98,25 @@ def test_run_config_sections_and_errors(tmp_path):
     assert load_yaml(path).sample.sampler == "ddim"
     assert parse_override("channel_mult=[1, 2]") == ("channel_mult", [1, 2])
     assert parse_override("num_classes=null") == ("num_classes", None)
-    bad = from_dict({"sample": {"sampler": "euler"}})
-    with pytest.raises(RunConfigError, match="sampler"):
-        bad.validate()
+    for bad in (
+        from_dict({"sample": {"sampler": "ddim"}}),  # the default process is flow
+        from_dict({"diffusion": {"process": "ddpm"}, "sample": {"sampler": "euler"}}),
+    ):
+        with pytest.raises(RunConfigError, match="sampler"):
+            bad.validate()
+
+
+def test_the_default_process_is_flow_but_a_recorded_config_without_one_is_ddpm(tmp_path):
+    assert from_dict({}).diffusion.process == "flow"
+    old = {"diffusion": {"schedule": "cosine", "prediction": "v"}, "sample": {"sampler": "dpm++"}}
+    assert from_dict(old).diffusion.process == "flow"  # a new run's partial config
+    assert from_dict(old, record=True).diffusion.process == "ddpm"  # a run folder's record
+    assert from_dict({"diffusion": {"process": "edm"}}, record=True).diffusion.process == "edm"
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(old))
+    assert load_yaml(path).diffusion.process == "flow"
+    assert load_yaml(path, record=True).diffusion.process == "ddpm"
+    assert default_steps("heun") == 10 and default_steps("dpm++") == default_steps("euler") == 20
 
 
 def test_model_config_takes_data_fields_and_checks_explicit_ones():

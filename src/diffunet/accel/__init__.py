@@ -4,8 +4,8 @@
 keys): fused GroupNorm + FiLM + SiLU kernels (`fused_norm`), convolutions that keep cuDNN's
 layout under `torch.compile` (`conv`), thin 3D convolutions (`thin_conv`), nearest upsampling
 folded into its convolution (`upsample`), a decoder entry that never keeps a concatenation
-(`decoder_entry`), channels-last activations (`layout`); `cuda_graph` replays a model as CUDA
-graphs. Every switch and threshold is in `settings`.
+(`decoder_entry`), channels-last activations (`layout`); `cuda_graph` replays a model's
+forward as CUDA graphs, `training_graph` its forward and backward. Every switch and threshold is in `settings`.
 """
 
 from diffunet.accel.apply import accelerate, is_accelerated, plain

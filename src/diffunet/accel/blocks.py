@@ -22,10 +22,9 @@ from diffunet.accel.upsample import (
     upsample_convolve_split_bias,
     upsample_nearest,
 )
-from diffunet.model.layers.attention import AttentionBlock
 from diffunet.model.layers.resample import Downsample, Upsample
 from diffunet.model.layers.resblock import ResBlock
-from diffunet.model.unet import EmbedSequential, UNet
+from diffunet.model.unet import CONTEXT_LAYERS, EmbedSequential, UNet
 
 
 class FusedGroupNorm(nn.GroupNorm):
@@ -144,8 +143,8 @@ class AcceleratedEmbedSequential(EmbedSequential):
                 x, skip = layer(x, emb, skip), None
             elif isinstance(layer, ResBlock):
                 x = layer(x, emb)
-            elif isinstance(layer, AttentionBlock):
-                x = layer(x, context)
+            elif isinstance(layer, CONTEXT_LAYERS):
+                x = layer(x, context)  # attention and transformer blocks run as they are
             else:
                 x = convolve(layer, x)  # the stem; any other layer is just called
         return x
@@ -163,16 +162,20 @@ class AcceleratedUNet(UNet):
         cond: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        added_cond: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Denoise `x` at `t`, as `UNet.forward`."""
-        x, t, cond, context = self._prepare_inputs(x, t, cond, context, labels)
+        x, t, cond, context, added_cond = self._prepare_inputs(
+            x, t, cond, context, labels, added_cond, time_ids
+        )
         pads = self._padding(tuple(x.shape[2:]))
         if cond is not None:
             x = torch.cat([x, cond.to(x.dtype)], dim=1)
         x = to_cuda_layout(x, self.config.dims)
         if pads is not None:
             x = F.pad(x, pads, mode="replicate")
-        emb = self.embed(t, labels)
+        emb = self.embed(t, labels, added_cond, time_ids)
 
         skips = []
         h = x

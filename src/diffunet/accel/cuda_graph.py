@@ -37,7 +37,7 @@ class _Recording:
 
 
 @contextlib.contextmanager
-def _syncs_are_errors() -> Iterator[None]:
+def syncs_are_errors() -> Iterator[None]:
     """Turn PyTorch's host-synchronising calls (`.item()`, blocking copies, ...) into errors."""
     previous = torch.cuda.get_sync_debug_mode()
     with warnings.catch_warnings():  # "a prototype feature": it is, and it is only a pre-check
@@ -49,31 +49,23 @@ def _syncs_are_errors() -> Iterator[None]:
         torch.cuda.set_sync_debug_mode(previous)
 
 
-def _describe(value: Any) -> Any:
+def describe(value: Any) -> Any:
+    """What a recording depends on of one argument: a tensor's shape, dtype, device and
+    strides, or any other value itself."""
     if isinstance(value, torch.Tensor):
         return ("tensor", tuple(value.shape), value.dtype, value.device, value.stride())
     return ("value", value)
 
 
-class CUDAGraphModel(nn.Module):
-    """`model`'s inference forward, recorded as a CUDA graph per input signature and replayed.
+class GraphWrapper(nn.Module):
+    """A model wrapped for CUDA-graph replays: the recordings by input signature, the signatures
+    that could not be recorded, and every other attribute (e.g. `config`) the model's."""
 
-    Args:
-        model: a module called as `model(*tensors, **tensors)` that returns one tensor.
-        warmup: eager calls (on a side stream) before recording, for lazy initialisation and
-            cuDNN / Triton autotuning.
-
-    The returned tensor is a fresh copy, so results of earlier calls stay valid. Every
-    recording keeps its inputs, output and intermediate memory allocated (one shared pool).
-    Attributes other than those of `nn.Module` (e.g. `config`) are the model's.
-    """
-
-    def __init__(self, model: nn.Module, warmup: int = 2) -> None:
+    def __init__(self, model: nn.Module, warmup: int) -> None:
         super().__init__()
         self.model = model
         self.warmup = warmup
-        self._recordings: dict[Signature, _Recording] = {}
-        self._pool = None
+        self._recordings: dict[Signature, Any] = {}
         self._failed: set[Signature] = set()
 
     def __getattr__(self, name: str) -> Any:
@@ -87,14 +79,32 @@ class CUDAGraphModel(nn.Module):
         """How many input signatures have been recorded."""
         return len(self._recordings)
 
+
+class CUDAGraphModel(GraphWrapper):
+    """`model`'s inference forward, recorded as a CUDA graph per input signature and replayed.
+
+    Args:
+        model: a module called as `model(*tensors, **tensors)` that returns one tensor.
+        warmup: eager calls (on a side stream) before recording, for lazy initialisation and
+            cuDNN / Triton autotuning.
+
+    The returned tensor is a fresh copy, so results of earlier calls stay valid. Every
+    recording keeps its inputs, output and intermediate memory allocated (one shared pool).
+    Attributes other than those of `nn.Module` (e.g. `config`) are the model's.
+    """
+
+    def __init__(self, model: nn.Module, warmup: int = 2) -> None:
+        super().__init__(model, warmup)
+        self._pool = None
+
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The model's output for these inputs: a graph replay where possible."""
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         if torch.is_grad_enabled() or not tensors or not all(t.is_cuda for t in tensors):
             return self.model(*args, **kwargs)
         signature = (
-            tuple(_describe(a) for a in args),
-            tuple((k, _describe(v)) for k, v in kwargs.items()),
+            tuple(describe(a) for a in args),
+            tuple((k, describe(v)) for k, v in kwargs.items()),
             torch.is_autocast_enabled("cuda"),
             torch.get_autocast_dtype("cuda"),
         )
@@ -125,7 +135,7 @@ class CUDAGraphModel(nn.Module):
                     self.model(*static_args, **static_kwargs)
                 # A host sync cannot be recorded, and a capture that fails half-way can leave
                 # CUDA's random generators unusable: find syncs with one more eager call first.
-                with _syncs_are_errors():
+                with syncs_are_errors():
                     self.model(*static_args, **static_kwargs)
             torch.cuda.current_stream().wait_stream(side)
             if self._pool is None:

@@ -41,7 +41,7 @@ def evaluate_model(
     defaults = loaded.sample_defaults
     labels = default_labels(loaded.model, num)
     sampler = sampler or loaded.default_sampler
-    steps = steps or defaults.get("steps", 20)
+    steps = steps or loaded.steps_for(sampler)
     guidance = guidance if guidance is not None else defaults.get("guidance", 1.0)
     if labels is None:
         guidance = 1.0  # nothing to guide

@@ -17,7 +17,14 @@ from typing import Any
 import torch
 
 from diffunet.accel import accelerate
-from diffunet.diffusion.processes import DEFAULT_SAMPLERS, Process, make_process, process_name
+from diffunet.diffusion.processes import (
+    DEFAULT_SAMPLERS,
+    LEGACY_PROCESS,
+    Process,
+    default_steps,
+    make_process,
+    process_name,
+)
 from diffunet.errors import DiffunetError, InvalidValueError
 from diffunet.model import load_pretrained
 from diffunet.model.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError
@@ -50,6 +57,10 @@ class LoadedModel:
         """The run's sampler, or its process's default."""
         name = process_name(self.diffusion)
         return self.sample_defaults.get("sampler") or DEFAULT_SAMPLERS[name]
+
+    def steps_for(self, sampler: str) -> int:
+        """The run's sampling steps, or the default for `sampler` (about 20 evaluations)."""
+        return self.sample_defaults.get("steps") or default_steps(sampler)
 
 
 def checkpoint_folder(path: str | Path) -> Path:
@@ -90,7 +101,7 @@ def load_model(
     d = meta.get("diffusion", {})
     try:
         diffusion = make_process(
-            d.get("process", "ddpm"),
+            d.get("process", LEGACY_PROCESS),  # written before processes had names
             schedule=d.get("schedule", "cosine"),
             timesteps=d.get("timesteps", 1000),
             prediction=d.get("prediction", "eps"),

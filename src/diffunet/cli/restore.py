@@ -489,11 +489,12 @@ def run(args: argparse.Namespace) -> int:
                 f"to save time; pass --samples {DEFAULT_SAMPLES} for the full count",
                 file=sys.stderr,
             )
+    sampler = args.sampler or loaded.default_sampler
     options = dict(
         kind=kind,
         samples=samples,
-        steps=args.steps or defaults.get("steps", 20),
-        sampler=args.sampler or loaded.default_sampler,
+        steps=args.steps or loaded.steps_for(sampler),
+        sampler=sampler,
         eta=args.eta if args.eta is not None else defaults.get("eta", 0.0),
         tile=tile,
         overlap=overlap,

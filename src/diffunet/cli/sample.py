@@ -149,11 +149,12 @@ def run(args: argparse.Namespace) -> int:
     guidance = args.guidance if args.guidance is not None else defaults.get("guidance", 1.0)
     if labels is None:
         guidance = 1.0 if args.guidance is None else guidance
+    sampler = args.sampler or loaded.default_sampler
     samples = generate(
         loaded,
         args.num,
-        sampler=args.sampler or loaded.default_sampler,
-        steps=args.steps or defaults.get("steps", 20),
+        sampler=sampler,
+        steps=args.steps or loaded.steps_for(sampler),
         eta=args.eta if args.eta is not None else defaults.get("eta", 0.0),
         guidance=guidance,
         seed=args.seed,

@@ -41,6 +41,7 @@ from diffunet.training.run_config import (
     merge,
     parse_override,
     plain,
+    recorded,
 )
 from diffunet.training.run_lock import LOCK_NAME, RunLock
 from diffunet.training.state import STATE_NAME, load_training_state
@@ -68,6 +69,7 @@ OPTION_MAP = (
     ("threads", "train", "threads"),
     ("parallel", "train", "parallel"),
     ("compile_mode", "train", "compile_mode"),
+    ("cuda_graph", "train", "cuda_graph"),
     ("process", "diffusion", "process"),
     ("sampler", "sample", "sampler"),
     ("sample_steps", "sample", "steps"),
@@ -178,16 +180,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--process",
         choices=PROCESSES,
-        help="ddpm: discrete diffusion (default); flow: flow matching (rectified flow, SD3); "
+        help="flow: flow matching (rectified flow, SD3; default); ddpm: discrete diffusion; "
         "edm: Karras et al.'s EDM (docs/processes.md)",
     )
     parser.add_argument(
         "--sampler",
         choices=SAMPLERS,
-        help="sampler for grids and, later, `diffunet sample` (default: ddpm dpm++, flow "
-        "euler, edm heun)",
+        help="sampler for grids and, later, `diffunet sample` (default: heun; dpm++ for ddpm)",
     )
-    parser.add_argument("--sample-steps", type=int, metavar="N", help="sampling steps (default 20)")
+    parser.add_argument(
+        "--sample-steps",
+        type=int,
+        metavar="N",
+        help="sampling steps (default: 10 for heun, which evaluates the model twice a step, "
+        "else 20)",
+    )
     parser.add_argument(
         "--guidance",
         type=float,
@@ -216,6 +223,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="torch.compile the model for training (pays off on GPUs for runs "
         "longer than the minute or two it takes to compile)",
+    )
+    parser.add_argument(
+        "--no-cuda-graph",
+        dest="cuda_graph",
+        action="store_const",
+        const="off",
+        help="launch the uncompiled step kernel by kernel; by default a one-process GPU run "
+        "records its forward and backward as CUDA graphs and replays them",
     )
     parser.add_argument(
         "--compile-mode",
@@ -251,7 +266,7 @@ def resume_config(run_dir: Path, args: argparse.Namespace, settings: dict[str, A
         raise RunConfigError("--resume takes the config from the run folder; drop --config")
     path = run_dir / CONFIG_YAML
     if path.is_file():
-        stored = load_yaml(path)
+        stored = load_yaml(path, record=True)
     elif (run_dir / STATE_NAME).is_file() and "run_config" in (
         saved := load_training_state(run_dir / STATE_NAME)
     ):
@@ -261,7 +276,7 @@ def resume_config(run_dir: Path, args: argparse.Namespace, settings: dict[str, A
             file=sys.stderr,
         )
         path = run_dir / STATE_NAME
-        stored = from_dict(saved["run_config"], source=str(path))
+        stored = from_dict(saved["run_config"], source=str(path), record=True)
     else:
         raise RunConfigError(
             f"nothing to resume in {run_dir}: it has no {CONFIG_YAML}; start a new "
@@ -344,6 +359,7 @@ def check_config_against_state(run_dir: Path, config: RunConfig, state: dict[str
     saved = state.get("run_config")
     if saved is None:  # a state written before the copy was kept
         return
+    saved = recorded(saved)
     here = config.to_dict()
     keys = [(name, None) for name in STABLE_SECTIONS] + sorted(IDENTITY)
     differences = []

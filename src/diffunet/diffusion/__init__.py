@@ -32,7 +32,13 @@ from diffunet.diffusion.model_protocol import (
 from diffunet.diffusion.objective import min_snr_weight, per_sample_gaussian_nll, per_sample_mse
 from diffunet.diffusion.parameterization import PREDICTIONS, convert, from_x0_and_eps, x0_and_eps
 from diffunet.diffusion.process import Diffusion, draw_noise
-from diffunet.diffusion.processes import DEFAULT_SAMPLERS, PROCESSES, make_process
+from diffunet.diffusion.processes import (
+    DEFAULT_PROCESS,
+    DEFAULT_SAMPLERS,
+    PROCESSES,
+    default_steps,
+    make_process,
+)
 from diffunet.diffusion.samplers import SAMPLERS, Step, ddim, ddpm, dpm_solver_pp
 from diffunet.diffusion.schedule import (
     SCHEDULES,
@@ -43,6 +49,7 @@ from diffunet.diffusion.schedule import (
 from diffunet.diffusion.scheduler_protocol import is_scheduler
 
 __all__ = [
+    "DEFAULT_PROCESS",
     "DEFAULT_SAMPLERS",
     "EDM",
     "PREDICTIONS",
@@ -67,6 +74,7 @@ __all__ = [
     "convert",
     "ddim",
     "ddpm",
+    "default_steps",
     "dpm_solver_pp",
     "draw_noise",
     "drop_conditioning",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -18,12 +19,44 @@ class ConversionError(InvalidValueError):
     """A model that diffunet cannot import exactly; the message names the offending option."""
 
 
+#: guided-diffusion's `openaimodel.py` ResBlock names (CompVis' fork keeps them) → diffunet's.
+OPENAIMODEL_RESBLOCK_RENAMES = (
+    (re.compile(r"\.in_layers\.0\."), ".in_norm."),
+    (re.compile(r"\.in_layers\.2\."), ".in_conv."),
+    (re.compile(r"\.emb_layers\.1\."), ".emb_proj."),
+    (re.compile(r"\.out_layers\.0\."), ".out_norm."),
+    (re.compile(r"\.out_layers\.3\."), ".out_conv."),
+    (re.compile(r"\.skip_connection\."), ".skip."),
+)
+
+
 def unsupported(option: str, given: object, supported: str, fix: str = "") -> ConversionError:
     """A :class:`ConversionError` for one option: what was given, what diffunet supports."""
     message = f"cannot import: {option}={given!r} is not supported (diffunet supports {supported})."
     if fix:
         message += f" {fix}"
     return ConversionError(message)
+
+
+def check_block_types(
+    down: list[str],
+    up: list[str],
+    levels: int,
+    tables: tuple[Mapping[str, object], Mapping[str, object]],
+    class_name: str,
+    fix: str,
+) -> None:
+    """Raise :class:`ConversionError` unless a diffusers U-Net has one down and one up block per
+    level, each of a type in `tables` (down, up); `fix` says what the other types are."""
+    if len(down) != levels or len(up) != levels:
+        raise ConversionError(
+            f"cannot import: {len(down)} down_block_types and {len(up)} up_block_types for "
+            f"{levels} block_out_channels; a {class_name} has one of each per level"
+        )
+    for name, table, types in zip(("down_block_types", "up_block_types"), tables, (down, up)):
+        for block in types:
+            if block not in table:
+                raise unsupported(name, block, f"{sorted(table)}", fix)
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -55,6 +88,24 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(data, Mapping) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
     return dict(data)
+
+
+# A Stable Diffusion transformer's tensor names (CompVis and diffusers alike) that differ from
+# `SpatialTransformer`'s: the output projection and the feed-forward are no Sequentials here.
+_TRANSFORMER_RENAMES = (
+    (".to_out.0.", ".to_out."),
+    (".ff.net.0.proj.", ".ff.proj."),
+    (".ff.net.2.", ".ff.out."),
+)
+
+
+def transformer_key(key: str) -> str:
+    """A tensor name inside a CompVis `SpatialTransformer` / diffusers `Transformer2DModel`
+    (`transformer_blocks.0.ff.net.2.weight`) as diffunet's `SpatialTransformer` names it."""
+    key = "." + key
+    for theirs, ours in _TRANSFORMER_RENAMES:
+        key = key.replace(theirs, ours)
+    return key[1:]
 
 
 def null_label_row(weight: torch.Tensor) -> torch.Tensor:

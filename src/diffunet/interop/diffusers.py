@@ -1,8 +1,10 @@
-"""Import diffusers `UNet2DModel` checkpoints into the equivalent diffunet `UNet`.
+"""Import diffusers `UNet2DModel` and `UNet2DConditionModel` checkpoints into the equivalent
+diffunet `UNet`.
 
-Every `UNet2DModel` configuration that diffunet's config can express converts exactly (same
-outputs up to float rounding); anything else raises a :class:`ConversionError` naming the
-option. The mapping, block by block:
+Every configuration that diffunet's config can express converts exactly (same outputs up to
+float rounding); anything else raises a :class:`ConversionError` naming the option. The
+`UNet2DConditionModel` config (Stable Diffusion) is read in
+:mod:`diffunet.interop.diffusers_condition`; both share the weight mapping, block by block:
 
 =====================================  ==========================================
 diffusers                              diffunet
@@ -11,7 +13,9 @@ diffusers                              diffunet
 `time_embedding.linear_1/2`            `time_embed.linear_1/2`
 `class_embedding`                      `label_embed` (+ a zero null-label row)
 `down_blocks[l].resnets[j]`            `input_blocks[k].0` (ResBlock)
-`down_blocks[l].attentions[j]`         `input_blocks[k].1` (`to_q/k/v` fused to `qkv`)
+`down_blocks[l].attentions[j]`         `input_blocks[k].1` (`to_q/k/v` fused to `qkv`;
+                                       a `Transformer2DModel` keeps its names)
+`add_embedding.linear_1/2`             `added_embed.linear_1/2` (SDXL)
 `down_blocks[l].downsamplers.0`        `input_blocks[k].0` (`op` conv or a down ResBlock)
 `mid_block.resnets/attentions`         `middle_block.0/1/2`
 `up_blocks[L-1-l].resnets/attentions`  `output_blocks[k].0/1`
@@ -37,14 +41,19 @@ from diffunet.errors import InvalidTypeError
 from diffunet.interop.common import (
     ConversionError,
     assemble,
+    check_block_types,
     null_label_row,
     read_weights,
+    transformer_key,
     unsupported,
 )
+from diffunet.interop.diffusers_condition import CLASS_NAME as CONDITION_CLASS
+from diffunet.interop.diffusers_condition import config_from_diffusers_condition
 from diffunet.model.checkpoint import CheckpointError
 from diffunet.model.config import ConfigError, UNetConfig
 
 DIFFUSERS_CONFIG = "config.json"
+CLASSES = ("UNet2DModel", CONDITION_CLASS)
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 # block type -> (has attention, resampling kind or None = from down/upsample_type)
@@ -134,24 +143,15 @@ def _resampling(cfg: Mapping[str, Any]) -> tuple[tuple[bool, ...], bool]:
     down = [_strip_prefix(t) for t in cfg["down_block_types"]]
     up = [_strip_prefix(t) for t in cfg["up_block_types"]]
     levels = len(cfg["block_out_channels"])
-    if len(down) != levels or len(up) != levels:
-        raise ConversionError(
-            f"cannot import: {len(down)} down_block_types and {len(up)} up_block_types for "
-            f"{levels} block_out_channels; a UNet2DModel has one of each per level"
-        )
-    for name, table, types in (
-        ("down_block_types", DOWN_BLOCKS, down),
-        ("up_block_types", UP_BLOCKS, up),
-    ):
-        for block in types:
-            if block not in table:
-                raise unsupported(
-                    name,
-                    block,
-                    f"{sorted(table)}",
-                    "Cross-attention, skip and K-diffusion blocks have no diffunet "
-                    "equivalent in UNet2DModel form.",
-                )
+    check_block_types(
+        down,
+        up,
+        levels,
+        (DOWN_BLOCKS, UP_BLOCKS),
+        "UNet2DModel",
+        "Cross-attention, skip and K-diffusion blocks have no diffunet equivalent in UNet2DModel "
+        "form.",
+    )
     attention, kinds = [], set()
     for level in range(levels):
         d_attn, d_kind = DOWN_BLOCKS[down[level]]
@@ -178,19 +178,18 @@ def _resampling(cfg: Mapping[str, Any]) -> tuple[tuple[bool, ...], bool]:
 
 
 def config_from_diffusers(diffusers_config: Mapping[str, Any]) -> UNetConfig:
-    """The diffunet `UNetConfig` equivalent to a diffusers `UNet2DModel` config.
+    """The diffunet `UNetConfig` equivalent to a diffusers `UNet2DModel` or (with
+    `"_class_name": "UNet2DConditionModel"`, as its `config.json` has) `UNet2DConditionModel`
+    config.
 
     Raises :class:`ConversionError` naming the first option diffunet cannot express.
     """
     raw = {k: v for k, v in dict(diffusers_config).items() if not k.startswith("_")}
     class_name = dict(diffusers_config).get("_class_name", "UNet2DModel")
+    if class_name == CONDITION_CLASS:
+        return config_from_diffusers_condition(diffusers_config)
     if class_name != "UNet2DModel":
-        raise unsupported(
-            "_class_name",
-            class_name,
-            "'UNet2DModel'",
-            "UNet2DConditionModel (text cross-attention) is not importable yet.",
-        )
+        raise unsupported("_class_name", class_name, f"{list(CLASSES)}")
     unknown = sorted(set(raw) - set(_DEFAULTS))
     if unknown:
         raise ConversionError(
@@ -215,12 +214,8 @@ def config_from_diffusers(diffusers_config: Mapping[str, Any]) -> UNetConfig:
         raise unsupported("norm_num_groups", None, "an integer number of GroupNorm groups")
     scale_shift = cfg["resnet_time_scale_shift"] == "scale_shift"
     attn_groups = cfg["attn_norm_num_groups"]
-    if cfg["add_attention"] and attn_groups is None and scale_shift:
-        raise ConversionError(
-            "cannot import: resnet_time_scale_shift='scale_shift' with add_attention=True and "
-            "attn_norm_num_groups=None gives the middle attention no GroupNorm, which diffunet's "
-            "attention always has. Models saved with attn_norm_num_groups=norm_num_groups import."
-        )
+    # diffusers builds the middle attention without a GroupNorm in this one case.
+    mid_norm = not (cfg["add_attention"] and attn_groups is None and scale_shift)
     if cfg["add_attention"] and attn_groups not in (None, groups):
         raise unsupported(
             "attn_norm_num_groups", attn_groups, f"None or norm_num_groups ({groups})"
@@ -264,6 +259,7 @@ def config_from_diffusers(diffusers_config: Mapping[str, Any]) -> UNetConfig:
             attention_resolutions=tuple(2**i for i, a in enumerate(attention) if a),
             attention_type="full",
             mid_attention_type=None if cfg["add_attention"] else "none",
+            mid_attention_norm=mid_norm,
             **heads,
             num_classes=cfg["num_class_embeds"],
             time_embed_dim=cfg["time_embedding_dim"],
@@ -313,9 +309,10 @@ def _resblock(out: dict, src: _Source, ours: str, theirs: str) -> None:
             out[f"{ours}.skip.{p}"] = src.take(f"{theirs}.conv_shortcut.{p}")
 
 
-def _attention(out: dict, src: _Source, ours: str, theirs: str) -> None:
+def _attention(out: dict, src: _Source, ours: str, theirs: str, norm: bool = True) -> None:
     for p in ("weight", "bias"):
-        out[f"{ours}.self_attn.norm.{p}"] = src.take(f"{theirs}.group_norm.{p}")
+        if norm:
+            out[f"{ours}.self_attn.norm.{p}"] = src.take(f"{theirs}.group_norm.{p}")
         parts = [
             src.take(f"{theirs}.to_{n}.{p}", f"{theirs}.{old}.{p}")
             for n, old in (("q", "query"), ("k", "key"), ("v", "value"))
@@ -328,6 +325,16 @@ def _attention(out: dict, src: _Source, ours: str, theirs: str) -> None:
         )
 
 
+def _transformer(out: dict, src: _Source, ours: str, theirs: str) -> None:
+    """A `Transformer2DModel`: every tensor under `theirs`, renamed as a `SpatialTransformer`'s."""
+    prefix = f"{theirs}."
+    keys = [k for k in src.state if k.startswith(prefix)]
+    if not keys:
+        src.missing.append(f"{prefix}*")
+    for key in keys:
+        out[f"{ours}.{transformer_key(key[len(prefix) :])}"] = src.take(key)
+
+
 def _pair(out: dict, src: _Source, ours: str, theirs: str) -> None:
     for p in ("weight", "bias"):
         out[f"{ours}.{p}"] = src.take(f"{theirs}.{p}")
@@ -336,16 +343,26 @@ def _pair(out: dict, src: _Source, ours: str, theirs: str) -> None:
 def state_dict_from_diffusers(
     config: UNetConfig, state: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """Rename / fuse a `UNet2DModel` state dict into diffunet's layout for `config`.
+    """Rename / fuse a `UNet2DModel` or `UNet2DConditionModel` state dict into diffunet's
+    layout for `config`.
 
     Raises :class:`ConversionError` listing diffusers tensors that are missing or left over.
     """
     src = _Source(state)
     out: dict[str, torch.Tensor | None] = {}
     levels, blocks = config.num_levels, config.num_res_blocks
+
+    def attention(ours: str, theirs: str, norm: bool = True) -> None:
+        if config.uses_transformer:
+            _transformer(out, src, ours, theirs)
+        else:
+            _attention(out, src, ours, theirs, norm)
+
     _pair(out, src, "input_blocks.0.0", "conv_in")
     for i in (1, 2):
         _pair(out, src, f"time_embed.linear_{i}", f"time_embedding.linear_{i}")
+        if config.added_cond_dim is not None:
+            _pair(out, src, f"added_embed.linear_{i}", f"add_embedding.linear_{i}")
     if config.num_classes is not None:
         weight = src.take("class_embedding.weight")
         out["label_embed.weight"] = None if weight is None else null_label_row(weight)
@@ -354,7 +371,7 @@ def state_dict_from_diffusers(
         for j in range(blocks):
             _resblock(out, src, f"input_blocks.{k}.0", f"down_blocks.{level}.resnets.{j}")
             if config.attention_at(level):
-                _attention(out, src, f"input_blocks.{k}.1", f"down_blocks.{level}.attentions.{j}")
+                attention(f"input_blocks.{k}.1", f"down_blocks.{level}.attentions.{j}")
             k += 1
         if level < levels - 1:
             theirs = f"down_blocks.{level}.downsamplers.0"
@@ -366,7 +383,7 @@ def state_dict_from_diffusers(
     _resblock(out, src, "middle_block.0", "mid_block.resnets.0")
     mid = 1
     if config.resolved_mid_attention_type() != "none":
-        _attention(out, src, "middle_block.1", "mid_block.attentions.0")
+        attention("middle_block.1", "mid_block.attentions.0", config.mid_attention_norm)
         mid = 2
     _resblock(out, src, f"middle_block.{mid}", "mid_block.resnets.1")
     k = 0
@@ -376,7 +393,7 @@ def state_dict_from_diffusers(
             _resblock(out, src, f"output_blocks.{k}.0", f"up_blocks.{up}.resnets.{j}")
             index = 1
             if config.attention_at(level):
-                _attention(out, src, f"output_blocks.{k}.1", f"up_blocks.{up}.attentions.{j}")
+                attention(f"output_blocks.{k}.1", f"up_blocks.{up}.attentions.{j}")
                 index = 2
             if j == blocks and level > 0:
                 theirs = f"up_blocks.{up}.upsamplers.0"
@@ -416,7 +433,7 @@ def _locate(path: Path, subfolder: str | None) -> Path:
     if not (path / DIFFUSERS_CONFIG).is_file():
         raise CheckpointError(
             f"{path} has no {DIFFUSERS_CONFIG}; expected a diffusers "
-            "UNet2DModel folder (or a pipeline folder with unet/)"
+            "UNet2DModel / UNet2DConditionModel folder (or a pipeline folder with unet/)"
         )
     return path
 
@@ -424,7 +441,7 @@ def _locate(path: Path, subfolder: str | None) -> Path:
 def load_diffusers_folder(
     path: str | Path, subfolder: str | None = None
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The config dict and state dict of a saved `UNet2DModel` (no diffusers import needed)."""
+    """The config dict and state dict of a saved diffusers U-Net (no diffusers import needed)."""
     folder = _locate(Path(path), subfolder)
     try:
         config = json.loads((folder / DIFFUSERS_CONFIG).read_text())
@@ -439,11 +456,15 @@ def load_diffusers_folder(
 def from_diffusers(
     model_or_path: Any, *, subfolder: str | None = None, dtype: torch.dtype | None = None
 ):
-    """A diffunet `UNet` with the weights of a diffusers `UNet2DModel` (same outputs).
+    """A diffunet `UNet` with the weights of a diffusers `UNet2DModel` or
+    `UNet2DConditionModel` (same outputs).
+
+    A `UNet2DConditionModel`'s `encoder_hidden_states` is diffunet's `context`; SDXL's
+    `added_cond_kwargs={"text_embeds": ..., "time_ids": ...}` are `added_cond=` and `time_ids=`.
 
     Args:
-        model_or_path: a `diffusers.UNet2DModel`, or a folder saved by its `save_pretrained`
-            (a pipeline folder with a `unet/` subfolder also works).
+        model_or_path: a diffusers model, or a folder saved by its `save_pretrained` (a
+            pipeline folder with a `unet/` subfolder also works).
         subfolder: the model's subfolder inside `model_or_path`, if not found automatically.
         dtype: cast the weights; None keeps the source's dtype.
 
@@ -454,14 +475,14 @@ def from_diffusers(
         source = str(model_or_path)
     elif hasattr(model_or_path, "config") and hasattr(model_or_path, "state_dict"):
         name = type(model_or_path).__name__
-        if name != "UNet2DModel":
-            raise unsupported("model class", name, "diffusers.UNet2DModel")
+        if name not in CLASSES:
+            raise unsupported("model class", name, " or ".join(f"diffusers.{c}" for c in CLASSES))
         diffusers_config = {"_class_name": name, **dict(model_or_path.config)}
         state = {k: v.detach().cpu() for k, v in model_or_path.state_dict().items()}
         source = f"diffusers {name}"
     else:
         raise InvalidTypeError(
-            f"from_diffusers expects a UNet2DModel or a folder path, got "
+            f"from_diffusers expects a UNet2DModel, a UNet2DConditionModel or a folder path, got "
             f"{type(model_or_path).__name__}"
         )
     config = config_from_diffusers(diffusers_config)

@@ -1,13 +1,13 @@
 """Deployment formats: ONNX (dynamo exporter), `torch.export` programs (`.pt2`) and
 AOTInductor packages — the modern replacements for TorchScript (deprecated since PyTorch 2.11).
 
-Every format is traced from the same call, `model(x, t, cond=..., context=..., labels=...)`,
-with only the inputs the config needs; `t` is float32 `(B,)` (integer steps are exact in
-float32 up to 2**24), `labels` int64 `(B,)`. The batch axis is dynamic by default and the number
-of `context` tokens always; spatial axes can be made dynamic in multiples of
-`config.size_multiple()`. Each artifact carries the diffunet config JSON (ONNX metadata
-`diffunet_config`, `.pt2` extra file `diffunet_config.json`, AOTI package metadata
-`diffunet_config`).
+Every format is traced from the same call, `model(x, t, cond=..., context=..., labels=...,
+added_cond=..., time_ids=...)`, with only the inputs the config needs; `t` is float32 `(B,)`
+(integer steps are exact in float32 up to 2**24), `labels` int64 `(B,)`, SDXL's `time_ids`
+float32 `(B, 6)`. The batch axis is dynamic by default and the number of `context` tokens
+always; spatial axes can be made dynamic in multiples of `config.size_multiple()`. Each
+artifact carries the diffunet config JSON (ONNX metadata `diffunet_config`, `.pt2` extra file
+`diffunet_config.json`, AOTI package metadata `diffunet_config`).
 
 `torch.export.load` and `aoti_load_package` read PyTorch's own archive formats; load only
 artifacts you trust, as with any model file that is not safetensors.
@@ -33,7 +33,7 @@ from diffunet.model.introspect import example_inputs
 
 FORMATS = ("onnx", "pt2", "aoti")
 CONFIG_KEY = "diffunet_config"
-INPUT_ORDER = ("x", "t", "cond", "context", "labels")
+INPUT_ORDER = ("x", "t", "cond", "context", "labels", "added_cond", "time_ids")
 
 
 class ExportError(DiffunetError, RuntimeError):

@@ -26,7 +26,13 @@ from pathlib import Path
 import torch
 
 from diffunet.errors import InvalidTypeError, InvalidValueError
-from diffunet.interop.common import ConversionError, assemble, null_label_row, read_weights
+from diffunet.interop.common import (
+    OPENAIMODEL_RESBLOCK_RENAMES,
+    ConversionError,
+    assemble,
+    null_label_row,
+    read_weights,
+)
 from diffunet.model.checkpoint import clean_state_dict
 from diffunet.model.config import UNetConfig
 
@@ -37,12 +43,7 @@ _RENAMES = (
     (re.compile(r"^(?:time_embed|cond_embed)\.2\."), "time_embed.linear_2."),
     (re.compile(r"^label_emb\."), "label_embed."),
     (re.compile(r"^out_variance\."), "out_logvar."),  # EMDiffuse's aleatoric head
-    (re.compile(r"\.in_layers\.0\."), ".in_norm."),
-    (re.compile(r"\.in_layers\.2\."), ".in_conv."),
-    (re.compile(r"\.emb_layers\.1\."), ".emb_proj."),
-    (re.compile(r"\.out_layers\.0\."), ".out_norm."),
-    (re.compile(r"\.out_layers\.3\."), ".out_conv."),
-    (re.compile(r"\.skip_connection\."), ".skip."),
+    *OPENAIMODEL_RESBLOCK_RENAMES,
     (re.compile(r"\.(norm|qkv|proj_out)\.(weight|bias)$"), r".self_attn.\1.\2"),
 )
 _NETWORK_PREFIX = "denoise_fn."  # Palette / EMDiffuse wrap the UNet in a Network module

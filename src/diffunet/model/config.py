@@ -9,6 +9,12 @@ guided-diffusion's `UNetModel`: 1 is the resolution after the stem (after patchi
 `pool_factor > 1`), 2 is half of it, and so on; level `i` of `channel_mult` sits at factor
 `2**i`. Presets that the seeds state as absolute sizes ("attention at 16 for a 256 input") are
 converted with :func:`attention_factors_for_sizes`.
+
+Transformer rule: with `transformer_depth` set, every attention site holds a Stable-Diffusion
+transformer block (CompVis `SpatialTransformer`, diffusers `Transformer2DModel`) instead of the
+classic attention block. `transformer_depth` is one number for every level or one per level of
+`channel_mult` (0 at levels without attention, as SDXL writes `(0, 2, 10)`); the middle block
+takes `mid_transformer_depth`, by default the last level's depth (CompVis and diffusers alike).
 """
 
 from __future__ import annotations
@@ -71,9 +77,30 @@ class UNetConfig:
     num_heads: int = 1
     num_head_channels: int | None = None
     context_dim: int | None = None
+    mid_attention_norm: bool = True
+    """Whether the middle block's attention block normalizes its input; `False` is diffusers'
+    `UNet2DModel` with scale-shift ResBlocks, whose middle attention has no GroupNorm."""
+    # transformer blocks at the attention sites (Stable Diffusion); None keeps AttentionBlock
+    transformer_depth: int | tuple[int, ...] | None = None
+    """Transformer blocks (self-attention, cross-attention to `context`, GEGLU feed-forward)
+    per attention site, one number or one per level (SDXL: `(0, 2, 10)`); `None` places the
+    classic attention block instead."""
+    mid_transformer_depth: int | None = None
+    """Transformer blocks in the middle block; `None` takes the last level's depth."""
+    use_linear_projection: bool = False
+    """Project into and out of the transformer blocks with linear layers (SD 2.x, XL) instead
+    of 1×1 convolutions (SD 1.x)."""
+    upcast_attention: bool = False
+    """Compute the transformer blocks' float16 attention in float32 (SD 2.1)."""
     # conditioning
     cond_channels: int = 0
     num_classes: int | None = None
+    added_cond_dim: int | None = None
+    """Width of a vector added to the time embedding through an MLP, time-id features
+    included (SDXL: 2816, a pooled text embedding of 1280 and 6 ids × 256); `None` for none."""
+    added_time_embed_dim: int | None = None
+    """Sinusoidal features per time id joined to the added vector (SDXL: 256; its ids are the
+    original size, crop corner and target size); `None` for no ids."""
     # time / noise-level embedding
     use_timestep: bool = True
     time_embed_type: str = "timestep"
@@ -122,8 +149,13 @@ class UNetConfig:
 
     @property
     def has_embedding(self) -> bool:
-        """Whether the ResBlocks receive an embedding (time and/or class)."""
-        return self.use_timestep or self.num_classes is not None
+        """Whether the ResBlocks receive an embedding (time, class and/or added conditioning)."""
+        return self.use_timestep or self.num_classes is not None or self.added_cond_dim is not None
+
+    @property
+    def uses_transformer(self) -> bool:
+        """Whether the attention sites hold transformer blocks (`transformer_depth` is set)."""
+        return self.transformer_depth is not None
 
     @property
     def input_channels(self) -> int:
@@ -146,6 +178,19 @@ class UNetConfig:
     def resolved_mid_attention_type(self) -> str:
         """Attention kind of the middle block (defaults to `attention_type`)."""
         return self.mid_attention_type or self.attention_type
+
+    def transformer_depth_at(self, level: int) -> int:
+        """Transformer blocks per attention site at `level` (0 without transformer blocks)."""
+        depth = self.transformer_depth
+        if depth is None:
+            return 0
+        return depth if isinstance(depth, int) else depth[level]
+
+    def resolved_mid_transformer_depth(self) -> int:
+        """Transformer blocks in the middle block's site (default: the last level's depth)."""
+        if self.mid_transformer_depth is not None:
+            return self.mid_transformer_depth
+        return self.transformer_depth_at(self.num_levels - 1)
 
     def level_channels(self, level: int) -> int:
         """Feature channels at `level`."""
@@ -269,6 +314,8 @@ class UNetConfig:
             )
         self._validate_resample_axes()
         self._validate_attention()
+        self._validate_transformer()
+        self._validate_added_conditioning()
         self._validate_norm_groups()
         self._validate_image_size()
 
@@ -334,6 +381,101 @@ class UNetConfig:
                 "None when the model has no attention site (cross-attention lives there)",
                 "Add attention_resolutions or a middle attention.",
             )
+        if not self.mid_attention_norm and self.resolved_mid_attention_type() == "none":
+            _fail(
+                "mid_attention_norm",
+                False,
+                "True when the middle block has no attention (it drops that attention's GroupNorm)",
+            )
+
+    def _validate_transformer(self) -> None:
+        if not self.uses_transformer:
+            for name, default in (
+                ("mid_transformer_depth", None),
+                ("use_linear_projection", False),
+                ("upcast_attention", False),
+            ):
+                if getattr(self, name) != default:
+                    _fail(
+                        name,
+                        getattr(self, name),
+                        f"{default} when transformer_depth is None (it configures transformer "
+                        "blocks)",
+                        "Set transformer_depth (e.g. 1) to place transformer blocks.",
+                    )
+            return
+        depth = self.transformer_depth
+        depths = (depth,) if isinstance(depth, int) else depth
+        assert depths is not None
+        if isinstance(depth, tuple) and len(depth) != self.num_levels:
+            _fail(
+                "transformer_depth",
+                depth,
+                f"one number for every level or {self.num_levels} entries, one per level of "
+                "channel_mult",
+            )
+        if any(d < 0 for d in depths) or (isinstance(depth, int) and depth < 1):
+            _fail(
+                "transformer_depth",
+                depth,
+                "a positive integer, or per-level integers >= 0 (0 at levels without attention)",
+            )
+        for level in range(self.num_levels):
+            if self.attention_at(level) and self.transformer_depth_at(level) == 0:
+                _fail(
+                    "transformer_depth",
+                    depth,
+                    f"at least 1 at level {level}, which has attention (downsample factor "
+                    f"{2**level} in attention_resolutions)",
+                    "Raise that entry or drop the factor from attention_resolutions.",
+                )
+        kinds = {self.attention_type, self.resolved_mid_attention_type()} - {"none"}
+        if kinds - {"full"}:
+            _fail(
+                "attention_type" if self.attention_type == "linear" else "mid_attention_type",
+                "linear",
+                "'full' or 'none' with transformer blocks (their attention is softmax attention)",
+            )
+        if self.mid_transformer_depth is not None and self.mid_transformer_depth < 1:
+            _fail("mid_transformer_depth", self.mid_transformer_depth, "None or an integer >= 1")
+        if self.resolved_mid_attention_type() == "none":
+            if self.mid_transformer_depth is not None:
+                _fail(
+                    "mid_transformer_depth",
+                    self.mid_transformer_depth,
+                    "None when the middle block has no attention (mid_attention_type='none')",
+                )
+        elif self.resolved_mid_transformer_depth() == 0:
+            _fail(
+                "mid_transformer_depth",
+                None,
+                "a depth for the middle block's transformer: by default it takes the last "
+                f"level's, which transformer_depth={depth!r} sets to 0",
+                "Set mid_transformer_depth, or mid_attention_type='none'.",
+            )
+        if not self.mid_attention_norm:
+            _fail(
+                "mid_attention_norm",
+                False,
+                "True with transformer blocks (their GroupNorm is part of the block)",
+            )
+
+    def _validate_added_conditioning(self) -> None:
+        if self.added_cond_dim is not None and self.added_cond_dim < 1:
+            _fail("added_cond_dim", self.added_cond_dim, "None (no added conditioning) or >= 1")
+        width = self.added_time_embed_dim
+        if width is None:
+            return
+        if self.added_cond_dim is None:
+            _fail(
+                "added_time_embed_dim",
+                width,
+                "None when added_cond_dim is None (the embedded time ids join the added "
+                "conditioning vector)",
+                "Set added_cond_dim to the width of that vector (SDXL: 2816).",
+            )
+        if width < 2 or width % 2:
+            _fail("added_time_embed_dim", width, "an even integer >= 2 (sine and cosine halves)")
 
     def normalized_widths(self) -> list[int]:
         """Every channel count that a GroupNorm normalizes, in construction order."""
@@ -468,6 +610,7 @@ _EXAMPLES = {
     "attention_resolutions": "[2, 4]",
     "image_size": "64 or [64, 64]",
     "resample_axes": "[[1, 2], [0, 1, 2]]",
+    "transformer_depth": "1 or [0, 2, 10]",
 }
 
 

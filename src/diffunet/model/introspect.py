@@ -22,9 +22,11 @@ def example_inputs(
     dtype: torch.dtype = torch.float32,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """Random `x` and the keyword inputs (`t`, `cond`, `context`, `labels`) this config needs.
+    """Random `x` and the keyword inputs (`t`, `cond`, `context`, `labels`, `added_cond`,
+    `time_ids`) this config needs.
 
-    `size` defaults to `config.image_size`, else the smallest valid size times two.
+    `size` defaults to `config.image_size`, else the smallest valid size times two. Time ids
+    are SDXL's six (sizes and crop offsets) where `added_cond_dim` leaves room for them.
     """
     if size is None:
         size = config.spatial_size() or tuple(2 * m for m in config.size_multiple())
@@ -47,6 +49,14 @@ def example_inputs(
         kwargs["labels"] = torch.randint(0, config.num_classes, (batch,), generator=generator).to(
             device
         )
+    if config.added_cond_dim is not None:
+        width, ids = config.added_cond_dim, 0
+        if config.added_time_embed_dim is not None:
+            ids = min(6, (width - 1) // config.added_time_embed_dim)
+            width -= ids * config.added_time_embed_dim
+            sizes = torch.randint(0, 1024, (batch, ids), generator=generator)
+            kwargs["time_ids"] = sizes.float().to(device)
+        kwargs["added_cond"] = randn(batch, width)
     return x, kwargs
 
 
@@ -112,7 +122,8 @@ def level_summary(config: UNetConfig) -> list[LevelSummary]:
         size = tuple(s // config.pool_factor for s in size)
     rows = []
     for level in range(config.num_levels):
-        attention = config.attention_type if config.attention_at(level) else "-"
+        attention = _site(config, config.attention_type, config.transformer_depth_at(level))
+        attention = attention if config.attention_at(level) else "-"
         rows.append(
             LevelSummary(
                 level, size, config.level_channels(level), config.num_res_blocks, attention
@@ -123,9 +134,20 @@ def level_summary(config: UNetConfig) -> list[LevelSummary]:
     return rows
 
 
+def _site(config: UNetConfig, kind: str, depth: int) -> str:
+    """An attention site in words: its kind, or its transformer blocks."""
+    if config.uses_transformer and kind != "none":
+        return f"transformer ×{depth}"
+    return kind
+
+
 def describe(config: UNetConfig, *, flops: bool = True) -> str:
-    """A human-readable report: parameters, FLOPs per forward and the per-level table."""
-    model = UNet(config)
+    """A human-readable report: parameters, FLOPs per forward and the per-level table.
+
+    Both numbers come from shapes alone (a model on the meta device), so a multi-billion
+    parameter preset is described in seconds without its memory."""
+    with torch.device("meta"):
+        model = UNet(config)
     lines = [f"parameters: {model.num_parameters():,}"]
     size = config.spatial_size()
     if flops:
@@ -138,7 +160,9 @@ def describe(config: UNetConfig, *, flops: bool = True) -> str:
         lines.append(
             f"{row.level:>5}  {res:>14}  {row.channels:>8}  {row.res_blocks:>6}  {row.attention}"
         )
-    mid = config.resolved_mid_attention_type()
+    mid = _site(
+        config, config.resolved_mid_attention_type(), config.resolved_mid_transformer_depth()
+    )
     lines.append(
         f"{'mid':>5}  {'':>14}  {config.level_channels(config.num_levels - 1):>8}  {2:>6}  {mid}"
     )
@@ -165,6 +189,17 @@ def small_config(name: str, dims: int | None = None) -> UNetConfig:
         overrides["num_heads"] = min(config.num_heads, 2)
     if config.context_dim is not None:
         overrides["context_dim"] = 12
+    if config.transformer_depth is not None:  # at most two blocks per site
+        depth = config.transformer_depth
+        overrides["transformer_depth"] = (
+            min(depth, 2) if isinstance(depth, int) else tuple(min(d, 2) for d in depth)
+        )
+        if config.mid_transformer_depth is not None:
+            overrides["mid_transformer_depth"] = min(config.mid_transformer_depth, 2)
+    if config.added_cond_dim is not None:
+        ids = config.added_time_embed_dim is not None  # SDXL's 6 ids, at 8 features each
+        overrides["added_time_embed_dim"] = 8 if ids else None
+        overrides["added_cond_dim"] = 10 + (6 * 8 if ids else 0)
     if config.resample_axes is not None and dims != config.dims:
         overrides["resample_axes"] = None
     return config.replace(**overrides)

@@ -228,3 +228,74 @@ _register(
     downsample_padding="asymmetric",
     zero_init=False,
 )
+
+_SD_NOTES = (
+    "Transformer blocks (GroupNorm eps 1e-6, proj_in, pre-LayerNorm self-attention, "
+    "cross-attention to the text tokens, GEGLU feed-forward, proj_out) at every attention site "
+    "and in the middle block; nearest + 3×3 conv upsampling, stride-2 conv downsampling, "
+    "one skip per block. Module for module the original, so `from_diffusers` and "
+    "`from_stable_diffusion` import its weights exactly. "
+)
+_register(
+    "sd15",
+    "Stable Diffusion 1.5 (runwayml/stable-diffusion-v1-5): the CompVis UNetModel of "
+    "v1-inference.yaml, diffusers UNet2DConditionModel",
+    _SD_NOTES + "8 heads at every width, 1×1 convolutional projections, 768-wide CLIP ViT-L "
+    "tokens; 64×64×4 latents for 512² images. 859,520,964 parameters.",
+    in_channels=4,
+    out_channels=4,
+    model_channels=320,
+    channel_mult=(1, 2, 4, 4),
+    num_res_blocks=2,
+    attention_resolutions=(1, 2, 4),
+    num_heads=8,
+    context_dim=768,
+    transformer_depth=1,
+    image_size=64,
+)
+_register(
+    "sd21",
+    "Stable Diffusion 2.1 (stabilityai/stable-diffusion-2-1): the CompVis UNetModel of "
+    "v2-inference-v.yaml, diffusers UNet2DConditionModel",
+    _SD_NOTES + "64-channel heads (diffusers writes their counts, [5, 10, 20, 20], as "
+    "attention_head_dim), linear projections, 1024-wide OpenCLIP ViT-H tokens, float16 "
+    "attention computed in float32 (upcast_attention); 96×96×4 latents for 768² images. The 2.0 / 2.1 "
+    "base models are the same network. 865,910,724 parameters.",
+    in_channels=4,
+    out_channels=4,
+    model_channels=320,
+    channel_mult=(1, 2, 4, 4),
+    num_res_blocks=2,
+    attention_resolutions=(1, 2, 4),
+    num_head_channels=64,
+    context_dim=1024,
+    transformer_depth=1,
+    use_linear_projection=True,
+    upcast_attention=True,
+    image_size=96,
+)
+_register(
+    "sdxl",
+    "Stable Diffusion XL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0): the SGM "
+    "UNetModel of sd_xl_base.yaml, diffusers UNet2DConditionModel",
+    _SD_NOTES + "Three levels, no attention at the first, 2 and 10 transformer blocks at the "
+    "others and 10 in the middle; 64-channel heads, linear projections, 2048-wide tokens "
+    "(CLIP ViT-L and OpenCLIP ViT-bigG concatenated). The added conditioning: the pooled "
+    "OpenCLIP embedding (1280) and 6 size / crop ids of 256 sinusoidal features each "
+    "(added_cond_dim 2816), through an MLP into the time embedding: pass "
+    "added_cond=(B, 1280) and time_ids=(B, 6). 128×128×4 latents for 1024² images. "
+    "2,567,463,684 parameters.",
+    in_channels=4,
+    out_channels=4,
+    model_channels=320,
+    channel_mult=(1, 2, 4),
+    num_res_blocks=2,
+    attention_resolutions=(2, 4),
+    num_head_channels=64,
+    context_dim=2048,
+    transformer_depth=(0, 2, 10),
+    use_linear_projection=True,
+    added_cond_dim=2816,
+    added_time_embed_dim=256,
+    image_size=128,
+)

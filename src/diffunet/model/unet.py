@@ -2,7 +2,9 @@
 
 stem → encoder (`input_blocks`) → `middle_block` → decoder (`output_blocks`) → head.
 The encoder and decoder are built in one loop over `channel_mult`, guided-diffusion style;
-attention, conditioning, resampling and skip topology are all placed by the config.
+attention, conditioning, resampling and skip topology are all placed by the config. An
+attention site holds an `AttentionBlock`, or a `SpatialTransformer` when `transformer_depth` is
+set (Stable Diffusion); the module names follow CompVis' `openaimodel.py`.
 """
 
 from __future__ import annotations
@@ -16,15 +18,20 @@ from diffunet.errors import InvalidTypeError, InvalidValueError
 from diffunet.model.checkpoint import PretrainedMixin
 from diffunet.model.config import UNetConfig, nearest_valid_sizes
 from diffunet.model.layers.attention import AttentionBlock
-from diffunet.model.layers.embedding import TimestepEmbedding
+from diffunet.model.layers.embedding import AddedConditionEmbedding, TimestepEmbedding
 from diffunet.model.layers.ops import conv_nd, conv_transpose_nd, normalization, zero_module
 from diffunet.model.layers.resample import Downsample, Upsample
 from diffunet.model.layers.resblock import ResBlock
-from diffunet.model.validation import check_finite, check_labels
+from diffunet.model.layers.transformer import SpatialTransformer
+from diffunet.model.validation import check_added_conditioning, check_finite, check_labels
+
+#: The layers of an `EmbedSequential` that receive the context tokens.
+CONTEXT_LAYERS = (AttentionBlock, SpatialTransformer)
 
 
 class EmbedSequential(nn.Sequential):
-    """A sequence of layers; ResBlocks receive the embedding, attention blocks the context."""
+    """A sequence of layers; ResBlocks receive the embedding, attention and transformer blocks
+    the context."""
 
     def forward(
         self,
@@ -36,7 +43,7 @@ class EmbedSequential(nn.Sequential):
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
-            elif isinstance(layer, AttentionBlock):
+            elif isinstance(layer, CONTEXT_LAYERS):
                 x = layer(x, context)
             else:
                 x = layer(x)
@@ -46,8 +53,9 @@ class EmbedSequential(nn.Sequential):
 class UNet(PretrainedMixin, nn.Module):
     """The diffunet U-Net for 1D signals, 2D images and 3D volumes.
 
-    `forward(x, t, *, cond=None, context=None, labels=None)` predicts a tensor shaped like `x`
-    with `config.output_channels` channels (mean then log-variance for the aleatoric head).
+    `forward(x, t, *, cond=None, context=None, labels=None, added_cond=None, time_ids=None)`
+    predicts a tensor shaped like `x` with `config.output_channels` channels (mean then
+    log-variance for the aleatoric head).
     `save_pretrained`, `from_pretrained` and `push_to_hub` come from `PretrainedMixin`.
     """
 
@@ -74,6 +82,16 @@ class UNet(PretrainedMixin, nn.Module):
         self.label_embed = None
         if c.num_classes and emb_dim is not None:
             self.label_embed = nn.Embedding(c.num_classes + 1, emb_dim)
+        # SDXL: a pooled text embedding and embedded size / crop ids, added like the labels.
+        self.added_embed = None
+        if c.added_cond_dim is not None and emb_dim is not None:
+            self.added_embed = AddedConditionEmbedding(
+                c.added_cond_dim,
+                emb_dim,
+                time_id_dim=c.added_time_embed_dim,
+                flip_sin_to_cos=c.flip_sin_to_cos,
+                freq_shift=c.freq_shift,
+            )
 
         def res(ch: int, out: int, resample: str | None = None, factors=None) -> ResBlock:
             return ResBlock(
@@ -90,7 +108,19 @@ class UNet(PretrainedMixin, nn.Module):
                 zero_init=c.zero_init,
             )
 
-        def attn(ch: int, kind: str) -> AttentionBlock:
+        def attn(ch: int, kind: str, depth: int, norm: bool = True) -> nn.Module:
+            if c.uses_transformer:
+                return SpatialTransformer(
+                    c.dims,
+                    ch,
+                    c.heads_for(ch),
+                    depth,
+                    context_dim=c.context_dim,
+                    norm_groups=c.norm_groups,
+                    use_linear_projection=c.use_linear_projection,
+                    upcast_attention=c.upcast_attention,
+                    zero_init=c.zero_init,
+                )
             return AttentionBlock(
                 ch,
                 kind,
@@ -99,6 +129,7 @@ class UNet(PretrainedMixin, nn.Module):
                 norm_groups=c.norm_groups,
                 norm_eps=c.norm_eps,
                 zero_init=c.zero_init,
+                norm=norm,
             )
 
         def down(ch: int, transition: int) -> nn.Module:
@@ -133,10 +164,11 @@ class UNet(PretrainedMixin, nn.Module):
         for level in range(levels):
             out = c.level_channels(level)
             attention = [c.attention_type] if c.attention_at(level) else []
+            depth = c.transformer_depth_at(level)
             if per_block:
                 for _ in range(c.num_res_blocks):
                     self.input_blocks.append(
-                        EmbedSequential(res(ch, out), *[attn(out, k) for k in attention])
+                        EmbedSequential(res(ch, out), *[attn(out, k, depth) for k in attention])
                     )
                     ch = out
                     emits_skip.append(True)
@@ -144,7 +176,7 @@ class UNet(PretrainedMixin, nn.Module):
             else:
                 blocks = [res(ch if i == 0 else out, out) for i in range(c.num_res_blocks)]
                 self.input_blocks.append(
-                    EmbedSequential(*blocks, *[attn(out, k) for k in attention])
+                    EmbedSequential(*blocks, *[attn(out, k, depth) for k in attention])
                 )
                 ch = out
                 emits_skip.append(True)
@@ -156,20 +188,24 @@ class UNet(PretrainedMixin, nn.Module):
                     skip_channels.append(ch)
 
         mid_kind = c.resolved_mid_attention_type()
-        self.middle_block = EmbedSequential(
-            res(ch, ch), *([attn(ch, mid_kind)] if mid_kind != "none" else []), res(ch, ch)
+        mid_attention = (
+            [attn(ch, mid_kind, c.resolved_mid_transformer_depth(), c.mid_attention_norm)]
+            if mid_kind != "none"
+            else []
         )
+        self.middle_block = EmbedSequential(res(ch, ch), *mid_attention, res(ch, ch))
 
         self.output_blocks = nn.ModuleList()
         for level in reversed(range(levels)):
             out = c.level_channels(level)
             attention = [c.attention_type] if c.attention_at(level) else []
+            depth = c.transformer_depth_at(level)
             upsample = [up(out, level - 1)] if level > 0 else []
             if per_block:
                 for i in range(c.num_res_blocks + 1):
                     layers = [
                         res(ch + skip_channels.pop(), out),
-                        *[attn(out, k) for k in attention],
+                        *[attn(out, k, depth) for k in attention],
                     ]
                     if i == c.num_res_blocks:
                         layers += upsample
@@ -181,7 +217,7 @@ class UNet(PretrainedMixin, nn.Module):
                     for i in range(c.num_res_blocks)
                 ]
                 self.output_blocks.append(
-                    EmbedSequential(*blocks, *[attn(out, k) for k in attention], *upsample)
+                    EmbedSequential(*blocks, *[attn(out, k, depth) for k in attention], *upsample)
                 )
                 ch = out
         self._emits_skip = tuple(emits_skip)
@@ -227,6 +263,8 @@ class UNet(PretrainedMixin, nn.Module):
         cond: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        added_cond: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Denoise `x` at timestep / noise level `t`.
 
@@ -237,22 +275,29 @@ class UNet(PretrainedMixin, nn.Module):
             cond: `(B, cond_channels, *spatial)`, concatenated to `x` on channels.
             context: `(B, N, context_dim)` tokens for cross-attention.
             labels: `(B,)` integer class indices; `model.null_label` means unconditional.
+            added_cond: `(B, D)` vector conditioning added to the time embedding through an MLP
+                (`config.added_cond_dim`; SDXL: the pooled text embedding, D = 1280).
+            time_ids: `(B, n)` scalar ids embedded sinusoidally and joined to `added_cond`
+                (`config.added_time_embed_dim`; SDXL: original height and width, crop top
+                and left, target height and width, n = 6).
 
-        Floating-point `x`, `cond` and `context` of another dtype than the model's parameters
-        (float64 data, a float16 batch for a float32 model) are cast to the parameters' dtype
-        here, so the output comes back in the model's dtype (under autocast in autocast's,
-        which then casts the operations as usual). Integer or bool `x` / `cond` / `context`
-        raise :class:`~diffunet.errors.InvalidTypeError`: nothing guesses their scale. Labels
-        outside `[0, num_classes]` raise :class:`~diffunet.errors.InvalidValueError`, checked on
-        the CPU always and on a GPU only while value checks are on
-        (:mod:`diffunet.model.validation`)."""
-        x, t, cond, context = self._prepare_inputs(x, t, cond, context, labels)
+        Floating-point `x`, `cond`, `context` and `added_cond` of another dtype than the
+        model's parameters (float64 data, a float16 batch for a float32 model) are cast to the
+        parameters' dtype here, so the output comes back in the model's dtype (under autocast
+        in autocast's, which then casts the operations as usual). Integer or bool `x` / `cond` /
+        `context` raise :class:`~diffunet.errors.InvalidTypeError`: nothing guesses their
+        scale. Labels outside `[0, num_classes]` raise
+        :class:`~diffunet.errors.InvalidValueError`, checked on the CPU always and on a GPU only
+        while value checks are on (:mod:`diffunet.model.validation`)."""
+        x, t, cond, context, added_cond = self._prepare_inputs(
+            x, t, cond, context, labels, added_cond, time_ids
+        )
         pads = self._padding(tuple(x.shape[2:]))
         if cond is not None:
             x = torch.cat([x, cond.to(x.dtype)], dim=1)
         if pads is not None:
             x = F.pad(x, pads, mode="replicate")
-        emb = self.embed(t, labels)
+        emb = self.embed(t, labels, added_cond, time_ids)
 
         skips = []
         h = x
@@ -271,14 +316,24 @@ class UNet(PretrainedMixin, nn.Module):
             out = F.pad(out, [-amount for amount in pads])  # crop back
         return out
 
-    def embed(self, t: torch.Tensor | None, labels: torch.Tensor | None) -> torch.Tensor | None:
-        """The SiLU-activated sum of the time and label embeddings (None if neither is used)."""
+    def embed(
+        self,
+        t: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        added_cond: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """The SiLU-activated sum of the time, label and added-conditioning embeddings (None if
+        the model uses none of them)."""
         emb = None
         if self.time_embed is not None:
             emb = self.time_embed(t)
         if self.label_embed is not None:
             label_emb = self.label_embed(labels)
             emb = label_emb if emb is None else emb + label_emb
+        if self.added_embed is not None:
+            added_emb = self.added_embed(added_cond, time_ids)
+            emb = added_emb if emb is None else emb + added_emb
         return None if emb is None else F.silu(emb)
 
     def _run(
@@ -323,18 +378,36 @@ class UNet(PretrainedMixin, nn.Module):
         cond: torch.Tensor | None,
         context: torch.Tensor | None,
         labels: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """`forward`'s arguments checked (shared with the accelerated forward) and `x`, `cond`
-        and `context` cast to the parameters' dtype; returns them with the
-        `(B,)` float32 time input."""
+        added_cond: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
+    ) -> tuple[
+        torch.Tensor,
+        torch.Tensor | None,
+        torch.Tensor | None,
+        torch.Tensor | None,
+        torch.Tensor | None,
+    ]:
+        """`forward`'s arguments checked (shared with the accelerated forward) and `x`, `cond`,
+        `context` and `added_cond` cast to the parameters' dtype; returns them with the `(B,)`
+        float32 time input, as `(x, t, cond, context, added_cond)`."""
         t = self._check_inputs(x, t, cond, context, labels)
+        check_added_conditioning(
+            added_cond,
+            time_ids,
+            batch=x.shape[0],
+            added_cond_dim=self.config.added_cond_dim,
+            added_time_embed_dim=self.config.added_time_embed_dim,
+        )
+        if added_cond is not None:
+            check_finite(added_cond, "added_cond")
         # Always, autocast or not: autocast leaves float64 alone, and it casts the parameters'
         # dtype as it would the caller's float32 / float16 / bfloat16.
         dtype = self._parameter_dtype()
         x = x.to(dtype)
         cond = None if cond is None else cond.to(dtype)
         context = None if context is None else context.to(dtype)
-        return x, t, cond, context
+        added_cond = None if added_cond is None else added_cond.to(dtype)
+        return x, t, cond, context, added_cond
 
     def _parameter_dtype(self) -> torch.dtype:
         """The dtype of the stem convolution's weight: the dtype the model computes in."""

@@ -128,9 +128,86 @@ def check_finite(tensor: torch.Tensor, name: str) -> None:
         )
 
 
+def check_added_conditioning(
+    added_cond: torch.Tensor | None,
+    time_ids: torch.Tensor | None,
+    *,
+    batch: int,
+    added_cond_dim: int | None,
+    added_time_embed_dim: int | None,
+) -> None:
+    """Raise unless `added_cond` / `time_ids` are what the config's added conditioning takes.
+
+    `added_cond` is `(B, D)` floating point; `time_ids` `(B, n)` real numbers, present exactly
+    when `added_time_embed_dim` is set; together `D + n · added_time_embed_dim` must be
+    `added_cond_dim` (SDXL: a pooled text embedding of 1280 and 6 ids of 256 features, 2816).
+    """
+    for name, value in (("added_cond", added_cond), ("time_ids", time_ids)):
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise InvalidTypeError(
+                f"{name} must be a torch.Tensor or None, got {type(value).__name__}"
+            )
+    if added_cond_dim is None:
+        if added_cond is not None or time_ids is not None:
+            given = "added_cond" if added_cond is not None else "time_ids"
+            raise InvalidValueError(
+                f"{given} was given but the model has added_cond_dim=None; build it with "
+                "added_cond_dim=<vector width> (and added_time_embed_dim for time ids) to add a "
+                "vector conditioning to the time embedding"
+            )
+        return
+    if time_ids is not None and added_time_embed_dim is None:
+        raise InvalidValueError(
+            "time_ids were given but the model has added_time_embed_dim=None; pass the whole "
+            f"vector as added_cond (B={batch}, {added_cond_dim})"
+        )
+
+    def expected() -> str:
+        # Formatted only when raising: under torch.compile `batch` is symbolic.
+        if added_time_embed_dim is None:
+            return f"pass added_cond (B={batch}, D) with D = {added_cond_dim}"
+        return (
+            f"pass added_cond (B={batch}, D) and time_ids (B={batch}, n) with "
+            f"D + n × {added_time_embed_dim} = {added_cond_dim} (SDXL: D = 1280, n = 6)"
+        )
+
+    if added_cond is None or (added_time_embed_dim is not None and time_ids is None):
+        missing = "added_cond" if added_cond is None else "time_ids"
+        raise InvalidValueError(
+            f"this model adds a vector conditioning to its time embedding and {missing} is "
+            f"missing; {expected()}"
+        )
+    if not added_cond.is_floating_point():
+        raise InvalidTypeError(
+            f"added_cond must be a floating-point tensor (e.g. a pooled text embedding), got "
+            f"dtype {added_cond.dtype}"
+        )
+    if added_cond.ndim != 2 or added_cond.shape[0] != batch:
+        raise InvalidValueError(f"added_cond has shape {tuple(added_cond.shape)}: {expected()}")
+    width = added_cond.shape[1]
+    if time_ids is not None:
+        if time_ids.dtype.is_complex or time_ids.dtype == torch.bool:
+            raise InvalidTypeError(
+                f"time_ids must be real numbers (sizes and crop offsets), got dtype {time_ids.dtype}"
+            )
+        if time_ids.ndim != 2 or time_ids.shape[0] != batch:
+            raise InvalidValueError(f"time_ids has shape {tuple(time_ids.shape)}: {expected()}")
+        assert added_time_embed_dim is not None
+        width += time_ids.shape[1] * added_time_embed_dim
+    if width != added_cond_dim:
+        shapes = f"added_cond {tuple(added_cond.shape)}"
+        if time_ids is not None:
+            shapes += f" and time_ids {tuple(time_ids.shape)}"
+        raise InvalidValueError(
+            f"{shapes} make {width} features but the model's added_cond_dim is "
+            f"{added_cond_dim}; {expected()}"
+        )
+
+
 __all__ = [
     "CHECK_VALUES_ENV",
     "can_read_values",
+    "check_added_conditioning",
     "check_finite",
     "check_labels",
     "set_value_checks",

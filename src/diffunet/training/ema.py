@@ -29,19 +29,33 @@ def ema_step(
         torch._foreach_lerp_(averaged, current, 1.0 - ema_decay_at(decay, count))
 
 
+#: What an EMA step reads and writes: averaged parameters, current parameters, and the
+#: (averaged, current) buffer pairs.
+EMATensors = tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]
+
+
+def ema_tensors(ema: AveragedModel, model: torch.nn.Module) -> EMATensors:
+    """The tensors :func:`update_ema` works on, gathered once so that a training step need not
+    walk both module trees again."""
+    return (
+        [p.detach() for p in ema.module.parameters()],
+        [p.detach() for p in model.parameters()],
+        list(zip(ema.module.buffers(), model.buffers())),
+    )
+
+
 @torch.no_grad()
-def update_ema(ema: AveragedModel, model: torch.nn.Module, decay: float) -> None:
+def update_ema(
+    ema: AveragedModel, model: torch.nn.Module, decay: float, tensors: EMATensors | None = None
+) -> None:
     """One EMA step of `ema` (float32) towards `model` (:func:`ema_step`); buffers are copied.
 
     `AveragedModel.update_parameters` would read its update count back from the GPU every
     step; here the count stays on the host, so the training step never waits for the device.
+    `tensors` (:func:`ema_tensors`) saves gathering them again.
     """
-    ema_step(
-        [p.detach() for p in ema.module.parameters()],
-        [p.detach() for p in model.parameters()],
-        int(ema.n_averaged),
-        decay,
-    )
-    for ema_buffer, buffer in zip(ema.module.buffers(), model.buffers()):
+    averaged, current, buffers = tensors or ema_tensors(ema, model)
+    ema_step(averaged, current, int(ema.n_averaged), decay)
+    for ema_buffer, buffer in buffers:
         ema_buffer.copy_(buffer)
     ema.n_averaged += 1

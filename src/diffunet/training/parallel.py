@@ -19,7 +19,7 @@ from diffunet.accel.layout import memory_format_for
 from diffunet.model.checkpoint import clean_state_dict
 from diffunet.model.unet import UNet
 from diffunet.training.distributed import DistInfo
-from diffunet.training.ema import update_ema
+from diffunet.training.ema import ema_tensors, update_ema
 
 
 def place_model(model: UNet, device: torch.device, *, sharded: bool = False) -> None:
@@ -48,6 +48,9 @@ class Replicated:
         self.model, self.dist = model, dist
         self.ema = AveragedModel(model)
         self.ema.module.eval()
+        # Gathered once: walking the module trees every step costs the host milliseconds.
+        self._parameters = list(model.parameters())
+        self._ema_tensors = ema_tensors(self.ema, model)
         self.net: torch.nn.Module = model
         if dist.enabled:
             ids = [dist.device.index] if dist.device.type == "cuda" else None
@@ -60,16 +63,16 @@ class Replicated:
 
     def clip_gradients(self, max_norm: float) -> torch.Tensor:
         """Clip the gradients' global norm to `max_norm`; the norm before clipping."""
-        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        return torch.nn.utils.clip_grad_norm_(self._parameters, max_norm)
 
     def gradient_norm(self) -> torch.Tensor:
         """The gradients' global norm, without clipping."""
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grads = [p.grad for p in self._parameters if p.grad is not None]
         return torch.nn.utils.get_total_norm(grads)
 
     def update_ema(self, decay: float) -> None:
         """One EMA step towards the current weights."""
-        update_ema(self.ema, self.model, decay)
+        update_ema(self.ema, self.model, decay, self._ema_tensors)
 
     def ema_model(self) -> UNet | None:
         """The EMA weights as a :class:`UNet` on this process's device."""

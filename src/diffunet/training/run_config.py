@@ -31,7 +31,13 @@ import yaml
 
 from diffunet.data import TASKS
 from diffunet.diffusion.parameterization import PREDICTIONS
-from diffunet.diffusion.processes import ALL_SAMPLERS, PROCESSES, check_sampler
+from diffunet.diffusion.processes import (
+    ALL_SAMPLERS,
+    DEFAULT_PROCESS,
+    LEGACY_PROCESS,
+    PROCESSES,
+    check_sampler,
+)
 from diffunet.diffusion.schedule import SCHEDULES
 from diffunet.errors import InvalidValueError
 from diffunet.model.config import UNetConfig
@@ -41,6 +47,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 PARALLEL_MODES = ("ddp", "fsdp")
 COMPILE_MODES = ("auto", "default", "reduce-overhead")
+CUDA_GRAPH_CHOICES = ("auto", "off")
 
 #: The default model: the DDPM CIFAR-10 topology, shrunk for 16×16 digits on a CPU.
 DEFAULT_PRESET = "ddpm-cifar10"
@@ -54,8 +61,9 @@ DEFAULT_MODEL_OVERRIDES: dict[str, Any] = {
 #: What `--task restore` uses when neither the command line nor `--config` names them.
 RESTORE_DEFAULTS = {"source": "em-pairs", "preset": "emdiffuse"}
 #: Training settings of `--task restore` that differ from the digits defaults: the run measured
-#: in docs/restoration.md (the full `emdiffuse`).
+#: in docs/restoration.md (the full `emdiffuse`, on the discrete process as EMDiffuse).
 RESTORE_TRAIN_DEFAULTS = {"steps": 2500, "batch_size": 32, "lr": 1e-3}
+RESTORE_DIFFUSION_DEFAULTS = {"process": "ddpm"}
 #: Fields of the model config that the data decides.
 DATA_FIELDS = ("dims", "in_channels", "out_channels", "cond_channels", "image_size", "num_classes")
 
@@ -119,10 +127,11 @@ class DataSection:
 
 @dataclass
 class DiffusionSection:
-    """The process (`ddpm`: :class:`diffunet.diffusion.Diffusion`, `flow`: `FlowMatching`,
-    `edm`: `EDM`) and the discrete process's arguments (which `flow` and `edm` ignore)."""
+    """The process (`flow`: :class:`diffunet.diffusion.FlowMatching`, the default; `ddpm`:
+    `Diffusion`; `edm`: `EDM`) and the discrete process's arguments (which `flow` and `edm`
+    ignore). A run folder's config without `process` predates the choice and means `ddpm`."""
 
-    process: str = "ddpm"
+    process: str = DEFAULT_PROCESS
     schedule: str = "cosine"
     timesteps: int = 1000
     prediction: str = "v"  # well conditioned at every noise level (ε-prediction left speckles)
@@ -169,6 +178,9 @@ class TrainSection:
     # CUDA runs and compiles in the default mode elsewhere (torchrun, the CPU).
     compile_mode: str = "auto"
     parallel: str = "ddp"  # across torchrun processes: "ddp" (replicated) or "fsdp" (sharded)
+    # "auto": an uncompiled one-process CUDA run replays its forward and backward as CUDA
+    # graphs (diffunet.accel.training_graph); "off" launches them kernel by kernel.
+    cuda_graph: str = "auto"
 
     def validate(self) -> None:
         """Raise :class:`RunConfigError` for an unusable setting."""
@@ -189,6 +201,7 @@ class TrainSection:
             _check_int("train.threads (--threads)", self.threads, 1)
         _check_choice("train.parallel (--parallel)", self.parallel, PARALLEL_MODES)
         _check_choice("train.compile_mode (--compile-mode)", self.compile_mode, COMPILE_MODES)
+        _check_choice("train.cuda_graph (--no-cuda-graph)", self.cuda_graph, CUDA_GRAPH_CHOICES)
         if self.parallel == "fsdp" and self.precision == "fp16":
             raise RunConfigError(
                 "--parallel fsdp trains in bf16 or fp32: fp16's loss scaling is "
@@ -209,8 +222,8 @@ class TrainSection:
 class SampleSection:
     """How grids (during training) and `diffunet sample` draw samples by default."""
 
-    sampler: str | None = None  # None: the process's default (dpm++, euler or heun)
-    steps: int = 20
+    sampler: str | None = None  # None: the process's default (heun, dpm++ for ddpm)
+    steps: int | None = None  # None: the process's default (10 Heun steps, 20 for ddpm)
     eta: float = 0.0
     guidance: float = 1.0
     num: int = 100
@@ -219,7 +232,8 @@ class SampleSection:
         """Raise :class:`RunConfigError` for an unusable setting."""
         if self.sampler is not None:
             _check_choice("sample.sampler (--sampler)", self.sampler, SAMPLERS)
-        _check_int("sample.steps", self.steps, 1)
+        if self.steps is not None:
+            _check_int("sample.steps (--sample-steps)", self.steps, 1)
         _check_float("sample.eta", self.eta, 0, 1)
         _check_float("sample.guidance", self.guidance, 0, 100)
         _check_int("sample.num", self.num, 1)
@@ -294,13 +308,28 @@ def plain(value: Any) -> Any:
     return value
 
 
-def from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
-    """Build a :class:`RunConfig` from a (possibly partial) YAML mapping, checking every key."""
+def recorded(data: dict[str, Any]) -> dict[str, Any]:
+    """A run folder's recorded config with what older runs left implicit made explicit: no
+    `diffusion.process` means the discrete process, the only one there was."""
+    diffusion = data.get("diffusion")
+    if isinstance(diffusion, dict) and "process" not in diffusion:
+        return {**data, "diffusion": {**diffusion, "process": LEGACY_PROCESS}}
+    return data
+
+
+def from_dict(data: dict[str, Any], source: str = "config", *, record: bool = False) -> RunConfig:
+    """Build a :class:`RunConfig` from a (possibly partial) YAML mapping, checking every key.
+
+    `record=True` reads a run folder's own record (`config.yaml`, the state's copy), where a
+    missing `diffusion.process` means `ddpm` rather than today's default (:func:`recorded`).
+    """
     if not isinstance(data, dict):
         raise RunConfigError(
             f"{source}: expected a mapping with sections "
             f"preset/model/{'/'.join(SECTIONS)}, got {type(data).__name__}"
         )
+    if record:
+        data = recorded(data)
     known = {"preset", "model", *SECTIONS}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -316,6 +345,7 @@ def from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
             **data,
             "data": {"source": RESTORE_DEFAULTS["source"], **data_section},
             "train": {**RESTORE_TRAIN_DEFAULTS, **(data.get("train") or {})},
+            "diffusion": {**RESTORE_DIFFUSION_DEFAULTS, **(data.get("diffusion") or {})},
         }
     if "preset" in data:
         if not isinstance(data["preset"], str):
@@ -342,8 +372,9 @@ def from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
     return run
 
 
-def load_yaml(path: str | Path) -> RunConfig:
-    """Read a run config YAML file, with one-line errors for missing or malformed files."""
+def load_yaml(path: str | Path, *, record: bool = False) -> RunConfig:
+    """Read a run config YAML file, with one-line errors for missing or malformed files;
+    `record=True` for a run folder's `config.yaml` (see :func:`from_dict`)."""
     path = Path(path)
     if not path.is_file():
         raise RunConfigError(f"config file {path} does not exist")
@@ -356,7 +387,7 @@ def load_yaml(path: str | Path) -> RunConfig:
         raise RunConfigError(f"config file {path} is not valid YAML{where}: {problem}") from err
     except UnicodeDecodeError as err:
         raise RunConfigError(f"config file {path} is not a text file: {err}") from err
-    return from_dict(data or {}, source=str(path))
+    return from_dict(data or {}, source=str(path), record=record)
 
 
 def parse_override(text: str) -> tuple[str, Any]:

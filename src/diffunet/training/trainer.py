@@ -35,6 +35,7 @@ import torch
 
 from diffunet.accel import accelerate
 from diffunet.accel import fused_norm as fused
+from diffunet.accel.training_graph import CUDAGraphTraining
 from diffunet.apps.evaluation import EVAL_NAME, describe, evaluate_model
 from diffunet.apps.generate import (  # the run folder its readers expect
     CHECKPOINT_DIR,
@@ -45,9 +46,10 @@ from diffunet.apps.grids import save_grid, to_image_tiles
 from diffunet.data import TensorDataset
 from diffunet.data.dataset import move
 from diffunet.diffusion import Diffusion, drop_conditioning
-from diffunet.diffusion.processes import DEFAULT_SAMPLERS, make_process
-from diffunet.errors import TrainingError
+from diffunet.diffusion.processes import DEFAULT_SAMPLERS, default_steps, make_process
+from diffunet.errors import InvalidValueError, TrainingError
 from diffunet.model.checkpoint import atomic_write_bytes, save_pretrained
+from diffunet.model.config import UNetConfig
 from diffunet.model.unet import UNet
 from diffunet.training.distributed import DistInfo, barrier, broadcast_flag, mean_over_ranks
 from diffunet.training.divergence import NonFiniteWatch, nonfinite_tensors
@@ -72,6 +74,16 @@ def step_seed(seed: int, step: int, stream: int = 0) -> int:
     """A 63-bit seed for the random draws of `step` (streams separate independent uses)."""
     mixed = seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + stream * 0x94D049BB133111EB
     return mixed % (2**63 - 1)
+
+
+def seed_global_generators(seed: int, device: torch.device) -> None:
+    """Seed the global generators that a step on `device` draws from (dropout): the CPU's and,
+    on a GPU, that GPU's. `torch.manual_seed` seeds every backend's, and the lazy seeding of
+    backends not in use costs the host a stack trace per call."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+        torch.cuda.default_generators[index].manual_seed(seed)
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
@@ -105,6 +117,35 @@ def resolve_compile_mode(train: TrainSection, dist: DistInfo) -> str:
     if train.compile_mode != "auto":
         return train.compile_mode
     return "reduce-overhead" if dist.device.type == "cuda" and not dist.enabled else "default"
+
+
+def uses_training_graph(train: TrainSection, dist: DistInfo, config: UNetConfig) -> bool:
+    """Whether the step's forward and backward are replayed as CUDA graphs
+    (:class:`~diffunet.accel.training_graph.CUDAGraphTraining`).
+
+    `train.cuda_graph: auto` does so in uncompiled one-process CUDA runs of models without
+    gradient checkpointing: a compiled run records its own graphs (`--compile-mode`), the
+    trainer does not record around DDP's or FSDP's communication, and checkpointing's
+    recomputation cannot be recorded.
+    """
+    return (
+        train.cuda_graph == "auto"
+        and not train.compile
+        and dist.device.type == "cuda"
+        and not dist.enabled
+        and not config.use_checkpoint
+    )
+
+
+def same_model_config(saved: Any, config: UNetConfig) -> bool:
+    """Whether the model config a training state saved (a dict) is `config`; fields added to
+    `UNetConfig` since the state was written take their defaults."""
+    if not isinstance(saved, dict):
+        return False
+    try:
+        return UNetConfig.from_dict(saved) == config
+    except InvalidValueError:
+        return False
 
 
 def data_fields(data: TensorDataset) -> dict[str, Any]:
@@ -232,6 +273,9 @@ class Trainer:
         self.layout: Replicated | Sharded = layout_type(self.model, dist)
         self.net = self.layout.net
         self.compile_mode = resolve_compile_mode(t, dist) if t.compile else None
+        self.graphed = uses_training_graph(t, dist, self.model_config)
+        if self.graphed:
+            self.net = CUDAGraphTraining(self.net)
         if self.compile_mode is not None:
             self.layout.prepare_compile()
             fused.configure_for_compile_mode(self.compile_mode)
@@ -268,6 +312,8 @@ class Trainer:
         )
         if run.sample.sampler is None:  # the process's own default
             run.sample.sampler = DEFAULT_SAMPLERS[d.process]
+        if run.sample.steps is None:  # about 20 network evaluations
+            run.sample.steps = default_steps(run.sample.sampler)
         self.step = 0
         self.saved_step: int | None = None  # the step of the last checkpoint on disk
         self.watch = NonFiniteWatch(device, t.log_every, dist)  # checked at every log line
@@ -320,6 +366,7 @@ class Trainer:
                 dist.device.type,
                 dtype=self.autocast_dtype,
                 enabled=self.autocast_dtype is not None,
+                cache_enabled=not self.graphed,  # graphs record the casts themselves
             ):
                 loss = self.diffusion.loss(
                     self.net,
@@ -396,7 +443,7 @@ class Trainer:
         """
         seed, device = self.run.train.seed, self.dist.device
         generator = torch.Generator().manual_seed(step_seed(seed, step))
-        torch.manual_seed(step_seed(seed, step, stream=1 + self.dist.rank))  # dropout
+        seed_global_generators(step_seed(seed, step, stream=1 + self.dist.rank), device)  # dropout
         indices = self.order.indices(step)
         size = len(indices)
         shard = slice(self.dist.rank * self.local_batch, (self.dist.rank + 1) * self.local_batch)
@@ -454,7 +501,7 @@ class Trainer:
         }
 
     def _load_state(self, state: dict[str, Any]) -> None:
-        if state.get("model_config") != self.model_config.to_dict():
+        if not same_model_config(state.get("model_config"), self.model_config):
             raise RunConfigError(
                 "the training state in the run folder was written for a different "
                 "model config than config.yaml describes; do not edit config.yaml "
@@ -688,6 +735,8 @@ class Trainer:
         )
 
     def _compiled(self) -> str:
+        if self.graphed:
+            return ", CUDA graphs"
         if self.compile_mode is None:
             return ""
         return ", compiled" + ("" if self.compile_mode == "default" else f" ({self.compile_mode})")

@@ -1,7 +1,8 @@
 """Attention over the spatial positions of a feature map, in 1D, 2D or 3D.
 
 Each module normalizes its input, attends, projects and adds the result back (pre-norm,
-residual). Full attention uses `scaled_dot_product_attention` (flash / memory-efficient
+residual); `norm=False` leaves the input as it is (diffusers' `UNet2DModel` builds its middle
+attention so with scale-shift ResBlocks). Full attention uses `scaled_dot_product_attention` (flash / memory-efficient
 kernels, softmax in float32); linear attention is the O(N) kernel of LDM / lucidrains with
 its softmaxes in float32.
 """
@@ -17,26 +18,31 @@ from torch import nn
 from diffunet.model.layers.ops import normalization, zero_module
 
 
-def _tokens(x: torch.Tensor) -> torch.Tensor:
+def to_tokens(x: torch.Tensor) -> torch.Tensor:
     """`(B, C, *spatial)` → `(B, N, C)`."""
     return x.flatten(2).transpose(1, 2)
 
 
-def _untokens(h: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def from_tokens(h: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """`(B, N, C)` → the shape of `like`, `(B, C, *spatial)`."""
     return h.transpose(1, 2).reshape(like.shape)
 
 
-def _split_heads(h: torch.Tensor, heads: int) -> torch.Tensor:
+def split_heads(h: torch.Tensor, heads: int) -> torch.Tensor:
     """`(B, N, heads * d)` → `(B, heads, N, d)`."""
     b, n, c = h.shape
     return h.view(b, n, heads, c // heads).transpose(1, 2)
 
 
-def _merge_heads(h: torch.Tensor) -> torch.Tensor:
+def merge_heads(h: torch.Tensor) -> torch.Tensor:
     """`(B, heads, N, d)` → `(B, N, heads * d)`."""
     b, heads, n, d = h.shape
     return h.transpose(1, 2).reshape(b, n, heads * d)
+
+
+def _pre_norm(channels: int, groups: int, eps: float, enabled: bool) -> nn.Module:
+    """The GroupNorm before an attention, or the identity without one."""
+    return normalization(channels, groups, eps) if enabled else nn.Identity()
 
 
 class SelfAttention(nn.Module):
@@ -50,10 +56,11 @@ class SelfAttention(nn.Module):
         norm_groups: int,
         norm_eps: float,
         zero_init: bool = True,
+        norm: bool = True,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
-        self.norm = normalization(channels, norm_groups, norm_eps)
+        self.norm = _pre_norm(channels, norm_groups, norm_eps, norm)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj_out = nn.Linear(channels, channels)
         if zero_init:
@@ -62,10 +69,10 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Attend over all positions of `x` (shape `(B, C, *spatial)`)."""
         b, c, n = x.shape[0], x.shape[1], math.prod(x.shape[2:])
-        qkv = self.qkv(_tokens(self.norm(x)))
+        qkv = self.qkv(to_tokens(self.norm(x)))
         q, k, v = qkv.view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         h = F.scaled_dot_product_attention(q, k, v)
-        return x + _untokens(self.proj_out(_merge_heads(h)), x)
+        return x + from_tokens(self.proj_out(merge_heads(h)), x)
 
 
 class LinearAttention(nn.Module):
@@ -83,10 +90,11 @@ class LinearAttention(nn.Module):
         norm_groups: int,
         norm_eps: float,
         zero_init: bool = True,
+        norm: bool = True,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
-        self.norm = normalization(channels, norm_groups, norm_eps)
+        self.norm = _pre_norm(channels, norm_groups, norm_eps, norm)
         self.qkv = nn.Linear(channels, 3 * channels, bias=False)
         self.proj_out = nn.Linear(channels, channels)
         if zero_init:
@@ -95,7 +103,7 @@ class LinearAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Attend over all positions of `x` in O(N)."""
         b, c, n = x.shape[0], x.shape[1], math.prod(x.shape[2:])
-        qkv = self.qkv(_tokens(self.norm(x)))
+        qkv = self.qkv(to_tokens(self.norm(x)))
         q, k, v = qkv.view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         scale = (c // self.num_heads) ** -0.5
         compute = torch.promote_types(qkv.dtype, torch.float32)  # never below float32
@@ -103,7 +111,7 @@ class LinearAttention(nn.Module):
         k = k.to(compute).softmax(dim=-2)
         context = k.transpose(-1, -2) @ v.to(compute)  # (B, heads, d, d)
         h = (q @ context).to(qkv.dtype)
-        return x + _untokens(self.proj_out(_merge_heads(h)), x).to(x.dtype)
+        return x + from_tokens(self.proj_out(merge_heads(h)), x).to(x.dtype)
 
 
 class CrossAttention(nn.Module):
@@ -118,10 +126,11 @@ class CrossAttention(nn.Module):
         norm_groups: int,
         norm_eps: float,
         zero_init: bool = True,
+        norm: bool = True,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
-        self.norm = normalization(channels, norm_groups, norm_eps)
+        self.norm = _pre_norm(channels, norm_groups, norm_eps, norm)
         self.q = nn.Linear(channels, channels)
         self.kv = nn.Linear(context_dim, 2 * channels)
         self.proj_out = nn.Linear(channels, channels)
@@ -130,10 +139,10 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Attend from `x` (B, C, *spatial) to `context` (B, M, context_dim)."""
-        q = _split_heads(self.q(_tokens(self.norm(x))), self.num_heads)
-        k, v = (_split_heads(t, self.num_heads) for t in self.kv(context).chunk(2, dim=-1))
+        q = split_heads(self.q(to_tokens(self.norm(x))), self.num_heads)
+        k, v = (split_heads(t, self.num_heads) for t in self.kv(context).chunk(2, dim=-1))
         h = F.scaled_dot_product_attention(q, k, v)
-        return x + _untokens(self.proj_out(_merge_heads(h)), x)
+        return x + from_tokens(self.proj_out(merge_heads(h)), x)
 
 
 class AttentionBlock(nn.Module):
@@ -149,11 +158,17 @@ class AttentionBlock(nn.Module):
         norm_groups: int,
         norm_eps: float,
         zero_init: bool = True,
+        norm: bool = True,
     ) -> None:
         super().__init__()
         attention = {"full": SelfAttention, "linear": LinearAttention}[kind]
         self.self_attn = attention(
-            channels, num_heads, norm_groups=norm_groups, norm_eps=norm_eps, zero_init=zero_init
+            channels,
+            num_heads,
+            norm_groups=norm_groups,
+            norm_eps=norm_eps,
+            zero_init=zero_init,
+            norm=norm,
         )
         self.cross_attn = None
         if context_dim:
@@ -164,6 +179,7 @@ class AttentionBlock(nn.Module):
                 norm_groups=norm_groups,
                 norm_eps=norm_eps,
                 zero_init=zero_init,
+                norm=norm,
             )
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:

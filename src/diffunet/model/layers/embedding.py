@@ -62,3 +62,46 @@ class TimestepEmbedding(nn.Module):
         )
         features = features.to(self.linear_1.weight.dtype)
         return self.linear_2(nn.functional.silu(self.linear_1(features)))
+
+
+class AddedConditionEmbedding(nn.Module):
+    """SDXL's added conditioning: a vector (the pooled text embedding) joined by the sinusoidal
+    features of scalar ids (original size, crop corner, target size), through a two-layer SiLU
+    MLP (`linear_1`, `linear_2`) whose output is added to the time embedding.
+
+    Without `time_id_dim` the vector goes to the MLP as it is (diffusers'
+    `class_embed_type="projection"`, SGM's `adm_in_channels` with an embedded `y`).
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        embed_dim: int,
+        *,
+        time_id_dim: int | None = None,
+        flip_sin_to_cos: bool = True,
+        freq_shift: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.time_id_dim = time_id_dim
+        self.flip_sin_to_cos = flip_sin_to_cos
+        self.freq_shift = freq_shift
+        self.linear_1 = nn.Linear(input_dim, embed_dim)
+        self.linear_2 = nn.Linear(embed_dim, embed_dim)
+
+    def forward(
+        self, added_cond: torch.Tensor, time_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Embed `added_cond` (B, D) and `time_ids` (B, n): `D + n · time_id_dim` features."""
+        features = added_cond
+        if self.time_id_dim is not None and time_ids is not None:
+            batch, count = time_ids.shape
+            ids = sinusoidal_embedding(
+                time_ids.flatten(),
+                self.time_id_dim,
+                flip_sin_to_cos=self.flip_sin_to_cos,
+                freq_shift=self.freq_shift,
+            )
+            features = torch.cat([features, ids.reshape(batch, count * self.time_id_dim)], dim=-1)
+        features = features.to(self.linear_1.weight.dtype)
+        return self.linear_2(nn.functional.silu(self.linear_1(features)))
