@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffunet.diffusion.denoiser import GuidedModel
-from diffunet.diffusion.guidance import drop_conditioning, null_label_of
+from diffunet.diffusion.guidance import drop_guided_conditioning, null_label_of
 from diffunet.diffusion.model_protocol import DenoiserTraits, DenoisingModel, traits_of
 from diffunet.diffusion.process import Diffusion, draw_noise, model_device, with_cuda_graph
 from diffunet.errors import InvalidTypeError, InvalidValueError
@@ -57,6 +57,18 @@ class TrainingBatch(NamedTuple):
     cond: torch.Tensor | None
     context: torch.Tensor | None
     labels: torch.Tensor | None
+    added_cond: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+    def conditioning(self) -> dict[str, torch.Tensor | None]:
+        """The keyword arguments of :func:`~diffunet.diffusion.denoiser.call_model_with_time`."""
+        return {
+            "cond": self.cond,
+            "context": self.context,
+            "labels": self.labels,
+            "added_cond": self.added_cond,
+            "time_ids": self.time_ids,
+        }
 
 
 class SamplingRun(NamedTuple):
@@ -105,6 +117,10 @@ class ContinuousProcess:
         cond: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        added_cond: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
+        null_context: torch.Tensor | None = None,
+        null_added_cond: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         progress: bool = False,
         device: torch.device | str | None = None,
@@ -121,7 +137,9 @@ class ContinuousProcess:
             steps: number of steps over the process's default grid (default `DEFAULT_STEPS`).
             guidance: classifier-free guidance scale on the network output, as in
                 `Diffusion.sample`.
-            cond, context, labels: as in `Diffusion.sample`.
+            cond, context, labels, added_cond, time_ids: as in `Diffusion.sample`.
+            null_context, null_added_cond: the unconditional `context` and `added_cond` under
+                guidance (default zeros), as in `Diffusion.sample`.
             generator: seeds every random draw, made on its device (CPU by default) and moved.
             progress: show a progress bar.
             device: where to sample (default: the model's device, else `cond`'s, else the CPU).
@@ -143,6 +161,10 @@ class ContinuousProcess:
             cond=cond,
             context=context,
             labels=labels,
+            added_cond=added_cond,
+            time_ids=time_ids,
+            null_context=null_context,
+            null_added_cond=null_added_cond,
             generator=generator,
             progress=progress,
             device=device,
@@ -185,10 +207,21 @@ class ContinuousProcess:
         generator: torch.Generator | None,
         noise: torch.Tensor | None,
         times: torch.Tensor | None,
+        added_cond: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
     ) -> TrainingBatch:
         """Checks `loss`'s arguments and draws what was not given: times, then noise, then the
-        conditioning dropout (the order `Diffusion.loss` draws in)."""
-        Diffusion._check_batch(x0, "x0", cond=cond, context=context, labels=labels)
+        conditioning dropout (the order `Diffusion.loss` draws in; labels, context and
+        added_cond of a sample are dropped together)."""
+        Diffusion._check_batch(
+            x0,
+            "x0",
+            cond=cond,
+            context=context,
+            labels=labels,
+            added_cond=added_cond,
+            time_ids=time_ids,
+        )
         traits = self._check_traits(model)
         if labels is not None:  # the range only on the CPU, or while value checks are on
             check_labels(labels, traits.num_classes)
@@ -210,8 +243,10 @@ class ContinuousProcess:
             )
         noise = noise.to(device=device, dtype=torch.float32)
         null = null_label_of(model) if self.cond_drop_prob > 0 and labels is not None else None
-        context, labels = drop_conditioning(context, labels, self.cond_drop_prob, null, generator)
-        return TrainingBatch(x0, noise, times, cond, context, labels)
+        context, labels, added_cond = drop_guided_conditioning(
+            context, labels, added_cond, self.cond_drop_prob, null, generator
+        )
+        return TrainingBatch(x0, noise, times, cond, context, labels, added_cond, time_ids)
 
     def _check_times(self, times: object, batch: int) -> torch.Tensor:
         """`times` as float32 `(batch,)`; the value range checked only on the CPU (elsewhere it
@@ -261,6 +296,10 @@ class ContinuousProcess:
         device: torch.device | str | None,
         cuda_graph: bool | str,
         eta: float = 0.0,
+        added_cond: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
+        null_context: torch.Tensor | None = None,
+        null_added_cond: torch.Tensor | None = None,
     ) -> SamplingRun:
         """Checks `sample`'s arguments (in `Diffusion.sample`'s order) and sets the run up; on a
         GPU the model is accelerated and CUDA-graphed as `Diffusion.sample` does."""
@@ -286,17 +325,44 @@ class ContinuousProcess:
         traits = self._check_traits(model)
         if labels is not None:  # the range on the CPU, or while value checks are on
             check_labels(labels, traits.num_classes)
+        Diffusion._check_types(
+            cond=cond,
+            context=context,
+            labels=labels,
+            added_cond=added_cond,
+            time_ids=time_ids,
+            null_context=null_context,
+            null_added_cond=null_added_cond,
+        )
         if device is None:
             device = model_device(model, cond.device if cond is not None else "cpu")
         device = torch.device(device)
-        cond, context, labels = (
-            v.to(device) if v is not None else None for v in (cond, context, labels)
+        cond, context, labels, added_cond, time_ids = (
+            v.to(device) if v is not None else None
+            for v in (cond, context, labels, added_cond, time_ids)
         )
         Diffusion._check_conditioning(
-            shape[0], shape[2:], "shape", cond=cond, context=context, labels=labels
+            shape[0],
+            shape[2:],
+            "shape",
+            cond=cond,
+            context=context,
+            labels=labels,
+            added_cond=added_cond,
+            time_ids=time_ids,
         )
         model = with_cuda_graph(model, cuda_graph, device)
-        guided = GuidedModel(model, cond=cond, context=context, labels=labels, guidance=guidance)
+        guided = GuidedModel(
+            model,
+            cond=cond,
+            context=context,
+            labels=labels,
+            added_cond=added_cond,
+            time_ids=time_ids,
+            guidance=guidance,
+            null_context=null_context,
+            null_added_cond=null_added_cond,
+        )
         noise = draw_noise(shape, generator, device)
 
         def draw() -> torch.Tensor:

@@ -1,13 +1,14 @@
 """How the diffusion layer calls a network: time input, conditioning, dtype, guidance, clipping.
 
 A model is a :class:`DenoisingModel`: anything callable as `model(x, t, cond=..., context=...,
-labels=...)` (only the conditioning that is given is passed). A model may describe itself through
-a `config` (:class:`ConfiguredDenoiser`, as a :class:`~diffunet.UNet` does): with
-`config.time_embed_type == "noise_level"` it receives the continuous noise level ᾱ_t in (0, 1)
-(EMDiffuse / Palette) instead of the integer step index t; with `config.use_timestep = False` (a
-plain U-Net) it receives no time at all; with `config.aleatoric` its output holds the mean then
-the log-variance along channels. A class-conditional model names its "no label" index in
-`null_label` (:class:`ClassConditionalDenoiser`).
+labels=..., added_cond=..., time_ids=...)` (only the conditioning that is given is passed). A
+model may describe itself through a `config` (:class:`ConfiguredDenoiser`, as a
+:class:`~diffunet.UNet` does): with `config.time_embed_type == "noise_level"` it receives the
+continuous noise level ᾱ_t in (0, 1) (EMDiffuse / Palette) instead of the integer step index t;
+with `config.use_timestep = False` (a plain U-Net) it receives no time at all; with
+`config.aleatoric` its output holds the mean then the log-variance along channels. A
+class-conditional model names its "no label" index in `null_label`
+(:class:`ClassConditionalDenoiser`).
 
 :class:`GuidedModel` binds a model to its conditioning and guidance for any process, whose time
 input it passes as given (:func:`call_model_with_time`); :class:`Denoiser` adds `Diffusion`'s
@@ -20,7 +21,7 @@ import math
 
 import torch
 
-from diffunet.diffusion.guidance import guide, null_label_of, unconditional
+from diffunet.diffusion.guidance import broadcast_null, guide, null_label_of, unconditional
 from diffunet.diffusion.model_protocol import (
     DenoiserTraits,
     DenoisingModel,
@@ -82,6 +83,8 @@ def call_model(
     cond: torch.Tensor | None = None,
     context: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
+    added_cond: torch.Tensor | None = None,
+    time_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run `model` on `x` at steps `t` / noise levels `alpha_bar` (both `(B,)`); float32 output.
 
@@ -89,7 +92,16 @@ def call_model(
     aleatoric model).
     """
     time = _time_input(traits_of(model), t.to(x.device), alpha_bar.to(x.device))
-    return call_model_with_time(model, x, time, cond=cond, context=context, labels=labels)
+    return call_model_with_time(
+        model,
+        x,
+        time,
+        cond=cond,
+        context=context,
+        labels=labels,
+        added_cond=added_cond,
+        time_ids=time_ids,
+    )
 
 
 def call_model_with_time(
@@ -100,27 +112,33 @@ def call_model_with_time(
     cond: torch.Tensor | None = None,
     context: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
+    added_cond: torch.Tensor | None = None,
+    time_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run `model` on `x` with its time input `time` given as is; float32 output.
 
     `time` is `(B,)`, or None for a model without a time input (`config.use_timestep=False`),
-    which never receives one. `x` and `context` are cast to the model's parameter dtype. Raises
-    a ValueError when the output does not have `x`'s shape (with doubled channels for an
-    aleatoric model).
+    which never receives one. Only the conditioning that is given is passed, so a model without
+    `added_cond` / `time_ids` arguments works as long as they are not given. `x`, `context` and
+    `added_cond` are cast to the model's parameter dtype. Raises a ValueError when the output
+    does not have `x`'s shape (with doubled channels for an aleatoric model).
     """
     dtype = parameter_dtype(model)
     if dtype is not None and dtype != x.dtype:
         x = x.to(dtype)
-        context = (
-            context.to(dtype) if context is not None and context.is_floating_point() else context
-        )
-    kwargs: dict[str, torch.Tensor] = {}
-    if cond is not None:
-        kwargs["cond"] = cond
-    if context is not None:
-        kwargs["context"] = context
-    if labels is not None:
-        kwargs["labels"] = labels
+
+        def cast(value: torch.Tensor | None) -> torch.Tensor | None:
+            return value.to(dtype) if value is not None and value.is_floating_point() else value
+
+        context, added_cond = cast(context), cast(added_cond)
+    conditioning = {
+        "cond": cond,
+        "context": context,
+        "labels": labels,
+        "added_cond": added_cond,
+        "time_ids": time_ids,
+    }
+    kwargs = {name: value for name, value in conditioning.items() if value is not None}
     traits = traits_of(model)
     if time is not None and traits.use_timestep:
         output = model(x, time.to(x.device), **kwargs)
@@ -143,9 +161,12 @@ class GuidedModel:
     output (the mean for an aleatoric model) at `(x, time)`, for any process.
 
     `model` is any :class:`DenoisingModel`; guiding labels needs a
-    :class:`ClassConditionalDenoiser`. With `guidance != 1` and labels or context present, the
-    conditional and unconditional passes run as one batch of twice the size; `guidance == 0`
-    runs only the unconditional pass.
+    :class:`ClassConditionalDenoiser`. Guidance removes `labels`, `context` and `added_cond`
+    (:func:`~diffunet.diffusion.guidance.unconditional`): the unconditional pass gets the null
+    label, `null_context` and `null_added_cond` (zeros by default; tensors that broadcast to
+    `context` / `added_cond`, e.g. Stable Diffusion's empty-prompt embedding `(1, 77, 768)`),
+    and the same `cond` and `time_ids`. With `guidance != 1` the conditional and unconditional
+    passes run as one batch of twice the size; `guidance == 0` runs only the unconditional pass.
     """
 
     def __init__(
@@ -155,10 +176,15 @@ class GuidedModel:
         cond: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        added_cond: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
         guidance: float = 1.0,
+        null_context: torch.Tensor | None = None,
+        null_added_cond: torch.Tensor | None = None,
     ) -> None:
         self.model = model
         self.cond, self.context, self.labels = cond, context, labels
+        self.added_cond, self.time_ids = added_cond, time_ids
         numeric = isinstance(guidance, (int, float)) and not isinstance(guidance, bool)
         if not numeric or not math.isfinite(guidance):
             raise InvalidValueError(
@@ -167,12 +193,17 @@ class GuidedModel:
             )
         self.guidance = float(guidance)
         self.aleatoric = is_aleatoric(model)
+        self.null_context = broadcast_null("null_context", null_context, "context", context)
+        self.null_added_cond = broadcast_null(
+            "null_added_cond", null_added_cond, "added_cond", added_cond
+        )
         guided = self.guidance != 1.0
-        if guided and context is None and labels is None:
+        if guided and context is None and labels is None and added_cond is None:
             raise InvalidValueError(
                 f"guidance={guidance} needs a conditional model and its conditioning, but neither "
-                "labels nor context was given (an image cond is never dropped, so it cannot be "
-                "guided). Pass labels=... or context=..., or use guidance=1.0"
+                "labels nor context nor added_cond was given (an image cond and time_ids are "
+                "never dropped, so they cannot be guided). Pass labels=..., context=... or "
+                "added_cond=..., or use guidance=1.0"
             )
         self.null_label = null_label_of(model) if guided and labels is not None else None
 
@@ -181,10 +212,24 @@ class GuidedModel:
         if self.guidance == 1.0:
             return self._mean(
                 call_model_with_time(
-                    self.model, x, time, cond=self.cond, context=self.context, labels=self.labels
+                    self.model,
+                    x,
+                    time,
+                    cond=self.cond,
+                    context=self.context,
+                    labels=self.labels,
+                    added_cond=self.added_cond,
+                    time_ids=self.time_ids,
                 )
             )
-        uncond_context, uncond_labels = unconditional(self.context, self.labels, self.null_label)
+        uncond_context, uncond_labels, uncond_added_cond = unconditional(
+            self.context,
+            self.labels,
+            self.null_label,
+            added_cond=self.added_cond,
+            null_context=self.null_context,
+            null_added_cond=self.null_added_cond,
+        )
         if self.guidance == 0.0:
             return self._mean(
                 call_model_with_time(
@@ -194,6 +239,8 @@ class GuidedModel:
                     cond=self.cond,
                     context=uncond_context,
                     labels=uncond_labels,
+                    added_cond=uncond_added_cond,
+                    time_ids=self.time_ids,
                 )
             )
 
@@ -207,6 +254,8 @@ class GuidedModel:
             cond=both(self.cond, self.cond),
             context=both(self.context, uncond_context),
             labels=both(self.labels, uncond_labels),
+            added_cond=both(self.added_cond, uncond_added_cond),
+            time_ids=both(self.time_ids, self.time_ids),
         )
         cond_out, uncond_out = self._mean(out).chunk(2, dim=0)
         return guide(cond_out, uncond_out, self.guidance)
@@ -220,10 +269,7 @@ class Denoiser(GuidedModel):
     discrete process (:class:`~diffunet.diffusion.Diffusion`), whose time input is the step index
     or the noise level ᾱ (see :func:`time_input`).
 
-    `model` is any :class:`DenoisingModel`; guiding labels needs a
-    :class:`ClassConditionalDenoiser`. With `guidance != 1` and labels or context present, the
-    conditional and unconditional passes run as one batch of twice the size; `guidance == 0`
-    runs only the unconditional pass.
+    Conditioning and guidance are :class:`GuidedModel`'s.
     """
 
     def __init__(
@@ -234,11 +280,25 @@ class Denoiser(GuidedModel):
         cond: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        added_cond: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
         guidance: float = 1.0,
+        null_context: torch.Tensor | None = None,
+        null_added_cond: torch.Tensor | None = None,
         clip_denoised: bool = True,
     ) -> None:
         self.prediction = check_prediction(prediction)
-        super().__init__(model, cond=cond, context=context, labels=labels, guidance=guidance)
+        super().__init__(
+            model,
+            cond=cond,
+            context=context,
+            labels=labels,
+            added_cond=added_cond,
+            time_ids=time_ids,
+            guidance=guidance,
+            null_context=null_context,
+            null_added_cond=null_added_cond,
+        )
         self.clip_denoised = clip_denoised
 
     def output(self, x: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:

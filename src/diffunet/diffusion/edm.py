@@ -38,7 +38,7 @@ class EDM(ContinuousProcess):
             [S_min, S_max], noise is added to raise σ by the factor 1 + min(S_churn/N, √2 − 1),
             scaled by S_noise. S_churn = 0 (the default) is the deterministic Algorithm 1.
         cond_drop_prob: probability of training a sample unconditionally (labels → null label,
-            context → zeros) for classifier-free guidance, as in `Diffusion`.
+            context and added_cond → zeros) for classifier-free guidance, as in `Diffusion`.
     """
 
     SAMPLERS = ("heun", "euler")
@@ -146,6 +146,8 @@ class EDM(ContinuousProcess):
         cond: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        added_cond: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         noise: torch.Tensor | None = None,
         times: torch.Tensor | None = None,
@@ -154,8 +156,9 @@ class EDM(ContinuousProcess):
 
         mean over the batch of λ(σ)·mean‖D(x₀ + σε; σ) − x₀‖², at σ from
         :meth:`sample_training_times`. `times` (the σ of each sample, `(B,)`) and `noise` (x0's
-        shape) fix the otherwise random draws; `generator` seeds them. Conditioning is dropped
-        with probability `cond_drop_prob`.
+        shape) fix the otherwise random draws; `generator` seeds them. `added_cond` / `time_ids`
+        are SDXL's added conditioning, as in `Diffusion.loss`. Conditioning is dropped with
+        probability `cond_drop_prob`.
         """
         b = self._training_batch(
             model,
@@ -163,6 +166,8 @@ class EDM(ContinuousProcess):
             cond=cond,
             context=context,
             labels=labels,
+            added_cond=added_cond,
+            time_ids=time_ids,
             generator=generator,
             noise=noise,
             times=times,
@@ -170,9 +175,7 @@ class EDM(ContinuousProcess):
         sigma = b.times.reshape(-1, *([1] * (b.x0.ndim - 1)))
         x = b.x0 + sigma * b.noise
         c_skip, c_out, c_in, c_noise = self.preconditioning(sigma)
-        output = call_model_with_time(
-            model, c_in * x, c_noise.flatten(), cond=b.cond, context=b.context, labels=b.labels
-        )
+        output = call_model_with_time(model, c_in * x, c_noise.flatten(), **b.conditioning())
         denoised = c_skip * x + c_out * output
         return (self.loss_weight(b.times) * per_sample_mse(denoised, b.x0)).mean()
 

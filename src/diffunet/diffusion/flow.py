@@ -38,7 +38,7 @@ class FlowMatching(ContinuousProcess):
         time_scale: the factor from t to the network's time input (1000, as in diffusers' SD3, so
             a timestep embedding sees the familiar range).
         cond_drop_prob: probability of training a sample unconditionally (labels → null label,
-            context → zeros) for classifier-free guidance, as in `Diffusion`.
+            context and added_cond → zeros) for classifier-free guidance, as in `Diffusion`.
     """
 
     SAMPLERS = ("euler", "heun")
@@ -125,6 +125,8 @@ class FlowMatching(ContinuousProcess):
         cond: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        added_cond: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         noise: torch.Tensor | None = None,
         times: torch.Tensor | None = None,
@@ -133,7 +135,8 @@ class FlowMatching(ContinuousProcess):
 
         mean ‖F(x_t, t·time_scale) − (ε − x₀)‖² over the batch and every element, at times t from
         :meth:`sample_training_times`. `times` `(B,)` and `noise` (x0's shape) fix the otherwise
-        random draws; `generator` seeds them. Conditioning is dropped with probability
+        random draws; `generator` seeds them. `added_cond` / `time_ids` are SDXL's added
+        conditioning, as in `Diffusion.loss`. Conditioning is dropped with probability
         `cond_drop_prob`.
         """
         b = self._training_batch(
@@ -142,20 +145,15 @@ class FlowMatching(ContinuousProcess):
             cond=cond,
             context=context,
             labels=labels,
+            added_cond=added_cond,
+            time_ids=time_ids,
             generator=generator,
             noise=noise,
             times=times,
         )
         t = b.times.reshape(-1, *([1] * (b.x0.ndim - 1)))
         x_t = (1.0 - t) * b.x0 + t * b.noise
-        output = call_model_with_time(
-            model,
-            x_t,
-            b.times * self.time_scale,
-            cond=b.cond,
-            context=b.context,
-            labels=b.labels,
-        )
+        output = call_model_with_time(model, x_t, b.times * self.time_scale, **b.conditioning())
         return per_sample_mse(output, b.noise - b.x0).mean()
 
     # ------------------------------------------------------------------ sampling

@@ -1,8 +1,12 @@
 """Classifier-free guidance (Ho & Salimans 2022): conditioning dropout in training, guided sampling.
 
 The unconditional model is the same network with its conditioning removed: class labels become
-`model.null_label` and cross-attention context becomes zeros. An image `cond` (image-to-image
-diffusion) is part of the task, not of the guidance, and is never dropped.
+`model.null_label`, cross-attention context becomes zeros and an added vector conditioning
+(SDXL's pooled text embedding, `added_cond`) becomes zeros, unless the caller gives the
+unconditional context / added conditioning explicitly (`null_context`, `null_added_cond`: e.g.
+Stable Diffusion's empty-prompt embedding, or a negative prompt's). An image `cond`
+(image-to-image diffusion) and SDXL's size / crop `time_ids` are part of the task, not of the
+guidance, and are never dropped.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from typing import cast
 import torch
 
 from diffunet.diffusion.model_protocol import ClassConditionalDenoiser, DenoisingModel
-from diffunet.errors import InvalidValueError
+from diffunet.errors import InvalidTypeError, InvalidValueError
 
 
 def null_label_of(model: DenoisingModel) -> int:
@@ -33,14 +37,66 @@ def null_label_of(model: DenoisingModel) -> int:
 
 
 def unconditional(
-    context: torch.Tensor | None, labels: torch.Tensor | None, null_label: int | None
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The conditioning of the unconditional model: zero context, null labels."""
+    context: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    null_label: int | None,
+    *,
+    added_cond: torch.Tensor | None = None,
+    null_context: torch.Tensor | None = None,
+    null_added_cond: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The conditioning of the unconditional model, as `(context, labels, added_cond)`:
+    `null_context` (default zeros) for the context, null labels, and `null_added_cond`
+    (default zeros) for the added conditioning; each only where the conditional one is given.
+
+    `null_context` / `null_added_cond` must already have the shape of `context` /
+    `added_cond` (see :func:`broadcast_null`).
+    """
     if context is not None:
-        context = torch.zeros_like(context)
+        context = torch.zeros_like(context) if null_context is None else null_context
     if labels is not None:
         labels = null_labels(labels, null_label)
-    return context, labels
+    if added_cond is not None:
+        added_cond = torch.zeros_like(added_cond) if null_added_cond is None else null_added_cond
+    return context, labels, added_cond
+
+
+def broadcast_null(
+    name: str, null: object, conditional_name: str, conditional: torch.Tensor | None
+) -> torch.Tensor | None:
+    """`null` (the unconditional counterpart of `conditional`, e.g. `null_context` of `context`)
+    broadcast to `conditional`'s shape, dtype and device; None when `null` is None.
+
+    Raises when `null` is given without `conditional`, is not a floating-point tensor, or does
+    not broadcast (a batch of 1 or of B, the same trailing sizes).
+    """
+    if null is None:
+        return None
+    if not isinstance(null, torch.Tensor) or not null.is_floating_point():
+        given = f"dtype {null.dtype}" if isinstance(null, torch.Tensor) else type(null).__name__
+        raise InvalidTypeError(
+            f"{name} must be a floating-point tensor (the unconditional {conditional_name}), "
+            f"got {given}"
+        )
+    if conditional is None:
+        raise InvalidValueError(
+            f"{name} was given without {conditional_name}: it replaces {conditional_name} in "
+            f"classifier-free guidance's unconditional pass; pass {conditional_name}=... too, "
+            f"or leave {name}=None"
+        )
+    try:
+        fits = torch.broadcast_shapes(null.shape, conditional.shape) == conditional.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        shape = tuple(conditional.shape)
+        raise InvalidValueError(
+            f"{name} has shape {tuple(null.shape)}, which does not broadcast to "
+            f"{conditional_name}'s shape {shape}; expected (1, {', '.join(map(str, shape[1:]))}) "
+            f"for one unconditional input shared by the batch, or {shape}"
+        )
+    null = null.to(device=conditional.device, dtype=conditional.dtype)
+    return null.expand_as(conditional).contiguous()
 
 
 def null_labels(labels: torch.Tensor, null_label: int | None) -> torch.Tensor:
@@ -62,20 +118,47 @@ def drop_conditioning(
     """Replace the conditioning of each sample by the unconditional one with probability `prob`.
 
     Labels and context of a sample are dropped together, so the network learns one unconditional
-    model.
+    model. :func:`drop_guided_conditioning` also drops an added conditioning.
     """
-    reference = labels if labels is not None else context
-    if prob <= 0.0 or reference is None:
-        return context, labels
-    batch = reference.shape[0]
-    device = generator.device if generator is not None else "cpu"
-    drop = (torch.rand(batch, generator=generator, device=device) < prob).to(reference.device)
-    if context is not None:
-        mask = drop.reshape(-1, *([1] * (context.ndim - 1)))
-        context = torch.where(mask, torch.zeros_like(context), context)
-    if labels is not None:
-        labels = torch.where(drop, null_labels(labels, null_label), labels)
+    context, labels, _ = drop_guided_conditioning(
+        context, labels, None, prob, null_label, generator
+    )
     return context, labels
+
+
+def drop_guided_conditioning(
+    context: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    added_cond: torch.Tensor | None,
+    prob: float,
+    null_label: int | None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """:func:`drop_conditioning` of `(context, labels, added_cond)`: each sample's context and
+    added conditioning become zeros and its label the null label, all together, with
+    probability `prob`.
+
+    One uniform number per sample is drawn (on the generator's device, the CPU by default)
+    when `prob > 0` and any of the three is given; nothing is drawn otherwise.
+    """
+    given = [v for v in (labels, context, added_cond) if v is not None]
+    if prob <= 0.0 or not given:
+        return context, labels, added_cond
+    batch = given[0].shape[0]
+    device = generator.device if generator is not None else "cpu"
+    drop = torch.rand(batch, generator=generator, device=device) < prob
+
+    def zeroed(value: torch.Tensor) -> torch.Tensor:
+        mask = drop.to(value.device).reshape(-1, *([1] * (value.ndim - 1)))
+        return torch.where(mask, torch.zeros_like(value), value)
+
+    if context is not None:
+        context = zeroed(context)
+    if added_cond is not None:
+        added_cond = zeroed(added_cond)
+    if labels is not None:
+        labels = torch.where(drop.to(labels.device), null_labels(labels, null_label), labels)
+    return context, labels, added_cond
 
 
 def guide(cond_output: torch.Tensor, uncond_output: torch.Tensor, scale: float) -> torch.Tensor:

@@ -19,9 +19,9 @@ import torch
 class DenoisingModel(Protocol):
     """A network the diffusion layer trains and samples from.
 
-    Called as `model(x, t, *, cond=None, context=None, labels=None)` with only the conditioning
-    that is given (and without `t` when its config says `use_timestep=False`), so
-    `lambda x, t: ...` is one; it returns a tensor of `x`'s shape (channels doubled for an
+    Called as `model(x, t, *, cond=None, context=None, labels=None, added_cond=None,
+    time_ids=None)` with only the conditioning that is given (and without `t` when its config
+    says `use_timestep=False`), so `lambda x, t: ...` is one; it returns a tensor of `x`'s shape (channels doubled for an
     aleatoric model). Every :class:`~diffunet.UNet` is one.
     """
 

@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffunet.diffusion.denoiser import Denoiser, call_model
-from diffunet.diffusion.guidance import drop_conditioning, null_label_of
+from diffunet.diffusion.guidance import drop_guided_conditioning, null_label_of
 from diffunet.diffusion.model_protocol import DenoisingModel, model_parameters, traits_of
 from diffunet.diffusion.objective import min_snr_weight, per_sample_gaussian_nll, per_sample_mse
 from diffunet.diffusion.parameterization import check_prediction, from_x0_and_eps
@@ -78,7 +78,8 @@ class Diffusion:
         zero_terminal_snr: rescale the schedule so the last step is pure noise (needs ``"v"`` or
             ``"x0"``; ε cannot be turned into x₀ at zero signal).
         cond_drop_prob: probability of training a sample unconditionally (labels → null label,
-            context → zeros) so classifier-free guidance can be used at sampling time.
+            context and added_cond → zeros) so classifier-free guidance can be used at sampling
+            time.
         clip_denoised: clip predicted x₀ to the data range [−1, 1] while sampling.
         timestep_spacing: which steps a sampler with fewer steps than T visits: ``"trailing"``
             (starts at T−1), ``"leading"`` or ``"linspace"`` (diffusers' names).
@@ -180,6 +181,8 @@ class Diffusion:
         cond: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        added_cond: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         timesteps: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
@@ -188,11 +191,22 @@ class Diffusion:
 
         Draws a step t per sample (uniform; a continuous noise level between steps t−1 and t for
         noise-level models), noises `x0`, and regresses the model's prediction on its target: MSE,
-        or the Gaussian NLL for an aleatoric model, optionally min-SNR-weighted. Conditioning is
-        dropped with probability `cond_drop_prob`. `timesteps` `(B,)` and `noise` (x0's shape)
-        fix the otherwise random draws; `generator` seeds them.
+        or the Gaussian NLL for an aleatoric model, optionally min-SNR-weighted. `added_cond`
+        `(B, D)` and `time_ids` `(B, n)` are SDXL's added conditioning (see `sample`), passed to
+        the model only when given. Conditioning is dropped with probability `cond_drop_prob`:
+        labels, context and added_cond of a sample together (time_ids and an image cond stay).
+        `timesteps` `(B,)` and `noise` (x0's shape) fix the otherwise random draws;
+        `generator` seeds them.
         """
-        self._check_batch(x0, "x0", cond=cond, context=context, labels=labels)
+        self._check_batch(
+            x0,
+            "x0",
+            cond=cond,
+            context=context,
+            labels=labels,
+            added_cond=added_cond,
+            time_ids=time_ids,
+        )
         traits = traits_of(model)
         if labels is not None:  # the range only on the CPU, or while value checks are on
             check_labels(labels, traits.num_classes)
@@ -224,9 +238,19 @@ class Diffusion:
         noise = noise.to(device=device, dtype=torch.float32)
         x_t = self.add_noise(x0, noise, alpha_bar)
         null = null_label_of(model) if self.cond_drop_prob > 0 and labels is not None else None
-        context, labels = drop_conditioning(context, labels, self.cond_drop_prob, null, generator)
+        context, labels, added_cond = drop_guided_conditioning(
+            context, labels, added_cond, self.cond_drop_prob, null, generator
+        )
         output = call_model(
-            model, x_t, timesteps, alpha_bar, cond=cond, context=context, labels=labels
+            model,
+            x_t,
+            timesteps,
+            alpha_bar,
+            cond=cond,
+            context=context,
+            labels=labels,
+            added_cond=added_cond,
+            time_ids=time_ids,
         )
         target = from_x0_and_eps(self.prediction, x0, noise, alpha_bar)
         if traits.aleatoric:
@@ -254,6 +278,10 @@ class Diffusion:
         cond: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        added_cond: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
+        null_context: torch.Tensor | None = None,
+        null_added_cond: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         progress: bool = True,
         device: torch.device | str | None = None,
@@ -267,11 +295,20 @@ class Diffusion:
             eta: DDIM noise scale in [0, 1] (0: deterministic); forwarded to a scheduler whose
                 `step` accepts it.
             guidance: classifier-free guidance scale s: `uncond + s (cond − uncond)`; 1 is the
-                conditional model, 0 the unconditional one. Needs `labels` or `context`.
+                conditional model, 0 the unconditional one. Needs `labels`, `context` or
+                `added_cond`; the unconditional pass gets the null label, `null_context` and
+                `null_added_cond`, and the same `cond` and `time_ids`.
             cond: fixed image conditioning (image-to-image), `(B, C_cond, *spatial)`.
             context, labels: cross-attention tokens `(B, N, D)` and class indices `(B,)`, in
                 `[0, num_classes]` when the model's config states `num_classes` (checked before
                 the loop for CPU labels, and for GPU labels while value checks are on).
+            added_cond, time_ids: SDXL's added conditioning, `(B, D)` (the pooled text
+                embedding) and `(B, n)` (size / crop ids), for a model built with
+                `added_cond_dim`; passed to the model only when given.
+            null_context, null_added_cond: the unconditional `context` and `added_cond` under
+                guidance (default zeros, as `cond_drop_prob` trains), broadcastable to them: e.g.
+                Stable Diffusion's empty-prompt (or a negative prompt's) embedding
+                `(1, 77, 768)`. Unused at `guidance=1`.
             generator: seeds every random draw; noise is drawn on its device (CPU by default)
                 and moved to `device`.
             progress: show a progress bar.
@@ -288,14 +325,31 @@ class Diffusion:
         self._check_model_shape(model, shape)
         if labels is not None:  # the range on the CPU, or while value checks are on
             check_labels(labels, traits_of(model).num_classes)
+        self._check_types(
+            cond=cond,
+            context=context,
+            labels=labels,
+            added_cond=added_cond,
+            time_ids=time_ids,
+            null_context=null_context,
+            null_added_cond=null_added_cond,
+        )
         if device is None:
             device = model_device(model, cond.device if cond is not None else "cpu")
         device = torch.device(device)
-        cond, context, labels = (
-            v.to(device) if v is not None else None for v in (cond, context, labels)
+        cond, context, labels, added_cond, time_ids = (
+            v.to(device) if v is not None else None
+            for v in (cond, context, labels, added_cond, time_ids)
         )
         self._check_conditioning(
-            shape[0], shape[2:], "shape", cond=cond, context=context, labels=labels
+            shape[0],
+            shape[2:],
+            "shape",
+            cond=cond,
+            context=context,
+            labels=labels,
+            added_cond=added_cond,
+            time_ids=time_ids,
         )
         model = with_cuda_graph(model, cuda_graph, device)
         denoiser = Denoiser(
@@ -304,7 +358,11 @@ class Diffusion:
             cond=cond,
             context=context,
             labels=labels,
+            added_cond=added_cond,
+            time_ids=time_ids,
             guidance=guidance,
+            null_context=null_context,
+            null_added_cond=null_added_cond,
             clip_denoised=self.clip_denoised,
         )
         x = draw_noise(shape, generator, device)
@@ -394,7 +452,9 @@ class Diffusion:
             )
 
     @staticmethod
-    def _check_batch(x: torch.Tensor, name: str, *, cond, context, labels) -> None:
+    def _check_batch(
+        x: torch.Tensor, name: str, *, cond, context, labels, added_cond=None, time_ids=None
+    ) -> None:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 2:
             given = (
                 f"{x.dtype} tensor of shape {tuple(x.shape)}"
@@ -405,19 +465,41 @@ class Diffusion:
                 f"{name} must be a floating-point tensor (B, C, *spatial), got {given}"
             )
         Diffusion._check_conditioning(
-            x.shape[0], tuple(x.shape[2:]), name, cond=cond, context=context, labels=labels
+            x.shape[0],
+            tuple(x.shape[2:]),
+            name,
+            cond=cond,
+            context=context,
+            labels=labels,
+            added_cond=added_cond,
+            time_ids=time_ids,
         )
 
     @staticmethod
-    def _check_conditioning(
-        batch: int, spatial: tuple[int, ...], name: str, *, cond, context, labels
-    ) -> None:
-        spatial = tuple(spatial)
-        for argument, value in (("cond", cond), ("context", context), ("labels", labels)):
+    def _check_types(**values: object) -> None:
+        """Each named conditioning argument is a tensor or None."""
+        for argument, value in values.items():
             if value is not None and not isinstance(value, torch.Tensor):
                 raise InvalidTypeError(
                     f"{argument} must be a torch.Tensor or None, got {type(value).__name__}"
                 )
+
+    @staticmethod
+    def _check_conditioning(
+        batch: int,
+        spatial: tuple[int, ...],
+        name: str,
+        *,
+        cond,
+        context,
+        labels,
+        added_cond=None,
+        time_ids=None,
+    ) -> None:
+        spatial = tuple(spatial)
+        Diffusion._check_types(
+            cond=cond, context=context, labels=labels, added_cond=added_cond, time_ids=time_ids
+        )
         if cond is not None and (
             cond.ndim != len(spatial) + 2
             or cond.shape[0] != batch
@@ -438,6 +520,27 @@ class Diffusion:
             raise InvalidValueError(
                 f"labels has shape {tuple(labels.shape)}, expected ({batch},) to match the batch "
                 f"of {name}"
+            )
+        if added_cond is not None and not added_cond.is_floating_point():
+            raise InvalidTypeError(
+                f"added_cond must be a floating-point tensor ({batch}, D) (e.g. a pooled text "
+                f"embedding), got dtype {added_cond.dtype}"
+            )
+        if added_cond is not None and (added_cond.ndim != 2 or added_cond.shape[0] != batch):
+            raise InvalidValueError(
+                f"added_cond has shape {tuple(added_cond.shape)}, expected ({batch}, D) to match "
+                f"the batch of {name} (SDXL: the pooled text embedding, D = 1280)"
+            )
+        if time_ids is not None and (time_ids.dtype == torch.bool or time_ids.is_complex()):
+            raise InvalidTypeError(
+                f"time_ids must be real numbers ({batch}, n) (sizes and crop offsets), got dtype "
+                f"{time_ids.dtype}"
+            )
+        if time_ids is not None and (time_ids.ndim != 2 or time_ids.shape[0] != batch):
+            raise InvalidValueError(
+                f"time_ids has shape {tuple(time_ids.shape)}, expected ({batch}, n) to match the "
+                f"batch of {name} (SDXL: n = 6 size and crop ids per sample); repeat one row "
+                f"with ids.expand({batch}, -1)"
             )
 
     def _check_timesteps(self, timesteps: torch.Tensor, batch: int) -> torch.Tensor:
