@@ -13,7 +13,7 @@ from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio
 
 from diffunet import UNet
-from diffunet.apps.generate import LoadedModel
+from diffunet.apps.generate import LoadedModel, SamplingError
 from diffunet.apps.restore_io import GAP, read_input
 from diffunet.cli import main
 from diffunet.cli import restore as restore_command
@@ -327,6 +327,20 @@ def test_aleatoric_mode_through_the_cli_path():
     restored, std = restore_pixels(loaded, pixels, kind="aleatoric", samples=2, progress=False)
     np.testing.assert_allclose(restored, pixels, atol=1e-6)
     np.testing.assert_allclose(std, np.full_like(pixels, 0.2 / 2), atol=1e-6)  # [−1,1] → [0,1]
+
+
+def test_a_restoration_with_nan_or_inf_is_refused_not_clamped():
+    loaded = identity_model("emdiffuse", 16)
+
+    def overflowing(x, t, *, cond):
+        out = cond.clone()
+        out[..., 0, 0] = float("nan")  # inf would be clipped with the predicted x0
+        return out
+
+    loaded.model.forward = overflowing
+    pixels = np.random.default_rng(4).random((16, 16), dtype=np.float32)
+    with pytest.raises(SamplingError, match=r"NaN or inf at \d+ pixel\(s\) \(ddim, 2 steps\)"):
+        restore_pixels(loaded, pixels, samples=2, steps=2, sampler="ddim", progress=False)
 
 
 # ---------------------------------------------------------------------- one-line errors

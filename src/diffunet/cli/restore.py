@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from diffunet.accel.layout import enable_cudnn_autotuning
-from diffunet.apps.generate import LoadedModel, load_model
+from diffunet.apps.generate import LoadedModel, SamplingError, load_model
 from diffunet.apps.restoration import Restoration, restore
 from diffunet.apps.restoration_quality import json_ready, restoration_metrics
 from diffunet.apps.restore_io import (
@@ -340,6 +340,15 @@ def restore_pixels(
             **common,
         )
     crop: tuple[Any, ...] = (0, slice(None), *(slice(0, s) for s in spatial))
+    # Checked before clamping, which would turn inf into valid-looking 0 and 1.
+    bad = (~torch.isfinite(result.mean[crop]) | ~torch.isfinite(result.std[crop])).sum()
+    if int(bad):
+        how = f"{sampler}, {steps} steps" if kind == "samples" else "aleatoric head"
+        raise SamplingError(
+            f"restoring with {loaded.checkpoint} produced NaN or inf at {int(bad)} pixel(s) "
+            f"({how}): the model's output overflowed; try another --sampler or more --steps, "
+            "or check the checkpoint (does `diffunet sample` from it give finite samples?)"
+        )
     mean = ((result.mean[crop].mean(0) + 1) / 2).clamp(0, 1)
     std = result.std[crop].mean(0) / 2
     return mean.numpy().astype(np.float32), std.numpy().astype(np.float32)
