@@ -1,6 +1,9 @@
 """`diffunet info` and `diffunet check` from the command line, and `diffunet sample` refusing
 a checkpoint that loads badly (changed weights, a bad run.json, NaN weights or samples)."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -127,3 +130,13 @@ def test_sample_refuses_bad_run_json_nan_weights_and_nan_samples(
     assert_one_line_error(
         code, err, f"(2 of {tensors} tensors, e.g. time_embed.linear_1.weight)", "diverged run"
     )
+
+
+def test_version_answers_without_importing_torch():
+    code = "import sys; from diffunet.cli import main; main(['--version']); print('torch' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    from diffunet import __version__
+
+    assert out == ["diffunet", __version__, "False"]

@@ -116,6 +116,9 @@ def _user_message(err: BaseException) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `diffunet` console script."""
+    if (sys.argv[1:] if argv is None else list(argv)) == ["--version"]:
+        print(_version())  # without building the parser, which imports every command
+        return 0
     command = "diffunet"
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
