@@ -364,6 +364,14 @@ def test_bad_inputs_are_one_line_errors(tmp_path, identity, capsys):
     np.save(tmp_path / "vol.npy", np.zeros((4, 8, 8), dtype=np.float32))
     err = run_error(["--from", "x", "--input", str(tmp_path / "vol.npy"), *out], capsys)
     assert "3D volume" in err and "dims=3 model" in err
+    np.save(tmp_path / "text.npy", np.array([["a", "b"], ["c", "d"]]))
+    err = run_error(["--from", "x", "--input", str(tmp_path / "text.npy"), *out], capsys)
+    assert "text.npy holds <U1 values" in err
+    image = np.zeros((8, 8), np.float32)
+    image[2, 3] = np.nan
+    np.save(tmp_path / "nan.npy", image)
+    err = run_error(["--from", "x", "--input", str(tmp_path / "nan.npy"), *out], capsys)
+    assert "nan.npy holds 1 non-finite value(s)" in err
     write_png(tmp_path / "rgb.png", np.random.default_rng(0).integers(0, 255, (8, 8, 3), np.uint8))
     assert "colour image" in run_error(
         ["--from", "x", "--input", str(tmp_path / "rgb.png"), *out], capsys

@@ -5,6 +5,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -155,6 +156,12 @@ def test_export_command(tmp_path, capsys):
         == 1
     )
     assert "--size takes 1 or 2 values" in capsys.readouterr().err
+    bad = np.zeros((2, 1, 8, 8), np.float32)
+    bad[0, 0, 1, 1] = np.inf
+    np.save(tmp_path / "calib.npy", bad)
+    args = ["--from", str(tmp_path / "ckpt"), "--format", "onnx", "--out", str(tmp_path / "q")]
+    assert main(["export", *args, "--int8", "--calibration-data", str(tmp_path / "calib.npy")]) == 1
+    assert "calib.npy holds 1 non-finite value(s)" in capsys.readouterr().err
 
 
 @pytest.mark.slow

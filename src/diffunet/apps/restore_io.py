@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffunet.data.arrays import load_array_file
 from diffunet.data.dataset import DataError
 from diffunet.data.em_pairs import HELD_OUT_IMAGES, held_out_pairs
 from diffunet.data.images import read_image
@@ -174,11 +175,7 @@ def _read_tiff(path: Path) -> np.ndarray:
 
 
 def _read_npy(path: Path) -> np.ndarray:
-    try:
-        array = np.load(path, allow_pickle=False)
-    except Exception as err:
-        reason = " ".join(str(err).split()) or type(err).__name__
-        raise DataError(f"cannot read array file {path}: {reason}") from err
+    array = load_array_file(path)  # refuses pickles, archives, empty, non-numeric, NaN / inf
     if array.ndim in (3, 4) and array.shape[0] == 1:  # a leading channel axis of 1
         array = array[0]
     return array

@@ -77,6 +77,7 @@ def _export_int8(model, args: argparse.Namespace, size) -> dict:
     import numpy as np
     import torch
 
+    from diffunet.data.arrays import load_array_file
     from diffunet.interop.quantize import (
         QuantizationError,
         calibration_inputs,
@@ -91,7 +92,8 @@ def _export_int8(model, args: argparse.Namespace, size) -> dict:
         )
     samples = None
     if args.calibration_data:
-        samples = torch.from_numpy(np.load(args.calibration_data)).float()
+        array = load_array_file(Path(args.calibration_data))  # numeric, finite, not a pickle
+        samples = torch.from_numpy(np.asarray(array, dtype=np.float32))
     batches = calibration_inputs(
         model.config, num_batches=args.calibration_batches, batch=4, size=size, samples=samples
     )
