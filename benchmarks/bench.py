@@ -5,8 +5,11 @@
 
 One run measures, for each case, our `UNet` (built and accelerated as the library runs it) and
 the reference model with the same parameter count (asserted): training-step and inference
-throughput, peak memory, counted FLOPs and MFU, in eager and `torch.compile` modes, plus our
-model's peak training memory with gradient checkpointing and a DDIM sampling loop.
+throughput, peak memory, counted FLOPs and MFU, in the `--modes` eager, compile
+(`torch.compile` in `--compile-mode`) and graphs (`torch.compile(mode="reduce-overhead")`,
+CUDA graphs; GPU only), plus our model's peak training memory with gradient checkpointing and
+a DDIM sampling loop. It ends with the table of ours ÷ reference per case: train and infer,
+eager | `torch.compile()` | CUDA graphs, peak memory and MFU (markdown, also in the JSON).
 `--profile CASE` instead groups the GPU kernel time of a few steps by class.
 
 Cases (`--quick` swaps in tiny versions of the same topologies, for a CPU smoke test):
@@ -14,12 +17,16 @@ Cases (`--quick` swaps in tiny versions of the same topologies, for a CPU smoke 
 - ``ddpm-cifar10``: the preset at 32², batch 128, vs diffusers `UNet2DModel`.
 - ``ldm``: the preset at 256², batch 16, vs diffusers `UNet2DModel`.
 - ``3d``: a 3D U-Net at 64³, batch 4, vs MONAI `DiffusionModelUNet` (68.6M).
+- ``sd15``: the preset at 64² latents, batch 8, 77 context tokens of width 768, vs diffusers
+  `UNet2DConditionModel` (859.5M; ours takes the tokens as `context`, diffusers as
+  `encoder_hidden_states`).
 - ``sample``: 50-step DDIM of a 256² `ldm` batch of 4: ours through `Diffusion.sample`, the
   reference as a plain loop over the diffusers model.
 
 The steps are those of `harness.timing`. FLOPs are counted by `torch.utils.flop_counter` at
 batch 1 on the plain model: forward, and forward + backward for training (counted directly,
-not 3× forward). MFU = FLOPs/s ÷ `--peak-flops`. Timings: warm-up iterations first
+not 3× forward). MFU = FLOPs/s ÷ `--peak-flops`, both sides from the reference's count (the
+architecture's: ours can do less work, e.g. folded upsampling). Timings: warm-up iterations first
 (compilation happens there and is reported separately as `warmup_s`), then `--repeats` repeats
 of `--iters` iterations; the median repeat is reported.
 """
@@ -59,15 +66,16 @@ from harness.models import (
     build_case,
     build_model,
     build_ours,
-    diffusers_kwargs,
     implementation,
     library_version,
-    monai_kwargs,
     num_parameters,
     prepare_model,
+    reference_kwargs,
 )
 from harness.profiling import format_profile, run_profile
 from harness.timing import (
+    GRAPHS_COMPILE_MODE,
+    MODES,
     PEAK_BF16_FLOPS,
     Batch,
     Settings,
@@ -87,7 +95,7 @@ from harness.timing import (
 )
 
 ALL_CASES = (*MODEL_CASES, "sample")
-MODES = ("eager", "compile")
+SAMPLE_MODES = ("eager", "compile")
 KINDS = ("train", "infer")
 MODELS = ("ours", "ref")
 
@@ -184,6 +192,7 @@ def environment(settings: Settings, argv: list[str] | None) -> dict[str, Any]:
         ),
         "precision": settings.precision,
         "compile_mode": settings.compile_mode,
+        "modes": {mode: settings.compile_mode_for(mode) for mode in MODES},
         "peak_flops": settings.peak_flops,
         "warmup": settings.warmup,
         "iters": settings.iters,
@@ -198,7 +207,9 @@ def environment(settings: Settings, argv: list[str] | None) -> dict[str, Any]:
         if settings.precision == "bf16"
         else "fp32 forward, MSE on eps, backward, fused AdamW",
         "flops": "torch.utils.flop_counter at batch 1 on the eager plain model; train = forward + "
-        "backward counted directly; MFU = flops_per_sample * samples/s / peak_flops",
+        "backward counted directly; MFU = flops_per_sample * samples/s / peak_flops, "
+        "flops_per_sample the reference's count for both sides (own_flops_per_sample: each "
+        "side's own)",
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -208,8 +219,16 @@ def environment(settings: Settings, argv: list[str] | None) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------- models
-def _record(case: Case, model: str, impl: str, mode: str, kind: str, batch: int) -> dict[str, Any]:
-    return {
+def _record(
+    case: Case,
+    model: str,
+    impl: str,
+    mode: str,
+    kind: str,
+    batch: int,
+    settings: Settings | None = None,
+) -> dict[str, Any]:
+    record = {
         "case": case.name,
         "model": model,
         "impl": impl,
@@ -219,18 +238,27 @@ def _record(case: Case, model: str, impl: str, mode: str, kind: str, batch: int)
         "size": list(case.size),
         "unit": case.unit,
     }
+    if settings is not None:
+        record["compile_mode"] = settings.compile_mode_for(mode)
+    return record
 
 
 def _finish(
-    record: dict[str, Any], timing: dict[str, Any], flops: dict[str, int] | None, settings: Settings
+    record: dict[str, Any],
+    timing: dict[str, Any],
+    flops: dict[str, int] | None,
+    settings: Settings,
+    own_flops: dict[str, int] | None = None,
 ) -> None:
+    """Fill `record` from its timing; MFU from `flops` (the reference's count), the model's own
+    count kept as `own_flops_per_sample`."""
     record.update(timing)
     record["iters"], record["repeats"] = settings.iters, settings.repeats
     record["throughput"] = record["batch"] / timing["seconds_per_iter"]
-    per_sample = None
-    if flops:
-        per_sample = flops["train" if record["kind"] == "train" else "forward"]
+    key = "train" if record["kind"] == "train" else "forward"
+    per_sample = flops[key] if flops else None
     record["flops_per_sample"] = per_sample
+    record["own_flops_per_sample"] = own_flops[key] if own_flops else None
     if per_sample:
         achieved = per_sample * record["throughput"]
         record["tflops_per_s"] = achieved / 1e12
@@ -249,16 +277,21 @@ def measure_model(
     kinds: tuple[str, ...],
     flops: dict[str, int] | None,
     settings: Settings,
+    own_flops: dict[str, int] | None = None,
 ) -> None:
-    """Train and/or inference measurements of one model in each mode; errors are recorded."""
+    """Train and/or inference measurements of one model in each mode; errors are recorded.
+
+    MFU is stated from `flops` (the reference's count), the model's `own_flops` kept beside.
+    """
     device = settings.device
     impl = implementation(model)
     for mode in modes:
-        runner: nn.Module = settings.compile(model) if mode == "compile" else model
+        skipped = settings.skip_reason(mode)
+        runner: nn.Module = model if skipped else settings.runner(model, mode)
         for kind in kinds:
-            record = _record(case, which, impl, mode, kind, case.batch)
-            if settings.time_left() <= 0:
-                record["skipped"] = "deadline reached"
+            record = _record(case, which, impl, mode, kind, case.batch, settings)
+            if skipped or settings.time_left() <= 0:
+                record["skipped"] = skipped or "deadline reached"
                 report.add(record)
                 continue
             optimizer = None
@@ -270,8 +303,9 @@ def measure_model(
                 else:
                     model.eval()
                     fn = infer_fn(runner, batches, settings)
-                graphs = mode == "compile" and settings.records_cuda_graphs
-                _finish(record, measure(fn, settings, peak_from_start=graphs), flops, settings)
+                graphs = settings.records_cuda_graphs_in(mode)
+                timing = measure(fn, settings, peak_from_start=graphs)
+                _finish(record, timing, flops, settings, own_flops)
                 record["peak_includes_warmup"] = graphs
             except Exception as err:
                 record["error"] = report.error(f"{case.name}/{which}/{mode}/{kind}", err)["error"]
@@ -304,12 +338,13 @@ def run_case(
             "size": list(case.size),
             "unit": case.unit,
             "reference": case.reference,
+            "context_tokens": case.context_tokens,
             "ours_config": case.config.to_dict(),
         }
     )
     batches = make_batches(case, case.batch, device)
 
-    ref_kwargs = (diffusers_kwargs if case.reference == "diffusers" else monai_kwargs)(case.config)
+    ref_kwargs = reference_kwargs(case.config, case.reference)
     entry["reference_kwargs"] = {
         k: list(v) if isinstance(v, tuple) else v for k, v in ref_kwargs.items()
     }
@@ -352,10 +387,25 @@ def run_case(
             flops[which] = None
             report.error(f"{name}/{which}/flops", err)
     entry["flops_per_sample"] = flops
+    # MFU from the architecture's count, the reference's, for both sides (ours' own count
+    # where the reference was not counted).
+    entry["mfu_flops_from"] = "ref" if flops.get("ref") else "ours"
+    mfu_flops = flops.get(entry["mfu_flops_from"])
+    if ref is not None and device.type == "cuda":
+        ref.to("cpu")  # off the GPU while ours is measured: its weights are not ours' peak
 
     if "ours" in models:
         measure_model(
-            report, case, "ours", ours, batches, modes, kinds, flops.get("ours"), settings
+            report,
+            case,
+            "ours",
+            ours,
+            batches,
+            modes,
+            kinds,
+            mfu_flops,
+            settings,
+            flops.get("ours"),
         )
     del ours
     release(device)
@@ -363,12 +413,22 @@ def run_case(
         if ref is None:
             for mode in modes:
                 for kind in kinds:
-                    record = _record(case, "ref", case.reference, mode, kind, case.batch)
+                    record = _record(case, "ref", case.reference, mode, kind, case.batch, settings)
                     record["skipped"] = entry["reference_skipped"]
                     report.add(record)
         else:
+            ref.to(device)
             measure_model(
-                report, case, "ref", ref, batches, modes, kinds, flops.get("ref"), settings
+                report,
+                case,
+                "ref",
+                ref,
+                batches,
+                modes,
+                kinds,
+                mfu_flops,
+                settings,
+                flops.get("ref"),
             )
     del ref
     release(device)
@@ -386,8 +446,9 @@ def run_case(
                 batches,
                 checkpoint_modes,
                 ("train",),
-                flops.get("ours"),
+                mfu_flops,
                 settings,
+                flops.get("ours"),
             )
             del ckpt
         except Exception as err:
@@ -494,7 +555,7 @@ def run_sampling(
             model = build_model(which, case, device).eval()
         except ReferenceUnavailable as err:
             for mode in modes:
-                record = _record(case, which, "diffusers", mode, "sample", batch)
+                record = _record(case, which, "diffusers", mode, "sample", batch, settings)
                 record["skipped"] = str(err)
                 report.add(record)
             continue
@@ -502,14 +563,14 @@ def run_sampling(
             graphs = (False, True) if which == "ours" and device.type == "cuda" else (False,)
             for cuda_graph in graphs:
                 impl = implementation(model) + ("+cuda-graph" if cuda_graph else "")
-                record = _record(case, which, impl, mode, "sample", batch)
+                record = _record(case, which, impl, mode, "sample", batch, settings)
                 record["steps"] = steps
                 if settings.time_left() <= 0:
                     record["skipped"] = "deadline reached"
                     report.add(record)
                     continue
                 try:
-                    runner = settings.compile(model) if mode == "compile" else model
+                    runner = settings.runner(model, mode)
                     draw = sampler(which, runner, steps, settings, cuda_graph)
                     begin = time.perf_counter()
                     draw(x_init)  # compiles / records (timestep values change, shapes do not)
@@ -681,6 +742,140 @@ def format_table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------- ratio table
+#: The columns of the ratio table: each kind in each of eager, `torch.compile()` (the default
+#: mode) and CUDA graphs (`reduce-overhead`), keyed `train_eager`, ..., `infer_graphs`.
+TABLE_COLUMNS = tuple(f"{kind}_{column}" for kind in KINDS for column in MODES)
+_COLUMN_TITLES = {"eager": "eager", "compile": "`torch.compile()`", "graphs": "CUDA graphs"}
+_REFERENCE_NAMES = {"diffusers": "diffusers", "monai": "MONAI"}
+
+
+def table_column(record: dict[str, Any], compile_mode: str = "default") -> str | None:
+    """The ratio-table column of a record's mode: `eager`; `compile` for `torch.compile`'s
+    default mode, `graphs` for `reduce-overhead` (whether asked as `--modes graphs` or as
+    `--modes compile --compile-mode reduce-overhead`); None for other compile modes.
+    `compile_mode` is the run's, for records that do not carry their own."""
+    if record["mode"] == "eager":
+        return "eager"
+    mode = record.get("compile_mode") or (compile_mode if record["mode"] == "compile" else None)
+    return {"default": "compile", GRAPHS_COMPILE_MODE: "graphs"}.get(mode or "")
+
+
+def _case_label(name: str, entry: dict[str, Any]) -> str:
+    size = entry.get("size") or []
+    power = {1: "", 2: "²", 3: "³"}.get(len(size), "")
+    shape = f"{size[0]}{power}" if size and len(set(size)) == 1 else "×".join(map(str, size))
+    tokens = f", {entry['context_tokens']} tokens" if entry.get("context_tokens") else ""
+    reference = _REFERENCE_NAMES.get(entry.get("reference", ""), entry.get("reference"))
+    return f"`{name}` {shape}, B{entry.get('batch')}{tokens} vs {reference}"
+
+
+def _status(record: dict[str, Any] | None) -> str | None:
+    """Why a record has no numbers (`skipped`, `OOM`, `error`, `–` if absent), or None."""
+    if record is None:
+        return "–"
+    if record.get("error"):
+        return "OOM" if "out of memory" in record["error"].lower() else "error"
+    if record.get("skipped"):
+        return "skipped"
+    return None
+
+
+def ratio_table(data: dict[str, Any]) -> dict[str, Any]:
+    """Ours ÷ reference per model case in the six columns of :data:`TABLE_COLUMNS`:
+    throughput, peak memory, and each side's MFU (from the reference's FLOP count), as data
+    and as markdown; skipped columns are named with their reason in `notes`."""
+    compile_mode = data["meta"].get("compile_mode", "default")
+    titles = {
+        key: f"{key.split('_')[0]} {_COLUMN_TITLES[key.split('_', 1)[1]]}" for key in TABLE_COLUMNS
+    }
+    rows: list[dict[str, Any]] = []
+    notes: dict[str, dict[str, None]] = {}  # reason -> the columns it emptied, in order
+    for name, entry in data["cases"].items():
+        if name == "sample":
+            continue
+        found: dict[tuple[str, str], dict[str, Any]] = {}
+        for r in data["records"]:
+            column = table_column(r, compile_mode)
+            if r["case"] == name and r["kind"] in KINDS and column and r["model"] in MODELS:
+                found.setdefault((r["model"], f"{r['kind']}_{column}"), r)
+        cells: dict[str, dict[str, Any]] = {}
+        for key in TABLE_COLUMNS:
+            ours, ref = found.get(("ours", key)), found.get(("ref", key))
+            for r in (ours, ref):
+                if r is not None and r.get("skipped"):
+                    notes.setdefault(r["skipped"], {})[titles[key]] = None
+            cell: dict[str, Any] = {
+                "mfu_ours": None if _status(ours) else ours.get("mfu"),
+                "mfu_ref": None if _status(ref) else ref.get("mfu"),
+            }
+            status = _status(ours) or _status(ref)
+            if status:
+                cell["status"] = status
+            else:
+                cell.update(
+                    ours=ours["throughput"],
+                    ref=ref["throughput"],
+                    speedup=ours["throughput"] / ref["throughput"],
+                    peak_mem_ratio=_ratio(ours.get("peak_mem_bytes"), ref.get("peak_mem_bytes")),
+                )
+            cells[key] = cell
+        rows.append({"case": name, "label": _case_label(name, entry), "cells": cells})
+    table = {
+        "columns": titles,
+        "rows": rows,
+        "mfu_flops": "the reference's counted FLOPs per sample, for both sides",
+        "notes": [f"{', '.join(where)}: skipped, {why}" for why, where in notes.items()],
+    }
+    table["markdown"] = ratio_markdown(table, data["meta"])
+    return table
+
+
+def ratio_markdown(table: dict[str, Any], meta: dict[str, Any]) -> str:
+    """The ratio table as three markdown tables (throughput, peak memory, MFU) and notes."""
+    header = "| | " + " | ".join(table["columns"].values()) + " |"
+    rule = "|---" * (len(table["columns"]) + 1) + "|"
+
+    def section(title: str, cell_text: Callable[[dict[str, Any]], str]) -> list[str]:
+        lines = [title, "", header, rule]
+        for row in table["rows"]:
+            texts = [cell_text(row["cells"][key]) for key in table["columns"]]
+            lines.append(f"| {row['label']} | " + " | ".join(texts) + " |")
+        return [*lines, ""]
+
+    def ratio(key: str) -> Callable[[dict[str, Any]], str]:
+        def text(cell: dict[str, Any]) -> str:
+            if cell.get("status"):
+                return cell["status"]
+            return "–" if cell.get(key) is None else f"{cell[key]:.2f}×"
+
+        return text
+
+    def mfu(cell: dict[str, Any]) -> str:
+        def pct(v: float | None) -> str:
+            return "–" if v is None else f"{100 * v:.1f} %"
+
+        if cell["mfu_ours"] is None and cell["mfu_ref"] is None:
+            return cell.get("status", "–")
+        return f"{pct(cell['mfu_ours'])} / {pct(cell['mfu_ref'])}"
+
+    lines = section(
+        f"Ours ÷ reference, throughput ({meta.get('device_name')}, {meta.get('precision')}; "
+        'CUDA graphs = `torch.compile(mode="reduce-overhead")`, ours after '
+        "`configure_for_compile_mode`):",
+        ratio("speedup"),
+    )
+    lines += section("Peak memory, ours ÷ reference:", ratio("peak_mem_ratio"))
+    peak = meta.get("peak_flops")
+    lines += section(
+        "MFU, ours / reference, both from the reference's FLOP count"
+        + (f" (peak {peak / 1e12:.0f} TFLOP/s):" if peak else ":"),
+        mfu,
+    )
+    lines += table["notes"]
+    return "\n".join(lines).rstrip() + "\n"
+
+
 # ---------------------------------------------------------------------------------- CLI
 def _csv(choices: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
     def parse(text: str) -> tuple[str, ...]:
@@ -706,8 +901,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--modes",
         type=_csv(MODES),
-        default=MODES,
-        help="comma-separated subset of eager,compile (default: both)",
+        default=("eager", "compile"),
+        help="comma-separated subset of eager,compile,graphs: compile = torch.compile in "
+        "--compile-mode, graphs = torch.compile(mode='reduce-overhead'), CUDA graphs, "
+        "skipped off a GPU (default: eager,compile)",
     )
     parser.add_argument(
         "--kinds",
@@ -753,7 +950,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--compile-mode",
         default="default",
         choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-        help="torch.compile mode (default: default)",
+        help="torch.compile mode of --modes compile (default: default)",
     )
     parser.add_argument(
         "--peak-flops",
@@ -769,7 +966,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--sample-modes",
-        type=_csv(MODES),
+        type=_csv(SAMPLE_MODES),
         default=("compile",),
         help="modes of the sample case (default: compile)",
     )
@@ -845,7 +1042,7 @@ def _default_out(args: argparse.Namespace) -> str | None:
 
 
 def _fill_cache_argv(
-    args: argparse.Namespace, settings: Settings, case: str, model: str
+    args: argparse.Namespace, settings: Settings, case: str, model: str, mode: str = "compile"
 ) -> list[str]:
     argv = [
         "--cases",
@@ -853,7 +1050,7 @@ def _fill_cache_argv(
         "--models",
         model,
         "--modes",
-        "compile",
+        mode,
         "--kinds",
         ",".join(args.kinds),
         "--checkpoint-modes",
@@ -876,10 +1073,10 @@ def _fill_cache_argv(
 
 
 def compile_ahead(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
-    """Compile each (case, model) of the run once, `--compile-ahead` processes at a time,
-    before measuring.
+    """Compile each (case, model, compiled mode) of the run once, `--compile-ahead` processes
+    at a time, before measuring.
 
-    Each process runs this benchmark for one model with one warm-up step, which fills
+    Each process runs this benchmark for one model in one mode with one warm-up step, which fills
     Inductor's FX-graph and AOTAutograd caches on disk; the measuring process then loads the
     compiled graphs instead of compiling them (`warmup_s` drops from minutes to seconds), so a
     same-run comparison of several compiled models fits a much shorter GPU lease. The
@@ -888,7 +1085,8 @@ def compile_ahead(args: argparse.Namespace, settings: Settings) -> dict[str, Any
     """
     jobs = args.compile_ahead
     cases = [c for c in args.cases if c in MODEL_CASES]
-    if jobs < 1 or "compile" not in args.modes or not cases:
+    modes = [m for m in args.modes if m != "eager" and not settings.skip_reason(m)]
+    if jobs < 1 or not modes or not cases:
         return {}
     import subprocess
     from concurrent.futures import ThreadPoolExecutor
@@ -901,27 +1099,34 @@ def compile_ahead(args: argparse.Namespace, settings: Settings) -> dict[str, Any
         PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
     )
 
-    def fill(case_model: tuple[str, str]) -> dict[str, Any]:
-        case, model = case_model
+    def fill(job: tuple[str, str, str]) -> dict[str, Any]:
+        case, model, mode = job
         begin = time.perf_counter()
         done = subprocess.run(
-            [sys.executable, __file__, *_fill_cache_argv(args, settings, case, model)],
+            [sys.executable, __file__, *_fill_cache_argv(args, settings, case, model, mode)],
             env=env,
             capture_output=True,
             text=True,
         )
-        result = {"case": case, "model": model, "seconds": round(time.perf_counter() - begin, 1)}
+        result = {
+            "case": case,
+            "model": model,
+            "mode": mode,
+            "seconds": round(time.perf_counter() - begin, 1),
+        }
         if done.returncode != 0:
             result["error"] = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
         return result
 
+    todo = [(c, m, mode) for c in cases for m in args.models for mode in modes]
     begin = time.perf_counter()
-    print(f"compiling {len(cases) * len(args.models)} models ahead, {jobs} at a time", flush=True)
+    print(f"compiling {len(todo)} models ahead, {jobs} at a time", flush=True)
     with ThreadPoolExecutor(jobs) as pool:
-        processes = list(pool.map(fill, [(c, m) for c in cases for m in args.models]))
+        processes = list(pool.map(fill, todo))
     for p in processes:
         if "error" in p:
-            print(f"  compiling {p['case']}/{p['model']} ahead failed: {p['error']}", flush=True)
+            where = f"{p['case']}/{p['model']}/{p['mode']}"
+            print(f"  compiling {where} ahead failed: {p['error']}", flush=True)
     return {"jobs": jobs, "seconds": round(time.perf_counter() - begin, 1), "processes": processes}
 
 
@@ -931,6 +1136,11 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> di
     for name in ("iters", "repeats"):
         if getattr(settings, name) < 1:
             raise ValueError(f"--{name} must be at least 1")
+    if {"compile", "graphs"} <= set(args.modes) and args.compile_mode == GRAPHS_COMPILE_MODE:
+        raise ValueError(
+            f"--modes compile,graphs with --compile-mode {GRAPHS_COMPILE_MODE} would measure "
+            "CUDA graphs twice; leave --compile-mode at default (graphs is reduce-overhead)"
+        )
     # diffusers' `is_torch_version` is lru_cached; Dynamo says so once per call site.
     warnings.filterwarnings("ignore", message=r".*functools\.lru_cache.*")
     torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
@@ -969,6 +1179,15 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> di
         f"monai {report.data['meta']['monai']})",
         flush=True,
     )
+    skipped_modes = {
+        m: settings.skip_reason(m)
+        for m in dict.fromkeys((*args.modes, *args.checkpoint_modes))
+        if m != "none" and settings.skip_reason(m)
+    }
+    if skipped_modes:
+        report.data["meta"]["skipped_modes"] = skipped_modes
+        for mode, why in skipped_modes.items():
+            print(f"note: mode {mode} is skipped: {why}", flush=True)
     checkpoint_modes = tuple(m for m in args.checkpoint_modes if m != "none")
     for name in args.cases:
         begin = time.perf_counter()
@@ -992,9 +1211,13 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> di
         print(f"[{name}] done in {time.perf_counter() - begin:.0f} s", flush=True)
         release(settings.device)
     report.data["ratios"] = summarize(report.records)
+    if any(name in MODEL_CASES for name in args.cases):
+        report.data["table"] = ratio_table(report.data)
     report.data["meta"]["elapsed_s"] = round(time.perf_counter() - settings.started, 1)
     report.save()
     print(format_table(report.data), flush=True)
+    if report.data.get("table"):
+        print("\n" + report.data["table"]["markdown"], end="", flush=True)
     if out:
         print(f"wrote {out}")
     return report.data

@@ -1,5 +1,6 @@
 """What the benchmarks compare: the cases, our model as the library runs it, and the reference
-model of identical architecture (diffusers `UNet2DModel`, MONAI `DiffusionModelUNet`)."""
+model of identical architecture (diffusers `UNet2DModel` / `UNet2DConditionModel`, MONAI
+`DiffusionModelUNet`)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from diffunet.model.config import UNetConfig
 from diffunet.model.presets import preset
 from diffunet.model.unet import UNet
 
-MODEL_CASES = ("ddpm-cifar10", "ldm", "3d")
+MODEL_CASES = ("ddpm-cifar10", "ldm", "3d", "sd15")
 
 
 # ---------------------------------------------------------------------------------- cases
@@ -30,6 +31,9 @@ class Case:
     size: tuple[int, ...]
     unit: str  # "img" or "vol"
     description: str
+    context_tokens: int = 0
+    """Text tokens per sample (of width `config.context_dim`) both sides cross-attend to; 0
+    for a model without cross-attention."""
 
     @property
     def dims(self) -> int:
@@ -60,6 +64,13 @@ UNET_3D = UNetConfig(
 #: The 2D cases: preset → (size, batch) at full scale and in `--quick` mode.
 _PRESET_CASES = {"ddpm-cifar10": ((32, 128), (16, 2)), "ldm": ((256, 16), (32, 2))}
 
+#: The Stable Diffusion case: (latent size, batch, context tokens) at full scale (SD 1.5's
+#: 64² latents of a 512² image, CLIP's 77 tokens) and in `--quick` mode.
+_SD15_CASE = ((64, 8, 77), (16, 2, 8))
+#: `--quick`'s SD-like config: the `sd15` topology (four levels, transformer blocks at the
+#: first three and in the middle) at a few channels, two heads and 32-wide tokens.
+_SD15_QUICK = {"model_channels": 32, "norm_groups": 8, "num_heads": 2, "context_dim": 32}
+
 
 def build_case(name: str, quick: bool = False) -> Case:
     """The :class:`Case` called `name` (one of ``MODEL_CASES``), tiny when `quick`."""
@@ -76,6 +87,20 @@ def build_case(name: str, quick: bool = False) -> Case:
             (size, size),
             "img",
             f"{name} preset, {size}², vs diffusers UNet2DModel",
+        )
+    if name == "sd15":
+        size, batch, tokens = _SD15_CASE[1 if quick else 0]
+        config = preset("sd15").replace(image_size=size, **(_SD15_QUICK if quick else {}))
+        return Case(
+            name,
+            config,
+            "diffusers",
+            batch,
+            (size, size),
+            "img",
+            f"sd15 preset, {size}² latents, {tokens} × {config.context_dim} context tokens, "
+            "vs diffusers UNet2DConditionModel",
+            context_tokens=tokens,
         )
     if name == "3d":
         config = UNET_3D
@@ -109,8 +134,9 @@ class ReferenceUnavailable(RuntimeError):
 
 
 class Reference(nn.Module):
-    """A reference model called as ours is, `model(x, t, cond=...)`: the condition is
-    concatenated to the input (as our model does), diffusers' output unwrapped."""
+    """A reference model called as ours is, `model(x, t, cond=..., context=...)`: the
+    condition is concatenated to the input (as our model does), the context tokens are
+    diffusers' `encoder_hidden_states`, diffusers' output unwrapped (its `.sample`)."""
 
     def __init__(self, model: nn.Module, library: str) -> None:
         super().__init__()
@@ -118,13 +144,21 @@ class Reference(nn.Module):
         self.library = library
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cond: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The reference model's prediction for `x` (and `cond`) at timesteps `t`."""
+        """The reference model's prediction for `x` (and `cond`, `context`) at timesteps `t`."""
         if cond is not None:
             x = torch.cat([x, cond], dim=1)
         if self.library == "diffusers":
+            if context is not None:  # UNet2DConditionModel
+                return self.model(x, t, encoder_hidden_states=context, return_dict=False)[0]
             return self.model(x, t, return_dict=False)[0]
+        if context is not None:
+            raise ValueError(f"the {self.library} reference takes no context tokens")
         return self.model(x, t)
 
 
@@ -200,6 +234,86 @@ def diffusers_kwargs(config: UNetConfig) -> dict[str, Any]:
     }
 
 
+def diffusers_condition_kwargs(config: UNetConfig) -> dict[str, Any]:
+    """`UNet2DConditionModel` keyword arguments for the architecture of our 2D `config` with
+    transformer blocks and cross-attention (Stable Diffusion 1.x / 2.x style).
+
+    The inverse of `diffunet.interop.diffusers_condition.config_from_diffusers_condition`.
+    Raises ValueError for options `UNet2DConditionModel` cannot express, and for SDXL's added
+    conditioning, whose inputs the benchmark does not pass.
+    """
+    c = config
+    levels = c.num_levels
+    mid_depth = c.resolved_mid_transformer_depth() if c.uses_transformer else 0
+    unsupported = {
+        "dims != 2": c.dims != 2,
+        "context_dim is None": c.context_dim is None,
+        "transformer_depth is None": not c.uses_transformer,
+        "mid_attention_type": c.resolved_mid_attention_type() != "full",
+        "attention_type != full": c.attention_type != "full",
+        "mid_transformer_depth != the last level's": c.uses_transformer
+        and c.attention_at(levels - 1)
+        and mid_depth != c.transformer_depth_at(levels - 1),
+        "skip_topology != per_block": c.skip_topology != "per_block",
+        "resblock_updown": c.resblock_updown,
+        "cond_channels": c.cond_channels > 0,
+        "added_cond_dim (the benchmark passes no added conditioning)": c.added_cond_dim is not None,
+        "use_timestep": not c.use_timestep,
+        "time_embed_input_dim": c.resolved_time_embed_input_dim() != c.model_channels,
+        "time_embed_type": c.time_embed_type != "timestep",
+        "time_embed_scale": c.time_embed_scale != 1.0,
+        "pool_factor": c.pool_factor != 1,
+        "downsample_type": c.downsample_type != "conv",
+        "upsample_type": c.upsample_type != "nearest_conv",
+        "resample_axes": c.resample_axes is not None,
+        "aleatoric": c.aleatoric,
+    }
+    bad = [name for name, flag in unsupported.items() if flag]
+    if bad:
+        raise ValueError(f"UNet2DConditionModel cannot express this config: {', '.join(bad)}")
+    widths = [c.level_channels(level) for level in range(levels)]
+    attention = [c.attention_at(level) for level in range(levels)]
+    # diffusers' `attention_head_dim` is the number of heads per level (its old name).
+    heads: int | tuple[int, ...] = (
+        tuple(max(w // c.num_head_channels, 1) for w in widths)
+        if c.num_head_channels is not None
+        else c.num_heads
+    )
+    # Transformer blocks per level where it cross-attends; the middle block takes the last
+    # entry (a level without attention ignores its own).
+    depths = [c.transformer_depth_at(level) if attention[level] else 1 for level in range(levels)]
+    if not attention[-1]:
+        depths[-1] = mid_depth
+    return {
+        "sample_size": (c.spatial_size() or (None,))[0],
+        "in_channels": c.in_channels,
+        "out_channels": c.out_channels,
+        "block_out_channels": tuple(widths),
+        "layers_per_block": c.num_res_blocks,
+        "down_block_types": tuple(
+            "CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention
+        ),
+        "up_block_types": tuple(
+            "CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)
+        ),
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "norm_num_groups": c.norm_groups,
+        "norm_eps": c.norm_eps,
+        "cross_attention_dim": c.context_dim,
+        "attention_head_dim": heads,
+        "transformer_layers_per_block": depths[0] if len(set(depths)) == 1 else tuple(depths),
+        "use_linear_projection": c.use_linear_projection,
+        "upcast_attention": c.upcast_attention,
+        "num_class_embeds": c.num_classes,
+        "time_embedding_dim": c.time_embed_dim,
+        "resnet_time_scale_shift": "scale_shift" if c.use_scale_shift_norm else "default",
+        "flip_sin_to_cos": c.flip_sin_to_cos,
+        "freq_shift": int(c.freq_shift) if float(c.freq_shift).is_integer() else c.freq_shift,
+        "dropout": c.dropout,
+        "downsample_padding": 0 if c.downsample_padding == "asymmetric" else 1,
+    }
+
+
 def monai_kwargs(config: UNetConfig) -> dict[str, Any]:
     """MONAI `DiffusionModelUNet` keyword arguments for the architecture of our `config`."""
     c = config
@@ -237,6 +351,18 @@ def monai_kwargs(config: UNetConfig) -> dict[str, Any]:
     }
 
 
+def reference_kwargs(config: UNetConfig, library: str) -> dict[str, Any]:
+    """The reference model's keyword arguments for `config`: `UNet2DConditionModel`'s for a
+    config with context tokens, `UNet2DModel`'s for another diffusers one, MONAI's."""
+    if library == "diffusers":
+        if config.context_dim is not None:
+            return diffusers_condition_kwargs(config)
+        return diffusers_kwargs(config)
+    if library == "monai":
+        return monai_kwargs(config)
+    raise ValueError(f"unknown reference library {library!r}")
+
+
 def library_version(name: str) -> str | None:
     """Version of an installed distribution (read from its metadata, not imported), or None."""
     try:
@@ -251,15 +377,17 @@ def build_reference(
     """The reference model (diffusers or MONAI) of the same architecture as `config`, built on
     `device`; raises :class:`ReferenceUnavailable` when the library cannot be imported."""
     if library == "diffusers":
+        kwargs = reference_kwargs(config, library)
         try:
-            from diffusers import UNet2DModel
+            from diffusers import UNet2DConditionModel, UNet2DModel
         except Exception as err:
             raise ReferenceUnavailable(
                 f"diffusers is not importable ({type(err).__name__}: {err}); "
                 "install it (pip install diffusers) or carry its wheel to the device"
             ) from err
+        cls = UNet2DModel if config.context_dim is None else UNet2DConditionModel
         with torch.device(device):
-            return Reference(UNet2DModel(**diffusers_kwargs(config)), "diffusers")
+            return Reference(cls(**kwargs), "diffusers")
     if library == "monai":
         try:
             from monai.networks.nets import DiffusionModelUNet

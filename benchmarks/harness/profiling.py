@@ -248,8 +248,15 @@ def run_profile(
             print(f"  {which}: not built: {err}", flush=True)
             continue
         for mode, kind in itertools.product(modes, kinds):
+            skipped = settings.skip_reason(mode)
+            if skipped:
+                result.setdefault("skipped", []).append(
+                    {"where": f"{which}/{mode}/{kind}", "reason": skipped}
+                )
+                print(f"  {which}/{mode}/{kind}: skipped: {skipped}", flush=True)
+                continue
             try:
-                runner = settings.compile(model) if mode == "compile" else model
+                runner = settings.runner(model, mode)
                 model.train(kind == "train")
                 optimizer = make_optimizer(model, device) if kind == "train" else None
                 step = (

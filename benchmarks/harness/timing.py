@@ -1,5 +1,6 @@
-"""How the benchmarks run and time a model: settings (device, precision, compile mode), input
-batches, the training step and the forward pass, warm-up and timed repeats, counted FLOPs.
+"""How the benchmarks run and time a model: settings (device, precision, compile mode), the
+measurement modes (eager, `torch.compile`, CUDA graphs), input batches with each case's extra
+inputs, the training step and the forward pass, warm-up and timed repeats, counted FLOPs.
 
 The training step is: forward under autocast, float32 MSE on the ε target, backward, fused
 AdamW step, `zero_grad(set_to_none=True)`; inference is a `no_grad` forward under autocast.
@@ -29,6 +30,12 @@ from harness.models import Case
 
 PEAK_BF16_FLOPS = 780e12
 """Default peak for MFU: the H100's measured dense bf16 matmul rate."""
+
+MODES = ("eager", "compile", "graphs")
+"""The measurement modes: eager; `torch.compile` in the run's `compile_mode` (the default mode
+unless set); CUDA graphs, `torch.compile(mode="reduce-overhead")` (GPU only)."""
+GRAPHS_COMPILE_MODE = "reduce-overhead"
+"""The `torch.compile` mode of the `graphs` measurement mode."""
 
 
 # ---------------------------------------------------------------------------------- settings
@@ -69,13 +76,36 @@ class Settings:
             return math.inf
         return self.deadline - (time.perf_counter() - self.started)
 
-    def compile(self, model: nn.Module) -> nn.Module:
-        """`torch.compile(model)` in the configured mode, both sides alike (with the fused
-        GroupNorm kernels in our graphs where the mode records CUDA graphs, as the trainer
-        compiles)."""
-        settings.configure_for_compile_mode(self.compile_mode)
-        mode = None if self.compile_mode == "default" else self.compile_mode
-        return torch.compile(model, mode=mode)
+    def compile_mode_for(self, mode: str) -> str | None:
+        """The `torch.compile` mode of a measurement mode (see :data:`MODES`); None for
+        eager."""
+        if mode not in MODES:
+            raise ValueError(f"unknown measurement mode {mode!r}; choose from {', '.join(MODES)}")
+        return {"eager": None, "compile": self.compile_mode, "graphs": GRAPHS_COMPILE_MODE}[mode]
+
+    def records_cuda_graphs_in(self, mode: str) -> bool:
+        """Whether measurement mode `mode` records CUDA graphs."""
+        return self.compile_mode_for(mode) in settings.CUDA_GRAPH_MODES
+
+    def skip_reason(self, mode: str) -> str | None:
+        """Why `mode` cannot be measured on this device (CUDA graphs off a GPU), or None."""
+        if mode == "graphs" and self.device.type != "cuda":
+            return f"CUDA graphs need a CUDA device (this run: {self.device.type})"
+        return None
+
+    def compile(self, model: nn.Module, mode: str = "compile") -> nn.Module:
+        """`torch.compile(model)` in the `torch.compile` mode of measurement mode `mode`, both
+        sides alike (with the fused GroupNorm kernels in our graphs where the mode records CUDA
+        graphs, as the trainer compiles)."""
+        compile_mode = self.compile_mode_for(mode)
+        if compile_mode is None:
+            raise ValueError("the eager mode compiles nothing")
+        settings.configure_for_compile_mode(compile_mode)
+        return torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
+
+    def runner(self, model: nn.Module, mode: str) -> nn.Module:
+        """What measurement mode `mode` runs: `model` itself (eager) or it compiled."""
+        return model if mode == "eager" else self.compile(model, mode)
 
 
 def sync(device: torch.device) -> None:
@@ -121,40 +151,67 @@ def benchmark_diffusion() -> Diffusion:
 
 @dataclass
 class Batch:
-    """One training/inference batch: noisy input, timesteps, condition and the ε target."""
+    """One training/inference batch: noisy input, timesteps, the ε target, and the case's
+    extra model inputs (`cond` channels, `context` tokens), passed to both sides by name."""
 
     x: torch.Tensor
     t: torch.Tensor
     noise: torch.Tensor
-    cond: torch.Tensor | None
+    cond: torch.Tensor | None = None
+    context: torch.Tensor | None = None
+
+    @property
+    def inputs(self) -> dict[str, torch.Tensor]:
+        """The keyword inputs of a model call besides `x` and `t` (the ones this case has)."""
+        extra = {"cond": self.cond, "context": self.context}
+        return {name: value for name, value in extra.items() if value is not None}
+
+    def first(self, n: int = 1) -> Batch:
+        """The first `n` samples of every tensor (FLOPs are counted at batch 1)."""
+        return Batch(
+            self.x[:n], self.t[:n], self.noise[:n], **{k: v[:n] for k, v in self.inputs.items()}
+        )
+
+
+def extra_inputs(
+    case: Case, batch: int, gen: torch.Generator, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """The case's model inputs besides `x` and `t`, random (from `gen`) and without gradients:
+    `cond` (image channels concatenated to `x`, channels-last) and `context` (`context_tokens`
+    tokens of width `context_dim`)."""
+    config = case.config
+    out = {}
+    if config.cond_channels:
+        cond = torch.randn((batch, config.cond_channels, *case.size), generator=gen)
+        out["cond"] = cond.to(device).contiguous(memory_format=memory_format_for(case.dims))
+    if case.context_tokens:
+        context = torch.randn((batch, case.context_tokens, config.context_dim), generator=gen)
+        out["context"] = context.to(device)
+    return out
 
 
 def make_batches(
     case: Case, batch: int, device: torch.device, count: int = 2, seed: int = 0
 ) -> list[Batch]:
-    """`count` random batches (rotated during timing so no run re-reads one cached input)."""
+    """`count` random batches (rotated during timing so no run re-reads one cached input),
+    the same for every run with the same `seed`."""
     gen = torch.Generator().manual_seed(seed)
     fmt = memory_format_for(case.dims)
     alphas_bar = benchmark_diffusion().schedule.alphas_cumprod
-    config = case.config
     out = []
     for _ in range(count):
-        shape = (batch, config.in_channels, *case.size)
+        shape = (batch, case.config.in_channels, *case.size)
         x0 = torch.randn(shape, generator=gen)
         noise = torch.randn(shape, generator=gen)
         t = torch.randint(0, len(alphas_bar), (batch,), generator=gen)
         ab = alphas_bar[t].float().view(-1, *([1] * (case.dims + 1)))
         x = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-        cond = None
-        if config.cond_channels:
-            cond = torch.randn((batch, config.cond_channels, *case.size), generator=gen)
-            cond = cond.to(device).contiguous(memory_format=fmt)
         out.append(
             Batch(
                 x.to(device).contiguous(memory_format=fmt),
                 t.to(device),
                 noise.to(device).contiguous(memory_format=fmt),
-                cond,
+                **extra_inputs(case, batch, gen, device),
             )
         )
     return out
@@ -178,7 +235,7 @@ def train_step_fn(
     def step(i: int) -> None:
         b = batches[i % len(batches)]
         with settings.autocast():
-            pred = model(b.x, b.t, cond=b.cond)
+            pred = model(b.x, b.t, **b.inputs)
         loss = F.mse_loss(pred.float(), b.noise)
         loss.backward()
         optimizer.step()
@@ -193,7 +250,7 @@ def infer_fn(model: nn.Module, batches: list[Batch], settings: Settings) -> Call
     def forward(i: int) -> None:
         b = batches[i % len(batches)]
         with torch.no_grad(), settings.autocast():
-            model(b.x, b.t, cond=b.cond)
+            model(b.x, b.t, **b.inputs)
 
     return forward
 
@@ -254,17 +311,18 @@ def measure(
 # ---------------------------------------------------------------------------------- FLOPs
 def count_flops(model: nn.Module, batch: Batch, settings: Settings) -> dict[str, int]:
     """Counted FLOPs per sample of the forward and of forward + backward (batch 1, eager, the
-    plain model: `diffunet.accel.plain`), the architecture's count, the same for both sides."""
-    one = Batch(
-        batch.x[:1], batch.t[:1], batch.noise[:1], None if batch.cond is None else batch.cond[:1]
-    )
+    plain model: `diffunet.accel.plain`), with the case's extra inputs (`cond`, `context`).
+
+    Identical architectures can count differently (our folded upsampling does less work), so
+    the benchmark states MFU from the reference's count for both sides."""
+    one = batch.first()
     was_training = model.training
     model.train()
     forward, backward = flop_counter(), flop_counter()
     try:
         with plain(model):
             with forward, settings.autocast():
-                out = model(one.x, one.t, cond=one.cond)
+                out = model(one.x, one.t, **one.inputs)
             loss = F.mse_loss(out.float(), one.noise)
             with backward:
                 loss.backward()

@@ -83,6 +83,92 @@ def test_quick_run_measures_both_sides(bench, tmp_path):
     assert "FOLDED_DEVICES" in data["meta"]["accel_settings"]
 
 
+def test_quick_sd15_case_passes_the_context_tokens_to_both_sides(bench, tmp_path):
+    """The `sd15` case on the CPU: ours against diffusers' `UNet2DConditionModel`, both called
+    with the same random context tokens (ours as `context`, diffusers as
+    `encoder_hidden_states`), equal parameter counts and counted FLOPs."""
+    pytest.importorskip("diffusers")
+    argv = ("--cases", "sd15", "--modes", "eager", "--checkpoint-modes", "none")
+    data = bench.run_from_args(_args(bench, *argv, "--out", str(tmp_path / "b.json")))
+    assert data["errors"] == []
+    case = data["cases"]["sd15"]
+    assert case["params"]["match"] is True and case["params"]["ours"] > 0
+    assert case["context_tokens"] == 8 and case["ours_config"]["context_dim"] == 32
+    assert case["reference_kwargs"]["cross_attention_dim"] == 32
+    flops = case["flops_per_sample"]
+    assert flops["ours"] == flops["ref"] and case["mfu_flops_from"] == "ref"
+    records = {(r["model"], r["impl"], r["kind"]): r for r in data["records"]}
+    for (model, _, kind), r in records.items():
+        key = "train" if kind == "train" else "forward"
+        assert r["flops_per_sample"] == flops["ref"][key]
+        assert r["own_flops_per_sample"] == flops[model][key]
+    assert set(records) == {
+        ("ours", "diffunet", "train"),
+        ("ours", "diffunet", "infer"),
+        ("ref", "diffusers", "train"),
+        ("ref", "diffusers", "infer"),
+    }
+    assert all(r["throughput"] > 0 for r in records.values())
+    (row,) = data["table"]["rows"]
+    assert row["label"] == "`sd15` 16², B2, 8 tokens vs diffusers"
+    cell = row["cells"]["infer_eager"]
+    ours, ref = records[("ours", "diffunet", "infer")], records[("ref", "diffusers", "infer")]
+    assert cell["speedup"] == pytest.approx(ours["throughput"] / ref["throughput"])
+
+
+def test_counted_flops_include_the_context_tokens(harness):
+    """FLOPs are counted with the case's context: more tokens, more cross-attention work, the
+    same count on both sides."""
+    pytest.importorskip("diffusers")
+    import dataclasses
+
+    from harness.models import build_case, build_model
+    from harness.timing import Settings, count_flops, make_batches
+
+    settings = Settings(device=torch.device("cpu"), precision="fp32")
+    base = build_case("sd15", quick=True)
+    counts = {}
+    for tokens in (4, 16):
+        case = dataclasses.replace(base, context_tokens=tokens, batch=1)
+        (batch,) = make_batches(case, 1, torch.device("cpu"), count=1)
+        assert batch.context.shape == (1, tokens, 32) and set(batch.inputs) == {"context"}
+        counts[tokens] = {
+            which: count_flops(build_model(which, case, "cpu"), batch, settings)
+            for which in ("ours", "ref")
+        }
+        assert counts[tokens]["ours"] == counts[tokens]["ref"]
+    assert counts[16]["ours"]["forward"] > counts[4]["ours"]["forward"]
+    assert counts[16]["ours"]["train"] > counts[4]["ours"]["train"]
+
+
+def test_graphs_mode_is_skipped_on_the_cpu_with_a_note(bench, tmp_path, capsys):
+    """`--modes eager,compile,graphs` is one run of the six-column table; off a GPU the
+    CUDA-graph columns are skipped with their reason, nothing fails."""
+    pytest.importorskip("diffusers")
+    argv = ("--cases", "ddpm-cifar10", "--modes", "eager,graphs", "--kinds", "infer")
+    data = bench.run_from_args(
+        _args(bench, *argv, "--checkpoint-modes", "none", "--out", str(tmp_path / "b.json"))
+    )
+    assert data["errors"] == []
+    reason = "CUDA graphs need a CUDA device (this run: cpu)"
+    assert data["meta"]["skipped_modes"] == {"graphs": reason}
+    graphs = [r for r in data["records"] if r["mode"] == "graphs"]
+    assert len(graphs) == 2 and all(r["skipped"] == reason for r in graphs)
+    assert {r["compile_mode"] for r in graphs} == {"reduce-overhead"}
+    (row,) = data["table"]["rows"]
+    assert row["cells"]["infer_graphs"]["status"] == "skipped"
+    assert row["cells"]["infer_eager"]["speedup"] > 0
+    assert row["cells"]["train_eager"]["status"] == "–"  # not asked for
+    out = capsys.readouterr().out
+    assert f"note: mode graphs is skipped: {reason}" in out
+    assert f"infer CUDA graphs: skipped, {reason}" in out
+    assert data["table"]["markdown"] in out
+
+    settings = bench.Settings(device=torch.device("cpu"), warmup=1, precision="fp32", quick=True)
+    profile = bench.run_profile("ddpm-cifar10", settings, ("graphs",), ("ours",), steps=1)
+    assert profile["runs"] == [] and profile["skipped"][0]["reason"] == reason
+
+
 def test_diffunet_bench_skips_a_missing_reference_cleanly(bench, tmp_path):
     """`diffunet bench` in this checkout runs `bench.py`: the 3D case without MONAI records
     why its reference is skipped, and nothing fails."""
@@ -144,6 +230,32 @@ def test_full_size_parameter_counts_match_diffusers(harness):
             ours = UNet(config)
         ref = build_reference(config, "diffusers", "meta")
         assert num_parameters(ours) == num_parameters(ref) == count, name
+
+
+def test_sd15_reference_is_diffusers_unet2dconditionmodel_of_the_preset(harness):
+    """The `sd15` case's reference: `UNet2DConditionModel` built from kwargs that diffunet's
+    own importer reads back as the preset, with SD 1.5's parameter count on both sides."""
+    pytest.importorskip("diffusers")
+    from diffunet.interop.diffusers_condition import config_from_diffusers_condition
+    from harness.models import build_case, build_reference, num_parameters, reference_kwargs
+
+    case = build_case("sd15")
+    assert (case.batch, case.size, case.context_tokens) == (8, (64, 64), 77)
+    assert case.config == preset("sd15")
+    kwargs = reference_kwargs(case.config, "diffusers")
+    assert kwargs["cross_attention_dim"] == 768 and kwargs["attention_head_dim"] == 8
+    assert config_from_diffusers_condition(kwargs) == case.config
+    with torch.device("meta"):
+        ours = UNet(case.config)
+    ref = build_reference(case.config, "diffusers", "meta")
+    assert type(ref.model).__name__ == "UNet2DConditionModel"
+    assert num_parameters(ours) == num_parameters(ref) == 859_520_964
+    # SD 2.x's 64-channel heads and linear projections map as diffusers writes them.
+    sd21 = reference_kwargs(preset("sd21"), "diffusers")
+    assert sd21["attention_head_dim"] == (5, 10, 20, 20) and sd21["use_linear_projection"]
+    assert config_from_diffusers_condition(sd21) == preset("sd21")
+    with pytest.raises(ValueError, match="added_cond_dim"):
+        reference_kwargs(preset("sdxl"), "diffusers")
 
 
 def test_3d_config_is_monais_architecture(harness):
@@ -274,6 +386,95 @@ def test_compiling_ahead_runs_the_same_compiled_measurement_for_one_model(bench)
 def test_nothing_is_compiled_ahead_without_a_compiled_model_case(bench, argv):
     args = _args(bench, *argv)
     assert bench.compile_ahead(args, bench.settings_from_args(args)) == {}
+
+
+def _table_record(case, model, mode, kind, throughput, peak, mfu, compile_mode=None):
+    return {
+        "case": case,
+        "model": model,
+        "mode": mode,
+        "kind": kind,
+        "compile_mode": compile_mode,
+        "throughput": throughput,
+        "peak_mem_bytes": peak,
+        "mfu": mfu,
+    }
+
+
+def test_ratio_table_has_the_six_columns_of_ours_over_the_reference(bench):
+    """The issue-33 table: train and infer in eager, `torch.compile()` and CUDA graphs; a run
+    of `--modes compile --compile-mode reduce-overhead` fills the CUDA-graph columns."""
+    meta = {"compile_mode": "reduce-overhead", "device_name": "x", "precision": "bf16"}
+    meta["peak_flops"] = 780e12
+    records = [
+        _table_record("ldm", "ours", "eager", "train", 30.0, 12, 0.30),
+        _table_record("ldm", "ref", "eager", "train", 10.0, 24, 0.10),
+        _table_record("ldm", "ours", "compile", "infer", 60.0, 3, 0.5, "reduce-overhead"),
+        _table_record("ldm", "ref", "compile", "infer", 40.0, 4, 0.4, "reduce-overhead"),
+        _table_record("ldm", "ours", "compile", "train", 9.0, 1, 0.2, "max-autotune"),
+    ]
+    case = {"size": [256, 256], "batch": 16, "reference": "diffusers"}
+    data = {"meta": meta, "cases": {"ldm": case}, "records": records}
+    table = bench.ratio_table(data)
+    assert list(table["columns"].values()) == [
+        "train eager",
+        "train `torch.compile()`",
+        "train CUDA graphs",
+        "infer eager",
+        "infer `torch.compile()`",
+        "infer CUDA graphs",
+    ]
+    (row,) = table["rows"]
+    cells = row["cells"]
+    assert cells["train_eager"]["speedup"] == pytest.approx(3.0)
+    assert cells["train_eager"]["peak_mem_ratio"] == pytest.approx(0.5)
+    assert cells["infer_graphs"]["speedup"] == pytest.approx(1.5)
+    assert cells["infer_graphs"]["peak_mem_ratio"] == pytest.approx(0.75)
+    assert (cells["infer_graphs"]["mfu_ours"], cells["infer_graphs"]["mfu_ref"]) == (0.5, 0.4)
+    # max-autotune is not a column of the table; nothing else was measured.
+    assert [k for k, c in cells.items() if c.get("status") == "–"] == [
+        "train_compile",
+        "train_graphs",
+        "infer_eager",
+        "infer_compile",
+    ]
+    lines = table["markdown"].splitlines()
+    speed_row = next(line for line in lines if line.startswith("| `ldm` 256², B16 vs diffusers"))
+    assert speed_row.split(" | ")[1:] == ["3.00×", "–", "–", "–", "–", "1.50× |"]
+    assert "| `ldm` 256², B16 vs diffusers | 30.0 % / 10.0 % |" in table["markdown"]
+
+
+def test_mfu_is_stated_from_the_reference_count_for_both_sides(bench):
+    settings = bench.Settings(device=torch.device("cpu"), iters=1, repeats=1, peak_flops=1e3)
+    record = {"kind": "train", "batch": 2}
+    timing = {"seconds_per_iter": 0.5}
+    ref_count, own = {"train": 100, "forward": 40}, {"train": 80, "forward": 30}
+    bench._finish(record, timing, ref_count, settings, own)
+    assert record["throughput"] == 4.0
+    assert (record["flops_per_sample"], record["own_flops_per_sample"]) == (100, 80)
+    assert record["mfu"] == pytest.approx(100 * 4.0 / 1e3)
+
+
+def test_measurement_modes_and_their_compile_modes(bench):
+    settings = bench.Settings(device=torch.device("cpu"), compile_mode="max-autotune")
+    assert [settings.compile_mode_for(m) for m in bench.MODES] == [
+        None,
+        "max-autotune",
+        "reduce-overhead",
+    ]
+    assert settings.records_cuda_graphs_in("graphs") and not settings.records_cuda_graphs_in(
+        "eager"
+    )
+    assert settings.skip_reason("graphs") and settings.skip_reason("compile") is None
+    with pytest.raises(ValueError, match="measure CUDA graphs twice"):
+        bench.run_from_args(
+            _args(bench, "--modes", "compile,graphs", "--compile-mode", "reduce-overhead")
+        )
+    # Compiling ahead: one process per compiled mode; none for graphs off a GPU.
+    args = _args(bench, "--cases", "ldm", "--modes", "eager,graphs", "--compile-ahead", "2")
+    assert bench.compile_ahead(args, bench.settings_from_args(args)) == {}
+    child = _args(bench, *bench._fill_cache_argv(args, settings, "ldm", "ours", "graphs"))
+    assert child.modes == ("graphs",) and child.fill_caches_only
 
 
 # ------------------------------------------------------------------------ kernel classes
