@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from diffunet.diffusion.denoiser import GuidedModel
 from diffunet.diffusion.guidance import drop_guided_conditioning, null_label_of
 from diffunet.diffusion.model_protocol import DenoiserTraits, DenoisingModel, traits_of
-from diffunet.diffusion.process import Diffusion, draw_noise, model_device, with_cuda_graph
+from diffunet.diffusion.process import Diffusion, draw_noise, with_cuda_graph
 from diffunet.errors import InvalidTypeError, InvalidValueError
 from diffunet.model.validation import check_labels
 
@@ -196,6 +196,46 @@ class ContinuousProcess:
         return None
 
     # ------------------------------------------------------------------ training
+    def loss(
+        self,
+        model: DenoisingModel,
+        x0: torch.Tensor,
+        *,
+        cond: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        added_cond: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+        times: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The training loss of `model` on clean data `x0`: a float32 scalar (what it regresses
+        is in the class's description).
+
+        `times` (the process's time of each sample, `(B,)`) and `noise` (x0's shape) fix the
+        otherwise random draws (times from :meth:`sample_training_times`); `generator` seeds
+        them. `added_cond` / `time_ids` are SDXL's added conditioning, as in `Diffusion.loss`.
+        Conditioning is dropped with probability `cond_drop_prob`.
+        """
+        batch = self._training_batch(
+            model,
+            x0,
+            cond=cond,
+            context=context,
+            labels=labels,
+            added_cond=added_cond,
+            time_ids=time_ids,
+            generator=generator,
+            noise=noise,
+            times=times,
+        )
+        return self._batch_loss(model, batch)
+
+    def _batch_loss(self, model: DenoisingModel, b: TrainingBatch) -> torch.Tensor:
+        """The loss of one drawn training batch; the process defines it."""
+        raise NotImplementedError
+
     def _training_batch(
         self,
         model: DenoisingModel,
@@ -322,10 +362,11 @@ class ContinuousProcess:
             )
         times = self._check_grid(steps, grid)
         Diffusion._check_model_shape(model, shape)
-        traits = self._check_traits(model)
-        if labels is not None:  # the range on the CPU, or while value checks are on
-            check_labels(labels, traits.num_classes)
-        Diffusion._check_types(
+        self._check_traits(model)
+        device, conditioning = Diffusion._sampling_conditioning(
+            model,
+            shape,
+            device,
             cond=cond,
             context=context,
             labels=labels,
@@ -333,36 +374,9 @@ class ContinuousProcess:
             time_ids=time_ids,
             null_context=null_context,
             null_added_cond=null_added_cond,
-        )
-        if device is None:
-            device = model_device(model, cond.device if cond is not None else "cpu")
-        device = torch.device(device)
-        cond, context, labels, added_cond, time_ids = (
-            v.to(device) if v is not None else None
-            for v in (cond, context, labels, added_cond, time_ids)
-        )
-        Diffusion._check_conditioning(
-            shape[0],
-            shape[2:],
-            "shape",
-            cond=cond,
-            context=context,
-            labels=labels,
-            added_cond=added_cond,
-            time_ids=time_ids,
         )
         model = with_cuda_graph(model, cuda_graph, device)
-        guided = GuidedModel(
-            model,
-            cond=cond,
-            context=context,
-            labels=labels,
-            added_cond=added_cond,
-            time_ids=time_ids,
-            guidance=guidance,
-            null_context=null_context,
-            null_added_cond=null_added_cond,
-        )
+        guided = GuidedModel(model, **conditioning, guidance=guidance)
         noise = draw_noise(shape, generator, device)
 
         def draw() -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 from diffunet.diffusion.continuous import (
     ContinuousProcess,
     SamplingRun,
+    TrainingBatch,
     check_number,
     finite,
     positive,
@@ -138,40 +139,8 @@ class EDM(ContinuousProcess):
         return bool((torch.isfinite(times) & (times > 0)).all())
 
     # ------------------------------------------------------------------ training
-    def loss(
-        self,
-        model: DenoisingModel,
-        x0: torch.Tensor,
-        *,
-        cond: torch.Tensor | None = None,
-        context: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        added_cond: torch.Tensor | None = None,
-        time_ids: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-        noise: torch.Tensor | None = None,
-        times: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The EDM loss of `model` on clean data `x0`: a float32 scalar.
-
-        mean over the batch of λ(σ)·mean‖D(x₀ + σε; σ) − x₀‖², at σ from
-        :meth:`sample_training_times`. `times` (the σ of each sample, `(B,)`) and `noise` (x0's
-        shape) fix the otherwise random draws; `generator` seeds them. `added_cond` / `time_ids`
-        are SDXL's added conditioning, as in `Diffusion.loss`. Conditioning is dropped with
-        probability `cond_drop_prob`.
-        """
-        b = self._training_batch(
-            model,
-            x0,
-            cond=cond,
-            context=context,
-            labels=labels,
-            added_cond=added_cond,
-            time_ids=time_ids,
-            generator=generator,
-            noise=noise,
-            times=times,
-        )
+    def _batch_loss(self, model: DenoisingModel, b: TrainingBatch) -> torch.Tensor:
+        """The mean over the batch of λ(σ)·mean‖D(x₀ + σε; σ) − x₀‖²."""
         sigma = b.times.reshape(-1, *([1] * (b.x0.ndim - 1)))
         x = b.x0 + sigma * b.noise
         c_skip, c_out, c_in, c_noise = self.preconditioning(sigma)

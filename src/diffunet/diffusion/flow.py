@@ -8,6 +8,7 @@ import torch
 from diffunet.diffusion.continuous import (
     ContinuousProcess,
     SamplingRun,
+    TrainingBatch,
     check_number,
     finite,
     positive,
@@ -117,40 +118,8 @@ class FlowMatching(ContinuousProcess):
         return None
 
     # ------------------------------------------------------------------ training
-    def loss(
-        self,
-        model: DenoisingModel,
-        x0: torch.Tensor,
-        *,
-        cond: torch.Tensor | None = None,
-        context: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        added_cond: torch.Tensor | None = None,
-        time_ids: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-        noise: torch.Tensor | None = None,
-        times: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The flow-matching loss of `model` on clean data `x0`: a float32 scalar.
-
-        mean ‖F(x_t, t·time_scale) − (ε − x₀)‖² over the batch and every element, at times t from
-        :meth:`sample_training_times`. `times` `(B,)` and `noise` (x0's shape) fix the otherwise
-        random draws; `generator` seeds them. `added_cond` / `time_ids` are SDXL's added
-        conditioning, as in `Diffusion.loss`. Conditioning is dropped with probability
-        `cond_drop_prob`.
-        """
-        b = self._training_batch(
-            model,
-            x0,
-            cond=cond,
-            context=context,
-            labels=labels,
-            added_cond=added_cond,
-            time_ids=time_ids,
-            generator=generator,
-            noise=noise,
-            times=times,
-        )
+    def _batch_loss(self, model: DenoisingModel, b: TrainingBatch) -> torch.Tensor:
+        """mean ‖F(x_t, t·time_scale) − (ε − x₀)‖² over the batch and every element."""
         t = b.times.reshape(-1, *([1] * (b.x0.ndim - 1)))
         x_t = (1.0 - t) * b.x0 + t * b.noise
         output = call_model_with_time(model, x_t, b.times * self.time_scale, **b.conditioning())

@@ -323,9 +323,10 @@ class Diffusion:
         scheduler = sampler if is_scheduler(sampler) else None
         self._check_sampler_arguments(sampler, steps, eta, scheduler is not None)
         self._check_model_shape(model, shape)
-        if labels is not None:  # the range on the CPU, or while value checks are on
-            check_labels(labels, traits_of(model).num_classes)
-        self._check_types(
+        device, conditioning = self._sampling_conditioning(
+            model,
+            shape,
+            device,
             cond=cond,
             context=context,
             labels=labels,
@@ -333,36 +334,13 @@ class Diffusion:
             time_ids=time_ids,
             null_context=null_context,
             null_added_cond=null_added_cond,
-        )
-        if device is None:
-            device = model_device(model, cond.device if cond is not None else "cpu")
-        device = torch.device(device)
-        cond, context, labels, added_cond, time_ids = (
-            v.to(device) if v is not None else None
-            for v in (cond, context, labels, added_cond, time_ids)
-        )
-        self._check_conditioning(
-            shape[0],
-            shape[2:],
-            "shape",
-            cond=cond,
-            context=context,
-            labels=labels,
-            added_cond=added_cond,
-            time_ids=time_ids,
         )
         model = with_cuda_graph(model, cuda_graph, device)
         denoiser = Denoiser(
             model,
             self.prediction,
-            cond=cond,
-            context=context,
-            labels=labels,
-            added_cond=added_cond,
-            time_ids=time_ids,
+            **conditioning,
             guidance=guidance,
-            null_context=null_context,
-            null_added_cond=null_added_cond,
             clip_denoised=self.clip_denoised,
         )
         x = draw_noise(shape, generator, device)
@@ -474,6 +452,33 @@ class Diffusion:
             added_cond=added_cond,
             time_ids=time_ids,
         )
+
+    @staticmethod
+    def _sampling_conditioning(
+        model: DenoisingModel,
+        shape: tuple[int, ...],
+        device: torch.device | str | None,
+        **conditioning: torch.Tensor | None,
+    ) -> tuple[torch.device, dict[str, torch.Tensor | None]]:
+        """A `sample` call's conditioning (`cond`, `context`, `labels`, `added_cond`,
+        `time_ids`, `null_context`, `null_added_cond`) checked against `model` and `shape` and
+        moved to the sampling device (default: the model's, else `cond`'s, else the CPU): that
+        device, and the conditioning as `GuidedModel` takes it (the null inputs are fitted to
+        theirs there)."""
+        labels, cond = conditioning["labels"], conditioning["cond"]
+        if labels is not None:  # the range on the CPU, or while value checks are on
+            check_labels(labels, traits_of(model).num_classes)
+        Diffusion._check_types(**conditioning)
+        if device is None:
+            device = model_device(model, cond.device if cond is not None else "cpu")
+        device = torch.device(device)
+        moved = {
+            name: value.to(device) if value is not None else None
+            for name, value in conditioning.items()
+            if not name.startswith("null_")
+        }
+        Diffusion._check_conditioning(shape[0], shape[2:], "shape", **moved)
+        return device, {**conditioning, **moved}
 
     @staticmethod
     def _check_types(**values: object) -> None:
