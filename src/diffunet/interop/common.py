@@ -5,12 +5,13 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from diffunet.errors import InvalidValueError
 from diffunet.model.checkpoint import CheckpointError, _build_with_weights, load_state_dict
-from diffunet.model.config import UNetConfig
+from diffunet.model.config import ConfigError, UNetConfig
 
 _TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -57,6 +58,76 @@ def check_block_types(
         for block in types:
             if block not in table:
                 raise unsupported(name, block, f"{sorted(table)}", fix)
+
+
+def diffusers_options(
+    diffusers_config: Mapping[str, object], defaults: Mapping[str, object], class_name: str
+) -> dict[str, Any]:
+    """A diffusers model config's options over `defaults` (every option of `class_name`'s
+    `__init__`), private `_` keys dropped; an option the importer does not know raises."""
+    raw = {k: v for k, v in dict(diffusers_config).items() if not k.startswith("_")}
+    unknown = sorted(set(raw) - set(defaults))
+    if unknown:
+        raise ConversionError(
+            f"cannot import: unknown {class_name} option(s) {unknown} (this importer knows the "
+            "options of diffusers 0.42); they may change the network"
+        )
+    return {**defaults, **raw}
+
+
+def diffusers_unet_fields(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The `UNetConfig` fields that diffusers' `UNet2DModel` and `UNet2DConditionModel` state
+    alike (sizes, widths, norms, dropout, time and class embeddings, resampling), after checking
+    that diffunet can express them; `cfg` holds every option (:func:`diffusers_options`)."""
+    channels = tuple(int(c) for c in cfg["block_out_channels"])
+    base = channels[0]
+    if any(c % base for c in channels):
+        raise unsupported(
+            "block_out_channels",
+            list(channels),
+            "multiples of the first entry (diffunet's model_channels × channel_mult)",
+        )
+    if cfg["norm_num_groups"] is None:
+        raise unsupported("norm_num_groups", None, "an integer number of GroupNorm groups")
+    if cfg["downsample_padding"] not in (0, 1):
+        raise unsupported(
+            "downsample_padding",
+            cfg["downsample_padding"],
+            "1 (pad 1 on each side) or 0 (pad one row and column at the end)",
+        )
+    sample = cfg["sample_size"]
+    if isinstance(sample, (list, tuple)):
+        sample = tuple(int(s) for s in sample)
+    return dict(
+        dims=2,
+        in_channels=int(cfg["in_channels"]),
+        out_channels=int(cfg["out_channels"]),
+        image_size=sample,
+        model_channels=base,
+        channel_mult=tuple(c // base for c in channels),
+        norm_groups=int(cfg["norm_num_groups"]),
+        norm_eps=float(cfg["norm_eps"]),
+        dropout=float(cfg["dropout"]),
+        attention_type="full",
+        num_classes=cfg["num_class_embeds"],
+        time_embed_dim=cfg["time_embedding_dim"],
+        flip_sin_to_cos=bool(cfg["flip_sin_to_cos"]),
+        freq_shift=float(cfg["freq_shift"]),
+        use_scale_shift_norm=cfg["resnet_time_scale_shift"] == "scale_shift",
+        skip_topology="per_block",
+        downsample_type="conv",
+        upsample_type="nearest_conv",
+    )
+
+
+def converted_config(**fields: Any) -> UNetConfig:
+    """`UNetConfig(**fields)`, with an invalid result reported as a :class:`ConversionError`."""
+    try:
+        return UNetConfig(**fields)
+    except ConfigError as err:
+        raise ConversionError(
+            f"cannot import: the equivalent diffunet config is invalid: {err}"
+        ) from err
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:

@@ -42,6 +42,9 @@ from diffunet.interop.common import (
     ConversionError,
     assemble,
     check_block_types,
+    converted_config,
+    diffusers_options,
+    diffusers_unet_fields,
     null_label_row,
     read_weights,
     transformer_key,
@@ -50,7 +53,7 @@ from diffunet.interop.common import (
 from diffunet.interop.diffusers_condition import CLASS_NAME as CONDITION_CLASS
 from diffunet.interop.diffusers_condition import config_from_diffusers_condition
 from diffunet.model.checkpoint import CheckpointError
-from diffunet.model.config import ConfigError, UNetConfig
+from diffunet.model.config import UNetConfig
 
 DIFFUSERS_CONFIG = "config.json"
 CLASSES = ("UNet2DModel", CONDITION_CLASS)
@@ -184,48 +187,25 @@ def config_from_diffusers(diffusers_config: Mapping[str, Any]) -> UNetConfig:
 
     Raises :class:`ConversionError` naming the first option diffunet cannot express.
     """
-    raw = {k: v for k, v in dict(diffusers_config).items() if not k.startswith("_")}
     class_name = dict(diffusers_config).get("_class_name", "UNet2DModel")
     if class_name == CONDITION_CLASS:
         return config_from_diffusers_condition(diffusers_config)
     if class_name != "UNet2DModel":
         raise unsupported("_class_name", class_name, f"{list(CLASSES)}")
-    unknown = sorted(set(raw) - set(_DEFAULTS))
-    if unknown:
-        raise ConversionError(
-            f"cannot import: unknown UNet2DModel option(s) {unknown} (this importer knows the "
-            "options of diffusers 0.42); they may change the network"
-        )
-    cfg = {**_DEFAULTS, **raw}
+    cfg = diffusers_options(diffusers_config, _DEFAULTS, "UNet2DModel")
     for name, allowed in _FIXED.items():
         if cfg[name] not in allowed:
             raise unsupported(name, cfg[name], f"{list(allowed)}")
+    fields = diffusers_unet_fields(cfg)
     channels = tuple(int(c) for c in cfg["block_out_channels"])
-    base = channels[0]
-    if any(c % base for c in channels):
-        raise unsupported(
-            "block_out_channels",
-            list(channels),
-            "multiples of the first entry (diffunet's model_channels × channel_mult)",
-        )
     attention, resnet_updown = _resampling(cfg)
-    groups = cfg["norm_num_groups"]
-    if groups is None:
-        raise unsupported("norm_num_groups", None, "an integer number of GroupNorm groups")
-    scale_shift = cfg["resnet_time_scale_shift"] == "scale_shift"
+    groups = fields["norm_groups"]
     attn_groups = cfg["attn_norm_num_groups"]
     # diffusers builds the middle attention without a GroupNorm in this one case.
-    mid_norm = not (cfg["add_attention"] and attn_groups is None and scale_shift)
+    mid_norm = not (cfg["add_attention"] and attn_groups is None and fields["use_scale_shift_norm"])
     if cfg["add_attention"] and attn_groups not in (None, groups):
         raise unsupported(
             "attn_norm_num_groups", attn_groups, f"None or norm_num_groups ({groups})"
-        )
-    padding = cfg["downsample_padding"]
-    if padding not in (0, 1):
-        raise unsupported(
-            "downsample_padding",
-            padding,
-            "1 (pad 1 on each side) or 0 (pad one row and column at the end)",
         )
     head_dim = cfg["attention_head_dim"]
     any_attention = any(attention) or cfg["add_attention"]
@@ -241,42 +221,18 @@ def config_from_diffusers(diffusers_config: Mapping[str, Any]) -> UNetConfig:
                 f"a divisor of every attention width (widths {bad} are not)",
             )
         heads = {"num_heads": 1, "num_head_channels": int(head_dim)}
-    sample = cfg["sample_size"]
-    if isinstance(sample, (list, tuple)):
-        sample = tuple(int(s) for s in sample)
-    try:
-        return UNetConfig(
-            dims=2,
-            in_channels=int(cfg["in_channels"]),
-            out_channels=int(cfg["out_channels"]),
-            image_size=sample,
-            model_channels=base,
-            channel_mult=tuple(c // base for c in channels),
-            num_res_blocks=int(cfg["layers_per_block"]),
-            norm_groups=int(groups),
-            norm_eps=float(cfg["norm_eps"]),
-            dropout=float(cfg["dropout"]),
-            attention_resolutions=tuple(2**i for i, a in enumerate(attention) if a),
-            attention_type="full",
-            mid_attention_type=None if cfg["add_attention"] else "none",
-            mid_attention_norm=mid_norm,
-            **heads,
-            num_classes=cfg["num_class_embeds"],
-            time_embed_dim=cfg["time_embedding_dim"],
-            flip_sin_to_cos=bool(cfg["flip_sin_to_cos"]),
-            freq_shift=float(cfg["freq_shift"]),
-            use_scale_shift_norm=scale_shift,
-            skip_topology="per_block",
-            resblock_updown=resnet_updown,
-            downsample_type="conv",
-            upsample_type="nearest_conv",
-            downsample_padding="asymmetric" if padding == 0 and not resnet_updown else "symmetric",
-            zero_init=False,
-        )
-    except ConfigError as err:
-        raise ConversionError(
-            f"cannot import: the equivalent diffunet config is invalid: {err}"
-        ) from err
+    asymmetric = cfg["downsample_padding"] == 0 and not resnet_updown
+    return converted_config(
+        **fields,
+        num_res_blocks=int(cfg["layers_per_block"]),
+        attention_resolutions=tuple(2**i for i, a in enumerate(attention) if a),
+        mid_attention_type=None if cfg["add_attention"] else "none",
+        mid_attention_norm=mid_norm,
+        **heads,
+        resblock_updown=resnet_updown,
+        downsample_padding="asymmetric" if asymmetric else "symmetric",
+        zero_init=False,
+    )
 
 
 class _Source:

@@ -17,8 +17,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from diffunet.interop.common import ConversionError, check_block_types, unsupported
-from diffunet.model.config import ConfigError, UNetConfig
+from diffunet.interop.common import (
+    ConversionError,
+    check_block_types,
+    converted_config,
+    diffusers_options,
+    diffusers_unet_fields,
+    unsupported,
+)
+from diffunet.model.config import UNetConfig
 
 CLASS_NAME = "UNet2DConditionModel"
 DOWN_BLOCKS = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
@@ -205,14 +212,7 @@ def config_from_diffusers_condition(diffusers_config: Mapping[str, Any]) -> UNet
 
     Raises :class:`ConversionError` naming the first option diffunet cannot express.
     """
-    raw = {k: v for k, v in dict(diffusers_config).items() if not k.startswith("_")}
-    unknown = sorted(set(raw) - set(_DEFAULTS))
-    if unknown:
-        raise ConversionError(
-            f"cannot import: unknown {CLASS_NAME} option(s) {unknown} (this importer knows the "
-            "options of diffusers 0.42); they may change the network"
-        )
-    cfg = {**_DEFAULTS, **raw}
+    cfg = diffusers_options(diffusers_config, _DEFAULTS, CLASS_NAME)
     channels = tuple(int(c) for c in cfg["block_out_channels"])
     levels = len(channels)
     cfg["only_cross_attention"] = _uniform(
@@ -221,25 +221,9 @@ def config_from_diffusers_condition(diffusers_config: Mapping[str, Any]) -> UNet
     for name, allowed in _FIXED.items():
         if cfg[name] not in allowed:
             raise unsupported(name, cfg[name], f"{list(allowed)}")
-    base = channels[0]
-    if any(c % base for c in channels):
-        raise unsupported(
-            "block_out_channels",
-            list(channels),
-            "multiples of the first entry (diffunet's model_channels × channel_mult)",
-        )
+    fields = diffusers_unet_fields(cfg)
     attention = _attention_levels(cfg, levels)
     sites = [level for level in range(levels) if attention[level]] + [levels - 1]  # + middle
-    groups = cfg["norm_num_groups"]
-    if groups is None:
-        raise unsupported("norm_num_groups", None, "an integer number of GroupNorm groups")
-    padding = cfg["downsample_padding"]
-    if padding not in (0, 1):
-        raise unsupported(
-            "downsample_padding",
-            padding,
-            "1 (pad 1 on each side) or 0 (pad one row and column at the end)",
-        )
     depth, mid_depth = _depths(cfg, attention)
     added: dict[str, int | None] = {"added_cond_dim": None, "added_time_embed_dim": None}
     if cfg["addition_embed_type"] == "text_time":
@@ -250,41 +234,16 @@ def config_from_diffusers_condition(diffusers_config: Mapping[str, Any]) -> UNet
                 "projection_class_embeddings_input_dim and addition_time_embed_dim"
             )
         added = {"added_cond_dim": int(width), "added_time_embed_dim": int(ids)}
-    sample = cfg["sample_size"]
-    if isinstance(sample, (list, tuple)):
-        sample = tuple(int(s) for s in sample)
-    try:
-        return UNetConfig(
-            dims=2,
-            in_channels=int(cfg["in_channels"]),
-            out_channels=int(cfg["out_channels"]),
-            image_size=sample,
-            model_channels=base,
-            channel_mult=tuple(c // base for c in channels),
-            num_res_blocks=int(_uniform("layers_per_block", cfg["layers_per_block"], levels)),
-            norm_groups=int(groups),
-            norm_eps=float(cfg["norm_eps"]),
-            dropout=float(cfg["dropout"]),
-            attention_resolutions=tuple(2**i for i, a in enumerate(attention) if a),
-            attention_type="full",
-            **_heads(cfg, channels, sites),
-            context_dim=int(_uniform("cross_attention_dim", cfg["cross_attention_dim"], levels)),
-            transformer_depth=depth,
-            mid_transformer_depth=mid_depth,
-            use_linear_projection=bool(cfg["use_linear_projection"]),
-            upcast_attention=bool(cfg["upcast_attention"]),
-            num_classes=cfg["num_class_embeds"],
-            **added,
-            time_embed_dim=cfg["time_embedding_dim"],
-            flip_sin_to_cos=bool(cfg["flip_sin_to_cos"]),
-            freq_shift=float(cfg["freq_shift"]),
-            use_scale_shift_norm=cfg["resnet_time_scale_shift"] == "scale_shift",
-            skip_topology="per_block",
-            downsample_type="conv",
-            upsample_type="nearest_conv",
-            downsample_padding="asymmetric" if padding == 0 else "symmetric",
-        )
-    except ConfigError as err:
-        raise ConversionError(
-            f"cannot import: the equivalent diffunet config is invalid: {err}"
-        ) from err
+    return converted_config(
+        **fields,
+        num_res_blocks=int(_uniform("layers_per_block", cfg["layers_per_block"], levels)),
+        attention_resolutions=tuple(2**i for i, a in enumerate(attention) if a),
+        **_heads(cfg, channels, sites),
+        context_dim=int(_uniform("cross_attention_dim", cfg["cross_attention_dim"], levels)),
+        transformer_depth=depth,
+        mid_transformer_depth=mid_depth,
+        use_linear_projection=bool(cfg["use_linear_projection"]),
+        upcast_attention=bool(cfg["upcast_attention"]),
+        **added,
+        downsample_padding="asymmetric" if cfg["downsample_padding"] == 0 else "symmetric",
+    )
