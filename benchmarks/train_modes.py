@@ -5,7 +5,9 @@ in each compile mode, one run after the other on the same device.
         --run digits: --run "cifar:--preset ddpm-cifar10 --image-size 32 --batch-size 128"
 
 Each `--run NAME:ARGS` is a `diffunet train` configuration (ARGS split as a shell would); each
-mode is `eager` (no compilation) or a `--compile-mode`. Throughput is read from the run's
+mode is `eager` (no compilation) or a `--compile-mode`. `--launchers plain,torchrun` also
+trains each under `torchrun --nproc-per-node N` (default 1: the data-parallel path of one
+process, in a process group of one, against the same run without it). Throughput is read from the run's
 `log.csv`: the last logged interval's steps per second times the batch, so compilation and
 warm-up, in the first intervals, are not counted. Prints a table and writes JSON (`--out`, default
 `$OUT/train_modes.json` when `OUT` is set).
@@ -41,13 +43,38 @@ def batch_size(run_dir: Path) -> int:
     return int(config["train"]["batch_size"])
 
 
-def train_once(args: list[str], mode: str, steps: int, log_every: int, out: Path) -> dict:
+#: How `diffunet train` is started: as a process of its own, or by torchrun.
+LAUNCHERS = ("plain", "torchrun")
+
+
+def launcher_command(launcher: str, processes: int = 1) -> list[str]:
+    """The command that starts `diffunet` under `launcher`."""
+    if launcher == "plain":
+        return [sys.executable, "-m", "diffunet"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+        "-m",
+        "diffunet",
+    ]
+
+
+def train_once(
+    args: list[str],
+    mode: str,
+    steps: int,
+    log_every: int,
+    out: Path,
+    launcher: str = "plain",
+    processes: int = 1,
+) -> dict:
     """Run `diffunet train` once in `mode`; its last interval's throughput and wall time."""
     compile_args = [] if mode == "eager" else ["--compile-mode", mode]
     command = [
-        sys.executable,
-        "-m",
-        "diffunet",
+        *launcher_command(launcher, processes),
         "train",
         "--out",
         str(out),
@@ -103,6 +130,14 @@ def main(argv: list[str] | None = None) -> int:
         default="eager,default,auto",
         help="comma-separated: eager and/or --compile-mode values",
     )
+    parser.add_argument(
+        "--launchers",
+        default="plain",
+        help=f"comma-separated subset of {','.join(LAUNCHERS)} (default: plain)",
+    )
+    parser.add_argument(
+        "--nproc-per-node", type=int, default=1, help="processes under torchrun (default 1)"
+    )
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--out", help="JSON path (default $OUT/train_modes.json)")
@@ -111,25 +146,41 @@ def main(argv: list[str] | None = None) -> int:
         Path(os.environ["OUT"]) / "train_modes.json" if "OUT" in os.environ else None
     )
     modes = [mode for mode in options.modes.split(",") if mode]
+    launchers = [launcher for launcher in options.launchers.split(",") if launcher]
+    unknown = sorted(set(launchers) - set(LAUNCHERS))
+    if unknown:
+        parser.error(f"--launchers: unknown {', '.join(unknown)}; choose from {LAUNCHERS}")
     results: dict[str, dict[str, dict]] = {}
     with tempfile.TemporaryDirectory() as scratch:
         for name, args in options.runs:
             for mode in modes:
-                record = train_once(
-                    args, mode, options.steps, options.log_every, Path(scratch) / f"{name}-{mode}"
-                )
-                results.setdefault(name, {})[mode] = record
-                shown = (
-                    f"{record['samples_per_s']:10.1f} samples/s ({record['it_per_s']:.2f} it/s)"
-                    if "error" not in record
-                    else f"failed: {record['error']}"
-                )
-                print(f"{name:10s} {mode:16s} {shown}  wall {record['wall_s']:.0f} s", flush=True)
+                for launcher in launchers:
+                    # the plain launcher's key is the mode alone, as before launchers existed
+                    key = mode if launcher == "plain" else f"{mode} {launcher}"
+                    record = train_once(
+                        args,
+                        mode,
+                        options.steps,
+                        options.log_every,
+                        Path(scratch) / f"{name}-{mode}-{launcher}",
+                        launcher,
+                        options.nproc_per_node,
+                    )
+                    results.setdefault(name, {})[key] = record
+                    shown = (
+                        f"{record['samples_per_s']:10.1f} samples/s ({record['it_per_s']:.2f} it/s)"
+                        if "error" not in record
+                        else f"failed: {record['error']}"
+                    )
+                    print(
+                        f"{name:10s} {key:16s} {shown}  wall {record['wall_s']:.0f} s", flush=True
+                    )
                 if out_path:
                     Path(out_path).write_text(
                         json.dumps(
                             {
                                 "steps": options.steps,
+                                "nproc_per_node": options.nproc_per_node,
                                 "log_every": options.log_every,
                                 "runs": {n: a for n, a in options.runs},
                                 "results": results,

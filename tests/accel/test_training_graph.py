@@ -59,7 +59,7 @@ def test_cpu_calls_pass_through_and_attributes_are_the_models():
         assert torch.equal(a, b)
 
 
-def test_the_trainer_records_uncompiled_one_process_gpu_runs_only():
+def test_the_trainer_records_uncompiled_gpu_runs_whose_communication_allows():
     gpu, cpu = DistInfo(device=torch.device("cuda", 0)), DistInfo()
     torchrun = DistInfo(rank=0, world_size=2, device=torch.device("cuda", 0))
     config = small_config("ddpm-cifar10")
@@ -67,7 +67,10 @@ def test_the_trainer_records_uncompiled_one_process_gpu_runs_only():
     assert not uses_training_graph(TrainSection(cuda_graph="off"), gpu, config)
     assert not uses_training_graph(TrainSection(compile=True), gpu, config)
     assert not uses_training_graph(TrainSection(), cpu, config)
-    assert not uses_training_graph(TrainSection(), torchrun, config)
+    # under torchrun: with gradients all-reduced after the backward, not inside it
+    assert uses_training_graph(TrainSection(), torchrun, config)
+    assert not uses_training_graph(TrainSection(grad_sync="ddp"), torchrun, config)
+    assert not uses_training_graph(TrainSection(parallel="fsdp"), torchrun, config)
     assert not uses_training_graph(TrainSection(), gpu, config.replace(use_checkpoint=True))
     with pytest.raises(RunConfigError, match="cuda_graph"):
         TrainSection(cuda_graph="on").validate()

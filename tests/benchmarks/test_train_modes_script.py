@@ -3,6 +3,8 @@
 import json
 import subprocess
 
+import pytest
+
 TINY = (
     "tiny:--image-size 8 --batch-size 8 --threads 1 --precision fp32 --sample-steps 1 "
     "model_channels=8 norm_groups=4 channel_mult=[1,2] attention_resolutions=[] "
@@ -43,3 +45,29 @@ def test_a_failed_run_is_reported_with_its_last_line(
     results = json.loads(out.read_text())["results"]["broken"]
     assert results["eager"]["error"] == results["default"]["error"] == "error: --batch-size 0"
     assert "broken     eager            failed: error: --batch-size 0" in capsys.readouterr().out
+
+
+def test_the_torchrun_launcher_trains_each_mode_under_torchrun_too(
+    tmp_path, capsys, benchmark_script, monkeypatch
+):
+    script = benchmark_script("train_modes")
+    commands = []
+
+    def run(command, **kwargs):
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 1, "", "error: stopped here\n")
+
+    monkeypatch.setattr(script.subprocess, "run", run)
+    argv = ["--modes", "auto", "--launchers", "plain,torchrun", "--nproc-per-node", "2"]
+    assert script.main([*argv, "--run", "digits:", "--out", str(tmp_path / "m.json")]) == 1
+    plain, launched = commands
+    assert plain[1:4] == ["-m", "diffunet", "train"]
+    assert launched[1:3] == ["-m", "torch.distributed.run"]
+    assert "--nproc_per_node=2" in launched
+    assert launched[-3:] == plain[-3:] == ["--no-eval", "--compile-mode", "auto"]
+    results = json.loads((tmp_path / "m.json").read_text())
+    assert set(results["results"]["digits"]) == {"auto", "auto torchrun"}
+    assert results["nproc_per_node"] == 2
+    with pytest.raises(SystemExit):
+        script.main(["--launchers", "mpirun", "--run", "digits:"])
+    assert "unknown mpirun" in capsys.readouterr().err

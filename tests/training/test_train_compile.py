@@ -21,7 +21,7 @@ from diffunet.cli import main
 from diffunet.training.distributed import DistInfo
 from diffunet.training.run_config import RunConfigError, TrainSection
 from diffunet.training.state import load_training_state
-from diffunet.training.trainer import resolve_compile_mode
+from diffunet.training.trainer import resolve_compile_mode, resolve_grad_sync
 
 TINY = [
     "--image-size",
@@ -141,9 +141,9 @@ def test_reduce_overhead_trains_on_one_process_and_says_so(tmp_path, capsys, com
 @pytest.mark.skipif(
     not os.environ.get("DIFFUNET_SLOW_TESTS"),
     reason="launches torchrun; the refusal itself: "
-    "test_auto_compile_mode_records_cuda_graphs_only_in_one_process_cuda_runs",
+    "test_auto_compile_mode_records_cuda_graphs_where_the_communication_allows",
 )
-def test_reduce_overhead_under_torchrun_is_refused_in_one_line(tmp_path):
+def test_reduce_overhead_under_torchrun_with_fsdp_is_refused_in_one_line(tmp_path):
     result = subprocess.run(
         [
             sys.executable,
@@ -160,6 +160,8 @@ def test_reduce_overhead_under_torchrun_is_refused_in_one_line(tmp_path):
             "cpu",
             "--compile-mode",
             "reduce-overhead",
+            "--parallel",
+            "fsdp",
             *TINY,
         ],
         capture_output=True,
@@ -168,23 +170,48 @@ def test_reduce_overhead_under_torchrun_is_refused_in_one_line(tmp_path):
     )
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.startswith("diffunet train:")]
-    assert lines and "reduce-overhead trains in one process" in lines[0]
+    assert lines and "--parallel fsdp communicates inside the backward" in lines[0]
     assert not (tmp_path / "r").exists()
 
 
-def test_auto_compile_mode_records_cuda_graphs_only_in_one_process_cuda_runs():
+def test_auto_compile_mode_records_cuda_graphs_where_the_communication_allows():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    one, torchrun = DistInfo(device=cuda), DistInfo(world_size=2, device=cuda)
+    alone_in_group = DistInfo(device=cuda, grouped=True)
     auto = TrainSection(compile=True)
-    assert auto.compile_mode == "auto"
-    assert resolve_compile_mode(auto, DistInfo(device=cuda)) == "reduce-overhead"
+    assert auto.compile_mode == "auto" and auto.grad_sync == "auto"
+    assert resolve_compile_mode(auto, one) == "reduce-overhead"
     assert resolve_compile_mode(auto, DistInfo(device=cpu)) == "default"
-    assert resolve_compile_mode(auto, DistInfo(world_size=2, device=cuda)) == "default"
+    # under torchrun the gradients are all-reduced after the replayed backward
+    assert resolve_compile_mode(auto, torchrun) == "reduce-overhead"
+    assert resolve_compile_mode(auto, alone_in_group) == "reduce-overhead"
+    hooks = TrainSection(compile=True, grad_sync="ddp")
+    sharded = TrainSection(compile=True, parallel="fsdp")
+    assert resolve_compile_mode(hooks, torchrun) == resolve_compile_mode(sharded, torchrun)
+    assert resolve_compile_mode(hooks, torchrun) == "default"
+    assert resolve_compile_mode(hooks, one) == resolve_compile_mode(sharded, one)
+    assert resolve_compile_mode(hooks, one) == "reduce-overhead"  # one process: no communication
     default = TrainSection(compile=True, compile_mode="default")
-    assert resolve_compile_mode(default, DistInfo(device=cuda)) == "default"
+    assert resolve_compile_mode(default, one) == "default"
     graphs = TrainSection(compile=True, compile_mode="reduce-overhead")
     assert resolve_compile_mode(graphs, DistInfo(device=cpu)) == "reduce-overhead"
-    with pytest.raises(RunConfigError, match="reduce-overhead trains in one process"):
-        resolve_compile_mode(graphs, DistInfo(world_size=2, device=cuda))
+    assert resolve_compile_mode(graphs, torchrun) == "reduce-overhead"
+    for section, option in ((hooks, "--grad-sync ddp"), (sharded, "--parallel fsdp")):
+        section.compile_mode = "reduce-overhead"
+        with pytest.raises(RunConfigError, match=f"{option} communicates inside the backward"):
+            resolve_compile_mode(section, torchrun)
+
+
+def test_grad_sync_follows_the_replayed_step_and_is_refused_with_fsdp():
+    assert resolve_grad_sync(TrainSection(), graphed=True) == "after-backward"
+    assert resolve_grad_sync(TrainSection(), graphed=False) == "ddp"
+    for chosen in ("ddp", "after-backward"):
+        for graphed in (False, True):
+            assert resolve_grad_sync(TrainSection(grad_sync=chosen), graphed) == chosen
+    with pytest.raises(RunConfigError, match="--grad-sync after-backward .* --parallel fsdp"):
+        TrainSection(parallel="fsdp", grad_sync="after-backward").validate()
+    with pytest.raises(RunConfigError, match="grad_sync"):
+        TrainSection(grad_sync="hooks").validate()
 
 
 @pytest.mark.gpu

@@ -1,8 +1,11 @@
-"""Data-parallel training: 2 gloo processes under torchrun match one process."""
+"""Data-parallel training: 2 gloo processes under torchrun match one process, with DDP's hooks
+and with the gradients all-reduced after the backward; on a GPU, a 1-process NCCL group's
+replayed steps match a plain process's."""
 
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from diffunet.cli import main
@@ -38,42 +41,61 @@ ARGS = [
 ]
 
 
-def test_two_gloo_processes_match_one(tmp_path):
+def torchrun(processes: int, out, *args: str) -> subprocess.CompletedProcess:
+    """`diffunet train --out OUT ARGS` under torchrun with `processes` processes."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += [f"--nproc_per_node={processes}", "-m", "diffunet", "train", "--out", str(out)]
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("grad_sync", ["ddp", "after-backward"])
+def test_two_gloo_processes_match_one(tmp_path, grad_sync):
     threads = torch.get_num_threads()
     try:
         assert main(["train", "--out", str(tmp_path / "single"), *ARGS]) == 0
     finally:
         torch.set_num_threads(threads)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "diffunet",
-            "train",
-            "--out",
-            str(tmp_path / "ddp"),
-            *ARGS,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = torchrun(2, tmp_path / "ddp", *ARGS, "--grad-sync", grad_sync)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2× cpu" in result.stderr  # the banner: both processes trained
+    after = "gradients all-reduced after the backward"
+    assert (after in result.stderr) == (grad_sync == "after-backward")
     assert result.stdout.count("trained 12 steps") == 1  # rank 0 alone reports
 
-    single = load_training_state(tmp_path / "single" / "train_state.pt")
-    ddp = load_training_state(tmp_path / "ddp" / "train_state.pt")
-    assert ddp["step"] == single["step"] == 12
+    assert load_training_state(tmp_path / "ddp" / "train_state.pt")["step"] == 12
+    assert_same_training_state(tmp_path / "single", tmp_path / "ddp")
+
+
+def assert_same_training_state(a_dir, b_dir) -> None:
+    """The two runs' weights and EMA agree up to floating-point reduction order."""
+    a, b = (load_training_state(d / "train_state.pt") for d in (a_dir, b_dir))
+    assert a["step"] == b["step"]
     for part in ("model", "ema"):
-        a = single[part] if part == "model" else single[part]["weights"]
-        b = ddp[part] if part == "model" else ddp[part]["weights"]
-        assert a.keys() == b.keys()
-        worst = max((a[k] - b[k]).abs().max().item() for k in a)
-        scale = max(a[k].abs().max().item() for k in a)
+        x = a[part] if part == "model" else a[part]["weights"]
+        y = b[part] if part == "model" else b[part]["weights"]
+        assert x.keys() == y.keys()
+        worst = max((x[k] - y[k]).abs().max().item() for k in x)
+        scale = max(x[k].abs().max().item() for k in x)
         # identical up to floating-point reduction order (gradient all-reduce vs one batch mean)
         assert worst <= 1e-4 * scale, f"{part}: max difference {worst} (weights up to {scale})"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_one_process_nccl_group_replays_the_steps_of_a_plain_run(tmp_path, compiled):
+    """torchrun with one process joins an NCCL group and takes the data-parallel path: its
+    replayed steps (CUDA graphs, gradients all-reduced after the backward over a world of one)
+    train as the same run without torchrun."""
+    gpu = [a for a in ARGS if a not in ("--device", "cpu")] + ["--device", "cuda"]
+    gpu += ["--compile"] if compiled else []
+    threads = torch.get_num_threads()
+    try:
+        assert main(["train", "--out", str(tmp_path / "single"), *gpu]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    result = torchrun(1, tmp_path / "group", *gpu)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1× cuda, gradients all-reduced after the backward" in result.stderr
+    assert ("CUDA graphs" in result.stderr) != compiled
+    assert ("reduce-overhead" in result.stderr) == compiled
+    assert_same_training_state(tmp_path / "single", tmp_path / "group")

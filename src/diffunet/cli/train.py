@@ -31,6 +31,7 @@ from diffunet.training import distributed
 from diffunet.training.run_config import (
     COMPILE_MODES,
     DEVICES,
+    GRAD_SYNC_MODES,
     PARALLEL_MODES,
     PRECISIONS,
     SAMPLERS,
@@ -70,6 +71,7 @@ OPTION_MAP = (
     ("parallel", "train", "parallel"),
     ("compile_mode", "train", "compile_mode"),
     ("cuda_graph", "train", "cuda_graph"),
+    ("grad_sync", "train", "grad_sync"),
     ("process", "diffusion", "process"),
     ("sampler", "sample", "sampler"),
     ("sample_steps", "sample", "steps"),
@@ -219,6 +221,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "for models whose training state does not fit one device",
     )
     parser.add_argument(
+        "--grad-sync",
+        choices=GRAD_SYNC_MODES,
+        help="under torchrun with --parallel ddp: ddp all-reduces gradients during the "
+        "backward (DDP's hooks), after-backward in large buckets once it is done, which lets "
+        "the step replay as CUDA graphs; default: auto, after-backward exactly when the step "
+        "is replayed as CUDA graphs",
+    )
+    parser.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile the model for training (pays off on GPUs for runs "
@@ -229,16 +239,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         dest="cuda_graph",
         action="store_const",
         const="off",
-        help="launch the uncompiled step kernel by kernel; by default a one-process GPU run "
-        "records its forward and backward as CUDA graphs and replays them",
+        help="launch the uncompiled step kernel by kernel; by default a GPU run records its "
+        "forward and backward as CUDA graphs and replays them",
     )
     parser.add_argument(
         "--compile-mode",
         choices=COMPILE_MODES,
         help="implies --compile; reduce-overhead also records the step's forward "
-        "and backward as CUDA graphs (one process on a GPU only); default: auto, "
-        "which records them in one-process GPU runs and compiles in the default "
-        "mode on the CPU and under torchrun",
+        "and backward as CUDA graphs (on a GPU, not with --parallel fsdp or --grad-sync "
+        "ddp under torchrun); default: auto, which records them where they can be and "
+        "compiles in the default mode elsewhere (the CPU, FSDP, DDP's hooks)",
     )
 
 

@@ -1,8 +1,9 @@
 """Data-parallel training under `torchrun`: process group, devices and per-rank CPU threads.
 
 `torchrun --nproc_per_node=N $(which diffunet) train ...` sets `RANK`, `WORLD_SIZE` and
-`LOCAL_RANK`; :func:`setup` then joins the process group (NCCL on GPUs, gloo on CPUs). Without
-those variables everything runs in one process and the collectives below are no-ops.
+`LOCAL_RANK`; :func:`setup` then joins the process group (NCCL on GPUs, gloo on CPUs), also
+when torchrun starts one process: that run takes the data-parallel path with a world of one.
+Without those variables everything runs in one process and the collectives below are no-ops.
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ from diffunet.errors import InvalidValueError
 
 @dataclass(frozen=True)
 class DistInfo:
-    """Where this process sits: its rank, the world size and its device."""
+    """Where this process sits: its rank, the world size, its device, and whether it joined a
+    process group (`grouped`: launched by torchrun, even as its only process)."""
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    grouped: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -34,13 +37,21 @@ class DistInfo:
 
     @property
     def enabled(self) -> bool:
-        """Whether more than one process trains."""
-        return self.world_size > 1
+        """Whether this process trains data-parallel: with others, or alone in a process group
+        (the collectives then run over a world of one)."""
+        return self.world_size > 1 or self.grouped
 
 
 def launched_by_torchrun() -> bool:
     """Whether `RANK` and `WORLD_SIZE` are set (torchrun, or a manual multi-process launch)."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def joins_group(world_size: int) -> bool:
+    """Whether a launched process joins a process group: always with others; alone only where
+    the launcher named the group's rendezvous (`MASTER_ADDR`, as torchrun does), since a
+    lone process whose environment merely says `WORLD_SIZE=1` has no group to join."""
+    return world_size > 1 or "MASTER_ADDR" in os.environ
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -65,11 +76,12 @@ def setup(device_name: str) -> DistInfo:
     device = resolve_device(device_name, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
+    grouped = joins_group(world)
+    if grouped and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend=backend, **kwargs)
-    return DistInfo(rank, world, local_rank, local_world, device)
+    return DistInfo(rank, world, local_rank, local_world, device, grouped=grouped)
 
 
 def cleanup() -> None:

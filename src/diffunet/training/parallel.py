@@ -1,7 +1,7 @@
 """How the trained model and its EMA are laid out across processes (`--parallel`).
 
-:class:`Replicated` keeps a full copy in every process (gradients all-reduced by DDP under
-`torchrun`; a single process is its one-copy case). :class:`Sharded` splits parameters,
+:class:`Replicated` keeps a full copy in every process (gradients all-reduced under `torchrun`,
+by DDP during the backward or in buckets after it; a single process is its one-copy case). :class:`Sharded` splits parameters,
 gradients, optimizer state and EMA across processes (FSDP, :mod:`diffunet.training.sharding`). The
 trainer talks to either through the same methods, so it never asks which one it has.
 """
@@ -20,6 +20,7 @@ from diffunet.model.checkpoint import clean_state_dict
 from diffunet.model.unet import UNet
 from diffunet.training.distributed import DistInfo
 from diffunet.training.ema import ema_tensors, update_ema
+from diffunet.training.gradient_sync import GradientAllReduce
 
 
 def place_model(model: UNet, device: torch.device, *, sharded: bool = False) -> None:
@@ -37,13 +38,15 @@ def place_model(model: UNet, device: torch.device, *, sharded: bool = False) -> 
 class Replicated:
     """A full copy of the model and its EMA in every process.
 
-    `net` is what the training step calls: the model, wrapped in DDP under `torchrun`.
+    `net` is what the training step calls: the model, wrapped in DDP under `torchrun` with
+    `grad_sync="ddp"`; with `"after-backward"` the model itself, and :meth:`sync_gradients`
+    averages the gradients (:class:`~diffunet.training.gradient_sync.GradientAllReduce`).
     """
 
     parallel = "replicated"
     gathers = False  # building the training state is no collective
 
-    def __init__(self, model: UNet, dist: DistInfo) -> None:
+    def __init__(self, model: UNet, dist: DistInfo, grad_sync: str = "ddp") -> None:
         place_model(model, dist.device)
         self.model, self.dist = model, dist
         self.ema = AveragedModel(model)
@@ -52,14 +55,23 @@ class Replicated:
         self._parameters = list(model.parameters())
         self._ema_tensors = ema_tensors(self.ema, model)
         self.net: torch.nn.Module = model
-        if dist.enabled:
+        self.grad_sync = grad_sync if dist.enabled else None
+        self._all_reduce: GradientAllReduce | None = None
+        if self.grad_sync == "ddp":
             ids = [dist.device.index] if dist.device.type == "cuda" else None
             self.net = DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
             # The diffusion layer reads the model's config (time input, aleatoric head).
             self.net.config = model.config
+        elif self.grad_sync == "after-backward":
+            self._all_reduce = GradientAllReduce(self._parameters, dist)
 
     def prepare_compile(self) -> None:
         """Nothing to prepare: the whole model compiles as one graph."""
+
+    def sync_gradients(self) -> None:
+        """Average the gradients over the ranks where the backward did not (after-backward)."""
+        if self._all_reduce is not None:
+            self._all_reduce()
 
     def clip_gradients(self, max_norm: float) -> torch.Tensor:
         """Clip the gradients' global norm to `max_norm`; the norm before clipping."""
@@ -101,7 +113,9 @@ class Replicated:
         return self.ema.module
 
     def describe(self) -> str:
-        """What the start-of-run banner adds; nothing for full copies."""
+        """What the start-of-run banner adds: how replicas average their gradients."""
+        if self.grad_sync == "after-backward":
+            return ", gradients all-reduced after the backward"
         return ""
 
 
@@ -132,6 +146,9 @@ class Sharded:
         blocks = len(self.model.input_blocks) + 1 + len(self.model.output_blocks)
         dynamo = torch._dynamo.config
         dynamo.recompile_limit = max(dynamo.recompile_limit, blocks)
+
+    def sync_gradients(self) -> None:
+        """Nothing to do: FSDP reduce-scatters the gradients during the backward."""
 
     def clip_gradients(self, max_norm: float) -> torch.Tensor:
         """Clip the gradients' global norm to `max_norm`; the norm before clipping."""

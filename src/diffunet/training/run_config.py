@@ -48,6 +48,9 @@ DEVICES = ("auto", "cpu", "cuda")
 PARALLEL_MODES = ("ddp", "fsdp")
 COMPILE_MODES = ("auto", "default", "reduce-overhead")
 CUDA_GRAPH_CHOICES = ("auto", "off")
+#: How replicated runs average gradients: DDP's hooks during the backward, or one bucketed
+#: all-reduce after it (what steps replayed as CUDA graphs need); `auto` picks by the step.
+GRAD_SYNC_MODES = ("auto", "ddp", "after-backward")
 
 #: The default model: the DDPM CIFAR-10 topology, shrunk for 16×16 digits on a CPU.
 DEFAULT_PRESET = "ddpm-cifar10"
@@ -181,6 +184,11 @@ class TrainSection:
     # "auto": an uncompiled one-process CUDA run replays its forward and backward as CUDA
     # graphs (diffunet.accel.training_graph); "off" launches them kernel by kernel.
     cuda_graph: str = "auto"
+    # Under torchrun with --parallel ddp: "ddp" all-reduces gradients from DDP's hooks during
+    # the backward; "after-backward" in buckets once it is done (diffunet.training.
+    # gradient_sync), which lets the step replay as CUDA graphs; "auto" takes the latter
+    # exactly when the step is replayed as CUDA graphs.
+    grad_sync: str = "auto"
 
     def validate(self) -> None:
         """Raise :class:`RunConfigError` for an unusable setting."""
@@ -202,6 +210,13 @@ class TrainSection:
         _check_choice("train.parallel (--parallel)", self.parallel, PARALLEL_MODES)
         _check_choice("train.compile_mode (--compile-mode)", self.compile_mode, COMPILE_MODES)
         _check_choice("train.cuda_graph (--no-cuda-graph)", self.cuda_graph, CUDA_GRAPH_CHOICES)
+        _check_choice("train.grad_sync (--grad-sync)", self.grad_sync, GRAD_SYNC_MODES)
+        if self.parallel == "fsdp" and self.grad_sync != "auto":
+            raise RunConfigError(
+                f"--grad-sync {self.grad_sync} chooses how replicated models average their "
+                "gradients, but --parallel fsdp reduce-scatters them to shards; drop "
+                "--grad-sync or use --parallel ddp"
+            )
         if self.parallel == "fsdp" and self.precision == "fp16":
             raise RunConfigError(
                 "--parallel fsdp trains in bf16 or fp32: fp16's loss scaling is "

@@ -7,7 +7,8 @@ data-parallel processes see exactly the draws a single process would):
 1. take the `s`-th batch of the epoch's permutation (the global batch; each rank its slice);
 2. draw timesteps, noise and the classifier-free-guidance label dropout for the global batch;
 3. loss under autocast (bf16 where supported, float32 master weights), backward (DDP averages
-   the gradients; with `--parallel fsdp` they are reduce-scattered to sharded parameters, see
+   the gradients, or one bucketed all-reduce after the backward where the step replays as CUDA
+   graphs; with `--parallel fsdp` they are reduce-scattered to sharded parameters, see
    :mod:`diffunet.training.parallel`), clip, optimizer and LR-schedule step, EMA update in float32;
 4. every `log_every` steps a log line / CSV row, every `checkpoint_every` steps the EMA
    checkpoint folder + training-state file, every `sample_every` steps a PNG grid.
@@ -101,40 +102,60 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return name
 
 
+def graphs_fit_communication(train: TrainSection, dist: DistInfo) -> bool:
+    """Whether the run's gradient communication leaves the step free to replay as CUDA
+    graphs: none in one process; under torchrun, replicated models whose gradients are
+    all-reduced after the backward (`--grad-sync` auto or after-backward), not DDP's hooks
+    or FSDP's collectives, which run inside the backward."""
+    return not dist.enabled or (train.parallel == "ddp" and train.grad_sync != "ddp")
+
+
 def resolve_compile_mode(train: TrainSection, dist: DistInfo) -> str:
     """The `torch.compile` mode of a compiled run.
 
-    `auto` records CUDA graphs (`reduce-overhead`) in one-process CUDA runs, whose compiled
-    steps are otherwise bound by kernel launches (docs/performance.md), and compiles in the
-    default mode on the CPU (no graphs there) and under torchrun (the trainer does not record
-    graphs around DDP's or FSDP's communication).
+    `auto` records CUDA graphs (`reduce-overhead`) on a GPU, where compiled steps are otherwise
+    bound by kernel launches (docs/performance.md), and compiles in the default mode on the
+    CPU (no graphs there) and where the gradient communication runs inside the backward
+    (:func:`graphs_fit_communication`).
     """
-    if train.compile_mode == "reduce-overhead" and dist.enabled:
+    if train.compile_mode in fused.CUDA_GRAPH_MODES and not graphs_fit_communication(train, dist):
+        communication = "--parallel fsdp" if train.parallel == "fsdp" else "--grad-sync ddp"
         raise RunConfigError(
-            "--compile-mode reduce-overhead trains in one process; under "
-            "torchrun use --compile (default mode)"
+            f"--compile-mode {train.compile_mode} replays the step as CUDA graphs, but under "
+            f"torchrun {communication} communicates inside the backward, which graphs cannot "
+            "hold; use --grad-sync auto (gradients all-reduced after the backward) or "
+            "--compile-mode default"
         )
     if train.compile_mode != "auto":
         return train.compile_mode
-    return "reduce-overhead" if dist.device.type == "cuda" and not dist.enabled else "default"
+    graphs = dist.device.type == "cuda" and graphs_fit_communication(train, dist)
+    return "reduce-overhead" if graphs else "default"
 
 
 def uses_training_graph(train: TrainSection, dist: DistInfo, config: UNetConfig) -> bool:
     """Whether the step's forward and backward are replayed as CUDA graphs
     (:class:`~diffunet.accel.training_graph.CUDAGraphTraining`).
 
-    `train.cuda_graph: auto` does so in uncompiled one-process CUDA runs of models without
-    gradient checkpointing: a compiled run records its own graphs (`--compile-mode`), the
-    trainer does not record around DDP's or FSDP's communication, and checkpointing's
-    recomputation cannot be recorded.
+    `train.cuda_graph: auto` does so in uncompiled CUDA runs of models without gradient
+    checkpointing whose communication allows it (:func:`graphs_fit_communication`): a
+    compiled run records its own graphs (`--compile-mode`), and checkpointing's recomputation
+    cannot be recorded.
     """
     return (
         train.cuda_graph == "auto"
         and not train.compile
         and dist.device.type == "cuda"
-        and not dist.enabled
+        and graphs_fit_communication(train, dist)
         and not config.use_checkpoint
     )
+
+
+def resolve_grad_sync(train: TrainSection, graphed: bool) -> str:
+    """How a replicated run averages gradients: `auto` → after the backward exactly when the
+    step replays as CUDA graphs (DDP's hooks cannot fire inside them), else DDP."""
+    if train.grad_sync != "auto":
+        return train.grad_sync
+    return "after-backward" if graphed else "ddp"
 
 
 def same_model_config(saved: Any, config: UNetConfig) -> bool:
@@ -269,11 +290,15 @@ class Trainer:
         self.model_config = run.model_config(data_fields(data))
         torch.manual_seed(t.seed)
         self.model = accelerate(UNet(self.model_config).to(device))
-        layout_type = Sharded if t.parallel == "fsdp" and dist.enabled else Replicated
-        self.layout: Replicated | Sharded = layout_type(self.model, dist)
-        self.net = self.layout.net
         self.compile_mode = resolve_compile_mode(t, dist) if t.compile else None
         self.graphed = uses_training_graph(t, dist, self.model_config)
+        replayed = self.graphed or self.compile_mode in fused.CUDA_GRAPH_MODES
+        self.layout: Replicated | Sharded = (
+            Sharded(self.model, dist)
+            if t.parallel == "fsdp" and dist.enabled
+            else Replicated(self.model, dist, grad_sync=resolve_grad_sync(t, replayed))
+        )
+        self.net = self.layout.net
         if self.graphed:
             self.net = CUDAGraphTraining(self.net)
         if self.compile_mode is not None:
@@ -378,6 +403,7 @@ class Trainer:
                     generator=batch["generator"],
                 )
             self.scaler.scale(loss).backward()
+            self.layout.sync_gradients()
             self.scaler.unscale_(self.optimizer)
             if t.grad_clip > 0:
                 grad_norm = self.layout.clip_gradients(t.grad_clip)

@@ -1,0 +1,61 @@
+"""Gradients all-reduced after the backward (training/gradient_sync.py) and the process group
+that torchrun's single process joins (training/distributed.py)."""
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from diffunet.training import distributed
+from diffunet.training.distributed import DistInfo
+from diffunet.training.gradient_sync import GradientAllReduce, gradient_buckets
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def torchrun_env(monkeypatch):
+    """The environment torchrun gives its one process."""
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
+    env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    yield
+    distributed.cleanup()
+
+
+def test_buckets_hold_one_dtype_and_at_most_the_cap():
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in (10, 20, 30, 100, 5)]
+    params.insert(2, torch.nn.Parameter(torch.zeros(4, dtype=torch.float64)))
+    params.append(torch.nn.Parameter(torch.zeros(3), requires_grad=False))
+    buckets = gradient_buckets(params, bucket_bytes=40 * 4)
+    assert [[p.numel() for p in b] for b in buckets] == [[10, 20], [4], [30], [100], [5]]
+    assert all(len({p.dtype for p in b}) == 1 for b in buckets)
+
+
+def test_a_process_alone_in_its_group_keeps_its_gradients(torchrun_env):
+    info = distributed.setup("cpu")
+    assert info.grouped and info.enabled and info.world_size == 1 and dist.is_initialized()
+    conv = torch.nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
+    unused = torch.nn.Parameter(torch.ones(5))
+    x = torch.randn(2, 3, 6, 6).to(memory_format=torch.channels_last)
+    conv(x).square().sum().backward()
+    before = [conv.weight.grad.clone(), conv.bias.grad.clone()]
+    GradientAllReduce([*conv.parameters(), unused], info, bucket_bytes=64)()
+    assert torch.equal(conv.weight.grad, before[0]) and torch.equal(conv.bias.grad, before[1])
+    assert conv.weight.grad.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(unused.grad, torch.zeros(5))  # no gradient: zeros, as on every rank
+
+
+def test_world_size_one_joins_a_group_only_where_a_launcher_named_one(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    info = distributed.setup("cpu")
+    assert not info.grouped and not info.enabled and not dist.is_initialized()
+    assert DistInfo(world_size=2).enabled and not DistInfo().enabled
