@@ -29,13 +29,12 @@ def torchrun_env(monkeypatch):
     distributed.cleanup()
 
 
-def test_buckets_hold_one_dtype_and_at_most_the_cap():
+def test_buckets_hold_the_trainable_parameters_of_one_dtype_in_order():
     params = [torch.nn.Parameter(torch.zeros(n)) for n in (10, 20, 30, 100, 5)]
     params.insert(2, torch.nn.Parameter(torch.zeros(4, dtype=torch.float64)))
     params.append(torch.nn.Parameter(torch.zeros(3), requires_grad=False))
-    buckets = gradient_buckets(params, bucket_bytes=40 * 4)
-    assert [[p.numel() for p in b] for b in buckets] == [[10, 20], [4], [30], [100], [5]]
-    assert all(len({p.dtype for p in b}) == 1 for b in buckets)
+    buckets = gradient_buckets(params)
+    assert [[p.numel() for p in b] for b in buckets] == [[10, 20, 30, 100, 5], [4]]
 
 
 def test_a_process_alone_in_its_group_keeps_its_gradients(torchrun_env):
@@ -46,7 +45,7 @@ def test_a_process_alone_in_its_group_keeps_its_gradients(torchrun_env):
     x = torch.randn(2, 3, 6, 6).to(memory_format=torch.channels_last)
     conv(x).square().sum().backward()
     before = [conv.weight.grad.clone(), conv.bias.grad.clone()]
-    GradientAllReduce([*conv.parameters(), unused], info, bucket_bytes=64)()
+    GradientAllReduce([*conv.parameters(), unused], info)()
     assert torch.equal(conv.weight.grad, before[0]) and torch.equal(conv.bias.grad, before[1])
     assert conv.weight.grad.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(unused.grad, torch.zeros(5))  # no gradient: zeros, as on every rank

@@ -224,7 +224,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--grad-sync",
         choices=GRAD_SYNC_MODES,
         help="under torchrun with --parallel ddp: ddp all-reduces gradients during the "
-        "backward (DDP's hooks), after-backward in large buckets once it is done, which lets "
+        "backward (DDP's hooks), after-backward all at once when it is done, which lets "
         "the step replay as CUDA graphs; default: auto, after-backward exactly when the step "
         "is replayed as CUDA graphs",
     )

@@ -48,7 +48,7 @@ DEVICES = ("auto", "cpu", "cuda")
 PARALLEL_MODES = ("ddp", "fsdp")
 COMPILE_MODES = ("auto", "default", "reduce-overhead")
 CUDA_GRAPH_CHOICES = ("auto", "off")
-#: How replicated runs average gradients: DDP's hooks during the backward, or one bucketed
+#: How replicated runs average gradients: DDP's hooks during the backward, or one coalesced
 #: all-reduce after it (what steps replayed as CUDA graphs need); `auto` picks by the step.
 GRAD_SYNC_MODES = ("auto", "ddp", "after-backward")
 
@@ -185,7 +185,7 @@ class TrainSection:
     # graphs (diffunet.accel.training_graph); "off" launches them kernel by kernel.
     cuda_graph: str = "auto"
     # Under torchrun with --parallel ddp: "ddp" all-reduces gradients from DDP's hooks during
-    # the backward; "after-backward" in buckets once it is done (diffunet.training.
+    # the backward; "after-backward" all at once when it is done (diffunet.training.
     # gradient_sync), which lets the step replay as CUDA graphs; "auto" takes the latter
     # exactly when the step is replayed as CUDA graphs.
     grad_sync: str = "auto"
