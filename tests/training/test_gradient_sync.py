@@ -58,3 +58,28 @@ def test_world_size_one_joins_a_group_only_where_a_launcher_named_one(monkeypatc
     info = distributed.setup("cpu")
     assert not info.grouped and not info.enabled and not dist.is_initialized()
     assert DistInfo(world_size=2).enabled and not DistInfo().enabled
+
+
+def _average_on_rank(rank: int, store_path: str, results) -> None:
+    """One of two gloo ranks: gradients rank-dependent, then averaged."""
+    store = dist.FileStore(store_path, 2)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
+    try:
+        info = DistInfo(rank=rank, world_size=2, grouped=True)
+        weight = torch.nn.Parameter(torch.zeros(2, 3))
+        scale = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
+        weight.grad = torch.arange(6.0).view(2, 3) * (rank + 1)  # rank 1: twice rank 0's
+        scale.grad = torch.tensor(10.0 * rank, dtype=torch.float64)
+        GradientAllReduce([weight, scale], info)()
+        results[rank] = (weight.grad.tolist(), scale.grad.item())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_end_with_the_mean_of_their_gradients(tmp_path):
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_average_on_rank, args=(str(tmp_path / "store"), results), nprocs=2)
+    mean = (torch.arange(6.0).view(2, 3) * 1.5).tolist()  # (1 + 2) / 2 times the base
+    assert results[0] == results[1] == (mean, 5.0)

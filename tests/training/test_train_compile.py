@@ -196,9 +196,13 @@ def test_auto_compile_mode_records_cuda_graphs_where_the_communication_allows():
     graphs = TrainSection(compile=True, compile_mode="reduce-overhead")
     assert resolve_compile_mode(graphs, DistInfo(device=cpu)) == "reduce-overhead"
     assert resolve_compile_mode(graphs, torchrun) == "reduce-overhead"
-    for section, option in ((hooks, "--grad-sync ddp"), (sharded, "--parallel fsdp")):
+    for section, option, fix in (
+        (hooks, "--grad-sync ddp", "--grad-sync auto"),
+        (sharded, "--parallel fsdp", "--parallel ddp"),
+    ):
         section.compile_mode = "reduce-overhead"
-        with pytest.raises(RunConfigError, match=f"{option} communicates inside the backward"):
+        message = f"{option} communicates inside the backward, .*; use {fix}"
+        with pytest.raises(RunConfigError, match=message):
             resolve_compile_mode(section, torchrun)
 
 

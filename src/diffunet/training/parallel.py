@@ -1,9 +1,10 @@
 """How the trained model and its EMA are laid out across processes (`--parallel`).
 
 :class:`Replicated` keeps a full copy in every process (gradients all-reduced under `torchrun`,
-by DDP during the backward or all at once after it; a single process is its one-copy case). :class:`Sharded` splits parameters,
-gradients, optimizer state and EMA across processes (FSDP, :mod:`diffunet.training.sharding`). The
-trainer talks to either through the same methods, so it never asks which one it has.
+by DDP during the backward or all at once after it; a single process is its one-copy case).
+:class:`Sharded` splits parameters, gradients, optimizer state and EMA across processes (FSDP,
+:mod:`diffunet.training.sharding`). The trainer talks to either through the same methods, so
+it never asks which one it has.
 """
 
 from __future__ import annotations

@@ -119,12 +119,15 @@ def resolve_compile_mode(train: TrainSection, dist: DistInfo) -> str:
     (:func:`graphs_fit_communication`).
     """
     if train.compile_mode in fused.CUDA_GRAPH_MODES and not graphs_fit_communication(train, dist):
-        communication = "--parallel fsdp" if train.parallel == "fsdp" else "--grad-sync ddp"
+        communication, fix = (
+            ("--parallel fsdp", "--parallel ddp")
+            if train.parallel == "fsdp"
+            else ("--grad-sync ddp", "--grad-sync auto (gradients all-reduced after the backward)")
+        )
         raise RunConfigError(
             f"--compile-mode {train.compile_mode} replays the step as CUDA graphs, but under "
             f"torchrun {communication} communicates inside the backward, which graphs cannot "
-            "hold; use --grad-sync auto (gradients all-reduced after the backward) or "
-            "--compile-mode default"
+            f"hold; use {fix} or --compile-mode default"
         )
     if train.compile_mode != "auto":
         return train.compile_mode
@@ -292,7 +295,9 @@ class Trainer:
         self.model = accelerate(UNet(self.model_config).to(device))
         self.compile_mode = resolve_compile_mode(t, dist) if t.compile else None
         self.graphed = uses_training_graph(t, dist, self.model_config)
-        replayed = self.graphed or self.compile_mode in fused.CUDA_GRAPH_MODES
+        replayed = self.graphed or (
+            device.type == "cuda" and self.compile_mode in fused.CUDA_GRAPH_MODES
+        )
         self.layout: Replicated | Sharded = (
             Sharded(self.model, dist)
             if t.parallel == "fsdp" and dist.enabled
