@@ -264,6 +264,42 @@ def test_dropout_zeroes_added_cond_with_context_and_labels_and_keeps_time_ids(na
     assert not seen_in_loss(1.0, **cond)["added_cond"].any()
 
 
+@pytest.mark.parametrize("name", PROCESSES)
+def test_dropout_gives_dropped_rows_the_explicit_unconditional_inputs(name):
+    """`loss(null_context=, null_added_cond=)` trains the unconditional model on the inputs
+    that guidance's unconditional pass gets (SD's empty-prompt embedding), on the rows that
+    dropout with zeros would drop."""
+    batch = 32
+    cond, null = conditioning(batch=batch), nulls()
+    x0 = torch.zeros(batch, 1, 4)
+
+    def seen_in_loss(prob, **given):
+        model = Recording()
+        PROCESSES[name](cond_drop_prob=prob).loss(
+            model, x0, generator=torch.Generator().manual_seed(3), **given
+        )
+        return model.calls[0]
+
+    zeros = seen_in_loss(0.5, **cond)
+    seen = seen_in_loss(0.5, **cond, **null)
+    dropped = (zeros["context"] == 0).all(dim=(1, 2))
+    assert 0 < int(dropped.sum()) < batch
+    for key in ("context", "added_cond"):
+        assert torch.equal(seen[key][~dropped], cond[key][~dropped])
+        expected = null[f"null_{key}"].expand(int(dropped.sum()), *cond[key].shape[1:])
+        assert torch.equal(seen[key][dropped], expected)
+    # a batch-sized null input, different per row; probability 1 replaces every row
+    per_row = {"null_context": torch.randn(batch, TOKENS, CONTEXT_DIM)}
+    everything = seen_in_loss(1.0, context=cond["context"], **per_row)
+    assert torch.equal(everything["context"], per_row["null_context"])
+    # probability 0 uses none of them, and they are still checked
+    assert torch.equal(seen_in_loss(0.0, **cond, **null)["context"], cond["context"])
+    with pytest.raises(InvalidValueError, match="null_context was given without context"):
+        seen_in_loss(0.0, null_context=null["null_context"])
+    with pytest.raises(InvalidValueError, match=r"null_added_cond has shape \(1, 4\)"):
+        seen_in_loss(0.5, added_cond=cond["added_cond"], null_added_cond=torch.zeros(1, 4))
+
+
 # ---------------------------------------------------------------------- errors
 SAMPLE_ERRORS = [
     (

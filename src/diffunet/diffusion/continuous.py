@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffunet.diffusion.denoiser import GuidedModel
-from diffunet.diffusion.guidance import drop_guided_conditioning, null_label_of
+from diffunet.diffusion.guidance import dropped_for_training
 from diffunet.diffusion.model_protocol import DenoiserTraits, DenoisingModel, traits_of
 from diffunet.diffusion.process import Diffusion, draw_noise, with_cuda_graph
 from diffunet.errors import InvalidTypeError, InvalidValueError
@@ -209,6 +209,8 @@ class ContinuousProcess:
         generator: torch.Generator | None = None,
         noise: torch.Tensor | None = None,
         times: torch.Tensor | None = None,
+        null_context: torch.Tensor | None = None,
+        null_added_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The training loss of `model` on clean data `x0`: a float32 scalar (what it regresses
         is in the class's description).
@@ -216,7 +218,9 @@ class ContinuousProcess:
         `times` (the process's time of each sample, `(B,)`) and `noise` (x0's shape) fix the
         otherwise random draws (times from :meth:`sample_training_times`); `generator` seeds
         them. `added_cond` / `time_ids` are SDXL's added conditioning, as in `Diffusion.loss`.
-        Conditioning is dropped with probability `cond_drop_prob`.
+        Conditioning is dropped with probability `cond_drop_prob`, a dropped context or
+        added_cond becoming `null_context` / `null_added_cond` (zeros by default), as in
+        `Diffusion.loss`.
         """
         batch = self._training_batch(
             model,
@@ -229,6 +233,8 @@ class ContinuousProcess:
             generator=generator,
             noise=noise,
             times=times,
+            null_context=null_context,
+            null_added_cond=null_added_cond,
         )
         return self._batch_loss(model, batch)
 
@@ -249,6 +255,8 @@ class ContinuousProcess:
         times: torch.Tensor | None,
         added_cond: torch.Tensor | None = None,
         time_ids: torch.Tensor | None = None,
+        null_context: torch.Tensor | None = None,
+        null_added_cond: torch.Tensor | None = None,
     ) -> TrainingBatch:
         """Checks `loss`'s arguments and draws what was not given: times, then noise, then the
         conditioning dropout (the order `Diffusion.loss` draws in; labels, context and
@@ -282,9 +290,15 @@ class ContinuousProcess:
                 f"noise has shape {given}, expected x0's shape {tuple(x0.shape)}"
             )
         noise = noise.to(device=device, dtype=torch.float32)
-        null = null_label_of(model) if self.cond_drop_prob > 0 and labels is not None else None
-        context, labels, added_cond = drop_guided_conditioning(
-            context, labels, added_cond, self.cond_drop_prob, null, generator
+        context, labels, added_cond = dropped_for_training(
+            model,
+            self.cond_drop_prob,
+            context,
+            labels,
+            added_cond,
+            generator,
+            null_context=null_context,
+            null_added_cond=null_added_cond,
         )
         return TrainingBatch(x0, noise, times, cond, context, labels, added_cond, time_ids)
 

@@ -133,13 +133,20 @@ def drop_guided_conditioning(
     prob: float,
     null_label: int | None,
     generator: torch.Generator | None = None,
+    *,
+    null_context: torch.Tensor | None = None,
+    null_added_cond: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """:func:`drop_conditioning` of `(context, labels, added_cond)`: each sample's context and
-    added conditioning become zeros and its label the null label, all together, with
-    probability `prob`.
+    added conditioning become their unconditional versions and its label the null label, all
+    together, with probability `prob`.
 
-    One uniform number per sample is drawn (on the generator's device, the CPU by default)
-    when `prob > 0` and any of the three is given; nothing is drawn otherwise.
+    The unconditional context and added conditioning are zeros unless `null_context` /
+    `null_added_cond` give them (already broadcast to `context` / `added_cond`'s shape, see
+    :func:`broadcast_null`), as guidance's unconditional pass takes them (:func:`unconditional`):
+    e.g. Stable Diffusion's empty-prompt embedding. One uniform number per sample is drawn (on
+    the generator's device, the CPU by default) when `prob > 0` and any of the three is given;
+    nothing is drawn otherwise.
     """
     given = [v for v in (labels, context, added_cond) if v is not None]
     if prob <= 0.0 or not given:
@@ -148,17 +155,46 @@ def drop_guided_conditioning(
     device = generator.device if generator is not None else "cpu"
     drop = torch.rand(batch, generator=generator, device=device) < prob
 
-    def zeroed(value: torch.Tensor) -> torch.Tensor:
+    def dropped(value: torch.Tensor, null: torch.Tensor | None) -> torch.Tensor:
         mask = drop.to(value.device).reshape(-1, *([1] * (value.ndim - 1)))
-        return torch.where(mask, torch.zeros_like(value), value)
+        return torch.where(mask, torch.zeros_like(value) if null is None else null, value)
 
     if context is not None:
-        context = zeroed(context)
+        context = dropped(context, null_context)
     if added_cond is not None:
-        added_cond = zeroed(added_cond)
+        added_cond = dropped(added_cond, null_added_cond)
     if labels is not None:
         labels = torch.where(drop.to(labels.device), null_labels(labels, null_label), labels)
     return context, labels, added_cond
+
+
+def dropped_for_training(
+    model: DenoisingModel,
+    prob: float,
+    context: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    added_cond: torch.Tensor | None,
+    generator: torch.Generator | None,
+    *,
+    null_context: object = None,
+    null_added_cond: object = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """A training batch's `(context, labels, added_cond)` after conditioning dropout with
+    probability `prob` (:func:`drop_guided_conditioning`), the unconditional inputs checked
+    and broadcast (:func:`broadcast_null`) and the null label read from `model` where needed."""
+    null_context = broadcast_null("null_context", null_context, "context", context)
+    null_added_cond = broadcast_null("null_added_cond", null_added_cond, "added_cond", added_cond)
+    null = null_label_of(model) if prob > 0 and labels is not None else None
+    return drop_guided_conditioning(
+        context,
+        labels,
+        added_cond,
+        prob,
+        null,
+        generator,
+        null_context=null_context,
+        null_added_cond=null_added_cond,
+    )
 
 
 def guide(cond_output: torch.Tensor, uncond_output: torch.Tensor, scale: float) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffunet.diffusion.denoiser import Denoiser, call_model
-from diffunet.diffusion.guidance import drop_guided_conditioning, null_label_of
+from diffunet.diffusion.guidance import dropped_for_training
 from diffunet.diffusion.model_protocol import DenoisingModel, model_parameters, traits_of
 from diffunet.diffusion.objective import min_snr_weight, per_sample_gaussian_nll, per_sample_mse
 from diffunet.diffusion.parameterization import check_prediction, from_x0_and_eps
@@ -186,6 +186,8 @@ class Diffusion:
         generator: torch.Generator | None = None,
         timesteps: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
+        null_context: torch.Tensor | None = None,
+        null_added_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The training loss of `model` on a batch of clean data `x0` (in [−1, 1]): a float32 scalar.
 
@@ -194,7 +196,9 @@ class Diffusion:
         or the Gaussian NLL for an aleatoric model, optionally min-SNR-weighted. `added_cond`
         `(B, D)` and `time_ids` `(B, n)` are SDXL's added conditioning (see `sample`), passed to
         the model only when given. Conditioning is dropped with probability `cond_drop_prob`:
-        labels, context and added_cond of a sample together (time_ids and an image cond stay).
+        labels, context and added_cond of a sample together (time_ids and an image cond stay);
+        a dropped context or added_cond becomes `null_context` / `null_added_cond` (zeros by
+        default; `(1, ...)` or the batch's shape), as `sample`'s unconditional pass takes them.
         `timesteps` `(B,)` and `noise` (x0's shape) fix the otherwise random draws;
         `generator` seeds them.
         """
@@ -237,9 +241,15 @@ class Diffusion:
             )
         noise = noise.to(device=device, dtype=torch.float32)
         x_t = self.add_noise(x0, noise, alpha_bar)
-        null = null_label_of(model) if self.cond_drop_prob > 0 and labels is not None else None
-        context, labels, added_cond = drop_guided_conditioning(
-            context, labels, added_cond, self.cond_drop_prob, null, generator
+        context, labels, added_cond = dropped_for_training(
+            model,
+            self.cond_drop_prob,
+            context,
+            labels,
+            added_cond,
+            generator,
+            null_context=null_context,
+            null_added_cond=null_added_cond,
         )
         output = call_model(
             model,
