@@ -1,5 +1,6 @@
 """`diffunet info` and `diffunet check` from the command line, and `diffunet sample` refusing
-a checkpoint that loads badly (changed weights, a bad run.json, NaN weights or samples)."""
+a checkpoint that loads badly (changed weights, a bad run.json, NaN weights or samples) or that
+needs text embeddings."""
 
 import subprocess
 import sys
@@ -130,6 +131,28 @@ def test_sample_refuses_bad_run_json_nan_weights_and_nan_samples(
     assert_one_line_error(
         code, err, f"(2 of {tensors} tensors, e.g. time_embed.linear_1.weight)", "diverged run"
     )
+
+
+def test_sample_refuses_text_conditioned_models_in_one_line(tmp_path, capsys):
+    from diffunet import UNet, UNetConfig
+    from diffunet.model.checkpoint import save_pretrained
+
+    config = UNetConfig(
+        in_channels=2,
+        model_channels=8,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        norm_groups=4,
+        attention_resolutions=(2,),
+        num_head_channels=4,
+        transformer_depth=1,
+        context_dim=6,
+        image_size=8,
+    )
+    save_pretrained(UNet(config), tmp_path / "sd-like")
+    code, err = sample(capsys, tmp_path / "sd-like", tmp_path / "x.npy")
+    assert_one_line_error(code, err, "context_dim=6", "no text encoder", "docs/interop.md")
+    assert not (tmp_path / "x.npy").exists()
 
 
 def test_version_answers_without_importing_torch():

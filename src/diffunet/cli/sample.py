@@ -23,6 +23,7 @@ from diffunet.data import DataError, read_image
 from diffunet.data.arrays import load_array_file, to_unit_range
 from diffunet.data.images import resize_and_crop
 from diffunet.errors import InvalidValueError
+from diffunet.model.config import UNetConfig
 from diffunet.training.distributed import resolve_device
 from diffunet.training.run_config import SAMPLERS
 
@@ -113,6 +114,26 @@ def load_cond(
     return tensor * 2 - 1
 
 
+def check_no_text_conditioning(config: UNetConfig) -> None:
+    """Refuse models that need context tokens or an added vector embedding (Stable Diffusion's
+    U-Nets): this command has no text encoder to make them, the Python API takes them."""
+    needs = [
+        f"{name}={value}"
+        for name, value in (
+            ("context_dim", config.context_dim),
+            ("added_cond_dim", config.added_cond_dim),
+        )
+        if value is not None
+    ]
+    if needs:
+        raise InvalidValueError(
+            f"this model is conditioned on text embeddings ({', '.join(needs)}, as Stable "
+            "Diffusion's U-Nets are), which `diffunet sample` cannot make (it has no text "
+            "encoder); sample it from Python with Diffusion.sample(model, shape, context=...), "
+            "see docs/interop.md, 'Running an SD 1.5 U-Net from a local file'"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     """Load, sample, write."""
     out = Path(args.out)
@@ -130,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(args.source, device=device, verify=not args.no_verify)
     enable_cudnn_autotuning(device, loaded.model.config.dims)
     config = loaded.model.config
+    check_no_text_conditioning(config)
     defaults = loaded.sample_defaults
     labels = default_labels(loaded.model, args.num, args.label)
     cond = None
