@@ -25,17 +25,23 @@ def test_train_modes_reads_the_last_interval_of_each_run(tmp_path, capsys, bench
     assert "tiny       eager" in capsys.readouterr().out
 
 
+def failing_runs(script, monkeypatch, stderr: str) -> list[list[str]]:
+    """Make every `diffunet train` the script starts fail with `stderr`; the commands it ran."""
+    commands: list[list[str]] = []
+
+    def run(command, **kwargs):
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 1, "", stderr)
+
+    monkeypatch.setattr(script.subprocess, "run", run)
+    return commands
+
+
 def test_a_failed_run_is_reported_with_its_last_line(
     tmp_path, capsys, benchmark_script, monkeypatch
 ):
     script = benchmark_script("train_modes")
-    commands = []
-
-    def run(command, **kwargs):
-        commands.append(command)
-        return subprocess.CompletedProcess(command, 1, "", "Traceback\nerror: --batch-size 0\n")
-
-    monkeypatch.setattr(script.subprocess, "run", run)
+    commands = failing_runs(script, monkeypatch, "Traceback\nerror: --batch-size 0\n")
     out = tmp_path / "modes.json"
     argv = ["--modes", "eager,default", "--run", "broken:--batch-size 0", "--out", str(out)]
     assert script.main(argv) == 1
@@ -51,13 +57,7 @@ def test_the_torchrun_launcher_trains_each_mode_under_torchrun_too(
     tmp_path, capsys, benchmark_script, monkeypatch
 ):
     script = benchmark_script("train_modes")
-    commands = []
-
-    def run(command, **kwargs):
-        commands.append(command)
-        return subprocess.CompletedProcess(command, 1, "", "error: stopped here\n")
-
-    monkeypatch.setattr(script.subprocess, "run", run)
+    commands = failing_runs(script, monkeypatch, "error: stopped here\n")
     argv = ["--modes", "auto", "--launchers", "plain,torchrun", "--nproc-per-node", "2"]
     assert script.main([*argv, "--run", "digits:", "--out", str(tmp_path / "m.json")]) == 1
     plain, launched = commands

@@ -5,6 +5,7 @@ written out from two float64 model calls; dropout removes `added_cond` with the 
 labels; bad arguments are named."""
 
 import copy
+import functools
 import math
 
 import pytest
@@ -229,20 +230,21 @@ def test_guidance_over_added_cond_alone_and_models_without_it():
 
 
 # ---------------------------------------------------------------------- dropout
+def conditioning_seen_in_loss(name: str, x0: torch.Tensor, prob: float, **given) -> dict:
+    """The conditioning that `name`'s loss hands the model, dropout drawn from seed 3."""
+    model = Recording()
+    PROCESSES[name](cond_drop_prob=prob).loss(
+        model, x0, generator=torch.Generator().manual_seed(3), **given
+    )
+    return model.calls[0]
+
+
 @pytest.mark.parametrize("name", PROCESSES)
 def test_dropout_zeroes_added_cond_with_context_and_labels_and_keeps_time_ids(name):
     batch = 32
     cond = conditioning(batch=batch)
     labels = torch.arange(batch) % 7
-    x0 = torch.zeros(batch, 1, 4)
-
-    def seen_in_loss(prob, **given):
-        model = Recording()
-        PROCESSES[name](cond_drop_prob=prob).loss(
-            model, x0, generator=torch.Generator().manual_seed(3), **given
-        )
-        return model.calls[0]
-
+    seen_in_loss = functools.partial(conditioning_seen_in_loss, name, torch.zeros(batch, 1, 4))
     seen = seen_in_loss(0.5, labels=labels, **cond)
     dropped = seen["labels"] == 7
     assert 0 < int(dropped.sum()) < batch
@@ -271,15 +273,7 @@ def test_dropout_gives_dropped_rows_the_explicit_unconditional_inputs(name):
     dropout with zeros would drop."""
     batch = 32
     cond, null = conditioning(batch=batch), nulls()
-    x0 = torch.zeros(batch, 1, 4)
-
-    def seen_in_loss(prob, **given):
-        model = Recording()
-        PROCESSES[name](cond_drop_prob=prob).loss(
-            model, x0, generator=torch.Generator().manual_seed(3), **given
-        )
-        return model.calls[0]
-
+    seen_in_loss = functools.partial(conditioning_seen_in_loss, name, torch.zeros(batch, 1, 4))
     zeros = seen_in_loss(0.5, **cond)
     seen = seen_in_loss(0.5, **cond, **null)
     dropped = (zeros["context"] == 0).all(dim=(1, 2))
