@@ -48,13 +48,20 @@ def torchrun(processes: int, out, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*command, *args], capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("grad_sync", ["ddp", "after-backward"])
-def test_two_gloo_processes_match_one(tmp_path, grad_sync):
+@pytest.fixture(scope="module")
+def single_cpu_run(tmp_path_factory):
+    """The run folder of ARGS trained in one process (shared by the data-parallel runs)."""
+    out = tmp_path_factory.mktemp("single")
     threads = torch.get_num_threads()
     try:
-        assert main(["train", "--out", str(tmp_path / "single"), *ARGS]) == 0
+        assert main(["train", "--out", str(out), *ARGS]) == 0
     finally:
         torch.set_num_threads(threads)
+    return out
+
+
+@pytest.mark.parametrize("grad_sync", ["ddp", "after-backward"])
+def test_two_gloo_processes_match_one(tmp_path, grad_sync, single_cpu_run):
     result = torchrun(2, tmp_path / "ddp", *ARGS, "--grad-sync", grad_sync)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2× cpu" in result.stderr  # the banner: both processes trained
@@ -63,7 +70,7 @@ def test_two_gloo_processes_match_one(tmp_path, grad_sync):
     assert result.stdout.count("trained 12 steps") == 1  # rank 0 alone reports
 
     assert load_training_state(tmp_path / "ddp" / "train_state.pt")["step"] == 12
-    assert_same_training_state(tmp_path / "single", tmp_path / "ddp")
+    assert_same_training_state(single_cpu_run, tmp_path / "ddp")
 
 
 def assert_same_training_state(a_dir, b_dir) -> None:
