@@ -25,6 +25,20 @@ def test_tables_match_diffusers(ours, theirs):
     )
 
 
+def test_scaled_linear_is_stable_diffusions_table():
+    """Stable Diffusion's scheduler config (diffusers' "scaled_linear", β from 0.00085 to 0.012)."""
+    reference = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
+    ).alphas_cumprod
+    ours = NoiseSchedule.create("scaled-linear").alphas_cumprod
+    torch.testing.assert_close(ours, reference.double(), atol=1e-6, rtol=0)
+    # fewer steps: √β's endpoints scaled by 1000 / T, as the linear table's β endpoints are
+    half = NoiseSchedule.create("scaled-linear", 500).alphas_cumprod
+    betas = np.linspace(math.sqrt(0.0017), math.sqrt(0.024), 500) ** 2
+    torch.testing.assert_close(half, torch.tensor(np.cumprod(1 - betas)), atol=1e-12, rtol=1e-9)
+    assert "scaled-linear" in SCHEDULES
+
+
 @pytest.mark.parametrize(
     ("name", "formula"),
     [("linear", linear_table), ("cosine", cosine_table), ("sigmoid", sigmoid_table)],

@@ -4,11 +4,13 @@
 close to 1 (almost clean) to close to 0 (almost pure noise). Tables are float64 so that the
 coefficients the samplers derive from them are exact to float32 precision.
 
-Three families:
+Four families:
 
 - ``linear``: DDPM (Ho et al. 2020), β linear from 1e-4 to 0.02 at T = 1000. For other T the
   endpoints are scaled by 1000 / T (improved DDPM's convention) so the noise reached at the last
   step does not depend on T.
+- ``scaled-linear``: Latent / Stable Diffusion's, √β linear from √0.00085 to √0.012 at
+  T = 1000 (diffusers' "scaled_linear"), endpoints scaled by 1000 / T like ``linear``'s.
 - ``cosine``: improved DDPM (Nichol & Dhariwal 2021), ᾱ(u) = cos²((u + s) / (1 + s) · π/2)
   normalised to ᾱ(0) = 1, with s = 0.008 and β capped at 0.999.
 - ``sigmoid``: Chen 2023 ("On the importance of noise scheduling"), ᾱ(u) = (σ(end/τ) −
@@ -29,7 +31,7 @@ import torch
 
 from diffunet.errors import InvalidValueError
 
-SCHEDULES = ("linear", "cosine", "sigmoid")
+SCHEDULES = ("linear", "scaled-linear", "cosine", "sigmoid")
 TIMESTEP_SPACINGS = ("trailing", "leading", "linspace")
 MAX_BETA = 0.999
 
@@ -41,6 +43,18 @@ def linear_alphas_cumprod(
     scale = 1000.0 / timesteps
     betas = torch.linspace(beta_start * scale, beta_end * scale, timesteps, dtype=torch.float64)
     return torch.cumprod(1.0 - betas.clamp(max=MAX_BETA), dim=0)
+
+
+def scaled_linear_alphas_cumprod(
+    timesteps: int, beta_start: float = 0.00085, beta_end: float = 0.012
+) -> torch.Tensor:
+    """ᾱ of Stable Diffusion's schedule: √β linear between the square roots of the endpoints
+    (given for T = 1000, scaled by 1000 / T as in :func:`linear_alphas_cumprod`)."""
+    scale = 1000.0 / timesteps
+    roots = torch.linspace(
+        math.sqrt(beta_start * scale), math.sqrt(beta_end * scale), timesteps, dtype=torch.float64
+    )
+    return torch.cumprod(1.0 - (roots**2).clamp(max=MAX_BETA), dim=0)
 
 
 def cosine_alpha_bar(u: torch.Tensor, s: float = 0.008) -> torch.Tensor:
@@ -105,11 +119,13 @@ class NoiseSchedule:
     def create(
         cls, name: str, timesteps: int = 1000, *, zero_terminal_snr: bool = False
     ) -> NoiseSchedule:
-        """The named schedule (`linear`, `cosine` or `sigmoid`) with `timesteps` steps."""
+        """The named schedule (`linear`, `scaled-linear`, `cosine` or `sigmoid`) with
+        `timesteps` steps."""
         if name not in SCHEDULES:
             raise InvalidValueError(
                 f"unknown noise schedule {name!r}; expected one of {SCHEDULES}. Use 'cosine' "
-                "(a good default), 'linear' (DDPM) or 'sigmoid', or pass a NoiseSchedule"
+                "(a good default), 'linear' (DDPM), 'scaled-linear' (Stable Diffusion) or "
+                "'sigmoid', or pass a NoiseSchedule"
             )
         if isinstance(timesteps, bool) or not isinstance(timesteps, int) or timesteps < 2:
             raise InvalidValueError(
@@ -118,6 +134,8 @@ class NoiseSchedule:
             )
         if name == "linear":
             alphas_cumprod = linear_alphas_cumprod(timesteps)
+        elif name == "scaled-linear":
+            alphas_cumprod = scaled_linear_alphas_cumprod(timesteps)
         elif name == "cosine":
             alphas_cumprod = alphas_cumprod_from_alpha_bar(cosine_alpha_bar, timesteps)
         else:
