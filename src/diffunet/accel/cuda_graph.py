@@ -49,6 +49,18 @@ def syncs_are_errors() -> Iterator[None]:
         torch.cuda.set_sync_debug_mode(previous)
 
 
+@contextlib.contextmanager
+def on_side_stream() -> Iterator[None]:
+    """Run the block on a fresh stream that first waits for the current one, and make the
+    current stream wait for it afterwards: eager passes before a recording, as CUDA graphs
+    require (their warm-up must not run on the stream that is captured)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        yield
+    torch.cuda.current_stream().wait_stream(side)
+
+
 def describe(value: Any) -> Any:
     """What a recording depends on of one argument: a tensor's shape, dtype, device and
     strides, or any other value itself."""
@@ -78,6 +90,17 @@ class GraphWrapper(nn.Module):
     def recordings(self) -> int:
         """How many input signatures have been recorded."""
         return len(self._recordings)
+
+    def _not_recorded(self, signature: Signature, err: Exception, what: str, instead: str) -> None:
+        """Remember that `signature` cannot be recorded, and say so once, with the reason."""
+        self._failed.add(signature)
+        reason = " ".join(str(err).split())[:200]
+        warnings.warn(
+            f"{type(self).__name__}: could not record {type(self.model).__name__}'s {what} "
+            f"({reason}); {instead}",
+            RuntimeWarning,
+            stacklevel=4,  # the caller of the wrapper's forward
+        )
 
 
 class CUDAGraphModel(GraphWrapper):
@@ -128,30 +151,20 @@ class CUDAGraphModel(GraphWrapper):
         inputs = [a for a in (*static_args, *static_kwargs.values()) if isinstance(a, torch.Tensor)]
         graph = None
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            with on_side_stream():
                 for _ in range(self.warmup):
                     self.model(*static_args, **static_kwargs)
                 # A host sync cannot be recorded, and a capture that fails half-way can leave
                 # CUDA's random generators unusable: find syncs with one more eager call first.
                 with syncs_are_errors():
                     self.model(*static_args, **static_kwargs)
-            torch.cuda.current_stream().wait_stream(side)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
                 output = self.model(*static_args, **static_kwargs)
         except Exception as err:  # a host sync, a CPU tensor, an unsupported op ...
-            self._failed.add(signature)
-            reason = " ".join(str(err).split())[:200]
-            warnings.warn(
-                f"CUDAGraphModel: could not record {type(self.model).__name__}'s "
-                f"forward as a CUDA graph ({reason}); running it eagerly",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            self._not_recorded(signature, err, "forward as a CUDA graph", "running it eagerly")
             if graph is not None:
                 graph.reset()
             torch.cuda.synchronize()

@@ -19,13 +19,18 @@ recording leaves the generator where it was: replayed steps draw the eager steps
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
-from diffunet.accel.cuda_graph import GraphWrapper, Signature, describe, syncs_are_errors
+from diffunet.accel.cuda_graph import (
+    GraphWrapper,
+    Signature,
+    describe,
+    on_side_stream,
+    syncs_are_errors,
+)
 
 
 class _Positional(nn.Module):
@@ -97,23 +102,15 @@ class CUDAGraphTraining(GraphWrapper):
                 raise RuntimeError("autocast's weight cache is on; use cache_enabled=False")
             # A host sync cannot be recorded, and a capture that fails half-way can leave
             # CUDA's random generators unusable: find syncs with one eager pass first.
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side), syncs_are_errors():
+            with on_side_stream(), syncs_are_errors():
                 params = [p for p in positional.parameters() if p.requires_grad]
                 torch.autograd.grad(positional(*sample).float().sum(), params, allow_unused=True)
-            torch.cuda.current_stream().wait_stream(side)
             graphed = torch.cuda.make_graphed_callables(
                 positional, sample, num_warmup_iters=self.warmup, allow_unused_input=True
             )
         except Exception as err:  # a host sync, a checkpointed block, an unsupported op ...
-            self._failed.add(signature)
-            reason = " ".join(str(err).split())[:200]
-            warnings.warn(
-                f"CUDAGraphTraining: could not record {type(self.model).__name__}'s forward "
-                f"and backward as CUDA graphs ({reason}); training it eagerly",
-                RuntimeWarning,
-                stacklevel=3,
+            self._not_recorded(
+                signature, err, "forward and backward as CUDA graphs", "training it eagerly"
             )
             torch.cuda.synchronize()
             torch.cuda.set_rng_state(rng_state)
