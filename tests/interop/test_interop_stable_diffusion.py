@@ -21,6 +21,8 @@ diffusers = pytest.importorskip("diffusers")
 single_file = pytest.importorskip("diffusers.loaders.single_file_utils")
 UNet2DConditionModel = diffusers.UNet2DConditionModel
 
+from test_interop_diffusers import perturbed  # noqa: E402 (after the skip: it needs diffusers)
+
 # The published unet/config.json of the three models (their defaults left out).
 SD15 = dict(
     sample_size=64,
@@ -115,15 +117,6 @@ TINY = {
         freq_shift=1,
     ),
 }
-
-
-def perturbed(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
-    """Add noise to every parameter, so no layer keeps a zero (or identity) initialisation."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=generator) * 0.05)
-    return model.eval()
 
 
 def tiny_reference(name: str) -> torch.nn.Module:
