@@ -30,6 +30,10 @@ CASES = [
     ("conditional-unet", 2),
     ("ldm", 2),
 ]
+# Stable Diffusion-class models (test_accel_transformer.py): SD 1.x (conv projections), SD 2.x
+# (linear projections, upcast attention) in 2D and 3D, and SDXL (no attention at level 0, depth
+# per level, added conditioning).
+TRANSFORMER_CASES = [("sd15", 2), ("sd21", 2), ("sd21", 3), ("sdxl", 2)]
 
 
 def randomized(config) -> UNet:
@@ -252,10 +256,11 @@ def interpreted_a_whole_model_matches_the_plain_one(name, dims):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize(("name", "dims"), CASES)
+@pytest.mark.parametrize(("name", "dims"), CASES + TRANSFORMER_CASES)
 def test_accelerated_model_matches_the_plain_one_on_gpu(name, dims, monkeypatch):
-    """The kernels on a GPU, in float32 (TF32 off: its rounding depends on the layout and the
-    algorithm cuDNN picks), against the plain model's values and gradients."""
+    """The kernels on a GPU (the fused norms and channels-last activations around transformer
+    blocks too), in float32 (TF32 off: its rounding depends on the layout and the algorithm
+    cuDNN picks), against the plain model's values and gradients."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     config = small_config(name, dims=dims)
