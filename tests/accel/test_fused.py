@@ -49,11 +49,17 @@ def test_cpu_tensors_take_the_fallback():
         (None, None),
     ],
 )
-def test_the_compile_mode_decides_whether_compiled_graphs_call_the_kernels(mode, expected):
+def test_the_compile_mode_decides_whether_compiled_graphs_call_the_kernels(
+    mode, expected, monkeypatch
+):
+    monkeypatch.setattr(settings, "PLAIN_COMPILE_MIN_ELEMENTS", 1 << 22)
+    monkeypatch.setattr(settings, "PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE", None)
     fused.set_compiled_min_elements(123)
     fused.configure_for_compile_mode(mode)
     if expected is None:
-        assert settings.COMPILED_MIN_ELEMENTS is settings.COMPILED_MIN_ELEMENTS_INFERENCE is None
+        assert settings.COMPILED_MIN_ELEMENTS == settings.PLAIN_COMPILE_MIN_ELEMENTS
+        inference = settings.COMPILED_MIN_ELEMENTS_INFERENCE
+        assert inference == settings.PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE
     else:
         assert settings.COMPILED_MIN_ELEMENTS == settings.CUDA_GRAPHS_MIN_ELEMENTS
         inference = settings.COMPILED_MIN_ELEMENTS_INFERENCE
@@ -125,6 +131,10 @@ print(json.dumps({
     "FUSED_NORM": s.FUSED_NORM,
     "CUDA_GRAPHS_MIN_ELEMENTS": s.CUDA_GRAPHS_MIN_ELEMENTS,
     "CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE": s.CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE,
+    "PLAIN_COMPILE_MIN_ELEMENTS": s.PLAIN_COMPILE_MIN_ELEMENTS,
+    "PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE": s.PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE,
+    "COMPILED_MIN_ELEMENTS": s.COMPILED_MIN_ELEMENTS,
+    "COMPILED_MIN_ELEMENTS_INFERENCE": s.COMPILED_MIN_ELEMENTS_INFERENCE,
     "NORM_LAUNCH": dataclasses.astuple(s.NORM_LAUNCH),
     "THIN_CONV": s.THIN_CONV,
     "TAP_PRODUCT_FORWARD": s.TAP_PRODUCT_FORWARD,
@@ -135,6 +145,10 @@ DEFAULTS = {
     "FUSED_NORM": True,
     "CUDA_GRAPHS_MIN_ELEMENTS": 1 << 20,
     "CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE": 1 << 20,
+    "PLAIN_COMPILE_MIN_ELEMENTS": None,
+    "PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE": None,
+    "COMPILED_MIN_ELEMENTS": None,  # the plain-compile thresholds until configured
+    "COMPILED_MIN_ELEMENTS_INFERENCE": None,
     "THIN_CONV": True,
     "TAP_PRODUCT_FORWARD": "auto",
     "FOLDED_DEVICES": ["cpu", "cuda"],
@@ -159,6 +173,8 @@ def _plan(**fields) -> list:
             {
                 "DIFFUNET_FUSED": "0",
                 "DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS": "4194304",
+                "DIFFUNET_FUSED_COMPILE_MIN_ELEMENTS": "8388608",
+                "DIFFUNET_FUSED_COMPILE_MIN_ELEMENTS_INFER": "None",
                 "DIFFUNET_NORM_LOOP_STAGES": "2",
                 "DIFFUNET_NORM_ONE_PASS_ELEMENTS": "16384",
                 "DIFFUNET_THIN_CONV": "0",
@@ -169,6 +185,10 @@ def _plan(**fields) -> list:
                 "FUSED_NORM": False,
                 "CUDA_GRAPHS_MIN_ELEMENTS": 1 << 22,
                 "CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE": 1 << 22,  # follows training's
+                "PLAIN_COMPILE_MIN_ELEMENTS": 1 << 23,
+                "PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE": None,
+                "COMPILED_MIN_ELEMENTS": 1 << 23,
+                "COMPILED_MIN_ELEMENTS_INFERENCE": None,
                 "NORM_LAUNCH": _plan(loop_stages=2, one_pass_elements=16384),
                 "THIN_CONV": False,
                 "TAP_PRODUCT_FORWARD": "always",
@@ -181,6 +201,7 @@ def _plan(**fields) -> list:
                 "DIFFUNET_FUSED": "no",  # only "0" turns a switch off
                 "DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS": "4M",
                 "DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS_INFER": "0",
+                "DIFFUNET_FUSED_COMPILE_MIN_ELEMENTS": "-5",
                 "DIFFUNET_NORM_LOOP_STAGES": "0",
                 "DIFFUNET_NORM_ONE_PASS_ELEMENTS": "-1",
                 "DIFFUNET_TAP_PRODUCT_FORWARD": "yes",
@@ -189,6 +210,7 @@ def _plan(**fields) -> list:
             {"CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE": 0},
             [
                 "DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS='4M' is not a number of elements",
+                "DIFFUNET_FUSED_COMPILE_MIN_ELEMENTS='-5' is not a number of elements",
                 "DIFFUNET_NORM_LOOP_STAGES='0' is not a loop depth",
                 "DIFFUNET_NORM_ONE_PASS_ELEMENTS='-1' is not a number of elements",
                 "DIFFUNET_TAP_PRODUCT_FORWARD='yes' is not one of auto, always, never",

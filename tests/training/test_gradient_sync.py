@@ -1,7 +1,9 @@
 """Gradients all-reduced after the backward (training/gradient_sync.py) and the process group
 that torchrun's single process joins (training/distributed.py)."""
 
+import gc
 import socket
+import weakref
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ import torch.distributed as dist
 
 from diffunet.training import distributed
 from diffunet.training.distributed import DistInfo
-from diffunet.training.gradient_sync import GradientAllReduce, gradient_buckets
+from diffunet.training.gradient_sync import GradientAllReduce, dense_strides, gradient_buckets
 
 
 def free_port() -> int:
@@ -35,6 +37,41 @@ def test_buckets_hold_the_trainable_parameters_of_one_dtype_in_order():
     params.append(torch.nn.Parameter(torch.zeros(3), requires_grad=False))
     buckets = gradient_buckets(params)
     assert [[p.numel() for p in b] for b in buckets] == [[10, 20, 30, 100, 5], [4]]
+
+
+@pytest.mark.parametrize(
+    ("tensor", "strides"),
+    [
+        (torch.empty(4, 3, 3, 3).to(memory_format=torch.channels_last), (27, 1, 9, 3)),
+        (torch.empty(3, 1, 4).transpose(0, 2), (1, 4, 4)),  # any dense permutation
+        (torch.empty(2, 3)[:, :2], (2, 1)),  # a slice leaves holes: contiguous instead
+        (torch.empty(()), ()),
+    ],
+)
+def test_gradient_views_take_the_parameters_strides_where_they_are_dense(tensor, strides):
+    assert dense_strides(tensor) == strides
+
+
+def test_gradients_become_views_of_one_buffer_and_the_backwards_are_released(torchrun_env):
+    info = distributed.setup("cpu")
+    conv = torch.nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 6, 6).to(memory_format=torch.channels_last)
+    conv(x).square().sum().backward()
+    sync = GradientAllReduce(conv.parameters(), info)
+    released = weakref.ref(conv.weight.grad)
+    sync()
+    gc.collect()
+    assert released() is None  # nothing, the process group included, holds the backward's
+    (buffer,) = [b.buffer for b in sync.buffers]
+    for p in conv.parameters():
+        assert p.grad.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+        assert p.grad.stride() == p.stride()
+    conv.zero_grad(set_to_none=True)
+    conv(x).sum().backward()
+    expected = conv.weight.grad.clone()
+    sync()  # the second step reuses the buffer
+    assert torch.equal(conv.weight.grad, expected)
+    assert conv.weight.grad.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
 
 
 def test_a_process_alone_in_its_group_keeps_its_gradients(torchrun_env):

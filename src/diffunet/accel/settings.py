@@ -13,7 +13,9 @@ does not parse warns and keeps the default.
 | `FUSED_EAGER_MIN_ELEMENTS` | | 2²⁴ | eager mode: the smallest activation (elements) they take |
 | `CUDA_GRAPHS_MIN_ELEMENTS` | `DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS` | 2²⁰ | what `configure_for_compile_mode` sets in CUDA-graph modes |
 | `CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE` | `DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS_INFER` | as training | the same, for graphs without gradients |
-| `COMPILED_MIN_ELEMENTS` | | None | graphs traced from now on call the kernels from this size (None: never) |
+| `PLAIN_COMPILE_MIN_ELEMENTS` | `DIFFUNET_FUSED_COMPILE_MIN_ELEMENTS` (`none`: never) | None | what the other compile modes (a plain `torch.compile`) use |
+| `PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE` | `DIFFUNET_FUSED_COMPILE_MIN_ELEMENTS_INFER` | as training | the same, for graphs without gradients |
+| `COMPILED_MIN_ELEMENTS` | | the plain-compile one | graphs traced from now on call the kernels from this size (None: never) |
 | `COMPILED_MIN_ELEMENTS_INFERENCE` | | None | the same, for graphs without gradients |
 | `CUDA_GRAPH_MODES` | | `reduce-overhead`, `max-autotune` | the compile modes that replay CUDA graphs |
 | `NORM_LAUNCH` | `DIFFUNET_NORM_LOOP_STAGES`, `DIFFUNET_NORM_ONE_PASS_ELEMENTS` | `LaunchPlan()` | tiles, programs, warps, pipelining and one-kernel bound of the norm kernels |
@@ -126,11 +128,32 @@ FUSED_ENV = "DIFFUNET_FUSED"
 CUDA_GRAPHS_MIN_ELEMENTS_ENV = "DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS"
 #: The environment variable that sets `CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE`.
 CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE_ENV = "DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS_INFER"
+#: The environment variable that sets `PLAIN_COMPILE_MIN_ELEMENTS` ("none": never).
+PLAIN_COMPILE_MIN_ELEMENTS_ENV = "DIFFUNET_FUSED_COMPILE_MIN_ELEMENTS"
+#: The environment variable that sets `PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE` ("none": never).
+PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE_ENV = "DIFFUNET_FUSED_COMPILE_MIN_ELEMENTS_INFER"
 #: The environment variable that sets `loop_stages` in both configurations of `NORM_LAUNCH`.
 LOOP_STAGES_ENV = "DIFFUNET_NORM_LOOP_STAGES"
 #: The environment variable that sets `one_pass_elements` in both configurations of
 #: `NORM_LAUNCH` (0: never one kernel).
 ONE_PASS_ENV = "DIFFUNET_NORM_ONE_PASS_ELEMENTS"
+
+
+def _optional_int_from_env(name: str, default: int | None, what: str) -> int | None:
+    """Like `_int_from_env` with a minimum of 0, where "none" stands for None."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        warnings.warn(f"{name}={text!r} is not {what}; keeping {default}", stacklevel=2)
+        return default
+    return value
 
 
 def _norm_launch_from_env() -> LaunchPlan:
@@ -176,11 +199,27 @@ CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE: int = _int_from_env(
     0,
     f"a number of elements (an integer, at least 0, e.g. {1 << 22})",
 )
-#: Graphs traced from now on call the fused kernels (as the custom op `diffunet::group_norm_act`)
-#: on activations of at least this many elements; None traces the reference everywhere.
-COMPILED_MIN_ELEMENTS: int | None = None
+#: The threshold of the compile modes without CUDA graphs (the default mode, a plain
+#: `torch.compile(model)`): each fused call adds its Python launches to the step's host time,
+#: so only activations large enough for the kernels to save more GPU time than that take them.
+#: None traces the reference everywhere.
+PLAIN_COMPILE_MIN_ELEMENTS: int | None = _optional_int_from_env(
+    PLAIN_COMPILE_MIN_ELEMENTS_ENV,
+    None,
+    f'a number of elements (an integer, at least 0, e.g. {1 << 22}) or "none"',
+)
 #: The same for graphs traced without gradients.
-COMPILED_MIN_ELEMENTS_INFERENCE: int | None = None
+PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE: int | None = _optional_int_from_env(
+    PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE_ENV,
+    PLAIN_COMPILE_MIN_ELEMENTS,
+    f'a number of elements (an integer, at least 0, e.g. {1 << 22}) or "none"',
+)
+#: Graphs traced from now on call the fused kernels (as the custom op `diffunet::group_norm_act`)
+#: on activations of at least this many elements; None traces the reference everywhere. Until
+#: `configure_for_compile_mode` says otherwise, the plain-compile threshold.
+COMPILED_MIN_ELEMENTS: int | None = PLAIN_COMPILE_MIN_ELEMENTS
+#: The same for graphs traced without gradients.
+COMPILED_MIN_ELEMENTS_INFERENCE: int | None = PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE
 #: The `torch.compile` modes that replay the compiled graphs as CUDA graphs.
 CUDA_GRAPH_MODES: tuple[str, ...] = ("reduce-overhead", "max-autotune")
 #: The norm kernels' launch plan: a `LaunchPlan`, or one `LaunchConfig` for every size.
@@ -217,13 +256,15 @@ def set_compiled_min_elements(min_elements: int | None, *, inference: int | None
 def configure_for_compile_mode(mode: str | None) -> None:
     """Set the compiled thresholds for `torch.compile(mode=mode)`: `CUDA_GRAPHS_MIN_ELEMENTS`
     (`CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE` without gradients) where the mode replays CUDA
-    graphs, the reference everywhere otherwise."""
+    graphs, `PLAIN_COMPILE_MIN_ELEMENTS` (`..._INFERENCE`) otherwise."""
+    global COMPILED_MIN_ELEMENTS, COMPILED_MIN_ELEMENTS_INFERENCE
     if mode in CUDA_GRAPH_MODES:
         set_compiled_min_elements(
             CUDA_GRAPHS_MIN_ELEMENTS, inference=CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE
         )
     else:
-        set_compiled_min_elements(None)
+        COMPILED_MIN_ELEMENTS = PLAIN_COMPILE_MIN_ELEMENTS
+        COMPILED_MIN_ELEMENTS_INFERENCE = PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE
 
 
 # --- thin 3D convolutions (`thin_conv`) ------------------------------------------------------
@@ -377,6 +418,8 @@ NAMES: tuple[str, ...] = (
     "FUSED_EAGER_MIN_ELEMENTS",
     "CUDA_GRAPHS_MIN_ELEMENTS",
     "CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE",
+    "PLAIN_COMPILE_MIN_ELEMENTS",
+    "PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE",
     "COMPILED_MIN_ELEMENTS",
     "COMPILED_MIN_ELEMENTS_INFERENCE",
     "CUDA_GRAPH_MODES",
