@@ -64,7 +64,7 @@ def op_costs() -> dict[str, float]:
             lambda: aten.convolution.default(x, weight, None, *geometry, False, [0, 0], 1)
         ),
         "diffunet.convolution": microseconds_per_call(
-            lambda: torch.ops.diffunet.convolution.default(x, weight, None, *geometry, 1, False)
+            lambda: torch.ops.diffunet.convolution.default(x, weight, *geometry, 1, False)
         ),
         "aten.convolution_backward": microseconds_per_call(
             lambda: aten.convolution_backward.default(

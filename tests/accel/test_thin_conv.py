@@ -49,8 +49,8 @@ def test_ops_compute_with_aten_where_the_kernels_cannot_run(cin, cout, channels_
     gots = torch.autograd.grad(got, args, g)
     for a, e in zip([got, *gots], [want, *wants], strict=True):
         torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-4)
-    torch.library.opcheck(thin_conv.thin_conv3d, (x, w, b))
-    torch.library.opcheck(thin_conv.thin_conv3d_backward, (g, x, w, True, True))
+    torch.library.opcheck(thin_conv.thin_conv3d_op, (x, w, b))
+    torch.library.opcheck(thin_conv.thin_conv3d_backward_op, (g, x, w, True, True))
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
@@ -227,7 +227,7 @@ def interpreted_the_ops_return_what_their_fake_versions_promise(
     assert (out.shape, out.stride()) == (promised.shape, promised.stride())
     args = (torch.randn_like(out), x, w, True, True)
     for got, fake in zip(
-        thin_conv.thin_conv3d_backward(*args),
+        thin_conv.thin_conv3d_backward_op(*args),
         thin_conv._thin_conv3d_backward_fake(*args),
         strict=True,
     ):

@@ -7,7 +7,7 @@ that is what the traced graph says, and nothing constrains the fallback's inputs
 then copies the input to channels-last and the output gradient to the input's layout, a large
 share of a compiled training step (docs/performance.md).
 
-`convolve(conv, x)` routes a plain `nn.ConvNd` through the custom ops below while Dynamo
+`convolve(conv, x)` routes a plain `nn.ConvNd` through the operators below while Dynamo
 traces a convolution that autograd will differentiate: the convolution becomes an extern call
 that Inductor must feed in fixed strides, and `convolve` asks for cuDNN's layout, so the
 recomputing kernels write channels-last directly and the copies vanish. The bias is added
@@ -30,9 +30,8 @@ from torch import nn
 
 from diffunet.accel import settings, thin_conv
 from diffunet.accel.layout import channels_last_of
+from diffunet.accel.library import define_op
 from diffunet.accel.operands import autocast_dtype, autocast_operands, pad_output_channels
-
-_FIXED_STRIDES = (torch.Tag.needs_fixed_stride_order,)
 
 
 def _aten_convolution(
@@ -49,30 +48,14 @@ def _aten_convolution(
     )
 
 
-@torch.library.custom_op("diffunet::convolution", mutates_args=(), tags=_FIXED_STRIDES)
-def convolution(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    groups: int,
-    transposed: bool,
-) -> torch.Tensor:
-    """`aten.convolution` (transposed or not, no output padding) *without* adding `bias`, as an
-    op whose inputs keep their eager strides.
-
-    `bias` is here only for its gradient: the caller adds `bias.detach()` to the output, where
-    Inductor fuses the add into the next kernel, and the backward sums the output gradient it
-    already holds in cuDNN's layout into the bias gradient.
-    """
-    return _aten_convolution(x, weight, stride, padding, dilation, groups, transposed)
-
-
-@convolution.register_fake
-def _convolution_fake(x, weight, bias, stride, padding, dilation, groups, transposed):
-    return _aten_convolution(x, weight, stride, padding, dilation, groups, transposed)
+#: `aten.convolution` (transposed or not, no output padding, no bias) as an operator whose
+#: inputs keep their traced strides.
+convolution_op = define_op(
+    "convolution",
+    "(Tensor x, Tensor weight, int[] stride, int[] padding, int[] dilation, int groups, "
+    "bool transposed) -> Tensor",
+    _aten_convolution,
+)
 
 
 def bias_gradient(grad: torch.Tensor) -> torch.Tensor:
@@ -116,7 +99,7 @@ def _aten_convolution_backward(
         groups,
         [input_grad, weight_grad, False],
     )
-    # A custom op returns tensors, never None: an empty tensor stands for "not asked for".
+    # An operator returns tensors, never None: an empty tensor stands for "not asked for".
     return (
         grad_x if input_grad else x.new_empty(0),
         grad_weight if weight_grad else weight.new_empty(0),
@@ -124,93 +107,65 @@ def _aten_convolution_backward(
     )
 
 
-@torch.library.custom_op("diffunet::convolution_backward", mutates_args=(), tags=_FIXED_STRIDES)
-def convolution_backward(
-    grad: torch.Tensor,
+#: Gradients of `convolution_op` with respect to its input, weight and bias (empty where not
+#: asked for); the bias gradient sums the output gradient it already holds in cuDNN's layout.
+convolution_backward_op = define_op(
+    "convolution_backward",
+    "(Tensor grad, Tensor x, Tensor weight, int[] stride, int[] padding, int[] dilation, "
+    "int groups, bool transposed, bool input_grad, bool weight_grad, bool bias_grad) "
+    "-> (Tensor, Tensor, Tensor)",
+    _aten_convolution_backward,
+)
+
+
+class _Convolution(torch.autograd.Function):
+    """`convolution_op` and its derivative, for Dynamo to trace into the graph."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, transposed):
+        ctx.save_for_backward(x, weight)
+        ctx.geometry = (stride, padding, dilation, groups, transposed)
+        ctx.memory_format = cudnn_memory_format(x, weight)  # x already has the layout asked for
+        return convolution_op(x, weight, stride, padding, dilation, groups, transposed)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        want_x, want_weight, want_bias = ctx.needs_input_grad[:3]
+        grad = grad.contiguous(memory_format=ctx.memory_format)
+        grad_x, grad_weight, grad_bias = convolution_backward_op(
+            grad, x, weight, *ctx.geometry, want_x, want_weight, want_bias
+        )
+        return (
+            grad_x if want_x else None,
+            grad_weight if want_weight else None,
+            grad_bias if want_bias else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def convolution(
     x: torch.Tensor,
     weight: torch.Tensor,
+    bias: torch.Tensor | None,
     stride: Sequence[int],
     padding: Sequence[int],
     dilation: Sequence[int],
     groups: int,
     transposed: bool,
-    input_grad: bool,
-    weight_grad: bool,
-    bias_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of `convolution` with respect to its input, weight and bias (empty if not
-    asked)."""
-    return _aten_convolution_backward(
-        grad,
-        x,
-        weight,
-        stride,
-        padding,
-        dilation,
-        groups,
-        transposed,
-        input_grad,
-        weight_grad,
-        bias_grad,
-    )
+) -> torch.Tensor:
+    """`aten.convolution` (transposed or not, no output padding) *without* adding `bias`,
+    through `convolution_op`, differentiable.
 
-
-@convolution_backward.register_fake
-def _convolution_backward_fake(
-    grad,
-    x,
-    weight,
-    stride,
-    padding,
-    dilation,
-    groups,
-    transposed,
-    input_grad,
-    weight_grad,
-    bias_grad,
-):
-    return _aten_convolution_backward(
-        grad,
-        x,
-        weight,
-        stride,
-        padding,
-        dilation,
-        groups,
-        transposed,
-        input_grad,
-        weight_grad,
-        bias_grad,
-    )
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    x, weight, _, stride, padding, dilation, groups, transposed = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.geometry = (stride, padding, dilation, groups, transposed)
-    ctx.memory_format = cudnn_memory_format(x, weight)  # x already has the layout asked for
-
-
-def _backward(ctx, grad):
-    x, weight = ctx.saved_tensors
-    want_x, want_weight, want_bias = ctx.needs_input_grad[:3]
-    grad = grad.contiguous(memory_format=ctx.memory_format)
-    grad_x, grad_weight, grad_bias = convolution_backward(
-        grad, x, weight, *ctx.geometry, want_x, want_weight, want_bias
-    )
-    return (
-        grad_x if want_x else None,
-        grad_weight if want_weight else None,
-        grad_bias if want_bias else None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
-
-
-convolution.register_autograd(_backward, setup_context=_setup_context)
+    `bias` is here only for its gradient: the caller adds `bias.detach()` to the output, where
+    Inductor fuses the add into the next kernel, and the backward sums the output gradient it
+    already holds in cuDNN's layout into the bias gradient.
+    """
+    return _Convolution.apply(x, weight, bias, stride, padding, dilation, groups, transposed)
 
 
 def _prefers(t: torch.Tensor, memory_format: torch.memory_format) -> bool:

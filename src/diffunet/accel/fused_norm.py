@@ -11,9 +11,9 @@ combine + a gradient pass; small calls run each direction as one kernel.
 `group_norm_act` picks the fused path for CUDA tensors when Triton is importable and
 `settings.FUSED_NORM` is on, from `settings.FUSED_EAGER_MIN_ELEMENTS` elements; everything
 else takes the eager path, which is the reference the fused kernels are tested against.
-Compiled graphs replayed as CUDA graphs reach the same kernels through the custom ops
-`diffunet::group_norm_act` and `diffunet::group_norm_act_backward`, which Inductor calls as
-they are (`configure_for_compile_mode`).
+Compiled graphs reach the same kernels through the operators `diffunet::group_norm_act` and
+`diffunet::group_norm_act_backward` (`accel.library`), which Inductor calls as they are, from
+the sizes `configure_for_compile_mode` sets for the compile mode.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from diffunet.accel import settings
+from diffunet.accel.library import define_op
 from diffunet.accel.settings import (  # noqa: F401  (the setters, importable from here too)
     CUDA_GRAPH_MODES,
     LaunchConfig,
@@ -76,7 +77,7 @@ def fused_available(x: torch.Tensor, numel: int | None = None) -> bool:
 
 def compiled_fused_wanted(x: torch.Tensor) -> bool:
     """Whether the `group_norm_act(x, ...)` that Dynamo traces calls the fused kernels as the
-    custom op `diffunet::group_norm_act` (`settings.COMPILED_MIN_ELEMENTS`)."""
+    operator `diffunet::group_norm_act` (`settings.COMPILED_MIN_ELEMENTS`)."""
     if not torch.compiler.is_dynamo_compiling():
         return False
     # Dynamo guards the graph on the grad mode, so each mode traces its own decision.
@@ -127,14 +128,11 @@ def group_norm_act(
     The fused kernels fold `add` into the statistics and the normalization, so `x + add` is
     never written out.
     """
-    compiled_op = compiled_fused_wanted(x)
-    if compiled_op or fused_available(x):
+    if compiled_fused_wanted(x) or fused_available(x):
         film = scale is not None
         scale, shift, add = (per_channel_operand(t, x) for t in (scale, shift, add))
         x = x.contiguous(memory_format=_memory_format(x))
         args = (x, weight, bias, scale, shift, add, num_groups, eps, film, act)
-        if compiled_op:
-            return group_norm_act_op(*args)[0]
         return _GroupNormAct.apply(*args)
     return group_norm_act_reference(x, num_groups, weight, bias, eps, scale, shift, act, add)
 
@@ -1452,12 +1450,66 @@ def _parameter_gradients(
     )
 
 
+def _group_norm_act_kernel(x, weight, bias, scale, shift, add, num_groups, eps, film, act):
+    return _forward(x, weight, bias, scale, shift, add, num_groups, eps, film, act)
+
+
+def _group_norm_act_fake(x, weight, bias, scale, shift, add, num_groups, eps, film, act):
+    stats = x.new_empty(x.shape[:2], dtype=torch.float32)
+    return torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+#: The fused kernels as an operator `torch.compile` calls as it is: (output, centre, rstd).
+#: `scale` and `shift` are (B, C) when `film`, else empty; `add` is (B, C) or empty; centre
+#: (the group mean minus `add`) and rstd are (B, C) float32.
+group_norm_act_op = define_op(
+    "group_norm_act",
+    "(Tensor x, Tensor weight, Tensor bias, Tensor scale, Tensor shift, Tensor add, "
+    "int num_groups, float eps, bool film, bool act) -> (Tensor, Tensor, Tensor)",
+    _group_norm_act_kernel,
+    _group_norm_act_fake,
+)
+
+
+def _group_norm_act_backward_kernel(
+    grad, x, weight, bias, scale, shift, add, mean, rstd, num_groups, film, act
+):
+    dx, dw, db, ds, dsh, dadd = _backward(
+        grad, x, weight, bias, scale, shift, add, mean, rstd, num_groups, film, act
+    )
+    # An operator returns tensors, never None.
+    ds, dsh, dadd = (
+        t.new_empty(0) if g is None else g for t, g in ((scale, ds), (shift, dsh), (add, dadd))
+    )
+    return dx, dw, db, ds, dsh, dadd
+
+
+def _group_norm_act_backward_fake(
+    grad, x, weight, bias, scale, shift, add, mean, rstd, num_groups, film, act
+):
+    return tuple(torch.empty_like(t) for t in (x, weight, bias, scale, shift, add))
+
+
+#: Gradients of `group_norm_act_op` for x, weight, bias, scale, shift and add (each of the
+#: last three empty where it is).
+group_norm_act_backward_op = define_op(
+    "group_norm_act_backward",
+    "(Tensor grad, Tensor x, Tensor weight, Tensor bias, Tensor scale, Tensor shift, "
+    "Tensor add, Tensor mean, Tensor rstd, int num_groups, bool film, bool act) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _group_norm_act_backward_kernel,
+    _group_norm_act_backward_fake,
+)
+
+
 class _GroupNormAct(torch.autograd.Function):
-    """Autograd wrapper of the fused kernels (eager mode only, so no fake-tensor support)."""
+    """`group_norm_act_op` and its derivative: eager, and traced by Dynamo into the graph."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, shift, add, num_groups, eps, film, act):
-        y, mean, rstd = _forward(x, weight, bias, scale, shift, add, num_groups, eps, film, act)
+        y, mean, rstd = group_norm_act_op(
+            x, weight, bias, scale, shift, add, num_groups, eps, film, act
+        )
         ctx.save_for_backward(x, weight, bias, scale, shift, add, mean, rstd)
         ctx.num_groups, ctx.film, ctx.act = num_groups, film, act
         return y
@@ -1466,97 +1518,14 @@ class _GroupNormAct(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, bias, scale, shift, add, mean, rstd = ctx.saved_tensors
         grad = grad.contiguous(memory_format=_memory_format(x))
-        grads = _backward(
+        dx, dw, db, ds, dsh, dadd = group_norm_act_backward_op(
             grad, x, weight, bias, scale, shift, add, mean, rstd, ctx.num_groups, ctx.film, ctx.act
         )
-        return *grads, None, None, None, None
-
-
-_FIXED_STRIDES = (torch.Tag.needs_fixed_stride_order,)
-
-
-@torch.library.custom_op("diffunet::group_norm_act", mutates_args=(), tags=_FIXED_STRIDES)
-def group_norm_act_op(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    scale: torch.Tensor,
-    shift: torch.Tensor,
-    add: torch.Tensor,
-    num_groups: int,
-    eps: float,
-    film: bool,
-    act: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The fused kernels as an op `torch.compile` calls as it is: (output, centre, rstd).
-
-    `scale` and `shift` are (B, C) when `film`, else empty; `add` is (B, C) or empty; centre
-    (the group mean minus `add`) and rstd are (B, C) float32.
-    """
-    return _forward(x, weight, bias, scale, shift, add, num_groups, eps, film, act)
-
-
-@group_norm_act_op.register_fake
-def _group_norm_act_fake(x, weight, bias, scale, shift, add, num_groups, eps, film, act):
-    stats = x.new_empty(x.shape[:2], dtype=torch.float32)
-    return torch.empty_like(x), stats, torch.empty_like(stats)
-
-
-@torch.library.custom_op("diffunet::group_norm_act_backward", mutates_args=(), tags=_FIXED_STRIDES)
-def group_norm_act_backward_op(
-    grad: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    scale: torch.Tensor,
-    shift: torch.Tensor,
-    add: torch.Tensor,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
-    num_groups: int,
-    film: bool,
-    act: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of `group_norm_act_op` for x, weight, bias, scale, shift and add (each of the
-    last three empty where it is)."""
-    dx, dw, db, ds, dsh, dadd = _backward(
-        grad, x, weight, bias, scale, shift, add, mean, rstd, num_groups, film, act
-    )
-    # A custom op returns tensors, never None.
-    ds, dsh, dadd = (
-        t.new_empty(0) if g is None else g for t, g in ((scale, ds), (shift, dsh), (add, dadd))
-    )
-    return dx, dw, db, ds, dsh, dadd
-
-
-@group_norm_act_backward_op.register_fake
-def _group_norm_act_backward_fake(
-    grad, x, weight, bias, scale, shift, add, mean, rstd, num_groups, film, act
-):
-    return tuple(torch.empty_like(t) for t in (x, weight, bias, scale, shift, add))
-
-
-def _setup_op_context(ctx, inputs, output) -> None:
-    x, weight, bias, scale, shift, add, num_groups, _, film, act = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(x, weight, bias, scale, shift, add, mean, rstd)
-    ctx.num_groups, ctx.film, ctx.act = num_groups, film, act
-
-
-def _op_backward(ctx, grad, _grad_mean, _grad_rstd):
-    x, weight, bias, scale, shift, add, mean, rstd = ctx.saved_tensors
-    grad = grad.contiguous(memory_format=_memory_format(x))
-    dx, dw, db, ds, dsh, dadd = group_norm_act_backward_op(
-        grad, x, weight, bias, scale, shift, add, mean, rstd, ctx.num_groups, ctx.film, ctx.act
-    )
-    if not ctx.film:
-        ds = dsh = None
-    if add.numel() == 0:
-        dadd = None
-    return dx, dw, db, ds, dsh, dadd, None, None, None, None
-
-
-group_norm_act_op.register_autograd(_op_backward, setup_context=_setup_op_context)
+        if not ctx.film:
+            ds = dsh = None
+        if add.numel() == 0:
+            dadd = None
+        return dx, dw, db, ds, dsh, dadd, None, None, None, None
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:

@@ -13,7 +13,7 @@ does not parse warns and keeps the default.
 | `FUSED_EAGER_MIN_ELEMENTS` | | 2²⁴ | eager mode: the smallest activation (elements) they take |
 | `CUDA_GRAPHS_MIN_ELEMENTS` | `DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS` | 2²⁰ | what `configure_for_compile_mode` sets in CUDA-graph modes |
 | `CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE` | `DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS_INFER` | as training | the same, for graphs without gradients |
-| `PLAIN_COMPILE_MIN_ELEMENTS` | `DIFFUNET_FUSED_COMPILE_MIN_ELEMENTS` (`none`: never) | None | what the other compile modes (a plain `torch.compile`) use |
+| `PLAIN_COMPILE_MIN_ELEMENTS` | `DIFFUNET_FUSED_COMPILE_MIN_ELEMENTS` (`none`: never) | 2²² | what the other compile modes (a plain `torch.compile`) use |
 | `PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE` | `DIFFUNET_FUSED_COMPILE_MIN_ELEMENTS_INFER` | as training | the same, for graphs without gradients |
 | `COMPILED_MIN_ELEMENTS` | | the plain-compile one | graphs traced from now on call the kernels from this size (None: never) |
 | `COMPILED_MIN_ELEMENTS_INFERENCE` | | None | the same, for graphs without gradients |
@@ -183,8 +183,7 @@ FUSED_NORM: bool = _switch_from_env(FUSED_ENV)
 FUSED_EAGER_MIN_ELEMENTS: int = 1 << 24
 #: The threshold that CUDA-graph compile modes apply (`configure_for_compile_mode`): graphs
 #: replayed as CUDA graphs pay no per-launch host cost, and Inductor's channels-last GroupNorm
-#: reductions are slow at large sizes. Without CUDA graphs each call's Python launches add to
-#: a host-bound step, so the other modes trace the reference.
+#: reductions are slow at large sizes.
 CUDA_GRAPHS_MIN_ELEMENTS: int = _int_from_env(
     CUDA_GRAPHS_MIN_ELEMENTS_ENV,
     1 << 20,
@@ -201,11 +200,11 @@ CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE: int = _int_from_env(
 )
 #: The threshold of the compile modes without CUDA graphs (the default mode, a plain
 #: `torch.compile(model)`): each fused call adds its Python launches to the step's host time,
-#: so only activations large enough for the kernels to save more GPU time than that take them.
-#: None traces the reference everywhere.
+#: so only activations large enough for the kernels to save more GPU time than that take them
+#: (docs/performance.md). None traces the reference everywhere.
 PLAIN_COMPILE_MIN_ELEMENTS: int | None = _optional_int_from_env(
     PLAIN_COMPILE_MIN_ELEMENTS_ENV,
-    None,
+    1 << 22,
     f'a number of elements (an integer, at least 0, e.g. {1 << 22}) or "none"',
 )
 #: The same for graphs traced without gradients.

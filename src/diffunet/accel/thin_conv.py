@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffunet.accel import settings
-from diffunet.accel.fused_norm import _FIXED_STRIDES, _interpreting, _memory_format, _sm_count
+from diffunet.accel.fused_norm import _interpreting, _memory_format, _sm_count
+from diffunet.accel.library import define_op
 from diffunet.accel.operands import autocast_dtype, autocast_operands, pad_output_channels
 from diffunet.accel.settings import set_thin_conv_enabled  # noqa: F401  (importable from here too)
 
@@ -554,8 +555,9 @@ def _tap_product_forward(
     return y
 
 
-@torch.library.custom_op("diffunet::thin_conv3d", mutates_args=(), tags=_FIXED_STRIDES)
-def thin_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _thin_conv3d_kernel(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     """`F.conv3d(x, weight, bias, padding=1)` for a 3×3×3 weight with a thin side: a thin input
     by the gather kernel, into channels-last if `x` or the weight is; a thin output by cuDNN
     or the tap-product kernels (`settings.TAP_PRODUCT_FORWARD`), in `x`'s layout. All three
@@ -577,9 +579,17 @@ def thin_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     )
 
 
-@thin_conv3d.register_fake
 def _thin_conv3d_fake(x, weight, bias):
     return _empty(x, weight.shape[0], _output_layout(x, weight))
+
+
+#: `_thin_conv3d_kernel` as an operator (`thin_conv3d` is the differentiable call).
+thin_conv3d_op = define_op(
+    "thin_conv3d",
+    "(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
+    _thin_conv3d_kernel,
+    _thin_conv3d_fake,
+)
 
 
 def _weight_from(matrix: torch.Tensor, weight: torch.Tensor, gathered_input: bool) -> torch.Tensor:
@@ -592,11 +602,10 @@ def _weight_from(matrix: torch.Tensor, weight: torch.Tensor, gathered_input: boo
     return taps.reshape(weight.shape).to(weight.dtype).contiguous()
 
 
-@torch.library.custom_op("diffunet::thin_conv3d_backward", mutates_args=(), tags=_FIXED_STRIDES)
-def thin_conv3d_backward(
+def _thin_conv3d_backward_kernel(
     grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, input_grad: bool, bias_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of `thin_conv3d` for x (if `input_grad`), the weight, and the bias (if
+    """Gradients of `thin_conv3d_op` for x (if `input_grad`), the weight, and the bias (if
     `bias_grad`); empty tensors stand for those not asked for. The thin side is gathered and
     the wide one read once: a stem's weight gradient reads the output gradient, a head's reads
     x, and a head's input gradient is the gather kernel over its thin output gradient. (A stem's
@@ -637,7 +646,8 @@ def _aten_backward(
     weight_grad: bool,
     bias_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ATen's gradients (empty where not asked for), laid out as `thin_conv3d_backward` says."""
+    """ATen's gradients (empty where not asked for), laid out as `thin_conv3d_backward_op`
+    says."""
     grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
         grad,
         x,
@@ -658,34 +668,50 @@ def _aten_backward(
     )
 
 
-@thin_conv3d_backward.register_fake
 def _thin_conv3d_backward_fake(grad, x, weight, input_grad, bias_grad):
     grad_x = _empty(x, x.shape[1], _memory_format(x)) if input_grad else x.new_empty(0)
     grad_weight = weight.new_empty(weight.shape)  # contiguous, as `_weight_from` makes it
     return grad_x, grad_weight, weight.new_empty(weight.shape[0] if bias_grad else 0)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.has_bias = bias is not None
-    ctx.layout = _memory_format(output)
+thin_conv3d_backward_op = define_op(
+    "thin_conv3d_backward",
+    "(Tensor grad, Tensor x, Tensor weight, bool input_grad, bool bias_grad) "
+    "-> (Tensor, Tensor, Tensor)",
+    _thin_conv3d_backward_kernel,
+    _thin_conv3d_backward_fake,
+)
 
 
-def _backward(ctx, grad):
-    x, weight = ctx.saved_tensors
-    want_x, want_weight, want_bias = ctx.needs_input_grad
-    want_bias = want_bias and ctx.has_bias
-    grad = grad.contiguous(memory_format=ctx.layout)
-    grad_x, grad_weight, grad_bias = thin_conv3d_backward(grad, x, weight, want_x, want_bias)
-    return (
-        grad_x if want_x else None,
-        grad_weight if want_weight else None,
-        grad_bias if want_bias else None,
-    )
+class _ThinConv3d(torch.autograd.Function):
+    """`thin_conv3d_op` and its derivative (eager, and traced into compiled graphs)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        out = thin_conv3d_op(x, weight, bias)
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        ctx.layout = _memory_format(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        want_x, want_weight, want_bias = ctx.needs_input_grad
+        want_bias = want_bias and ctx.has_bias
+        grad = grad.contiguous(memory_format=ctx.layout)
+        grad_x, grad_weight, grad_bias = thin_conv3d_backward_op(grad, x, weight, want_x, want_bias)
+        return (
+            grad_x if want_x else None,
+            grad_weight if want_weight else None,
+            grad_bias if want_bias else None,
+        )
 
 
-thin_conv3d.register_autograd(_backward, setup_context=_setup_context)
+def thin_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.conv3d(x, weight, bias, padding=1)` by the kernels (see `_thin_conv3d_kernel`),
+    differentiable."""
+    return _ThinConv3d.apply(x, weight, bias)
 
 
 def convolve(conv: nn.Conv3d, x: torch.Tensor, *, with_bias: bool) -> torch.Tensor:
