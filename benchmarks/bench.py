@@ -876,6 +876,69 @@ def ratio_markdown(table: dict[str, Any], meta: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def merge_reports(reports: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    """One report of the model cases of several runs, for a ratio table that no single device
+    call has time for: each case's records come from the last of `reports` that measured it
+    (ours and the reference of a row always from one run, so its ratios compare), and the
+    table's notes say which run, on which device, gave each row."""
+    merged: dict[str, Any] = {"meta": {}, "cases": {}, "records": []}
+    sources: dict[str, int] = {}
+    for index, report in enumerate(reports):
+        measured = {r["case"] for r in report.get("records", []) if r.get("throughput")}
+        for name in report.get("cases", {}):
+            if name in MODEL_CASES and name in measured:
+                sources[name] = index
+    for name, index in sources.items():
+        report = reports[index]
+        compile_mode = report["meta"].get("compile_mode", "default")
+        merged["cases"][name] = report["cases"][name]
+        merged["records"] += [
+            {**r, "compile_mode": r.get("compile_mode") or compile_mode}
+            for r in report["records"]
+            if r["case"] == name
+        ]
+    devices = {reports[i]["meta"].get("device_name") for i in sources.values()}
+    merged["meta"] = {
+        **(reports[max(sources.values())]["meta"] if sources else {}),
+        "device_name": " / ".join(sorted(filter(None, devices))) or None,
+        "merged_from": {name: names[index] for name, index in sources.items()},
+    }
+    return merged
+
+
+def _report_from(path: str) -> dict[str, Any]:
+    """A run's JSON, as `--out` wrote it."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"--table-from {path}: not readable as a bench.py JSON ({err})") from None
+    if not isinstance(report, dict) or not {"meta", "cases", "records"} <= report.keys():
+        raise ValueError(f"--table-from {path}: no meta, cases and records: not a bench.py JSON")
+    return report
+
+
+def table_from_files(paths: list[str], out: str | None) -> dict[str, Any]:
+    """`--table-from`: the ratio table of earlier runs' JSON files, printed and written to
+    `out`."""
+    reports = [_report_from(p) for p in paths]
+    data = merge_reports(reports, paths)
+    if not data["cases"]:
+        raise ValueError(f"--table-from: no measured model case in {', '.join(paths)}")
+    data["table"] = ratio_table(data)
+    sources = [
+        f"`{name}`: {path} ({reports[paths.index(path)]['meta'].get('device_name')})"
+        for name, path in data["meta"]["merged_from"].items()
+    ]
+    data["table"]["notes"].append("Rows from: " + "; ".join(sources) + ".")
+    data["table"]["markdown"] = ratio_markdown(data["table"], data["meta"])
+    print(data["table"]["markdown"], end="", flush=True)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(data, indent=1, default=str) + "\n")
+        print(f"wrote {out}")
+    return data
+
+
 # ---------------------------------------------------------------------------------- CLI
 def _csv(choices: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
     def parse(text: str) -> tuple[str, ...]:
@@ -986,6 +1049,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "this process with warm caches (default 0: compile while measuring)",
     )
     parser.add_argument("--fill-caches-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--table-from",
+        nargs="+",
+        metavar="JSON",
+        help="measure nothing: print the ratio table of earlier runs' JSON files, each case's "
+        "row from the last file that measured it (to build the table over several device "
+        "calls); --out writes the merged JSON",
+    )
     parser.add_argument(
         "--no-cudnn-benchmark", action="store_true", help="leave torch.backends.cudnn.benchmark off"
     )
@@ -1132,6 +1203,8 @@ def compile_ahead(args: argparse.Namespace, settings: Settings) -> dict[str, Any
 
 def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark (or the profile) the options ask for; returns the JSON data."""
+    if args.table_from:
+        return table_from_files(args.table_from, args.out)
     settings = settings_from_args(args)
     for name in ("iters", "repeats"):
         if getattr(settings, name) < 1:

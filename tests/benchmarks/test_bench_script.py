@@ -444,6 +444,72 @@ def test_ratio_table_has_the_six_columns_of_ours_over_the_reference(bench):
     assert "| `ldm` 256², B16 vs diffusers | 30.0 % / 10.0 % |" in table["markdown"]
 
 
+def test_the_table_merges_runs_each_row_from_the_last_run_that_measured_its_case(
+    bench, tmp_path, capsys
+):
+    """`--table-from`: the table over several device calls; a later run that only skipped a
+    case does not replace the row an earlier run measured."""
+    case = {"size": [32, 32], "batch": 128, "reference": "diffusers"}
+
+    def run(device, records, cases):
+        meta = {"device_name": device, "precision": "bf16", "compile_mode": "default"}
+        return {"meta": meta, "cases": {c: case for c in cases}, "records": records}
+
+    first = run(
+        "GPU A",
+        [
+            _table_record("ldm", "ours", "eager", "train", 30.0, 12, 0.3),
+            _table_record("ldm", "ref", "eager", "train", 10.0, 24, 0.1),
+            _table_record("ddpm-cifar10", "ours", "eager", "train", 1.0, 1, 0.1),
+            _table_record("ddpm-cifar10", "ref", "eager", "train", 1.0, 1, 0.1),
+        ],
+        ["ldm", "ddpm-cifar10"],
+    )
+    second = run(
+        "GPU B",
+        [
+            # no compile_mode on the records: the run's (default) places them
+            {
+                **_table_record("ddpm-cifar10", "ours", "compile", "infer", 8.0, 2, 0.4),
+                "compile_mode": None,
+            },
+            {
+                **_table_record("ddpm-cifar10", "ref", "compile", "infer", 4.0, 4, 0.2),
+                "compile_mode": None,
+            },
+            {
+                "case": "ldm",
+                "model": "ours",
+                "mode": "eager",
+                "kind": "train",
+                "skipped": "deadline reached",
+            },
+        ],
+        ["ddpm-cifar10", "ldm"],
+    )
+    paths = []
+    for name, report in (("first.json", first), ("second.json", second)):
+        paths.append(str(tmp_path / name))
+        (tmp_path / name).write_text(json.dumps(report))
+    out = tmp_path / "merged.json"
+    data = bench.run_from_args(_args(bench, "--table-from", *paths, "--out", str(out)))
+    rows = {row["case"]: row["cells"] for row in data["table"]["rows"]}
+    assert rows["ldm"]["train_eager"]["speedup"] == pytest.approx(3.0)  # from the first run
+    assert rows["ddpm-cifar10"]["infer_compile"]["speedup"] == pytest.approx(2.0)
+    assert rows["ddpm-cifar10"]["train_eager"]["status"] == "–"  # the second run's row only
+    assert data["meta"]["merged_from"] == {"ldm": paths[0], "ddpm-cifar10": paths[1]}
+    assert (
+        f"`ldm`: {paths[0]} (GPU A); `ddpm-cifar10`: {paths[1]} (GPU B)" in capsys.readouterr().out
+    )
+    assert json.loads(out.read_text())["table"]["markdown"] == data["table"]["markdown"]
+    skipped_only = tmp_path / "skipped.json"
+    skipped_only.write_text(json.dumps({**second, "records": second["records"][2:]}))
+    with pytest.raises(ValueError, match="no measured model case"):
+        bench.run_from_args(_args(bench, "--table-from", str(skipped_only)))
+    with pytest.raises(ValueError, match="missing.json: not readable as a bench.py JSON"):
+        bench.run_from_args(_args(bench, "--table-from", str(tmp_path / "missing.json")))
+
+
 def test_mfu_is_stated_from_the_reference_count_for_both_sides(bench):
     settings = bench.Settings(device=torch.device("cpu"), iters=1, repeats=1, peak_flops=1e3)
     record = {"kind": "train", "batch": 2}
