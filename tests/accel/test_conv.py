@@ -336,6 +336,33 @@ def test_the_unet_compiles_every_convolution_through_the_custom_op():
     assert ops["diffunet.convolution.default"] == convs
 
 
+def test_a_checkpointed_unet_trains_compiled_as_in_eager_through_the_operators():
+    """Gradient checkpointing recomputes the blocks in the backward: the convolutions'
+    `autograd.Function` must trace inside the checkpointed regions too."""
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+    torch.manual_seed(0)
+    config = UNetConfig(
+        dims=2,
+        model_channels=8,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(2,),
+        norm_groups=4,
+        use_checkpoint=True,
+    )
+    model = accelerate(UNet(config))
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([1.0, 2.0])
+    model(x, t).square().mean().backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    backend = AotEagerAndRecordGraphs()
+    torch.compile(model, backend=backend)(x, t).square().mean().backward()
+    for p, g in zip(model.parameters(), want, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
+    assert any("diffunet.convolution.default" in _call_targets(g) for g in backend.fw_graphs)
+
+
 def test_export_keeps_plain_aten_convolutions():
     conv = conv_nd(2, 3, 4, 3, padding=1)
     program = torch.export.export(conv, (torch.randn(2, 3, 8, 8),), strict=False)
