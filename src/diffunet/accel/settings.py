@@ -16,7 +16,7 @@ does not parse warns and keeps the default.
 | `PLAIN_COMPILE_MIN_ELEMENTS` | `DIFFUNET_FUSED_COMPILE_MIN_ELEMENTS` (`none`: never) | 2²² | what the other compile modes (a plain `torch.compile`) use |
 | `PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE` | `DIFFUNET_FUSED_COMPILE_MIN_ELEMENTS_INFER` | as training | the same, for graphs without gradients |
 | `COMPILED_MIN_ELEMENTS` | | the plain-compile one | graphs traced from now on call the kernels from this size (None: never) |
-| `COMPILED_MIN_ELEMENTS_INFERENCE` | | None | the same, for graphs without gradients |
+| `COMPILED_MIN_ELEMENTS_INFERENCE` | | the plain-compile one | the same, for graphs without gradients |
 | `CUDA_GRAPH_MODES` | | `reduce-overhead`, `max-autotune` | the compile modes that replay CUDA graphs |
 | `NORM_LAUNCH` | `DIFFUNET_NORM_LOOP_STAGES`, `DIFFUNET_NORM_ONE_PASS_ELEMENTS` | `LaunchPlan()` | tiles, programs, warps, pipelining and one-kernel bound of the norm kernels |
 | `ONE_PASS_MIN_CHANNELS` | | 64 | the fewest channels a one-kernel norm program covers |
@@ -213,7 +213,7 @@ PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE: int | None = _optional_int_from_env(
     PLAIN_COMPILE_MIN_ELEMENTS,
     f'a number of elements (an integer, at least 0, e.g. {1 << 22}) or "none"',
 )
-#: Graphs traced from now on call the fused kernels (as the custom op `diffunet::group_norm_act`)
+#: Graphs traced from now on call the fused kernels (as the operator `diffunet::group_norm_act`)
 #: on activations of at least this many elements; None traces the reference everywhere. Until
 #: `configure_for_compile_mode` says otherwise, the plain-compile threshold.
 COMPILED_MIN_ELEMENTS: int | None = PLAIN_COMPILE_MIN_ELEMENTS
