@@ -525,6 +525,26 @@ def interpreted_the_ops_compute_the_reference(shape, groups, channels_last, film
     )
 
 
+def interpreted_compiled_graphs_run_the_kernels_through_the_operators():
+    """The kernels themselves (not stand-ins) through the operators and their
+    `autograd.Function` in a compiled graph: values and every gradient."""
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+    fused.set_compiled_min_elements(0)
+    params = _norm_inputs((2, 8, 5, 7), True, film=True, add=True)
+    norm = _norm(4, film=True, act=True, add=True)
+    backend = AotEagerAndRecordGraphs()
+    _assert_matches_float64(norm, params, torch.compile(norm, backend=backend)(*params))
+    assert any(
+        "diffunet.group_norm_act.default" in str(n.target)
+        for n in traced_nodes(backend.fw_graphs[0])
+    )
+    assert any(
+        "diffunet.group_norm_act_backward.default" in str(n.target)
+        for n in traced_nodes(backend.bw_graphs[0])
+    )
+
+
 # --- on a GPU ---------------------------------------------------------------------------------
 
 AWKWARD = [
