@@ -81,14 +81,11 @@ def test_which_convolutions_the_kernels_take():
     assert not thin_conv.takes(conv_nd(3, 16, 1, 3, padding=1), x16)
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
-@pytest.mark.usefixtures("enabled")
-def test_compiled_convolve_calls_the_ops(monkeypatch):
-    """Forward and backward through the ops in a compiled graph (computing with ATen here: the
-    kernels' own numbers are checked under the interpreter)."""
+def _compiled_convolve_matches_eager() -> None:
+    """A stem's `convolve` compiled: the operators in the forward and backward graphs, and the
+    values and gradients of `conv(x)`."""
     from torch._dynamo.testing import AotEagerAndRecordGraphs
 
-    monkeypatch.setattr(thin_conv, "_runs_kernels", lambda device: False)
     conv = conv_nd(3, 2, 16, 3, padding=1).to(memory_format=torch.channels_last_3d)
     x = torch.randn(2, 2, 4, 5, 3).contiguous(memory_format=torch.channels_last_3d)
     x.requires_grad_()
@@ -105,6 +102,15 @@ def test_compiled_convolve_calls_the_ops(monkeypatch):
     wants = torch.autograd.grad(want.square().sum(), [x, conv.weight, conv.bias])
     for got, expected in zip([out, *grads], [want, *wants], strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+@pytest.mark.usefixtures("enabled")
+def test_compiled_convolve_calls_the_ops(monkeypatch):
+    """Computing with ATen inside the operators here; the kernels' own numbers under the
+    interpreter (`interpreted_compiled_convolve_runs_the_kernels`)."""
+    monkeypatch.setattr(thin_conv, "_runs_kernels", lambda device: False)
+    _compiled_convolve_matches_eager()
 
 
 @pytest.mark.parametrize(
@@ -251,6 +257,12 @@ def interpreted_a_head_forward_in_groups_of_samples():
     x, w, b = torch.randn(3, 12, 2, 3, 4), torch.randn(2, 12, 3, 3, 3), torch.randn(2)
     want = F.conv3d(x.double(), w.double(), b.double(), padding=1)
     assert _relative_error(thin_conv.thin_conv3d(x, w, b), want) < 1e-6
+
+
+def interpreted_compiled_convolve_runs_the_kernels():
+    """The kernels themselves through the operators in a compiled graph."""
+    thin_conv.set_thin_conv_enabled(True)
+    _compiled_convolve_matches_eager()
 
 
 def interpreted_a_3d_unet_computes_the_same_with_the_kernels(monkeypatch):
