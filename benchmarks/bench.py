@@ -59,6 +59,7 @@ except ImportError:  # run from a checkout without installing diffunet
 from diffunet.accel import memory_format_for
 from diffunet.accel import settings as accel_settings
 from diffunet.diffusion import Diffusion
+from diffunet.errors import InvalidValueError
 from harness.models import (
     MODEL_CASES,
     Case,
@@ -911,9 +912,13 @@ def _report_from(path: str) -> dict[str, Any]:
     try:
         report = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"--table-from {path}: not readable as a bench.py JSON ({err})") from None
+        raise InvalidValueError(
+            f"--table-from {path}: not readable as a bench.py JSON ({err})"
+        ) from None
     if not isinstance(report, dict) or not {"meta", "cases", "records"} <= report.keys():
-        raise ValueError(f"--table-from {path}: no meta, cases and records: not a bench.py JSON")
+        raise InvalidValueError(
+            f"--table-from {path}: no meta, cases and records: not a bench.py JSON"
+        )
     return report
 
 
@@ -923,7 +928,7 @@ def table_from_files(paths: list[str], out: str | None) -> dict[str, Any]:
     reports = [_report_from(p) for p in paths]
     data = merge_reports(reports, paths)
     if not data["cases"]:
-        raise ValueError(f"--table-from: no measured model case in {', '.join(paths)}")
+        raise InvalidValueError(f"--table-from: no measured model case in {', '.join(paths)}")
     data["table"] = ratio_table(data)
     sources = [
         f"`{name}`: {path} ({reports[paths.index(path)]['meta'].get('device_name')})"
@@ -1084,7 +1089,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     """A :class:`Settings` from parsed options (quick defaults applied)."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but CUDA is not available")
+        raise InvalidValueError("--device cuda was asked for but CUDA is not available")
     quick = args.quick
 
     def pick(value: int | None, normal: int, small: int) -> int:
@@ -1208,9 +1213,9 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> di
     settings = settings_from_args(args)
     for name in ("iters", "repeats"):
         if getattr(settings, name) < 1:
-            raise ValueError(f"--{name} must be at least 1")
+            raise InvalidValueError(f"--{name} must be at least 1")
     if {"compile", "graphs"} <= set(args.modes) and args.compile_mode == GRAPHS_COMPILE_MODE:
-        raise ValueError(
+        raise InvalidValueError(
             f"--modes compile,graphs with --compile-mode {GRAPHS_COMPILE_MODE} would measure "
             "CUDA graphs twice; leave --compile-mode at default (graphs is reduce-overhead)"
         )

@@ -194,6 +194,24 @@ def test_diffunet_bench_skips_a_missing_reference_cleanly(bench, tmp_path):
         assert data["errors"] == []
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--table-from", "missing.json"], "missing.json: not readable as a bench.py JSON"),
+        (["--quick", "--iters", "0"], "--iters must be at least 1"),
+    ],
+)
+def test_diffunet_bench_says_what_is_wrong_with_its_options_in_one_line(
+    bench, argv, message, capsys
+):
+    from diffunet.cli.app import main
+
+    assert main(["bench", *argv]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.startswith("diffunet bench: error:") and message in err
+
+
 def test_profile_mode_groups_the_time_of_a_step(bench):
     from harness.profiling import KERNEL_CLASSES
 
