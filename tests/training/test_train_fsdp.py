@@ -2,7 +2,6 @@
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -170,7 +169,10 @@ def _sigkill_tree(process: subprocess.Popen) -> None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the workers in /proc")
-def test_sigkill_and_resume_of_a_sharded_run_match_an_uninterrupted_one(runs, tmp_path):
+def test_sigkill_and_resume_of_a_sharded_run_match_an_uninterrupted_one(runs, tmp_path, capsys):
+    """A sharded run killed mid-run resumes to the uninterrupted run's weights, and resuming it
+    in one process is refused in one line (checked here rather than in a test of its own: each
+    xdist worker that runs a test of `runs` trains both runs again)."""
     run = tmp_path / "killed"
     process = _torchrun(run, *ARGS)
     deadline = time.monotonic() + 240
@@ -197,10 +199,6 @@ def test_sigkill_and_resume_of_a_sharded_run_match_an_uninterrupted_one(runs, tm
         worst = max((a[k] - b[k]).abs().max().item() for k in a)
         assert worst <= 1e-6, f"{part}: resumed run differs by {worst}"
 
-
-def test_resuming_a_sharded_run_in_one_process_is_refused_in_one_line(runs, tmp_path, capsys):
-    run = tmp_path / "fsdp"
-    shutil.copytree(runs[0] / "fsdp", run)
     capsys.readouterr()
     assert main(["train", "--out", str(run), "--resume", "--steps", str(STEPS + 2), *COMMON]) != 0
     err = capsys.readouterr().err.strip().splitlines()
