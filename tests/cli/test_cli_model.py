@@ -134,24 +134,15 @@ def test_sample_refuses_bad_run_json_nan_weights_and_nan_samples(
 
 
 def test_sample_refuses_text_conditioned_models_in_one_line(tmp_path, capsys):
-    from diffunet import UNet, UNetConfig
+    from diffunet import UNet
     from diffunet.model.checkpoint import save_pretrained
+    from diffunet.model.introspect import small_config
 
-    config = UNetConfig(
-        in_channels=2,
-        model_channels=8,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        norm_groups=4,
-        attention_resolutions=(2,),
-        num_head_channels=4,
-        transformer_depth=1,
-        context_dim=6,
-        image_size=8,
-    )
+    config = small_config("sd15")
     save_pretrained(UNet(config), tmp_path / "sd-like")
     code, err = sample(capsys, tmp_path / "sd-like", tmp_path / "x.npy")
-    assert_one_line_error(code, err, "context_dim=6", "no text encoder", "docs/interop.md")
+    context = f"context_dim={config.context_dim}"
+    assert_one_line_error(code, err, context, "no text encoder", "docs/interop.md")
     assert not (tmp_path / "x.npy").exists()
 
 

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from diffunet.diffusion.denoiser import GuidedModel
 from diffunet.diffusion.guidance import dropped_for_training
 from diffunet.diffusion.model_protocol import DenoiserTraits, DenoisingModel, traits_of
-from diffunet.diffusion.process import Diffusion, draw_noise, with_cuda_graph
+from diffunet.diffusion.process import Diffusion, draw_noise, training_noise, with_cuda_graph
 from diffunet.errors import InvalidTypeError, InvalidValueError
 from diffunet.model.validation import check_labels
 
@@ -278,18 +278,7 @@ class ContinuousProcess:
         if times is None:
             times = self.sample_training_times(batch, generator)
         times = self._check_times(times, batch).to(device)
-        if noise is None:
-            noise = (
-                draw_noise(x0.shape, generator, device)
-                if generator is not None
-                else torch.randn_like(x0)
-            )
-        elif not isinstance(noise, torch.Tensor) or tuple(noise.shape) != tuple(x0.shape):
-            given = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
-            raise InvalidValueError(
-                f"noise has shape {given}, expected x0's shape {tuple(x0.shape)}"
-            )
-        noise = noise.to(device=device, dtype=torch.float32)
+        noise = training_noise(noise, x0, generator, device)
         context, labels, added_cond = dropped_for_training(
             model,
             self.cond_drop_prob,

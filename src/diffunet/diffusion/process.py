@@ -33,6 +33,23 @@ def draw_noise(
     return noise.to(device)
 
 
+def training_noise(
+    noise: object, x0: torch.Tensor, generator: torch.Generator | None, device: torch.device
+) -> torch.Tensor:
+    """The float32 noise of a training batch on `device`: `noise` as given, checked against
+    `x0`'s shape, or drawn (by `draw_noise` when a generator is given)."""
+    if noise is None:
+        noise = (
+            draw_noise(x0.shape, generator, device)
+            if generator is not None
+            else torch.randn_like(x0)
+        )
+    elif not isinstance(noise, torch.Tensor) or tuple(noise.shape) != tuple(x0.shape):
+        given = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+        raise InvalidValueError(f"noise has shape {given}, expected x0's shape {tuple(x0.shape)}")
+    return noise.to(device=device, dtype=torch.float32)
+
+
 def with_cuda_graph(
     model: DenoisingModel, cuda_graph: bool | str, device: torch.device
 ) -> DenoisingModel:
@@ -229,17 +246,7 @@ class Diffusion:
             alpha_bar = self.schedule.sample_noise_levels(timesteps, generator)
         else:
             alpha_bar = self.schedule.alphas_cumprod_on(device)[timesteps]
-        if noise is None:
-            noise = (
-                draw_noise(x0.shape, generator, device)
-                if generator is not None
-                else torch.randn_like(x0)
-            )
-        elif tuple(noise.shape) != tuple(x0.shape):
-            raise InvalidValueError(
-                f"noise has shape {tuple(noise.shape)}, expected x0's shape {tuple(x0.shape)}"
-            )
-        noise = noise.to(device=device, dtype=torch.float32)
+        noise = training_noise(noise, x0, generator, device)
         x_t = self.add_noise(x0, noise, alpha_bar)
         context, labels, added_cond = dropped_for_training(
             model,
