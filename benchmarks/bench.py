@@ -930,8 +930,9 @@ def table_from_files(paths: list[str], out: str | None) -> dict[str, Any]:
     if not data["cases"]:
         raise InvalidValueError(f"--table-from: no measured model case in {', '.join(paths)}")
     data["table"] = ratio_table(data)
+    device_of = {path: report["meta"].get("device_name") for path, report in zip(paths, reports)}
     sources = [
-        f"`{name}`: {path} ({reports[paths.index(path)]['meta'].get('device_name')})"
+        f"`{name}`: {path} ({device_of[path]})"
         for name, path in data["meta"]["merged_from"].items()
     ]
     data["table"]["notes"].append("Rows from: " + "; ".join(sources) + ".")

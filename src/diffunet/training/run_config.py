@@ -48,8 +48,8 @@ DEVICES = ("auto", "cpu", "cuda")
 PARALLEL_MODES = ("ddp", "fsdp")
 COMPILE_MODES = ("auto", "default", "reduce-overhead")
 CUDA_GRAPH_CHOICES = ("auto", "off")
-#: How replicated runs average gradients: DDP's hooks during the backward, or one coalesced
-#: all-reduce after it (what steps replayed as CUDA graphs need); `auto` picks by the step.
+#: How replicated runs average gradients: DDP's hooks during the backward, or one all-reduce
+#: per dtype after it (what steps replayed as CUDA graphs need); `auto` picks by the step.
 GRAD_SYNC_MODES = ("auto", "ddp", "after-backward")
 
 #: The default model: the DDPM CIFAR-10 topology, shrunk for 16×16 digits on a CPU.

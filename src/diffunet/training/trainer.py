@@ -7,7 +7,7 @@ data-parallel processes see exactly the draws a single process would):
 1. take the `s`-th batch of the epoch's permutation (the global batch; each rank its slice);
 2. draw timesteps, noise and the classifier-free-guidance label dropout for the global batch;
 3. loss under autocast (bf16 where supported, float32 master weights), backward (DDP averages
-   the gradients, or one coalesced all-reduce after the backward where the step replays as CUDA
+   the gradients, or one all-reduce per dtype after the backward where the step replays as CUDA
    graphs; with `--parallel fsdp` they are reduce-scattered to sharded parameters, see
    :mod:`diffunet.training.parallel`), clip, optimizer and LR-schedule step, EMA update in float32;
 4. every `log_every` steps a log line / CSV row, every `checkpoint_every` steps the EMA
