@@ -1119,7 +1119,12 @@ def _default_out(args: argparse.Namespace) -> str | None:
 
 
 def _fill_cache_argv(
-    args: argparse.Namespace, settings: Settings, case: str, model: str, mode: str = "compile"
+    args: argparse.Namespace,
+    settings: Settings,
+    case: str,
+    model: str,
+    mode: str = "compile",
+    kind: str | None = None,
 ) -> list[str]:
     argv = [
         "--cases",
@@ -1129,7 +1134,7 @@ def _fill_cache_argv(
         "--modes",
         mode,
         "--kinds",
-        ",".join(args.kinds),
+        kind or ",".join(args.kinds),
         "--checkpoint-modes",
         "none",
         "--warmup",
@@ -1150,15 +1155,17 @@ def _fill_cache_argv(
 
 
 def compile_ahead(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
-    """Compile each (case, model, compiled mode) of the run once, `--compile-ahead` processes
-    at a time, before measuring.
+    """Compile each (case, model, compiled mode, kind) of the run once, `--compile-ahead`
+    processes at a time, before measuring.
 
-    Each process runs this benchmark for one model in one mode with one warm-up step, which fills
-    Inductor's FX-graph and AOTAutograd caches on disk; the measuring process then loads the
-    compiled graphs instead of compiling them (`warmup_s` drops from minutes to seconds), so a
-    same-run comparison of several compiled models fits a much shorter GPU lease. The
-    processes do not store their Triton autotuning choices (they ran beside each other on the
-    GPU): the measuring process makes those alone.
+    Each process runs this benchmark for one model in one mode and kind with one warm-up step,
+    which fills Inductor's FX-graph and AOTAutograd caches on disk; the measuring process then
+    loads the compiled graphs instead of compiling them (`warmup_s` drops from minutes to
+    seconds), so a same-run comparison of several compiled models fits a much shorter GPU
+    lease. The processes do not store their Triton autotuning choices (they ran beside each
+    other on the GPU): the measuring process makes those alone. Under `--deadline` a process
+    still compiling when the time is up is stopped (its model is then compiled, or skipped,
+    while measuring).
     """
     jobs = args.compile_ahead
     cases = [c for c in args.cases if c in MODEL_CASES]
@@ -1176,33 +1183,44 @@ def compile_ahead(args: argparse.Namespace, settings: Settings) -> dict[str, Any
         PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
     )
 
-    def fill(job: tuple[str, str, str]) -> dict[str, Any]:
-        case, model, mode = job
+    def fill(job: tuple[str, str, str, str]) -> dict[str, Any]:
+        case, model, mode, kind = job
         begin = time.perf_counter()
-        done = subprocess.run(
-            [sys.executable, __file__, *_fill_cache_argv(args, settings, case, model, mode)],
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-        result = {
-            "case": case,
-            "model": model,
-            "mode": mode,
-            "seconds": round(time.perf_counter() - begin, 1),
-        }
-        if done.returncode != 0:
-            result["error"] = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        result = {"case": case, "model": model, "mode": mode, "kind": kind}
+        left = settings.time_left()
+        try:
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    *_fill_cache_argv(args, settings, case, model, mode, kind),
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=None if math.isinf(left) else max(left, 1.0),
+            )
+            if done.returncode != 0:
+                result["error"] = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        except subprocess.TimeoutExpired:
+            result["error"] = "stopped at the deadline"
+        result["seconds"] = round(time.perf_counter() - begin, 1)
         return result
 
-    todo = [(c, m, mode) for c in cases for m in args.models for mode in modes]
+    todo = [
+        (c, m, mode, kind)
+        for c in cases
+        for m in args.models
+        for mode in modes
+        for kind in args.kinds
+    ]
     begin = time.perf_counter()
     print(f"compiling {len(todo)} models ahead, {jobs} at a time", flush=True)
     with ThreadPoolExecutor(jobs) as pool:
         processes = list(pool.map(fill, todo))
     for p in processes:
         if "error" in p:
-            where = f"{p['case']}/{p['model']}/{p['mode']}"
+            where = f"{p['case']}/{p['model']}/{p['mode']}/{p['kind']}"
             print(f"  compiling {where} ahead failed: {p['error']}", flush=True)
     return {"jobs": jobs, "seconds": round(time.perf_counter() - begin, 1), "processes": processes}
 

@@ -211,6 +211,36 @@ def kernel_breakdown(prof: Any, steps: int, device: torch.device, top: int = 40)
     }
 
 
+def host_breakdown(prof: Any, steps: int, top: int = 15) -> dict[str, Any]:
+    """Where the host's time goes: CPU events by self time per step (the Python and C++ ops,
+    the CUDA runtime calls), and how many kernels the host launched per step.
+
+    A step whose wall time exceeds its GPU kernel time is bound by the host; this names what
+    the host spends that time on (custom operators' Python kernels, Inductor's launches, ...).
+    """
+    from torch.autograd import DeviceType
+
+    by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    launches = 0
+    for evt in prof.events():
+        if evt.device_type != DeviceType.CPU or getattr(evt, "is_user_annotation", False):
+            continue
+        by_name[evt.name][0] += evt.self_cpu_time_total
+        by_name[evt.name][1] += 1
+        if "LaunchKernel" in evt.name or evt.name in ("cuLaunchKernelEx", "cudaGraphLaunch"):
+            launches += 1
+    total_us = sum(v[0] for v in by_name.values())
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
+    return {
+        "self_cpu_ms_per_step": total_us / 1e3 / steps,
+        "launches_per_step": launches / steps,
+        "top_host_ops": [
+            {"name": name[:200], "calls_per_step": calls / steps, "ms_per_step": us / 1e3 / steps}
+            for name, (us, calls) in ranked
+        ],
+    }
+
+
 def run_profile(
     case_name: str,
     settings: Settings,
@@ -280,6 +310,7 @@ def run_profile(
                     "kind": kind,
                     "wall_ms_per_step_profiled": 1e3 * wall,
                     **kernel_breakdown(prof, steps, device),
+                    "host": host_breakdown(prof, steps),
                 }
                 result["runs"].append(run)
                 del optimizer, runner, prof
@@ -330,6 +361,16 @@ def format_profile(result: dict[str, Any]) -> str:
                 f"  {100 * k['share']:5.1f}% {k['ms_per_step']:8.2f} ms "
                 f"{k['class']:<18} {k['name'][:90]}"
             )
+        host = run.get("host")
+        if host:
+            lines.append(
+                f"  host: {host['self_cpu_ms_per_step']:.1f} ms of CPU self time and "
+                f"{host['launches_per_step']:.0f} kernel launches per step; top ops:"
+            )
+            lines += [
+                f"    {e['ms_per_step']:7.2f} ms {e['calls_per_step']:7.1f}×  {e['name'][:110]}"
+                for e in host["top_host_ops"][:12]
+            ]
         for cls, ops in run.get("launchers", {}).items():
             lines.append(f"  {cls} launched by:")
             lines += [f"    {e['ms_per_step']:7.2f} ms  {e['op'][:150]}" for e in ops[:5]]

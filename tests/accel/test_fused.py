@@ -146,10 +146,10 @@ DEFAULTS = {
     "FUSED_NORM": True,
     "CUDA_GRAPHS_MIN_ELEMENTS": 1 << 20,
     "CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE": 1 << 20,
-    "PLAIN_COMPILE_MIN_ELEMENTS": 1 << 22,
-    "PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE": 1 << 22,
-    "COMPILED_MIN_ELEMENTS": 1 << 22,  # the plain-compile thresholds until configured
-    "COMPILED_MIN_ELEMENTS_INFERENCE": 1 << 22,
+    "PLAIN_COMPILE_MIN_ELEMENTS": 1 << 25,
+    "PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE": 1 << 25,
+    "COMPILED_MIN_ELEMENTS": 1 << 25,  # the plain-compile thresholds until configured
+    "COMPILED_MIN_ELEMENTS_INFERENCE": 1 << 25,
     "THIN_CONV": True,
     "TAP_PRODUCT_FORWARD": "auto",
     "FOLDED_DEVICES": ["cpu", "cuda"],

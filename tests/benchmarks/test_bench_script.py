@@ -233,8 +233,17 @@ def test_profile_mode_groups_the_time_of_a_step(bench):
         infer["classes"]["convolution"]["ms_per_step"]
         < train["classes"]["convolution"]["ms_per_step"]
     )
+    # The host's side: CPU self time by op, the convolutions among the top ones on the CPU.
+    for run in (train, infer):
+        host = run["host"]
+        top = {e["name"]: e for e in host["top_host_ops"]}
+        assert host["self_cpu_ms_per_step"] >= sum(e["ms_per_step"] for e in top.values()) * 0.999
+        assert host["launches_per_step"] == 0  # no CUDA here
+    assert train["host"]["self_cpu_ms_per_step"] > infer["host"]["self_cpu_ms_per_step"]
+    assert "aten::convolution_backward" in {e["name"] for e in train["host"]["top_host_ops"]}
     table = bench.format_profile(result)
     assert "steps of train/infer" in table and " infer " in table
+    assert "ms of CPU self time and 0 kernel launches per step" in table
 
 
 # ------------------------------------------------------------------------ the reference models
@@ -391,6 +400,25 @@ def test_compiling_ahead_runs_the_same_compiled_measurement_for_one_model(bench)
         assert getattr(child_settings, name) == getattr(settings, name), name
     assert child.fill_caches_only and child.compile_ahead == 0 and not child.out
     assert child.checkpoint_modes == ("none",) and child_settings.warmup == 1
+    # One process per kind, so training and inference graphs compile side by side.
+    both = _args(bench, "--cases", "3d", "--kinds", "train,infer", "--compile-ahead", "4")
+    per_kind = _args(
+        bench, *bench._fill_cache_argv(both, settings, "3d", "ours", "compile", "infer")
+    )
+    assert per_kind.kinds == ("infer",)
+
+
+def test_compiling_ahead_stops_at_the_deadline(bench):
+    args = _args(
+        bench, "--cases", "ddpm-cifar10", "--quick", "--modes", "compile", "--compile-ahead", "4"
+    )
+    settings = bench.settings_from_args(args)
+    settings.deadline = 0.0  # already passed: each process gets the minimum, one second
+    ahead = bench.compile_ahead(args, settings)
+    jobs = {(p["model"], p["kind"]) for p in ahead["processes"]}
+    assert jobs == {(m, k) for m in ("ours", "ref") for k in ("train", "infer")}
+    assert all(p["error"] == "stopped at the deadline" for p in ahead["processes"])
+    assert ahead["seconds"] < 30
 
 
 @pytest.mark.parametrize(

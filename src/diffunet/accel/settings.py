@@ -13,7 +13,7 @@ does not parse warns and keeps the default.
 | `FUSED_EAGER_MIN_ELEMENTS` | | 2²⁴ | eager mode: the smallest activation (elements) they take |
 | `CUDA_GRAPHS_MIN_ELEMENTS` | `DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS` | 2²⁰ | what `configure_for_compile_mode` sets in CUDA-graph modes |
 | `CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE` | `DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS_INFER` | as training | the same, for graphs without gradients |
-| `PLAIN_COMPILE_MIN_ELEMENTS` | `DIFFUNET_FUSED_COMPILE_MIN_ELEMENTS` (`none`: never) | 2²² | what the other compile modes (a plain `torch.compile`) use |
+| `PLAIN_COMPILE_MIN_ELEMENTS` | `DIFFUNET_FUSED_COMPILE_MIN_ELEMENTS` (`none`: never) | 2²⁵ | what the other compile modes (a plain `torch.compile`) use |
 | `PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE` | `DIFFUNET_FUSED_COMPILE_MIN_ELEMENTS_INFER` | as training | the same, for graphs without gradients |
 | `COMPILED_MIN_ELEMENTS` | | the plain-compile one | graphs traced from now on call the kernels from this size (None: never) |
 | `COMPILED_MIN_ELEMENTS_INFERENCE` | | the plain-compile one | the same, for graphs without gradients |
@@ -204,7 +204,7 @@ CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE: int = _int_from_env(
 #: (docs/performance.md). None traces the reference everywhere.
 PLAIN_COMPILE_MIN_ELEMENTS: int | None = _optional_int_from_env(
     PLAIN_COMPILE_MIN_ELEMENTS_ENV,
-    1 << 22,
+    1 << 25,
     f'a number of elements (an integer, at least 0, e.g. {1 << 22}) or "none"',
 )
 #: The same for graphs traced without gradients.
