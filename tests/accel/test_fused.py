@@ -525,6 +525,33 @@ def interpreted_the_ops_compute_the_reference(shape, groups, channels_last, film
     )
 
 
+@pytest.mark.parametrize(
+    ("shape", "groups", "channels_last", "film", "act", "add", "launch"),
+    [(*CASES[0], "three-kernel"), (*CASES[2], "one-pass"), (*CASES[1], "one-tile")],
+)
+def interpreted_the_inline_operators_compute_what_the_opaque_ones_do(
+    shape, groups, channels_last, film, act, add, launch
+):
+    """`settings.INLINE_NORM_KERNELS`' operators run the same kernels on the same launch shapes
+    (here eagerly: compiled graphs trace into them only on a GPU), forward and backward."""
+    settings.NORM_LAUNCH = LAUNCHES[launch]
+    params = _norm_inputs(shape, channels_last, film, add)
+    args = tuple(
+        a.detach() if isinstance(a, torch.Tensor) else a
+        for a in _op_arguments(params, groups, film, act, add)
+    )
+    forward = fused.group_norm_act_op(*args)
+    for opaque, inline in zip(forward, fused.group_norm_act_inline_op(*args), strict=True):
+        assert torch.equal(opaque, inline) and opaque.stride() == inline.stride()
+    x, weight, bias, scale, shift, offset, *_ = args
+    backward_args = (torch.randn_like(x), x, weight, bias, scale, shift, offset, *forward[1:])
+    backward_args = (*backward_args, groups, film, act)
+    opaque = fused.group_norm_act_backward_op(*backward_args)
+    inline = fused.group_norm_act_backward_inline_op(*backward_args)
+    for a, b in zip(opaque, inline, strict=True):
+        assert torch.equal(a, b) and a.stride() == b.stride()
+
+
 def interpreted_compiled_graphs_run_the_kernels_through_the_operators():
     """The kernels themselves (not stand-ins) through the operators and their
     `autograd.Function` in a compiled graph: values and every gradient."""
@@ -542,6 +569,15 @@ def interpreted_compiled_graphs_run_the_kernels_through_the_operators():
     assert any(
         "diffunet.group_norm_act_backward.default" in str(n.target)
         for n in traced_nodes(backend.bw_graphs[0])
+    )
+    # The inline operators need a GPU: on CPU tensors graphs keep the opaque ones.
+    settings.INLINE_NORM_KERNELS = True
+    torch._dynamo.reset()
+    backend = AotEagerAndRecordGraphs()
+    torch.compile(norm, backend=backend)(*params)
+    assert any(
+        "diffunet.group_norm_act.default" in str(n.target)
+        for n in traced_nodes(backend.fw_graphs[0])
     )
 
 
@@ -678,3 +714,49 @@ def test_compiled_training_with_the_custom_op_matches_compiled_without_on_gpu(na
     torch.testing.assert_close(outputs[0], outputs[1], rtol=3e-2, atol=3e-2)
     scale = grads[1].abs().max().item()
     assert (grads[0] - grads[1]).abs().max().item() <= 3e-2 * scale
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("fused_everywhere")
+@pytest.mark.parametrize("name", ["ddpm-cifar10", "emdiffuse-aleatoric"])
+def test_compiled_graphs_launch_the_norm_kernels_themselves_on_gpu(name):
+    """`settings.INLINE_NORM_KERNELS`: Inductor's code launches the norm kernels (no call into
+    the operators), with the values and gradients of graphs that call the opaque operators; a
+    graph with dynamic sizes keeps the opaque operators."""
+    from torch._inductor.utils import run_and_get_code
+
+    config = small_config(name).replace(dropout=0.0)
+    torch.manual_seed(0)
+    model = accelerate(UNet(config).cuda().to(memory_format=torch.channels_last))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    x, kwargs = example_inputs(config, batch=3, device="cuda")
+    x = x.contiguous(memory_format=torch.channels_last)
+    fused.set_compiled_min_elements(0)
+
+    def step(inline, dynamic=False):
+        settings.INLINE_NORM_KERNELS = inline
+        torch._dynamo.reset()
+        model.zero_grad()
+
+        def run():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = torch.compile(model, dynamic=dynamic)(x, **kwargs)
+            out.float().square().mean().backward()
+            return out.detach().float()
+
+        out, code = run_and_get_code(run)
+        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+        return out, grads, "\n".join(code)
+
+    opaque_out, opaque_grads, opaque_code = step(False)
+    inline_out, inline_grads, inline_code = step(True)
+    assert "diffunet.group_norm_act" in opaque_code
+    assert "diffunet.group_norm_act" not in inline_code
+    assert "_normalize_kernel" in inline_code or "_one_pass_kernel" in inline_code
+    torch.testing.assert_close(inline_out, opaque_out, rtol=1e-2, atol=1e-2)
+    scale = opaque_grads.abs().max().item()
+    assert (inline_grads - opaque_grads).abs().max().item() <= 1e-2 * scale
+    _, _, dynamic_code = step(True, dynamic=True)
+    assert "diffunet.group_norm_act" in dynamic_code

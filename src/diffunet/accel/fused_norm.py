@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from diffunet.accel import settings
-from diffunet.accel.library import define_op
+from diffunet.accel.library import define_op, define_triton_op
 from diffunet.accel.settings import (  # noqa: F401  (the setters, importable from here too)
     CUDA_GRAPH_MODES,
     LaunchConfig,
@@ -1133,23 +1134,34 @@ if triton is not None:
             tl.store(dadd_ptr + b * C + cs, dx_sum, mask=cmask)
 
 
+def _direct(kernel: Callable) -> Callable:
+    """A Triton kernel launched as it is: eager calls and the opaque operators. The inline
+    operators pass `torch.library.wrap_triton` instead, so tracing records the launches."""
+    return kernel
+
+
 def _group_stats(
-    x3: torch.Tensor, add: torch.Tensor, num_groups: int, eps: float, launch: LaunchShape
+    x3: torch.Tensor,
+    add: torch.Tensor,
+    num_groups: int,
+    eps: float,
+    launch: LaunchShape,
+    kernel: Callable = _direct,
 ):
     """Per-(batch, channel) centre and rstd of each channel's group of `x3 + add` (`add` (B, C),
     or empty for none), in float32; the centre is the group's mean minus `add`. `launch` is
-    `_launch_shape(x3)`."""
+    `_launch_shape(x3)`; `kernel` wraps each Triton kernel before its launch (`_direct`)."""
     b, c, n = x3.shape
     chunks = launch.chunks
     s1 = torch.empty(b, chunks, c, device=x3.device, dtype=torch.float32)
     s2 = torch.empty_like(s1)
     k = torch.empty(b, c, device=x3.device, dtype=torch.float32)
-    _stats_kernel[(b, chunks)](
+    kernel(_stats_kernel)[(b, chunks)](
         x3, s1, s2, k, c, n, launch.rows, *x3.stride(), chunks, **launch.kernel_options()
     )
     mean, rstd = torch.empty_like(k), torch.empty_like(k)
     per_group = c // num_groups
-    _stats_combine_kernel[(b, num_groups)](
+    kernel(_stats_combine_kernel)[(b, num_groups)](
         s1,
         s2,
         k,
@@ -1167,19 +1179,19 @@ def _group_stats(
     return mean, rstd
 
 
-def _forward(x, weight, bias, scale, shift, add, num_groups, eps, film, act):
+def _forward(x, weight, bias, scale, shift, add, num_groups, eps, film, act, kernel=_direct):
     x3 = x.flatten(2)
     one_pass = _one_pass_shape(x3, num_groups)
     if one_pass is not None:
         return _forward_in_one_kernel(
-            x, x3, weight, bias, scale, shift, add, num_groups, eps, film, act, one_pass
+            x, x3, weight, bias, scale, shift, add, num_groups, eps, film, act, one_pass, kernel
         )
     launch = _launch_shape(x3)
-    mean, rstd = _group_stats(x3, add, num_groups, eps, launch)
+    mean, rstd = _group_stats(x3, add, num_groups, eps, launch, kernel)
     y = torch.empty_like(x)
     y3 = y.flatten(2)
     b, c, n = x3.shape
-    _normalize_kernel[(b, launch.chunks)](
+    kernel(_normalize_kernel)[(b, launch.chunks)](
         x3,
         y3,
         mean,
@@ -1201,7 +1213,19 @@ def _forward(x, weight, bias, scale, shift, add, num_groups, eps, film, act):
 
 
 def _forward_in_one_kernel(
-    x, x3, weight, bias, scale, shift, add, num_groups, eps, film, act, shape: OnePassShape
+    x,
+    x3,
+    weight,
+    bias,
+    scale,
+    shift,
+    add,
+    num_groups,
+    eps,
+    film,
+    act,
+    shape: OnePassShape,
+    kernel: Callable = _direct,
 ):
     """`_forward` as one kernel, `shape` being `_one_pass_shape(x3, num_groups)`."""
     b, c, n = x3.shape
@@ -1209,7 +1233,7 @@ def _forward_in_one_kernel(
     rstd = torch.empty_like(mean)
     y = torch.empty_like(x)
     y3 = y.flatten(2)
-    _one_pass_kernel[(b, shape.slices)](
+    kernel(_one_pass_kernel)[(b, shape.slices)](
         x3,
         y3,
         add,
@@ -1235,7 +1259,20 @@ def _forward_in_one_kernel(
 
 
 def _backward(
-    grad, x, weight, bias, scale, shift, add, mean, rstd, num_groups, film, act, out=None
+    grad,
+    x,
+    weight,
+    bias,
+    scale,
+    shift,
+    add,
+    mean,
+    rstd,
+    num_groups,
+    film,
+    act,
+    out=None,
+    kernel: Callable = _direct,
 ):
     """(dx, dweight, dbias, dscale, dshift, dadd); the last three None where not used.
 
@@ -1262,13 +1299,14 @@ def _backward(
             act,
             one_pass,
             out,
+            kernel,
         )
     b, c, n = x3.shape
     launch = _launch_shape(x3)
     rows, chunks = launch.rows, launch.chunks
     a_part = torch.empty(b, chunks, c, device=x.device, dtype=torch.float32)
     b_part = torch.empty_like(a_part)
-    _backward_reduce_kernel[(b, chunks)](
+    kernel(_backward_reduce_kernel)[(b, chunks)](
         x3,
         g3,
         mean,
@@ -1297,7 +1335,7 @@ def _backward(
     grad_scale = torch.empty(b, c, device=x.device, dtype=torch.float32) if film else a_full
     grad_shift = torch.empty_like(grad_scale) if film else a_full
     per_group = c // num_groups
-    _backward_combine_kernel[(b, num_groups)](
+    kernel(_backward_combine_kernel)[(b, num_groups)](
         a_part,
         b_part,
         weight,
@@ -1320,7 +1358,7 @@ def _backward(
     d3 = dx.flatten(2)
     added = add.numel() > 0
     add_part = torch.empty_like(a_part) if added else a_part
-    _backward_dx_kernel[(b, chunks)](
+    kernel(_backward_dx_kernel)[(b, chunks)](
         x3,
         g3,
         d3,
@@ -1377,6 +1415,7 @@ def _backward_in_one_kernel(
     act,
     shape: OnePassShape,
     out=None,
+    kernel: Callable = _direct,
 ):
     """`_backward` as one kernel, `shape` being `_one_pass_shape(x3, num_groups)`."""
     b, c, n = x3.shape
@@ -1387,7 +1426,7 @@ def _backward_in_one_kernel(
     grad_add = torch.empty_like(a_full) if added else a_full
     dx = torch.empty_like(x) if out is None else out
     d3 = dx.flatten(2)
-    _one_pass_backward_kernel[(b, shape.slices)](
+    kernel(_one_pass_backward_kernel)[(b, shape.slices)](
         x3,
         g3,
         d3,
@@ -1502,14 +1541,94 @@ group_norm_act_backward_op = define_op(
 )
 
 
+Tensor = torch.Tensor
+
+
+def _group_norm_act_inline(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    add: Tensor,
+    num_groups: int,
+    eps: float,
+    film: bool,
+    act: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _forward(
+        x, weight, bias, scale, shift, add, num_groups, eps, film, act, torch.library.wrap_triton
+    )
+
+
+def _group_norm_act_backward_inline(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    add: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    num_groups: int,
+    film: bool,
+    act: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = _backward(
+        grad,
+        x,
+        weight,
+        bias,
+        scale,
+        shift,
+        add,
+        mean,
+        rstd,
+        num_groups,
+        film,
+        act,
+        kernel=torch.library.wrap_triton,
+    )
+    dx, dw, db, ds, dsh, dadd = grads
+    ds, dsh, dadd = (
+        t.new_empty(0) if g is None else g for t, g in ((scale, ds), (shift, dsh), (add, dadd))
+    )
+    return dx, dw, db, ds, dsh, dadd
+
+
+#: `group_norm_act_op` and its backward as operators whose kernels Inductor launches itself
+#: (`settings.INLINE_NORM_KERNELS`): tracing runs their launch shapes once and records each
+#: Triton launch, instead of a call into Python on every step. Triton-less installs have none.
+group_norm_act_inline_op = group_norm_act_backward_inline_op = None
+if triton is not None:
+    group_norm_act_inline_op = define_triton_op("group_norm_act_inline", _group_norm_act_inline)
+    group_norm_act_backward_inline_op = define_triton_op(
+        "group_norm_act_backward_inline", _group_norm_act_backward_inline
+    )
+
+
+def _inline_wanted(x: torch.Tensor) -> bool:
+    """Whether a graph being traced records the kernels' launches themselves: switched on, on
+    a GPU (Triton's interpreter runs no traced launches) and with static sizes (the launch
+    shapes are computed from them)."""
+    return (
+        settings.INLINE_NORM_KERNELS
+        and group_norm_act_inline_op is not None
+        and x.is_cuda
+        and torch.compiler.is_dynamo_compiling()
+        and all(isinstance(size, int) for size in x.shape)
+    )
+
+
 class _GroupNormAct(torch.autograd.Function):
-    """`group_norm_act_op` and its derivative: eager, and traced by Dynamo into the graph."""
+    """`group_norm_act_op` and its derivative: eager, and traced by Dynamo into the graph
+    (where `_inline_wanted`, as the inline operators)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, shift, add, num_groups, eps, film, act):
-        y, mean, rstd = group_norm_act_op(
-            x, weight, bias, scale, shift, add, num_groups, eps, film, act
-        )
+        op = group_norm_act_inline_op if _inline_wanted(x) else group_norm_act_op
+        y, mean, rstd = op(x, weight, bias, scale, shift, add, num_groups, eps, film, act)
         ctx.save_for_backward(x, weight, bias, scale, shift, add, mean, rstd)
         ctx.num_groups, ctx.film, ctx.act = num_groups, film, act
         return y
@@ -1518,7 +1637,8 @@ class _GroupNormAct(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, bias, scale, shift, add, mean, rstd = ctx.saved_tensors
         grad = grad.contiguous(memory_format=_memory_format(x))
-        dx, dw, db, ds, dsh, dadd = group_norm_act_backward_op(
+        op = group_norm_act_backward_inline_op if _inline_wanted(x) else group_norm_act_backward_op
+        dx, dw, db, ds, dsh, dadd = op(
             grad, x, weight, bias, scale, shift, add, mean, rstd, ctx.num_groups, ctx.film, ctx.act
         )
         if not ctx.film:

@@ -7,7 +7,8 @@ formula registered on the operator (`register_autograd`) runs Python on every ca
 where nothing is differentiated. Here an operator is a schema on a `torch.library.Library`
 with one Python kernel for every device and a fake kernel for tracing; its derivative is an
 `autograd.Function` around it, which Dynamo traces into the graph, so no autograd code runs
-when the compiled graph calls the operator (docs/performance.md).
+when the compiled graph calls the operator (docs/performance.md). `define_triton_op` instead
+makes an operator that compiled graphs trace into (`settings.INLINE_NORM_KERNELS`).
 """
 
 from __future__ import annotations
@@ -33,3 +34,11 @@ def define_op(
     LIBRARY.impl(name, kernel, "CompositeExplicitAutograd")
     torch.library.register_fake(f"diffunet::{name}", fake or kernel, lib=LIBRARY)
     return getattr(torch.ops.diffunet, name).default
+
+
+def define_triton_op(name: str, kernel: Callable) -> torch._library.custom_ops.CustomOpDef:
+    """Define `diffunet::name` as a `torch.library.triton_op`: `kernel` (type-annotated, its
+    Triton launches wrapped in `torch.library.wrap_triton`) runs as it is in eager mode, and
+    `torch.compile` traces into it, so the compiled code launches the kernels itself and the
+    Python between them runs once, while tracing. Returns the operator."""
+    return torch.library.triton_op(f"diffunet::{name}", kernel, mutates_args=())

@@ -10,6 +10,7 @@ does not parse warns and keeps the default.
 | Setting | Environment variable | Default | What it controls |
 |---|---|---|---|
 | `FUSED_NORM` | `DIFFUNET_FUSED` (`0`: off) | on | GroupNorm + FiLM + SiLU by the fused Triton kernels |
+| `INLINE_NORM_KERNELS` | `DIFFUNET_INLINE_NORM_KERNELS` (`1`: on) | off | compiled graphs launch the norm kernels themselves (unmeasured) |
 | `FUSED_EAGER_MIN_ELEMENTS` | | 2²⁴ | eager mode: the smallest activation (elements) they take |
 | `CUDA_GRAPHS_MIN_ELEMENTS` | `DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS` | 2²⁰ | what `configure_for_compile_mode` sets in CUDA-graph modes |
 | `CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE` | `DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS_INFER` | as training | the same, for graphs without gradients |
@@ -66,9 +67,9 @@ def _int_from_env(name: str, default: int, minimum: int, what: str) -> int:
     return value
 
 
-def _switch_from_env(name: str) -> bool:
-    """On unless the environment variable `name` is "0"."""
-    return os.environ.get(name, "1") != "0"
+def _switch_from_env(name: str, default: bool = True) -> bool:
+    """`default` unless the environment variable `name` is "0" (off) or "1" (on)."""
+    return {"0": False, "1": True}.get(os.environ.get(name, ""), default)
 
 
 # --- fused GroupNorm + FiLM + SiLU (`fused_norm`) --------------------------------------------
@@ -124,6 +125,8 @@ class LaunchPlan:
 
 #: The environment variable that turns the fused norm kernels off ("0").
 FUSED_ENV = "DIFFUNET_FUSED"
+#: The environment variable that turns `INLINE_NORM_KERNELS` on ("1").
+INLINE_NORM_KERNELS_ENV = "DIFFUNET_INLINE_NORM_KERNELS"
 #: The environment variable that sets `CUDA_GRAPHS_MIN_ELEMENTS`.
 CUDA_GRAPHS_MIN_ELEMENTS_ENV = "DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS"
 #: The environment variable that sets `CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE`.
@@ -177,6 +180,11 @@ def _norm_launch_from_env() -> LaunchPlan:
 
 #: Whether the fused norm kernels run at all.
 FUSED_NORM: bool = _switch_from_env(FUSED_ENV)
+#: Whether graphs traced on a GPU with static sizes call the norm kernels as operators that
+#: `torch.compile` traces into (`torch.library.triton_op`), so the compiled code launches the
+#: Triton kernels itself, instead of as an opaque operator whose Python runs on every call.
+#: Off until measured on a GPU (docs/performance.md, open items).
+INLINE_NORM_KERNELS: bool = _switch_from_env(INLINE_NORM_KERNELS_ENV, default=False)
 #: In eager mode, the smallest activation (elements) the fused kernels take. A fused call costs
 #: six Triton launches of host time (forward and backward); below this size the eager kernels
 #: finish sooner (docs/performance.md).
@@ -414,6 +422,7 @@ def folding_on(devices: str | Iterable[str]) -> Iterator[None]:
 #: The names of the settings (the rows of the module's table).
 NAMES: tuple[str, ...] = (
     "FUSED_NORM",
+    "INLINE_NORM_KERNELS",
     "FUSED_EAGER_MIN_ELEMENTS",
     "CUDA_GRAPHS_MIN_ELEMENTS",
     "CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE",
