@@ -126,35 +126,40 @@ def bench_argv(args: argparse.Namespace, case: str, kind: str, models: str) -> l
 
 
 def fill_caches(
-    args: argparse.Namespace, trees: dict[str, Path], envs: dict[str, dict[str, str]]
+    args: argparse.Namespace,
+    trees: dict[str, Path],
+    envs: dict[str, dict[str, str]],
+    start: float,
 ) -> list[dict]:
-    """Compile every (tree, case, model) once in parallel processes; their seconds and errors."""
+    """Compile every (tree, case, model, kind) once in parallel processes; their seconds and
+    errors. A process still compiling `--limit` seconds after `start` is stopped."""
     jobs = [
-        (name, case, model)
+        (name, case, model, kind)
         for case in args.cases.split(",")
         for name in trees
         for model in (("ours", "ref") if name == "base" and args.ref else ("ours",))
+        for kind in args.kinds.split(",")
     ]
 
-    def fill(job: tuple[str, str, str]) -> dict:
-        name, case, model = job
-        argv = bench_argv(args, case, args.kinds, model)
+    def fill(job: tuple[str, str, str, str]) -> dict:
+        name, case, model, kind = job
+        argv = bench_argv(args, case, kind, model)
         argv += ["--warmup", "1", "--iters", "1", "--repeats", "1", "--fill-caches-only"]
         begin = time.perf_counter()
-        done = subprocess.run(
-            [*bench_command(trees[name]), *argv],
-            capture_output=True,
-            text=True,
-            env=dict(tree_env(trees[name], envs[name]), OUT=""),
-        )
-        result = {
-            "tree": name,
-            "case": case,
-            "model": model,
-            "seconds": round(time.perf_counter() - begin, 1),
-        }
-        if done.returncode != 0:
-            result["error"] = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        result = {"tree": name, "case": case, "model": model, "kind": kind}
+        try:
+            done = subprocess.run(
+                [*bench_command(trees[name]), *argv],
+                capture_output=True,
+                text=True,
+                env=dict(tree_env(trees[name], envs[name]), OUT=""),
+                timeout=max(args.limit - (begin - start), 1.0),
+            )
+            if done.returncode != 0:
+                result["error"] = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        except subprocess.TimeoutExpired:
+            result["error"] = "stopped at the limit"
+        result["seconds"] = round(time.perf_counter() - begin, 1)
         return result
 
     with ThreadPoolExecutor(args.fill_jobs) as pool:
@@ -365,12 +370,13 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [],
     }
     if "compile" in args.modes.split(",") and args.fill_jobs > 0:
-        data["meta"]["fills"] = fill_caches(args, trees, envs)
+        data["meta"]["fills"] = fill_caches(args, trees, envs, start)
         print(f"caches filled in {time.perf_counter() - start:.0f} s", flush=True)
         for fill in data["meta"]["fills"]:
             if "error" in fill:
                 print(
-                    f"  filling {fill['tree']} {fill['case']} {fill['model']} failed: "
+                    f"  filling {fill['tree']} {fill['case']} {fill['model']} {fill['kind']} "
+                    f"failed: "
                     f"{fill['error']}",
                     flush=True,
                 )

@@ -6,6 +6,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,20 @@ def test_change_env_is_parsed_and_reaches_the_change_processes_only(benchmark_sc
     assert environments[0]["DIFFUNET_THIN_CONV"] == "1" and environments[0]["X"] == "a=b"
     assert "DIFFUNET_THIN_CONV" not in environments[1]
     assert all(env["PYTHONPATH"].split(os.pathsep)[0] == str(SRC) for env in environments)
+
+
+def test_caches_fill_per_kind_and_stop_at_the_limit(benchmark_script):
+    ab = benchmark_script("ab")
+    args = ab.parse_args(
+        ["--base-src", str(SRC), "--cases", "ddpm-cifar10", "--quick", "--limit", "0"]
+    )
+    trees = {"base": SRC, "change": SRC}
+    begin = time.perf_counter()
+    fills = ab.fill_caches(args, trees, {"base": {}, "change": {}}, time.perf_counter())
+    jobs = {(f["tree"], f["model"], f["kind"]) for f in fills}
+    kinds = ("train", "infer")
+    assert jobs == {("base", m, k) for m in ("ours", "ref") for k in kinds} | {
+        ("change", "ours", k) for k in kinds
+    }
+    assert all(f["error"] == "stopped at the limit" for f in fills)
+    assert time.perf_counter() - begin < 60
