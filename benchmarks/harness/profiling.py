@@ -1,6 +1,7 @@
 """Where the time of a step goes: GPU kernels (or, on the CPU, aten ops) grouped into classes
 (convolution, elementwise/copies, norm/reductions, attention+GEMM, optimizer, other), the top
-kernels, and the ops that launched each class's kernels; `bench.py --profile CASE` runs it over
+kernels, the ops that launched each class's kernels, the host's CPU time by op and, without the
+profiler, samples of the Python stack (`host_sampler`); `bench.py --profile CASE` runs it over
 a few steps of ours and the reference, `train_profile.py` over a window of `diffunet train`."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 
+from harness.host_sampler import sample_steps
 from harness.models import build_case, build_model, implementation
 from harness.timing import (
     Settings,
@@ -303,6 +305,8 @@ def run_profile(
                         step(i)
                     sync(device)
                 wall = (time.perf_counter() - begin) / steps
+                # The same steps again without the profiler, their Python stacks sampled.
+                samples = sample_steps(step, max(2 * steps, 10), lambda: sync(device))
                 run = {
                     "model": which,
                     "impl": implementation(model),
@@ -311,6 +315,7 @@ def run_profile(
                     "wall_ms_per_step_profiled": 1e3 * wall,
                     **kernel_breakdown(prof, steps, device),
                     "host": host_breakdown(prof, steps),
+                    "host_samples": samples,
                 }
                 result["runs"].append(run)
                 del optimizer, runner, prof
@@ -370,6 +375,15 @@ def format_profile(result: dict[str, Any]) -> str:
             lines += [
                 f"    {e['ms_per_step']:7.2f} ms {e['calls_per_step']:7.1f}×  {e['name'][:110]}"
                 for e in host["top_host_ops"][:12]
+            ]
+        samples = run.get("host_samples")
+        if samples:
+            lines.append(
+                f"  without the profiler: {samples['wall_ms_per_step']:.1f} ms per step; "
+                f"{samples['samples']} samples of the Python stack, by self share:"
+            )
+            lines += [
+                f"    {100 * e['share']:5.1f}%  {e['function']}" for e in samples["self"][:10]
             ]
         for cls, ops in run.get("launchers", {}).items():
             lines.append(f"  {cls} launched by:")

@@ -7,6 +7,7 @@ import argparse
 import importlib.util
 import json
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -244,6 +245,36 @@ def test_profile_mode_groups_the_time_of_a_step(bench):
     table = bench.format_profile(result)
     assert "steps of train/infer" in table and " infer " in table
     assert "ms of CPU self time and 0 kernel launches per step" in table
+    # Unprofiled steps with their Python stacks sampled: the model's forward is on them.
+    for run in (train, infer):
+        samples = run["host_samples"]
+        assert samples["steps"] == 10 and samples["wall_ms_per_step"] > 0
+        assert samples["samples"] > 0
+        assert all(0 < e["share"] <= 1 for e in samples["self"] + samples["total"])
+        forwards = [f["function"] for f in samples["total"] if f["function"].endswith("forward")]
+        assert any(f.startswith("accel/blocks.py:") for f in forwards)  # AcceleratedUNet's
+    assert "samples of the Python stack" in table
+
+
+def test_the_stack_sampler_finds_where_the_python_time_goes(harness):
+    from harness.host_sampler import sample_steps
+
+    def spin(seconds):
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    def step(i):
+        spin(0.03)  # three quarters of each step
+        time.sleep(0.01)
+
+    result = sample_steps(step, 5, lambda: None)
+    assert result["samples"] >= 50 and result["wall_ms_per_step"] >= 40
+    shares = {e["function"]: e["share"] for e in result["self"]}
+    spinning = next(v for f, v in shares.items() if f.endswith("spin"))
+    assert 0.5 < spinning < 0.95
+    # Only the frames below the sampled block count: the test's callers are not on the list.
+    assert not any("_pytest" in e["function"] for e in result["total"])
 
 
 # ------------------------------------------------------------------------ the reference models

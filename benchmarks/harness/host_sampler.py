@@ -1,0 +1,114 @@
+"""Where a step's host time goes without a profiler: a background thread samples the main
+thread's Python stack at a fixed interval and counts the functions it finds.
+
+`torch.profiler` records every op and kernel launch, which inflates a host-bound step (a
+compiled step of many small kernels) and can hide what costs it time outside the profiler.
+Sampling costs the step only the sampler's turns at the interpreter lock. A function's *self*
+share counts the samples where it was the innermost Python frame (time in C code it called,
+such as a kernel launch, counts towards its caller); its *total* share counts the samples
+where it was anywhere on the stack.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from types import CodeType, FrameType, TracebackType
+from typing import Any
+
+
+def code_name(code: CodeType) -> str:
+    """`folder/file.py:Class.function` of a code object (the file's last two path parts)."""
+    path = Path(code.co_filename)
+    name = getattr(code, "co_qualname", code.co_name)  # Python 3.11+
+    return f"{'/'.join(path.parts[-2:])}:{name}"
+
+
+class StackSampler:
+    """Samples the stack of the thread that enters it every `interval` seconds, from a
+    background thread, until the block ends. Only the frames below the block's own count.
+
+    The interpreter's switch interval is shortened to `interval` for the block, so the
+    sampler gets its turns while the sampled thread runs Python.
+    """
+
+    def __init__(self, interval: float = 1e-3) -> None:
+        self.interval = interval
+        self.samples = 0
+        # By code object while sampling (cheap to count), named in `summary`.
+        self.self_counts: Counter[CodeType] = Counter()
+        self.total_counts: Counter[CodeType] = Counter()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._target = 0
+        self._root: FrameType | None = None
+        self._switch_interval = sys.getswitchinterval()
+
+    def __enter__(self) -> StackSampler:
+        self._target = threading.get_ident()
+        self._root = sys._getframe(1)  # the block's frame: its callers are not counted
+        self._stop.clear()
+        sys.setswitchinterval(self.interval)
+        self._thread = threading.Thread(target=self._run, name="stack-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._root = None
+        sys.setswitchinterval(self._switch_interval)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            frame = sys._current_frames().get(self._target)
+            if frame is None:
+                continue
+            self.samples += 1
+            self.self_counts[frame.f_code] += 1
+            seen = set()
+            while frame is not None and frame is not self._root:
+                seen.add(frame.f_code)
+                frame = frame.f_back
+            self.total_counts.update(seen)
+
+    def summary(self, top: int = 15) -> dict[str, Any]:
+        """The sample count and the `top` functions by self and by total share."""
+
+        def ranked(counts: Counter[CodeType], inclusive: bool) -> list[dict[str, Any]]:
+            # Code objects of one name (a function defined again, lambdas): one row. A sample
+            # has one innermost frame, so self counts add up; total counts may overlap.
+            named: Counter[str] = Counter()
+            for code, count in counts.items():
+                name = code_name(code)
+                named[name] = max(named[name], count) if inclusive else named[name] + count
+            n = max(self.samples, 1)
+            return [{"function": f, "share": c / n} for f, c in named.most_common(top)]
+
+        return {
+            "samples": self.samples,
+            "interval_s": self.interval,
+            "self": ranked(self.self_counts, inclusive=False),
+            "total": ranked(self.total_counts, inclusive=True),
+        }
+
+
+def sample_steps(step: Any, steps: int, sync: Any, interval: float = 1e-3) -> dict[str, Any]:
+    """Run `step(i)` for `steps` steps under a `StackSampler`, `sync()` after the last; the
+    wall time per step (no profiler) and the sampler's summary."""
+    with StackSampler(interval) as sampler:
+        begin = time.perf_counter()
+        for i in range(steps):
+            step(i)
+        sync()
+        wall = (time.perf_counter() - begin) / steps
+    return {"wall_ms_per_step": 1e3 * wall, "steps": steps, **sampler.summary()}
