@@ -36,9 +36,10 @@ def define_op(
     return getattr(torch.ops.diffunet, name).default
 
 
-def define_triton_op(name: str, kernel: Callable) -> torch._library.custom_ops.CustomOpDef:
+def define_triton_op(name: str, kernel: Callable) -> torch._ops.OpOverload:
     """Define `diffunet::name` as a `torch.library.triton_op`: `kernel` (type-annotated, its
     Triton launches wrapped in `torch.library.wrap_triton`) runs as it is in eager mode, and
     `torch.compile` traces into it, so the compiled code launches the kernels itself and the
-    Python between them runs once, while tracing. Returns the operator."""
-    return torch.library.triton_op(f"diffunet::{name}", kernel, mutates_args=())
+    Python between them runs once, while tracing. Returns the operator, to call as a function."""
+    torch.library.triton_op(f"diffunet::{name}", kernel, mutates_args=())
+    return getattr(torch.ops.diffunet, name).default
