@@ -377,7 +377,7 @@ def _assert_matches_float64(norm, params, y):
 # --- the custom ops, with stand-ins for the kernels --------------------------------------------
 
 
-def stand_in_forward(x, weight, bias, scale, shift, add, num_groups, eps, film, act):
+def stand_in_forward(x, weight, bias, scale, shift, add, num_groups, eps, film, act, kernel=None):
     """The kernels' forward contract in PyTorch: the output in x's layout, and per (batch,
     channel) in float32 the centre (the group mean of x + add, minus add) and rstd."""
     batch, channels = x.shape[:2]
@@ -396,7 +396,20 @@ def stand_in_forward(x, weight, bias, scale, shift, add, num_groups, eps, film, 
 
 
 def stand_in_backward(
-    grad, x, weight, bias, scale, shift, add, mean, rstd, num_groups, film, act, out=None
+    grad,
+    x,
+    weight,
+    bias,
+    scale,
+    shift,
+    add,
+    mean,
+    rstd,
+    num_groups,
+    film,
+    act,
+    out=None,
+    kernel=None,
 ):
     """The kernels' backward contract, by the formulas they evaluate: (dx, dweight, dbias,
     dscale, dshift, dadd), None for operands not used, dx written to `out` where given.
@@ -679,12 +692,9 @@ def test_model_with_fused_kernels_matches_eager_model_on_gpu(name):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-5)
 
 
-@pytest.mark.gpu
-@pytest.mark.usefixtures("fused_everywhere")
-@pytest.mark.parametrize("name", ["ddpm-cifar10", "emdiffuse-aleatoric"])
-def test_compiled_training_with_the_custom_op_matches_compiled_without_on_gpu(name):
-    from torch._inductor.compile_fx import compile_fx
-
+def _random_channels_last_model(name):
+    """An accelerated small `name` model on the GPU in channels-last memory, with random (not
+    zero-initialised) weights and no dropout, and example inputs for it."""
     config = small_config(name).replace(dropout=0.0)
     torch.manual_seed(0)
     model = accelerate(UNet(config).cuda().to(memory_format=torch.channels_last))
@@ -692,7 +702,16 @@ def test_compiled_training_with_the_custom_op_matches_compiled_without_on_gpu(na
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.1)
     x, kwargs = example_inputs(config, batch=3, device="cuda")
-    x = x.contiguous(memory_format=torch.channels_last)
+    return model, x.contiguous(memory_format=torch.channels_last), kwargs
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("fused_everywhere")
+@pytest.mark.parametrize("name", ["ddpm-cifar10", "emdiffuse-aleatoric"])
+def test_compiled_training_with_the_custom_op_matches_compiled_without_on_gpu(name):
+    from torch._inductor.compile_fx import compile_fx
+
+    model, x, kwargs = _random_channels_last_model(name)
     outputs, grads, routed = [], [], []
     for compiled_min_elements in (0, None):
         fused.set_compiled_min_elements(compiled_min_elements)
@@ -725,14 +744,7 @@ def test_compiled_graphs_launch_the_norm_kernels_themselves_on_gpu(name):
     graph with dynamic sizes keeps the opaque operators."""
     from torch._inductor.utils import run_and_get_code
 
-    config = small_config(name).replace(dropout=0.0)
-    torch.manual_seed(0)
-    model = accelerate(UNet(config).cuda().to(memory_format=torch.channels_last))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.1)
-    x, kwargs = example_inputs(config, batch=3, device="cuda")
-    x = x.contiguous(memory_format=torch.channels_last)
+    model, x, kwargs = _random_channels_last_model(name)
     fused.set_compiled_min_elements(0)
 
     def step(inline, dynamic=False):

@@ -1511,10 +1511,10 @@ group_norm_act_op = define_op(
 
 
 def _group_norm_act_backward_kernel(
-    grad, x, weight, bias, scale, shift, add, mean, rstd, num_groups, film, act
+    grad, x, weight, bias, scale, shift, add, mean, rstd, num_groups, film, act, kernel=_direct
 ):
     dx, dw, db, ds, dsh, dadd = _backward(
-        grad, x, weight, bias, scale, shift, add, mean, rstd, num_groups, film, act
+        grad, x, weight, bias, scale, shift, add, mean, rstd, num_groups, film, act, kernel=kernel
     )
     # An operator returns tensors, never None.
     ds, dsh, dadd = (
@@ -1575,7 +1575,7 @@ def _group_norm_act_backward_inline(
     film: bool,
     act: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = _backward(
+    return _group_norm_act_backward_kernel(
         grad,
         x,
         weight,
@@ -1590,11 +1590,6 @@ def _group_norm_act_backward_inline(
         act,
         kernel=torch.library.wrap_triton,
     )
-    dx, dw, db, ds, dsh, dadd = grads
-    ds, dsh, dadd = (
-        t.new_empty(0) if g is None else g for t, g in ((scale, ds), (shift, dsh), (add, dadd))
-    )
-    return dx, dw, db, ds, dsh, dadd
 
 
 #: `group_norm_act_op` and its backward as operators whose kernels Inductor launches itself
