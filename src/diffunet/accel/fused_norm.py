@@ -1541,40 +1541,37 @@ group_norm_act_backward_op = define_op(
 )
 
 
-Tensor = torch.Tensor
-
-
 def _group_norm_act_inline(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor,
-    scale: Tensor,
-    shift: Tensor,
-    add: Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    add: torch.Tensor,
     num_groups: int,
     eps: float,
     film: bool,
     act: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _forward(
         x, weight, bias, scale, shift, add, num_groups, eps, film, act, torch.library.wrap_triton
     )
 
 
 def _group_norm_act_backward_inline(
-    grad: Tensor,
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor,
-    scale: Tensor,
-    shift: Tensor,
-    add: Tensor,
-    mean: Tensor,
-    rstd: Tensor,
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    add: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
     num_groups: int,
     film: bool,
     act: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _group_norm_act_backward_kernel(
         grad,
         x,
