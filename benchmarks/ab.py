@@ -35,6 +35,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from harness.fill import run_fill
+
 BENCH = Path(__file__).resolve().parent / "bench.py"
 CHECKOUT_SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -145,22 +147,13 @@ def fill_caches(
         name, case, model, kind = job
         argv = bench_argv(args, case, kind, model)
         argv += ["--warmup", "1", "--iters", "1", "--repeats", "1", "--fill-caches-only"]
-        begin = time.perf_counter()
-        result = {"tree": name, "case": case, "model": model, "kind": kind}
-        try:
-            done = subprocess.run(
-                [*bench_command(trees[name]), *argv],
-                capture_output=True,
-                text=True,
-                env=dict(tree_env(trees[name], envs[name]), OUT=""),
-                timeout=max(args.limit - (begin - start), 1.0),
-            )
-            if done.returncode != 0:
-                result["error"] = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-        except subprocess.TimeoutExpired:
-            result["error"] = "stopped at the limit"
-        result["seconds"] = round(time.perf_counter() - begin, 1)
-        return result
+        return run_fill(
+            [*bench_command(trees[name]), *argv],
+            dict(tree_env(trees[name], envs[name]), OUT=""),
+            max(args.limit - (time.perf_counter() - start), 1.0),
+            {"tree": name, "case": case, "model": model, "kind": kind},
+            "stopped at the limit",
+        )
 
     with ThreadPoolExecutor(args.fill_jobs) as pool:
         return list(pool.map(fill, jobs))
@@ -376,8 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             if "error" in fill:
                 print(
                     f"  filling {fill['tree']} {fill['case']} {fill['model']} {fill['kind']} "
-                    f"failed: "
-                    f"{fill['error']}",
+                    f"failed: {fill['error']}",
                     flush=True,
                 )
     order = [("base", "ours,ref" if args.ref else "ours"), ("change", "ours")]

@@ -60,6 +60,7 @@ from diffunet.accel import memory_format_for
 from diffunet.accel import settings as accel_settings
 from diffunet.diffusion import Diffusion
 from diffunet.errors import InvalidValueError
+from harness.fill import run_fill
 from harness.models import (
     MODEL_CASES,
     Case,
@@ -1123,8 +1124,8 @@ def _fill_cache_argv(
     settings: Settings,
     case: str,
     model: str,
-    mode: str = "compile",
-    kind: str | None = None,
+    mode: str,
+    kind: str,
 ) -> list[str]:
     argv = [
         "--cases",
@@ -1134,7 +1135,7 @@ def _fill_cache_argv(
         "--modes",
         mode,
         "--kinds",
-        kind or ",".join(args.kinds),
+        kind,
         "--checkpoint-modes",
         "none",
         "--warmup",
@@ -1172,7 +1173,6 @@ def compile_ahead(args: argparse.Namespace, settings: Settings) -> dict[str, Any
     modes = [m for m in args.modes if m != "eager" and not settings.skip_reason(m)]
     if jobs < 1 or not modes or not cases:
         return {}
-    import subprocess
     from concurrent.futures import ThreadPoolExecutor
 
     # The processes import the diffunet this one imports.
@@ -1185,27 +1185,14 @@ def compile_ahead(args: argparse.Namespace, settings: Settings) -> dict[str, Any
 
     def fill(job: tuple[str, str, str, str]) -> dict[str, Any]:
         case, model, mode, kind = job
-        begin = time.perf_counter()
-        result = {"case": case, "model": model, "mode": mode, "kind": kind}
         left = settings.time_left()
-        try:
-            done = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    *_fill_cache_argv(args, settings, case, model, mode, kind),
-                ],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=None if math.isinf(left) else max(left, 1.0),
-            )
-            if done.returncode != 0:
-                result["error"] = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-        except subprocess.TimeoutExpired:
-            result["error"] = "stopped at the deadline"
-        result["seconds"] = round(time.perf_counter() - begin, 1)
-        return result
+        return run_fill(
+            [sys.executable, __file__, *_fill_cache_argv(args, settings, case, model, mode, kind)],
+            env,
+            None if math.isinf(left) else max(left, 1.0),
+            {"case": case, "model": model, "mode": mode, "kind": kind},
+            "stopped at the deadline",
+        )
 
     todo = [
         (c, m, mode, kind)

@@ -6,7 +6,10 @@
   timed repeats, counted FLOPs.
 - `harness.layers`: one layer or call timed as CUDA-graph replays, variants compared, and the
   per-layer scripts' options and JSON output.
-- `harness.profiling`: a step's kernel time grouped by class (`bench.py --profile`).
+- `harness.profiling`: a step's kernel time grouped by class and its host time by op
+  (`bench.py --profile`); `harness.host_sampler`: the Python stack sampled while steps run
+  without the profiler.
+- `harness.fill`: one cache-filling process (`bench.py --compile-ahead`, `ab.py`).
 
 A script run as `python benchmarks/<name>.py` imports it from its own folder.
 """

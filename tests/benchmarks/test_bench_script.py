@@ -418,7 +418,7 @@ def test_compiling_ahead_runs_the_same_compiled_measurement_for_one_model(bench)
         "4",
     )
     settings = bench.settings_from_args(args)
-    child = _args(bench, *bench._fill_cache_argv(args, settings, "3d", "ref"))
+    child = _args(bench, *bench._fill_cache_argv(args, settings, "3d", "ref", "compile", "train"))
     child_settings = bench.settings_from_args(child)
     assert (child.cases, child.models, child.modes, child.kinds) == (
         ("3d",),
@@ -616,7 +616,7 @@ def test_measurement_modes_and_their_compile_modes(bench):
     # Compiling ahead: one process per compiled mode; none for graphs off a GPU.
     args = _args(bench, "--cases", "ldm", "--modes", "eager,graphs", "--compile-ahead", "2")
     assert bench.compile_ahead(args, bench.settings_from_args(args)) == {}
-    child = _args(bench, *bench._fill_cache_argv(args, settings, "ldm", "ours", "graphs"))
+    child = _args(bench, *bench._fill_cache_argv(args, settings, "ldm", "ours", "graphs", "train"))
     assert child.modes == ("graphs",) and child.fill_caches_only
 
 
