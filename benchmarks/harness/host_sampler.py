@@ -1,12 +1,15 @@
-"""Where a step's host time goes without a profiler: a background thread samples the main
-thread's Python stack at a fixed interval and counts the functions it finds.
+"""Where a step's host time goes without a profiler: a background thread samples the Python
+stacks of the running threads at a fixed interval and counts the functions it finds.
 
 `torch.profiler` records every op and kernel launch, which inflates a host-bound step (a
 compiled step of many small kernels) and can hide what costs it time outside the profiler.
-Sampling costs the step only the sampler's turns at the interpreter lock. A function's *self*
-share counts the samples where it was the innermost Python frame (time in C code it called,
-such as a kernel launch, counts towards its caller); its *total* share counts the samples
-where it was anywhere on the stack.
+Sampling costs the step the sampler's turns at the interpreter lock, which is why
+`sample_steps` times the steps once without it. A function's *self* share counts the samples
+where it was the innermost Python frame of a thread (time in C code it called, such as a kernel
+launch, counts towards its caller); its *total* share counts the samples where it was anywhere
+on the stack. The thread that enters the sampler counts its frames below the sampled block;
+other threads (autograd runs a CUDA backward on its own thread) count theirs, marked `[other]`,
+while they are not waiting in the standard library's locks, queues or selectors.
 """
 
 from __future__ import annotations
@@ -27,20 +30,26 @@ def code_name(code: CodeType) -> str:
     return f"{'/'.join(path.parts[-2:])}:{name}"
 
 
+#: Modules whose frames, innermost on another thread, mean that thread is waiting.
+WAITING_FILES = frozenset({"threading.py", "queue.py", "selectors.py", "connection.py"})
+
+
 class StackSampler:
-    """Samples the stack of the thread that enters it every `interval` seconds, from a
-    background thread, until the block ends. Only the frames below the block's own count.
+    """Samples the Python stacks of the thread that enters it and of the other running threads
+    every `interval` seconds, from a background thread, until the block ends. Of the entering
+    thread only the frames below the block count; other threads count when they are not
+    waiting (`WAITING_FILES`), under names marked `[other]`.
 
     The interpreter's switch interval is shortened to `interval` for the block, so the
-    sampler gets its turns while the sampled thread runs Python.
+    sampler gets its turns while the sampled threads run Python.
     """
 
     def __init__(self, interval: float = 1e-3) -> None:
         self.interval = interval
         self.samples = 0
-        # By code object while sampling (cheap to count), named in `summary`.
-        self.self_counts: Counter[CodeType] = Counter()
-        self.total_counts: Counter[CodeType] = Counter()
+        # By (code object, whether on another thread) while sampling, named in `summary`.
+        self.self_counts: Counter[tuple[CodeType, bool]] = Counter()
+        self.total_counts: Counter[tuple[CodeType, bool]] = Counter()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._target = 0
@@ -69,27 +78,32 @@ class StackSampler:
         sys.setswitchinterval(self._switch_interval)
 
     def _run(self) -> None:
+        own = threading.get_ident()
         while not self._stop.wait(self.interval):
-            frame = sys._current_frames().get(self._target)
-            if frame is None:
+            frames = sys._current_frames()
+            if self._target not in frames:
                 continue
             self.samples += 1
-            self.self_counts[frame.f_code] += 1
-            seen = set()
-            while frame is not None and frame is not self._root:
-                seen.add(frame.f_code)
-                frame = frame.f_back
-            self.total_counts.update(seen)
+            for ident, frame in frames.items():
+                other = ident != self._target
+                if ident == own or (other and Path(frame.f_code.co_filename).name in WAITING_FILES):
+                    continue
+                self.self_counts[frame.f_code, other] += 1
+                seen = set()
+                while frame is not None and frame is not self._root:
+                    seen.add((frame.f_code, other))
+                    frame = frame.f_back
+                self.total_counts.update(seen)
 
     def summary(self, top: int = 15) -> dict[str, Any]:
         """The sample count and the `top` functions by self and by total share."""
 
-        def ranked(counts: Counter[CodeType], inclusive: bool) -> list[dict[str, Any]]:
-            # Code objects of one name (a function defined again, lambdas): one row. A sample
-            # has one innermost frame, so self counts add up; total counts may overlap.
+        def ranked(counts: Counter[tuple[CodeType, bool]], inclusive: bool) -> list[dict[str, Any]]:
+            # Code objects of one name (a function defined again, lambdas): one row. A thread's
+            # sample has one innermost frame, so self counts add up; total counts may overlap.
             named: Counter[str] = Counter()
-            for code, count in counts.items():
-                name = code_name(code)
+            for (code, other), count in counts.items():
+                name = ("[other] " if other else "") + code_name(code)
                 named[name] = max(named[name], count) if inclusive else named[name] + count
             n = max(self.samples, 1)
             return [{"function": f, "share": c / n} for f, c in named.most_common(top)]
@@ -103,12 +117,23 @@ class StackSampler:
 
 
 def sample_steps(step: Any, steps: int, sync: Any, interval: float = 1e-3) -> dict[str, Any]:
-    """Run `step(i)` for `steps` steps under a `StackSampler`, `sync()` after the last; the
-    wall time per step (no profiler) and the sampler's summary."""
-    with StackSampler(interval) as sampler:
+    """Run `step(i)` for `steps` steps, `sync()` after the last, twice: timed as they are
+    (`wall_ms_per_step`), then under a `StackSampler` (`wall_ms_per_step_sampled` and the
+    sampler's summary)."""
+
+    def timed() -> float:
         begin = time.perf_counter()
         for i in range(steps):
             step(i)
         sync()
-        wall = (time.perf_counter() - begin) / steps
-    return {"wall_ms_per_step": 1e3 * wall, "steps": steps, **sampler.summary()}
+        return 1e3 * (time.perf_counter() - begin) / steps
+
+    wall = timed()
+    with StackSampler(interval) as sampler:
+        sampled = timed()
+    return {
+        "wall_ms_per_step": wall,
+        "wall_ms_per_step_sampled": sampled,
+        "steps": steps,
+        **sampler.summary(),
+    }

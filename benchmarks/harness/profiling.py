@@ -379,8 +379,9 @@ def format_profile(result: dict[str, Any]) -> str:
         samples = run.get("host_samples")
         if samples:
             lines.append(
-                f"  without the profiler: {samples['wall_ms_per_step']:.1f} ms per step; "
-                f"{samples['samples']} samples of the Python stack, by self share:"
+                f"  without the profiler: {samples['wall_ms_per_step']:.1f} ms per step "
+                f"({samples.get('wall_ms_per_step_sampled', float('nan')):.1f} while sampled); "
+                f"{samples['samples']} samples of the Python stacks, by self share:"
             )
             lines += [
                 f"    {100 * e['share']:5.1f}%  {e['function']}" for e in samples["self"][:10]

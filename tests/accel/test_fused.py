@@ -735,40 +735,51 @@ def test_compiled_training_with_the_custom_op_matches_compiled_without_on_gpu(na
     assert (grads[0] - grads[1]).abs().max().item() <= 3e-2 * scale
 
 
-@pytest.mark.gpu
-@pytest.mark.usefixtures("fused_everywhere")
-@pytest.mark.parametrize("name", ["ddpm-cifar10", "emdiffuse-aleatoric"])
-def test_compiled_graphs_launch_the_norm_kernels_themselves_on_gpu(name):
-    """`settings.INLINE_NORM_KERNELS`: Inductor's code launches the norm kernels (no call into
-    the operators), with the values and gradients of graphs that call the opaque operators; a
-    graph with dynamic sizes keeps the opaque operators."""
+def _compiled_step_and_code(model, x, kwargs, inline, dynamic=False):
+    """One compiled training step of `model` under bf16 autocast with `INLINE_NORM_KERNELS` set
+    to `inline`: the output, the parameters' gradients and Inductor's generated code."""
     from torch._inductor.utils import run_and_get_code
 
-    model, x, kwargs = _random_channels_last_model(name)
+    settings.INLINE_NORM_KERNELS = inline
+    torch._dynamo.reset()
+    model.zero_grad()
+
+    def run():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = torch.compile(model, dynamic=dynamic)(x, **kwargs)
+        out.float().square().mean().backward()
+        return out.detach().float()
+
+    out, code = run_and_get_code(run)
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    return out, grads, "\n".join(code)
+
+
+# One model, two compilations: each cold compilation of a training step takes about a minute
+# on a lent GPU, so these tests cover the kernels' code paths once.
+@pytest.mark.gpu
+@pytest.mark.usefixtures("fused_everywhere")
+def test_compiled_graphs_launch_the_norm_kernels_themselves_on_gpu():
+    """`settings.INLINE_NORM_KERNELS`: Inductor's code launches the norm kernels (no call into
+    the operators), with the values and gradients of graphs that call the opaque operators."""
+    model, x, kwargs = _random_channels_last_model("ddpm-cifar10")
     fused.set_compiled_min_elements(0)
-
-    def step(inline, dynamic=False):
-        settings.INLINE_NORM_KERNELS = inline
-        torch._dynamo.reset()
-        model.zero_grad()
-
-        def run():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = torch.compile(model, dynamic=dynamic)(x, **kwargs)
-            out.float().square().mean().backward()
-            return out.detach().float()
-
-        out, code = run_and_get_code(run)
-        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
-        return out, grads, "\n".join(code)
-
-    opaque_out, opaque_grads, opaque_code = step(False)
-    inline_out, inline_grads, inline_code = step(True)
+    opaque_out, opaque_grads, opaque_code = _compiled_step_and_code(model, x, kwargs, False)
+    inline_out, inline_grads, inline_code = _compiled_step_and_code(model, x, kwargs, True)
     assert "diffunet.group_norm_act" in opaque_code
     assert "diffunet.group_norm_act" not in inline_code
     assert "_normalize_kernel" in inline_code or "_one_pass_kernel" in inline_code
     torch.testing.assert_close(inline_out, opaque_out, rtol=1e-2, atol=1e-2)
     scale = opaque_grads.abs().max().item()
     assert (inline_grads - opaque_grads).abs().max().item() <= 1e-2 * scale
-    _, _, dynamic_code = step(True, dynamic=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("fused_everywhere")
+def test_compiled_graphs_with_dynamic_sizes_keep_the_opaque_norm_operators_on_gpu():
+    """With `INLINE_NORM_KERNELS` on, a graph traced with dynamic sizes still calls the opaque
+    operators (the inline ones need static launch shapes)."""
+    model, x, kwargs = _random_channels_last_model("ddpm-cifar10")
+    fused.set_compiled_min_elements(0)
+    _, _, dynamic_code = _compiled_step_and_code(model, x, kwargs, True, dynamic=True)
     assert "diffunet.group_norm_act" in dynamic_code

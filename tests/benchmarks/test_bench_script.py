@@ -7,6 +7,7 @@ import argparse
 import importlib.util
 import json
 import sys
+import threading
 import time
 from types import SimpleNamespace
 
@@ -269,12 +270,43 @@ def test_the_stack_sampler_finds_where_the_python_time_goes(harness):
         time.sleep(0.01)
 
     result = sample_steps(step, 5, lambda: None)
-    assert result["samples"] >= 50 and result["wall_ms_per_step"] >= 40
+    assert result["samples"] >= 50
+    assert result["wall_ms_per_step"] >= 40 and result["wall_ms_per_step_sampled"] >= 40
     shares = {e["function"]: e["share"] for e in result["self"]}
     spinning = next(v for f, v in shares.items() if f.endswith("spin"))
     assert 0.5 < spinning < 0.95
     # Only the frames below the sampled block count: the test's callers are not on the list.
     assert not any("_pytest" in e["function"] for e in result["total"])
+
+
+def test_the_stack_sampler_counts_work_on_other_threads_but_not_their_waiting(harness):
+    """A backward pass on a GPU runs on autograd's own thread while the caller waits: the
+    sampler counts that thread's frames too, marked `[other]`; a thread waiting on a lock (the
+    idle one here) is not counted."""
+    from harness.host_sampler import sample_steps
+
+    def spin(seconds):
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    idle = threading.Event()
+    waiter = threading.Thread(target=idle.wait, daemon=True)
+    waiter.start()
+
+    def step(i):
+        worker = threading.Thread(target=spin, args=(0.03,))
+        worker.start()
+        worker.join()
+
+    try:
+        result = sample_steps(step, 5, lambda: None)
+    finally:
+        idle.set()
+    shares = {e["function"]: e["share"] for e in result["self"]}
+    other_spin = next(v for f, v in shares.items() if f.startswith("[other]") and "spin" in f)
+    assert other_spin > 0.5
+    assert not any(f.startswith("[other]") and "threading" in f for f in shares)
 
 
 # ------------------------------------------------------------------------ the reference models
