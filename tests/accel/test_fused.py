@@ -140,6 +140,8 @@ print(json.dumps({
     "THIN_CONV": s.THIN_CONV,
     "TAP_PRODUCT_FORWARD": s.TAP_PRODUCT_FORWARD,
     "FOLDED_DEVICES": sorted(s.FOLDED_DEVICES),
+    "INLINE_NORM_KERNELS": s.INLINE_NORM_KERNELS,
+    "BATCHED_FILM": s.BATCHED_FILM,
 }))
 """
 DEFAULTS = {
@@ -153,6 +155,8 @@ DEFAULTS = {
     "THIN_CONV": True,
     "TAP_PRODUCT_FORWARD": "auto",
     "FOLDED_DEVICES": ["cpu", "cuda"],
+    "INLINE_NORM_KERNELS": False,
+    "BATCHED_FILM": False,
 }
 
 
@@ -181,6 +185,8 @@ def _plan(**fields) -> list:
                 "DIFFUNET_THIN_CONV": "0",
                 "DIFFUNET_TAP_PRODUCT_FORWARD": "Always",
                 "DIFFUNET_FOLDED_UPSAMPLE": "cpu",
+                "DIFFUNET_INLINE_NORM_KERNELS": "1",
+                "DIFFUNET_BATCHED_FILM": "1",
             },
             {
                 "FUSED_NORM": False,
@@ -194,6 +200,8 @@ def _plan(**fields) -> list:
                 "THIN_CONV": False,
                 "TAP_PRODUCT_FORWARD": "always",
                 "FOLDED_DEVICES": ["cpu"],
+                "INLINE_NORM_KERNELS": True,
+                "BATCHED_FILM": True,
             },
             [],
         ),

@@ -4,7 +4,8 @@ Each class computes what its plain base computes, with the same parameters (so t
 state-dict keys), through the accelerator's pieces: GroupNorm + FiLM + SiLU in one kernel
 (`fused_norm`), convolutions that keep cuDNN's layout under `torch.compile` (`conv`), nearest
 upsampling folded into the next convolution (`upsample`), a decoder entry that never keeps the
-concatenation of `h` and its skip (`decoder_entry`), and channels-last activations (`layout`).
+concatenation of `h` and its skip (`decoder_entry`), channels-last activations (`layout`), and
+every block's embedding projection in one GEMM (`film`, when `settings.BATCHED_FILM`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffunet.accel import decoder_entry
+from diffunet.accel import decoder_entry, film, settings
 from diffunet.accel.conv import convolve, convolve_split_bias
 from diffunet.accel.fused_norm import norm_act
 from diffunet.accel.layout import to_cuda_layout
@@ -62,16 +63,23 @@ class AcceleratedResBlock(ResBlock):
     and (as a decoder's first block) `h` and the encoder's skip taken apart."""
 
     def forward(
-        self, x: torch.Tensor, emb: torch.Tensor | None = None, skip: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        emb: torch.Tensor | None = None,
+        skip: torch.Tensor | None = None,
+        projection: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Apply the block to `x` (or to `cat([x, skip], 1)`) given the activated embedding."""
+        """Apply the block to `x` (or to `cat([x, skip], 1)`) given the activated embedding,
+        or the embedding's `projection` by `emb_proj` where the caller computed it."""
         # One name for the main branch's tensor, rebound at each step: a second reference would
         # keep a float32 SiLU output that the next convolution's bf16 copy replaces.
         h, x, residual = self._entry(x, skip)
-        if self.emb_proj is None:
+        if self.emb_proj is not None and projection is None:
+            projection = self.emb_proj(emb)
+        if projection is None:
             h = norm_act(self.out_norm, self._in_conv(h))
         elif self.use_scale_shift_norm:
-            scale, shift = self.emb_proj(emb).chunk(2, dim=1)
+            scale, shift = projection.chunk(2, dim=1)
             h = norm_act(self.out_norm, self._in_conv(h), scale=scale, shift=shift)
         else:
             # The embedding and the convolution's bias are both constant over positions: the
@@ -81,8 +89,7 @@ class AcceleratedResBlock(ResBlock):
                 if self.upsample_factors
                 else convolve_split_bias(self.in_conv, h)
             )
-            add = self.emb_proj(emb)
-            h = norm_act(self.out_norm, h, add=add if bias is None else add + bias)
+            h = norm_act(self.out_norm, h, add=projection if bias is None else projection + bias)
         h = convolve(self.out_conv, self.dropout(h))
         return (convolve(self.skip, x) if residual is None else residual) + h
 
@@ -124,9 +131,20 @@ class AcceleratedResBlock(ResBlock):
         return convolve(self.in_conv, h)
 
 
+def film_layers(block: nn.Module) -> list[nn.Linear]:
+    """The embedding projections (`emb_proj`) of the accelerated ResBlocks in `block`, in the
+    order `AcceleratedEmbedSequential` runs them."""
+    return [
+        layer.emb_proj
+        for layer in block
+        if isinstance(layer, AcceleratedResBlock) and layer.emb_proj is not None
+    ]
+
+
 class AcceleratedEmbedSequential(EmbedSequential):
     """`EmbedSequential` that hands a decoder block's `h` and skip to its first ResBlock
-    unconcatenated, so a checkpointed block keeps the two tensors, not their concatenation."""
+    unconcatenated, so a checkpointed block keeps the two tensors, not their concatenation,
+    and its ResBlocks the embedding projections the UNet computed for them."""
 
     def forward(
         self,
@@ -134,13 +152,17 @@ class AcceleratedEmbedSequential(EmbedSequential):
         emb: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         skip: torch.Tensor | None = None,
+        projections: tuple[torch.Tensor, ...] = (),
     ) -> torch.Tensor:
-        """Run every layer in order on `x` (and the decoder's `skip`)."""
+        """Run every layer in order on `x` (and the decoder's `skip`); `projections` are the
+        embedding's projections for `film_layers(self)`, in order, or none."""
         if skip is not None and not isinstance(self[0], AcceleratedResBlock):
             x, skip = torch.cat([x, skip], dim=1), None
+        given = iter(projections)
         for layer in self:
             if isinstance(layer, AcceleratedResBlock):
-                x, skip = layer(x, emb, skip), None
+                projection = next(given, None) if layer.emb_proj is not None else None
+                x, skip = layer(x, emb, skip, projection), None
             elif isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, CONTEXT_LAYERS):
@@ -176,16 +198,17 @@ class AcceleratedUNet(UNet):
         if pads is not None:
             x = F.pad(x, pads, mode="replicate")
         emb = self.embed(t, labels, added_cond, time_ids)
+        projections = iter(self._projections(emb))
 
         skips = []
         h = x
         for block, emits_skip in zip(self.input_blocks, self._emits_skip):
-            h = self._run(block, h, emb, context)
+            h = self._run(block, h, emb, context, None, next(projections))
             if emits_skip:
                 skips.append(h)
-        h = self._run(self.middle_block, h, emb, context)
+        h = self._run(self.middle_block, h, emb, context, None, next(projections))
         for block in self.output_blocks:
-            h = self._run(block, h, emb, context, skips.pop())
+            h = self._run(block, h, emb, context, skips.pop(), next(projections))
 
         out = self._run_head(self.out, h)
         if self.out_logvar is not None:
@@ -193,6 +216,20 @@ class AcceleratedUNet(UNet):
         if pads is not None:
             out = F.pad(out, [-amount for amount in pads])  # crop back; a copy, not a view
         return out
+
+    def _projections(self, emb: torch.Tensor | None) -> list[tuple[torch.Tensor, ...]]:
+        """For each block in the order the forward runs them, the embedding's projections by
+        its `film_layers`, all computed by one GEMM (`settings.BATCHED_FILM`); empty tuples
+        where the blocks project it themselves."""
+        blocks = [*self.input_blocks, self.middle_block, *self.output_blocks]
+        if emb is None or not settings.BATCHED_FILM:
+            return [()] * len(blocks)
+        layers = [film_layers(block) for block in blocks]
+        flat = [layer for group in layers for layer in group]
+        if not film.batchable(flat):
+            return [()] * len(blocks)
+        given = iter(film.project_all(emb, flat))
+        return [tuple(next(given) for _ in group) for group in layers]
 
     @staticmethod
     def _run_head(head: nn.Sequential, h: torch.Tensor) -> torch.Tensor:

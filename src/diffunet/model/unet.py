@@ -339,7 +339,7 @@ class UNet(PretrainedMixin, nn.Module):
     def _run(
         self,
         block: nn.Module,
-        *args: torch.Tensor | None,
+        *args: torch.Tensor | tuple[torch.Tensor, ...] | None,
     ) -> torch.Tensor:
         """`block(*args)`, recomputed in backward when `config.use_checkpoint` while training."""
         if self.config.use_checkpoint and self.training and torch.is_grad_enabled():
