@@ -1,6 +1,6 @@
-"""`settings.BATCHED_FILM`: every ResBlock's embedding projection by one GEMM computes what the
-blocks' own projections do (values and gradients, checkpointed and compiled too), and the
-blocks' `emb_proj` layers are then never called."""
+"""`settings.BATCHED_FILM`: in compiled graphs, every ResBlock's embedding projection by one
+GEMM computes what the blocks' own projections do in eager mode (values and gradients,
+checkpointed too), and the traced graph holds one linear layer where it held one per block."""
 
 import pytest
 import torch
@@ -11,35 +11,45 @@ from diffunet.accel.blocks import film_layers
 from diffunet.model.introspect import example_inputs, small_config
 from test_blocks import (
     CASES,
-    TRANSFORMER_CASES,
     assert_close_to_scale,
     forward_and_grads,
     randomized,
 )
 
-
-def _projection_calls(model: nn.Module) -> list[int]:
-    """A list that counts the calls of every ResBlock's `emb_proj` from now on."""
-    calls = []
-    for block in model.modules():
-        proj = getattr(block, "emb_proj", None)
-        if isinstance(proj, nn.Linear):
-            proj.register_forward_hook(lambda *_: calls.append(1))
-    return calls
+# Additive and scale-shift FiLM (each case traces twice, about 5 s apiece).
+FILM_CASES = [CASES[0], CASES[1]]
 
 
-@pytest.mark.parametrize(("name", "dims"), CASES + TRANSFORMER_CASES[:1])
-def test_one_gemm_computes_every_blocks_projection(name, dims):
+def _traced(model: nn.Module, x: torch.Tensor, kwargs: dict) -> tuple[nn.Module, int]:
+    """`model` compiled with a backend that runs Dynamo's graph as it is (no AOT tracing, fast),
+    after one call, and the count of linear layers in that graph."""
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    compiled(x, **kwargs)
+    return compiled, sum(n.target is torch._C._nn.linear for g in graphs for n in g.graph.nodes)
+
+
+@pytest.mark.parametrize(("name", "dims"), FILM_CASES)
+def test_one_gemm_computes_every_blocks_projection_in_compiled_graphs(name, dims):
     config = small_config(name, dims=dims)
     model = accelerate(randomized(config))
     x, kwargs = example_inputs(config, batch=2)
-    calls = _projection_calls(model)
+    blocks = [*model.input_blocks, model.middle_block, *model.output_blocks]
+    projections = sum(len(film_layers(block)) for block in blocks)
+    assert projections > 1
     with settings.override(BATCHED_FILM=False):
-        want = forward_and_grads(model, x, kwargs)
-    per_block = len(calls)
+        _, per_block = _traced(model, x, kwargs)
     with settings.override(BATCHED_FILM=True):
-        got = forward_and_grads(model, x, kwargs)
-    assert per_block > 1 and len(calls) == per_block  # none called with the setting on
+        compiled, batched = _traced(model, x, kwargs)
+        want = forward_and_grads(model, x, kwargs)  # eager: the blocks' own layers
+        got = forward_and_grads(compiled, x, kwargs)
+    assert batched == per_block - projections + 1
     for g, w in zip(got, want):
         assert_close_to_scale(g, w, 1e-5)
 
@@ -48,22 +58,9 @@ def test_checkpointed_blocks_get_their_projections():
     config = small_config("ddpm-cifar10").replace(use_checkpoint=True)
     model = accelerate(randomized(config)).train()
     x, kwargs = example_inputs(config, batch=2)
-    with settings.override(BATCHED_FILM=False):
-        want = forward_and_grads(model, x, kwargs)
-    with settings.override(BATCHED_FILM=True):
-        got = forward_and_grads(model, x, kwargs)
-    for g, w in zip(got, want):
-        assert_close_to_scale(g, w, 1e-5)
-
-
-def test_compiles_into_one_graph_with_the_values_of_eager():
-    config = small_config("emdiffuse-aleatoric")  # scale-shift FiLM
-    model = accelerate(randomized(config))
-    x, kwargs = example_inputs(config, batch=2)
     with settings.override(BATCHED_FILM=True):
         want = forward_and_grads(model, x, kwargs)
-        torch._dynamo.reset()
-        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        compiled, _ = _traced(model, x, kwargs)
         got = forward_and_grads(compiled, x, kwargs)
     for g, w in zip(got, want):
         assert_close_to_scale(g, w, 1e-5)

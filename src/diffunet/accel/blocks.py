@@ -219,10 +219,12 @@ class AcceleratedUNet(UNet):
 
     def _projections(self, emb: torch.Tensor | None) -> list[tuple[torch.Tensor, ...]]:
         """For each block in the order the forward runs them, the embedding's projections by
-        its `film_layers`, all computed by one GEMM (`settings.BATCHED_FILM`); empty tuples
-        where the blocks project it themselves."""
+        its `film_layers`, all computed by one GEMM in graphs that `torch.compile` traces
+        (`settings.BATCHED_FILM`); empty tuples where the blocks project it themselves. Eager
+        calls keep the blocks' own layers, whose weights autocast casts once per region, where
+        the concatenated weight would be cast on every call."""
         blocks = [*self.input_blocks, self.middle_block, *self.output_blocks]
-        if emb is None or not settings.BATCHED_FILM:
+        if emb is None or not settings.BATCHED_FILM or not torch.compiler.is_compiling():
             return [()] * len(blocks)
         layers = [film_layers(block) for block in blocks]
         flat = [layer for group in layers for layer in group]

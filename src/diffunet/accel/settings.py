@@ -31,7 +31,7 @@ does not parse warns and keeps the default.
 | `PADDED_DEVICES` | | `cuda` | …on these device types |
 | `ROUTED_DEVICES` | | `cuda` | device types whose compiled convolutions use `conv`'s custom ops |
 | `FOLDED_DEVICES` | `DIFFUNET_FOLDED_UPSAMPLE` (`cpu,cuda`, `none`, …) | `cpu`, `cuda` | device types that fold nearest upsampling into the next convolution |
-| `BATCHED_FILM` | `DIFFUNET_BATCHED_FILM` (`1`: on) | off | every ResBlock's embedding projection in one GEMM per forward (unmeasured) |
+| `BATCHED_FILM` | `DIFFUNET_BATCHED_FILM` (`1`: on) | off | compiled graphs compute every ResBlock's embedding projection in one GEMM (unmeasured) |
 
 Each attribute's comment below says why. Triton's own `TRITON_INTERPRET=1` runs the kernels on
 CPU tensors through its interpreter (tests). The measurements behind the defaults are in
@@ -422,9 +422,10 @@ def folding_on(devices: str | Iterable[str]) -> Iterator[None]:
 
 #: The environment variable that turns `BATCHED_FILM` on ("1").
 BATCHED_FILM_ENV = "DIFFUNET_BATCHED_FILM"
-#: Whether the accelerated UNet computes every ResBlock's projection of the time embedding
-#: with one GEMM per forward instead of one per block: fewer kernel launches, which is what a
-#: compiled step that is not replayed as a CUDA graph is bound by. Off until measured on a GPU.
+#: Whether graphs that `torch.compile` traces from the accelerated UNet compute every
+#: ResBlock's projection of the time embedding with one GEMM instead of one per block: fewer
+#: kernel launches, which is what a compiled step not replayed as a CUDA graph is bound by.
+#: Off until measured on a GPU.
 BATCHED_FILM: bool = _switch_from_env(BATCHED_FILM_ENV, default=False)
 
 
