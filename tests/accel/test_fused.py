@@ -142,6 +142,7 @@ print(json.dumps({
     "FOLDED_DEVICES": sorted(s.FOLDED_DEVICES),
     "INLINE_NORM_KERNELS": s.INLINE_NORM_KERNELS,
     "BATCHED_FILM": s.BATCHED_FILM,
+    "BATCHED_QKV": s.BATCHED_QKV,
 }))
 """
 DEFAULTS = {
@@ -157,6 +158,7 @@ DEFAULTS = {
     "FOLDED_DEVICES": ["cpu", "cuda"],
     "INLINE_NORM_KERNELS": False,
     "BATCHED_FILM": False,
+    "BATCHED_QKV": False,
 }
 
 
@@ -187,6 +189,7 @@ def _plan(**fields) -> list:
                 "DIFFUNET_FOLDED_UPSAMPLE": "cpu",
                 "DIFFUNET_INLINE_NORM_KERNELS": "1",
                 "DIFFUNET_BATCHED_FILM": "1",
+                "DIFFUNET_BATCHED_QKV": "1",
             },
             {
                 "FUSED_NORM": False,
@@ -202,6 +205,7 @@ def _plan(**fields) -> list:
                 "FOLDED_DEVICES": ["cpu"],
                 "INLINE_NORM_KERNELS": True,
                 "BATCHED_FILM": True,
+                "BATCHED_QKV": True,
             },
             [],
         ),

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from diffunet.accel.blocks import (
+    AcceleratedAttention,
     AcceleratedDownsample,
     AcceleratedEmbedSequential,
     AcceleratedResBlock,
@@ -23,6 +24,7 @@ from diffunet.accel.blocks import (
 from diffunet.errors import InvalidTypeError
 from diffunet.model.layers.resample import Downsample, Upsample
 from diffunet.model.layers.resblock import ResBlock
+from diffunet.model.layers.transformer import Attention
 from diffunet.model.unet import EmbedSequential, UNet
 
 #: Each plain class and the accelerated subclass that replaces it. Subclasses of the plain
@@ -34,6 +36,7 @@ ACCELERATED: dict[type[nn.Module], type[nn.Module]] = {
     Downsample: AcceleratedDownsample,
     Upsample: AcceleratedUpsample,
     nn.GroupNorm: FusedGroupNorm,
+    Attention: AcceleratedAttention,
 }
 PLAIN: dict[type[nn.Module], type[nn.Module]] = {fast: slow for slow, fast in ACCELERATED.items()}
 

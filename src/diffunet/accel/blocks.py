@@ -5,7 +5,7 @@ state-dict keys), through the accelerator's pieces: GroupNorm + FiLM + SiLU in o
 (`fused_norm`), convolutions that keep cuDNN's layout under `torch.compile` (`conv`), nearest
 upsampling folded into the next convolution (`upsample`), a decoder entry that never keeps the
 concatenation of `h` and its skip (`decoder_entry`), channels-last activations (`layout`), and
-every block's embedding projection in one GEMM (`film`, when `settings.BATCHED_FILM`).
+every block's embedding projection in one GEMM (`projections`, when `settings.BATCHED_FILM`).
 """
 
 from __future__ import annotations
@@ -14,17 +14,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffunet.accel import decoder_entry, film, settings
+from diffunet.accel import decoder_entry, settings
 from diffunet.accel.conv import convolve, convolve_split_bias
 from diffunet.accel.fused_norm import norm_act
 from diffunet.accel.layout import to_cuda_layout
+from diffunet.accel.projections import batchable, project_all
 from diffunet.accel.upsample import (
     upsample_convolve,
     upsample_convolve_split_bias,
     upsample_nearest,
 )
+from diffunet.model.layers.attention import merge_heads, split_heads
 from diffunet.model.layers.resample import Downsample, Upsample
 from diffunet.model.layers.resblock import ResBlock
+from diffunet.model.layers.transformer import Attention
 from diffunet.model.unet import CONTEXT_LAYERS, EmbedSequential, UNet
 
 
@@ -56,6 +59,27 @@ class AcceleratedUpsample(Upsample):
         if self.mode == "nearest":
             return upsample_nearest(x, self.factors)
         return upsample_convolve(self.conv, x, self.factors)
+
+
+class AcceleratedAttention(Attention):
+    """A transformer block's `Attention` whose projections of one input run as one GEMM in
+    graphs that `torch.compile` traces (`settings.BATCHED_QKV`): queries, keys and values of
+    self-attention, keys and values of cross-attention. Eager calls keep the three layers,
+    whose weights autocast casts once per region, where the concatenation would be cast per
+    call."""
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Attend from `x` (B, N, C) to `context` (B, M, context_dim), or to `x` itself."""
+        if not settings.BATCHED_QKV or not torch.compiler.is_compiling():
+            return super().forward(x, context)
+        if context is None and batchable([self.to_q, self.to_k, self.to_v]):
+            q, k, v = project_all(x, [self.to_q, self.to_k, self.to_v])
+        elif context is not None and batchable([self.to_k, self.to_v]):
+            q, (k, v) = self.to_q(x), project_all(context, [self.to_k, self.to_v])
+        else:
+            return super().forward(x, context)
+        q, k, v = (split_heads(p, self.num_heads) for p in (q, k, v))
+        return self.to_out(merge_heads(self.attend(q, k, v)))
 
 
 class AcceleratedResBlock(ResBlock):
@@ -228,9 +252,9 @@ class AcceleratedUNet(UNet):
             return [()] * len(blocks)
         layers = [film_layers(block) for block in blocks]
         flat = [layer for group in layers for layer in group]
-        if not film.batchable(flat):
+        if not batchable(flat):
             return [()] * len(blocks)
-        given = iter(film.project_all(emb, flat))
+        given = iter(project_all(emb, flat))
         return [tuple(next(given) for _ in group) for group in layers]
 
     @staticmethod

@@ -32,6 +32,7 @@ does not parse warns and keeps the default.
 | `ROUTED_DEVICES` | | `cuda` | device types whose compiled convolutions use `conv`'s custom ops |
 | `FOLDED_DEVICES` | `DIFFUNET_FOLDED_UPSAMPLE` (`cpu,cuda`, `none`, …) | `cpu`, `cuda` | device types that fold nearest upsampling into the next convolution |
 | `BATCHED_FILM` | `DIFFUNET_BATCHED_FILM` (`1`: on) | off | compiled graphs compute every ResBlock's embedding projection in one GEMM (unmeasured) |
+| `BATCHED_QKV` | `DIFFUNET_BATCHED_QKV` (`1`: on) | off | compiled graphs project a transformer attention's queries, keys and values in one GEMM (unmeasured) |
 
 Each attribute's comment below says why. Triton's own `TRITON_INTERPRET=1` runs the kernels on
 CPU tensors through its interpreter (tests). The measurements behind the defaults are in
@@ -418,7 +419,7 @@ def folding_on(devices: str | Iterable[str]) -> Iterator[None]:
         FOLDED_DEVICES = before
 
 
-# --- embedding projections (`film`) ----------------------------------------------------------
+# --- projections of one input as one GEMM (`projections`) ------------------------------------
 
 #: The environment variable that turns `BATCHED_FILM` on ("1").
 BATCHED_FILM_ENV = "DIFFUNET_BATCHED_FILM"
@@ -427,6 +428,12 @@ BATCHED_FILM_ENV = "DIFFUNET_BATCHED_FILM"
 #: kernel launches, which is what a compiled step not replayed as a CUDA graph is bound by.
 #: Off until measured on a GPU.
 BATCHED_FILM: bool = _switch_from_env(BATCHED_FILM_ENV, default=False)
+#: The environment variable that turns `BATCHED_QKV` on ("1").
+BATCHED_QKV_ENV = "DIFFUNET_BATCHED_QKV"
+#: Whether graphs that `torch.compile` traces compute a transformer block attention's queries,
+#: keys and values (self-attention), or keys and values (cross-attention), with one GEMM:
+#: one read of the tokens instead of three. Off until measured on a GPU.
+BATCHED_QKV: bool = _switch_from_env(BATCHED_QKV_ENV, default=False)
 
 
 # --- all settings ----------------------------------------------------------------------------
@@ -456,6 +463,7 @@ NAMES: tuple[str, ...] = (
     "ROUTED_DEVICES",
     "FOLDED_DEVICES",
     "BATCHED_FILM",
+    "BATCHED_QKV",
 )
 
 

@@ -50,12 +50,15 @@ class Attention(nn.Module):
         q = split_heads(self.to_q(x), self.num_heads)
         k = split_heads(self.to_k(source), self.num_heads)
         v = split_heads(self.to_v(source), self.num_heads)
+        return self.to_out(merge_heads(self.attend(q, k, v)))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Softmax attention of heads `q` (B, heads, N, d) to `k`, `v` (B, heads, M, d), in
+        float32 for float16 operands when `upcast`."""
         if self.upcast and q.dtype == torch.float16:
             with torch.autocast(q.device.type, enabled=False):
-                h = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
-        else:
-            h = F.scaled_dot_product_attention(q, k, v)
-        return self.to_out(merge_heads(h))
+                return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v)
 
 
 class FeedForward(nn.Module):
