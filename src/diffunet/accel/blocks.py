@@ -5,7 +5,9 @@ state-dict keys), through the accelerator's pieces: GroupNorm + FiLM + SiLU in o
 (`fused_norm`), convolutions that keep cuDNN's layout under `torch.compile` (`conv`), nearest
 upsampling folded into the next convolution (`upsample`), a decoder entry that never keeps the
 concatenation of `h` and its skip (`decoder_entry`), channels-last activations (`layout`), and
-every block's embedding projection in one GEMM (`projections`, when `settings.BATCHED_FILM`).
+linear layers of one input as one GEMM in compiled graphs (`projections`: every block's
+embedding projection under `settings.BATCHED_FILM`, an attention's queries, keys and values
+under `settings.BATCHED_QKV`).
 """
 
 from __future__ import annotations
