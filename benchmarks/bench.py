@@ -878,32 +878,51 @@ def ratio_markdown(table: dict[str, Any], meta: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _measured_cells(report: dict[str, Any]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """The table cells (case, `kind_column`) of a run that measured both sides, each with its
+    records, `compile_mode` filled in from the run's where a record has none."""
+    compile_mode = report["meta"].get("compile_mode", "default")
+    cells: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in report.get("records", []):
+        column = table_column(r, compile_mode)
+        if r["case"] in MODEL_CASES and column and r.get("kind") in KINDS:
+            record = {**r, "compile_mode": r.get("compile_mode") or compile_mode}
+            cells.setdefault((r["case"], f"{r['kind']}_{column}"), []).append(record)
+    return {
+        cell: records
+        for cell, records in cells.items()
+        if {r["model"] for r in records if r.get("throughput")} >= set(MODELS)
+        and cell[0] in report.get("cases", {})
+    }
+
+
 def merge_reports(reports: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
     """One report of the model cases of several runs, for a ratio table that no single device
-    call has time for: each case's records come from the last of `reports` that measured it
-    (ours and the reference of a row always from one run, so its ratios compare), and the
-    table's notes say which run, on which device, gave each row."""
+    call has time for: each cell (case, kind and mode) comes from the last of `reports` that
+    measured both sides of it (ours and the reference of a cell always from one run, so its
+    ratio compares), and the table's notes say which run, on which device, gave which cells."""
     merged: dict[str, Any] = {"meta": {}, "cases": {}, "records": []}
-    sources: dict[str, int] = {}
-    for index, report in enumerate(reports):
-        measured = {r["case"] for r in report.get("records", []) if r.get("throughput")}
-        for name in report.get("cases", {}):
-            if name in MODEL_CASES and name in measured:
-                sources[name] = index
-    for name, index in sources.items():
-        report = reports[index]
-        compile_mode = report["meta"].get("compile_mode", "default")
-        merged["cases"][name] = report["cases"][name]
-        merged["records"] += [
-            {**r, "compile_mode": r.get("compile_mode") or compile_mode}
-            for r in report["records"]
-            if r["case"] == name
-        ]
+    sources: dict[tuple[str, str], int] = {}
+    measured = [_measured_cells(report) for report in reports]
+    for index, cells in enumerate(measured):
+        for cell in cells:
+            sources[cell] = index
+    merged_from: dict[str, dict[str, str]] = {}
+    for (name, key), index in sources.items():
+        merged["cases"][name] = reports[index]["cases"][name]
+        merged["records"] += measured[index][name, key]
+        merged_from.setdefault(name, {})[key] = names[index]
     devices = {reports[i]["meta"].get("device_name") for i in sources.values()}
     merged["meta"] = {
         **(reports[max(sources.values())]["meta"] if sources else {}),
         "device_name": " / ".join(sorted(filter(None, devices))) or None,
-        "merged_from": {name: names[index] for name, index in sources.items()},
+        # A case measured by one run: its name; else, by cell, each cell's run.
+        "merged_from": {
+            name: next(iter(set(by_cell.values())))
+            if len(set(by_cell.values())) == 1
+            else dict(sorted(by_cell.items(), key=lambda item: TABLE_COLUMNS.index(item[0])))
+            for name, by_cell in merged_from.items()
+        },
     }
     return merged
 
@@ -932,11 +951,19 @@ def table_from_files(paths: list[str], out: str | None) -> dict[str, Any]:
         raise InvalidValueError(f"--table-from: no measured model case in {', '.join(paths)}")
     data["table"] = ratio_table(data)
     device_of = {path: report["meta"].get("device_name") for path, report in zip(paths, reports)}
-    sources = [
-        f"`{name}`: {path} ({device_of[path]})"
-        for name, path in data["meta"]["merged_from"].items()
-    ]
-    data["table"]["notes"].append("Rows from: " + "; ".join(sources) + ".")
+    sources = []
+    for name, source in data["meta"]["merged_from"].items():
+        if isinstance(source, str):
+            sources.append(f"`{name}`: {source} ({device_of[source]})")
+            continue
+        by_path: dict[str, list[str]] = {}
+        for key, path in source.items():
+            by_path.setdefault(path, []).append(data["table"]["columns"][key])
+        sources += [
+            f"`{name}` {', '.join(columns)}: {path} ({device_of[path]})"
+            for path, columns in by_path.items()
+        ]
+    data["table"]["notes"].append("Cells from: " + "; ".join(sources) + ".")
     data["table"]["markdown"] = ratio_markdown(data["table"], data["meta"])
     print(data["table"]["markdown"], end="", flush=True)
     if out:
@@ -1060,9 +1087,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--table-from",
         nargs="+",
         metavar="JSON",
-        help="measure nothing: print the ratio table of earlier runs' JSON files, each case's "
-        "row from the last file that measured it (to build the table over several device "
-        "calls); --out writes the merged JSON",
+        help="measure nothing: print the ratio table of earlier runs' JSON files, each cell "
+        "from the last file that measured both sides of it (to build the table over several "
+        "device calls); --out writes the merged JSON",
     )
     parser.add_argument(
         "--no-cudnn-benchmark", action="store_true", help="leave torch.backends.cudnn.benchmark off"

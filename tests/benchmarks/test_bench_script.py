@@ -553,11 +553,12 @@ def test_ratio_table_has_the_six_columns_of_ours_over_the_reference(bench):
     assert "| `ldm` 256², B16 vs diffusers | 30.0 % / 10.0 % |" in table["markdown"]
 
 
-def test_the_table_merges_runs_each_row_from_the_last_run_that_measured_its_case(
+def test_the_table_merges_runs_each_cell_from_the_last_run_that_measured_it(
     bench, tmp_path, capsys
 ):
-    """`--table-from`: the table over several device calls; a later run that only skipped a
-    case does not replace the row an earlier run measured."""
+    """`--table-from`: the table over several device calls, each cell (both sides) from the
+    last run that measured it, so one case's training and inference can come from two calls;
+    a later run that only skipped a cell does not replace what an earlier run measured."""
     case = {"size": [32, 32], "batch": 128, "reference": "diffusers"}
 
     def run(device, records, cases):
@@ -605,11 +606,15 @@ def test_the_table_merges_runs_each_row_from_the_last_run_that_measured_its_case
     rows = {row["case"]: row["cells"] for row in data["table"]["rows"]}
     assert rows["ldm"]["train_eager"]["speedup"] == pytest.approx(3.0)  # from the first run
     assert rows["ddpm-cifar10"]["infer_compile"]["speedup"] == pytest.approx(2.0)
-    assert rows["ddpm-cifar10"]["train_eager"]["status"] == "–"  # the second run's row only
-    assert data["meta"]["merged_from"] == {"ldm": paths[0], "ddpm-cifar10": paths[1]}
-    assert (
-        f"`ldm`: {paths[0]} (GPU A); `ddpm-cifar10`: {paths[1]} (GPU B)" in capsys.readouterr().out
-    )
+    assert rows["ddpm-cifar10"]["train_eager"]["speedup"] == pytest.approx(1.0)  # the first's
+    assert rows["ddpm-cifar10"]["train_compile"]["status"] == "–"  # measured by neither
+    assert data["meta"]["merged_from"] == {
+        "ldm": paths[0],
+        "ddpm-cifar10": {"train_eager": paths[0], "infer_compile": paths[1]},
+    }
+    printed = capsys.readouterr().out
+    assert f"`ldm`: {paths[0]} (GPU A); `ddpm-cifar10` train eager: {paths[0]} (GPU A); " in printed
+    assert f"`ddpm-cifar10` infer `torch.compile()`: {paths[1]} (GPU B)." in printed
     assert json.loads(out.read_text())["table"]["markdown"] == data["table"]["markdown"]
     skipped_only = tmp_path / "skipped.json"
     skipped_only.write_text(json.dumps({**second, "records": second["records"][2:]}))
