@@ -143,6 +143,7 @@ print(json.dumps({
     "INLINE_NORM_KERNELS": s.INLINE_NORM_KERNELS,
     "BATCHED_FILM": s.BATCHED_FILM,
     "BATCHED_QKV": s.BATCHED_QKV,
+    "ROUTED_DEVICES": sorted(s.ROUTED_DEVICES),
 }))
 """
 DEFAULTS = {
@@ -159,6 +160,7 @@ DEFAULTS = {
     "INLINE_NORM_KERNELS": False,
     "BATCHED_FILM": False,
     "BATCHED_QKV": False,
+    "ROUTED_DEVICES": ["cuda"],
 }
 
 
@@ -190,6 +192,7 @@ def _plan(**fields) -> list:
                 "DIFFUNET_INLINE_NORM_KERNELS": "1",
                 "DIFFUNET_BATCHED_FILM": "1",
                 "DIFFUNET_BATCHED_QKV": "1",
+                "DIFFUNET_ROUTED_CONV": "none",
             },
             {
                 "FUSED_NORM": False,
@@ -206,6 +209,7 @@ def _plan(**fields) -> list:
                 "INLINE_NORM_KERNELS": True,
                 "BATCHED_FILM": True,
                 "BATCHED_QKV": True,
+                "ROUTED_DEVICES": [],
             },
             [],
         ),
@@ -219,6 +223,7 @@ def _plan(**fields) -> list:
                 "DIFFUNET_NORM_ONE_PASS_ELEMENTS": "-1",
                 "DIFFUNET_TAP_PRODUCT_FORWARD": "yes",
                 "DIFFUNET_FOLDED_UPSAMPLE": "1",
+                "DIFFUNET_ROUTED_CONV": "gpu",
             },
             {"CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE": 0},
             [
@@ -228,6 +233,7 @@ def _plan(**fields) -> list:
                 "DIFFUNET_NORM_ONE_PASS_ELEMENTS='-1' is not a number of elements",
                 "DIFFUNET_TAP_PRODUCT_FORWARD='yes' is not one of auto, always, never",
                 "DIFFUNET_FOLDED_UPSAMPLE='1': '1' is not a device type",
+                "DIFFUNET_ROUTED_CONV='gpu': 'gpu' is not a device type",
             ],
         ),
     ],

@@ -29,7 +29,7 @@ does not parse warns and keeps the default.
 | `THIN_CONV_LAUNCH` | | `ThinConvLaunch()` | block sizes and warps of the thin kernels |
 | `CHANNEL_MULTIPLE` | | 8 | 3D convolutions' output channels are zero-padded to a multiple of it… |
 | `PADDED_DEVICES` | | `cuda` | …on these device types |
-| `ROUTED_DEVICES` | | `cuda` | device types whose compiled convolutions use `conv`'s custom ops |
+| `ROUTED_DEVICES` | `DIFFUNET_ROUTED_CONV` (`cuda`, `none`, …) | `cuda` | device types whose compiled convolutions use `conv`'s custom ops |
 | `FOLDED_DEVICES` | `DIFFUNET_FOLDED_UPSAMPLE` (`cpu,cuda`, `none`, …) | `cpu`, `cuda` | device types that fold nearest upsampling into the next convolution |
 | `BATCHED_FILM` | `DIFFUNET_BATCHED_FILM` (`1`: on) | off | compiled graphs compute every ResBlock's embedding projection in one GEMM (unmeasured) |
 | `BATCHED_QKV` | `DIFFUNET_BATCHED_QKV` (`1`: on) | off | compiled graphs project a transformer attention's queries, keys and values in one GEMM (unmeasured) |
@@ -394,6 +394,18 @@ if FOLDED_DEVICES_ENV in os.environ:
         FOLDED_DEVICES = parse_devices(os.environ[FOLDED_DEVICES_ENV])
     except ValueError as err:  # a process-wide knob: say so, and keep the default
         warnings.warn(f"{err}; folding on {sorted(FOLDED_DEVICES)}", stacklevel=1)
+
+
+#: The environment variable naming the devices whose compiled convolutions use `conv`'s
+#: custom ops (`ROUTED_DEVICES`; "none" for none: Inductor's own convolutions everywhere,
+#: for an A/B of what the operators' host time costs a step bound by launches).
+ROUTED_DEVICES_ENV = "DIFFUNET_ROUTED_CONV"
+
+if ROUTED_DEVICES_ENV in os.environ:
+    try:
+        ROUTED_DEVICES = parse_devices(os.environ[ROUTED_DEVICES_ENV], ROUTED_DEVICES_ENV)
+    except ValueError as err:
+        warnings.warn(f"{err}; routing on {sorted(ROUTED_DEVICES)}", stacklevel=1)
 
 
 def set_folded_upsample_devices(devices: str | Iterable[str]) -> None:
