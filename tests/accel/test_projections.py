@@ -116,3 +116,22 @@ def test_one_gemm_projects_queries_keys_and_values_in_compiled_graphs(cross):
     assert (per_layer, batched) == (4, 3 if cross else 2)
     for g, w in zip(got, want):
         assert_close_to_scale(g, w, 1e-5)
+
+
+@pytest.mark.gpu
+def test_inductor_runs_both_batchings_on_gpu_in_bf16():
+    """A compiled bf16 training step of a small `sd15` (FiLM and transformer attention) with
+    both batchings on: Inductor's values and gradients, within bf16 rounding of the step with
+    both off."""
+    config = small_config("sd15")
+    model = accelerate(randomized(config).cuda())
+    x, kwargs = example_inputs(config, batch=2, device="cuda")
+
+    def step(on):
+        with settings.override(BATCHED_FILM=on, BATCHED_QKV=on):
+            torch._dynamo.reset()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return forward_and_grads(torch.compile(model), x, kwargs)
+
+    for got, want in zip(step(True), step(False)):
+        assert_close_to_scale(got.float(), want.float(), 3e-2)
