@@ -10,7 +10,7 @@ does not parse warns and keeps the default.
 | Setting | Environment variable | Default | What it controls |
 |---|---|---|---|
 | `FUSED_NORM` | `DIFFUNET_FUSED` (`0`: off) | on | GroupNorm + FiLM + SiLU by the fused Triton kernels |
-| `INLINE_NORM_KERNELS` | `DIFFUNET_INLINE_NORM_KERNELS` (`1`: on) | off | compiled graphs launch the norm kernels themselves (unmeasured) |
+| `INLINE_NORM_KERNELS` | `DIFFUNET_INLINE_NORM_KERNELS` (`1`: on) | off | compiled graphs launch the norm kernels themselves (GPU test pending) |
 | `FUSED_EAGER_MIN_ELEMENTS` | | 2²⁴ | eager mode: the smallest activation (elements) they take |
 | `CUDA_GRAPHS_MIN_ELEMENTS` | `DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS` | 2²⁰ | what `configure_for_compile_mode` sets in CUDA-graph modes |
 | `CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE` | `DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS_INFER` | as training | the same, for graphs without gradients |
@@ -185,7 +185,7 @@ FUSED_NORM: bool = _switch_from_env(FUSED_ENV)
 #: Whether graphs traced on a GPU with static sizes call the norm kernels as operators that
 #: `torch.compile` traces into (`torch.library.triton_op`), so the compiled code launches the
 #: Triton kernels itself, instead of as an opaque operator whose Python runs on every call.
-#: Off until measured on a GPU (docs/performance.md, open items).
+#: Off until its GPU test has passed (one A/B gained; docs/performance.md, open items).
 INLINE_NORM_KERNELS: bool = _switch_from_env(INLINE_NORM_KERNELS_ENV, default=False)
 #: In eager mode, the smallest activation (elements) the fused kernels take. A fused call costs
 #: six Triton launches of host time (forward and backward); below this size the eager kernels
