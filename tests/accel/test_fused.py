@@ -144,6 +144,7 @@ print(json.dumps({
     "BATCHED_FILM": s.BATCHED_FILM,
     "BATCHED_QKV": s.BATCHED_QKV,
     "ROUTED_DEVICES": sorted(s.ROUTED_DEVICES),
+    "SDPA_BACKEND": s.SDPA_BACKEND,
 }))
 """
 DEFAULTS = {
@@ -161,6 +162,7 @@ DEFAULTS = {
     "BATCHED_FILM": False,
     "BATCHED_QKV": False,
     "ROUTED_DEVICES": ["cuda"],
+    "SDPA_BACKEND": None,
 }
 
 
@@ -193,6 +195,7 @@ def _plan(**fields) -> list:
                 "DIFFUNET_BATCHED_FILM": "1",
                 "DIFFUNET_BATCHED_QKV": "1",
                 "DIFFUNET_ROUTED_CONV": "none",
+                "DIFFUNET_SDPA_BACKEND": "Flash",
             },
             {
                 "FUSED_NORM": False,
@@ -210,6 +213,7 @@ def _plan(**fields) -> list:
                 "BATCHED_FILM": True,
                 "BATCHED_QKV": True,
                 "ROUTED_DEVICES": [],
+                "SDPA_BACKEND": "flash",
             },
             [],
         ),
@@ -224,6 +228,7 @@ def _plan(**fields) -> list:
                 "DIFFUNET_TAP_PRODUCT_FORWARD": "yes",
                 "DIFFUNET_FOLDED_UPSAMPLE": "1",
                 "DIFFUNET_ROUTED_CONV": "gpu",
+                "DIFFUNET_SDPA_BACKEND": "fast",
             },
             {"CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE": 0},
             [
@@ -234,6 +239,7 @@ def _plan(**fields) -> list:
                 "DIFFUNET_TAP_PRODUCT_FORWARD='yes' is not one of auto, always, never",
                 "DIFFUNET_FOLDED_UPSAMPLE='1': '1' is not a device type",
                 "DIFFUNET_ROUTED_CONV='gpu': 'gpu' is not a device type",
+                "DIFFUNET_SDPA_BACKEND='fast' is not one of flash, efficient, cudnn, math, default",
             ],
         ),
     ],

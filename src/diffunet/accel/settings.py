@@ -33,6 +33,7 @@ does not parse warns and keeps the default.
 | `FOLDED_DEVICES` | `DIFFUNET_FOLDED_UPSAMPLE` (`cpu,cuda`, `none`, …) | `cpu`, `cuda` | device types that fold nearest upsampling into the next convolution |
 | `BATCHED_FILM` | `DIFFUNET_BATCHED_FILM` (`1`: on) | off | compiled graphs compute every ResBlock's embedding projection in one GEMM (unmeasured) |
 | `BATCHED_QKV` | `DIFFUNET_BATCHED_QKV` (`1`: on) | off | compiled graphs project a transformer attention's queries, keys and values in one GEMM (unmeasured) |
+| `SDPA_BACKEND` | `DIFFUNET_SDPA_BACKEND` (`flash`, `efficient`, `cudnn`, `math`, `default`) | PyTorch's order | the SDPA backend a transformer attention tries first (unmeasured) |
 
 Each attribute's comment below says why. Triton's own `TRITON_INTERPRET=1` runs the kernels on
 CPU tensors through its interpreter (tests). The measurements behind the defaults are in
@@ -448,6 +449,37 @@ BATCHED_QKV_ENV = "DIFFUNET_BATCHED_QKV"
 BATCHED_QKV: bool = _switch_from_env(BATCHED_QKV_ENV, default=False)
 
 
+# --- attention ---------------------------------------------------------------------------------
+
+#: The environment variable that sets `SDPA_BACKEND`.
+SDPA_BACKEND_ENV = "DIFFUNET_SDPA_BACKEND"
+#: The SDPA backends `SDPA_BACKEND` may name (`torch.nn.attention.SDPBackend`'s).
+_SDPA_BACKEND_NAMES = ("flash", "efficient", "cudnn", "math")
+
+
+def sdpa_backend_setting(name: str = SDPA_BACKEND_ENV) -> str | None:
+    """The `SDPA_BACKEND` the environment variable `name` gives (None when unset or
+    "default"); a value that names no backend warns and keeps None."""
+    text = os.environ.get(name, "default").strip().lower()
+    if text == "default":
+        return None
+    if text not in _SDPA_BACKEND_NAMES:
+        warnings.warn(
+            f"{name}={text!r} is not one of {', '.join(_SDPA_BACKEND_NAMES)}, default; "
+            "keeping default",
+            stacklevel=2,
+        )
+        return None
+    return text
+
+
+#: The backend of `F.scaled_dot_product_attention` that a transformer block's attention tries
+#: first, the others following where it cannot take a shape; None: PyTorch's own order, which
+#: is the same for every shape. Stable Diffusion's heads are 40 to 160 wide, which the backends'
+#: kernels serve differently (`benchmarks/attention_backends.py`). Unmeasured in a whole model.
+SDPA_BACKEND: str | None = sdpa_backend_setting()
+
+
 # --- all settings ----------------------------------------------------------------------------
 
 #: The names of the settings (the rows of the module's table).
@@ -476,6 +508,7 @@ NAMES: tuple[str, ...] = (
     "FOLDED_DEVICES",
     "BATCHED_FILM",
     "BATCHED_QKV",
+    "SDPA_BACKEND",
 )
 
 
