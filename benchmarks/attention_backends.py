@@ -36,9 +36,9 @@ except ImportError:
 from diffunet.accel.blocks import SDPA_BACKENDS
 from diffunet.model.introspect import example_inputs
 from harness.layers import (
-    kernel_time_ms,
     layer_benchmark_parser,
     layer_benchmark_setup,
+    time_variants,
     write_json_result,
 )
 from harness.models import build_case, build_ours
@@ -99,39 +99,25 @@ def _attend(backend: SDPBackend | None) -> Callable[..., torch.Tensor]:
 
 def measure(shape: Shape, backends: list[str], device, dtype, iters: int) -> list[dict[str, Any]]:
     """One row per backend ("default" first) for attention of `shape`: forward and forward +
-    backward milliseconds, and how far its output and gradients are from the default's."""
+    backward milliseconds, and how far its output and gradients are from the default's
+    (`harness.layers.time_variants`); a backend with no kernel for the shape, its error."""
     batch, heads, queries, keys, width = shape
     q = _heads(batch, heads, queries, width, device, dtype)
     k, v = (_heads(batch, heads, keys, width, device, dtype) for _ in range(2))
-    rows, expected = [], None
+    variants, failed = {}, []
     for name in ["default", *backends]:
         attend = _attend(BACKENDS.get(name))
-        row: dict[str, Any] = {"shape": list(shape), "backend": name}
-        try:
-            out = attend(q, k, v)
-        except RuntimeError as err:  # no kernel of this backend takes the shape
-            rows.append({**row, "error": str(err).splitlines()[0][:200]})
+        try:  # forward and backward: a backend may lack either for the shape
+            torch.autograd.grad(attend(q, k, v).sum(), (q, k, v))
+        except RuntimeError as err:
+            failed.append({"backend": name, "error": str(err).splitlines()[0][:200]})
             continue
-        grad = torch.randn_like(out) if expected is None else expected[1]
-        grads = torch.autograd.grad(out, (q, k, v), grad)
-        if expected is None:
-            expected = out.detach(), grad, [g.detach() for g in grads]
-        row["max_relative_difference"] = max(
-            ((got - want).abs().max() / want.abs().max()).item()
-            for got, want in zip([out, *grads], [expected[0], *expected[2]])
-        )
-
-        def forward(attend=attend) -> None:
-            with torch.no_grad():
-                attend(q, k, v)
-
-        def train(attend=attend, grad=grad) -> None:
-            torch.autograd.grad(attend(q, k, v), (q, k, v), grad)
-
-        row["forward_ms"] = kernel_time_ms(forward, iters, device)
-        row["train_ms"] = kernel_time_ms(train, iters, device)
-        rows.append(row)
-    return rows
+        variants[name] = lambda query, attend=attend: attend(query, k, v)
+    timed = [
+        {"backend": row.pop("variant"), **row}
+        for row in time_variants(variants, q, [q, k, v], iters)
+    ]
+    return [{"shape": list(shape), **row} for row in timed + failed]
 
 
 def totals(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
