@@ -33,7 +33,6 @@ try:
     import diffunet  # noqa: F401  (installed, or run from a checkout:)
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from diffunet.accel.blocks import SDPA_BACKENDS
 from diffunet.model.introspect import example_inputs
 from harness.layers import (
     layer_benchmark_parser,
@@ -43,9 +42,13 @@ from harness.layers import (
 )
 from harness.models import build_case, build_ours
 
-#: The backends timed besides the default choice ("default"), by the names
-#: `diffunet.accel.settings.SDPA_BACKEND` takes.
-BACKENDS = SDPA_BACKENDS
+#: The backends timed besides PyTorch's own choice ("default").
+BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "math": SDPBackend.MATH,
+}
 
 #: (batch, heads, queries, keys, head width) of one attention call.
 Shape = tuple[int, int, int, int, int]

@@ -55,16 +55,21 @@ def test_the_compile_mode_decides_whether_compiled_graphs_call_the_kernels(
 ):
     monkeypatch.setattr(settings, "PLAIN_COMPILE_MIN_ELEMENTS", 1 << 22)
     monkeypatch.setattr(settings, "PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE", None)
+    monkeypatch.setattr(settings, "INLINE_NORM_KERNELS", True)
     fused.set_compiled_min_elements(123)
+    settings.COMPILED_INLINE_NORM_KERNELS = expected is not None  # each mode sets it back
     fused.configure_for_compile_mode(mode)
     if expected is None:
         assert settings.COMPILED_MIN_ELEMENTS == settings.PLAIN_COMPILE_MIN_ELEMENTS
         inference = settings.COMPILED_MIN_ELEMENTS_INFERENCE
         assert inference == settings.PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE
+        assert settings.COMPILED_INLINE_NORM_KERNELS is True
     else:
         assert settings.COMPILED_MIN_ELEMENTS == settings.CUDA_GRAPHS_MIN_ELEMENTS
         inference = settings.COMPILED_MIN_ELEMENTS_INFERENCE
         assert inference == settings.CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE
+        # CUDA graphs replay the opaque operator's launches without host cost.
+        assert settings.COMPILED_INLINE_NORM_KERNELS is False
 
 
 def test_graphs_traced_without_gradients_use_the_inference_threshold(monkeypatch):
@@ -136,6 +141,7 @@ print(json.dumps({
     "PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE": s.PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE,
     "COMPILED_MIN_ELEMENTS": s.COMPILED_MIN_ELEMENTS,
     "COMPILED_MIN_ELEMENTS_INFERENCE": s.COMPILED_MIN_ELEMENTS_INFERENCE,
+    "COMPILED_INLINE_NORM_KERNELS": s.COMPILED_INLINE_NORM_KERNELS,
     "NORM_LAUNCH": dataclasses.astuple(s.NORM_LAUNCH),
     "THIN_CONV": s.THIN_CONV,
     "TAP_PRODUCT_FORWARD": s.TAP_PRODUCT_FORWARD,
@@ -144,25 +150,24 @@ print(json.dumps({
     "BATCHED_FILM": s.BATCHED_FILM,
     "BATCHED_QKV": s.BATCHED_QKV,
     "ROUTED_DEVICES": sorted(s.ROUTED_DEVICES),
-    "SDPA_BACKEND": s.SDPA_BACKEND,
 }))
 """
 DEFAULTS = {
     "FUSED_NORM": True,
     "CUDA_GRAPHS_MIN_ELEMENTS": 1 << 20,
     "CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE": 1 << 20,
-    "PLAIN_COMPILE_MIN_ELEMENTS": 1 << 25,
+    "PLAIN_COMPILE_MIN_ELEMENTS": 1 << 20,
     "PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE": 1 << 25,
-    "COMPILED_MIN_ELEMENTS": 1 << 25,  # the plain-compile thresholds until configured
+    "COMPILED_MIN_ELEMENTS": 1 << 20,  # the plain-compile thresholds until configured
     "COMPILED_MIN_ELEMENTS_INFERENCE": 1 << 25,
+    "COMPILED_INLINE_NORM_KERNELS": True,
     "THIN_CONV": True,
     "TAP_PRODUCT_FORWARD": "auto",
     "FOLDED_DEVICES": ["cpu", "cuda"],
-    "INLINE_NORM_KERNELS": False,
-    "BATCHED_FILM": False,
-    "BATCHED_QKV": False,
+    "INLINE_NORM_KERNELS": True,
+    "BATCHED_FILM": True,
+    "BATCHED_QKV": True,
     "ROUTED_DEVICES": ["cuda"],
-    "SDPA_BACKEND": None,
 }
 
 
@@ -191,11 +196,10 @@ def _plan(**fields) -> list:
                 "DIFFUNET_THIN_CONV": "0",
                 "DIFFUNET_TAP_PRODUCT_FORWARD": "Always",
                 "DIFFUNET_FOLDED_UPSAMPLE": "cpu",
-                "DIFFUNET_INLINE_NORM_KERNELS": "1",
-                "DIFFUNET_BATCHED_FILM": "1",
-                "DIFFUNET_BATCHED_QKV": "1",
+                "DIFFUNET_INLINE_NORM_KERNELS": "0",
+                "DIFFUNET_BATCHED_FILM": "0",
+                "DIFFUNET_BATCHED_QKV": "0",
                 "DIFFUNET_ROUTED_CONV": "none",
-                "DIFFUNET_SDPA_BACKEND": "Flash",
             },
             {
                 "FUSED_NORM": False,
@@ -209,11 +213,11 @@ def _plan(**fields) -> list:
                 "THIN_CONV": False,
                 "TAP_PRODUCT_FORWARD": "always",
                 "FOLDED_DEVICES": ["cpu"],
-                "INLINE_NORM_KERNELS": True,
-                "BATCHED_FILM": True,
-                "BATCHED_QKV": True,
+                "INLINE_NORM_KERNELS": False,
+                "COMPILED_INLINE_NORM_KERNELS": False,
+                "BATCHED_FILM": False,
+                "BATCHED_QKV": False,
                 "ROUTED_DEVICES": [],
-                "SDPA_BACKEND": "flash",
             },
             [],
         ),
@@ -228,7 +232,6 @@ def _plan(**fields) -> list:
                 "DIFFUNET_TAP_PRODUCT_FORWARD": "yes",
                 "DIFFUNET_FOLDED_UPSAMPLE": "1",
                 "DIFFUNET_ROUTED_CONV": "gpu",
-                "DIFFUNET_SDPA_BACKEND": "fast",
             },
             {"CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE": 0},
             [
@@ -239,7 +242,6 @@ def _plan(**fields) -> list:
                 "DIFFUNET_TAP_PRODUCT_FORWARD='yes' is not one of auto, always, never",
                 "DIFFUNET_FOLDED_UPSAMPLE='1': '1' is not a device type",
                 "DIFFUNET_ROUTED_CONV='gpu': 'gpu' is not a device type",
-                "DIFFUNET_SDPA_BACKEND='fast' is not one of flash, efficient, cudnn, math, default",
             ],
         ),
     ],
@@ -550,7 +552,8 @@ def interpreted_the_ops_compute_the_reference(shape, groups, channels_last, film
     args = _op_arguments(params, groups, film, act, add)
     y, mean, rstd = fused.group_norm_act_op(*args)
     _assert_strides_as_promised((y, mean, rstd), fused._group_norm_act_fake(*args))
-    _assert_matches_float64(_norm(groups, film, act, add), params, fused._GroupNormAct.apply(*args))
+    y_function = fused._GroupNormAct.apply(*args, False)  # the opaque operator's, not inline
+    _assert_matches_float64(_norm(groups, film, act, add), params, y_function)
     x, weight, bias, scale, shift, offset, *_ = (
         a.detach() if isinstance(a, torch.Tensor) else a for a in args
     )
@@ -608,7 +611,7 @@ def interpreted_compiled_graphs_run_the_kernels_through_the_operators():
         for n in traced_nodes(backend.bw_graphs[0])
     )
     # The inline operators need a GPU: on CPU tensors graphs keep the opaque ones.
-    settings.INLINE_NORM_KERNELS = True
+    settings.COMPILED_INLINE_NORM_KERNELS = True
     torch._dynamo.reset()
     backend = AotEagerAndRecordGraphs()
     torch.compile(norm, backend=backend)(*params)
@@ -735,6 +738,7 @@ def _random_channels_last_model(name):
 def test_compiled_training_with_the_custom_op_matches_compiled_without_on_gpu(name):
     from torch._inductor.compile_fx import compile_fx
 
+    settings.COMPILED_INLINE_NORM_KERNELS = False  # the opaque operator (the CUDA-graph modes')
     model, x, kwargs = _random_channels_last_model(name)
     outputs, grads, routed = [], [], []
     for compiled_min_elements in (0, None):
@@ -760,11 +764,12 @@ def test_compiled_training_with_the_custom_op_matches_compiled_without_on_gpu(na
 
 
 def _compiled_step_and_code(model, x, kwargs, inline, dynamic=False):
-    """One compiled training step of `model` under bf16 autocast with `INLINE_NORM_KERNELS` set
-    to `inline`: the output, the parameters' gradients and Inductor's generated code."""
+    """One compiled training step of `model` under bf16 autocast with
+    `COMPILED_INLINE_NORM_KERNELS` set to `inline`: the output, the parameters' gradients and
+    Inductor's generated code."""
     from torch._inductor.utils import run_and_get_code
 
-    settings.INLINE_NORM_KERNELS = inline
+    settings.COMPILED_INLINE_NORM_KERNELS = inline
     torch._dynamo.reset()
     model.zero_grad()
 
@@ -784,7 +789,7 @@ def _compiled_step_and_code(model, x, kwargs, inline, dynamic=False):
 @pytest.mark.gpu
 @pytest.mark.usefixtures("fused_everywhere")
 def test_compiled_graphs_launch_the_norm_kernels_themselves_on_gpu():
-    """`settings.INLINE_NORM_KERNELS`: Inductor's code launches the norm kernels (no call into
+    """`settings.COMPILED_INLINE_NORM_KERNELS`: Inductor's code launches the norm kernels (no call into
     the operators), with the values and gradients of graphs that call the opaque operators."""
     model, x, kwargs = _random_channels_last_model("ddpm-cifar10")
     fused.set_compiled_min_elements(0)
@@ -800,10 +805,17 @@ def test_compiled_graphs_launch_the_norm_kernels_themselves_on_gpu():
 
 @pytest.mark.gpu
 @pytest.mark.usefixtures("fused_everywhere")
-def test_compiled_graphs_with_dynamic_sizes_keep_the_opaque_norm_operators_on_gpu():
-    """With `INLINE_NORM_KERNELS` on, a graph traced with dynamic sizes still calls the opaque
-    operators (the inline ones need static launch shapes)."""
+def test_graphs_the_inline_operators_do_not_serve_keep_the_opaque_ones_on_gpu():
+    """With `COMPILED_INLINE_NORM_KERNELS` on, a training graph traced with dynamic sizes (the
+    inline operators need static launch shapes) and an inference graph (their peak memory is
+    lower with the opaque ones) still call the opaque operators."""
+    from torch._inductor.utils import run_and_get_code
+
     model, x, kwargs = _random_channels_last_model("ddpm-cifar10")
     fused.set_compiled_min_elements(0)
     _, _, dynamic_code = _compiled_step_and_code(model, x, kwargs, True, dynamic=True)
     assert "diffunet.group_norm_act" in dynamic_code
+    torch._dynamo.reset()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        _, code = run_and_get_code(torch.compile(model), x, **kwargs)
+    assert "diffunet.group_norm_act" in "\n".join(code)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from diffunet.accel import decoder_entry, settings
 from diffunet.accel.conv import convolve, convolve_split_bias
@@ -64,31 +63,12 @@ class AcceleratedUpsample(Upsample):
         return upsample_convolve(self.conv, x, self.factors)
 
 
-#: Each name `settings.SDPA_BACKEND` takes, and its backend.
-SDPA_BACKENDS = {
-    "flash": SDPBackend.FLASH_ATTENTION,
-    "efficient": SDPBackend.EFFICIENT_ATTENTION,
-    "cudnn": SDPBackend.CUDNN_ATTENTION,
-    "math": SDPBackend.MATH,
-}
-
-
 class AcceleratedAttention(Attention):
     """A transformer block's `Attention` whose projections of one input run as one GEMM in
     graphs that `torch.compile` traces (`settings.BATCHED_QKV`): queries, keys and values of
     self-attention, keys and values of cross-attention. Eager calls keep the three layers,
     whose weights autocast casts once per region, where the concatenation would be cast per
-    call. Its softmax attention tries `settings.SDPA_BACKEND` first, when one is named."""
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """`Attention.attend`, with `settings.SDPA_BACKEND` first and the other backends after
-        it, in `SDPA_BACKENDS`' order, for shapes it cannot take."""
-        if settings.SDPA_BACKEND is None:
-            return super().attend(q, k, v)
-        first = SDPA_BACKENDS[settings.SDPA_BACKEND]
-        order = [first, *(b for b in SDPA_BACKENDS.values() if b != first)]
-        with sdpa_kernel(order, set_priority=True):
-            return super().attend(q, k, v)
+    call."""
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """Attend from `x` (B, N, C) to `context` (B, M, context_dim), or to `x` itself."""

@@ -133,7 +133,7 @@ def group_norm_act(
         film = scale is not None
         scale, shift, add = (per_channel_operand(t, x) for t in (scale, shift, add))
         x = x.contiguous(memory_format=_memory_format(x))
-        args = (x, weight, bias, scale, shift, add, num_groups, eps, film, act)
+        args = (x, weight, bias, scale, shift, add, num_groups, eps, film, act, _inline_wanted(x))
         return _GroupNormAct.apply(*args)
     return group_norm_act_reference(x, num_groups, weight, bias, eps, scale, shift, act, add)
 
@@ -1590,7 +1590,7 @@ def _group_norm_act_backward_inline(
 
 
 #: `group_norm_act_op` and its backward as operators whose kernels Inductor launches itself
-#: (`settings.INLINE_NORM_KERNELS`): tracing runs their launch shapes once and records each
+#: (`settings.COMPILED_INLINE_NORM_KERNELS`): tracing runs their launch shapes once and records each
 #: Triton launch, instead of a call into Python on every step. Triton-less installs have none.
 group_norm_act_inline_op = group_norm_act_backward_inline_op = None
 if triton is not None:
@@ -1601,12 +1601,14 @@ if triton is not None:
 
 
 def _inline_wanted(x: torch.Tensor) -> bool:
-    """Whether a graph being traced records the kernels' launches themselves: switched on, on
-    a GPU (Triton's interpreter runs no traced launches) and with static sizes (the launch
-    shapes are computed from them)."""
+    """Whether a graph being traced records the kernels' launches themselves: switched on, a
+    graph with gradients (inference graphs keep the opaque operator, whose peak memory is
+    lower), on a GPU (Triton's interpreter runs no traced launches) and with static sizes (the
+    launch shapes are computed from them)."""
     return (
-        settings.INLINE_NORM_KERNELS
+        settings.COMPILED_INLINE_NORM_KERNELS
         and group_norm_act_inline_op is not None
+        and torch.is_grad_enabled()
         and x.is_cuda
         and torch.compiler.is_dynamo_compiling()
         and all(isinstance(size, int) for size in x.shape)
@@ -1615,21 +1617,21 @@ def _inline_wanted(x: torch.Tensor) -> bool:
 
 class _GroupNormAct(torch.autograd.Function):
     """`group_norm_act_op` and its derivative: eager, and traced by Dynamo into the graph
-    (where `_inline_wanted`, as the inline operators)."""
+    (where `inline`, as the inline operators)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, shift, add, num_groups, eps, film, act):
-        op = group_norm_act_inline_op if _inline_wanted(x) else group_norm_act_op
+    def forward(ctx, x, weight, bias, scale, shift, add, num_groups, eps, film, act, inline):
+        op = group_norm_act_inline_op if inline else group_norm_act_op
         y, mean, rstd = op(x, weight, bias, scale, shift, add, num_groups, eps, film, act)
         ctx.save_for_backward(x, weight, bias, scale, shift, add, mean, rstd)
-        ctx.num_groups, ctx.film, ctx.act = num_groups, film, act
+        ctx.num_groups, ctx.film, ctx.act, ctx.inline = num_groups, film, act, inline
         return y
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, bias, scale, shift, add, mean, rstd = ctx.saved_tensors
         grad = grad.contiguous(memory_format=_memory_format(x))
-        op = group_norm_act_backward_inline_op if _inline_wanted(x) else group_norm_act_backward_op
+        op = group_norm_act_backward_inline_op if ctx.inline else group_norm_act_backward_op
         dx, dw, db, ds, dsh, dadd = op(
             grad, x, weight, bias, scale, shift, add, mean, rstd, ctx.num_groups, ctx.film, ctx.act
         )
@@ -1637,7 +1639,7 @@ class _GroupNormAct(torch.autograd.Function):
             ds = dsh = None
         if add.numel() == 0:
             dadd = None
-        return dx, dw, db, ds, dsh, dadd, None, None, None, None
+        return dx, dw, db, ds, dsh, dadd, None, None, None, None, None
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:

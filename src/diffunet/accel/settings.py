@@ -10,14 +10,15 @@ does not parse warns and keeps the default.
 | Setting | Environment variable | Default | What it controls |
 |---|---|---|---|
 | `FUSED_NORM` | `DIFFUNET_FUSED` (`0`: off) | on | GroupNorm + FiLM + SiLU by the fused Triton kernels |
-| `INLINE_NORM_KERNELS` | `DIFFUNET_INLINE_NORM_KERNELS` (`1`: on) | off | compiled graphs launch the norm kernels themselves (GPU test pending) |
+| `INLINE_NORM_KERNELS` | `DIFFUNET_INLINE_NORM_KERNELS` (`0`: off) | on | plain-compile training graphs launch the norm kernels themselves |
 | `FUSED_EAGER_MIN_ELEMENTS` | | 2²⁴ | eager mode: the smallest activation (elements) they take |
 | `CUDA_GRAPHS_MIN_ELEMENTS` | `DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS` | 2²⁰ | what `configure_for_compile_mode` sets in CUDA-graph modes |
 | `CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE` | `DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS_INFER` | as training | the same, for graphs without gradients |
-| `PLAIN_COMPILE_MIN_ELEMENTS` | `DIFFUNET_FUSED_COMPILE_MIN_ELEMENTS` (`none`: never) | 2²⁵ | what the other compile modes (a plain `torch.compile`) use |
-| `PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE` | `DIFFUNET_FUSED_COMPILE_MIN_ELEMENTS_INFER` | as training | the same, for graphs without gradients |
+| `PLAIN_COMPILE_MIN_ELEMENTS` | `DIFFUNET_FUSED_COMPILE_MIN_ELEMENTS` (`none`: never) | 2²⁰ | what the other compile modes (a plain `torch.compile`) use |
+| `PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE` | `DIFFUNET_FUSED_COMPILE_MIN_ELEMENTS_INFER` | 2²⁵ | the same, for graphs without gradients |
 | `COMPILED_MIN_ELEMENTS` | | the plain-compile one | graphs traced from now on call the kernels from this size (None: never) |
 | `COMPILED_MIN_ELEMENTS_INFERENCE` | | the plain-compile one | the same, for graphs without gradients |
+| `COMPILED_INLINE_NORM_KERNELS` | | `INLINE_NORM_KERNELS` | whether training graphs traced from now on launch the norm kernels themselves |
 | `CUDA_GRAPH_MODES` | | `reduce-overhead`, `max-autotune` | the compile modes that replay CUDA graphs |
 | `NORM_LAUNCH` | `DIFFUNET_NORM_LOOP_STAGES`, `DIFFUNET_NORM_ONE_PASS_ELEMENTS` | `LaunchPlan()` | tiles, programs, warps, pipelining and one-kernel bound of the norm kernels |
 | `ONE_PASS_MIN_CHANNELS` | | 64 | the fewest channels a one-kernel norm program covers |
@@ -31,9 +32,8 @@ does not parse warns and keeps the default.
 | `PADDED_DEVICES` | | `cuda` | …on these device types |
 | `ROUTED_DEVICES` | `DIFFUNET_ROUTED_CONV` (`cuda`, `none`, …) | `cuda` | device types whose compiled convolutions use `conv`'s custom ops |
 | `FOLDED_DEVICES` | `DIFFUNET_FOLDED_UPSAMPLE` (`cpu,cuda`, `none`, …) | `cpu`, `cuda` | device types that fold nearest upsampling into the next convolution |
-| `BATCHED_FILM` | `DIFFUNET_BATCHED_FILM` (`1`: on) | off | compiled graphs compute every ResBlock's embedding projection in one GEMM (unmeasured) |
-| `BATCHED_QKV` | `DIFFUNET_BATCHED_QKV` (`1`: on) | off | compiled graphs project a transformer attention's queries, keys and values in one GEMM (unmeasured) |
-| `SDPA_BACKEND` | `DIFFUNET_SDPA_BACKEND` (`flash`, `efficient`, `cudnn`, `math`, `default`) | PyTorch's order | the SDPA backend a transformer attention tries first (unmeasured) |
+| `BATCHED_FILM` | `DIFFUNET_BATCHED_FILM` (`0`: off) | on | compiled graphs compute every ResBlock's embedding projection in one GEMM |
+| `BATCHED_QKV` | `DIFFUNET_BATCHED_QKV` (`0`: off) | on | compiled graphs project a transformer attention's queries, keys and values in one GEMM |
 
 Each attribute's comment below says why. Triton's own `TRITON_INTERPRET=1` runs the kernels on
 CPU tensors through its interpreter (tests). The measurements behind the defaults are in
@@ -128,7 +128,7 @@ class LaunchPlan:
 
 #: The environment variable that turns the fused norm kernels off ("0").
 FUSED_ENV = "DIFFUNET_FUSED"
-#: The environment variable that turns `INLINE_NORM_KERNELS` on ("1").
+#: The environment variable that turns `INLINE_NORM_KERNELS` off ("0").
 INLINE_NORM_KERNELS_ENV = "DIFFUNET_INLINE_NORM_KERNELS"
 #: The environment variable that sets `CUDA_GRAPHS_MIN_ELEMENTS`.
 CUDA_GRAPHS_MIN_ELEMENTS_ENV = "DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS"
@@ -183,11 +183,12 @@ def _norm_launch_from_env() -> LaunchPlan:
 
 #: Whether the fused norm kernels run at all.
 FUSED_NORM: bool = _switch_from_env(FUSED_ENV)
-#: Whether graphs traced on a GPU with static sizes call the norm kernels as operators that
-#: `torch.compile` traces into (`torch.library.triton_op`), so the compiled code launches the
-#: Triton kernels itself, instead of as an opaque operator whose Python runs on every call.
-#: Off until its GPU test has passed (one A/B gained; docs/performance.md, open items).
-INLINE_NORM_KERNELS: bool = _switch_from_env(INLINE_NORM_KERNELS_ENV, default=False)
+#: Whether training graphs of the compile modes without CUDA graphs, traced on a GPU with static
+#: sizes, call the norm kernels as operators that `torch.compile` traces into
+#: (`torch.library.triton_op`), so the compiled code launches the Triton kernels itself instead
+#: of calling an opaque operator whose Python runs on every step. Inference graphs keep the
+#: opaque operator: their peak memory grew with the inline one (docs/performance.md).
+INLINE_NORM_KERNELS: bool = _switch_from_env(INLINE_NORM_KERNELS_ENV)
 #: In eager mode, the smallest activation (elements) the fused kernels take. A fused call costs
 #: six Triton launches of host time (forward and backward); below this size the eager kernels
 #: finish sooner (docs/performance.md).
@@ -209,19 +210,20 @@ CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE: int = _int_from_env(
     0,
     f"a number of elements (an integer, at least 0, e.g. {1 << 22})",
 )
-#: The threshold of the compile modes without CUDA graphs (the default mode, a plain
-#: `torch.compile(model)`): each fused call adds its Python launches to the step's host time,
-#: so only activations large enough for the kernels to save more GPU time than that take them
-#: (docs/performance.md). None traces the reference everywhere.
+#: The threshold of training graphs in the compile modes without CUDA graphs (the default
+#: mode, a plain `torch.compile(model)`), whose code launches the kernels itself
+#: (`INLINE_NORM_KERNELS`). None traces the reference everywhere.
 PLAIN_COMPILE_MIN_ELEMENTS: int | None = _optional_int_from_env(
     PLAIN_COMPILE_MIN_ELEMENTS_ENV,
-    1 << 25,
+    1 << 20,
     f'a number of elements (an integer, at least 0, e.g. {1 << 22}) or "none"',
 )
-#: The same for graphs traced without gradients.
+#: The same for graphs traced without gradients, which call the opaque operator: each call adds
+#: its Python launches to the step's host time, so only activations large enough for the
+#: kernels to save more GPU time than that take them (docs/performance.md).
 PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE: int | None = _optional_int_from_env(
     PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE_ENV,
-    PLAIN_COMPILE_MIN_ELEMENTS,
+    1 << 25,
     f'a number of elements (an integer, at least 0, e.g. {1 << 22}) or "none"',
 )
 #: Graphs traced from now on call the fused kernels (as the operator `diffunet::group_norm_act`)
@@ -230,6 +232,10 @@ PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE: int | None = _optional_int_from_env(
 COMPILED_MIN_ELEMENTS: int | None = PLAIN_COMPILE_MIN_ELEMENTS
 #: The same for graphs traced without gradients.
 COMPILED_MIN_ELEMENTS_INFERENCE: int | None = PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE
+#: Whether training graphs traced from now on launch the norm kernels themselves; until
+#: `configure_for_compile_mode` says otherwise, `INLINE_NORM_KERNELS` (CUDA-graph modes replay
+#: the launches without host cost and were measured with the opaque operator).
+COMPILED_INLINE_NORM_KERNELS: bool = INLINE_NORM_KERNELS
 #: The `torch.compile` modes that replay the compiled graphs as CUDA graphs.
 CUDA_GRAPH_MODES: tuple[str, ...] = ("reduce-overhead", "max-autotune")
 #: The norm kernels' launch plan: a `LaunchPlan`, or one `LaunchConfig` for every size.
@@ -265,16 +271,19 @@ def set_compiled_min_elements(min_elements: int | None, *, inference: int | None
 
 def configure_for_compile_mode(mode: str | None) -> None:
     """Set the compiled thresholds for `torch.compile(mode=mode)`: `CUDA_GRAPHS_MIN_ELEMENTS`
-    (`CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE` without gradients) where the mode replays CUDA
-    graphs, `PLAIN_COMPILE_MIN_ELEMENTS` (`..._INFERENCE`) otherwise."""
-    global COMPILED_MIN_ELEMENTS, COMPILED_MIN_ELEMENTS_INFERENCE
+    (`CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE` without gradients) and the opaque operator where the
+    mode replays CUDA graphs, `PLAIN_COMPILE_MIN_ELEMENTS` (`..._INFERENCE`) and
+    `INLINE_NORM_KERNELS` otherwise."""
+    global COMPILED_MIN_ELEMENTS, COMPILED_MIN_ELEMENTS_INFERENCE, COMPILED_INLINE_NORM_KERNELS
     if mode in CUDA_GRAPH_MODES:
         set_compiled_min_elements(
             CUDA_GRAPHS_MIN_ELEMENTS, inference=CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE
         )
+        COMPILED_INLINE_NORM_KERNELS = False
     else:
         COMPILED_MIN_ELEMENTS = PLAIN_COMPILE_MIN_ELEMENTS
         COMPILED_MIN_ELEMENTS_INFERENCE = PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE
+        COMPILED_INLINE_NORM_KERNELS = INLINE_NORM_KERNELS
 
 
 # --- thin 3D convolutions (`thin_conv`) ------------------------------------------------------
@@ -434,50 +443,18 @@ def folding_on(devices: str | Iterable[str]) -> Iterator[None]:
 
 # --- projections of one input as one GEMM (`projections`) ------------------------------------
 
-#: The environment variable that turns `BATCHED_FILM` on ("1").
+#: The environment variable that turns `BATCHED_FILM` off ("0").
 BATCHED_FILM_ENV = "DIFFUNET_BATCHED_FILM"
 #: Whether graphs that `torch.compile` traces from the accelerated UNet compute every
 #: ResBlock's projection of the time embedding with one GEMM instead of one per block: fewer
 #: kernel launches, which is what a compiled step not replayed as a CUDA graph is bound by.
-#: Off until measured on a GPU.
-BATCHED_FILM: bool = _switch_from_env(BATCHED_FILM_ENV, default=False)
-#: The environment variable that turns `BATCHED_QKV` on ("1").
+BATCHED_FILM: bool = _switch_from_env(BATCHED_FILM_ENV)
+#: The environment variable that turns `BATCHED_QKV` off ("0").
 BATCHED_QKV_ENV = "DIFFUNET_BATCHED_QKV"
 #: Whether graphs that `torch.compile` traces compute a transformer block attention's queries,
 #: keys and values (self-attention), or keys and values (cross-attention), with one GEMM:
-#: one read of the tokens instead of three. Off until measured on a GPU.
-BATCHED_QKV: bool = _switch_from_env(BATCHED_QKV_ENV, default=False)
-
-
-# --- attention ---------------------------------------------------------------------------------
-
-#: The environment variable that sets `SDPA_BACKEND`.
-SDPA_BACKEND_ENV = "DIFFUNET_SDPA_BACKEND"
-#: The SDPA backends `SDPA_BACKEND` may name (`torch.nn.attention.SDPBackend`'s).
-_SDPA_BACKEND_NAMES = ("flash", "efficient", "cudnn", "math")
-
-
-def sdpa_backend_setting(name: str = SDPA_BACKEND_ENV) -> str | None:
-    """The `SDPA_BACKEND` the environment variable `name` gives (None when unset or
-    "default"); a value that names no backend warns and keeps None."""
-    text = os.environ.get(name, "default").strip().lower()
-    if text == "default":
-        return None
-    if text not in _SDPA_BACKEND_NAMES:
-        warnings.warn(
-            f"{name}={text!r} is not one of {', '.join(_SDPA_BACKEND_NAMES)}, default; "
-            "keeping default",
-            stacklevel=2,
-        )
-        return None
-    return text
-
-
-#: The backend of `F.scaled_dot_product_attention` that a transformer block's attention tries
-#: first, the others following where it cannot take a shape; None: PyTorch's own order, which
-#: is the same for every shape. Stable Diffusion's heads are 40 to 160 wide, which the backends'
-#: kernels serve differently (`benchmarks/attention_backends.py`). Unmeasured in a whole model.
-SDPA_BACKEND: str | None = sdpa_backend_setting()
+#: one read of the tokens instead of three.
+BATCHED_QKV: bool = _switch_from_env(BATCHED_QKV_ENV)
 
 
 # --- all settings ----------------------------------------------------------------------------
@@ -493,6 +470,7 @@ NAMES: tuple[str, ...] = (
     "PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE",
     "COMPILED_MIN_ELEMENTS",
     "COMPILED_MIN_ELEMENTS_INFERENCE",
+    "COMPILED_INLINE_NORM_KERNELS",
     "CUDA_GRAPH_MODES",
     "NORM_LAUNCH",
     "ONE_PASS_MIN_CHANNELS",
@@ -508,7 +486,6 @@ NAMES: tuple[str, ...] = (
     "FOLDED_DEVICES",
     "BATCHED_FILM",
     "BATCHED_QKV",
-    "SDPA_BACKEND",
 )
 
 
