@@ -2,10 +2,12 @@
 
     python benchmarks/memory_history.py --case 3d --models ours,ref
     python benchmarks/memory_history.py --case 3d --models ours --aten-convolutions
+    python benchmarks/memory_history.py --case ddpm-cifar10 --models ours,ref --kind infer
 
 For each model of the case (ours, or the reference of identical architecture, built as
-`bench.py` builds them) it compiles the training step (unless `--eager`), runs `--warmup`
-steps, and records `torch.cuda.memory._record_memory_history` over one more step. Replaying the
+`bench.py` builds them) it compiles the training step, or with `--kind infer` the forward
+without gradients (unless `--eager`; a plain `torch.compile`), runs `--warmup` steps, and
+records `torch.cuda.memory._record_memory_history` over one more step. Replaying the
 trace gives the peak of the memory allocated during that step and the blocks alive at that
 moment, grouped by the source line that allocated them; for Inductor's generated code that
 line names the buffer with its shape, strides and dtype, and the comment after it the graph
@@ -34,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from diffunet.accel import settings as accel_settings
 from harness.models import MODEL_CASES, Case, build_case, build_model
-from harness.timing import Settings, make_batches, make_optimizer, train_step_fn
+from harness.timing import Settings, infer_fn, make_batches, make_optimizer, train_step_fn
 
 MiB = 2**20
 
@@ -107,13 +109,18 @@ def measure(
     compiled: bool,
     warmup: int,
     top: int,
+    kind: str = "train",
 ) -> dict[str, Any]:
-    """One model's step: peak, memory allocated before it, and the largest groups at the peak."""
+    """One model's training step or (`kind` "infer") forward without gradients: peak, memory
+    allocated before it, and the largest groups at the peak."""
     device = settings.device
     model = build_model(which, case, device)
-    optimizer = make_optimizer(model, device)
     runner = settings.compile(model) if compiled else model
-    step = train_step_fn(runner, make_batches(case, case.batch, device), optimizer, settings)
+    batches = make_batches(case, case.batch, device)
+    if kind == "infer":
+        step = infer_fn(runner, batches, settings)
+    else:
+        step = train_step_fn(runner, batches, make_optimizer(model, device), settings)
     begin = time.perf_counter()
     for i in range(warmup):
         step(i)
@@ -132,6 +139,7 @@ def measure(
     peak, _, at_peak = replay(trace)
     return {
         "model": which,
+        "kind": kind,
         "compiled": compiled,
         "warmup_s": round(warmup_s, 1),
         "allocated_before_gib": before / 2**30,
@@ -147,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", default="3d", choices=MODEL_CASES)
     parser.add_argument("--models", default="ours,ref", help="ours and/or ref (ours,ref)")
+    parser.add_argument("--kind", default="train", choices=("train", "infer"))
     parser.add_argument("--eager", action="store_true", help="do not compile")
     parser.add_argument(
         "--aten-convolutions",
@@ -179,10 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [],
     }
     for which in models:
-        run = measure(which, case, settings, not args.eager, args.warmup, args.top)
+        run = measure(which, case, settings, not args.eager, args.warmup, args.top, args.kind)
         result["runs"].append(run)
         print(
-            f"{args.case}/{which}: peak {run['peak_gib']:.3f} GiB, "
+            f"{args.case}/{which} {args.kind}: peak {run['peak_gib']:.3f} GiB, "
             f"{run['allocated_in_step_at_peak_gib']:.3f} GiB of it allocated in the step",
             flush=True,
         )

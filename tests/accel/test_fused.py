@@ -56,20 +56,25 @@ def test_the_compile_mode_decides_whether_compiled_graphs_call_the_kernels(
     monkeypatch.setattr(settings, "PLAIN_COMPILE_MIN_ELEMENTS", 1 << 22)
     monkeypatch.setattr(settings, "PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE", None)
     monkeypatch.setattr(settings, "INLINE_NORM_KERNELS", True)
+    monkeypatch.setattr(settings, "INLINE_NORM_KERNELS_INFERENCE", True)
     fused.set_compiled_min_elements(123)
-    settings.COMPILED_INLINE_NORM_KERNELS = expected is not None  # each mode sets it back
+    # Each mode sets them back.
+    settings.COMPILED_INLINE_NORM_KERNELS = expected is not None
+    settings.COMPILED_INLINE_NORM_KERNELS_INFERENCE = expected is not None
     fused.configure_for_compile_mode(mode)
     if expected is None:
         assert settings.COMPILED_MIN_ELEMENTS == settings.PLAIN_COMPILE_MIN_ELEMENTS
         inference = settings.COMPILED_MIN_ELEMENTS_INFERENCE
         assert inference == settings.PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE
         assert settings.COMPILED_INLINE_NORM_KERNELS is True
+        assert settings.COMPILED_INLINE_NORM_KERNELS_INFERENCE is True
     else:
         assert settings.COMPILED_MIN_ELEMENTS == settings.CUDA_GRAPHS_MIN_ELEMENTS
         inference = settings.COMPILED_MIN_ELEMENTS_INFERENCE
         assert inference == settings.CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE
         # CUDA graphs replay the opaque operator's launches without host cost.
         assert settings.COMPILED_INLINE_NORM_KERNELS is False
+        assert settings.COMPILED_INLINE_NORM_KERNELS_INFERENCE is False
 
 
 def test_graphs_traced_without_gradients_use_the_inference_threshold(monkeypatch):
@@ -142,11 +147,13 @@ print(json.dumps({
     "COMPILED_MIN_ELEMENTS": s.COMPILED_MIN_ELEMENTS,
     "COMPILED_MIN_ELEMENTS_INFERENCE": s.COMPILED_MIN_ELEMENTS_INFERENCE,
     "COMPILED_INLINE_NORM_KERNELS": s.COMPILED_INLINE_NORM_KERNELS,
+    "COMPILED_INLINE_NORM_KERNELS_INFERENCE": s.COMPILED_INLINE_NORM_KERNELS_INFERENCE,
     "NORM_LAUNCH": dataclasses.astuple(s.NORM_LAUNCH),
     "THIN_CONV": s.THIN_CONV,
     "TAP_PRODUCT_FORWARD": s.TAP_PRODUCT_FORWARD,
     "FOLDED_DEVICES": sorted(s.FOLDED_DEVICES),
     "INLINE_NORM_KERNELS": s.INLINE_NORM_KERNELS,
+    "INLINE_NORM_KERNELS_INFERENCE": s.INLINE_NORM_KERNELS_INFERENCE,
     "BATCHED_FILM": s.BATCHED_FILM,
     "BATCHED_QKV": s.BATCHED_QKV,
     "ROUTED_DEVICES": sorted(s.ROUTED_DEVICES),
@@ -161,10 +168,12 @@ DEFAULTS = {
     "COMPILED_MIN_ELEMENTS": 1 << 20,  # the plain-compile thresholds until configured
     "COMPILED_MIN_ELEMENTS_INFERENCE": 1 << 25,
     "COMPILED_INLINE_NORM_KERNELS": True,
+    "COMPILED_INLINE_NORM_KERNELS_INFERENCE": False,
     "THIN_CONV": True,
     "TAP_PRODUCT_FORWARD": "auto",
     "FOLDED_DEVICES": ["cpu", "cuda"],
     "INLINE_NORM_KERNELS": True,
+    "INLINE_NORM_KERNELS_INFERENCE": False,
     "BATCHED_FILM": True,
     "BATCHED_QKV": True,
     "ROUTED_DEVICES": ["cuda"],
@@ -197,6 +206,7 @@ def _plan(**fields) -> list:
                 "DIFFUNET_TAP_PRODUCT_FORWARD": "Always",
                 "DIFFUNET_FOLDED_UPSAMPLE": "cpu",
                 "DIFFUNET_INLINE_NORM_KERNELS": "0",
+                "DIFFUNET_INLINE_NORM_KERNELS_INFER": "1",
                 "DIFFUNET_BATCHED_FILM": "0",
                 "DIFFUNET_BATCHED_QKV": "0",
                 "DIFFUNET_ROUTED_CONV": "none",
@@ -215,6 +225,8 @@ def _plan(**fields) -> list:
                 "FOLDED_DEVICES": ["cpu"],
                 "INLINE_NORM_KERNELS": False,
                 "COMPILED_INLINE_NORM_KERNELS": False,
+                "INLINE_NORM_KERNELS_INFERENCE": True,
+                "COMPILED_INLINE_NORM_KERNELS_INFERENCE": True,
                 "BATCHED_FILM": False,
                 "BATCHED_QKV": False,
                 "ROUTED_DEVICES": [],
@@ -807,8 +819,8 @@ def test_compiled_graphs_launch_the_norm_kernels_themselves_on_gpu():
 @pytest.mark.usefixtures("fused_everywhere")
 def test_graphs_the_inline_operators_do_not_serve_keep_the_opaque_ones_on_gpu():
     """With `COMPILED_INLINE_NORM_KERNELS` on, a training graph traced with dynamic sizes (the
-    inline operators need static launch shapes) and an inference graph (their peak memory is
-    lower with the opaque ones) still call the opaque operators."""
+    inline operators need static launch shapes) and an inference graph (its own switch, off)
+    still call the opaque operators; with the inference switch on, that graph does not."""
     from torch._inductor.utils import run_and_get_code
 
     model, x, kwargs = _random_channels_last_model("ddpm-cifar10")
@@ -816,6 +828,12 @@ def test_graphs_the_inline_operators_do_not_serve_keep_the_opaque_ones_on_gpu():
     _, _, dynamic_code = _compiled_step_and_code(model, x, kwargs, True, dynamic=True)
     assert "diffunet.group_norm_act" in dynamic_code
     torch._dynamo.reset()
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        _, code = run_and_get_code(torch.compile(model), x, **kwargs)
-    assert "diffunet.group_norm_act" in "\n".join(code)
+    inference_code = []
+    for inline in (False, True):
+        settings.COMPILED_INLINE_NORM_KERNELS_INFERENCE = inline
+        torch._dynamo.reset()
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            _, code = run_and_get_code(torch.compile(model), x, **kwargs)
+        inference_code.append("\n".join(code))
+    assert "diffunet.group_norm_act" in inference_code[0]
+    assert "diffunet.group_norm_act" not in inference_code[1]

@@ -75,13 +75,18 @@ def test_blocks_are_grouped_by_the_line_that_allocated_them(tmp_path, benchmark_
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
-def test_without_a_gpu_it_says_so(benchmark_script, capsys):
+@pytest.mark.parametrize("kind", ["train", "infer"])
+def test_without_a_gpu_it_says_so(kind, benchmark_script, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        benchmark_script("memory_history").main(["--case", "3d"])
+        benchmark_script("memory_history").main(["--case", "3d", "--kind", kind])
     assert exit_info.value.code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
 
 
-def test_unknown_models_are_refused(benchmark_script, capsys):
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(["--models", "ours,theirs"], "ours and/or ref"), (["--kind", "fwd"], "invalid choice")],
+)
+def test_unknown_models_and_kinds_are_refused(argv, message, benchmark_script, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        benchmark_script("memory_history").main(["--models", "ours,theirs"])
-    assert exit_info.value.code == 2 and "ours and/or ref" in capsys.readouterr().err
+        benchmark_script("memory_history").main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

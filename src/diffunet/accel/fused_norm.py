@@ -1601,14 +1601,17 @@ if triton is not None:
 
 
 def _inline_wanted(x: torch.Tensor) -> bool:
-    """Whether a graph being traced records the kernels' launches themselves: switched on, a
-    graph with gradients (inference graphs keep the opaque operator, whose peak memory is
-    lower), on a GPU (Triton's interpreter runs no traced launches) and with static sizes (the
-    launch shapes are computed from them)."""
-    return (
+    """Whether a graph being traced records the kernels' launches themselves: switched on for
+    its grad mode (Dynamo guards the graph on it), on a GPU (Triton's interpreter runs no traced
+    launches) and with static sizes (the launch shapes are computed from them)."""
+    switched_on = (
         settings.COMPILED_INLINE_NORM_KERNELS
+        if torch.is_grad_enabled()
+        else settings.COMPILED_INLINE_NORM_KERNELS_INFERENCE
+    )
+    return (
+        switched_on
         and group_norm_act_inline_op is not None
-        and torch.is_grad_enabled()
         and x.is_cuda
         and torch.compiler.is_dynamo_compiling()
         and all(isinstance(size, int) for size in x.shape)

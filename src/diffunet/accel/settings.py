@@ -11,6 +11,7 @@ does not parse warns and keeps the default.
 |---|---|---|---|
 | `FUSED_NORM` | `DIFFUNET_FUSED` (`0`: off) | on | GroupNorm + FiLM + SiLU by the fused Triton kernels |
 | `INLINE_NORM_KERNELS` | `DIFFUNET_INLINE_NORM_KERNELS` (`0`: off) | on | plain-compile training graphs launch the norm kernels themselves |
+| `INLINE_NORM_KERNELS_INFERENCE` | `DIFFUNET_INLINE_NORM_KERNELS_INFER` (`1`: on) | off | the same for plain-compile graphs without gradients |
 | `FUSED_EAGER_MIN_ELEMENTS` | | 2²⁴ | eager mode: the smallest activation (elements) they take |
 | `CUDA_GRAPHS_MIN_ELEMENTS` | `DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS` | 2²⁰ | what `configure_for_compile_mode` sets in CUDA-graph modes |
 | `CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE` | `DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS_INFER` | as training | the same, for graphs without gradients |
@@ -19,6 +20,7 @@ does not parse warns and keeps the default.
 | `COMPILED_MIN_ELEMENTS` | | the plain-compile one | graphs traced from now on call the kernels from this size (None: never) |
 | `COMPILED_MIN_ELEMENTS_INFERENCE` | | the plain-compile one | the same, for graphs without gradients |
 | `COMPILED_INLINE_NORM_KERNELS` | | `INLINE_NORM_KERNELS` | whether training graphs traced from now on launch the norm kernels themselves |
+| `COMPILED_INLINE_NORM_KERNELS_INFERENCE` | | `INLINE_NORM_KERNELS_INFERENCE` | the same, for graphs without gradients |
 | `CUDA_GRAPH_MODES` | | `reduce-overhead`, `max-autotune` | the compile modes that replay CUDA graphs |
 | `NORM_LAUNCH` | `DIFFUNET_NORM_LOOP_STAGES`, `DIFFUNET_NORM_ONE_PASS_ELEMENTS` | `LaunchPlan()` | tiles, programs, warps, pipelining and one-kernel bound of the norm kernels |
 | `ONE_PASS_MIN_CHANNELS` | | 64 | the fewest channels a one-kernel norm program covers |
@@ -130,6 +132,8 @@ class LaunchPlan:
 FUSED_ENV = "DIFFUNET_FUSED"
 #: The environment variable that turns `INLINE_NORM_KERNELS` off ("0").
 INLINE_NORM_KERNELS_ENV = "DIFFUNET_INLINE_NORM_KERNELS"
+#: The environment variable that turns `INLINE_NORM_KERNELS_INFERENCE` on ("1").
+INLINE_NORM_KERNELS_INFERENCE_ENV = "DIFFUNET_INLINE_NORM_KERNELS_INFER"
 #: The environment variable that sets `CUDA_GRAPHS_MIN_ELEMENTS`.
 CUDA_GRAPHS_MIN_ELEMENTS_ENV = "DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS"
 #: The environment variable that sets `CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE`.
@@ -186,9 +190,13 @@ FUSED_NORM: bool = _switch_from_env(FUSED_ENV)
 #: Whether training graphs of the compile modes without CUDA graphs, traced on a GPU with static
 #: sizes, call the norm kernels as operators that `torch.compile` traces into
 #: (`torch.library.triton_op`), so the compiled code launches the Triton kernels itself instead
-#: of calling an opaque operator whose Python runs on every step. Inference graphs keep the
-#: opaque operator: their peak memory grew with the inline one (docs/performance.md).
+#: of calling an opaque operator whose Python runs on every step.
 INLINE_NORM_KERNELS: bool = _switch_from_env(INLINE_NORM_KERNELS_ENV)
+#: The same for graphs traced without gradients; off: their peak memory grew with the inline
+#: operators (docs/performance.md).
+INLINE_NORM_KERNELS_INFERENCE: bool = _switch_from_env(
+    INLINE_NORM_KERNELS_INFERENCE_ENV, default=False
+)
 #: In eager mode, the smallest activation (elements) the fused kernels take. A fused call costs
 #: six Triton launches of host time (forward and backward); below this size the eager kernels
 #: finish sooner (docs/performance.md).
@@ -236,6 +244,8 @@ COMPILED_MIN_ELEMENTS_INFERENCE: int | None = PLAIN_COMPILE_MIN_ELEMENTS_INFEREN
 #: `configure_for_compile_mode` says otherwise, `INLINE_NORM_KERNELS` (CUDA-graph modes replay
 #: the launches without host cost and were measured with the opaque operator).
 COMPILED_INLINE_NORM_KERNELS: bool = INLINE_NORM_KERNELS
+#: The same for graphs traced without gradients.
+COMPILED_INLINE_NORM_KERNELS_INFERENCE: bool = INLINE_NORM_KERNELS_INFERENCE
 #: The `torch.compile` modes that replay the compiled graphs as CUDA graphs.
 CUDA_GRAPH_MODES: tuple[str, ...] = ("reduce-overhead", "max-autotune")
 #: The norm kernels' launch plan: a `LaunchPlan`, or one `LaunchConfig` for every size.
@@ -273,17 +283,19 @@ def configure_for_compile_mode(mode: str | None) -> None:
     """Set the compiled thresholds for `torch.compile(mode=mode)`: `CUDA_GRAPHS_MIN_ELEMENTS`
     (`CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE` without gradients) and the opaque operator where the
     mode replays CUDA graphs, `PLAIN_COMPILE_MIN_ELEMENTS` (`..._INFERENCE`) and
-    `INLINE_NORM_KERNELS` otherwise."""
-    global COMPILED_MIN_ELEMENTS, COMPILED_MIN_ELEMENTS_INFERENCE, COMPILED_INLINE_NORM_KERNELS
+    `INLINE_NORM_KERNELS` (`..._INFERENCE`) otherwise."""
+    global COMPILED_MIN_ELEMENTS, COMPILED_MIN_ELEMENTS_INFERENCE
+    global COMPILED_INLINE_NORM_KERNELS, COMPILED_INLINE_NORM_KERNELS_INFERENCE
     if mode in CUDA_GRAPH_MODES:
         set_compiled_min_elements(
             CUDA_GRAPHS_MIN_ELEMENTS, inference=CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE
         )
-        COMPILED_INLINE_NORM_KERNELS = False
+        COMPILED_INLINE_NORM_KERNELS = COMPILED_INLINE_NORM_KERNELS_INFERENCE = False
     else:
         COMPILED_MIN_ELEMENTS = PLAIN_COMPILE_MIN_ELEMENTS
         COMPILED_MIN_ELEMENTS_INFERENCE = PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE
         COMPILED_INLINE_NORM_KERNELS = INLINE_NORM_KERNELS
+        COMPILED_INLINE_NORM_KERNELS_INFERENCE = INLINE_NORM_KERNELS_INFERENCE
 
 
 # --- thin 3D convolutions (`thin_conv`) ------------------------------------------------------
@@ -463,6 +475,7 @@ BATCHED_QKV: bool = _switch_from_env(BATCHED_QKV_ENV)
 NAMES: tuple[str, ...] = (
     "FUSED_NORM",
     "INLINE_NORM_KERNELS",
+    "INLINE_NORM_KERNELS_INFERENCE",
     "FUSED_EAGER_MIN_ELEMENTS",
     "CUDA_GRAPHS_MIN_ELEMENTS",
     "CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE",
@@ -471,6 +484,7 @@ NAMES: tuple[str, ...] = (
     "COMPILED_MIN_ELEMENTS",
     "COMPILED_MIN_ELEMENTS_INFERENCE",
     "COMPILED_INLINE_NORM_KERNELS",
+    "COMPILED_INLINE_NORM_KERNELS_INFERENCE",
     "CUDA_GRAPH_MODES",
     "NORM_LAUNCH",
     "ONE_PASS_MIN_CHANNELS",
