@@ -99,6 +99,27 @@ def test_graphs_traced_without_gradients_use_the_inference_threshold(monkeypatch
         assert not fused.compiled_fused_wanted(x)
 
 
+def test_graphs_that_launch_the_kernels_themselves_take_them_from_the_inline_threshold(
+    monkeypatch,
+):
+    """`settings.INLINE_MIN_ELEMENTS` where the traced graph launches the kernels itself (on a
+    GPU, with static sizes), the compiled threshold where it calls the opaque operator."""
+    monkeypatch.setattr(torch.compiler, "is_dynamo_compiling", lambda: True)
+    monkeypatch.setattr(fused, "_kernels_take", lambda x: True)
+    x = torch.empty(2, 4, 8, 8)  # 512 elements
+    fused.set_compiled_min_elements(1000)
+    settings.INLINE_MIN_ELEMENTS = 500
+    assert not fused.compiled_fused_wanted(x)  # a CPU tensor: the opaque operator's 1000
+    monkeypatch.setattr(fused, "_inline_wanted", lambda x: True)
+    assert fused.compiled_fused_wanted(x)
+    settings.INLINE_MIN_ELEMENTS = 600
+    assert not fused.compiled_fused_wanted(x)
+    fused.set_compiled_min_elements(0)  # the lower of the two
+    assert fused.compiled_fused_wanted(x)
+    fused.set_compiled_min_elements(None)  # None: the reference everywhere
+    assert not fused.compiled_fused_wanted(x)
+
+
 def test_setters_and_override_change_what_the_kernels_read():
     fused.set_fused_enabled(False, min_elements=5)
     assert (settings.FUSED_NORM, fused.eager_min_elements()) == (False, 5)
@@ -154,6 +175,7 @@ print(json.dumps({
     "FOLDED_DEVICES": sorted(s.FOLDED_DEVICES),
     "INLINE_NORM_KERNELS": s.INLINE_NORM_KERNELS,
     "INLINE_NORM_KERNELS_INFERENCE": s.INLINE_NORM_KERNELS_INFERENCE,
+    "INLINE_MIN_ELEMENTS": s.INLINE_MIN_ELEMENTS,
     "BATCHED_FILM": s.BATCHED_FILM,
     "BATCHED_QKV": s.BATCHED_QKV,
     "ROUTED_DEVICES": sorted(s.ROUTED_DEVICES),
@@ -163,9 +185,9 @@ DEFAULTS = {
     "FUSED_NORM": True,
     "CUDA_GRAPHS_MIN_ELEMENTS": 1 << 20,
     "CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE": 1 << 20,
-    "PLAIN_COMPILE_MIN_ELEMENTS": 1 << 20,
+    "PLAIN_COMPILE_MIN_ELEMENTS": 1 << 25,
     "PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE": 1 << 25,
-    "COMPILED_MIN_ELEMENTS": 1 << 20,  # the plain-compile thresholds until configured
+    "COMPILED_MIN_ELEMENTS": 1 << 25,  # the plain-compile thresholds until configured
     "COMPILED_MIN_ELEMENTS_INFERENCE": 1 << 25,
     "COMPILED_INLINE_NORM_KERNELS": True,
     "COMPILED_INLINE_NORM_KERNELS_INFERENCE": False,
@@ -174,6 +196,7 @@ DEFAULTS = {
     "FOLDED_DEVICES": ["cpu", "cuda"],
     "INLINE_NORM_KERNELS": True,
     "INLINE_NORM_KERNELS_INFERENCE": False,
+    "INLINE_MIN_ELEMENTS": 1 << 20,
     "BATCHED_FILM": True,
     "BATCHED_QKV": True,
     "ROUTED_DEVICES": ["cuda"],
@@ -207,6 +230,7 @@ def _plan(**fields) -> list:
                 "DIFFUNET_FOLDED_UPSAMPLE": "cpu",
                 "DIFFUNET_INLINE_NORM_KERNELS": "0",
                 "DIFFUNET_INLINE_NORM_KERNELS_INFER": "1",
+                "DIFFUNET_INLINE_MIN_ELEMENTS": "2097152",
                 "DIFFUNET_BATCHED_FILM": "0",
                 "DIFFUNET_BATCHED_QKV": "0",
                 "DIFFUNET_ROUTED_CONV": "none",
@@ -227,6 +251,7 @@ def _plan(**fields) -> list:
                 "COMPILED_INLINE_NORM_KERNELS": False,
                 "INLINE_NORM_KERNELS_INFERENCE": True,
                 "COMPILED_INLINE_NORM_KERNELS_INFERENCE": True,
+                "INLINE_MIN_ELEMENTS": 1 << 21,
                 "BATCHED_FILM": False,
                 "BATCHED_QKV": False,
                 "ROUTED_DEVICES": [],
@@ -244,6 +269,7 @@ def _plan(**fields) -> list:
                 "DIFFUNET_TAP_PRODUCT_FORWARD": "yes",
                 "DIFFUNET_FOLDED_UPSAMPLE": "1",
                 "DIFFUNET_ROUTED_CONV": "gpu",
+                "DIFFUNET_INLINE_MIN_ELEMENTS": "-3",
             },
             {"CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE": 0},
             [
@@ -254,6 +280,7 @@ def _plan(**fields) -> list:
                 "DIFFUNET_TAP_PRODUCT_FORWARD='yes' is not one of auto, always, never",
                 "DIFFUNET_FOLDED_UPSAMPLE='1': '1' is not a device type",
                 "DIFFUNET_ROUTED_CONV='gpu': 'gpu' is not a device type",
+                "DIFFUNET_INLINE_MIN_ELEMENTS='-3' is not a number of elements",
             ],
         ),
     ],

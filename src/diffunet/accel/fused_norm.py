@@ -77,8 +77,9 @@ def fused_available(x: torch.Tensor, numel: int | None = None) -> bool:
 
 
 def compiled_fused_wanted(x: torch.Tensor) -> bool:
-    """Whether the `group_norm_act(x, ...)` that Dynamo traces calls the fused kernels as the
-    operator `diffunet::group_norm_act` (`settings.COMPILED_MIN_ELEMENTS`)."""
+    """Whether the `group_norm_act(x, ...)` that Dynamo traces calls the fused kernels: as the
+    operator `diffunet::group_norm_act` from `settings.COMPILED_MIN_ELEMENTS`, or where the
+    graph launches them itself (`_inline_wanted`) from `settings.INLINE_MIN_ELEMENTS` too."""
     if not torch.compiler.is_dynamo_compiling():
         return False
     # Dynamo guards the graph on the grad mode, so each mode traces its own decision.
@@ -87,7 +88,11 @@ def compiled_fused_wanted(x: torch.Tensor) -> bool:
         if torch.is_grad_enabled()
         else settings.COMPILED_MIN_ELEMENTS_INFERENCE
     )
-    return threshold is not None and _kernels_take(x) and x.numel() >= threshold
+    if threshold is None or not _kernels_take(x):
+        return False
+    if _inline_wanted(x):
+        threshold = min(threshold, settings.INLINE_MIN_ELEMENTS)
+    return x.numel() >= threshold
 
 
 def group_norm_act_reference(

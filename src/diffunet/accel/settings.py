@@ -12,11 +12,12 @@ does not parse warns and keeps the default.
 | `FUSED_NORM` | `DIFFUNET_FUSED` (`0`: off) | on | GroupNorm + FiLM + SiLU by the fused Triton kernels |
 | `INLINE_NORM_KERNELS` | `DIFFUNET_INLINE_NORM_KERNELS` (`0`: off) | on | plain-compile training graphs launch the norm kernels themselves |
 | `INLINE_NORM_KERNELS_INFERENCE` | `DIFFUNET_INLINE_NORM_KERNELS_INFER` (`1`: on) | off | the same for plain-compile graphs without gradients |
+| `INLINE_MIN_ELEMENTS` | `DIFFUNET_INLINE_MIN_ELEMENTS` | 2²⁰ | graphs that launch the kernels themselves take them from this size (or the compiled threshold, if lower) |
 | `FUSED_EAGER_MIN_ELEMENTS` | | 2²⁴ | eager mode: the smallest activation (elements) they take |
 | `CUDA_GRAPHS_MIN_ELEMENTS` | `DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS` | 2²⁰ | what `configure_for_compile_mode` sets in CUDA-graph modes |
 | `CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE` | `DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS_INFER` | as training | the same, for graphs without gradients |
-| `PLAIN_COMPILE_MIN_ELEMENTS` | `DIFFUNET_FUSED_COMPILE_MIN_ELEMENTS` (`none`: never) | 2²⁰ | what the other compile modes (a plain `torch.compile`) use |
-| `PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE` | `DIFFUNET_FUSED_COMPILE_MIN_ELEMENTS_INFER` | 2²⁵ | the same, for graphs without gradients |
+| `PLAIN_COMPILE_MIN_ELEMENTS` | `DIFFUNET_FUSED_COMPILE_MIN_ELEMENTS` (`none`: never) | 2²⁵ | what the other compile modes (a plain `torch.compile`) use for the opaque operator |
+| `PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE` | `DIFFUNET_FUSED_COMPILE_MIN_ELEMENTS_INFER` | as training | the same, for graphs without gradients |
 | `COMPILED_MIN_ELEMENTS` | | the plain-compile one | graphs traced from now on call the kernels from this size (None: never) |
 | `COMPILED_MIN_ELEMENTS_INFERENCE` | | the plain-compile one | the same, for graphs without gradients |
 | `COMPILED_INLINE_NORM_KERNELS` | | `INLINE_NORM_KERNELS` | whether training graphs traced from now on launch the norm kernels themselves |
@@ -134,6 +135,8 @@ FUSED_ENV = "DIFFUNET_FUSED"
 INLINE_NORM_KERNELS_ENV = "DIFFUNET_INLINE_NORM_KERNELS"
 #: The environment variable that turns `INLINE_NORM_KERNELS_INFERENCE` on ("1").
 INLINE_NORM_KERNELS_INFERENCE_ENV = "DIFFUNET_INLINE_NORM_KERNELS_INFER"
+#: The environment variable that sets `INLINE_MIN_ELEMENTS`.
+INLINE_MIN_ELEMENTS_ENV = "DIFFUNET_INLINE_MIN_ELEMENTS"
 #: The environment variable that sets `CUDA_GRAPHS_MIN_ELEMENTS`.
 CUDA_GRAPHS_MIN_ELEMENTS_ENV = "DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS"
 #: The environment variable that sets `CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE`.
@@ -197,6 +200,15 @@ INLINE_NORM_KERNELS: bool = _switch_from_env(INLINE_NORM_KERNELS_ENV)
 INLINE_NORM_KERNELS_INFERENCE: bool = _switch_from_env(
     INLINE_NORM_KERNELS_INFERENCE_ENV, default=False
 )
+#: Graphs that launch the kernels themselves take them from this size, or from the compiled
+#: threshold where that is lower: such a call costs no Python per step, so activations far
+#: below the opaque operator's threshold gain (docs/performance.md).
+INLINE_MIN_ELEMENTS: int = _int_from_env(
+    INLINE_MIN_ELEMENTS_ENV,
+    1 << 20,
+    0,
+    f"a number of elements (an integer, at least 0, e.g. {1 << 22})",
+)
 #: In eager mode, the smallest activation (elements) the fused kernels take. A fused call costs
 #: six Triton launches of host time (forward and backward); below this size the eager kernels
 #: finish sooner (docs/performance.md).
@@ -218,20 +230,21 @@ CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE: int = _int_from_env(
     0,
     f"a number of elements (an integer, at least 0, e.g. {1 << 22})",
 )
-#: The threshold of training graphs in the compile modes without CUDA graphs (the default
-#: mode, a plain `torch.compile(model)`), whose code launches the kernels itself
-#: (`INLINE_NORM_KERNELS`). None traces the reference everywhere.
+#: The threshold of the compile modes without CUDA graphs (the default mode, a plain
+#: `torch.compile(model)`) for the opaque operator: each call adds its Python launches to the
+#: step's host time, so only activations large enough for the kernels to save more GPU time
+#: than that take them (docs/performance.md). Graphs that launch the kernels themselves
+#: (`INLINE_NORM_KERNELS`) also take them from `INLINE_MIN_ELEMENTS`. None traces the
+#: reference everywhere.
 PLAIN_COMPILE_MIN_ELEMENTS: int | None = _optional_int_from_env(
     PLAIN_COMPILE_MIN_ELEMENTS_ENV,
-    1 << 20,
+    1 << 25,
     f'a number of elements (an integer, at least 0, e.g. {1 << 22}) or "none"',
 )
-#: The same for graphs traced without gradients, which call the opaque operator: each call adds
-#: its Python launches to the step's host time, so only activations large enough for the
-#: kernels to save more GPU time than that take them (docs/performance.md).
+#: The same for graphs traced without gradients.
 PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE: int | None = _optional_int_from_env(
     PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE_ENV,
-    1 << 25,
+    PLAIN_COMPILE_MIN_ELEMENTS,
     f'a number of elements (an integer, at least 0, e.g. {1 << 22}) or "none"',
 )
 #: Graphs traced from now on call the fused kernels (as the operator `diffunet::group_norm_act`)
@@ -476,6 +489,7 @@ NAMES: tuple[str, ...] = (
     "FUSED_NORM",
     "INLINE_NORM_KERNELS",
     "INLINE_NORM_KERNELS_INFERENCE",
+    "INLINE_MIN_ELEMENTS",
     "FUSED_EAGER_MIN_ELEMENTS",
     "CUDA_GRAPHS_MIN_ELEMENTS",
     "CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE",
