@@ -154,3 +154,16 @@ def test_version_answers_without_importing_torch():
     from diffunet import __version__
 
     assert out == ["diffunet", __version__, "False"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU defines the inline norm operators")
+def test_a_command_on_the_cpu_does_not_import_the_compiler():
+    """Inductor and Dynamo take seconds to import; a CPU command that compiles nothing (here a
+    rejected option, after the accelerator's import) leaves them out."""
+    code = (
+        "import sys; import diffunet.accel; from diffunet.cli import main\n"
+        "try:\n    main(['train', '--steps', '-3'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch._inductor', 'torch._dynamo') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -1595,10 +1595,11 @@ def _group_norm_act_backward_inline(
 
 
 #: `group_norm_act_op` and its backward as operators whose kernels Inductor launches itself
-#: (`settings.COMPILED_INLINE_NORM_KERNELS`): tracing runs their launch shapes once and records each
-#: Triton launch, instead of a call into Python on every step. Triton-less installs have none.
+#: (`settings.COMPILED_INLINE_NORM_KERNELS`): tracing runs their launch shapes once and records
+#: each Triton launch, instead of a call into Python on every step. Only where they can run (a
+#: GPU, or Triton's interpreter): defining them imports Inductor, seconds of start-up.
 group_norm_act_inline_op = group_norm_act_backward_inline_op = None
-if triton is not None:
+if triton is not None and (torch.cuda.is_available() or _interpreting()):
     group_norm_act_inline_op = define_triton_op("group_norm_act_inline", _group_norm_act_inline)
     group_norm_act_backward_inline_op = define_triton_op(
         "group_norm_act_backward_inline", _group_norm_act_backward_inline
