@@ -26,7 +26,6 @@ from diffunet.accel.upsample import (
     upsample_convolve_split_bias,
     upsample_nearest,
 )
-from diffunet.model.layers.attention import merge_heads, split_heads
 from diffunet.model.layers.resample import Downsample, Upsample
 from diffunet.model.layers.resblock import ResBlock
 from diffunet.model.layers.transformer import Attention
@@ -70,18 +69,19 @@ class AcceleratedAttention(Attention):
     whose weights autocast casts once per region, where the concatenation would be cast per
     call."""
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """Attend from `x` (B, N, C) to `context` (B, M, context_dim), or to `x` itself."""
+    def project(
+        self, x: torch.Tensor, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`Attention.project`, by one GEMM per input where that applies."""
         if not settings.BATCHED_QKV or not torch.compiler.is_compiling():
-            return super().forward(x, context)
+            return super().project(x, context)
         if context is None and batchable([self.to_q, self.to_k, self.to_v]):
             q, k, v = project_all(x, [self.to_q, self.to_k, self.to_v])
-        elif context is not None and batchable([self.to_k, self.to_v]):
-            q, (k, v) = self.to_q(x), project_all(context, [self.to_k, self.to_v])
-        else:
-            return super().forward(x, context)
-        q, k, v = (split_heads(p, self.num_heads) for p in (q, k, v))
-        return self.to_out(merge_heads(self.attend(q, k, v)))
+            return q, k, v
+        if context is not None and batchable([self.to_k, self.to_v]):
+            k, v = project_all(context, [self.to_k, self.to_v])
+            return self.to_q(x), k, v
+        return super().project(x, context)
 
 
 class AcceleratedResBlock(ResBlock):

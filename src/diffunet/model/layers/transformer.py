@@ -46,19 +46,21 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """Attend from `x` (B, N, C) to `context` (B, M, context_dim), or to `x` itself."""
-        source = x if context is None else context
-        q = split_heads(self.to_q(x), self.num_heads)
-        k = split_heads(self.to_k(source), self.num_heads)
-        v = split_heads(self.to_v(source), self.num_heads)
-        return self.to_out(merge_heads(self.attend(q, k, v)))
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Softmax attention of heads `q` (B, heads, N, d) to `k`, `v` (B, heads, M, d), in
-        float32 for float16 operands when `upcast`."""
+        q, k, v = (split_heads(p, self.num_heads) for p in self.project(x, context))
         if self.upcast and q.dtype == torch.float16:
             with torch.autocast(q.device.type, enabled=False):
-                return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v)
+                h = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+        else:
+            h = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out(merge_heads(h))
+
+    def project(
+        self, x: torch.Tensor, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The queries of `x` and the keys and values of `context` (of `x` without one), each
+        (B, tokens, C) before the heads are split."""
+        source = x if context is None else context
+        return self.to_q(x), self.to_k(source), self.to_v(source)
 
 
 class FeedForward(nn.Module):
