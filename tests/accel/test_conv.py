@@ -204,6 +204,56 @@ def test_the_bias_gradient_comes_from_the_convolution_backward():
     torch.testing.assert_close(conv.bias.grad, torch.full((4,), 64.0))
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+def test_without_the_bias_gradient_in_the_op_autograd_sums_it_once(transposed):
+    """`COMPILED_BIAS_GRADIENT_IN_CONV` off (plain-compile training): the backward operator
+    computes no bias gradient, the graph sums the output gradient instead, and the gradients
+    are those of `nn.ConvNd` (not twice the bias's)."""
+    settings.COMPILED_BIAS_GRADIENT_IN_CONV = False  # the autouse fixture restores it
+    torch.manual_seed(0)
+    if transposed:
+        reference = nn.ConvTranspose2d(3, 4, 2, stride=2)
+        x = torch.randn(2, 3, 4, 4, requires_grad=True)
+
+        def call(x):
+            return conv_module.convolve_transposed(
+                x, reference.weight, reference.bias, [2, 2], [0, 0], torch.contiguous_format
+            )
+    else:
+        reference = conv_nd(2, 3, 4, 3, padding=1)
+        x = torch.randn(2, 3, 8, 8, requires_grad=True)
+
+        def call(x):
+            return convolve(reference, x)
+
+    backward_ops, bias_flags = [], []
+
+    def backend(gm, inputs):
+        def backward_compiler(bw, _):
+            calls = [n for n in traced_nodes(bw) if n.op == "call_function"]
+            backward_ops.extend(str(n.target) for n in calls)
+            bias_flags.extend(
+                n.args[-1]
+                for n in calls
+                if str(n.target) == "diffunet.convolution_backward.default"
+            )
+            return make_boxed_func(bw)
+
+        return aot_module_simplified(
+            gm, inputs, fw_compiler=lambda fw, _: make_boxed_func(fw), bw_compiler=backward_compiler
+        )
+
+    upstream = torch.randn_like(call(x))
+    torch.compile(call, backend=backend)(x).mul(upstream).sum().backward()
+    compiled = (x.grad.clone(), reference.weight.grad.clone(), reference.bias.grad.clone())
+    assert bias_flags == [False]  # the operator's `bias_grad`
+    assert any(op.startswith("aten.sum") for op in backward_ops), backward_ops
+    x.grad = reference.weight.grad = reference.bias.grad = None
+    reference(x).mul(upstream).sum().backward()
+    for got, expected in zip(compiled, (x.grad, reference.weight.grad, reference.bias.grad)):
+        torch.testing.assert_close(got, expected)
+
+
 def test_input_without_gradient_gets_none():
     conv = conv_nd(2, 3, 4, 3, padding=1)
     x = torch.randn(1, 3, 8, 8)  # data, not a parameter: no input gradient is computed

@@ -57,10 +57,12 @@ def test_the_compile_mode_decides_whether_compiled_graphs_call_the_kernels(
     monkeypatch.setattr(settings, "PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE", None)
     monkeypatch.setattr(settings, "INLINE_NORM_KERNELS", True)
     monkeypatch.setattr(settings, "INLINE_NORM_KERNELS_INFERENCE", True)
+    monkeypatch.setattr(settings, "PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV", False)
     fused.set_compiled_min_elements(123)
     # Each mode sets them back.
     settings.COMPILED_INLINE_NORM_KERNELS = expected is not None
     settings.COMPILED_INLINE_NORM_KERNELS_INFERENCE = expected is not None
+    settings.COMPILED_BIAS_GRADIENT_IN_CONV = expected is None
     fused.configure_for_compile_mode(mode)
     if expected is None:
         assert settings.COMPILED_MIN_ELEMENTS == settings.PLAIN_COMPILE_MIN_ELEMENTS
@@ -68,6 +70,7 @@ def test_the_compile_mode_decides_whether_compiled_graphs_call_the_kernels(
         assert inference == settings.PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE
         assert settings.COMPILED_INLINE_NORM_KERNELS is True
         assert settings.COMPILED_INLINE_NORM_KERNELS_INFERENCE is True
+        assert settings.COMPILED_BIAS_GRADIENT_IN_CONV is False
     else:
         assert settings.COMPILED_MIN_ELEMENTS == settings.CUDA_GRAPHS_MIN_ELEMENTS
         inference = settings.COMPILED_MIN_ELEMENTS_INFERENCE
@@ -75,6 +78,8 @@ def test_the_compile_mode_decides_whether_compiled_graphs_call_the_kernels(
         # CUDA graphs replay the opaque operator's launches without host cost.
         assert settings.COMPILED_INLINE_NORM_KERNELS is False
         assert settings.COMPILED_INLINE_NORM_KERNELS_INFERENCE is False
+        # The GEMV reads the gradient faster where launches cost no host time.
+        assert settings.COMPILED_BIAS_GRADIENT_IN_CONV is True
 
 
 def test_graphs_traced_without_gradients_use_the_inference_threshold(monkeypatch):
@@ -179,6 +184,8 @@ print(json.dumps({
     "BATCHED_FILM": s.BATCHED_FILM,
     "BATCHED_QKV": s.BATCHED_QKV,
     "ROUTED_DEVICES": sorted(s.ROUTED_DEVICES),
+    "PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV": s.PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV,
+    "COMPILED_BIAS_GRADIENT_IN_CONV": s.COMPILED_BIAS_GRADIENT_IN_CONV,
 }))
 """
 DEFAULTS = {
@@ -200,6 +207,8 @@ DEFAULTS = {
     "BATCHED_FILM": True,
     "BATCHED_QKV": True,
     "ROUTED_DEVICES": ["cuda"],
+    "PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV": True,
+    "COMPILED_BIAS_GRADIENT_IN_CONV": True,
 }
 
 
@@ -234,6 +243,7 @@ def _plan(**fields) -> list:
                 "DIFFUNET_BATCHED_FILM": "0",
                 "DIFFUNET_BATCHED_QKV": "0",
                 "DIFFUNET_ROUTED_CONV": "none",
+                "DIFFUNET_PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV": "0",
             },
             {
                 "FUSED_NORM": False,
@@ -255,6 +265,8 @@ def _plan(**fields) -> list:
                 "BATCHED_FILM": False,
                 "BATCHED_QKV": False,
                 "ROUTED_DEVICES": [],
+                "PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV": False,
+                "COMPILED_BIAS_GRADIENT_IN_CONV": False,
             },
             [],
         ),

@@ -314,14 +314,14 @@ def convolve_transposed(
         out = convolution(
             x.contiguous(memory_format=memory_format),
             weight,
-            bias,
+            _bias_of_op(bias),
             list(stride),
             list(padding),
             dilation,
             1,
             True,
         )
-        return _add_detached_bias(out, bias)
+        return _add_bias(out, bias)
     x = pin_layout(x, memory_format) if compiling else x.contiguous(memory_format=memory_format)
     return torch.ops.aten.convolution(
         x, weight, bias, list(stride), list(padding), dilation, True, [0] * len(stride), 1
@@ -386,17 +386,28 @@ def _convolve(conv: nn.Module, x: torch.Tensor, *, with_bias: bool) -> torch.Ten
     out = convolution(
         x,
         padded_weight,
-        padded_bias,
+        _bias_of_op(padded_bias),
         list(conv.stride),
         list(conv.padding),
         list(conv.dilation),
         conv.groups,
         False,
     )
-    return _add_detached_bias(out[:, : conv.out_channels] if extra else out, bias)
+    return _add_bias(out[:, : conv.out_channels] if extra else out, bias)
 
 
-def _add_detached_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`out` plus `bias` per channel, the bias detached: the custom op's backward gives its
-    gradient (see `convolution`)."""
-    return out if bias is None else out + bias.detach().view(-1, *[1] * (out.ndim - 2))
+def _bias_of_op(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The bias whose gradient the custom op's backward computes: `bias` where it does
+    (`settings.COMPILED_BIAS_GRADIENT_IN_CONV`), else None (`_add_bias` leaves it to autograd)."""
+    return bias if settings.COMPILED_BIAS_GRADIENT_IN_CONV else None
+
+
+def _add_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`out` plus `bias` per channel. Where the custom op's backward gives the bias gradient
+    (`settings.COMPILED_BIAS_GRADIENT_IN_CONV`, see `convolution`) the bias is detached;
+    otherwise autograd sums it here, in a reduction Inductor fuses with others."""
+    if bias is None:
+        return out
+    if settings.COMPILED_BIAS_GRADIENT_IN_CONV:
+        bias = bias.detach()
+    return out + bias.view(-1, *[1] * (out.ndim - 2))

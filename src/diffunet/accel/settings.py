@@ -34,6 +34,8 @@ does not parse warns and keeps the default.
 | `CHANNEL_MULTIPLE` | | 8 | 3D convolutions' output channels are zero-padded to a multiple of it… |
 | `PADDED_DEVICES` | | `cuda` | …on these device types |
 | `ROUTED_DEVICES` | `DIFFUNET_ROUTED_CONV` (`cuda`, `none`, …) | `cuda` | device types whose compiled convolutions use `conv`'s custom ops |
+| `PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV` | `DIFFUNET_PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV` (`0`: off) | on | plain-compile training graphs take a routed convolution's bias gradient from its backward operator |
+| `COMPILED_BIAS_GRADIENT_IN_CONV` | | the plain-compile one | the same for graphs traced from now on (on in CUDA-graph modes) |
 | `FOLDED_DEVICES` | `DIFFUNET_FOLDED_UPSAMPLE` (`cpu,cuda`, `none`, …) | `cpu`, `cuda` | device types that fold nearest upsampling into the next convolution |
 | `BATCHED_FILM` | `DIFFUNET_BATCHED_FILM` (`0`: off) | on | compiled graphs compute every ResBlock's embedding projection in one GEMM |
 | `BATCHED_QKV` | `DIFFUNET_BATCHED_QKV` (`0`: off) | on | compiled graphs project a transformer attention's queries, keys and values in one GEMM |
@@ -296,9 +298,11 @@ def configure_for_compile_mode(mode: str | None) -> None:
     """Set the compiled thresholds for `torch.compile(mode=mode)`: `CUDA_GRAPHS_MIN_ELEMENTS`
     (`CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE` without gradients) and the opaque operator where the
     mode replays CUDA graphs, `PLAIN_COMPILE_MIN_ELEMENTS` (`..._INFERENCE`) and
-    `INLINE_NORM_KERNELS` (`..._INFERENCE`) otherwise."""
+    `INLINE_NORM_KERNELS` (`..._INFERENCE`) otherwise; and where routed convolutions' bias
+    gradients come from (`COMPILED_BIAS_GRADIENT_IN_CONV`)."""
     global COMPILED_MIN_ELEMENTS, COMPILED_MIN_ELEMENTS_INFERENCE
     global COMPILED_INLINE_NORM_KERNELS, COMPILED_INLINE_NORM_KERNELS_INFERENCE
+    global COMPILED_BIAS_GRADIENT_IN_CONV
     if mode in CUDA_GRAPH_MODES:
         set_compiled_min_elements(
             CUDA_GRAPHS_MIN_ELEMENTS, inference=CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE
@@ -309,6 +313,7 @@ def configure_for_compile_mode(mode: str | None) -> None:
         COMPILED_MIN_ELEMENTS_INFERENCE = PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE
         COMPILED_INLINE_NORM_KERNELS = INLINE_NORM_KERNELS
         COMPILED_INLINE_NORM_KERNELS_INFERENCE = INLINE_NORM_KERNELS_INFERENCE
+    COMPILED_BIAS_GRADIENT_IN_CONV = mode in CUDA_GRAPH_MODES or PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV
 
 
 # --- thin 3D convolutions (`thin_conv`) ------------------------------------------------------
@@ -443,6 +448,21 @@ if ROUTED_DEVICES_ENV in os.environ:
         warnings.warn(f"{err}; routing on {sorted(ROUTED_DEVICES)}", stacklevel=1)
 
 
+#: The environment variable that turns `PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV` off ("0").
+PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV_ENV = "DIFFUNET_PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV"
+#: Whether training graphs of the compile modes without CUDA graphs take a routed convolution's
+#: bias gradient from its backward operator (a GEMV over the gradient it already holds: two
+#: more launches and their Python per convolution) rather than from Inductor, which sums it in
+#: a reduction it fuses with others over the same gradient (no launch of its own).
+PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV: bool = _switch_from_env(
+    PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV_ENV
+)
+#: Whether graphs traced from now on do so; until `configure_for_compile_mode` says otherwise,
+#: the plain-compile setting. CUDA-graph modes replay the launches without host cost, and there
+#: the GEMV reads the gradient faster than Inductor's fused sums (docs/performance.md).
+COMPILED_BIAS_GRADIENT_IN_CONV: bool = PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV
+
+
 def set_folded_upsample_devices(devices: str | Iterable[str]) -> None:
     """Fold on these device types from now on: an iterable, or a comma-separated string as
     `DIFFUNET_FOLDED_UPSAMPLE` takes ("none" for none)."""
@@ -511,6 +531,8 @@ NAMES: tuple[str, ...] = (
     "CHANNEL_MULTIPLE",
     "PADDED_DEVICES",
     "ROUTED_DEVICES",
+    "PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV",
+    "COMPILED_BIAS_GRADIENT_IN_CONV",
     "FOLDED_DEVICES",
     "BATCHED_FILM",
     "BATCHED_QKV",
