@@ -1198,7 +1198,7 @@ def _forward(x, weight, bias, scale, shift, add, num_groups, eps, film, act, ker
     b, c, n = x3.shape
     kernel(_normalize_kernel)[(b, launch.chunks)](
         x3,
-        y,  # the tensor, not its (B, C, N) view: see `_forward_in_one_kernel`
+        y3,
         mean,
         rstd,
         weight,
@@ -1238,12 +1238,9 @@ def _forward_in_one_kernel(
     rstd = torch.empty_like(mean)
     y = torch.empty_like(x)
     y3 = y.flatten(2)
-    # A kernel gets the tensor it writes itself, with the strides of its (B, C, N) view: a
-    # traced launch that writes a view of a fresh tensor has functionalization copy the view
-    # back into its base, one more activation alive in the compiled graph.
     kernel(_one_pass_kernel)[(b, shape.slices)](
         x3,
-        y,
+        y3,
         add,
         mean,
         rstd,
@@ -1369,7 +1366,7 @@ def _backward(
     kernel(_backward_dx_kernel)[(b, chunks)](
         x3,
         g3,
-        dx,  # the tensor, not its view: see `_forward_in_one_kernel`
+        d3,
         mean,
         rstd,
         weight,
@@ -1437,7 +1434,7 @@ def _backward_in_one_kernel(
     kernel(_one_pass_backward_kernel)[(b, shape.slices)](
         x3,
         g3,
-        dx,  # the tensor, not its view: see `_forward_in_one_kernel`
+        d3,
         mean,
         rstd,
         weight,
