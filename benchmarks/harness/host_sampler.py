@@ -9,7 +9,10 @@ where it was the innermost Python frame of a thread (time in C code it called, s
 launch, counts towards its caller); its *total* share counts the samples where it was anywhere
 on the stack. The thread that enters the sampler counts its frames below the sampled block;
 other threads (autograd runs a CUDA backward on its own thread) count theirs, marked `[other]`,
-while they are not waiting in the standard library's locks, queues or selectors.
+while they run: where the platform has per-thread CPU clocks (Linux, macOS), while their CPU
+time advances, so that threads blocked in C (a compile worker pool's reader, a timer asleep)
+do not count; elsewhere while they are not waiting in the standard library's locks, queues or
+selectors.
 """
 
 from __future__ import annotations
@@ -30,15 +33,33 @@ def code_name(code: CodeType) -> str:
     return f"{'/'.join(path.parts[-2:])}:{name}"
 
 
-#: Modules whose frames, innermost on another thread, mean that thread is waiting.
+#: Modules whose frames, innermost on another thread, mean that thread is waiting (where its
+#: CPU time cannot be read).
 WAITING_FILES = frozenset({"threading.py", "queue.py", "selectors.py", "connection.py"})
+#: Another thread runs while its CPU time advances by at least this share of the wall time
+#: between two reads of it: a thread that only wakes briefly (a timer) stays far below it, and
+#: a running one stays above it on a loaded machine too.
+RUNNING_SHARE = 0.1
+#: How often (ns) a thread's CPU time is read; between reads it keeps the last verdict.
+CPU_READ_INTERVAL_NS = 10_000_000
+
+
+def thread_cpu_ns(native_id: int) -> int | None:
+    """CPU time (ns) the thread `native_id` (a `threading.get_native_id()`) has run, from
+    Linux's `/proc/self/task/<id>/schedstat`; None where that is not readable (another
+    platform, a thread that has ended)."""
+    try:
+        with open(f"/proc/self/task/{native_id}/schedstat", "rb") as stat:
+            return int(stat.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class StackSampler:
     """Samples the Python stacks of the thread that enters it and of the other running threads
     every `interval` seconds, from a background thread, until the block ends. Of the entering
-    thread only the frames below the block count; other threads count when they are not
-    waiting (`WAITING_FILES`), under names marked `[other]`.
+    thread only the frames below the block count; other threads count while they run
+    (`RUNNING_SHARE` of their CPU clock, else not in `WAITING_FILES`), marked `[other]`.
 
     The interpreter's switch interval is shortened to `interval` for the block, so the
     sampler gets its turns while the sampled threads run Python.
@@ -55,10 +76,16 @@ class StackSampler:
         self._target = 0
         self._root: FrameType | None = None
         self._switch_interval = sys.getswitchinterval()
+        # Per native thread id: its CPU time and the wall time at the last read, and whether
+        # it ran over the interval before that read.
+        self._clocks: dict[int, tuple[int, int]] = {}
+        self._verdicts: dict[int, bool] = {}
 
     def __enter__(self) -> StackSampler:
         self._target = threading.get_ident()
         self._root = sys._getframe(1)  # the block's frame: its callers are not counted
+        self._clocks.clear()
+        self._verdicts.clear()
         self._stop.clear()
         sys.setswitchinterval(self.interval)
         self._thread = threading.Thread(target=self._run, name="stack-sampler", daemon=True)
@@ -77,6 +104,25 @@ class StackSampler:
         self._root = None
         sys.setswitchinterval(self._switch_interval)
 
+    def _running(self, ident: int, frame: FrameType, now: int, natives: dict[int, int]) -> bool:
+        """Whether another thread runs: its CPU time advanced by `RUNNING_SHARE` of the wall
+        time over the last read's interval; before a first interval, or where its CPU time
+        cannot be read, whether its innermost frame is outside `WAITING_FILES`."""
+        native = natives.get(ident)
+        last = self._clocks.get(native) if native is not None else None
+        if last is not None and now - last[1] < CPU_READ_INTERVAL_NS:
+            return self._verdicts[native]
+        cpu = thread_cpu_ns(native) if native is not None else None
+        if cpu is None or native is None:
+            return Path(frame.f_code.co_filename).name not in WAITING_FILES
+        self._clocks[native] = (cpu, now)
+        if last is None:
+            verdict = Path(frame.f_code.co_filename).name not in WAITING_FILES
+        else:
+            verdict = cpu - last[0] >= RUNNING_SHARE * (now - last[1])
+        self._verdicts[native] = verdict
+        return verdict
+
     def _run(self) -> None:
         own = threading.get_ident()
         while not self._stop.wait(self.interval):
@@ -84,9 +130,11 @@ class StackSampler:
             if self._target not in frames:
                 continue
             self.samples += 1
+            now = time.perf_counter_ns()
+            natives = {t.ident: t.native_id for t in threading.enumerate() if t.ident is not None}
             for ident, frame in frames.items():
                 other = ident != self._target
-                if ident == own or (other and Path(frame.f_code.co_filename).name in WAITING_FILES):
+                if ident == own or (other and not self._running(ident, frame, now, natives)):
                     continue
                 self.self_counts[frame.f_code, other] += 1
                 seen = set()

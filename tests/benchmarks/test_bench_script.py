@@ -282,8 +282,9 @@ def test_the_stack_sampler_finds_where_the_python_time_goes(harness):
 def test_the_stack_sampler_counts_work_on_other_threads_but_not_their_waiting(harness):
     """A backward pass on a GPU runs on autograd's own thread while the caller waits: the
     sampler counts that thread's frames too, marked `[other]`; a thread waiting on a lock (the
-    idle one here) is not counted."""
-    from harness.host_sampler import sample_steps
+    idle one here) is not counted, nor one asleep in C called from its own module (as a compile
+    worker pool's timer and reader threads are), whose CPU time does not advance."""
+    from harness.host_sampler import sample_steps, thread_cpu_ns
 
     def spin(seconds):
         end = time.perf_counter() + seconds
@@ -293,6 +294,13 @@ def test_the_stack_sampler_counts_work_on_other_threads_but_not_their_waiting(ha
     idle = threading.Event()
     waiter = threading.Thread(target=idle.wait, daemon=True)
     waiter.start()
+
+    def doze():
+        while not idle.is_set():
+            time.sleep(0.002)  # innermost Python frame: this function, not the standard library
+
+    dozer = threading.Thread(target=doze, daemon=True)
+    dozer.start()
 
     def step(i):
         worker = threading.Thread(target=spin, args=(0.03,))
@@ -307,6 +315,9 @@ def test_the_stack_sampler_counts_work_on_other_threads_but_not_their_waiting(ha
     other_spin = next(v for f, v in shares.items() if f.startswith("[other]") and "spin" in f)
     assert other_spin > 0.5
     assert not any(f.startswith("[other]") and "threading" in f for f in shares)
+    if thread_cpu_ns(threading.get_native_id()) is not None:  # Linux: CPU clocks per thread
+        dozing = sum(v for f, v in shares.items() if f.startswith("[other]") and "doze" in f)
+        assert dozing < 0.1  # at most its first interval, before its CPU time was read twice
 
 
 # ------------------------------------------------------------------------ the reference models
