@@ -13,7 +13,9 @@ that Inductor must feed in fixed strides, and `convolve` asks for cuDNN's layout
 recomputing kernels write channels-last directly and the copies vanish. The bias is added
 outside the op, where Inductor fuses it into the next kernel; its gradient comes from the op's
 backward, which sums the output gradient it already holds in cuDNN's layout (faster than
-Inductor's sum fused into the GroupNorm-backward reductions). Compiled inference is `conv(x)`
+Inductor's sum fused into the GroupNorm-backward reductions), or, where
+`settings.COMPILED_BIAS_GRADIENT_IN_CONV` is off (plain-compile training graphs bound by their
+launches), from that fused sum. Compiled inference is `conv(x)`
 on an input pinned to cuDNN's layout (`pin_layout`), which Inductor gives only 2D convolutions
 by itself. In eager mode and (non-strict) `torch.export` it is just `conv(x)`.
 `convolve_split_bias` is the same without the bias, for a caller that adds it elsewhere. Thin
