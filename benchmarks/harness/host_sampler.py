@@ -9,9 +9,9 @@ where it was the innermost Python frame of a thread (time in C code it called, s
 launch, counts towards its caller); its *total* share counts the samples where it was anywhere
 on the stack. The thread that enters the sampler counts its frames below the sampled block;
 other threads (autograd runs a CUDA backward on its own thread) count theirs, marked `[other]`,
-while they run: where the platform has per-thread CPU clocks (Linux, macOS), while their CPU
-time advances, so that threads blocked in C (a compile worker pool's reader, a timer asleep)
-do not count; elsewhere while they are not waiting in the standard library's locks, queues or
+while they run: where the system shows each thread's CPU time (Linux's `/proc`), while it
+advances, so that threads blocked in C (a compile worker pool's reader, a timer asleep) do not
+count; elsewhere while they are not waiting in the standard library's locks, queues or
 selectors.
 """
 
