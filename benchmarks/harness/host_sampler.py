@@ -112,16 +112,14 @@ class StackSampler:
         last = self._clocks.get(native) if native is not None else None
         if last is not None and now - last[1] < CPU_READ_INTERVAL_NS:
             return self._verdicts[native]
+        not_waiting = Path(frame.f_code.co_filename).name not in WAITING_FILES
         cpu = thread_cpu_ns(native) if native is not None else None
-        if cpu is None or native is None:
-            return Path(frame.f_code.co_filename).name not in WAITING_FILES
+        if cpu is None:
+            return not_waiting
         self._clocks[native] = (cpu, now)
-        if last is None:
-            verdict = Path(frame.f_code.co_filename).name not in WAITING_FILES
-        else:
-            verdict = cpu - last[0] >= RUNNING_SHARE * (now - last[1])
-        self._verdicts[native] = verdict
-        return verdict
+        running = not_waiting if last is None else cpu - last[0] >= RUNNING_SHARE * (now - last[1])
+        self._verdicts[native] = running
+        return running
 
     def _run(self) -> None:
         own = threading.get_ident()

@@ -313,17 +313,18 @@ def convolve_transposed(
     x, weight, bias = autocast_operands(x, weight, bias)
     weight = weight.contiguous(memory_format=memory_format)
     if compiling and _needs_backward(x, weight):
+        in_op = settings.COMPILED_BIAS_GRADIENT_IN_CONV
         out = convolution(
             x.contiguous(memory_format=memory_format),
             weight,
-            _bias_of_op(bias),
+            bias if in_op else None,
             list(stride),
             list(padding),
             dilation,
             1,
             True,
         )
-        return _add_bias(out, bias)
+        return _add_bias(out, bias, detached=in_op)
     x = pin_layout(x, memory_format) if compiling else x.contiguous(memory_format=memory_format)
     return torch.ops.aten.convolution(
         x, weight, bias, list(stride), list(padding), dilation, True, [0] * len(stride), 1
@@ -385,31 +386,24 @@ def _convolve(conv: nn.Module, x: torch.Tensor, *, with_bias: bool) -> torch.Ten
     padded_weight, padded_bias = (
         pad_output_channels(weight, bias, extra) if extra else (weight, bias)
     )
+    in_op = settings.COMPILED_BIAS_GRADIENT_IN_CONV
     out = convolution(
         x,
         padded_weight,
-        _bias_of_op(padded_bias),
+        padded_bias if in_op else None,
         list(conv.stride),
         list(conv.padding),
         list(conv.dilation),
         conv.groups,
         False,
     )
-    return _add_bias(out[:, : conv.out_channels] if extra else out, bias)
+    return _add_bias(out[:, : conv.out_channels] if extra else out, bias, detached=in_op)
 
 
-def _bias_of_op(bias: torch.Tensor | None) -> torch.Tensor | None:
-    """The bias whose gradient the custom op's backward computes: `bias` where it does
-    (`settings.COMPILED_BIAS_GRADIENT_IN_CONV`), else None (`_add_bias` leaves it to autograd)."""
-    return bias if settings.COMPILED_BIAS_GRADIENT_IN_CONV else None
-
-
-def _add_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`out` plus `bias` per channel. Where the custom op's backward gives the bias gradient
-    (`settings.COMPILED_BIAS_GRADIENT_IN_CONV`, see `convolution`) the bias is detached;
-    otherwise autograd sums it here, in a reduction Inductor fuses with others."""
+def _add_bias(out: torch.Tensor, bias: torch.Tensor | None, *, detached: bool) -> torch.Tensor:
+    """`out` plus `bias` per channel. `detached` where the custom op's backward gives the bias
+    gradient (`settings.COMPILED_BIAS_GRADIENT_IN_CONV`, see `convolution`); otherwise autograd
+    sums it here, in a reduction Inductor fuses with others."""
     if bias is None:
         return out
-    if settings.COMPILED_BIAS_GRADIENT_IN_CONV:
-        bias = bias.detach()
-    return out + bias.view(-1, *[1] * (out.ndim - 2))
+    return out + (bias.detach() if detached else bias).view(-1, *[1] * (out.ndim - 2))
