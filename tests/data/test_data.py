@@ -1,5 +1,7 @@
 """Data sources: digits, image folders (8/16-bit, grey/RGB, PNG/JPEG/TIFF), arrays, pairs."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +10,7 @@ import tifffile
 import torch
 from PIL import Image
 
-from diffunet.data import DataError, TensorDataset, open_dataset
+from diffunet.data import DataError, TensorDataset, digits, open_dataset
 
 
 def _png(path: Path, array: np.ndarray) -> Path:
@@ -25,6 +27,30 @@ def test_digits_default_size_range_and_labels():
     batch = data.batch(torch.tensor([0, 5]))
     assert batch["x"].min() >= -1 and batch["x"].max() <= 1 and batch["labels"].tolist() == [0, 5]
     assert open_dataset("digits", image_size=8).x.shape[-1] == 8
+
+
+@pytest.mark.parametrize("file_found", [True, False])
+def test_digits_are_scikit_learns_read_from_its_file_or_through_its_loader(monkeypatch, file_found):
+    from sklearn.datasets import load_digits
+
+    if not file_found:
+        monkeypatch.setattr(digits, "_digits_file", lambda: None)
+    else:
+        assert digits._digits_file() is not None  # the fast path is the one under test
+    images, labels = digits.digits_arrays()
+    bunch = load_digits()
+    assert images.dtype == torch.float32 and images.shape == (1797, 1, 8, 8)
+    torch.testing.assert_close(images, torch.from_numpy(bunch.images).float().unsqueeze(1) / 16)
+    assert labels.dtype == torch.int64 and labels.tolist() == bunch.target.tolist()
+
+
+def test_loading_the_digits_does_not_import_scikit_learn():
+    code = (
+        "import sys; from diffunet.data import open_dataset; open_dataset('digits'); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'sklearn'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_digits_too_small_is_rejected():

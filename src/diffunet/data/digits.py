@@ -7,6 +7,10 @@ generated digits back to 8×8.
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -16,14 +20,40 @@ DIGITS_SIZE = 8
 DIGITS_MAX = 16.0
 
 
-def digits_arrays() -> tuple[torch.Tensor, torch.Tensor]:
-    """All digits as `(1797, 1, 8, 8)` float32 in `[0, 1]` and their `(1797,)` int64 labels."""
+def _digits_file() -> Path | None:
+    """scikit-learn's `digits.csv.gz` (64 grey levels then the label per row), found without
+    importing scikit-learn, or None where this install lays its data out otherwise."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    return path if path.is_file() else None
+
+
+def _digits_grey_levels() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as `(1797, 8, 8)` float64 grey levels and `(1797,)` int64 labels.
+
+    Read from scikit-learn's data file directly: importing scikit-learn takes longer than a
+    short training run's steps. Falls back to `sklearn.datasets.load_digits`.
+    """
+    path = _digits_file()
+    if path is not None:
+        rows = np.loadtxt(path, delimiter=",")
+        if rows.shape == (1797, DIGITS_SIZE * DIGITS_SIZE + 1):
+            return rows[:, :-1].reshape(-1, DIGITS_SIZE, DIGITS_SIZE), rows[:, -1].astype(np.int64)
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    images = torch.from_numpy(bunch.images).float().div_(DIGITS_MAX).unsqueeze(1)
-    labels = torch.from_numpy(bunch.target).long()
-    return images, labels
+    return bunch.images, bunch.target
+
+
+def digits_arrays() -> tuple[torch.Tensor, torch.Tensor]:
+    """All digits as `(1797, 1, 8, 8)` float32 in `[0, 1]` and their `(1797,)` int64 labels."""
+    images, labels = _digits_grey_levels()
+    return (
+        torch.from_numpy(images).float().div_(DIGITS_MAX).unsqueeze(1),
+        torch.from_numpy(labels).long(),
+    )
 
 
 def resize_digits(images: torch.Tensor, size: int) -> torch.Tensor:
