@@ -129,11 +129,17 @@ def _graphs(module: nn.Module, *args: torch.Tensor) -> list[set[str]]:
     [dict(padding=1), dict(stride=2, padding=0, bias=False), dict(padding=2, dilation=2, groups=2)],
 )
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_compiled_forward_and_gradients_equal_eager(dims, options, channels_last):
+@pytest.mark.parametrize(
+    "bias_gradient_in_op", [False, True], ids=["bias-by-autograd", "bias-in-op"]
+)
+def test_compiled_forward_and_gradients_equal_eager(
+    dims, options, channels_last, bias_gradient_in_op
+):
+    settings.COMPILED_BIAS_GRADIENT_IN_CONV = bias_gradient_in_op  # restored by the fixture
     torch.manual_seed(0)
     conv = conv_nd(dims, 4, 6, 3, **options)
     x = torch.randn(2, 4, *[9] * dims)
-    if channels_last and dims > 1:  # the bias gradient is then a product with ones
+    if channels_last and dims > 1:  # the operator's bias gradient is then a product with ones
         layout = memory_format_for(dims)
         conv, x = conv.to(memory_format=layout), x.contiguous(memory_format=layout)
     x.requires_grad_()
@@ -183,7 +189,9 @@ def test_bias_gradient_is_the_sum_over_all_but_the_channels(shape, layout):
 
 
 def test_the_bias_gradient_comes_from_the_convolution_backward():
-    """The compiled backward sums no gradient for the bias itself: the custom op returns it."""
+    """With `COMPILED_BIAS_GRADIENT_IN_CONV` on (CUDA-graph modes), the compiled backward sums
+    no gradient for the bias itself: the custom op returns it."""
+    settings.COMPILED_BIAS_GRADIENT_IN_CONV = True  # the autouse fixture restores it
     conv = conv_nd(2, 3, 4, 3, padding=1)
     x = torch.randn(1, 3, 8, 8, requires_grad=True)
     backward_ops = []

@@ -207,8 +207,8 @@ DEFAULTS = {
     "BATCHED_FILM": True,
     "BATCHED_QKV": True,
     "ROUTED_DEVICES": ["cuda"],
-    "PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV": True,
-    "COMPILED_BIAS_GRADIENT_IN_CONV": True,
+    "PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV": False,
+    "COMPILED_BIAS_GRADIENT_IN_CONV": False,
 }
 
 
@@ -243,7 +243,7 @@ def _plan(**fields) -> list:
                 "DIFFUNET_BATCHED_FILM": "0",
                 "DIFFUNET_BATCHED_QKV": "0",
                 "DIFFUNET_ROUTED_CONV": "none",
-                "DIFFUNET_PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV": "0",
+                "DIFFUNET_PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV": "1",
             },
             {
                 "FUSED_NORM": False,
@@ -265,8 +265,8 @@ def _plan(**fields) -> list:
                 "BATCHED_FILM": False,
                 "BATCHED_QKV": False,
                 "ROUTED_DEVICES": [],
-                "PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV": False,
-                "COMPILED_BIAS_GRADIENT_IN_CONV": False,
+                "PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV": True,
+                "COMPILED_BIAS_GRADIENT_IN_CONV": True,
             },
             [],
         ),

@@ -11,12 +11,12 @@ share of a compiled training step (docs/performance.md).
 traces a convolution that autograd will differentiate: the convolution becomes an extern call
 that Inductor must feed in fixed strides, and `convolve` asks for cuDNN's layout, so the
 recomputing kernels write channels-last directly and the copies vanish. The bias is added
-outside the op, where Inductor fuses it into the next kernel; its gradient comes from the op's
-backward, which sums the output gradient it already holds in cuDNN's layout (faster than
-Inductor's sum fused into the GroupNorm-backward reductions), or, where
-`settings.COMPILED_BIAS_GRADIENT_IN_CONV` is off (plain-compile training graphs bound by their
-launches), from that fused sum. Compiled inference is `conv(x)`
-on an input pinned to cuDNN's layout (`pin_layout`), which Inductor gives only 2D convolutions
+outside the op, where Inductor fuses it into the next kernel. Its gradient comes, in
+CUDA-graph modes (`settings.COMPILED_BIAS_GRADIENT_IN_CONV` on), from the op's backward, which
+sums the output gradient it already holds in cuDNN's layout (faster than Inductor's sum fused
+into the GroupNorm-backward reductions), and in plain-compile training graphs, bound by their
+launches, from that fused sum (no launch of its own). Compiled inference is `conv(x)` on an
+input pinned to cuDNN's layout (`pin_layout`), which Inductor gives only 2D convolutions
 by itself. In eager mode and (non-strict) `torch.export` it is just `conv(x)`.
 `convolve_split_bias` is the same without the bias, for a caller that adds it elsewhere. Thin
 3D convolutions on a GPU (a 3D U-Net's first and last) run `thin_conv`'s Triton kernels
