@@ -927,14 +927,77 @@ def merge_reports(reports: list[dict[str, Any]], names: list[str]) -> dict[str, 
     return merged
 
 
+AB_TREES = ("base", "change")
+
+
+def _median_record(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """One model's records of a cell over several rounds as one: the median throughput (its
+    time per iteration and MFU scaled to match) and the highest peak memory."""
+    first = records[0]
+    throughput = statistics.median(r["throughput"] for r in records)
+    scale = throughput / first["throughput"]
+    merged = {**first, "throughput": throughput, "rounds": len(records)}
+    for key in ("mfu", "tflops_per_s"):
+        if first.get(key) is not None:
+            merged[key] = first[key] * scale
+    if first.get("seconds_per_iter") is not None:
+        merged["seconds_per_iter"] = first["seconds_per_iter"] / scale
+    for key in ("peak_mem_bytes", "peak_mem_gib"):
+        peaks = [r[key] for r in records if r.get(key) is not None]
+        if peaks:
+            merged[key] = max(peaks)
+    return merged
+
+
+def report_from_ab(data: dict[str, Any], tree: str) -> dict[str, Any]:
+    """An `ab.py` run as one bench.py report of `tree`'s side ("base" or "change"): per case,
+    kind and mode, `tree`'s ours and the reference (measured with the base) from the same call,
+    each the median of its rounds as `ab.py`'s summary takes it (:func:`_median_record`)."""
+    side: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    cases: dict[str, Any] = {}
+    meta: dict[str, Any] | None = None
+    for run in data["runs"]:
+        result = run.get("result") or {}
+        if run["tree"] == tree and meta is None:
+            meta = result.get("meta")
+        for r in result.get("records", []):
+            ours, ref = r.get("model") == "ours", r.get("model") == "ref"
+            wanted = (ours and run["tree"] == tree) or (ref and run["tree"] == "base")
+            if wanted and r.get("throughput") and not r.get("skipped"):
+                key = (r["case"], r["kind"], r["mode"], r.get("compile_mode") or "", r["model"])
+                side.setdefault(key, []).append(r)
+                cases.setdefault(r["case"], result.get("cases", {}).get(r["case"]))
+    return {
+        "meta": {**(meta or {}), "ab_tree": tree},
+        "cases": {name: entry for name, entry in cases.items() if entry is not None},
+        "records": [_median_record(records) for records in side.values()],
+    }
+
+
 def _report_from(path: str) -> dict[str, Any]:
-    """A run's JSON, as `--out` wrote it."""
+    """A run's JSON, as `--out` wrote it; `AB.json:base` or `AB.json:change` reads one side of
+    an `ab.py` run (:func:`report_from_ab`)."""
+    file, _, tree = path.rpartition(":")
+    if tree not in AB_TREES or not file:
+        file, tree = path, ""
     try:
-        report = json.loads(Path(path).read_text())
+        report = json.loads(Path(file).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise InvalidValueError(
             f"--table-from {path}: not readable as a bench.py JSON ({err})"
         ) from None
+    is_ab = isinstance(report, dict) and {"runs", "summary"} <= report.keys()
+    if is_ab and not tree:
+        raise InvalidValueError(
+            f"--table-from {path}: an ab.py JSON holds two trees; name the one to tabulate, "
+            f"{path}:base or {path}:change"
+        )
+    if is_ab:
+        return report_from_ab(report, tree)
+    if tree:
+        raise InvalidValueError(
+            f"--table-from {path}: ':{tree}' names a tree of an ab.py JSON, but {file} is not one"
+        )
     if not isinstance(report, dict) or not {"meta", "cases", "records"} <= report.keys():
         raise InvalidValueError(
             f"--table-from {path}: no meta, cases and records: not a bench.py JSON"
@@ -1089,7 +1152,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="JSON",
         help="measure nothing: print the ratio table of earlier runs' JSON files, each cell "
         "from the last file that measured both sides of it (to build the table over several "
-        "device calls); --out writes the merged JSON",
+        "device calls); an ab.py JSON as AB.json:base or AB.json:change (its rounds' medians); "
+        "--out writes the merged JSON",
     )
     parser.add_argument(
         "--no-cudnn-benchmark", action="store_true", help="leave torch.backends.cudnn.benchmark off"

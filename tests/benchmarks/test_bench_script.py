@@ -9,6 +9,7 @@ import json
 import sys
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -633,6 +634,33 @@ def test_the_table_merges_runs_each_cell_from_the_last_run_that_measured_it(
         bench.run_from_args(_args(bench, "--table-from", str(skipped_only)))
     with pytest.raises(ValueError, match="missing.json: not readable as a bench.py JSON"):
         bench.run_from_args(_args(bench, "--table-from", str(tmp_path / "missing.json")))
+
+
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+AB_RUN = RESULTS / "h100-plain-compile-bias-by-inductor-inline-infer-ab-cifar.json"
+
+
+@pytest.mark.parametrize("tree", ["base", "change"])
+def test_the_table_reads_either_tree_of_an_ab_run_as_its_summary_does(bench, tree, tmp_path):
+    """`--table-from AB.json:TREE`: the cells of one side of an `ab.py` run (two rounds, H100),
+    each the median of its rounds against the reference's, as `ab.py`'s own summary says."""
+    data = bench.run_from_args(_args(bench, "--table-from", f"{AB_RUN}:{tree}"))
+    summary = json.loads(AB_RUN.read_text())["summary"]
+    (row,) = data["table"]["rows"]
+    assert row["case"] == "ddpm-cifar10"
+    for line in summary:
+        cell = row["cells"][f"{line['kind']}_compile"]
+        assert cell["speedup"] == pytest.approx(line[f"{tree}_vs_ref"], rel=1e-9)
+        assert cell["peak_mem_ratio"] == pytest.approx(
+            line["peak_gib"][tree] / line["peak_gib"]["ref"], rel=1e-6
+        )
+    assert data["meta"]["merged_from"] == {"ddpm-cifar10": f"{AB_RUN}:{tree}"}
+    with pytest.raises(ValueError, match="an ab.py JSON holds two trees; name the one"):
+        bench.run_from_args(_args(bench, "--table-from", str(AB_RUN)))
+    plain = tmp_path / "run.json"
+    plain.write_text(json.dumps(bench.report_from_ab(json.loads(AB_RUN.read_text()), tree)))
+    with pytest.raises(ValueError, match=":base' names a tree of an ab.py JSON, but"):
+        bench.run_from_args(_args(bench, "--table-from", f"{plain}:base"))
 
 
 def test_mfu_is_stated_from_the_reference_count_for_both_sides(bench):
