@@ -949,10 +949,13 @@ def _median_record(records: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
-def report_from_ab(data: dict[str, Any], tree: str) -> dict[str, Any]:
+def report_from_ab(
+    data: dict[str, Any], tree: str, kinds: tuple[str, ...] = KINDS
+) -> dict[str, Any]:
     """An `ab.py` run as one bench.py report of `tree`'s side ("base" or "change"): per case,
-    kind and mode, `tree`'s ours and the reference (measured with the base) from the same call,
-    each the median of its rounds as `ab.py`'s summary takes it (:func:`_median_record`)."""
+    kind (of `kinds`) and mode, `tree`'s ours and the reference (measured with the base) from
+    the same call, each the median of its rounds as `ab.py`'s summary takes it
+    (:func:`_median_record`)."""
     side: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     cases: dict[str, Any] = {}
     meta: dict[str, Any] | None = None
@@ -963,7 +966,7 @@ def report_from_ab(data: dict[str, Any], tree: str) -> dict[str, Any]:
         for r in result.get("records", []):
             ours, ref = r.get("model") == "ours", r.get("model") == "ref"
             wanted = (ours and run["tree"] == tree) or (ref and run["tree"] == "base")
-            if wanted and r.get("throughput") and not r.get("skipped"):
+            if wanted and r.get("kind") in kinds and r.get("throughput") and not r.get("skipped"):
                 key = (r["case"], r["kind"], r["mode"], r.get("compile_mode") or "", r["model"])
                 side.setdefault(key, []).append(r)
                 cases.setdefault(r["case"], result.get("cases", {}).get(r["case"]))
@@ -976,10 +979,21 @@ def report_from_ab(data: dict[str, Any], tree: str) -> dict[str, Any]:
 
 def _report_from(path: str) -> dict[str, Any]:
     """A run's JSON, as `--out` wrote it; `AB.json:base` or `AB.json:change` reads one side of
-    an `ab.py` run (:func:`report_from_ab`)."""
-    file, _, tree = path.rpartition(":")
-    if tree not in AB_TREES or not file:
-        file, tree = path, ""
+    an `ab.py` run (:func:`report_from_ab`), `AB.json:change:train` its training cells only."""
+    file, kinds = path, KINDS
+    head, _, last = path.rpartition(":")
+    if last in KINDS and head:
+        file, kinds = head, (last,)
+    head, _, tree = file.rpartition(":")
+    if tree in AB_TREES and head:
+        file = head
+    else:
+        tree = ""
+    if kinds != KINDS and not tree:
+        raise InvalidValueError(
+            f"--table-from {path}: a kind is chosen only from one tree of an ab.py JSON, "
+            "as AB.json:change:train"
+        )
     try:
         report = json.loads(Path(file).read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -993,7 +1007,7 @@ def _report_from(path: str) -> dict[str, Any]:
             f"{path}:base or {path}:change"
         )
     if is_ab:
-        return report_from_ab(report, tree)
+        return report_from_ab(report, tree, kinds)
     if tree:
         raise InvalidValueError(
             f"--table-from {path}: ':{tree}' names a tree of an ab.py JSON, but {file} is not one"
@@ -1152,7 +1166,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="JSON",
         help="measure nothing: print the ratio table of earlier runs' JSON files, each cell "
         "from the last file that measured both sides of it (to build the table over several "
-        "device calls); an ab.py JSON as AB.json:base or AB.json:change (its rounds' medians); "
+        "device calls); an ab.py JSON as AB.json:base or AB.json:change (its rounds' medians; "
+        "AB.json:change:train for one kind's cells); "
         "--out writes the merged JSON",
     )
     parser.add_argument(

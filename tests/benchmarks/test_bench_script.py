@@ -661,6 +661,23 @@ def test_the_table_reads_either_tree_of_an_ab_run_as_its_summary_does(bench, tre
     plain.write_text(json.dumps(bench.report_from_ab(json.loads(AB_RUN.read_text()), tree)))
     with pytest.raises(ValueError, match=":base' names a tree of an ab.py JSON, but"):
         bench.run_from_args(_args(bench, "--table-from", f"{plain}:base"))
+    with pytest.raises(ValueError, match="a kind is chosen only from one tree of an ab.py"):
+        bench.run_from_args(_args(bench, "--table-from", f"{AB_RUN}:train"))
+
+
+def test_one_kind_of_each_tree_of_an_ab_run_makes_one_row(bench):
+    """`AB.json:change:train AB.json:base:infer`: a row whose training cell is the change's and
+    whose inference cell is the base's, where each side is the default of its kind."""
+    summary = {line["kind"]: line for line in json.loads(AB_RUN.read_text())["summary"]}
+    paths = [f"{AB_RUN}:change:train", f"{AB_RUN}:base:infer"]
+    data = bench.run_from_args(_args(bench, "--table-from", *paths))
+    (row,) = data["table"]["rows"]
+    speedup = {key: row["cells"][f"{key}_compile"]["speedup"] for key in ("train", "infer")}
+    assert speedup["train"] == pytest.approx(summary["train"]["change_vs_ref"], rel=1e-9)
+    assert speedup["infer"] == pytest.approx(summary["infer"]["base_vs_ref"], rel=1e-9)
+    assert data["meta"]["merged_from"] == {
+        "ddpm-cifar10": {"train_compile": paths[0], "infer_compile": paths[1]}
+    }
 
 
 def test_mfu_is_stated_from_the_reference_count_for_both_sides(bench):
