@@ -81,6 +81,22 @@ def _call_targets(gm: torch.fx.GraphModule) -> set[str]:
     return {str(n.target) for n in traced_nodes(gm) if n.op == "call_function"}
 
 
+def _recording_backward(calls: list[torch.fx.Node]):
+    """An AOT backend that runs the traced graphs as they are and appends the function calls of
+    each backward graph (and its subgraphs) to `calls`."""
+
+    def backend(gm, inputs):
+        def backward_compiler(bw, _):
+            calls.extend(n for n in traced_nodes(bw) if n.op == "call_function")
+            return make_boxed_func(bw)
+
+        return aot_module_simplified(
+            gm, inputs, fw_compiler=lambda fw, _: make_boxed_func(fw), bw_compiler=backward_compiler
+        )
+
+    return backend
+
+
 def _graphs_counted(module: nn.Module, *args: torch.Tensor) -> list[dict[str, int]]:
     """Per captured graph, how often each op is called."""
     seen: list[dict[str, int]] = []
@@ -196,18 +212,9 @@ def test_the_bias_gradient_comes_from_the_convolution_backward():
     settings.COMPILED_BIAS_GRADIENT_IN_CONV = True  # the autouse fixture restores it
     conv = conv_nd(2, 3, 4, 3, padding=1)
     x = torch.randn(1, 3, 8, 8, requires_grad=True)
-    backward_ops = []
-
-    def backend(gm, inputs):
-        def backward_compiler(bw, _):
-            backward_ops.extend(_call_targets(bw))
-            return make_boxed_func(bw)
-
-        return aot_module_simplified(
-            gm, inputs, fw_compiler=lambda fw, _: make_boxed_func(fw), bw_compiler=backward_compiler
-        )
-
-    torch.compile(Convolve(conv), backend=backend)(x).sum().backward()
+    backward_calls: list[torch.fx.Node] = []
+    torch.compile(Convolve(conv), backend=_recording_backward(backward_calls))(x).sum().backward()
+    backward_ops = {str(n.target) for n in backward_calls}
     assert "diffunet.convolution_backward.default" in backward_ops
     assert not any(op.startswith("aten.sum") for op in backward_ops), backward_ops
     assert conv.bias.grad is not None
@@ -236,26 +243,18 @@ def test_without_the_bias_gradient_in_the_op_autograd_sums_it_once(transposed):
         def call(x):
             return convolve(reference, x)
 
-    backward_ops, bias_flags = [], []
-
-    def backend(gm, inputs):
-        def backward_compiler(bw, _):
-            calls = [n for n in traced_nodes(bw) if n.op == "call_function"]
-            backward_ops.extend(str(n.target) for n in calls)
-            bias_flags.extend(
-                n.args[-1]
-                for n in calls
-                if str(n.target) == "diffunet.convolution_backward.default"
-            )
-            return make_boxed_func(bw)
-
-        return aot_module_simplified(
-            gm, inputs, fw_compiler=lambda fw, _: make_boxed_func(fw), bw_compiler=backward_compiler
-        )
-
+    backward_calls: list[torch.fx.Node] = []
     upstream = torch.randn_like(call(x))
-    torch.compile(call, backend=backend)(x).mul(upstream).sum().backward()
+    torch.compile(call, backend=_recording_backward(backward_calls))(x).mul(
+        upstream
+    ).sum().backward()
     compiled = (x.grad.clone(), reference.weight.grad.clone(), reference.bias.grad.clone())
+    backward_ops = [str(n.target) for n in backward_calls]
+    bias_flags = [
+        n.args[-1]
+        for n in backward_calls
+        if str(n.target) == "diffunet.convolution_backward.default"
+    ]
     assert bias_flags == [False]  # the operator's `bias_grad`
     assert any(op.startswith("aten.sum") for op in backward_ops), backward_ops
     x.grad = reference.weight.grad = reference.bias.grad = None
