@@ -1,17 +1,14 @@
 #!/usr/bin/env python3
-"""Host (Python) cost of diffunet's layout-stable convolution ops, measured on the CPU.
+"""Host (Python) cost of diffunet's layout-stable convolutions, measured on the CPU.
 
-Compiled training on a fast GPU can be host-bound (docs/performance.md), so what each op costs
+Compiled training on a fast GPU can be host-bound (docs/performance.md), so what each call costs
 the host matters as much as what it costs the GPU. With tiny tensors on the CPU the kernels
-cost next to nothing and the timings are host work:
-
-1. one call of `diffunet::convolution` / `diffunet::convolution_backward` against the aten
-   op it wraps;
-2. a compiled training step and a compiled `no_grad` forward of the quick `ddpm-cifar10` case
-   (65 convolutions, batch 1, 16², fp32), for ours, for diffusers' `UNet2DModel` of the same
-   architecture when diffusers is installed, and a training step of ours with plain aten
-   convolutions instead of the custom ops (which only a backward pass uses). Ours routes its
-   compiled convolutions through the custom ops on the CPU here, as it does on a GPU.
+cost next to nothing and the timings are host work: a compiled training step and a compiled
+`no_grad` forward of the quick `ddpm-cifar10` case (65 convolutions, batch 1, 16², fp32), for
+ours, for diffusers' `UNet2DModel` of the same architecture when diffusers is installed, and a
+training step of ours with its convolutions called as `nn.ConvNd` modules rather than through
+the layout-stable route (which only a backward pass takes). Ours routes its compiled
+convolutions on the CPU here, as it does on a GPU.
 
     python benchmarks/host_overhead.py            # five compilations: minutes on a small CPU
 """
@@ -35,7 +32,7 @@ from diffunet.accel import settings
 from harness.models import ReferenceUnavailable, build_case, build_ours, build_reference
 from harness.timing import make_batches
 
-#: Our compiled convolutions go through the custom ops on the CPU too, as they do on a GPU.
+#: Our compiled convolutions take the layout-stable route on the CPU too, as they do on a GPU.
 ROUTED = frozenset({"cpu", "cuda"})
 
 
@@ -52,31 +49,6 @@ def microseconds_per_call(
             fn()
         runs.append((time.perf_counter() - begin) / calls * 1e6)
     return statistics.median(runs)
-
-
-def op_costs() -> dict[str, float]:
-    """Per-call host cost of the custom ops and of the aten ops they wrap (1×1×2×2 input)."""
-    x, weight, grad = torch.randn(1, 1, 2, 2), torch.randn(1, 1, 1, 1), torch.randn(1, 1, 2, 2)
-    geometry = ([1, 1], [0, 0], [1, 1])
-    aten = torch.ops.aten
-    return {
-        "aten.convolution": microseconds_per_call(
-            lambda: aten.convolution.default(x, weight, None, *geometry, False, [0, 0], 1)
-        ),
-        "diffunet.convolution": microseconds_per_call(
-            lambda: torch.ops.diffunet.convolution.default(x, weight, *geometry, 1, False)
-        ),
-        "aten.convolution_backward": microseconds_per_call(
-            lambda: aten.convolution_backward.default(
-                grad, x, weight, None, *geometry, False, [0, 0], 1, [True, True, False]
-            )
-        ),
-        "diffunet.convolution_backward": microseconds_per_call(
-            lambda: torch.ops.diffunet.convolution_backward.default(
-                grad, x, weight, *geometry, 1, False, True, True, False
-            )
-        ),
-    }
 
 
 def compiled_step_ms(model: torch.nn.Module, steps: int = 30) -> float:
@@ -107,13 +79,9 @@ def compiled_forward_ms(model: torch.nn.Module, calls: int = 100) -> float:
 
 
 def main() -> int:
-    """Print both tables."""
+    """Print the table."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    print("per call, µs (host)")
-    for name, us in op_costs().items():
-        print(f"  {name:32s} {us:6.1f}")
-
     config = build_case("ddpm-cifar10", quick=True).config
     models = {
         "ours": lambda: build_ours(config),
@@ -132,7 +100,7 @@ def main() -> int:
         torch._dynamo.reset()
     with settings.override(ROUTED_DEVICES=frozenset()):  # convolve() calls conv(x) as in eager
         step = compiled_step_ms(build_ours(config))
-    print(f"  {'ours, aten convolutions in training too':46s} {step:10.2f}")
+    print(f"  {'ours, convolutions not routed':46s} {step:10.2f}")
     return 0
 
 

@@ -1,7 +1,7 @@
 """Where a training step's peak GPU memory goes: the blocks alive at the peak, by source line.
 
     python benchmarks/memory_history.py --case 3d --models ours,ref
-    python benchmarks/memory_history.py --case 3d --models ours --aten-convolutions
+    python benchmarks/memory_history.py --case 3d --models ours --plain-convolutions
     python benchmarks/memory_history.py --case ddpm-cifar10 --models ours,ref --kind infer
 
 For each model of the case (ours, or the reference of identical architecture, built as
@@ -14,8 +14,9 @@ line names the buffer with its shape, strides and dtype, and the comment after i
 nodes it serves. Prints the largest groups and writes JSON (`--out`, default
 `$OUT/memory_history.json`).
 
-`--aten-convolutions` routes no device through diffunet's layout-stable convolution ops
-(`diffunet.accel.settings.ROUTED_DEVICES`), so that Inductor convolves itself.
+`--plain-convolutions` routes no device's convolutions through diffunet's layout-stable route
+(`diffunet.accel.settings.ROUTED_DEVICES`): autograd's own convolution backward, in whatever
+layouts the traced graph gives it.
 """
 
 from __future__ import annotations
@@ -158,9 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kind", default="train", choices=("train", "infer"))
     parser.add_argument("--eager", action="store_true", help="do not compile")
     parser.add_argument(
-        "--aten-convolutions",
+        "--plain-convolutions",
         action="store_true",
-        help="no custom convolution ops: Inductor convolves itself",
+        help="convolutions not routed through diffunet's layout-stable route",
     )
     parser.add_argument("--warmup", type=int, default=3, help="steps before the recorded one")
     parser.add_argument("--top", type=int, default=30, help="groups kept per model (30)")
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--models takes ours and/or ref, got {args.models!r}")
     if not torch.cuda.is_available():
         parser.error("the CUDA memory history needs a CUDA GPU; none is visible")
-    if args.aten_convolutions:
+    if args.plain_convolutions:
         accel_settings.ROUTED_DEVICES = frozenset()
     torch.backends.cudnn.benchmark = True
     settings = Settings(device=torch.device("cuda", torch.cuda.current_device()))
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         "case": args.case,
         "description": case.description,
         "batch": case.batch,
-        "aten_convolutions": args.aten_convolutions,
+        "plain_convolutions": args.plain_convolutions,
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "runs": [],

@@ -77,6 +77,11 @@ def traced_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     return [n for g in graphs for n in g.graph.nodes]
 
 
+#: How a routed convolution shows in a Dynamo graph: `aten.convolution` inside the traced
+#: `autograd.Function` (a plain `nn.ConvNd` call shows as `conv2d` and friends there).
+ROUTED = str(torch.ops.aten.convolution.default)
+
+
 def _call_targets(gm: torch.fx.GraphModule) -> set[str]:
     return {str(n.target) for n in traced_nodes(gm) if n.op == "call_function"}
 
@@ -114,12 +119,12 @@ def _graphs_counted(module: nn.Module, *args: torch.Tensor) -> list[dict[str, in
 
 
 def _traced_input_strides(conv: nn.Module, x: torch.Tensor) -> list[tuple[int, ...]]:
-    """The strides of the input the compiled `convolve(conv, x)` hands the custom op."""
+    """The strides of the input the compiled `convolve(conv, x)` hands `aten.convolution`."""
     strides = []
 
     def backend(gm, inputs):
         for node in traced_nodes(gm):
-            if node.target is torch.ops.diffunet.convolution.default:
+            if node.target is torch.ops.aten.convolution.default:
                 strides.append(node.args[0].meta["example_value"].stride())
         return gm
 
@@ -206,24 +211,55 @@ def test_bias_gradient_is_the_sum_over_all_but_the_channels(shape, layout):
     torch.testing.assert_close(conv_module.bias_gradient(grad), expected, rtol=1e-12, atol=1e-12)
 
 
-def test_the_bias_gradient_comes_from_the_convolution_backward():
+def _convolution_backwards(calls: list[torch.fx.Node]) -> list[torch.fx.Node]:
+    return [n for n in calls if n.target is torch.ops.aten.convolution_backward.default]
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_the_backward_hands_cudnn_the_output_gradient_in_its_layout(dims):
+    """The point of the route: the traced backward gives `aten.convolution_backward` (whose
+    operands Inductor lays out as traced) a channels-last output gradient and input, even where
+    the gradient arrives NCHW, as through eager CUDA GroupNorm's backward."""
+    memory_format = memory_format_for(dims)
+    conv = conv_nd(dims, 4, 4, 3, padding=1).to(memory_format=memory_format)
+    x = torch.randn(2, 4, *[6] * dims, requires_grad=True)
+
+    def call(x):
+        # `contiguous` after the convolution: the gradient reaching it comes back NCHW
+        return convolve(conv, x).contiguous().square().sum()
+
+    backward_calls: list[torch.fx.Node] = []
+    torch.compile(call, backend=_recording_backward(backward_calls))(x).backward()
+    (node,) = _convolution_backwards(backward_calls)
+    grad, saved_input, weight = (node.args[i].meta["val"] for i in range(3))
+    for t in (grad, saved_input, weight):
+        assert t.is_contiguous(memory_format=memory_format), t.stride()
+    assert node.args[-1] == [True, True, False]  # the bias gradient is not cuDNN's
+    conv_copy = conv_nd(dims, 4, 4, 3, padding=1)
+    conv_copy.load_state_dict(conv.state_dict())
+    x_copy = x.detach().clone().requires_grad_()
+    conv_copy(x_copy).square().sum().backward()
+    torch.testing.assert_close(x.grad, x_copy.grad)
+    torch.testing.assert_close(conv.weight.grad, conv_copy.weight.grad)
+
+
+def test_the_bias_gradient_is_the_product_with_ones_in_cuda_graph_modes():
     """With `COMPILED_BIAS_GRADIENT_IN_CONV` on (CUDA-graph modes), the compiled backward sums
-    no gradient for the bias itself: the custom op returns it."""
+    no gradient for the bias: the convolution's backward computes it as a matrix product."""
     settings.COMPILED_BIAS_GRADIENT_IN_CONV = True  # the autouse fixture restores it
-    conv = conv_nd(2, 3, 4, 3, padding=1)
+    conv = conv_nd(2, 3, 4, 3, padding=1).to(memory_format=torch.channels_last)
     x = torch.randn(1, 3, 8, 8, requires_grad=True)
     backward_calls: list[torch.fx.Node] = []
     torch.compile(Convolve(conv), backend=_recording_backward(backward_calls))(x).sum().backward()
     backward_ops = {str(n.target) for n in backward_calls}
-    assert "diffunet.convolution_backward.default" in backward_ops
+    assert "aten.mm.default" in backward_ops
     assert not any(op.startswith("aten.sum") for op in backward_ops), backward_ops
-    assert conv.bias.grad is not None
     torch.testing.assert_close(conv.bias.grad, torch.full((4,), 64.0))
 
 
 @pytest.mark.parametrize("transposed", [False, True])
 def test_without_the_bias_gradient_in_the_op_autograd_sums_it_once(transposed):
-    """`COMPILED_BIAS_GRADIENT_IN_CONV` off (plain-compile training): the backward operator
+    """`COMPILED_BIAS_GRADIENT_IN_CONV` off (plain-compile training): the convolution's backward
     computes no bias gradient, the graph sums the output gradient instead, and the gradients
     are those of `nn.ConvNd` (not twice the bias's)."""
     settings.COMPILED_BIAS_GRADIENT_IN_CONV = False  # the autouse fixture restores it
@@ -250,13 +286,10 @@ def test_without_the_bias_gradient_in_the_op_autograd_sums_it_once(transposed):
     ).sum().backward()
     compiled = (x.grad.clone(), reference.weight.grad.clone(), reference.bias.grad.clone())
     backward_ops = [str(n.target) for n in backward_calls]
-    bias_flags = [
-        n.args[-1]
-        for n in backward_calls
-        if str(n.target) == "diffunet.convolution_backward.default"
-    ]
-    assert bias_flags == [False]  # the operator's `bias_grad`
+    (node,) = _convolution_backwards(backward_calls)
+    assert node.args[-1] == [True, True, False]  # cuDNN computes no bias gradient
     assert any(op.startswith("aten.sum") for op in backward_ops), backward_ops
+    assert "aten.mm.default" not in backward_ops
     x.grad = reference.weight.grad = reference.bias.grad = None
     reference(x).mul(upstream).sum().backward()
     for got, expected in zip(compiled, (x.grad, reference.weight.grad, reference.bias.grad)):
@@ -270,30 +303,30 @@ def test_input_without_gradient_gets_none():
     assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
 
 
-def test_compile_routes_through_the_custom_op_and_eager_does_not():
+def test_compile_routes_through_the_autograd_function_and_eager_does_not():
     conv = conv_nd(2, 3, 4, 3, padding=1)
     x = torch.randn(1, 3, 8, 8)
     (ops,) = _graphs(Convolve(conv), x)
-    assert "diffunet.convolution.default" in ops
+    assert ROUTED in ops and "autograd_function_apply" in ops
     assert not any("conv2d" in op for op in ops)
     assert type(conv) is nn.Conv2d  # the model holds plain modules; only the call differs
     torch.testing.assert_close(Convolve(conv)(x), conv(x), rtol=0, atol=0)
 
 
 def test_without_a_backward_inductor_convolves_itself():
-    """No gradient, no layout problem: the custom ops would only cost host time."""
+    """No gradient, no layout problem: Inductor's own convolution lowering lays it out."""
     conv = conv_nd(2, 3, 4, 3, padding=1)
     x = torch.randn(1, 3, 8, 8)
     with torch.no_grad():
         (ops,) = _graphs(Convolve(conv), x)
-    assert not any(op.startswith("diffunet") for op in ops)
+    assert ROUTED not in ops and "autograd_function_apply" not in ops
     torch._dynamo.reset()
     conv.requires_grad_(False)
     (ops,) = _graphs(Convolve(conv), x)  # grad mode on, but nothing to differentiate
-    assert not any(op.startswith("diffunet") for op in ops)
+    assert ROUTED not in ops and "autograd_function_apply" not in ops
     torch._dynamo.reset()
     (ops,) = _graphs(Convolve(conv), x.requires_grad_())  # the input's gradient needs a backward
-    assert "diffunet.convolution.default" in ops
+    assert ROUTED in ops
 
 
 def test_hooks_subclasses_and_other_layers_are_just_called():
@@ -307,7 +340,7 @@ def test_hooks_subclasses_and_other_layers_are_just_called():
     x = torch.randn(1, 3, 8, 8)
     for layer in (conv, Scaled(3, 4, 3, padding=1), nn.AvgPool2d(2), nn.Identity()):
         (ops,) = _graphs(Convolve(layer), x)
-        assert not any(op.startswith("diffunet") for op in ops), layer
+        assert ROUTED not in ops and "autograd_function_apply" not in ops, layer
         torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(Convolve(conv), backend="eager")(x), conv(x))
 
@@ -327,7 +360,7 @@ def test_split_bias_output_plus_bias_is_the_convolution(compiled, grad):
 
     if compiled:
         with torch.set_grad_enabled(grad):
-            assert ("diffunet.convolution.default" in set().union(*_graphs(split, x))) == grad
+            assert (ROUTED in set().union(*_graphs(split, x))) == grad
         torch._dynamo.reset()
         split = torch.compile(split, backend="aot_eager")
     with torch.set_grad_enabled(grad):
@@ -377,7 +410,7 @@ def test_split_bias_keeps_the_bias_in_exported_programs():
     assert len(conv.args) > 2 and conv.args[2] is not None
 
 
-def test_the_unet_compiles_every_convolution_through_the_custom_op():
+def test_the_unet_compiles_every_convolution_through_the_layout_stable_route():
     model = accelerate(
         UNet(
             UNetConfig(
@@ -392,7 +425,8 @@ def test_the_unet_compiles_every_convolution_through_the_custom_op():
     )
     convs = sum(type(m) is nn.Conv2d for m in model.modules())
     (ops,) = _graphs_counted(model, torch.randn(2, 3, 16, 16), torch.tensor([1.0, 2.0]))
-    assert ops["diffunet.convolution.default"] == convs
+    assert ops[ROUTED] == convs
+    assert not any("conv2d" in op for op in ops)
 
 
 def test_a_checkpointed_unet_trains_compiled_as_in_eager_through_the_operators():
@@ -419,7 +453,7 @@ def test_a_checkpointed_unet_trains_compiled_as_in_eager_through_the_operators()
     torch.compile(model, backend=backend)(x, t).square().mean().backward()
     for p, g in zip(model.parameters(), want, strict=True):
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
-    assert any("diffunet.convolution.default" in _call_targets(g) for g in backend.fw_graphs)
+    assert any(ROUTED in _call_targets(g) for g in backend.graphs)
 
 
 def test_export_keeps_plain_aten_convolutions():
@@ -427,7 +461,7 @@ def test_export_keeps_plain_aten_convolutions():
     program = torch.export.export(conv, (torch.randn(2, 3, 8, 8),), strict=False)
     ops = _call_targets(program.graph_module)
     assert "aten.conv2d.default" in ops
-    assert not any(op.startswith("diffunet") for op in ops)
+    assert ROUTED not in ops
 
 
 def test_nchw_input_to_channels_last_weight_is_made_channels_last_in_the_graph():
@@ -620,7 +654,7 @@ def test_on_the_cpu_inductor_convolves_itself():
     settings.ROUTED_DEVICES = frozenset({"cuda"})
     conv = conv_nd(2, 3, 4, 3, padding=1)
     (ops,) = _graphs(Convolve(conv), torch.randn(1, 3, 8, 8, requires_grad=True))
-    assert not any(op.startswith("diffunet") for op in ops)
+    assert ROUTED not in ops and "autograd_function_apply" not in ops
 
 
 @pytest.mark.slow

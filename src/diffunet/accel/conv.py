@@ -1,26 +1,28 @@
 """Convolutions whose backward pass never converts layouts under `torch.compile`.
 
 cuDNN wants a convolution's input and output gradient in the weight's memory format
-(channels-last here). Under `torch.compile` (PyTorch 2.11) the backward graph hands the
-`aten.convolution_backward` fallback both of them NCHW: eager CUDA GroupNorm returns NCHW, so
-that is what the traced graph says, and nothing constrains the fallback's inputs. The backward
-then copies the input to channels-last and the output gradient to the input's layout, a large
-share of a compiled training step (docs/performance.md).
+(channels-last here). Inductor hands the `aten.convolution_backward` fallback its operands in
+the strides the traced graph gives them (PyTorch 2.11), and a plain convolution's traced
+backward gives both of them NCHW: eager CUDA GroupNorm returns NCHW, so that is what the graph
+says. The backward then copies the input to channels-last and the output gradient to the
+input's layout, a large share of a compiled training step (docs/performance.md).
 
-`convolve(conv, x)` routes a plain `nn.ConvNd` through the operators below while Dynamo
-traces a convolution that autograd will differentiate: the convolution becomes an extern call
-that Inductor must feed in fixed strides, and `convolve` asks for cuDNN's layout, so the
-recomputing kernels write channels-last directly and the copies vanish. The bias is added
-outside the op, where Inductor fuses it into the next kernel. Its gradient comes, in
-CUDA-graph modes (`settings.COMPILED_BIAS_GRADIENT_IN_CONV` on), from the op's backward, which
-sums the output gradient it already holds in cuDNN's layout (faster than Inductor's sum fused
-into the GroupNorm-backward reductions), and in plain-compile training graphs, bound by their
-launches, from that fused sum (no launch of its own). Compiled inference is `conv(x)` on an
-input pinned to cuDNN's layout (`pin_layout`), which Inductor gives only 2D convolutions
-by itself. In eager mode and (non-strict) `torch.export` it is just `conv(x)`.
-`convolve_split_bias` is the same without the bias, for a caller that adds it elsewhere. Thin
-3D convolutions on a GPU (a 3D U-Net's first and last) run `thin_conv`'s Triton kernels
-instead. `settings.ROUTED_DEVICES` and `settings.PADDED_DEVICES` say where these apply.
+`convolve(conv, x)` routes a plain `nn.ConvNd` through `_Convolution`, an `autograd.Function`
+that Dynamo traces into the graph, while it traces a convolution that autograd will
+differentiate: `convolve` asks for cuDNN's layout of the input and the function's backward for
+that of the output gradient, so the kernels producing them write channels-last directly and
+the copies vanish. The graph still calls ATen's convolution and its backward, with no Python
+of ours at run time. The bias is added outside the convolution, where Inductor fuses it into
+the next kernel. Its gradient comes, in CUDA-graph modes (`settings.COMPILED_BIAS_GRADIENT_IN_CONV`
+on), from the function's backward, as a product of the output gradient it holds in cuDNN's
+layout with a row of ones (faster than Inductor's sum fused into the GroupNorm-backward
+reductions), and in plain-compile training graphs, bound by their launches, from that fused
+sum (no launch of its own). Compiled inference is `conv(x)` on an input pinned to cuDNN's
+layout (`pin_layout`), which Inductor gives only 2D convolutions by itself. In eager mode and
+(non-strict) `torch.export` it is just `conv(x)`. `convolve_split_bias` is the same without
+the bias, for a caller that adds it elsewhere. Thin 3D convolutions on a GPU (a 3D U-Net's
+first and last) run `thin_conv`'s Triton kernels instead. `settings.ROUTED_DEVICES` and
+`settings.PADDED_DEVICES` say where these apply.
 """
 
 from __future__ import annotations
@@ -32,32 +34,7 @@ from torch import nn
 
 from diffunet.accel import settings, thin_conv
 from diffunet.accel.layout import channels_last_of
-from diffunet.accel.library import define_op
 from diffunet.accel.operands import autocast_dtype, autocast_operands, pad_output_channels
-
-
-def _aten_convolution(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    groups: int,
-    transposed: bool,
-) -> torch.Tensor:
-    return torch.ops.aten.convolution(
-        x, weight, None, stride, padding, dilation, transposed, [0] * len(stride), groups
-    )
-
-
-#: `aten.convolution` (transposed or not, no output padding, no bias) as an operator whose
-#: inputs keep their traced strides.
-convolution_op = define_op(
-    "convolution",
-    "(Tensor x, Tensor weight, int[] stride, int[] padding, int[] dilation, int groups, "
-    "bool transposed) -> Tensor",
-    _aten_convolution,
-)
 
 
 def bias_gradient(grad: torch.Tensor) -> torch.Tensor:
@@ -75,79 +52,32 @@ def bias_gradient(grad: torch.Tensor) -> torch.Tensor:
     return ones.mm(positions).view(-1)
 
 
-def _aten_convolution_backward(
-    grad: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    groups: int,
-    transposed: bool,
-    input_grad: bool,
-    weight_grad: bool,
-    bias_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
-        grad,
-        x,
-        weight,
-        None,
-        stride,
-        padding,
-        dilation,
-        transposed,
-        [0] * len(stride),
-        groups,
-        [input_grad, weight_grad, False],
-    )
-    # An operator returns tensors, never None: an empty tensor stands for "not asked for".
-    return (
-        grad_x if input_grad else x.new_empty(0),
-        grad_weight if weight_grad else weight.new_empty(0),
-        bias_gradient(grad) if bias_grad else weight.new_empty(0),
-    )
-
-
-#: Gradients of `convolution_op` with respect to its input, weight and bias (empty where not
-#: asked for); the bias gradient sums the output gradient it already holds in cuDNN's layout.
-convolution_backward_op = define_op(
-    "convolution_backward",
-    "(Tensor grad, Tensor x, Tensor weight, int[] stride, int[] padding, int[] dilation, "
-    "int groups, bool transposed, bool input_grad, bool weight_grad, bool bias_grad) "
-    "-> (Tensor, Tensor, Tensor)",
-    _aten_convolution_backward,
-)
-
-
 class _Convolution(torch.autograd.Function):
-    """`convolution_op` and its derivative, for Dynamo to trace into the graph."""
+    """`aten.convolution` without its bias, and a backward that hands cuDNN the output gradient
+    in its layout, for Dynamo to trace into the graph."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups, transposed):
+        # Pinned, not just asked for: Inductor lays out a 3D convolution (and a 2D one in graphs
+        # it leaves in NCHW) after its operands' current layouts, free buffers' NCDHW included.
+        ctx.memory_format = cudnn_memory_format(x, weight)
+        x, weight = pin_layout(x, ctx.memory_format), pin_layout(weight, ctx.memory_format)
         ctx.save_for_backward(x, weight)
-        ctx.geometry = (stride, padding, dilation, groups, transposed)
-        ctx.memory_format = cudnn_memory_format(x, weight)  # x already has the layout asked for
-        return convolution_op(x, weight, stride, padding, dilation, groups, transposed)
+        ctx.geometry = (stride, padding, dilation, transposed, [0] * len(stride), groups)
+        return torch.ops.aten.convolution.default(x, weight, None, *ctx.geometry)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         want_x, want_weight, want_bias = ctx.needs_input_grad[:3]
+        # Inductor hands `aten.convolution_backward` its operands in their traced strides: the
+        # kernel producing `grad` writes it in cuDNN's layout, so cuDNN converts nothing.
         grad = grad.contiguous(memory_format=ctx.memory_format)
-        grad_x, grad_weight, grad_bias = convolution_backward_op(
-            grad, x, weight, *ctx.geometry, want_x, want_weight, want_bias
+        grad_x, grad_weight, _ = torch.ops.aten.convolution_backward.default(
+            grad, x, weight, None, *ctx.geometry, [want_x, want_weight, False]
         )
-        return (
-            grad_x if want_x else None,
-            grad_weight if want_weight else None,
-            grad_bias if want_bias else None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+        grad_bias = bias_gradient(grad) if want_bias else None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None
 
 
 def convolution(
@@ -161,11 +91,11 @@ def convolution(
     transposed: bool,
 ) -> torch.Tensor:
     """`aten.convolution` (transposed or not, no output padding) *without* adding `bias`,
-    through `convolution_op`, differentiable.
+    differentiable, its backward handing cuDNN the output gradient in cuDNN's layout.
 
     `bias` is here only for its gradient: the caller adds `bias.detach()` to the output, where
     Inductor fuses the add into the next kernel, and the backward sums the output gradient it
-    already holds in cuDNN's layout into the bias gradient.
+    already holds in cuDNN's layout into the bias gradient (`bias_gradient`).
     """
     return _Convolution.apply(x, weight, bias, stride, padding, dilation, groups, transposed)
 
@@ -264,13 +194,13 @@ def _routable(conv: nn.Module) -> bool:
 
 
 def _needs_backward(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether autograd will differentiate this convolution. The custom ops exist for the
-    backward's layouts; without one they only cost host time."""
+    """Whether autograd will differentiate this convolution. The route exists for the
+    backward's layouts; without one Inductor's own lowering lays the convolution out."""
     return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
 
 
 def convolve(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`conv(x)`; under `torch.compile` with autograd, through the layout-stable custom ops above.
+    """`conv(x)`; under `torch.compile` with autograd, through `_Convolution`, the layout-stable route above.
 
     The model keeps plain `nn.ConvNd` modules (tools that match module types, such as the pt2e
     quantizers, see exactly those); only this call differs while Dynamo traces. Anything else
@@ -307,7 +237,7 @@ def convolve_transposed(
     """`F.conv_transpose{1,2,3}d(x, weight, bias, stride, padding)` (no output padding, one
     group) in `memory_format`, for a weight computed in the graph rather than held by a module
     (whose layout the module decides: `_layout_for`); under `torch.compile` with autograd
-    through the layout-stable custom ops, like `convolve`."""
+    through the layout-stable route, like `convolve`."""
     dilation = [1] * len(stride)
     compiling = _compiling_for_inductor() and x.device.type in settings.ROUTED_DEVICES
     x, weight, bias = autocast_operands(x, weight, bias)
@@ -379,9 +309,9 @@ def _convolve(conv: nn.Module, x: torch.Tensor, *, with_bias: bool) -> torch.Ten
             return conv._conv_forward(x, weight, bias)[:, : conv.out_channels]
         return conv(x) if with_bias else conv._conv_forward(x, conv.weight, None)
     x, weight, bias = autocast_operands(x, conv.weight, conv.bias if with_bias else None)
-    # Eager CUDA GroupNorm hands back NCHW even for channels-last input, and the custom op pins
-    # the strides Inductor saw while tracing: ask for cuDNN's layout here, and the kernel that
-    # produces `x` writes it that way (no extra copy).
+    # Eager CUDA GroupNorm hands back NCHW even for channels-last input, and Inductor keeps the
+    # strides it saw while tracing for the backward: ask for cuDNN's layout here, and the kernel
+    # that produces `x` writes it that way (no extra copy).
     x = x.contiguous(memory_format=_layout_for(conv, x, weight))
     padded_weight, padded_bias = (
         pad_output_channels(weight, bias, extra) if extra else (weight, bias)
@@ -401,7 +331,7 @@ def _convolve(conv: nn.Module, x: torch.Tensor, *, with_bias: bool) -> torch.Ten
 
 
 def _add_bias(out: torch.Tensor, bias: torch.Tensor | None, *, detached: bool) -> torch.Tensor:
-    """`out` plus `bias` per channel. `detached` where the custom op's backward gives the bias
+    """`out` plus `bias` per channel. `detached` where `_Convolution`'s backward gives the bias
     gradient (`settings.COMPILED_BIAS_GRADIENT_IN_CONV`, see `convolution`); otherwise autograd
     sums it here, in a reduction Inductor fuses with others."""
     if bias is None:

@@ -33,7 +33,7 @@ does not parse warns and keeps the default.
 | `THIN_CONV_LAUNCH` | | `ThinConvLaunch()` | block sizes and warps of the thin kernels |
 | `CHANNEL_MULTIPLE` | | 8 | 3D convolutions' output channels are zero-padded to a multiple of it… |
 | `PADDED_DEVICES` | | `cuda` | …on these device types |
-| `ROUTED_DEVICES` | `DIFFUNET_ROUTED_CONV` (`cuda`, `none`, …) | `cuda` | device types whose compiled convolutions use `conv`'s custom ops |
+| `ROUTED_DEVICES` | `DIFFUNET_ROUTED_CONV` (`cuda`, `none`, …) | `cuda` | device types whose compiled convolutions take `conv`'s layout-stable route |
 | `PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV` | `DIFFUNET_PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV` (`1`: on) | off | plain-compile training graphs take a routed convolution's bias gradient from its backward operator |
 | `COMPILED_BIAS_GRADIENT_IN_CONV` | | the plain-compile one | the same for graphs traced from now on (on in CUDA-graph modes) |
 | `FOLDED_DEVICES` | `DIFFUNET_FOLDED_UPSAMPLE` (`cpu,cuda`, `none`, …) | `cpu`, `cuda` | device types that fold nearest upsampling into the next convolution |
@@ -394,8 +394,8 @@ def set_thin_conv_enabled(enabled: bool) -> None:
 CHANNEL_MULTIPLE: int = 8
 #: Devices on which `conv.convolve` pads (cuDNN's). Tests add "cpu" to check the arithmetic.
 PADDED_DEVICES: frozenset[str] = frozenset({"cuda"})
-#: Devices whose compiled convolutions go through the custom ops of `conv`: the layout copies
-#: they remove are cuDNN's. On the CPU, Inductor's C++ code for the bias gradients they leave
+#: Devices whose compiled convolutions take `conv`'s layout-stable route: the layout copies
+#: it removes are cuDNN's. On the CPU, Inductor's C++ code for the bias gradients they leave
 #: to it does not compile for some bf16 3D U-Nets (torch 2.13: a duplicate variable
 #: declaration), so the CPU keeps Inductor's own convolution. Tests add "cpu".
 ROUTED_DEVICES: frozenset[str] = frozenset({"cuda"})
@@ -437,9 +437,9 @@ if FOLDED_DEVICES_ENV in os.environ:
         warnings.warn(f"{err}; folding on {sorted(FOLDED_DEVICES)}", stacklevel=1)
 
 
-#: The environment variable naming the devices whose compiled convolutions use `conv`'s
-#: custom ops (`ROUTED_DEVICES`; "none" for none: Inductor's own convolutions everywhere,
-#: for an A/B of what the operators' host time costs a step bound by launches).
+#: The environment variable naming the devices whose compiled convolutions take `conv`'s
+#: layout-stable route (`ROUTED_DEVICES`; "none" for none: plain convolutions everywhere, for
+#: an A/B of what the route gains).
 ROUTED_DEVICES_ENV = "DIFFUNET_ROUTED_CONV"
 
 if ROUTED_DEVICES_ENV in os.environ:
