@@ -593,22 +593,27 @@ def test_cudnn_memory_format_follows_either_operand():
 
 
 @pytest.mark.gpu
-def test_compiled_training_on_gpu_makes_no_layout_copies_in_convolution_backward():
-    """The point of the module: no `contiguous`/`to` copies under the convolution backward."""
+@pytest.mark.parametrize("dims", [2, 3])
+def test_compiled_training_on_gpu_makes_no_layout_copies_in_convolution_backward(dims):
+    """The point of the module: no `contiguous`/`to` copies under a convolution's backward, and
+    no layout conversion inside cuDNN either way (its `nchwToNhwc` / `nhwcToNchw` kernels),
+    under autocast, in 2D and in 3D (whose convolutions Inductor lays out after their operands)."""
     from torch.profiler import ProfilerActivity, profile
 
     class Block(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.norm1, self.conv1 = nn.GroupNorm(8, 64), conv_nd(2, 64, 64, 3, padding=1)
-            self.norm2, self.conv2 = nn.GroupNorm(8, 64), conv_nd(2, 64, 64, 3, padding=1)
+            self.norm1, self.conv1 = nn.GroupNorm(8, 64), conv_nd(dims, 64, 64, 3, padding=1)
+            self.norm2, self.conv2 = nn.GroupNorm(8, 64), conv_nd(dims, 64, 64, 3, padding=1)
 
         def forward(self, x):
             h = convolve(self.conv1, F.silu(self.norm1(x)))
             return x + convolve(self.conv2, F.silu(self.norm2(h)))
 
-    block = Block().cuda().to(memory_format=torch.channels_last)
-    x = torch.randn(4, 64, 32, 32, device="cuda").to(memory_format=torch.channels_last)
+    layout = memory_format_for(dims)
+    block = Block().cuda().to(memory_format=layout)
+    shape = (4, 64, 32, 32) if dims == 2 else (2, 64, 16, 16, 16)
+    x = torch.randn(*shape, device="cuda").to(memory_format=layout)
     compiled = torch.compile(block)
 
     def step():
@@ -631,6 +636,10 @@ def test_compiled_training_on_gpu_makes_no_layout_copies_in_convolution_backward
             if any("convolution" in name for name in chain):
                 copies.append(" > ".join(reversed(chain)))
     assert copies == []
+    conversions = {
+        evt.key for evt in prof.key_averages() if "nchwToNhwc" in evt.key or "nhwcToNchw" in evt.key
+    }
+    assert conversions == set()
 
 
 def test_preferred_channels_last_without_converting_the_weight():
