@@ -65,7 +65,7 @@ UNET_3D = UNetConfig(
 
 @pytest.fixture(autouse=True)
 def routed_on_the_cpu():
-    """The custom ops serve CUDA runs; these tests check their arithmetic on the CPU too (the
+    """The route serves CUDA runs; these tests check its arithmetic on the CPU too (the
     autouse `accel_settings` fixture restores the setting)."""
     settings.ROUTED_DEVICES = frozenset({"cuda", "cpu"})
 
@@ -348,7 +348,7 @@ def test_hooks_subclasses_and_other_layers_are_just_called():
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("grad", [False, True])
 def test_split_bias_output_plus_bias_is_the_convolution(compiled, grad):
-    """Eager, compiled through the custom op (with autograd) and compiled inference alike; the
+    """Eager, compiled through the route (with autograd) and compiled inference alike; the
     bias still gets its gradient once the caller adds it."""
     torch.manual_seed(0)
     conv = conv_nd(2, 4, 6, 3, padding=1)
@@ -429,7 +429,7 @@ def test_the_unet_compiles_every_convolution_through_the_layout_stable_route():
     assert not any("conv2d" in op for op in ops)
 
 
-def test_a_checkpointed_unet_trains_compiled_as_in_eager_through_the_operators():
+def test_a_checkpointed_unet_trains_compiled_as_in_eager_through_the_route():
     """Gradient checkpointing recomputes the blocks in the backward: the convolutions'
     `autograd.Function` must trace inside the checkpointed regions too."""
     from torch._dynamo.testing import AotEagerAndRecordGraphs

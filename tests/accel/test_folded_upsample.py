@@ -23,7 +23,7 @@ CASES = [(1, (2,)), (2, (2, 2)), (3, (2, 2, 2)), (3, (1, 2, 2)), (2, (2, 1))]
 @pytest.fixture(autouse=True)
 def folded_on_the_cpu(monkeypatch):
     """Folding on the CPU and the GPU whatever the environment says (each test may change it),
-    the custom ops taken on the CPU too."""
+    the convolutions' layout-stable route taken on the CPU too."""
     monkeypatch.setattr(settings, "FOLDED_DEVICES", frozenset({"cuda", "cpu"}))
     monkeypatch.setattr(settings, "ROUTED_DEVICES", frozenset({"cuda", "cpu"}))
     torch._dynamo.reset()
