@@ -34,7 +34,7 @@ does not parse warns and keeps the default.
 | `CHANNEL_MULTIPLE` | | 8 | 3D convolutions' output channels are zero-padded to a multiple of it… |
 | `PADDED_DEVICES` | | `cuda` | …on these device types |
 | `ROUTED_DEVICES` | `DIFFUNET_ROUTED_CONV` (`cuda`, `none`, …) | `cuda` | device types whose compiled convolutions take `conv`'s layout-stable route |
-| `PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV` | `DIFFUNET_PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV` (`1`: on) | off | plain-compile training graphs take a routed convolution's bias gradient from its backward operator |
+| `PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV` | `DIFFUNET_PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV` (`1`: on) | off | plain-compile training graphs take a routed convolution's bias gradient from its backward (a product with ones) |
 | `COMPILED_BIAS_GRADIENT_IN_CONV` | | the plain-compile one | the same for graphs traced from now on (on in CUDA-graph modes) |
 | `FOLDED_DEVICES` | `DIFFUNET_FOLDED_UPSAMPLE` (`cpu,cuda`, `none`, …) | `cpu`, `cuda` | device types that fold nearest upsampling into the next convolution |
 | `BATCHED_FILM` | `DIFFUNET_BATCHED_FILM` (`0`: off) | on | compiled graphs compute every ResBlock's embedding projection in one GEMM |
@@ -452,8 +452,8 @@ if ROUTED_DEVICES_ENV in os.environ:
 #: The environment variable that turns `PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV` on ("1") or off.
 PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV_ENV = "DIFFUNET_PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV"
 #: Whether training graphs of the compile modes without CUDA graphs take a routed convolution's
-#: bias gradient from its backward operator (a GEMV over the gradient it already holds: two
-#: more launches and their Python per convolution) rather than from Inductor, which sums it in
+#: bias gradient from its backward (a GEMV over the gradient it already holds: two more
+#: launches per convolution) rather than from Inductor, which sums it in
 #: a reduction it fuses with others over the same gradient (no launch of its own). Off: steps
 #: bound by their launches gained, larger ones ran as fast (docs/performance.md).
 PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV: bool = _switch_from_env(
