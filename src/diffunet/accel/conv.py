@@ -57,11 +57,12 @@ class _Convolution(torch.autograd.Function):
     in its layout, for Dynamo to trace into the graph."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, transposed):
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, transposed, layout):
         # Pinned, not just asked for: Inductor lays out a 3D convolution (and a 2D one in graphs
         # it leaves in NCHW) after its operands' current layouts, free buffers' NCDHW included.
-        ctx.memory_format = cudnn_memory_format(x, weight)
-        x, weight = pin_layout(x, ctx.memory_format), pin_layout(weight, ctx.memory_format)
+        # Eager CUDA GroupNorm hands `x` back NCHW: its producing kernel now writes `layout`.
+        ctx.memory_format = layout
+        x, weight = pin_layout(x, layout), pin_layout(weight, layout)
         ctx.save_for_backward(x, weight)
         ctx.geometry = (stride, padding, dilation, transposed, [0] * len(stride), groups)
         return torch.ops.aten.convolution.default(x, weight, None, *ctx.geometry)
@@ -77,7 +78,7 @@ class _Convolution(torch.autograd.Function):
             grad, x, weight, None, *ctx.geometry, [want_x, want_weight, False]
         )
         grad_bias = bias_gradient(grad) if want_bias else None
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 def convolution(
@@ -89,15 +90,18 @@ def convolution(
     dilation: Sequence[int],
     groups: int,
     transposed: bool,
+    layout: torch.memory_format,
 ) -> torch.Tensor:
     """`aten.convolution` (transposed or not, no output padding) *without* adding `bias`,
-    differentiable, its backward handing cuDNN the output gradient in cuDNN's layout.
+    differentiable, with `x`, `weight` and the output gradient in `layout` (cuDNN's).
 
     `bias` is here only for its gradient: the caller adds `bias.detach()` to the output, where
     Inductor fuses the add into the next kernel, and the backward sums the output gradient it
     already holds in cuDNN's layout into the bias gradient (`bias_gradient`).
     """
-    return _Convolution.apply(x, weight, bias, stride, padding, dilation, groups, transposed)
+    return _Convolution.apply(
+        x, weight, bias, stride, padding, dilation, groups, transposed, layout
+    )
 
 
 def _prefers(t: torch.Tensor, memory_format: torch.memory_format) -> bool:
@@ -241,11 +245,10 @@ def convolve_transposed(
     dilation = [1] * len(stride)
     compiling = _compiling_for_inductor() and x.device.type in settings.ROUTED_DEVICES
     x, weight, bias = autocast_operands(x, weight, bias)
-    weight = weight.contiguous(memory_format=memory_format)
     if compiling and _needs_backward(x, weight):
         in_op = settings.COMPILED_BIAS_GRADIENT_IN_CONV
         out = convolution(
-            x.contiguous(memory_format=memory_format),
+            x,
             weight,
             bias if in_op else None,
             list(stride),
@@ -253,8 +256,10 @@ def convolve_transposed(
             dilation,
             1,
             True,
+            memory_format,
         )
         return _add_bias(out, bias, detached=in_op)
+    weight = weight.contiguous(memory_format=memory_format)
     x = pin_layout(x, memory_format) if compiling else x.contiguous(memory_format=memory_format)
     return torch.ops.aten.convolution(
         x, weight, bias, list(stride), list(padding), dilation, True, [0] * len(stride), 1
@@ -309,10 +314,6 @@ def _convolve(conv: nn.Module, x: torch.Tensor, *, with_bias: bool) -> torch.Ten
             return conv._conv_forward(x, weight, bias)[:, : conv.out_channels]
         return conv(x) if with_bias else conv._conv_forward(x, conv.weight, None)
     x, weight, bias = autocast_operands(x, conv.weight, conv.bias if with_bias else None)
-    # Eager CUDA GroupNorm hands back NCHW even for channels-last input, and Inductor keeps the
-    # strides it saw while tracing for the backward: ask for cuDNN's layout here, and the kernel
-    # that produces `x` writes it that way (no extra copy).
-    x = x.contiguous(memory_format=_layout_for(conv, x, weight))
     padded_weight, padded_bias = (
         pad_output_channels(weight, bias, extra) if extra else (weight, bias)
     )
@@ -326,6 +327,7 @@ def _convolve(conv: nn.Module, x: torch.Tensor, *, with_bias: bool) -> torch.Ten
         list(conv.dilation),
         conv.groups,
         False,
+        _layout_for(conv, x, weight),
     )
     return _add_bias(out[:, : conv.out_channels] if extra else out, bias, detached=in_op)
 
