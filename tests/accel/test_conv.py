@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from functorch.compile import make_boxed_func
 from torch import nn
 from torch._functorch.aot_autograd import aot_module_simplified
+from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 import diffunet.accel.conv as conv_module
 from diffunet import UNet, UNetConfig
@@ -427,6 +429,65 @@ def test_the_unet_compiles_every_convolution_through_the_layout_stable_route():
     (ops,) = _graphs_counted(model, torch.randn(2, 3, 16, 16), torch.tensor([1.0, 2.0]))
     assert ops[ROUTED] == convs
     assert not any("conv2d" in op for op in ops)
+
+
+def _saved_for_backward(model: nn.Module, *args: torch.Tensor) -> list[torch.fx.Node]:
+    """What the compiled training step of `model` saves for its backward, split as Inductor
+    splits it (AOTAutograd's min-cut partitioner)."""
+    saved: list[torch.fx.Node] = []
+
+    def forward_compiler(fw, _):
+        (outputs,) = fw.graph.find_nodes(op="output")[0].args
+        saved.extend(n for n in outputs[1:] if isinstance(n, torch.fx.Node))
+        return make_boxed_func(fw)
+
+    def backend(gm, inputs):
+        return aot_module_simplified(
+            gm,
+            inputs,
+            fw_compiler=forward_compiler,
+            bw_compiler=lambda bw, _: make_boxed_func(bw),
+            partition_fn=functools.partial(
+                min_cut_rematerialization_partition, compiler="inductor"
+            ),
+        )
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=backend)(*args).square().mean().backward()
+    return saved
+
+
+def _bytes(nodes: list[torch.fx.Node]) -> int:
+    tensors = [n.meta.get("val") for n in nodes]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def test_the_route_saves_for_backward_no_more_than_plain_convolutions():
+    """The route pins each convolution's operands for the forward only: the partitioner never
+    recomputes a pin, so a saved pinned copy of a tensor saved anyway (a decoder's
+    concatenation) would stay alive through the step beside it."""
+    torch.manual_seed(0)
+    model = accelerate(
+        UNet(
+            UNetConfig(
+                dims=2,
+                model_channels=8,
+                channel_mult=(1,),
+                num_res_blocks=1,
+                attention_resolutions=(),
+                norm_groups=4,
+            )
+        )
+    ).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last)
+    t = torch.tensor([1.0, 2.0])
+    with torch.autocast("cpu", torch.bfloat16):
+        routed = _saved_for_backward(model, x, t)
+        settings.ROUTED_DEVICES = frozenset({"cuda"})
+        plain = _saved_for_backward(model, x, t)
+    pinned = torch.ops.prims.inductor_force_stride_order.default
+    assert not [n for n in routed if n.target is pinned]
+    assert _bytes(routed) <= _bytes(plain)
 
 
 def test_a_checkpointed_unet_trains_compiled_as_in_eager_through_the_route():

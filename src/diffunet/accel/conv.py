@@ -58,14 +58,19 @@ class _Convolution(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups, transposed, layout):
+        # Eager CUDA GroupNorm hands `x` back NCHW: asked for `layout`, its producing kernel
+        # writes that. Saved as asked for (the backward's traced strides); pinned for the
+        # forward only, as AOTAutograd's partitioner never recomputes a pin: a saved pinned
+        # copy of a tensor saved anyway (a decoder's concatenation) would live beside it.
+        ctx.memory_format = layout
+        x, weight = x.contiguous(memory_format=layout), weight.contiguous(memory_format=layout)
+        ctx.save_for_backward(x, weight)
         # Pinned, not just asked for: Inductor lays out a 3D convolution (and a 2D one in graphs
         # it leaves in NCHW) after its operands' current layouts, free buffers' NCDHW included.
-        # Eager CUDA GroupNorm hands `x` back NCHW: its producing kernel now writes `layout`.
-        ctx.memory_format = layout
-        x, weight = pin_layout(x, layout), pin_layout(weight, layout)
-        ctx.save_for_backward(x, weight)
         ctx.geometry = (stride, padding, dilation, transposed, [0] * len(stride), groups)
-        return torch.ops.aten.convolution.default(x, weight, None, *ctx.geometry)
+        return torch.ops.aten.convolution.default(
+            pin_layout(x, layout), pin_layout(weight, layout), None, *ctx.geometry
+        )
 
     @staticmethod
     def backward(ctx, grad):
