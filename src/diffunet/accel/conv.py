@@ -65,9 +65,9 @@ class _Convolution(torch.autograd.Function):
         ctx.memory_format = layout
         x, weight = x.contiguous(memory_format=layout), weight.contiguous(memory_format=layout)
         ctx.save_for_backward(x, weight)
+        ctx.geometry = (stride, padding, dilation, transposed, [0] * len(stride), groups)
         # Pinned, not just asked for: Inductor lays out a 3D convolution (and a 2D one in graphs
         # it leaves in NCHW) after its operands' current layouts, free buffers' NCDHW included.
-        ctx.geometry = (stride, padding, dilation, transposed, [0] * len(stride), groups)
         return torch.ops.aten.convolution.default(
             pin_layout(x, layout), pin_layout(weight, layout), None, *ctx.geometry
         )
