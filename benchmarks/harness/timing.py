@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffunet.accel import memory_format_for, plain, settings
+from diffunet.accel import cache_compiled_functions, memory_format_for, plain, settings
 from diffunet.diffusion import Diffusion
 from diffunet.model.introspect import flop_counter
 from harness.models import Case
@@ -96,11 +96,13 @@ class Settings:
     def compile(self, model: nn.Module, mode: str = "compile") -> nn.Module:
         """`torch.compile(model)` in the `torch.compile` mode of measurement mode `mode`, both
         sides alike (with the fused GroupNorm kernels in our graphs where the mode records CUDA
-        graphs, as the trainer compiles)."""
+        graphs, as the trainer compiles), AOTAutograd's cache keeping graphs with our
+        `autograd.Function`s (`cache_compiled_functions`)."""
         compile_mode = self.compile_mode_for(mode)
         if compile_mode is None:
             raise ValueError("the eager mode compiles nothing")
         settings.configure_for_compile_mode(compile_mode)
+        cache_compiled_functions()  # measuring processes load what `--compile-ahead` compiled
         return torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
 
     def runner(self, model: nn.Module, mode: str) -> nn.Module:

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from diffunet.accel import accelerate
+from diffunet.accel import accelerate, cache_compiled_functions
 from diffunet.accel import fused_norm as fused
 from diffunet.accel.training_graph import CUDAGraphTraining
 from diffunet.apps.evaluation import EVAL_NAME, describe, evaluate_model
@@ -309,6 +309,7 @@ class Trainer:
         if self.compile_mode is not None:
             self.layout.prepare_compile()
             fused.configure_for_compile_mode(self.compile_mode)
+            cache_compiled_functions()  # a resumed run loads its graphs
             self.net = torch.compile(
                 self.net, mode=None if self.compile_mode == "default" else self.compile_mode
             )
