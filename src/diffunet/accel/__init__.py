@@ -5,8 +5,9 @@ keys): fused GroupNorm + FiLM + SiLU kernels (`fused_norm`), convolutions that k
 layout under `torch.compile` (`conv`), thin 3D convolutions (`thin_conv`), nearest upsampling
 folded into its convolution (`upsample`), a decoder entry that never keeps a concatenation
 (`decoder_entry`), channels-last activations (`layout`); `cuda_graph` replays a model's
-forward as CUDA graphs, `training_graph` its forward and backward. Every switch and threshold is in `settings`.
-`cache_compiled_functions` lets AOTAutograd's on-disk cache keep the compiled graphs (warm starts).
+forward as CUDA graphs, `training_graph` its forward and backward. Every switch and threshold
+is in `settings`. `cache_compiled_functions` (`compile_cache`) lets AOTAutograd's on-disk cache
+keep the compiled graphs, for warm starts.
 """
 
 from diffunet.accel.apply import accelerate, is_accelerated, plain
