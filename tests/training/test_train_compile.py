@@ -13,10 +13,12 @@ import sys
 import pytest
 import torch
 import torch._dynamo
+import torch._functorch.config as functorch_config
 from safetensors.torch import load_file
 
 from diffunet.accel import fused_norm as fused
 from diffunet.accel import settings
+from diffunet.accel.compile_cache import ALLOW_FUNCTIONS
 from diffunet.cli import main
 from diffunet.training.distributed import DistInfo
 from diffunet.training.run_config import RunConfigError, TrainSection
@@ -90,7 +92,10 @@ def test_compiled_training_matches_eager_and_saves_clean_keys(backend, tmp_path,
         assert main(["train", "--out", str(tmp_path / "eager"), *TINY]) == 0
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
-        assert main(["train", "--out", str(tmp_path / "compiled"), "--compile", *TINY]) == 0
+        with functorch_config.patch(**{ALLOW_FUNCTIONS: False}):
+            assert main(["train", "--out", str(tmp_path / "compiled"), "--compile", *TINY]) == 0
+            # a resumed run loads its compiled graphs (`cache_compiled_functions`)
+            assert getattr(functorch_config, ALLOW_FUNCTIONS)
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # really compiled
     finally:
         torch.set_num_threads(threads)
