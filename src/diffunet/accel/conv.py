@@ -209,7 +209,8 @@ def _needs_backward(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def convolve(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`conv(x)`; under `torch.compile` with autograd, through `_Convolution`, the layout-stable route above.
+    """`conv(x)`; under `torch.compile` with autograd, through `_Convolution`, the
+    layout-stable route above.
 
     The model keeps plain `nn.ConvNd` modules (tools that match module types, such as the pt2e
     quantizers, see exactly those); only this call differs while Dynamo traces. Anything else
