@@ -11,7 +11,8 @@ against itself with a switch (`--base-src src --change-env DIFFUNET_THIN_CONV=0`
 kind, `bench.py` runs in its own process per tree (`PYTHONPATH` put first, which tree each one
 imported is checked and recorded): the base with the reference model, then the change; each
 further `--rounds` repeats the pair in the other order, so that a drift of the machine shows
-instead of favouring one side. Each tree runs its own `benchmarks/bench.py` where it has one
+instead of favouring one side. Both trees time the same `--iters` × `--repeats` steps (30 × 5:
+a short, host-bound step still runs for a second or more per repeat). Each tree runs its own `benchmarks/bench.py` where it has one
 next to its `src/` (or, from before the harness left the package, its `diffunet.benchmark`),
 else this checkout's. With `compile` among the modes, every (tree, case, model) is
 first compiled in `--fill-jobs` parallel processes that fill Inductor's on-disk caches (as
@@ -127,6 +128,17 @@ def bench_argv(args: argparse.Namespace, case: str, kind: str, models: str) -> l
     return argv + ["--quick"] * args.quick + (["--device", args.device] if args.device else [])
 
 
+def timing_argv(args: argparse.Namespace, src: Path) -> list[str]:
+    """`bench.py`'s timing options for a measurement of the tree `src`: `--iters` and
+    `--repeats` as given, the same for both trees, and exactly that many iterations where the
+    tree's harness could time more (`--min-repeat-s 0`)."""
+    argv = ["--iters", str(args.iters), "--repeats", str(args.repeats)]
+    script = Path(bench_command(src)[1])
+    if script.is_file() and "--min-repeat-s" in script.read_text():
+        argv += ["--min-repeat-s", "0"]
+    return argv
+
+
 def fill_caches(
     args: argparse.Namespace,
     trees: dict[str, Path],
@@ -172,7 +184,7 @@ def measure(
     ended with)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.json"
-        argv = bench_argv(args, case, kind, models)
+        argv = bench_argv(args, case, kind, models) + timing_argv(args, src)
         argv += ["--deadline", str(max(1, int(seconds_left))), "--out", str(out)]
         try:
             done = subprocess.run(
@@ -314,6 +326,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="measurements per tree and case/kind, in alternating order",
     )
     parser.add_argument(
+        "--iters",
+        type=int,
+        help="timed iterations per repeat, both trees alike (default 30, --quick 2)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        help="timed repeats per measurement, median taken (default 5, --quick 1)",
+    )
+    parser.add_argument(
         "--fill-jobs",
         type=int,
         default=6,
@@ -329,8 +351,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", help="bench.py --device")
     parser.add_argument("--out", help="JSON path (default: $OUT/ab.json when OUT is set)")
     args = parser.parse_args(argv)
-    if args.rounds < 1:
-        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    if args.iters is None:
+        args.iters = 2 if args.quick else 30
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 5
+    for option in ("rounds", "iters", "repeats"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option} must be at least 1, got {getattr(args, option)}")
     for option, allowed in (("kinds", {"train", "infer"}), ("modes", {"eager", "compile"})):
         bad = set(getattr(args, option).split(",")) - allowed
         if bad:

@@ -28,7 +28,8 @@ batch 1 on the plain model: forward, and forward + backward for training (counte
 not 3× forward). MFU = FLOPs/s ÷ `--peak-flops`, both sides from the reference's count (the
 architecture's: ours can do less work, e.g. folded upsampling). Timings: warm-up iterations first
 (compilation happens there and is reported separately as `warmup_s`), then `--repeats` repeats
-of `--iters` iterations; the median repeat is reported.
+of `--iters` iterations, or of as many as fill `--min-repeat-s` seconds where a step is short
+(one untimed repeat sets the number; the record's `iters`); the median repeat is reported.
 """
 
 from __future__ import annotations
@@ -199,6 +200,7 @@ def environment(settings: Settings, argv: list[str] | None) -> dict[str, Any]:
         "warmup": settings.warmup,
         "iters": settings.iters,
         "repeats": settings.repeats,
+        "min_repeat_s": settings.min_repeat_s,
         "quick": settings.quick,
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "ours": "diffunet.accel.accelerate(UNet(config))",
@@ -255,7 +257,8 @@ def _finish(
     """Fill `record` from its timing; MFU from `flops` (the reference's count), the model's own
     count kept as `own_flops_per_sample`."""
     record.update(timing)
-    record["iters"], record["repeats"] = settings.iters, settings.repeats
+    record["iters"] = timing.get("iters", settings.iters)
+    record["repeats"] = settings.repeats
     record["throughput"] = record["batch"] / timing["seconds_per_iter"]
     key = "train" if record["kind"] == "train" else "forward"
     per_sample = flops[key] if flops else None
@@ -1103,7 +1106,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--iters", type=int, help="timed iterations per repeat (default 10, quick 2)"
     )
     parser.add_argument(
-        "--repeats", type=int, help="timed repeats, median reported (default 3, quick 1)"
+        "--repeats", type=int, help="timed repeats, median reported (default 5, quick 1)"
+    )
+    parser.add_argument(
+        "--min-repeat-s",
+        type=float,
+        help="each timed repeat runs at least this many seconds, with more than --iters "
+        "iterations where a step is short (default 1, quick 0: --iters exactly)",
     )
     parser.add_argument(
         "--warmup", type=int, help="warm-up iterations, compilation included (default 3, quick 1)"
@@ -1207,7 +1216,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         device=device,
         warmup=pick(args.warmup, 3, 1),
         iters=pick(args.iters, 10, 2),
-        repeats=pick(args.repeats, 3, 1),
+        repeats=pick(args.repeats, 5, 1),
+        min_repeat_s=args.min_repeat_s if args.min_repeat_s is not None else 0.0 if quick else 1.0,
         precision=args.precision or ("bf16" if device.type == "cuda" else "fp32"),
         compile_mode=args.compile_mode,
         peak_flops=args.peak_flops,
@@ -1250,6 +1260,8 @@ def _fill_cache_argv(
         "1",
         "--repeats",
         "1",
+        "--min-repeat-s",
+        "0",
         "--compile-mode",
         args.compile_mode,
         "--precision",
@@ -1326,6 +1338,10 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> di
     for name in ("iters", "repeats"):
         if getattr(settings, name) < 1:
             raise InvalidValueError(f"--{name} must be at least 1")
+    if not math.isfinite(settings.min_repeat_s) or settings.min_repeat_s < 0:
+        raise InvalidValueError(
+            f"--min-repeat-s must be a number of seconds >= 0, got {settings.min_repeat_s}"
+        )
     if {"compile", "graphs"} <= set(args.modes) and args.compile_mode == GRAPHS_COMPILE_MODE:
         raise InvalidValueError(
             f"--modes compile,graphs with --compile-mode {GRAPHS_COMPILE_MODE} would measure "

@@ -47,6 +47,10 @@ class Settings:
     warmup: int = 3
     iters: int = 10
     repeats: int = 3
+    min_repeat_s: float = 0.0
+    """Each timed repeat runs at least this long: more than `iters` iterations where one is
+    short (a host-bound step of a few milliseconds), so that a hiccup of the host weighs
+    little."""
     precision: str = "bf16"
     compile_mode: str = "default"
     peak_flops: float = PEAK_BF16_FLOPS
@@ -281,11 +285,21 @@ def time_repeats(
     return seconds
 
 
+def iters_per_repeat(seconds_per_iter: float, settings: Settings) -> int:
+    """Iterations in each timed repeat: `settings.iters`, or as many as fill
+    `settings.min_repeat_s` at `seconds_per_iter`."""
+    if settings.min_repeat_s <= 0 or seconds_per_iter <= 0:
+        return settings.iters
+    return max(settings.iters, math.ceil(settings.min_repeat_s / seconds_per_iter))
+
+
 def measure(
     fn: Callable[[int], Any], settings: Settings, *, peak_from_start: bool = False
 ) -> dict[str, Any]:
     """Warm up `fn`, reset the peak-memory counter, time it; seconds and peak memory.
 
+    With `settings.min_repeat_s`, one untimed-for-the-result repeat of `settings.iters`
+    iterations first sets how many iterations each timed repeat runs (`iters` in the result).
     `peak_from_start` counts the peak from before the warm-up instead: for compile modes that
     record CUDA graphs, whose memory pool is allocated while warming up.
     """
@@ -299,10 +313,15 @@ def measure(
     warmup_s = time.perf_counter() - begin
     if not peak_from_start:
         reset_peak(device)
-    seconds = time_repeats(fn, settings.iters, settings.repeats, device)
+    iters = settings.iters
+    if settings.min_repeat_s > 0:
+        (probe,) = time_repeats(fn, settings.iters, 1, device)
+        iters = iters_per_repeat(probe, settings)
+    seconds = time_repeats(fn, iters, settings.repeats, device)
     peak = peak_bytes(device)
     return {
         "warmup_s": round(warmup_s, 3),
+        "iters": iters,
         "seconds_per_iter": statistics.median(seconds),
         "seconds_per_iter_repeats": seconds,
         "peak_mem_bytes": peak,

@@ -149,6 +149,25 @@ def test_change_env_is_parsed_and_reaches_the_change_processes_only(benchmark_sc
     assert all(env["PYTHONPATH"].split(os.pathsep)[0] == str(SRC) for env in environments)
 
 
+def test_both_trees_time_the_same_number_of_steps(tmp_path, benchmark_script):
+    """Every measurement gets `--iters` and `--repeats`; a harness that could time more steps
+    of a short step is held to exactly those (`--min-repeat-s 0`), an older one has no such
+    option and gets none."""
+    ab = benchmark_script("ab")
+    args = ab.parse_args(["--base-src", str(SRC), "--iters", "7", "--repeats", "2"])
+    assert ab.timing_argv(args, SRC) == ["--iters", "7", "--repeats", "2", "--min-repeat-s", "0"]
+    older = tmp_path / "older" / "src"
+    (older.parent / "benchmarks").mkdir(parents=True)
+    (older.parent / "benchmarks" / "bench.py").write_text("# --iters, --repeats only\n")
+    assert ab.timing_argv(args, older) == ["--iters", "7", "--repeats", "2"]
+    defaults = ab.parse_args(["--base-src", str(SRC)])
+    assert (defaults.iters, defaults.repeats) == (30, 5)
+    quick = ab.parse_args(["--base-src", str(SRC), "--quick"])
+    assert (quick.iters, quick.repeats) == (2, 1)
+    with pytest.raises(SystemExit):
+        ab.parse_args(["--base-src", str(SRC), "--repeats", "0"])
+
+
 def test_caches_fill_per_kind_and_stop_at_the_limit(benchmark_script):
     ab = benchmark_script("ab")
     args = ab.parse_args(

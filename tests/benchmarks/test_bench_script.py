@@ -202,6 +202,7 @@ def test_diffunet_bench_skips_a_missing_reference_cleanly(bench, tmp_path):
     [
         (["--table-from", "missing.json"], "missing.json: not readable as a bench.py JSON"),
         (["--quick", "--iters", "0"], "--iters must be at least 1"),
+        (["--quick", "--min-repeat-s", "-1"], "--min-repeat-s must be a number of seconds >= 0"),
     ],
 )
 def test_diffunet_bench_says_what_is_wrong_with_its_options_in_one_line(
@@ -213,6 +214,31 @@ def test_diffunet_bench_says_what_is_wrong_with_its_options_in_one_line(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert err.startswith("diffunet bench: error:") and message in err
+
+
+def test_a_short_step_is_timed_over_at_least_min_repeat_s(harness):
+    """Each timed repeat of a 2 ms step runs about `min_repeat_s` (0.05 s: 25 iterations, not
+    `iters`); a slow step keeps `iters`; without `min_repeat_s`, `iters` exactly."""
+    from harness.timing import Settings, iters_per_repeat, measure
+
+    calls = []
+
+    def step(i: int) -> None:
+        calls.append(i)
+        time.sleep(0.002)
+
+    settings = Settings(device=torch.device("cpu"), warmup=1, iters=3, repeats=2, min_repeat_s=0.05)
+    timing = measure(step, settings)
+    # The sleep sets a floor; a loaded host can only stretch it, so at most 25 iterations.
+    assert 10 <= timing["iters"] <= 25
+    assert len(calls) == 1 + 3 + 2 * timing["iters"]  # warm-up, the sizing repeat, the timed
+    assert all(t >= 0.002 for t in timing["seconds_per_iter_repeats"])
+    assert iters_per_repeat(0.5, settings) == 3  # already longer than min_repeat_s
+    assert iters_per_repeat(0.001, settings) == 50
+
+    calls.clear()
+    timing = measure(step, Settings(device=torch.device("cpu"), warmup=1, iters=3, repeats=2))
+    assert timing["iters"] == 3 and len(calls) == 1 + 2 * 3
 
 
 def test_profile_mode_groups_the_time_of_a_step(bench):
