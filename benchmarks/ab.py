@@ -12,11 +12,12 @@ kind, `bench.py` runs in its own process per tree (`PYTHONPATH` put first, which
 imported is checked and recorded): the base with the reference model, then the change; each
 further `--rounds` repeats the pair in the other order, so that a drift of the machine shows
 instead of favouring one side. Both trees time the same `--iters` × `--repeats` steps (30 × 5:
-a short, host-bound step still runs for a second or more per repeat). Each tree runs its own `benchmarks/bench.py` where it has one
-next to its `src/` (or, from before the harness left the package, its `diffunet.benchmark`),
-else this checkout's. With `compile` among the modes, every (tree, case, model) is
-first compiled in `--fill-jobs` parallel processes that fill Inductor's on-disk caches (as
-`bench.py --compile-ahead` does), so the measuring processes load their graphs in seconds.
+about a second per repeat for a short, host-bound step). Each tree runs its own
+`benchmarks/bench.py` where it has one next to its `src/` (or, from before the harness left the
+package, its `diffunet.benchmark`), else this checkout's. With `compile` among the modes,
+every (tree, case, model) is first compiled in `--fill-jobs` parallel processes that fill
+Inductor's on-disk caches (as `bench.py --compile-ahead` does), so the measuring processes
+load their graphs in seconds.
 
 Prints a table (throughput per tree, the change's gain, and both against the reference
 measured in the same call) and writes JSON with every `bench.py` result (`--out`, default

@@ -298,8 +298,8 @@ def measure(
 ) -> dict[str, Any]:
     """Warm up `fn`, reset the peak-memory counter, time it; seconds and peak memory.
 
-    With `settings.min_repeat_s`, one untimed-for-the-result repeat of `settings.iters`
-    iterations first sets how many iterations each timed repeat runs (`iters` in the result).
+    With `settings.min_repeat_s`, one extra repeat of `settings.iters` iterations (not
+    reported) first sets how many iterations each timed repeat runs (`iters` in the result).
     `peak_from_start` counts the peak from before the warm-up instead: for compile modes that
     record CUDA graphs, whose memory pool is allocated while warming up.
     """
