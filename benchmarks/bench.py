@@ -76,6 +76,7 @@ from harness.models import (
     reference_kwargs,
 )
 from harness.profiling import format_profile, run_profile
+from harness.resume import DEADLINE, Cell, ResumeError, cell_of, kept, load_run
 from harness.timing import (
     GRAPHS_COMPILE_MODE,
     MODES,
@@ -283,20 +284,25 @@ def measure_model(
     flops: dict[str, int] | None,
     settings: Settings,
     own_flops: dict[str, int] | None = None,
+    finished: frozenset[Cell] = frozenset(),
 ) -> None:
     """Train and/or inference measurements of one model in each mode; errors are recorded.
 
     MFU is stated from `flops` (the reference's count), the model's `own_flops` kept beside.
+    Cells in `finished` (kept from the run this one resumes) are not measured.
     """
     device = settings.device
     impl = implementation(model)
     for mode in modes:
+        todo = [k for k in kinds if _cell(case.name, which, mode, k) not in finished]
+        if not todo:
+            continue
         skipped = settings.skip_reason(mode)
         runner: nn.Module = model if skipped else settings.runner(model, mode)
-        for kind in kinds:
+        for kind in todo:
             record = _record(case, which, impl, mode, kind, case.batch, settings)
             if skipped or settings.time_left() <= 0:
-                record["skipped"] = skipped or "deadline reached"
+                record["skipped"] = skipped or DEADLINE
                 report.add(record)
                 continue
             optimizer = None
@@ -323,6 +329,28 @@ def measure_model(
         release(device)
 
 
+def _cell(case: str, model: str, mode: str, kind: str) -> Cell:
+    """The (case, mode, kind) cell of a measurement, as `harness.resume` keys them."""
+    return cell_of({"case": case, "model": model, "mode": mode, "kind": kind})
+
+
+def case_cells(
+    name: str,
+    modes: tuple[str, ...],
+    kinds: tuple[str, ...],
+    models: tuple[str, ...],
+    checkpoint_modes: tuple[str, ...],
+    sample_modes: tuple[str, ...] = (),
+) -> set[Cell]:
+    """The cells a run measures for the case `name`."""
+    if name == "sample":
+        return {_cell(name, "ours", mode, "sample") for mode in sample_modes}
+    cells = {_cell(name, "ours", mode, kind) for mode in modes for kind in kinds}
+    if "ours" in models and "train" in kinds:
+        cells |= {_cell(name, "ours+ckpt", mode, "train") for mode in checkpoint_modes}
+    return cells
+
+
 def run_case(
     report: Report,
     name: str,
@@ -331,8 +359,10 @@ def run_case(
     kinds: tuple[str, ...],
     models: tuple[str, ...],
     checkpoint_modes: tuple[str, ...],
+    finished: frozenset[Cell] = frozenset(),
 ) -> None:
-    """Every measurement of one model case (ours, the reference, ours with checkpointing)."""
+    """Every measurement of one model case (ours, the reference, ours with checkpointing)
+    but those of the `finished` cells."""
     device = settings.device
     case = build_case(name, settings.quick)
     entry = report.case(name)
@@ -411,6 +441,7 @@ def run_case(
             mfu_flops,
             settings,
             flops.get("ours"),
+            finished,
         )
     del ours
     release(device)
@@ -418,6 +449,8 @@ def run_case(
         if ref is None:
             for mode in modes:
                 for kind in kinds:
+                    if _cell(name, "ref", mode, kind) in finished:
+                        continue
                     record = _record(case, "ref", case.reference, mode, kind, case.batch, settings)
                     record["skipped"] = entry["reference_skipped"]
                     report.add(record)
@@ -434,10 +467,14 @@ def run_case(
                 mfu_flops,
                 settings,
                 flops.get("ref"),
+                finished,
             )
     del ref
     release(device)
 
+    checkpoint_modes = tuple(
+        m for m in checkpoint_modes if _cell(name, "ours+ckpt", m, "train") not in finished
+    )
     if "ours" in models and checkpoint_modes and "train" in kinds:
         try:
             checkpointed = case.config.replace(use_checkpoint=True)
@@ -571,7 +608,7 @@ def run_sampling(
                 record = _record(case, which, impl, mode, "sample", batch, settings)
                 record["steps"] = steps
                 if settings.time_left() <= 0:
-                    record["skipped"] = "deadline reached"
+                    record["skipped"] = DEADLINE
                     report.add(record)
                     continue
                 try:
@@ -1168,6 +1205,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "processes, which fill Inductor's on-disk caches, then measure in "
         "this process with warm caches (default 0: compile while measuring)",
     )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out: keep each cell (case, mode, kind) it measured on "
+        "every side, measure the others (both sides again), and write them all to --out; "
+        "the same command again until the table is complete",
+    )
     parser.add_argument("--fill-caches-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--table-from",
@@ -1273,9 +1317,11 @@ def _fill_cache_argv(
     return argv + ["--quick"] * args.quick + ["--no-cudnn-benchmark"] * args.no_cudnn_benchmark
 
 
-def compile_ahead(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+def compile_ahead(
+    args: argparse.Namespace, settings: Settings, finished: frozenset[Cell] = frozenset()
+) -> dict[str, Any]:
     """Compile each (case, model, compiled mode, kind) of the run once, `--compile-ahead`
-    processes at a time, before measuring.
+    processes at a time, before measuring (but those of the `finished` cells of a resumed run).
 
     Each process runs this benchmark for one model in one mode and kind with one warm-up step,
     which fills Inductor's FX-graph and AOTAutograd caches on disk; the measuring process then
@@ -1318,7 +1364,10 @@ def compile_ahead(args: argparse.Namespace, settings: Settings) -> dict[str, Any
         for m in args.models
         for mode in modes
         for kind in args.kinds
+        if _cell(c, m, mode, kind) not in finished
     ]
+    if not todo:
+        return {}
     begin = time.perf_counter()
     print(f"compiling {len(todo)} models ahead, {jobs} at a time", flush=True)
     with ThreadPoolExecutor(jobs) as pool:
@@ -1328,6 +1377,30 @@ def compile_ahead(args: argparse.Namespace, settings: Settings) -> dict[str, Any
             where = f"{p['case']}/{p['model']}/{p['mode']}/{p['kind']}"
             print(f"  compiling {where} ahead failed: {p['error']}", flush=True)
     return {"jobs": jobs, "seconds": round(time.perf_counter() - begin, 1), "processes": processes}
+
+
+def resume(report: Report, args: argparse.Namespace) -> frozenset[Cell]:
+    """`--resume`: keep in `report` the finished cells of the run in its `--out` file (their
+    records and case entries) and return those cells; none where there is no such file yet."""
+    if report.path is None:
+        raise InvalidValueError("--resume continues the run in --out: give --out (or set OUT)")
+    try:
+        earlier = load_run(report.path, report.data["meta"])
+    except ResumeError as err:
+        raise InvalidValueError(str(err)) from err
+    if earlier is None:
+        return frozenset()
+    records, finished = kept(earlier, args.models)
+    report.data["records"] = records
+    report.data["cases"] = earlier["cases"]
+    runs = earlier["meta"].get("resumed", {}).get("runs", [])
+    report.data["meta"]["resumed"] = {
+        "from": str(report.path),
+        "kept_records": len(records),
+        "runs": [*runs, {k: earlier["meta"].get(k) for k in ("started_utc", "elapsed_s")}],
+    }
+    print(f"resuming {report.path}: {len(finished)} finished cells kept", flush=True)
+    return frozenset(finished)
 
 
 def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, Any]:
@@ -1375,8 +1448,10 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> di
             print(f"wrote {out}")
         return result
 
-    ahead = compile_ahead(args, settings)
     report = Report(out, environment(settings, argv))
+    checkpoint_modes = tuple(m for m in args.checkpoint_modes if m != "none")
+    finished = resume(report, args) if args.resume else frozenset()
+    ahead = compile_ahead(args, settings, finished)
     if ahead:
         report.data["meta"]["compiled_ahead"] = ahead
     print(
@@ -1394,9 +1469,16 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> di
         report.data["meta"]["skipped_modes"] = skipped_modes
         for mode, why in skipped_modes.items():
             print(f"note: mode {mode} is skipped: {why}", flush=True)
-    checkpoint_modes = tuple(m for m in args.checkpoint_modes if m != "none")
     for name in args.cases:
+        cells = case_cells(
+            name, args.modes, args.kinds, args.models, checkpoint_modes, args.sample_modes
+        )
+        if cells <= finished:
+            print(f"[{name}] kept from the run resumed", flush=True)
+            continue
         begin = time.perf_counter()
+        if name == "sample":  # measured again as a whole: drop what the earlier run left
+            report.data["records"] = [r for r in report.records if r["case"] != "sample"]
         try:
             if name == "sample":
                 run_sampling(
@@ -1409,7 +1491,14 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> di
                 )
             else:
                 run_case(
-                    report, name, settings, args.modes, args.kinds, args.models, checkpoint_modes
+                    report,
+                    name,
+                    settings,
+                    args.modes,
+                    args.kinds,
+                    args.models,
+                    checkpoint_modes,
+                    finished,
                 )
         except Exception as err:
             report.error(name, err)

@@ -10,6 +10,7 @@
   (`bench.py --profile`); `harness.host_sampler`: the Python stack sampled while steps run
   without the profiler.
 - `harness.fill`: one cache-filling process (`bench.py --compile-ahead`, `ab.py`).
+- `harness.resume`: which measurements of an unfinished run `bench.py --resume` keeps.
 
 A script run as `python benchmarks/<name>.py` imports it from its own folder.
 """

@@ -86,6 +86,13 @@ class StackSampler:
         self._root = sys._getframe(1)  # the block's frame: its callers are not counted
         self._clocks.clear()
         self._verdicts.clear()
+        # The threads already there get a first clock now, so that a sleeping one is told
+        # from a running one at its first sample rather than by its frame.
+        now = time.perf_counter_ns()
+        for thread in threading.enumerate():
+            cpu = thread_cpu_ns(thread.native_id) if thread.native_id is not None else None
+            if cpu is not None:
+                self._clocks[thread.native_id] = (cpu, now)
         self._stop.clear()
         sys.setswitchinterval(self.interval)
         self._thread = threading.Thread(target=self._run, name="stack-sampler", daemon=True)
@@ -106,11 +113,12 @@ class StackSampler:
 
     def _running(self, ident: int, frame: FrameType, now: int, natives: dict[int, int]) -> bool:
         """Whether another thread runs: its CPU time advanced by `RUNNING_SHARE` of the wall
-        time over the last read's interval; before a first interval, or where its CPU time
-        cannot be read, whether its innermost frame is outside `WAITING_FILES`."""
+        time since its last read (the block's start for a thread already there then); for a
+        thread started since, before its second read, or where its CPU time cannot be read,
+        whether its innermost frame is outside `WAITING_FILES`."""
         native = natives.get(ident)
         last = self._clocks.get(native) if native is not None else None
-        if last is not None and now - last[1] < CPU_READ_INTERVAL_NS:
+        if native in self._verdicts and last is not None and now - last[1] < CPU_READ_INTERVAL_NS:
             return self._verdicts[native]
         not_waiting = Path(frame.f_code.co_filename).name not in WAITING_FILES
         cpu = thread_cpu_ns(native) if native is not None else None

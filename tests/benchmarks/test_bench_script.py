@@ -203,12 +203,15 @@ def test_diffunet_bench_skips_a_missing_reference_cleanly(bench, tmp_path):
         (["--table-from", "missing.json"], "missing.json: not readable as a bench.py JSON"),
         (["--quick", "--iters", "0"], "--iters must be at least 1"),
         (["--quick", "--min-repeat-s", "-1"], "--min-repeat-s must be a number of seconds >= 0"),
+        (["--quick", "--resume"], "--resume continues the run in --out: give --out"),
     ],
 )
 def test_diffunet_bench_says_what_is_wrong_with_its_options_in_one_line(
-    bench, argv, message, capsys
+    bench, argv, message, capsys, monkeypatch
 ):
     from diffunet.cli.app import main
+
+    monkeypatch.delenv("OUT", raising=False)  # no default --out
 
     assert main(["bench", *argv]) != 0
     err = capsys.readouterr().err.strip()
@@ -859,3 +862,81 @@ def test_bench_command_outside_a_checkout_says_where_the_benchmarks_are(monkeypa
         main(["bench", "--help"])
     assert exit_info.value.code == 0
     assert "live in the repository's `benchmarks/`" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_resumed_run_keeps_finished_cells_and_measures_the_rest_on_both_sides(
+    bench, tmp_path, capsys
+):
+    """`--resume`: the table as one command run until it is complete. A cell whose reference
+    the earlier run did not reach is measured again on both sides; finished cells keep their
+    records; a complete run measures nothing more; a run of other settings is refused."""
+    pytest.importorskip("diffusers")
+    out = tmp_path / "table.json"
+    argv = ("--cases", "ddpm-cifar10", "--modes", "eager", "--checkpoint-modes", "none")
+    first = bench.run_from_args(_args(bench, *argv, "--out", str(out)))
+    assert first["errors"] == []
+    train = [r for r in first["records"] if r["kind"] == "train"]
+    # as if the earlier run had reached its deadline before the reference's inference
+    earlier = json.loads(out.read_text())
+    for r in earlier["records"]:
+        if (r["model"], r["kind"]) == ("ref", "infer"):
+            for key in ("throughput", "seconds_per_iter", "seconds_per_iter_repeats"):
+                r.pop(key)
+            r["skipped"] = "deadline reached"
+    out.write_text(json.dumps(earlier))
+    capsys.readouterr()
+
+    resumed = bench.run_from_args(_args(bench, *argv, "--resume", "--out", str(out)))
+    assert "resuming" in capsys.readouterr().out
+    assert resumed["errors"] == [] and json.loads(out.read_text())["records"] == resumed["records"]
+    assert resumed["meta"]["resumed"]["kept_records"] == 2
+    by_cell = {(r["model"], r["kind"]): r for r in resumed["records"]}
+    assert sorted(by_cell) == [
+        ("ours", "infer"),
+        ("ours", "train"),
+        ("ref", "infer"),
+        ("ref", "train"),
+    ]
+    assert [by_cell["ours", "train"], by_cell["ref", "train"]] == train  # kept as they were
+    ours_infer = next(r for r in first["records"] if (r["model"], r["kind"]) == ("ours", "infer"))
+    assert (
+        by_cell["ours", "infer"]["seconds_per_iter_repeats"]
+        != ours_infer["seconds_per_iter_repeats"]
+    )  # measured again beside the reference
+    assert all(by_cell[m, "infer"]["throughput"] > 0 for m in ("ours", "ref"))
+    assert resumed["table"]["rows"][0]["cells"]["infer_eager"]["speedup"] > 0
+
+    again = bench.run_from_args(_args(bench, *argv, "--resume", "--out", str(out)))
+    assert "kept from the run resumed" in capsys.readouterr().out
+    assert again["records"] == resumed["records"]
+    assert len(again["meta"]["resumed"]["runs"]) == 2
+
+    with pytest.raises(bench.InvalidValueError, match='precision "fp32", this run has "bf16"'):
+        bench.run_from_args(
+            _args(bench, *argv, "--precision", "bf16", "--resume", "--out", str(out))
+        )
+
+
+def test_finished_cells_need_every_side_and_a_result(harness):
+    from harness.resume import finished_cells
+
+    def record(model, mode, kind, **result):
+        return {"case": "ldm", "model": model, "mode": mode, "kind": kind, **result}
+
+    records = [
+        record("ours", "eager", "train", throughput=2.0),
+        record("ref", "eager", "train", throughput=1.0),
+        record("ours", "eager", "infer", throughput=2.0),
+        record("ref", "eager", "infer", error="OOM"),
+        record("ours", "graphs", "train", throughput=2.0),
+        record("ref", "graphs", "train", skipped="deadline reached"),
+        record("ours", "graphs", "infer", throughput=2.0),
+        record("ref", "graphs", "infer", skipped="MONAI is not importable"),
+        record("ours+ckpt", "eager", "train", throughput=1.5),
+    ]
+    assert finished_cells(records, ("ours", "ref")) == {
+        ("ldm", "eager", "train"),
+        ("ldm", "graphs", "infer"),
+        ("ldm", "eager+ckpt", "train"),
+    }
+    assert ("ldm", "eager", "infer") in finished_cells(records, ("ours",))
