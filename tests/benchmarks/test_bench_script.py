@@ -522,6 +522,14 @@ def test_compiling_ahead_stops_at_the_deadline(bench):
     jobs = {(p["model"], p["kind"]) for p in ahead["processes"]}
     assert jobs == {(m, k) for m in ("ours", "ref") for k in ("train", "infer")}
     assert all(p["error"] == "stopped at the deadline" for p in ahead["processes"])
+    # a resumed run compiles only what it will measure: here inference, on both sides
+    ahead = bench.compile_ahead(args, settings, frozenset({("ddpm-cifar10", "compile", "train")}))
+    assert {(p["model"], p["kind"]) for p in ahead["processes"]} == {
+        ("ours", "infer"),
+        ("ref", "infer"),
+    }
+    everything = frozenset({("ddpm-cifar10", "compile", k) for k in ("train", "infer")})
+    assert bench.compile_ahead(args, settings, everything) == {}
     assert ahead["seconds"] < 30
 
 
