@@ -421,6 +421,11 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     rates = [
                         f"{r['model']} {r['throughput']:.1f}"
+                        + (
+                            f" (host probe {r['host_probe_ms']:.1f} ms)"
+                            if "host_probe_ms" in r
+                            else ""
+                        )
                         for r in result.get("records", [])
                         if r.get("throughput")
                     ]

@@ -160,9 +160,10 @@ def _progress_line(r: dict[str, Any]) -> str:
         return f"{head} {r['seconds_per_batch']:.3f} s/batch  (warm-up {r['warmup_s']:.1f} s)"
     mem = f"{r['peak_mem_gib']:.2f} GiB" if r.get("peak_mem_gib") is not None else "-"
     mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+    probe = f", host probe {r['host_probe_ms']:.1f} ms" if r.get("host_probe_ms") else ""
     return (
         f"{head} {r['throughput']:9.1f} {r['unit']}/s  MFU {mfu:>6}  peak {mem}  "
-        f"(warm-up {r['warmup_s']:.1f} s)"
+        f"(warm-up {r['warmup_s']:.1f} s{probe})"
     )
 
 

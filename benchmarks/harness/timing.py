@@ -285,6 +285,20 @@ def time_repeats(
     return seconds
 
 
+def host_probe_ms(rounds: int = 5) -> float:
+    """Milliseconds the host takes for a fixed piece of pure Python (the median of `rounds`):
+    recorded beside each measurement, so that a host slower in one process or call than in
+    another shows, which moves the throughput of a step bound by its launches."""
+    times = []
+    for _ in range(rounds):
+        begin = time.perf_counter()
+        total = 0
+        for i in range(100_000):
+            total += i & 7
+        times.append(time.perf_counter() - begin)
+    return 1e3 * statistics.median(times)
+
+
 def iters_per_repeat(seconds_per_iter: float, settings: Settings) -> int:
     """Iterations in each timed repeat: `settings.iters`, or as many as fill
     `settings.min_repeat_s` at `seconds_per_iter`."""
@@ -313,15 +327,17 @@ def measure(
     warmup_s = time.perf_counter() - begin
     if not peak_from_start:
         reset_peak(device)
+    probe = host_probe_ms()
     iters = settings.iters
     if settings.min_repeat_s > 0:
-        (probe,) = time_repeats(fn, settings.iters, 1, device)
-        iters = iters_per_repeat(probe, settings)
+        (sizing,) = time_repeats(fn, settings.iters, 1, device)
+        iters = iters_per_repeat(sizing, settings)
     seconds = time_repeats(fn, iters, settings.repeats, device)
     peak = peak_bytes(device)
     return {
         "warmup_s": round(warmup_s, 3),
         "iters": iters,
+        "host_probe_ms": round(probe, 3),
         "seconds_per_iter": statistics.median(seconds),
         "seconds_per_iter_repeats": seconds,
         "peak_mem_bytes": peak,

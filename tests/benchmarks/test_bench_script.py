@@ -236,6 +236,7 @@ def test_a_short_step_is_timed_over_at_least_min_repeat_s(harness):
     assert 10 <= timing["iters"] <= 25
     assert len(calls) == 1 + 3 + 2 * timing["iters"]  # warm-up, the sizing repeat, the timed
     assert all(t >= 0.002 for t in timing["seconds_per_iter_repeats"])
+    assert timing["host_probe_ms"] > 0  # the host's speed, beside each measurement
     assert iters_per_repeat(0.5, settings) == 3  # already longer than min_repeat_s
     assert iters_per_repeat(0.001, settings) == 50
 
