@@ -27,6 +27,7 @@ measured in the same call) and writes JSON with every `bench.py` result (`--out`
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -129,13 +130,18 @@ def bench_argv(args: argparse.Namespace, case: str, kind: str, models: str) -> l
     return argv + ["--quick"] * args.quick + (["--device", args.device] if args.device else [])
 
 
+@functools.cache
+def _sizes_repeats(script: Path) -> bool:
+    """Whether the harness `script` can time more iterations than asked (`--min-repeat-s`)."""
+    return script.is_file() and "--min-repeat-s" in script.read_text()
+
+
 def timing_argv(args: argparse.Namespace, src: Path) -> list[str]:
     """`bench.py`'s timing options for a measurement of the tree `src`: `--iters` and
     `--repeats` as given, the same for both trees, and exactly that many iterations where the
     tree's harness could time more (`--min-repeat-s 0`)."""
     argv = ["--iters", str(args.iters), "--repeats", str(args.repeats)]
-    script = Path(bench_command(src)[1])
-    if script.is_file() and "--min-repeat-s" in script.read_text():
+    if _sizes_repeats(Path(bench_command(src)[1])):
         argv += ["--min-repeat-s", "0"]
     return argv
 

@@ -76,7 +76,7 @@ from harness.models import (
     reference_kwargs,
 )
 from harness.profiling import format_profile, run_profile
-from harness.resume import DEADLINE, Cell, ResumeError, cell_of, kept, load_run
+from harness.resume import DEADLINE, Cell, ResumeError, kept, load_run, measurement_cell
 from harness.timing import (
     GRAPHS_COMPILE_MODE,
     MODES,
@@ -295,7 +295,7 @@ def measure_model(
     device = settings.device
     impl = implementation(model)
     for mode in modes:
-        todo = [k for k in kinds if _cell(case.name, which, mode, k) not in finished]
+        todo = [k for k in kinds if measurement_cell(case.name, which, mode, k) not in finished]
         if not todo:
             continue
         skipped = settings.skip_reason(mode)
@@ -330,11 +330,6 @@ def measure_model(
         release(device)
 
 
-def _cell(case: str, model: str, mode: str, kind: str) -> Cell:
-    """The (case, mode, kind) cell of a measurement, as `harness.resume` keys them."""
-    return cell_of({"case": case, "model": model, "mode": mode, "kind": kind})
-
-
 def case_cells(
     name: str,
     modes: tuple[str, ...],
@@ -345,10 +340,10 @@ def case_cells(
 ) -> set[Cell]:
     """The cells a run measures for the case `name`."""
     if name == "sample":
-        return {_cell(name, "ours", mode, "sample") for mode in sample_modes}
-    cells = {_cell(name, "ours", mode, kind) for mode in modes for kind in kinds}
+        return {measurement_cell(name, "ours", mode, "sample") for mode in sample_modes}
+    cells = {measurement_cell(name, "ours", mode, kind) for mode in modes for kind in kinds}
     if "ours" in models and "train" in kinds:
-        cells |= {_cell(name, "ours+ckpt", mode, "train") for mode in checkpoint_modes}
+        cells |= {measurement_cell(name, "ours+ckpt", mode, "train") for mode in checkpoint_modes}
     return cells
 
 
@@ -450,7 +445,7 @@ def run_case(
         if ref is None:
             for mode in modes:
                 for kind in kinds:
-                    if _cell(name, "ref", mode, kind) in finished:
+                    if measurement_cell(name, "ref", mode, kind) in finished:
                         continue
                     record = _record(case, "ref", case.reference, mode, kind, case.batch, settings)
                     record["skipped"] = entry["reference_skipped"]
@@ -474,7 +469,9 @@ def run_case(
     release(device)
 
     checkpoint_modes = tuple(
-        m for m in checkpoint_modes if _cell(name, "ours+ckpt", m, "train") not in finished
+        m
+        for m in checkpoint_modes
+        if measurement_cell(name, "ours+ckpt", m, "train") not in finished
     )
     if "ours" in models and checkpoint_modes and "train" in kinds:
         try:
@@ -1365,7 +1362,7 @@ def compile_ahead(
         for m in args.models
         for mode in modes
         for kind in args.kinds
-        if _cell(c, m, mode, kind) not in finished
+        if measurement_cell(c, m, mode, kind) not in finished
     ]
     if not todo:
         return {}

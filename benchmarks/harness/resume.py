@@ -79,11 +79,15 @@ def _done(record: dict[str, Any]) -> bool:
     return record.get("throughput") is not None or record.get("seconds_per_batch") is not None
 
 
+def measurement_cell(case: str, model: str, mode: str, kind: str) -> Cell:
+    """The cell of a measurement of `model`; ours with checkpointing has cells of its own
+    (mode "MODE+ckpt")."""
+    return (case, mode + ("+ckpt" if model.endswith("+ckpt") else ""), kind)
+
+
 def cell_of(record: dict[str, Any]) -> Cell:
-    """The cell a record belongs to; ours with checkpointing has cells of its own (mode
-    "MODE+ckpt")."""
-    mode = record["mode"] + ("+ckpt" if record["model"].endswith("+ckpt") else "")
-    return (record["case"], mode, record["kind"])
+    """The cell a record belongs to."""
+    return measurement_cell(record["case"], record["model"], record["mode"], record["kind"])
 
 
 def finished_cells(records: Iterable[dict[str, Any]], models: Iterable[str]) -> set[Cell]:
