@@ -132,9 +132,17 @@ class StackSampler:
     def _run(self) -> None:
         own = threading.get_ident()
         while not self._stop.wait(self.interval):
-            frames = sys._current_frames()
+            self._sample(own)
+
+    def _sample(self, own: int) -> None:
+        """One sample of every thread's stack. A frame object kept past its function's return
+        keeps that function's locals alive (a replayed CUDA graph's liveness check, in
+        cudagraph trees, fails on such a tensor), and the dict of frames holds this frame too,
+        a cycle: so it is emptied before the sampler sleeps."""
+        frames = sys._current_frames()
+        try:
             if self._target not in frames:
-                continue
+                return
             self.samples += 1
             now = time.perf_counter_ns()
             natives = {t.ident: t.native_id for t in threading.enumerate() if t.ident is not None}
@@ -148,6 +156,8 @@ class StackSampler:
                     seen.add((frame.f_code, other))
                     frame = frame.f_back
                 self.total_counts.update(seen)
+        finally:
+            frames.clear()
 
     def summary(self, top: int = 15) -> dict[str, Any]:
         """The sample count and the `top` functions by self and by total share."""

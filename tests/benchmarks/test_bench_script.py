@@ -9,6 +9,7 @@ import json
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -349,6 +350,28 @@ def test_the_stack_sampler_counts_work_on_other_threads_but_not_their_waiting(ha
     if thread_cpu_ns(threading.get_native_id()) is not None:  # Linux: CPU clocks per thread
         dozing = sum(v for f, v in shares.items() if f.startswith("[other]") and "doze" in f)
         assert dozing < 0.1  # its CPU clock, read as sampling began, hardly moves
+
+
+def test_the_stack_sampler_keeps_no_frame_alive_between_samples(harness):
+    """A frame the sampler still held after its function returned would keep the function's
+    locals alive: under CUDA graphs (cudagraph trees) a replay then finds a tensor alive that
+    was dead when the graph was recorded, and fails. Between samples the sampler holds none."""
+    from harness.host_sampler import StackSampler
+
+    class Payload:
+        pass
+
+    def hold(seconds):
+        payload = Payload()
+        time.sleep(seconds)  # sampled here, with `payload` among the frame's locals
+        return weakref.ref(payload)
+
+    with StackSampler(interval=0.2) as sampler:
+        time.sleep(0.05)
+        ref = hold(0.45)
+        alive_after_return = ref() is not None  # the next sample is up to 0.2 s away
+    assert sampler.samples >= 2
+    assert not alive_after_return
 
 
 # ------------------------------------------------------------------------ the reference models
