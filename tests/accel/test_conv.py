@@ -16,14 +16,8 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 import diffunet.accel.conv as conv_module
 from diffunet import UNet, UNetConfig
 from diffunet.accel import accelerate, settings
-from diffunet.accel.conv import (
-    convolve,
-    convolve_split_bias,
-    cudnn_memory_format,
-    dense_strides,
-    pin_layout,
-)
-from diffunet.accel.layout import memory_format_for
+from diffunet.accel.conv import convolve, convolve_split_bias, cudnn_memory_format
+from diffunet.accel.layout import dense_strides, memory_format_for, pin_layout
 from diffunet.accel.upsample import upsample_nearest
 from diffunet.model.layers.ops import conv_nd
 
@@ -210,7 +204,10 @@ def test_bias_gradient_is_the_sum_over_all_but_the_channels(shape, layout):
     if layout is not None:
         grad = grad.contiguous(memory_format=layout)
     expected = grad.sum([0, *range(2, grad.ndim)])
-    torch.testing.assert_close(conv_module.bias_gradient(grad), expected, rtol=1e-12, atol=1e-12)
+    layout = layout or torch.contiguous_format
+    torch.testing.assert_close(
+        conv_module.bias_gradient(grad, layout), expected, rtol=1e-12, atol=1e-12
+    )
 
 
 def _convolution_backwards(calls: list[torch.fx.Node]) -> list[torch.fx.Node]:
@@ -257,6 +254,27 @@ def test_the_bias_gradient_is_the_product_with_ones_in_cuda_graph_modes():
     assert "aten.mm.default" in backward_ops
     assert not any(op.startswith("aten.sum") for op in backward_ops), backward_ops
     torch.testing.assert_close(conv.bias.grad, torch.full((4,), 64.0))
+
+
+@pytest.mark.parametrize("bias_gradient_in_op", [False, True])
+def test_the_traced_backward_copies_no_incoming_gradient(bias_gradient_in_op):
+    """Dynamo rewrites an `autograd.Function` whose backward asks a gradient for its strides
+    to copy every incoming gradient to NCHW first (a full pass per convolution, and back to
+    channels-last for cuDNN): the route's backward asks none."""
+    settings.COMPILED_BIAS_GRADIENT_IN_CONV = bias_gradient_in_op  # the fixture restores it
+    first, second = (
+        conv_nd(2, 4, 4, 3, padding=1).to(memory_format=torch.channels_last) for _ in range(2)
+    )
+    x = torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
+    backward_calls: list[torch.fx.Node] = []
+    call = torch.compile(
+        lambda x: convolve(second, convolve(first, x)).square().sum(),
+        backend=_recording_backward(backward_calls),
+    )
+    call(x).backward()
+    assert len(_convolution_backwards(backward_calls)) == 2
+    clones = [n for n in backward_calls if n.target is torch.ops.aten.clone.default]
+    assert not clones, [n.meta.get("stack_trace", "").splitlines()[-2:] for n in clones]
 
 
 @pytest.mark.parametrize("transposed", [False, True])

@@ -33,19 +33,20 @@ import torch
 from torch import nn
 
 from diffunet.accel import settings, thin_conv
-from diffunet.accel.layout import channels_last_of
+from diffunet.accel.layout import channels_last_of, pin_layout
 from diffunet.accel.operands import autocast_dtype, autocast_operands, pad_output_channels
 
 
-def bias_gradient(grad: torch.Tensor) -> torch.Tensor:
-    """A convolution's bias gradient: `grad` summed over every axis but the channels (1).
+def bias_gradient(grad: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    """A convolution's bias gradient: `grad`, dense in `memory_format`, summed over every axis
+    but the channels (1).
 
     A channels-last `grad` is a (positions, channels) matrix, summed as its product with a row
     of ones: cuBLAS's matrix-vector product reads it faster than ATen's or Inductor's sums
-    (docs/performance.md).
+    (docs/performance.md). The layout is given, not read off `grad`: a traced backward that
+    asks a gradient for its strides gets every incoming gradient copied to NCHW first (Dynamo).
     """
-    channels_last = channels_last_of(grad.ndim)
-    if channels_last is None or not grad.is_contiguous(memory_format=channels_last):
+    if memory_format != channels_last_of(grad.ndim):
         return grad.sum([0, *range(2, grad.ndim)])
     positions = grad.movedim(1, -1).reshape(-1, grad.shape[1])  # a view, no copy
     ones = torch.ones(1, positions.shape[0], dtype=grad.dtype, device=grad.device)
@@ -77,12 +78,13 @@ class _Convolution(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         want_x, want_weight, want_bias = ctx.needs_input_grad[:3]
         # Inductor hands `aten.convolution_backward` its operands in their traced strides: the
-        # kernel producing `grad` writes it in cuDNN's layout, so cuDNN converts nothing.
-        grad = grad.contiguous(memory_format=ctx.memory_format)
+        # kernel producing `grad` writes it in cuDNN's layout, so cuDNN converts nothing. Nothing
+        # here reads `grad`'s strides (see `bias_gradient`).
+        grad = pin_layout(grad, ctx.memory_format)
         grad_x, grad_weight, _ = torch.ops.aten.convolution_backward.default(
             grad, x, weight, None, *ctx.geometry, [want_x, want_weight, False]
         )
-        grad_bias = bias_gradient(grad) if want_bias else None
+        grad_bias = bias_gradient(grad, ctx.memory_format) if want_bias else None
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
 
 
@@ -135,37 +137,6 @@ def prefer_channels_last(module: nn.Module) -> None:
 def _layout_for(conv: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
     preferred = getattr(conv, "preferred_memory_format", None)
     return preferred if preferred is not None else cudnn_memory_format(x, weight)
-
-
-def dense_strides(shape: Sequence[int], memory_format: torch.memory_format) -> list[int]:
-    """The strides of a dense tensor of `shape` in `memory_format` (contiguous or channels-last)."""
-    innermost_first = list(range(len(shape) - 1, -1, -1))
-    if memory_format in (torch.channels_last, torch.channels_last_3d):
-        innermost_first = [1, *range(len(shape) - 1, 1, -1), 0]
-    strides = [0] * len(shape)
-    step = 1
-    for axis in innermost_first:
-        strides[axis] = step
-        step *= shape[axis]
-    return strides
-
-
-def pin_layout(x: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
-    """`x.contiguous(memory_format=...)`, and while Dynamo traces, a layout Inductor keeps.
-
-    Inductor takes a traced `contiguous` (a clone) as a hint only: the kernel producing `x`
-    stays free to pick its strides, and its 3D convolution lowering picks them from the
-    operands' current layouts, NCDHW when both are such free buffers (an autocast weight cast
-    is one), and cuDNN then converts the input, the weight and the output of every such
-    convolution. Inductor's own `force_stride_order` prim fixes the producer's strides.
-    """
-    if not torch.compiler.is_dynamo_compiling():
-        return x.contiguous(memory_format=memory_format)
-    try:
-        from torch._inductor import inductor_prims  # noqa: F401  (registers the prim)
-    except ImportError:  # pragma: no cover - an Inductor without the prim
-        return x.contiguous(memory_format=memory_format)
-    return torch.ops.prims.inductor_force_stride_order(x, dense_strides(x.shape, memory_format))
 
 
 def _compiling_for_inductor() -> bool:

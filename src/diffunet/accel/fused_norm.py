@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from diffunet.accel import settings
+from diffunet.accel.layout import pin_layout
 from diffunet.accel.library import define_op, define_triton_op
 from diffunet.accel.settings import (  # noqa: F401  (the setters, importable from here too)
     CUDA_GRAPH_MODES,
@@ -1634,12 +1635,15 @@ class _GroupNormAct(torch.autograd.Function):
         y, mean, rstd = op(x, weight, bias, scale, shift, add, num_groups, eps, film, act)
         ctx.save_for_backward(x, weight, bias, scale, shift, add, mean, rstd)
         ctx.num_groups, ctx.film, ctx.act, ctx.inline = num_groups, film, act, inline
+        # Read here, not in backward: a traced backward that asks a tensor for its strides gets
+        # every incoming gradient copied to NCHW first (Dynamo), a full pass per call.
+        ctx.memory_format = _memory_format(x)
         return y
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, bias, scale, shift, add, mean, rstd = ctx.saved_tensors
-        grad = grad.contiguous(memory_format=_memory_format(x))
+        grad = pin_layout(grad, ctx.memory_format)
         op = group_norm_act_backward_inline_op if ctx.inline else group_norm_act_backward_op
         dx, dw, db, ds, dsh, dadd = op(
             grad, x, weight, bias, scale, shift, add, mean, rstd, ctx.num_groups, ctx.film, ctx.act

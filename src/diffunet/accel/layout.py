@@ -1,6 +1,9 @@
-"""Memory layouts and cuDNN algorithm choice: what convolves fastest on a GPU."""
+"""Memory layouts and cuDNN algorithm choice: what convolves fastest on a GPU, and how a traced
+graph asks Inductor for a layout without a copy."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -39,3 +42,37 @@ def enable_cudnn_autotuning(device: torch.device, dims: int) -> None:
     """
     if device.type == "cuda" and dims == 3:
         torch.backends.cudnn.benchmark = True
+
+
+def dense_strides(shape: Sequence[int], memory_format: torch.memory_format) -> list[int]:
+    """The strides of a dense tensor of `shape` in `memory_format` (contiguous or channels-last)."""
+    innermost_first = list(range(len(shape) - 1, -1, -1))
+    if memory_format in (torch.channels_last, torch.channels_last_3d):
+        innermost_first = [1, *range(len(shape) - 1, 1, -1), 0]
+    strides = [0] * len(shape)
+    step = 1
+    for axis in innermost_first:
+        strides[axis] = step
+        step *= shape[axis]
+    return strides
+
+
+def pin_layout(x: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    """`x.contiguous(memory_format=...)`, and while Dynamo traces, a layout Inductor keeps.
+
+    Inductor takes a traced `contiguous` (a clone) as a hint only: the kernel producing `x`
+    stays free to pick its strides, and its 3D convolution lowering picks them from the
+    operands' current layouts, NCDHW when both are such free buffers (an autocast weight cast
+    is one), and cuDNN then converts the input, the weight and the output of every such
+    convolution. Inductor's own `force_stride_order` prim fixes the producer's strides, and
+    where `x` has them already it costs nothing, whereas a traced `contiguous` of a tensor the
+    trace saw in another layout (a convolution backward's input gradient, whose meta strides
+    are contiguous) stays a copy kernel even where the real strides match.
+    """
+    if not torch.compiler.is_dynamo_compiling():
+        return x.contiguous(memory_format=memory_format)
+    try:
+        from torch._inductor import inductor_prims  # noqa: F401  (registers the prim)
+    except ImportError:  # pragma: no cover - an Inductor without the prim
+        return x.contiguous(memory_format=memory_format)
+    return torch.ops.prims.inductor_force_stride_order(x, dense_strides(x.shape, memory_format))

@@ -33,6 +33,7 @@ from torch import nn
 
 from diffunet.accel import settings
 from diffunet.accel.fused_norm import _interpreting, _memory_format, _sm_count
+from diffunet.accel.layout import pin_layout
 from diffunet.accel.library import define_op
 from diffunet.accel.operands import autocast_dtype, autocast_operands, pad_output_channels
 from diffunet.accel.settings import set_thin_conv_enabled  # noqa: F401  (importable from here too)
@@ -699,7 +700,7 @@ class _ThinConv3d(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         want_x, want_weight, want_bias = ctx.needs_input_grad
         want_bias = want_bias and ctx.has_bias
-        grad = grad.contiguous(memory_format=ctx.layout)
+        grad = pin_layout(grad, ctx.layout)
         grad_x, grad_weight, grad_bias = thin_conv3d_backward_op(grad, x, weight, want_x, want_bias)
         return (
             grad_x if want_x else None,
