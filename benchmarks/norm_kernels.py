@@ -368,6 +368,13 @@ def main(argv: list[str] | None = None) -> int:
         "one kernel each way; 0: none)",
     )
     parser.add_argument(
+        "--reduction-warps",
+        type=_counts,
+        default=sorted({plan.large.reduction_warps, plan.small.reduction_warps}),
+        help="reduction_warps values (warps of the statistics and backward-reduce kernels; "
+        "0: as --warps)",
+    )
+    parser.add_argument(
         "--min-elements",
         type=int,
         default=settings.CUDA_GRAPHS_MIN_ELEMENTS,
@@ -410,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     configs = [
         settings.LaunchConfig(*values)
         for values in itertools.product(
-            args.tiles, args.programs, args.warps, args.stages, args.one_pass
+            args.tiles, args.programs, args.warps, args.stages, args.one_pass, args.reduction_warps
         )
     ]
     settings.set_fused_enabled(True, min_elements=0)

@@ -234,6 +234,7 @@ def _plan(**fields) -> list:
                 "DIFFUNET_FUSED_COMPILE_MIN_ELEMENTS_INFER": "None",
                 "DIFFUNET_NORM_LOOP_STAGES": "2",
                 "DIFFUNET_NORM_ONE_PASS_ELEMENTS": "16384",
+                "DIFFUNET_NORM_REDUCTION_WARPS": "8",
                 "DIFFUNET_THIN_CONV": "0",
                 "DIFFUNET_TAP_PRODUCT_FORWARD": "Always",
                 "DIFFUNET_FOLDED_UPSAMPLE": "cpu",
@@ -253,7 +254,7 @@ def _plan(**fields) -> list:
                 "PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE": None,
                 "COMPILED_MIN_ELEMENTS": 1 << 23,
                 "COMPILED_MIN_ELEMENTS_INFERENCE": None,
-                "NORM_LAUNCH": _plan(loop_stages=2, one_pass_elements=16384),
+                "NORM_LAUNCH": _plan(loop_stages=2, one_pass_elements=16384, reduction_warps=8),
                 "THIN_CONV": False,
                 "TAP_PRODUCT_FORWARD": "always",
                 "FOLDED_DEVICES": ["cpu"],
@@ -278,6 +279,7 @@ def _plan(**fields) -> list:
                 "DIFFUNET_FUSED_COMPILE_MIN_ELEMENTS": "-5",
                 "DIFFUNET_NORM_LOOP_STAGES": "0",
                 "DIFFUNET_NORM_ONE_PASS_ELEMENTS": "-1",
+                "DIFFUNET_NORM_REDUCTION_WARPS": "eight",
                 "DIFFUNET_TAP_PRODUCT_FORWARD": "yes",
                 "DIFFUNET_FOLDED_UPSAMPLE": "1",
                 "DIFFUNET_ROUTED_CONV": "gpu",
@@ -289,6 +291,7 @@ def _plan(**fields) -> list:
                 "DIFFUNET_FUSED_COMPILE_MIN_ELEMENTS='-5' is not a number of elements",
                 "DIFFUNET_NORM_LOOP_STAGES='0' is not a loop depth",
                 "DIFFUNET_NORM_ONE_PASS_ELEMENTS='-1' is not a number of elements",
+                "DIFFUNET_NORM_REDUCTION_WARPS='eight' is not a number of warps",
                 "DIFFUNET_TAP_PRODUCT_FORWARD='yes' is not one of auto, always, never",
                 "DIFFUNET_FOLDED_UPSAMPLE='1': '1' is not a device type",
                 "DIFFUNET_ROUTED_CONV='gpu': 'gpu' is not a device type",
@@ -336,6 +339,16 @@ def test_a_launch_shape_covers_the_view_with_the_configured_loop():
     assert launch.rows % launch.block_n == 0 and launch.chunks * launch.rows >= 1000
     assert (launch.chunks - 1) * launch.rows < 1000  # no chunk starts past the end
     assert launch.kernel_options() == {"BLOCK_C": 128, "BLOCK_N": 16, "STAGES": 3, "num_warps": 8}
+    assert launch.kernel_options(reduction=True)["num_warps"] == 8  # 0: as num_warps
+    settings.NORM_LAUNCH = fused.LaunchConfig(2048, 2, 4, loop_stages=3, reduction_warps=8)
+    launch = fused._launch_shape(torch.empty(4, 96, 1000))
+    assert launch.kernel_options()["num_warps"] == 4
+    assert launch.kernel_options(reduction=True) == {
+        "BLOCK_C": 128,
+        "BLOCK_N": 16,
+        "STAGES": 3,
+        "num_warps": 8,
+    }
 
 
 @pytest.mark.parametrize(
@@ -708,13 +721,15 @@ def test_eager_mode_takes_the_kernels_from_2_to_the_24_elements():
     ("film", "act", "add"),
     [(False, True, False), (True, True, False), (False, False, False), (False, True, True)],
 )
-@pytest.mark.parametrize("launch", ["large", "small", "pipelined", "one-pass"])
+@pytest.mark.parametrize("launch", ["large", "small", "pipelined", "reduction-warps", "one-pass"])
 def test_fused_matches_eager_on_gpu_bf16(shape, groups, film, act, add, launch):
     """Under each configuration of the launch plan as shipped (which runs the smaller of
-    these shapes in one kernel each way), with three kernels each way and pipelined loops,
-    and with every forward and backward in one kernel each, whatever the size."""
+    these shapes in one kernel each way), with three kernels each way and pipelined loops
+    (their sums also in more warps than the other kernels), and with every forward and
+    backward in one kernel each, whatever the size."""
     config = {
         "pipelined": fused.LaunchConfig(2048, 4, 4, loop_stages=3),
+        "reduction-warps": fused.LaunchConfig(2048, 4, 4, loop_stages=3, reduction_warps=8),
         "one-pass": fused.LaunchConfig(2048, 4, 4, 3, one_pass_elements=1 << 30),
     }.get(launch) or getattr(fused.LaunchPlan(), launch)
     settings.NORM_LAUNCH = config

@@ -179,7 +179,9 @@ def _sm_count(device: torch.device) -> int:
 
 class LaunchShape(NamedTuple):
     """How one call's kernels cover a (B, C, N) view: tiles of `block_c` channels × `block_n`
-    positions, `chunks` programs per sample of `rows` positions each."""
+    positions, `chunks` programs per sample of `rows` positions each; the kernels that
+    accumulate sums (statistics, backward reduce) in `reduction_warps` warps, the others in
+    `num_warps`."""
 
     block_c: int
     block_n: int
@@ -187,14 +189,16 @@ class LaunchShape(NamedTuple):
     chunks: int
     num_warps: int
     loop_stages: int
+    reduction_warps: int
 
-    def kernel_options(self) -> dict[str, int]:
-        """The streaming kernels' tile and loop constexprs, and their warps."""
+    def kernel_options(self, reduction: bool = False) -> dict[str, int]:
+        """The streaming kernels' tile and loop constexprs, and their warps (those of the
+        kernels that accumulate sums where `reduction`)."""
         return {
             "BLOCK_C": self.block_c,
             "BLOCK_N": self.block_n,
             "STAGES": self.loop_stages,
-            "num_warps": self.num_warps,
+            "num_warps": self.reduction_warps if reduction else self.num_warps,
         }
 
 
@@ -218,7 +222,16 @@ def _launch_shape(x3: torch.Tensor) -> LaunchShape:
     target_programs = launch.programs_per_sm * _sm_count(x3.device)
     chunks = max(1, min(_cdiv(n, block_n), _cdiv(target_programs, b)))
     rows = _cdiv(_cdiv(n, chunks), block_n) * block_n
-    return LaunchShape(block_c, block_n, rows, _cdiv(n, rows), launch.num_warps, launch.loop_stages)
+    reduction_warps = launch.reduction_warps or launch.num_warps
+    return LaunchShape(
+        block_c,
+        block_n,
+        rows,
+        _cdiv(n, rows),
+        launch.num_warps,
+        launch.loop_stages,
+        reduction_warps,
+    )
 
 
 class OnePassShape(NamedTuple):
@@ -1163,7 +1176,16 @@ def _group_stats(
     s2 = torch.empty_like(s1)
     k = torch.empty(b, c, device=x3.device, dtype=torch.float32)
     kernel(_stats_kernel)[(b, chunks)](
-        x3, s1, s2, k, c, n, launch.rows, *x3.stride(), chunks, **launch.kernel_options()
+        x3,
+        s1,
+        s2,
+        k,
+        c,
+        n,
+        launch.rows,
+        *x3.stride(),
+        chunks,
+        **launch.kernel_options(reduction=True),
     )
     mean, rstd = torch.empty_like(k), torch.empty_like(k)
     per_group = c // num_groups
@@ -1331,7 +1353,7 @@ def _backward(
         *g3.stride(),
         FILM=film,
         ACT=act,
-        **launch.kernel_options(),
+        **launch.kernel_options(reduction=True),
     )
     # Per (batch, channel): Σ dz·x̂ and Σ dz (a_full, b_full), the FiLM gradients, and the
     # group means c1 = mean(dx̂), c2 = mean(dx̂·x̂) that the input gradient needs.

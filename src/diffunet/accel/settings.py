@@ -23,7 +23,7 @@ does not parse warns and keeps the default.
 | `COMPILED_INLINE_NORM_KERNELS` | | `INLINE_NORM_KERNELS` | whether training graphs traced from now on launch the norm kernels themselves |
 | `COMPILED_INLINE_NORM_KERNELS_INFERENCE` | | `INLINE_NORM_KERNELS_INFERENCE` | the same, for graphs without gradients |
 | `CUDA_GRAPH_MODES` | | `reduce-overhead`, `max-autotune` | the compile modes that replay CUDA graphs |
-| `NORM_LAUNCH` | `DIFFUNET_NORM_LOOP_STAGES`, `DIFFUNET_NORM_ONE_PASS_ELEMENTS` | `LaunchPlan()` | tiles, programs, warps, pipelining and one-kernel bound of the norm kernels |
+| `NORM_LAUNCH` | `DIFFUNET_NORM_LOOP_STAGES`, `DIFFUNET_NORM_ONE_PASS_ELEMENTS`, `DIFFUNET_NORM_REDUCTION_WARPS` | `LaunchPlan()` | tiles, programs, warps, pipelining and one-kernel bound of the norm kernels |
 | `ONE_PASS_MIN_CHANNELS` | | 64 | the fewest channels a one-kernel norm program covers |
 | `THIN_CONV` | `DIFFUNET_THIN_CONV` (`0`: off) | on | thin 3×3×3 convolutions by the Triton kernels |
 | `THIN_CHANNELS` | | 8 | the most channels of a thin side |
@@ -98,6 +98,10 @@ class LaunchConfig:
     each covers one sample's whole groups runs its forward as one kernel (statistics, their
     reduction per group, normalize; x read the second time mostly from L2) and its backward as
     one more; larger calls take three kernels each way. 0 never takes them.
+
+    `reduction_warps`: the warps of the two streaming kernels that accumulate sums over their
+    tiles (statistics, backward reduce), which hold two tile-sized float32 accumulators and so
+    more registers per thread than the other two; 0 takes `num_warps`.
     `benchmarks/norm_kernels.py` sweeps these fields on a GPU.
     """
 
@@ -106,6 +110,7 @@ class LaunchConfig:
     num_warps: int = 4
     loop_stages: int = 1
     one_pass_elements: int = 0
+    reduction_warps: int = 0
 
     def for_elements(self, numel: int) -> LaunchConfig:
         """This configuration, at every size."""
@@ -152,6 +157,9 @@ LOOP_STAGES_ENV = "DIFFUNET_NORM_LOOP_STAGES"
 #: The environment variable that sets `one_pass_elements` in both configurations of
 #: `NORM_LAUNCH` (0: never one kernel).
 ONE_PASS_ENV = "DIFFUNET_NORM_ONE_PASS_ELEMENTS"
+#: The environment variable that sets `reduction_warps` in both configurations of
+#: `NORM_LAUNCH` (0: as `num_warps`).
+REDUCTION_WARPS_ENV = "DIFFUNET_NORM_REDUCTION_WARPS"
 
 
 def _optional_int_from_env(name: str, default: int | None, what: str) -> int | None:
@@ -172,7 +180,8 @@ def _optional_int_from_env(name: str, default: int | None, what: str) -> int | N
 
 
 def _norm_launch_from_env() -> LaunchPlan:
-    """`LaunchPlan()` with the loop depth and one-kernel bound the environment asks for."""
+    """`LaunchPlan()` with the loop depth, one-kernel bound and reduction kernels' warps the
+    environment asks for."""
     plan = LaunchPlan()
     stages = _int_from_env(
         LOOP_STAGES_ENV, plan.large.loop_stages, 1, "a loop depth (an integer, at least 1, e.g. 2)"
@@ -183,11 +192,14 @@ def _norm_launch_from_env() -> LaunchPlan:
         0,
         "a number of elements (an integer, at least 0, e.g. 16384)",
     )
-    return replace(
-        plan,
-        large=replace(plan.large, loop_stages=stages, one_pass_elements=one_pass),
-        small=replace(plan.small, loop_stages=stages, one_pass_elements=one_pass),
+    warps = _int_from_env(
+        REDUCTION_WARPS_ENV,
+        plan.small.reduction_warps,
+        0,
+        "a number of warps (an integer, at least 0, e.g. 8; 0: as num_warps)",
     )
+    fields = {"loop_stages": stages, "one_pass_elements": one_pass, "reduction_warps": warps}
+    return replace(plan, large=replace(plan.large, **fields), small=replace(plan.small, **fields))
 
 
 #: Whether the fused norm kernels run at all.
