@@ -65,9 +65,7 @@ def pin_layout(x: torch.Tensor, memory_format: torch.memory_format) -> torch.Ten
     operands' current layouts, NCDHW when both are such free buffers (an autocast weight cast
     is one), and cuDNN then converts the input, the weight and the output of every such
     convolution. Inductor's own `force_stride_order` prim fixes the producer's strides, and
-    where `x` has them already it costs nothing, whereas a traced `contiguous` of a tensor the
-    trace saw in another layout (a convolution backward's input gradient, whose meta strides
-    are contiguous) stays a copy kernel even where the real strides match.
+    where `x` has them already it costs nothing.
     """
     if not torch.compiler.is_dynamo_compiling():
         return x.contiguous(memory_format=memory_format)
