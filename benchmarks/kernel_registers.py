@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Registers, spills and shared memory of the fused norm's streaming kernels, compiled for a
-GPU architecture on any machine (no GPU needed): Triton compiles each kernel for the target
-and `cuobjdump --dump-resource-usage` (shipped with Triton) reads the binary.
+"""Registers, spills and shared memory of the fused norm's kernels, compiled for a GPU
+architecture on any machine (no GPU needed): Triton compiles each kernel for the target and
+`cuobjdump --dump-resource-usage` (shipped with Triton) reads the binary.
 
     python benchmarks/kernel_registers.py --channels 128,256 --warps 4,8 --out regs.json
 
-Each row is one kernel at one tile (all `C` channels × `tile // C` positions, channels-last),
-one number of warps and one loop depth, with the programs of that kernel that fit one SM by
+Each row is one kernel at one tile (`C` channels × `tile // C` positions, channels-last), one
+number of warps and one loop depth (the one-kernel forward and backward, `one_pass` and
+`one_pass_backward`, with `--groups` groups per program and `--single-tile`), with the programs of that kernel that fit one SM by
 registers (65,536 per SM, at most 64 warps): a memory-bound kernel with few resident warps
 keeps few loads in flight. The counts come from the Triton installed here, which may differ
 from the GPU machine's (docs/performance.md says which was used).
@@ -37,14 +38,21 @@ REGISTERS_PER_SM = 65536
 WARPS_PER_SM = 64
 
 
-def streaming_kernels() -> dict[str, object]:
-    """The four kernels a large norm call launches, by name."""
+def norm_kernels() -> dict[str, object]:
+    """The four streaming kernels a large norm call launches, then the one-kernel forward and
+    backward of smaller calls, by name."""
     return {
         "statistics": fused._stats_kernel,
         "normalize": fused._normalize_kernel,
         "backward_reduce": fused._backward_reduce_kernel,
         "backward_dx": fused._backward_dx_kernel,
+        "one_pass": fused._one_pass_kernel,
+        "one_pass_backward": fused._one_pass_backward_kernel,
     }
+
+
+#: The kernels run unless `--kernels` names others.
+STREAMING = ("statistics", "normalize", "backward_reduce", "backward_dx")
 
 
 def signature(kernel: object, constexprs: dict[str, object]) -> dict[str, str]:
@@ -119,13 +127,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tile", type=_ints, default=[4096], help="elements per tile")
     parser.add_argument("--warps", type=_ints, default=[4, 8], help="num_warps values")
     parser.add_argument("--stages", type=_ints, default=[3], help="loop depths (STAGES)")
-    parser.add_argument("--kernels", default=",".join(streaming_kernels()), help="which kernels")
+    parser.add_argument(
+        "--kernels", default=",".join(STREAMING), help=f"any of {', '.join(norm_kernels())}"
+    )
+    parser.add_argument(
+        "--groups", type=int, default=8, help="groups per program (BLOCK_G) of the one-kernel pair"
+    )
+    parser.add_argument(
+        "--single-tile",
+        action="store_true",
+        help="the one-kernel pair with all positions in one tile",
+    )
     parser.add_argument("--film", action="store_true", help="with FiLM's scale and shift")
+    parser.add_argument("--add", action="store_true", help="with an added embedding (ADD)")
     parser.add_argument("--no-act", dest="act", action="store_false", help="without the SiLU")
     parser.add_argument("--arch", type=int, default=90, help="compute capability (90: H100)")
     parser.add_argument("--out", help="JSON path (default: $OUT/kernel_registers.json if set)")
     args = parser.parse_args(argv)
-    kernels = streaming_kernels()
+    kernels = norm_kernels()
     unknown = sorted(set(args.kernels.split(",")) - set(kernels))
     if unknown:
         parser.error(f"unknown kernels {unknown}; choose from {', '.join(kernels)}")
@@ -142,10 +161,12 @@ def main(argv: list[str] | None = None) -> int:
         constexprs = {
             "FILM": args.film,
             "ACT": args.act,
-            "ADD": False,
+            "ADD": args.add,
             "BLOCK_C": channels,
             "BLOCK_N": max(1, tile // channels),
+            "BLOCK_G": args.groups,
             "STAGES": stages,
+            "SINGLE_TILE": args.single_tile,
         }
         usage = resource_usage(kernels[name], constexprs, warps, args.arch)
         row = {
@@ -164,7 +185,15 @@ def main(argv: list[str] | None = None) -> int:
         )
     import triton
 
-    meta = {"triton": triton.__version__, "arch": args.arch, "film": args.film, "act": args.act}
+    meta = {
+        "triton": triton.__version__,
+        "arch": args.arch,
+        "film": args.film,
+        "act": args.act,
+        "add": args.add,
+        "groups": args.groups,
+        "single_tile": args.single_tile,
+    }
     write_json_result({"meta": meta, "rows": rows}, args.out, "kernel_registers.json")
     return 0
 
