@@ -9,7 +9,8 @@ sides of a comparison get that choice. Stable Diffusion 1.5's heads are 40 wide 
 level (8 heads of 320 channels over 4,096 tokens), a width the kernels handle differently. Each
 case's attention calls are found by running its model on the meta device (shapes and call
 counts per forward), then each distinct (batch, heads, queries, keys, head width) is timed in
-bf16 under the default choice and under each backend alone (`torch.nn.attention.sdpa_kernel`):
+bf16 under the default choice and under each backend alone (`torch.nn.attention.sdpa_kernel`),
+and as the accelerator's explicit attention (`explicit`: GEMMs around a float32 softmax):
 forward, and forward + backward (CUDA-graph replays), with the queries, keys and values laid
 out as the model's `split_heads` leaves them. A backend that cannot run a shape is reported
 as such. Each backend's outputs and gradients are checked against the default's. The per-step
@@ -33,6 +34,8 @@ try:
     import diffunet  # noqa: F401  (installed, or run from a checkout:)
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from diffunet.accel import settings
+from diffunet.accel.attention import attention
 from diffunet.model.introspect import example_inputs
 from harness.layers import (
     layer_benchmark_parser,
@@ -49,6 +52,10 @@ BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
     "math": SDPBackend.MATH,
 }
+
+#: Not an SDPA backend: the accelerator's own attention by GEMMs around a float32 softmax
+#: (`diffunet.accel.attention`), timed at every width.
+EXPLICIT = "explicit"
 
 #: (batch, heads, queries, keys, head width) of one attention call.
 Shape = tuple[int, int, int, int, int]
@@ -90,8 +97,18 @@ def _heads(batch: int, heads: int, tokens: int, width: int, device, dtype) -> to
     return h.view(batch, tokens, heads, width).transpose(1, 2).requires_grad_()
 
 
-def _attend(backend: SDPBackend | None) -> Callable[..., torch.Tensor]:
+def _attend(name: str) -> Callable[..., torch.Tensor]:
+    """Attention as `name` ("default", a key of `BACKENDS`, or `EXPLICIT`) computes it."""
+    backend = BACKENDS.get(name)
+
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if name == EXPLICIT:
+            with settings.override(
+                EXPLICIT_ATTENTION=True,
+                EXPLICIT_ATTENTION_WIDER_THAN=0,
+                EXPLICIT_ATTENTION_MAX_SCORES=1 << 62,
+            ):
+                return attention(q, k, v)
         if backend is None:
             return F.scaled_dot_product_attention(q, k, v)
         with sdpa_kernel(backend):
@@ -109,7 +126,7 @@ def measure(shape: Shape, backends: list[str], device, dtype, iters: int) -> lis
     k, v = (_heads(batch, heads, keys, width, device, dtype) for _ in range(2))
     variants, failed = {}, []
     for name in ["default", *backends]:
-        attend = _attend(BACKENDS.get(name))
+        attend = _attend(name)
         try:  # forward and backward: a backend may lack either for the shape
             torch.autograd.grad(attend(q, k, v).sum(), (q, k, v))
         except RuntimeError as err:
@@ -174,13 +191,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--backends",
         default="flash,efficient,cudnn",
-        help=f"comma-separated subset of {','.join(BACKENDS)} (default: %(default)s)",
+        help=f"comma-separated subset of {','.join([*BACKENDS, EXPLICIT])} (default: %(default)s)",
     )
     args = parser.parse_args(argv)
     backends = [b for b in args.backends.split(",") if b]
-    unknown = sorted(set(backends) - set(BACKENDS))
+    known = [*BACKENDS, EXPLICIT]
+    unknown = sorted(set(backends) - set(known))
     if unknown:
-        parser.error(f"--backends: unknown {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
+        parser.error(f"--backends: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
     device, dtype, meta = layer_benchmark_setup(args, parser)
     rows = []
     for case in args.cases.split(","):

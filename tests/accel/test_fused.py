@@ -186,6 +186,7 @@ print(json.dumps({
     "ROUTED_DEVICES": sorted(s.ROUTED_DEVICES),
     "PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV": s.PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV,
     "COMPILED_BIAS_GRADIENT_IN_CONV": s.COMPILED_BIAS_GRADIENT_IN_CONV,
+    "EXPLICIT_ATTENTION": s.EXPLICIT_ATTENTION,
 }))
 """
 DEFAULTS = {
@@ -209,6 +210,7 @@ DEFAULTS = {
     "ROUTED_DEVICES": ["cuda"],
     "PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV": False,
     "COMPILED_BIAS_GRADIENT_IN_CONV": False,
+    "EXPLICIT_ATTENTION": False,
 }
 
 
@@ -245,6 +247,7 @@ def _plan(**fields) -> list:
                 "DIFFUNET_BATCHED_QKV": "0",
                 "DIFFUNET_ROUTED_CONV": "none",
                 "DIFFUNET_PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV": "1",
+                "DIFFUNET_EXPLICIT_ATTENTION": "1",
             },
             {
                 "FUSED_NORM": False,
@@ -268,6 +271,7 @@ def _plan(**fields) -> list:
                 "ROUTED_DEVICES": [],
                 "PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV": True,
                 "COMPILED_BIAS_GRADIENT_IN_CONV": True,
+                "EXPLICIT_ATTENTION": True,
             },
             [],
         ),

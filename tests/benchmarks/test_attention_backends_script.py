@@ -44,3 +44,13 @@ def test_a_backend_that_cannot_run_a_shape_is_reported(benchmark_script):
     rows = [{"case": "c", "count": 3, **row} for row in rows]
     assert set(script.totals(rows)["c"]) == {"default"}
     assert script.BACKENDS["cudnn"] is SDPBackend.CUDNN_ATTENTION
+
+
+def test_the_accelerators_explicit_attention_is_timed_beside_the_backends(benchmark_script):
+    script = benchmark_script("attention_backends")
+    # One 64-channel head, as `ldm`'s single head at its attention level (512 there).
+    rows = script.measure((2, 1, 16, 16, 64), ["explicit"], torch.device("cpu"), torch.float32, 1)
+    assert [r["backend"] for r in rows] == ["default", "explicit"]
+    assert rows[1]["max_relative_difference"] < 1e-5 and rows[1]["train_ms"] > 0
+    with pytest.raises(SystemExit):
+        script.main(["--quick", "--device", "cpu", "--backends", "explicit,fused"])

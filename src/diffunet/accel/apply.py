@@ -14,14 +14,17 @@ from torch import nn
 
 from diffunet.accel.blocks import (
     AcceleratedAttention,
+    AcceleratedCrossAttention,
     AcceleratedDownsample,
     AcceleratedEmbedSequential,
     AcceleratedResBlock,
+    AcceleratedSelfAttention,
     AcceleratedUNet,
     AcceleratedUpsample,
     FusedGroupNorm,
 )
 from diffunet.errors import InvalidTypeError
+from diffunet.model.layers.attention import CrossAttention, SelfAttention
 from diffunet.model.layers.resample import Downsample, Upsample
 from diffunet.model.layers.resblock import ResBlock
 from diffunet.model.layers.transformer import Attention
@@ -37,6 +40,8 @@ ACCELERATED: dict[type[nn.Module], type[nn.Module]] = {
     Upsample: AcceleratedUpsample,
     nn.GroupNorm: FusedGroupNorm,
     Attention: AcceleratedAttention,
+    SelfAttention: AcceleratedSelfAttention,
+    CrossAttention: AcceleratedCrossAttention,
 }
 PLAIN: dict[type[nn.Module], type[nn.Module]] = {fast: slow for slow, fast in ACCELERATED.items()}
 

@@ -7,7 +7,8 @@ upsampling folded into the next convolution (`upsample`), a decoder entry that n
 concatenation of `h` and its skip (`decoder_entry`), channels-last activations (`layout`), and
 linear layers of one input as one GEMM in compiled graphs (`projections`: every block's
 embedding projection under `settings.BATCHED_FILM`, an attention's queries, keys and values
-under `settings.BATCHED_QKV`).
+under `settings.BATCHED_QKV`), and spatial attention over heads wider than the fused kernels
+take by GEMMs (`attention`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffunet.accel import decoder_entry, settings
+from diffunet.accel.attention import attention
 from diffunet.accel.conv import convolve, convolve_split_bias
 from diffunet.accel.fused_norm import norm_act
 from diffunet.accel.layout import to_cuda_layout
@@ -26,6 +28,7 @@ from diffunet.accel.upsample import (
     upsample_convolve_split_bias,
     upsample_nearest,
 )
+from diffunet.model.layers.attention import CrossAttention, SelfAttention
 from diffunet.model.layers.resample import Downsample, Upsample
 from diffunet.model.layers.resblock import ResBlock
 from diffunet.model.layers.transformer import Attention
@@ -60,6 +63,24 @@ class AcceleratedUpsample(Upsample):
         if self.mode == "nearest":
             return upsample_nearest(x, self.factors)
         return upsample_convolve(self.conv, x, self.factors)
+
+
+class AcceleratedSelfAttention(SelfAttention):
+    """`SelfAttention` that attends heads wider than the fused kernels take by GEMMs
+    (`attention`, under `settings.EXPLICIT_ATTENTION`)."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """`SelfAttention.attend`, explicitly where that pays."""
+        return attention(q, k, v)
+
+
+class AcceleratedCrossAttention(CrossAttention):
+    """`CrossAttention` that attends heads wider than the fused kernels take by GEMMs
+    (`attention`, under `settings.EXPLICIT_ATTENTION`)."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """`CrossAttention.attend`, explicitly where that pays."""
+        return attention(q, k, v)
 
 
 class AcceleratedAttention(Attention):

@@ -39,6 +39,9 @@ does not parse warns and keeps the default.
 | `FOLDED_DEVICES` | `DIFFUNET_FOLDED_UPSAMPLE` (`cpu,cuda`, `none`, …) | `cpu`, `cuda` | device types that fold nearest upsampling into the next convolution |
 | `BATCHED_FILM` | `DIFFUNET_BATCHED_FILM` (`0`: off) | on | compiled graphs compute every ResBlock's embedding projection in one GEMM |
 | `BATCHED_QKV` | `DIFFUNET_BATCHED_QKV` (`0`: off) | on | compiled graphs project a transformer attention's queries, keys and values in one GEMM |
+| `EXPLICIT_ATTENTION` | `DIFFUNET_EXPLICIT_ATTENTION` (`1`: on) | off | spatial attention with heads wider than flash attention takes as three GEMMs and a float32 softmax… |
+| `EXPLICIT_ATTENTION_WIDER_THAN` | | 256 | …for heads of more channels than this… |
+| `EXPLICIT_ATTENTION_MAX_SCORES` | | 2²⁴ | …whose scores (batch × heads × queries × keys) are at most this many |
 
 Each attribute's comment below says why. Triton's own `TRITON_INTERPRET=1` runs the kernels on
 CPU tensors through its interpreter (tests). The measurements behind the defaults are in
@@ -516,6 +519,22 @@ BATCHED_QKV_ENV = "DIFFUNET_BATCHED_QKV"
 BATCHED_QKV: bool = _switch_from_env(BATCHED_QKV_ENV)
 
 
+# --- attention (`attention`) -------------------------------------------------------------------
+
+#: The environment variable that turns `EXPLICIT_ATTENTION` on ("1").
+EXPLICIT_ATTENTION_ENV = "DIFFUNET_EXPLICIT_ATTENTION"
+#: Whether the accelerated spatial attention computes heads wider than
+#: `EXPLICIT_ATTENTION_WIDER_THAN` over few tokens as softmax(q kᵀ) v by GEMMs, rather than by
+#: `scaled_dot_product_attention`, which takes such heads only to its memory-efficient kernel
+#: (`ldm`'s one 512-channel head over 16² positions). Off until measured on a GPU.
+EXPLICIT_ATTENTION: bool = _switch_from_env(EXPLICIT_ATTENTION_ENV, default=False)
+#: Flash attention and cuDNN take heads of at most this many channels (PyTorch 2.11).
+EXPLICIT_ATTENTION_WIDER_THAN: int = 256
+#: The largest score matrix (batch × heads × queries × keys elements, float32) the explicit
+#: attention makes; larger ones stay with the fused kernels, which never hold it.
+EXPLICIT_ATTENTION_MAX_SCORES: int = 1 << 24
+
+
 # --- all settings ----------------------------------------------------------------------------
 
 #: The names of the settings (the rows of the module's table).
@@ -550,6 +569,9 @@ NAMES: tuple[str, ...] = (
     "FOLDED_DEVICES",
     "BATCHED_FILM",
     "BATCHED_QKV",
+    "EXPLICIT_ATTENTION",
+    "EXPLICIT_ATTENTION_WIDER_THAN",
+    "EXPLICIT_ATTENTION_MAX_SCORES",
 )
 
 

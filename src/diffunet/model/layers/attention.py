@@ -71,8 +71,12 @@ class SelfAttention(nn.Module):
         b, c, n = x.shape[0], x.shape[1], math.prod(x.shape[2:])
         qkv = self.qkv(to_tokens(self.norm(x)))
         q, k, v = qkv.view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        h = F.scaled_dot_product_attention(q, k, v)
+        h = self.attend(q, k, v)
         return x + from_tokens(self.proj_out(merge_heads(h)), x)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """softmax(q kᵀ / √d) v per head, (B, heads, N, d) each."""
+        return F.scaled_dot_product_attention(q, k, v)
 
 
 class LinearAttention(nn.Module):
@@ -141,8 +145,13 @@ class CrossAttention(nn.Module):
         """Attend from `x` (B, C, *spatial) to `context` (B, M, context_dim)."""
         q = split_heads(self.q(to_tokens(self.norm(x))), self.num_heads)
         k, v = (split_heads(t, self.num_heads) for t in self.kv(context).chunk(2, dim=-1))
-        h = F.scaled_dot_product_attention(q, k, v)
+        h = self.attend(q, k, v)
         return x + from_tokens(self.proj_out(merge_heads(h)), x)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """softmax(q kᵀ / √d) v per head: queries (B, heads, N, d), keys and values
+        (B, heads, M, d)."""
+        return F.scaled_dot_product_attention(q, k, v)
 
 
 class AttentionBlock(nn.Module):

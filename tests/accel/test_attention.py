@@ -1,0 +1,96 @@
+"""`accel.attention`: heads wider than the fused kernels take, attended by GEMMs around a float32
+softmax, compute what `scaled_dot_product_attention` does, values and gradients, and only where
+switched on for such heads over few tokens."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffunet.accel import accelerate, settings
+from diffunet.accel.attention import attention, explicit_wanted
+from diffunet.accel.blocks import AcceleratedSelfAttention
+from diffunet.model.introspect import example_inputs, small_config
+from diffunet.model.layers.attention import CrossAttention, SelfAttention
+from test_blocks import _compare, _random, assert_close_to_scale, forward_and_grads, randomized
+
+
+@pytest.fixture
+def explicit_for_narrow_heads():
+    """Explicit attention on, for heads of more than 8 channels (the autouse `accel_settings`
+    fixture restores the settings)."""
+    settings.EXPLICIT_ATTENTION = True
+    settings.EXPLICIT_ATTENTION_WIDER_THAN = 8
+
+
+def _qkv(shape, keys, dtype=torch.float64):
+    torch.manual_seed(0)
+    *batch, queries, width = shape
+    q = torch.randn(*batch, queries, width, dtype=dtype) * 2
+    k, v = (torch.randn(*batch, keys, width, dtype=dtype) for _ in range(2))
+    return [t.requires_grad_() for t in (q, k, v)]
+
+
+def test_off_by_default_and_only_for_wide_heads_over_few_tokens():
+    q, k, _ = _qkv((2, 1, 16, 512), keys=16)
+    assert not settings.EXPLICIT_ATTENTION and not explicit_wanted(q, k)
+    settings.EXPLICIT_ATTENTION = True
+    assert explicit_wanted(q, k)  # ldm's kind of head: 512 channels
+    narrow, narrow_keys, _ = _qkv((2, 4, 16, 64), keys=16)
+    assert not explicit_wanted(narrow, narrow_keys)  # flash attention's
+    settings.EXPLICIT_ATTENTION_MAX_SCORES = 2 * 16 * 16 - 1
+    assert not explicit_wanted(q, k)  # one score too many
+
+
+@pytest.mark.usefixtures("explicit_for_narrow_heads")
+@pytest.mark.parametrize(("shape", "keys"), [((2, 3, 10, 16), 10), ((2, 2, 7, 12), 5)])
+def test_explicit_attention_is_sdpa_with_its_gradients(shape, keys):
+    q, k, v = _qkv(shape, keys)
+    assert explicit_wanted(q, k)
+    out = attention(q, k, v)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    expected = F.scaled_dot_product_attention(q, k, v)
+    expected_grads = torch.autograd.grad(expected.square().sum(), (q, k, v))
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.usefixtures("explicit_for_narrow_heads")
+def test_bf16_scores_are_formed_in_float32():
+    """In bf16 the scores and softmax run in float32 and only the probabilities meet `v` in
+    bf16: within bf16's rounding of the float64 result, in bf16 like SDPA's output."""
+    q, k, v = _qkv((2, 2, 24, 32), keys=24)
+    bf16 = [t.detach().bfloat16() for t in (q, k, v)]
+    out = attention(*bf16)
+    assert out.dtype == torch.bfloat16
+    exact = F.scaled_dot_product_attention(q, k, v).detach()
+    assert_close_to_scale(out.double(), exact, 2e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast leaves its dtypes alone
+        assert attention(*bf16).dtype == torch.bfloat16
+
+
+@pytest.mark.usefixtures("explicit_for_narrow_heads")
+def test_the_accelerated_attention_blocks_match_the_plain_ones():
+    x = torch.randn(2, 16, 5, 6)
+    _compare(_random(SelfAttention(16, 1, norm_groups=4, norm_eps=1e-6)), [x])
+    context = torch.randn(2, 7, 10)
+    cross = _random(CrossAttention(16, 10, 1, norm_groups=4, norm_eps=1e-6))
+    _compare(cross, [x, context], lambda m, x, context: m(x, context))
+
+
+@pytest.mark.usefixtures("explicit_for_narrow_heads")
+def test_an_accelerated_unet_attends_its_wide_heads_explicitly(monkeypatch):
+    """`ldm`'s topology (one head at its attention level): the accelerated model computes
+    what the plain one does, and calls no fused attention for its heads."""
+    config = small_config("ldm")
+    model = randomized(config).train()
+    x, kwargs = example_inputs(config, batch=2)
+    expected = forward_and_grads(model, x, kwargs)
+    accelerate(model)
+    assert any(type(m) is AcceleratedSelfAttention for m in model.modules())
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a: calls.append(a) or sdpa(*a))
+    for got, want in zip(forward_and_grads(model, x, kwargs), expected, strict=True):
+        assert_close_to_scale(got, want, 1e-5)
+    assert not calls
