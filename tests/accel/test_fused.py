@@ -15,7 +15,10 @@ import torch.nn.functional as F
 from diffunet import UNet
 from diffunet.accel import accelerate, settings
 from diffunet.accel import fused_norm as fused
+from diffunet.accel.blocks import AcceleratedResBlock
+from diffunet.accel.layout import memory_format_for
 from diffunet.model.introspect import example_inputs, small_config
+from diffunet.model.layers.resblock import ResBlock
 from test_conv import traced_nodes
 
 
@@ -571,6 +574,37 @@ def test_compiled_graphs_call_the_ops_forward_and_backward():
         backend = AotEagerAndRecordGraphs()
         torch.compile(norm, backend=backend)(*params)
     assert "diffunet.group_norm_act.default" in targets(backend.graphs[0])
+
+
+@pytest.mark.usefixtures("stand_in_kernels")
+@pytest.mark.parametrize("dims", [2, 3])
+def test_dynamo_traces_the_accelerated_backwards_as_written(dims, monkeypatch):
+    """A traced `autograd.Function` backward that asks a tensor for its strides is traced again
+    behind a rewrite that copies every incoming gradient to NCHW first: a full pass per call,
+    and back. A ResBlock's fused norms and routed convolutions (3×3 and the 1×1 skip, in the
+    CUDA-graph modes' configuration, bias gradients in the convolutions) need none."""
+    import torch._dynamo._trace_wrapped_higher_order_op as wrapped
+
+    rewritten = []
+    original = wrapped.autograd_function_backward_rewritten
+
+    def record(backward):
+        rewritten.append(getattr(backward, "__qualname__", backward))
+        return original(backward)
+
+    monkeypatch.setattr(wrapped, "autograd_function_backward_rewritten", record)
+    settings.ROUTED_DEVICES = frozenset({"cpu", "cuda"})
+    settings.configure_for_compile_mode("reduce-overhead")
+    fused.set_compiled_min_elements(0)
+    block = ResBlock(dims, 8, 16, 12, norm_groups=4)
+    block.__class__ = AcceleratedResBlock
+    block.to(memory_format=memory_format_for(dims))
+    x = torch.randn(2, 8, *(6,) * dims).contiguous(memory_format=memory_format_for(dims))
+    torch._dynamo.reset()
+    torch.compile(block, backend="eager")(x, torch.randn(2, 12)).sum().backward()
+    torch._dynamo.reset()
+    assert block.in_conv.weight.grad is not None
+    assert not rewritten
 
 
 @pytest.mark.usefixtures("stand_in_kernels")
