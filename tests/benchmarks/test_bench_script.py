@@ -346,7 +346,10 @@ def test_the_stack_sampler_counts_work_on_other_threads_but_not_their_waiting(ha
     shares = {e["function"]: e["share"] for e in result["self"]}
     other_spin = next(v for f, v in shares.items() if f.startswith("[other]") and "spin" in f)
     assert other_spin > 0.5
-    assert not any(f.startswith("[other]") and "threading" in f for f in shares)
+    # The waiter, blocked in threading.py all along, would show in nearly every sample; a
+    # worker sampled just as it leaves `spin` is in threading.py too, rarely and rightly.
+    waiting = sum(v for f, v in shares.items() if f.startswith("[other]") and "threading" in f)
+    assert waiting < 0.1
     if thread_cpu_ns(threading.get_native_id()) is not None:  # Linux: CPU clocks per thread
         dozing = sum(v for f, v in shares.items() if f.startswith("[other]") and "doze" in f)
         assert dozing < 0.1  # its CPU clock, read as sampling began, hardly moves
