@@ -28,7 +28,7 @@ try:
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from diffunet.accel import fused_norm as fused
-from harness.layers import write_json_result
+from harness.layers import int_list, write_json_result
 
 #: Pointer arguments holding activations (bf16 in a model's bf16 step); every other pointer
 #: is float32 (statistics, partial sums, affine parameters), every other argument an i32.
@@ -106,27 +106,15 @@ def resource_usage(kernel: object, constexprs: dict[str, object], warps: int, ar
     }
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
 def main(argv: list[str] | None = None) -> int:
     """Compile every combination and print one row per kernel; writes JSON."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--channels", type=_ints, default=[128], help="C of the tiles")
-    parser.add_argument("--tile", type=_ints, default=[4096], help="elements per tile")
-    parser.add_argument("--warps", type=_ints, default=[4, 8], help="num_warps values")
-    parser.add_argument("--stages", type=_ints, default=[3], help="loop depths (STAGES)")
+    parser.add_argument("--channels", type=int_list, default=[128], help="C of the tiles")
+    parser.add_argument("--tile", type=int_list, default=[4096], help="elements per tile")
+    parser.add_argument("--warps", type=int_list, default=[4, 8], help="num_warps values")
+    parser.add_argument("--stages", type=int_list, default=[3], help="loop depths (STAGES)")
     parser.add_argument(
         "--kernels", default=",".join(STREAMING), help=f"any of {', '.join(norm_kernels())}"
     )
@@ -183,10 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{usage['spilled_bytes']:7d} {usage['shared_bytes']:7d} "
             f"{usage['programs_per_sm_by_registers']:8d}"
         )
-    import triton
-
     meta = {
-        "triton": triton.__version__,
+        "triton": fused.triton.__version__,
         "arch": args.arch,
         "film": args.film,
         "act": args.act,

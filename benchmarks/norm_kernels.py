@@ -40,7 +40,7 @@ except ImportError:
 from diffunet.accel import fused_norm as fused
 from diffunet.accel import settings
 from diffunet.model.introspect import example_inputs
-from harness.layers import kernel_time_ms, write_json_result
+from harness.layers import count_list, int_list, kernel_time_ms, write_json_result
 from harness.models import build_case, build_ours
 
 #: (shape, groups, film, add, act) of one `group_norm_act` call.
@@ -311,24 +311,6 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _ints(text: str, minimum: int = 1) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if not values or min(values) < minimum:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers of at least {minimum}, got {text!r}"
-        )
-    return values
-
-
-def _counts(text: str) -> list[int]:
-    return _ints(text, minimum=0)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the sweep; prints a table per case and writes JSON."""
     parser = argparse.ArgumentParser(
@@ -338,38 +320,38 @@ def main(argv: list[str] | None = None) -> int:
     plan = settings.LaunchPlan()
     parser.add_argument(
         "--tiles",
-        type=_ints,
+        type=int_list,
         default=sorted({plan.large.tile_elements, plan.small.tile_elements}),
         help="tile_elements values",
     )
     parser.add_argument(
         "--programs",
-        type=_ints,
+        type=int_list,
         default=sorted({plan.large.programs_per_sm, plan.small.programs_per_sm}),
         help="programs_per_sm values",
     )
     parser.add_argument(
         "--warps",
-        type=_ints,
+        type=int_list,
         default=sorted({plan.large.num_warps, plan.small.num_warps}),
         help="num_warps values",
     )
     parser.add_argument(
         "--stages",
-        type=_ints,
+        type=int_list,
         default=sorted({plan.large.loop_stages, plan.small.loop_stages}),
         help="loop_stages values (software-pipelining depth of the kernels' loops; 1: none)",
     )
     parser.add_argument(
         "--one-pass",
-        type=_counts,
+        type=count_list,
         default=sorted({plan.large.one_pass_elements, plan.small.one_pass_elements}),
         help="one_pass_elements values (the largest program of a call run in "
         "one kernel each way; 0: none)",
     )
     parser.add_argument(
         "--reduction-warps",
-        type=_counts,
+        type=count_list,
         default=sorted({plan.large.reduction_warps, plan.small.reduction_warps}),
         help="reduction_warps values (warps of the statistics and backward-reduce kernels; "
         "0: as --warps)",

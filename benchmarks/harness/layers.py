@@ -175,3 +175,23 @@ def write_json_result(data: Any, out: str | None, default_name: str) -> str | No
     Path(out).write_text(json.dumps(data, indent=1) + "\n")
     print(f"wrote {out}")
     return out
+
+
+def int_list(text: str, minimum: int = 1) -> list[int]:
+    """An argparse type: comma-separated integers, each at least `minimum` ("4,8" → [4, 8])."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if not values or min(values) < minimum:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers of at least {minimum}, got {text!r}"
+        )
+    return values
+
+
+def count_list(text: str) -> list[int]:
+    """An argparse type: comma-separated integers, each at least 0."""
+    return int_list(text, minimum=0)

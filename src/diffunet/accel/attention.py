@@ -12,6 +12,8 @@ there.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -21,13 +23,10 @@ from diffunet.accel import settings
 def explicit_wanted(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether `attention(q, k, v)` forms the scores itself: switched on, heads wider than the
     fused kernels' limit, and at most `settings.EXPLICIT_ATTENTION_MAX_SCORES` scores."""
-    *batch, queries, width = q.shape
-    scores = queries * k.shape[-2]
-    for size in batch:
-        scores *= size
+    scores = math.prod(q.shape[:-1]) * k.shape[-2]
     return (
         settings.EXPLICIT_ATTENTION
-        and width > settings.EXPLICIT_ATTENTION_WIDER_THAN
+        and q.shape[-1] > settings.EXPLICIT_ATTENTION_WIDER_THAN
         and scores <= settings.EXPLICIT_ATTENTION_MAX_SCORES
     )
 

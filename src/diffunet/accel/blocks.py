@@ -65,22 +65,21 @@ class AcceleratedUpsample(Upsample):
         return upsample_convolve(self.conv, x, self.factors)
 
 
-class AcceleratedSelfAttention(SelfAttention):
-    """`SelfAttention` that attends heads wider than the fused kernels take by GEMMs
-    (`attention`, under `settings.EXPLICIT_ATTENTION`)."""
+class _AttendsWideHeadsByGEMMs:
+    """An attention module's `attend` by `attention`: heads wider than the fused kernels take
+    by GEMMs, under `settings.EXPLICIT_ATTENTION`."""
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """`SelfAttention.attend`, explicitly where that pays."""
+        """softmax(q kᵀ / √d) v per head, explicitly where that pays."""
         return attention(q, k, v)
 
 
-class AcceleratedCrossAttention(CrossAttention):
-    """`CrossAttention` that attends heads wider than the fused kernels take by GEMMs
-    (`attention`, under `settings.EXPLICIT_ATTENTION`)."""
+class AcceleratedSelfAttention(_AttendsWideHeadsByGEMMs, SelfAttention):
+    """`SelfAttention` that attends heads wider than the fused kernels take by GEMMs."""
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """`CrossAttention.attend`, explicitly where that pays."""
-        return attention(q, k, v)
+
+class AcceleratedCrossAttention(_AttendsWideHeadsByGEMMs, CrossAttention):
+    """`CrossAttention` that attends heads wider than the fused kernels take by GEMMs."""
 
 
 class AcceleratedAttention(Attention):
