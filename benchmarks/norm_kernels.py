@@ -353,8 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         "--reduction-warps",
         type=count_list,
         default=sorted({plan.large.reduction_warps, plan.small.reduction_warps}),
-        help="reduction_warps values (warps of the statistics and backward-reduce kernels; "
-        "0: as --warps)",
+        help="reduction_warps values (warps of the backward-reduce kernel; 0: as --warps)",
     )
     parser.add_argument(
         "--min-elements",

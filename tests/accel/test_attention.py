@@ -1,6 +1,6 @@
 """`accel.attention`: heads wider than the fused kernels take, attended by GEMMs around a float32
-softmax, compute what `scaled_dot_product_attention` does, values and gradients, and only where
-switched on for such heads over few tokens."""
+softmax, compute what `scaled_dot_product_attention` does, values and gradients, and only for
+such heads over few tokens where a gradient will flow."""
 
 import pytest
 import torch
@@ -30,22 +30,27 @@ def _qkv(shape, keys, dtype=torch.float64):
     return [t.requires_grad_() for t in (q, k, v)]
 
 
-def test_off_by_default_and_only_for_wide_heads_over_few_tokens():
-    q, k, _ = _qkv((2, 1, 16, 512), keys=16)
-    assert not settings.EXPLICIT_ATTENTION and not explicit_wanted(q, k)
-    settings.EXPLICIT_ATTENTION = True
-    assert explicit_wanted(q, k)  # ldm's kind of head: 512 channels
-    narrow, narrow_keys, _ = _qkv((2, 4, 16, 64), keys=16)
-    assert not explicit_wanted(narrow, narrow_keys)  # flash attention's
+def test_only_for_differentiated_wide_heads_over_few_tokens():
+    q, k, v = _qkv((2, 1, 16, 512), keys=16)
+    assert settings.EXPLICIT_ATTENTION and explicit_wanted(q, k, v)  # ldm's head: 512 channels
+    with torch.no_grad():
+        assert not explicit_wanted(q, k, v)  # inference: the fused forward is the faster
+    assert not explicit_wanted(*(t.detach() for t in (q, k, v)))
+    assert explicit_wanted(q.detach(), k.detach(), v)  # any one operand's gradient will do
+    narrow, narrow_keys, narrow_values = _qkv((2, 4, 16, 64), keys=16)
+    assert not explicit_wanted(narrow, narrow_keys, narrow_values)  # flash attention's
     settings.EXPLICIT_ATTENTION_MAX_SCORES = 2 * 16 * 16 - 1
-    assert not explicit_wanted(q, k)  # one score too many
+    assert not explicit_wanted(q, k, v)  # one score too many
+    settings.EXPLICIT_ATTENTION_MAX_SCORES = 2 * 16 * 16
+    settings.EXPLICIT_ATTENTION = False
+    assert not explicit_wanted(q, k, v)
 
 
 @pytest.mark.usefixtures("explicit_for_narrow_heads")
 @pytest.mark.parametrize(("shape", "keys"), [((2, 3, 10, 16), 10), ((2, 2, 7, 12), 5)])
 def test_explicit_attention_is_sdpa_with_its_gradients(shape, keys):
     q, k, v = _qkv(shape, keys)
-    assert explicit_wanted(q, k)
+    assert explicit_wanted(q, k, v)
     out = attention(q, k, v)
     grads = torch.autograd.grad(out.square().sum(), (q, k, v))
     expected = F.scaled_dot_product_attention(q, k, v)
@@ -60,7 +65,8 @@ def test_bf16_scores_are_formed_in_float32():
     """In bf16 the scores and softmax run in float32 and only the probabilities meet `v` in
     bf16: within bf16's rounding of the float64 result, in bf16 like SDPA's output."""
     q, k, v = _qkv((2, 2, 24, 32), keys=24)
-    bf16 = [t.detach().bfloat16() for t in (q, k, v)]
+    bf16 = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+    assert explicit_wanted(*bf16)
     out = attention(*bf16)
     assert out.dtype == torch.bfloat16
     exact = F.scaled_dot_product_attention(q, k, v).detach()

@@ -213,7 +213,7 @@ DEFAULTS = {
     "ROUTED_DEVICES": ["cuda"],
     "PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV": False,
     "COMPILED_BIAS_GRADIENT_IN_CONV": False,
-    "EXPLICIT_ATTENTION": False,
+    "EXPLICIT_ATTENTION": True,
 }
 
 
@@ -250,7 +250,7 @@ def _plan(**fields) -> list:
                 "DIFFUNET_BATCHED_QKV": "0",
                 "DIFFUNET_ROUTED_CONV": "none",
                 "DIFFUNET_PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV": "1",
-                "DIFFUNET_EXPLICIT_ATTENTION": "1",
+                "DIFFUNET_EXPLICIT_ATTENTION": "0",
             },
             {
                 "FUSED_NORM": False,
@@ -274,7 +274,7 @@ def _plan(**fields) -> list:
                 "ROUTED_DEVICES": [],
                 "PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV": True,
                 "COMPILED_BIAS_GRADIENT_IN_CONV": True,
-                "EXPLICIT_ATTENTION": True,
+                "EXPLICIT_ATTENTION": False,
             },
             [],
         ),
@@ -356,6 +356,51 @@ def test_a_launch_shape_covers_the_view_with_the_configured_loop():
         "STAGES": 3,
         "num_warps": 8,
     }
+
+
+def _recorded_warps(launch, shape=(2, 96, 40), film=True, act=True):
+    """Each streaming kernel's name → its `num_warps` over one forward and backward of the
+    three-kernel path under `launch`, recorded by a stand-in for the launcher (nothing runs)."""
+    settings.NORM_LAUNCH = launch
+    warps = {}
+
+    class Recording:
+        def __init__(self, kernel):
+            self.name = getattr(kernel, "__name__", None) or kernel.fn.__name__
+
+        def __getitem__(self, grid):
+            def launch(*args, **options):
+                if "num_warps" in options:  # the combine kernels take Triton's default
+                    warps[self.name] = options["num_warps"]
+
+            return launch
+
+    params = _norm_inputs(shape, False, film, False)
+    x, weight, bias, scale, shift, offset = (
+        a.detach() for a in _op_arguments(params, 4, film, act, False)[:6]
+    )
+    _, mean, rstd = fused._forward(
+        x, weight, bias, scale, shift, offset, 4, EPS, film, act, Recording
+    )
+    grad = torch.randn_like(x)
+    fused._backward(
+        grad, x, weight, bias, scale, shift, offset, mean, rstd, 4, film, act, kernel=Recording
+    )
+    return warps
+
+
+@pytest.mark.skipif(fused.triton is None, reason="needs Triton's kernel objects")
+def test_only_the_backward_reduce_kernel_takes_the_reduction_warps():
+    """Eight warps served the backward's reduce kernel and slowed the statistics kernel
+    (docs/performance.md), so `reduction_warps` reaches the former alone."""
+    warps = _recorded_warps(fused.LaunchConfig(2048, 2, 4, loop_stages=3, reduction_warps=8))
+    assert warps == {
+        "_stats_kernel": 4,
+        "_normalize_kernel": 4,
+        "_backward_reduce_kernel": 8,
+        "_backward_dx_kernel": 4,
+    }
+    assert set(_recorded_warps(fused.LaunchConfig(2048, 2, 4, loop_stages=3)).values()) == {4}
 
 
 @pytest.mark.parametrize(

@@ -93,6 +93,8 @@ def interpreted_a_sweep_runs_under_the_interpreter(tmp_path, benchmark_script):
             "2",
             "--one-pass",
             "0,1048576",
+            "--reduction-warps",
+            "0",
             "--no-reference",
             "--out",
             str(out),

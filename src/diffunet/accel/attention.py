@@ -5,7 +5,8 @@ memory-efficient kernel alone (flash attention and cuDNN stop there), whose back
 slow for them: `ldm`'s one 512-channel head over 16² positions. Over so few tokens the score
 matrix is small, and `attention` computes softmax(q kᵀ / √d) v there as two GEMMs around a
 float32 softmax instead, which cuBLAS and Inductor run at their usual speed
-(`settings.EXPLICIT_ATTENTION`, `..._WIDER_THAN`, `..._MAX_SCORES`). The scores are formed in
+(`settings.EXPLICIT_ATTENTION`, `..._WIDER_THAN`, `..._MAX_SCORES`). Only calls that will be
+differentiated do so: the fused forward alone is the faster one. The scores are formed in
 float32, as the fused kernels accumulate them; the probabilities meet `v` in its own dtype, as
 there.
 """
@@ -20,12 +21,15 @@ import torch.nn.functional as F
 from diffunet.accel import settings
 
 
-def explicit_wanted(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether `attention(q, k, v)` forms the scores itself: switched on, heads wider than the
-    fused kernels' limit, and at most `settings.EXPLICIT_ATTENTION_MAX_SCORES` scores."""
+def explicit_wanted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether `attention(q, k, v)` forms the scores itself: switched on, a gradient to come,
+    heads wider than the fused kernels' limit, and at most
+    `settings.EXPLICIT_ATTENTION_MAX_SCORES` scores."""
     scores = math.prod(q.shape[:-1]) * k.shape[-2]
     return (
         settings.EXPLICIT_ATTENTION
+        and torch.is_grad_enabled()
+        and (q.requires_grad or k.requires_grad or v.requires_grad)
         and q.shape[-1] > settings.EXPLICIT_ATTENTION_WIDER_THAN
         and scores <= settings.EXPLICIT_ATTENTION_MAX_SCORES
     )
@@ -33,8 +37,8 @@ def explicit_wanted(q: torch.Tensor, k: torch.Tensor) -> bool:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """`F.scaled_dot_product_attention(q, k, v)` (no mask, no dropout) for (…, N, d) queries
-    and (…, M, d) keys and values, by GEMMs where `explicit_wanted(q, k)`."""
-    if not explicit_wanted(q, k):
+    and (…, M, d) keys and values, by GEMMs where `explicit_wanted(q, k, v)`."""
+    if not explicit_wanted(q, k, v):
         return F.scaled_dot_product_attention(q, k, v)
     scale = q.shape[-1] ** -0.5
     compute = torch.promote_types(q.dtype, torch.float32)  # never below float32

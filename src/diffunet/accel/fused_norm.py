@@ -179,9 +179,8 @@ def _sm_count(device: torch.device) -> int:
 
 class LaunchShape(NamedTuple):
     """How one call's kernels cover a (B, C, N) view: tiles of `block_c` channels × `block_n`
-    positions, `chunks` programs per sample of `rows` positions each; the kernels that
-    accumulate sums (statistics, backward reduce) in `reduction_warps` warps, the others in
-    `num_warps`."""
+    positions, `chunks` programs per sample of `rows` positions each; the backward's reduce
+    kernel in `reduction_warps` warps, the others in `num_warps`."""
 
     block_c: int
     block_n: int
@@ -193,7 +192,7 @@ class LaunchShape(NamedTuple):
 
     def kernel_options(self, reduction: bool = False) -> dict[str, int]:
         """The streaming kernels' tile and loop constexprs, and their warps (those of the
-        kernels that accumulate sums where `reduction`)."""
+        backward's reduce kernel where `reduction`)."""
         return {
             "BLOCK_C": self.block_c,
             "BLOCK_N": self.block_n,
@@ -1185,7 +1184,7 @@ def _group_stats(
         launch.rows,
         *x3.stride(),
         chunks,
-        **launch.kernel_options(reduction=True),
+        **launch.kernel_options(),
     )
     mean, rstd = torch.empty_like(k), torch.empty_like(k)
     per_group = c // num_groups

@@ -39,7 +39,7 @@ does not parse warns and keeps the default.
 | `FOLDED_DEVICES` | `DIFFUNET_FOLDED_UPSAMPLE` (`cpu,cuda`, `none`, …) | `cpu`, `cuda` | device types that fold nearest upsampling into the next convolution |
 | `BATCHED_FILM` | `DIFFUNET_BATCHED_FILM` (`0`: off) | on | compiled graphs compute every ResBlock's embedding projection in one GEMM |
 | `BATCHED_QKV` | `DIFFUNET_BATCHED_QKV` (`0`: off) | on | compiled graphs project a transformer attention's queries, keys and values in one GEMM |
-| `EXPLICIT_ATTENTION` | `DIFFUNET_EXPLICIT_ATTENTION` (`1`: on) | off | spatial attention with heads wider than flash attention takes as three GEMMs and a float32 softmax… |
+| `EXPLICIT_ATTENTION` | `DIFFUNET_EXPLICIT_ATTENTION` (`0`: off) | on | differentiated spatial attention with heads wider than flash attention takes as GEMMs around a float32 softmax… |
 | `EXPLICIT_ATTENTION_WIDER_THAN` | | 256 | …for heads of more channels than this… |
 | `EXPLICIT_ATTENTION_MAX_SCORES` | | 2²⁴ | …whose scores (batch × heads × queries × keys) are at most this many |
 
@@ -102,9 +102,9 @@ class LaunchConfig:
     reduction per group, normalize; x read the second time mostly from L2) and its backward as
     one more; larger calls take three kernels each way. 0 never takes them.
 
-    `reduction_warps`: the warps of the two streaming kernels that accumulate sums over their
-    tiles (statistics, backward reduce), which hold two tile-sized float32 accumulators and so
-    more registers per thread than the other two; 0 takes `num_warps`.
+    `reduction_warps`: the warps of the backward's reduce kernel, which accumulates two
+    tile-sized float32 sums and so holds more registers per thread than the other kernels;
+    0 takes `num_warps`.
     `benchmarks/norm_kernels.py` sweeps these fields on a GPU.
     """
 
@@ -126,11 +126,12 @@ class LaunchPlan:
     below.
 
     The defaults are the best of the sweeps in docs/performance.md: loops pipelined three
-    tiles deep with four warps, fewer programs per SM for smaller activations, and one kernel
-    each way for calls whose programs own at most 32,768 elements.
+    tiles deep with four warps, fewer programs per SM for smaller activations, eight warps in
+    the backward's reduce kernel for large ones, and one kernel each way for calls whose
+    programs own at most 32,768 elements.
     """
 
-    large: LaunchConfig = LaunchConfig(4096, 4, 4, 3, one_pass_elements=32768)
+    large: LaunchConfig = LaunchConfig(4096, 4, 4, 3, one_pass_elements=32768, reduction_warps=8)
     small: LaunchConfig = LaunchConfig(4096, 2, 4, 3, one_pass_elements=32768)
     large_from: int = 1 << 25
 
@@ -161,7 +162,7 @@ LOOP_STAGES_ENV = "DIFFUNET_NORM_LOOP_STAGES"
 #: `NORM_LAUNCH` (0: never one kernel).
 ONE_PASS_ENV = "DIFFUNET_NORM_ONE_PASS_ELEMENTS"
 #: The environment variable that sets `reduction_warps` in both configurations of
-#: `NORM_LAUNCH` (0: as `num_warps`).
+#: `NORM_LAUNCH` (0: as `num_warps`; unset: the plan's own).
 REDUCTION_WARPS_ENV = "DIFFUNET_NORM_REDUCTION_WARPS"
 
 
@@ -182,26 +183,40 @@ def _optional_int_from_env(name: str, default: int | None, what: str) -> int | N
     return value
 
 
+def _launch_field_from_env(name: str, minimum: int, what: str) -> int | None:
+    """The integer (at least `minimum`) the environment variable `name` gives for a field of
+    both launch configurations; None where it is unset or (with a warning) not `what`."""
+    text = os.environ.get(name)
+    if text is None:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        warnings.warn(f"{name}={text!r} is not {what}; keeping the launch plan's", stacklevel=2)
+        return None
+    return value
+
+
 def _norm_launch_from_env() -> LaunchPlan:
-    """`LaunchPlan()` with the loop depth, one-kernel bound and reduction kernels' warps the
-    environment asks for."""
+    """`LaunchPlan()` with the loop depth, one-kernel bound and backward reduce kernel's warps
+    the environment asks for, each in both configurations."""
     plan = LaunchPlan()
-    stages = _int_from_env(
-        LOOP_STAGES_ENV, plan.large.loop_stages, 1, "a loop depth (an integer, at least 1, e.g. 2)"
-    )
-    one_pass = _int_from_env(
-        ONE_PASS_ENV,
-        plan.small.one_pass_elements,
-        0,
-        "a number of elements (an integer, at least 0, e.g. 16384)",
-    )
-    warps = _int_from_env(
-        REDUCTION_WARPS_ENV,
-        plan.small.reduction_warps,
-        0,
-        "a number of warps (an integer, at least 0, e.g. 8; 0: as num_warps)",
-    )
-    fields = {"loop_stages": stages, "one_pass_elements": one_pass, "reduction_warps": warps}
+    asked = {
+        "loop_stages": _launch_field_from_env(
+            LOOP_STAGES_ENV, 1, "a loop depth (an integer, at least 1, e.g. 2)"
+        ),
+        "one_pass_elements": _launch_field_from_env(
+            ONE_PASS_ENV, 0, "a number of elements (an integer, at least 0, e.g. 16384)"
+        ),
+        "reduction_warps": _launch_field_from_env(
+            REDUCTION_WARPS_ENV,
+            0,
+            "a number of warps (an integer, at least 0, e.g. 8; 0: as num_warps)",
+        ),
+    }
+    fields = {name: value for name, value in asked.items() if value is not None}
     return replace(plan, large=replace(plan.large, **fields), small=replace(plan.small, **fields))
 
 
@@ -521,13 +536,14 @@ BATCHED_QKV: bool = _switch_from_env(BATCHED_QKV_ENV)
 
 # --- attention (`attention`) -------------------------------------------------------------------
 
-#: The environment variable that turns `EXPLICIT_ATTENTION` on ("1").
+#: The environment variable that turns `EXPLICIT_ATTENTION` off ("0").
 EXPLICIT_ATTENTION_ENV = "DIFFUNET_EXPLICIT_ATTENTION"
 #: Whether the accelerated spatial attention computes heads wider than
-#: `EXPLICIT_ATTENTION_WIDER_THAN` over few tokens as softmax(q kᵀ) v by GEMMs, rather than by
-#: `scaled_dot_product_attention`, which takes such heads only to its memory-efficient kernel
-#: (`ldm`'s one 512-channel head over 16² positions). Off until measured on a GPU.
-EXPLICIT_ATTENTION: bool = _switch_from_env(EXPLICIT_ATTENTION_ENV, default=False)
+#: `EXPLICIT_ATTENTION_WIDER_THAN` over few tokens as softmax(q kᵀ) v by GEMMs where a gradient
+#: will flow, rather than by `scaled_dot_product_attention`, which takes such heads only to its
+#: memory-efficient kernel (`ldm`'s one 512-channel head over 16² positions), whose backward is
+#: the slower; forward-only calls keep that kernel, whose forward is the faster.
+EXPLICIT_ATTENTION: bool = _switch_from_env(EXPLICIT_ATTENTION_ENV)
 #: Flash attention and cuDNN take heads of at most this many channels (PyTorch 2.11).
 EXPLICIT_ATTENTION_WIDER_THAN: int = 256
 #: The largest score matrix (batch × heads × queries × keys elements, float32) the explicit
