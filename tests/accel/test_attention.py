@@ -100,3 +100,22 @@ def test_an_accelerated_unet_attends_its_wide_heads_explicitly(monkeypatch):
     for got, want in zip(forward_and_grads(model, x, kwargs), expected, strict=True):
         assert_close_to_scale(got, want, 1e-5)
     assert not calls
+
+
+@pytest.mark.gpu
+def test_ldms_wide_head_in_bf16_on_gpu_is_as_close_to_float64_as_sdpa():
+    """`ldm`'s head (512 channels over 16² positions) in bf16 on a GPU, values and gradients:
+    the explicit path is within bf16's rounding of the float64 result, as SDPA's kernel is."""
+    q, k, v = (t.detach().cuda() for t in _qkv((4, 1, 256, 512), keys=256))
+    exact = [t.requires_grad_() for t in (q, k, v)]
+    out = F.scaled_dot_product_attention(*exact)
+    weight = torch.randn_like(out)
+    expected = [out.detach(), *torch.autograd.grad((out * weight).sum(), exact)]
+    for explicit in (True, False):
+        settings.EXPLICIT_ATTENTION = explicit
+        bf16 = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+        assert explicit_wanted(*bf16) == explicit
+        got = attention(*bf16)
+        grads = torch.autograd.grad((got.double() * weight).sum(), bf16)
+        for value, want in zip([got, *grads], expected, strict=True):
+            assert_close_to_scale(value.double(), want, 2e-2)
