@@ -34,8 +34,7 @@ try:
     import diffunet  # noqa: F401  (installed, or run from a checkout:)
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from diffunet.accel import settings
-from diffunet.accel.attention import attention
+from diffunet.accel.attention import explicit_attention
 from diffunet.model.introspect import example_inputs
 from harness.layers import (
     layer_benchmark_parser,
@@ -102,13 +101,8 @@ def _attend(name: str) -> Callable[..., torch.Tensor]:
     backend = BACKENDS.get(name)
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if name == EXPLICIT:
-            with settings.override(
-                EXPLICIT_ATTENTION=True,
-                EXPLICIT_ATTENTION_WIDER_THAN=0,
-                EXPLICIT_ATTENTION_MAX_SCORES=1 << 62,
-            ):
-                return attention(q, k, v)
+        if name == EXPLICIT:  # forward-only calls too, which the model leaves to SDPA
+            return explicit_attention(q, k, v)
         if backend is None:
             return F.scaled_dot_product_attention(q, k, v)
         with sdpa_kernel(backend):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from diffunet.accel import accelerate, settings
-from diffunet.accel.attention import attention, explicit_wanted
+from diffunet.accel.attention import attention, explicit_attention, explicit_wanted
 from diffunet.accel.blocks import AcceleratedSelfAttention
 from diffunet.model.introspect import example_inputs, small_config
 from diffunet.model.layers.attention import CrossAttention, SelfAttention
@@ -16,10 +16,11 @@ from test_blocks import _compare, _random, assert_close_to_scale, forward_and_gr
 
 @pytest.fixture
 def explicit_for_narrow_heads():
-    """Explicit attention on, for heads of more than 8 channels (the autouse `accel_settings`
-    fixture restores the settings)."""
+    """Explicit attention on, for heads of more than 8 channels, on the CPU too (the autouse
+    `accel_settings` fixture restores the settings)."""
     settings.EXPLICIT_ATTENTION = True
     settings.EXPLICIT_ATTENTION_WIDER_THAN = 8
+    settings.EXPLICIT_ATTENTION_DEVICES = frozenset({"cpu", "cuda"})
 
 
 def _qkv(shape, keys, dtype=torch.float64):
@@ -32,7 +33,9 @@ def _qkv(shape, keys, dtype=torch.float64):
 
 def test_only_for_differentiated_wide_heads_over_few_tokens():
     q, k, v = _qkv((2, 1, 16, 512), keys=16)
-    assert settings.EXPLICIT_ATTENTION and explicit_wanted(q, k, v)  # ldm's head: 512 channels
+    assert settings.EXPLICIT_ATTENTION and not explicit_wanted(q, k, v)  # CUDA's only, by default
+    settings.EXPLICIT_ATTENTION_DEVICES = frozenset({"cpu"})
+    assert explicit_wanted(q, k, v)  # ldm's head: 512 channels
     with torch.no_grad():
         assert not explicit_wanted(q, k, v)  # inference: the fused forward is the faster
     assert not explicit_wanted(*(t.detach() for t in (q, k, v)))
@@ -44,6 +47,9 @@ def test_only_for_differentiated_wide_heads_over_few_tokens():
     settings.EXPLICIT_ATTENTION_MAX_SCORES = 2 * 16 * 16
     settings.EXPLICIT_ATTENTION = False
     assert not explicit_wanted(q, k, v)
+    with torch.no_grad():  # what the benchmarks time: the GEMMs whatever the settings
+        expected = F.scaled_dot_product_attention(q, k, v)
+        torch.testing.assert_close(explicit_attention(q, k, v), expected, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.usefixtures("explicit_for_narrow_heads")

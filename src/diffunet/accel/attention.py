@@ -22,12 +22,13 @@ from diffunet.accel import settings
 
 
 def explicit_wanted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether `attention(q, k, v)` forms the scores itself: switched on, a gradient to come,
-    heads wider than the fused kernels' limit, and at most
+    """Whether `attention(q, k, v)` forms the scores itself: switched on for the device, a
+    gradient to come, heads wider than the fused kernels' limit, and at most
     `settings.EXPLICIT_ATTENTION_MAX_SCORES` scores."""
     scores = math.prod(q.shape[:-1]) * k.shape[-2]
     return (
         settings.EXPLICIT_ATTENTION
+        and q.device.type in settings.EXPLICIT_ATTENTION_DEVICES
         and torch.is_grad_enabled()
         and (q.requires_grad or k.requires_grad or v.requires_grad)
         and q.shape[-1] > settings.EXPLICIT_ATTENTION_WIDER_THAN
@@ -37,9 +38,15 @@ def explicit_wanted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """`F.scaled_dot_product_attention(q, k, v)` (no mask, no dropout) for (…, N, d) queries
-    and (…, M, d) keys and values, by GEMMs where `explicit_wanted(q, k, v)`."""
+    and (…, M, d) keys and values, by `explicit_attention` where `explicit_wanted(q, k, v)`."""
     if not explicit_wanted(q, k, v):
         return F.scaled_dot_product_attention(q, k, v)
+    return explicit_attention(q, k, v)
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ / √d) v by two GEMMs around a softmax, the scores in at least float32 and
+    the probabilities in `v`'s dtype, whatever the settings."""
     scale = q.shape[-1] ** -0.5
     compute = torch.promote_types(q.dtype, torch.float32)  # never below float32
     # Autocast would run float32 GEMMs in bf16 again: the dtypes here are chosen explicitly.

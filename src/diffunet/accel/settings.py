@@ -41,7 +41,8 @@ does not parse warns and keeps the default.
 | `BATCHED_QKV` | `DIFFUNET_BATCHED_QKV` (`0`: off) | on | compiled graphs project a transformer attention's queries, keys and values in one GEMM |
 | `EXPLICIT_ATTENTION` | `DIFFUNET_EXPLICIT_ATTENTION` (`0`: off) | on | differentiated spatial attention with heads wider than flash attention takes as GEMMs around a float32 softmax… |
 | `EXPLICIT_ATTENTION_WIDER_THAN` | | 256 | …for heads of more channels than this… |
-| `EXPLICIT_ATTENTION_MAX_SCORES` | | 2²⁴ | …whose scores (batch × heads × queries × keys) are at most this many |
+| `EXPLICIT_ATTENTION_MAX_SCORES` | | 2²⁴ | …whose scores (batch × heads × queries × keys) are at most this many… |
+| `EXPLICIT_ATTENTION_DEVICES` | | `cuda` | …on these device types |
 
 Each attribute's comment below says why. Triton's own `TRITON_INTERPRET=1` runs the kernels on
 CPU tensors through its interpreter (tests). The measurements behind the defaults are in
@@ -549,6 +550,9 @@ EXPLICIT_ATTENTION_WIDER_THAN: int = 256
 #: The largest score matrix (batch × heads × queries × keys elements, float32) the explicit
 #: attention makes; larger ones stay with the fused kernels, which never hold it.
 EXPLICIT_ATTENTION_MAX_SCORES: int = 1 << 24
+#: Devices whose attention goes explicit: on the CPU, SDPA's own kernel was the faster (1.1–2.4×
+#: for such heads, forward and backward). Tests add "cpu".
+EXPLICIT_ATTENTION_DEVICES: frozenset[str] = frozenset({"cuda"})
 
 
 # --- all settings ----------------------------------------------------------------------------
@@ -588,6 +592,7 @@ NAMES: tuple[str, ...] = (
     "EXPLICIT_ATTENTION",
     "EXPLICIT_ATTENTION_WIDER_THAN",
     "EXPLICIT_ATTENTION_MAX_SCORES",
+    "EXPLICIT_ATTENTION_DEVICES",
 )
 
 
