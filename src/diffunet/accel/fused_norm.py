@@ -1175,16 +1175,7 @@ def _group_stats(
     s2 = torch.empty_like(s1)
     k = torch.empty(b, c, device=x3.device, dtype=torch.float32)
     kernel(_stats_kernel)[(b, chunks)](
-        x3,
-        s1,
-        s2,
-        k,
-        c,
-        n,
-        launch.rows,
-        *x3.stride(),
-        chunks,
-        **launch.kernel_options(),
+        x3, s1, s2, k, c, n, launch.rows, *x3.stride(), chunks, **launch.kernel_options()
     )
     mean, rstd = torch.empty_like(k), torch.empty_like(k)
     per_group = c // num_groups

@@ -56,16 +56,21 @@ import os
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from diffunet.errors import InvalidValueError
 
+_Default = TypeVar("_Default", int, None)
 
-def _int_from_env(name: str, default: int, minimum: int, what: str) -> int:
+
+def _int_from_env(
+    name: str, default: _Default, minimum: int, what: str, keeping: str | None = None
+) -> int | _Default:
     """The integer (at least `minimum`) the environment variable `name` gives, else `default`;
-    a value that is no such integer warns that it is not `what` and keeps `default`."""
+    a value that is no such integer warns that it is not `what` and keeps `default` (which the
+    warning calls `keeping` where given)."""
     text = os.environ.get(name)
     if text is None:
         return default
@@ -74,7 +79,8 @@ def _int_from_env(name: str, default: int, minimum: int, what: str) -> int:
     except ValueError:
         value = minimum - 1
     if value < minimum:
-        warnings.warn(f"{name}={text!r} is not {what}; keeping {default}", stacklevel=2)
+        kept = default if keeping is None else keeping
+        warnings.warn(f"{name}={text!r} is not {what}; keeping {kept}", stacklevel=2)
         return default
     return value
 
@@ -169,52 +175,33 @@ REDUCTION_WARPS_ENV = "DIFFUNET_NORM_REDUCTION_WARPS"
 
 def _optional_int_from_env(name: str, default: int | None, what: str) -> int | None:
     """Like `_int_from_env` with a minimum of 0, where "none" stands for None."""
-    text = os.environ.get(name)
-    if text is None:
-        return default
-    if text.strip().lower() == "none":
+    if os.environ.get(name, "").strip().lower() == "none":
         return None
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        warnings.warn(f"{name}={text!r} is not {what}; keeping {default}", stacklevel=2)
-        return default
-    return value
-
-
-def _launch_field_from_env(name: str, minimum: int, what: str) -> int | None:
-    """The integer (at least `minimum`) the environment variable `name` gives for a field of
-    both launch configurations; None where it is unset or (with a warning) not `what`."""
-    text = os.environ.get(name)
-    if text is None:
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        value = minimum - 1
-    if value < minimum:
-        warnings.warn(f"{name}={text!r} is not {what}; keeping the launch plan's", stacklevel=2)
-        return None
-    return value
+    return _int_from_env(name, default, 0, what)
 
 
 def _norm_launch_from_env() -> LaunchPlan:
     """`LaunchPlan()` with the loop depth, one-kernel bound and backward reduce kernel's warps
     the environment asks for, each in both configurations."""
     plan = LaunchPlan()
+    plans = "the launch plan's"
     asked = {
-        "loop_stages": _launch_field_from_env(
-            LOOP_STAGES_ENV, 1, "a loop depth (an integer, at least 1, e.g. 2)"
+        "loop_stages": _int_from_env(
+            LOOP_STAGES_ENV, None, 1, "a loop depth (an integer, at least 1, e.g. 2)", plans
         ),
-        "one_pass_elements": _launch_field_from_env(
-            ONE_PASS_ENV, 0, "a number of elements (an integer, at least 0, e.g. 16384)"
+        "one_pass_elements": _int_from_env(
+            ONE_PASS_ENV,
+            None,
+            0,
+            "a number of elements (an integer, at least 0, e.g. 16384)",
+            plans,
         ),
-        "reduction_warps": _launch_field_from_env(
+        "reduction_warps": _int_from_env(
             REDUCTION_WARPS_ENV,
+            None,
             0,
             "a number of warps (an integer, at least 0, e.g. 8; 0: as num_warps)",
+            plans,
         ),
     }
     fields = {name: value for name, value in asked.items() if value is not None}
