@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffunet import UNet
 from diffunet.accel import accelerate, settings
@@ -742,6 +743,52 @@ def interpreted_the_inline_operators_compute_what_the_opaque_ones_do(
         assert torch.equal(a, b) and a.stride() == b.stride()
 
 
+class _RecordedOps(TorchDispatchMode):
+    """The ATen operators called under it, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _assert_low_precision_gradients_round_as_to(device, launch):
+    """Scale, shift and `add` in bf16 get their gradients from the kernels in bf16, bit for bit
+    what the same kernels' float32 gradients become under `Tensor.to` (round to nearest even),
+    with no cast kernel after them (but for the three-kernel backward's sum of `add`'s parts)."""
+    settings.NORM_LAUNCH = LAUNCHES[launch]
+    shape, groups, channels_last, film, act, add = CASES[2]  # FiLM and `add`
+    x, weight, bias, scale, shift, offset, *rest = (
+        a.detach().to(device) if isinstance(a, torch.Tensor) else a
+        for a in _op_arguments(
+            _norm_inputs(shape, channels_last, film, add), groups, film, act, add
+        )
+    )
+    low = [t.to(torch.bfloat16) for t in (scale, shift, offset)]
+    _, mean, rstd = fused.group_norm_act_op(x, weight, bias, *low, *rest)
+    grad = torch.randn_like(x)
+    grads = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        operands = [t.to(dtype) for t in low]  # the same values either way
+        with _RecordedOps() as recorded:
+            args = (grad, x, weight, bias, *operands, mean, rstd, groups, film, act)
+            grads[dtype] = fused._backward(*args)[3:]
+        if dtype == torch.bfloat16:
+            casts = recorded.names.count("aten._to_copy.default")
+            assert casts == (1 if launch == "three-kernel" else 0), recorded.names
+    for got, full in zip(grads[torch.bfloat16], grads[torch.float32], strict=True):
+        assert got.dtype == torch.bfloat16
+        assert torch.equal(got, full.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("launch", ["three-kernel", "one-pass"])
+def interpreted_low_precision_gradients_round_as_to(launch):
+    _assert_low_precision_gradients_round_as_to("cpu", launch)
+
+
 def interpreted_compiled_graphs_run_the_kernels_through_the_operators():
     """The kernels themselves (not stand-ins) through the operators and their
     `autograd.Function` in a compiled graph: values and every gradient."""
@@ -845,6 +892,12 @@ def test_fused_matches_eager_on_gpu_bf16(shape, groups, film, act, add, launch):
     for g, r in zip(grads, ref_grads):
         scale = r.abs().max().item()
         assert (g.float() - r).abs().max().item() <= 3e-2 * scale + 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("launch", ["three-kernel", "one-pass"])
+def test_low_precision_gradients_round_as_to_on_gpu(launch):
+    _assert_low_precision_gradients_round_as_to("cuda", launch)
 
 
 @pytest.mark.gpu

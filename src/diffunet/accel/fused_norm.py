@@ -441,6 +441,16 @@ if triton is not None:
         tl.store(rstd_ptr + b * C + cs, tl.zeros([BLOCK_G], dtype=tl.float32) + rstd, mask=cmask)
 
     @triton.jit
+    def _store_rounded(ptr, value, mask):
+        """Stores float32 `value` in `ptr`'s element type, rounded to nearest even as `Tensor.to`
+        rounds (bf16 by hand: Triton's interpreter truncates it)."""
+        if ptr.dtype.element_ty == tl.bfloat16:
+            bits = value.to(tl.uint32, bitcast=True)
+            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+            value = bits.to(tl.float32, bitcast=True)
+        tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _backward_combine_kernel(
         a_ptr,
         b_ptr,
@@ -478,8 +488,8 @@ if triton is not None:
             a_full = a_sum * s
             b_full = b_sum * s
             bb = tl.load(bias_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
-            tl.store(ds_ptr + b * C + cs, w * a_sum + bb * b_sum, mask=cmask)
-            tl.store(dsh_ptr + b * C + cs, b_sum, mask=cmask)
+            _store_rounded(ds_ptr + b * C + cs, w * a_sum + bb * b_sum, cmask)
+            _store_rounded(dsh_ptr + b * C + cs, b_sum, cmask)
         tl.store(a_full_ptr + b * C + cs, a_full, mask=cmask)
         tl.store(b_full_ptr + b * C + cs, b_full, mask=cmask)
         count = N * per_group
@@ -1097,8 +1107,8 @@ if triton is not None:
                 STAGES,
             )
         if FILM:
-            tl.store(ds_ptr + b * C + cs, w * a_sum + bb * b_sum, mask=cmask)
-            tl.store(dsh_ptr + b * C + cs, b_sum, mask=cmask)
+            _store_rounded(ds_ptr + b * C + cs, w * a_sum + bb * b_sum, cmask)
+            _store_rounded(dsh_ptr + b * C + cs, b_sum, cmask)
         a_full = a_sum * s
         b_full = b_sum * s
         tl.store(a_full_ptr + b * C + cs, a_full, mask=cmask)
@@ -1149,7 +1159,7 @@ if triton is not None:
                 STAGES,
             )
         if ADD:
-            tl.store(dadd_ptr + b * C + cs, dx_sum, mask=cmask)
+            _store_rounded(dadd_ptr + b * C + cs, dx_sum, cmask)
 
 
 def _direct(kernel: Callable) -> Callable:
@@ -1350,8 +1360,8 @@ def _backward(
     a_full, b_full, c1, c2 = (
         torch.empty(b, c, device=x.device, dtype=torch.float32) for _ in range(4)
     )
-    grad_scale = torch.empty(b, c, device=x.device, dtype=torch.float32) if film else a_full
-    grad_shift = torch.empty_like(grad_scale) if film else a_full
+    grad_scale = torch.empty(b, c, device=x.device, dtype=scale.dtype) if film else a_full
+    grad_shift = torch.empty(b, c, device=x.device, dtype=shift.dtype) if film else a_full
     per_group = c // num_groups
     kernel(_backward_combine_kernel)[(b, num_groups)](
         a_part,
@@ -1410,8 +1420,6 @@ def _backward(
         add_part.sum(1) if added else None,
         weight,
         bias,
-        scale,
-        shift,
         add,
         film,
     )
@@ -1438,10 +1446,10 @@ def _backward_in_one_kernel(
     """`_backward` as one kernel, `shape` being `_one_pass_shape(x3, num_groups)`."""
     b, c, n = x3.shape
     a_full, b_full = (torch.empty(b, c, device=x.device, dtype=torch.float32) for _ in range(2))
-    grad_scale = torch.empty_like(a_full) if film else a_full
-    grad_shift = torch.empty_like(a_full) if film else a_full
+    grad_scale = torch.empty(b, c, device=x.device, dtype=scale.dtype) if film else a_full
+    grad_shift = torch.empty(b, c, device=x.device, dtype=shift.dtype) if film else a_full
     added = add.numel() > 0
-    grad_add = torch.empty_like(a_full) if added else a_full
+    grad_add = torch.empty(b, c, device=x.device, dtype=add.dtype) if added else a_full
     dx = torch.empty_like(x) if out is None else out
     d3 = dx.flatten(2)
     kernel(_one_pass_backward_kernel)[(b, shape.slices)](
@@ -1480,31 +1488,23 @@ def _backward_in_one_kernel(
         grad_add if added else None,
         weight,
         bias,
-        scale,
-        shift,
         add,
         film,
     )
 
 
 def _parameter_gradients(
-    dx, a_full, b_full, grad_scale, grad_shift, grad_add, weight, bias, scale, shift, add, film
+    dx, a_full, b_full, grad_scale, grad_shift, grad_add, weight, bias, add, film
 ):
     """`_backward`'s result from the input gradient and the per-(batch, channel) sums: the
-    affine parameters' gradients summed over the batch, each in its parameter's dtype."""
+    affine parameters' gradients summed over the batch, each in its parameter's dtype (the
+    kernels store the FiLM gradients in their operands' dtypes already)."""
     grad_weight = a_full.sum(0).to(weight.dtype)
     grad_bias = b_full.sum(0).to(bias.dtype)
     grad_add = None if grad_add is None else grad_add.to(add.dtype)
     if not film:
         return dx, grad_weight, grad_bias, None, None, grad_add
-    return (
-        dx,
-        grad_weight,
-        grad_bias,
-        grad_scale.to(scale.dtype),
-        grad_shift.to(shift.dtype),
-        grad_add,
-    )
+    return dx, grad_weight, grad_bias, grad_scale, grad_shift, grad_add
 
 
 def _group_norm_act_kernel(x, weight, bias, scale, shift, add, num_groups, eps, film, act):
