@@ -1360,8 +1360,7 @@ def _backward(
     a_full, b_full, c1, c2 = (
         torch.empty(b, c, device=x.device, dtype=torch.float32) for _ in range(4)
     )
-    grad_scale = torch.empty(b, c, device=x.device, dtype=scale.dtype) if film else a_full
-    grad_shift = torch.empty(b, c, device=x.device, dtype=shift.dtype) if film else a_full
+    grad_scale, grad_shift = _film_gradient_buffers(scale, shift, film, a_full)
     per_group = c // num_groups
     kernel(_backward_combine_kernel)[(b, num_groups)](
         a_part,
@@ -1446,8 +1445,7 @@ def _backward_in_one_kernel(
     """`_backward` as one kernel, `shape` being `_one_pass_shape(x3, num_groups)`."""
     b, c, n = x3.shape
     a_full, b_full = (torch.empty(b, c, device=x.device, dtype=torch.float32) for _ in range(2))
-    grad_scale = torch.empty(b, c, device=x.device, dtype=scale.dtype) if film else a_full
-    grad_shift = torch.empty(b, c, device=x.device, dtype=shift.dtype) if film else a_full
+    grad_scale, grad_shift = _film_gradient_buffers(scale, shift, film, a_full)
     added = add.numel() > 0
     grad_add = torch.empty(b, c, device=x.device, dtype=add.dtype) if added else a_full
     dx = torch.empty_like(x) if out is None else out
@@ -1491,6 +1489,14 @@ def _backward_in_one_kernel(
         add,
         film,
     )
+
+
+def _film_gradient_buffers(scale, shift, film, unused):
+    """Contiguous (B, C) buffers for the kernels to write the FiLM gradients into, each in its
+    operand's dtype; `unused` for both where there is no FiLM."""
+    if not film:
+        return unused, unused
+    return tuple(torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (scale, shift))
 
 
 def _parameter_gradients(
