@@ -691,6 +691,20 @@ def interpreted_kernels_match_the_reference(shape, groups, channels_last, film, 
     _assert_matches_float64(norm, params, norm(*params))
 
 
+def interpreted_the_combine_kernels_sum_many_chunks_load_by_load(monkeypatch):
+    """Three kernels each way over 12 chunks per sample, which the combine kernels sum four
+    chunks per load (three loads per sample): values and every gradient."""
+    settings.NORM_LAUNCH = fused.LaunchConfig(64, 4, 4, 2, one_pass_elements=0)
+    monkeypatch.setattr(fused, "_COMBINE_TILE_ELEMENTS", 16)
+    shape, groups, channels_last, film, act, add = CASES[2]
+    chunks = fused._launch_shape(torch.empty(shape).flatten(2)).chunks
+    per_group = shape[1] // groups
+    assert chunks == 12 and fused._combine_options(chunks, per_group)["BLOCK_K"] == 4
+    params = _norm_inputs(shape, channels_last, film, add)
+    norm = _norm(groups, film, act, add)
+    _assert_matches_float64(norm, params, norm(*params))
+
+
 @pytest.mark.parametrize(
     ("shape", "groups", "channels_last", "film", "act", "add", "launch"),
     [(*CASES[0], "three-kernel"), (*CASES[2], "one-pass")],

@@ -212,6 +212,18 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+#: The most per-chunk partials (chunks × channels) a combine kernel loads at once, per buffer.
+_COMBINE_TILE_ELEMENTS = 2048
+
+
+def _combine_options(chunks: int, per_group: int) -> dict[str, int]:
+    """The combine kernels' constexprs: a group's channels (`BLOCK_G`) and how many of a
+    sample's chunks each of their loads covers (`BLOCK_K`; all of them, up to the tile)."""
+    block_g = _next_power_of_2(per_group)
+    block_k = min(_next_power_of_2(chunks), max(1, _COMBINE_TILE_ELEMENTS // block_g))
+    return {"BLOCK_G": block_g, "BLOCK_K": block_k}
+
+
 def _launch_shape(x3: torch.Tensor) -> LaunchShape:
     """The `LaunchShape` of a (B, C, N) view under `settings.NORM_LAUNCH`."""
     b, c, n = x3.shape
@@ -396,6 +408,31 @@ if triton is not None:
             tl.store(shift_ptr + b * C + cs, k, mask=cmask)
 
     @triton.jit
+    def _chunk_sums(
+        first_ptr,
+        second_ptr,
+        b,
+        num_chunks,
+        C,
+        cs,
+        cmask,
+        BLOCK_K: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+    ):
+        """Sample `b`'s per-chunk partials of two (B, chunks, C) buffers summed over the chunks
+        at channels `cs`, `BLOCK_K` chunks per load: one wide load, not one load per chunk."""
+        ks = tl.arange(0, BLOCK_K)
+        first = tl.zeros([BLOCK_G], dtype=tl.float32)
+        second = tl.zeros([BLOCK_G], dtype=tl.float32)
+        for k0 in range(0, num_chunks, BLOCK_K):
+            rows = b * num_chunks + k0 + ks
+            offsets = rows[:, None] * C + cs[None, :]
+            mask = ((k0 + ks) < num_chunks)[:, None] & cmask[None, :]
+            first += tl.sum(tl.load(first_ptr + offsets, mask=mask, other=0.0), axis=0)
+            second += tl.sum(tl.load(second_ptr + offsets, mask=mask, other=0.0), axis=0)
+        return first, second
+
+    @triton.jit
     def _stats_combine_kernel(
         s1_ptr,
         s2_ptr,
@@ -410,17 +447,13 @@ if triton is not None:
         eps,
         ADD: tl.constexpr,
         BLOCK_G: tl.constexpr,
+        BLOCK_K: tl.constexpr,
     ):
         b = tl.program_id(0)
         g = tl.program_id(1)
         cs = g * per_group + tl.arange(0, BLOCK_G)
         cmask = tl.arange(0, BLOCK_G) < per_group
-        s1 = tl.zeros([BLOCK_G], dtype=tl.float32)
-        s2 = tl.zeros([BLOCK_G], dtype=tl.float32)
-        for chunk in range(0, num_chunks):
-            row = (b * num_chunks + chunk) * C
-            s1 += tl.load(s1_ptr + row + cs, mask=cmask, other=0.0)
-            s2 += tl.load(s2_ptr + row + cs, mask=cmask, other=0.0)
+        s1, s2 = _chunk_sums(s1_ptr, s2_ptr, b, num_chunks, C, cs, cmask, BLOCK_K, BLOCK_G)
         k = tl.load(shift_ptr + b * C + cs, mask=cmask, other=0.0)
         channel_mean = k + s1 / N
         if ADD:
@@ -469,17 +502,13 @@ if triton is not None:
         per_group,
         FILM: tl.constexpr,
         BLOCK_G: tl.constexpr,
+        BLOCK_K: tl.constexpr,
     ):
         b = tl.program_id(0)
         g = tl.program_id(1)
         cs = g * per_group + tl.arange(0, BLOCK_G)
         cmask = tl.arange(0, BLOCK_G) < per_group
-        a_sum = tl.zeros([BLOCK_G], dtype=tl.float32)
-        b_sum = tl.zeros([BLOCK_G], dtype=tl.float32)
-        for chunk in range(0, num_chunks):
-            row = (b * num_chunks + chunk) * C
-            a_sum += tl.load(a_ptr + row + cs, mask=cmask, other=0.0)
-            b_sum += tl.load(b_ptr + row + cs, mask=cmask, other=0.0)
+        a_sum, b_sum = _chunk_sums(a_ptr, b_ptr, b, num_chunks, C, cs, cmask, BLOCK_K, BLOCK_G)
         w = tl.load(w_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
         a_full = a_sum
         b_full = b_sum
@@ -1202,7 +1231,7 @@ def _group_stats(
         per_group,
         eps,
         ADD=add.numel() > 0,
-        BLOCK_G=_next_power_of_2(per_group),
+        **_combine_options(chunks, per_group),
     )
     return mean, rstd
 
@@ -1379,7 +1408,7 @@ def _backward(
         chunks,
         per_group,
         FILM=film,
-        BLOCK_G=_next_power_of_2(per_group),
+        **_combine_options(chunks, per_group),
     )
     dx = torch.empty_like(x) if out is None else out
     d3 = dx.flatten(2)
