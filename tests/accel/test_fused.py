@@ -44,6 +44,7 @@ def test_cpu_tensors_take_the_fallback():
 # --- settings ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("graphs_inline", [False, True])
 @pytest.mark.parametrize(
     ("mode", "expected"),
     [
@@ -55,8 +56,9 @@ def test_cpu_tensors_take_the_fallback():
     ],
 )
 def test_the_compile_mode_decides_whether_compiled_graphs_call_the_kernels(
-    mode, expected, monkeypatch
+    mode, expected, graphs_inline, monkeypatch
 ):
+    monkeypatch.setattr(settings, "CUDA_GRAPHS_INLINE_NORM_KERNELS", graphs_inline)
     monkeypatch.setattr(settings, "PLAIN_COMPILE_MIN_ELEMENTS", 1 << 22)
     monkeypatch.setattr(settings, "PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE", None)
     monkeypatch.setattr(settings, "INLINE_NORM_KERNELS", True)
@@ -79,8 +81,9 @@ def test_the_compile_mode_decides_whether_compiled_graphs_call_the_kernels(
         assert settings.COMPILED_MIN_ELEMENTS == settings.CUDA_GRAPHS_MIN_ELEMENTS
         inference = settings.COMPILED_MIN_ELEMENTS_INFERENCE
         assert inference == settings.CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE
-        # CUDA graphs replay the opaque operator's launches without host cost.
-        assert settings.COMPILED_INLINE_NORM_KERNELS is False
+        # CUDA graphs replay the opaque operator's launches without host cost; training graphs
+        # take the inline operators only where switched on.
+        assert settings.COMPILED_INLINE_NORM_KERNELS is graphs_inline
         assert settings.COMPILED_INLINE_NORM_KERNELS_INFERENCE is False
         # The GEMV reads the gradient faster where launches cost no host time.
         assert settings.COMPILED_BIAS_GRADIENT_IN_CONV is True
@@ -172,6 +175,7 @@ print(json.dumps({
     "FUSED_NORM": s.FUSED_NORM,
     "CUDA_GRAPHS_MIN_ELEMENTS": s.CUDA_GRAPHS_MIN_ELEMENTS,
     "CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE": s.CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE,
+    "CUDA_GRAPHS_INLINE_NORM_KERNELS": s.CUDA_GRAPHS_INLINE_NORM_KERNELS,
     "PLAIN_COMPILE_MIN_ELEMENTS": s.PLAIN_COMPILE_MIN_ELEMENTS,
     "PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE": s.PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE,
     "COMPILED_MIN_ELEMENTS": s.COMPILED_MIN_ELEMENTS,
@@ -197,6 +201,7 @@ DEFAULTS = {
     "FUSED_NORM": True,
     "CUDA_GRAPHS_MIN_ELEMENTS": 1 << 20,
     "CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE": 1 << 20,
+    "CUDA_GRAPHS_INLINE_NORM_KERNELS": False,
     "PLAIN_COMPILE_MIN_ELEMENTS": 1 << 25,
     "PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE": 1 << 25,
     "COMPILED_MIN_ELEMENTS": 1 << 25,  # the plain-compile thresholds until configured
@@ -236,6 +241,7 @@ def _plan(**fields) -> list:
             {
                 "DIFFUNET_FUSED": "0",
                 "DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS": "4194304",
+                "DIFFUNET_GRAPHS_INLINE_NORM_KERNELS": "1",
                 "DIFFUNET_FUSED_COMPILE_MIN_ELEMENTS": "8388608",
                 "DIFFUNET_FUSED_COMPILE_MIN_ELEMENTS_INFER": "None",
                 "DIFFUNET_NORM_LOOP_STAGES": "2",
@@ -257,6 +263,7 @@ def _plan(**fields) -> list:
                 "FUSED_NORM": False,
                 "CUDA_GRAPHS_MIN_ELEMENTS": 1 << 22,
                 "CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE": 1 << 22,  # follows training's
+                "CUDA_GRAPHS_INLINE_NORM_KERNELS": True,
                 "PLAIN_COMPILE_MIN_ELEMENTS": 1 << 23,
                 "PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE": None,
                 "COMPILED_MIN_ELEMENTS": 1 << 23,
@@ -1020,6 +1027,41 @@ def test_compiled_graphs_launch_the_norm_kernels_themselves_on_gpu():
     torch.testing.assert_close(inline_out, opaque_out, rtol=1e-2, atol=1e-2)
     scale = opaque_grads.abs().max().item()
     assert (inline_grads - opaque_grads).abs().max().item() <= 1e-2 * scale
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("launch", ["three-kernel", "one-pass"])
+def test_replayed_graphs_with_the_inline_operators_match_the_opaque_ones_on_gpu(launch):
+    """`settings.CUDA_GRAPHS_INLINE_NORM_KERNELS`: a norm compiled with
+    `mode="reduce-overhead"` whose graphs launch the kernels themselves gives, warmed up,
+    recorded and replayed, the values and gradients of graphs that call the opaque operators.
+    One norm: quick to compile."""
+    from torch._inductor.utils import run_and_get_code
+
+    settings.NORM_LAUNCH = LAUNCHES[launch]
+    fused.set_compiled_min_elements(0)
+    shape, groups = (2, 64, 8, 8), 32
+    params = _norm_inputs(shape, True, film=True, add=True)
+    params = [p.detach().cuda().requires_grad_(True) for p in params]
+    norm = _norm(groups, film=True, act=True, add=True)
+    gy = torch.randn(shape, device="cuda")
+    results = {}
+    for inline in (False, True):
+        settings.COMPILED_INLINE_NORM_KERNELS = inline
+        torch._dynamo.reset()
+        compiled = torch.compile(norm, mode="reduce-overhead")
+
+        def step(compiled=compiled):
+            y = compiled(*params)
+            grads = torch.autograd.grad(y, params, gy)
+            return [t.detach().clone() for t in (y, *grads)]
+
+        code = "\n".join(run_and_get_code(step)[1])
+        assert ("diffunet.group_norm_act" in code) is not inline
+        for _ in range(3):  # recorded, then replayed
+            results[inline] = step()
+    for inline, opaque in zip(results[True], results[False], strict=True):
+        torch.testing.assert_close(inline, opaque, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.gpu

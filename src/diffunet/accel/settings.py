@@ -16,6 +16,7 @@ does not parse warns and keeps the default.
 | `FUSED_EAGER_MIN_ELEMENTS` | | 2²⁴ | eager mode: the smallest activation (elements) they take |
 | `CUDA_GRAPHS_MIN_ELEMENTS` | `DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS` | 2²⁰ | what `configure_for_compile_mode` sets in CUDA-graph modes |
 | `CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE` | `DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS_INFER` | as training | the same, for graphs without gradients |
+| `CUDA_GRAPHS_INLINE_NORM_KERNELS` | `DIFFUNET_GRAPHS_INLINE_NORM_KERNELS` (`1`: on) | off | what `configure_for_compile_mode` sets `COMPILED_INLINE_NORM_KERNELS` to in CUDA-graph modes |
 | `PLAIN_COMPILE_MIN_ELEMENTS` | `DIFFUNET_FUSED_COMPILE_MIN_ELEMENTS` (`none`: never) | 2²⁵ | what the other compile modes (a plain `torch.compile`) use for the opaque operator |
 | `PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE` | `DIFFUNET_FUSED_COMPILE_MIN_ELEMENTS_INFER` | as training | the same, for graphs without gradients |
 | `COMPILED_MIN_ELEMENTS` | | the plain-compile one | graphs traced from now on call the kernels from this size (None: never) |
@@ -155,6 +156,8 @@ INLINE_NORM_KERNELS_ENV = "DIFFUNET_INLINE_NORM_KERNELS"
 INLINE_NORM_KERNELS_INFERENCE_ENV = "DIFFUNET_INLINE_NORM_KERNELS_INFER"
 #: The environment variable that sets `INLINE_MIN_ELEMENTS`.
 INLINE_MIN_ELEMENTS_ENV = "DIFFUNET_INLINE_MIN_ELEMENTS"
+#: The environment variable that turns `CUDA_GRAPHS_INLINE_NORM_KERNELS` on ("1").
+CUDA_GRAPHS_INLINE_NORM_KERNELS_ENV = "DIFFUNET_GRAPHS_INLINE_NORM_KERNELS"
 #: The environment variable that sets `CUDA_GRAPHS_MIN_ELEMENTS`.
 CUDA_GRAPHS_MIN_ELEMENTS_ENV = "DIFFUNET_FUSED_GRAPHS_MIN_ELEMENTS"
 #: The environment variable that sets `CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE`.
@@ -250,6 +253,13 @@ CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE: int = _int_from_env(
     0,
     f"a number of elements (an integer, at least 0, e.g. {1 << 22})",
 )
+#: Whether training graphs of the CUDA-graph modes launch the norm kernels themselves (the
+#: inline operators, as plain-compile training graphs do), so that Inductor sees and fuses the
+#: small tensor operations between the kernels; off: the opaque operator, with which the
+#: CUDA-graph figures were measured (the A/B is `DIFFUNET_GRAPHS_INLINE_NORM_KERNELS=1`).
+CUDA_GRAPHS_INLINE_NORM_KERNELS: bool = _switch_from_env(
+    CUDA_GRAPHS_INLINE_NORM_KERNELS_ENV, default=False
+)
 #: The threshold of the compile modes without CUDA graphs (the default mode, a plain
 #: `torch.compile(model)`) for the opaque operator: each call adds its Python launches to the
 #: step's host time, so only activations large enough for the kernels to save more GPU time
@@ -314,8 +324,9 @@ def set_compiled_min_elements(min_elements: int | None, *, inference: int | None
 
 def configure_for_compile_mode(mode: str | None) -> None:
     """Set the compiled thresholds for `torch.compile(mode=mode)`: `CUDA_GRAPHS_MIN_ELEMENTS`
-    (`CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE` without gradients) and the opaque operator where the
-    mode replays CUDA graphs, `PLAIN_COMPILE_MIN_ELEMENTS` (`..._INFERENCE`) and
+    (`CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE` without gradients) and the opaque operator (in
+    training graphs the inline ones where `CUDA_GRAPHS_INLINE_NORM_KERNELS`) where the mode
+    replays CUDA graphs, `PLAIN_COMPILE_MIN_ELEMENTS` (`..._INFERENCE`) and
     `INLINE_NORM_KERNELS` (`..._INFERENCE`) otherwise; and where routed convolutions' bias
     gradients come from (`COMPILED_BIAS_GRADIENT_IN_CONV`)."""
     global COMPILED_MIN_ELEMENTS, COMPILED_MIN_ELEMENTS_INFERENCE
@@ -325,7 +336,8 @@ def configure_for_compile_mode(mode: str | None) -> None:
         set_compiled_min_elements(
             CUDA_GRAPHS_MIN_ELEMENTS, inference=CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE
         )
-        COMPILED_INLINE_NORM_KERNELS = COMPILED_INLINE_NORM_KERNELS_INFERENCE = False
+        COMPILED_INLINE_NORM_KERNELS = CUDA_GRAPHS_INLINE_NORM_KERNELS
+        COMPILED_INLINE_NORM_KERNELS_INFERENCE = False
         COMPILED_BIAS_GRADIENT_IN_CONV = True
     else:
         COMPILED_MIN_ELEMENTS = PLAIN_COMPILE_MIN_ELEMENTS
@@ -553,6 +565,7 @@ NAMES: tuple[str, ...] = (
     "FUSED_EAGER_MIN_ELEMENTS",
     "CUDA_GRAPHS_MIN_ELEMENTS",
     "CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE",
+    "CUDA_GRAPHS_INLINE_NORM_KERNELS",
     "PLAIN_COMPILE_MIN_ELEMENTS",
     "PLAIN_COMPILE_MIN_ELEMENTS_INFERENCE",
     "COMPILED_MIN_ELEMENTS",
