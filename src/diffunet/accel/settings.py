@@ -255,8 +255,8 @@ CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE: int = _int_from_env(
 )
 #: Whether training graphs of the CUDA-graph modes launch the norm kernels themselves (the
 #: inline operators, as plain-compile training graphs do), so that Inductor sees and fuses the
-#: small tensor operations between the kernels; off: the opaque operator, with which the
-#: CUDA-graph figures were measured (the A/B is `DIFFUNET_GRAPHS_INLINE_NORM_KERNELS=1`).
+#: small tensor operations between the kernels; off: the opaque operator, until an A/B says
+#: otherwise (docs/performance.md, open items).
 CUDA_GRAPHS_INLINE_NORM_KERNELS: bool = _switch_from_env(
     CUDA_GRAPHS_INLINE_NORM_KERNELS_ENV, default=False
 )
