@@ -1039,7 +1039,7 @@ def test_replayed_graphs_with_the_inline_operators_match_the_opaque_ones_on_gpu(
     from torch._inductor.utils import run_and_get_code
 
     settings.NORM_LAUNCH = LAUNCHES[launch]
-    fused.set_compiled_min_elements(0)
+    settings.CUDA_GRAPHS_MIN_ELEMENTS = settings.CUDA_GRAPHS_MIN_ELEMENTS_INFERENCE = 0
     shape, groups = (2, 64, 8, 8), 32
     params = _norm_inputs(shape, True, film=True, add=True)
     params = [p.detach().cuda().requires_grad_(True) for p in params]
@@ -1047,7 +1047,8 @@ def test_replayed_graphs_with_the_inline_operators_match_the_opaque_ones_on_gpu(
     gy = torch.randn(shape, device="cuda")
     results = {}
     for inline in (False, True):
-        settings.COMPILED_INLINE_NORM_KERNELS = inline
+        settings.CUDA_GRAPHS_INLINE_NORM_KERNELS = inline
+        fused.configure_for_compile_mode("reduce-overhead")  # as the trainer and bench.py do
         torch._dynamo.reset()
         compiled = torch.compile(norm, mode="reduce-overhead")
 
