@@ -561,8 +561,9 @@ def stand_in_backward(
     out=None,
     kernel=None,
 ):
-    """The kernels' backward contract, by the formulas they evaluate: (dx, dweight, dbias,
-    dscale, dshift, dadd), None for operands not used, dx written to `out` where given.
+    """The kernels' backward contract, by the formulas they evaluate: (dx, dparams, dscale,
+    dshift, dadd), dparams stacking dweight and dbias, None for operands not used, dx written
+    to `out` where given.
     (Autograd is off inside a custom op, so the reference cannot be differentiated here.)"""
     batch, channels = x.shape[:2]
     spatial = tuple(range(2, x.ndim))
@@ -586,12 +587,12 @@ def stand_in_backward(
     gxhat = gz * per_channel(weight)
     dx = per_channel(rstd) * (gxhat - group_mean(gxhat) - xhat * group_mean(gxhat * xhat))
     dx = (torch.empty_like(x) if out is None else out).copy_(dx)
-    dweight = (gz * xhat).sum((0, *spatial)).to(weight.dtype)
-    dbias = gz.sum((0, *spatial)).to(bias.dtype)
+    dparams = torch.stack([(gz * xhat).sum((0, *spatial)), gz.sum((0, *spatial))])
+    dparams = dparams.to(torch.promote_types(weight.dtype, bias.dtype))
     dscale = (g * z).sum(spatial).to(scale.dtype) if film else None
     dshift = g.sum(spatial).to(shift.dtype) if film else None
     dadd = dx.float().sum(spatial).to(add.dtype) if add.numel() else None
-    return dx, dweight, dbias, dscale, dshift, dadd
+    return dx, dparams, dscale, dshift, dadd
 
 
 @pytest.fixture
@@ -796,7 +797,7 @@ def _assert_low_precision_gradients_round_as_to(device, launch):
         operands = [t.to(dtype) for t in low]  # the same values either way
         with _RecordedOps() as recorded:
             args = (grad, x, weight, bias, *operands, mean, rstd, groups, film, act)
-            grads[dtype] = fused._backward(*args)[3:]
+            grads[dtype] = fused._backward(*args)[2:]
         if dtype == torch.bfloat16:
             casts = recorded.names.count("aten._to_copy.default")
             assert casts == (1 if launch == "three-kernel" else 0), recorded.names
@@ -808,6 +809,42 @@ def _assert_low_precision_gradients_round_as_to(device, launch):
 @pytest.mark.parametrize("launch", ["three-kernel", "one-pass"])
 def interpreted_low_precision_gradients_round_as_to(launch):
     _assert_low_precision_gradients_round_as_to("cpu", launch)
+
+
+@pytest.mark.parametrize("launch", ["three-kernel", "one-pass"])
+def interpreted_one_reduction_sums_weight_and_bias_gradients_over_the_batch(launch):
+    """The kernels write both per-sample sums into one buffer, so a single ATen reduction
+    (one launch) gives the (2, C) gradients of weight and bias; both match float64."""
+    settings.NORM_LAUNCH = LAUNCHES[launch]
+    shape, groups, channels_last, film, act, add = CASES[0]  # FiLM, no `add`
+    params = _norm_inputs(shape, channels_last, film, add)
+    x, weight, bias, scale, shift, offset, *rest = (
+        a.detach() if isinstance(a, torch.Tensor) else a
+        for a in _op_arguments(params, groups, film, act, add)
+    )
+    _, mean, rstd = fused.group_norm_act_op(x, weight, bias, scale, shift, offset, *rest)
+    grad = torch.randn_like(x)
+    with _RecordedOps() as recorded:
+        _, dparams, *_ = fused._backward(
+            grad, x, weight, bias, scale, shift, offset, mean, rstd, groups, film, act
+        )
+    assert recorded.names.count("aten.sum.dim_IntList") == 1, recorded.names
+    expected = stand_in_backward(
+        grad.double(),
+        x.double(),
+        weight.double(),
+        bias.double(),
+        scale.double(),
+        shift.double(),
+        offset,
+        mean.double(),
+        rstd.double(),
+        groups,
+        film,
+        act,
+    )[1]
+    assert dparams.shape == (2, weight.numel()) and dparams.dtype == weight.dtype
+    torch.testing.assert_close(dparams.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def interpreted_compiled_graphs_run_the_kernels_through_the_operators():

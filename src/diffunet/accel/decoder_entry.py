@@ -98,7 +98,7 @@ class _NormActAndProject(torch.autograd.Function):
             [False, True, True],
         )
         none = cat.new_zeros(0)
-        dx, grad_weight, grad_bias, *_ = _backward(
+        dx, grad_params, *_ = _backward(
             grad_y,
             cat,
             weight,
@@ -118,8 +118,8 @@ class _NormActAndProject(torch.autograd.Function):
         return (
             dx[:, :channels],
             dx[:, channels:],
-            grad_weight,
-            grad_bias,
+            grad_params[0].to(weight.dtype),
+            grad_params[1].to(bias.dtype),
             None,
             None,
             grad_proj_weight.to(proj_weight.dtype),

@@ -1331,7 +1331,8 @@ def _backward(
     out=None,
     kernel: Callable = _direct,
 ):
-    """(dx, dweight, dbias, dscale, dshift, dadd); the last three None where not used.
+    """(dx, dparams, dscale, dshift, dadd), dparams being the (2, C) gradients of weight and
+    bias (`_parameter_gradients`); the last three None where not used.
 
     dx is written to `out` where given, which may be `x` itself: every program reads each
     element of x it owns before it writes that element's gradient, and no other program
@@ -1386,9 +1387,9 @@ def _backward(
     )
     # Per (batch, channel): Σ dz·x̂ and Σ dz (a_full, b_full), the FiLM gradients, and the
     # group means c1 = mean(dx̂), c2 = mean(dx̂·x̂) that the input gradient needs.
-    a_full, b_full, c1, c2 = (
-        torch.empty(b, c, device=x.device, dtype=torch.float32) for _ in range(4)
-    )
+    sums = _per_sample_sums(x, b, c)
+    a_full, b_full = sums
+    c1, c2 = (torch.empty(b, c, device=x.device, dtype=torch.float32) for _ in range(2))
     grad_scale, grad_shift = _film_gradient_buffers(scale, shift, film, a_full)
     per_group = c // num_groups
     kernel(_backward_combine_kernel)[(b, num_groups)](
@@ -1441,8 +1442,7 @@ def _backward(
     )
     return _parameter_gradients(
         dx,
-        a_full,
-        b_full,
+        sums,
         grad_scale,
         grad_shift,
         add_part.sum(1) if added else None,
@@ -1473,7 +1473,8 @@ def _backward_in_one_kernel(
 ):
     """`_backward` as one kernel, `shape` being `_one_pass_shape(x3, num_groups)`."""
     b, c, n = x3.shape
-    a_full, b_full = (torch.empty(b, c, device=x.device, dtype=torch.float32) for _ in range(2))
+    sums = _per_sample_sums(x, b, c)
+    a_full, b_full = sums
     grad_scale, grad_shift = _film_gradient_buffers(scale, shift, film, a_full)
     added = add.numel() > 0
     grad_add = torch.empty(b, c, device=x.device, dtype=add.dtype) if added else a_full
@@ -1508,8 +1509,7 @@ def _backward_in_one_kernel(
     )
     return _parameter_gradients(
         dx,
-        a_full,
-        b_full,
+        sums,
         grad_scale,
         grad_shift,
         grad_add if added else None,
@@ -1528,18 +1528,22 @@ def _film_gradient_buffers(scale, shift, film, unused):
     return tuple(torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (scale, shift))
 
 
-def _parameter_gradients(
-    dx, a_full, b_full, grad_scale, grad_shift, grad_add, weight, bias, add, film
-):
-    """`_backward`'s result from the input gradient and the per-(batch, channel) sums: the
-    affine parameters' gradients summed over the batch, each in its parameter's dtype (the
-    kernels store the FiLM gradients in their operands' dtypes already)."""
-    grad_weight = a_full.sum(0).to(weight.dtype)
-    grad_bias = b_full.sum(0).to(bias.dtype)
+def _per_sample_sums(x, b, c):
+    """One float32 (2, B, C) buffer for the kernels' per-(batch, channel) Σ dz·x̂ and Σ dz
+    (its two rows), so that one reduction sums both over the batch."""
+    return torch.empty(2, b, c, device=x.device, dtype=torch.float32)
+
+
+def _parameter_gradients(dx, sums, grad_scale, grad_shift, grad_add, weight, bias, add, film):
+    """`_backward`'s result from the input gradient and the per-(batch, channel) `sums`: the
+    affine parameters' gradients summed over the batch as one (2, C) tensor, weight's then
+    bias', in their common dtype (the kernels store the FiLM gradients in their operands'
+    dtypes already)."""
+    grad_params = sums.sum(1).to(torch.promote_types(weight.dtype, bias.dtype))
     grad_add = None if grad_add is None else grad_add.to(add.dtype)
     if not film:
-        return dx, grad_weight, grad_bias, None, None, grad_add
-    return dx, grad_weight, grad_bias, grad_scale, grad_shift, grad_add
+        return dx, grad_params, None, None, grad_add
+    return dx, grad_params, grad_scale, grad_shift, grad_add
 
 
 def _group_norm_act_kernel(x, weight, bias, scale, shift, add, num_groups, eps, film, act):
@@ -1566,29 +1570,32 @@ group_norm_act_op = define_op(
 def _group_norm_act_backward_kernel(
     grad, x, weight, bias, scale, shift, add, mean, rstd, num_groups, film, act, kernel=_direct
 ):
-    dx, dw, db, ds, dsh, dadd = _backward(
+    dx, dparams, ds, dsh, dadd = _backward(
         grad, x, weight, bias, scale, shift, add, mean, rstd, num_groups, film, act, kernel=kernel
     )
     # An operator returns tensors, never None.
     ds, dsh, dadd = (
         t.new_empty(0) if g is None else g for t, g in ((scale, ds), (shift, dsh), (add, dadd))
     )
-    return dx, dw, db, ds, dsh, dadd
+    return dx, dparams, ds, dsh, dadd
 
 
 def _group_norm_act_backward_fake(
     grad, x, weight, bias, scale, shift, add, mean, rstd, num_groups, film, act
 ):
-    return tuple(torch.empty_like(t) for t in (x, weight, bias, scale, shift, add))
+    dparams = weight.new_empty(
+        (2, *weight.shape), dtype=torch.promote_types(weight.dtype, bias.dtype)
+    )
+    return (torch.empty_like(x), dparams, *(torch.empty_like(t) for t in (scale, shift, add)))
 
 
-#: Gradients of `group_norm_act_op` for x, weight, bias, scale, shift and add (each of the
-#: last three empty where it is).
+#: Gradients of `group_norm_act_op` for x, (weight, bias) as one (2, C) tensor, scale, shift
+#: and add (each of the last three empty where it is).
 group_norm_act_backward_op = define_op(
     "group_norm_act_backward",
     "(Tensor grad, Tensor x, Tensor weight, Tensor bias, Tensor scale, Tensor shift, "
     "Tensor add, Tensor mean, Tensor rstd, int num_groups, bool film, bool act) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     _group_norm_act_backward_kernel,
     _group_norm_act_backward_fake,
 )
@@ -1624,7 +1631,7 @@ def _group_norm_act_backward_inline(
     num_groups: int,
     film: bool,
     act: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _group_norm_act_backward_kernel(
         grad,
         x,
@@ -1692,9 +1699,10 @@ class _GroupNormAct(torch.autograd.Function):
         x, weight, bias, scale, shift, add, mean, rstd = ctx.saved_tensors
         grad = pin_layout(grad, ctx.memory_format)
         op = group_norm_act_backward_inline_op if ctx.inline else group_norm_act_backward_op
-        dx, dw, db, ds, dsh, dadd = op(
+        dx, dparams, ds, dsh, dadd = op(
             grad, x, weight, bias, scale, shift, add, mean, rstd, ctx.num_groups, ctx.film, ctx.act
         )
+        dw, db = dparams[0].to(weight.dtype), dparams[1].to(bias.dtype)
         if not ctx.film:
             ds = dsh = None
         if add.numel() == 0:
