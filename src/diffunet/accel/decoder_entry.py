@@ -19,7 +19,12 @@ from torch import nn
 
 from diffunet.accel import fused_norm as fused
 from diffunet.accel.conv import _routable
-from diffunet.accel.fused_norm import _backward, _forward, _memory_format
+from diffunet.accel.fused_norm import (
+    _backward,
+    _forward,
+    _memory_format,
+    _split_parameter_gradients,
+)
 
 _CONVOLUTIONS = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
 
@@ -118,8 +123,7 @@ class _NormActAndProject(torch.autograd.Function):
         return (
             dx[:, :channels],
             dx[:, channels:],
-            grad_params[0].to(weight.dtype),
-            grad_params[1].to(bias.dtype),
+            *_split_parameter_gradients(grad_params, weight, bias),
             None,
             None,
             grad_proj_weight.to(proj_weight.dtype),

@@ -1546,6 +1546,12 @@ def _parameter_gradients(dx, sums, grad_scale, grad_shift, grad_add, weight, bia
     return dx, grad_params, grad_scale, grad_shift, grad_add
 
 
+def _split_parameter_gradients(dparams, weight, bias):
+    """(dweight, dbias) from `_parameter_gradients`' (2, C) tensor, each in its parameter's
+    dtype: views of its rows where both share it."""
+    return dparams[0].to(weight.dtype), dparams[1].to(bias.dtype)
+
+
 def _group_norm_act_kernel(x, weight, bias, scale, shift, add, num_groups, eps, film, act):
     return _forward(x, weight, bias, scale, shift, add, num_groups, eps, film, act)
 
@@ -1702,7 +1708,7 @@ class _GroupNormAct(torch.autograd.Function):
         dx, dparams, ds, dsh, dadd = op(
             grad, x, weight, bias, scale, shift, add, mean, rstd, ctx.num_groups, ctx.film, ctx.act
         )
-        dw, db = dparams[0].to(weight.dtype), dparams[1].to(bias.dtype)
+        dw, db = _split_parameter_gradients(dparams, weight, bias)
         if not ctx.film:
             ds = dsh = None
         if add.numel() == 0:
