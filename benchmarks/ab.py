@@ -324,7 +324,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--no-ref",
         dest="ref",
         action="store_false",
-        help="measure ours only (no diffusers / MONAI)",
+        default=argparse.SUPPRESS,
+        help="measure ours only (no diffusers / MONAI; by default both are measured)",
     )
     parser.add_argument(
         "--rounds",
@@ -358,6 +359,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", help="bench.py --device")
     parser.add_argument("--out", help="JSON path (default: $OUT/ab.json when OUT is set)")
     args = parser.parse_args(argv)
+    args.ref = getattr(args, "ref", True)  # SUPPRESS keeps "(default: True)" out of --no-ref's help
     if args.iters is None:
         args.iters = 2 if args.quick else 30
     if args.repeats is None:
