@@ -10,8 +10,9 @@ script runs one forward of each model on the device under a dispatch mode that r
 `aten.convolution` call (so what runs is what the accelerated model launches: folded
 upsamplings as transposed convolutions, not our Triton thin convolutions, which are not
 cuDNN's and are left out), then times each distinct call (CUDA-graph replays, bf16
-channels-last, cuDNN's autotuning on) as `aten.convolution` and as `aten.convolution_backward`
-for the input gradient alone and for the weight (and bias) gradient alone. FLOPs are
+channels-last, cuDNN's autotuning on, without the bias, which compiled graphs of ours add
+outside the convolution) as `aten.convolution` and as `aten.convolution_backward` for the
+input gradient alone and for the weight gradient alone. FLOPs are
 `torch.utils.flop_counter`'s. Per model it sums each call's time over its calls per step; per
 row it prints TFLOP/s, so a layer that cuDNN runs far below its neighbours' rate stands out.
 
