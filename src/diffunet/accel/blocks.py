@@ -266,11 +266,15 @@ class AcceleratedUNet(UNet):
     def _projections(self, emb: torch.Tensor | None) -> list[tuple[torch.Tensor, ...]]:
         """For each block in the order the forward runs them, the embedding's projections by
         its `film_layers`, all computed by one GEMM in graphs that `torch.compile` traces
-        (`settings.BATCHED_FILM`); empty tuples where the blocks project it themselves. Eager
-        calls keep the blocks' own layers, whose weights autocast casts once per region, where
-        the concatenated weight would be cast on every call."""
+        (`settings.BATCHED_FILM`, or `settings.BATCHED_FILM_INFERENCE` without gradients);
+        empty tuples where the blocks project it themselves. Eager calls keep the blocks' own
+        layers, whose weights autocast casts once per region, where the concatenated weight
+        would be cast on every call."""
         blocks = [*self.input_blocks, self.middle_block, *self.output_blocks]
-        if emb is None or not settings.BATCHED_FILM or not torch.compiler.is_compiling():
+        batched = (
+            settings.BATCHED_FILM if torch.is_grad_enabled() else settings.BATCHED_FILM_INFERENCE
+        )
+        if emb is None or not batched or not torch.compiler.is_compiling():
             return [()] * len(blocks)
         layers = [film_layers(block) for block in blocks]
         flat = [layer for group in layers for layer in group]

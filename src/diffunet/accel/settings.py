@@ -39,6 +39,7 @@ does not parse warns and keeps the default.
 | `COMPILED_BIAS_GRADIENT_IN_CONV` | | the plain-compile one | the same for graphs traced from now on (on in CUDA-graph modes) |
 | `FOLDED_DEVICES` | `DIFFUNET_FOLDED_UPSAMPLE` (`cpu,cuda`, `none`, …) | `cpu`, `cuda` | device types that fold nearest upsampling into the next convolution |
 | `BATCHED_FILM` | `DIFFUNET_BATCHED_FILM` (`0`: off) | on | compiled graphs compute every ResBlock's embedding projection in one GEMM |
+| `BATCHED_FILM_INFERENCE` | `DIFFUNET_BATCHED_FILM_INFER` (`0`: off) | on | the same for compiled graphs without gradients |
 | `BATCHED_QKV` | `DIFFUNET_BATCHED_QKV` (`0`: off) | on | compiled graphs project a transformer attention's queries, keys and values in one GEMM |
 | `EXPLICIT_ATTENTION` | `DIFFUNET_EXPLICIT_ATTENTION` (`0`: off) | on | differentiated spatial attention with heads wider than flash attention takes as GEMMs around a float32 softmax… |
 | `EXPLICIT_ATTENTION_WIDER_THAN` | | 256 | …for heads of more channels than this… |
@@ -526,6 +527,12 @@ BATCHED_FILM_ENV = "DIFFUNET_BATCHED_FILM"
 #: ResBlock's projection of the time embedding with one GEMM instead of one per block: fewer
 #: kernel launches, which is what a compiled step not replayed as a CUDA graph is bound by.
 BATCHED_FILM: bool = _switch_from_env(BATCHED_FILM_ENV)
+#: The environment variable that turns `BATCHED_FILM_INFERENCE` off ("0").
+BATCHED_FILM_INFERENCE_ENV = "DIFFUNET_BATCHED_FILM_INFER"
+#: The same for graphs traced without gradients. There the one GEMM's output, every block's
+#: projection (batch × their channels), lives until the last block, through the forward's
+#: peak, where each block's own projection would live only for its block.
+BATCHED_FILM_INFERENCE: bool = _switch_from_env(BATCHED_FILM_INFERENCE_ENV)
 #: The environment variable that turns `BATCHED_QKV` off ("0").
 BATCHED_QKV_ENV = "DIFFUNET_BATCHED_QKV"
 #: Whether graphs that `torch.compile` traces compute a transformer block attention's queries,
@@ -588,6 +595,7 @@ NAMES: tuple[str, ...] = (
     "COMPILED_BIAS_GRADIENT_IN_CONV",
     "FOLDED_DEVICES",
     "BATCHED_FILM",
+    "BATCHED_FILM_INFERENCE",
     "BATCHED_QKV",
     "EXPLICIT_ATTENTION",
     "EXPLICIT_ATTENTION_WIDER_THAN",
