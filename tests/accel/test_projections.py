@@ -74,24 +74,23 @@ def test_one_gemm_computes_every_blocks_projection_in_compiled_graphs(name, dims
         assert_close_to_scale(g, w, 1e-5)
 
 
-@pytest.mark.parametrize("batched", [False, True])
-def test_graphs_without_gradients_batch_the_projections_as_told(batched):
-    """`settings.BATCHED_FILM_INFERENCE` decides for no-grad graphs alone: one GEMM's output
-    holds every block's projection until the last block, which a forward's peak can feel."""
+def test_graphs_without_gradients_batch_the_projections_only_where_told():
+    """`settings.BATCHED_FILM_INFERENCE` decides for no-grad graphs, `BATCHED_FILM` for the
+    others: one GEMM's output holds every block's projection until the last block, which a
+    forward's peak can feel."""
     config = _two_levels("ddpm-cifar10")
     model = accelerate(randomized(config)).eval()
     x, kwargs = example_inputs(config, batch=2)
     blocks = [*model.input_blocks, model.middle_block, *model.output_blocks]
     projections = sum(len(film_layers(block)) for block in blocks)
     per_block = _linear_calls(model, x, kwargs)
-    with settings.override(BATCHED_FILM=not batched, BATCHED_FILM_INFERENCE=batched):
+    with settings.override(BATCHED_FILM=True, BATCHED_FILM_INFERENCE=False):
         with torch.no_grad():
-            compiled, linears = _traced(model, x, **kwargs)
+            compiled, without_gradients = _traced(model, x, **kwargs)
             want = model(x, **kwargs)
             got = compiled(x, **kwargs)
         _, with_gradients = _traced(model, x, **kwargs)
-    assert linears == (per_block - projections + 1 if batched else per_block)
-    assert with_gradients == (per_block if batched else per_block - projections + 1)
+    assert (without_gradients, with_gradients) == (per_block, per_block - projections + 1)
     assert_close_to_scale(got, want, 1e-5)
 
 
