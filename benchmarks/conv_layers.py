@@ -16,10 +16,9 @@ input gradient alone and for the weight gradient alone. FLOPs are
 `torch.utils.flop_counter`'s. Per model it sums each call's time over its calls per step; per
 row it prints TFLOP/s, so a layer that cuDNN runs far below its neighbours' rate stands out.
 
-A transposed convolution (a folded upsampling) is also timed in each direction through the
-ordinary convolution it transposes: its forward as that one's input gradient, its input
-gradient as that one's forward, its weight gradient as that one's with input and output
-gradient swapped (the same numbers, checked), which cuDNN may run with other kernels.
+ATen runs a transposed convolution (a folded upsampling) through cuDNN's kernels for the
+ordinary convolution it transposes (its forward as that one's input gradient, its weight
+gradient with input and output gradient exchanged), so its rows show those kernels' rates.
 """
 
 from __future__ import annotations
@@ -121,26 +120,12 @@ def _arguments(call: ConvCall) -> tuple:
     )
 
 
-def _transposed_as_plain(call: ConvCall) -> tuple:
-    """The ordinary convolution whose input gradient a transposed `call` computes."""
-    return (
-        list(call.stride),
-        list(call.padding),
-        list(call.dilation),
-        False,
-        [0] * len(call.stride),
-        1,
-    )
-
-
 def directions(
     call: ConvCall, device: torch.device, dtype: torch.dtype
 ) -> dict[str, tuple[Callable[[], Any], int]]:
     """For `call`: each direction a training step runs ("forward", "input grad" where one is
-    needed, "weight grad") as a function to time, with its FLOPs, and for a transposed
-    convolution the same three computed through the ordinary convolution it transposes
-    (`SWAPPED`). Without the bias: compiled graphs add ours (and its gradient) outside the
-    convolution."""
+    needed, "weight grad") as a function to time, with its FLOPs. Without the bias: compiled
+    graphs add ours (and its gradient) outside the convolution."""
     x, w = _operands(call, device, dtype)
     args = _arguments(call)
     y = aten.convolution(x, w, None, *args)
@@ -154,55 +139,7 @@ def directions(
     runs["weight grad"] = lambda: aten.convolution_backward(
         go, x, w, None, *args, [False, True, False]
     )
-    if _swappable(call):
-        runs.update({f"{name} swapped": run for name, run in swapped(call, x, w, go).items()})
     return {name: (run, flops) for name, run in runs.items()}
-
-
-#: The directions of a transposed convolution computed through the ordinary one it transposes.
-SWAPPED = ("forward swapped", "input grad swapped", "weight grad swapped")
-
-
-def _swappable(call: ConvCall) -> bool:
-    return call.transposed and call.groups == 1 and not any(call.output_padding)
-
-
-def swapped(
-    call: ConvCall, x: torch.Tensor, w: torch.Tensor, go: torch.Tensor
-) -> dict[str, Callable[[], torch.Tensor]]:
-    """A transposed `call`'s forward, input gradient and weight gradient (of `x`, `w` and the
-    output gradient `go`) through the ordinary convolution z = conv(u, w) from its output's
-    channels to its input's: y = conv_transpose(x, w) is that convolution's input gradient for
-    output gradient x, dx = conv(go, w), and dw its weight gradient for input go and output
-    gradient x."""
-    plain = _transposed_as_plain(call)
-    return {
-        "forward": lambda: aten.convolution_backward(x, go, w, None, *plain, [True, False, False])[
-            0
-        ],
-        "input grad": lambda: aten.convolution(go, w, None, *plain),
-        "weight grad": lambda: aten.convolution_backward(
-            x, go, w, None, *plain, [False, True, False]
-        )[1],
-    }
-
-
-def swapped_differences(
-    call: ConvCall, device: torch.device, dtype: torch.dtype
-) -> dict[str, float]:
-    """Per direction of a transposed `call`: how far (relative to the largest magnitude) its
-    swapped computation is from `aten`'s own."""
-    x, w = _operands(call, device, dtype)
-    args = _arguments(call)
-    y = aten.convolution(x, w, None, *args)
-    go = torch.randn_like(y)
-    dx, dw, _ = aten.convolution_backward(go, x, w, None, *args, [True, True, False])
-    wanted = {"forward": y, "input grad": dx, "weight grad": dw}
-    out = {}
-    for name, run in swapped(call, x, w, go).items():
-        got, want = run().float(), wanted[name].float()
-        out[f"{name} swapped"] = ((got - want).abs().max() / want.abs().max()).item()
-    return out
 
 
 def measure_call(
@@ -233,15 +170,13 @@ def model_rows(
     for call, count in calls.items():
         row: dict[str, Any] = {"case": case, "model": which, "count": count, **call._asdict()}
         row["directions"] = measure_call(call, device, dtype, iters)
-        if _swappable(call):
-            row["swapped_differences"] = swapped_differences(call, device, dtype)
         rows.append(row)
     return rows
 
 
 def step_ms(row: dict[str, Any], kind: str) -> float:
     """`row`'s milliseconds per step, all its calls: the forward for "infer"; forward, input
-    gradient (where needed) and weight gradient (`aten`'s own, not `SWAPPED`) for "train"."""
+    gradient (where needed) and weight gradient for "train"."""
     timed = row["directions"]
     names = ("forward",) if kind == "infer" else ("forward", "input grad", "weight grad")
     return row["count"] * sum(timed[n]["ms"] for n in names if n in timed)
@@ -285,17 +220,6 @@ def format_rows(rows: list[dict[str, Any]], summed: dict[str, dict[str, float]])
             f"{_shape(row['weight']):<20}{max(row['stride']):>2}{'T' if row['transposed'] else '':>2}"
             f"{row['count']:>3}{cells}{step_ms(row, 'train'):>10.3f}"
         )
-    transposed = [r for r in rows if "swapped_differences" in r]
-    if transposed:
-        lines += ["", "transposed convolutions through the ordinary ones they transpose:"]
-        for row in transposed:
-            cells = "".join(
-                f"{name:>20} {row['directions'][name]['ms']:7.3f} ms"
-                f" (rel. diff {row['swapped_differences'][name]:.1e})"
-                for name in SWAPPED
-                if name in row["directions"]
-            )
-            lines.append(f"{row['case']:<14}{row['model']:<6}{_shape(row['input']):<22}{cells}")
     lines.append("")
     for name, t in summed.items():
         lines.append(
