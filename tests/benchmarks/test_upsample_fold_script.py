@@ -33,6 +33,10 @@ def test_every_upsampling_and_the_whole_model_are_timed_each_way(tmp_path, bench
             sum(r["count"] * r["train_ms"] for r in of_variant)
         )
     assert all(row["max_relative_difference"] < 1e-5 for row in rows)
+    gradients = data["weight_gradients"]
+    assert sum(r["count"] for r in gradients) == upsamplings
+    assert all(r["aten_ms"] > 0 and r["phases_ms"] > 0 for r in gradients)
+    assert all(r["max_relative_difference"] < 1e-5 for r in gradients)
     counted = data["forward_flops_per_sample"]["ddpm-cifar10"]
     assert 0 < counted["folded"] < counted["nearest + conv"]
     steps = data["model_steps"]["ddpm-cifar10"]
@@ -49,4 +53,21 @@ def test_phase_convolutions_compute_nearest_then_conv(dims, factors, benchmark_s
     x = torch.randn(2, 5, *[3 + i for i in range(dims)], dtype=torch.float64)
     expected = up(x)
     got = benchmark_script("upsample_fold").phase_convolutions(up, x)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("factors", [(2,), (2, 2), (2, 2, 2), (1, 2, 2), (2, 1)])
+def test_the_weight_gradient_by_phases_is_the_folded_convolutions_own(factors, benchmark_script):
+    """Against autograd of the folded transposed convolution itself, float64."""
+    torch.manual_seed(0)
+    dims = len(factors)
+    x = torch.randn(2, 3, *[4 + i for i in range(dims)], dtype=torch.float64)
+    kernel = [4 if factor == 2 else 3 for factor in factors]
+    weight = torch.randn(3, 5, *kernel, dtype=torch.float64, requires_grad=True)
+    y = torch.convolution(
+        x, weight, None, list(factors), [1] * dims, [1] * dims, True, [0] * dims, 1
+    )
+    grad = torch.randn_like(y)
+    (expected,) = torch.autograd.grad(y, weight, grad)
+    got = benchmark_script("upsample_fold").phase_weight_gradient(x, grad, factors)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
