@@ -14,9 +14,10 @@ afterwards ("phase convs"). Each case's `Upsample` modules are found by running 
 the meta device and timed at their benchmark shapes in bf16 channels-last (CUDA-graph
 replays): forward alone, and a training step's share (forward, input, weight and bias
 gradients). The per-step totals weight each shape by how often the model calls it. It also
-times the folded convolution's weight gradient alone as ATen runs it and by output phases
-(`phase_weight_gradient`: one stride-1 weight gradient per phase, cuDNN's stride-1 kernels). It
-checks that the ways agree, and counts each case's FLOPs per forward with and without folding.
+times the folded convolution's weight gradient alone, as ATen runs it and by output phases
+(`diffunet.accel.phase_gradient`: one stride-1 weight gradient per phase, cuDNN's stride-1
+kernels). It checks that the ways agree, and counts each case's FLOPs per forward with and
+without folding.
 `--model-rounds N` also times eager training steps of each whole model both ways, alternating
 for N rounds (on the CPU, e.g. `--device cpu --cases 3d --quick --model-size 32
 --model-batch 2 --model-rounds 6 --no-layers`).
@@ -25,7 +26,6 @@ for N rounds (on the CPU, e.g. `--device cpu --cases 3d --quick --model-size 32
 from __future__ import annotations
 
 import argparse
-import itertools
 import statistics
 import sys
 from collections import Counter
@@ -42,6 +42,7 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from diffunet.accel import memory_format_for, settings
 from diffunet.accel.conv import convolve
+from diffunet.accel.phase_gradient import weight_gradient_by_phases
 from diffunet.accel.upsample import folded_upsample_weight, upsample_convolve, upsample_nearest
 from diffunet.model.introspect import example_inputs
 from diffunet.model.layers.resample import Upsample
@@ -136,53 +137,6 @@ def _phases(
     return torch.stack((even, odd), dim + 1).flatten(dim, dim + 1)
 
 
-#: Along a doubled axis, output phase r of the folded transposed convolution is a stride-1
-#: convolution of `x` (padded by one) with two of the folded kernel's four taps, (tap of
-#: product 0, tap of product 1) below, its output starting r positions into the n + 1 that the
-#: padded input gives. An axis that is not doubled is one phase of its three taps, reversed.
-_PHASE_TAPS = {2: ((3, 1), (2, 0)), 1: ((2, 1, 0),)}
-
-
-def phase_weight_gradient(
-    x: torch.Tensor, grad: torch.Tensor, factors: tuple[int, ...]
-) -> torch.Tensor:
-    """The weight gradient of the folded transposed convolution (`folded_upsample_weight`'s
-    layout: in, out, 4 or 3 taps per axis) for input `x` and output gradient `grad`, as one
-    stride-1 weight gradient per output phase: `x` padded once, each phase of `grad` copied
-    dense (zero-padded to the n + 1 positions of a doubled axis). A benchmark variant: the
-    same sums as `aten.convolution_backward` of the transposed convolution, computed by
-    cuDNN's stride-1 kernels."""
-    n = len(factors)
-    layout = memory_format_for(n)
-    padded = F.pad(x, [1, 1] * n).contiguous(memory_format=layout)
-    kernel = [4 if f == 2 else 3 for f in factors]
-    out = x.new_zeros(x.shape[1], grad.shape[1], *kernel)
-    for phases in itertools.product(*(range(f) for f in factors)):
-        pick, pads = [slice(None), slice(None)], []
-        for factor, r in zip(factors, phases):
-            pick.append(slice(r, None, factor))
-            pads = [r, 1 - r, *pads] if factor == 2 else [0, 0, *pads]
-        phase = F.pad(grad[tuple(pick)], pads).contiguous(memory_format=layout)
-        taps = [_PHASE_TAPS[f][r] for f, r in zip(factors, phases)]
-        weight_shape = [grad.shape[1], x.shape[1], *map(len, taps)]
-        partial = torch.ops.aten.convolution_backward(
-            phase,
-            padded,
-            x.new_empty(weight_shape),
-            None,
-            [1] * n,
-            [0] * n,
-            [1] * n,
-            False,
-            [0] * n,
-            1,
-            [False, True, False],
-        )[1]
-        grid = torch.meshgrid(*(torch.tensor(t) for t in taps), indexing="ij")
-        out[(slice(None), slice(None), *grid)] = partial.transpose(0, 1)
-    return out
-
-
 def measure(
     module: Upsample, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, iters: int
 ) -> list[dict]:
@@ -207,7 +161,7 @@ def measure_weight_gradient(
     module: Upsample, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, iters: int
 ) -> dict:
     """The folded transposed convolution's weight gradient alone, milliseconds as the model
-    runs it (`aten.convolution_backward`) and by phases (`phase_weight_gradient`), and how far
+    runs it (`aten.convolution_backward`) and by phases (`weight_gradient_by_phases`), and how far
     the phases' result is from ATen's (relative to its largest magnitude)."""
     torch.manual_seed(0)
     n = len(shape) - 2
@@ -225,7 +179,7 @@ def measure_weight_gradient(
         )[1]
 
     def by_phases() -> torch.Tensor:
-        return phase_weight_gradient(x, grad, factors)
+        return weight_gradient_by_phases(x, grad, factors)
 
     want, got = by_aten().float(), by_phases().float()
     return {

@@ -118,6 +118,45 @@ def test_compiled_equals_eager_through_the_layout_stable_route(dims, factors, gr
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+class BackwardCalls(TorchDispatchMode):
+    """Records each `aten.convolution_backward` call's (transposed, output_mask)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[bool, list[bool]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution_backward.default:
+            self.calls.append((args[7], list(args[10])))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("dims", "factors"), [(1, (2,)), (2, (2, 2)), (3, (1, 2, 2))])
+@pytest.mark.parametrize("by_phases", [False, True])
+def test_the_weight_gradient_by_phases_equals_atens(dims, factors, by_phases, monkeypatch):
+    """`settings.FOLDED_WEIGHT_GRADIENT_BY_PHASES`: the routed folded convolution's weight
+    gradient as one stride-1 weight gradient per output phase (2 per doubled axis), the
+    input gradient still ATen's transposed one; values and gradients as in eager mode."""
+    monkeypatch.setattr(settings, "FOLDED_WEIGHT_GRADIENT_BY_PHASES", by_phases)
+    up = _upsample(dims, factors)
+    x = torch.randn(2, 5, *[5 + i for i in range(dims)], dtype=torch.float64, requires_grad=True)
+    compiled = torch.compile(up, backend="aot_eager", fullgraph=True)
+    out = compiled(x)
+    grad = torch.cos(out.detach())
+    with BackwardCalls() as recorder:
+        got_grads = torch.autograd.grad(out, [x, *up.parameters()], grad)
+    want, want_grads, _ = _values_and_gradients(up, x, grad)
+    for a, b in zip([out, *got_grads], [want, *want_grads], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    phases = 2 ** factors.count(2)
+    expected = (
+        [(True, [True, False, False])] + [(False, [False, True, False])] * phases
+        if by_phases
+        else [(True, [True, True, False])]
+    )
+    assert recorder.calls == expected
+
+
 @pytest.mark.parametrize(("dims", "factors"), [(2, (2, 2)), (3, (1, 2, 2))])
 def test_one_dynamic_trace_trains_every_size_through_the_layout_stable_route(dims, factors):
     """`compile(dynamic=True)` (what "compile once for many sizes" asks): the routed transposed

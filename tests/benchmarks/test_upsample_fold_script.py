@@ -54,20 +54,3 @@ def test_phase_convolutions_compute_nearest_then_conv(dims, factors, benchmark_s
     expected = up(x)
     got = benchmark_script("upsample_fold").phase_convolutions(up, x)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize("factors", [(2,), (2, 2), (2, 2, 2), (1, 2, 2), (2, 1)])
-def test_the_weight_gradient_by_phases_is_the_folded_convolutions_own(factors, benchmark_script):
-    """Against autograd of the folded transposed convolution itself, float64."""
-    torch.manual_seed(0)
-    dims = len(factors)
-    x = torch.randn(2, 3, *[4 + i for i in range(dims)], dtype=torch.float64)
-    kernel = [4 if factor == 2 else 3 for factor in factors]
-    weight = torch.randn(3, 5, *kernel, dtype=torch.float64, requires_grad=True)
-    y = torch.convolution(
-        x, weight, None, list(factors), [1] * dims, [1] * dims, True, [0] * dims, 1
-    )
-    grad = torch.randn_like(y)
-    (expected,) = torch.autograd.grad(y, weight, grad)
-    got = benchmark_script("upsample_fold").phase_weight_gradient(x, grad, factors)
-    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

@@ -38,6 +38,7 @@ does not parse warns and keeps the default.
 | `PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV` | `DIFFUNET_PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV` (`1`: on) | off | plain-compile training graphs take a routed convolution's bias gradient from its backward (a product with ones) |
 | `COMPILED_BIAS_GRADIENT_IN_CONV` | | the plain-compile one | the same for graphs traced from now on (on in CUDA-graph modes) |
 | `FOLDED_DEVICES` | `DIFFUNET_FOLDED_UPSAMPLE` (`cpu,cuda`, `none`, …) | `cpu`, `cuda` | device types that fold nearest upsampling into the next convolution |
+| `FOLDED_WEIGHT_GRADIENT_BY_PHASES` | `DIFFUNET_FOLDED_WGRAD_PHASES` (`1`: on) | off | routed (compiled) folded upsamplings compute their weight gradient one output phase at a time |
 | `BATCHED_FILM` | `DIFFUNET_BATCHED_FILM` (`0`: off) | on | compiled graphs compute every ResBlock's embedding projection in one GEMM |
 | `BATCHED_FILM_INFERENCE` | `DIFFUNET_BATCHED_FILM_INFER` (`0`: off) | on | the same for compiled graphs without gradients |
 | `BATCHED_QKV` | `DIFFUNET_BATCHED_QKV` (`0`: off) | on | compiled graphs project a transformer attention's queries, keys and values in one GEMM |
@@ -467,6 +468,15 @@ if FOLDED_DEVICES_ENV in os.environ:
     except ValueError as err:  # a process-wide knob: say so, and keep the default
         warnings.warn(f"{err}; folding on {sorted(FOLDED_DEVICES)}", stacklevel=1)
 
+#: The environment variable that turns `FOLDED_WEIGHT_GRADIENT_BY_PHASES` on ("1").
+FOLDED_WEIGHT_GRADIENT_BY_PHASES_ENV = "DIFFUNET_FOLDED_WGRAD_PHASES"
+#: Whether a folded upsampling on the layout-stable route (compiled, with autograd) computes its
+#: weight gradient as one stride-1 weight gradient per output phase (`phase_gradient`) rather
+#: than ATen's strided one: the same sums by other cuDNN kernels, for an A/B on a GPU.
+FOLDED_WEIGHT_GRADIENT_BY_PHASES: bool = _switch_from_env(
+    FOLDED_WEIGHT_GRADIENT_BY_PHASES_ENV, default=False
+)
+
 
 #: The environment variable naming the devices whose compiled convolutions take `conv`'s
 #: layout-stable route (`ROUTED_DEVICES`; "none" for none: plain convolutions everywhere, for
@@ -594,6 +604,7 @@ NAMES: tuple[str, ...] = (
     "PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV",
     "COMPILED_BIAS_GRADIENT_IN_CONV",
     "FOLDED_DEVICES",
+    "FOLDED_WEIGHT_GRADIENT_BY_PHASES",
     "BATCHED_FILM",
     "BATCHED_FILM_INFERENCE",
     "BATCHED_QKV",
