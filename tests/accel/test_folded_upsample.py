@@ -331,6 +331,34 @@ def test_bf16_folded_matches_nearest_then_conv_on_the_gpu(dims, factors, channel
         assert (got - want).abs().max() <= 0.02 * scale
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(("dims", "factors", "channels", "size"), [(3, (2, 2, 2), 128, 16)])
+def test_bf16_compiled_weight_gradient_by_phases_matches_atens_on_the_gpu(
+    dims, factors, channels, size, monkeypatch
+):
+    """Inductor's graph of the routed folded convolution, bf16 channels-last on CUDA, with the
+    weight gradient by phases and by ATen: values and gradients within bf16's rounding."""
+    layout = {2: torch.channels_last, 3: torch.channels_last_3d}[dims]
+    torch.manual_seed(0)
+    up = Upsample(dims, channels, factors, "nearest_conv").cuda().to(memory_format=layout)
+    x = torch.randn(2, channels, *[size] * dims, device="cuda").contiguous(memory_format=layout)
+    x.requires_grad_()
+    results = []
+    for by_phases in (True, False):
+        monkeypatch.setattr(settings, "FOLDED_WEIGHT_GRADIENT_BY_PHASES", by_phases)
+        torch._dynamo.reset()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = torch.compile(up, fullgraph=True)(x)
+        grad = torch.randn_like(out) if not results else results[0][2]
+        grads = torch.autograd.grad(out, [x, *up.parameters()], grad)
+        results.append((out.float(), [g.float() for g in grads], grad))
+    (phases, phases_grads, _), (aten, aten_grads, _) = results
+    for got, want in zip([phases, *phases_grads], [aten, *aten_grads], strict=True):
+        scale = want.abs().max()
+        assert (got - want).abs().max() <= 0.02 * scale
+
+
 @pytest.mark.parametrize(("dims", "products"), [(1, (2, 3)), (2, (4, 9)), (3, (8, 27))])
 def test_folding_counts_fewer_products_on_meta_tensors_too(dims, products):
     """FLOPs as `torch.utils.flop_counter` counts them (shapes only, on the meta device):
