@@ -22,9 +22,10 @@ import torch.nn.functional as F
 
 from diffunet.accel.layout import memory_format_for
 
-#: Per axis: the folded kernel's taps that each output phase's two products (or an undoubled
-#: axis's three) go through, by the stride along the axis.
-_PHASE_TAPS = {2: ((3, 1), (2, 0)), 1: ((2, 1, 0),)}
+#: Per axis, by its stride: the folded kernel's taps that each output phase's products go
+#: through, in reverse order of the phase convolution's taps (phase 0 of a doubled axis: taps
+#: 3, 1; phase 1: taps 2, 0; an axis that is not doubled: taps 2, 1, 0).
+_PHASE_TAPS = {2: (slice(1, None, 2), slice(0, None, 2)), 1: (slice(None),)}
 
 
 def takes(
@@ -67,7 +68,7 @@ def weight_gradient_by_phases(
         partial = torch.ops.aten.convolution_backward(
             phase,
             padded,
-            x.new_empty(grad.shape[1], x.shape[1], *map(len, taps)),
+            x.new_empty(grad.shape[1], x.shape[1], *[2 if s == 2 else 3 for s in stride]),
             None,
             [1] * n,
             [0] * n,
@@ -77,6 +78,6 @@ def weight_gradient_by_phases(
             1,
             [False, True, False],
         )[1]
-        grid = torch.meshgrid(*(torch.tensor(t, device=x.device) for t in taps), indexing="ij")
-        out[(slice(None), slice(None), *grid)] = partial.transpose(0, 1)
+        # Slices, not index tensors: nothing to copy from the host inside a captured graph.
+        out[(slice(None), slice(None), *taps)] = partial.transpose(0, 1).flip(tuple(range(2, 2 + n)))
     return out
