@@ -57,6 +57,7 @@ def weight_gradient_by_phases(
     layout = memory_format_for(n)
     padded = F.pad(x, [1, 1] * n).contiguous(memory_format=layout)
     kernel = [4 if s == 2 else 3 for s in stride]
+    spatial = tuple(range(2, 2 + n))
     out = x.new_zeros(x.shape[1], grad.shape[1], *kernel)
     for phases in itertools.product(*(range(s) for s in stride)):
         pick, pads = [slice(None), slice(None)], []
@@ -79,5 +80,5 @@ def weight_gradient_by_phases(
             [False, True, False],
         )[1]
         # Slices, not index tensors: nothing to copy from the host inside a captured graph.
-        out[(slice(None), slice(None), *taps)] = partial.transpose(0, 1).flip(tuple(range(2, 2 + n)))
+        out[(slice(None), slice(None), *taps)] = partial.transpose(0, 1).flip(spatial)
     return out
