@@ -304,6 +304,30 @@ def test_a_unet_computes_the_same_with_folded_upsampling(dims, resblock_updown):
         torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
 
 
+def _on_the_gpu(dims, factors, channels, size):
+    """A CUDA `Upsample` and an input for it that needs a gradient, both channels-last."""
+    layout = {2: torch.channels_last, 3: torch.channels_last_3d}[dims]
+    torch.manual_seed(0)
+    up = Upsample(dims, channels, factors, "nearest_conv").cuda().to(memory_format=layout)
+    x = torch.randn(2, channels, *[size] * dims, device="cuda").contiguous(memory_format=layout)
+    return up, x.requires_grad_(), layout
+
+
+def _bf16_values_and_gradients(run, up, x, grad=None):
+    """`run(x)` under bf16 autocast, and the gradients of x and `up`'s parameters for the
+    output gradient `grad` (random where None), all as float32, with `grad`."""
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = run(x)
+    grad = torch.randn_like(out) if grad is None else grad
+    grads = torch.autograd.grad(out, [x, *up.parameters()], grad)
+    return [out.float(), *(g.float() for g in grads)], grad
+
+
+def _assert_within_bf16_rounding(got, want):
+    for a, b in zip(got, want, strict=True):
+        assert (a - b).abs().max() <= 0.02 * b.abs().max()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize(
@@ -311,52 +335,28 @@ def test_a_unet_computes_the_same_with_folded_upsampling(dims, resblock_updown):
     [(3, (2, 2, 2), 128, 16), (3, (1, 2, 2), 64, 8), (2, (2, 2), 256, 32)],
 )
 def test_bf16_folded_matches_nearest_then_conv_on_the_gpu(dims, factors, channels, size):
-    layout = {2: torch.channels_last, 3: torch.channels_last_3d}[dims]
-    torch.manual_seed(0)
-    up = Upsample(dims, channels, factors, "nearest_conv").cuda().to(memory_format=layout)
-    x = torch.randn(2, channels, *[size] * dims, device="cuda").contiguous(memory_format=layout)
-    x.requires_grad_()
-    results = []
-    for fold in (True, False):
-        settings.set_folded_upsample_devices(["cuda"] if fold else [])
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = up(x)
-        grad = torch.randn_like(out) if not results else results[0][2]
-        grads = torch.autograd.grad(out, [x, *up.parameters()], grad)
-        results.append((out.float(), [g.float() for g in grads], grad))
-    (folded, folded_grads, _), (plain, plain_grads, _) = results
-    assert folded.is_contiguous(memory_format=layout)
-    for got, want in zip([folded, *folded_grads], [plain, *plain_grads], strict=True):
-        scale = want.abs().max()
-        assert (got - want).abs().max() <= 0.02 * scale
+    up, x, layout = _on_the_gpu(dims, factors, channels, size)
+    settings.set_folded_upsample_devices(["cuda"])
+    folded, grad = _bf16_values_and_gradients(up, up, x)
+    settings.set_folded_upsample_devices([])
+    plain, _ = _bf16_values_and_gradients(up, up, x, grad)
+    assert folded[0].is_contiguous(memory_format=layout)
+    _assert_within_bf16_rounding(folded, plain)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize(("dims", "factors", "channels", "size"), [(3, (2, 2, 2), 128, 16)])
-def test_bf16_compiled_weight_gradient_by_phases_matches_atens_on_the_gpu(
-    dims, factors, channels, size, monkeypatch
-):
+def test_bf16_compiled_weight_gradient_by_phases_matches_atens_on_the_gpu(monkeypatch):
     """Inductor's graph of the routed folded convolution, bf16 channels-last on CUDA, with the
     weight gradient by phases and by ATen: values and gradients within bf16's rounding."""
-    layout = {2: torch.channels_last, 3: torch.channels_last_3d}[dims]
-    torch.manual_seed(0)
-    up = Upsample(dims, channels, factors, "nearest_conv").cuda().to(memory_format=layout)
-    x = torch.randn(2, channels, *[size] * dims, device="cuda").contiguous(memory_format=layout)
-    x.requires_grad_()
-    results = []
+    up, x, _ = _on_the_gpu(3, (2, 2, 2), 128, 16)
+    results, grad = [], None
     for by_phases in (True, False):
         monkeypatch.setattr(settings, "FOLDED_WEIGHT_GRADIENT_BY_PHASES", by_phases)
         torch._dynamo.reset()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = torch.compile(up, fullgraph=True)(x)
-        grad = torch.randn_like(out) if not results else results[0][2]
-        grads = torch.autograd.grad(out, [x, *up.parameters()], grad)
-        results.append((out.float(), [g.float() for g in grads], grad))
-    (phases, phases_grads, _), (aten, aten_grads, _) = results
-    for got, want in zip([phases, *phases_grads], [aten, *aten_grads], strict=True):
-        scale = want.abs().max()
-        assert (got - want).abs().max() <= 0.02 * scale
+        values, grad = _bf16_values_and_gradients(torch.compile(up, fullgraph=True), up, x, grad)
+        results.append(values)
+    _assert_within_bf16_rounding(*results)
 
 
 @pytest.mark.parametrize(("dims", "products"), [(1, (2, 3)), (2, (4, 9)), (3, (8, 27))])

@@ -67,11 +67,6 @@ class _Convolution(torch.autograd.Function):
         x, weight = x.contiguous(memory_format=layout), weight.contiguous(memory_format=layout)
         ctx.save_for_backward(x, weight)
         ctx.geometry = (stride, padding, dilation, transposed, [0] * len(stride), groups)
-        ctx.by_phases = (
-            transposed
-            and settings.FOLDED_WEIGHT_GRADIENT_BY_PHASES
-            and phase_gradient.takes(weight.shape, stride, padding, dilation, groups)
-        )
         # Pinned, not just asked for: Inductor lays out a 3D convolution (and a 2D one in graphs
         # it leaves in NCHW) after its operands' current layouts, free buffers' NCDHW included.
         return torch.ops.aten.convolution.default(
@@ -86,14 +81,20 @@ class _Convolution(torch.autograd.Function):
         # kernel producing `grad` writes it in cuDNN's layout, so cuDNN converts nothing. Nothing
         # here reads `grad`'s strides (see `bias_gradient`).
         grad = pin_layout(grad, ctx.memory_format)
-        by_phases = want_weight and ctx.by_phases
+        stride, padding, dilation, transposed, _, groups = ctx.geometry
+        by_phases = (  # a folded upsampling's (`settings.FOLDED_WEIGHT_GRADIENT_BY_PHASES`)
+            want_weight
+            and transposed
+            and settings.FOLDED_WEIGHT_GRADIENT_BY_PHASES
+            and phase_gradient.takes(weight.shape, stride, padding, dilation, groups)
+        )
         grad_x = grad_weight = None
         if want_x or (want_weight and not by_phases):
             grad_x, grad_weight, _ = torch.ops.aten.convolution_backward.default(
                 grad, x, weight, None, *ctx.geometry, [want_x, want_weight and not by_phases, False]
             )
-        if by_phases:  # a folded upsampling's (`settings.FOLDED_WEIGHT_GRADIENT_BY_PHASES`)
-            grad_weight = phase_gradient.weight_gradient_by_phases(x, grad, ctx.geometry[0])
+        if by_phases:
+            grad_weight = phase_gradient.weight_gradient_by_phases(x, grad, stride)
         grad_bias = bias_gradient(grad, ctx.memory_format) if want_bias else None
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
 
