@@ -27,7 +27,8 @@ try:
     import diffunet  # noqa: F401  (installed, or run from a checkout:)
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from diffunet.accel import fused_norm as fused
+from diffunet.accel import norm as fused
+from diffunet.accel import triton_runtime
 from harness.layers import int_list, write_json_result
 
 #: Pointer arguments holding activations (bf16 in a model's bf16 step); every other pointer
@@ -42,12 +43,12 @@ def norm_kernels() -> dict[str, object]:
     """The four streaming kernels a large norm call launches, then the one-kernel forward and
     backward of smaller calls, by name."""
     return {
-        "statistics": fused._stats_kernel,
-        "normalize": fused._normalize_kernel,
-        "backward_reduce": fused._backward_reduce_kernel,
-        "backward_dx": fused._backward_dx_kernel,
-        "one_pass": fused._one_pass_kernel,
-        "one_pass_backward": fused._one_pass_backward_kernel,
+        "statistics": fused.kernels._stats_kernel,
+        "normalize": fused.kernels._normalize_kernel,
+        "backward_reduce": fused.kernels._backward_reduce_kernel,
+        "backward_dx": fused.kernels._backward_dx_kernel,
+        "one_pass": fused.kernels._one_pass_kernel,
+        "one_pass_backward": fused.kernels._one_pass_backward_kernel,
     }
 
 
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(args.kernels.split(",")) - set(kernels))
     if unknown:
         parser.error(f"unknown kernels {unknown}; choose from {', '.join(kernels)}")
-    if fused.triton is None:
+    if triton_runtime.triton is None:
         parser.error("Triton is not installed")
     rows = []
     print(
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{usage['programs_per_sm_by_registers']:8d}"
         )
     meta = {
-        "triton": fused.triton.__version__,
+        "triton": triton_runtime.triton.__version__,
         "arch": args.arch,
         "film": args.film,
         "act": args.act,

@@ -10,7 +10,7 @@ is computed); one warm-up step creates the optimizer state, then
 bf16 autocast (the CPU's casting rules), float32 MSE, backward, AdamW step. The peak is the sum
 of live tensor bytes; `--ema` adds a float32 copy of the weights, as `diffunet train` keeps.
 
-The norms follow the GPU's eager rule: those of at least `fused.eager_min_elements()`
+The norms follow the GPU's eager rule: those of at least `settings.eager_min_elements()`
 elements (2²⁴) run the fused op (its fake implementation: a bf16 output, and for backward the
 bf16 input and two float32 statistics per sample and channel), the others the reference path
 in float32 as CUDA's autocast runs it (GroupNorm and SiLU keep float32 copies, the next
@@ -37,8 +37,9 @@ from torch.distributed._tools.mem_tracker import MemTracker
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from diffunet import UNetConfig
-from diffunet.accel import decoder_entry
-from diffunet.accel import fused_norm as fused
+from diffunet.accel import decoder_entry, settings
+from diffunet.accel.norm import functional as norm_functional
+from diffunet.accel.norm.ops import group_norm_act_fake
 from diffunet.model.introspect import example_inputs
 from diffunet.model.presets import preset
 from diffunet.training.run_config import parse_override
@@ -55,7 +56,10 @@ def gpu_norms(min_elements: int) -> Iterator[None]:
     blocks take `(h, skip)` apart (`decoder_entry`) where their concatenation has that many
     elements, and the others run their reference path in float32 under autocast, as CUDA's
     autocast runs `group_norm` (the CPU's keeps bfloat16)."""
-    routed, reference = fused.compiled_fused_wanted, fused.group_norm_act_reference
+    routed, reference = (
+        norm_functional.compiled_fused_wanted,
+        norm_functional.group_norm_act_reference,
+    )
 
     def float32_reference(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if torch.is_autocast_enabled("cpu"):
@@ -72,17 +76,28 @@ def gpu_norms(min_elements: int) -> Iterator[None]:
             None,
         )
 
-    saved = (decoder_entry.concat_fused_wanted, decoder_entry._forward, decoder_entry._backward)
-    fused.compiled_fused_wanted = lambda x: x.numel() >= min_elements
-    fused.group_norm_act_reference = float32_reference
+    saved = (
+        decoder_entry.concat_fused_wanted,
+        decoder_entry.norm_forward,
+        decoder_entry.norm_backward,
+    )
+    norm_functional.compiled_fused_wanted = lambda x: x.numel() >= min_elements
+    norm_functional.group_norm_act_reference = float32_reference
     decoder_entry.concat_fused_wanted = lambda x, skip: x.numel() + skip.numel() >= min_elements
-    decoder_entry._forward = fused._group_norm_act_fake  # the kernels' outputs, computing nothing
-    decoder_entry._backward = kernels_backward
+    decoder_entry.norm_forward = group_norm_act_fake  # the kernels' outputs, computing nothing
+    decoder_entry.norm_backward = kernels_backward
     try:
         yield
     finally:
-        fused.compiled_fused_wanted, fused.group_norm_act_reference = routed, reference
-        decoder_entry.concat_fused_wanted, decoder_entry._forward, decoder_entry._backward = saved
+        norm_functional.compiled_fused_wanted, norm_functional.group_norm_act_reference = (
+            routed,
+            reference,
+        )
+        (
+            decoder_entry.concat_fused_wanted,
+            decoder_entry.norm_forward,
+            decoder_entry.norm_backward,
+        ) = saved
 
 
 def peak_training_bytes(
@@ -92,12 +107,12 @@ def peak_training_bytes(
     "GRAD", "ACT", "OPT", ...), and the number of parameters.
 
     Norms behave as on the GPU (`gpu_norms`): those of at least `norm_from` elements run the
-    fused op (default: the GPU's eager rule, `fused.eager_min_elements()`). `fake=False` runs
+    fused op (default: the GPU's eager rule, `settings.eager_min_elements()`). `fake=False` runs
     the same step on real CPU tensors (slow; for checking the estimate), where every norm takes
     the float32 reference path.
     """
     if norm_from is None:
-        norm_from = fused.eager_min_elements()
+        norm_from = settings.eager_min_elements()
     if not fake:
         norm_from = sys.maxsize
     with gpu_norms(norm_from), FakeTensorMode() if fake else torch.device("cpu"):

@@ -37,8 +37,8 @@ try:
     import diffunet  # noqa: F401  (installed, or run from a checkout:)
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from diffunet.accel import fused_norm as fused
-from diffunet.accel import settings
+from diffunet.accel import norm as fused
+from diffunet.accel import settings, triton_runtime
 from diffunet.model.introspect import example_inputs
 from harness.layers import count_list, int_list, kernel_time_ms, write_json_result
 from harness.models import build_case, build_ours
@@ -53,7 +53,7 @@ def norm_calls(case: str, quick: bool = False) -> Counter[Call]:
     model = build_ours(spec.config, "meta")
     x, kwargs = example_inputs(spec.config, spec.batch, spec.size, device="meta")
     calls: Counter[Call] = Counter()
-    original = fused.group_norm_act
+    original = fused.functional.group_norm_act  # what `norm_act` calls
 
     def record(x, num_groups, weight, bias, eps, scale=None, shift=None, act=True, add=None):
         calls[(tuple(x.shape), num_groups, scale is not None, add is not None, act)] += 1
@@ -61,14 +61,14 @@ def norm_calls(case: str, quick: bool = False) -> Counter[Call]:
             x, num_groups, weight, bias, eps, scale, shift, act, add
         )
 
-    fused.group_norm_act = record
+    fused.functional.group_norm_act = record
     try:
         # No kernels on the meta device: a decoder block's entry then concatenates `(h, skip)`
         # and normalizes that (the call its fused pair makes) through `group_norm_act` too.
         with torch.no_grad(), settings.override(FUSED_NORM=False):
             model(x, **kwargs)
     finally:
-        fused.group_norm_act = original
+        fused.functional.group_norm_act = original
     return calls
 
 
@@ -125,7 +125,7 @@ def time_call(
     forward_ms = time_ms(forward)
     timing = {"forward_ms": forward_ms, "backward_ms": time_ms(forward_backward) - forward_ms}
     x3 = args[0].flatten(2)
-    if fused.fused_available(args[0]) and fused._one_pass_shape(x3, args[1]) is None:
+    if fused.fused_available(args[0]) and fused.launch.one_pass_shape(x3, args[1]) is None:
         timing["stats_ms"] = time_ms(statistics_pass(args[0], args[1], kwargs.get("add")))
     return timing
 
@@ -137,8 +137,8 @@ def statistics_pass(
     as the fused forward launches it for `x` under the current launch configuration."""
     x3 = x.detach().flatten(2)
     add = fused.per_channel_operand(None if add is None else add.detach(), x)
-    launch = fused._launch_shape(x3)
-    return lambda: fused._group_stats(x3, add, num_groups, 1e-5, launch)
+    launch = fused.launch.launch_shape(x3)
+    return lambda: fused.launchers.group_stats(x3, add, num_groups, 1e-5, launch)
 
 
 def moved_bytes(call: Call, dtype: torch.dtype) -> dict[str, int]:
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="JSON path (default: $OUT/norm_kernels.json when OUT is set)")
     args = parser.parse_args(argv)
     interpreting = os.environ.get("TRITON_INTERPRET") == "1"
-    if fused.triton is None or not (torch.cuda.is_available() or interpreting):
+    if triton_runtime.triton is None or not (torch.cuda.is_available() or interpreting):
         parser.error("the fused kernels need Triton and a CUDA device (or TRITON_INTERPRET=1)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16

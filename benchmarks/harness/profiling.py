@@ -43,7 +43,7 @@ _CLASS_PATTERNS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("elementwise/copies", ("nchwtonhwc", "nhwctonchw", "nchw_to_nhwc", "nhwc_to_nchw")),
     ("attention+GEMM", ("flash", "fmha", "attention", "attn", "sdpa", "softmax", "dot_product")),
     ("convolution", ("conv", "fprop", "dgrad", "wgrad", "implicit_gemm", "xmma_cudnn", "cudnn")),
-    # GroupNorm kernels, PyTorch's and diffunet's fused Triton ones (accel/fused_norm.py: _stats,
+    # GroupNorm kernels, PyTorch's and diffunet's fused Triton ones (accel/norm/kernels.py: _stats,
     # _stats_combine, _normalize, _backward_reduce, _backward_combine, _backward_dx).
     (
         "norm/reductions",

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from diffunet import UNet
-from diffunet.accel import accelerate, decoder_entry, settings
-from diffunet.accel import fused_norm as fused
+from diffunet.accel import accelerate, decoder_entry, settings, triton_runtime
+from diffunet.accel import norm as fused
 from diffunet.accel.blocks import AcceleratedResBlock
 from diffunet.model.introspect import example_inputs, small_config
 from diffunet.model.layers.ops import conv_nd, normalization
@@ -47,8 +47,8 @@ def reference_backward(
 @pytest.fixture
 def stand_in_kernels(monkeypatch):
     """Take the (h, skip) path on the CPU, with reference stand-ins for the kernels."""
-    monkeypatch.setattr(decoder_entry, "_forward", reference_forward)
-    monkeypatch.setattr(decoder_entry, "_backward", reference_backward)
+    monkeypatch.setattr(decoder_entry, "norm_forward", reference_forward)
+    monkeypatch.setattr(decoder_entry, "norm_backward", reference_backward)
     monkeypatch.setattr(decoder_entry, "concat_fused_wanted", lambda x, skip: True)
 
 
@@ -156,7 +156,7 @@ def test_only_a_plain_biased_1x1_convolution_without_hooks_and_an_affine_norm_ta
 def test_cpu_tensors_concatenate():
     """Without the kernels (a CPU, no interpreter) the ResBlock concatenates as before."""
     x, skip = torch.randn(1, 8, 4, 4), torch.randn(1, 8, 4, 4)
-    assert decoder_entry.concat_fused_wanted(x, skip) == fused._interpreting()
+    assert decoder_entry.concat_fused_wanted(x, skip) == triton_runtime.interpreting()
 
 
 @pytest.mark.usefixtures("stand_in_kernels")
@@ -220,8 +220,8 @@ def test_a_unet_whose_decoder_takes_the_pairs_trains_as_one_that_concatenates(
 
 #: One kernel each way (loops over several tiles: `test_fused.py`), or three.
 LAUNCHES = {
-    "one-kernel": fused.LaunchConfig(4096, 2, 4, 3, one_pass_elements=1 << 30),
-    "three-kernel": fused.LaunchConfig(4096, 2, 4, 3, one_pass_elements=0),
+    "one-kernel": settings.LaunchConfig(4096, 2, 4, 3, one_pass_elements=1 << 30),
+    "three-kernel": settings.LaunchConfig(4096, 2, 4, 3, one_pass_elements=0),
 }
 
 
@@ -252,12 +252,14 @@ def interpreted_the_entry_matches_float64(spatial, h_channels, skip_channels, gr
 
     x = _layout(torch.cat([h, skip], 1).detach())
     none = x.new_zeros(0)
-    stats = fused._forward(x, norm.weight, norm.bias, none, none, none, groups, EPS, False, True)
+    stats = fused.launchers.forward(
+        x, norm.weight, norm.bias, none, none, none, groups, EPS, False, True
+    )
     operands = (x, norm.weight, norm.bias, none, none, none, *stats[1:], groups, False, True)
     g = torch.randn_like(x)
-    apart = fused._backward(g, *operands)[0]
+    apart = fused.launchers.backward(g, *operands)[0]
     inside = x.clone()
-    fused._backward(g, inside, *operands[1:], out=inside)
+    fused.launchers.backward(g, inside, *operands[1:], out=inside)
     assert torch.equal(apart, inside)
 
 
@@ -283,7 +285,7 @@ def test_the_entry_matches_the_concatenation_on_gpu_bf16(
 ):
     """Under bf16 autocast, as the model runs it; the in-place input gradient included."""
     if launch == "three-kernel":
-        settings.NORM_LAUNCH = fused.LaunchConfig(2048, 4, 4, 3, one_pass_elements=0)
+        settings.NORM_LAUNCH = settings.LaunchConfig(2048, 4, 4, 3, one_pass_elements=0)
     settings.FUSED_EAGER_MIN_ELEMENTS = 0
     device = torch.device("cuda")
     norm, projection = _entry_layers(len(spatial), h_channels + skip_channels, 32, groups)

@@ -1,4 +1,4 @@
-"""The fused GroupNorm → scale-shift → SiLU op (`diffunet.accel.fused_norm`): its eager path is
+"""The fused GroupNorm → scale-shift → SiLU op (`diffunet.accel.norm`): its eager path is
 the exact reference, and its Triton kernels match it in values and gradients, through Triton's
 CPU interpreter here (the `interpreted_*` functions) and on a GPU under `-m gpu`."""
 
@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffunet import UNet
-from diffunet.accel import accelerate, settings
-from diffunet.accel import fused_norm as fused
+from diffunet.accel import accelerate, settings, triton_runtime
+from diffunet.accel import norm as fused
 from diffunet.accel.blocks import AcceleratedResBlock
 from diffunet.accel.layout import memory_format_for
 from diffunet.model.introspect import example_inputs, small_config
@@ -38,7 +38,7 @@ def test_fallback_is_exactly_the_unfused_computation():
 
 
 def test_cpu_tensors_take_the_fallback():
-    assert fused.fused_available(torch.randn(1, 4, 4)) == fused._interpreting()
+    assert fused.fused_available(torch.randn(1, 4, 4)) == triton_runtime.interpreting()
 
 
 # --- settings ---------------------------------------------------------------------------------
@@ -64,12 +64,12 @@ def test_the_compile_mode_decides_whether_compiled_graphs_call_the_kernels(
     monkeypatch.setattr(settings, "INLINE_NORM_KERNELS", True)
     monkeypatch.setattr(settings, "INLINE_NORM_KERNELS_INFERENCE", True)
     monkeypatch.setattr(settings, "PLAIN_COMPILE_BIAS_GRADIENT_IN_CONV", False)
-    fused.set_compiled_min_elements(123)
+    settings.set_compiled_min_elements(123)
     # Each mode sets them back.
     settings.COMPILED_INLINE_NORM_KERNELS = expected is not None
     settings.COMPILED_INLINE_NORM_KERNELS_INFERENCE = expected is not None
     settings.COMPILED_BIAS_GRADIENT_IN_CONV = expected is None
-    fused.configure_for_compile_mode(mode)
+    settings.configure_for_compile_mode(mode)
     if expected is None:
         assert settings.COMPILED_MIN_ELEMENTS == settings.PLAIN_COMPILE_MIN_ELEMENTS
         inference = settings.COMPILED_MIN_ELEMENTS_INFERENCE
@@ -93,20 +93,20 @@ def test_graphs_traced_without_gradients_use_the_inference_threshold(monkeypatch
     """The decision as Dynamo's trace of `group_norm_act` makes it, with kernels that would
     take the tensor (a GPU's), under each grad mode."""
     monkeypatch.setattr(torch.compiler, "is_dynamo_compiling", lambda: True)
-    monkeypatch.setattr(fused, "_kernels_take", lambda x: True)
+    monkeypatch.setattr(fused.functional, "kernels_take", lambda x: True)
     x = torch.empty(2, 4, 8, 8)  # 512 elements
-    fused.set_compiled_min_elements(100, inference=1000)
+    settings.set_compiled_min_elements(100, inference=1000)
     assert fused.compiled_fused_wanted(x)
     with torch.no_grad():
         assert not fused.compiled_fused_wanted(x)
-    fused.set_compiled_min_elements(1000, inference=100)
+    settings.set_compiled_min_elements(1000, inference=100)
     assert not fused.compiled_fused_wanted(x)
     with torch.no_grad():
         assert fused.compiled_fused_wanted(x)
-    fused.set_compiled_min_elements(100)  # the inference threshold follows by default
+    settings.set_compiled_min_elements(100)  # the inference threshold follows by default
     with torch.no_grad():
         assert fused.compiled_fused_wanted(x)
-    fused.set_compiled_min_elements(None, inference=100)  # None: the reference everywhere
+    settings.set_compiled_min_elements(None, inference=100)  # None: the reference everywhere
     with torch.no_grad():
         assert not fused.compiled_fused_wanted(x)
 
@@ -117,27 +117,27 @@ def test_graphs_that_launch_the_kernels_themselves_take_them_from_the_inline_thr
     """`settings.INLINE_MIN_ELEMENTS` where the traced graph launches the kernels itself (on a
     GPU, with static sizes), the compiled threshold where it calls the opaque operator."""
     monkeypatch.setattr(torch.compiler, "is_dynamo_compiling", lambda: True)
-    monkeypatch.setattr(fused, "_kernels_take", lambda x: True)
+    monkeypatch.setattr(fused.functional, "kernels_take", lambda x: True)
     x = torch.empty(2, 4, 8, 8)  # 512 elements
-    fused.set_compiled_min_elements(1000)
+    settings.set_compiled_min_elements(1000)
     settings.INLINE_MIN_ELEMENTS = 500
     assert not fused.compiled_fused_wanted(x)  # a CPU tensor: the opaque operator's 1000
-    monkeypatch.setattr(fused, "_inline_wanted", lambda x: True)
+    monkeypatch.setattr(fused.functional, "inline_wanted", lambda x: True)
     assert fused.compiled_fused_wanted(x)
     settings.INLINE_MIN_ELEMENTS = 600
     assert not fused.compiled_fused_wanted(x)
-    fused.set_compiled_min_elements(0)  # the lower of the two
+    settings.set_compiled_min_elements(0)  # the lower of the two
     assert fused.compiled_fused_wanted(x)
-    fused.set_compiled_min_elements(None)  # None: the reference everywhere
+    settings.set_compiled_min_elements(None)  # None: the reference everywhere
     assert not fused.compiled_fused_wanted(x)
 
 
 def test_setters_and_override_change_what_the_kernels_read():
-    fused.set_fused_enabled(False, min_elements=5)
-    assert (settings.FUSED_NORM, fused.eager_min_elements()) == (False, 5)
+    settings.set_fused_enabled(False, min_elements=5)
+    assert (settings.FUSED_NORM, settings.eager_min_elements()) == (False, 5)
     with settings.override(FUSED_NORM=True, FUSED_EAGER_MIN_ELEMENTS=0):
-        assert settings.FUSED_NORM and fused.eager_min_elements() == 0
-    assert (settings.FUSED_NORM, fused.eager_min_elements()) == (False, 5)
+        assert settings.FUSED_NORM and settings.eager_min_elements() == 0
+    assert (settings.FUSED_NORM, settings.eager_min_elements()) == (False, 5)
     with pytest.raises(AttributeError, match="FUSED_ENABLED"), settings.override(FUSED_ENABLED=1):
         pass
     assert set(settings.current()) == set(settings.NAMES)
@@ -347,24 +347,24 @@ def test_the_environment_sets_the_settings_at_import(environment, changed, warni
 
 
 def test_the_launch_plan_picks_its_configuration_by_size():
-    plan = fused.LaunchPlan()
+    plan = settings.LaunchPlan()
     assert plan.for_elements(plan.large_from) is plan.large
     assert plan.for_elements(plan.large_from - 1) is plan.small
     assert plan.large.programs_per_sm > plan.small.programs_per_sm
-    one = fused.LaunchConfig(2048, 8, 4)
+    one = settings.LaunchConfig(2048, 8, 4)
     assert one.for_elements(1) is one.for_elements(1 << 30) is one
 
 
 def test_a_launch_shape_covers_the_view_with_the_configured_loop():
-    settings.NORM_LAUNCH = fused.LaunchConfig(2048, 2, 8, loop_stages=3)  # the fixture restores
-    launch = fused._launch_shape(torch.empty(4, 96, 1000))
+    settings.NORM_LAUNCH = settings.LaunchConfig(2048, 2, 8, loop_stages=3)  # the fixture restores
+    launch = fused.launch.launch_shape(torch.empty(4, 96, 1000))
     assert (launch.block_c, launch.block_n, launch.num_warps, launch.loop_stages) == (128, 16, 8, 3)
     assert launch.rows % launch.block_n == 0 and launch.chunks * launch.rows >= 1000
     assert (launch.chunks - 1) * launch.rows < 1000  # no chunk starts past the end
     assert launch.kernel_options() == {"BLOCK_C": 128, "BLOCK_N": 16, "STAGES": 3, "num_warps": 8}
     assert launch.kernel_options(reduction=True)["num_warps"] == 8  # 0: as num_warps
-    settings.NORM_LAUNCH = fused.LaunchConfig(2048, 2, 4, loop_stages=3, reduction_warps=8)
-    launch = fused._launch_shape(torch.empty(4, 96, 1000))
+    settings.NORM_LAUNCH = settings.LaunchConfig(2048, 2, 4, loop_stages=3, reduction_warps=8)
+    launch = fused.launch.launch_shape(torch.empty(4, 96, 1000))
     assert launch.kernel_options()["num_warps"] == 4
     assert launch.kernel_options(reduction=True) == {
         "BLOCK_C": 128,
@@ -395,28 +395,28 @@ def _recorded_warps(launch, shape=(2, 96, 40), film=True, act=True):
     x, weight, bias, scale, shift, offset = (
         a.detach() for a in _op_arguments(params, 4, film, act, False)[:6]
     )
-    _, mean, rstd = fused._forward(
+    _, mean, rstd = fused.launchers.forward(
         x, weight, bias, scale, shift, offset, 4, EPS, film, act, Recording
     )
     grad = torch.randn_like(x)
-    fused._backward(
+    fused.launchers.backward(
         grad, x, weight, bias, scale, shift, offset, mean, rstd, 4, film, act, kernel=Recording
     )
     return warps
 
 
-@pytest.mark.skipif(fused.triton is None, reason="needs Triton's kernel objects")
+@pytest.mark.skipif(triton_runtime.triton is None, reason="needs Triton's kernel objects")
 def test_only_the_backward_reduce_kernel_takes_the_reduction_warps():
     """Eight warps served the backward's reduce kernel and slowed the statistics kernel
     (docs/performance.md), so `reduction_warps` reaches the former alone."""
-    warps = _recorded_warps(fused.LaunchConfig(2048, 2, 4, loop_stages=3, reduction_warps=8))
+    warps = _recorded_warps(settings.LaunchConfig(2048, 2, 4, loop_stages=3, reduction_warps=8))
     assert warps == {
         "_stats_kernel": 4,
         "_normalize_kernel": 4,
         "_backward_reduce_kernel": 8,
         "_backward_dx_kernel": 4,
     }
-    assert set(_recorded_warps(fused.LaunchConfig(2048, 2, 4, loop_stages=3)).values()) == {4}
+    assert set(_recorded_warps(settings.LaunchConfig(2048, 2, 4, loop_stages=3)).values()) == {4}
 
 
 @pytest.mark.parametrize(
@@ -430,8 +430,8 @@ def test_only_the_backward_reduce_kernel_takes_the_reduction_warps():
     ],
 )
 def test_a_one_pass_shape_covers_whole_groups(shape, groups, expected):
-    settings.NORM_LAUNCH = fused.LaunchConfig(4096, 4, 4, 3, one_pass_elements=1 << 14)
-    one = fused._one_pass_shape(torch.empty(shape), groups)
+    settings.NORM_LAUNCH = settings.LaunchConfig(4096, 4, 4, 3, one_pass_elements=1 << 14)
+    one = fused.launch.one_pass_shape(torch.empty(shape), groups)
     assert (
         one.groups,
         one.channels,
@@ -442,14 +442,14 @@ def test_a_one_pass_shape_covers_whole_groups(shape, groups, expected):
     ) == expected
     assert one.slices * one.groups >= groups > (one.slices - 1) * one.groups
     assert one.kernel_options()["BLOCK_G"] >= one.groups
-    too_large = fused.LaunchConfig(4096, 4, 4, 3, one_pass_elements=one.channels * shape[2] - 1)
+    too_large = settings.LaunchConfig(4096, 4, 4, 3, one_pass_elements=one.channels * shape[2] - 1)
     settings.NORM_LAUNCH = too_large
-    assert fused._one_pass_shape(torch.empty(shape), groups) is None  # back to three kernels
+    assert fused.launch.one_pass_shape(torch.empty(shape), groups) is None  # back to three kernels
 
 
-@pytest.mark.skipif(fused._interpreting(), reason="Triton's interpreter takes CPU tensors")
+@pytest.mark.skipif(triton_runtime.interpreting(), reason="Triton's interpreter takes CPU tensors")
 def test_on_the_cpu_compiled_graphs_trace_the_reference():
-    fused.set_compiled_min_elements(0)
+    settings.set_compiled_min_elements(0)
     x = torch.randn(2, 4, 8, 8, requires_grad=True)
     assert not fused.compiled_fused_wanted(x)  # not while Dynamo is not tracing
     ops = []
@@ -479,9 +479,9 @@ CASES = [
 #: Launch plans: three kernels each way as for large calls; one kernel each way whose loops
 #: run over several 64-element tiles; one kernel each way in a single tile kept in registers.
 LAUNCHES = {
-    "three-kernel": dataclasses.replace(fused.LaunchPlan().small, one_pass_elements=0),
-    "one-pass": fused.LaunchConfig(64, 4, 4, 2, one_pass_elements=1 << 30),
-    "one-tile": fused.LaunchConfig(1 << 16, 4, 4, 2, one_pass_elements=1 << 30),
+    "three-kernel": dataclasses.replace(settings.LaunchPlan().small, one_pass_elements=0),
+    "one-pass": settings.LaunchConfig(64, 4, 4, 2, one_pass_elements=1 << 30),
+    "one-tile": settings.LaunchConfig(1 << 16, 4, 4, 2, one_pass_elements=1 << 30),
 }
 
 
@@ -607,9 +607,9 @@ def stand_in_backward(
 def stand_in_kernels(monkeypatch):
     """The custom ops' kernels replaced by `stand_in_forward` and `stand_in_backward`, taking
     CPU tensors."""
-    monkeypatch.setattr(fused, "_forward", stand_in_forward)
-    monkeypatch.setattr(fused, "_backward", stand_in_backward)
-    monkeypatch.setattr(fused, "_kernels_take", lambda x: x.dtype != torch.float64)
+    monkeypatch.setattr(fused.launchers, "forward", stand_in_forward)
+    monkeypatch.setattr(fused.launchers, "backward", stand_in_backward)
+    monkeypatch.setattr(fused.functional, "kernels_take", lambda x: x.dtype != torch.float64)
 
 
 @pytest.mark.usefixtures("stand_in_kernels")
@@ -620,7 +620,7 @@ def test_compiled_graphs_call_the_ops_forward_and_backward():
     def targets(graph):
         return {str(n.target) for n in graph.graph.nodes}
 
-    fused.set_compiled_min_elements(0)
+    settings.set_compiled_min_elements(0)
     params = _norm_inputs((2, 8, 5, 7), True, film=True, add=True)
     norm = _norm(4, film=True, act=True, add=True)
     backend = AotEagerAndRecordGraphs()
@@ -657,7 +657,7 @@ def test_dynamo_traces_the_accelerated_backwards_as_written(dims, monkeypatch):
     monkeypatch.setattr(wrapped, "autograd_function_backward_rewritten", record)
     settings.ROUTED_DEVICES = frozenset({"cpu", "cuda"})
     settings.configure_for_compile_mode("reduce-overhead")
-    fused.set_compiled_min_elements(0)
+    settings.set_compiled_min_elements(0)
     block = ResBlock(dims, 8, 16, 12, norm_groups=4)
     block.__class__ = AcceleratedResBlock
     block.to(memory_format=memory_format_for(dims))
@@ -676,11 +676,11 @@ def test_the_ops_pass_pytorchs_checks(shape, groups, channels_last, film, act, a
     registration, as `torch.library.opcheck` tests custom ops."""
     args = _op_arguments(_norm_inputs(shape, channels_last, film, add), groups, film, act, add)
     args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-    torch.library.opcheck(fused.group_norm_act_op, args)
-    _, mean, rstd = fused.group_norm_act_op(*args)
+    torch.library.opcheck(fused.ops.group_norm_act_op, args)
+    _, mean, rstd = fused.ops.group_norm_act_op(*args)
     x, weight, bias, scale, shift, offset, *_ = args
     backward_args = (torch.randn_like(x), x, weight, bias, scale, shift, offset, mean, rstd)
-    torch.library.opcheck(fused.group_norm_act_backward_op, (*backward_args, groups, film, act))
+    torch.library.opcheck(fused.ops.group_norm_act_backward_op, (*backward_args, groups, film, act))
 
 
 # --- the kernels under Triton's interpreter (run by `test_kernels_under_the_interpreter`) -------
@@ -698,7 +698,7 @@ def _assert_strides_as_promised(real, fake):
 def interpreted_kernels_match_the_reference(shape, groups, channels_last, film, act, add, launch):
     """Forward and every gradient (x, weight, bias, scale, shift, add)."""
     settings.NORM_LAUNCH = LAUNCHES[launch]
-    one = fused._one_pass_shape(torch.empty(shape).flatten(2), groups)
+    one = fused.launch.one_pass_shape(torch.empty(shape).flatten(2), groups)
     assert (one is not None) == (launch != "three-kernel")
     assert one is None or one.single_tile == (launch == "one-tile")
     params = _norm_inputs(shape, channels_last, film, add)
@@ -710,12 +710,12 @@ def interpreted_kernels_match_the_reference(shape, groups, channels_last, film, 
 def interpreted_the_combine_kernels_sum_many_chunks_load_by_load(monkeypatch):
     """Three kernels each way over 12 chunks per sample, which the combine kernels sum four
     chunks per load (three loads per sample): values and every gradient."""
-    settings.NORM_LAUNCH = fused.LaunchConfig(64, 4, 4, 2, one_pass_elements=0)
-    monkeypatch.setattr(fused, "_COMBINE_TILE_ELEMENTS", 16)
+    settings.NORM_LAUNCH = settings.LaunchConfig(64, 4, 4, 2, one_pass_elements=0)
+    monkeypatch.setattr(fused.launch, "COMBINE_TILE_ELEMENTS", 16)
     shape, groups, channels_last, film, act, add = CASES[2]
-    chunks = fused._launch_shape(torch.empty(shape).flatten(2)).chunks
+    chunks = fused.launch.launch_shape(torch.empty(shape).flatten(2)).chunks
     per_group = shape[1] // groups
-    assert chunks == 12 and fused._combine_options(chunks, per_group)["BLOCK_K"] == 4
+    assert chunks == 12 and fused.launch.combine_options(chunks, per_group)["BLOCK_K"] == 4
     params = _norm_inputs(shape, channels_last, film, add)
     norm = _norm(groups, film, act, add)
     _assert_matches_float64(norm, params, norm(*params))
@@ -731,9 +731,9 @@ def interpreted_the_ops_compute_the_reference(shape, groups, channels_last, film
     settings.NORM_LAUNCH = LAUNCHES[launch]
     params = _norm_inputs(shape, channels_last, film, add)
     args = _op_arguments(params, groups, film, act, add)
-    y, mean, rstd = fused.group_norm_act_op(*args)
-    _assert_strides_as_promised((y, mean, rstd), fused._group_norm_act_fake(*args))
-    y_function = fused._GroupNormAct.apply(*args, False)  # the opaque operator's, not inline
+    y, mean, rstd = fused.ops.group_norm_act_op(*args)
+    _assert_strides_as_promised((y, mean, rstd), fused.ops.group_norm_act_fake(*args))
+    y_function = fused.ops.GroupNormAct.apply(*args, False)  # the opaque operator's, not inline
     _assert_matches_float64(_norm(groups, film, act, add), params, y_function)
     x, weight, bias, scale, shift, offset, *_ = (
         a.detach() if isinstance(a, torch.Tensor) else a for a in args
@@ -741,8 +741,8 @@ def interpreted_the_ops_compute_the_reference(shape, groups, channels_last, film
     backward_args = (torch.randn_like(x), x, weight, bias, scale, shift, offset, mean, rstd)
     backward_args = (*backward_args, groups, film, act)
     _assert_strides_as_promised(
-        fused.group_norm_act_backward_op(*backward_args),
-        fused._group_norm_act_backward_fake(*backward_args),
+        fused.ops.group_norm_act_backward_op(*backward_args),
+        fused.ops.group_norm_act_backward_fake(*backward_args),
     )
 
 
@@ -761,14 +761,14 @@ def interpreted_the_inline_operators_compute_what_the_opaque_ones_do(
         a.detach() if isinstance(a, torch.Tensor) else a
         for a in _op_arguments(params, groups, film, act, add)
     )
-    forward = fused.group_norm_act_op(*args)
-    for opaque, inline in zip(forward, fused.group_norm_act_inline_op(*args), strict=True):
+    forward = fused.ops.group_norm_act_op(*args)
+    for opaque, inline in zip(forward, fused.ops.group_norm_act_inline_op(*args), strict=True):
         assert torch.equal(opaque, inline) and opaque.stride() == inline.stride()
     x, weight, bias, scale, shift, offset, *_ = args
     backward_args = (torch.randn_like(x), x, weight, bias, scale, shift, offset, *forward[1:])
     backward_args = (*backward_args, groups, film, act)
-    opaque = fused.group_norm_act_backward_op(*backward_args)
-    inline = fused.group_norm_act_backward_inline_op(*backward_args)
+    opaque = fused.ops.group_norm_act_backward_op(*backward_args)
+    inline = fused.ops.group_norm_act_backward_inline_op(*backward_args)
     for a, b in zip(opaque, inline, strict=True):
         assert torch.equal(a, b) and a.stride() == b.stride()
 
@@ -798,14 +798,14 @@ def _assert_low_precision_gradients_round_as_to(device, launch):
         )
     )
     low = [t.to(torch.bfloat16) for t in (scale, shift, offset)]
-    _, mean, rstd = fused.group_norm_act_op(x, weight, bias, *low, *rest)
+    _, mean, rstd = fused.ops.group_norm_act_op(x, weight, bias, *low, *rest)
     grad = torch.randn_like(x)
     grads = {}
     for dtype in (torch.bfloat16, torch.float32):
         operands = [t.to(dtype) for t in low]  # the same values either way
         with _RecordedOps() as recorded:
             args = (grad, x, weight, bias, *operands, mean, rstd, groups, film, act)
-            grads[dtype] = fused._backward(*args)[2:]
+            grads[dtype] = fused.launchers.backward(*args)[2:]
         if dtype == torch.bfloat16:
             casts = recorded.names.count("aten._to_copy.default")
             assert casts == (1 if launch == "three-kernel" else 0), recorded.names
@@ -830,10 +830,10 @@ def interpreted_one_reduction_sums_weight_and_bias_gradients_over_the_batch(laun
         a.detach() if isinstance(a, torch.Tensor) else a
         for a in _op_arguments(params, groups, film, act, add)
     )
-    _, mean, rstd = fused.group_norm_act_op(x, weight, bias, scale, shift, offset, *rest)
+    _, mean, rstd = fused.ops.group_norm_act_op(x, weight, bias, scale, shift, offset, *rest)
     grad = torch.randn_like(x)
     with _RecordedOps() as recorded:
-        _, dparams, *_ = fused._backward(
+        _, dparams, *_ = fused.launchers.backward(
             grad, x, weight, bias, scale, shift, offset, mean, rstd, groups, film, act
         )
     assert recorded.names.count("aten.sum.dim_IntList") == 1, recorded.names
@@ -860,7 +860,7 @@ def interpreted_compiled_graphs_run_the_kernels_through_the_operators():
     `autograd.Function` in a compiled graph: values and every gradient."""
     from torch._dynamo.testing import AotEagerAndRecordGraphs
 
-    fused.set_compiled_min_elements(0)
+    settings.set_compiled_min_elements(0)
     params = _norm_inputs((2, 8, 5, 7), True, film=True, add=True)
     norm = _norm(4, film=True, act=True, add=True)
     backend = AotEagerAndRecordGraphs()
@@ -898,7 +898,7 @@ AWKWARD = [
 @pytest.fixture
 def fused_everywhere():
     """Use the fused kernels whatever the tensor size (the autouse fixture restores it)."""
-    fused.set_fused_enabled(True, min_elements=0)
+    settings.set_fused_enabled(True, min_elements=0)
 
 
 @pytest.mark.gpu
@@ -924,10 +924,10 @@ def test_fused_matches_eager_on_gpu_bf16(shape, groups, film, act, add, launch):
     (their sums also in more warps than the other kernels), and with every forward and
     backward in one kernel each, whatever the size."""
     config = {
-        "pipelined": fused.LaunchConfig(2048, 4, 4, loop_stages=3),
-        "reduction-warps": fused.LaunchConfig(2048, 4, 4, loop_stages=3, reduction_warps=8),
-        "one-pass": fused.LaunchConfig(2048, 4, 4, 3, one_pass_elements=1 << 30),
-    }.get(launch) or getattr(fused.LaunchPlan(), launch)
+        "pipelined": settings.LaunchConfig(2048, 4, 4, loop_stages=3),
+        "reduction-warps": settings.LaunchConfig(2048, 4, 4, loop_stages=3, reduction_warps=8),
+        "one-pass": settings.LaunchConfig(2048, 4, 4, 3, one_pass_elements=1 << 30),
+    }.get(launch) or getattr(settings.LaunchPlan(), launch)
     settings.NORM_LAUNCH = config
     device = torch.device("cuda")
     x = torch.randn(*shape, device=device, dtype=torch.bfloat16) * 2 + 1
@@ -980,7 +980,7 @@ def test_model_with_fused_kernels_matches_eager_model_on_gpu(name):
     x, kwargs = example_inputs(config, batch=3, device="cuda")
     outputs, grads = [], []
     for enabled in (True, False):
-        fused.set_fused_enabled(enabled)
+        settings.set_fused_enabled(enabled)
         model.zero_grad()
         out = model(x, **kwargs)
         out.square().mean().backward()
@@ -1013,7 +1013,7 @@ def test_compiled_training_with_the_custom_op_matches_compiled_without_on_gpu(na
     model, x, kwargs = _random_channels_last_model(name)
     outputs, grads, routed = [], [], []
     for compiled_min_elements in (0, None):
-        fused.set_compiled_min_elements(compiled_min_elements)
+        settings.set_compiled_min_elements(compiled_min_elements)
         torch._dynamo.reset()
         ops = []
 
@@ -1063,7 +1063,7 @@ def test_compiled_graphs_launch_the_norm_kernels_themselves_on_gpu():
     """`settings.COMPILED_INLINE_NORM_KERNELS`: Inductor's code launches the norm kernels (no call into
     the operators), with the values and gradients of graphs that call the opaque operators."""
     model, x, kwargs = _random_channels_last_model("ddpm-cifar10")
-    fused.set_compiled_min_elements(0)
+    settings.set_compiled_min_elements(0)
     opaque_out, opaque_grads, opaque_code = _compiled_step_and_code(model, x, kwargs, False)
     inline_out, inline_grads, inline_code = _compiled_step_and_code(model, x, kwargs, True)
     assert "diffunet.group_norm_act" in opaque_code
@@ -1093,7 +1093,7 @@ def test_replayed_graphs_with_the_inline_operators_match_the_opaque_ones_on_gpu(
     results = {}
     for inline in (False, True):
         settings.CUDA_GRAPHS_INLINE_NORM_KERNELS = inline
-        fused.configure_for_compile_mode("reduce-overhead")  # as the trainer and bench.py do
+        settings.configure_for_compile_mode("reduce-overhead")  # as the trainer and bench.py do
         torch._dynamo.reset()
         compiled = torch.compile(norm, mode="reduce-overhead")
 
@@ -1117,7 +1117,7 @@ def test_graphs_the_inline_operators_do_not_serve_keep_the_opaque_ones_on_gpu():
     switch, off by default) call the opaque operators. One norm per graph: quick to compile."""
     from torch._inductor.utils import run_and_get_code
 
-    fused.set_compiled_min_elements(0)
+    settings.set_compiled_min_elements(0)
     settings.COMPILED_INLINE_NORM_KERNELS = True
     shape, groups = (2, 64, 8, 8), 32
     params = _norm_inputs(shape, True, film=True, add=True)

@@ -22,12 +22,12 @@ def enabled(monkeypatch):
     """Kernels on (whatever `DIFFUNET_THIN_CONV` says), and CPU tensors taken as if Triton
     interpreted them."""
     settings.THIN_CONV = True  # the autouse fixture restores the settings
-    monkeypatch.setattr(thin_conv, "_interpreting", lambda: True)
+    monkeypatch.setattr(thin_conv, "interpreting", lambda: True)
 
 
 def test_never_for_cpu_tensors_without_the_interpreter():
     conv, x = conv_nd(3, 2, 16, 3, padding=1), torch.randn(1, 2, 4, 4, 4)
-    assert thin_conv.takes(conv, x) == (settings.THIN_CONV and thin_conv._interpreting())
+    assert thin_conv.takes(conv, x) == (settings.THIN_CONV and thin_conv.interpreting())
 
 
 @pytest.mark.parametrize(

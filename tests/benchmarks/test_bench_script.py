@@ -810,7 +810,7 @@ def test_measurement_modes_and_their_compile_modes(bench):
         ("aten::mkldnn_convolution", "convolution"),
         ("aten::native_group_norm", "norm/reductions"),
         ("Memcpy DtoD (Device -> Device)", "elementwise/copies"),
-        ("_stats_kernel", "norm/reductions"),  # diffunet's fused GroupNorm (accel/fused_norm.py)
+        ("_stats_kernel", "norm/reductions"),  # diffunet's fused GroupNorm (accel/norm/kernels.py)
         ("_backward_dx_kernel", "norm/reductions"),
         ("_normalize_kernel", "norm/reductions"),
         ("_gather_weight_grad_kernel", "convolution"),  # diffunet's thin convs (accel/thin_conv.py)

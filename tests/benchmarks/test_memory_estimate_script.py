@@ -63,7 +63,7 @@ def _saved_bytes(estimate, norm_from: int) -> dict[tuple, int]:
     by (shape, dtype), its parameters left out."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from diffunet.accel.fused_norm import norm_act
+    from diffunet.accel.norm import norm_act
 
     saved: dict[tuple, int] = {}
 

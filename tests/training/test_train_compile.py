@@ -16,7 +16,6 @@ import torch._dynamo
 import torch._functorch.config as functorch_config
 from safetensors.torch import load_file
 
-from diffunet.accel import fused_norm as fused
 from diffunet.accel import settings
 from diffunet.accel.compile_cache import ALLOW_FUNCTIONS
 from diffunet.cli import main
@@ -122,7 +121,7 @@ def test_compiled_training_matches_eager_and_saves_clean_keys(backend, tmp_path,
 def test_reduce_overhead_trains_on_one_process_and_says_so(tmp_path, capsys, compiled_modes):
     """The run asks `torch.compile` for the mode, trains and reports it (on the CPU Inductor
     skips the CUDA graphs: its default build, which the slow test above covers)."""
-    fused.set_compiled_min_elements(None)
+    settings.set_compiled_min_elements(None)
     threads = torch.get_num_threads()
     try:
         torch._dynamo.reset()

@@ -1,7 +1,7 @@
 """The accelerator: every speed technique, applied to a plain model by `accelerate(model)`.
 
 `accelerate` swaps fast forwards into a `UNet` in place (same parameters, same state-dict
-keys): fused GroupNorm + FiLM + SiLU kernels (`fused_norm`), convolutions that keep cuDNN's
+keys): fused GroupNorm + FiLM + SiLU kernels (`norm`), convolutions that keep cuDNN's
 layout under `torch.compile` (`conv`), thin 3D convolutions (`thin_conv`), nearest upsampling
 folded into its convolution (`upsample`), a decoder entry that never keeps a concatenation
 (`decoder_entry`), channels-last activations (`layout`); `cuda_graph` replays a model's

@@ -2,7 +2,7 @@
 
 Each class computes what its plain base computes, with the same parameters (so the same
 state-dict keys), through the accelerator's pieces: GroupNorm + FiLM + SiLU in one kernel
-(`fused_norm`), convolutions that keep cuDNN's layout under `torch.compile` (`conv`), nearest
+(`norm`), convolutions that keep cuDNN's layout under `torch.compile` (`conv`), nearest
 upsampling folded into the next convolution (`upsample`), a decoder entry that never keeps the
 concatenation of `h` and its skip (`decoder_entry`), channels-last activations (`layout`), and
 linear layers of one input as one GEMM in compiled graphs (`projections`: every block's
@@ -20,8 +20,8 @@ from torch import nn
 from diffunet.accel import decoder_entry, settings
 from diffunet.accel.attention import attention
 from diffunet.accel.conv import convolve, convolve_split_bias
-from diffunet.accel.fused_norm import norm_act
 from diffunet.accel.layout import to_cuda_layout
+from diffunet.accel.norm import norm_act
 from diffunet.accel.projections import batchable, project_all
 from diffunet.accel.upsample import (
     upsample_convolve,

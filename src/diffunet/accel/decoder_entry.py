@@ -17,14 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffunet.accel import fused_norm as fused
 from diffunet.accel.conv import _routable
-from diffunet.accel.fused_norm import (
-    _backward,
-    _forward,
-    _memory_format,
-    _split_parameter_gradients,
-)
+from diffunet.accel.layout import dense_memory_format
+from diffunet.accel.norm import fused_available
+from diffunet.accel.norm.launchers import backward as norm_backward
+from diffunet.accel.norm.launchers import forward as norm_forward
+from diffunet.accel.norm.launchers import split_parameter_gradients
 
 _CONVOLUTIONS = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
 
@@ -35,12 +33,12 @@ def concat_fused_wanted(x: torch.Tensor, skip: torch.Tensor) -> bool:
     return (
         x.dtype == skip.dtype
         and x.device == skip.device
-        and fused.fused_available(x, x.numel() + skip.numel())
+        and fused_available(x, x.numel() + skip.numel())
     )
 
 
 def _concatenate(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-    return torch.cat([x, skip], dim=1).contiguous(memory_format=_memory_format(x))
+    return torch.cat([x, skip], dim=1).contiguous(memory_format=dense_memory_format(x))
 
 
 def _add_projection_input_gradient(
@@ -72,7 +70,9 @@ class _NormActAndProject(torch.autograd.Function):
     def forward(ctx, x, skip, weight, bias, num_groups, eps, proj_weight, proj_bias):
         cat = _concatenate(x, skip)
         none = cat.new_zeros(0)
-        y, mean, rstd = _forward(cat, weight, bias, none, none, none, num_groups, eps, False, True)
+        y, mean, rstd = norm_forward(
+            cat, weight, bias, none, none, none, num_groups, eps, False, True
+        )
         projection = _CONVOLUTIONS[cat.ndim](
             cat, proj_weight.to(cat.dtype), proj_bias.to(cat.dtype)
         )
@@ -84,7 +84,7 @@ class _NormActAndProject(torch.autograd.Function):
     def backward(ctx, grad_y, grad_projection):
         x, skip, weight, bias, proj_weight, mean, rstd = ctx.saved_tensors
         cat = _concatenate(x, skip)
-        layout = _memory_format(cat)
+        layout = dense_memory_format(cat)
         grad_y = grad_y.contiguous(memory_format=layout)
         grad_projection = grad_projection.to(cat.dtype).contiguous(memory_format=layout)
         matrix = proj_weight.to(cat.dtype)
@@ -103,7 +103,7 @@ class _NormActAndProject(torch.autograd.Function):
             [False, True, True],
         )
         none = cat.new_zeros(0)
-        dx, grad_params, *_ = _backward(
+        dx, grad_params, *_ = norm_backward(
             grad_y,
             cat,
             weight,
@@ -123,7 +123,7 @@ class _NormActAndProject(torch.autograd.Function):
         return (
             dx[:, :channels],
             dx[:, channels:],
-            *_split_parameter_gradients(grad_params, weight, bias),
+            *split_parameter_gradients(grad_params, weight, bias),
             None,
             None,
             grad_proj_weight.to(proj_weight.dtype),

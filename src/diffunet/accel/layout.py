@@ -24,6 +24,15 @@ def channels_last_of(ndim: int) -> torch.memory_format | None:
     return _CHANNELS_LAST.get(ndim - 2)
 
 
+def dense_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format `x` is dense in: channels-last where it is laid out so (2D or 3D),
+    else contiguous."""
+    channels_last = channels_last_of(x.ndim)
+    if channels_last is not None and x.is_contiguous(memory_format=channels_last):
+        return channels_last
+    return torch.contiguous_format
+
+
 def to_cuda_layout(x: torch.Tensor, dims: int) -> torch.Tensor:
     """`x` in `memory_format_for(dims)` when it lives on a GPU, else unchanged."""
     if x.is_cuda and dims in _CHANNELS_LAST:

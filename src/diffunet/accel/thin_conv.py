@@ -32,17 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffunet.accel import settings
-from diffunet.accel.fused_norm import _interpreting, _memory_format, _sm_count
-from diffunet.accel.layout import pin_layout
+from diffunet.accel.layout import dense_memory_format, pin_layout
 from diffunet.accel.library import define_op
 from diffunet.accel.operands import autocast_dtype, autocast_operands, pad_output_channels
 from diffunet.accel.settings import set_thin_conv_enabled  # noqa: F401  (importable from here too)
-
-try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs never call the kernels.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None
+from diffunet.accel.triton_runtime import interpreting, sm_count, tl, triton
 
 _TAPS = 27
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -61,7 +55,7 @@ def fits(conv: nn.Module, x: torch.Tensor) -> bool:
     channels, whose sample has fewer than 2³¹ elements (the kernels' offsets are 32-bit within a
     sample). (Whether the module is plain enough to bypass its own call, and not being
     exported, `conv.convolve` decides.)"""
-    if not (triton is not None and (x.is_cuda or (x.device.type == "cpu" and _interpreting()))):
+    if not (triton is not None and (x.is_cuda or (x.device.type == "cpu" and interpreting()))):
         return False  # e.g. meta tensors: `F.conv3d` computes their shapes
     if type(conv) is not nn.Conv3d or x.ndim != 5 or x.shape[1] != conv.in_channels:
         return False  # a wrong channel count gets `F.conv3d`'s own error
@@ -99,7 +93,7 @@ def _gathers_input(in_channels: int, out_channels: int) -> bool:
 
 def _layout(*tensors: torch.Tensor) -> torch.memory_format:
     """Channels-last if any of `tensors` is (as cuDNN decides); a one-channel tensor is both."""
-    layouts = [_memory_format(t) for t in tensors]
+    layouts = [dense_memory_format(t) for t in tensors]
     return next((f for f in layouts if f != torch.contiguous_format), torch.contiguous_format)
 
 
@@ -108,7 +102,7 @@ def _output_layout(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format
     is, a head's thin output in `x`'s layout."""
     if _gathers_input(weight.shape[1], weight.shape[0]):
         return _layout(x, weight)
-    return _memory_format(x)
+    return dense_memory_format(x)
 
 
 def _empty(like: torch.Tensor, channels: int, layout: torch.memory_format) -> torch.Tensor:
@@ -389,7 +383,7 @@ def _runs_kernels(device: torch.device) -> bool:
     """Whether the kernels run on `device`: Triton's interpreter, or a GPU with bf16 tensor
     cores (compute capability 8.0 or later). Elsewhere the ops compute with ATen, so the
     graphs traced around them stay the same."""
-    return _tensor_cores(device) if device.type == "cuda" else _interpreting()
+    return _tensor_cores(device) if device.type == "cuda" else interpreting()
 
 
 @functools.cache
@@ -453,7 +447,7 @@ def _gather_weight_grad(
     block_n = launch.weight_grad_block_n
     positions = spatial[0] * spatial[1] * spatial[2]
     k_chunks = k_padded // block_k
-    programs = launch.weight_grad_programs_per_sm * _sm_count(thin.device)
+    programs = launch.weight_grad_programs_per_sm * sm_count(thin.device)
     chunks = max(1, min(triton.cdiv(positions, block_n), triton.cdiv(programs, batch * k_chunks)))
     rows = triton.cdiv(triton.cdiv(positions, chunks), block_n) * block_n
     chunks = triton.cdiv(positions, rows)
@@ -501,8 +495,8 @@ def _thin_output(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     extra = -out_channels % settings.CHANNEL_MULTIPLE if x.is_cuda else 0
     if extra:
         weight, bias = pad_output_channels(weight, bias, extra)
-        weight = weight.contiguous(memory_format=_memory_format(x))
-    y = _empty(x, out_channels, _memory_format(x))
+        weight = weight.contiguous(memory_format=dense_memory_format(x))
+    y = _empty(x, out_channels, dense_memory_format(x))
     return y.copy_(F.conv3d(x, weight, bias, padding=1)[:, :out_channels])
 
 
@@ -515,7 +509,7 @@ def _tap_product_forward(
     every x tile 27 times."""
     batch, in_channels, *spatial = x.shape
     out_channels = weight.shape[0]
-    y = _empty(x, out_channels, _memory_format(x))
+    y = _empty(x, out_channels, dense_memory_format(x))
     block_k, k_padded, block_ci = _blocks(out_channels, in_channels)
     taps = _packed(weight, gathered_input=False).t().contiguous()  # (ci, tap * COUT + co)
     positions, k = spatial[0] * spatial[1] * spatial[2], _TAPS * out_channels
@@ -629,7 +623,7 @@ def _thin_conv3d_backward_kernel(
                 _packed(weight, gathered_input=False),
                 None,
                 in_channels,
-                _memory_format(x),
+                dense_memory_format(x),
                 mirrored=True,
             )
     return (
@@ -663,14 +657,16 @@ def _aten_backward(
         [input_grad, weight_grad, bias_grad],
     )
     return (
-        _empty(x, x.shape[1], _memory_format(x)).copy_(grad_x) if input_grad else x.new_empty(0),
+        _empty(x, x.shape[1], dense_memory_format(x)).copy_(grad_x)
+        if input_grad
+        else x.new_empty(0),
         grad_weight.contiguous() if weight_grad else weight.new_empty(0),
         grad_bias if bias_grad else weight.new_empty(0),
     )
 
 
 def _thin_conv3d_backward_fake(grad, x, weight, input_grad, bias_grad):
-    grad_x = _empty(x, x.shape[1], _memory_format(x)) if input_grad else x.new_empty(0)
+    grad_x = _empty(x, x.shape[1], dense_memory_format(x)) if input_grad else x.new_empty(0)
     grad_weight = weight.new_empty(weight.shape)  # contiguous, as `_weight_from` makes it
     return grad_x, grad_weight, weight.new_empty(weight.shape[0] if bias_grad else 0)
 
@@ -692,7 +688,7 @@ class _ThinConv3d(torch.autograd.Function):
         out = thin_conv3d_op(x, weight, bias)
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        ctx.layout = _memory_format(out)
+        ctx.layout = dense_memory_format(out)
         return out
 
     @staticmethod

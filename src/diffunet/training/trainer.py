@@ -34,8 +34,7 @@ from typing import Any
 
 import torch
 
-from diffunet.accel import accelerate, cache_compiled_functions
-from diffunet.accel import fused_norm as fused
+from diffunet.accel import accelerate, cache_compiled_functions, settings
 from diffunet.accel.training_graph import CUDAGraphTraining
 from diffunet.apps.evaluation import EVAL_NAME, describe, evaluate_model
 from diffunet.apps.generate import (  # the run folder its readers expect
@@ -118,7 +117,9 @@ def resolve_compile_mode(train: TrainSection, dist: DistInfo) -> str:
     CPU (no graphs there) and where the gradient communication runs inside the backward
     (:func:`graphs_fit_communication`).
     """
-    if train.compile_mode in fused.CUDA_GRAPH_MODES and not graphs_fit_communication(train, dist):
+    if train.compile_mode in settings.CUDA_GRAPH_MODES and not graphs_fit_communication(
+        train, dist
+    ):
         communication, fix = (
             ("--parallel fsdp", "--parallel ddp")
             if train.parallel == "fsdp"
@@ -296,7 +297,7 @@ class Trainer:
         self.compile_mode = resolve_compile_mode(t, dist) if t.compile else None
         self.graphed = uses_training_graph(t, dist, self.model_config)
         replayed = self.graphed or (
-            device.type == "cuda" and self.compile_mode in fused.CUDA_GRAPH_MODES
+            device.type == "cuda" and self.compile_mode in settings.CUDA_GRAPH_MODES
         )
         self.layout: Replicated | Sharded = (
             Sharded(self.model, dist)
@@ -308,7 +309,7 @@ class Trainer:
             self.net = CUDAGraphTraining(self.net)
         if self.compile_mode is not None:
             self.layout.prepare_compile()
-            fused.configure_for_compile_mode(self.compile_mode)
+            settings.configure_for_compile_mode(self.compile_mode)
             cache_compiled_functions()  # a resumed run loads its graphs
             self.net = torch.compile(
                 self.net, mode=None if self.compile_mode == "default" else self.compile_mode
@@ -386,7 +387,7 @@ class Trainer:
         t, dist = self.run.train, self.dist
         loss_sum, loss_count = torch.zeros((), device=dist.device), 0
         grad_norm: torch.Tensor | None = None
-        cuda_graphs = self.compile_mode in fused.CUDA_GRAPH_MODES
+        cuda_graphs = self.compile_mode in settings.CUDA_GRAPH_MODES
         # With fp16 the grad scaler skips steps with inf gradients on purpose: watch the loss only.
         watch_gradients = not self.scaler.is_enabled()
         while self.step < t.steps:
