@@ -36,7 +36,7 @@ KERNEL_CLASSES = (
 
 
 _CLASS_PATTERNS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    # diffunet's thin 3D convolutions (diffunet/accel/thin_conv.py)
+    # diffunet's thin 3D convolutions (diffunet/accel/thin_conv/kernels.py)
     ("convolution", ("_gather_conv", "_gather_weight_grad", "_tap_products", "_tap_sum")),
     ("optimizer", ("adam", "multi_tensor_apply", "sgd")),
     ("attention+GEMM", ("splitk",)),

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from diffunet import UNet, UNetConfig
-from diffunet.accel import accelerate, settings, thin_conv
+from diffunet.accel import accelerate, settings, thin_conv, triton_runtime
 from diffunet.accel.conv import convolve
 from diffunet.model.layers.ops import conv_nd
 
@@ -22,12 +22,12 @@ def enabled(monkeypatch):
     """Kernels on (whatever `DIFFUNET_THIN_CONV` says), and CPU tensors taken as if Triton
     interpreted them."""
     settings.THIN_CONV = True  # the autouse fixture restores the settings
-    monkeypatch.setattr(thin_conv, "interpreting", lambda: True)
+    monkeypatch.setattr(thin_conv.functional, "interpreting", lambda: True)
 
 
 def test_never_for_cpu_tensors_without_the_interpreter():
     conv, x = conv_nd(3, 2, 16, 3, padding=1), torch.randn(1, 2, 4, 4, 4)
-    assert thin_conv.takes(conv, x) == (settings.THIN_CONV and thin_conv.interpreting())
+    assert thin_conv.takes(conv, x) == (settings.THIN_CONV and triton_runtime.interpreting())
 
 
 @pytest.mark.parametrize(
@@ -36,7 +36,7 @@ def test_never_for_cpu_tensors_without_the_interpreter():
 def test_ops_compute_with_aten_where_the_kernels_cannot_run(cin, cout, channels_last, monkeypatch):
     """On a GPU without bf16 tensor cores the same ops run ATen: the same numbers (against
     float64 `F.conv3d`) and the layouts their fake versions promise."""
-    monkeypatch.setattr(thin_conv, "_runs_kernels", lambda device: False)
+    monkeypatch.setattr(thin_conv.launchers, "runs_kernels", lambda device: False)
     x = torch.randn(2, cin, 3, 4, 5)
     w, b, g = torch.randn(cout, cin, 3, 3, 3), torch.randn(cout), torch.randn(2, cout, 3, 4, 5)
     if channels_last:
@@ -77,7 +77,7 @@ def test_which_convolutions_the_kernels_take():
         assert thin_conv.takes(conv_nd(3, 2, 16, 3, padding=1).double(), x2)
     settings.THIN_CHANNELS = 1
     assert not thin_conv.takes(conv_nd(3, 2, 16, 3, padding=1), x2)
-    thin_conv.set_thin_conv_enabled(False)
+    settings.set_thin_conv_enabled(False)
     assert not thin_conv.takes(conv_nd(3, 16, 1, 3, padding=1), x16)
 
 
@@ -109,7 +109,7 @@ def _compiled_convolve_matches_eager() -> None:
 def test_compiled_convolve_calls_the_ops(monkeypatch):
     """Computing with ATen inside the operators here; the kernels' own numbers under the
     interpreter (`interpreted_compiled_convolve_runs_the_kernels`)."""
-    monkeypatch.setattr(thin_conv, "_runs_kernels", lambda device: False)
+    monkeypatch.setattr(thin_conv.launchers, "runs_kernels", lambda device: False)
     _compiled_convolve_matches_eager()
 
 
@@ -129,11 +129,11 @@ def test_which_heads_forward_by_tap_products(setting, wanted, monkeypatch):
         calls.append(tuple(weight.shape[:2]))
         return F.conv3d(x, weight, bias, padding=1)
 
-    monkeypatch.setattr(thin_conv, "_tap_product_forward", tap_products)
+    monkeypatch.setattr(thin_conv.launchers, "tap_product_forward", tap_products)
     for (cin, cout), want in wanted.items():
         x, weight = torch.randn(1, cin, 2, 3, 2), torch.randn(cout, cin, 3, 3, 3)
         calls.clear()
-        y = thin_conv._thin_output(x, weight, None)
+        y = thin_conv.launchers.thin_output(x, weight, None)
         assert calls == ([(cout, cin)] if want else []), (setting, cin, cout)
         torch.testing.assert_close(y, F.conv3d(x, weight, padding=1))
 
@@ -229,12 +229,12 @@ def interpreted_the_ops_return_what_their_fake_versions_promise(
     w = torch.randn(cout, cin, 3, 3, 3).contiguous(memory_format=weight_layout)
     b = torch.randn(cout)
     out = thin_conv.thin_conv3d(x, w, b)
-    promised = thin_conv._thin_conv3d_fake(x, w, b)
+    promised = thin_conv.ops.thin_conv3d_fake(x, w, b)
     assert (out.shape, out.stride()) == (promised.shape, promised.stride())
     args = (torch.randn_like(out), x, w, True, True)
     for got, fake in zip(
         thin_conv.thin_conv3d_backward_op(*args),
-        thin_conv._thin_conv3d_backward_fake(*args),
+        thin_conv.ops.thin_conv3d_backward_fake(*args),
         strict=True,
     ):
         assert (got.shape, got.stride(), got.dtype) == (fake.shape, fake.stride(), fake.dtype)
@@ -261,7 +261,7 @@ def interpreted_a_head_forward_in_groups_of_samples():
 
 def interpreted_compiled_convolve_runs_the_kernels():
     """The kernels themselves through the operators in a compiled graph."""
-    thin_conv.set_thin_conv_enabled(True)
+    settings.set_thin_conv_enabled(True)
     _compiled_convolve_matches_eager()
 
 
@@ -289,7 +289,7 @@ def interpreted_a_3d_unet_computes_the_same_with_the_kernels(monkeypatch):
     )
     results = []
     for on in (True, False):
-        thin_conv.set_thin_conv_enabled(on)
+        settings.set_thin_conv_enabled(on)
         calls.clear()
         out = model(x, t, cond=cond)
         out.square().mean().backward()
@@ -321,7 +321,7 @@ def test_bf16_kernels_match_cudnn_on_the_gpu(channels, spatial, tap_products):
     conv = conv_nd(3, *channels, 3, padding=1).cuda().to(memory_format=torch.channels_last_3d)
     x = torch.randn(spatial[0], channels[0], *spatial[1:], device="cuda")
     x = x.contiguous(memory_format=torch.channels_last_3d).requires_grad_()
-    thin_conv.set_thin_conv_enabled(True)
+    settings.set_thin_conv_enabled(True)
     assert thin_conv.takes(conv, x)
     grad = torch.randn(spatial[0], channels[1], *spatial[1:], device="cuda")
     results = []

@@ -813,7 +813,10 @@ def test_measurement_modes_and_their_compile_modes(bench):
         ("_stats_kernel", "norm/reductions"),  # diffunet's fused GroupNorm (accel/norm/kernels.py)
         ("_backward_dx_kernel", "norm/reductions"),
         ("_normalize_kernel", "norm/reductions"),
-        ("_gather_weight_grad_kernel", "convolution"),  # diffunet's thin convs (accel/thin_conv.py)
+        (
+            "_gather_weight_grad_kernel",
+            "convolution",
+        ),  # diffunet's thin convs (accel/thin_conv/kernels.py)
         ("_tap_sum_kernel", "convolution"),
         ("void splitKreduce_kernel<32, 16, int, float, __nv_bfloat16>", "attention+GEMM"),
         ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", "attention+GEMM"),

@@ -63,6 +63,8 @@ def group_stats(
 
 
 def forward(x, weight, bias, scale, shift, add, num_groups, eps, film, act, kernel=direct):
+    """(y, centre, rstd) of one `group_norm_act` call: in one kernel where `one_pass_shape`
+    allows, else statistics, their combination and the normalization (`group_stats`)."""
     x3 = x.flatten(2)
     one_pass = one_pass_shape(x3, num_groups)
     if one_pass is not None:

@@ -17,6 +17,7 @@ def _group_norm_act_kernel(x, weight, bias, scale, shift, add, num_groups, eps, 
 
 
 def group_norm_act_fake(x, weight, bias, scale, shift, add, num_groups, eps, film, act):
+    """`group_norm_act_op`'s outputs as tracing sees them: y like x, float32 (B, C) statistics."""
     stats = x.new_empty(x.shape[:2], dtype=torch.float32)
     return torch.empty_like(x), stats, torch.empty_like(stats)
 
@@ -61,6 +62,7 @@ def _group_norm_act_backward_kernel(
 def group_norm_act_backward_fake(
     grad, x, weight, bias, scale, shift, add, mean, rstd, num_groups, film, act
 ):
+    """`group_norm_act_backward_op`'s outputs as tracing sees them."""
     dparams = weight.new_empty(
         (2, *weight.shape), dtype=torch.promote_types(weight.dtype, bias.dtype)
     )
