@@ -93,7 +93,7 @@ def _switch_from_env(name: str, default: bool = True) -> bool:
     return {"0": False, "1": True}.get(os.environ.get(name, ""), default)
 
 
-# --- fused GroupNorm + FiLM + SiLU (`norm`) --------------------------------------------
+# --- fused GroupNorm + FiLM + SiLU (`norm`) --------------------------------------------------
 
 
 @dataclass(frozen=True)
