@@ -13,7 +13,7 @@ from diffunet.accel.operands import autocast_dtype, autocast_operands
 from diffunet.accel.thin_conv.ops import thin_conv3d
 from diffunet.accel.triton_runtime import interpreting, triton
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def takes(conv: nn.Module, x: torch.Tensor) -> bool:
@@ -34,7 +34,7 @@ def fits(conv: nn.Module, x: torch.Tensor) -> bool:
     if type(conv) is not nn.Conv3d or x.ndim != 5 or x.shape[1] != conv.in_channels:
         return False  # a wrong channel count gets `F.conv3d`'s own error
     if autocast_dtype(x.device.type) is None and (
-        x.dtype != conv.weight.dtype or x.dtype not in DTYPES
+        x.dtype != conv.weight.dtype or x.dtype not in _DTYPES
     ):
         return False  # leave mismatches to `F.conv3d`'s own error
     channels = (conv.in_channels, conv.out_channels)
