@@ -88,10 +88,11 @@ class _Convolution(torch.autograd.Function):
             and settings.FOLDED_WEIGHT_GRADIENT_BY_PHASES
             and phase_gradient.takes(weight.shape, stride, padding, dilation, groups)
         )
+        aten_weight = want_weight and not by_phases
         grad_x = grad_weight = None
-        if want_x or (want_weight and not by_phases):
+        if want_x or aten_weight:
             grad_x, grad_weight, _ = torch.ops.aten.convolution_backward.default(
-                grad, x, weight, None, *ctx.geometry, [want_x, want_weight and not by_phases, False]
+                grad, x, weight, None, *ctx.geometry, [want_x, aten_weight, False]
             )
         if by_phases:
             grad_weight = phase_gradient.weight_gradient_by_phases(x, grad, stride)

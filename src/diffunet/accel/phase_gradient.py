@@ -59,6 +59,8 @@ def weight_gradient_by_phases(
     kernel = [4 if s == 2 else 3 for s in stride]
     spatial = tuple(range(2, 2 + n))
     out = x.new_zeros(x.shape[1], grad.shape[1], *kernel)
+    # The phase convolutions' weight, for its shape: two taps per doubled axis, three elsewhere.
+    phase_weight = x.new_empty(grad.shape[1], x.shape[1], *[2 if s == 2 else 3 for s in stride])
     for phases in itertools.product(*(range(s) for s in stride)):
         pick, pads = [slice(None), slice(None)], []
         for s, r in zip(stride, phases):
@@ -69,7 +71,7 @@ def weight_gradient_by_phases(
         partial = torch.ops.aten.convolution_backward(
             phase,
             padded,
-            x.new_empty(grad.shape[1], x.shape[1], *[2 if s == 2 else 3 for s in stride]),
+            phase_weight,
             None,
             [1] * n,
             [0] * n,
