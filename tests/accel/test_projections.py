@@ -74,23 +74,27 @@ def test_one_gemm_computes_every_blocks_projection_in_compiled_graphs(name, dims
         assert_close_to_scale(g, w, 1e-5)
 
 
-def test_graphs_without_gradients_batch_the_projections_only_where_told():
+@pytest.mark.parametrize("inference", [False, True])
+def test_graphs_without_gradients_batch_the_projections_per_level_or_not_at_all(inference):
     """`settings.BATCHED_FILM_INFERENCE` decides for no-grad graphs, `BATCHED_FILM` for the
-    others: one GEMM's output holds every block's projection until the last block, which a
-    forward's peak can feel."""
+    others. Without gradients one GEMM serves the encoder and middle and one each decoder
+    level, so no level's projections outlive it into the last level, where the peak is."""
     config = _two_levels("ddpm-cifar10")
     model = accelerate(randomized(config)).eval()
     x, kwargs = example_inputs(config, batch=2)
     blocks = [*model.input_blocks, model.middle_block, *model.output_blocks]
     projections = sum(len(film_layers(block)) for block in blocks)
     per_block = _linear_calls(model, x, kwargs)
-    with settings.override(BATCHED_FILM=True, BATCHED_FILM_INFERENCE=False):
+    levels = len(config.channel_mult)
+    with settings.override(BATCHED_FILM=True, BATCHED_FILM_INFERENCE=inference):
         with torch.no_grad():
             compiled, without_gradients = _traced(model, x, **kwargs)
             want = model(x, **kwargs)
             got = compiled(x, **kwargs)
         _, with_gradients = _traced(model, x, **kwargs)
-    assert (without_gradients, with_gradients) == (per_block, per_block - projections + 1)
+    batched = per_block - projections + 1
+    assert with_gradients == batched
+    assert without_gradients == (batched + levels if inference else per_block)
     assert_close_to_scale(got, want, 1e-5)
 
 

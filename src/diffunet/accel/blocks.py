@@ -265,7 +265,7 @@ class AcceleratedUNet(UNet):
 
     def _projections(self, emb: torch.Tensor | None) -> list[tuple[torch.Tensor, ...]]:
         """For each block in the order the forward runs them, the embedding's projections by
-        its `film_layers`, all computed by one GEMM in graphs that `torch.compile` traces
+        its `film_layers`, computed by few GEMMs in graphs that `torch.compile` traces
         (`settings.BATCHED_FILM`, or `settings.BATCHED_FILM_INFERENCE` without gradients);
         empty tuples where the blocks project it themselves. Eager calls keep the blocks' own
         layers, whose weights autocast casts once per region, where the concatenated weight
@@ -277,11 +277,27 @@ class AcceleratedUNet(UNet):
         if emb is None or not batched or not torch.compiler.is_compiling():
             return [()] * len(blocks)
         layers = [film_layers(block) for block in blocks]
-        flat = [layer for group in layers for layer in group]
-        if not batchable(flat):
+        if not batchable([layer for group in layers for layer in group]):
             return [()] * len(blocks)
-        given = iter(project_all(emb, flat))
-        return [tuple(next(given) for _ in group) for group in layers]
+        projections: list[tuple[torch.Tensor, ...]] = []
+        for group in self._projection_groups(len(blocks)):
+            given = iter(project_all(emb, [layer for i in group for layer in layers[i]]))
+            projections += [tuple(next(given) for _ in layers[i]) for i in group]
+        return projections
+
+    def _projection_groups(self, blocks: int) -> list[range]:
+        """Which blocks' projections one GEMM computes. With gradients, all of them: the
+        backward keeps every projection anyway. Without, one GEMM for the encoder and middle and
+        one per decoder level, so each level's projections are freed after it: one output for
+        all would live to the last block, through the forward's peak in the last level."""
+        if torch.is_grad_enabled():
+            return [range(blocks)]
+        decoder = len(self.output_blocks)
+        per_level = decoder // len(self.config.channel_mult)
+        start = blocks - decoder
+        return [range(start)] + [
+            range(level, level + per_level) for level in range(start, blocks, per_level)
+        ]
 
     @staticmethod
     def _run_head(head: nn.Sequential, h: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,7 @@ does not parse warns and keeps the default.
 | `FOLDED_DEVICES` | `DIFFUNET_FOLDED_UPSAMPLE` (`cpu,cuda`, `none`, …) | `cpu`, `cuda` | device types that fold nearest upsampling into the next convolution |
 | `FOLDED_WEIGHT_GRADIENT_BY_PHASES` | `DIFFUNET_FOLDED_WGRAD_PHASES` (`1`: on) | off | routed (compiled) folded upsamplings compute their weight gradient one output phase at a time |
 | `BATCHED_FILM` | `DIFFUNET_BATCHED_FILM` (`0`: off) | on | compiled graphs compute every ResBlock's embedding projection in one GEMM |
-| `BATCHED_FILM_INFERENCE` | `DIFFUNET_BATCHED_FILM_INFER` (`0`: off) | on | the same for compiled graphs without gradients |
+| `BATCHED_FILM_INFERENCE` | `DIFFUNET_BATCHED_FILM_INFER` (`0`: off) | on | the same for compiled graphs without gradients, one GEMM per decoder level (and one for the encoder and middle) |
 | `BATCHED_QKV` | `DIFFUNET_BATCHED_QKV` (`0`: off) | on | compiled graphs project a transformer attention's queries, keys and values in one GEMM |
 | `EXPLICIT_ATTENTION` | `DIFFUNET_EXPLICIT_ATTENTION` (`0`: off) | on | differentiated spatial attention with heads wider than flash attention takes as GEMMs around a float32 softmax… |
 | `EXPLICIT_ATTENTION_WIDER_THAN` | | 256 | …for heads of more channels than this… |
@@ -539,9 +539,9 @@ BATCHED_FILM_ENV = "DIFFUNET_BATCHED_FILM"
 BATCHED_FILM: bool = _switch_from_env(BATCHED_FILM_ENV)
 #: The environment variable that turns `BATCHED_FILM_INFERENCE` off ("0").
 BATCHED_FILM_INFERENCE_ENV = "DIFFUNET_BATCHED_FILM_INFER"
-#: The same for graphs traced without gradients. There the one GEMM's output, every block's
-#: projection (batch × their channels), lives until the last block, through the forward's
-#: peak, where each block's own projection would live only for its block.
+#: The same for graphs traced without gradients, by one GEMM for the encoder and middle and one
+#: per decoder level: one GEMM's output for every block would live until the last block,
+#: through the forward's peak, where each level's lives only for its level.
 BATCHED_FILM_INFERENCE: bool = _switch_from_env(BATCHED_FILM_INFERENCE_ENV)
 #: The environment variable that turns `BATCHED_QKV` off ("0").
 BATCHED_QKV_ENV = "DIFFUNET_BATCHED_QKV"
