@@ -286,17 +286,17 @@ class AcceleratedUNet(UNet):
         return projections
 
     def _projection_groups(self, blocks: int) -> list[range]:
-        """Which blocks' projections one GEMM computes. With gradients, all of them: the
-        backward keeps every projection anyway. Without, one GEMM for the encoder and middle and
-        one per decoder level, so each level's projections are freed after it: one output for
-        all would live to the last block, through the forward's peak in the last level."""
+        """Which blocks' projections one GEMM computes. With gradients, all of them (one GEMM
+        for their gradients too). Without, one GEMM for the encoder and middle and one per
+        decoder level, so each level's projections are freed after it: one output for all would
+        live to the last block, through the forward's peak in the last level."""
         if torch.is_grad_enabled():
             return [range(blocks)]
         decoder = len(self.output_blocks)
         per_level = decoder // len(self.config.channel_mult)
         start = blocks - decoder
         return [range(start)] + [
-            range(level, level + per_level) for level in range(start, blocks, per_level)
+            range(first, first + per_level) for first in range(start, blocks, per_level)
         ]
 
     @staticmethod
