@@ -4,12 +4,15 @@ needs text embeddings."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from diffunet import cli
 from diffunet.cli import main
+from diffunet.cli.app import COMMANDS
 
 
 def test_info_prints_counted_parameters_flops_and_levels(capsys):
@@ -154,6 +157,24 @@ def test_version_answers_without_importing_torch():
     from diffunet import __version__
 
     assert out == ["diffunet", __version__, "False"]
+
+
+def test_help_lists_every_command_without_importing_torch():
+    code = (
+        "import sys; from diffunet.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    lines = out.stdout.splitlines()
+    assert lines[-1] == "False"
+    listed = {
+        line.split()[0] for line in lines if line[:5].startswith("    ") and line[4:5].strip()
+    }
+    assert listed == set(COMMANDS)
+    commands = Path(cli.__file__).parent
+    modules = {p.stem for p in commands.glob("*.py")} - {"__init__", "app"}
+    assert modules == set(COMMANDS)  # a command module nobody lists would never run
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU defines the inline norm operators")

@@ -1,11 +1,12 @@
 """The `diffunet` command line: `diffunet train | sample | eval | restore | info | check | bench
 | export | convert`.
 
-Each command lives in `diffunet.cli.<name>` and provides `HELP`, `add_arguments(parser)`
-and `run(args) -> int`. Errors a user can fix (a `DiffunetError`: bad options, files, configs;
-an `OSError` naming a path; running out of GPU memory) end the program with one readable line
-and exit code 1; set `DIFFUNET_DEBUG=1` for the traceback. Any other exception is a bug: its
-traceback is printed with a line saying so. Ctrl-C exits 130, SIGTERM 143.
+Each command lives in `diffunet.cli.<name>` and provides `add_arguments(parser)` and
+`run(args) -> int`; `COMMANDS` names it with its one-line help. Errors a user can fix (a
+`DiffunetError`: bad options, files, configs; an `OSError` naming a path; running out of GPU
+memory) end the program with one readable line and exit code 1; set `DIFFUNET_DEBUG=1` for the
+traceback. Any other exception is a bug: its traceback is printed with a line saying so. Ctrl-C
+exits 130, SIGTERM 143.
 """
 
 from __future__ import annotations
@@ -13,18 +14,32 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import importlib.util
 import logging
 import os
 import signal
 import sys
 import traceback
 import warnings
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 from diffunet.errors import DiffunetError
 
-COMMANDS = ("train", "sample", "eval", "restore", "info", "check", "bench", "export", "convert")
+#: Each command and its one-line help. `diffunet --help` lists them from here, importing no
+#: command module (they import torch, which takes seconds).
+COMMANDS = {
+    "train": "train a model (default: a small U-Net on the embedded digits, a few minutes on a CPU)",
+    "sample": "draw samples from a run or checkpoint: a PNG grid or a .npy array",
+    "eval": "digits Fréchet distance and recognisability of a model's samples (not FID)",
+    "restore": "restore images or volumes with a restoration model: result + uncertainty map",
+    "info": "describe a preset, config.json or checkpoint: parameters, FLOPs, per-level table",
+    "check": "self-test every preset (small versions) in 1D/2D/3D: forward + backward",
+    "bench": "GPU benchmark vs diffusers / MONAI (throughput, memory, MFU); in a source checkout",
+    "export": "export a checkpoint to ONNX, a torch.export program or an AOTInductor package",
+    "convert": (
+        "import diffusers, Stable Diffusion single-file or guided-diffusion/EMDiffuse weights as a "
+        "checkpoint"
+    ),
+}
 
 
 class CliError(DiffunetError):
@@ -38,8 +53,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The parser with every available command registered."""
+def build_parser(commands: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """The parser with every command registered: the options of `commands` (all of them by
+    default) from their modules, the others by name and help alone, importing nothing."""
     parser = _Parser(prog="diffunet", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=_version())
     common = argparse.ArgumentParser(add_help=False)
@@ -51,14 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for name in COMMANDS:
-        module_name = f"diffunet.cli.{name}"
-        if importlib.util.find_spec(module_name) is None:
+    for name, summary in COMMANDS.items():
+        if commands is not None and name not in commands:
+            sub.add_parser(name, help=summary, parents=[common])
             continue
-        module = importlib.import_module(module_name)
-        command = sub.add_parser(
-            name, help=module.HELP, description=module.__doc__, parents=[common]
-        )
+        module = importlib.import_module(f"diffunet.cli.{name}")
+        command = sub.add_parser(name, help=summary, description=module.__doc__, parents=[common])
         module.add_arguments(command)
         command.set_defaults(run=module.run)
     return parser
@@ -116,14 +130,15 @@ def _user_message(err: BaseException) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `diffunet` console script."""
-    if (sys.argv[1:] if argv is None else list(argv)) == ["--version"]:
-        print(_version())  # without building the parser, which imports every command
+    words = sys.argv[1:] if argv is None else list(argv)
+    if words == ["--version"]:
+        print(_version())  # without building the parser
         return 0
     command = "diffunet"
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         with quiet_dependencies(not _verbose(argv)):  # their import-time warnings too
-            parser = build_parser()
+            parser = build_parser(words[:1])  # the command comes first: only its module
         args = parser.parse_args(argv)
         command = f"diffunet {args.command}"
         with quiet_dependencies(not args.verbose):

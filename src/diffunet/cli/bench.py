@@ -18,8 +18,6 @@ from types import ModuleType
 import diffunet
 from diffunet.cli.app import CliError
 
-HELP = "GPU benchmark vs diffusers / MONAI (throughput, memory, MFU); in a source checkout"
-
 NOT_HERE = (
     "the benchmarks are not installed with diffunet: they live in the repository's benchmarks/ "
     "folder; in a source checkout run `python benchmarks/bench.py --help`"

@@ -9,8 +9,6 @@ from diffunet.errors import InvalidValueError
 from diffunet.model.introspect import self_check
 from diffunet.model.presets import list_presets
 
-HELP = "self-test every preset (small versions) in 1D/2D/3D: forward + backward"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `diffunet check`."""

@@ -26,10 +26,6 @@ from diffunet.cli.info import resolve_config
 from diffunet.errors import InvalidValueError
 from diffunet.model.checkpoint import save_pretrained
 
-HELP = (
-    "import diffusers, Stable Diffusion single-file or guided-diffusion/EMDiffuse weights as a "
-    "checkpoint"
-)
 SOURCES = ("diffusers", "stable-diffusion", "guided-diffusion")
 
 

@@ -30,8 +30,6 @@ from diffunet.errors import InvalidValueError
 from diffunet.model.checkpoint import atomic_write_bytes
 from diffunet.training.run_config import SAMPLERS
 
-HELP = "digits Fréchet distance and recognisability of a model's samples (not FID)"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `diffunet eval`."""

@@ -20,8 +20,6 @@ from diffunet.errors import InvalidValueError
 from diffunet.interop.export import FORMATS, export_inputs, export_model, file_size
 from diffunet.model import load_pretrained
 
-HELP = "export a checkpoint to ONNX, a torch.export program or an AOTInductor package"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `diffunet export`."""

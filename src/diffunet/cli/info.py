@@ -14,8 +14,6 @@ from diffunet.model.config import UNetConfig
 from diffunet.model.introspect import describe
 from diffunet.model.presets import list_presets, preset, preset_info
 
-HELP = "describe a preset, config.json or checkpoint: parameters, FLOPs, per-level table"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `diffunet info`."""

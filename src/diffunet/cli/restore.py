@@ -61,7 +61,6 @@ from diffunet.model.unet import split_aleatoric
 from diffunet.training.distributed import resolve_device
 from diffunet.training.run_config import SAMPLERS
 
-HELP = "restore images or volumes with a restoration model: result + uncertainty map"
 UNCERTAINTY_KINDS = ("auto", "samples", "aleatoric")
 #: Samples (or aleatoric noise draws) per input when --samples is not given: on a GPU, and on
 #: a CPU, where each one costs a full sampling run per tile.
@@ -575,7 +574,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 __all__ = [
-    "HELP",
     "add_arguments",
     "metrics_line",
     "output_paths",

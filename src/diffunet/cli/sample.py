@@ -27,7 +27,6 @@ from diffunet.model.config import UNetConfig
 from diffunet.training.distributed import resolve_device
 from diffunet.training.run_config import SAMPLERS
 
-HELP = "draw samples from a run or checkpoint: a PNG grid or a .npy array"
 OUTPUT_SUFFIXES = (".png", ".npy")
 
 

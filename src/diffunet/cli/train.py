@@ -48,8 +48,6 @@ from diffunet.training.run_lock import LOCK_NAME, RunLock
 from diffunet.training.state import STATE_NAME, load_training_state
 from diffunet.training.trainer import CONFIG_YAML, SAMPLES_DIR, Trainer, resolve_precision
 
-HELP = "train a model (default: a small U-Net on the embedded digits, a few minutes on a CPU)"
-
 #: (option dest, section, key): the command-line options that map onto config settings.
 OPTION_MAP = (
     ("data", "data", "source"),
