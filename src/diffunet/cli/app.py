@@ -92,11 +92,6 @@ def _terminate(signum: int, frame: object) -> None:
     raise Terminated
 
 
-def _verbose(argv: list[str] | None) -> bool:
-    words = sys.argv[1:] if argv is None else argv
-    return "-v" in words or "--verbose" in words
-
-
 @contextlib.contextmanager
 def quiet_dependencies(quiet: bool = True) -> Iterator[None]:
     """Hide other libraries' warnings and log messages (below errors) while `quiet`: a user's
@@ -137,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "diffunet"
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        with quiet_dependencies(not _verbose(argv)):  # their import-time warnings too
+        verbose = "-v" in words or "--verbose" in words
+        with quiet_dependencies(not verbose):  # their import-time warnings too
             parser = build_parser(words[:1])  # the command comes first: only its module
         args = parser.parse_args(argv)
         command = f"diffunet {args.command}"
